@@ -39,7 +39,11 @@ def kl_div(
     log_p_s = F.log_softmax(student_logits / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits / T, dim=1)
     # log_target keeps tiny teacher probabilities finite instead of log(0).
-    loss = F.kl_div(log_p_s, log_p_t, reduction=reduction, log_target=True)
+    if reduction == "mean":
+        # PyTorch warns that its elementwise "mean" will become "batchmean"; pin ZSKT's meaning here.
+        loss = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True) / log_p_s.numel()
+    else:
+        loss = F.kl_div(log_p_s, log_p_t, reduction=reduction, log_target=True)
     return loss * (T * T) if scale_T2 else loss
 
 

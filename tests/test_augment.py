@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfkd.augment import AUGMENT_KINDS, JitterFlip, make_augment
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", AUGMENT_KINDS)
+def test_augment_keeps_shape_and_gradient(kind, channels, device):
+    x = torch.randn(4, channels, 16, 16, device=device, requires_grad=True)
+    y = make_augment(kind, 16)(x)
+    assert y.shape == x.shape and y.device == x.device
+    (y * torch.randn_like(y)).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", AUGMENT_KINDS)
+def test_augment_non_square_size(kind):
+    x = torch.randn(2, 3, 12, 20)
+    assert make_augment(kind, (12, 20))(x).shape == (2, 3, 12, 20)
+
+
+@pytest.mark.parametrize("kind", AUGMENT_KINDS)
+def test_augment_same_seed_same_output(kind):
+    aug, x = make_augment(kind, 16), torch.randn(3, 3, 16, 16)
+    torch.manual_seed(0)
+    a = aug(x)
+    torch.manual_seed(0)
+    assert torch.equal(a, aug(x))
+
+
+def test_none_is_identity():
+    x = torch.randn(2, 3, 8, 8)
+    assert make_augment("none", 8)(x) is x
+
+
+def test_jitter_flip_is_a_pixel_permutation():
+    x = torch.arange(2 * 1 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8).requires_grad_()
+    torch.manual_seed(3)
+    moved = False
+    for _ in range(5):
+        y = make_augment("jitter_flip", 8, jitter=2)(x)
+        assert torch.equal(y.flatten().sort().values, x.flatten().sort().values)
+        moved |= not torch.equal(y, x)
+    assert moved
+    x.grad = None
+    make_augment("jitter_flip", 8, jitter=2)(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_jitter_flip_bounds_and_default_jitter():
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(JitterFlip(0, flip_p=0.0)(x), x)
+    assert torch.equal(JitterFlip(0, flip_p=1.0)(x), x.flip(3))
+    assert make_augment("jitter_flip", 32).jitter == 4
+    with pytest.raises(ValueError, match="jitter"):
+        JitterFlip(-1)
+
+
+def test_jitter_flip_roll_is_within_range():
+    # a single hot pixel can move at most `jitter` pixels (cyclically) in each direction
+    x = torch.zeros(1, 1, 16, 16)
+    x[0, 0, 8, 8] = 1.0
+    aug = JitterFlip(2, flip_p=0.0)
+    for _ in range(20):
+        r, c = (aug(x)[0, 0] == 1).nonzero()[0].tolist()
+        assert abs(r - 8) <= 2 and abs(c - 8) <= 2
+
+
+def test_unknown_kind_lists_choices():
+    with pytest.raises(ValueError, match="crop_flip"):
+        make_augment("mixup", 32)
