@@ -17,6 +17,7 @@ from dfkd.losses.bn import (
     input_prior_zeroq,
     update_bn_ema,
 )
+from dfkd.losses.feature import attention_map, attention_transfer, matching_stages
 from dfkd.losses.image import l2_prior, tv_l1, tv_l2
 from dfkd.losses.kd import js_divergence, kl_div, l1_logits, soft_cross_entropy
 from dfkd.losses.priors import activation, information_entropy, instance_entropy, one_hot
@@ -36,6 +37,9 @@ __all__ = [
     "LOSSES",
     "LossFn",
     "activation",
+    "attention_map",
+    "attention_transfer",
+    "matching_stages",
     "adv_js",
     "adv_kl",
     "adv_l1",

@@ -1,0 +1,1 @@
+"""The `dfkd` command line (installed as `dfkd.cli`)."""

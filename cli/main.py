@@ -1,0 +1,204 @@
+"""`dfkd` command line: a thin click shell; each command parses flags and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from dfkd.errors import DfkdError
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DfkdError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="dfkd")
+def main() -> None:
+    """dfkd: distill a trained classifier (the teacher) into a smaller student without its training data.
+
+    \b
+    Example:
+      dfkd distill --teacher examples/mnist_lenet5_bn.pt --method deepinversion \\
+          --eval-data examples/mnist_test.npz
+    """
+
+
+@main.command("train-teacher")
+@click.option("--data", required=True, help="Training data: .npz (x uint8, y int) or an ImageFolder directory.")
+@click.option("--arch", required=True, help="Zoo architecture (see `dfkd models`).")
+@click.option("--out", required=True, help="Where to write the dfkd model file.")
+@click.option("--eval-data", default=None, help="Test data, evaluated after every epoch.")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Peak learning rate of the one-cycle SGD schedule.")
+@click.option("--input-size", default=32, show_default=True, type=click.IntRange(min=16),
+              help="Model input side; data of another size is resized (MNIST 28 -> 32).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@friendly
+def train_teacher_cmd(**kw: Any) -> None:
+    """Train a teacher on real data and write a dfkd model file.
+
+    \b
+    Example:
+      dfkd train-teacher --data ../shared/data/mnist_train.npz --arch lenet5_bn \\
+          --eval-data ../shared/data/mnist_test.npz --epochs 10 --out examples/mnist_lenet5_bn.pt
+    """
+    from dfkd.models import MODELS
+    from dfkd.train_teacher import TeacherConfig, train_teacher
+
+    MODELS.get(kw["arch"])
+    result = train_teacher(TeacherConfig(**kw))
+    click.echo(f"wrote {kw['out']}" + (f" (test top-1 {100 * result['top1']:.2f}%)" if "top1" in result else ""))
+
+
+@main.command("evaluate")
+@click.option("--model", "model_path", required=True, help="A dfkd model file (teacher or student).")
+@click.option("--data", required=True, help="Test data: .npz or ImageFolder directory.")
+@click.option("--teacher", default=None, help="A teacher file; also report top-1 agreement with it.")
+@click.option("--teacher-arch", default=None, help="Architecture for a plain state_dict teacher.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top-1 under 'top1', a fraction).")
+@click.option("--device", default="auto", show_default=True)
+@friendly
+def evaluate_cmd(model_path: str, data: str, teacher: str | None, teacher_arch: str | None, trust_pickle: bool,
+                 as_json: bool, device: str) -> None:
+    """Top-1/top-5 accuracy of a model on real data (and agreement with a teacher).
+
+    \b
+    Example:
+      dfkd evaluate --model examples/mnist_lenet5_bn.pt --data examples/mnist_test.npz
+    """
+    from dfkd.data import check_fits, load_images
+    from dfkd.evaluate import accuracy
+    from dfkd.modelfile import load_model
+    from dfkd.teacher import load_teacher
+    from dfkd.utils import pick_device
+
+    dev = pick_device(device)
+    model, meta = load_model(model_path, dev)
+    images = load_images(data)
+    check_fits(images, meta.num_classes, meta.input_spec, "--data", data)
+    t = load_teacher(teacher, teacher_arch, trust_pickle, device=dev) if teacher else None
+    res = accuracy(model, images, meta.input_spec, dev, t, t.spec if t else None)
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"{model_path} on {data} ({res['n']} images): top-1 {100 * res['top1']:.2f}%  "
+               f"top-5 {100 * res['top5']:.2f}%")
+    if t is not None:
+        click.echo(f"agreement with teacher: {100 * res['agreement']:.2f}%  (teacher top-1 "
+                   f"{100 * res['teacher_top1']:.2f}%)")
+
+
+def _method_names() -> list[str]:
+    from dfkd.methods import list_methods
+
+    return list_methods()
+
+
+@main.command("distill")
+@click.option("--teacher", "teachers", multiple=True, help="Teacher file (dfkd model file, state_dict with "
+              "--teacher-arch, TorchScript, torch.export; pickled module with --trust-pickle).")
+@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict: zoo NAME or module:Class.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@click.option("--channels", type=click.IntRange(min=1), default=None, help="Teacher input channels (if the file "
+              "does not say).")
+@click.option("--input-size", type=click.IntRange(min=8), default=None, help="Teacher input side in pixels.")
+@click.option("--mean", type=float, multiple=True, help="Normalisation mean per channel (repeat the flag).")
+@click.option("--std", type=float, multiple=True, help="Normalisation std per channel (repeat the flag).")
+@click.option("--method", default=None, help="Distillation method (see `dfkd methods`).  [default: dfad]")
+@click.option("--student", default=None, help="Student architecture (default: the usual pair for the teacher).")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Budget in student steps.")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help=f"Budget in wall-clock minutes (default {10:g} when --steps is not given).")
+@click.option("--eval-data", default=None, help="Real test data, for reporting only (never used to train).")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps.")
+@click.option("--fid-ref", default=None, help="Reference FID statistics (.npz from `dfkd fid-stats`).")
+@click.option("--transfer-data", default=None, help="Synthetic transfer data (.npz from `dfkd synthesize`).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Method hyper-parameter override, e.g. -p lr_g=1e-3 (see `dfkd methods --params NAME`).")
+@click.option("--config", "config_file", default=None, help="JSON or TOML file of settings (flags win).")
+@click.option("--seed", type=int, default=None, help="Random seed.  [default: 0]")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto.  [default: auto]")
+@click.option("--out", default=None, help="Run folder (default runs/<date>-<method>-<teacher>).")
+@click.option("--resume", "resume_dir", default=None, help="Continue the run in this folder from its checkpoint.")
+@friendly
+def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[str, ...], **flags: Any) -> None:
+    """Distill a teacher into a student without real data.
+
+    \b
+    Example:
+      dfkd distill --teacher examples/mnist_lenet5_bn.pt --method dfad \\
+          --eval-data examples/mnist_test.npz --budget-minutes 5
+      dfkd distill --resume runs/20261130-120000-dfad-mnist_lenet5_bn
+    """
+    from dfkd.config import build_config, parse_param
+    from dfkd.engine import Interrupted, distill, resume
+
+    if flags["method"] is not None and flags["method"] not in _method_names():
+        from dfkd.methods import get_method
+
+        get_method(flags["method"])
+    try:
+        if resume_dir:
+            result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)))
+        else:
+            result = distill(build_config(config_file, params, **flags))
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    top1 = result.metrics.get("top1")
+    click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
+    click.echo(f"tensorboard --logdir {result.run_dir}")
+
+
+@main.command("methods")
+@click.option("--params", "show", default=None, metavar="NAME", help="Show one method's parameters and defaults.")
+@friendly
+def methods_cmd(show: str | None) -> None:
+    """List the distillation methods (or one method's parameters)."""
+    from dfkd.methods import get_method, list_methods
+
+    if show:
+        cls = get_method(show)
+        click.echo((cls.__doc__ or "").strip() + "\n")
+        for k, v in cls.default_params().items():
+            click.echo(f"  {k:14s} {v!r}")
+        return
+    for name in list_methods():
+        click.echo(f"{name:14s} {get_method(name).describe()}")
+
+
+@main.command("models")
+def models_cmd() -> None:
+    """List the zoo architectures."""
+    from dfkd.models import MODELS
+
+    for name in MODELS.names():
+        doc = (MODELS.get(name).__doc__ or "").strip().splitlines()
+        click.echo(f"{name:20s} {doc[0] if doc else ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""`python -m dfkd` = the `dfkd` command."""
+
+from dfkd.cli.main import main
+
+main()

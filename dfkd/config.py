@@ -1,0 +1,113 @@
+"""The resolved settings of a distillation run: defaults < method recipe < config file < command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from dfkd.errors import DfkdError
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Every setting of `dfkd distill`. Method hyper-parameters live in `params` (see `dfkd methods --params`).
+
+    `params` holds overrides until the run resolves it against the method's recipe for the loaded teacher; the
+    run's config.json holds the resolved values.
+    """
+
+    method: str = "dfad"
+    teachers: tuple[str, ...] = ()
+    teacher_arch: str | None = None
+    trust_pickle: bool = False
+    channels: int | None = None
+    input_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    student: str | None = None
+    steps: int | None = None
+    budget_minutes: float | None = None
+    eval_data: str | None = None
+    eval_every: int = 500
+    log_every: int = 10
+    image_every: int = 250
+    ckpt_every: int = 250
+    fid_ref: str | None = None
+    transfer_data: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    runs_dir: str = "runs"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("teachers", "mean", "std"):
+            if d[k] is not None:
+                d[k] = list(d[k])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> DistillConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise DfkdError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        for k in ("teachers", "mean", "std"):
+            if d.get(k) is not None:
+                d[k] = tuple(d[k]) if isinstance(d[k], (list, tuple)) else (d[k],)
+        return cls(**d)
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A .json or .toml file of DistillConfig fields (method hyper-parameters under `params`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DfkdError(f"--config {p}: no such file")
+    try:
+        data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise DfkdError(f"--config {p}: cannot parse it ({e}); use JSON or TOML (.toml)") from None
+    if not isinstance(data, dict):
+        raise DfkdError(f"--config {p}: expected a table of settings at the top level")
+    return data
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """`-p key=value`: the value is read as JSON when it parses (numbers, lists, true/false/null), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise DfkdError(f"-p {text!r}: expected KEY=VALUE, e.g. -p lr_g=0.001")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(config_file: str | None = None, params: list[str] | tuple[str, ...] = (), **flags: Any) -> DistillConfig:
+    """Merge a config file and command-line flags (flags win; a flag left as None or empty does not count)."""
+    data = read_config_file(config_file) if config_file else {}
+    merged_params = dict(data.pop("params", {}) or {})
+    for text in params:
+        k, v = parse_param(text)
+        merged_params[k] = v
+    for k, v in flags.items():
+        if v is None or (isinstance(v, (tuple, list)) and not v) or (k == "trust_pickle" and not v):
+            continue
+        data[k] = v
+    data["params"] = merged_params
+    return DistillConfig.from_dict(data, config_file or "flags")
+
+
+def resolve_params(recipe: dict[str, Any], overrides: dict[str, Any], method: str) -> dict[str, Any]:
+    """The method's recipe with overrides applied; an unknown key is an error that lists the known ones."""
+    unknown = sorted(set(overrides) - set(recipe))
+    if unknown:
+        raise DfkdError(f"method {method} has no parameter(s) {unknown}; its parameters: {sorted(recipe)}")
+    return {**recipe, **overrides}

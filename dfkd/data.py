@@ -1,0 +1,126 @@
+"""Real image data (the .npz layout of shared/data, or ImageFolder directories) brought to a model's input spec."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfkd.errors import DfkdError
+from dfkd.spec import InputSpec
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@dataclass
+class ImageData:
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,), with optional class names."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    class_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.y.numel())
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.y.max().item()) + 1 if len(self) else 0
+
+
+def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
+    """Load an .npz (x: uint8 N x H x W [x C], y: int N) or an ImageFolder directory (one folder per class)."""
+    p = Path(path)
+    if not p.exists():
+        raise DfkdError(f"{flag} {p}: no such file or directory")
+    return _load_folder(p, flag) if p.is_dir() else _load_npz(p, flag)
+
+
+def _load_npz(p: Path, flag: str) -> ImageData:
+    try:
+        with np.load(p, allow_pickle=False) as d:
+            if "x" not in d or "y" not in d:
+                raise DfkdError(f"{flag} {p}: an .npz needs arrays 'x' (images) and 'y' (labels); it has "
+                                f"{sorted(d.files)}")
+            x, y = d["x"], d["y"]
+    except DfkdError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]}); is it truncated or corrupt?") from None
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise DfkdError(f"{flag} {p}: expected x of shape N x H x W [x C] and y of shape N, got {x.shape} and {y.shape}")
+    if x.dtype != np.uint8:
+        raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
+    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+
+
+def _load_folder(p: Path, flag: str) -> ImageData:
+    from PIL import Image
+
+    classes = sorted(d.name for d in p.iterdir() if d.is_dir())
+    if not classes:
+        raise DfkdError(f"{flag} {p}: an image folder needs one sub-folder per class")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((p / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                with Image.open(f) as im:
+                    xs.append(np.asarray(im.convert("RGB" if im.mode not in ("L", "1") else "L")))
+                ys.append(label)
+    if not xs:
+        raise DfkdError(f"{flag} {p}: no images found in its class folders")
+    if len({a.shape for a in xs}) != 1:
+        raise DfkdError(f"{flag} {p}: images differ in size; resize them to one size first")
+    x = np.stack(xs)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(ys), classes)
+
+
+def to_model_input(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float, channels and size as `spec` says, normalised.
+
+    Grey images are repeated to 3 channels and colour images averaged to 1 when the model wants it; other sizes
+    are resized bilinearly (28x28 MNIST -> 32x32 as in DAFL/DFAD).
+    """
+    x = x.float().div_(255.0)
+    if x.shape[1] != spec.channels:
+        if x.shape[1] == 1:
+            x = x.expand(-1, spec.channels, -1, -1)
+        elif spec.channels == 1:
+            x = x.mean(1, keepdim=True)
+        else:
+            raise DfkdError(f"data has {x.shape[1]} channels, the model wants {spec.channels}")
+    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
+        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
+    return spec.normalize(x)
+
+
+def iterate_batches(data: ImageData, spec: InputSpec, batch_size: int, device: torch.device | str,
+                    shuffle: bool = False, generator: torch.Generator | None = None):  # noqa: ANN201
+    """Yield (x, y) model-ready batches."""
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield to_model_input(data.x[idx], spec).to(device), data.y[idx].to(device)
+
+
+def check_fits(data: ImageData, num_classes: int, spec: InputSpec, flag: str, path: str) -> None:
+    """Refuse data whose labels or channels cannot match the model, before any training starts."""
+    if len(data) == 0:
+        raise DfkdError(f"{flag} {path}: holds no images")
+    if data.num_classes > num_classes or int(data.y.min()) < 0:
+        raise DfkdError(f"{flag} {path}: labels run 0..{data.num_classes - 1} but the model has {num_classes} classes; "
+                        "this data does not belong to this model")
+    c = data.x.shape[1]
+    if c != spec.channels and 1 not in (c, spec.channels):
+        raise DfkdError(f"{flag} {path}: images have {c} channels, the model wants {spec.channels}")

@@ -1,0 +1,298 @@
+"""The distillation loop: `distill(config)` and `resume(run_dir)`.
+
+Rounds of {synthesis steps; student steps} as the method's recipe schedules them, under a budget of student
+steps or wall-clock minutes; evaluation, TensorBoard, atomic checkpoints, clean stop on Ctrl-C, and a refusal
+to go on from non-finite losses. A step is one student update.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dfkd.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from dfkd.config import DistillConfig, resolve_params
+from dfkd.data import ImageData, check_fits, load_images
+from dfkd.errors import DfkdError
+from dfkd.evaluate import accuracy
+from dfkd.io import atomic_write_text
+from dfkd.methods import Method, get_method
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.runlog import RunLog
+from dfkd.spec import InputSpec
+from dfkd.students import build_student, student_arch
+from dfkd.teacher import Teacher, load_teacher
+from dfkd.utils import pick_device, seed_everything
+
+DEFAULT_BUDGET_MINUTES = 10.0
+
+
+@dataclass
+class RunResult:
+    """What a finished (or stopped) run leaves: its folder, last step and final metrics."""
+
+    run_dir: Path
+    step: int
+    finished: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Interrupted(DfkdError):
+    """Ctrl-C: the run saved a checkpoint at a round boundary and stopped."""
+
+
+@contextmanager
+def _graceful_sigint() -> Any:
+    """First Ctrl-C sets a flag the loop checks between rounds; a second one interrupts at once."""
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
+    if cfg.channels is None and cfg.input_size is None:
+        return None
+    if cfg.channels is None or cfg.input_size is None:
+        raise DfkdError("--channels and --input-size go together (with --mean/--std)")
+    c = cfg.channels
+    return InputSpec(c, cfg.input_size, cfg.mean or (0.0,) * c, cfg.std or (1.0,) * c)
+
+
+def new_run_dir(cfg: DistillConfig, teacher_path: str) -> Path:
+    """`--out`, or runs/<date>-<method>-<teacher name>; never an existing run."""
+    if cfg.out:
+        d = Path(cfg.out)
+        if (d / "checkpoint.pt").exists() or (d / "student.pt").exists():
+            raise DfkdError(f"--out {d}: already holds a run; continue it with --resume {d} or pick another --out")
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(cfg.runs_dir) / f"{stamp}-{cfg.method}-{Path(teacher_path).stem}"
+        d, i = base, 1
+        while d.exists():
+            d, i = Path(f"{base}-{i}"), i + 1
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+class Run:
+    """One distillation run: builds teacher, student and method from a config, then loops."""
+
+    def __init__(self, cfg: DistillConfig, run_dir: Path, ckpt: dict[str, Any] | None = None) -> None:
+        if not cfg.teachers:
+            raise DfkdError("dfkd distill needs --teacher FILE (or --transfer-data FILE.npz)")
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = pick_device(cfg.device)
+        method_cls = get_method(cfg.method)
+        seed_everything(cfg.seed)
+        self.teacher: Teacher = load_teacher(cfg.teachers[0], cfg.teacher_arch, cfg.trust_pickle,
+                                             _spec_from_flags(cfg), self.device)
+        self.eval_data: ImageData | None = None
+        if cfg.eval_data:
+            self.eval_data = load_images(cfg.eval_data, "--eval-data")
+            check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
+        self.params = resolve_params(method_cls.default_params(self.teacher), cfg.params, cfg.method)
+        self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
+        student = build_student(self.student_name, self.student_kwargs).to(self.device)
+        self.method: Method = method_cls(self.teacher, student, self.params, self.device)
+        self.step, self.elapsed = 0, 0.0
+        if ckpt is not None:
+            self.method.load_state_dict(ckpt["method"])
+            set_rng_state(ckpt["rng"])
+            self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+
+    # --- bookkeeping --------------------------------------------------------------------------------------
+    def resolved_config(self) -> dict[str, Any]:
+        d = self.cfg.to_dict()
+        d["params"] = self.params
+        d["student"] = self.student_name
+        return d
+
+    def budget_seconds(self) -> float | None:
+        if self.cfg.steps is None:
+            return 60.0 * (self.cfg.budget_minutes or DEFAULT_BUDGET_MINUTES)
+        return None if self.cfg.budget_minutes is None else 60.0 * self.cfg.budget_minutes
+
+    def progress(self) -> float:
+        if self.cfg.steps:
+            return min(self.step / self.cfg.steps, 1.0)
+        return min(self.elapsed / self.budget_seconds(), 1.0)
+
+    def done(self) -> bool:
+        budget = self.budget_seconds()
+        return (self.cfg.steps is not None and self.step >= self.cfg.steps) or \
+            (budget is not None and self.elapsed >= budget)
+
+    def checkpoint(self, finished: bool = False) -> None:
+        save_checkpoint(self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step,
+                        elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished)
+
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_data is None:
+            return {}
+        res = accuracy(self.method.student, self.eval_data, self.teacher.spec, self.device)
+        return {"top1": res["top1"], "top5": res["top5"]}
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def loop(self, log: RunLog) -> RunResult:
+        cfg = self.cfg
+        last = {"ckpt": self.step // cfg.ckpt_every, "eval": self.step // cfg.eval_every,
+                "img": self.step // cfg.image_every, "log": self.step // cfg.log_every}
+        window = {"t": 0.0, "steps": 0, "samples": 0}
+        metrics: dict[str, float] = {}
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+        with _graceful_sigint() as sig:
+            while not self.done():
+                self.method.set_progress(self.progress())
+                t0 = time.perf_counter()
+                losses = self.method.round()
+                dt = time.perf_counter() - t0
+                self.elapsed += dt
+                n = self.method.student_steps_per_round
+                self.step += n
+                window["t"] += dt
+                window["steps"] += n
+                window["samples"] += n * int(self.params["batch_size"])
+                self._check_finite(losses)
+                bar.update(n)
+                if self.step // cfg.log_every > last["log"]:
+                    last["log"] = self.step // cfg.log_every
+                    perf = {"samples_per_s": window["samples"] / window["t"], "steps_per_s": window["steps"] / window["t"],
+                            "lr_s": self.method.opt_s.param_groups[0]["lr"]}
+                    log.scalars(self.step, losses, "loss/")
+                    log.scalars(self.step, perf, "perf/")
+                    window = {"t": 0.0, "steps": 0, "samples": 0}
+                    bar.set_postfix({k.split("/", 1)[-1]: f"{v:.3g}" for k, v in list(losses.items())[:3]} |
+                                    ({"acc": f"{100 * metrics['top1']:.1f}%"} if "top1" in metrics else {}))
+                if self.step // cfg.image_every > last["img"] and self.method.last_images is not None:
+                    last["img"] = self.step // cfg.image_every
+                    self._log_images(log)
+                if self.step // cfg.eval_every > last["eval"]:
+                    last["eval"] = self.step // cfg.eval_every
+                    metrics = self.evaluate() or metrics
+                    if metrics:
+                        log.scalars(self.step, metrics, "student/")
+                if self.step // cfg.ckpt_every > last["ckpt"]:
+                    last["ckpt"] = self.step // cfg.ckpt_every
+                    self.checkpoint()
+                if sig["stop"]:
+                    self.checkpoint()
+                    bar.close()
+                    raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
+                                      f"dfkd distill --resume {self.run_dir}")
+        bar.close()
+        return RunResult(self.run_dir, self.step, True, metrics)
+
+    def _log_images(self, log: RunLog) -> None:
+        x = self.method.last_images
+        with torch.no_grad():
+            t_logits = self.teacher(x[:256])
+        log.synthetic(self.step, x, self.teacher.spec, t_logits)
+
+    def _check_finite(self, losses: dict[str, float]) -> None:
+        bad = [k for k, v in losses.items() if not math.isfinite(v)]
+        if bad:
+            raise DfkdError(
+                f"training diverged at step {self.step}: {', '.join(bad)} became {losses[bad[0]]}. The last good "
+                f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...) and "
+                f"continue with: dfkd distill --resume {self.run_dir} -p ...")
+
+    def finish(self, log: RunLog, result: RunResult) -> RunResult:
+        final = self.evaluate()
+        if final:
+            log.scalars(self.step, final, "student/")
+        result.metrics = final or result.metrics
+        meta = ModelFile(self.student_name, self.student_kwargs, self.teacher.spec, self.teacher.num_classes,
+                         self.teacher.class_names,
+                         {"kind": "student", "method": self.cfg.method, "teacher": self.teacher.source,
+                          "teacher_sha256": self.teacher.sha256, "steps": self.step,
+                          **{f"eval_{k}": v for k, v in final.items()}})
+        save_model(self.run_dir / "student.pt", self.method.student, meta)
+        self.checkpoint(finished=True)
+        log.event(self.step, event="finished", elapsed=self.elapsed, **{f"student/{k}": v for k, v in final.items()})
+        return result
+
+
+def _execute(run: Run, resume_step: int | None) -> RunResult:
+    log = RunLog(run.run_dir, resume_step)
+    try:
+        if resume_step is None:
+            atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
+            if run.eval_data is not None:
+                t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device)
+                log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
+            run.checkpoint()
+            log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name)
+        else:
+            log.event(run.step, event="resume")
+        result = run.loop(log)
+        return run.finish(log, result)
+    finally:
+        run.method.close()
+        log.close()
+
+
+def distill(cfg: DistillConfig) -> RunResult:
+    """Run a distillation from a config: a new run folder, then the loop to the end of the budget.
+
+    Returns:
+        The run folder (with student.pt, config.json, metrics.jsonl, checkpoint.pt, TensorBoard events) and the
+        final student metrics (top1/top5 when `eval_data` is set).
+    """
+    if not cfg.teachers:
+        raise DfkdError("dfkd distill needs --teacher FILE")
+    get_method(cfg.method)
+    run_dir = new_run_dir(cfg, cfg.teachers[0])
+    try:
+        run = Run(cfg, run_dir)
+    except BaseException:
+        if not any(run_dir.iterdir()):
+            run_dir.rmdir()  # nothing written: leave no empty run folder that looks like a run
+        raise
+    return _execute(run, None)
+
+
+def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float | None = None,
+           params: dict[str, Any] | None = None) -> RunResult:
+    """Continue a stopped run from its checkpoint; `steps`/`budget_minutes`/`params` may extend or adjust it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DfkdError(f"--resume {run_dir}: no such run folder")
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    saved = dict(ckpt["config"])
+    cfg = DistillConfig.from_dict(saved, f"{run_dir}/checkpoint.pt")
+    changes: dict[str, Any] = {"out": str(run_dir)}
+    if steps is not None:
+        changes["steps"] = steps
+    if budget_minutes is not None:
+        changes["budget_minutes"] = budget_minutes
+    if params:
+        changes["params"] = {**cfg.params, **params}
+    cfg = replace(cfg, **changes)
+    if ckpt["finished"] and steps is None and budget_minutes is None:
+        raise DfkdError(f"--resume {run_dir}: this run already finished (student.pt is there); pass a larger "
+                        "--steps or --budget-minutes to train further")
+    run = Run(cfg, run_dir, ckpt)
+    return _execute(run, run.step)

@@ -1,0 +1,75 @@
+"""Shared machinery of the GAN-generator methods (DAFL, DFAD, ZSKT, DFQ): a generator, its optimizer, BN taps."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd.bnstats import BNInputs
+from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
+from dfkd.methods.base import Method, frozen, step_logs
+from dfkd.teacher import Teacher
+
+GAN_DEFAULTS: dict[str, Any] = {
+    "nz": 100,
+    "ngf": None,  # None: sized to the teacher (dfkd.generators.default_width)
+    "head": "tanh_bn",
+    "bn_eps": 1e-5,
+    "lr_g": 1e-3,
+    "betas_g": [0.9, 0.999],
+    "grad_clip": None,
+}
+
+
+class GANMethod(Method):
+    """A method whose transfer data comes from a generator G(z) trained against the teacher (and the student).
+
+    Subclasses implement `generator_loss(x)` and, where the default (G steps, then S steps on fresh samples) is
+    not the paper's schedule, `round()`.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = GAN_DEFAULTS
+
+    def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
+        super().__init__(teacher, student, params, device)
+        p = self.p
+        width = p["ngf"] or default_width(sum(q.numel() for q in teacher.parameters()))
+        generator = Generator(teacher.spec, nz=p["nz"], ngf=width, head=p["head"], bn_eps=p["bn_eps"])
+        self.synth: GeneratorSynthesizer = GeneratorSynthesizer(
+            generator, self._objective, p["batch_size"], p["lr_g"], tuple(p["betas_g"]), device,
+            steps=p["g_steps"], grad_clip=p["grad_clip"])
+        self.track_lr(self.synth.optimizer)
+        self.bn = BNInputs(teacher, self.name) if self.uses_bn else None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _objective(self, x: torch.Tensor, y: torch.Tensor | None) -> LossDict:
+        del y
+        if self.bn is not None:
+            self.bn.set_active(True)
+        try:
+            with frozen(self.student):
+                return self.generator_loss(x)
+        finally:
+            if self.bn is not None:
+                self.bn.set_active(False)
+
+    def generator_loss(self, x: torch.Tensor) -> LossDict:
+        """The generator's objective on a generated batch `x` (teacher and student forwards happen here)."""
+        raise NotImplementedError
+
+    def generator_step(self) -> dict[str, float]:
+        x, losses = self.synth.synthesize()
+        self.last_images = x
+        return step_logs("gen", losses)
+
+    def round(self) -> dict[str, float]:
+        logs = self.generator_step()
+        for _ in range(self.student_steps_per_round):
+            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+        return logs
+
+    def close(self) -> None:
+        if self.bn is not None:
+            self.bn.close()

@@ -1,0 +1,183 @@
+"""What every distillation method is: a recipe (paper defaults) plus the steps of one round."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd.errors import DfkdError
+from dfkd.generators.base import LossDict, Synthesizer
+from dfkd.losses import kl_div
+from dfkd.teacher import Teacher
+
+#: Defaults every method shares; a method's `defaults` override them, config files and flags override both.
+BASE_DEFAULTS: dict[str, Any] = {
+    "batch_size": 256,
+    "s_optimizer": "sgd",  # "sgd" or "adam"
+    "lr_s": 0.1,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "schedule": "constant",  # "constant", "cosine" or "multistep" over the run's progress
+    "milestones": [],  # fractions of the run, for "multistep"
+    "gamma": 0.1,
+    "T": 1.0,  # KD temperature of the student loss
+    "g_steps": 1,
+    "s_steps": 1,
+}
+
+
+def step_logs(prefix: str, losses: LossDict) -> dict[str, float]:
+    """{"loss": t, "loss/bn": b} -> {"<prefix>/total": t, "<prefix>/bn": b} as floats, for logging."""
+    out = {}
+    for k, v in losses.items():
+        name = "total" if k == "loss" else k.removeprefix("loss/")
+        out[f"{prefix}/{name}"] = float(v.detach()) if torch.is_tensor(v) else float(v)
+    return out
+
+
+@contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily stop gradients to `module`'s weights (they still flow through it to its input)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+class Method:
+    """A registered distillation recipe. Subclasses set `paper`, `summary`, `defaults` and implement `round()`.
+
+    The loop calls `round()` repeatedly; a round runs the method's synthesis steps and `student_steps_per_round`
+    student steps and returns a flat dict of float losses. `set_progress(p)` applies the learning-rate schedule
+    (p in [0, 1] is the fraction of the run done).
+
+    Args:
+        teacher: the frozen teacher.
+        student: the student to train (in train mode).
+        params: resolved hyper-parameters (BASE_DEFAULTS < `defaults` < config file < flags).
+        device: where everything runs.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: BatchNorm-statistics matching is part of the objective (a BN-free teacher loses that term).
+    uses_bn: ClassVar[bool] = False
+
+    def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
+        self.teacher, self.student, self.device = teacher, student, device
+        self.p = params
+        self.student.train()
+        self.opt_s = self.make_student_optimizer()
+        self._base_lrs: list[tuple[torch.optim.Optimizer, list[float]]] = [self._lrs(self.opt_s)]
+        self.synth: Synthesizer | None = None
+        self.last_images: torch.Tensor | None = None
+
+    # --- recipe -------------------------------------------------------------------------------------------
+    @classmethod
+    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        """BASE_DEFAULTS overlaid with the `defaults` of each class down to this one (`teacher` lets a method scale
+        them to the teacher).
+        """
+        del teacher
+        merged = dict(BASE_DEFAULTS)
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("defaults", {}))
+        return merged
+
+    @classmethod
+    def describe(cls) -> str:
+        """One line: what it does, and its paper."""
+        return f"{cls.summary} [{cls.paper}]"
+
+    # --- optimisation -------------------------------------------------------------------------------------
+    def make_student_optimizer(self) -> torch.optim.Optimizer:
+        p = self.p
+        if p["s_optimizer"] == "adam":
+            return torch.optim.Adam(self.student.parameters(), lr=p["lr_s"], weight_decay=p["weight_decay"])
+        if p["s_optimizer"] == "sgd":
+            return torch.optim.SGD(self.student.parameters(), lr=p["lr_s"], momentum=p["momentum"],
+                                   weight_decay=p["weight_decay"])
+        raise DfkdError(f"-p s_optimizer={p['s_optimizer']!r}: use sgd or adam")
+
+    @staticmethod
+    def _lrs(opt: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, list[float]]:
+        return opt, [g["lr"] for g in opt.param_groups]
+
+    def track_lr(self, opt: torch.optim.Optimizer) -> None:
+        """Put another optimizer (a generator's) under the run's learning-rate schedule."""
+        self._base_lrs.append(self._lrs(opt))
+
+    def lr_factor(self, progress: float) -> float:
+        """The schedule's multiplier at `progress` in [0, 1]."""
+        kind = self.p["schedule"]
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+        if kind == "multistep":
+            return self.p["gamma"] ** sum(progress >= m for m in self.p["milestones"])
+        if kind == "constant":
+            return 1.0
+        raise DfkdError(f"-p schedule={kind!r}: use constant, cosine or multistep")
+
+    def set_progress(self, progress: float) -> None:
+        """Apply the learning-rate schedule for a run that is `progress` done."""
+        f = self.lr_factor(progress)
+        for opt, bases in self._base_lrs:
+            for g, base in zip(opt.param_groups, bases):
+                g["lr"] = base * f
+
+    # --- steps --------------------------------------------------------------------------------------------
+    @property
+    def student_steps_per_round(self) -> int:
+        return int(self.p["s_steps"])
+
+    def student_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> LossDict:
+        """KD loss: T^2-scaled KL at temperature T (override for L1 etc.)."""
+        kd = kl_div(s_logits, t_logits, T=self.p["T"])
+        return {"loss": kd, "loss/kd": kd}
+
+    def student_step(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> LossDict:
+        """One student update on transfer images `x` (teacher logits computed unless given)."""
+        if t_logits is None:
+            with torch.no_grad():
+                t_logits = self.teacher(x)
+        losses = self.student_loss(self.student(x), t_logits)
+        self.opt_s.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.opt_s.step()
+        return losses
+
+    def round(self) -> dict[str, float]:
+        """One round of synthesis and student steps; returns float losses keyed "<phase>/<term>"."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release hooks and other resources."""
+
+    # --- checkpoint ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
+                "synth": self.synth.state_dict() if self.synth else {}, "extra": self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.opt_s.load_state_dict(state["opt_s"])
+        if self.synth:
+            self.synth.load_state_dict(state["synth"])
+        self.load_extra_state(state.get("extra", {}))
+
+    def extra_state(self) -> dict[str, Any]:
+        """Method-specific state beyond student, optimizer and synthesizer."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        del state

@@ -1,0 +1,125 @@
+"""The dfkd model file: one format for teachers and students, loadable with `torch.load(weights_only=True)`.
+
+Layout (a plain dict of tensors and plain types)::
+
+    {"format": "dfkd-model", "version": 1, "arch": "lenet5_bn",
+     "arch_kwargs": {"num_classes": 10, "in_channels": 1, "input_size": 32},
+     "input_spec": {"channels": 1, "size": 32, "mean": [0.1307], "std": [0.3081]},
+     "num_classes": 10, "class_names": None | [...], "provenance": {...}, "state_dict": {...}}
+
+Plain PyTorch: ``d = torch.load(p, weights_only=True); m = dfkd.models.create(d["arch"], **d["arch_kwargs"]);
+m.load_state_dict(d["state_dict"])``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd.errors import DfkdError
+from dfkd.io import atomic_torch_save
+from dfkd.models import create
+from dfkd.spec import InputSpec
+
+FORMAT = "dfkd-model"
+VERSION = 1
+
+
+@dataclass
+class ModelFile:
+    """The metadata of a dfkd model file (everything but the weights)."""
+
+    arch: str
+    arch_kwargs: dict[str, Any]
+    input_spec: InputSpec
+    num_classes: int
+    class_names: list[str] | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelFile) -> None:
+    """Write `model` and `meta` as a dfkd model file, atomically.
+
+    Args:
+        path: destination file.
+        model: a zoo model built from `meta.arch` and `meta.arch_kwargs`.
+        meta: architecture, input spec, classes and provenance.
+    """
+    provenance = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta.provenance}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": meta.arch,
+        "arch_kwargs": dict(meta.arch_kwargs),
+        "input_spec": meta.input_spec.to_dict(),
+        "num_classes": int(meta.num_classes),
+        "class_names": list(meta.class_names) if meta.class_names else None,
+        "provenance": provenance,
+        "state_dict": state,
+    }
+    atomic_torch_save(payload, path)
+
+
+def is_model_file(obj: Any) -> bool:
+    """True if `obj` (a loaded file) is a dfkd model file dict."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module, ModelFile]:
+    """Build the model of a loaded dfkd model file dict.
+
+    Raises:
+        DfkdError: on a newer version, an unknown architecture or weights that do not fit it.
+    """
+    version = payload.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise DfkdError(f"{source}: dfkd model file version {version!r} is newer than this dfkd reads ({VERSION}); "
+                        "upgrade dfkd")
+    try:
+        meta = ModelFile(
+            arch=payload["arch"],
+            arch_kwargs=dict(payload["arch_kwargs"]),
+            input_spec=InputSpec.from_dict(payload["input_spec"]),
+            num_classes=int(payload["num_classes"]),
+            class_names=payload.get("class_names"),
+            provenance=dict(payload.get("provenance") or {}),
+        )
+        state = payload["state_dict"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DfkdError(f"{source}: dfkd model file is missing or has a malformed field ({e}); re-export it") from None
+    model = create(meta.arch, **meta.arch_kwargs)
+    load_state_checked(model, state, f"{source} (architecture {meta.arch!r})")
+    return model, meta
+
+
+def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> None:
+    """`model.load_state_dict(state)` with a one-line error naming the first mismatches."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).split("\n")[1:3]
+        detail = "; ".join(s.strip() for s in first if s.strip())[:400]
+        raise DfkdError(f"{what}: the weights do not fit the architecture ({detail}); check the architecture name "
+                        "(--teacher-arch) and its number of classes") from None
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
+               flag: str = "--model") -> tuple[nn.Module, ModelFile]:
+    """Load a dfkd model file (weights only, no code runs) and return the model in eval mode and its metadata.
+
+    `flag` names the command-line option the path came from, in error messages.
+    """
+    from dfkd.loading import read_weights_only
+
+    payload = read_weights_only(path, flag)
+    if not is_model_file(payload):
+        raise DfkdError(f"{flag} {path}: not a dfkd model file (no 'format': '{FORMAT}' entry); "
+                        "use `dfkd distill --teacher FILE --teacher-arch NAME` for a plain state_dict")
+    model, meta = model_from_payload(payload, f"{flag} {path}")
+    return model.to(device).eval(), meta

@@ -1,0 +1,65 @@
+"""What a run writes while it goes: metrics.jsonl and TensorBoard events (tags grouped loss/, synthetic/, ...)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfkd.spec import InputSpec
+
+
+class RunLog:
+    """Appends metrics to `metrics.jsonl` and mirrors them to TensorBoard.
+
+    Args:
+        run_dir: the run folder.
+        resume_step: on resume, drop records after this step (they are replayed) and purge TensorBoard events.
+    """
+
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
+                    json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.file = self.path.open("a")
+        self.tb = SummaryWriter(str(run_dir), purge_step=resume_step)
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        """One metrics.jsonl record and one TensorBoard scalar per value (tag = prefix + key)."""
+        record = {"step": step, **{prefix + k: v for k, v in values.items()}}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                self.tb.add_scalar(prefix + k, v, step)
+
+    @torch.no_grad()
+    def synthetic(self, step: int, images: torch.Tensor, spec: InputSpec, teacher_logits: torch.Tensor) -> None:
+        """Image grid (denormalised to [0, 1]), teacher confidence and the class histogram of its predictions."""
+        from torchvision.utils import make_grid
+
+        x = spec.denormalize(images[:64].float()).clamp(0, 1).cpu()
+        self.tb.add_image("synthetic/images", make_grid(x, nrow=8, padding=1), step)
+        prob = teacher_logits.float().softmax(1)
+        self.tb.add_scalar("synthetic/teacher_confidence", prob.max(1).values.mean().item(), step)
+        classes = prob.argmax(1).cpu()
+        self.tb.add_histogram("synthetic/teacher_class", classes, step, bins=prob.shape[1])
+        counts = torch.bincount(classes, minlength=prob.shape[1]).float()
+        self.tb.add_scalar("synthetic/classes_covered", float((counts > 0).sum()), step)
+
+    def event(self, step: int, **fields: Any) -> None:
+        """A non-scalar record (start, resume, finish) in metrics.jsonl."""
+        self.file.write(json.dumps({"step": step, **fields}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.tb.flush()
+        self.tb.close()
+        self.file.close()

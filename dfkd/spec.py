@@ -1,0 +1,79 @@
+"""The input spec of a classifier: channels, image size and normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from dfkd.errors import DfkdError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects: `channels` x `size` x `size` images normalised as (pixel/255 - mean) / std.
+
+    Args:
+        channels: image channels (1 or 3 for the zoo).
+        size: height = width in pixels.
+        mean: per-channel mean in [0, 1] pixel units (one value per channel).
+        std: per-channel standard deviation, same units.
+    """
+
+    channels: int
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.size < 1:
+            raise DfkdError(f"input spec needs positive channels and size, got {self.channels} and {self.size}")
+        for name in ("mean", "std"):
+            v = tuple(float(a) for a in getattr(self, name))
+            if len(v) == 1 and self.channels > 1:
+                v = v * self.channels
+            if len(v) != self.channels:
+                raise DfkdError(f"--{name} needs 1 or {self.channels} values (one per channel), got {len(v)}")
+            object.__setattr__(self, name, v)
+        if any(s <= 0 for s in self.std):
+            raise DfkdError(f"--std values must be positive, got {self.std}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        """Inverse of `to_dict`."""
+        return cls(int(d["channels"]), int(d["size"]), tuple(d["mean"]), tuple(d["std"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain types only, so the dict survives `torch.load(weights_only=True)` and JSON."""
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        """The NCHW shape of a batch."""
+        return (batch, self.channels, self.size, self.size)
+
+    def _stats(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        m = torch.tensor(self.mean, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
+        return m, s
+
+    def normalize(self, x01: torch.Tensor) -> torch.Tensor:
+        """Pixels in [0, 1] -> the model's input space."""
+        m, s = self._stats(x01)
+        return (x01 - m) / s
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input space -> pixels (in [0, 1] for real images)."""
+        m, s = self._stats(x)
+        return x * s + m
+
+    def clip(self, x: torch.Tensor) -> torch.Tensor:
+        """Clamp normalised images to the valid pixel range [0, 1], per channel."""
+        m, s = self._stats(x)
+        return torch.max(torch.min(x, (1 - m) / s), -m / s)
+
+
+MNIST_SPEC = InputSpec(1, 32, (0.1307,), (0.3081,))
+CIFAR10_SPEC = InputSpec(3, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010))

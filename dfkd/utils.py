@@ -1,0 +1,30 @@
+"""Small shared helpers: device choice and seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from dfkd.errors import DfkdError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else is passed to torch (with a clear error)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DfkdError(f"--device {name!r}: not a device name (try cpu, cuda, cuda:0 or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DfkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

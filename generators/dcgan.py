@@ -1,0 +1,84 @@
+"""The DCGAN-lite generator of DAFL/DFAD/ZSKT/zju-vipa (METHODS.md §0.5), with both output heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dfkd._registry import Registry
+from dfkd.spec import InputSpec
+
+GENERATORS: Registry[type[nn.Module]] = Registry("generator")
+
+
+@GENERATORS.register("dcgan")
+class Generator(nn.Module):
+    """Linear -> BN -> [upsample x2, conv3x3, BN, LeakyReLU(0.2)] x 2 -> conv3x3 -> output head.
+
+    Heads: "tanh_bn" (Tanh then non-affine BatchNorm, so images live in normalised input space; DAFL, DFAD),
+    "bn" (affine BatchNorm, no Tanh; ZSKT) or "sigmoid" (pixels in [0, 1], then the teacher's normalisation;
+    zju-vipa). With `num_classes`, the generator is
+    class-conditional: a learned class embedding multiplies z.
+
+    Args:
+        spec: the teacher's input spec (channels, size, normalisation).
+        nz: latent size.
+        ngf: base width (the reference is 64: 128-128-64 channels).
+        head: "tanh_bn", "bn" or "sigmoid".
+        bn_eps: eps of the two inner BatchNorms (DAFL's code uses 0.8; the default 1e-5 elsewhere).
+        num_classes: make it class-conditional when given.
+
+    Shape:
+        - Input: z (B, nz) [and labels y (B,)].
+        - Output: (B, spec.channels, spec.size, spec.size), in the teacher's normalised input space.
+    """
+
+    def __init__(self, spec: InputSpec, nz: int = 100, ngf: int = 64, head: str = "tanh_bn", bn_eps: float = 1e-5,
+                 num_classes: int | None = None) -> None:
+        super().__init__()
+        if head not in ("tanh_bn", "bn", "sigmoid"):
+            raise ValueError(f"unknown generator head {head!r}")
+        self.spec, self.nz, self.head_kind = spec, nz, head
+        self.init_size = (spec.size + 3) // 4
+        self.embed = nn.Embedding(num_classes, nz) if num_classes else None
+        self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
+        self.bn0 = nn.BatchNorm2d(2 * ngf)
+        self.blocks = nn.Sequential(
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1),
+            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, ngf, 3, padding=1),
+            nn.BatchNorm2d(ngf, eps=bn_eps),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ngf, spec.channels, 3, padding=1),
+        )
+        self.out_bn = None if head == "sigmoid" else nn.BatchNorm2d(spec.channels, affine=head == "bn")
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            if y is None:
+                raise ValueError("a class-conditional generator needs labels y")
+            z = z * self.embed(y)
+        x = self.bn0(self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size))
+        x = self.blocks(x)
+        if x.shape[-1] != self.spec.size:
+            x = x[..., : self.spec.size, : self.spec.size]
+        if self.head_kind == "tanh_bn":
+            return self.out_bn(torch.tanh(x))
+        if self.head_kind == "bn":
+            return self.out_bn(x)
+        return self.spec.normalize(torch.sigmoid(x))
+
+
+def default_width(teacher_params: int) -> int:
+    """Generator width for a teacher of this many parameters.
+
+    The reference width 64 costs 30-70x a LeNet-5 teacher and student together on a CPU; a generator comparable in
+    capacity to the networks it serves is what ZSKT's author recommends. LeNet scale (< 200K) -> 16, up to 3M -> 32,
+    larger teachers -> the reference 64.
+    """
+    if teacher_params < 200_000:
+        return 16
+    return 32 if teacher_params < 3_000_000 else 64
