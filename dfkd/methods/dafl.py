@@ -27,6 +27,7 @@ class DAFL(GANMethod):
 
     paper: ClassVar[str] = "Chen et al. 2019, Data-Free Learning of Student Networks, ICCV"
     summary: ClassVar[str] = "generator trained for confident, balanced, high-activation teacher outputs"
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 512, "lr_g": 0.2, "s_optimizer": "adam", "lr_s": 2e-3, "weight_decay": 0.0, "nz": 100,
         "bn_eps": 0.8, "oh": 1.0, "ie": 5.0, "a": 0.1, "ie_log_base": 10.0, "T": 1.0,

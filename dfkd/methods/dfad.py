@@ -25,6 +25,7 @@ class DFAD(GANMethod):
 
     paper: ClassVar[str] = "Fang et al. 2019, Data-Free Adversarial Distillation, arXiv:1912.11006"
     summary: ClassVar[str] = "adversarial generator maximises the teacher-student L1 logit gap"
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 512, "lr_s": 0.01, "weight_decay": 1e-4, "lr_g": 1e-3, "nz": 100, "s_steps": 5, "g_steps": 1,
     }

@@ -29,6 +29,7 @@ class DFQ(GANMethod):
     paper: ClassVar[str] = "Choi et al. 2020, Data-Free Network Quantization With Adversarial KD, CVPRW"
     summary: ClassVar[str] = "adversarial generator with BN-statistics, one-hot and class-balance priors"
     uses_bn: ClassVar[bool] = True
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "lr_s": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "lr_g": 1e-3,
         "betas_g": [0.5, 0.999], "nz": 256, "head": "sigmoid", "g_steps": 1, "s_steps": 10,

@@ -29,6 +29,7 @@ class ZSKT(GANMethod):
 
     paper: ClassVar[str] = "Micaelli & Storkey 2019, Zero-shot Knowledge Transfer via Adversarial Belief Matching"
     summary: ClassVar[str] = "adversarial belief matching (generator maximises KL) plus attention transfer"
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 128, "s_optimizer": "adam", "lr_s": 2e-3, "weight_decay": 5e-4, "lr_g": 1e-3, "nz": 100,
         "head": "bn", "schedule": "cosine", "grad_clip": 5.0, "g_steps": 1, "s_steps": 10, "at_beta": 250.0,

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny teachers saved as dfkd model files, tiny real-looking data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.models import create
+from dfkd.spec import MNIST_SPEC
+from dfkd.teacher import Teacher
+
+KWARGS = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+
+
+def make_teacher_module(arch: str = "lenet5_bn", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = create(arch, **KWARGS)
+    # A few train-mode forwards give the BN layers non-trivial running statistics.
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 32, 32))
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("teachers") / "lenet5_bn.pt"
+    save_model(path, make_teacher_module(), ModelFile("lenet5_bn", KWARGS, MNIST_SPEC, 10))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def bnfree_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("teachers") / "lenet5.pt"
+    save_model(path, make_teacher_module("lenet5"), ModelFile("lenet5", KWARGS, MNIST_SPEC, 10))
+    return str(path)
+
+
+@pytest.fixture
+def tiny_teacher() -> Teacher:
+    return Teacher(make_teacher_module(), MNIST_SPEC, arch="lenet5_bn", arch_kwargs=KWARGS)
+
+
+@pytest.fixture(scope="session")
+def eval_npz(tmp_path_factory: pytest.TempPathFactory) -> str:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("data") / "eval.npz"
+    np.savez_compressed(path, x=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
+                        y=rng.integers(0, 10, 64).astype(np.int64))
+    return str(path)

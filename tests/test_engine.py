@@ -1,0 +1,172 @@
+"""The distillation loop: outputs, budgets, resume after a kill, Ctrl-C, divergence, bad eval data."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfkd.config import DistillConfig, build_config
+from dfkd.engine import Interrupted, distill, resume
+from dfkd.errors import DfkdError
+from dfkd.methods import get_method
+from dfkd.modelfile import load_model
+
+
+class SimulatedKill(Exception):
+    pass
+
+
+def cfg_for(teacher_file: str, out: Path, **kw) -> DistillConfig:
+    base = dict(teachers=(teacher_file,), method="dfad", steps=12, out=str(out), log_every=2, image_every=4,
+                eval_every=4, ckpt_every=4, params={"batch_size": 8, "s_steps": 2})
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_writes_every_output(teacher_file: str, eval_npz: str, tmp_path: Path) -> None:
+    result = distill(cfg_for(teacher_file, tmp_path / "run", eval_data=eval_npz))
+    run = result.run_dir
+    assert result.finished and result.step == 12
+    for name in ("config.json", "metrics.jsonl", "student.pt", "checkpoint.pt"):
+        assert (run / name).is_file(), name
+    assert list(run.glob("events.out.tfevents.*"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["params"]["batch_size"] == 8 and config["params"]["lr_g"] == 1e-3  # recipe + override
+    assert config["student"] == "lenet5_half"
+    student, meta = load_model(run / "student.pt")
+    assert meta.arch == "lenet5_half" and meta.provenance["method"] == "dfad"
+    assert len(meta.provenance["teacher_sha256"]) == 64
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/student/l1" in r for r in records)
+    assert any("student/top1" in r for r in records)
+    assert records[-1]["event"] == "finished"
+    assert 0.0 <= result.metrics["top1"] <= 1.0
+
+
+def test_default_output_folder_is_dated_and_named(teacher_file: str, tmp_path: Path) -> None:
+    cfg = cfg_for(teacher_file, tmp_path, runs_dir=str(tmp_path / "runs"), steps=2)
+    cfg = DistillConfig(**{**cfg.to_dict(), "out": None, "teachers": tuple(cfg.teachers)})
+    run = distill(cfg).run_dir
+    assert run.parent == tmp_path / "runs" and run.name.endswith("-dfad-lenet5_bn")
+
+
+def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('method = "dafl"\nsteps = 7\n[params]\nlr_g = 0.5\nbatch_size = 4\n')
+    cfg = build_config(str(f), ["batch_size=16"], steps=9, method=None)
+    assert cfg.method == "dafl" and cfg.steps == 9
+    assert cfg.params == {"lr_g": 0.5, "batch_size": 16}
+
+
+def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
+    with pytest.raises(DfkdError, match="no parameter"):
+        distill(cfg_for(teacher_file, tmp_path / "r", params={"lr_gen": 1.0}))
+
+
+@pytest.mark.parametrize("method", ["dfad", "dafl"])
+def test_kill_and_resume_equals_uninterrupted(method: str, teacher_file: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    params = {"batch_size": 8, **({"s_steps": 2} if method == "dfad" else {})}
+    full = distill(cfg_for(teacher_file, tmp_path / "full", method=method, params=params))
+    cls = get_method(method)
+    original = cls.round
+    calls = {"n": 0}
+
+    def dying_round(self):
+        calls["n"] += 1
+        if calls["n"] == 5:  # dies mid-run, after the step-4 checkpoint and before the next one
+            raise SimulatedKill
+        return original(self)
+
+    monkeypatch.setattr(cls, "round", dying_round)
+    with pytest.raises(SimulatedKill):
+        distill(cfg_for(teacher_file, tmp_path / "killed", method=method, params=params))
+    monkeypatch.setattr(cls, "round", original)
+    assert not (tmp_path / "killed" / "student.pt").exists(), "a killed run must not look finished"
+    resumed = resume(tmp_path / "killed")
+    a = torch.load(full.run_dir / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed.run_dir / "student.pt", weights_only=True)["state_dict"]
+    assert states_equal(a, b)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    loss_steps = [s for s in steps]
+    assert loss_steps == sorted(loss_steps), "replayed steps are not logged twice"
+
+
+def test_resume_refuses_a_finished_run_unless_extended(teacher_file: str, tmp_path: Path) -> None:
+    run = distill(cfg_for(teacher_file, tmp_path / "r", steps=4)).run_dir
+    with pytest.raises(DfkdError, match="already finished"):
+        resume(run)
+    assert resume(run, steps=8).step == 8
+
+
+def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = get_method("dfad")
+    original = cls.round
+    calls = {"n": 0}
+
+    def round_then_sigint(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(cls, "round", round_then_sigint)
+    with pytest.raises(Interrupted, match="--resume"):
+        distill(cfg_for(teacher_file, tmp_path / "r", steps=40))
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 6 and not ckpt["finished"]
+    assert not (tmp_path / "r" / "student.pt").exists()
+
+
+def test_non_finite_loss_stops_with_resumable_checkpoint(teacher_file: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = get_method("dfad")
+    original = cls.round
+    calls = {"n": 0}
+
+    def blow_up(self):
+        calls["n"] += 1
+        logs = original(self)
+        return {**logs, "student/l1": float("nan")} if calls["n"] == 4 else logs
+
+    monkeypatch.setattr(cls, "round", blow_up)
+    with pytest.raises(DfkdError, match="diverged at step 8.*--resume"):
+        distill(cfg_for(teacher_file, tmp_path / "r"))
+    ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and not ckpt["finished"]
+    assert not (tmp_path / "r" / "student.pt").exists()
+
+
+def test_eval_data_that_does_not_fit_is_refused_before_training(teacher_file: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((8, 28, 28), np.uint8), y=np.arange(8, dtype=np.int64) + 10)
+    with pytest.raises(DfkdError, match="labels run 0..17"):
+        distill(cfg_for(teacher_file, tmp_path / "r", eval_data=str(bad)))
+    assert not (tmp_path / "r").exists(), "no run folder is left behind"
+
+
+def test_out_folder_with_a_run_is_not_overwritten(teacher_file: str, tmp_path: Path) -> None:
+    distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
+    with pytest.raises(DfkdError, match="already holds a run"):
+        distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
+
+
+def test_time_budget_stops_the_run(teacher_file: str, tmp_path: Path) -> None:
+    result = distill(cfg_for(teacher_file, tmp_path / "r", steps=None, budget_minutes=0.02))
+    assert result.finished and result.step >= 2
+
+
+def test_bn_free_teacher_warns_once_and_runs(bnfree_teacher_file: str, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="no BatchNorm statistics") as record:
+        distill(cfg_for(bnfree_teacher_file, tmp_path / "r", method="dfq", steps=4,
+                        params={"batch_size": 8, "s_steps": 2}))
+    assert len([w for w in record if "BatchNorm" in str(w.message)]) == 1
