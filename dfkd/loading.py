@@ -1,5 +1,7 @@
-"""Reading a user's teacher file safely (DESIGN §4): dfkd model file, state_dict + architecture, TorchScript,
-`torch.export` archive, and a pickled module only when the user trusts it.
+"""Reading a user's teacher file safely (DESIGN §4).
+
+Formats: dfkd model file, state_dict + architecture, TorchScript, `torch.export` archive, and a pickled module
+only when the user trusts it.
 """
 
 from __future__ import annotations
@@ -159,7 +161,8 @@ def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
         ep = torch.export.load(str(p))
         module = torch.export.unflatten(ep)
     except Exception as e:  # noqa: BLE001
-        raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({_short(e)}); is it corrupt?") from None
+        raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({_short(e)}); "
+                        "is it corrupt?") from None
     return LoadedModel(module, "export", spec)
 
 

@@ -87,8 +87,9 @@ class Method:
     # --- recipe -------------------------------------------------------------------------------------------
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        """BASE_DEFAULTS overlaid with the `defaults` of each class down to this one (`teacher` lets a method scale
-        them to the teacher).
+        """BASE_DEFAULTS overlaid with the `defaults` of each class down to this one.
+
+        `teacher` lets a method scale its recipe to the teacher (input size, channels, parameter count).
         """
         del teacher
         merged = dict(BASE_DEFAULTS)

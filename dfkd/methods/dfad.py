@@ -1,4 +1,4 @@
-"""DFAD: data-free adversarial distillation (Fang et al., arXiv 1912.11006; VainF/Data-Free-Adversarial-Distillation)."""
+"""DFAD: data-free adversarial distillation (Fang et al., arXiv 1912.11006)."""
 
 from __future__ import annotations
 

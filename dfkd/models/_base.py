@@ -18,7 +18,8 @@ class ZooModel(nn.Module):
     """Base of every zoo classifier.
 
     Subclasses define `forward_features` (the features the data-free literature taps, shape (B, D)), a final
-    `classifier` (an `nn.Linear`) and, where something stands between the two, `forward_head`; `stages` names the modules whose outputs are the block outputs (attention transfer).
+    `classifier` (an `nn.Linear`) and, where something stands between the two, `forward_head`; `stages` names
+    the modules whose outputs are the block outputs (attention transfer).
     """
 
     stages: tuple[str, ...] = ()
