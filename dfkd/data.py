@@ -43,7 +43,11 @@ def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
 
 def _load_npz(p: Path, flag: str) -> ImageData:
     try:
-        with np.load(p, allow_pickle=False) as d:
+        loaded = np.load(p, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array, no labels
+            raise DfkdError(f"{flag} {p}: holds a single array (.npy), not an .npz with arrays 'x' (images) and 'y' "
+                            "(labels); write it with np.savez(path, x=images, y=labels)")
+        with loaded as d:
             if "x" not in d or "y" not in d:
                 raise DfkdError(f"{flag} {p}: an .npz needs arrays 'x' (images) and 'y' (labels); it has "
                                 f"{sorted(d.files)}")

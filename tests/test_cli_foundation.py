@@ -1,0 +1,169 @@
+"""The command line of the foundation: --help, train-teacher, evaluate, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd import load_model
+from dfkd.cli.main import main
+
+# Eight positions of a bright 7x7 square on a 3x3 grid (the centre left out), far enough apart that the
+# training augmentation's shifts (up to 1/8 of the side) never carry one class onto another.
+POSITIONS = [(r, c) for r in range(3) for c in range(3) if (r, c) != (1, 1)]
+
+
+def _squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.permutation(np.arange(n) % 8)
+    x = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)  # dim noise, so no two images are equal
+    for i, k in enumerate(y):
+        r, c = POSITIONS[k]
+        x[i, 1 + 9 * r: 8 + 9 * r, 1 + 9 * c: 8 + 9 * c] = 255
+    return x, y.astype(np.int64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on a busy two-core machine spin against each other (tens of times slower); one suffices.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("squares")
+    for name, n, seed in (("train", 400, 0), ("test", 80, 1)):
+        x, y = _squares(n, seed)
+        np.savez(folder / f"{name}.npz", x=x, y=y)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(squares):
+    out = squares / "teacher.pt"
+    args = ["train-teacher", "--data", str(squares / "train.npz"), "--arch", "lenet5", "--out", str(out),
+            "--epochs", "3", "--batch-size", "32", "--device", "cpu", "--seed", "0"]
+    result = CliRunner().invoke(main, args)
+    return result, out
+
+
+def _run(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def _assert_one_line_error(result, *needles: str) -> None:
+    assert result.exit_code != 0
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_help_lists_the_commands():
+    result = _run("--help")
+    assert result.exit_code == 0
+    for command in ("train-teacher", "evaluate", "models"):
+        assert command in result.stdout
+    assert "Example" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train-teacher", "evaluate"])
+def test_command_help_shows_an_example(command):
+    result = _run(command, "--help")
+    assert result.exit_code == 0 and "Example" in result.stdout and "--data" in result.stdout
+
+
+def test_models_lists_the_zoo():
+    result = _run("models")
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.stdout.splitlines()]
+    assert "lenet5_bn" in names and "resnet18" in names and "wrn_40_2" in names
+
+
+def test_train_teacher_writes_a_model_file(trained, squares):
+    result, out = trained
+    assert result.exit_code == 0, result.output
+    assert f"wrote {out}" in result.stdout
+    model, meta = load_model(out)
+    assert meta.arch == "lenet5" and meta.num_classes == 8
+    assert meta.input_spec.channels == 1 and meta.input_spec.size == 32
+    assert meta.provenance["kind"] == "teacher" and meta.provenance["trained_on"] == "train.npz"
+    assert meta.provenance["epochs"] == 3
+    assert [p.name for p in squares.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
+
+
+def test_evaluate_json(trained, squares):
+    assert trained[0].exit_code == 0, trained[0].output
+    result = _run("evaluate", "--model", str(trained[1]), "--data", str(squares / "test.npz"), "--json",
+                  "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    res = json.loads(lines[0])
+    assert isinstance(res, dict) and res["n"] == 80
+    assert 0.0 <= res["top1"] <= 1.0 and 0.0 <= res["top5"] <= 1.0
+    assert res["top1"] >= 0.9, f"an easy task, yet top-1 is {res['top1']}"
+
+
+def test_evaluate_with_a_teacher_reports_agreement(trained, squares):
+    model = str(trained[1])
+    result = _run("evaluate", "--model", model, "--data", str(squares / "test.npz"), "--teacher", model,
+                  "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    res = json.loads(result.stdout)
+    assert res["agreement"] == 1.0 and res["teacher_top1"] == res["top1"]
+
+
+def test_evaluate_human_readable(trained, squares):
+    result = _run("evaluate", "--model", str(trained[1]), "--data", str(squares / "test.npz"), "--device", "cpu")
+    assert result.exit_code == 0 and "top-1" in result.stdout and "80 images" in result.stdout
+
+
+def test_evaluate_missing_model_file(tmp_path, squares):
+    result = _run("evaluate", "--model", str(tmp_path / "nope.pt"), "--data", str(squares / "test.npz"))
+    _assert_one_line_error(result, "--model", "nope.pt", "no such file")
+
+
+def test_evaluate_corrupt_model_file(tmp_path, squares):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(np.random.default_rng(0).bytes(3000))
+    result = _run("evaluate", "--model", str(bad), "--data", str(squares / "test.npz"))
+    _assert_one_line_error(result, "--model", "bad.pt", "corrupt")
+
+
+def test_evaluate_labels_beyond_the_model(tmp_path, trained):
+    x, y = _squares(16, 3)
+    np.savez(tmp_path / "more.npz", x=x, y=y + 4)  # labels up to 11, the model has 8 classes
+    result = _run("evaluate", "--model", str(trained[1]), "--data", str(tmp_path / "more.npz"), "--device", "cpu")
+    _assert_one_line_error(result, "--data", "more.npz", "8 classes")
+
+
+def test_train_teacher_unknown_arch(tmp_path, squares):
+    result = _run("train-teacher", "--data", str(squares / "train.npz"), "--arch", "lenet6",
+                  "--out", str(tmp_path / "t.pt"))
+    _assert_one_line_error(result, "lenet6", "lenet5")
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_train_teacher_missing_data(tmp_path):
+    result = _run("train-teacher", "--data", str(tmp_path / "none.npz"), "--arch", "lenet5",
+                  "--out", str(tmp_path / "t.pt"))
+    _assert_one_line_error(result, "--data", "none.npz")
+    assert not (tmp_path / "t.pt").exists()
+
+
+def test_python_dash_m_dfkd():
+    proc = subprocess.run([sys.executable, "-m", "dfkd", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "train-teacher" in proc.stdout and "evaluate" in proc.stdout

@@ -1,0 +1,174 @@
+"""Real image data: .npz and ImageFolder loading, bad files, conversion to a model's input spec."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dfkd import DfkdError, InputSpec
+from dfkd.data import ImageData, check_fits, iterate_batches, load_images, to_model_input
+
+GREY = InputSpec(1, 32, (0.5,), (0.25,))
+COLOUR = InputSpec(3, 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
+
+
+def _npz(path, x, y, **extra):
+    np.savez(path, x=x, y=y, **extra)
+    return path
+
+
+def test_npz_grey(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    data = load_images(_npz(tmp_path / "g.npz", x, np.array([0, 1, 2, 1, 0])))
+    assert data.x.dtype == torch.uint8 and data.x.shape == (5, 1, 28, 28)
+    assert data.y.dtype == torch.int64 and data.y.tolist() == [0, 1, 2, 1, 0]
+    assert torch.equal(data.x[:, 0], torch.from_numpy(x))
+    assert len(data) == 5 and data.num_classes == 3 and data.class_names is None
+
+
+def test_npz_colour_channels_last(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    data = load_images(_npz(tmp_path / "c.npz", x, np.arange(4)))
+    assert data.x.shape == (4, 3, 32, 32)
+    assert torch.equal(data.x[2, 1], torch.from_numpy(x[2, :, :, 1]))  # channel 1 of image 2 moved, not mixed
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    arrays = {}
+    for cls in ("cat", "ant", "bee"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            a = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(a).save(tmp_path / cls / f"{i}.png")
+            arrays[(cls, i)] = a
+    (tmp_path / "ant" / "notes.txt").write_text("not an image")
+    data = load_images(tmp_path)
+    assert data.class_names == ["ant", "bee", "cat"]
+    assert data.y.tolist() == [0, 0, 1, 1, 2, 2]
+    assert data.x.shape == (6, 3, 12, 12) and data.x.dtype == torch.uint8
+    assert torch.equal(data.x[5], torch.from_numpy(arrays[("cat", 1)]).permute(2, 0, 1))  # PNG is lossless
+
+
+def test_image_folder_grey(tmp_path):
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(np.full((10, 10), 200, np.uint8), mode="L").save(tmp_path / cls / "x.png")
+    data = load_images(tmp_path)
+    assert data.x.shape == (2, 1, 10, 10) and int(data.x.max()) == 200
+
+
+def test_image_folder_without_class_folders(tmp_path):
+    with pytest.raises(DfkdError, match="one sub-folder per class"):
+        load_images(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"images": np.zeros((2, 8, 8), np.uint8), "labels": np.zeros(2)}, "needs arrays 'x'"),
+        ({"x": np.zeros((2, 8, 8), np.float32), "y": np.zeros(2, np.int64)}, "must be uint8"),
+        ({"x": np.zeros((3, 8, 8), np.uint8), "y": np.zeros(2, np.int64)}, "expected x of shape"),
+        ({"x": np.zeros((8, 8), np.uint8), "y": np.zeros(8, np.int64)}, "expected x of shape"),
+    ],
+    ids=["missing-keys", "wrong-dtype", "length-mismatch", "not-images"],
+)
+def test_bad_npz(tmp_path, arrays, match):
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DfkdError, match=match) as e:
+        load_images(path, flag="--eval-data")
+    assert str(e.value).startswith(f"--eval-data {path}")
+
+
+@pytest.mark.parametrize(
+    "kind, match",
+    [("random", "truncated or corrupt"), ("truncated", "truncated or corrupt"), ("pickled", "not a readable .npz"),
+     ("npy", "np.savez")],
+)
+def test_corrupt_npz(tmp_path, kind, match):
+    path = tmp_path / "bad.npz"
+    if kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(2048))
+    elif kind == "truncated":
+        good = _npz(tmp_path / "good.npz", np.zeros((50, 28, 28), np.uint8), np.zeros(50, np.int64)).read_bytes()
+        path.write_bytes(good[: len(good) // 2])
+    else:  # np.save: one bare array; "pickled" is an object array, which loading without pickle refuses
+        arr = np.array([{"x": 1}], dtype=object) if kind == "pickled" else np.zeros((3, 8, 8), np.uint8)
+        with open(path, "wb") as f:  # a file object: np.save would append .npy to a path
+            np.save(f, arr, allow_pickle=True)
+    assert path.exists()
+    with pytest.raises(DfkdError, match=match) as e:
+        load_images(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_data(tmp_path):
+    with pytest.raises(DfkdError, match="no such file or directory") as e:
+        load_images(tmp_path / "nope.npz")
+    assert "--data" in str(e.value)
+
+
+def test_to_model_input_resizes_and_normalises():
+    x = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
+    out = to_model_input(x, GREY)
+    assert out.shape == (2, 1, 32, 32) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.full_like(out, (1.0 - 0.5) / 0.25))
+
+
+def test_to_model_input_grey_to_colour():
+    x = torch.randint(0, 256, (3, 1, 32, 32), dtype=torch.uint8)
+    out = to_model_input(x, COLOUR)
+    assert out.shape == (3, 3, 32, 32)
+    pixels = COLOUR.denormalize(out)
+    assert torch.allclose(pixels[:, 0], pixels[:, 2], atol=1e-6) and torch.allclose(pixels[:, 1], x[:, 0] / 255.0)
+
+
+def test_to_model_input_colour_to_grey():
+    x = torch.zeros(1, 3, 32, 32, dtype=torch.uint8)
+    x[:, 0], x[:, 1], x[:, 2] = 30, 60, 90
+    out = to_model_input(x, GREY)
+    assert out.shape == (1, 1, 32, 32)
+    assert torch.allclose(GREY.denormalize(out), torch.full_like(out, 60 / 255.0))
+
+
+def test_to_model_input_refuses_other_channel_counts():
+    with pytest.raises(DfkdError, match="2 channels"):
+        to_model_input(torch.zeros(1, 2, 32, 32, dtype=torch.uint8), COLOUR)
+
+
+def test_iterate_batches_covers_everything_once():
+    data = ImageData(torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8), torch.arange(10))
+    seen = [y for _, ys in iterate_batches(data, GREY, 4, "cpu", shuffle=True) for y in ys.tolist()]
+    assert sorted(seen) == list(range(10))
+    shapes = [x.shape for x, _ in iterate_batches(data, GREY, 4, "cpu")]
+    assert shapes == [(4, 1, 32, 32), (4, 1, 32, 32), (2, 1, 32, 32)]
+
+
+def _data(labels, channels=1) -> ImageData:
+    return ImageData(torch.zeros(len(labels), channels, 32, 32, dtype=torch.uint8), torch.tensor(labels))
+
+
+def test_check_fits_accepts_matching_data():
+    check_fits(_data([0, 9, 3]), 10, GREY, "--data", "d.npz")
+    check_fits(_data([0, 1], channels=3), 10, GREY, "--data", "d.npz")  # colour -> grey is converted
+
+
+def test_check_fits_refuses_labels_beyond_the_classes():
+    with pytest.raises(DfkdError, match="labels run 0..11 but the model has 10 classes") as e:
+        check_fits(_data([0, 11]), 10, GREY, "--eval-data", "cifar100.npz")
+    assert str(e.value).startswith("--eval-data cifar100.npz")
+
+
+def test_check_fits_refuses_negative_labels_and_empty_data():
+    with pytest.raises(DfkdError, match="labels"):
+        check_fits(_data([-1, 0]), 10, GREY, "--data", "d.npz")
+    with pytest.raises(DfkdError, match="holds no images"):
+        check_fits(_data([]), 10, GREY, "--data", "d.npz")

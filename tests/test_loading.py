@@ -1,0 +1,362 @@
+"""`dfkd.load_teacher`: every supported file format, every way a file can be wrong, and the pickle gate."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import dfkd
+from dfkd import DfkdError, InputSpec, ModelFile, load_teacher, save_model
+
+SPEC = InputSpec(1, 32, (0.1307,), (0.3081,))
+KWARGS = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+# TorchScript is deprecated in torch 2.x, yet users still hold such files: loading them is part of the product.
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+
+USER_MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A user's classifier with a fixed input size (16x16 grey images) and 5 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 16 * 16, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+'''
+
+
+class ScriptableNet(nn.Module):
+    """Small enough for `torch.jit.script`; with BatchNorm, so its missing hooks show."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class Evil:
+    """Unpickling it runs `fn(*args)`: the malicious-file stand-in."""
+
+    def __init__(self, fn, args) -> None:
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on a busy two-core machine spin against each other (tens of times slower); one suffices.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _zoo(name: str = "lenet5_bn") -> nn.Module:
+    torch.manual_seed(0)
+    return dfkd.create_model(name, **KWARGS).eval()
+
+
+def _same_outputs(teacher: dfkd.Teacher, model: nn.Module, shape=(3, 1, 32, 32)) -> None:
+    x = torch.randn(shape)
+    with torch.no_grad():
+        a, b = teacher(x), model(x)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+
+
+def _error(path, **kw) -> str:
+    with pytest.raises(DfkdError) as e:
+        load_teacher(path, **kw)
+    return str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- formats that load
+
+
+def test_dfkd_model_file(tmp_path):
+    model, path = _zoo(), tmp_path / "t.pt"
+    save_model(path, model, ModelFile("lenet5_bn", dict(KWARGS), SPEC, 10, class_names=list("abcdefghij")))
+    t = load_teacher(path)
+    assert t.fmt == "dfkd" and t.spec == SPEC and t.num_classes == 10
+    assert t.arch == "lenet5_bn" and t.arch_kwargs == KWARGS and t.class_names == list("abcdefghij")
+    assert len(t.sha256) == 64 and t.source == str(path)
+    _same_outputs(t, model)
+
+
+def test_flags_override_the_file_spec(tmp_path):
+    path = tmp_path / "t.pt"
+    save_model(path, _zoo(), ModelFile("lenet5_bn", dict(KWARGS), SPEC, 10))
+    other = InputSpec(1, 32, (0.5,), (0.25,))
+    assert load_teacher(path, spec=other).spec == other
+
+
+def test_state_dict_with_zoo_arch(tmp_path):
+    model, path = _zoo(), tmp_path / "sd.pt"
+    torch.save(model.state_dict(), path)
+    t = load_teacher(path, arch="lenet5_bn", spec=SPEC)
+    assert t.fmt == "state_dict" and t.arch == "lenet5_bn" and t.num_classes == 10
+    _same_outputs(t, model)
+
+
+@pytest.mark.parametrize("key", ["state_dict", "model_state_dict"])
+def test_wrapped_state_dict(tmp_path, key):
+    model, path = _zoo(), tmp_path / "ckpt.pt"
+    torch.save({"epoch": 7, key: model.state_dict(), "best_acc": 0.99}, path)
+    _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC), model)
+
+
+def test_data_parallel_prefix_is_dropped(tmp_path):
+    model, path = _zoo(), tmp_path / "dp.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC), model)
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """Write a user's model file into tmp_path, importable as `<name>:Net` when run from tmp_path."""
+    name = f"usernet_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(USER_MODULE)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # loading may add the working folder: undo it afterwards
+    monkeypatch.chdir(tmp_path)
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _user_state(tmp_path, name):
+    sys.path.insert(0, str(tmp_path))
+    net = __import__(name).Net().eval()
+    sys.path.remove(str(tmp_path))
+    path = tmp_path / "user.pt"
+    torch.save(net.state_dict(), path)
+    return net, path
+
+
+def test_state_dict_with_module_class(tmp_path, user_module):
+    net, path = _user_state(tmp_path, user_module)
+    spec = InputSpec(1, 16, (0.5,), (0.5,))
+    t = load_teacher(path, arch=f"{user_module}:Net", spec=spec)
+    assert t.fmt == "state_dict" and t.num_classes == 5
+    assert t.bn_paths() == ["bn"] and t.penultimate_path() == "fc"
+    _same_outputs(t, net, (2, 1, 16, 16))
+
+
+def test_module_class_imported_from_the_working_folder(tmp_path, user_module):
+    _, path = _user_state(tmp_path, user_module)
+    sys.modules.pop(user_module, None)
+    sys.path[:] = [p for p in sys.path if p not in ("", str(tmp_path), os.getcwd())]
+    t = load_teacher(path, arch=f"{user_module}:Net", spec=InputSpec(1, 16, (0.5,), (0.5,)))
+    assert t.num_classes == 5
+
+
+def test_torchscript(tmp_path):
+    torch.manual_seed(0)
+    net, path = ScriptableNet().eval(), tmp_path / "ts.pt"
+    torch.jit.script(net).save(str(path))
+    t = load_teacher(path, spec=InputSpec(1, 16, (0.5,), (0.5,)))
+    assert t.fmt == "torchscript" and t.num_classes == 6 and not t.hookable
+    _same_outputs(t, net, (2, 1, 16, 16))
+
+
+def test_traced_zoo_model_is_torchscript_not_export(tmp_path):
+    # A traced zoo model's archive holds code/__torch__/dfkd/models/...: that is not a torch.export archive.
+    model, path = _zoo(), tmp_path / "traced.pt"
+    torch.jit.trace(model, torch.randn(2, 1, 32, 32), check_trace=False).save(str(path))
+    t = load_teacher(path, spec=SPEC)
+    assert t.fmt == "torchscript"
+    _same_outputs(t, model)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """lenet5_bn exported with a dynamic and with a static batch dimension."""
+    model, folder = _zoo(), tmp_path_factory.mktemp("export")
+    x = torch.randn(2, 1, 32, 32)
+    dyn = torch.export.export(model, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    torch.export.save(dyn, folder / "dynamic.pt2")
+    torch.export.save(torch.export.export(model, (x[:1],)), folder / "static.pt2")
+    return model, folder
+
+
+def test_export_archive_with_dynamic_batch(exported):
+    model, folder = exported
+    t = load_teacher(folder / "dynamic.pt2", spec=SPEC)
+    assert t.fmt == "export" and t.hookable and t.num_classes == 10
+    assert t.bn_paths() == ["stage1.1", "stage2.1", "stage3.1"]
+    _same_outputs(t, model)
+    with t.tap(t.bn_paths()) as taps:
+        t(torch.randn(2, 1, 32, 32))
+    assert sorted(taps.paths) == sorted(t.bn_paths()) and taps.inputs == {}  # cleared on exit
+
+
+def test_export_archive_with_static_batch_is_refused_clearly(exported):
+    msg = _error(exported[1] / "static.pt2", spec=SPEC)
+    assert "static.pt2" in msg and "does not accept inputs of shape (2, 1, 32, 32)" in msg
+    assert "re-export with a dynamic batch dimension" in msg
+
+
+def test_export_archive_without_spec(exported):
+    msg = _error(exported[1] / "dynamic.pt2")
+    assert "carries no input spec" in msg and "--channels" in msg and "--input-size" in msg
+
+
+def test_pickled_module_needs_trust(tmp_path):
+    model, path = _zoo(), tmp_path / "whole.pt"
+    torch.save(model, path)
+    msg = _error(path, spec=SPEC)
+    assert str(path) in msg and "--trust-pickle" in msg and "state_dict" in msg
+    t = load_teacher(path, trust_pickle=True, spec=SPEC)
+    assert t.fmt == "pickle" and t.bn_paths() == ["stage1.1", "stage2.1", "stage3.1"]
+    _same_outputs(t, model)
+
+
+# --------------------------------------------------------------------------------------------- the malicious pickle
+
+
+def _touch_with_pathlib(marker: pathlib.Path) -> Evil:
+    return Evil(pathlib.Path.touch, (marker,))  # pickled as GLOBAL getattr + GLOBAL pathlib.PosixPath
+
+
+def _touch_with_shell(marker: pathlib.Path) -> Evil:
+    return Evil(os.system, (f"touch '{marker}'",))  # pickled as GLOBAL posix.system
+
+
+@pytest.mark.parametrize("evil", [_touch_with_pathlib, _touch_with_shell])
+def test_malicious_pickle_does_not_run(tmp_path, evil):
+    marker, path = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"x": evil(marker)}, path)
+    msg = _error(path, arch="lenet5", spec=SPEC)
+    assert "--trust-pickle" in msg and str(path) in msg
+    with pytest.raises(DfkdError, match="--trust-pickle"):
+        dfkd.load_model(path)
+    assert not marker.exists(), "unpickling ran code without --trust-pickle"
+    # The flag is what gates it: with it the payload runs, and the result is still refused (not a module).
+    msg = _error(path, trust_pickle=True, spec=SPEC)
+    assert marker.exists()
+    assert "not an nn.Module" in msg
+
+
+# ---------------------------------------------------------------------------------------------------- bad inputs
+
+
+def _valid_file(tmp_path) -> pathlib.Path:
+    path = tmp_path / "good.pt"
+    save_model(path, _zoo(), ModelFile("lenet5_bn", dict(KWARGS), SPEC, 10))
+    return path
+
+
+def test_missing_file(tmp_path):
+    msg = _error(tmp_path / "nope.pt")
+    assert "--teacher" in msg and "nope.pt" in msg and "no such file" in msg
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    msg = _error(tmp_path / "empty.pt")
+    assert "empty.pt" in msg and "empty" in msg and "write it again" in msg
+
+
+def test_truncated_file(tmp_path):
+    data = _valid_file(tmp_path).read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    msg = _error(tmp_path / "half.pt")
+    assert "half.pt" in msg and "truncated or corrupt" in msg
+    assert "\n" not in msg
+
+
+def test_random_bytes(tmp_path):
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    msg = _error(tmp_path / "noise.pt")
+    assert "noise.pt" in msg and "corrupt" in msg and "--trust-pickle" not in msg
+
+
+def test_directory(tmp_path):
+    (tmp_path / "adir").mkdir()
+    msg = _error(tmp_path / "adir")
+    assert "adir" in msg and "is a directory" in msg
+
+
+def test_state_dict_not_fitting_the_arch(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_zoo("lenet5").state_dict(), path)
+    msg = _error(path, arch="lenet5_bn", spec=SPEC)
+    assert "sd.pt" in msg and "do not fit the architecture" in msg and "--teacher-arch" in msg
+    assert "\n" not in msg
+
+
+def test_state_dict_wrong_channels(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_zoo("lenet5").state_dict(), path)
+    msg = _error(path, arch="lenet5", spec=InputSpec(3, 32, (0.5,), (0.5,)))
+    assert "size mismatch" in msg and "do not fit" in msg
+
+
+def test_unknown_arch_name(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_zoo().state_dict(), path)
+    msg = _error(path, arch="lenet6", spec=SPEC)
+    assert "--teacher-arch" in msg and "lenet6" in msg and "lenet5_bn" in msg and "resnet18" in msg
+
+
+def test_state_dict_without_arch(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_zoo().state_dict(), path)
+    msg = _error(path, spec=SPEC)
+    assert "sd.pt" in msg and "--teacher-arch NAME" in msg and "module:Class" in msg and "lenet5_bn" in msg
+
+
+def test_unimportable_module_class(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(_zoo().state_dict(), path)
+    msg = _error(path, arch="no_such_module_dfkd:Net", spec=SPEC)
+    assert "--teacher-arch no_such_module_dfkd:Net" in msg and "cannot import" in msg and "PYTHONPATH" in msg
+
+
+def test_module_without_that_class(tmp_path, user_module):
+    _, path = _user_state(tmp_path, user_module)
+    msg = _error(path, arch=f"{user_module}:Nett", spec=InputSpec(1, 16, (0.5,), (0.5,)))
+    assert "Nett" in msg and "no nn.Module class" in msg
+
+
+def test_model_refusing_the_declared_shape(tmp_path, user_module):
+    _, path = _user_state(tmp_path, user_module)
+    msg = _error(path, arch=f"{user_module}:Net", spec=InputSpec(1, 20, (0.5,), (0.5,)))
+    assert "user.pt" in msg and "does not accept inputs of shape (2, 1, 20, 20)" in msg
+    assert "--channels/--input-size" in msg
+
+
+@pytest.mark.parametrize("arch", ["lenet5_bn", "module"])
+def test_state_dict_without_input_spec(tmp_path, user_module, arch):
+    if arch == "module":
+        _, path = _user_state(tmp_path, user_module)
+        arch = f"{user_module}:Net"
+    else:
+        path = tmp_path / "sd.pt"
+        torch.save(_zoo().state_dict(), path)
+    msg = _error(path, arch=arch)
+    assert str(path) in msg and "--channels" in msg and "--input-size" in msg
+
+
+def test_not_a_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    msg = _error(path, arch="lenet5", spec=SPEC)
+    assert "list.pt" in msg and "neither a dfkd model file nor a state_dict" in msg

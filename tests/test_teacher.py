@@ -1,0 +1,200 @@
+"""The frozen Teacher and its feature taps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dfkd
+from dfkd import DfkdError, InputSpec, Teacher
+from dfkd.hooks import FeatureTaps, batchnorm_paths
+
+SPEC = InputSpec(1, 32, (0.1307,), (0.3081,))
+pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
+
+
+class Toy(nn.Module):
+    """Not a zoo model: 16x16 grey images, 4 classes, BatchNorm and two Linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+        self.hidden = nn.Linear(3, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.hidden(torch.relu(self.bn(self.conv(x))).mean((2, 3)))))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two OpenMP threads on a busy two-core machine spin against each other (tens of times slower); one suffices.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _teacher(name: str = "lenet5_bn", classes: int = 10) -> Teacher:
+    torch.manual_seed(0)
+    return Teacher(dfkd.create_model(name, num_classes=classes, in_channels=1, input_size=32), SPEC)
+
+
+def _all_eval(module: nn.Module) -> bool:
+    return not any(m.training for m in module.modules())
+
+
+def test_frozen_by_construction():
+    model = dfkd.create_model("lenet5_bn", num_classes=10, in_channels=1, input_size=32)
+    assert model.training  # the zoo builds in train mode: the wrapper must change that
+    t = Teacher(model, SPEC)
+    assert _all_eval(t)
+    assert t.train() is t and _all_eval(t)
+    t.train(True)
+    assert _all_eval(t)
+    assert not any(p.requires_grad for p in t.parameters())
+
+
+def test_train_mode_request_keeps_running_statistics():
+    t = _teacher()
+    before = {k: v.clone() for k, v in t.state_dict().items()}
+    t.train()
+    with torch.no_grad():
+        t(torch.randn(4, 1, 32, 32) * 5 + 3)
+    for k, v in t.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed in a forward pass"
+
+
+def test_gradient_reaches_the_input_not_the_weights():
+    t = _teacher()
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    t(x).logsumexp(1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in t.parameters())
+
+
+@pytest.mark.parametrize("classes", [3, 10, 17])
+def test_num_classes_is_read_from_the_output(classes):
+    assert _teacher("lenet5", classes).num_classes == classes
+
+
+def test_num_classes_of_a_user_module():
+    assert Teacher(Toy(), InputSpec(1, 16, (0.5,), (0.5,))).num_classes == 4
+
+
+def test_bad_output_shapes_are_refused():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2, 3))[:, None], x
+
+    class Flat(nn.Module):
+        def forward(self, x):
+            return x.mean((1, 2, 3))
+
+    with pytest.raises(DfkdError, match="returns a tuple"):
+        Teacher(Pair(), SPEC)
+    with pytest.raises(DfkdError, match=r"returns shape \(2,\), expected \(batch, classes\)"):
+        Teacher(Flat(), SPEC)
+
+
+def test_bn_paths():
+    assert _teacher("lenet5_bn").bn_paths() == ["stage1.1", "stage2.1", "stage3.1"]
+    assert _teacher("lenet5").bn_paths() == []
+    assert batchnorm_paths(Toy()) == ["bn"]
+
+
+def test_paths_for_zoo_and_user_models():
+    t = _teacher()
+    assert t.penultimate_path() == "classifier"
+    assert t.stage_paths() == ["stage1", "stage2", "stage3"]
+    assert isinstance(t.module_at("stage2.1"), nn.BatchNorm2d)
+    toy = Teacher(Toy(), InputSpec(1, 16, (0.5,), (0.5,)))
+    assert toy.penultimate_path() == "head" and toy.stage_paths() == []
+
+
+def test_penultimate_tap_reads_the_features():
+    t = _teacher()
+    x = torch.randn(3, 1, 32, 32)
+    with t.tap([t.penultimate_path()]) as taps:
+        with torch.no_grad():
+            t(x)
+        feats = taps.inputs["classifier"]
+    m = t.module
+    with torch.no_grad():
+        assert torch.allclose(feats, m.fc(m.forward_features(x)), atol=1e-6)
+    assert feats.shape == (3, 84)
+
+
+def _hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in module.modules())
+
+
+def test_feature_taps_record_by_path_and_remove_their_hooks():
+    t = _teacher()
+    paths = t.bn_paths()
+    x = torch.randn(2, 1, 32, 32)
+    with t.tap([*paths, "stage1", "stage2.0"], inputs=True, outputs=True) as taps:
+        assert _hook_count(t) == len(paths) + 2
+        with torch.no_grad():
+            t(x)
+            conv1 = t.module.stage1[0](x)
+        assert set(taps.inputs) == set(taps.outputs) == {*paths, "stage1", "stage2.0"}
+        for p in paths:
+            assert taps.inputs[p].shape[1] == t.module_at(p).num_features
+        assert torch.allclose(taps.inputs["stage1.1"], conv1)  # a BatchNorm's input is its convolution's output
+        assert torch.equal(taps.outputs["stage1"], taps.inputs["stage2.0"])  # one block's output feeds the next
+    assert _hook_count(t) == 0
+    assert taps.inputs == {} and taps.outputs == {}
+
+
+def test_feature_taps_outputs_only_and_inactive():
+    model = Toy().eval()
+    with FeatureTaps(model, ["conv", "hidden"], inputs=False, outputs=True) as taps:
+        model(torch.randn(2, 1, 16, 16))
+        assert taps.inputs == {} and taps.outputs["hidden"].shape == (2, 8)
+        taps.clear()
+        taps.active = False
+        model(torch.randn(2, 1, 16, 16))
+        assert taps.outputs == {}
+    assert _hook_count(model) == 0
+
+
+def test_feature_taps_removed_when_the_block_raises():
+    model = Toy()
+    with pytest.raises(RuntimeError, match="boom"):
+        with FeatureTaps(model, ["bn"]):
+            raise RuntimeError("boom")
+    assert _hook_count(model) == 0
+
+
+def test_feature_taps_unknown_path():
+    with pytest.raises(KeyError, match="nope"):
+        FeatureTaps(Toy(), ["bn", "nope"])
+
+
+@pytest.fixture
+def scripted(tmp_path):
+    path = tmp_path / "toy_ts.pt"
+    torch.jit.script(Toy().eval()).save(str(path))
+    return dfkd.load_teacher(path, spec=InputSpec(1, 16, (0.5,), (0.5,)))
+
+
+def test_torchscript_teacher_has_no_hooks(scripted):
+    assert scripted.fmt == "torchscript" and not scripted.hookable
+    assert scripted.num_classes == 4
+    assert scripted.bn_paths() == [] and scripted.penultimate_path() is None and scripted.stage_paths() == []
+    with pytest.raises(DfkdError, match="no module hooks") as e:
+        scripted.tap(["bn"])
+    assert "toy_ts.pt" in str(e.value) and "state_dict" in str(e.value)
+
+
+def test_torchscript_teacher_is_frozen_and_passes_gradients(scripted):
+    scripted.train()
+    assert _all_eval(scripted)
+    assert not any(p.requires_grad for p in scripted.parameters())
+    x = torch.randn(2, 1, 16, 16, requires_grad=True)
+    scripted(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in scripted.parameters())
