@@ -55,13 +55,15 @@ def _load_npz(p: Path, flag: str) -> ImageData:
     except DfkdError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]}); is it truncated or corrupt?") from None
+        raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]}); "
+                        "is it truncated or corrupt?") from None
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
-        raise DfkdError(f"{flag} {p}: expected x of shape N x H x W [x C] and y of shape N, got {x.shape} and {y.shape}")
+        raise DfkdError(f"{flag} {p}: expected x of shape N x H x W [x C] and y of shape N, "
+                        f"got {x.shape} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
     return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))

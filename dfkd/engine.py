@@ -29,6 +29,7 @@ from dfkd.evaluate import accuracy
 from dfkd.io import atomic_write_text
 from dfkd.methods import Method, get_method
 from dfkd.modelfile import ModelFile, save_model
+from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.runlog import RunLog
 from dfkd.spec import InputSpec
 from dfkd.students import build_student, student_arch
@@ -113,6 +114,7 @@ class Run:
         if cfg.eval_data:
             self.eval_data = load_images(cfg.eval_data, "--eval-data")
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
+        self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
         self.params = resolve_params(method_cls.default_params(self.teacher), cfg.params, cfg.method)
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
@@ -159,8 +161,9 @@ class Run:
     def loop(self, log: RunLog) -> RunResult:
         cfg = self.cfg
         last = {"ckpt": self.step // cfg.ckpt_every, "eval": self.step // cfg.eval_every,
-                "img": self.step // cfg.image_every, "log": self.step // cfg.log_every}
-        window = {"t": 0.0, "steps": 0, "samples": 0}
+                "img": self.step // cfg.image_every, "log": self.step // cfg.log_every,
+                "fid": self.step // max(cfg.fid_every, 1)}
+        window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
         metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
         with _graceful_sigint() as sig:
@@ -179,11 +182,13 @@ class Run:
                 bar.update(n)
                 if self.step // cfg.log_every > last["log"]:
                     last["log"] = self.step // cfg.log_every
-                    perf = {"samples_per_s": window["samples"] / window["t"], "steps_per_s": window["steps"] / window["t"],
-                            "lr_s": self.method.opt_s.param_groups[0]["lr"]}
+                    perf = {"samples_per_s": window["samples"] / window["t"],
+                            "steps_per_s": window["steps"] / window["t"],
+                            "lr_s": self.method.opt_s.param_groups[0]["lr"],
+                            "synthesis_share": 1 - (self.method.student_seconds - window["student_s"]) / window["t"]}
                     log.scalars(self.step, losses, "loss/")
                     log.scalars(self.step, perf, "perf/")
-                    window = {"t": 0.0, "steps": 0, "samples": 0}
+                    window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
                     bar.set_postfix({k.split("/", 1)[-1]: f"{v:.3g}" for k, v in list(losses.items())[:3]} |
                                     ({"acc": f"{100 * metrics['top1']:.1f}%"} if "top1" in metrics else {}))
                 if self.step // cfg.image_every > last["img"] and self.method.last_images is not None:
@@ -194,6 +199,9 @@ class Run:
                     metrics = self.evaluate() or metrics
                     if metrics:
                         log.scalars(self.step, metrics, "student/")
+                if self.fid and self.step // cfg.fid_every > last["fid"]:
+                    last["fid"] = self.step // cfg.fid_every
+                    log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step), "fid/")
                 if self.step // cfg.ckpt_every > last["ckpt"]:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()
@@ -224,6 +232,10 @@ class Run:
         if final:
             log.scalars(self.step, final, "student/")
         result.metrics = final or result.metrics
+        fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step)
+        if self.fid.fresh:
+            log.scalars(self.step, fids, "fid/")
+        log_hparams(log.tb, self.resolved_config(), {**final, **{f"fid_{k}": v for k, v in fids.items()}})
         meta = ModelFile(self.student_name, self.student_kwargs, self.teacher.spec, self.teacher.num_classes,
                          self.teacher.class_names,
                          {"kind": "student", "method": self.cfg.method, "teacher": self.teacher.source,

@@ -13,6 +13,9 @@ from dfkd.teacher import Teacher
 
 KWARGS = {"num_classes": 10, "in_channels": 1, "input_size": 32}
 
+# Test tensors are tiny: one thread is as fast, and it does not thrash when other jobs share the cores.
+torch.set_num_threads(1)
+
 
 def make_teacher_module(arch: str = "lenet5_bn", seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)

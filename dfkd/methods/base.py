@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -83,6 +84,8 @@ class Method:
         self._base_lrs: list[tuple[torch.optim.Optimizer, list[float]]] = [self._lrs(self.opt_s)]
         self.synth: Synthesizer | None = None
         self.last_images: torch.Tensor | None = None
+        #: Wall-clock seconds spent in student updates (the rest of a round is synthesis), for perf/ logging.
+        self.student_seconds = 0.0
 
     # --- recipe -------------------------------------------------------------------------------------------
     @classmethod
@@ -150,6 +153,7 @@ class Method:
 
     def student_step(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> LossDict:
         """One student update on transfer images `x` (teacher logits computed unless given)."""
+        t0 = time.perf_counter()
         if t_logits is None:
             with torch.no_grad():
                 t_logits = self.teacher(x)
@@ -157,6 +161,7 @@ class Method:
         self.opt_s.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.opt_s.step()
+        self.student_seconds += time.perf_counter() - t0
         return losses
 
     def round(self) -> dict[str, float]:
