@@ -1,0 +1,107 @@
+"""Shared machinery of the learnable-latent methods (CMI, Fast-DFKD): generator, BN taps, pool, round shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd.augment import make_augment
+from dfkd.bnstats import BNInputs
+from dfkd.generators import Generator, default_width
+from dfkd.generators.latent import LatentSynthesizer
+from dfkd.generators.pool import ImagePool
+from dfkd.methods.base import Method, frozen, step_logs
+from dfkd.teacher import Teacher
+
+#: Teachers below this many parameters (LeNet scale) get the CPU-sized recipe of each method.
+SMALL_TEACHER = 200_000
+
+LATENT_DEFAULTS: dict[str, Any] = {
+    "nz": 256,
+    "ngf": None,  # None: sized to the teacher (dfkd.generators.default_width)
+    "synth_batch_size": 256,
+    "betas_g": [0.5, 0.999],
+    "flip_p": 0.5,  # horizontal flips in synthesis views and pool samples; 0 for 1-channel teachers
+    "pool_size": 60_000,  # images kept: all of a reference-length run (200-220 rounds x 256); they keep all
+    "pool_dtype": "float16",
+    "pool_dir": None,  # a folder: keep the pool in a memory-mapped file there instead of memory
+    "T": 20.0,
+    "momentum": 0.9,
+}
+
+
+def teacher_size(teacher: Teacher | None) -> int:
+    """Parameter count of the teacher (0 when unknown)."""
+    return 0 if teacher is None else sum(p.numel() for p in teacher.parameters())
+
+
+class LatentMethod(Method):
+    """A method whose batches come from a generator + learnable z optimised per round, kept in an image pool.
+
+    A round: synthesis (student in eval mode and frozen, teacher BN inputs recorded), the best batch goes to the
+    pool, then `s_steps` student KD steps on pool samples with the crop (+ flip) training augmentation.
+    Subclasses implement `make_synthesizer()` and `objective(x, y)`.
+    """
+
+    uses_bn: ClassVar[bool] = True
+    defaults: ClassVar[dict[str, Any]] = LATENT_DEFAULTS
+
+    @classmethod
+    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        p = super().default_params(teacher)
+        if teacher is not None and teacher.spec.channels == 1:
+            p["flip_p"] = 0.0  # digits and other grey-scale documents are not mirror-symmetric
+        return p
+
+    def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
+        super().__init__(teacher, student, params, device)
+        p, spec = self.p, teacher.spec
+        width = p["ngf"] or default_width(teacher_size(teacher))
+        self.generator = Generator(spec, nz=p["nz"], ngf=width, head="sigmoid")
+        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"])
+        self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
+        self.bn = BNInputs(teacher, self.name)
+        self.synth: LatentSynthesizer = self.make_synthesizer()
+
+    def make_synthesizer(self) -> LatentSynthesizer:
+        raise NotImplementedError
+
+    def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """Synthesis loss of a generated batch `x` for targets `y`, and a memo kept with the best batch."""
+        raise NotImplementedError
+
+    @contextmanager
+    def synthesis(self) -> Iterator[None]:
+        """Record teacher BN inputs; the student is in eval mode (as the reference) and gets no gradient."""
+        self.bn.set_active(True)
+        self.student.eval()
+        try:
+            with frozen(self.student):
+                yield
+        finally:
+            self.student.train()
+            self.bn.set_active(False)
+
+    def synthesize(self) -> dict[str, float]:
+        """One synthesis round; its best batch is in the pool and in `last_images`."""
+        with self.synthesis():
+            x, losses = self.synth.synthesize()
+            self.after_synthesis()
+        self.last_images = x
+        return step_logs("gen", losses)
+
+    def after_synthesis(self) -> None:
+        """Hook at the end of synthesis, BN records still available (Fast-DFKD updates its EMA here)."""
+
+    def round(self) -> dict[str, float]:
+        logs = self.synthesize()
+        for _ in range(self.student_steps_per_round):
+            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+        return logs
+
+    def close(self) -> None:
+        self.bn.close()
