@@ -135,6 +135,8 @@ def _method_names() -> list[str]:
 @click.option("--eval-data", default=None, help="Real test data, for reporting only (never used to train).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps.")
 @click.option("--fid-ref", default=None, help="Reference FID statistics (.npz from `dfkd fid-stats`).")
+@click.option("--fid-every", type=click.IntRange(min=0), default=None,
+              help="Measure FIDs of the synthetic data every N steps (0: off).  [default: 500]")
 @click.option("--transfer-data", default=None, help="Synthetic transfer data (.npz from `dfkd synthesize`).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter override, e.g. -p lr_g=1e-3 (see `dfkd methods --params NAME`).")
@@ -198,6 +200,46 @@ def models_cmd() -> None:
     for name in MODELS.names():
         doc = (MODELS.get(name).__doc__ or "").strip().splitlines()
         click.echo(f"{name:20s} {doc[0] if doc else ''}")
+
+
+@main.command("fid-stats")
+@click.argument("data")
+@click.argument("out")
+@click.option("--features", type=click.Choice(["inception", "teacher"]), required=True,
+              help="Inception-V3 pool features (pytorch-fid) or the teacher's penultimate features.")
+@click.option("--teacher", default=None, help="Teacher file (needed for --features teacher).")
+@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict teacher.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@click.option("--device", default="auto", show_default=True)
+@friendly
+def fid_stats_cmd(data: str, out: str, **kw: Any) -> None:
+    """Write FID reference statistics (pytorch-fid .npz: mu, sigma) of real data; shareable without images.
+
+    \b
+    Example:
+      dfkd fid-stats ../shared/data/mnist_test.npz mnist_teacher.npz --features teacher \\
+          --teacher examples/mnist_lenet5_bn.pt
+      dfkd distill --teacher examples/mnist_lenet5_bn.pt --method dfq --fid-ref mnist_teacher.npz
+    """
+    from dfkd.monitor import compute_fid_stats
+
+    stats = compute_fid_stats(data, out, **kw)
+    click.echo(f"wrote {out} ({kw['features']} features, {len(stats.mu)}-d)")
+
+
+@main.command("report")
+@click.argument("run_dir")
+@friendly
+def report_cmd(run_dir: str) -> None:
+    """Summarise a run; write synthetic.png (last image grid) and curves.png into its folder.
+
+    \b
+    Example:
+      dfkd report runs/20261130-120000-dfq-mnist_lenet5_bn
+    """
+    from dfkd.report import report
+
+    click.echo(report(run_dir).text())
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ class DistillConfig:
     image_every: int = 250
     ckpt_every: int = 250
     fid_ref: str | None = None
+    fid_every: int = 500  # 0: no FID monitoring
+    fid_samples: int = 256
     transfer_data: str | None = None
     seed: int = 0
     device: str = "auto"

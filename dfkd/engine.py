@@ -235,7 +235,7 @@ class Run:
         fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step)
         if self.fid.fresh:
             log.scalars(self.step, fids, "fid/")
-        log_hparams(log.tb, self.resolved_config(), {**final, **{f"fid_{k}": v for k, v in fids.items()}})
+        log_hparams(log.tb, self.resolved_config(), {**final, **{f"fid_{k}": v for k, v in fids.items()}}, self.step)
         meta = ModelFile(self.student_name, self.student_kwargs, self.teacher.spec, self.teacher.num_classes,
                          self.teacher.class_names,
                          {"kind": "student", "method": self.cfg.method, "teacher": self.teacher.source,

@@ -1,0 +1,144 @@
+"""FID monitoring inside a run (`FIDMonitors`), TensorBoard hparams, and reference statistics from real data.
+
+`dfkd fid-stats` calls `compute_fid_stats`; the engine builds `FIDMonitors.for_run` once, calls
+`measure_method` every `fid_every` steps and `log_hparams` at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.fid import BNFID, FEATURE_KINDS, FIDStats, FrechetMonitor, InceptionFID, InceptionUnavailable, TeacherFID
+from dfkd.spec import InputSpec
+from dfkd.teacher import Teacher
+
+
+class FIDMonitors:
+    """The FID monitors of one run, measured together; `measure` returns {tag: distance}.
+
+    Args:
+        monitors: the metrics (BN-FID, teacher-feature FID, Inception FID), any subset.
+    """
+
+    def __init__(self, monitors: list[FrechetMonitor]) -> None:
+        self.monitors = monitors
+        self.last: tuple[int, dict[str, float]] | None = None
+        self.fresh = False
+
+    def __bool__(self) -> bool:
+        return bool(self.monitors)
+
+    @classmethod
+    def for_run(cls, teacher: Teacher, fid_ref: str | os.PathLike | None,
+                device: torch.device | str = "cpu") -> FIDMonitors:
+        """BN-FID whenever the teacher has BatchNorm; teacher or Inception FID when `fid_ref` holds that kind.
+
+        A reference file of the wrong kind or dimension is an error here, before training; missing Inception
+        weights give one warning and the run goes on without that metric.
+        """
+        monitors: list[FrechetMonitor] = [BNFID(teacher)] if teacher.bn_paths() else []
+        ref = FIDStats.load(fid_ref) if fid_ref else None
+        if ref is not None and ref.features == "teacher":
+            monitors.append(TeacherFID(teacher, ref))
+        elif ref is not None:
+            try:
+                with torch.random.fork_rng(devices=[]):  # building InceptionV3 draws random init weights
+                    monitors.append(InceptionFID(teacher.spec, ref, device=device))
+            except InceptionUnavailable as e:
+                warnings.warn(str(e), stacklevel=2)
+        return cls(monitors)
+
+    def measure(self, images: torch.Tensor) -> dict[str, float]:
+        """Every metric on one batch of synthetic images (teacher's normalised space)."""
+        return {m.tag: m.measure(images) for m in self.monitors}
+
+    def measure_method(self, method: Any, n: int, step: int) -> dict[str, float]:
+        """Every metric on `n` fresh images of the method's synthesizer (else its last batch) at `step`.
+
+        The random draws happen on forked RNG streams, so monitoring leaves the run's own randomness (and so
+        its results and an exact resume) unchanged. A second call at the same step returns the first call's
+        values with `fresh` False (the end of a run need not log them twice).
+        """
+        self.fresh = False
+        if self.last is not None and self.last[0] == step:
+            return self.last[1]
+        if not self.monitors:
+            return {}
+        device = next((p.device for p in method.student.parameters()), torch.device("cpu"))
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            images = synthetic_batch(method, n)
+        if images is None:
+            return {}
+        self.last, self.fresh = (step, self.measure(images)), True
+        return self.last[1]
+
+
+def synthetic_batch(method: Any, n: int) -> torch.Tensor | None:
+    """`n` transfer images from the method's synthesizer (`sample`), else its `last_images` (None before any)."""
+    synth = getattr(method, "synth", None)
+    if synth is not None and hasattr(synth, "sample"):
+        with torch.no_grad():
+            return synth.sample(n)
+    last = getattr(method, "last_images", None)
+    return None if last is None else last[:n]
+
+
+def log_hparams(tb: Any, config: dict[str, Any], final: dict[str, float], step: int | None = None) -> None:
+    """TensorBoard hparams: the method, its scalar parameters, teacher, student and steps, with final metrics.
+
+    Written into the run's own folder (not a timestamped sub-run), metrics under `hparam/` at `step`.
+    """
+    hp: dict[str, Any] = {"method": config.get("method"), "student": config.get("student"),
+                          "teacher": Path((config.get("teachers") or ["?"])[0]).name, "steps": config.get("steps")}
+    for k, v in (config.get("params") or {}).items():
+        hp[k] = v if isinstance(v, (bool, int, float, str)) else str(v)
+    hp = {k: (v if v is not None else "none") for k, v in hp.items()}
+    metrics = {f"hparam/{k}": float(v) for k, v in final.items()}
+    tb.add_hparams(hp, metrics or {"hparam/steps": float(config.get("steps") or 0)}, run_name=".", global_step=step)
+
+
+def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features: str,
+                      teacher: str | os.PathLike | None = None, teacher_arch: str | None = None,
+                      trust_pickle: bool = False, device: str = "auto", batch_size: int = 200) -> FIDStats:
+    """Reference statistics (mu, sigma) of real images in pytorch-fid's .npz format, plus their feature kind.
+
+    Args:
+        data: real images (.npz or ImageFolder directory, as `dfkd.data.load_images` reads).
+        out: the .npz to write (atomically).
+        features: "teacher" (the teacher's penultimate features; needs `teacher`) or "inception".
+        teacher: teacher file; for Inception FID it only sets the image size (as synthetic images will have).
+        teacher_arch: architecture of a plain state_dict teacher.
+        trust_pickle: allow a pickled teacher module.
+        device: where to compute features.
+        batch_size: images per forward.
+
+    Returns:
+        The statistics written.
+    """
+    from dfkd.data import load_images, to_model_input
+    from dfkd.teacher import load_teacher
+    from dfkd.utils import pick_device
+
+    if features not in FEATURE_KINDS:
+        raise DfkdError(f"--features {features}: use one of {', '.join(FEATURE_KINDS)}")
+    if features == "teacher" and not teacher:
+        raise DfkdError("--features teacher needs --teacher FILE (the teacher whose features are compared)")
+    dev = pick_device(device)
+    images = load_images(data, "DATA")
+    t = load_teacher(teacher, teacher_arch, trust_pickle, device=dev) if teacher else None
+    if features == "teacher":
+        extractor, spec = TeacherFID(t), t.spec
+    else:
+        spec = InputSpec(3, t.spec.size if t else int(images.x.shape[-1]), (0.0,), (1.0,))
+        extractor = InceptionFID(spec, device=dev)
+    feats = torch.cat([extractor.features(to_model_input(images.x[i:i + batch_size], spec).to(dev))
+                       for i in range(0, len(images), batch_size)])
+    stats = FIDStats.from_features(feats, features)
+    stats.save(out)
+    return stats

@@ -1,0 +1,174 @@
+"""`dfkd report RUN_DIR`: a run's summary, and PNGs of its last synthetic-image grid and its learning curves."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dfkd.errors import DfkdError
+
+IMAGE_TAG = "synthetic/images"
+
+Series = dict[str, list[tuple[int, float]]]
+
+
+@dataclass
+class RunSummary:
+    """What `dfkd report` says about a run; `text()` renders it."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    step: int
+    elapsed: float | None
+    finished: bool
+    series: Series
+    pngs: list[Path] = field(default_factory=list)
+
+    def last(self, key: str) -> float | None:
+        return self.series[key][-1][1] if self.series.get(key) else None
+
+    def text(self) -> str:
+        """The summary, one fact a line."""
+        c = self.config
+        target = c.get("steps") or (f"{c['budget_minutes']:g} min" if c.get("budget_minutes") else "?")
+        lines = [f"run:      {self.run_dir}",
+                 f"method:   {c.get('method')}   teacher: {(c.get('teachers') or ['?'])[0]}   "
+                 f"student: {c.get('student')}",
+                 f"steps:    {self.step} of {target}   time: {_duration(self.elapsed)}   "
+                 f"finished: {'yes' if self.finished else 'no (continue with dfkd distill --resume)'}"]
+        top1, teacher = self.last("student/top1"), self.last("student/teacher_top1")
+        if top1 is not None:
+            lines.append(f"accuracy: student top-1 {100 * top1:.2f}%" +
+                         (f" (teacher {100 * teacher:.2f}%)" if teacher is not None else ""))
+        fids = [f"{k.removeprefix('fid/')} {v[-1][1]:.4g} (step {v[0][0]}: {v[0][1]:.4g})"
+                for k, v in sorted(self.series.items()) if k.startswith("fid/")]
+        if fids:
+            lines.append("FID:      " + ", ".join(fids))
+        if self.pngs:
+            lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
+        return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h {m % 60:02d}m {s:02d}s" if m >= 60 else f"{m}m {s:02d}s"
+
+
+def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]]]:
+    """metrics.jsonl -> ({key: [(step, value), ...]}, event records)."""
+    series: Series = {}
+    events: list[dict[str, Any]] = []
+    if not path.exists():
+        return series, events
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "event" in rec:
+            events.append(rec)
+            continue
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, []).append((int(rec["step"]), float(v)))
+    return series, events
+
+
+def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> tuple[int, float | None, bool]:
+    """(step, elapsed seconds, finished) from the checkpoint, else from metrics.jsonl."""
+    from dfkd.checkpoint import load_checkpoint
+
+    if (run_dir / "checkpoint.pt").exists():
+        try:
+            ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+            return int(ckpt["step"]), float(ckpt["elapsed"]), bool(ckpt["finished"])
+        except DfkdError:
+            pass  # a corrupt checkpoint still leaves metrics.jsonl to report from
+    step = max([s for v in series.values() for s, _ in v] + [e.get("step", 0) for e in events] + [0])
+    done = [e for e in events if e.get("event") == "finished"]
+    return step, (done[-1].get("elapsed") if done else None), bool(done)
+
+
+def write_last_grid(run_dir: Path, out: Path, tag: str = IMAGE_TAG) -> bool:
+    """The last image logged under `tag` in the run's TensorBoard events, as a PNG; False when there is none."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0})
+    acc.Reload()
+    if tag not in acc.Tags().get(IMAGES, []):
+        return False
+    out.write_bytes(acc.Images(tag)[-1].encoded_image_string)
+    return True
+
+
+def _panels(series: Series) -> list[tuple[str, list[str]]]:
+    """Plot panels: losses by phase, student accuracy, then one panel per FID (their scales differ)."""
+    groups: dict[str, list[str]] = {}
+    for k in sorted(series):
+        if k.startswith("loss/"):
+            parts = k.split("/")
+            groups.setdefault("loss/" + parts[1] if len(parts) > 2 else "loss", []).append(k)
+    panels = list(groups.items())
+    acc = [k for k in ("student/top1", "student/top5") if k in series]
+    if acc:
+        panels.append(("student accuracy", acc))
+    panels += [(k, [k]) for k in sorted(series) if k.startswith("fid/")]
+    return panels
+
+
+def write_curves(series: Series, out: Path, title: str = "") -> bool:
+    """Learning curves (matplotlib, Agg) of losses, accuracy and FIDs; False when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _panels(series)
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, panels):
+        for k in keys:
+            steps, values = zip(*series[k])
+            ax.plot(steps, values, label=k.rsplit("/", 1)[-1], marker="." if len(steps) < 30 else None)
+        if name == "student accuracy" and series.get("student/teacher_top1"):
+            ax.axhline(series["student/teacher_top1"][-1][1], color="grey", linestyle="--", label="teacher")
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(ax.get_lines()) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def report(run_dir: str | os.PathLike) -> RunSummary:
+    """Summarise a run folder and write `synthetic.png` (last image grid) and `curves.png` into it.
+
+    Raises:
+        DfkdError: when the folder is not a dfkd run.
+    """
+    d = Path(run_dir)
+    if not (d / "config.json").is_file():
+        raise DfkdError(f"{d}: not a dfkd run folder (no config.json); give the folder `dfkd distill` wrote")
+    config = json.loads((d / "config.json").read_text())
+    series, events = read_metrics(d / "metrics.jsonl")
+    summary = RunSummary(d, config, *_run_state(d, series, events), series)
+    if write_last_grid(d, d / "synthetic.png"):
+        summary.pngs.append(d / "synthetic.png")
+    teacher = Path((config.get("teachers") or ["?"])[0]).name
+    if write_curves(series, d / "curves.png", f"{config.get('method')} on {teacher}"):
+        summary.pngs.append(d / "curves.png")
+    return summary

@@ -1,0 +1,132 @@
+"""FIDs inside a distill run, what TensorBoard holds afterwards, and `dfkd report`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd.config import DistillConfig
+from dfkd.engine import distill
+from dfkd.errors import DfkdError
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.models import create
+from dfkd.monitor import compute_fid_stats
+from dfkd.report import report
+from dfkd.spec import MNIST_SPEC
+
+KW = {"num_classes": 10, "in_channels": 1, "input_size": 32}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("fidrun")
+    torch.manual_seed(0)
+    m = create("lenet5_bn", **KW).train()
+    with torch.no_grad():
+        for _ in range(3):
+            m(torch.randn(16, 1, 32, 32))
+    save_model(d / "t.pt", m.eval(), ModelFile("lenet5_bn", KW, MNIST_SPEC, 10))
+    rng = np.random.default_rng(0)
+    np.savez(d / "data.npz", x=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    compute_fid_stats(d / "data.npz", d / "ref.npz", "teacher", teacher=d / "t.pt", device="cpu")
+    return {"dir": str(d), "teacher": str(d / "t.pt"), "data": str(d / "data.npz"), "ref": str(d / "ref.npz")}
+
+
+def cfg(files: dict[str, str], out: str, **kw: object) -> DistillConfig:
+    base = dict(method="dfq", teachers=(files["teacher"],), steps=20, out=str(Path(files["dir"]) / out),
+                log_every=10, image_every=10, eval_every=10, ckpt_every=10, fid_every=10, fid_samples=64,
+                fid_ref=files["ref"], eval_data=files["data"], device="cpu", params={"batch_size": 16})
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def run_dir(files: dict[str, str]) -> Path:
+    return distill(cfg(files, "run")).run_dir
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_event_files_hold_grids_losses_and_fids(run_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0, SCALARS: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert "synthetic/images" in tags[IMAGES]
+    grid = acc.Images("synthetic/images")[-1]
+    assert grid.encoded_image_string.startswith(PNG) and grid.width > 32 and grid.height > 32
+    assert {"loss/gen/bn", "loss/student/kd"} <= set(tags[SCALARS])
+    for tag in ("fid/bn", "fid/teacher"):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [10, 20]  # every fid_every steps; the end of the run adds no duplicate
+        assert all(np.isfinite(e.value) and e.value >= -1e-6 for e in events)
+    assert [e.step for e in acc.Scalars("hparam/fid_bn")] == [20] and "hparam/top1" in tags[SCALARS]
+
+
+def test_fids_reach_metrics_jsonl(run_dir: Path) -> None:
+    fid = [r for r in records(run_dir) if "fid/bn" in r]
+    assert [r["step"] for r in fid] == [10, 20] and all("fid/teacher" in r for r in fid)
+
+
+def test_fid_monitoring_is_off_with_zero_and_never_changes_training(files: dict[str, str], run_dir: Path) -> None:
+    off = distill(cfg(files, "off", fid_every=0, fid_ref=None)).run_dir
+    assert not any(k.startswith("fid/") for r in records(off) for k in r)
+    a = torch.load(run_dir / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(off / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)  # monitoring draws on forked RNG streams
+
+
+def test_mismatched_reference_is_refused_before_training(files: dict[str, str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(5), sigma=np.eye(5), features=np.array("teacher"))
+    with pytest.raises(DfkdError, match="5-dimensional"):
+        distill(cfg(files, "bad", fid_ref=str(bad)))
+    assert not (Path(files["dir"]) / "bad" / "checkpoint.pt").exists()
+
+
+def test_report_writes_pngs_and_prints_the_summary(run_dir: Path) -> None:
+    from dfkd.cli.main import main
+
+    res = CliRunner().invoke(main, ["report", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    for name in ("synthetic.png", "curves.png"):
+        assert (run_dir / name).read_bytes().startswith(PNG)
+    out = res.output
+    assert "method:   dfq" in out and "student: lenet5_half" in out and "t.pt" in out
+    assert "steps:    20 of 20" in out and "finished: yes" in out
+    assert "accuracy: student top-1" in out and "(teacher " in out
+    assert "FID:" in out and "bn " in out and "teacher " in out
+
+
+def test_report_of_an_unfinished_run_without_events(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"method": "dafl", "teachers": ["t.pt"], "steps": 100}))
+    lines = [{"step": 0, "event": "start"}, {"step": 10, "loss/student/kd": 2.0},
+             {"step": 20, "loss/student/kd": 1.0}, {"step": 20, "student/top1": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = report(tmp_path)
+    assert summary.step == 20 and not summary.finished
+    assert summary.series["loss/student/kd"] == [(10, 2.0), (20, 1.0)]
+    assert "finished: no" in summary.text() and "50.00%" in summary.text()
+    assert (tmp_path / "curves.png").is_file() and not (tmp_path / "synthetic.png").exists()
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    with pytest.raises(DfkdError, match="not a dfkd run folder"):
+        report(tmp_path)
