@@ -17,6 +17,19 @@ from dfkd.spec import InputSpec
 
 HOOKABLE = {"dfkd", "state_dict", "pickle", "export"}
 
+#: Teachers below this many parameters are "LeNet scale": method recipes shrink to what a CPU does in minutes.
+SMALL_TEACHER_PARAMS = 200_000
+
+
+def teacher_size(teacher: nn.Module | None) -> int:
+    """Parameter count of a teacher (0 when unknown)."""
+    return 0 if teacher is None else sum(p.numel() for p in teacher.parameters())
+
+
+def is_small_teacher(teacher: nn.Module | None) -> bool:
+    """True for a LeNet-scale teacher (fewer than SMALL_TEACHER_PARAMS parameters)."""
+    return teacher is not None and teacher_size(teacher) < SMALL_TEACHER_PARAMS
+
 
 class Teacher(nn.Module):
     """Wraps a user's classifier so that it cannot be trained: eval mode always, no gradient to its weights.

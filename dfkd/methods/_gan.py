@@ -10,7 +10,7 @@ from torch import nn
 from dfkd.bnstats import BNInputs
 from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, teacher_size
 
 GAN_DEFAULTS: dict[str, Any] = {
     "nz": 100,
@@ -35,7 +35,7 @@ class GANMethod(Method):
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
         p = self.p
-        width = p["ngf"] or default_width(sum(q.numel() for q in teacher.parameters()))
+        width = p["ngf"] or default_width(teacher_size(teacher))
         generator = Generator(teacher.spec, nz=p["nz"], ngf=width, head=p["head"], bn_eps=p["bn_eps"])
         self.synth: GeneratorSynthesizer = GeneratorSynthesizer(
             generator, self._objective, p["batch_size"], p["lr_g"], tuple(p["betas_g"]), device,

@@ -15,10 +15,7 @@ from dfkd.generators import Generator, default_width
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.teacher import Teacher
-
-#: Teachers below this many parameters (LeNet scale) get the CPU-sized recipe of each method.
-SMALL_TEACHER = 200_000
+from dfkd.teacher import Teacher, teacher_size
 
 LATENT_DEFAULTS: dict[str, Any] = {
     "nz": 256,
@@ -32,11 +29,6 @@ LATENT_DEFAULTS: dict[str, Any] = {
     "T": 20.0,
     "momentum": 0.9,
 }
-
-
-def teacher_size(teacher: Teacher | None) -> int:
-    """Parameter count of the teacher (0 when unknown)."""
-    return 0 if teacher is None else sum(p.numel() for p in teacher.parameters())
 
 
 class LatentMethod(Method):

@@ -10,9 +10,9 @@ from dfkd.augment import make_augment
 from dfkd.generators import LossDict
 from dfkd.generators.contrastive import ContrastiveCritic, ContrastiveSynthesizer, instance_means
 from dfkd.losses import adv_masked_kl, bn_deepinversion, one_hot
-from dfkd.methods._latent import SMALL_TEACHER, LatentMethod, teacher_size
+from dfkd.methods._latent import LatentMethod
 from dfkd.methods._registry import register_method
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, is_small_teacher
 
 
 @register_method("cmi")
@@ -45,7 +45,7 @@ class CMI(LatentMethod):
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().default_params(teacher)
-        if teacher is not None and teacher_size(teacher) < SMALL_TEACHER:
+        if is_small_teacher(teacher):
             p.update(g_steps=40, lr_g=5e-3, synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
 

@@ -11,6 +11,7 @@ from dfkd.generators import LossDict
 from dfkd.losses import adv_kl, bn_deepinversion, bn_dfq, information_entropy, one_hot
 from dfkd.methods._gan import GANMethod
 from dfkd.methods._registry import register_method
+from dfkd.teacher import Teacher, is_small_teacher
 
 
 @register_method("dfq")
@@ -20,7 +21,8 @@ class DFQ(GANMethod):
     Choi et al., "Data-Free Network Quantization With Adversarial Knowledge Distillation", CVPRW 2020. L_G =
     bn*R_BN + oh*CE(t, argmax t) + balance*sum(pbar ln pbar) + adv*(-KL(t||s)); 1 generator step then 10 student
     steps on fresh samples. Defaults follow the verified zju-vipa recipe (METHODS.md §8: bn 1 in DeepInversion form,
-    oh 1, balance 20, adv 1, Adam (0.5, 0.999) 1e-3, nz 256, Sigmoid generator, student SGD 0.1, cosine);
+    oh 1, balance 20, adv 1, Adam (0.5, 0.999) 1e-3, nz 256, Sigmoid generator, student SGD 0.1, cosine); a
+    LeNet-scale teacher gets student SGD 0.01 (0.1 drove the BN-free LeNet-5-half to a constant output);
     `-p bn_form=gaussian_kl` uses the paper's per-channel Gaussian KL instead. The adversarial term compares the
     teacher with the student being trained (the reference engine passed the teacher twice) and `-p T=...` sets the
     student's KD temperature (the reference engine ignored it).
@@ -35,6 +37,13 @@ class DFQ(GANMethod):
         "betas_g": [0.5, 0.999], "nz": 256, "head": "sigmoid", "g_steps": 1, "s_steps": 10,
         "adv": 1.0, "bn": 1.0, "oh": 1.0, "balance": 20.0, "bn_form": "di",
     }
+
+    @classmethod
+    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        p = super().default_params(teacher)
+        if is_small_teacher(teacher):
+            p["lr_s"] = 0.01
+        return p
 
     def generator_loss(self, x: torch.Tensor) -> LossDict:
         p = self.p

@@ -9,9 +9,9 @@ import torch
 from dfkd.generators import LossDict
 from dfkd.generators.meta import REPTILE_ALPHA, MetaSynthesizer
 from dfkd.losses import adv_masked_kl, bn_momentum, one_hot, update_bn_ema
-from dfkd.methods._latent import SMALL_TEACHER, LatentMethod, teacher_size
+from dfkd.methods._latent import LatentMethod
 from dfkd.methods._registry import register_method
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, is_small_teacher
 
 
 @register_method("fast")
@@ -46,7 +46,7 @@ class Fast(LatentMethod):
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().default_params(teacher)
-        if teacher is not None and teacher_size(teacher) < SMALL_TEACHER:
+        if is_small_teacher(teacher):
             p.update(synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
 
