@@ -119,7 +119,8 @@ def _method_names() -> list[str]:
 
 @main.command("distill")
 @click.option("--teacher", "teachers", multiple=True, help="Teacher file (dfkd model file, state_dict with "
-              "--teacher-arch, TorchScript, torch.export; pickled module with --trust-pickle).")
+              "--teacher-arch, TorchScript, torch.export; pickled module with --trust-pickle). Repeat for several "
+              "teachers: their logits are averaged (-p teacher_weights=[...], -p teacher_weighting=confidence).")
 @click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict: zoo NAME or module:Class.")
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Teacher input channels (if the file "
@@ -138,6 +139,16 @@ def _method_names() -> list[str]:
 @click.option("--fid-every", type=click.IntRange(min=0), default=None,
               help="Measure FIDs of the synthetic data every N steps (0: off).  [default: 500]")
 @click.option("--transfer-data", default=None, help="Synthetic transfer data (.npz from `dfkd synthesize`).")
+@click.option("--data", default=None, help="Real training images (.npz or ImageFolder): distill on them with "
+              "--method kd (the default with --data).")
+@click.option("--feature-loss", "feature_loss", multiple=True, metavar="at|rkd|sp|fitnet",
+              help="Add a feature/relation objective to the method's loss (repeat the flag for several).")
+@click.option("--feature-weight", type=float, default=None, help="Weight of every --feature-loss (default: each "
+              "one's paper weight).")
+@click.option("--discriminator", type=click.Choice(["logits", "features"]), default=None,
+              help="Adversarial KD: a discriminator tells teacher from student logits or penultimate features.")
+@click.option("--disc-weight", type=float, default=None, help="Weight of the fool-the-discriminator term.  "
+              "[default: 1]")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter override, e.g. -p lr_g=1e-3 (see `dfkd methods --params NAME`).")
 @click.option("--config", "config_file", default=None, help="JSON or TOML file of settings (flags win).")
@@ -154,14 +165,23 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
       dfkd distill --teacher examples/mnist_lenet5_bn.pt --method dfad \\
           --eval-data examples/mnist_test.npz --budget-minutes 5
       dfkd distill --resume runs/20261130-120000-dfad-mnist_lenet5_bn
+      dfkd distill --transfer-data transfer.npz --student lenet5_half    (no teacher file: see `synthesize`)
+      dfkd distill --teacher a.pt --teacher b.pt --method dfq --feature-loss rkd --discriminator logits
+      dfkd distill --teacher examples/mnist_lenet5_bn.pt --data train.npz --feature-loss at
     """
     from dfkd.config import build_config, parse_param
     from dfkd.engine import Interrupted, distill, resume
+
+    params = params + objective_flags(flags)
+    if flags["data"] and flags["method"] is None:
+        flags["method"] = "kd"
 
     if flags["method"] is not None and flags["method"] not in _method_names():
         from dfkd.methods import get_method
 
         get_method(flags["method"])
+    if flags["transfer_data"] and flags["method"] is None:
+        flags["method"] = "transfer"
     try:
         if resume_dir:
             result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)))
@@ -173,6 +193,53 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     top1 = result.metrics.get("top1")
     click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
     click.echo(f"tensorboard --logdir {result.run_dir}")
+
+
+def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
+    """Pop --feature-loss/--feature-weight/--discriminator/--disc-weight from `flags` as `-p KEY=VALUE` texts."""
+    names = list(flags.pop("feature_loss") or ())
+    values = {"feature_loss": (names[0] if len(names) == 1 else names) if names else None,
+              "feature_weight": flags.pop("feature_weight"), "discriminator": flags.pop("discriminator"),
+              "disc_weight": flags.pop("disc_weight")}
+    return tuple(f"{k}={json.dumps(v)}" for k, v in values.items() if v is not None)
+
+
+@main.command("synthesize")
+@click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes).")
+@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict: zoo NAME or module:Class.")
+@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@click.option("--method", required=True, help="Synthesis method (see `dfkd methods`), e.g. zskd, deepinversion.")
+@click.option("--num", required=True, type=click.IntRange(min=1), help="Number of images to write.")
+@click.option("--out", required=True, help="The transfer file to write (.npz).")
+@click.option("--student", default=None, help="Student the method trains alongside (adversarial methods compete "
+              "with it; default: the usual pair for the teacher).")
+@click.option("--steps", type=click.IntRange(min=0), default=None, help="Student steps of training before images "
+              "are collected (generator methods dafl/dfad/zskt/dfq: default 2000, then the generator is sampled; "
+              "other methods: default 0, then each round's finished batch is kept).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter override.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@friendly
+def synthesize_cmd(teacher: str, teacher_arch: str | None, trust_pickle: bool, params: tuple[str, ...], device: str,
+                   **kw: Any) -> None:
+    """Write synthetic transfer data: images (8-bit) and the teacher's soft labels, to distill elsewhere.
+
+    The file holds no teacher weights: a student can be trained from it where the teacher file may not go.
+
+    \b
+    Example:
+      dfkd synthesize --teacher examples/mnist_lenet5_bn.pt --method zskd --num 2000 --out transfer.npz
+      dfkd distill --transfer-data transfer.npz --student lenet5_half --steps 2000
+    """
+    from dfkd.config import parse_param
+    from dfkd.teacher import load_teacher
+    from dfkd.transfer import synthesize
+    from dfkd.utils import pick_device
+
+    dev = pick_device(device)
+    t = load_teacher(teacher, teacher_arch, trust_pickle, device=dev)
+    data = synthesize(t, params=dict(map(parse_param, params)), device=dev, progress=True, **kw)
+    click.echo(f"wrote {kw['out']}: {len(data)} images, {data.num_classes} classes, method {data.method}")
 
 
 @main.command("methods")

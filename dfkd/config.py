@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from dfkd.errors import DfkdError
 
@@ -40,6 +41,7 @@ class DistillConfig:
     fid_every: int = 500  # 0: no FID monitoring
     fid_samples: int = 256
     transfer_data: str | None = None
+    data: str | None = None  # real training images, for --method kd (real-data mode)
     seed: int = 0
     device: str = "auto"
     out: str | None = None
@@ -92,7 +94,8 @@ def parse_param(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def build_config(config_file: str | None = None, params: list[str] | tuple[str, ...] = (), **flags: Any) -> DistillConfig:
+def build_config(config_file: str | None = None, params: list[str] | tuple[str, ...] = (),
+                 **flags: Any) -> DistillConfig:
     """Merge a config file and command-line flags (flags win; a flag left as None or empty does not count)."""
     data = read_config_file(config_file) if config_file else {}
     merged_params = dict(data.pop("params", {}) or {})

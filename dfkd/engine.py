@@ -24,16 +24,19 @@ from tqdm import tqdm
 from dfkd.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, resolve_params
 from dfkd.data import ImageData, check_fits, load_images
+from dfkd.ensemble import load_teachers
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.io import atomic_write_text
 from dfkd.methods import Method, get_method
+from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.runlog import RunLog
 from dfkd.spec import InputSpec
 from dfkd.students import build_student, student_arch
-from dfkd.teacher import Teacher, load_teacher
+from dfkd.teacher import Teacher
+from dfkd.transfer import load_transfer
 from dfkd.utils import pick_device, seed_everything
 
 DEFAULT_BUDGET_MINUTES = 10.0
@@ -102,20 +105,30 @@ class Run:
     """One distillation run: builds teacher, student and method from a config, then loops."""
 
     def __init__(self, cfg: DistillConfig, run_dir: Path, ckpt: dict[str, Any] | None = None) -> None:
-        if not cfg.teachers:
-            raise DfkdError("dfkd distill needs --teacher FILE (or --transfer-data FILE.npz)")
+        check_transfer_config(cfg.teachers, cfg.transfer_data, cfg.method, cfg.student)
         self.cfg, self.run_dir = cfg, run_dir
         self.device = pick_device(cfg.device)
         method_cls = get_method(cfg.method)
         seed_everything(cfg.seed)
-        self.teacher: Teacher = load_teacher(cfg.teachers[0], cfg.teacher_arch, cfg.trust_pickle,
-                                             _spec_from_flags(cfg), self.device)
+        # Without a teacher file, a stand-in carries the transfer file's spec and classes (it has no forward).
+        # Several --teacher files answer as one (dfkd.ensemble): weighted logits, BN statistics of every member.
+        self.teacher: Teacher = load_teachers(cfg.teachers, cfg.teacher_arch, cfg.trust_pickle, _spec_from_flags(cfg),
+                                              self.device, cfg.params.get("teacher_weights"),
+                                              cfg.params.get("teacher_weighting", "mean")) if cfg.teachers else \
+            NoTeacher(load_transfer(cfg.transfer_data))
         self.eval_data: ImageData | None = None
         if cfg.eval_data:
             self.eval_data = load_images(cfg.eval_data, "--eval-data")
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
-        self.params = resolve_params(method_cls.default_params(self.teacher), cfg.params, cfg.method)
+        overrides = {**cfg.params, "transfer_data": cfg.transfer_data} if cfg.transfer_data else cfg.params
+        recipe = method_cls.default_params(self.teacher)
+        if cfg.data:
+            if "data" not in recipe:
+                raise DfkdError(f"--data {cfg.data}: method {cfg.method} is data-free; distill on real images "
+                                "with --method kd")
+            overrides = {**overrides, "data": cfg.data}
+        self.params = resolve_params(recipe, overrides, cfg.method)
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
@@ -215,8 +228,10 @@ class Run:
 
     def _log_images(self, log: RunLog) -> None:
         x = self.method.last_images
-        with torch.no_grad():
-            t_logits = self.teacher(x[:256])
+        t_logits = getattr(self.method, "last_logits", None)  # the transfer method's stored labels
+        if t_logits is None:
+            with torch.no_grad():
+                t_logits = self.teacher(x[:256])
         log.synthetic(self.step, x, self.teacher.spec, t_logits)
 
     def _check_finite(self, losses: dict[str, float]) -> None:
@@ -252,7 +267,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
     try:
         if resume_step is None:
             atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
-            if run.eval_data is not None:
+            if run.eval_data is not None and not isinstance(run.teacher, NoTeacher):
                 t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device)
                 log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
             run.checkpoint()
@@ -273,10 +288,9 @@ def distill(cfg: DistillConfig) -> RunResult:
         The run folder (with student.pt, config.json, metrics.jsonl, checkpoint.pt, TensorBoard events) and the
         final student metrics (top1/top5 when `eval_data` is set).
     """
-    if not cfg.teachers:
-        raise DfkdError("dfkd distill needs --teacher FILE")
+    check_transfer_config(cfg.teachers, cfg.transfer_data, cfg.method, cfg.student)
     get_method(cfg.method)
-    run_dir = new_run_dir(cfg, cfg.teachers[0])
+    run_dir = new_run_dir(cfg, cfg.teachers[0] if cfg.teachers else cfg.transfer_data)
     try:
         run = Run(cfg, run_dir)
     except BaseException:

@@ -21,6 +21,9 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -35,6 +38,13 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path`, atomically."""
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
+    """`np.savez_compressed` of `arrays` to exactly `path` (no ".npz" appended), atomically."""
+    import numpy as np
+
+    _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -64,3 +64,15 @@ __all__ = [
     "tv_l2",
     "update_bn_ema",
 ]
+from dfkd.losses.discriminator import discriminator_loss, generator_loss  # noqa: E402
+from dfkd.losses.relation import (  # noqa: E402
+    hint_loss,
+    pairwise_distances,
+    rkd_angle,
+    rkd_distance,
+    similarity_matrix,
+    similarity_preserving,
+)
+
+__all__ += ["discriminator_loss", "generator_loss", "hint_loss", "pairwise_distances", "rkd_angle", "rkd_distance",
+            "similarity_matrix", "similarity_preserving"]

@@ -33,6 +33,10 @@ def attention_transfer(student_feats: list[Tensor], teacher_feats: list[Tensor])
 
     Returns:
         Scalar loss.
+
+    Shape:
+        - student_feats[i]: (B, C_s, H, W); teacher_feats[i]: (B, C_t, H, W)
+        - output: ()
     """
     total = student_feats[0].new_zeros(())
     for s, t in zip(student_feats, teacher_feats):

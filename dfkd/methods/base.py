@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -14,6 +14,7 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
+from dfkd.objectives import build_objectives
 from dfkd.teacher import Teacher
 
 #: Defaults every method shares; a method's `defaults` override them, config files and flags override both.
@@ -29,6 +30,15 @@ BASE_DEFAULTS: dict[str, Any] = {
     "T": 1.0,  # KD temperature of the student loss
     "g_steps": 1,
     "s_steps": 1,
+    # Student-side objectives added to any method's own loss (dfkd.objectives):
+    "feature_loss": None,  # None, or "at", "rkd", "sp", "fitnet", or a list of them
+    "feature_weight": None,  # None: each objective's paper weight; a number, or {"name": weight}
+    "discriminator": None,  # None, "logits" or "features": adversarial KD against a discriminator
+    "disc_weight": 1.0,  # weight of the student's fool-the-discriminator term
+    "lr_d": 2e-4,  # the discriminator's Adam learning rate
+    # Several --teacher files (dfkd.ensemble): fixed weights per teacher, and "mean" or "confidence" weighting.
+    "teacher_weights": None,
+    "teacher_weighting": "mean",
 }
 
 
@@ -80,7 +90,10 @@ class Method:
         self.teacher, self.student, self.device = teacher, student, device
         self.p = params
         self.student.train()
+        self.objectives = build_objectives(teacher, student, params, device)
         self.opt_s = self.make_student_optimizer()
+        if self.objectives.parameters():  # adapters learn with the student, under its schedule
+            self.opt_s.add_param_group({"params": self.objectives.parameters()})
         self._base_lrs: list[tuple[torch.optim.Optimizer, list[float]]] = [self._lrs(self.opt_s)]
         self.synth: Synthesizer | None = None
         self.last_images: torch.Tensor | None = None
@@ -106,13 +119,14 @@ class Method:
         return f"{cls.summary} [{cls.paper}]"
 
     # --- optimisation -------------------------------------------------------------------------------------
-    def make_student_optimizer(self) -> torch.optim.Optimizer:
+    def make_student_optimizer(self, params: Iterable[nn.Parameter] | None = None) -> torch.optim.Optimizer:
+        """The recipe's student optimizer over `params` (default: the student's parameters)."""
         p = self.p
+        params = self.student.parameters() if params is None else params
         if p["s_optimizer"] == "adam":
-            return torch.optim.Adam(self.student.parameters(), lr=p["lr_s"], weight_decay=p["weight_decay"])
+            return torch.optim.Adam(params, lr=p["lr_s"], weight_decay=p["weight_decay"])
         if p["s_optimizer"] == "sgd":
-            return torch.optim.SGD(self.student.parameters(), lr=p["lr_s"], momentum=p["momentum"],
-                                   weight_decay=p["weight_decay"])
+            return torch.optim.SGD(params, lr=p["lr_s"], momentum=p["momentum"], weight_decay=p["weight_decay"])
         raise DfkdError(f"-p s_optimizer={p['s_optimizer']!r}: use sgd or adam")
 
     @staticmethod
@@ -157,12 +171,27 @@ class Method:
         if t_logits is None:
             with torch.no_grad():
                 t_logits = self.teacher(x)
-        losses = self.student_loss(self.student(x), t_logits)
+        s_logits = self.student_forward(x)
+        losses = self.with_objectives(self.student_loss(s_logits, t_logits), x, s_logits, t_logits)
         self.opt_s.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.opt_s.step()
+        losses.update(self.objectives.extra_step(x, s_logits, t_logits))
         self.student_seconds += time.perf_counter() - t0
         return losses
+
+    def student_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's logits on `x`, with the objectives' feature taps recording (use for student updates)."""
+        with self.objectives.capture():
+            return self.student(x)
+
+    def with_objectives(self, losses: LossDict, x: torch.Tensor, s_logits: torch.Tensor,
+                        t_logits: torch.Tensor) -> LossDict:
+        """The method's own student `losses` plus the objectives' terms (`s_logits` from `student_forward(x)`).
+
+        A method running its own student loop calls this, then `self.objectives.extra_step(...)` after its update.
+        """
+        return self.objectives.add_terms(losses, x, s_logits, t_logits) if self.objectives else losses
 
     def round(self) -> dict[str, float]:
         """One round of synthesis and student steps; returns float losses keyed "<phase>/<term>"."""
@@ -170,11 +199,13 @@ class Method:
 
     def close(self) -> None:
         """Release hooks and other resources."""
+        self.objectives.close()
 
     # --- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
-                "synth": self.synth.state_dict() if self.synth else {}, "extra": self.extra_state()}
+                "synth": self.synth.state_dict() if self.synth else {}, "extra": self.extra_state(),
+                "objectives": self.objectives.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -182,6 +213,7 @@ class Method:
         if self.synth:
             self.synth.load_state_dict(state["synth"])
         self.load_extra_state(state.get("extra", {}))
+        self.objectives.load_state_dict(state.get("objectives", {}))
 
     def extra_state(self) -> dict[str, Any]:
         """Method-specific state beyond student, optimizer and synthesizer."""

@@ -64,16 +64,18 @@ class ZSKT(GANMethod):
             t_logits = self.teacher(x)
         t_feats = [self.t_taps.outputs[t] for _, t in self.at_pairs]
         for _ in range(self.student_steps_per_round):
-            s_logits = self.student(x)
+            s_logits = self.student_forward(x)
             kd = self._kl(s_logits, t_logits)
             losses = {"loss": kd, "loss/kd": kd}
             if self.at_pairs:
                 at = attention_transfer([self.s_taps.outputs[s] for s, _ in self.at_pairs], t_feats)
                 losses.update({"loss": kd + self.p["at_beta"] * at, "loss/at": at})
+            losses = self.with_objectives(losses, x, s_logits, t_logits)
             self.opt_s.zero_grad(set_to_none=True)
             losses["loss"].backward()
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.p["grad_clip"] or float("inf"))
             self.opt_s.step()
+            losses.update(self.objectives.extra_step(x, s_logits, t_logits))
             logs.update(step_logs("student", losses))
         return logs
 

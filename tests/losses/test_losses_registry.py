@@ -7,7 +7,7 @@ from dfkd.errors import DfkdError
 
 NAMES = (
     "kl l1 js soft_ce bn_di bn_dfq bn_zeroq input_zeroq bn_momentum oh ie act inst_entropy "
-    "adv_l1 adv_kl adv_masked_kl adv_js tv_l1 tv_l2 l2"
+    "adv_l1 adv_kl adv_masked_kl adv_js tv_l1 tv_l2 l2 at rkd_distance rkd_angle sp fitnet gan_d gan_g"
 ).split()
 
 

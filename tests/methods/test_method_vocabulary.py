@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import tempfile
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,12 +22,23 @@ from tests.conftest import KWARGS, make_teacher_module
 METHODS = [m for m in list_methods() if m != "transfer"]
 
 
+@functools.cache
+def tiny_train_data() -> str:
+    """A small random labelled .npz for methods that distill on real data (kd)."""
+    path = Path(tempfile.mkdtemp(prefix="dfkd-vocab-")) / "train.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 40))
+    return str(path)
+
+
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     teacher = Teacher(make_teacher_module(), MNIST_SPEC, arch="lenet5_bn", arch_kwargs=KWARGS)
     torch.manual_seed(seed)
     cls = get_method(name)
     params = {**cls.default_params(teacher), **cls.quick}
+    if "data" in params:
+        params["data"] = tiny_train_data()
     student = build_student("lenet5_half", KWARGS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

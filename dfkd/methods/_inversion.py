@@ -1,0 +1,124 @@
+"""Shared machinery of the model-inversion methods (DeepInversion, ADI, ZeroQ): a round, a pool, scaled defaults.
+
+A round optimises one new batch of input pixels against the teacher (the method's `inversion_loss`), merges it into
+the image pool with the teacher's logits, then takes `s_steps` student KD steps on uniform minibatches of the
+pool - the ADI protocol of the DeepInversion maintainers ("generate one new batch every 50 KD iterations and merge
+into the existing set", NVlabs/DeepInversion#6).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd.bnstats import BNInputs
+from dfkd.generators import ImagePool, InversionSynthesizer, LossDict
+from dfkd.methods.base import Method, frozen, step_logs
+from dfkd.spec import InputSpec
+from dfkd.teacher import Teacher
+
+INVERSION_DEFAULTS: dict[str, Any] = {
+    "batch_size": 256,  # student KD minibatch, and the synthesized batch unless synth_batch_size is set
+    "synth_batch_size": None,
+    "iterations": 2000,  # optimisation steps per synthesized batch
+    "lr_inv": 0.1,
+    "betas_inv": [0.5, 0.9],
+    "jitter": 2,
+    "flip_p": 0.0,
+    "clip": True,
+    "warmup": 0.05,  # NVlabs: 100 of 2000 iterations
+    "lowres": 0.0,  # fraction of iterations on the 2x-pooled view (NVlabs setting 0: 2/3)
+    "init": "randn",
+    "inv_schedule": "cosine",  # or "plateau" (ReduceLROnPlateau on the loss, as ZeroQ)
+    "plateau_patience": 100,
+    "plateau_min_lr": 1e-4,
+    "synth_seconds": None,  # cap on the seconds one batch may take (None: no cap)
+    "pool_size": 256_000,  # images kept: the maintainers distilled from 1000 batches x 256
+    "pool_dtype": "float16",
+    "pool_dir": None,  # a folder: keep the pool in a memory-mapped file there instead of memory
+    "s_steps": 50,  # student KD steps per new batch
+    "T": 3.0,  # KD temperature (NVlabs/DeepInversion#9)
+    "schedule": "cosine",
+}
+
+
+def is_small(spec: InputSpec) -> bool:
+    """MNIST-scale input: at most 1x32x32 values per image."""
+    return spec.channels * spec.size * spec.size <= 32 * 32
+
+
+def is_large(spec: InputSpec) -> bool:
+    """ImageNet-scale input: 64 pixels a side or more."""
+    return spec.size >= 64
+
+
+class InversionMethod(Method):
+    """A method whose transfer data are input batches optimised against the teacher and kept in a pool.
+
+    Subclasses implement `inversion_loss(x, y)`; the student distils from the pool at temperature `T`.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = INVERSION_DEFAULTS
+    uses_bn: ClassVar[bool] = True
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "iterations": 4, "s_steps": 2}
+
+    def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
+        super().__init__(teacher, student, params, device)
+        p = self.p
+        self.bn = BNInputs(teacher, self.name) if self.uses_bn else None
+        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"])
+        self.synth: InversionSynthesizer = InversionSynthesizer(
+            teacher.spec, self._objective, teacher.num_classes, p["synth_batch_size"] or p["batch_size"],
+            p["iterations"], p["lr_inv"], tuple(p["betas_inv"]), jitter=p["jitter"], flip_p=p["flip_p"],
+            clip=p["clip"], warmup=p["warmup"], lowres=p["lowres"], schedule=p["inv_schedule"],
+            patience=p["plateau_patience"], min_lr=p["plateau_min_lr"], init=p["init"],
+            pool=self.pool, labeler=self._labels, device=device)
+        self.synth.time_limit = p["synth_seconds"]
+
+    def inversion_loss(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:
+        """The synthesis objective on the augmented batch `x` with targets `y` (teacher/student forwards here)."""
+        raise NotImplementedError
+
+    def bn_layers(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The teacher's BN inputs of the last forward (empty for a BN-free teacher)."""
+        return self.bn.layers() if self.bn is not None else []
+
+    def _objective(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:
+        if self.bn is not None:
+            self.bn.set_active(True)
+        try:
+            with frozen(self.student):
+                return self.inversion_loss(x, y)
+        finally:
+            if self.bn is not None:
+                self.bn.set_active(False)
+
+    @torch.no_grad()
+    def _labels(self, x: torch.Tensor) -> torch.Tensor:
+        # Logits of the images exactly as the pool stores them, so a student step sees a matching pair.
+        return self.teacher(x.to(self.pool.dtype).float())
+
+    def synthesis_step(self) -> dict[str, float]:
+        """Synthesize one batch into the pool (the student in eval mode, its weights untouched)."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            x, losses = self.synth.synthesize()
+        finally:
+            self.student.train(was_training)
+        self.last_images = x
+        return step_logs("synth", losses)
+
+    def round(self) -> dict[str, float]:
+        logs = self.synthesis_step()
+        for _ in range(self.student_steps_per_round):
+            x, t_logits = self.pool.sample(self.p["batch_size"], self.device)
+            logs.update(step_logs("student", self.student_step(x, t_logits)))
+        logs["pool/images"] = float(len(self.pool))
+        return logs
+
+    def close(self) -> None:
+        if self.bn is not None:
+            self.bn.close()

@@ -1,0 +1,142 @@
+"""Online adversarial KD: two students learn jointly, from the teacher and from each other, on DFAD's generator."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd.generators import LossDict
+from dfkd.hooks import FeatureTaps
+from dfkd.losses import adv_l1, kl_div
+from dfkd.methods._registry import register_method
+from dfkd.methods.base import frozen, step_logs
+from dfkd.methods.dfad import DFAD
+from dfkd.objectives.base import student_penultimate
+from dfkd.objectives.discriminator import Discriminator
+from dfkd.teacher import Teacher
+
+
+def fresh_copy(model: nn.Module) -> nn.Module:
+    """A model of the same architecture with newly initialised weights (and BatchNorm statistics)."""
+    peer = copy.deepcopy(model)
+    for m in peer.modules():
+        m._forward_hooks.clear()  # the copy must not feed the original's feature taps
+        m._forward_pre_hooks.clear()
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return peer
+
+
+@register_method("online")
+class Online(DFAD):
+    """Online adversarial KD: two students each minimise DFAD's L1 to the teacher + KL to the peer + fooling a critic.
+
+    Chung et al., "Feature-map-level Online Adversarial Knowledge Distillation", ICML 2020 (AFD), made data-free
+    with DFAD's generator (Fang et al. 2019, which maximises the students' mean L1 gap to the teacher). Two students
+    of the run's architecture (the second freshly initialised) train together: each adds `mutual` * KL(peer ||
+    self) at T = 1 (deep mutual learning) and `adv` * the non-saturating loss of its own discriminator, which
+    learns to tell the peer's penultimate features (real) from this student's (fake): one Adam step (`lr_d`,
+    betas (0.5, 0.999)) per student step. AFD's convolutional feature-map critics are MLPs on the pooled
+    penultimate features here. Schedule and optimisers are DFAD's; the first student is the run's student.pt, the
+    second lives in the method state.
+    """
+
+    paper: ClassVar[str] = "Chung et al. 2020, Feature-map-level Online Adversarial Knowledge Distillation, ICML"
+    summary: ClassVar[str] = "two students with mutual KD and a discriminator each, on DFAD's adversarial generator"
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
+    defaults: ClassVar[dict[str, Any]] = {"mutual": 1.0, "adv": 1.0}
+
+    def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
+        super().__init__(teacher, student, params, device)
+        self.peer = fresh_copy(student).to(device).train()
+        self.opt_peer = self.make_student_optimizer(self.peer.parameters())
+        self.track_lr(self.opt_peer)
+        path = student_penultimate(student)
+        self.taps = [FeatureTaps(m, [path], inputs=True).__enter__() for m in (student, self.peer)]
+        self._feature_taps(False)
+        with torch.no_grad(), self._recording():
+            was = student.training
+            student.eval()
+            student(torch.zeros(teacher.spec.shape(2), device=device))
+            student.train(was)
+            dim = self.taps[0].inputs[path].flatten(1).shape[1]
+        self.discs = [Discriminator(dim, float(params["lr_d"]), device) for _ in range(2)]
+
+    def _feature_taps(self, active: bool) -> None:
+        for t in self.taps:
+            t.active = active
+
+    @contextmanager
+    def _recording(self) -> Iterator[None]:
+        self._feature_taps(True)
+        try:
+            yield
+        finally:
+            self._feature_taps(False)
+
+    def _features(self) -> list[torch.Tensor]:
+        feats = [next(iter(t.inputs.values())).flatten(1) for t in self.taps]
+        for t in self.taps:
+            t.clear()
+        return feats
+
+    def generator_loss(self, x: torch.Tensor) -> LossDict:
+        t = self.teacher(x)
+        with frozen(self.peer):
+            adv = (adv_l1(self.student(x), t) + adv_l1(self.peer(x), t)) / 2
+        return {"loss": adv, "loss/adv": adv}
+
+    def _own_loss(self, s: torch.Tensor, peer: torch.Tensor, t: torch.Tensor, f: torch.Tensor,
+                  disc: Discriminator) -> LossDict:
+        l1, mutual, fool = self.student_loss(s, t)["loss"], kl_div(s, peer.detach()), disc.fool(f)
+        total = l1 + self.p["mutual"] * mutual + self.p["adv"] * fool
+        return {"loss": total, "loss/l1": l1, "loss/mutual": mutual, "loss/fool": fool}
+
+    def joint_step(self, x: torch.Tensor) -> LossDict:
+        """One update of both students (and of both discriminators) on transfer images `x`."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            t = self.teacher(x)
+        with self._recording():
+            s1, s2 = self.student_forward(x), self.peer(x)
+        f1, f2 = self._features()
+        losses = self.with_objectives(self._own_loss(s1, s2, t, f1, self.discs[0]), x, s1, t)
+        peer = self._own_loss(s2, s1, t, f2, self.discs[1])
+        self.opt_s.zero_grad(set_to_none=True)
+        self.opt_peer.zero_grad(set_to_none=True)
+        (losses["loss"] + peer["loss"]).backward()
+        self.opt_s.step()
+        self.opt_peer.step()
+        d1, d2 = self.discs[0].step(real=f2, fake=f1), self.discs[1].step(real=f1, fake=f2)
+        losses.update({"loss/peer": peer["loss"], "loss/peer_l1": peer["loss/l1"], "loss/d1": d1, "loss/d2": d2})
+        losses.update(self.objectives.extra_step(x, s1, t))
+        self.student_seconds += time.perf_counter() - t0
+        return losses
+
+    def round(self) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for _ in range(self.student_steps_per_round):
+            logs.update(step_logs("student", self.joint_step(self.synth.sample(self.p["batch_size"]))))
+        logs.update(self.generator_step())
+        return logs
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"peer": self.peer.state_dict(), "opt_peer": self.opt_peer.state_dict(),
+                "d1": self.discs[0].state_dict(), "d2": self.discs[1].state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.peer.load_state_dict(state["peer"])
+        self.opt_peer.load_state_dict(state["opt_peer"])
+        self.discs[0].load_state_dict(state["d1"])
+        self.discs[1].load_state_dict(state["d2"])
+
+    def close(self) -> None:
+        for t in self.taps:
+            t.remove()
+        super().close()

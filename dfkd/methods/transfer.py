@@ -1,0 +1,123 @@
+"""Distillation from a transfer file (`dfkd synthesize`): the student side of the privacy split."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from dfkd.augment import make_augment
+from dfkd.errors import DfkdError
+from dfkd.io import sha256_file
+from dfkd.methods._registry import register_method
+from dfkd.methods.base import Method, step_logs
+from dfkd.teacher import Teacher
+from dfkd.transfer import TransferData, check_teacher_fits, load_transfer
+
+
+class NoTeacher(Teacher):
+    """Stands in for the teacher when a run has only a transfer file: its spec, classes and provenance, no forward.
+
+    The engine reads spec, class count and provenance from it; the "transfer" method uses the stored
+    probabilities, so nothing calls the network that is not there.
+    """
+
+    def __init__(self, data: TransferData) -> None:
+        nn.Module.__init__(self)  # no module to wrap and nothing to probe
+        self.module = nn.Identity()
+        self.spec, self.fmt, self.source, self.sha256 = data.spec, "transfer", data.path, data.teacher_sha256
+        self.arch: str | None = None
+        self.arch_kwargs: dict | None = None
+        self.class_names: list[str] | None = None
+        self.num_classes = data.num_classes
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise DfkdError(f"this run has no teacher, only --transfer-data {self.source}; give --teacher FILE too for "
+                        "what needs the teacher's network")
+
+
+def check_transfer_config(teachers: tuple[str, ...], transfer_data: str | None, method: str,
+                          student: str | None) -> None:
+    """Refuse a run without a teacher or a transfer file, and a transfer file with another method.
+
+    Without a teacher the student architecture must be named: there is no teacher architecture to pair it with.
+    """
+    if not teachers and not transfer_data:
+        raise DfkdError("dfkd distill needs --teacher FILE (or --transfer-data FILE.npz from `dfkd synthesize`)")
+    if transfer_data and method != "transfer":
+        raise DfkdError(f"--transfer-data trains with the transfer method (the default with --transfer-data), not "
+                        f"--method {method}; drop --method")
+    if transfer_data and not teachers and student is None:
+        raise DfkdError(f"--transfer-data {transfer_data} without --teacher needs --student ARCH (see `dfkd models`): "
+                        "there is no teacher architecture to pick the usual student from")
+
+
+@register_method("transfer")
+class Transfer(Method):
+    """Hinton KD on stored synthetic transfer data: no synthesis, and no teacher file needed.
+
+    Hinton et al., "Distilling the Knowledge in a Neural Network", 2015. Objective: T^2 * KL(softmax(t/T) ||
+    softmax(s/T)) over minibatches of the file's images, where t are the logits of the stored teacher
+    probabilities (log p) or, when the run has a teacher, the teacher's logits recomputed on the images. The engine
+    sets `transfer_data` from `--transfer-data`. Epochs are shuffled passes over the file. Defaults are the usual KD
+    settings (there is no paper recipe for this step): T = 4, Adam 1e-3 with cosine decay, batch 64, no
+    augmentation (without a teacher, stored labels would not describe the augmented views).
+    """
+
+    paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network (on dfkd transfer data)"
+    summary: ClassVar[str] = "KD from a transfer file of `dfkd synthesize` (stored soft labels, or --teacher)"
+    quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
+    defaults: ClassVar[dict[str, Any]] = {
+        "transfer_data": None, "batch_size": 64, "s_optimizer": "adam", "lr_s": 1e-3, "weight_decay": 0.0,
+        "schedule": "cosine", "T": 4.0, "s_steps": 10, "augment": "none", "flip_p": 0.5,
+    }
+
+    def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
+        super().__init__(teacher, student, params, device)
+        path = self.p["transfer_data"]
+        if not path:
+            raise DfkdError("method transfer trains from a transfer file: give --transfer-data FILE.npz "
+                            "(made by `dfkd synthesize`)")
+        self.data = load_transfer(path)
+        self.data_sha256 = sha256_file(path)
+        self.has_teacher = not isinstance(teacher, NoTeacher)
+        if self.has_teacher:
+            check_teacher_fits(teacher, self.data)
+        self.augment = make_augment(self.p["augment"], teacher.spec.size, flip_p=self.p["flip_p"]).to(device)
+        self.order = torch.randperm(len(self.data))
+        self.cursor = 0
+        self.last_logits: torch.Tensor | None = None
+
+    def next_indices(self, n: int) -> torch.Tensor:
+        """The next `n` images of the current shuffled pass (a new pass starts when this one runs out)."""
+        out = []
+        while n > 0:
+            if self.cursor >= len(self.order):
+                self.order, self.cursor = torch.randperm(len(self.data)), 0
+            take = self.order[self.cursor:self.cursor + n]
+            self.cursor += len(take)
+            n -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def round(self) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for _ in range(self.student_steps_per_round):
+            idx = self.next_indices(int(self.p["batch_size"]))
+            with torch.no_grad():
+                x = self.augment(self.data.images(idx, self.teacher.spec).to(self.device))
+                t_logits = self.teacher(x) if self.has_teacher else self.data.logits(idx).to(self.device)
+            logs.update(step_logs("student", self.student_step(x, t_logits)))
+            self.last_images, self.last_logits = x, t_logits
+        return logs
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"order": self.order.clone(), "cursor": self.cursor, "data_sha256": self.data_sha256}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state.get("data_sha256") not in (None, self.data_sha256):
+            raise DfkdError(f"--transfer-data {self.data.path}: the file changed since this run started (its sha256 "
+                            "differs from the checkpoint's); resume with the original file")
+        if "order" in state:
+            self.order, self.cursor = state["order"].clone(), int(state["cursor"])

@@ -1,0 +1,237 @@
+"""The privacy split: synthesize transfer data once where the teacher lives, distill from the file elsewhere.
+
+A transfer file is an .npz written atomically by `synthesize()` (`dfkd synthesize`):
+
+    x               uint8 (N, C, S, S)   the synthetic images as 8-bit pixels (denormalised; what a PNG would hold)
+    probs           float32 (N, K)       the teacher's softmax (T = 1) on exactly those pixels
+    y               int64 (N,)           argmax of probs, so `dfkd evaluate --data` and `train-teacher` read it too
+    channels, size, mean, std, num_classes     the teacher's input spec
+    method, teacher_sha256, format ("dfkd-transfer"), version
+
+8-bit pixels are a quarter of float32 and lose nothing the teacher can see (the probabilities are computed on the
+quantised images, so each pair matches exactly). `dfkd distill --transfer-data FILE --student ARCH` trains from it
+with no teacher file (the "transfer" method, on the stored probabilities); adding `--teacher` recomputes the
+teacher's logits on the stored images.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dfkd.errors import DfkdError
+from dfkd.io import atomic_save_npz
+from dfkd.spec import InputSpec
+from dfkd.teacher import Teacher
+
+FORMAT, VERSION = "dfkd-transfer", 1
+#: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
+GENERATOR_STEPS = 2000
+_KEYS = ("x", "probs", "channels", "size", "mean", "std", "num_classes", "method", "teacher_sha256", "version")
+
+
+def to_pixels(x: Tensor, spec: InputSpec) -> Tensor:
+    """Normalised images -> uint8 pixels (clipped to the valid range)."""
+    return (spec.denormalize(x.detach().float().cpu()).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def from_pixels(x: Tensor, spec: InputSpec) -> Tensor:
+    """uint8 pixels -> the normalised input space of `spec`."""
+    return spec.normalize(x.float() / 255)
+
+
+@dataclass
+class TransferData:
+    """A loaded transfer file: 8-bit images, the teacher's probabilities and the spec they were made for."""
+
+    x: Tensor
+    probs: Tensor
+    spec: InputSpec
+    method: str
+    teacher_sha256: str
+    path: str
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.probs.shape[1])
+
+    def images(self, idx: Tensor, spec: InputSpec | None = None) -> Tensor:
+        """Images `idx`, normalised for `spec` (default the file's own)."""
+        return from_pixels(self.x[idx], spec or self.spec)
+
+    def logits(self, idx: Tensor) -> Tensor:
+        """Logits equivalent to the stored probabilities (log p: softmax at any T ignores the missing constant)."""
+        return self.probs[idx].clamp_min(torch.finfo(torch.float32).tiny).log()
+
+
+def save_transfer(path: str | os.PathLike, x: Tensor, probs: Tensor, spec: InputSpec, method: str,
+                  teacher_sha256: str) -> None:
+    """Write a transfer file atomically (`x` uint8 pixels, `probs` the teacher's softmax on them)."""
+    atomic_save_npz(path, {
+        "x": x.numpy(), "probs": probs.float().numpy(), "y": probs.argmax(1).numpy().astype(np.int64),
+        "channels": np.int64(spec.channels), "size": np.int64(spec.size),
+        "mean": np.asarray(spec.mean, np.float64), "std": np.asarray(spec.std, np.float64),
+        "num_classes": np.int64(probs.shape[1]), "method": np.str_(method),
+        "teacher_sha256": np.str_(teacher_sha256), "format": np.str_(FORMAT), "version": np.int64(VERSION)})
+
+
+def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
+    if not p.is_file():
+        raise DfkdError(f"{flag} {p}: no such file")
+    try:
+        with np.load(p, allow_pickle=False) as d:
+            if "format" not in d.files or str(d["format"]) != FORMAT:
+                raise DfkdError(f"{flag} {p}: not a dfkd transfer file (write one with `dfkd synthesize`); it holds "
+                                f"arrays {sorted(d.files)}")
+            missing = [k for k in _KEYS if k not in d.files]
+            if missing:
+                raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
+            return {k: d[k] for k in _KEYS}
+    except DfkdError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
+        raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]}); is it truncated or corrupt?") from None
+
+
+def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> TransferData:
+    """Read and check a transfer file; every problem is a DfkdError naming the file and what is wrong."""
+    p = Path(path)
+    d = _read(p, flag)
+    if int(d["version"]) > VERSION:
+        raise DfkdError(f"{flag} {p}: transfer format version {int(d['version'])} is newer than this dfkd; upgrade")
+    try:
+        spec = InputSpec(int(d["channels"]), int(d["size"]), tuple(d["mean"].tolist()), tuple(d["std"].tolist()))
+    except (DfkdError, TypeError, ValueError) as e:
+        raise DfkdError(f"{flag} {p}: its input spec is invalid ({e})") from None
+    x, probs = d["x"], d["probs"]
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != spec.shape()[1:] or len(x) == 0:
+        raise DfkdError(f"{flag} {p}: images must be uint8 of shape (N>0, {spec.channels}, {spec.size}, "
+                        f"{spec.size}) as its spec says, got {x.dtype} {tuple(x.shape)}")
+    k = int(d["num_classes"])
+    if probs.ndim != 2 or probs.shape != (len(x), k) or not np.isfinite(probs).all() or (probs < 0).any() \
+            or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
+        raise DfkdError(f"{flag} {p}: 'probs' must hold one probability row of {k} classes per image "
+                        f"({len(x)} x {k}), got shape {tuple(probs.shape)} or rows that are not distributions")
+    return TransferData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(probs.astype(np.float32)), spec,
+                        str(d["method"]), str(d["teacher_sha256"]), str(p))
+
+
+def check_teacher_fits(teacher: Teacher, data: TransferData) -> None:
+    """A teacher used with a transfer file must take its images and have its classes (a different file hash warns).
+
+    The images are pixels, so a teacher with another normalisation still reads them (each side normalises its own).
+    """
+    if teacher.spec.shape()[1:] != data.spec.shape()[1:] or teacher.num_classes != data.num_classes:
+        raise DfkdError(
+            f"--transfer-data {data.path}: holds {data.spec.channels}x{data.spec.size}x{data.spec.size} images over "
+            f"{data.num_classes} classes, but --teacher {teacher.source} takes {teacher.spec.channels}x"
+            f"{teacher.spec.size}x{teacher.spec.size} images and has {teacher.num_classes} classes")
+    if data.teacher_sha256 and teacher.sha256 and data.teacher_sha256 != teacher.sha256:
+        warnings.warn(f"--transfer-data {data.path} was made from another teacher file (sha256 "
+                      f"{data.teacher_sha256[:12]}..., --teacher is {teacher.sha256[:12]}...); distilling anyway",
+                      stacklevel=2)
+
+
+@torch.no_grad()
+def teacher_probs(teacher: Teacher, x: Tensor, device: torch.device, batch: int = 256) -> Tensor:
+    """The teacher's softmax on uint8 images `x`, in batches, on CPU."""
+    out = [torch.softmax(teacher(from_pixels(x[i:i + batch], teacher.spec).to(device)).float(), 1).cpu()
+           for i in range(0, len(x), batch)]
+    return torch.cat(out)
+
+
+def _collect_rounds(method: Any, num: int, bar: Any) -> Tensor:
+    """Each round's synthesized batch (`method.last_images`) until `num` images are there."""
+    batches, n = [], 0
+    while n < num:
+        method.set_progress(n / num)
+        method.round()
+        if method.last_images is None:
+            raise DfkdError(f"method {method.name} produced no images in a round; it cannot synthesize transfer data")
+        batches.append(to_pixels(method.last_images, method.teacher.spec))
+        n += len(batches[-1])
+        bar.update(len(batches[-1]))
+    return torch.cat(batches)[:num]
+
+
+def _train(method: Any, steps: int) -> None:
+    done = 0
+    while done < steps:
+        method.set_progress(done / steps)
+        method.round()
+        done += max(method.student_steps_per_round, 1)
+
+
+@torch.no_grad()
+def _sample_generator(method: Any, num: int, bar: Any) -> Tensor:
+    batches = []
+    for i in range(0, num, int(method.p["batch_size"])):
+        batches.append(to_pixels(method.synth.sample(min(int(method.p["batch_size"]), num - i)), method.teacher.spec))
+        bar.update(len(batches[-1]))
+    return torch.cat(batches)
+
+
+def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, params: dict[str, Any] | None = None,
+               seed: int = 0, device: str | torch.device = "cpu", student: str | None = None,
+               steps: int | None = None, progress: bool = False) -> TransferData:
+    """Make `num` synthetic transfer images with a registered method and write them, with the teacher's soft labels.
+
+    Generator methods (a persistent generator, `GeneratorSynthesizer`: dafl, dfad, zskt, dfq) train for `steps`
+    student steps (default `GENERATOR_STEPS`), then their generator is sampled. Every other method (inversion,
+    zskd, cmi, fast) runs `steps` student steps first (default 0), then rounds, collecting each round's finished
+    batch (`method.last_images`) until there are `num` images; the student those rounds train is discarded.
+
+    Args:
+        teacher: the loaded teacher.
+        method: a registered method name.
+        num: images to write.
+        out: the .npz to write (atomically).
+        params: method hyper-parameter overrides (as `-p`).
+        seed: random seed.
+        device: where synthesis runs.
+        student: the student architecture the method trains alongside (adversarial methods need one).
+        steps: training before collection (see above).
+        progress: show a progress bar.
+
+    Returns:
+        The written data, as `load_transfer` reads it back.
+    """
+    from tqdm import tqdm
+
+    from dfkd.config import resolve_params
+    from dfkd.generators import GeneratorSynthesizer
+    from dfkd.methods import get_method
+    from dfkd.students import build_student, student_arch
+    from dfkd.utils import seed_everything
+
+    if num < 1:
+        raise DfkdError(f"--num {num}: give a positive number of images")
+    cls = get_method(method)
+    if method == "transfer":
+        raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
+    device = torch.device(device)
+    seed_everything(seed)
+    p = resolve_params(cls.default_params(teacher), params or {}, method)
+    name, kwargs = student_arch(teacher, student)
+    m = cls(teacher, build_student(name, kwargs).to(device), p, device)
+    try:
+        is_generator = isinstance(m.synth, GeneratorSynthesizer)
+        _train(m, GENERATOR_STEPS if steps is None and is_generator else steps or 0)
+        with tqdm(total=num, desc=f"synthesize {method}", unit="img", disable=not progress) as bar:
+            x = _sample_generator(m, num, bar) if is_generator else _collect_rounds(m, num, bar)
+    finally:
+        m.close()
+    save_transfer(out, x, teacher_probs(teacher, x, device), teacher.spec, method, teacher.sha256)
+    return load_transfer(out, "--out")
+

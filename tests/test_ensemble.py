@@ -1,0 +1,179 @@
+"""Several teachers as one: weighted logits against hand values, BN paths of every member, refusals, a CLI run."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from dfkd.bnstats import BNInputs
+from dfkd.cli.main import main
+from dfkd.ensemble import EnsembleTeacher, load_teachers
+from dfkd.errors import DfkdError
+from dfkd.methods import get_method
+from dfkd.modelfile import ModelFile, load_model, save_model
+from dfkd.spec import MNIST_SPEC, InputSpec
+from dfkd.students import build_student
+from dfkd.teacher import Teacher
+from tests.conftest import KWARGS, make_teacher_module
+
+A = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+B = np.array([[0.0, 0.0, 4.0], [1.0, 1.0, 1.0]])
+
+
+class Fixed(nn.Module):
+    """Answers fixed logits whatever the image (row i for sample i)."""
+
+    def __init__(self, logits: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits, dtype=torch.float32))
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.logits[: len(x)] + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def fixed_pair(**kw) -> EnsembleTeacher:
+    spec = InputSpec(1, 16, (0.5,), (0.5,))
+    return EnsembleTeacher([Teacher(Fixed(A), spec, source="a.pt"), Teacher(Fixed(B), spec, source="b.pt")], **kw)
+
+
+def _softmax(v: np.ndarray) -> np.ndarray:
+    e = np.exp(v - v.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def test_mean_of_logits_hand_value():
+    out = fixed_pair()(torch.zeros(2, 1, 16, 16))
+    assert np.allclose(out.numpy(), [[1.0, 0.0, 2.0], [0.5, 1.0, 0.5]])
+
+
+def test_fixed_weights_hand_value():
+    out = fixed_pair(weights=[3, 1])(torch.zeros(2, 1, 16, 16))
+    assert np.allclose(out.numpy(), 0.75 * A + 0.25 * B)
+
+
+def test_confidence_weighting_hand_value():
+    out = fixed_pair(weights=[1, 1], weighting="confidence")(torch.zeros(2, 1, 16, 16)).numpy()
+    ca, cb = _softmax(A).max(1), _softmax(B).max(1)  # per-sample confidence of each teacher
+    wa = ca / (ca + cb)
+    expected = wa[:, None] * A + (1 - wa[:, None]) * B
+    assert np.allclose(out, expected, atol=1e-6)
+    # Sample 1: teacher B is uniform (confidence 1/3), so A, more confident, dominates.
+    assert wa[1] > 0.5 and not np.allclose(out, (A + B) / 2)
+
+
+def two_archs() -> tuple[Teacher, Teacher]:
+    a = Teacher(make_teacher_module("lenet5_bn", seed=0), MNIST_SPEC, source="a.pt", arch="lenet5_bn")
+    b = Teacher(make_teacher_module("lenet5_half_bn", seed=1), MNIST_SPEC, source="b.pt", arch="lenet5_half_bn")
+    return a, b
+
+
+def test_real_teachers_average_and_stay_frozen():
+    a, b = two_archs()
+    e = EnsembleTeacher([a, b])
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.allclose(e(x), (a(x) + b(x)) / 2, atol=1e-6)
+    e.train()
+    assert all(not p.requires_grad for p in e.parameters())
+    assert e.num_classes == 10 and e.arch == "lenet5_bn" and e.source == "a.pt + b.pt"
+    logits, feats = e.forward_with_features(x)
+    assert torch.allclose(logits, e(x), atol=1e-6) and torch.equal(feats, a.forward_with_features(x)[1])
+
+
+def test_bn_paths_of_every_teacher_and_bn_matching_over_all():
+    a, b = two_archs()
+    e = EnsembleTeacher([a, b])
+    assert e.bn_paths() == [f"t0.{p}" for p in a.bn_paths()] + [f"t1.{p}" for p in b.bn_paths()]
+    assert len(e.bn_paths()) == 6
+    bn = BNInputs(e, "dfq")
+    bn.set_active(True)
+    e(torch.randn(4, 1, 32, 32))
+    layers = bn.layers()
+    assert len(layers) == 6
+    assert layers[3][0].shape[1] == b.module_at(b.bn_paths()[0]).num_features  # t1's first BN, its own width
+    bn.close()
+    assert e.stage_paths() == ["t0.stage1", "t0.stage2", "t0.stage3"] and e.penultimate_path() == "t0.classifier"
+
+
+def test_other_normalisation_is_converted():
+    a, _ = two_archs()
+    other = InputSpec(1, 32, (0.5,), (0.25,))
+    module = make_teacher_module("lenet5_half_bn", seed=1)
+    b = Teacher(module, other, source="b.pt")
+    x = torch.randn(2, 1, 32, 32)  # normalised as a's spec says
+    expected_b = module(other.normalize(MNIST_SPEC.denormalize(x)))
+    assert torch.allclose(EnsembleTeacher([a, b])(x), (a(x) + expected_b) / 2, atol=1e-5)
+
+
+def test_mismatched_classes_or_shape_is_refused_naming_both_files():
+    a, _ = two_archs()
+    torch.manual_seed(0)
+    five = Teacher(nn.Sequential(nn.Flatten(), nn.Linear(32 * 32, 5)), MNIST_SPEC, source="five.pt")
+    with pytest.raises(DfkdError, match=r"a\.pt has 10 classes but --teacher five\.pt has 5"):
+        EnsembleTeacher([a, five])
+    small = Teacher(nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)), InputSpec(1, 28, (0.1,), (0.3,)),
+                    source="small.pt")
+    with pytest.raises(DfkdError, match=r"a\.pt takes 1x32x32 .* small\.pt takes 1x28x28"):
+        EnsembleTeacher([a, small])
+
+
+def test_bad_weights_are_refused():
+    with pytest.raises(DfkdError, match="give 2 non-negative weights"):
+        fixed_pair(weights=[1, 2, 3])
+    with pytest.raises(DfkdError, match="confidence"):
+        fixed_pair(weighting="vote")
+
+
+def test_a_method_distills_from_two_teachers_with_bn_over_both():
+    torch.manual_seed(0)
+    e = EnsembleTeacher(list(two_archs()))
+    cls = get_method("dfq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = cls(e, build_student("lenet5_half", KWARGS), {**cls.default_params(e), **cls.quick,
+                                                          "feature_loss": "at"}, torch.device("cpu"))
+    logs = m.round()
+    assert np.isfinite(list(logs.values())).all() and "student/at" in logs
+    assert len(m.bn.paths) == 6
+    assert all(p.grad is None for p in e.parameters())
+    m.close()
+
+
+@pytest.fixture(scope="module")
+def teacher_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    d = tmp_path_factory.mktemp("teachers")
+    save_model(d / "a.pt", make_teacher_module("lenet5_bn", 0), ModelFile("lenet5_bn", KWARGS, MNIST_SPEC, 10))
+    save_model(d / "b.pt", make_teacher_module("lenet5_half_bn", 1),
+               ModelFile("lenet5_half_bn", KWARGS, MNIST_SPEC, 10))
+    return str(d / "a.pt"), str(d / "b.pt")
+
+
+def test_load_teachers_one_or_several(teacher_files: tuple[str, str]):
+    assert not isinstance(load_teachers(teacher_files[:1]), EnsembleTeacher)
+    e = load_teachers(teacher_files, weights=[1, 3], weighting="confidence")
+    assert isinstance(e, EnsembleTeacher) and e.member_weights == [0.25, 0.75] and e.weighting == "confidence"
+    assert e.sha256.count(",") == 1
+
+
+def test_cli_two_teachers_with_objective_flags(teacher_files: tuple[str, str], tmp_path: Path):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", teacher_files[0], "--teacher", teacher_files[1], "--method", "dfad",
+            "--steps", "10", "--feature-loss", "rkd", "--feature-loss", "sp", "--discriminator", "logits",
+            "--disc-weight", "0.5", "-p", "batch_size=8", "-p", "s_steps=1", "-p", "teacher_weights=[2, 1]",
+            "--fid-every", "0", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "config.json").read_text())["params"]
+    assert params["feature_loss"] == ["rkd", "sp"] and params["discriminator"] == "logits"
+    assert params["disc_weight"] == 0.5 and params["teacher_weights"] == [2, 1]
+    _, meta = load_model(out / "student.pt")
+    assert meta.provenance["teacher"] == " + ".join(teacher_files)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss/student/rkd_angle" in r and "loss/student/disc_d" in r for r in records)

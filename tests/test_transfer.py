@@ -1,0 +1,200 @@
+"""The privacy split: synthesize -> transfer .npz -> distill --transfer-data, with and without the teacher."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd.cli.main import main
+from dfkd.config import DistillConfig
+from dfkd.engine import distill, resume
+from dfkd.errors import DfkdError
+from dfkd.methods import get_method
+from dfkd.methods.transfer import NoTeacher
+from dfkd.modelfile import ModelFile, load_model, save_model
+from dfkd.models import create
+from dfkd.spec import MNIST_SPEC, InputSpec
+from dfkd.students import build_student
+from dfkd.teacher import Teacher, load_teacher
+from dfkd.transfer import check_teacher_fits, from_pixels, load_transfer, save_transfer, synthesize
+from tests.conftest import KWARGS, make_teacher_module
+
+ZSKD_FAST = {"di_batch": 32, "di_iters": 8, "lr_di": 0.05, "s_steps": 0}
+
+
+@pytest.fixture(scope="module")
+def sharp_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random LeNet-5-BN with large logits (varied, confident predictions), saved as a dfkd model file."""
+    module = make_teacher_module()
+    with torch.no_grad():
+        module.classifier.weight.mul_(30)
+    path = tmp_path_factory.mktemp("t") / "teacher.pt"
+    save_model(path, module, ModelFile("lenet5_bn", KWARGS, MNIST_SPEC, 10))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def transfer_file(sharp_teacher_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("x") / "transfer.npz"
+    synthesize(load_teacher(sharp_teacher_file), "zskd", 256, out, params=ZSKD_FAST, seed=0)
+    return str(out)
+
+
+def agreement(student: torch.nn.Module, teacher: Teacher, x: torch.Tensor) -> float:
+    student.eval()
+    with torch.no_grad():
+        return (student(x).argmax(1) == teacher(x).argmax(1)).float().mean().item()
+
+
+# --- the file -----------------------------------------------------------------------------------------------------
+def test_file_holds_images_soft_labels_and_spec(transfer_file: str, sharp_teacher_file: str) -> None:
+    with np.load(transfer_file, allow_pickle=False) as d:
+        assert d["x"].dtype == np.uint8 and d["x"].shape == (256, 1, 32, 32)
+        assert (int(d["channels"]), int(d["size"])) == (1, 32)
+        assert np.allclose(d["mean"], MNIST_SPEC.mean) and np.allclose(d["std"], MNIST_SPEC.std)
+        assert str(d["method"]) == "zskd" and int(d["num_classes"]) == 10
+        assert np.array_equal(d["y"], d["probs"].argmax(1))
+    data = load_transfer(transfer_file)
+    teacher = load_teacher(sharp_teacher_file)
+    assert data.spec == MNIST_SPEC and data.teacher_sha256 == teacher.sha256
+    with torch.no_grad():  # the labels belong to exactly the stored (8-bit) pixels
+        expected = torch.softmax(teacher(from_pixels(data.x, data.spec)), 1)
+    assert torch.allclose(data.probs, expected, atol=1e-5)
+    assert torch.allclose(torch.softmax(data.logits(torch.arange(4)), 1), data.probs[:4], atol=1e-6)
+
+
+def test_generator_method_is_trained_then_sampled(teacher_file: str, tmp_path: Path) -> None:
+    data = synthesize(load_teacher(teacher_file), "dfad", 20, tmp_path / "g.npz", params={"batch_size": 8}, steps=2)
+    assert len(data) == 20 and data.method == "dfad"
+
+
+def test_bad_requests_are_clear_errors(teacher_file: str, tmp_path: Path) -> None:
+    t = load_teacher(teacher_file)
+    with pytest.raises(DfkdError, match="cannot make one"):
+        synthesize(t, "transfer", 8, tmp_path / "a.npz")
+    with pytest.raises(DfkdError, match="positive"):
+        synthesize(t, "zskd", 0, tmp_path / "a.npz")
+    assert not (tmp_path / "a.npz").exists()
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("missing", "no such file"), ("truncate", "truncated or corrupt"), ("plain", "not a dfkd transfer file"),
+    ("probs", "probability row"), ("shape", "uint8 of shape"),
+])
+def test_corrupt_or_wrong_files_are_clear_errors(transfer_file: str, tmp_path: Path, damage: str, match: str) -> None:
+    path = tmp_path / "bad.npz"
+    data = load_transfer(transfer_file)
+    if damage == "truncate":
+        path.write_bytes(Path(transfer_file).read_bytes()[:500])
+    elif damage == "plain":
+        np.savez(path, x=np.zeros((2, 28, 28), np.uint8), y=np.zeros(2, np.int64))
+    elif damage == "probs":
+        save_transfer(path, data.x, data.probs * 2, data.spec, "zskd", "")
+    elif damage == "shape":
+        save_transfer(path, data.x, data.probs, InputSpec(3, 32, (0.5,), (0.5,)), "zskd", "")
+    with pytest.raises(DfkdError, match=match):
+        load_transfer(path)
+
+
+def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, tmp_path: Path) -> None:
+    data = load_transfer(transfer_file)
+    colour = Teacher(create("lenet5_bn", num_classes=10, in_channels=3, input_size=32).eval(),
+                     InputSpec(3, 32, (0.5,), (0.5,)), source="rgb.pt")
+    with pytest.raises(DfkdError, match="takes 3x32x32 images"):
+        check_teacher_fits(colour, data)
+    other = Teacher(make_teacher_module(seed=5), MNIST_SPEC, source="other.pt", sha256="ab" * 32)
+    with pytest.warns(UserWarning, match="another teacher file"):
+        check_teacher_fits(other, data)
+    base = {"transfer_data": transfer_file, "steps": 2, "fid_every": 0, "out": str(tmp_path / "r")}
+    with pytest.raises(DfkdError, match="needs --student"):
+        distill(DistillConfig(method="transfer", **base))
+    with pytest.raises(DfkdError, match="drop --method"):
+        distill(DistillConfig(method="dfad", student="lenet5_half", **base))
+    with pytest.raises(DfkdError, match="give --transfer-data"):
+        get_method("transfer")(NoTeacher(data), build_student("lenet5_half", KWARGS), get_method(
+            "transfer").default_params(), torch.device("cpu"))
+    assert not (tmp_path / "r").exists()
+
+
+# --- distilling from the file -----------------------------------------------------------------------------------
+def test_student_from_file_alone_agrees_with_teacher(transfer_file: str, sharp_teacher_file: str,
+                                                     tmp_path: Path) -> None:
+    # Hidden from the run: the teacher file is elsewhere and the run never opens it.
+    result = distill(DistillConfig(method="transfer", transfer_data=transfer_file, student="lenet5_half", steps=150,
+                                   fid_every=0, out=str(tmp_path / "run"), params={"lr_s": 3e-3}))
+    student, meta = load_model(result.run_dir / "student.pt")
+    data = load_transfer(transfer_file)
+    assert meta.input_spec == MNIST_SPEC and meta.provenance["teacher_sha256"] == data.teacher_sha256
+    teacher = load_teacher(sharp_teacher_file)
+    x = from_pixels(data.x, data.spec)
+    fresh = build_student("lenet5_half", KWARGS)
+    top = torch.bincount(data.probs.argmax(1), minlength=10).max().item() / len(data)
+    got = agreement(student, teacher, x)
+    assert got > max(top, agreement(fresh, teacher, x)) + 0.15, (got, top)
+
+
+def test_teacher_given_recomputes_logits(transfer_file: str, sharp_teacher_file: str) -> None:
+    teacher = load_teacher(sharp_teacher_file)
+    cls = get_method("transfer")
+    params = {**cls.default_params(teacher), **cls.quick, "transfer_data": transfer_file}
+    method = cls(teacher, build_student("lenet5_half", KWARGS), params, torch.device("cpu"))
+    method.round()
+    with torch.no_grad():
+        assert torch.allclose(method.last_logits, teacher(method.last_images))
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_state_round_trip_and_resume_refuses_a_changed_file(transfer_file: str, tmp_path: Path) -> None:
+    data = load_transfer(transfer_file)
+    cls = get_method("transfer")
+    params = {**cls.default_params(), **cls.quick, "transfer_data": transfer_file}
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        return cls(NoTeacher(data), build_student("lenet5_half", KWARGS), params, torch.device("cpu"))
+
+    a = build(1)
+    a.round()
+    b = build(2)
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    torch.manual_seed(3)
+    la = a.round()
+    torch.manual_seed(3)
+    assert la == b.round()
+    state = a.state_dict()
+    state["extra"]["data_sha256"] = "0" * 64
+    with pytest.raises(DfkdError, match="changed since"):
+        build(4).load_state_dict(state)
+
+
+def test_resume_a_transfer_run(transfer_file: str, tmp_path: Path) -> None:
+    local = tmp_path / "t.npz"
+    shutil.copy(transfer_file, local)
+    cfg = DistillConfig(method="transfer", transfer_data=str(local), student="lenet5_half", steps=20, fid_every=0,
+                        out=str(tmp_path / "run"))
+    distill(cfg)
+    assert resume(tmp_path / "run", steps=40).step == 40
+
+
+# --- the command line -----------------------------------------------------------------------------------------------
+def test_cli_round_trip(teacher_file: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "transfer.npz"
+    res = runner.invoke(main, ["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "24", "--out",
+                               str(out), "-p", "di_batch=8", "-p", "di_iters=2", "-p", "s_steps=0", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "24 images" in res.output and out.exists()
+    res = runner.invoke(main, ["distill", "--transfer-data", str(out), "--steps", "4", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and "needs --student" in res.output
+    res = runner.invoke(main, ["distill", "--transfer-data", str(out), "--student", "lenet5_half", "--steps", "4",
+                               "--fid-every", "0", "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "student.pt").exists()
+    res = runner.invoke(main, ["distill", "--transfer-data", str(tmp_path / "nope.npz"), "--student", "lenet5_half"])
+    assert res.exit_code == 2 and "no such file" in res.output
