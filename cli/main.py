@@ -225,10 +225,13 @@ def synthesize_cmd(teacher: str, teacher_arch: str | None, trust_pickle: bool, p
     """Write synthetic transfer data: images (8-bit) and the teacher's soft labels, to distill elsewhere.
 
     The file holds no teacher weights: a student can be trained from it where the teacher file may not go.
+    Images are stored as 8-bit pixels with the teacher's probabilities on exactly those pixels. zskd and
+    deepinversion images do not depend on the student: -p s_steps=0 skips the student steps of their rounds.
 
     \b
     Example:
-      dfkd synthesize --teacher examples/mnist_lenet5_bn.pt --method zskd --num 2000 --out transfer.npz
+      dfkd synthesize --teacher examples/mnist_lenet5_bn.pt --method zskd --num 2000 -p s_steps=0 \\
+          --out transfer.npz
       dfkd distill --transfer-data transfer.npz --student lenet5_half --steps 2000
     """
     from dfkd.config import parse_param

@@ -17,8 +17,8 @@ from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, step_logs
 from dfkd.teacher import Teacher, is_small_teacher
 
-#: LeNet-scale teachers on a CPU (see the class docstring): fewer, larger input steps; more student steps a batch.
-SMALL_TEACHER: dict[str, Any] = {"di_iters": 100, "lr_di": 0.05, "s_steps": 20}
+#: LeNet-scale teachers on a CPU (see the class docstring): fewer, larger input steps.
+SMALL_TEACHER: dict[str, Any] = {"di_iters": 100, "lr_di": 0.05}
 
 
 @register_method("zskd")
@@ -33,13 +33,13 @@ class ZSKD(Method):
     Defaults follow the paper (METHODS.md §5): 100 impressions a batch, Adam 1e-3 on [0, 1] pixels for 1500
     iterations, a pool of 24,000 impressions (its MNIST budget), student Adam 1e-3, batch 64, T = 20. Deviations:
     both betas are really used (the public code re-normalises the 0.1 matrix back to 1); pixels are clamped to
-    [0, 1] after each step (the code min-max rescales the batch); synthesis and student steps alternate (a new
-    batch, then `s_steps` student steps on the pool) instead of all impressions first, so a budget in minutes
-    yields a student at any point; the teacher labels each augmented view it is shown (the paper reuses the
-    label of the un-augmented impression; the teacher is at hand, and its label of the exact view is the true one).
-    Scaling to the teacher (`default_params(teacher)`): for teachers under 200K parameters (LeNet-5 scale) a batch
-    takes 100 steps at lr 0.05 (the impression loss levels off within that on the demo teacher, and the paper's
-    1500 steps would take most of a 10-minute CPU budget for a handful of batches) and 20 student steps follow it.
+    [0, 1] after each step (the code min-max rescales the whole batch, which left the demo teacher's student at
+    chance); synthesis and student steps alternate (a new batch, then `s_steps` = 100 student steps on the pool)
+    instead of all impressions first, so a budget in minutes yields a student at any point; the teacher labels each
+    augmented view it is shown (the paper reuses the label of the un-augmented impression; the teacher is at hand,
+    and its label of the exact view is the true one). Scaling to the teacher (`default_params(teacher)`): LeNet-scale
+    teachers (`is_small_teacher`) take 100 steps at lr 0.05 per batch: on the demo teacher that reaches a lower
+    impression loss than the paper's 1500 steps at 1e-3 at 1/23 of the cost, with students as good per impression.
     """
 
     paper: ClassVar[str] = "Nayak et al. 2019, Zero-Shot Knowledge Distillation in Deep Networks, ICML"
