@@ -73,3 +73,4 @@ class GANMethod(Method):
     def close(self) -> None:
         if self.bn is not None:
             self.bn.close()
+        super().close()

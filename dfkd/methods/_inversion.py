@@ -122,3 +122,4 @@ class InversionMethod(Method):
     def close(self) -> None:
         if self.bn is not None:
             self.bn.close()
+        super().close()

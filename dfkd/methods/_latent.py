@@ -97,3 +97,4 @@ class LatentMethod(Method):
 
     def close(self) -> None:
         self.bn.close()
+        super().close()
