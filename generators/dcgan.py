@@ -11,6 +11,18 @@ from dfkd.spec import InputSpec
 GENERATORS: Registry[type[nn.Module]] = Registry("generator")
 
 
+class Upsample2x(nn.Module):
+    """Nearest-neighbour x2 upsampling by broadcasting: the same values as `nn.Upsample(scale_factor=2)`.
+
+    On the CPU, `upsample_nearest2d` spends most of its time in a memory-format copy; this view-and-reshape form
+    halved the generator's forward time at batch 512 (the generator is the cost of GAN methods on a CPU).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
+
+
 @GENERATORS.register("dcgan")
 class Generator(nn.Module):
     """Linear -> BN -> [upsample x2, conv3x3, BN, LeakyReLU(0.2)] x 2 -> conv3x3 -> output head.
@@ -44,11 +56,11 @@ class Generator(nn.Module):
         self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
         self.bn0 = nn.BatchNorm2d(2 * ngf)
         self.blocks = nn.Sequential(
-            nn.Upsample(scale_factor=2),
+            Upsample2x(),
             nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1),
             nn.BatchNorm2d(2 * ngf, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
+            Upsample2x(),
             nn.Conv2d(2 * ngf, ngf, 3, padding=1),
             nn.BatchNorm2d(ngf, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),

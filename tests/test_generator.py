@@ -1,0 +1,39 @@
+"""The DCGAN-lite generator: heads, shapes, conditional variant, and the fast x2 upsampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dfkd.generators import Generator
+from dfkd.generators.dcgan import Upsample2x
+from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC
+
+
+def test_upsample2x_equals_nearest_interpolation_with_gradients() -> None:
+    x = torch.randn(3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(Upsample2x()(x), F.interpolate(x, scale_factor=2, mode="nearest"))
+    torch.autograd.gradcheck(Upsample2x(), (x,))
+
+
+@pytest.mark.parametrize("head", ["tanh_bn", "bn", "sigmoid"])
+@pytest.mark.parametrize("spec", [MNIST_SPEC, CIFAR10_SPEC])
+def test_heads_give_images_in_the_teachers_space(head: str, spec) -> None:
+    g = Generator(spec, nz=16, ngf=8, head=head)
+    x = g(torch.randn(6, 16))
+    assert x.shape == (6, spec.channels, spec.size, spec.size)
+    if head == "sigmoid":  # pixels in [0, 1], then the teacher's normalisation
+        px = spec.denormalize(x)
+        assert px.min() >= 0 and px.max() <= 1
+    if head == "tanh_bn":  # re-standardised per channel
+        assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(spec.channels), atol=1e-5)
+
+
+def test_conditional_generator_needs_and_uses_labels() -> None:
+    g = Generator(MNIST_SPEC, nz=16, ngf=8, num_classes=10).eval()
+    z = torch.randn(4, 16)
+    with pytest.raises(ValueError):
+        g(z)
+    a, b = g(z, torch.zeros(4, dtype=torch.long)), g(z, torch.ones(4, dtype=torch.long))
+    assert not torch.allclose(a, b)
