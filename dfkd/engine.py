@@ -130,6 +130,7 @@ class Run:
             overrides = {**overrides, "data": cfg.data}
         self.params = resolve_params(recipe, overrides, cfg.method)
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
+        seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
         self.step, self.elapsed = 0, 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, ClassVar
 
 import torch
@@ -63,6 +64,7 @@ class ZSKT(GANMethod):
         with torch.no_grad():
             t_logits = self.teacher(x)
         t_feats = [self.t_taps.outputs[t] for _, t in self.at_pairs]
+        t0 = time.perf_counter()
         for _ in range(self.student_steps_per_round):
             s_logits = self.student_forward(x)
             kd = self._kl(s_logits, t_logits)
@@ -77,6 +79,7 @@ class ZSKT(GANMethod):
             self.opt_s.step()
             losses.update(self.objectives.extra_step(x, s_logits, t_logits))
             logs.update(step_logs("student", losses))
+        self.student_seconds += time.perf_counter() - t0
         return logs
 
     def close(self) -> None:
