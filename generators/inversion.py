@@ -182,13 +182,14 @@ class InversionSynthesizer(Synthesizer):
                 opt.param_groups[0]["lr"] = self.lr * warmup_cosine(i, iterations, warmup)
             losses = self.objective(augment(low_res(x) if lowres else x), y)
             loss = losses["loss"]
-            if best is None or loss.item() < best[0]:  # x before this step is what `loss` scores
-                best = (loss.item(), x.detach().clone(), {k: v.detach() for k, v in losses.items()})
+            value = loss.item()
+            if best is None or value < best[0]:  # x before this step is what `loss` scores
+                best = (value, x.detach().clone(), {k: v.detach() for k, v in losses.items()})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if plateau is not None:
-                plateau.step(loss.item())
+                plateau.step(value)
             if self.clip:
                 with torch.no_grad():
                     x.copy_(self.spec.clip(x))
