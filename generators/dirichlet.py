@@ -9,7 +9,6 @@ batches go to an `ImagePool` the student samples from.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,7 @@ from torch import Tensor
 
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.generators.inversion import balanced_targets
-from dfkd.generators.pool import ImagePool
+from dfkd.generators.pool import ImagePool, PoolServed
 from dfkd.losses import soft_cross_entropy
 from dfkd.spec import InputSpec
 
@@ -112,7 +111,7 @@ def impression_loss(logits: Tensor, targets: Tensor, T: float) -> Tensor:
     return soft_cross_entropy(logits, targets, T=T, scale_T2=False)
 
 
-class DirichletSynthesizer(Synthesizer):
+class DirichletSynthesizer(PoolServed, Synthesizer):
     """Makes batches of data impressions and keeps them in a pool.
 
     Each `synthesize()` draws balanced classes and mixed-beta Dirichlet targets, starts from uniform pixels in
@@ -174,13 +173,3 @@ class DirichletSynthesizer(Synthesizer):
         self.pool.add(x)
         self.batches += 1
         return x, losses
-
-    def sample(self, n: int) -> Tensor:
-        return self.pool.sample(n, self.device)[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool.state_dict(), "batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pool.load_state_dict(state["pool"])
-        self.batches = int(state["batches"])

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from dfkd.augment import JitterFlip
 from dfkd.generators.base import LossDict, Synthesizer
-from dfkd.generators.pool import ImagePool
+from dfkd.generators.pool import ImagePool, PoolServed
 from dfkd.spec import InputSpec
 
 #: objective(x, y) -> losses with "loss": x is the augmented view of the batch the teacher sees, y its targets.
@@ -77,7 +77,7 @@ def low_res(x: Tensor) -> Tensor:
     return F.interpolate(F.avg_pool2d(x, 2), size=x.shape[-2:], mode="nearest")
 
 
-class InversionSynthesizer(Synthesizer):
+class InversionSynthesizer(PoolServed, Synthesizer):
     """Optimises input batches against the teacher; serves the student from a pool of the best ones.
 
     Args:
@@ -194,14 +194,3 @@ class InversionSynthesizer(Synthesizer):
                 with torch.no_grad():
                     x.copy_(self.spec.clip(x))
         return best
-
-    # --- serving ------------------------------------------------------------------------------------------
-    def sample(self, n: int) -> Tensor:
-        return self.pool.sample(n, self.device)[0]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"pool": self.pool.state_dict(), "batches": self.batches}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.pool.load_state_dict(state["pool"])
-        self.batches = int(state["batches"])

@@ -148,3 +148,24 @@ class ImagePool:
             self.images[:self.size] = state["images"]
         if self.labels is not None:
             self.labels[:self.size] = state["labels"]
+
+
+class PoolServed:
+    """Mixin for synthesizers whose transfer data is served from an `ImagePool` they fill.
+
+    `sample(n)` draws uniformly from `self.pool`; the pool and the count of batches made so far are the state.
+    """
+
+    pool: ImagePool
+    device: Any
+    batches: int
+
+    def sample(self, n: int) -> Any:
+        return self.pool.sample(n, self.device)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pool": self.pool.state_dict(), "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pool.load_state_dict(state["pool"])
+        self.batches = int(state["batches"])
