@@ -253,6 +253,10 @@ def test_defaults_scale_with_the_teacher():
     assert (cifar["batch_size"], cifar["iterations"], cifar["lowres"]) == (256, 2000, 0.0)
     mnist = di.default_params(_SpecOnly(MNIST_SPEC))
     assert mnist["iterations"] < 500 and mnist["batch_size"] <= 256
+    # The LeNet priors that make the demo teacher's inversions digit-like; CIFAR keeps the paper's.
+    assert (mnist["first_bn"], mnist["tv_l2"], mnist["jitter"], mnist["lowres"]) == (1.0, 3e-2, 4, 0.5)
+    assert (cifar["first_bn"], cifar["tv_l2"], cifar["jitter"]) == (10.0, 2.5e-5, 2)
+    assert get_method("adi").default_params(_SpecOnly(MNIST_SPEC))["tv_l2"] == 3e-2
     imagenet = di.default_params(_SpecOnly(InputSpec(3, 224, (0.5,), (0.25,))))
     assert imagenet["lowres"] == pytest.approx(2 / 3) and imagenet["jitter"] == 30 and imagenet["flip_p"] == 0.5
     assert get_method("adi").default_params()["adi"] == 0.2
