@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 
 from dfkd.generators import LossDict
-from dfkd.losses import bn_zeroq, input_prior_zeroq
+from dfkd.losses import bn_zeroq, input_prior_zeroq, one_hot
 from dfkd.methods._inversion import InversionMethod, is_small
 from dfkd.methods._registry import register_method
 from dfkd.teacher import Teacher
@@ -28,14 +28,19 @@ class ZeroQ(InversionMethod):
     these batches exactly as DeepInversion's does (T 3, a new batch every 50 KD steps, KD minibatch 256).
     MNIST-scale inputs (at most 1x32x32) get 100 iterations (the loss is flat by then) and student SGD lr 0.01
     (0.1 diverges on LeNet-5-half), so a round takes seconds on a CPU.
+
+    ZeroQ's data are for calibration, not for teaching classes: on the demo teacher the label-free batches are
+    called "8" 86 % of the time and the student learns to answer "8" (9.7 % MNIST test top-1 after 3 minutes).
+    `-p oh=1` adds DeepInversion's cross-entropy on sampled classes (not in the paper): the classes balance and the
+    student reached 35.4 % in 3 single-thread minutes. For KD, deepinversion is the method to use.
     """
 
     paper: ClassVar[str] = "Cai et al. 2020, ZeroQ: A Novel Zero Shot Quantization Framework, CVPR"
-    summary: ClassVar[str] = "unlabelled inputs matching per-sample BN statistics (distilled data); KD from a pool"
+    summary: ClassVar[str] = "unlabelled inputs matching per-sample BN statistics (calibration data); KD from a pool"
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "synth_batch_size": 64, "iterations": 500, "lr_inv": 0.5, "betas_inv": [0.9, 0.999],
         "inv_schedule": "plateau", "plateau_patience": 100, "plateau_min_lr": 1e-4, "init": "zeroq", "jitter": 0,
-        "clip": False, "warmup": 0.0, "bn": 1.0, "input": 1.0,
+        "clip": False, "warmup": 0.0, "bn": 1.0, "input": 1.0, "oh": 0.0,
     }
 
     @classmethod
@@ -46,9 +51,13 @@ class ZeroQ(InversionMethod):
         return p
 
     def inversion_loss(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:
-        del y  # ZeroQ has no label term
         t_logits = self.teacher(x)
         layers = self.bn_layers()
         bn = bn_zeroq(layers) if layers else t_logits.new_zeros(())
         prior = input_prior_zeroq(x)
-        return {"loss": self.p["bn"] * bn + self.p["input"] * prior, "loss/bn": bn, "loss/input": prior}
+        losses = {"loss": self.p["bn"] * bn + self.p["input"] * prior, "loss/bn": bn, "loss/input": prior}
+        if self.p["oh"]:  # ZeroQ has no label term; `-p oh=W` adds cross-entropy on the sampled classes
+            oh = one_hot(t_logits, y)
+            losses["loss"] = losses["loss"] + self.p["oh"] * oh
+            losses["loss/oh"] = oh
+        return losses

@@ -261,3 +261,16 @@ def test_defaults_scale_with_the_teacher():
     assert imagenet["lowres"] == pytest.approx(2 / 3) and imagenet["jitter"] == 30 and imagenet["flip_p"] == 0.5
     assert get_method("adi").default_params()["adi"] == 0.2
     assert zq.default_params()["lr_inv"] == 0.5 and zq.default_params(_SpecOnly(MNIST_SPEC))["iterations"] < 500
+
+
+def test_zeroq_is_label_free_unless_a_class_weight_is_given():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
+    plain = make_method("zeroq")
+    free = plain.inversion_loss(x, y)
+    assert "loss/oh" not in free
+    assert torch.allclose(free["loss"], free["loss/bn"] + free["loss/input"])
+    with_oh = make_method("zeroq", oh=2.0).inversion_loss(x, y)
+    ce = torch.nn.functional.cross_entropy(plain.teacher(x), y)
+    assert torch.allclose(with_oh["loss/oh"], ce, atol=1e-5)
+    assert torch.allclose(with_oh["loss"], free["loss"] + 2.0 * ce, atol=1e-4)
