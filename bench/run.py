@@ -112,6 +112,12 @@ print(wall / ops if ops else float("nan"))
         return None
 
 
+def header() -> str:
+    """When, where and with what command the table was made."""
+    return (f"`{' '.join(['python', *sys.argv])}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPU "
+            f"cores, torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}\n\n")
+
+
 def markdown(rows: list[dict], teachers: dict[str, float]) -> str:
     lines = ["| teacher (top-1) | method | budget | student top-1 | % of teacher | samples/s | student steps/s | "
              "synthesis share | peak RSS MB | overhead ratio |", "|" + "---|" * 10]
@@ -153,7 +159,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "results.json").write_text(json.dumps({"teachers": teacher_acc, "rows": rows}, indent=1))
-                (out / "results.md").write_text(markdown(rows, teacher_acc))
+                (out / "results.md").write_text(header() + markdown(rows, teacher_acc))
     print(markdown(rows, teacher_acc))
 
 
