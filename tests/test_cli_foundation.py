@@ -167,3 +167,18 @@ def test_python_dash_m_dfkd():
     proc = subprocess.run([sys.executable, "-m", "dfkd", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "train-teacher" in proc.stdout and "evaluate" in proc.stdout
+
+
+def test_cli_help_does_not_import_torch() -> None:
+    code = "import sys\nfrom dfkd.cli.main import main\nimport dfkd\nprint('torch' in sys.modules, dfkd.__all__[0])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "DfkdError"]
+
+
+def test_public_names_resolve_lazily() -> None:
+    import dfkd
+
+    assert dfkd.load_teacher is __import__("dfkd.teacher", fromlist=["load_teacher"]).load_teacher
+    assert all(getattr(dfkd, name) is not None for name in dfkd.__all__)
+    with pytest.raises(AttributeError):
+        dfkd.no_such_name  # noqa: B018
