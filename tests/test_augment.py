@@ -75,3 +75,34 @@ def test_jitter_flip_roll_is_within_range():
 def test_unknown_kind_lists_choices():
     with pytest.raises(ValueError, match="crop_flip"):
         make_augment("mixup", 32)
+
+
+def test_crop_flip_outputs_are_crops_of_the_padded_input_some_flipped():
+    torch.manual_seed(0)
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8) + 1  # every pixel distinct, none 0
+    aug = make_augment("crop_flip", 8, flip_p=0.5)  # padding 8 // 8 = 1
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    seen = set()
+    for _ in range(40):
+        y = aug(x)
+        for i in range(2):
+            found = [(dy, dx, f) for dy in range(3) for dx in range(3) for f in (False, True)
+                     if torch.equal(y[i], (lambda c: c.flip(-1) if f else c)(padded[i, :, dy:dy + 8, dx:dx + 8]))]
+            assert found, "every output is one crop of the zero-padded input, maybe flipped"
+            seen.update(found)
+    assert len(seen) == 18, "all 9 offsets and both flips occur"
+
+
+def test_crop_flip_gradient_counts_each_kept_pixel_once():
+    x = torch.randn(5, 3, 16, 16, requires_grad=True)
+    torch.manual_seed(1)
+    y = make_augment("crop_flip", 16)(x)
+    y.sum().backward()
+    kept = x.grad.sum(dim=(1, 2, 3))
+    assert set(x.grad.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(kept, (y.detach() != 0).sum(dim=(1, 2, 3)).float())
+
+
+def test_crop_flip_from_a_larger_input():
+    y = make_augment("crop_flip", 8)(torch.randn(2, 1, 12, 12))
+    assert y.shape == (2, 1, 8, 8)
