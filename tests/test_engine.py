@@ -40,7 +40,7 @@ def test_run_writes_every_output(teacher_file: str, eval_npz: str, tmp_path: Pat
         assert (run / name).is_file(), name
     assert list(run.glob("events.out.tfevents.*"))
     config = json.loads((run / "config.json").read_text())
-    assert config["params"]["batch_size"] == 8 and config["params"]["lr_g"] == 1e-3  # recipe + override
+    assert config["params"]["batch_size"] == 8 and config["params"]["lr_g"] == 1e-2  # LeNet recipe + override
     assert config["student"] == "lenet5_half"
     student, meta = load_model(run / "student.pt")
     assert meta.arch == "lenet5_half" and meta.provenance["method"] == "dfad"
