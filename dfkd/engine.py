@@ -101,6 +101,31 @@ def new_run_dir(cfg: DistillConfig, teacher_path: str) -> Path:
     return d
 
 
+def _run_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
+    """The run's teacher: one file, or several answering as one, or a stand-in when there is no teacher file.
+
+    Several files: dfkd.ensemble (weighted logits, BN statistics of every member). No file (`--transfer-data`
+    alone): a stand-in carrying the transfer file's spec and classes, with no forward.
+    """
+    if not cfg.teachers:
+        return NoTeacher(load_transfer(cfg.transfer_data))
+    return load_teachers(cfg.teachers, cfg.teacher_arch, cfg.trust_pickle, _spec_from_flags(cfg), device,
+                         cfg.params.get("teacher_weights"), cfg.params.get("teacher_weighting", "mean"))
+
+
+def _overrides(cfg: DistillConfig, recipe: dict[str, Any]) -> dict[str, Any]:
+    """The method settings the user gave, plus the data files that feed the methods reading stored images."""
+    overrides = dict(cfg.params)
+    if cfg.transfer_data:
+        overrides["transfer_data"] = cfg.transfer_data
+    if cfg.data:
+        if "data" not in recipe:
+            raise DfkdError(f"--data {cfg.data}: method {cfg.method} is data-free; distill on real images with "
+                            "--method kd")
+        overrides["data"] = cfg.data
+    return overrides
+
+
 class Run:
     """One distillation run: builds teacher, student and method from a config, then loops."""
 
@@ -110,25 +135,14 @@ class Run:
         self.device = pick_device(cfg.device)
         method_cls = get_method(cfg.method)
         seed_everything(cfg.seed)
-        # Without a teacher file, a stand-in carries the transfer file's spec and classes (it has no forward).
-        # Several --teacher files answer as one (dfkd.ensemble): weighted logits, BN statistics of every member.
-        self.teacher: Teacher = load_teachers(cfg.teachers, cfg.teacher_arch, cfg.trust_pickle, _spec_from_flags(cfg),
-                                              self.device, cfg.params.get("teacher_weights"),
-                                              cfg.params.get("teacher_weighting", "mean")) if cfg.teachers else \
-            NoTeacher(load_transfer(cfg.transfer_data))
+        self.teacher = _run_teacher(cfg, self.device)
         self.eval_data: ImageData | None = None
         if cfg.eval_data:
             self.eval_data = load_images(cfg.eval_data, "--eval-data")
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
-        overrides = {**cfg.params, "transfer_data": cfg.transfer_data} if cfg.transfer_data else cfg.params
         recipe = method_cls.default_params(self.teacher)
-        if cfg.data:
-            if "data" not in recipe:
-                raise DfkdError(f"--data {cfg.data}: method {cfg.method} is data-free; distill on real images "
-                                "with --method kd")
-            overrides = {**overrides, "data": cfg.data}
-        self.params = resolve_params(recipe, overrides, cfg.method)
+        self.params = resolve_params(recipe, _overrides(cfg, recipe), cfg.method)
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
         seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
