@@ -73,7 +73,7 @@ def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace
     row = {"method": method, "budget_min": minutes, "wall_s": round(time.time() - t0, 1),
            "command": " ".join(cmd), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
     if os.waitstatus_to_exitcode(status) != 0:
-        row["error"] = (log.read_text().strip().splitlines() or ["?"])[-1]
+        row["error"] = (log.read_text().strip().splitlines() or ["?"])[-1].removeprefix("error: ")
         return row
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     perf = [r for r in records if "perf/samples_per_s" in r]
