@@ -4,7 +4,8 @@
     python bench/run.py --quick               # 1-minute budget, BN teacher only: a smoke pass over everything
     python bench/run.py --methods dfad dafl --budgets 5 --teachers lenet5_bn
 
-Teachers are trained once with `dfkd train-teacher` (or taken from --teacher-file) and cached in bench/teachers/.
+Teachers are the shipped examples/mnist_<arch>.pt (or --teacher-file ARCH=FILE); any other architecture is
+trained once with `dfkd train-teacher` and cached in bench/teachers/.
 Each run is a separate `dfkd distill` process (so peak memory is its own). Results go to bench/results/ as
 results.json and results.md; the table has: student top-1, % of teacher, synthetic samples/s, student steps/s,
 synthesis share of the time, peak RSS, and the overhead ratio (wall time of a round over the time spent inside
@@ -45,6 +46,9 @@ def teacher_path(arch: str, args: argparse.Namespace) -> Path:
     given = dict(s.split("=", 1) for s in args.teacher_file)
     if arch in given:
         return Path(given[arch])
+    shipped = HERE.parent / "examples" / f"mnist_{arch}.pt"  # the demo teachers, so results match the README
+    if shipped.exists():
+        return shipped
     path = HERE / "teachers" / f"mnist_{arch}.pt"
     if not path.exists():
         print(f"training teacher {arch} -> {path}", flush=True)
