@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -30,6 +32,19 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """Print dfkd's own warnings as one line for a person ("warning: ..."); other libraries' in Python's usual form."""
+    ours = [Path(m.__file__).parent for name in ("dfkd", "dfkd.generators", "dfkd.cli")
+            if (m := sys.modules.get(name)) is not None and m.__file__]
+    if any(Path(filename).is_relative_to(root) for root in ours):
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
+_python_format = warnings.formatwarning
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dfkd")
 def main() -> None:
@@ -40,6 +55,7 @@ def main() -> None:
       dfkd distill --teacher examples/mnist_lenet5_bn.pt --method deepinversion \\
           --eval-data examples/mnist_test.npz
     """
+    warnings.formatwarning = format_warning
 
 
 @main.command("train-teacher")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -182,3 +183,23 @@ def test_public_names_resolve_lazily() -> None:
     assert all(getattr(dfkd, name) is not None for name in dfkd.__all__)
     with pytest.raises(AttributeError):
         dfkd.no_such_name  # noqa: B018
+
+
+def test_dfkd_warnings_print_as_one_line_and_others_as_usual() -> None:
+    import dfkd.methods._inversion as inv
+    from dfkd.cli.main import format_warning
+
+    ours = format_warning(UserWarning("no BatchNorm"), UserWarning, inv.__file__, 70, "self.bn = ...")
+    assert ours == "warning: no BatchNorm\n"
+    theirs = format_warning(UserWarning("deprecated"), UserWarning, torch.__file__, 3, "x = 1")
+    assert torch.__file__ in theirs and "deprecated" in theirs
+
+
+def test_bn_free_teacher_warning_reaches_the_user_as_one_line(bnfree_teacher_file: str, tmp_path) -> None:
+    cmd = [sys.executable, "-m", "dfkd", "distill", "--teacher", bnfree_teacher_file, "--method", "deepinversion",
+           "--steps", "2", "-p", "batch_size=4", "-p", "iterations=2", "-p", "s_steps=2", "--fid-every", "0",
+           "--out", str(tmp_path / "run")]
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if "BatchNorm" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: deepinversion:") and "self.bn" not in res.stderr
