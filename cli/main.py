@@ -263,17 +263,32 @@ def synthesize_cmd(teacher: str, teacher_arch: str | None, trust_pickle: bool, p
 
 @main.command("methods")
 @click.option("--params", "show", default=None, metavar="NAME", help="Show one method's parameters and defaults.")
+@click.option("--teacher", default=None,
+              help="With --params: the defaults this teacher file gets (recipes scale with the teacher).")
 @friendly
-def methods_cmd(show: str | None) -> None:
-    """List the distillation methods (or one method's parameters)."""
+def methods_cmd(show: str | None, teacher: str | None) -> None:
+    """List the distillation methods (or one method's parameters).
+
+    \b
+    Example:
+      dfkd methods
+      dfkd methods --params dfad --teacher examples/mnist_lenet5.pt    (the CPU recipe a LeNet teacher gets)
+    """
     from dfkd.methods import get_method, list_methods
 
     if show:
         cls = get_method(show)
         click.echo((cls.__doc__ or "").strip() + "\n")
-        for k, v in cls.default_params().items():
+        if teacher:
+            from dfkd.teacher import load_teacher
+
+            click.echo(f"  defaults for --teacher {teacher}:")
+        params = cls.default_params(load_teacher(teacher) if teacher else None)
+        for k, v in params.items():
             click.echo(f"  {k:14s} {v!r}")
         return
+    if teacher:
+        raise DfkdError("--teacher goes with --params NAME: dfkd methods --params dfad --teacher T.pt")
     for name in list_methods():
         click.echo(f"{name:14s} {get_method(name).describe()}")
 

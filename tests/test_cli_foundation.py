@@ -203,3 +203,16 @@ def test_bn_free_teacher_warning_reaches_the_user_as_one_line(bnfree_teacher_fil
     assert res.returncode == 0, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if "BatchNorm" in ln]
     assert len(lines) == 1 and lines[0].startswith("warning: deepinversion:") and "self.bn" not in res.stderr
+
+
+def test_methods_params_show_the_recipe_a_teacher_gets(teacher_file: str) -> None:
+    paper = CliRunner().invoke(main, ["methods", "--params", "dfad"])
+    lenet = CliRunner().invoke(main, ["methods", "--params", "dfad", "--teacher", teacher_file])
+    assert paper.exit_code == 0 and lenet.exit_code == 0, lenet.output
+
+    def batch(out: str) -> str:
+        return [ln.split()[1] for ln in out.splitlines() if ln.strip().startswith("batch_size")][0]
+
+    assert (batch(paper.output), batch(lenet.output)) == ("512", "64")
+    lone = CliRunner().invoke(main, ["methods", "--teacher", teacher_file])
+    assert lone.exit_code == 2 and "--params" in lone.output
