@@ -128,12 +128,11 @@ def make_augment(
     if kind == "crop_flip":
         return RandomCropFlip(hw, min(hw) // 8, flip_p)
     if kind == "resized_crop":
-        return _kornia_augment(kind, hw, flip_p, scale)
+        return _kornia_resized_crop(hw, flip_p, scale)
     raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(AUGMENT_KINDS)}")
 
 
-def _kornia_augment(kind: str, hw: tuple[int, int], flip_p: float, scale: tuple[float, float]) -> nn.Module:
+def _kornia_resized_crop(hw: tuple[int, int], flip_p: float, scale: tuple[float, float]) -> nn.Module:
     import kornia.augmentation as K  # heavy import, only when a kornia augmentation is requested
 
-    del kind  # only "resized_crop" goes through kornia
     return nn.Sequential(K.RandomResizedCrop(hw, scale=scale), K.RandomHorizontalFlip(p=flip_p))
