@@ -28,6 +28,17 @@ def make_teacher_module(arch: str = "lenet5_bn", seed: int = 0) -> torch.nn.Modu
     return m.eval()
 
 
+def assert_same_next_round(a, b) -> None:  # noqa: ANN001 - any two Methods
+    """Two methods in the same state take the same next round: equal logs, equal students."""
+    torch.manual_seed(5)
+    la = a.round()
+    torch.manual_seed(5)
+    lb = b.round()
+    assert la == lb
+    for k, v in a.student.state_dict().items():
+        assert torch.equal(v, b.student.state_dict()[k]), k
+
+
 @pytest.fixture(scope="session")
 def teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("teachers") / "lenet5_bn.pt"

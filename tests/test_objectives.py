@@ -15,7 +15,7 @@ from dfkd.objectives import build_objectives, get_objective, list_objectives, ob
 from dfkd.spec import MNIST_SPEC
 from dfkd.students import build_student
 from dfkd.teacher import Teacher
-from tests.conftest import KWARGS, make_teacher_module
+from tests.conftest import KWARGS, assert_same_next_round, make_teacher_module
 
 # (objective name, params that select it)
 CASES = {
@@ -190,13 +190,7 @@ def test_objective_inside_methods_round_and_resume(method: str, case: str) -> No
     state = copy.deepcopy(a.state_dict())
     b = build_method(method, case, seed=2)
     b.load_state_dict(state)
-    torch.manual_seed(5)
-    la = a.round()
-    torch.manual_seed(5)
-    lb = b.round()
-    assert la == lb
-    for k, v in a.student.state_dict().items():
-        assert torch.equal(v, b.student.state_dict()[k]), k
+    assert_same_next_round(a, b)
     a.close(), b.close()
 
 
@@ -208,3 +202,27 @@ def test_adapter_is_trained_by_the_student_optimizer():
     m.round()
     assert not torch.equal(before, adapter.weight)
     m.close()
+
+
+@pytest.mark.parametrize("case", ["sp", "at"])
+def test_teacher_features_come_from_the_forward_that_made_the_logits(case: str) -> None:
+    """Feature objectives read the teacher's features from the forward that made its logits, not another one."""
+    calls: list[int] = []
+
+    def count(method):  # noqa: ANN001, ANN202
+        return method.teacher.module.register_forward_hook(lambda *_: calls.append(1))
+
+    dfad = build_method("dfad", case)
+    dfad.round()
+    with_hook = count(dfad)
+    dfad.student_step(dfad.synth.sample(8))
+    with_hook.remove()
+    assert len(calls) == 1  # one student step: one teacher forward
+    zskt = build_method("zskt", case)
+    zskt.round()
+    calls.clear()
+    with_hook = count(zskt)
+    zskt.round()
+    with_hook.remove()
+    assert len(calls) == 2  # the generator step, then one forward for all of the round's student steps
+    dfad.close(), zskt.close()

@@ -169,7 +169,7 @@ class Method:
         """One student update on transfer images `x` (teacher logits computed unless given)."""
         t0 = time.perf_counter()
         if t_logits is None:
-            with torch.no_grad():
+            with torch.no_grad(), self.objectives.capture_teacher(x):
                 t_logits = self.teacher(x)
         s_logits = self.student_forward(x)
         losses = self.with_objectives(self.student_loss(s_logits, t_logits), x, s_logits, t_logits)

@@ -15,7 +15,7 @@ from dfkd.generators import LossDict
 from dfkd.hooks import FeatureTaps
 from dfkd.losses import adv_l1, kl_div
 from dfkd.methods._registry import register_method
-from dfkd.methods.base import frozen, step_logs
+from dfkd.methods.base import frozen
 from dfkd.methods.dfad import DFAD
 from dfkd.objectives.base import student_penultimate
 from dfkd.objectives.discriminator import Discriminator
@@ -98,11 +98,16 @@ class Online(DFAD):
         total = l1 + self.p["mutual"] * mutual + self.p["adv"] * fool
         return {"loss": total, "loss/l1": l1, "loss/mutual": mutual, "loss/fool": fool}
 
-    def joint_step(self, x: torch.Tensor) -> LossDict:
-        """One update of both students (and of both discriminators) on transfer images `x`."""
+    def student_step(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> LossDict:
+        """This method's student update is the joint one (DFAD's round calls it on each fresh batch)."""
+        return self.joint_step(x, t_logits)
+
+    def joint_step(self, x: torch.Tensor, t: torch.Tensor | None = None) -> LossDict:
+        """One update of both students (and of both discriminators) on transfer images `x` (teacher logits `t`)."""
         t0 = time.perf_counter()
-        with torch.no_grad():
-            t = self.teacher(x)
+        if t is None:
+            with torch.no_grad(), self.objectives.capture_teacher(x):
+                t = self.teacher(x)
         with self._recording():
             s1, s2 = self.student_forward(x), self.peer(x)
         f1, f2 = self._features()
@@ -118,13 +123,6 @@ class Online(DFAD):
         losses.update(self.objectives.extra_step(x, s1, t))
         self.student_seconds += time.perf_counter() - t0
         return losses
-
-    def round(self) -> dict[str, float]:
-        logs: dict[str, float] = {}
-        for _ in range(self.student_steps_per_round):
-            logs.update(step_logs("student", self.joint_step(self.synth.sample(self.p["batch_size"]))))
-        logs.update(self.generator_step())
-        return logs
 
     def extra_state(self) -> dict[str, Any]:
         return {"peer": self.peer.state_dict(), "opt_peer": self.opt_peer.state_dict(),

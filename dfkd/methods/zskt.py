@@ -61,7 +61,7 @@ class ZSKT(GANMethod):
         x, g_losses = self.synth.step_on(z, None)
         self.last_images = x = self.synth.generate(z)
         logs = step_logs("gen", g_losses)
-        with torch.no_grad():
+        with torch.no_grad(), self.objectives.capture_teacher(x):
             t_logits = self.teacher(x)
         t_feats = [self.t_taps.outputs[t] for _, t in self.at_pairs]
         t0 = time.perf_counter()

@@ -47,6 +47,14 @@ class ObjectiveSet:
                 stack.enter_context(o.capture())
             yield
 
+    @contextmanager
+    def capture_teacher(self, x: torch.Tensor) -> Iterator[None]:
+        """Record every objective's teacher features during the teacher's forward on `x` in this block."""
+        with ExitStack() as stack:
+            for o in self.objectives:
+                stack.enter_context(o.capture_teacher(x))
+            yield
+
     def add_terms(self, losses: LossDict, x: torch.Tensor, s_logits: torch.Tensor, t_logits: torch.Tensor) -> LossDict:
         """`losses` with every objective's terms added (to "loss" and as "loss/<term>")."""
         out = dict(losses)

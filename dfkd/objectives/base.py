@@ -62,6 +62,7 @@ class Objective:
         self.learned = nn.ModuleDict()
         self._s_taps: FeatureTaps | None = None
         self._t_taps: FeatureTaps | None = None
+        self._t_x: torch.Tensor | None = None  # the batch whose teacher features `_t_taps` hold
 
     def resolve_weight(self) -> float:
         """`feature_weight`: None -> the paper's weight; a number -> that; a dict -> its entry for this name."""
@@ -104,18 +105,40 @@ class Objective:
         if self._s_taps is not None:
             self._s_taps.clear()
 
-    def teacher_features(self, x: torch.Tensor, feats: list[Feature]) -> list[torch.Tensor]:
-        """The teacher's watched features on `x` (one extra forward, no gradient)."""
-        taps = self._t_taps
-        taps.active = True
+    @contextmanager
+    def capture_teacher(self, x: torch.Tensor) -> Iterator[None]:
+        """Record the teacher's watched features during its forward on `x` in this block.
+
+        `teacher_features(x)` then reads them instead of forwarding the teacher again.
+        """
+        if self._t_taps is None:
+            yield
+            return
+        self._t_x = None
+        self._t_taps.active = True
         try:
-            with torch.no_grad():
-                self.teacher(x)
+            yield
         finally:
-            taps.active = False
-        out = [(taps.inputs if side == "input" else taps.outputs)[path] for path, side in feats]
-        taps.clear()
-        return out
+            self._t_taps.active = False
+        self._t_x = x
+
+    def teacher_features(self, x: torch.Tensor, feats: list[Feature]) -> list[torch.Tensor]:
+        """The teacher's watched features on `x` (no gradient), forwarding the teacher only when needed.
+
+        The taps keep the features of the last batch they saw (from `capture_teacher`, or an earlier call: ZSKT
+        reuses a batch for 10 steps); another batch costs one more teacher forward.
+        """
+        taps = self._t_taps
+        if self._t_x is not x:
+            self._t_x = None
+            taps.active = True
+            try:
+                with torch.no_grad():
+                    self.teacher(x)
+            finally:
+                taps.active = False
+            self._t_x = x
+        return [(taps.inputs if side == "input" else taps.outputs)[path] for path, side in feats]
 
     def probe(self, s_feats: list[Feature], t_feats: list[Feature]) -> tuple[list[torch.Size], list[torch.Size]]:
         """Shapes of watched features on a 2-image batch of zeros (student in eval mode: no BN update)."""
