@@ -49,3 +49,11 @@ def test_large_teacher_keeps_the_paper_cifar_settings() -> None:
     assert (dfad["batch_size"], dfad["s_optimizer"], dfad["lr_s"], dfad["lr_g"]) == (256, "sgd", 0.1, 1e-3)
     dfq = get_method("dfq").default_params(teacher)
     assert (dfq["batch_size"], dfq["lr_s"]) == (256, 0.1)
+
+
+def test_online_critic_weight_is_cut_for_lenet_scale_teachers_only() -> None:
+    teacher = Teacher(make_teacher_module(), MNIST_SPEC, arch="lenet5_bn")
+    assert get_method("online").default_params()["adv"] == 1.0
+    small = get_method("online").default_params(teacher)
+    assert small["adv"] == 0.01
+    assert subset(small, CPU["dfad"]) == CPU["dfad"]  # and DFAD's CPU recipe underneath
