@@ -3,13 +3,16 @@
     python bench/run.py                       # budgets 2, 5, 10 minutes, both teachers, every method
     python bench/run.py --quick               # 1-minute budget, BN teacher only: a smoke pass over everything
     python bench/run.py --methods dfad dafl --budgets 5 --teachers lenet5_bn
+    python bench/run.py --budgets 10 --jobs 2  # two runs at a time, one thread each: budgets are CPU-minutes
 
 Teachers are the shipped examples/mnist_<arch>.pt (or --teacher-file ARCH=FILE); any other architecture is
-trained once with `dfkd train-teacher` and cached in bench/teachers/.
+trained once with `dfkd train-teacher` and cached in bench/teachers/. Methods that match BatchNorm statistics
+(`uses_bn`) run only on teachers that have BatchNorm (their row says n/a otherwise; --all-pairs runs them anyway).
 Each run is a separate `dfkd distill` process (so peak memory is its own). Results go to bench/results/ as
 results.json and results.md; the table has: student top-1, % of teacher, synthetic samples/s, student steps/s,
-synthesis share of the time, peak RSS, and the overhead ratio (wall time of a round over the time spent inside
-PyTorch operators in it, from torch.profiler: 1.0 = no Python/framework overhead).
+synthesis share of the time, peak RSS, and two ratios from bench/overhead.py: a round's wall time over the bare
+forward/backward time of the same networks at the same batch sizes ("x bare"), and over the time inside PyTorch
+operators ("x ops", the Python/framework share alone).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 
 
-def parse() -> argparse.Namespace:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", default=str(DATA / "mnist_train.npz"))
     ap.add_argument("--test", default=str(DATA / "mnist_test.npz"))
@@ -37,9 +41,16 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     ap.add_argument("--budgets", nargs="+", type=float, default=[2, 5, 10], help="minutes")
     ap.add_argument("--quick", action="store_true", help="1-minute budget, lenet5_bn only")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time; with more than one, each gets cores/jobs torch threads")
+    ap.add_argument("--all-pairs", action="store_true",
+                    help="also run BN-statistics methods on teachers without BatchNorm")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--seed", type=int, default=0)
-    return ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    return args
 
 
 def teacher_path(arch: str, args: argparse.Namespace) -> Path:
@@ -57,6 +68,28 @@ def teacher_path(arch: str, args: argparse.Namespace) -> Path:
     return path
 
 
+def child_env(jobs: int) -> dict[str, str]:
+    """The environment of each run: with several jobs, the cores are shared out as torch threads."""
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def has_batchnorm(teacher: Path) -> bool:
+    from dfkd.teacher import load_teacher
+
+    return bool(load_teacher(str(teacher)).bn_paths())
+
+
+def pairs(teachers: dict[str, Path], methods: list[str], all_pairs: bool) -> list[tuple[str, str, bool]]:
+    """(teacher arch, method, run it?) for every pair; BN-statistics methods skip BN-free teachers."""
+    from dfkd.methods import get_method
+
+    bn = {arch: has_batchnorm(path) for arch, path in teachers.items()}
+    return [(arch, m, all_pairs or bn[arch] or not get_method(m).uses_bn) for arch in teachers for m in methods]
+
+
 def evaluate(model: Path, test: str) -> float:
     out = subprocess.run(["dfkd", "evaluate", "--model", str(model), "--data", test, "--json"], check=True,
                          capture_output=True, text=True).stdout
@@ -64,6 +97,7 @@ def evaluate(model: Path, test: str) -> float:
 
 
 def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace, out: Path) -> dict:
+    """One `dfkd distill` run at a wall-clock budget; its row of the table."""
     cmd = ["dfkd", "distill", "--teacher", str(teacher), "--method", method, "--budget-minutes", str(minutes),
            "--eval-data", args.test, "--eval-every", "1000000", "--seed", str(args.seed), "--out", str(out)]
     if out.exists():  # a fresh measurement: a run folder left by an earlier (or stopped) bench is replaced
@@ -72,7 +106,7 @@ def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace
     log = out.parent / f"{out.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(args.jobs))
         _, status, usage = os.wait4(proc.pid, 0)  # per-child resource usage: this run's own peak memory
     row = {"method": method, "budget_min": minutes, "wall_s": round(time.time() - t0, 1),
            "command": " ".join(cmd), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
@@ -90,59 +124,39 @@ def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace
     return row
 
 
-def overhead_ratio(teacher: Path, method: str, rounds: int = 1) -> float | None:
-    """Wall time of a round / time inside top-level PyTorch operators (torch.profiler), inner loops cut to 10."""
-    code = f"""
-import time, warnings, torch
-from torch.profiler import profile, ProfilerActivity
-from dfkd.teacher import load_teacher
-from dfkd.methods import get_method
-from dfkd.students import build_student, student_arch
-warnings.simplefilter("ignore")
-t = load_teacher({str(teacher)!r})
-cls = get_method({method!r}); p = cls.default_params(t)
-# The same networks at the same batch sizes, fewer repeats per round: the profiler multiplies a round's time.
-p.update({{k: min(p[k], 10) for k in ("iterations", "di_iters", "g_steps", "s_steps") if k in p}})
-name, kw = student_arch(t, None)
-m = cls(t, build_student(name, kw), p, torch.device("cpu"))
-m.round()
-with profile(activities=[ProfilerActivity.CPU]) as prof:
-    t0 = time.perf_counter()
-    for _ in range({rounds}): m.round()
-    wall = time.perf_counter() - t0
-ops = sum(e.cpu_time_total for e in prof.events() if e.cpu_parent is None and
-          (e.name.startswith("aten::") or e.name.startswith("autograd::") or "Backward" in e.name)) / 1e6
-print(wall / ops if ops else float("nan"))
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+def overhead(teacher: Path, method: str, jobs: int) -> dict:
+    """bench/overhead.py's ratios for one method ({} if it failed)."""
+    res = subprocess.run([sys.executable, str(HERE / "overhead.py"), str(teacher), method], capture_output=True,
+                         text=True, timeout=900, env=child_env(jobs))
     try:
-        return round(float(res.stdout.strip().splitlines()[-1]), 2)
+        return json.loads(res.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
-        return None
+        return {}
 
 
-def header() -> str:
+def header(args: argparse.Namespace) -> str:
     """When, where and with what command the table was made."""
+    threads = child_env(args.jobs).get("OMP_NUM_THREADS", "default")
     return (f"`{' '.join(['python', *sys.argv])}` on {time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPU "
-            f"cores, torch threads: {os.environ.get('OMP_NUM_THREADS', 'default')}\n\n")
+            f"cores, {args.jobs} run(s) at a time, torch threads per run: {threads}\n\n")
 
 
 def markdown(rows: list[dict], teachers: dict[str, float]) -> str:
     lines = ["| teacher (top-1) | method | budget | student top-1 | % of teacher | samples/s | student steps/s | "
-             "synthesis share | peak RSS MB | overhead ratio |", "|" + "---|" * 10]
-    for r in rows:
+             "synthesis share | peak RSS MB | x bare | x ops |", "|" + "---|" * 11]
+    for r in sorted(rows, key=lambda r: (r["teacher"], r["method"], r["budget_min"])):
         t = teachers[r["teacher"]]
-        if "error" in r:
-            lines.append(f"| {r['teacher']} ({100 * t:.2f}) | {r['method']} | {r['budget_min']:g} min | "
-                         f"error: {r['error'][:60]} |" + " |" * 6)
+        head = f"| {r['teacher']} ({100 * t:.2f}) | {r['method']} | {r['budget_min']:g} min | "
+        if "skipped" in r or "error" in r:
+            what = f"n/a: {r['skipped']}" if "skipped" in r else f"error: {r['error'][:60]}"
+            lines.append(head + what + " |" * 8)
             continue
         pct = 100 * r["top1"] / t if r.get("top1") is not None else float("nan")
         share = r.get("synthesis_share")
         lines.append(
-            f"| {r['teacher']} ({100 * t:.2f}) | {r['method']} | {r['budget_min']:g} min | {100 * r['top1']:.2f} | "
-            f"{pct:.1f} | {r.get('samples_per_s') or 0:.0f} | {r.get('steps_per_s') or 0:.2f} | "
-            f"{'' if share is None else f'{100 * share:.0f} %'} | {r.get('peak_rss_mb')} | "
-            f"{r.get('overhead_ratio') or ''} |")
+            f"{head}{100 * r['top1']:.2f} | {pct:.1f} | {r.get('samples_per_s') or 0:.0f} | "
+            f"{r.get('steps_per_s') or 0:.2f} | {'' if share is None else f'{100 * share:.0f} %'} | "
+            f"{r.get('peak_rss_mb')} | {r.get('bare_ratio') or ''} | {r.get('op_ratio') or ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -157,21 +171,33 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     teachers = {a: teacher_path(a, args) for a in args.teachers}
     teacher_acc = {a: evaluate(p, args.test) for a, p in teachers.items()}
+    plan = pairs(teachers, methods, args.all_pairs)
     rows: list[dict] = []
-    ratios: dict[str, float | None] = {}  # the loop's overhead does not depend on the teacher: measured once
-    for arch, path in teachers.items():
-        for method in methods:
-            if method not in ratios:
-                ratios[method] = overhead_ratio(path, method)
-            ratio = ratios[method]
+    ratios: dict[str, dict] = {}  # a round's cost does not depend on the teacher's weights: measured once
+
+    def job(arch: str, method: str, minutes: float) -> dict:
+        print(f"{arch} {method} {minutes:g} min ...", flush=True)
+        row = run_one(teachers[arch], method, minutes, args, out / "runs" / f"{arch}-{method}-{minutes:g}")
+        return {**row, "teacher": arch, **ratios.get(method, {})}
+
+    for arch, method, _ in plan:  # the ratios first, one at a time, before the timed runs
+        if method not in ratios:
+            ratios[method] = overhead(teachers[arch], method, args.jobs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = []
+        for arch, method, run in plan:
             for minutes in args.budgets:
-                print(f"{arch} {method} {minutes:g} min ...", flush=True)
-                row = run_one(path, method, minutes, args, out / "runs" / f"{arch}-{method}-{minutes:g}")
-                row.update(teacher=arch, overhead_ratio=ratio)
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                (out / "results.json").write_text(json.dumps({"teachers": teacher_acc, "rows": rows}, indent=1))
-                (out / "results.md").write_text(header() + markdown(rows, teacher_acc))
+                if run:
+                    futures.append(pool.submit(job, arch, method, minutes))
+                else:
+                    rows.append({"teacher": arch, "method": method, "budget_min": minutes,
+                                 "skipped": "needs BatchNorm (the teacher has none)"})
+        for f in futures:
+            rows.append(f.result())
+            print(json.dumps(rows[-1]), flush=True)
+            (out / "results.json").write_text(json.dumps({"teachers": teacher_acc, "rows": rows}, indent=1))
+            (out / "results.md").write_text(header(args) + markdown(rows, teacher_acc))
+    (out / "results.md").write_text(header(args) + markdown(rows, teacher_acc))
     print(markdown(rows, teacher_acc))
 
 

@@ -1,0 +1,98 @@
+"""The benchmark's bookkeeping: which pairs run, what the table says, and what the overhead ratio counts."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfkd.methods import get_method
+from dfkd.students import build_student, student_arch
+from dfkd.teacher import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import overhead  # noqa: E402
+import run  # noqa: E402
+
+PLAIN, BN = ROOT / "examples" / "mnist_lenet5.pt", ROOT / "examples" / "mnist_lenet5_bn.pt"
+
+
+def test_bn_statistics_methods_skip_a_teacher_without_batchnorm() -> None:
+    plan = run.pairs({"lenet5": PLAIN, "lenet5_bn": BN}, ["deepinversion", "dfad"], all_pairs=False)
+    assert plan == [("lenet5", "deepinversion", False), ("lenet5", "dfad", True),
+                    ("lenet5_bn", "deepinversion", True), ("lenet5_bn", "dfad", True)]
+    forced = run.pairs({"lenet5": PLAIN}, ["deepinversion"], all_pairs=True)
+    assert forced == [("lenet5", "deepinversion", True)]
+
+
+def test_table_marks_skipped_and_failed_runs_and_sorts_rows() -> None:
+    rows = [
+        {"teacher": "t", "method": "zskt", "budget_min": 2, "top1": 0.5, "bare_ratio": 1.1, "op_ratio": 1.2},
+        {"teacher": "t", "method": "adi", "budget_min": 2, "skipped": "needs BatchNorm (the teacher has none)"},
+        {"teacher": "t", "method": "dfad", "budget_min": 2, "error": "boom"},
+    ]
+    table = run.markdown(rows, {"t": 0.99}).splitlines()
+    assert [line.split("|")[2].strip() for line in table[2:]] == ["adi", "dfad", "zskt"]
+    assert "n/a: needs BatchNorm" in table[2] and "error: boom" in table[3]
+    assert table[4].split("|")[4:6] == [" 50.00 ", " 50.5 "] and table[4].endswith("| 1.1 | 1.2 |")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_parallel_jobs_share_out_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 8)
+    assert run.child_env(2)["OMP_NUM_THREADS"] == "4"
+    assert run.child_env(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert "OMP_NUM_THREADS" not in run.child_env(1)
+    with pytest.raises(SystemExit):
+        run.parse(["--jobs", "0"])
+
+
+def _method(name: str):
+    teacher = load_teacher(str(BN))
+    arch, kw = student_arch(teacher, None)
+    params = get_method(name).default_params(teacher)
+    params.update(get_method(name).quick)
+    return get_method(name)(teacher, build_student(arch, kw), params, torch.device("cpu"))
+
+
+def test_networks_are_the_models_not_augmentation_or_submodules() -> None:
+    m = _method("fast")
+    nets = overhead.networks(m)
+    assert {type(n).__name__ for n in nets} == {"LeNet5", "Generator"}
+    assert m.teacher.module in nets and m.student in nets and len(nets) == 3
+
+
+def test_recorder_follows_clones_and_stops_when_removed() -> None:
+    net = torch.nn.Linear(3, 2)
+    rec = overhead.Recorder([net])
+    clone = copy.deepcopy(net)  # Fast clones its generator every round: the clone's calls count too
+    with torch.no_grad():
+        net(torch.zeros(4, 3))
+    clone(torch.zeros(5, 3, requires_grad=True))
+    clone.requires_grad_(False)  # frozen, as the student is while the generator learns
+    clone(torch.zeros(7, 3, requires_grad=True))
+    rec.remove()
+    clone(torch.zeros(6, 3))
+    assert [(c.shape, c.grad, c.input_grad, c.backward, c.weights_grad) for c in rec.calls] == [
+        ((4, 3), False, False, False, True), ((5, 3), True, True, True, True), ((7, 3), True, True, True, False)]
+    assert rec.calls[1].net is clone
+
+
+def test_replay_runs_the_recorded_forwards_and_backwards() -> None:
+    net, frozen = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    calls = [overhead.Call(net, (4, 3), True, True, True, True), overhead.Call(net, (4, 3), False, False, False, True),
+             overhead.Call(frozen, (4, 3), True, True, True, False)]
+    assert overhead.replay(calls, torch.device("cpu")) > 0
+    assert net.weight.grad is not None  # the differentiable call went backward
+    assert frozen.weight.grad is None and frozen.weight.requires_grad  # no weight gradients, and put back after
+
+
+def test_measure_gives_both_ratios_for_a_real_method() -> None:
+    res = overhead.measure(str(BN), "dfad", repeats=1)
+    assert res["calls"] > 0 and res["bare_s"] > 0
+    assert 0.5 < res["bare_ratio"] < 10 and 0.5 < res["op_ratio"] < 10
