@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,8 +71,10 @@ def networks(method: object) -> list[nn.Module]:
 
 
 class Recorder:
-    """Forward hooks that log every call of `nets` while `active`.
+    """Logs every call of `nets` while `active`.
 
+    Zoo models are followed through `forward_features`, which their forward and the teacher's
+    `forward_with_features` (DAFL, feature objectives) both go through; other networks through a forward hook.
     Clones made during a round (Fast's inner generator) carry the hook along and outlive `remove()`; turning
     `active` off silences them too.
     """
@@ -79,22 +82,40 @@ class Recorder:
     def __init__(self, nets: list[nn.Module]) -> None:
         self.calls: list[Call] = []
         self.active = True
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.patched: list[nn.Module] = []
+
+        def log(net: nn.Module, x: object, out: object) -> None:
+            if not self.active or not isinstance(x, torch.Tensor):
+                return
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            self.calls.append(Call(net, tuple(x.shape), x.requires_grad, torch.is_grad_enabled(),
+                                   isinstance(y, torch.Tensor) and y.requires_grad,
+                                   any(p.requires_grad for p in net.parameters())))
 
         def hook(module: nn.Module, args: tuple, out: object) -> None:
             # A closure, not a bound method: deepcopy shares a function but would copy a method's Recorder.
-            if not self.active or not args or not isinstance(args[0], torch.Tensor):
-                return
-            y = out[0] if isinstance(out, (tuple, list)) else out
-            self.calls.append(Call(module, tuple(args[0].shape), args[0].requires_grad, torch.is_grad_enabled(),
-                                   isinstance(y, torch.Tensor) and y.requires_grad,
-                                   any(p.requires_grad for p in module.parameters())))
+            log(module, args[0] if args else None, out)
 
-        self.handles = [net.register_forward_hook(hook) for net in nets]
+        for net in nets:
+            if callable(getattr(type(net), "forward_features", None)):
+                def features(x: torch.Tensor, *args: object, _net: nn.Module = net,
+                             _orig: Callable = net.forward_features, **kwargs: object) -> object:
+                    out = _orig(x, *args, **kwargs)
+                    log(_net, x, out)
+                    return out
+
+                net.forward_features = features
+                self.patched.append(net)
+            else:
+                self.handles.append(net.register_forward_hook(hook))
 
     def remove(self) -> None:
         self.active = False
         for h in self.handles:
             h.remove()
+        for net in self.patched:
+            del net.forward_features
 
 
 def replay(calls: list[Call], device: torch.device) -> float:
@@ -109,7 +130,7 @@ def replay(calls: list[Call], device: torch.device) -> float:
             y = c.net(x)
             y = y[0] if isinstance(y, (tuple, list)) else y
             if c.backward:
-                y.sum().backward()
+                y.backward(torch.randn_like(y))  # a dense gradient, as a loss gives (sum()'s is a stride-0 view)
     elapsed = time.perf_counter() - start
     for ps in params.values():
         for p, flag in ps:

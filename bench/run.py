@@ -10,9 +10,9 @@ trained once with `dfkd train-teacher` and cached in bench/teachers/. Methods th
 (`uses_bn`) run only on teachers that have BatchNorm (their row says n/a otherwise; --all-pairs runs them anyway).
 Each run is a separate `dfkd distill` process (so peak memory is its own). Results go to bench/results/ as
 results.json and results.md; the table has: student top-1, % of teacher, synthetic samples/s, student steps/s,
-synthesis share of the time, peak RSS, and two ratios from bench/overhead.py: a round's wall time over the bare
-forward/backward time of the same networks at the same batch sizes ("x bare"), and over the time inside PyTorch
-operators ("x ops", the Python/framework share alone).
+synthesis share of the time, peak RSS; a second table, per method, has two ratios from bench/overhead.py: a
+round's wall time over the bare forward/backward time of the same networks at the same batch sizes ("x bare"), and
+over the time inside PyTorch operators ("x ops", the Python/framework share alone). --ratios-only makes just that.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="runs at a time; with more than one, each gets cores/jobs torch threads")
     ap.add_argument("--all-pairs", action="store_true",
                     help="also run BN-statistics methods on teachers without BatchNorm")
+    ap.add_argument("--ratios-only", action="store_true", help="only the cost-of-a-round table, no timed runs")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -142,22 +143,47 @@ def header(args: argparse.Namespace) -> str:
 
 
 def markdown(rows: list[dict], teachers: dict[str, float]) -> str:
+    """The runs table: one row per (teacher, method, budget)."""
     lines = ["| teacher (top-1) | method | budget | student top-1 | % of teacher | samples/s | student steps/s | "
-             "synthesis share | peak RSS MB | x bare | x ops |", "|" + "---|" * 11]
+             "synthesis share | peak RSS MB |", "|" + "---|" * 9]
     for r in sorted(rows, key=lambda r: (r["teacher"], r["method"], r["budget_min"])):
         t = teachers[r["teacher"]]
         head = f"| {r['teacher']} ({100 * t:.2f}) | {r['method']} | {r['budget_min']:g} min | "
         if "skipped" in r or "error" in r:
             what = f"n/a: {r['skipped']}" if "skipped" in r else f"error: {r['error'][:60]}"
-            lines.append(head + what + " |" * 8)
+            lines.append(head + what + " |" * 6)
             continue
         pct = 100 * r["top1"] / t if r.get("top1") is not None else float("nan")
         share = r.get("synthesis_share")
         lines.append(
             f"{head}{100 * r['top1']:.2f} | {pct:.1f} | {r.get('samples_per_s') or 0:.0f} | "
             f"{r.get('steps_per_s') or 0:.2f} | {'' if share is None else f'{100 * share:.0f} %'} | "
-            f"{r.get('peak_rss_mb')} | {r.get('bare_ratio') or ''} | {r.get('op_ratio') or ''} |")
+            f"{r.get('peak_rss_mb')} |")
     return "\n".join(lines) + "\n"
+
+
+def cost_table(ratios: dict[str, dict]) -> str:
+    """The per-method table of bench/overhead.py: how close a round runs to its networks' bare compute."""
+    lines = ["| method | measured on | round s | bare fwd/bwd s | network calls | x bare | x ops |", "|" + "---|" * 7]
+    for method, r in sorted(ratios.items()):
+        if not r.get("bare_ratio"):
+            lines.append(f"| {method} | {r.get('teacher', '')} | failed |" + " |" * 4)
+            continue
+        lines.append(f"| {method} | {r['teacher']} | {r['round_s']:.3f} | {r['bare_s']:.3f} | {r['calls']} | "
+                     f"{r['bare_ratio']:.2f} | {r['op_ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, args: argparse.Namespace, rows: list[dict], ratios: dict[str, dict],
+          teachers: dict[str, float]) -> str:
+    """results.json and results.md (header, runs table, cost table); returns the markdown."""
+    md = header(args)
+    if rows:
+        md += markdown(rows, teachers) + "\n"
+    md += "Cost of a round (inner loops cut to 10):\n\n" + cost_table(ratios)
+    (out / "results.json").write_text(json.dumps({"teachers": teachers, "rows": rows, "cost": ratios}, indent=1))
+    (out / "results.md").write_text(md)
+    return md
 
 
 def main() -> None:
@@ -173,16 +199,21 @@ def main() -> None:
     teacher_acc = {a: evaluate(p, args.test) for a, p in teachers.items()}
     plan = pairs(teachers, methods, args.all_pairs)
     rows: list[dict] = []
-    ratios: dict[str, dict] = {}  # a round's cost does not depend on the teacher's weights: measured once
+    ratios: dict[str, dict] = {}
+    # A round's cost depends on the architecture, not the weights: measured once per method, one at a time before
+    # the timed runs, on the first teacher it runs on.
+    for arch, method, run in plan:
+        if run and method not in ratios:
+            ratios[method] = {"teacher": arch, **overhead(teachers[arch], method, args.jobs)}
+    if args.ratios_only:
+        print(write(out, args, rows, ratios, teacher_acc))
+        return
 
     def job(arch: str, method: str, minutes: float) -> dict:
         print(f"{arch} {method} {minutes:g} min ...", flush=True)
         row = run_one(teachers[arch], method, minutes, args, out / "runs" / f"{arch}-{method}-{minutes:g}")
-        return {**row, "teacher": arch, **ratios.get(method, {})}
+        return {**row, "teacher": arch}
 
-    for arch, method, _ in plan:  # the ratios first, one at a time, before the timed runs
-        if method not in ratios:
-            ratios[method] = overhead(teachers[arch], method, args.jobs)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = []
         for arch, method, run in plan:
@@ -195,10 +226,8 @@ def main() -> None:
         for f in futures:
             rows.append(f.result())
             print(json.dumps(rows[-1]), flush=True)
-            (out / "results.json").write_text(json.dumps({"teachers": teacher_acc, "rows": rows}, indent=1))
-            (out / "results.md").write_text(header(args) + markdown(rows, teacher_acc))
-    (out / "results.md").write_text(header(args) + markdown(rows, teacher_acc))
-    print(markdown(rows, teacher_acc))
+            write(out, args, rows, ratios, teacher_acc)
+    print(write(out, args, rows, ratios, teacher_acc))
 
 
 if __name__ == "__main__":

@@ -31,14 +31,23 @@ def test_bn_statistics_methods_skip_a_teacher_without_batchnorm() -> None:
 
 def test_table_marks_skipped_and_failed_runs_and_sorts_rows() -> None:
     rows = [
-        {"teacher": "t", "method": "zskt", "budget_min": 2, "top1": 0.5, "bare_ratio": 1.1, "op_ratio": 1.2},
+        {"teacher": "t", "method": "zskt", "budget_min": 2, "top1": 0.5, "peak_rss_mb": 900.0},
         {"teacher": "t", "method": "adi", "budget_min": 2, "skipped": "needs BatchNorm (the teacher has none)"},
         {"teacher": "t", "method": "dfad", "budget_min": 2, "error": "boom"},
     ]
     table = run.markdown(rows, {"t": 0.99}).splitlines()
     assert [line.split("|")[2].strip() for line in table[2:]] == ["adi", "dfad", "zskt"]
     assert "n/a: needs BatchNorm" in table[2] and "error: boom" in table[3]
-    assert table[4].split("|")[4:6] == [" 50.00 ", " 50.5 "] and table[4].endswith("| 1.1 | 1.2 |")
+    assert table[4].split("|")[4:6] == [" 50.00 ", " 50.5 "] and table[4].endswith("| 900.0 |")
+    assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_cost_table_has_one_row_per_method_and_marks_failures() -> None:
+    ratios = {"dfad": {"teacher": "t", "round_s": 0.5, "bare_s": 0.4, "calls": 18, "bare_ratio": 1.25,
+                       "op_ratio": 1.08}, "adi": {"teacher": "t"}}
+    table = run.cost_table(ratios).splitlines()
+    assert table[2].startswith("| adi | t | failed |")
+    assert table[3] == "| dfad | t | 0.500 | 0.400 | 18 | 1.25 | 1.08 |"
     assert all(line.count("|") == table[0].count("|") for line in table)
 
 
@@ -96,3 +105,15 @@ def test_measure_gives_both_ratios_for_a_real_method() -> None:
     res = overhead.measure(str(BN), "dfad", repeats=1)
     assert res["calls"] > 0 and res["bare_s"] > 0
     assert 0.5 < res["bare_ratio"] < 10 and 0.5 < res["op_ratio"] < 10
+
+
+def test_zoo_models_are_recorded_once_per_forward_whichever_way_they_are_called() -> None:
+    teacher = load_teacher(str(BN))
+    rec = overhead.Recorder([teacher.module])
+    x = torch.zeros(teacher.spec.shape(3))
+    with torch.no_grad():
+        teacher(x)  # module.__call__ -> forward -> forward_features
+        teacher.forward_with_features(x)  # DAFL's path: forward_features + forward_head, no __call__
+    rec.remove()
+    assert [c.shape[0] for c in rec.calls] == [3, 3] and all(c.net is teacher.module for c in rec.calls)
+    assert "forward_features" not in vars(teacher.module)  # unpatched
