@@ -83,7 +83,7 @@ class Method:
     defaults: ClassVar[dict[str, Any]] = {}
     #: BatchNorm-statistics matching is part of the objective (a BN-free teacher loses that term).
     uses_bn: ClassVar[bool] = False
-    #: Overrides that make a round take well under a second on a LeNet-scale teacher (tests, `bench --quick`).
+    #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
 
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:

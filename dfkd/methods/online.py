@@ -112,12 +112,12 @@ class Online(DFAD):
         return {"loss": total, "loss/l1": l1, "loss/mutual": mutual, "loss/fool": fool}
 
     def student_step(self, x: torch.Tensor, t_logits: torch.Tensor | None = None) -> LossDict:
-        """This method's student update is the joint one (DFAD's round calls it on each fresh batch)."""
-        return self.joint_step(x, t_logits)
+        """One update of both students (and of both discriminators) on transfer images `x` (teacher logits `t_logits`).
 
-    def joint_step(self, x: torch.Tensor, t: torch.Tensor | None = None) -> LossDict:
-        """One update of both students (and of both discriminators) on transfer images `x` (teacher logits `t`)."""
+        The joint update is this method's student step: DFAD's round calls it on each fresh batch.
+        """
         t0 = time.perf_counter()
+        t = t_logits
         if t is None:
             with torch.no_grad(), self.objectives.capture_teacher(x):
                 t = self.teacher(x)
