@@ -172,6 +172,8 @@ def _method_names() -> list[str]:
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto.  [default: auto]")
 @click.option("--out", default=None, help="Run folder (default runs/<date>-<method>-<teacher>).")
 @click.option("--resume", "resume_dir", default=None, help="Continue the run in this folder from its checkpoint.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Quantization-aware: distill a "
+              "fake-quantized student; also write student_int8.onnx and deploy.json.")
 @friendly
 def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[str, ...], **flags: Any) -> None:
     """Distill a teacher into a student without real data.
@@ -209,6 +211,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     top1 = result.metrics.get("top1")
     click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
     click.echo(f"tensorboard --logdir {result.run_dir}")
+    print_deploy(result.run_dir)
 
 
 def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
@@ -342,6 +345,11 @@ def report_cmd(run_dir: str) -> None:
 
     click.echo(report(run_dir).text())
 
+
+from dfkd.cli.deploy import export_cmd, print_deploy, quantize_cmd  # noqa: E402  (the deployment commands)
+
+main.add_command(export_cmd)
+main.add_command(quantize_cmd)
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,7 @@ class DistillConfig:
     fid_samples: int = 256
     transfer_data: str | None = None
     data: str | None = None  # real training images, for --method kd (real-data mode)
+    quantize: str | None = None  # "int8": quantization-aware distillation (dfkd.qat)
     seed: int = 0
     device: str = "auto"
     out: str | None = None

@@ -146,6 +146,10 @@ class Run:
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
         seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
+        if cfg.quantize:
+            from dfkd.qat import prepare_qat
+
+            student = prepare_qat(student)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
         self.step, self.elapsed = 0, 0.0
         if ckpt is not None:
@@ -272,6 +276,10 @@ class Run:
                           "teacher_sha256": self.teacher.sha256, "steps": self.step,
                           **{f"eval_{k}": v for k, v in final.items()}})
         save_model(self.run_dir / "student.pt", self.method.student, meta)
+        if self.cfg.quantize:
+            from dfkd.qat import write_int8
+
+            write_int8(self)
         self.checkpoint(finished=True)
         log.event(self.step, event="finished", elapsed=self.elapsed, **{f"student/{k}": v for k, v in final.items()})
         return result

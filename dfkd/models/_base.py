@@ -20,10 +20,12 @@ class ZooModel(nn.Module):
     Subclasses define `forward_features` (the features the data-free literature taps, shape (B, D)), a final
     `classifier` (an `nn.Linear`) and, where something stands between the two, `forward_head`; `stages` names
     the modules whose outputs are the block outputs (attention transfer).
+
+    `classifier` carries no class-level annotation on purpose: `torch.jit.script` reads class annotations and
+    cannot resolve the string `'nn.Linear'` that postponed evaluation makes of it.
     """
 
     stages: tuple[str, ...] = ()
-    classifier: nn.Linear
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -14,7 +14,7 @@ class VGG(ZooModel):
     """Five conv groups (max-pool after the first four, global average pool after the last), Linear head.
 
     Args:
-        cfg: channels of each convolution, grouped by stage.
+        cfg: channels of each convolution, grouped by stage (five groups).
         num_classes: classes.
         in_channels: image channels.
     """
@@ -34,8 +34,8 @@ class VGG(ZooModel):
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.stages:
-            x = getattr(self, name)(x)
+        # Spelled out rather than a loop over `stages`: TorchScript has no getattr by a runtime name.
+        x = self.block4(self.block3(self.block2(self.block1(self.block0(x)))))
         return torch.flatten(x, 1)
 
 

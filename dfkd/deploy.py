@@ -1,0 +1,83 @@
+"""`dfkd export` and `dfkd quantize` as library functions: load a model file, export or quantize it, measure it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+from dfkd.calibration import NOISE, calibration_pixels
+from dfkd.data import check_fits, load_images, to_model_input
+from dfkd.deploystats import DeployStats, measure
+from dfkd.evaluate import predict
+from dfkd.export import ExportCheck, check_out, export_model
+from dfkd.quantize import quantize_model
+from dfkd.spec import InputSpec
+from dfkd.teacher import Teacher, load_teacher
+
+
+def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
+                   spec: InputSpec | None = None) -> Teacher:
+    """Any file dfkd can load (dfkd model file, state_dict + arch, TorchScript, torch.export, trusted pickle).
+
+    Returned frozen, on CPU, with its input spec and class count (`.module` is the classifier itself).
+    """
+    return load_teacher(path, arch, trust_pickle, spec, device="cpu")
+
+
+def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, force: bool = False,
+                arch: str | None = None, trust_pickle: bool = False, spec: InputSpec | None = None) -> ExportCheck:
+    """Export a model file to `fmt` at `out`, checked against the source (see `dfkd.export.export_model`)."""
+    check_out(out, force)
+    m = load_model_any(model_path, arch, trust_pickle, spec)
+    return export_model(m.module, m.spec, m.num_classes, fmt, out, force, m.class_names)
+
+
+@dataclass
+class QuantizeRequest:
+    """What `dfkd quantize` was asked (see `quantize_file`)."""
+
+    model: str
+    out: str
+    calibration: str
+    teacher: str | None = None
+    eval_data: str | None = None
+    num_calibration: int = 512
+    calib_method: str = "minmax"
+    params: dict[str, Any] | None = None
+    synth_steps: int | None = None
+    arch: str | None = None
+    trust_pickle: bool = False
+    force: bool = False
+    seed: int = 0
+    device: str = "cpu"
+
+
+def quantize_file(req: QuantizeRequest) -> DeployStats:
+    """Quantize a model file to an int8 ONNX file calibrated on `req.calibration`, and measure float vs int8.
+
+    Returns:
+        Sizes, latency and (with `eval_data`) top-1 and teacher agreement of float and int8 models.
+    """
+    check_out(req.out, req.force)
+    model = load_model_any(req.model, req.arch, req.trust_pickle)
+    teacher = load_teacher(req.teacher, device=req.device) if req.teacher else None
+    eval_data = load_images(req.eval_data, "--eval-data") if req.eval_data else None
+    if eval_data is not None:
+        check_fits(eval_data, model.num_classes, model.spec, "--eval-data", req.eval_data)
+    pixels = calibration_pixels(req.calibration, req.num_calibration, model.spec, teacher, req.seed, req.device,
+                                req.params, req.synth_steps)
+    calib = to_model_input(pixels, model.spec)
+    with tempfile.TemporaryDirectory(prefix="dfkd-quantize-") as work:
+        q = quantize_model(model.module, model.spec, model.num_classes, calib, req.out, work, req.force,
+                           req.calib_method, model.class_names)
+        t_logits = predict(teacher, eval_data, teacher.spec, req.device) if teacher and eval_data else None
+        note = _calibration_note(req.calibration, len(pixels), req.calib_method)
+        return measure(q.float_onnx, q.int8, model.spec, eval_data, t_logits, note)
+
+
+def _calibration_note(source: str, n: int, method: str) -> str:
+    kind = "random noise" if source == NOISE else (source if source.endswith(".npz") else f"synthesized by {source}")
+    return f"{n} images, {kind}, {method} ranges"
+

@@ -1,0 +1,148 @@
+"""`dfkd export`: every zoo student and a user's own network, in every format, reloaded without dfkd."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd.cli.main import main
+from dfkd.deploy import export_file
+from dfkd.errors import DfkdError
+from dfkd.export import FORMATS, check_out, export_model, load_runner
+from dfkd.models import create, list_models
+from dfkd.spec import InputSpec
+from dfkd.students import DEFAULT_STUDENT
+
+PACKAGES = {"torchscript": [], "onnx": ["onnx", "onnxruntime"], "exported-program": []}
+STUDENTS = sorted(set(DEFAULT_STUDENT.values()))
+
+
+def _need(fmt: str) -> None:
+    for pkg in PACKAGES[fmt]:
+        pytest.importorskip(pkg, reason=f"{fmt} export needs {pkg} (pip install -e '.[deploy]')")
+
+
+def _small(name: str) -> tuple[torch.nn.Module, InputSpec]:
+    """The zoo model at its smallest input size (LeNets need 28, the others take 16)."""
+    c, size = (1, 28) if name.startswith("lenet") else (3, 16)
+    torch.manual_seed(0)
+    m = create(name, num_classes=7, in_channels=c, input_size=size)
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(4, c, size, size))  # non-trivial BN running statistics
+    return m.eval(), InputSpec(c, size, (0.5,), (0.25,))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_zoo_model_scripts(name: str) -> None:
+    m, spec = _small(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(m)
+    x = spec.normalize(torch.rand(spec.shape(3)))
+    assert torch.allclose(scripted(x), m(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", STUDENTS)
+def test_zoo_student_round_trip(name: str, fmt: str, tmp_path: Path) -> None:
+    _need(fmt)
+    m, spec = _small(name)
+    out = tmp_path / f"m.{fmt}"
+    check = export_model(m, spec, 7, fmt, out)
+    assert out.is_file() and check.max_abs_diff < 1e-4 and "tolerance" in check.line()
+    run, meta = load_runner(fmt, out)
+    x = spec.normalize(torch.rand(spec.shape(3)))  # a batch size the check did not use
+    with torch.no_grad():
+        assert torch.allclose(run(x), m(x), atol=1e-4)
+    assert meta["num_classes"] == 7 and meta["size"] == spec.size and meta["mean"] == [0.5] * spec.channels
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+USER_NET = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x)).mean((2, 3)))
+""")
+
+
+@pytest.fixture
+def user_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "usernet18.py").write_text(USER_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from usernet18 import Net
+
+    torch.manual_seed(1)
+    torch.save(Net().state_dict(), tmp_path / "net.pt")
+    yield tmp_path / "net.pt"
+    sys.modules.pop("usernet18", None)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_user_module_class_round_trip(user_state_dict: Path, fmt: str) -> None:
+    _need(fmt)
+    spec = InputSpec(3, 20, (0.4, 0.5, 0.6), (0.2, 0.2, 0.2))
+    out = user_state_dict.parent / "net.export"
+    check = export_file(user_state_dict, fmt, out, arch="usernet18:Net", spec=spec)
+    assert check.max_abs_diff < 1e-4
+    _, meta = load_runner(fmt, out)
+    assert meta["mean"] == [0.4, 0.5, 0.6] and meta["num_classes"] == 5 and meta["channels"] == 3
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    m, spec = _small("lenet5_half")
+    out = tmp_path / "m.pt2"
+    out.write_text("the user's file")
+    with pytest.raises(DfkdError, match="--force"):
+        export_model(m, spec, 7, "exported-program", out)
+    assert out.read_text() == "the user's file"
+    export_model(m, spec, 7, "exported-program", out, force=True)
+    assert torch.export.load(str(out)) is not None
+    with pytest.raises(DfkdError, match="is a directory"):
+        check_out(tmp_path, force=True)
+
+
+class _Noisy(torch.nn.Module):
+    """Different logits on every call: an export of it cannot pass the round-trip check."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)[:, :3] + torch.rand(x.shape[0], 3)
+
+
+def test_failed_check_writes_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "noisy.ts"
+    with pytest.raises(DfkdError, match="differ from the source"):
+        export_model(_Noisy(), InputSpec(1, 16, (0.0,), (1.0,)), 3, "torchscript", out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_onnx_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    m, spec = _small("lenet5_half")
+    with pytest.raises(DfkdError, match=r'pip install -e "\.\[deploy\]"'):
+        export_model(m, spec, 7, "onnx", tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export(teacher_file: str, tmp_path: Path) -> None:
+    out = tmp_path / "t.ts"
+    res = CliRunner().invoke(main, ["export", teacher_file, "--format", "torchscript", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "reproduces the source logits" in res.output and "max |diff|" in res.output
+    res = CliRunner().invoke(main, ["export", teacher_file, "--format", "torchscript", "--out", str(out)])
+    assert res.exit_code == 2 and "--force" in res.output
