@@ -10,6 +10,7 @@ from typing import Any
 from dfkd.calibration import NOISE, calibration_pixels
 from dfkd.data import check_fits, load_images, to_model_input
 from dfkd.deploystats import DeployStats, measure
+from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
 from dfkd.export import ExportCheck, check_out, export_model
 from dfkd.quantize import quantize_model
@@ -23,7 +24,11 @@ def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickl
 
     Returned frozen, on CPU, with its input spec and class count (`.module` is the classifier itself).
     """
-    return load_teacher(path, arch, trust_pickle, spec, device="cpu")
+    try:
+        return load_teacher(path, arch, trust_pickle, spec, device="cpu")
+    except DfkdError as e:  # the loader speaks of --teacher/--teacher-arch; here they are MODEL and --arch
+        text = str(e).replace("--teacher-arch", "--arch")
+        raise DfkdError(text.removeprefix("--teacher ")) from None
 
 
 def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, force: bool = False,

@@ -27,6 +27,7 @@ class RunSummary:
     finished: bool
     series: Series
     pngs: list[Path] = field(default_factory=list)
+    deploy: list[str] = field(default_factory=list)  # float vs int8 lines of a --quantize run (deploy.json)
 
     def last(self, key: str) -> float | None:
         return self.series[key][-1][1] if self.series.get(key) else None
@@ -48,6 +49,7 @@ class RunSummary:
                 for k, v in sorted(self.series.items()) if k.startswith("fid/")]
         if fids:
             lines.append("FID:      " + ", ".join(fids))
+        lines += [f"int8:     {line}" for line in self.deploy]
         if self.pngs:
             lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
         return "\n".join(lines)
@@ -166,6 +168,10 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
     config = json.loads((d / "config.json").read_text())
     series, events = read_metrics(d / "metrics.jsonl")
     summary = RunSummary(d, config, *_run_state(d, series, events), series)
+    if (d / "deploy.json").is_file():
+        from dfkd.deploystats import DeployStats
+
+        summary.deploy = DeployStats(**json.loads((d / "deploy.json").read_text())).lines()
     if write_last_grid(d, d / "synthetic.png"):
         summary.pngs.append(d / "synthetic.png")
     teacher = Path((config.get("teachers") or ["?"])[0]).name

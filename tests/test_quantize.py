@@ -160,3 +160,5 @@ def test_cli_distill_quantize(teacher_file: str, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "int8 student:" in res.output and "latency:" in res.output
     assert (tmp_path / "run" / "student_int8.onnx").is_file()
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0 and "int8:     size:" in res.output and "int8/float" in res.output
