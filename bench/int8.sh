@@ -15,13 +15,15 @@ for row in "${rows[@]}"; do
   float="$OUT/float-$name"
   [ -f "$float/student.pt" ] || dfkd distill --teacher "$teacher" --method "$method" --steps "$steps" \
       --eval-data "$EVAL" --fid-every 0 --out "$float" >"$float.log" 2>&1
-  if [ "$name" = lenet5 ]; then calib=("zskd -p s_steps=0" "dfad --synth-steps 500"); else
-    calib=("zeroq -p s_steps=0" "deepinversion -p s_steps=0"); fi
-  # real test images: the upper reference only (test data, never used to train); noise: the lower reference
-  for c in "${calib[@]}" "$EVAL" noise; do
-    tag=$(basename "${c%% *}" .npz)
+  # TAG:--calibration and its flags. Real test images: the upper reference only (test data, never used to
+  # train); noise: the lower reference.
+  if [ "$name" = lenet5 ]; then calib=("zskd:zskd -p s_steps=0" "dfad:dfad --synth-steps 500"); else
+    calib=("zeroq:zeroq -p s_steps=0" "zeroq-oh:zeroq -p s_steps=0 -p oh=1" \
+           "deepinversion:deepinversion -p s_steps=0"); fi
+  for c in "${calib[@]}" "mnist_test:$EVAL" "noise:noise"; do
+    tag=${c%%:*}
     # shellcheck disable=SC2086
-    dfkd quantize "$float/student.pt" --teacher "$teacher" --calibration $c --eval-data "$EVAL" --force \
+    dfkd quantize "$float/student.pt" --teacher "$teacher" --calibration ${c#*:} --eval-data "$EVAL" --force \
         --out "$OUT/ptq-$name-$tag.onnx" >"$OUT/ptq-$name-$tag.log" 2>&1
   done
   qat="$OUT/qat-$name"

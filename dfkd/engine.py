@@ -149,7 +149,7 @@ class Run:
         if cfg.quantize:
             from dfkd.qat import prepare_qat
 
-            student = prepare_qat(student)
+            student = prepare_qat(student, cfg.quantize)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
         self.step, self.elapsed = 0, 0.0
         if ckpt is not None:

@@ -63,8 +63,16 @@ class FakeQuantLinear(nn.Linear):
 _SWAP = {nn.Conv2d: FakeQuantConv2d, nn.Linear: FakeQuantLinear}
 
 
-def prepare_qat(model: nn.Module) -> nn.Module:
-    """Make `model` fake-quantized in place (same parameters, same state-dict keys) and return it."""
+def prepare_qat(model: nn.Module, bits: str = "int8") -> nn.Module:
+    """Make `model` fake-quantized in place (same parameters, same state-dict keys) and return it.
+
+    Raises:
+        DfkdError: for a precision other than int8 (`--quantize`).
+    """
+    if bits not in QUANT_BITS:
+        from dfkd.errors import DfkdError
+
+        raise DfkdError(f"--quantize {bits}: unsupported; choose one of {', '.join(QUANT_BITS)}")
     for m in model.modules():
         new = _SWAP.get(type(m))
         if new is not None:

@@ -131,6 +131,8 @@ def test_fake_quant_rounds_to_int8_and_passes_gradients() -> None:
     assert torch.allclose(levels, levels.round(), atol=1e-3) and not torch.equal(q, w)
     strip_qat(m)
     assert type(m.stage1[0]) is torch.nn.Conv2d
+    with pytest.raises(DfkdError, match="--quantize int4"):
+        prepare_qat(m, "int4")
 
 
 def test_distill_quantize_learns_and_writes_int8(transfer_file: str, sharp_teacher_file: str, eval_npz: str,
