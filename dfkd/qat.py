@@ -67,12 +67,17 @@ def prepare_qat(model: nn.Module, bits: str = "int8") -> nn.Module:
     """Make `model` fake-quantized in place (same parameters, same state-dict keys) and return it.
 
     Raises:
-        DfkdError: for a precision other than int8 (`--quantize`).
+        DfkdError: for a precision other than int8 (`--quantize`), or when onnx/onnxruntime are missing: the run
+            checks before training that it can write its int8 file at the end.
     """
+    from dfkd.export import require
+
     if bits not in QUANT_BITS:
         from dfkd.errors import DfkdError
 
         raise DfkdError(f"--quantize {bits}: unsupported; choose one of {', '.join(QUANT_BITS)}")
+    require("onnx")
+    require("onnxruntime.quantization")
     for m in model.modules():
         new = _SWAP.get(type(m))
         if new is not None:

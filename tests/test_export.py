@@ -146,3 +146,12 @@ def test_cli_export(teacher_file: str, tmp_path: Path) -> None:
     assert "reproduces the source logits" in res.output and "max |diff|" in res.output
     res = CliRunner().invoke(main, ["export", teacher_file, "--format", "torchscript", "--out", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_an_exported_file_brings_its_spec_back(teacher_file: str, tmp_path: Path) -> None:
+    ts = tmp_path / "t.ts"
+    export_file(teacher_file, "torchscript", ts)
+    check = export_file(ts, "torchscript", tmp_path / "again.ts")  # no --channels/--input-size needed
+    assert check.max_abs_diff < 1e-4
+    _, meta = load_runner("torchscript", tmp_path / "again.ts")
+    assert meta["size"] == 32 and meta["mean"] == [0.1307] and meta["num_classes"] == 10
