@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from dfkd.archs import flag_spec
 from dfkd.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, resolve_params
 from dfkd.data import ImageData, check_fits, load_images
@@ -77,12 +78,7 @@ def _graceful_sigint() -> Any:
 
 
 def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
-    if cfg.channels is None and cfg.input_size is None:
-        return None
-    if cfg.channels is None or cfg.input_size is None:
-        raise DfkdError("--channels and --input-size go together (with --mean/--std)")
-    c = cfg.channels
-    return InputSpec(c, cfg.input_size, cfg.mean or (0.0,) * c, cfg.std or (1.0,) * c)
+    return flag_spec(cfg.channels, cfg.input_size, cfg.mean, cfg.std, cfg.teacher_arch, cfg.arch_args)
 
 
 def new_run_dir(cfg: DistillConfig, teacher_path: str) -> Path:
@@ -110,7 +106,7 @@ def _run_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
     if not cfg.teachers:
         return NoTeacher(load_transfer(cfg.transfer_data))
     return load_teachers(cfg.teachers, cfg.teacher_arch, cfg.trust_pickle, _spec_from_flags(cfg), device,
-                         cfg.params.get("teacher_weights"), cfg.params.get("teacher_weighting", "mean"))
+                         cfg.params.get("teacher_weights"), cfg.params.get("teacher_weighting", "mean"), cfg.arch_args)
 
 
 def _overrides(cfg: DistillConfig, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +139,7 @@ class Run:
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
         recipe = method_cls.default_params(self.teacher)
         self.params = resolve_params(recipe, _overrides(cfg, recipe), cfg.method)
-        self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
+        self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student, cfg.student_args)
         seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
         if cfg.quantize:
