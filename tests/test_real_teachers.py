@@ -92,3 +92,7 @@ def test_missing_normalisation_is_an_error_not_zero_and_one(tmp_path):
                                     "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "without --mean/--std" in res.output and "--mean 0 --std 1" in res.output
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "private.pt"), "--data",
+                                    str(tmp_path / "test.npz")])
+    assert res.exit_code == 2 and res.output.startswith(f"error: --model {tmp_path / 'private.pt'}: a plain state_dict")
+    assert "--teacher-arch NAME" in res.output and "torchvision:NAME" in res.output
