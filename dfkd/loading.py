@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.archs import import_callable, model_from_state
+from dfkd.archs import model_from_state
 from dfkd.errors import DfkdError
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
@@ -88,11 +88,6 @@ def read_weights_only(path: str | os.PathLike, flag: str = "--teacher") -> Any:
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return (s[0] if s else type(e).__name__)[:200]
-
-
-def import_class(target: str) -> type[nn.Module]:
-    """Import `module:Class` (or a factory function) from the current directory or PYTHONPATH."""
-    return import_callable(target)
 
 
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
