@@ -46,6 +46,12 @@ def arch_kind(arch: str) -> str:
     return prefix if prefix in LIBRARIES else "module"
 
 
+def canonical_arch(arch: str) -> str:
+    """`torchvision.models:NAME` (a factory function of torchvision) is `torchvision:NAME`, which model files accept."""
+    mod, sep, name = arch.partition(":")
+    return f"torchvision:{name}" if sep and mod == "torchvision.models" and name.isidentifier() else arch
+
+
 def parse_arch_args(texts: tuple[str, ...] | list[str], flag: str = "--arch-arg") -> dict[str, Any]:
     """`KEY=VALUE` texts as a dict; a value is read as JSON when it parses (numbers, true/false, lists), else text."""
     out: dict[str, Any] = {}
@@ -268,6 +274,7 @@ def model_from_state(state: dict[str, torch.Tensor], arch: str, arch_args: dict[
         spec: the input spec from flags, or None.
         what: the file, for messages ("--teacher private.pt").
     """
+    arch = canonical_arch(arch)
     kwargs = dict(arch_args or {})
     classes = classes_from_state(state)
     if arch_kind(arch) == "zoo":

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.archs import model_from_state
+from dfkd.archs import canonical_arch, model_from_state
 from dfkd.errors import DfkdError
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
@@ -108,7 +108,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], arch: str | None, spec: Inp
         raise DfkdError(f"--teacher {p}: a plain state_dict holds no architecture; add --teacher-arch NAME "
                         f"(one of: {zoo}), torchvision:NAME, timm:NAME or module:Class")
     module, kwargs, spec = model_from_state(state, arch, arch_args, spec, f"--teacher {p}")
-    return LoadedModel(module, "state_dict", spec, arch, kwargs)
+    return LoadedModel(module, "state_dict", spec, canonical_arch(arch), kwargs)
 
 
 def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:

@@ -80,6 +80,8 @@ def test_torchvision_state_dict_with_inferred_classes(tmp_path):
     assert t.num_classes == 7 and t.arch == "torchvision:resnet18" and t.arch_kwargs == {"num_classes": 7}
     assert t.stage_paths() == ["layer1", "layer2", "layer3", "layer4"] and t.penultimate_path() == "fc"
     _same(t, model)
+    # torchvision's factory by module path is the same thing, recorded under the name a model file accepts
+    assert load_teacher(path, arch="torchvision.models:resnet18", spec=SPEC32).arch == "torchvision:resnet18"
 
 
 def test_library_models_never_download(tmp_path, monkeypatch):
