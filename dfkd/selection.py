@@ -41,6 +41,8 @@ SELECT_DEFAULTS: dict[str, Any] = {
     "heldout_chunk": 128,  # fresh images drawn at each check into the set
 }
 
+MAX_HELDOUT_VALUES = 2**24
+
 
 def class_balanced_agreement(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
     """Mean over the teacher's classes present in `labels` of the top-1 agreement on that class.
@@ -59,8 +61,11 @@ def class_balanced_agreement(logits: torch.Tensor, labels: torch.Tensor, num_cla
 class HeldOut:
     """A reservoir of teacher-labelled synthetic images the student never trains on.
 
+    It holds at most MAX_HELDOUT_VALUES pixel values (64 MiB as float32, in memory and in the checkpoint): 1024
+    images up to 64x64x3, about 110 at 224x224x3.
+
     Args:
-        size: images kept.
+        size: images kept (capped as above).
         seed: seeds each draw's forked RNG (with the draw's index) and the reservoir's choices.
     """
 
@@ -94,6 +99,7 @@ class HeldOut:
         """Reservoir sampling (Vitter's algorithm R): every image drawn so far is kept with equal probability."""
         for i in range(len(x)):
             if self.x is None:
+                self.size = max(1, min(self.size, MAX_HELDOUT_VALUES // x[0].numel()))
                 self.x = x.new_empty((self.size, *x.shape[1:]))
                 self.labels = labels.new_empty(self.size)
             if self.seen < self.size:
@@ -115,6 +121,8 @@ class HeldOut:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.x, self.labels = state["x"], state["labels"]
+        if self.x is not None:
+            self.size = len(self.x)  # the cap applied when the set was first filled
         self.seen, self.draws = int(state["seen"]), int(state["draws"])
         self.rng.set_state(state["rng"])
 
