@@ -13,7 +13,9 @@ GAN-method students swing 10-20 points between evaluations; the one a run ends w
   diverse batches included). The signal is the student's top-1 agreement with the teacher on the set, averaged
   per teacher class (a set dominated by one class does not drown the others). The raw student, the EMA and the
   best snapshot seen so far are scored on the current set at each check; the best scorer is kept (in memory and
-  in the checkpoint), and at the end the best of {final raw, final EMA, kept snapshot} is written as student.pt.
+  in the checkpoint). At the end the better of the final raw student and the final EMA is written as student.pt,
+  unless the kept snapshot agrees more by over `select_margin` (one point: about the set's sampling noise, so a
+  near-tie goes to the student that trained longer).
 
 Only methods whose synthesizer draws fresh samples (the GAN generators: dafl, dfad, zskt, dfq, online) have such
 a set: the pool-served methods train on every image they keep, so they write the raw student as before (the EMA
@@ -39,6 +41,7 @@ SELECT_DEFAULTS: dict[str, Any] = {
     "select_every": 100,  # student steps between held-out checks; 0: no selection (the raw student is written)
     "heldout_size": 1024,  # synthetic images in the held-out set
     "heldout_chunk": 128,  # fresh images drawn at each check into the set
+    "select_margin": 0.01,  # an earlier snapshot replaces the final student only when it agrees this much more
 }
 
 MAX_HELDOUT_VALUES = 2**24
@@ -150,7 +153,7 @@ class Selector:
         self.method, self.num_classes = method, method.teacher.num_classes
         self.ema = make_ema(method.student, float(p["ema_decay"]), method.student_steps_per_round)
         self.synth = generator_of(method) if int(p["select_every"]) > 0 else None
-        self.chunk = int(p["heldout_chunk"])
+        self.chunk, self.margin = int(p["heldout_chunk"]), float(p["select_margin"])
         if self.synth is not None and (int(p["heldout_size"]) < 1 or self.chunk < 1):
             raise DfkdError(f"-p heldout_size={p['heldout_size']} / heldout_chunk={p['heldout_chunk']}: use "
                             "positive sizes (or -p select_every=0 to turn selection off)")
@@ -190,7 +193,7 @@ class Selector:
         self.best_info = {"kind": kind, "step": step}
 
     def choose(self, step: int) -> tuple[str, nn.Module, dict[str, float]]:
-        """The student to write: the best of final raw, final EMA and kept snapshot on the held-out set.
+        """The student to write: the better of final raw and final EMA, or the kept snapshot when clearly better.
 
         Returns:
             (a description such as "ema (step 1200)", the model, the held-out scores by candidate).
@@ -198,7 +201,8 @@ class Selector:
         if self.heldout is None or not len(self.heldout):
             return "raw", self.method.student, {}
         scores = {name: self.heldout.score(m, self.num_classes) for name, m in self.candidates()}
-        name = max(scores, key=scores.get)
+        final = max((k for k in scores if k != "best"), key=scores.get)
+        name = "best" if scores.get("best", -1.0) > scores[final] + self.margin else final
         if name == "best":
             label = f"{self.best_info['kind']} at step {self.best_info['step']}"
         else:

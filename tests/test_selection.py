@@ -160,3 +160,23 @@ def test_pool_methods_have_no_heldout_set_and_write_the_raw_student(teacher_file
     raw = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["method"]["student"]
     assert all(torch.equal(v, raw[k]) for k, v in student_of(result.run_dir).items())
     assert "select/agreement" not in (result.run_dir / "metrics.jsonl").read_text()
+
+
+def test_a_near_tie_goes_to_the_final_student_a_clear_win_to_the_snapshot(tiny_teacher) -> None:  # noqa: ANN001
+    from dfkd.methods.base import Method
+    from dfkd.models import create
+    from dfkd.selection import Selector
+
+    cls = get_method("dfad")
+    params = {**cls.default_params(tiny_teacher), "batch_size": 8, **SELECT, "select_margin": 0.5}
+    student = create("lenet5_half", num_classes=10, in_channels=1, input_size=32)
+    method: Method = cls(tiny_teacher, student, params, torch.device("cpu"))
+    sel = Selector(method, seed=0)
+    sel.check(2)  # keeps a snapshot of the current student
+    with torch.no_grad():
+        student.classifier.bias.add_(torch.linspace(0, 1e-3, 10))  # a different student, scoring (almost) the same
+    name, model, _ = sel.choose(4)
+    assert name.startswith("raw") and model is student, "within the margin the final student wins"
+    sel.margin = -1.0  # any snapshot now counts as clearly better
+    name, model, _ = sel.choose(4)
+    assert name == "raw at step 2" and model is sel.best
