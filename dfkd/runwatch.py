@@ -42,7 +42,8 @@ class RunWatch:
         self.watch_every, self.select_every = int(p["watch_every"]), int(p["select_every"])
         self.collapse = CollapseWatch(run.teacher.num_classes, float(p["collapse_fraction"]),
                                       int(p["collapse_patience"]))
-        self.selector = Selector(run.method, run.cfg.seed)
+        # A --quantize run's int8 export is made from the raw (fake-quantized) student: student.pt stays that one.
+        self.selector = Selector(run.method, run.cfg.seed, enabled=not getattr(run.cfg, "quantize", None))
         self.last = self._counters()
 
     def _counters(self) -> dict[str, int]:

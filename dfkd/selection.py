@@ -146,13 +146,15 @@ class Selector:
     Args:
         method: the run's method (its `student`, `synth`, `teacher`, `p`).
         seed: the run's seed.
+        enabled: False keeps neither EMA nor held-out set (the raw student is written).
     """
 
-    def __init__(self, method: Any, seed: int) -> None:
+    def __init__(self, method: Any, seed: int, enabled: bool = True) -> None:
         p = method.p
         self.method, self.num_classes = method, method.teacher.num_classes
-        self.ema = make_ema(method.student, float(p["ema_decay"]), method.student_steps_per_round)
-        self.synth = generator_of(method) if int(p["select_every"]) > 0 else None
+        decay = float(p["ema_decay"]) if enabled else 0.0
+        self.ema = make_ema(method.student, decay, method.student_steps_per_round)
+        self.synth = generator_of(method) if enabled and int(p["select_every"]) > 0 else None
         self.chunk, self.margin = int(p["heldout_chunk"]), float(p["select_margin"])
         if self.synth is not None and (int(p["heldout_size"]) < 1 or self.chunk < 1):
             raise DfkdError(f"-p heldout_size={p['heldout_size']} / heldout_chunk={p['heldout_chunk']}: use "

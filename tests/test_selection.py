@@ -180,3 +180,18 @@ def test_a_near_tie_goes_to_the_final_student_a_clear_win_to_the_snapshot(tiny_t
     sel.margin = -1.0  # any snapshot now counts as clearly better
     name, model, _ = sel.choose(4)
     assert name == "raw at step 2" and model is sel.best
+
+
+def test_a_disabled_selector_keeps_neither_ema_nor_heldout_set(tiny_teacher) -> None:  # noqa: ANN001
+    """What a --quantize run gets: its int8 file is made from the raw student, so student.pt is that one."""
+    from dfkd.models import create
+    from dfkd.selection import Selector
+
+    cls = get_method("dfad")
+    params = {**cls.default_params(tiny_teacher), "batch_size": 8, **SELECT}
+    method = cls(tiny_teacher, create("lenet5_half", num_classes=10, in_channels=1, input_size=32), params,
+                 torch.device("cpu"))
+    sel = Selector(method, seed=0, enabled=False)
+    assert sel.ema is None and sel.heldout is None and sel.check(2) == {}
+    name, model, scores = sel.choose(2)
+    assert name == "raw" and model is method.student and scores == {}
