@@ -215,6 +215,8 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         sys.exit(130)
     top1 = result.metrics.get("top1")
     click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
+    if result.selected:
+        click.echo(f"selected: {result.selected}")
     click.echo(f"tensorboard --logdir {result.run_dir}")
     print_deploy(result.run_dir)
 

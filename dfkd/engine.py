@@ -34,6 +34,7 @@ from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.runlog import RunLog
+from dfkd.runwatch import RunWatch
 from dfkd.spec import InputSpec
 from dfkd.students import build_student, student_arch
 from dfkd.teacher import Teacher
@@ -51,6 +52,7 @@ class RunResult:
     step: int
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    selected: str = ""  # which student student.pt is, when held-out selection chose it (dfkd.selection)
 
 
 class Interrupted(DfkdError):
@@ -148,10 +150,12 @@ class Run:
             student = prepare_qat(student, cfg.quantize)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
         self.step, self.elapsed = 0, 0.0
+        self.watch = RunWatch(self)
         if ckpt is not None:
             self.method.load_state_dict(ckpt["method"])
             set_rng_state(ckpt["rng"])
             self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+            self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def resolved_config(self) -> dict[str, Any]:
@@ -177,7 +181,8 @@ class Run:
 
     def checkpoint(self, finished: bool = False) -> None:
         save_checkpoint(self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step,
-                        elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished)
+                        elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished,
+                        extra={"watch": self.watch.state_dict()})
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:
@@ -208,6 +213,7 @@ class Run:
                 window["samples"] += n * int(self.params["batch_size"])
                 self._check_finite(losses)
                 bar.update(n)
+                self.watch.after_round(log)
                 if self.step // cfg.log_every > last["log"]:
                     last["log"] = self.step // cfg.log_every
                     perf = {"samples_per_s": window["samples"] / window["t"],
@@ -226,7 +232,7 @@ class Run:
                     last["eval"] = self.step // cfg.eval_every
                     metrics = self.evaluate() or metrics
                     if metrics:
-                        log.scalars(self.step, metrics, "student/")
+                        log.scalars(self.step, {**metrics, **self.watch.evaluate()}, "student/")
                 if self.fid and self.step // cfg.fid_every > last["fid"]:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step), "fid/")
@@ -265,19 +271,22 @@ class Run:
         fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step)
         if self.fid.fresh:
             log.scalars(self.step, fids, "fid/")
+        student, final, result.selected = self.watch.finish(log, final)
+        result.metrics = final or result.metrics
         log_hparams(log.tb, self.resolved_config(), {**final, **{f"fid_{k}": v for k, v in fids.items()}}, self.step)
         meta = ModelFile(self.student_name, self.student_kwargs, self.teacher.spec, self.teacher.num_classes,
                          self.teacher.class_names,
                          {"kind": "student", "method": self.cfg.method, "teacher": self.teacher.source,
-                          "teacher_sha256": self.teacher.sha256, "steps": self.step,
+                          "teacher_sha256": self.teacher.sha256, "steps": self.step, "selected": result.selected,
                           **{f"eval_{k}": v for k, v in final.items()}})
-        save_model(self.run_dir / "student.pt", self.method.student, meta)
+        save_model(self.run_dir / "student.pt", student, meta)
         if self.cfg.quantize:
             from dfkd.qat import write_int8
 
             write_int8(self)
         self.checkpoint(finished=True)
-        log.event(self.step, event="finished", elapsed=self.elapsed, **{f"student/{k}": v for k, v in final.items()})
+        log.event(self.step, event="finished", elapsed=self.elapsed, selected=result.selected,
+                  **{f"student/{k}": v for k, v in final.items()})
         return result
 
 
