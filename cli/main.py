@@ -26,6 +26,14 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except DfkdError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except OSError as e:
+            from dfkd.io import disk_error
+
+            err = disk_error(e)
+            if err is None:
+                raise
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
@@ -44,6 +52,9 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
 
 
 _python_format = warnings.formatwarning
+
+#: Seeds torch and NumPy both take.
+SEED = click.IntRange(0, 2**63 - 1)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -70,7 +81,7 @@ def main() -> None:
               help="Peak learning rate of the one-cycle SGD schedule.")
 @click.option("--input-size", default=32, show_default=True, type=click.IntRange(min=16),
               help="Model input side; data of another size is resized (MNIST 28 -> 32).")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--device", default="auto", show_default=True)
 @friendly
 def train_teacher_cmd(**kw: Any) -> None:
@@ -82,9 +93,11 @@ def train_teacher_cmd(**kw: Any) -> None:
           --eval-data ../shared/data/mnist_test.npz --epochs 10 --out examples/mnist_lenet5_bn.pt
     """
     from dfkd.models import MODELS
+    from dfkd.outpaths import check_output_file
     from dfkd.train_teacher import TeacherConfig, train_teacher
 
     MODELS.get(kw["arch"])
+    check_output_file(kw["out"])
     result = train_teacher(TeacherConfig(**kw))
     click.echo(f"wrote {kw['out']}" + (f" (test top-1 {100 * result['top1']:.2f}%)" if "top1" in result else ""))
 
@@ -170,7 +183,7 @@ def _method_names() -> list[str]:
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter override, e.g. -p lr_g=1e-3 (see `dfkd methods --params NAME`).")
 @click.option("--config", "config_file", default=None, help="JSON or TOML file of settings (flags win).")
-@click.option("--seed", type=int, default=None, help="Random seed.  [default: 0]")
+@click.option("--seed", type=SEED, default=None, help="Random seed.  [default: 0]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto.  [default: auto]")
 @click.option("--out", default=None, help="Run folder (default runs/<date>-<method>-<teacher>).")
 @click.option("--resume", "resume_dir", default=None, help="Continue the run in this folder from its checkpoint.")
@@ -191,7 +204,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     """
     from dfkd.archs import parse_arch_args
     from dfkd.config import build_config, parse_param
-    from dfkd.engine import Interrupted, distill, resume
+    from dfkd.engine import RESUMABLE, Interrupted, distill, resume
 
     params = params + objective_flags(flags)
     flags["arch_args"] = parse_arch_args(flags["arch_args"]) or None
@@ -207,7 +220,12 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         flags["method"] = "transfer"
     try:
         if resume_dir:
-            result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)))
+            if config_file:
+                raise DfkdError(f"--config {config_file}: a resumed run keeps its settings; with --resume give only "
+                                "--steps, --budget-minutes, --device, --eval-data or -p")
+            fixed = {k: v for k, v in flags.items() if k not in RESUMABLE}
+            result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)),
+                            flags["device"], flags["eval_data"], fixed)
         else:
             result = distill(build_config(config_file, params, **flags))
     except Interrupted as e:
@@ -242,7 +260,7 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
               "are collected (generator methods dafl/dfad/zskt/dfq: default 2000, then the generator is sampled; "
               "other methods: default 0, then each round's finished batch is kept).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter override.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @friendly
 def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any) -> None:
@@ -258,14 +276,18 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
           --out transfer.npz
       dfkd distill --transfer-data transfer.npz --student lenet5_half --steps 2000
     """
-    from dfkd.config import parse_param
+    from dfkd.config import check_method_params, parse_param
+    from dfkd.outpaths import check_output_file
     from dfkd.teacher_options import load_with_options
     from dfkd.transfer import synthesize
     from dfkd.utils import pick_device
 
+    overrides = dict(map(parse_param, params))
+    check_method_params(kw["method"], overrides, min_s_steps=0)
+    check_output_file(kw["out"])
     dev = pick_device(device)
     t = load_with_options(teacher, pop_teacher_options(kw), dev)
-    data = synthesize(t, params=dict(map(parse_param, params)), device=dev, progress=True, **kw)
+    data = synthesize(t, params=overrides, device=dev, progress=True, **kw)
     click.echo(f"wrote {kw['out']}: {len(data)} images, {data.num_classes} classes, method {data.method}")
 
 
@@ -333,7 +355,9 @@ def fid_stats_cmd(data: str, out: str, **kw: Any) -> None:
       dfkd distill --teacher examples/mnist_lenet5_bn.pt --method dfq --fid-ref mnist_teacher.npz
     """
     from dfkd.monitor import compute_fid_stats
+    from dfkd.outpaths import check_output_file
 
+    check_output_file(out, "OUT")
     options = pop_teacher_options(kw)
     stats = compute_fid_stats(data, out, options=options, **kw)
     click.echo(f"wrote {out} ({kw['features']} features, {len(stats.mu)}-d)")

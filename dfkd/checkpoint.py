@@ -43,8 +43,14 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise DfkdError(f"--resume {path.parent}: no checkpoint.pt there; was the run started with dfkd distill?")
     ckpt = read_weights_only(path, "--resume")
-    if not isinstance(ckpt, dict) or "version" not in ckpt:
+    keys = ("version", "config", "step", "elapsed", "method", "rng", "finished")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in keys) or not isinstance(ckpt["config"], dict):
+        if isinstance(ckpt, dict) and ckpt.get("format") == "dfkd-model":
+            raise DfkdError(f"--resume {path}: holds a dfkd model file, not a run checkpoint; give the folder "
+                            "`dfkd distill` wrote")
         raise DfkdError(f"--resume {path}: not a dfkd checkpoint")
+    if not isinstance(ckpt["version"], int):
+        raise DfkdError(f"--resume {path}: not a dfkd checkpoint (version {ckpt['version']!r})")
     if ckpt["version"] > CHECKPOINT_VERSION:
         raise DfkdError(f"--resume {path}: checkpoint version {ckpt['version']} is newer than this dfkd; upgrade")
     return ckpt

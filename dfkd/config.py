@@ -8,9 +8,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from dfkd.errors import DfkdError
+from dfkd.validate import check_params, check_settings
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as the `tomli` package
+    import tomli as tomllib  # type: ignore[no-redef]
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise DfkdError(f"--config {p}: no such file")
     try:
         data = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise DfkdError(f"--config {p}: cannot parse it ({e}); use JSON or TOML (.toml)") from None
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DfkdError(f"--config {p}: cannot parse it ({msg}); use JSON or TOML (.toml)") from None
+    except OSError as e:
+        raise DfkdError(f"--config {p}: cannot read it ({e.strerror})") from None
     if not isinstance(data, dict):
         raise DfkdError(f"--config {p}: expected a table of settings at the top level")
     return data
@@ -101,16 +108,32 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
                  **flags: Any) -> DistillConfig:
     """Merge a config file and command-line flags (flags win; a flag left as None or empty does not count)."""
     data = read_config_file(config_file) if config_file else {}
-    merged_params = dict(data.pop("params", {}) or {})
-    for text in params:
-        k, v = parse_param(text)
-        merged_params[k] = v
-    for k, v in flags.items():
-        if v is None or (isinstance(v, (tuple, list)) and not v) or (k == "trust_pickle" and not v):
-            continue
-        data[k] = v
-    data["params"] = merged_params
-    return DistillConfig.from_dict(data, config_file or "flags")
+    source = f"--config {config_file}"
+    file_params = data.pop("params", None) or {}
+    if not isinstance(file_params, dict):
+        raise DfkdError(f"{source}: params = {file_params!r}: must be a table of method hyper-parameters")
+    check_settings(data, source)
+    cli_params = dict(parse_param(text) for text in params)
+    given = {k: v for k, v in flags.items()
+             if not (v is None or (isinstance(v, (tuple, list)) and not v) or (k == "trust_pickle" and not v))}
+    check_settings(given, "flags")
+    data.update(given)
+    data["params"] = {**file_params, **cli_params}
+    cfg = DistillConfig.from_dict(data, source if config_file else "flags")
+    check_method_params(cfg.method, file_params, source)
+    check_method_params(cfg.method, cli_params, "-p")
+    return cfg
+
+
+def check_method_params(method: str, params: dict[str, Any], source: str = "-p", min_s_steps: int = 1) -> None:
+    """Refuse unknown keys and values of the wrong type or range for `method` (its recipe for no teacher)."""
+    from dfkd.methods import get_method
+
+    if not params:
+        return
+    recipe = get_method(method).default_params(None)
+    resolve_params(recipe, params, method)
+    check_params(params, recipe, method, source, min_s_steps)
 
 
 def resolve_params(recipe: dict[str, Any], overrides: dict[str, Any], method: str) -> dict[str, Any]:

@@ -23,16 +23,17 @@ from tqdm import tqdm
 
 from dfkd.archs import flag_spec
 from dfkd.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from dfkd.config import DistillConfig, resolve_params
+from dfkd.config import DistillConfig, check_method_params, resolve_params
 from dfkd.data import ImageData, check_fits, load_images
 from dfkd.ensemble import load_teachers
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
-from dfkd.io import atomic_write_text
+from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.methods import Method, get_method
 from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
+from dfkd.outpaths import prepare_run_dir
 from dfkd.runlog import RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.spec import InputSpec
@@ -40,6 +41,7 @@ from dfkd.students import build_student, student_arch
 from dfkd.teacher import Teacher
 from dfkd.transfer import load_transfer
 from dfkd.utils import pick_device, seed_everything
+from dfkd.validate import check_params, check_settings
 
 DEFAULT_BUDGET_MINUTES = 10.0
 
@@ -83,20 +85,16 @@ def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
     return flag_spec(cfg.channels, cfg.input_size, cfg.mean, cfg.std, cfg.teacher_arch, cfg.arch_args)
 
 
-def new_run_dir(cfg: DistillConfig, teacher_path: str) -> Path:
-    """`--out`, or runs/<date>-<method>-<teacher name>; never an existing run."""
+def new_run_dir(cfg: DistillConfig, teacher_path: str) -> tuple[Path, bool]:
+    """`--out` (new or empty), or runs/<date>-<method>-<teacher name>; returns (folder, whether it was created)."""
     if cfg.out:
-        d = Path(cfg.out)
-        if (d / "checkpoint.pt").exists() or (d / "student.pt").exists():
-            raise DfkdError(f"--out {d}: already holds a run; continue it with --resume {d} or pick another --out")
-    else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = Path(cfg.runs_dir) / f"{stamp}-{cfg.method}-{Path(teacher_path).stem}"
-        d, i = base, 1
-        while d.exists():
-            d, i = Path(f"{base}-{i}"), i + 1
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+        return prepare_run_dir(cfg.out)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.runs_dir) / f"{stamp}-{cfg.method}-{Path(teacher_path).stem}"
+    d, i = base, 1
+    while d.exists():
+        d, i = Path(f"{base}-{i}"), i + 1
+    return prepare_run_dir(d, "--runs-dir")
 
 
 def _run_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
@@ -140,7 +138,9 @@ class Run:
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
         recipe = method_cls.default_params(self.teacher)
-        self.params = resolve_params(recipe, _overrides(cfg, recipe), cfg.method)
+        overrides = _overrides(cfg, recipe)
+        self.params = resolve_params(recipe, overrides, cfg.method)
+        check_params(overrides, recipe, cfg.method)
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student, cfg.student_args)
         seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
@@ -151,6 +151,7 @@ class Run:
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
+        self.image_step = -1  # the step of the last synthetic-image grid logged
         if ckpt is not None:
             self.method.load_state_dict(ckpt["method"])
             set_rng_state(ckpt["rng"])
@@ -202,11 +203,12 @@ class Run:
         with _graceful_sigint() as sig:
             while not self.done():
                 self.method.set_progress(self.progress())
+                self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
+                n = self.method.student_steps_per_round
                 t0 = time.perf_counter()
                 losses = self.method.round()
                 dt = time.perf_counter() - t0
                 self.elapsed += dt
-                n = self.method.student_steps_per_round
                 self.step += n
                 window["t"] += dt
                 window["steps"] += n
@@ -248,6 +250,7 @@ class Run:
         return RunResult(self.run_dir, self.step, True, metrics)
 
     def _log_images(self, log: RunLog) -> None:
+        self.image_step = self.step
         x = self.method.last_images
         t_logits = getattr(self.method, "last_logits", None)  # the transfer method's stored labels
         if t_logits is None:
@@ -268,6 +271,8 @@ class Run:
         if final:
             log.scalars(self.step, final, "student/")
         result.metrics = final or result.metrics
+        if self.method.last_images is not None and self.image_step != self.step:
+            self._log_images(log)  # the last step is always shown, however short the run
         fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step)
         if self.fid.fresh:
             log.scalars(self.step, fids, "fid/")
@@ -304,6 +309,15 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             log.event(run.step, event="resume")
         result = run.loop(log)
         return run.finish(log, result)
+    except WriteFailed as e:
+        raise DfkdError(f"{e}; the last good checkpoint is intact: continue with dfkd distill --resume "
+                        f"{run.run_dir}") from None
+    except OSError as e:
+        err = disk_error(e)
+        if err is None:
+            raise
+        raise DfkdError(f"{err}; the last good checkpoint is intact: continue with dfkd distill --resume "
+                        f"{run.run_dir}") from None
     finally:
         run.method.close()
         log.close()
@@ -316,37 +330,104 @@ def distill(cfg: DistillConfig) -> RunResult:
         The run folder (with student.pt, config.json, metrics.jsonl, checkpoint.pt, TensorBoard events) and the
         final student metrics (top1/top5 when `eval_data` is set).
     """
+    check_config(cfg)
     check_transfer_config(cfg.teachers, cfg.transfer_data, cfg.method, cfg.student)
-    get_method(cfg.method)
-    run_dir = new_run_dir(cfg, cfg.teachers[0] if cfg.teachers else cfg.transfer_data)
+    run_dir, created = new_run_dir(cfg, cfg.teachers[0] if cfg.teachers else cfg.transfer_data)
     try:
         run = Run(cfg, run_dir)
     except BaseException:
-        if not any(run_dir.iterdir()):
+        if created and not any(run_dir.iterdir()):
             run_dir.rmdir()  # nothing written: leave no empty run folder that looks like a run
         raise
     return _execute(run, None)
 
 
-def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float | None = None,
-           params: dict[str, Any] | None = None) -> RunResult:
-    """Continue a stopped run from its checkpoint; `steps`/`budget_minutes`/`params` may extend or adjust it."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+def check_config(cfg: DistillConfig) -> None:
+    """Every setting's type and range, and the method's hyper-parameters, before anything is written."""
+    check_settings({k: v for k, v in cfg.to_dict().items() if k != "params"}, "flags")
+    if not isinstance(cfg.params, dict):
+        raise DfkdError(f"params = {cfg.params!r}: must be a table of method hyper-parameters")
+    get_method(cfg.method)
+    check_method_params(cfg.method, cfg.params)
+
+
+#: Settings a resume may change: the budget, where it runs, what it is evaluated on (and `-p` hyper-parameters).
+RESUMABLE = ("steps", "budget_minutes", "device", "eval_data")
+
+
+def _same(key: str, given: Any, saved: Any) -> bool:
+    if isinstance(given, (list, tuple)) or isinstance(saved, (list, tuple)):
+        g = list(given) if isinstance(given, (list, tuple)) else [given]
+        s = list(saved) if isinstance(saved, (list, tuple)) else [saved]
+        return len(g) == len(s) and all(_same(key, a, b) for a, b in zip(g, s))
+    if given == saved:
+        return True
+    if key in ("teachers", "out", "transfer_data", "data", "fid_ref") and isinstance(given, str) and saved:
+        return Path(given).resolve() == Path(str(saved)).resolve()
+    return False
+
+
+def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) -> None:
+    """Settings given with --resume that would make it another run are refused, naming the flag."""
+    from dfkd.validate import flag_name
+
+    for key, value in fixed.items():
+        if value is None or (isinstance(value, (tuple, list)) and not value) or value is False:
+            continue
+        old = getattr(saved, key, None)
+        if not _same(key, value, old):
+            shown = " ".join(value) if isinstance(value, (list, tuple)) else value
+            raise DfkdError(f"--resume {run_dir}: {flag_name(key)} {shown} would change the run (it was made with "
+                            f"{old!r}); a resumed run keeps it: drop {flag_name(key)}, or start a new run "
+                            "with another --out")
+
+
+def _run_folder(run_dir: Path) -> Path:
+    if not run_dir.exists():
         raise DfkdError(f"--resume {run_dir}: no such run folder")
+    if not run_dir.is_dir():
+        hint = f"; its run folder is {run_dir.parent}" if run_dir.name == "checkpoint.pt" else ""
+        raise DfkdError(f"--resume {run_dir}: is a file, not a run folder; give the folder `dfkd distill` wrote "
+                        f"(the one holding checkpoint.pt){hint}")
+    return run_dir
+
+
+def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float | None = None,
+           params: dict[str, Any] | None = None, device: str | None = None, eval_data: str | None = None,
+           fixed: dict[str, Any] | None = None) -> RunResult:
+    """Continue a stopped run from its checkpoint.
+
+    Args:
+        run_dir: the run folder.
+        steps: a new budget in student steps (larger than the step reached).
+        budget_minutes: a new wall-clock budget.
+        params: hyper-parameter overrides (e.g. lower learning rates after a divergence).
+        device: where to continue.
+        eval_data: other test data to report on.
+        fixed: any other DistillConfig settings the user gave: refused when they differ from the run's.
+
+    Raises:
+        DfkdError: for a folder that is not a run, a finished run without a larger budget, or a change that
+            would make it another run.
+    """
+    run_dir = _run_folder(Path(run_dir))
+    changes = {k: v for k, v in zip(RESUMABLE, (steps, budget_minutes, device, eval_data)) if v is not None}
+    check_settings(changes, "flags")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    saved = dict(ckpt["config"])
-    cfg = DistillConfig.from_dict(saved, f"{run_dir}/checkpoint.pt")
-    changes: dict[str, Any] = {"out": str(run_dir)}
-    if steps is not None:
-        changes["steps"] = steps
-    if budget_minutes is not None:
-        changes["budget_minutes"] = budget_minutes
+    cfg = DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt")
+    _refuse_changes(run_dir, cfg, fixed or {})
+    if steps is not None and steps <= int(ckpt["step"]) and not ckpt["finished"]:
+        raise DfkdError(f"--steps {steps}: the run in {run_dir} is already at step {ckpt['step']}; give a larger "
+                        "--steps (or none, to finish the budget it was started with)")
+    changes["out"] = str(run_dir)
     if params:
         changes["params"] = {**cfg.params, **params}
     cfg = replace(cfg, **changes)
     if ckpt["finished"] and steps is None and budget_minutes is None:
         raise DfkdError(f"--resume {run_dir}: this run already finished (student.pt is there); pass a larger "
                         "--steps or --budget-minutes to train further")
+    if ckpt["finished"] and steps is not None and steps <= int(ckpt["step"]):
+        raise DfkdError(f"--steps {steps}: the run in {run_dir} finished at step {ckpt['step']}; give a larger "
+                        "--steps to train further")
     run = Run(cfg, run_dir, ckpt)
     return _execute(run, run.step)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import os
 import tempfile
 from collections.abc import Callable
@@ -10,6 +12,24 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from dfkd.errors import DfkdError
+
+#: A full disk, a file-size limit, a quota, a read-only or failing disk: the write cannot succeed as it is.
+DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
+class WriteFailed(DfkdError):
+    """A file could not be written (disk full, file-size limit, ...); the file it replaces is intact."""
+
+
+def disk_error(e: OSError, path: str | os.PathLike | None = None) -> WriteFailed | None:
+    """The one-line error for a write that failed for lack of room (else None: the OSError is something else)."""
+    if e.errno not in DISK_ERRNOS:
+        return None
+    where = path or e.filename or "a file"
+    return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)}; free some space (or raise the file-size "
+                       "limit, `ulimit -f`)")
 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -25,14 +45,26 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        err = disk_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save(obj, path)`, atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """`torch.save(obj, path)`, atomically.
+
+    The bytes are made in memory first: torch's writer turns a failed write into an opaque RuntimeError, while
+    Python's keeps the OSError (ENOSPC, EFBIG) that says what went wrong.
+    """
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -79,24 +79,33 @@ class Teacher(nn.Module):
         return self.module(x)
 
     def _probe_classes(self) -> int:
+        """Number of classes, from a forward at batch 2; the teacher must also pass `check_outputs`."""
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
-        x = torch.zeros(self.spec.shape(2), device=device)
-        try:
-            with torch.no_grad():
-                out = self.module(x)
-        except Exception as e:  # noqa: BLE001 - any failure here means the declared shape is wrong
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            hint = "re-export with a dynamic batch dimension" if "equal to" in msg else \
-                "check --channels/--input-size or the architecture"
-            raise DfkdError(f"--teacher {self.source}: the model does not accept inputs of shape "
-                            f"{tuple(x.shape)} ({msg}); {hint}") from None
+        x = torch.randn(self.spec.shape(3), generator=torch.Generator().manual_seed(0)).to(device)
+        out = self._probe_forward(x[:2])
         if isinstance(out, (tuple, list)):
             raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__}; dfkd needs a module "
                             "whose forward returns the logits tensor alone (wrap it)")
-        if out.dim() != 2:
-            raise DfkdError(f"--teacher {self.source}: forward returns shape {tuple(out.shape)}, expected "
-                            "(batch, classes) logits")
+        if not torch.is_tensor(out) or out.dim() != 2:
+            shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+            raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
+        check_outputs(self.source, out, self._probe_forward(x))
         return int(out.shape[1])
+
+    def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            with torch.no_grad():
+                return self.module(x)
+        except Exception as e:  # noqa: BLE001 - any failure here means the declared shape is wrong
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if len(x) != 2:
+                hint = f"it runs at batch 2 but not at batch {len(x)}: re-export it with a dynamic batch dimension"
+            elif "equal to" in msg:
+                hint = "re-export with a dynamic batch dimension"
+            else:
+                hint = "check --channels/--input-size or the architecture"
+            raise DfkdError(f"--teacher {self.source}: the model does not accept inputs of shape "
+                            f"{tuple(x.shape)} ({msg}); {hint}") from None
 
     @property
     def hookable(self) -> bool:
@@ -147,6 +156,27 @@ class Teacher(nn.Module):
             raise DfkdError(f"--teacher {self.source}: a {self.fmt} teacher has no module hooks; save it as a "
                             "state_dict, dfkd model file or torch.export archive to use feature-based losses")
         return FeatureTaps(self.module, paths, inputs=inputs, outputs=outputs)
+
+
+def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
+    """Refuse a teacher whose logits are useless: non-finite, fewer than 2 classes, or batch-dependent.
+
+    `out2` and `out3` are its outputs on the same two images alone and with a third: an eval-mode classifier
+    gives each image the same logits whatever the batch (a fixed-batch export or a model left in train mode
+    does not).
+    """
+    where = f"--teacher {source}"
+    if out2.shape[1] < 2:
+        raise DfkdError(f"{where}: gives {out2.shape[1]} class(es); a classifier to distill needs at least 2")
+    if not torch.isfinite(out2).all():
+        raise DfkdError(f"{where}: gives non-finite logits (NaN or inf) on a probe batch; its weights are broken "
+                        "(check the file, or the --mean/--std it is given)")
+    if out3.dim() != 2 or out3.shape[0] != 3 or out3.shape[1] != out2.shape[1]:
+        raise DfkdError(f"{where}: gives shape {tuple(out3.shape)} at batch 3 (expected (3, {out2.shape[1]})); "
+                        "re-export it with a dynamic batch dimension")
+    if not torch.allclose(out3[:2].float(), out2.float(), rtol=1e-3, atol=1e-4):
+        raise DfkdError(f"{where}: gives other logits for the same images at batch 3 than at batch 2; it must "
+                        "treat each image alone (eval mode, no batch statistics, a dynamic batch dimension)")
 
 
 def load_teacher(

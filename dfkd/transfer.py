@@ -169,6 +169,7 @@ def _train(method: Any, steps: int) -> None:
     done = 0
     while done < steps:
         method.set_progress(done / steps)
+        method.steps_left = steps - done
         method.round()
         done += max(method.student_steps_per_round, 1)
 

@@ -16,8 +16,12 @@ def pick_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
+    except (RuntimeError, TypeError, ValueError):
         raise DfkdError(f"--device {name!r}: not a device name (try cpu, cuda, cuda:0 or auto)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise DfkdError(f"--device {name}: dfkd runs on cpu, cuda, cuda:N, mps or auto, not on {device.type}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise DfkdError(f"--device {name}: MPS is not available on this machine; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DfkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device

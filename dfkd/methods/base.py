@@ -104,6 +104,8 @@ class Method:
         self.last_images: torch.Tensor | None = None
         #: Wall-clock seconds spent in student updates (the rest of a round is synthesis), for perf/ logging.
         self.student_seconds = 0.0
+        #: Student steps the run's budget has left (None: no step budget); the round in progress takes no more.
+        self.steps_left: int | None = None
 
     # --- recipe -------------------------------------------------------------------------------------------
     @classmethod
@@ -163,7 +165,9 @@ class Method:
     # --- steps --------------------------------------------------------------------------------------------
     @property
     def student_steps_per_round(self) -> int:
-        return int(self.p["s_steps"])
+        """The student steps of the next round: `s_steps`, or fewer when the budget (`steps_left`) ends first."""
+        n = int(self.p["s_steps"])
+        return n if self.steps_left is None else max(0, min(n, self.steps_left))
 
     def student_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> LossDict:
         """KD loss: T^2-scaled KL at temperature T (override for L1 etc.)."""

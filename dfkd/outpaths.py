@@ -1,0 +1,85 @@
+"""Output paths checked before the work starts: a run folder that is new or empty, a file that can be written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from dfkd.errors import DfkdError
+
+#: What a dfkd run folder holds once it has started (a folder with one of these is a run, to resume or leave).
+RUN_MARKERS = ("checkpoint.pt", "student.pt")
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _probe(folder: Path, what: str) -> None:
+    """Create and delete a file in `folder`: the one check that holds for root, read-only mounts and /proc."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise DfkdError(f"{what}: cannot write into {folder} ({e.strerror}); pick a writable place") from None
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse an output file that cannot be written (a folder, a device, a read-only or missing place).
+
+    Missing parent folders are fine (they are created when the file is written) as long as the nearest
+    existing one is a writable folder.
+    """
+    p = Path(path)
+    what = f"{flag} {p}"
+    if not str(path).strip():
+        raise DfkdError(f"{flag}: empty path; give a file name")
+    if p.is_dir():
+        raise DfkdError(f"{what}: is a folder; give a file name inside it")
+    if p.exists() and not p.is_file():
+        raise DfkdError(f"{what}: is not a regular file (a device or pipe?); give a file path")
+    base = _nearest_existing(p.parent)
+    if not base.is_dir():
+        raise DfkdError(f"{what}: {base} is a file, not a folder; give a path inside a folder")
+    _probe(base, what)
+    return p
+
+
+def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path, bool]:
+    """Create the run folder `path`, which must be new or empty; returns (folder, whether it was created).
+
+    A folder holding a run is refused with the `--resume` command; a folder holding anything else is refused so
+    that no file of the user's is overwritten.
+    """
+    d = Path(path)
+    what = f"{flag} {d}"
+    if not str(path).strip():
+        raise DfkdError(f"{flag}: empty path; give a folder for the run")
+    if d.exists() and not d.is_dir():
+        raise DfkdError(f"{what}: is a file, not a folder; give a folder for the run (it is created when missing)")
+    if d.is_dir():
+        if any((d / m).exists() for m in RUN_MARKERS):
+            raise DfkdError(f"{what}: already holds a run; continue it with --resume {d} or pick another --out")
+        try:
+            entries = sorted(e.name for e in d.iterdir())
+        except OSError as e:
+            raise DfkdError(f"{what}: cannot read the folder ({e.strerror})") from None
+        if entries:
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise DfkdError(f"{what}: the folder is not empty (holds {shown}); dfkd writes a run only into a new "
+                            "or empty folder, so pick another --out")
+        _probe(d, what)
+        return d, False
+    base = _nearest_existing(d)
+    if not base.is_dir():
+        raise DfkdError(f"{what}: {base} is a file, not a folder; give a path inside a folder")
+    _probe(base, what)
+    try:
+        d.mkdir(parents=True)
+    except OSError as e:
+        raise DfkdError(f"{what}: cannot create the folder ({e.strerror}); pick a writable place") from None
+    return d, True

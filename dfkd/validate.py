@@ -1,0 +1,208 @@
+"""Checking every value that reaches a run, once, before any file is written.
+
+Settings of `dfkd distill` (flags, config files) are checked against `FIELDS`; method hyper-parameters (`-p`,
+`params` in a config file) against a schema derived from the method's recipe: each key takes the type of its
+default (an integer stays an integer, a float takes any finite number, a list a list, a string a string) and
+`RANGES`/`CHOICES` add bounds and allowed values. Every message names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dfkd.errors import DfkdError
+
+#: Largest seed torch and NumPy accept alike.
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What a value may be: its kind ("int", "number", "str", "bool", "list", "any"), bounds and choices.
+
+    `lo`/`hi` bound numbers (`lo_open`: strictly above `lo`); `choices` lists allowed strings; `none_ok` lets
+    None through; `items` checks every element of a list.
+    """
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    choices: tuple[Any, ...] | None = None
+    none_ok: bool = False
+    items: Rule | None = None
+
+    def allowed(self) -> str:
+        """What is allowed, in words."""
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        words = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
+                 "list": "a list", "any": "a finite value"}[self.kind]
+        if self.lo is not None:
+            words += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            words += f"{' and' if self.lo is not None else ''} <= {self.hi:g}"
+        if self.items is not None:
+            words += f" of {self.items.allowed()}"
+        return words + (" (or null)" if self.none_ok else "")
+
+    def problem(self, v: Any) -> bool:
+        """True when `v` breaks the rule."""
+        if self.choices is not None:
+            return not any(v is c or (type(v) is type(c) and v == c) for c in self.choices)
+        if v is None:
+            return not self.none_ok
+        check: Callable[[Any], bool] = _KIND_CHECKS[self.kind]
+        if not check(v):
+            return True
+        if self.kind in ("int", "number"):
+            return (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)) or \
+                (self.hi is not None and v > self.hi)
+        if self.kind == "list" and self.items is not None:
+            return any(self.items.problem(a) for a in v)
+        return False
+
+
+def _finite(v: Any) -> bool:
+    """True for values holding no NaN or infinity anywhere (lists and dicts looked into)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, (list, tuple)):
+        return all(_finite(a) for a in v)
+    if isinstance(v, dict):
+        return all(_finite(a) for a in v.values())
+    return True
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+_KIND_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "int": _is_int, "number": _is_number, "str": lambda v: isinstance(v, str) and bool(v.strip()),
+    "bool": lambda v: isinstance(v, bool), "list": lambda v: isinstance(v, (list, tuple)) and _finite(v),
+    "any": _finite,
+}
+
+_STR = Rule("str", none_ok=True)
+_POS = Rule("int", lo=1)
+#: DistillConfig fields (the keys of a config file; `--flag` names on the command line).
+FIELDS: dict[str, Rule] = {
+    "method": Rule("str"), "teachers": Rule("list", items=Rule("str")), "teacher_arch": _STR,
+    "trust_pickle": Rule("bool"), "channels": Rule("int", lo=1, none_ok=True),
+    "input_size": Rule("int", lo=8, none_ok=True),
+    "mean": Rule("list", items=Rule("number"), none_ok=True),
+    "std": Rule("list", items=Rule("number", lo=0, lo_open=True), none_ok=True),
+    "student": _STR, "steps": Rule("int", lo=1, none_ok=True),
+    "budget_minutes": Rule("number", lo=0, lo_open=True, none_ok=True), "eval_data": _STR,
+    "eval_every": _POS, "log_every": _POS, "image_every": _POS, "ckpt_every": _POS, "fid_ref": _STR,
+    "fid_every": Rule("int", lo=0), "fid_samples": Rule("int", lo=2), "transfer_data": _STR, "data": _STR,
+    "seed": Rule("int", lo=0, hi=MAX_SEED), "device": Rule("str"), "out": _STR, "runs_dir": Rule("str"),
+    "params": Rule("any"),
+}
+
+_RATE = Rule("number", lo=0, lo_open=True)
+_FRACTION = Rule("number", lo=0, hi=1)
+#: Bounds of method hyper-parameters beyond their type (keys absent from a method's recipe are ignored).
+RANGES: dict[str, Rule] = {
+    **{k: Rule("int", lo=1) for k in ("batch_size", "s_steps", "g_steps", "iterations", "di_iters", "di_batch",
+                                       "pool_size", "bank_size", "n_neg", "nz", "proj_dim", "plateau_patience")},
+    "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1, none_ok=True),
+    "jitter": Rule("int", lo=0),
+    **{k: _RATE for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "T", "adi_T", "di_T", "cr_T",
+                          "gamma", "bn_eps", "plateau_min_lr", "ie_log_base")},
+    **{k: _FRACTION for k in ("momentum", "bn_mmt", "flip_p", "warmup", "reset_at", "lowres")},
+    "grad_clip": Rule("number", lo=0, lo_open=True, none_ok=True),
+    "synth_seconds": Rule("number", lo=0, lo_open=True, none_ok=True),
+    "weight_decay": Rule("number", lo=0), "milestones": Rule("list", items=_FRACTION),
+    **{k: Rule("list", items=_FRACTION) for k in ("betas", "betas_g", "betas_inv", "local_scale")},
+    **{k: Rule("number", lo=0) for k in ("adv", "bn", "oh", "cr", "ce", "kd", "a", "adi", "balance", "ie", "input",
+                                         "mutual", "first_bn", "tv_l1", "tv_l2", "l2", "at_beta", "disc_weight",
+                                         "reptile_alpha")},
+    "teacher_weights": Rule("list", items=Rule("number", lo=0), none_ok=True),
+}
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "s_optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "multistep"),
+    "teacher_weighting": ("mean", "confidence"), "discriminator": (None, "logits", "features"),
+    "inv_schedule": ("cosine", "plateau"), "kl_reduction": ("batchmean", "mean"),
+    "pool_dtype": ("float16", "bfloat16", "float32"), "bn_form": ("di", "gaussian_kl"),
+}
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of a DistillConfig field (`teachers` -> `--teacher`)."""
+    return "--teacher" if key == "teachers" else "--" + key.replace("_", "-")
+
+
+def _show(v: Any) -> str:
+    return repr(v) if isinstance(v, str) else str(v)
+
+
+def check_settings(data: dict[str, Any], source: str) -> None:
+    """Check DistillConfig fields from `source` ("flags" or a config file's path).
+
+    Raises:
+        DfkdError: naming the key (or flag), the value and what is allowed.
+    """
+    for key, value in data.items():
+        rule = FIELDS.get(key)
+        if rule is None:
+            continue  # unknown keys are refused by DistillConfig.from_dict, with the list of known ones
+        v = list(value) if isinstance(value, tuple) else value
+        if key in ("teachers", "mean", "std") and not isinstance(v, (list, type(None))):
+            v = [v]
+        if rule.problem(v):
+            where = f"{flag_name(key)} {_show(value)}" if source == "flags" else f"{source}: {key} = {value!r}"
+            raise DfkdError(f"{where}: must be {rule.allowed()}")
+
+
+def param_rule(key: str, default: Any) -> Rule:
+    """The rule for method parameter `key`, whose recipe default is `default`."""
+    if key in CHOICES:
+        return Rule("str", choices=CHOICES[key])
+    if key in RANGES:
+        return RANGES[key]
+    if isinstance(default, bool):
+        return Rule("bool")
+    if isinstance(default, int):
+        return Rule("int")
+    if isinstance(default, float):
+        return Rule("number")
+    if isinstance(default, str):
+        return Rule("str")
+    if isinstance(default, list):
+        return Rule("list")
+    return Rule("any", none_ok=True)
+
+
+def check_params(params: dict[str, Any], recipe: dict[str, Any], method: str, source: str = "-p",
+                 min_s_steps: int = 1) -> None:
+    """Check method hyper-parameter overrides against the types and bounds of `method`'s recipe.
+
+    Args:
+        params: the overrides.
+        recipe: the method's defaults (`Method.default_params()`); unknown keys are refused elsewhere.
+        method: the method's name, for messages.
+        source: "-p" or the config file's path.
+        min_s_steps: the fewest student steps a round may take (`dfkd synthesize` allows 0).
+
+    Raises:
+        DfkdError: naming the key, the value and what is allowed.
+    """
+    for key, value in params.items():
+        if key not in recipe:
+            continue
+        rule = param_rule(key, recipe[key])
+        if key == "s_steps":
+            rule = Rule("int", lo=min_s_steps)
+        bad = rule.problem(value)
+        if bad:
+            where = f"-p {key}={value}" if source == "-p" else f"{source}: params.{key} = {value!r}"
+            raise DfkdError(f"{where}: method {method} needs {rule.allowed()}")
