@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,21 @@ def _load_npz(p: Path, flag: str) -> ImageData:
                         f"got {x.shape} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
-    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y.astype(np.int64)))
+    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(_int_labels(y, f"{flag} {p}")))
+
+
+def _int_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Labels as int64: integers as they are, whole-number floats with a warning, anything else refused."""
+    if y.dtype.kind in "iub":
+        return y.astype(np.int64)
+    if y.dtype.kind != "f":
+        raise DfkdError(f"{where}: labels 'y' must be integer class indices 0..K-1, got dtype {y.dtype}; map class "
+                        "names to indices first")
+    if not np.isfinite(y).all() or (y != np.round(y)).any():
+        bad = y[~np.isfinite(y) | (y != np.round(y))][0]
+        raise DfkdError(f"{where}: labels 'y' must be whole class indices 0..K-1, found {bad}")
+    warnings.warn(f"{where}: labels 'y' are stored as {y.dtype}; read as integer class indices", stacklevel=3)
+    return y.astype(np.int64)
 
 
 def _load_folder(p: Path, flag: str) -> ImageData:
@@ -124,9 +139,10 @@ def check_fits(data: ImageData, num_classes: int, spec: InputSpec, flag: str, pa
     """Refuse data whose labels or channels cannot match the model, before any training starts."""
     if len(data) == 0:
         raise DfkdError(f"{flag} {path}: holds no images")
-    if data.num_classes > num_classes or int(data.y.min()) < 0:
-        raise DfkdError(f"{flag} {path}: labels run 0..{data.num_classes - 1} but the model has {num_classes} classes; "
-                        "this data does not belong to this model")
+    lo, hi = int(data.y.min()), int(data.y.max())
+    if lo < 0 or hi >= num_classes:
+        raise DfkdError(f"{flag} {path}: labels run {lo}..{hi} but the model has {num_classes} classes (labels "
+                        f"0..{num_classes - 1}); this data does not belong to this model")
     c = data.x.shape[1]
-    if c != spec.channels and 1 not in (c, spec.channels):
+    if c != spec.channels and (c not in (1, 3) or 1 not in (c, spec.channels)):
         raise DfkdError(f"{flag} {path}: images have {c} channels, the model wants {spec.channels}")

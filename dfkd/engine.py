@@ -82,7 +82,12 @@ def _graceful_sigint() -> Any:
 
 
 def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
-    return flag_spec(cfg.channels, cfg.input_size, cfg.mean, cfg.std, cfg.teacher_arch, cfg.arch_args)
+    try:
+        return flag_spec(cfg.channels, cfg.input_size, cfg.mean, cfg.std, cfg.teacher_arch, cfg.arch_args)
+    except DfkdError as e:
+        if str(e).startswith("input spec:"):  # name the flags, not the spec they make
+            raise DfkdError(f"--channels/--mean/--std: {e}") from None
+        raise
 
 
 def new_run_dir(cfg: DistillConfig, teacher_path: str) -> tuple[Path, bool]:

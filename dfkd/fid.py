@@ -76,16 +76,20 @@ class FIDStats:
 def frechet_distance(a: FIDStats, b: FIDStats) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), in float64.
 
-    By torchmetrics' FID kernel (the trace of the square root from the eigenvalues of S_a S_b): it agrees with
-    pytorch-fid's `calculate_frechet_distance` (tests check it) and is more than ten times faster on CPU, where
-    that one's scipy `sqrtm` also breaks on 1-d statistics and on its deprecated `disp` argument.
+    The trace of the square root is the sum of the square roots of the eigenvalues of S_a S_b, which are those
+    of the symmetric S_a^1/2 S_b S_a^1/2 (Dowson & Landau 1982): two `torch.linalg.eigh` calls, with round-off
+    negatives clamped to 0. It agrees with pytorch-fid's `calculate_frechet_distance` (tests check it), works on
+    1-d statistics, and is much faster on CPU than scipy's `sqrtm`.
     """
-    from torchmetrics.image.fid import _compute_fid
-
     t = [torch.as_tensor(v, dtype=torch.float64) for v in (a.mu, a.sigma, b.mu, b.sigma)]
     if t[0].shape != t[2].shape or t[1].shape != t[3].shape:
         raise DfkdError(f"FID statistics of different dimensions: {tuple(t[0].shape)} and {tuple(t[2].shape)}")
-    return float(_compute_fid(*t))
+    mu_a, s_a, mu_b, s_b = t
+    w, v = torch.linalg.eigh((s_a + s_a.T) / 2)
+    root_a = (v * w.clamp(min=0).sqrt()) @ v.T
+    middle = root_a @ s_b @ root_a
+    tr_root = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu_a - mu_b).square().sum() + s_a.trace() + s_b.trace() - 2 * tr_root)
 
 
 class FrechetMonitor(ABC):

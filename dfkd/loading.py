@@ -78,16 +78,35 @@ def read_weights_only(path: str | os.PathLike, flag: str = "--teacher") -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" in str(e):  # a valid pickle that names classes or functions: refuse, do not run them
+        if "GLOBAL" in str(e) or ("Unsupported operand" in str(e) and _names_code(p)):
+            # a valid pickle that names classes or functions (any protocol): refuse, do not run them
             raise DfkdError(f"{flag} {p}: not loaded: {PICKLE_HELP}") from None
         raise DfkdError(f"{flag} {p}: not a readable PyTorch file ({_short(e)}); is it truncated or corrupt?") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError, IndexError,
+            TypeError) as e:
         raise DfkdError(f"{flag} {p}: not a readable PyTorch file ({_short(e)}); is it truncated or corrupt?") from None
+
+
+def _names_code(p: Path) -> bool:
+    """True when the file's pickle parses and imports names (GLOBAL/STACK_GLOBAL), e.g. a module at protocol 4."""
+    import pickletools
+
+    try:
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = p.read_bytes()
+        return any(op.name in ("GLOBAL", "STACK_GLOBAL") for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - anything unparsable is not a pickle of code
+        return False
 
 
 def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()
-    return (s[0] if s else type(e).__name__)[:200]
+    if not s or "weights_only" in s[0] or isinstance(e, (KeyError, IndexError)):
+        return f"no torch.save data in it: {type(e).__name__}"  # torch's advice to unpickle anyway does not apply
+    return s[0][:200]
 
 
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:

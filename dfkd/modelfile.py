@@ -111,6 +111,9 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
         state = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as e:
         raise DfkdError(f"{source}: dfkd model file is missing or has a malformed field ({e}); re-export it") from None
+    except DfkdError as e:  # the file's input_spec, not a flag, is wrong
+        raise DfkdError(f"{source}: the file's {e}; re-export it (or give --channels/--input-size/--mean/--std)") \
+            from None
     if meta.arch in ARCHIVE_KINDS:
         return _from_archive(payload.get("archive"), meta.arch, source), meta
     model = build_model(meta.arch, meta.arch_kwargs, flag=f"{source}: architecture", trusted=False)

@@ -85,9 +85,9 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]]]:
     if not path.exists():
         return series, events
     for line in path.read_text().splitlines():
-        if not line.strip():
+        rec = _record(line)
+        if rec is None:
             continue
-        rec = json.loads(line)
         if "event" in rec:
             events.append(rec)
             continue
@@ -95,6 +95,15 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]]]:
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 series.setdefault(k, []).append((int(rec["step"]), float(v)))
     return series, events
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record; None for a blank line or one cut short by a failed write."""
+    try:
+        rec = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> tuple[int, float | None, bool]:
@@ -182,9 +191,17 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
         DfkdError: when the folder is not a dfkd run.
     """
     d = Path(run_dir)
-    if not (d / "config.json").is_file():
-        raise DfkdError(f"{d}: not a dfkd run folder (no config.json); give the folder `dfkd distill` wrote")
-    config = json.loads((d / "config.json").read_text())
+    if not (d / "config.json").is_file() or not any((d / f).is_file() for f in ("checkpoint.pt", "metrics.jsonl")):
+        raise DfkdError(f"{d}: not a dfkd run folder (no config.json with checkpoint.pt or metrics.jsonl); give the "
+                        "folder `dfkd distill` wrote")
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DfkdError(f"{d / 'config.json'}: not valid JSON ({str(e).splitlines()[0]}); it is not as dfkd "
+                        "wrote it") from None
+    if not isinstance(config, dict) or "method" not in config:
+        raise DfkdError(f"{d / 'config.json'}: not a dfkd run config (no 'method'); give the folder `dfkd distill` "
+                        "wrote")
     series, events = read_metrics(d / "metrics.jsonl")
     summary = RunSummary(d, config, *_run_state(d, series, events), series, events=events)
     if (d / "deploy.json").is_file():

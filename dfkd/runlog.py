@@ -12,6 +12,15 @@ import torch
 from dfkd.spec import InputSpec
 
 
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity (dropped on resume) for a blank line or one a failed write cut."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return math.inf
+    return rec.get("step", 0) if isinstance(rec, dict) else math.inf
+
+
 class RunLog:
     """Appends metrics to `metrics.jsonl` and mirrors them to TensorBoard.
 
@@ -25,8 +34,7 @@ class RunLog:
 
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= resume_step]
+            keep = [ln for ln in self.path.read_text().splitlines() if _step(ln) <= resume_step]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.file = self.path.open("a")
         self.tb = SummaryWriter(str(run_dir), purge_step=resume_step)

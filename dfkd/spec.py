@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,10 +35,13 @@ class InputSpec:
             if len(v) == 1 and self.channels > 1:
                 v = v * self.channels
             if len(v) != self.channels:
-                raise DfkdError(f"--{name} needs 1 or {self.channels} values (one per channel), got {len(v)}")
+                want = "1 value" if self.channels == 1 else f"1 or {self.channels} values (one per channel)"
+                raise DfkdError(f"input spec: {name} needs {want} for {self.channels} channel(s), got {len(v)}")
+            if not all(math.isfinite(a) for a in v):
+                raise DfkdError(f"input spec: {name} must be finite numbers, got {v}")
             object.__setattr__(self, name, v)
         if any(s <= 0 for s in self.std):
-            raise DfkdError(f"--std values must be positive, got {self.std}")
+            raise DfkdError(f"input spec: std values must be positive, got {self.std}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> InputSpec:

@@ -30,7 +30,7 @@ from dfkd.errors import DfkdError
 from dfkd.models import MODELS
 from dfkd.teacher import Teacher, teacher_size
 
-#: The pairs of the data-free literature (METHODS.md §10, §14).
+#: The pairs of the data-free literature.
 DEFAULT_STUDENT = {
     "lenet5": "lenet5_half",
     "lenet5_bn": "lenet5_half",

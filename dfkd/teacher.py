@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -179,6 +180,17 @@ def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
                         "treat each image alone (eval mode, no batch statistics, a dynamic batch dimension)")
 
 
+def _warn_spec_override(path: str | os.PathLike, spec: InputSpec | None, loaded: LoadedModel) -> None:
+    """Say so when --channels/--input-size replace what the file itself declares."""
+    kw = loaded.arch_kwargs or {}
+    if spec is None or loaded.fmt != "dfkd":
+        return
+    file_says = (kw.get("in_channels", spec.channels), kw.get("input_size", spec.size))
+    if file_says != (spec.channels, spec.size):
+        warnings.warn(f"--teacher {path}: the file declares {file_says[0]} x {file_says[1]} px inputs; "
+                      f"--channels/--input-size make it {spec.channels} x {spec.size}", stacklevel=3)
+
+
 def load_teacher(
     path: str | os.PathLike,
     arch: str | None = None,
@@ -204,6 +216,7 @@ def load_teacher(
     if loaded.spec is None:
         raise DfkdError(f"--teacher {path}: a {loaded.fmt} file carries no input spec; give --channels C "
                         "--input-size S --mean M --std S (the normalisation the teacher was trained with)")
+    _warn_spec_override(path, spec, loaded)
     module = loaded.module.to(device)
     return Teacher(module, loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
                    arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)

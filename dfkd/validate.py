@@ -35,8 +35,8 @@ class Rule:
     none_ok: bool = False
     items: Rule | None = None
 
-    def allowed(self) -> str:
-        """What is allowed, in words."""
+    def allowed(self, none: bool = True) -> str:
+        """What is allowed, in words (`none`: mention that null is allowed, where it is)."""
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         words = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
@@ -47,7 +47,7 @@ class Rule:
             words += f"{' and' if self.lo is not None else ''} <= {self.hi:g}"
         if self.items is not None:
             words += f" of {self.items.allowed()}"
-        return words + (" (or null)" if self.none_ok else "")
+        return words + (" (or null)" if self.none_ok and none else "")
 
     def problem(self, v: Any) -> bool:
         """True when `v` breaks the rule."""
@@ -160,7 +160,7 @@ def check_settings(data: dict[str, Any], source: str) -> None:
             v = [v]
         if rule.problem(v):
             where = f"{flag_name(key)} {_show(value)}" if source == "flags" else f"{source}: {key} = {value!r}"
-            raise DfkdError(f"{where}: must be {rule.allowed()}")
+            raise DfkdError(f"{where}: must be {rule.allowed(none=source != 'flags')}")
 
 
 def param_rule(key: str, default: Any) -> Rule:

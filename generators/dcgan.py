@@ -1,4 +1,4 @@
-"""The DCGAN-lite generator of DAFL/DFAD/ZSKT/zju-vipa (METHODS.md §0.5), with both output heads."""
+"""The DCGAN-lite generator of DAFL/DFAD/ZSKT/zju-vipa, with both output heads."""
 
 from __future__ import annotations
 

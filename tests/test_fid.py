@@ -54,6 +54,14 @@ def test_frechet_distance_hand_computed() -> None:
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_frechet_distance_hand_computed_1d_and_non_commuting() -> None:
+    one = frechet_distance(FIDStats(np.zeros(1), np.array([[4.0]])), FIDStats(np.ones(1), np.array([[9.0]])))
+    assert one == pytest.approx(1 + 4 + 9 - 2 * 6)  # (mu_a - mu_b)^2 + var_a + var_b - 2 sqrt(var_a var_b)
+    # S_a = I, S_b = [[2, 1], [1, 2]] (eigenvalues 3 and 1): Tr sqrt(S_a S_b) = sqrt(3) + 1.
+    d = frechet_distance(FIDStats(np.zeros(2), np.eye(2)), FIDStats(np.zeros(2), np.array([[2.0, 1.0], [1.0, 2.0]])))
+    assert d == pytest.approx(2 + 4 - 2 * (np.sqrt(3) + 1))
+
+
 def test_frechet_distance_agrees_with_pytorch_fid() -> None:
     from pytorch_fid.fid_score import calculate_frechet_distance
 

@@ -1,7 +1,7 @@
 """Loss building blocks for data-free KD, as small pure functions, each registered under a short name.
 
 `get_loss("bn_di")` returns the function; `list_losses()` lists the names. Every function cites its
-paper in its docstring; METHODS.md section 0 gives the reference formulas.
+paper in its docstring, with the formula it computes.
 """
 
 from __future__ import annotations

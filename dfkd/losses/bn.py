@@ -2,7 +2,7 @@
 
 Every loss takes `layers`: one `(x, running_mean, running_var)` tuple per BatchNorm layer, where `x` is
 the layer's INPUT, (B, C, H, W) or (B, C). Running statistics are constants: they are detached here so
-no gradient reaches the teacher's buffers. See METHODS.md section 0.1.
+no gradient reaches the teacher's buffers.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ class CMI(LatentMethod):
     re-initialised generator and learnable z minimise bn*R_DI + oh*CE(t(global), y) + adv*masked-KL(s, t) +
     cr*InfoNCE(local view, global view; memory bank) for g_steps Adam (0.5, 0.999) steps; the lowest-loss batch
     goes to the image pool, its features to the bank; then s_steps (the reference's kd_steps) student steps on pool
-    samples with KL at T=20 (METHODS.md §6). Defaults are `cmi_cifar10.sh`: batch 256 / 256, g_steps 200, lr_g 1e-3,
+    samples with KL at T=20. Defaults are `cmi_cifar10.sh`: batch 256 / 256, g_steps 200, lr_g 1e-3,
     adv 0.5, bn 1, oh 1, cr 0.8, cr_T 0.2, 400 KD steps, student SGD 0.1 wd 1e-4 cosine, nz 256, bank 40,960 rows,
     4,096 negatives. CPU rule, for a LeNet-scale teacher (< 200K parameters): g_steps / 5 = 40 with lr_g x 5 =
     5e-3 (lr * steps kept), synthesis batch 64, s_steps 50, batch 128 (a round costs ~1/20 of the reference's), and

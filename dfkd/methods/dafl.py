@@ -21,7 +21,7 @@ class DAFL(GANMethod):
 
     Chen et al., "Data-Free Learning of Student Networks", ICCV 2019. L_G = oh*CE(t, argmax t) +
     ie*sum(pbar log10 pbar) + a*(-mean|f_T|); the student learns KL(t||s) at T=1 on the same (detached) batch, one
-    joint G+S iteration per round (METHODS.md §1). Defaults are the paper's MNIST ones (batch 512, G Adam 0.2,
+    joint G+S iteration per round. Defaults are the paper's MNIST ones (batch 512, G Adam 0.2,
     S Adam 2e-3, oh 1 / ie 5 / a 0.1, nz 100, BN eps 0.8, log10 entropy); 3-channel teachers get the CIFAR-10
     ones (batch 1024, nz 1000, G Adam 0.02, S SGD 0.1 wd 5e-4 x0.1 at 40 %/80 %, oh 0.05 / ie 5 / a 0.01).
     LeNet-scale teachers (`is_small_teacher`) take batch 64 on a CPU: 8x the iterations in the same time (on the

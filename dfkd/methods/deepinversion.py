@@ -30,7 +30,7 @@ class DeepInversion(InversionMethod):
     oh*CE(t(jit(x)), y) + bn*sum_l w_l(||var_l - rv_l|| + ||mu_l - rm_l||) + tv_l1*TV1 + tv_l2*TV2 + l2*||x||,
     w_0 = first_bn; the student distils at T=3 from a pool that gains one batch every `s_steps` KD steps.
 
-    Defaults are the paper's CIFAR-10 settings (NVlabs README "paper parameters", METHODS.md §4): batch 256, 2000
+    Defaults are the paper's CIFAR-10 settings (NVlabs README "paper parameters"): batch 256, 2000
     Adam iterations at lr 0.05 with warm-up + cosine, bn 10, TV-L2 2.5e-5, jitter 2, no flip; plus the
     maintainers' later first-BN multiplier 10, clipping to the pixel range and Adam betas (0.5, 0.9) of setting 0.
     The KD side (T 3, a new batch every 50 student steps, a pool of up to 256k images) is the maintainers' account

@@ -19,7 +19,7 @@ class DFAD(GANMethod):
     """DFAD: the student minimises, the generator maximises, the mean absolute logit gap |s(G(z)) - t(G(z))|.
 
     Fang et al., "Data-Free Adversarial Distillation", arXiv 1912.11006. Each round is 5 student steps on fresh
-    samples, then 1 generator step (METHODS.md §2). Defaults are the paper's MNIST settings (batch 512, student
+    samples, then 1 generator step. Defaults are the paper's MNIST settings (batch 512, student
     SGD 0.01 / momentum 0.9 / wd 1e-4, generator Adam 1e-3, nz 100, Tanh + BN output); 3-channel teachers get
     the CIFAR settings (batch 256, SGD 0.1, wd 5e-4, nz 256, x0.1 at 20 % and 40 % of the run).
 

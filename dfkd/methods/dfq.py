@@ -20,7 +20,7 @@ class DFQ(GANMethod):
 
     Choi et al., "Data-Free Network Quantization With Adversarial Knowledge Distillation", CVPRW 2020. L_G =
     bn*R_BN + oh*CE(t, argmax t) + balance*sum(pbar ln pbar) + adv*(-KL(t||s)); 1 generator step then 10 student
-    steps on fresh samples. Defaults follow the verified zju-vipa recipe (METHODS.md §8: bn 1 in DeepInversion form,
+    steps on fresh samples. Defaults follow the verified zju-vipa recipe (bn 1 in DeepInversion form,
     oh 1, balance 20, adv 1, Adam (0.5, 0.999) 1e-3, nz 256, Sigmoid generator, student SGD 0.1, cosine); a
     LeNet-scale teacher gets a CPU recipe, batch 64 and student Adam 2e-3 (SGD 0.1 drove the BN-free
     LeNet-5-half to a constant output; on the demo teacher, 2 single-thread minutes: SGD 0.01 at batch 256 18 %,

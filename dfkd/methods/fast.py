@@ -24,7 +24,7 @@ class Fast(LatentMethod):
     then takes one Adam step (lr_g * g_steps) on the summed inner gradients (first-order MAML, `is_maml=1`) or on
     reptile_alpha * (theta_meta - theta_fast) (Reptile, `is_maml=0`; alpha defaults to the reference's hard-coded
     67); the BN EMA (m = bn_mmt) is updated after each round; the best batch goes to the pool; s_steps (kd_steps)
-    student steps with KL at T=20 (METHODS.md §7). Defaults are Fast-5 for WRN pairs (`fast_cifar.sh`): adv 1.1,
+    student steps with KL at T=20. Defaults are Fast-5 for WRN pairs (`fast_cifar.sh`): adv 1.1,
     oh 0.4, bn 10, g_steps 5, lr_z 0.01, lr_g 3e-3, bn_mmt 0.9, batch 256, 400 KD steps, student SGD 0.2 wd 1e-4
     cosine, warmup 20/220 of the run, reset_l0 at (120 + 20)/220. CPU rule: a LeNet-scale teacher (< 200K
     parameters) gets synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, and student lr 0.01 (at T=20

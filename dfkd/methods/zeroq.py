@@ -22,7 +22,7 @@ class ZeroQ(InversionMethod):
 
     Cai et al., "ZeroQ: A Novel Zero Shot Quantization Framework", CVPR 2020. L(x) = bn*sum_l(||rm - mu_i||^2 +
     ||sqrt(rv) - sigma_i||^2)/B + input*(||mu_i(x)||^2 + ||1 - sigma_i(x)||^2)/B on per-sample statistics, no class
-    term. Defaults are amirgholami/ZeroQ's (METHODS.md §8): batch 64, 500 Adam iterations at lr 0.5 with default
+    term. Defaults are amirgholami/ZeroQ's: batch 64, 500 Adam iterations at lr 0.5 with default
     betas, ReduceLROnPlateau (patience 100, min lr 1e-4) on the loss, start (randint[0,255) - 127.5)/5418.75, no
     jitter, no clipping. ZeroQ calibrates quantisation and has no KD loop; here the student distils from a pool of
     these batches exactly as DeepInversion's does (T 3, a new batch every 50 KD steps, KD minibatch 256).

@@ -30,7 +30,7 @@ class ZSKD(Method):
     similarity of the teacher's final-layer class vectors, half of the impressions at beta 1.0 and half at 0.1;
     the student minimises T^2 * CE(softmax(t(x')/T), softmax(s(x')/T)) at T = 20 on augmented impressions x'.
 
-    Defaults follow the paper (METHODS.md §5): 100 impressions a batch, Adam 1e-3 on [0, 1] pixels for 1500
+    Defaults follow the paper: 100 impressions a batch, Adam 1e-3 on [0, 1] pixels for 1500
     iterations, a pool of 24,000 impressions (its MNIST budget), student Adam 1e-3, batch 64, T = 20. Deviations:
     both betas are really used (the public code re-normalises the 0.1 matrix back to 1); pixels are clamped to
     [0, 1] after each step (the code min-max rescales the whole batch, which left the demo teacher's student at

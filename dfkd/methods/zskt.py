@@ -24,7 +24,7 @@ class ZSKT(GANMethod):
     draws one z, takes 1 generator step on it, then 10 student steps on the *same* z (the batch and the teacher's
     logits and attention maps are computed once and reused). Both nets: Adam (student 2e-3, generator 1e-3),
     cosine schedules, gradient norm clipped at 5; batch 128; nz 100; generator output BN (affine, no Tanh);
-    beta 250 when teacher and student declare the same number of stages (METHODS.md §3). The KL is the true
+    beta 250 when teacher and student declare the same number of stages. The KL is the true
     batch-mean KL; `-p kl_reduction=mean` reproduces the reference code's element-wise mean.
     """
 

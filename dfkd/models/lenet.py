@@ -1,4 +1,4 @@
-"""LeNet-5 and LeNet-5-half as used by DAFL, DFAD and ZSKD (METHODS.md §10), with optional BatchNorm twins."""
+"""LeNet-5 and LeNet-5-half as used by DAFL, DFAD and ZSKD, with optional BatchNorm twins."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Wide ResNets (Zagoruyko & Komodakis 2016) in the ZSKT/zju-vipa form: pre-activation blocks (METHODS.md §10)."""
+"""Wide ResNets (Zagoruyko & Komodakis 2016) in the ZSKT/zju-vipa form: pre-activation blocks."""
 
 from __future__ import annotations
 
