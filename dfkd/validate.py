@@ -142,7 +142,8 @@ def flag_name(key: str) -> str:
 
 
 def _show(v: Any) -> str:
-    return repr(v) if isinstance(v, str) else str(v)
+    """A flag's value as it was typed (a repeated flag's values space-separated)."""
+    return " ".join(str(a) for a in v) if isinstance(v, (list, tuple)) else str(v)
 
 
 def check_settings(data: dict[str, Any], source: str) -> None:

@@ -1,0 +1,351 @@
+"""A catalogue of hostile inputs: each gives exit code 2, one `error:` line, no traceback, and a known output state."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from dfkd.cli.main import main
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.models import create
+from dfkd.spec import MNIST_SPEC
+
+from conftest import KWARGS, make_teacher_module
+
+QUICK = ["-p", "batch_size=8", "-p", "s_steps=2"]
+
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_refused(result: Result, *needles: str) -> str:
+    """Exit 2, no traceback, exactly one error line holding every needle; returns that line."""
+    text = result.output  # stdout and stderr together
+    assert result.exit_code == 2, text
+    assert result.exception is None or isinstance(result.exception, SystemExit), text
+    assert "Traceback" not in text, text
+    lines = [ln for ln in text.splitlines() if ln.lower().startswith("error:")]
+    assert len(lines) == 1, text
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def tree(d: Path) -> dict[str, str]:
+    """Every file under `d` with the hash of its bytes (to prove nothing changed)."""
+    if not d.exists():
+        return {}
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+# --- files the cases use -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, teacher_file: str) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("hostile")
+    f: dict[str, str] = {"T": teacher_file}
+    (d / "text.txt").write_text("hello, I am not a model\n")
+    (d / "rand.bin").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8).tobytes())
+    (d / "empty.pt").write_bytes(b"")
+    f.update(text=str(d / "text.txt"), rand=str(d / "rand.bin"), empty=str(d / "empty.pt"))
+    x = np.zeros((4, 28, 28), np.uint8)
+    for name, y in {"strlab": np.array(list("abcd")), "neglab": np.array([-1, 0, 1, 2]),
+                    "nanlab": np.array([np.nan, 0, 1, 2]), "biglab": np.array([0, 1, 2, 12])}.items():
+        np.savez(d / f"{name}.npz", x=x, y=y)
+        f[name] = str(d / f"{name}.npz")
+    np.savez(d / "five.npz", x=np.zeros((4, 5, 28, 28), np.uint8), y=np.arange(4))
+    f["five"] = str(d / "five.npz")
+    for name, mutate in {"nan_teacher": "nan", "zero_class": 0, "one_class": 1, "std0": "std0"}.items():
+        f[name] = str(d / f"{name}.pt")
+        _broken_teacher(Path(f[name]), mutate)
+    f["fixed_batch"] = str(d / "fixed.pt2")
+    _fixed_batch_export(Path(f["fixed_batch"]))
+    m = create("lenet5", **KWARGS)
+    torch.save(m, d / "pickle4.pt", pickle_protocol=4)
+    f["pickle4"] = str(d / "pickle4.pt")
+    for name, text in {"neg_steps.toml": "steps = -5\n", "two.toml": 'steps = "two"\n',
+                       "seed_abc.toml": 'seed = "abc"\n', "ckpt0.toml": "ckpt_every = 0\n",
+                       "eval0.json": '{"eval_every": 0}', "nan.json": '{"budget_minutes": NaN}',
+                       "lr_abc.toml": '[params]\nlr_s = "abc"\n', "params5.toml": "params = 5\n",
+                       "unknown.toml": "colour = 3\n", "list.json": "[1, 2]", "broken.toml": "steps = = 3\n",
+                       "seed_neg.toml": "seed = -1\n", "fid1.toml": "fid_samples = 1\n",
+                       "teachers5.toml": "teachers = 5\n", "bs0.json": '{"params": {"batch_size": 0}}',
+                       "inf.toml": "budget_minutes = inf\n", "dev.toml": 'device = "meta"\n'}.items():
+        (d / name).write_text(text)
+        f[Path(name).stem] = str(d / name)
+    f["dir"] = str(d)
+    return f
+
+
+def _broken_teacher(path: Path, how: object) -> None:
+    classes = how if isinstance(how, int) else 10
+    m = make_teacher_module("lenet5") if classes == 10 else create("lenet5", **{**KWARGS, "num_classes": classes})
+    spec = MNIST_SPEC
+    if how == "nan":
+        with torch.no_grad():
+            m.classifier.weight.fill_(float("nan"))
+    save_model(path, m, ModelFile("lenet5", {**KWARGS, "num_classes": classes}, spec, max(classes, 1)))
+    if how == "std0":
+        d = torch.load(path, weights_only=True)
+        d["input_spec"]["std"] = [0.0]
+        torch.save(d, path)
+
+
+def _fixed_batch_export(path: Path) -> None:
+    m = make_teacher_module("lenet5")
+    ep = torch.export.export(m, (torch.zeros(2, 1, 32, 32),))
+    torch.export.save(ep, str(path))
+
+
+# --- the catalogue ---------------------------------------------------------------------------------------------
+# Each case: (id, arguments after the command with {placeholders} from `files`, the needles of the error line).
+# Every distill case writes to --out {out}; the folder must not exist afterwards.
+DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
+    # 1. runs that never end
+    ("s_steps_0", ["-p", "s_steps=0"], ("s_steps=0", "integer >= 1")),
+    ("budget_nan", ["--budget-minutes", "nan"], ("--budget-minutes nan", "finite")),
+    ("budget_inf", ["--budget-minutes", "inf"], ("--budget-minutes inf", "finite")),
+    ("lr_nan", ["-p", "lr_s=NaN"], ("lr_s=nan", "finite number > 0")),
+    ("lr_inf", ["-p", "lr_s=Infinity"], ("lr_s=inf", "finite")),
+    ("mean_nan", ["--channels", "1", "--input-size", "32", "--mean", "nan"], ("--mean", "finite")),
+    ("feature_weight_nan", ["--feature-loss", "at", "--feature-weight", "nan"], ("feature_weight",)),
+    # 4. config files and -p values
+    ("toml_negative_steps", ["--config", "{neg_steps}"], ("steps = -5", "integer >= 1")),
+    ("toml_steps_string", ["--config", "{two}"], ("steps = 'two'", "integer")),
+    ("toml_seed_string", ["--config", "{seed_abc}"], ("seed = 'abc'", "integer >= 0")),
+    ("toml_ckpt_every_0", ["--config", "{ckpt0}"], ("ckpt_every = 0", ">= 1")),
+    ("json_eval_every_0", ["--config", "{eval0}"], ("eval_every = 0", ">= 1")),
+    ("json_budget_nan", ["--config", "{nan}"], ("budget_minutes = nan", "finite")),
+    ("toml_budget_inf", ["--config", "{inf}"], ("budget_minutes = inf",)),
+    ("toml_lr_string", ["--config", "{lr_abc}"], ("params.lr_s = 'abc'", "finite number > 0")),
+    ("toml_params_not_table", ["--config", "{params5}"], ("params = 5", "table")),
+    ("toml_unknown_key", ["--config", "{unknown}"], ("colour", "known")),
+    ("json_top_level_list", ["--config", "{list}"], ("table of settings",)),
+    ("toml_broken", ["--config", "{broken}"], ("cannot parse",)),
+    ("toml_negative_seed", ["--config", "{seed_neg}"], ("seed = -1",)),
+    ("toml_fid_samples_1", ["--config", "{fid1}"], ("fid_samples = 1", ">= 2")),
+    ("toml_teachers_number", ["--config", "{teachers5}"], ("teachers = 5",)),
+    ("json_batch_size_0", ["--config", "{bs0}"], ("params.batch_size = 0", ">= 1")),
+    ("toml_device_meta", ["--config", "{dev}"], ("meta",)),
+    ("config_missing", ["--config", "{dir}/nope.toml"], ("no such file",)),
+    ("p_lr_string", ["-p", "lr_s=abc"], ("-p lr_s=abc", "finite number > 0")),
+    ("p_lr_negative", ["-p", "lr_g=-1"], ("lr_g=-1", "> 0")),
+    ("p_batch_size_0", ["-p", "batch_size=0"], ("batch_size=0", ">= 1")),
+    ("p_batch_size_float", ["-p", "batch_size=8.5"], ("batch_size=8.5", "integer")),
+    ("p_optimizer", ["-p", "s_optimizer=rmsprop"], ("s_optimizer=rmsprop", "'sgd', 'adam'")),
+    ("p_schedule", ["-p", "schedule=linear"], ("schedule=linear", "'cosine'")),
+    ("p_unknown", ["-p", "nosuchkey=1"], ("nosuchkey",)),
+    ("p_milestones", ["-p", "milestones=[2]"], ("milestones", "<= 1")),
+    ("p_momentum_bool", ["-p", "momentum=true"], ("momentum=True", "finite number")),
+    ("p_temperature_0", ["-p", "T=0"], ("T=0", "> 0")),
+    ("p_no_equals", ["-p", "lr_s"], ("KEY=VALUE",)),
+    ("p_teacher_weights", ["-p", "teacher_weights=[-1]"], ("teacher_weights",)),
+    ("unknown_method", ["--method", "nosuch"], ("nosuch",)),
+    # 6. flags that gave tracebacks
+    ("seed_2_63", ["--seed", str(2**63)], ("--seed",)),
+    ("seed_negative", ["--seed", "-1"], ("--seed",)),
+    ("device_meta", ["--device", "meta"], ("--device meta", "cpu, cuda")),
+    ("device_garbage", ["--device", "cuda:abc"], ("--device", "not a device")),
+    ("std_zero_flag", ["--channels", "1", "--input-size", "32", "--std", "0"], ("--std 0", "> 0")),
+    ("mean_two_for_one_channel", ["--channels", "1", "--input-size", "32", "--mean", "0.1", "--mean", "0.2"],
+     ("mean needs 1 value",)),
+    # 5. broken teachers
+    ("teacher_nan", ["--teacher", "{nan_teacher}"], ("non-finite",)),
+    ("teacher_0_classes", ["--teacher", "{zero_class}"], ("0 class", "at least 2")),
+    ("teacher_1_class", ["--teacher", "{one_class}"], ("1 class", "at least 2")),
+    ("teacher_fixed_batch", ["--teacher", "{fixed_batch}", "--channels", "1", "--input-size", "32"],
+     ("batch 3", "dynamic batch")),
+    ("teacher_text", ["--teacher", "{text}"], ("not a readable PyTorch file",)),
+    ("teacher_random_bytes", ["--teacher", "{rand}"], ("not a readable PyTorch file",)),
+    ("teacher_empty", ["--teacher", "{empty}"], ("empty",)),
+    ("teacher_folder", ["--teacher", "{dir}"], ("directory",)),
+    ("teacher_missing", ["--teacher", "{dir}/nope.pt"], ("no such file",)),
+    ("teacher_pickle4_untrusted", ["--teacher", "{pickle4}", "--channels", "1", "--input-size", "32"],
+     ("--trust-pickle",)),
+    ("teacher_std0_in_file", ["--teacher", "{std0}"], ("file's input spec", "std")),
+    # 8. data that does not belong
+    ("eval_string_labels", ["--eval-data", "{strlab}"], ("integer class indices",)),
+    ("eval_negative_labels", ["--eval-data", "{neglab}"], ("labels run -1..2",)),
+    ("eval_nan_labels", ["--eval-data", "{nanlab}"], ("whole class indices", "nan")),
+    ("eval_label_too_big", ["--eval-data", "{biglab}"], ("labels run 0..12", "10 classes")),
+    ("eval_five_channels", ["--eval-data", "{five}"], ("5 channels",)),
+    ("eval_text", ["--eval-data", "{text}"], ("not a readable .npz",)),
+]
+
+
+def _fill(args: list[str], files: dict[str, str]) -> list[str]:
+    return [a.format(**files) if "{" in a else a for a in args]
+
+
+@pytest.mark.parametrize("case", DISTILL, ids=[c[0] for c in DISTILL])
+def test_distill_refuses(case: tuple[str, list[str], tuple[str, ...]], files: dict[str, str], tmp_path: Path) -> None:
+    _, args, needles = case
+    out = tmp_path / "run"
+    extra = [] if "--teacher" in args else ["--teacher", files["T"]]
+    line = assert_refused(invoke(["distill", *extra, *_fill(args, files), "--steps", "1", "--out", out]),
+                          *needles)
+    assert "weights_only" not in line  # torch's advice to unpickle anyway is never passed on
+    assert not out.exists(), "no run folder is left behind"
+
+
+# --- --out: only new, empty, or a run (refused) -----------------------------------------------------------------
+def _user_folder(tmp: Path) -> Path:
+    d = tmp / "mine"
+    d.mkdir()
+    (d / "config.json").write_text('{"mine": 1}')
+    return d
+
+
+OUT_CASES: list[tuple[str, Callable[[Path], Path], tuple[str, ...]]] = [
+    ("out_is_a_file", lambda t: (t / "f.txt", (t / "f.txt").write_text("mine"))[0], ("is a file",)),
+    ("out_dev_null", lambda t: Path("/dev/null"), ("is a file",)),
+    ("out_in_proc", lambda t: Path("/proc/dfkd-x"), ("cannot",)),
+    ("out_under_a_file", lambda t: (t / "g.txt", (t / "g.txt").write_text("mine"))[0] / "run", ("is a file",)),
+    ("out_user_folder", _user_folder, ("not empty", "config.json")),
+]
+
+
+@pytest.mark.parametrize("case", OUT_CASES, ids=[c[0] for c in OUT_CASES])
+def test_out_is_refused_and_user_files_kept(case, files: dict[str, str], tmp_path: Path) -> None:  # noqa: ANN001
+    _, make, needles = case
+    out = make(tmp_path)
+    before = tree(tmp_path)
+    assert_refused(invoke(["distill", "--teacher", files["T"], "--steps", "1", "--out", out, *QUICK]), *needles)
+    assert tree(tmp_path) == before, "nothing of the user's changed"
+
+
+# --- --resume: what may change, what may not ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def done_run(files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("done") / "run"
+    r = invoke(["distill", "--teacher", files["T"], "--steps", "2", "--out", run, *QUICK])
+    assert r.exit_code == 0, r.output
+    return run
+
+
+RESUME: list[tuple[str, list[str], tuple[str, ...]]] = [
+    ("resume_method", ["--method", "dafl"], ("--method dafl", "would change the run")),
+    ("resume_teacher", ["--teacher", "{nan_teacher}"], ("--teacher", "would change the run")),
+    ("resume_student", ["--student", "lenet5"], ("--student lenet5",)),
+    ("resume_seed", ["--seed", "3"], ("--seed 3",)),
+    ("resume_out", ["--out", "{dir}/elsewhere"], ("--out",)),
+    ("resume_setting", ["--fid-every", "7"], ("--fid-every 7",)),
+    ("resume_config", ["--config", "{ckpt0}"], ("--config", "keeps its settings")),
+    ("resume_finished", [], ("already finished",)),
+    ("resume_steps_back", ["--steps", "1"], ("--steps 1", "finished at step 2")),
+    ("resume_lr_nan", ["--steps", "4", "-p", "lr_s=NaN"], ("lr_s=nan",)),
+    ("resume_budget_nan", ["--budget-minutes", "nan"], ("--budget-minutes nan",)),
+    ("resume_device_meta", ["--steps", "4", "--device", "meta"], ("--device meta",)),
+    ("resume_eval_bad", ["--steps", "4", "--eval-data", "{neglab}"], ("labels run -1..2",)),
+]
+
+
+@pytest.mark.parametrize("case", RESUME, ids=[c[0] for c in RESUME])
+def test_resume_refuses_changes(case, files: dict[str, str], done_run: Path) -> None:  # noqa: ANN001
+    _, args, needles = case
+    before = tree(done_run)
+    assert_refused(invoke(["distill", "--resume", done_run, *_fill(args, files)]), *needles)
+    assert tree(done_run) == before, "the run is untouched"
+    assert not Path(files["dir"], "elsewhere").exists()
+
+
+def test_resume_not_a_run(files: dict[str, str], done_run: Path, tmp_path: Path) -> None:
+    assert_refused(invoke(["distill", "--resume", done_run / "student.pt"]), "is a file, not a run folder")
+    assert_refused(invoke(["distill", "--resume", done_run / "checkpoint.pt"]), f"its run folder is {done_run}")
+    assert_refused(invoke(["distill", "--resume", files["text"]]), "is a file, not a run folder")
+    assert_refused(invoke(["distill", "--resume", tmp_path / "nope"]), "no such run folder")
+    assert_refused(invoke(["distill", "--resume", tmp_path]), "no checkpoint.pt")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    shutil.copy(files["T"], fake / "checkpoint.pt")
+    assert_refused(invoke(["distill", "--resume", fake]), "holds a dfkd model file, not a run checkpoint")
+    assert sorted(p.name for p in fake.iterdir()) == ["checkpoint.pt"]
+
+
+def test_resume_applies_budget_device_and_eval_data(done_run: Path, files: dict[str, str], eval_npz: str,
+                                                    tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(done_run, run)
+    r = invoke(["distill", "--resume", run, "--steps", "4", "--device", "cpu", "--eval-data", eval_npz,
+                "--method", "dfad", "--teacher", files["T"]])
+    assert r.exit_code == 0, r.output  # the same method and teacher are no change
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 4 and ckpt["finished"]
+    assert ckpt["config"]["device"] == "cpu" and ckpt["config"]["eval_data"] == eval_npz
+    assert "test top-1" in r.output
+
+
+# --- other commands ---------------------------------------------------------------------------------------------
+OTHER: list[tuple[str, list[str], tuple[str, ...]]] = [
+    ("synth_out_proc", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "/proc/x/t.npz"],
+     ("cannot write",)),
+    ("synth_out_folder", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "{dir}"],
+     ("is a folder",)),
+    ("synth_out_under_file", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out",
+                              "{text}/t.npz"], ("is a file, not a folder",)),
+    ("synth_s_steps_negative", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "-p",
+                                "s_steps=-1", "--out", "{dir}/t.npz"], ("s_steps=-1", ">= 0")),
+    ("synth_seed_huge", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--seed",
+                         str(2**64), "--out", "{dir}/t.npz"], ("--seed",)),
+    ("train_teacher_out_under_file", ["train-teacher", "--data", "{biglab}", "--arch", "lenet5", "--out",
+                                      "{text}/t.pt"], ("is a file, not a folder",)),
+    ("train_teacher_out_dev_null", ["train-teacher", "--data", "{biglab}", "--arch", "lenet5", "--out",
+                                    "/dev/null"], ("not a regular file",)),
+    ("fid_stats_out_proc", ["fid-stats", "{biglab}", "/proc/x.npz", "--features", "teacher", "--teacher", "{T}"],
+     ("cannot write",)),
+    ("evaluate_text_model", ["evaluate", "--model", "{text}", "--data", "{biglab}"], ("not a readable",)),
+    ("evaluate_string_labels", ["evaluate", "--model", "{T}", "--data", "{strlab}"], ("integer class indices",)),
+    ("evaluate_device_meta", ["evaluate", "--model", "{T}", "--data", "{biglab}", "--device", "meta"],
+     ("--device meta",)),
+    ("report_missing", ["report", "{dir}/nope"], ("not a dfkd run folder",)),
+]
+
+
+@pytest.mark.parametrize("case", OTHER, ids=[c[0] for c in OTHER])
+def test_other_commands_refuse(case, files: dict[str, str]) -> None:  # noqa: ANN001
+    _, args, needles = case
+    before = tree(Path(files["dir"]))
+    assert_refused(invoke(_fill(args, files)), *needles)
+    assert tree(Path(files["dir"])) == before, "no file written or changed"
+
+
+def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"method": "dfad"}')
+    assert_refused(invoke(["report", tmp_path]), "not a dfkd run folder")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss/x": 1.0}\n')
+    (tmp_path / "config.json").write_text("{not json")
+    assert_refused(invoke(["report", tmp_path]), "config.json", "not valid JSON")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "metrics.jsonl"]
+
+
+def test_trusted_protocol_4_pickle_loads(files: dict[str, str], tmp_path: Path) -> None:
+    r = invoke(["distill", "--teacher", files["pickle4"], "--trust-pickle", "--channels", "1", "--input-size", "32",
+                "--student", "lenet5_half", "--steps", "2", "--out", tmp_path / "run", *QUICK])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "student.pt").is_file()
+
+
+def test_float_labels_are_read_with_a_warning(files: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "float.npz"
+    np.savez(path, x=np.zeros((4, 28, 28), np.uint8), y=np.array([0.0, 1.0, 2.0, 3.0]))
+    with pytest.warns(UserWarning, match="stored as float64; read as integer"):
+        r = invoke(["evaluate", "--model", files["T"], "--data", path, "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["n"] == 4
+
+
+def test_input_size_flag_overriding_the_file_warns(teacher_file: str) -> None:
+    from dfkd.teacher import load_teacher
+
+    spec = type(MNIST_SPEC)(1, 36, (0.5,), (0.5,))
+    with pytest.warns(UserWarning, match="declares 1 x 32 px inputs; --channels/--input-size make it 1 x 36"):
+        load_teacher(teacher_file, spec=spec)
