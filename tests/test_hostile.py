@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import KWARGS, make_teacher_module
 
 from dfkd.cli.main import main
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.spec import MNIST_SPEC
-
-from conftest import KWARGS, make_teacher_module
 
 QUICK = ["-p", "batch_size=8", "-p", "s_steps=2"]
 
