@@ -300,6 +300,12 @@ class Run:
         return result
 
 
+def _after_failed_write(run_dir: Path) -> str:
+    if (run_dir / "checkpoint.pt").exists():
+        return f"the last good checkpoint is intact: continue with dfkd distill --resume {run_dir}"
+    return f"no checkpoint was written: delete {run_dir} and start again"
+
+
 def _execute(run: Run, resume_step: int | None) -> RunResult:
     log = RunLog(run.run_dir, resume_step)
     try:
@@ -315,14 +321,12 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         result = run.loop(log)
         return run.finish(log, result)
     except WriteFailed as e:
-        raise DfkdError(f"{e}; the last good checkpoint is intact: continue with dfkd distill --resume "
-                        f"{run.run_dir}") from None
+        raise DfkdError(f"{e}; {_after_failed_write(run.run_dir)}") from None
     except OSError as e:
         err = disk_error(e)
         if err is None:
             raise
-        raise DfkdError(f"{err}; the last good checkpoint is intact: continue with dfkd distill --resume "
-                        f"{run.run_dir}") from None
+        raise DfkdError(f"{err}; {_after_failed_write(run.run_dir)}") from None
     finally:
         run.method.close()
         log.close()

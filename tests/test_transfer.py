@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -176,10 +177,27 @@ def test_state_round_trip_and_resume_refuses_a_changed_file(transfer_file: str, 
 def test_resume_a_transfer_run(transfer_file: str, tmp_path: Path) -> None:
     local = tmp_path / "t.npz"
     shutil.copy(transfer_file, local)
-    cfg = DistillConfig(method="transfer", transfer_data=str(local), student="lenet5_half", steps=20, fid_every=0,
-                        out=str(tmp_path / "run"))
-    distill(cfg)
-    assert resume(tmp_path / "run", steps=40).step == 40
+    cfg = DistillConfig(method="transfer", transfer_data=str(local), student="lenet5_half", steps=40, fid_every=0,
+                        ckpt_every=20, log_every=10, out=str(tmp_path / "full"), params={"s_steps": 10})
+    full = distill(cfg)
+    cls = get_method("transfer")
+    original, calls = cls.round, {"n": 0}
+
+    def dying_round(self):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 4:  # step 30 is logged, the last checkpoint is step 20's
+            raise KeyboardInterrupt
+        return original(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cls, "round", dying_round)
+        with pytest.raises(KeyboardInterrupt):
+            distill(dataclasses.replace(cfg, out=str(tmp_path / "run")))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 20
+    assert resume(tmp_path / "run").step == 40
+    a = torch.load(full.run_dir / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run equals the uninterrupted one"
 
 
 # --- the command line -----------------------------------------------------------------------------------------------

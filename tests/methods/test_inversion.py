@@ -274,3 +274,13 @@ def test_zeroq_is_label_free_unless_a_class_weight_is_given():
     ce = torch.nn.functional.cross_entropy(plain.teacher(x), y)
     assert torch.allclose(with_oh["loss/oh"], ce, atol=1e-5)
     assert torch.allclose(with_oh["loss"], free["loss"] + 2.0 * ce, atol=1e-4)
+
+
+def test_first_bn_multiplier_weights_the_first_layer_only():
+    teacher = make_teacher()
+    x, y = torch.randn(8, 1, 32, 32), torch.arange(8) % 10
+    bn = [make_method("deepinversion", teacher=teacher, first_bn=w)._objective(x, y)["loss/bn"].item()
+          for w in (0.0, 1.0, 10.0)]
+    first = bn[1] - bn[0]  # the first BN layer's term: the others are in all three
+    assert first > 0 and bn[0] > 0
+    assert bn[2] == pytest.approx(bn[0] + 10 * first, rel=1e-5), "first_bn multiplies the first BN layer's term"

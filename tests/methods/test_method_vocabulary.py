@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,10 +21,21 @@ from tests.conftest import KWARGS, assert_same_next_round, make_teacher_module
 METHODS = [m for m in list_methods() if m != "transfer"]
 
 
+_DATA_DIR: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _data_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
+    """Pytest's temporary folder (rotated by pytest), not one of our own left behind on every run."""
+    _DATA_DIR["path"] = tmp_path_factory.mktemp("vocab")
+    yield
+    tiny_train_data.cache_clear()
+
+
 @functools.cache
 def tiny_train_data() -> str:
     """A small random labelled .npz for methods that distill on real data (kd)."""
-    path = Path(tempfile.mkdtemp(prefix="dfkd-vocab-")) / "train.npz"
+    path = _DATA_DIR["path"] / "train.npz"
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 40))
     return str(path)
