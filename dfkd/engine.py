@@ -205,7 +205,7 @@ class Run:
         window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
         metrics: dict[str, float] = {}
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
-        with _graceful_sigint() as sig:
+        with _graceful_sigint() as sig, bar:  # the bar ends its line before any error is printed
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step

@@ -117,7 +117,8 @@ RANGES: dict[str, Rule] = {
     "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1, none_ok=True),
     "jitter": Rule("int", lo=0),
     **{k: _RATE for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "T", "adi_T", "di_T", "cr_T",
-                          "gamma", "bn_eps", "plateau_min_lr", "ie_log_base")},
+                          "gamma", "bn_eps", "plateau_min_lr")},
+    "ie_log_base": Rule("any", none_ok=True),  # a number, or "e"
     **{k: _FRACTION for k in ("momentum", "bn_mmt", "flip_p", "warmup", "reset_at", "lowres")},
     "grad_clip": Rule("number", lo=0, lo_open=True, none_ok=True),
     "synth_seconds": Rule("number", lo=0, lo_open=True, none_ok=True),

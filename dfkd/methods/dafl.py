@@ -56,6 +56,11 @@ class DAFL(GANMethod):
         act = activation(feats)
         return {"loss": p["oh"] * oh + p["ie"] * ie + p["a"] * act, "loss/oh": oh, "loss/ie": ie, "loss/act": act}
 
+    @property
+    def student_steps_per_round(self) -> int:
+        """One joint generator and student iteration a round, whatever `s_steps` says."""
+        return 1
+
     def round(self) -> dict[str, float]:
         logs = self.generator_step()
         # The same batch, detached, with the teacher logits already computed on it (one joint iteration).

@@ -1,0 +1,195 @@
+"""Hostile conditions during a run: exact step budgets, a full disk, kills and Ctrl-C between checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import dfkd.io
+from dfkd.cli.main import main
+from dfkd.config import DistillConfig
+from dfkd.engine import distill
+from dfkd.methods import base as method_base
+from dfkd.methods import get_method, list_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args: list) -> tuple[int, str]:
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in r.output and (r.exception is None or isinstance(r.exception, SystemExit)), r.output
+    return r.exit_code, r.output
+
+
+def student(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "student.pt", weights_only=True)["state_dict"]
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def loss_steps(run: Path) -> list[int]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if any(k.startswith("loss/") for k in r)]
+
+
+# --- --steps N is N student steps, for every method ------------------------------------------------------------
+@pytest.mark.parametrize("method", [m for m in list_methods() if m != "transfer"])
+def test_steps_means_exactly_n_student_steps(method: str, teacher_file: str, eval_npz: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    counts: dict[int, int] = {}
+    original = method_base.Method.make_student_optimizer
+
+    def counted(self, params=None):  # noqa: ANN001, ANN202 - the first optimizer a method makes is opt_s
+        opt = original(self, params)
+        if id(self) not in counts:
+            counts[id(self)] = 0
+            opt.register_step_post_hook(lambda *_: counts.__setitem__(id(self), counts[id(self)] + 1))
+        return opt
+
+    monkeypatch.setattr(method_base.Method, "make_student_optimizer", counted)
+    params = {**get_method(method).quick, "s_steps": 5 if method != "kd" else 1}
+    cfg = DistillConfig(teachers=(teacher_file,), method=method, steps=3, out=str(tmp_path / "r"), fid_every=0,
+                        params=params, data=eval_npz if method == "kd" else None)
+    result = distill(cfg)
+    assert result.step == 3
+    assert list(counts.values()) == [3], "three student updates, not a whole round of five"
+
+
+# --- the last step is always shown -----------------------------------------------------------------------------
+def test_a_short_run_logs_images_fid_and_eval_at_its_last_step(teacher_file: str, eval_npz: str,
+                                                               tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    quick = [x for k, v in get_method("deepinversion").quick.items() for x in ("-p", f"{k}={v}")]
+    code, out = run_cli(["distill", "--teacher", teacher_file, "--method", "deepinversion", "--steps", "3",
+                         "--eval-data", eval_npz, "--out", run, *quick])
+    assert code == 0, out
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("synthetic/images")] == [3]
+    fid = [t for t in acc.Tags()["scalars"] if t.startswith("fid/")]
+    assert fid and all(acc.Scalars(t)[-1].step == 3 for t in fid)
+    assert acc.Scalars("student/top1")[-1].step == 3
+
+
+# --- a full disk ---------------------------------------------------------------------------------------------------
+def test_disk_full_keeps_the_last_checkpoint_and_resumes_exactly(teacher_file: str, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("ckpt_every = 2\nlog_every = 1\nfid_every = 0\n[params]\nbatch_size = 8\ns_steps = 1\n")
+    args = ["distill", "--teacher", teacher_file, "--config", config, "--steps", "6"]
+    assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
+    calls = {"n": 0}
+    real_fsync = os.fsync
+
+    def full_disk(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 4:  # config.json, checkpoints at steps 0 and 2, then the disk is full at step 4
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(dfkd.io.os, "fsync", full_disk)
+    run = tmp_path / "run"
+    code, out = run_cli([*args, "--out", run])
+    monkeypatch.setattr(dfkd.io.os, "fsync", real_fsync)
+    assert code == 2
+    lines = [ln for ln in out.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and f"--resume {run}" in lines[0], out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2, "the last good checkpoint is intact"
+    assert not (run / "student.pt").exists() and not list(run.glob(".*.tmp"))
+    assert run_cli(["distill", "--resume", run])[0] == 0
+    assert same(student(run), student(tmp_path / "full"))
+    assert loss_steps(run) == [1, 2, 3, 4, 5, 6]
+
+
+def _limited(limit: int):  # noqa: ANN202
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("command", ["distill", "synthesize"])
+def test_file_size_limit_gives_one_line(command: str, teacher_file: str, tmp_path: Path) -> None:
+    out = tmp_path / ("run" if command == "distill" else "t.npz")
+    args = (["distill", "--teacher", teacher_file, "--steps", "2", "-p", "batch_size=8", "--out", out]
+            if command == "distill" else
+            ["synthesize", "--teacher", teacher_file, "--method", "dfad", "--steps", "0", "--num", "1000",
+             "-p", "batch_size=500", "--out", out])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "dfkd", *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120, preexec_fn=_limited(50_000))
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "File too large" in lines[0], p.stderr
+    if command == "distill":
+        assert "no checkpoint was written" in lines[0]
+        assert not (out / "student.pt").exists() and not list(out.glob(".*.tmp"))
+    else:
+        assert not out.exists() and not list(tmp_path.glob(".*.tmp")), "no half-written transfer file"
+
+
+# --- kill or Ctrl-C at a random point between checkpoints, then --resume --------------------------------------------
+FAMILIES = ["dfad", "deepinversion", "fast", "zskd", "kd"]
+KILLS = [(m, signal.SIGKILL) for m in FAMILIES] + [("dfad", signal.SIGINT)]
+
+
+@pytest.mark.parametrize(("method", "sig"), KILLS, ids=[f"{m}-{s.name}" for m, s in KILLS])
+def test_stopped_between_checkpoints_then_resumed_equals_uninterrupted(method: str, sig: signal.Signals,
+                                                                       teacher_file: str, eval_npz: str,
+                                                                       tmp_path: Path) -> None:
+    steps, every = 24, 5
+    params = "".join(f"{k} = {json.dumps(v)}\n" for k, v in get_method(method).quick.items())
+    config = tmp_path / "c.toml"
+    config.write_text(f"ckpt_every = {every}\nlog_every = 1\nfid_every = 0\nimage_every = 1000\n"
+                      f"steps = {steps}\nmethod = \"{method}\"\n" + (f'data = "{eval_npz}"\n' if method == "kd" else "")
+                      + "[params]\n" + params)
+    args = ["distill", "--teacher", teacher_file, "--config", config]
+    assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
+
+    run, at = tmp_path / "run", random.randint(every + 1, 3 * every - 1)  # a random step, not a checkpoint's
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "dfkd", *map(str, [*args, "--out", run])], cwd=ROOT, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if (run / "metrics.jsonl").exists() and any(s >= at for s in loss_steps_safe(run)):
+            p.send_signal(sig)
+            break
+        time.sleep(0.005)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), err
+    assert "Traceback" not in err
+    assert not (run / "student.pt").exists(), "a stopped run does not look finished"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert 0 < ckpt["step"] < steps and not ckpt["finished"]
+    code, out = run_cli(["distill", "--resume", run])
+    assert code == 0, out
+    assert same(student(run), student(tmp_path / "full")), "the resumed student is the uninterrupted one"
+    logged = loss_steps(run)
+    assert logged == sorted(set(logged)) and logged[-1] == steps, "replayed steps are logged once, in order"
+
+
+def loss_steps_safe(run: Path) -> list[int]:
+    out = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if any(k.startswith("loss/") for k in rec):
+            out.append(rec["step"])
+    return out
