@@ -105,7 +105,7 @@ FIELDS: dict[str, Rule] = {
     "eval_every": _POS, "log_every": _POS, "image_every": _POS, "ckpt_every": _POS, "fid_ref": _STR,
     "fid_every": Rule("int", lo=0), "fid_samples": Rule("int", lo=2), "transfer_data": _STR, "data": _STR,
     "seed": Rule("int", lo=0, hi=MAX_SEED), "device": Rule("str"), "out": _STR, "runs_dir": Rule("str"),
-    "params": Rule("any"),
+    "quantize": Rule("str", choices=(None, "int8")), "params": Rule("any"),
 }
 
 _RATE = Rule("number", lo=0, lo_open=True)
