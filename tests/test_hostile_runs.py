@@ -160,7 +160,7 @@ def test_stopped_between_checkpoints_then_resumed_equals_uninterrupted(method: s
     args = ["distill", "--teacher", teacher_file, "--config", config]
     assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
 
-    run, at = tmp_path / "run", random.randint(every + 1, 3 * every - 1)  # a random step, not a checkpoint's
+    run, at = tmp_path / "run", random.SystemRandom().randint(every + 1, 3 * every - 1)  # not a checkpoint step
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.Popen([sys.executable, "-m", "dfkd", *map(str, [*args, "--out", run])], cwd=ROOT, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
