@@ -155,20 +155,23 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("device_meta", ["--device", "meta"], ("--device meta", "cpu, cuda")),
     ("device_garbage", ["--device", "cuda:abc"], ("--device", "not a device")),
     ("std_zero_flag", ["--channels", "1", "--input-size", "32", "--std", "0"], ("--std 0", "> 0")),
-    ("mean_two_for_one_channel", ["--channels", "1", "--input-size", "32", "--mean", "0.1", "--mean", "0.2"],
+    ("mean_two_for_one_channel", ["--channels", "1", "--input-size", "32", "--mean", "0.1", "--mean", "0.2",
+                                  "--std", "0.3"],
      ("mean needs 1 value",)),
     # 5. broken teachers
     ("teacher_nan", ["--teacher", "{nan_teacher}"], ("non-finite",)),
     ("teacher_0_classes", ["--teacher", "{zero_class}"], ("0 class", "at least 2")),
     ("teacher_1_class", ["--teacher", "{one_class}"], ("1 class", "at least 2")),
-    ("teacher_fixed_batch", ["--teacher", "{fixed_batch}", "--channels", "1", "--input-size", "32"],
+    ("teacher_fixed_batch", ["--teacher", "{fixed_batch}", "--channels", "1", "--input-size", "32", "--mean", "0.1",
+                             "--std", "0.3"],
      ("batch 3", "dynamic batch")),
     ("teacher_text", ["--teacher", "{text}"], ("not a readable PyTorch file",)),
     ("teacher_random_bytes", ["--teacher", "{rand}"], ("not a readable PyTorch file",)),
     ("teacher_empty", ["--teacher", "{empty}"], ("empty",)),
     ("teacher_folder", ["--teacher", "{dir}"], ("directory",)),
     ("teacher_missing", ["--teacher", "{dir}/nope.pt"], ("no such file",)),
-    ("teacher_pickle4_untrusted", ["--teacher", "{pickle4}", "--channels", "1", "--input-size", "32"],
+    ("teacher_pickle4_untrusted", ["--teacher", "{pickle4}", "--channels", "1", "--input-size", "32", "--mean", "0",
+                                   "--std", "1"],
      ("--trust-pickle",)),
     ("teacher_std0_in_file", ["--teacher", "{std0}"], ("file's input spec", "std")),
     # 8. data that does not belong
@@ -328,7 +331,8 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 
 def test_trusted_protocol_4_pickle_loads(files: dict[str, str], tmp_path: Path) -> None:
     r = invoke(["distill", "--teacher", files["pickle4"], "--trust-pickle", "--channels", "1", "--input-size", "32",
-                "--student", "lenet5_half", "--steps", "2", "--out", tmp_path / "run", *QUICK])
+                "--mean", "0", "--std", "1", "--student", "lenet5_half", "--steps", "2", "--out", tmp_path / "run",
+                *QUICK])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "run" / "student.pt").is_file()
 
