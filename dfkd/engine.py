@@ -151,6 +151,7 @@ class Run:
 
             student = prepare_qat(student, cfg.quantize)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
+        self.method.attach_storage(run_dir)  # pool and bank go to files here, not into checkpoints
         self.step, self.elapsed = 0, 0.0
         if ckpt is not None:
             self.method.load_state_dict(ckpt["method"])

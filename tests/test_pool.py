@@ -76,7 +76,7 @@ def test_state_round_trip_loses_nothing(tmp_path, on_disk):
     pool = ImagePool(12, root=tmp_path / "pool" if on_disk else None)
     for _ in range(4):
         pool.add(torch.randn(5, 1, 4, 4), labels=torch.randn(5, 3))
-    other = ImagePool(1)
+    other = ImagePool(1, root=tmp_path / "pool" if on_disk else None)
     other.load_state_dict(roundtrip(pool.state_dict()))
     assert (len(other), other.next, other.added, other.capacity) == (len(pool), pool.next, pool.added, 12)
     torch.manual_seed(3)

@@ -49,12 +49,15 @@ class CMI(LatentMethod):
             p.update(g_steps=40, lr_g=5e-3, synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
 
+    def stores(self) -> dict[str, Any]:
+        return {**super().stores(), "bank": self.synth.critic.bank}
+
     def make_synthesizer(self) -> ContrastiveSynthesizer:
         p, size = self.p, self.teacher.spec.size
         self.local_augment = make_augment("resized_crop", size, flip_p=p["flip_p"], scale=tuple(p["local_scale"]))
         feat_dim = sum(m.running_mean.numel() for m in self.bn.modules)
         critic = ContrastiveCritic(max(feat_dim, 1), p["lr_g"], p["proj_dim"], p["cr_T"], p["n_neg"], p["bank_size"],
-                                   self.device)
+                                   self.device, p["ram_budget_mib"])
         return ContrastiveSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"], p["g_steps"],
                                       self.teacher.num_classes, critic, p["cr"] if feat_dim else 0.0, p["lr_g"],
                                       tuple(p["betas_g"]), self.device, self.augment)

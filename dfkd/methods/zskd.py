@@ -12,6 +12,7 @@ from dfkd.augment import make_augment
 from dfkd.errors import DfkdError
 from dfkd.generators import ImagePool, LossDict
 from dfkd.generators.dirichlet import DirichletSynthesizer, class_similarity
+from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.losses import soft_cross_entropy
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, step_logs
@@ -50,7 +51,8 @@ class ZSKD(Method):
         "batch_size": 64, "s_optimizer": "adam", "lr_s": 1e-3, "weight_decay": 0.0, "schedule": "constant",
         "T": 20.0, "s_steps": 100,
         "di_batch": 100, "di_iters": 1500, "lr_di": 1e-3, "di_T": 20.0, "betas": [1.0, 0.1],
-        "pool_size": 24_000, "pool_dtype": "float16", "augment": "crop_flip", "flip_p": 0.5,
+        "pool_size": 24_000, "pool_dtype": "float16", "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,
+        "augment": "crop_flip", "flip_p": 0.5,
     }
 
     @classmethod
@@ -65,7 +67,7 @@ class ZSKD(Method):
         p = self.p
         if not p["betas"]:
             raise DfkdError("method zskd: -p betas needs at least one value, e.g. -p betas=[1.0,0.1]")
-        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]))
+        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), ram_budget_mib=p["ram_budget_mib"])
         self.synth: DirichletSynthesizer = DirichletSynthesizer(
             teacher, teacher.spec, final_layer_similarity(teacher), self.pool, p["di_batch"], p["di_iters"],
             p["lr_di"], p["di_T"], p["betas"], device)
