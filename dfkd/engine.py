@@ -180,6 +180,11 @@ class Run:
         return (self.cfg.steps is not None and self.step >= self.cfg.steps) or \
             (budget is not None and self.elapsed >= budget)
 
+    @property
+    def chunk(self) -> int:
+        """Images per forward outside training (evaluation, FID, logging): at most the run's batch size."""
+        return max(1, int(self.params["batch_size"]))
+
     def checkpoint(self, finished: bool = False) -> None:
         save_checkpoint(self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step,
                         elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished)
@@ -187,7 +192,7 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        res = accuracy(self.method.student, self.eval_data, self.teacher.spec, self.device)
+        res = accuracy(self.method.student, self.eval_data, self.teacher.spec, self.device, batch_size=self.chunk)
         return {"top1": res["top1"], "top5": res["top5"]}
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -234,7 +239,8 @@ class Run:
                         log.scalars(self.step, metrics, "student/")
                 if self.fid and self.step // cfg.fid_every > last["fid"]:
                     last["fid"] = self.step // cfg.fid_every
-                    log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step), "fid/")
+                    log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
+                                                                      self.chunk), "fid/")
                 if self.step // cfg.ckpt_every > last["ckpt"]:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()
@@ -251,7 +257,7 @@ class Run:
         t_logits = getattr(self.method, "last_logits", None)  # the transfer method's stored labels
         if t_logits is None:
             with torch.no_grad():
-                t_logits = self.teacher(x[:256])
+                t_logits = torch.cat([self.teacher(c) for c in x[:256].split(self.chunk)])
         log.synthetic(self.step, x, self.teacher.spec, t_logits)
 
     def _check_finite(self, losses: dict[str, float]) -> None:
@@ -267,7 +273,7 @@ class Run:
         if final:
             log.scalars(self.step, final, "student/")
         result.metrics = final or result.metrics
-        fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step)
+        fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step, self.chunk)
         if self.fid.fresh:
             log.scalars(self.step, fids, "fid/")
         log_hparams(log.tb, self.resolved_config(), {**final, **{f"fid_{k}": v for k, v in fids.items()}}, self.step)
@@ -292,7 +298,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         if resume_step is None:
             atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
             if run.eval_data is not None and not isinstance(run.teacher, NoTeacher):
-                t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device)
+                t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
                 log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
             run.checkpoint()
             log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name)

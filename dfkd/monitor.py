@@ -54,12 +54,16 @@ class FIDMonitors:
                 warnings.warn(str(e), stacklevel=2)
         return cls(monitors)
 
-    def measure(self, images: torch.Tensor) -> dict[str, float]:
-        """Every metric on one batch of synthetic images (teacher's normalised space)."""
-        return {m.tag: m.measure(images) for m in self.monitors}
+    def measure(self, images: torch.Tensor, chunk: int | None = None) -> dict[str, float]:
+        """Every metric on a set of synthetic images (teacher's normalised space), `chunk` images per forward."""
+        chunk = chunk or images.shape[0]
+        return {m.tag: m.measure_chunked(images, chunk) for m in self.monitors}
 
-    def measure_method(self, method: Any, n: int, step: int) -> dict[str, float]:
+    def measure_method(self, method: Any, n: int, step: int, chunk: int | None = None) -> dict[str, float]:
         """Every metric on `n` fresh images of the method's synthesizer (else its last batch) at `step`.
+
+        Images are made and measured `chunk` at a time (the run's batch size): at 224 px, 256 images in one
+        forward would need tens of GB.
 
         The random draws happen on forked RNG streams, so monitoring leaves the run's own randomness (and so
         its results and an exact resume) unchanged. A second call at the same step returns the first call's
@@ -72,19 +76,23 @@ class FIDMonitors:
             return {}
         device = next((p.device for p in method.student.parameters()), torch.device("cpu"))
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            images = synthetic_batch(method, n)
+            images = synthetic_batch(method, n, chunk)
         if images is None:
             return {}
-        self.last, self.fresh = (step, self.measure(images)), True
+        self.last, self.fresh = (step, self.measure(images, chunk)), True
         return self.last[1]
 
 
-def synthetic_batch(method: Any, n: int) -> torch.Tensor | None:
-    """`n` transfer images from the method's synthesizer (`sample`), else its `last_images` (None before any)."""
+def synthetic_batch(method: Any, n: int, chunk: int | None = None) -> torch.Tensor | None:
+    """`n` transfer images from the method's synthesizer (`sample`, `chunk` at a time), else its `last_images`.
+
+    None before there are any.
+    """
     synth = getattr(method, "synth", None)
     if synth is not None and hasattr(synth, "sample"):
+        sizes = [min(chunk or n, n - i) for i in range(0, n, chunk or n)]
         with torch.no_grad():
-            return synth.sample(n)
+            return torch.cat([synth.sample(k) for k in sizes])
     last = getattr(method, "last_images", None)
     return None if last is None else last[:n]
 
