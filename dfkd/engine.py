@@ -28,6 +28,7 @@ from dfkd.ensemble import load_teachers
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.io import atomic_write_text
+from dfkd.memory import peak_rss_mib
 from dfkd.methods import Method, get_method
 from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
@@ -50,6 +51,7 @@ class RunResult:
     step: int
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0  # the process's peak resident memory at the end of the run
 
 
 class Interrupted(DfkdError):
@@ -223,7 +225,8 @@ class Run:
                     perf = {"samples_per_s": window["samples"] / window["t"],
                             "steps_per_s": window["steps"] / window["t"],
                             "lr_s": self.method.opt_s.param_groups[0]["lr"],
-                            "synthesis_share": 1 - (self.method.student_seconds - window["student_s"]) / window["t"]}
+                            "synthesis_share": 1 - (self.method.student_seconds - window["student_s"]) / window["t"],
+                            "peak_rss_mib": peak_rss_mib()}
                     log.scalars(self.step, losses, "loss/")
                     log.scalars(self.step, perf, "perf/")
                     window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
@@ -288,7 +291,10 @@ class Run:
 
             write_int8(self)
         self.checkpoint(finished=True)
-        log.event(self.step, event="finished", elapsed=self.elapsed, **{f"student/{k}": v for k, v in final.items()})
+        result.peak_rss_mib = peak_rss_mib()
+        log.scalars(self.step, {"peak_rss_mib": result.peak_rss_mib}, "perf/")
+        log.event(self.step, event="finished", elapsed=self.elapsed, peak_rss_mib=result.peak_rss_mib,
+                  **{f"student/{k}": v for k, v in final.items()})
         return result
 
 

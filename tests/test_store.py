@@ -92,11 +92,11 @@ def cfg(teacher_file: str, out: Path, method: str, steps: int, **params) -> Dist
 
 def test_checkpoint_does_not_grow_with_the_pool(teacher_file: str, tmp_path: Path):
     sizes, pools = [], []
-    for steps in (4, 40):
+    for steps in (4, 24):
         run = distill(cfg(teacher_file, tmp_path / str(steps), "deepinversion", steps)).run_dir
         sizes.append((run / "checkpoint.pt").stat().st_size)
         pools.append(sum(f.stat().st_size for f in run.glob("pool-*.bin")))
-    assert pools[1] >= 9 * pools[0] > 0, "the pool (in the run folder) grew tenfold"
+    assert pools[1] >= 5 * pools[0] > 0, "the pool (in the run folder) grew sixfold"
     assert abs(sizes[1] - sizes[0]) < 512, f"checkpoint sizes {sizes} differ"
 
 
@@ -122,3 +122,13 @@ def test_resume_with_the_pool_on_disk_is_exact(method: str, teacher_file: str, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     if method == "cmi":
         assert list(resumed.run_dir.glob("bank-*.bin")), "the memory bank is on disk too"
+
+
+def test_peak_rss_is_logged_and_reported(teacher_file: str, tmp_path: Path):
+    from dfkd.report import report
+
+    result = distill(cfg(teacher_file, tmp_path / "r", "dfad", 4))
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 50 < result.peak_rss_mib < 64 * 1024, "this process's peak RSS, in MiB"
+    assert any("perf/peak_rss_mib" in r for r in records) and records[-1]["peak_rss_mib"] == result.peak_rss_mib
+    assert "peak RSS" in report(result.run_dir).text()
