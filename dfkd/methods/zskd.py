@@ -14,6 +14,7 @@ from dfkd.generators import ImagePool, LossDict
 from dfkd.generators.dirichlet import DirichletSynthesizer, class_similarity
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.losses import soft_cross_entropy
+from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, step_logs
 from dfkd.teacher import Teacher, is_small_teacher
@@ -31,8 +32,11 @@ class ZSKD(Method):
     similarity of the teacher's final-layer class vectors, half of the impressions at beta 1.0 and half at 0.1;
     the student minimises T^2 * CE(softmax(t(x')/T), softmax(s(x')/T)) at T = 20 on augmented impressions x'.
 
-    Defaults follow the paper (METHODS.md §5): 100 impressions a batch, Adam 1e-3 on [0, 1] pixels for 1500
-    iterations, a pool of 24,000 impressions (its MNIST budget), student Adam 1e-3, batch 64, T = 20. Deviations:
+    Defaults follow the paper and vcl-iisc/ZSKD (`di_generation/cifar_10_impressions_alexnet_Dirch.py`,
+    `model_training/train.py`): 100 impressions a batch, Adam 1e-3 on [0, 1] pixels for 1500 iterations, student
+    Adam 1e-3, batch 64, T = 20, and a pool of 24,000 impressions (its MNIST budget); CIFAR-like teachers
+    (`dfkd.methods._recipes.input_kind`) get its CIFAR-10 budget, 40,000 impressions (20 x 20 x 100). ZSKD has no
+    ImageNet-size setting: from 64 px up, batches of impressions and of KD are at most 64 (`LARGE_BATCH`). Deviations:
     both betas are really used (the public code re-normalises the 0.1 matrix back to 1); pixels are clamped to
     [0, 1] after each step (the code min-max rescales the whole batch, which left the demo teacher's student at
     chance); synthesis and student steps alternate (a new batch, then `s_steps` = 100 student steps on the pool)
@@ -58,6 +62,10 @@ class ZSKD(Method):
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().default_params(teacher)
+        if teacher_kind(teacher) in ("cifar", "imagenet"):
+            p["pool_size"] = 40_000
+        if teacher_kind(teacher) == "imagenet":
+            cap_batches(p, ("batch_size", "di_batch"))
         if is_small_teacher(teacher):
             p.update(SMALL_TEACHER)
         return p
