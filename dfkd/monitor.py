@@ -113,7 +113,7 @@ def log_hparams(tb: Any, config: dict[str, Any], final: dict[str, float], step: 
 
 def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features: str,
                       teacher: str | os.PathLike | None = None, teacher_arch: str | None = None,
-                      trust_pickle: bool = False, device: str = "auto", batch_size: int = 200) -> FIDStats:
+                      trust_pickle: bool = False, device: str = "auto", batch_size: int | None = None) -> FIDStats:
     """Reference statistics (mu, sigma) of real images in pytorch-fid's .npz format, plus their feature kind.
 
     Args:
@@ -124,12 +124,13 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
         teacher_arch: architecture of a plain state_dict teacher.
         trust_pickle: allow a pickled teacher module.
         device: where to compute features.
-        batch_size: images per forward.
+        batch_size: images per forward (None: `dfkd.evaluate.default_batch` of the input size).
 
     Returns:
         The statistics written.
     """
     from dfkd.data import load_images, to_model_input
+    from dfkd.evaluate import default_batch
     from dfkd.teacher import load_teacher
     from dfkd.utils import pick_device
 
@@ -145,8 +146,9 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
     else:
         spec = InputSpec(3, t.spec.size if t else int(images.x.shape[-1]), (0.0,), (1.0,))
         extractor = InceptionFID(spec, device=dev)
-    feats = torch.cat([extractor.features(to_model_input(images.x[i:i + batch_size], spec).to(dev))
-                       for i in range(0, len(images), batch_size)])
+    bs = batch_size or default_batch(spec)
+    feats = torch.cat([extractor.features(to_model_input(images.x[i:i + bs], spec).to(dev))
+                       for i in range(0, len(images), bs)])
     stats = FIDStats.from_features(feats, features)
     stats.save(out)
     return stats
