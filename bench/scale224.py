@@ -53,7 +53,8 @@ def register_tv_resnet18() -> None:
             self.net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
             if in_channels != 3:
                 self.net.conv1 = torch.nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-            self.classifier = self.net.fc
+            # one path per module: hooks and path lookups (zskd's final layer, online's taps) find `classifier`
+            self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()
 
         def forward_features(self, x: torch.Tensor) -> torch.Tensor:
             n = self.net
