@@ -100,6 +100,11 @@ class MemoryBank:
         return {"dim": self.dim, "store": self.store.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "store" not in state:  # a checkpoint of dfkd before the record store: the rows themselves
+            data, cap, ptr = state["data"], int(state["capacity"]), int(state["ptr"])
+            order = torch.arange(len(data)) if len(data) < cap else (ptr + torch.arange(cap)) % cap
+            state = {"dim": data.shape[1], "store": {"capacity": cap, "added": len(data), "records": [data[order]],
+                                                     "fields": [[[data.shape[1]], "float32"]]}}
         if int(state["dim"]) != self.dim:
             raise ValueError(f"memory bank rows of width {state['dim']}, expected {self.dim}")
         self.store.load_state_dict(state["store"])

@@ -125,7 +125,19 @@ class ImagePool:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what `state_dict()` returned (a pool with files reads them from its folder)."""
         self.dtype = getattr(torch, state["dtype"])
-        self.store.load_state_dict(state["store"])
+        self.store.load_state_dict(state["store"] if "store" in state else legacy_pool_state(state))
+
+
+def legacy_pool_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A store state from an in-memory pool checkpoint of dfkd before the record store (images in the state)."""
+    size, cap, nxt = int(state["size"]), int(state["capacity"]), int(state["next"])
+    order = torch.arange(size) if size < cap else (nxt + torch.arange(cap)) % cap  # oldest first
+    if state.get("images") is None:
+        raise ValueError("this checkpoint's pool was in a memory-mapped file of an older dfkd; it cannot be resumed")
+    records = [state["images"][order]] + ([] if state["labels"] is None else [state["labels"][order]])
+    fields = None if state["shape"] is None else [[list(r.shape[1:]), str(r.dtype).removeprefix("torch.")]
+                                                  for r in records]
+    return {"capacity": cap, "added": int(state["added"]), "fields": fields, "records": records}
 
 
 class PoolServed:

@@ -96,3 +96,12 @@ def test_empty_state_round_trip():
     assert len(other) == 0
     other.add(torch.ones(2, 1, 4, 4))
     assert len(other) == 2
+
+
+def test_a_checkpoint_of_the_old_in_memory_pool_still_loads():
+    old = {"capacity": 4, "size": 4, "next": 2, "added": 6, "dtype": "float16", "shape": [1, 4, 4], "num_labels": 2,
+           "images": batch(0, 4).half(), "labels": torch.zeros(4, 2)}  # slots hold 4 5 2 3: 2 is the oldest
+    old["images"][:2] = batch(4, 2).half()
+    pool = ImagePool(4)
+    pool.load_state_dict(old)
+    assert ids(pool.newest(4)) == [2, 3, 4, 5] and pool.added == 6
