@@ -14,14 +14,9 @@ _MODEL_HELP = "Architecture of a plain state_dict MODEL: zoo NAME or module:Clas
 
 
 def _spec(channels: int | None, input_size: int | None, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
-    from dfkd.errors import DfkdError
-    from dfkd.spec import InputSpec
+    from dfkd.archs import flag_spec
 
-    if channels is None and input_size is None:
-        return None
-    if channels is None or input_size is None:
-        raise DfkdError("--channels and --input-size go together (with --mean/--std)")
-    return InputSpec(channels, input_size, mean or (0.0,) * channels, std or (1.0,) * channels)
+    return flag_spec(channels, input_size, mean, std)  # never a silent mean 0 / std 1, as on every other command
 
 
 @click.command("export")

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from dfkd.cli.options import pop_teacher_options, teacher_options
 from dfkd.errors import DfkdError
 
 
@@ -89,34 +90,38 @@ def train_teacher_cmd(**kw: Any) -> None:
 
 
 @main.command("evaluate")
-@click.option("--model", "model_path", required=True, help="A dfkd model file (teacher or student).")
+@click.option("--model", "model_path", required=True, help="The model to evaluate: any file --teacher takes (a dfkd "
+              "model file needs nothing else).")
 @click.option("--data", required=True, help="Test data: .npz or ImageFolder directory.")
 @click.option("--teacher", default=None, help="A teacher file; also report top-1 agreement with it.")
-@click.option("--teacher-arch", default=None, help="Architecture for a plain state_dict teacher.")
-@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@teacher_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top-1 under 'top1', a fraction).")
 @click.option("--device", default="auto", show_default=True)
 @friendly
-def evaluate_cmd(model_path: str, data: str, teacher: str | None, teacher_arch: str | None, trust_pickle: bool,
-                 as_json: bool, device: str) -> None:
+def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool, device: str, **kw: Any) -> None:
     """Top-1/top-5 accuracy of a model on real data (and agreement with a teacher).
+
+    The teacher options (--teacher-arch, --arch-arg, --channels/--input-size/--mean/--std, --trust-pickle) apply to
+    --model and --teacher alike: to whichever is a plain state_dict, TorchScript or export archive.
 
     \b
     Example:
       dfkd evaluate --model examples/mnist_lenet5_bn.pt --data examples/mnist_test.npz
+      dfkd evaluate --model private.pt --teacher-arch torchvision:resnet18 --channels 3 --input-size 32 \\
+          --mean 0.4914 --mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 --data cifar10_test.npz
     """
     from dfkd.data import check_fits, load_images
     from dfkd.evaluate import accuracy
-    from dfkd.modelfile import load_model
-    from dfkd.teacher import load_teacher
+    from dfkd.teacher_options import load_with_options
     from dfkd.utils import pick_device
 
     dev = pick_device(device)
-    model, meta = load_model(model_path, dev)
+    options = pop_teacher_options(kw)
+    model = load_with_options(model_path, options, dev, flag="--model")
     images = load_images(data)
-    check_fits(images, meta.num_classes, meta.input_spec, "--data", data)
-    t = load_teacher(teacher, teacher_arch, trust_pickle, device=dev) if teacher else None
-    res = accuracy(model, images, meta.input_spec, dev, t, t.spec if t else None)
+    check_fits(images, model.num_classes, model.spec, "--data", data)
+    t = load_with_options(teacher, options, dev) if teacher else None
+    res = accuracy(model, images, model.spec, dev, t, t.spec if t else None)
     if as_json:
         click.echo(json.dumps(res))
         return
@@ -137,15 +142,12 @@ def _method_names() -> list[str]:
 @click.option("--teacher", "teachers", multiple=True, help="Teacher file (dfkd model file, state_dict with "
               "--teacher-arch, TorchScript, torch.export; pickled module with --trust-pickle). Repeat for several "
               "teachers: their logits are averaged (-p teacher_weights=[...], -p teacher_weighting=confidence).")
-@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict: zoo NAME or module:Class.")
-@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
-@click.option("--channels", type=click.IntRange(min=1), default=None, help="Teacher input channels (if the file "
-              "does not say).")
-@click.option("--input-size", type=click.IntRange(min=8), default=None, help="Teacher input side in pixels.")
-@click.option("--mean", type=float, multiple=True, help="Normalisation mean per channel (repeat the flag).")
-@click.option("--std", type=float, multiple=True, help="Normalisation std per channel (repeat the flag).")
+@teacher_options
 @click.option("--method", default=None, help="Distillation method (see `dfkd methods`).  [default: dfad]")
-@click.option("--student", default=None, help="Student architecture (default: the usual pair for the teacher).")
+@click.option("--student", default=None, help="Student architecture: zoo NAME, torchvision:NAME or timm:NAME "
+              "(default: the usual pair for the teacher, see dfkd.students).")
+@click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
+              help="Constructor argument of --student (repeat; JSON values).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Budget in student steps.")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Budget in wall-clock minutes (default {10:g} when --steps is not given).")
@@ -187,10 +189,13 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
       dfkd distill --teacher a.pt --teacher b.pt --method dfq --feature-loss rkd --discriminator logits
       dfkd distill --teacher examples/mnist_lenet5_bn.pt --data train.npz --feature-loss at
     """
+    from dfkd.archs import parse_arch_args
     from dfkd.config import build_config, parse_param
     from dfkd.engine import Interrupted, distill, resume
 
     params = params + objective_flags(flags)
+    flags["arch_args"] = parse_arch_args(flags["arch_args"]) or None
+    flags["student_args"] = parse_arch_args(flags["student_args"], "--student-arg") or None
     if flags["data"] and flags["method"] is None:
         flags["method"] = "kd"
 
@@ -210,6 +215,8 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         sys.exit(130)
     top1 = result.metrics.get("top1")
     click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
+    if result.selected:
+        click.echo(f"selected: {result.selected}")
     click.echo(f"tensorboard --logdir {result.run_dir}")
     print_deploy(result.run_dir)
     click.echo(f"peak memory (RSS): {result.peak_rss_mib:.0f} MiB")
@@ -226,8 +233,7 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
 
 @main.command("synthesize")
 @click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes).")
-@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict: zoo NAME or module:Class.")
-@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@teacher_options
 @click.option("--method", required=True, help="Synthesis method (see `dfkd methods`), e.g. zskd, deepinversion.")
 @click.option("--num", required=True, type=click.IntRange(min=1), help="Number of images to write.")
 @click.option("--out", required=True, help="The transfer file to write (.npz).")
@@ -240,8 +246,7 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @friendly
-def synthesize_cmd(teacher: str, teacher_arch: str | None, trust_pickle: bool, params: tuple[str, ...], device: str,
-                   **kw: Any) -> None:
+def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any) -> None:
     """Write synthetic transfer data: images (8-bit) and the teacher's soft labels, to distill elsewhere.
 
     The file holds no teacher weights: a student can be trained from it where the teacher file may not go.
@@ -255,12 +260,12 @@ def synthesize_cmd(teacher: str, teacher_arch: str | None, trust_pickle: bool, p
       dfkd distill --transfer-data transfer.npz --student lenet5_half --steps 2000
     """
     from dfkd.config import parse_param
-    from dfkd.teacher import load_teacher
+    from dfkd.teacher_options import load_with_options
     from dfkd.transfer import synthesize
     from dfkd.utils import pick_device
 
     dev = pick_device(device)
-    t = load_teacher(teacher, teacher_arch, trust_pickle, device=dev)
+    t = load_with_options(teacher, pop_teacher_options(kw), dev)
     data = synthesize(t, params=dict(map(parse_param, params)), device=dev, progress=True, **kw)
     click.echo(f"wrote {kw['out']}: {len(data)} images, {data.num_classes} classes, method {data.method}")
 
@@ -269,8 +274,9 @@ def synthesize_cmd(teacher: str, teacher_arch: str | None, trust_pickle: bool, p
 @click.option("--params", "show", default=None, metavar="NAME", help="Show one method's parameters and defaults.")
 @click.option("--teacher", default=None,
               help="With --params: the defaults this teacher file gets (recipes scale with the teacher).")
+@teacher_options
 @friendly
-def methods_cmd(show: str | None, teacher: str | None) -> None:
+def methods_cmd(show: str | None, teacher: str | None, **kw: Any) -> None:
     """List the distillation methods (or one method's parameters).
 
     \b
@@ -283,11 +289,13 @@ def methods_cmd(show: str | None, teacher: str | None) -> None:
     if show:
         cls = get_method(show)
         click.echo((cls.__doc__ or "").strip() + "\n")
+        loaded = None
         if teacher:
-            from dfkd.teacher import load_teacher
+            from dfkd.teacher_options import load_with_options
 
+            loaded = load_with_options(teacher, pop_teacher_options(kw))
             click.echo(f"  defaults for --teacher {teacher}:")
-        params = cls.default_params(load_teacher(teacher) if teacher else None)
+        params = cls.default_params(loaded)
         for k, v in params.items():
             click.echo(f"  {k:14s} {v!r}")
         return
@@ -313,8 +321,7 @@ def models_cmd() -> None:
 @click.option("--features", type=click.Choice(["inception", "teacher"]), required=True,
               help="Inception-V3 pool features (pytorch-fid) or the teacher's penultimate features.")
 @click.option("--teacher", default=None, help="Teacher file (needed for --features teacher).")
-@click.option("--teacher-arch", default=None, help="Architecture of a plain state_dict teacher.")
-@click.option("--trust-pickle", is_flag=True, help="Allow a pickled teacher module (runs code from the file).")
+@teacher_options
 @click.option("--device", default="auto", show_default=True)
 @friendly
 def fid_stats_cmd(data: str, out: str, **kw: Any) -> None:
@@ -328,8 +335,31 @@ def fid_stats_cmd(data: str, out: str, **kw: Any) -> None:
     """
     from dfkd.monitor import compute_fid_stats
 
-    stats = compute_fid_stats(data, out, **kw)
+    options = pop_teacher_options(kw)
+    stats = compute_fid_stats(data, out, options=options, **kw)
     click.echo(f"wrote {out} ({kw['features']} features, {len(stats.mu)}-d)")
+
+
+@main.command("convert")
+@click.option("--teacher", required=True, help="The file to convert: a state_dict (with --teacher-arch), TorchScript "
+              "or torch.export archive, pickled module (with --trust-pickle) or dfkd model file.")
+@teacher_options
+@click.option("--out", required=True, help="The dfkd model file to write (must not exist).")
+@friendly
+def convert_cmd(teacher: str, out: str, **kw: Any) -> None:
+    """Write a dfkd model file (architecture, input spec, weights) that every later command reads with no flags.
+
+    \b
+    Example:
+      dfkd convert --teacher private.pt --teacher-arch torchvision:resnet18 --channels 3 --input-size 32 \\
+          --mean 0.4914 --mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 --out teacher.pt
+      dfkd distill --teacher teacher.pt --method dfad
+    """
+    from dfkd.convert import convert
+
+    meta = convert(teacher, out, pop_teacher_options(kw))
+    s = meta.input_spec
+    click.echo(f"wrote {out}: {meta.arch}, {s.channels}x{s.size}x{s.size} inputs, {meta.num_classes} classes")
 
 
 @main.command("report")

@@ -24,12 +24,14 @@ class DistillConfig:
     method: str = "dfad"
     teachers: tuple[str, ...] = ()
     teacher_arch: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-arg KEY=VALUE: teacher constructor arguments
     trust_pickle: bool = False
     channels: int | None = None
     input_size: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     student: str | None = None
+    student_args: dict[str, Any] = field(default_factory=dict)  # --student-arg KEY=VALUE
     steps: int | None = None
     budget_minutes: float | None = None
     eval_data: str | None = None

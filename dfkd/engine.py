@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from dfkd.archs import flag_spec
 from dfkd.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, resolve_params
 from dfkd.data import ImageData, check_fits, load_images
@@ -34,6 +35,7 @@ from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.runlog import RunLog
+from dfkd.runwatch import RunWatch
 from dfkd.spec import InputSpec
 from dfkd.students import build_student, student_arch
 from dfkd.teacher import Teacher
@@ -52,6 +54,7 @@ class RunResult:
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0  # the process's peak resident memory at the end of the run
+    selected: str = ""  # which student student.pt is, when held-out selection chose it (dfkd.selection)
 
 
 class Interrupted(DfkdError):
@@ -79,12 +82,7 @@ def _graceful_sigint() -> Any:
 
 
 def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
-    if cfg.channels is None and cfg.input_size is None:
-        return None
-    if cfg.channels is None or cfg.input_size is None:
-        raise DfkdError("--channels and --input-size go together (with --mean/--std)")
-    c = cfg.channels
-    return InputSpec(c, cfg.input_size, cfg.mean or (0.0,) * c, cfg.std or (1.0,) * c)
+    return flag_spec(cfg.channels, cfg.input_size, cfg.mean, cfg.std, cfg.teacher_arch, cfg.arch_args)
 
 
 def new_run_dir(cfg: DistillConfig, teacher_path: str) -> Path:
@@ -112,7 +110,7 @@ def _run_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
     if not cfg.teachers:
         return NoTeacher(load_transfer(cfg.transfer_data))
     return load_teachers(cfg.teachers, cfg.teacher_arch, cfg.trust_pickle, _spec_from_flags(cfg), device,
-                         cfg.params.get("teacher_weights"), cfg.params.get("teacher_weighting", "mean"))
+                         cfg.params.get("teacher_weights"), cfg.params.get("teacher_weighting", "mean"), cfg.arch_args)
 
 
 def _overrides(cfg: DistillConfig, recipe: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +143,7 @@ class Run:
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
         recipe = method_cls.default_params(self.teacher)
         self.params = resolve_params(recipe, _overrides(cfg, recipe), cfg.method)
-        self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student)
+        self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student, cfg.student_args)
         seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
         if cfg.quantize:
@@ -155,10 +153,12 @@ class Run:
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
         self.method.attach_storage(run_dir)  # pool and bank go to files here, not into checkpoints
         self.step, self.elapsed = 0, 0.0
+        self.watch = RunWatch(self)
         if ckpt is not None:
             self.method.load_state_dict(ckpt["method"])
             set_rng_state(ckpt["rng"])
             self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+            self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def resolved_config(self) -> dict[str, Any]:
@@ -189,7 +189,8 @@ class Run:
 
     def checkpoint(self, finished: bool = False) -> None:
         save_checkpoint(self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step,
-                        elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished)
+                        elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished,
+                        extra={"watch": self.watch.state_dict()})
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:
@@ -220,6 +221,7 @@ class Run:
                 window["samples"] += n * int(self.params["batch_size"])
                 self._check_finite(losses)
                 bar.update(n)
+                self.watch.after_round(log)
                 if self.step // cfg.log_every > last["log"]:
                     last["log"] = self.step // cfg.log_every
                     perf = {"samples_per_s": window["samples"] / window["t"],
@@ -239,7 +241,7 @@ class Run:
                     last["eval"] = self.step // cfg.eval_every
                     metrics = self.evaluate() or metrics
                     if metrics:
-                        log.scalars(self.step, metrics, "student/")
+                        log.scalars(self.step, {**metrics, **self.watch.evaluate()}, "student/")
                 if self.fid and self.step // cfg.fid_every > last["fid"]:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
@@ -279,13 +281,15 @@ class Run:
         fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step, self.chunk)
         if self.fid.fresh:
             log.scalars(self.step, fids, "fid/")
+        student, final, result.selected = self.watch.finish(log, final)
+        result.metrics = final or result.metrics
         log_hparams(log.tb, self.resolved_config(), {**final, **{f"fid_{k}": v for k, v in fids.items()}}, self.step)
         meta = ModelFile(self.student_name, self.student_kwargs, self.teacher.spec, self.teacher.num_classes,
                          self.teacher.class_names,
                          {"kind": "student", "method": self.cfg.method, "teacher": self.teacher.source,
-                          "teacher_sha256": self.teacher.sha256, "steps": self.step,
+                          "teacher_sha256": self.teacher.sha256, "steps": self.step, "selected": result.selected,
                           **{f"eval_{k}": v for k, v in final.items()}})
-        save_model(self.run_dir / "student.pt", self.method.student, meta)
+        save_model(self.run_dir / "student.pt", student, meta)
         if self.cfg.quantize:
             from dfkd.qat import write_int8
 
@@ -294,6 +298,7 @@ class Run:
         result.peak_rss_mib = peak_rss_mib()
         log.scalars(self.step, {"peak_rss_mib": result.peak_rss_mib}, "perf/")
         log.event(self.step, event="finished", elapsed=self.elapsed, peak_rss_mib=result.peak_rss_mib,
+                  selected=result.selected,
                   **{f"student/{k}": v for k, v in final.items()})
         return result
 

@@ -132,9 +132,10 @@ def check_members(members: Sequence[Teacher]) -> None:
 
 def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, trust_pickle: bool = False,
                   spec: InputSpec | None = None, device: str | torch.device = "cpu",
-                  weights: Sequence[float] | None = None, weighting: str = "mean") -> Teacher:
+                  weights: Sequence[float] | None = None, weighting: str = "mean",
+                  arch_args: dict | None = None) -> Teacher:
     """Load one teacher, or several wrapped in an `EnsembleTeacher` (arguments as `load_teacher`'s)."""
-    members = [load_teacher(p, arch, trust_pickle, spec, device) for p in paths]
+    members = [load_teacher(p, arch, trust_pickle, spec, device, arch_args) for p in paths]
     if len(members) == 1:
         return members[0]
     return EnsembleTeacher(members, weights, weighting)

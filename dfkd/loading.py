@@ -6,10 +6,8 @@ only when the user trusts it.
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd.archs import canonical_arch, model_from_state
 from dfkd.errors import DfkdError
-from dfkd.modelfile import is_model_file, load_state_checked, model_from_payload
-from dfkd.models import MODELS, create
+from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
+from dfkd.models import MODELS
 from dfkd.spec import InputSpec
 
 PICKLE_HELP = ("it holds a pickled Python object, and unpickling can run arbitrary code. If you trust where the file "
@@ -91,24 +90,6 @@ def _short(e: BaseException) -> str:
     return (s[0] if s else type(e).__name__)[:200]
 
 
-def import_class(target: str) -> type[nn.Module]:
-    """Import `module:Class` from the current directory or PYTHONPATH."""
-    mod_name, _, cls_name = target.partition(":")
-    if not mod_name or not cls_name:
-        raise DfkdError(f"--teacher-arch {target!r}: expected a zoo name or module:Class")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        mod = importlib.import_module(mod_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's module
-        raise DfkdError(f"--teacher-arch {target}: cannot import module {mod_name!r} ({_short(e)}); run from the "
-                        "folder that holds it or add that folder to PYTHONPATH") from None
-    cls = getattr(mod, cls_name, None)
-    if cls is None or not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise DfkdError(f"--teacher-arch {target}: module {mod_name!r} has no nn.Module class {cls_name!r}")
-    return cls
-
-
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "net"):
@@ -120,32 +101,14 @@ def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     return None
 
 
-def _from_state_dict(state: dict[str, torch.Tensor], arch: str | None, spec: InputSpec | None, p: Path) -> LoadedModel:
+def _from_state_dict(state: dict[str, torch.Tensor], arch: str | None, spec: InputSpec | None, p: Path,
+                     arch_args: dict[str, Any] | None = None) -> LoadedModel:
     if arch is None:
         zoo = ", ".join(MODELS.names())
         raise DfkdError(f"--teacher {p}: a plain state_dict holds no architecture; add --teacher-arch NAME "
-                        f"(one of: {zoo}) or --teacher-arch module:Class")
-    if ":" in arch:
-        module = import_class(arch)()
-        load_state_checked(module, state, f"--teacher {p} with --teacher-arch {arch}")
-        return LoadedModel(module, "state_dict", spec)
-    try:
-        MODELS.get(arch)
-    except DfkdError as e:  # name the flag; the registry's message lists the zoo
-        raise DfkdError(f"--teacher-arch {arch}: {e}") from None
-    if spec is None:
-        raise DfkdError(f"--teacher {p}: a state_dict carries no input spec; add --channels C --input-size S "
-                        "(and --mean/--std)")
-    classes = _classes_from_state(state)
-    kwargs = {"num_classes": classes, "in_channels": spec.channels, "input_size": spec.size}
-    module = create(arch, **kwargs)
-    load_state_checked(module, state, f"--teacher {p} with --teacher-arch {arch}")
-    return LoadedModel(module, "state_dict", spec, arch, kwargs)
-
-
-def _classes_from_state(state: dict[str, torch.Tensor]) -> int:
-    bias = [v for k, v in state.items() if k.endswith(".bias") and v.dim() == 1]
-    return int(bias[-1].numel()) if bias else 10
+                        f"(one of: {zoo}), torchvision:NAME, timm:NAME or module:Class")
+    module, kwargs, spec = model_from_state(state, arch, arch_args, spec, f"--teacher {p}")
+    return LoadedModel(module, "state_dict", spec, canonical_arch(arch), kwargs)
 
 
 def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:
@@ -171,14 +134,17 @@ def load_user_model(
     arch: str | None = None,
     trust_pickle: bool = False,
     spec: InputSpec | None = None,
+    arch_args: dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Read any supported teacher file. `spec` (from flags) overrides what the file says.
 
     Args:
         path: the user's file.
-        arch: `--teacher-arch`: a zoo name or `module:Class`, for plain state_dicts.
+        arch: `--teacher-arch`: a zoo name, `torchvision:NAME`, `timm:NAME` or `module:callable`, for plain
+            state_dicts (see dfkd.archs).
         trust_pickle: allow unpickling a whole module (runs code from the file).
         spec: input spec from command-line flags, or None.
+        arch_args: constructor arguments for `arch` (`--arch-arg KEY=VALUE`).
 
     Returns:
         The module (on CPU) with its format and input spec (None if neither the file nor the flags give one).
@@ -196,12 +162,17 @@ def load_user_model(
             return _load_pickle(p, spec)
         raise
     if is_model_file(obj):
-        module, meta = model_from_payload(obj, f"--teacher {p}")
-        return LoadedModel(module, "dfkd", spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names)
+        return _from_model_file(obj, p, spec)
     state = _extract_state_dict(obj)
     if state is None:
         raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}, neither a dfkd model file nor a state_dict")
-    return _from_state_dict(state, arch, spec, p)
+    return _from_state_dict(state, arch, spec, p, arch_args)
+
+
+def _from_model_file(payload: dict[str, Any], p: Path, spec: InputSpec | None) -> LoadedModel:
+    module, meta = model_from_payload(payload, f"--teacher {p}")
+    fmt = meta.arch if meta.arch in ARCHIVE_KINDS else "dfkd"  # a converted archive keeps its format's limits
+    return LoadedModel(module, fmt, spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names)
 
 
 def _load_pickle(p: Path, spec: InputSpec | None) -> LoadedModel:
@@ -213,6 +184,5 @@ def _load_pickle(p: Path, spec: InputSpec | None) -> LoadedModel:
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickle", spec)
     if is_model_file(obj):
-        module, meta = model_from_payload(obj, f"--teacher {p}")
-        return LoadedModel(module, "dfkd", spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names)
+        return _from_model_file(obj, p, spec)
     raise DfkdError(f"--teacher {p}: the pickle holds a {type(obj).__name__}, not an nn.Module")

@@ -9,11 +9,23 @@ Layout (a plain dict of tensors and plain types)::
 
 Plain PyTorch: ``d = torch.load(p, weights_only=True); m = dfkd.models.create(d["arch"], **d["arch_kwargs"]);
 m.load_state_dict(d["state_dict"])``.
+
+`arch` may also name a library or user architecture (`dfkd.archs`): ``"torchvision:resnet18"`` or
+``"timm:resnet18"`` (rebuilt by that library, never with downloaded weights) or ``"module:callable"`` (your
+code, imported when the file is loaded: keep it importable from where you run dfkd; from a file, only an nn.Module
+class or a function of your own code is called). Such files are version 2, so an older dfkd says "upgrade" rather
+than "unknown model".
+
+A TorchScript or `torch.export` archive (what `dfkd convert` makes of one) is stored whole, as bytes: ``"arch":
+"torchscript"`` or ``"export"``, ``"archive"``: a uint8 tensor of the archive file, and an empty ``state_dict``;
+loading reads it with `torch.jit.load` / `torch.export.load` (no pickle), and the model keeps that format's limits
+(TorchScript: no module hooks).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +33,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd.archs import build_model
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_torch_save
-from dfkd.models import create
 from dfkd.spec import InputSpec
 
 FORMAT = "dfkd-model"
-VERSION = 1
+VERSION = 1  # zoo models: what every dfkd reads
+NAMED_VERSION = 2  # library, user-code and archive models; the newest this dfkd reads
+#: `arch` values of model files that hold a whole archive instead of a state_dict.
+ARCHIVE_KINDS = ("torchscript", "export")
 
 
 @dataclass
@@ -42,19 +57,20 @@ class ModelFile:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelFile) -> None:
+def save_model(path: str | os.PathLike, model: nn.Module | None, meta: ModelFile, archive: bytes | None = None) -> None:
     """Write `model` and `meta` as a dfkd model file, atomically.
 
     Args:
         path: destination file.
-        model: a zoo model built from `meta.arch` and `meta.arch_kwargs`.
+        model: a model built from `meta.arch` and `meta.arch_kwargs` (None with `archive`).
         meta: architecture, input spec, classes and provenance.
+        archive: the bytes of a TorchScript / torch.export archive, when `meta.arch` is one of ARCHIVE_KINDS.
     """
     provenance = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta.provenance}
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    state = {} if model is None else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": VERSION if ":" not in meta.arch and meta.arch not in ARCHIVE_KINDS else NAMED_VERSION,
         "arch": meta.arch,
         "arch_kwargs": dict(meta.arch_kwargs),
         "input_spec": meta.input_spec.to_dict(),
@@ -63,6 +79,8 @@ def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelFile) -> No
         "provenance": provenance,
         "state_dict": state,
     }
+    if archive is not None:
+        payload["archive"] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
     atomic_torch_save(payload, path)
 
 
@@ -78,9 +96,9 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
         DfkdError: on a newer version, an unknown architecture or weights that do not fit it.
     """
     version = payload.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise DfkdError(f"{source}: dfkd model file version {version!r} is newer than this dfkd reads ({VERSION}); "
-                        "upgrade dfkd")
+    if not isinstance(version, int) or version > NAMED_VERSION:
+        raise DfkdError(f"{source}: dfkd model file version {version!r} is newer than this dfkd reads "
+                        f"({NAMED_VERSION}); upgrade dfkd")
     try:
         meta = ModelFile(
             arch=payload["arch"],
@@ -93,9 +111,24 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
         state = payload["state_dict"]
     except (KeyError, TypeError, ValueError) as e:
         raise DfkdError(f"{source}: dfkd model file is missing or has a malformed field ({e}); re-export it") from None
-    model = create(meta.arch, **meta.arch_kwargs)
+    if meta.arch in ARCHIVE_KINDS:
+        return _from_archive(payload.get("archive"), meta.arch, source), meta
+    model = build_model(meta.arch, meta.arch_kwargs, flag=f"{source}: architecture", trusted=False)
     load_state_checked(model, state, f"{source} (architecture {meta.arch!r})")
     return model, meta
+
+
+def _from_archive(data: Any, kind: str, source: str) -> nn.Module:
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
+        raise DfkdError(f"{source}: a {kind} model file without its archive bytes; convert the archive again")
+    buf = io.BytesIO(data.numpy().tobytes())
+    try:
+        if kind == "torchscript":
+            return torch.jit.load(buf, map_location="cpu")
+        return torch.export.unflatten(torch.export.load(buf))
+    except Exception as e:  # noqa: BLE001 - a damaged archive
+        raise DfkdError(f"{source}: the {kind} archive inside could not be read ({str(e).strip()[:200]}); "
+                        "convert it again") from None
 
 
 def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from dfkd.errors import DfkdError
 from dfkd.fid import BNFID, FEATURE_KINDS, FIDStats, FrechetMonitor, InceptionFID, InceptionUnavailable, TeacherFID
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
+
+if TYPE_CHECKING:
+    from dfkd.teacher_options import TeacherOptions
 
 
 class FIDMonitors:
@@ -112,8 +115,8 @@ def log_hparams(tb: Any, config: dict[str, Any], final: dict[str, float], step: 
 
 
 def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features: str,
-                      teacher: str | os.PathLike | None = None, teacher_arch: str | None = None,
-                      trust_pickle: bool = False, device: str = "auto", batch_size: int | None = None) -> FIDStats:
+                      teacher: str | os.PathLike | None = None, options: TeacherOptions | None = None,
+                      device: str = "auto", batch_size: int | None = None) -> FIDStats:
     """Reference statistics (mu, sigma) of real images in pytorch-fid's .npz format, plus their feature kind.
 
     Args:
@@ -121,8 +124,7 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
         out: the .npz to write (atomically).
         features: "teacher" (the teacher's penultimate features; needs `teacher`) or "inception".
         teacher: teacher file; for Inception FID it only sets the image size (as synthetic images will have).
-        teacher_arch: architecture of a plain state_dict teacher.
-        trust_pickle: allow a pickled teacher module.
+        options: how to read the teacher file (`--teacher-arch`, `--arch-arg`, spec flags, `--trust-pickle`).
         device: where to compute features.
         batch_size: images per forward (None: `dfkd.evaluate.default_batch` of the input size).
 
@@ -131,7 +133,7 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
     """
     from dfkd.data import load_images, to_model_input
     from dfkd.evaluate import default_batch
-    from dfkd.teacher import load_teacher
+    from dfkd.teacher_options import load_with_options
     from dfkd.utils import pick_device
 
     if features not in FEATURE_KINDS:
@@ -140,7 +142,7 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
         raise DfkdError("--features teacher needs --teacher FILE (the teacher whose features are compared)")
     dev = pick_device(device)
     images = load_images(data, "DATA")
-    t = load_teacher(teacher, teacher_arch, trust_pickle, device=dev) if teacher else None
+    t = load_with_options(teacher, options, dev) if teacher else None
     if features == "teacher":
         extractor, spec = TeacherFID(t), t.spec
     else:

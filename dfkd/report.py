@@ -28,6 +28,7 @@ class RunSummary:
     series: Series
     pngs: list[Path] = field(default_factory=list)
     deploy: list[str] = field(default_factory=list)  # float vs int8 lines of a --quantize run (deploy.json)
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def last(self, key: str) -> float | None:
         return self.series[key][-1][1] if self.series.get(key) else None
@@ -45,6 +46,7 @@ class RunSummary:
         if top1 is not None:
             lines.append(f"accuracy: student top-1 {100 * top1:.2f}%" +
                          (f" (teacher {100 * teacher:.2f}%)" if teacher is not None else ""))
+        lines += self._watch_lines()
         fids = [f"{k.removeprefix('fid/')} {v[-1][1]:.4g} (step {v[0][0]}: {v[0][1]:.4g})"
                 for k, v in sorted(self.series.items()) if k.startswith("fid/")]
         if fids:
@@ -56,6 +58,20 @@ class RunSummary:
         if self.pngs:
             lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
         return "\n".join(lines)
+
+    def _watch_lines(self) -> list[str]:
+        """The held-out selection's choice and the collapse warnings of the run (dfkd.runwatch)."""
+        lines = []
+        done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
+        if done:
+            sel = self.last("student/top1_selected")
+            lines.append(f"selected: {done[-1]['selected']}" +
+                         (f" (test top-1 {100 * sel:.2f}%)" if sel is not None else ""))
+        ema = self.last("student/top1_ema")
+        if ema is not None:
+            lines.append(f"EMA:      test top-1 {100 * ema:.2f}%")
+        lines += [f"warning:  step {e['step']}: {e['message']}" for e in self.events if e.get("event") == "collapse"]
+        return lines
 
 
 def _duration(seconds: float | None) -> str:
@@ -119,9 +135,12 @@ def _panels(series: Series) -> list[tuple[str, list[str]]]:
             parts = k.split("/")
             groups.setdefault("loss/" + parts[1] if len(parts) > 2 else "loss", []).append(k)
     panels = list(groups.items())
-    acc = [k for k in ("student/top1", "student/top5") if k in series]
+    acc = [k for k in ("student/top1", "student/top5", "student/top1_ema") if k in series]
     if acc:
         panels.append(("student accuracy", acc))
+    agree = [k for k in sorted(series) if k.startswith("select/")]
+    if agree:
+        panels.append(("held-out agreement with the teacher", agree))
     panels += [(k, [k]) for k in sorted(series) if k.startswith("fid/")]
     return panels
 
@@ -170,7 +189,7 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
         raise DfkdError(f"{d}: not a dfkd run folder (no config.json); give the folder `dfkd distill` wrote")
     config = json.loads((d / "config.json").read_text())
     series, events = read_metrics(d / "metrics.jsonl")
-    summary = RunSummary(d, config, *_run_state(d, series, events), series)
+    summary = RunSummary(d, config, *_run_state(d, series, events), series, events=events)
     if (d / "deploy.json").is_file():
         from dfkd.deploystats import DeployStats
 

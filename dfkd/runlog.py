@@ -42,17 +42,16 @@ class RunLog:
 
     @torch.no_grad()
     def synthetic(self, step: int, images: torch.Tensor, spec: InputSpec, teacher_logits: torch.Tensor) -> None:
-        """Image grid (denormalised to [0, 1]), teacher confidence and the class histogram of its predictions."""
+        """Image grid (denormalised to [0, 1]) and the class histogram of the teacher's predictions.
+
+        Coverage, confidence and agreement scalars come from the collapse watch (dfkd.watch), on its own cadence.
+        """
         from torchvision.utils import make_grid
 
         x = spec.denormalize(images[:64].float()).clamp(0, 1).cpu()
         self.tb.add_image("synthetic/images", make_grid(x, nrow=8, padding=1), step)
-        prob = teacher_logits.float().softmax(1)
-        self.tb.add_scalar("synthetic/teacher_confidence", prob.max(1).values.mean().item(), step)
-        classes = prob.argmax(1).cpu()
-        self.tb.add_histogram("synthetic/teacher_class", classes, step, bins=prob.shape[1])
-        counts = torch.bincount(classes, minlength=prob.shape[1]).float()
-        self.tb.add_scalar("synthetic/classes_covered", float((counts > 0).sum()), step)
+        classes = teacher_logits.argmax(1).cpu()
+        self.tb.add_histogram("synthetic/teacher_class", classes, step, bins=teacher_logits.shape[1])
 
     def event(self, step: int, **fields: Any) -> None:
         """A non-scalar record (start, resume, finish) in metrics.jsonl."""

@@ -1,12 +1,34 @@
-"""Choosing and building the student."""
+"""Choosing and building the student.
+
+The default student for a teacher (`student_arch(teacher, None)`), in this order:
+
+1. A zoo teacher gets the pair of the data-free literature (`DEFAULT_STUDENT`: LeNet-5 -> LeNet-5-half,
+   ResNet-34 -> ResNet-18, VGG-11 -> ResNet-18, WRN-40-2 -> WRN-16-1, ...).
+2. A torchvision or timm ResNet-family teacher (ResNet-18/34/50/101/152, ResNeXt, Wide ResNet, timm's
+   variants) of at least `RESNET18_PARAMS` parameters gets ResNet-18 of the same library
+   (`torchvision:resnet18` / `timm:resnet18`), with the teacher's classes.
+3. Any other teacher (other library models, your own `module:callable`, TorchScript, torch.export, pickles,
+   small ResNets) gets the largest zoo student in `SIZED_STUDENTS` with at most `STUDENT_SHARE` of the teacher's
+   parameters (the smallest one when none is that small); LeNets only below 64 px.
+
+Zoo students are built at the teacher's channels and input size, in the ImageNet form (7x7 stride-2 stem and
+max-pool, `imagenet_stem=True`) for inputs of `IMAGENET_SIZE` px and more and the CIFAR form below. `--student`
+takes a zoo name, `torchvision:NAME` or `timm:NAME` (with `--student-arg KEY=VALUE` for constructor arguments);
+the student's model file records it, so `dfkd evaluate` rebuilds it with no flags.
+"""
 
 from __future__ import annotations
 
+import inspect
+import re
+from typing import Any
+
 from torch import nn
 
+from dfkd.archs import arch_kind, build_model
 from dfkd.errors import DfkdError
-from dfkd.models import MODELS, create
-from dfkd.teacher import Teacher
+from dfkd.models import MODELS
+from dfkd.teacher import Teacher, teacher_size
 
 #: The pairs of the data-free literature (METHODS.md §10, §14).
 DEFAULT_STUDENT = {
@@ -24,19 +46,82 @@ DEFAULT_STUDENT = {
     "mobilenet_v2_tiny": "mobilenet_v2_tiny",
 }
 
-
-def student_arch(teacher: Teacher, requested: str | None) -> tuple[str, dict]:
-    """The student architecture name and its kwargs (classes, channels and size follow the teacher)."""
-    if requested is None:
-        requested = DEFAULT_STUDENT.get(teacher.arch or "")
-        if requested is None:
-            raise DfkdError(f"--teacher {teacher.source}: no default student for a {teacher.arch or teacher.fmt} "
-                            f"teacher; choose one with --student ({', '.join(MODELS.names())})")
-    MODELS.get(requested)
-    kwargs = {"num_classes": teacher.num_classes, "in_channels": teacher.spec.channels,
-              "input_size": teacher.spec.size}
-    return requested, kwargs
+#: Zoo students are built in the ImageNet form (strided stem + max-pool) from this input size on.
+IMAGENET_SIZE = 64
+#: ResNet-family library teachers at least this large get the library's ResNet-18 (11.2M parameters at 10 classes).
+RESNET18_PARAMS = 11_000_000
+#: Share of an unknown teacher's parameters its default zoo student may have.
+STUDENT_SHARE = 0.25
+#: Zoo students for teachers without a known pair (ranked by their parameter count at the teacher's spec).
+SIZED_STUDENTS = ("lenet5_half", "lenet5", "mobilenet_v2_tiny", "wrn_16_1", "wrn_16_2", "wrn_40_2", "resnet18")
+_RESNET_FAMILY = re.compile(r"^(se)?(resnet|resnext|wide_resnet)\d")
 
 
-def build_student(name: str, kwargs: dict) -> nn.Module:
-    return create(name, **kwargs)
+def student_arch(teacher: Teacher, requested: str | None,
+                 student_args: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The student architecture name and its constructor arguments (classes, channels and size follow the teacher).
+
+    Args:
+        teacher: the loaded teacher.
+        requested: `--student`: a zoo name, `torchvision:NAME` or `timm:NAME`; None for the default (module doc).
+        student_args: `--student-arg` constructor arguments, added to (and overriding) the derived ones.
+    """
+    name = requested if requested is not None else default_student(teacher)
+    kind = arch_kind(name)
+    if kind == "module":
+        raise DfkdError(f"--student {name}: use a zoo name ({', '.join(MODELS.names())}), torchvision:NAME or "
+                        "timm:NAME")
+    if kind == "zoo":
+        MODELS.get(name)
+        return name, {**zoo_kwargs(name, teacher), **(student_args or {})}
+    return name, {**library_kwargs(name, teacher), **(student_args or {})}
+
+
+def default_student(teacher: Teacher) -> str:
+    """The documented default (module docstring) for `teacher`."""
+    arch = teacher.arch or ""
+    if arch in DEFAULT_STUDENT:
+        return DEFAULT_STUDENT[arch]
+    kind, _, lib_name = arch.partition(":")
+    if kind in ("torchvision", "timm") and _RESNET_FAMILY.match(lib_name) and \
+            teacher_size(teacher) >= RESNET18_PARAMS:
+        return f"{kind}:resnet18"
+    return sized_student(teacher)
+
+
+def sized_student(teacher: Teacher) -> str:
+    """The largest of SIZED_STUDENTS within STUDENT_SHARE of the teacher's parameters (else the smallest)."""
+    names = [n for n in SIZED_STUDENTS if not (n.startswith("lenet") and teacher.spec.size >= IMAGENET_SIZE)]
+    sized = sorted((_params(n, teacher), n) for n in names)
+    budget = STUDENT_SHARE * teacher_size(teacher)
+    fitting = [n for size, n in sized if size <= budget]
+    return fitting[-1] if fitting else sized[0][1]
+
+
+def _params(name: str, teacher: Teacher) -> int:
+    return sum(p.numel() for p in build_student(name, zoo_kwargs(name, teacher)).parameters())
+
+
+def zoo_kwargs(name: str, teacher: Teacher) -> dict[str, Any]:
+    """A zoo model's arguments at the teacher's classes, channels and size (ImageNet form from IMAGENET_SIZE)."""
+    kwargs: dict[str, Any] = {"num_classes": teacher.num_classes, "in_channels": teacher.spec.channels,
+                              "input_size": teacher.spec.size}
+    if teacher.spec.size >= IMAGENET_SIZE and "imagenet_stem" in inspect.signature(MODELS.get(name)).parameters:
+        kwargs["imagenet_stem"] = True
+    return kwargs
+
+
+def library_kwargs(name: str, teacher: Teacher) -> dict[str, Any]:
+    """A torchvision/timm model's arguments for the teacher's classes and channels."""
+    channels = teacher.spec.channels
+    if channels == 3:
+        return {"num_classes": teacher.num_classes}
+    if arch_kind(name) == "timm":
+        return {"num_classes": teacher.num_classes, "in_chans": channels}
+    raise DfkdError(f"--student {name}: torchvision models take 3-channel images but the teacher takes {channels}; "
+                    "choose a zoo student (see `dfkd models`) or timm:NAME")
+
+
+def build_student(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Build the student `name` (zoo, torchvision:NAME or timm:NAME) with fresh weights."""
+    return build_model(name, kwargs, flag="--student")

@@ -155,20 +155,22 @@ def load_teacher(
     trust_pickle: bool = False,
     spec: InputSpec | None = None,
     device: str | torch.device = "cpu",
+    arch_args: dict | None = None,
 ) -> Teacher:
     """Load a teacher file (any format of DESIGN §4) into a frozen `Teacher` on `device`.
 
     Args:
         path: the file.
-        arch: `--teacher-arch` for plain state_dicts (zoo name or module:Class).
+        arch: `--teacher-arch` for plain state_dicts (zoo name, torchvision:NAME, timm:NAME or module:callable).
         trust_pickle: allow a pickled module (runs code from the file).
         spec: input spec from flags; overrides the file's.
         device: where the teacher runs.
+        arch_args: constructor arguments for `arch` (`--arch-arg KEY=VALUE`).
 
     Raises:
         DfkdError: with one readable line, for anything wrong with the file or flags.
     """
-    loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec)
+    loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec, arch_args=arch_args)
     if loaded.spec is None:
         raise DfkdError(f"--teacher {path}: a {loaded.fmt} file carries no input spec; give --channels C "
                         "--input-size S --mean M --std S (the normalisation the teacher was trained with)")

@@ -9,7 +9,7 @@ import torch
 
 import dfkd
 from dfkd import DfkdError, InputSpec, ModelFile, load_model, save_model
-from dfkd.modelfile import FORMAT, VERSION
+from dfkd.modelfile import FORMAT, NAMED_VERSION, VERSION
 
 SPEC = InputSpec(1, 32, (0.1307,), (0.3081,))
 KWARGS = {"num_classes": 10, "in_channels": 1, "input_size": 32}
@@ -112,7 +112,7 @@ def _rewrite(path, **changes):
 
 def test_newer_version_refused(saved):
     path = saved[0]
-    _rewrite(path, version=VERSION + 1)
+    _rewrite(path, version=NAMED_VERSION + 1)
     with pytest.raises(DfkdError, match="newer") as e:
         load_model(path)
     assert str(path) in str(e.value) and "upgrade dfkd" in str(e.value)

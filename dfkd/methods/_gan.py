@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from dfkd.bnstats import BNInputs
 from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
+from dfkd.losses import information_entropy
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.teacher import Teacher, teacher_size
 
@@ -20,6 +22,9 @@ GAN_DEFAULTS: dict[str, Any] = {
     "lr_g": 1e-3,
     "betas_g": [0.9, 0.999],
     "grad_clip": None,
+    # DAFL's information-entropy class-balance term added to the generator loss: a remedy for mode collapse
+    # (dfkd.watch), off by default; methods with their own balance term (dafl's `ie`, dfq's `balance`) use theirs.
+    "balance": 0.0,
 }
 
 
@@ -31,6 +36,8 @@ class GANMethod(Method):
     """
 
     defaults: ClassVar[dict[str, Any]] = GAN_DEFAULTS
+    #: The subclass's own generator loss weighs the class-balance term `balance` (DFQ); else it is added here.
+    own_balance: ClassVar[bool] = False
 
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
@@ -50,10 +57,23 @@ class GANMethod(Method):
             self.bn.set_active(True)
         try:
             with frozen(self.student):
-                return self.generator_loss(x)
+                losses = self.generator_loss(x)
         finally:
             if self.bn is not None:
                 self.bn.set_active(False)
+        return self._with_balance(x, losses)
+
+    def _with_balance(self, x: torch.Tensor, losses: LossDict) -> LossDict:
+        """Add `balance` * DAFL's information entropy of the batch-mean teacher prediction (in nats), when set.
+
+        Chen et al., "Data-Free Learning of Student Networks", ICCV 2019: minimising sum(pbar ln pbar) spreads
+        the generator's batches over the classes.
+        """
+        weight = float(self.p["balance"] or 0.0)
+        if self.own_balance or weight == 0.0:
+            return losses
+        balance = information_entropy(self.teacher(x), log_base=math.e)
+        return {**losses, "loss": losses["loss"] + weight * balance, "loss/balance": balance}
 
     def generator_loss(self, x: torch.Tensor) -> LossDict:
         """The generator's objective on a generated batch `x` (teacher and student forwards happen here)."""

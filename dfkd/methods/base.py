@@ -16,7 +16,9 @@ from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
 from dfkd.objectives import build_objectives
+from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
+from dfkd.watch import WATCH_DEFAULTS
 
 #: Defaults every method shares; a method's `defaults` override them, config files and flags override both.
 BASE_DEFAULTS: dict[str, Any] = {
@@ -40,6 +42,9 @@ BASE_DEFAULTS: dict[str, Any] = {
     # Several --teacher files (dfkd.ensemble): fixed weights per teacher, and "mean" or "confidence" weighting.
     "teacher_weights": None,
     "teacher_weighting": "mean",
+    # Run-level: the collapse watch (dfkd.watch), the student EMA and held-out model selection (dfkd.selection).
+    **WATCH_DEFAULTS,
+    **SELECT_DEFAULTS,
 }
 
 

@@ -37,6 +37,7 @@ class DFQ(GANMethod):
     summary: ClassVar[str] = "adversarial generator with BN-statistics, one-hot and class-balance priors"
     uses_bn: ClassVar[bool] = True
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
+    own_balance: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "lr_s": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "lr_g": 1e-3,
         "betas_g": [0.5, 0.999], "nz": 256, "head": "sigmoid", "g_steps": 1, "s_steps": 10,

@@ -35,17 +35,20 @@ class MobileNetV2Tiny(ZooModel):
         num_classes: classes.
         in_channels: image channels.
         width: channel multiplier.
+        imagenet_stem: a stride-2 stem and a 3x3 stride-2 max-pool (inputs of 64 px and more).
     """
 
     stages = ("stage1", "stage2", "stage3")
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 0.5) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 0.5,
+                 imagenet_stem: bool = False) -> None:
         super().__init__()
 
         def c(n: int) -> int:
             return max(8, int(n * width))
 
-        self.stem = nn.Sequential(*_conv_bn(in_channels, c(32), 3))
+        stem = _conv_bn(in_channels, c(32), 3, stride=2 if imagenet_stem else 1)
+        self.stem = nn.Sequential(*stem, *([nn.MaxPool2d(3, 2, 1)] if imagenet_stem else []))
         plan = (("stage1", c(32), c(24), 1, 2), ("stage2", c(24), c(48), 2, 3), ("stage3", c(48), c(96), 2, 3))
         for name, cin, cout, stride, n in plan:
             blocks = [InvertedResidual(cin if i == 0 else cout, cout, stride if i == 0 else 1, 6) for i in range(n)]
@@ -59,6 +62,7 @@ class MobileNetV2Tiny(ZooModel):
 
 
 @register_model("mobilenet_v2_tiny")
-def mobilenet_v2_tiny(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> MobileNetV2Tiny:
-    """MobileNetV2 at width 0.5 for 32x32 images (~0.2M parameters)."""
-    return MobileNetV2Tiny(num_classes, in_channels, width=0.5)
+def mobilenet_v2_tiny(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
+                      imagenet_stem: bool = False) -> MobileNetV2Tiny:
+    """MobileNetV2 at width 0.5 for 32x32 images (~0.2M parameters); imagenet_stem for 64 px and more."""
+    return MobileNetV2Tiny(num_classes, in_channels, width=0.5, imagenet_stem=imagenet_stem)

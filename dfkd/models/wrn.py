@@ -37,15 +37,19 @@ class WideResNet(ZooModel):
         widen: width multiplier k.
         num_classes: classes.
         in_channels: image channels.
+        imagenet_stem: a 7x7 stride-2 first convolution and a 3x3 stride-2 max-pool (inputs of 64 px and more).
     """
 
     stages = ("block1", "block2", "block3")
 
-    def __init__(self, depth: int, widen: int, num_classes: int = 10, in_channels: int = 3) -> None:
+    def __init__(self, depth: int, widen: int, num_classes: int = 10, in_channels: int = 3,
+                 imagenet_stem: bool = False) -> None:
         super().__init__()
         n = (depth - 4) // 6
         widths = (16, 16 * widen, 32 * widen, 64 * widen)
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        k, stride = (7, 2) if imagenet_stem else (3, 1)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], k, stride, k // 2, bias=False)
+        self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet_stem else nn.Identity()
         cin = widths[0]
         for g, stride in enumerate((1, 2, 2)):
             blocks = [PreActBlock(cin if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1)
@@ -65,13 +69,14 @@ class WideResNet(ZooModel):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = self.block3(self.block2(self.block1(self.maxpool(self.conv1(x)))))
         return torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1)
 
 
 def _wrn(depth: int, widen: int):  # noqa: ANN202 - a registry factory
-    def build(num_classes: int = 10, in_channels: int = 3, input_size: int = 32) -> WideResNet:
-        return WideResNet(depth, widen, num_classes, in_channels)
+    def build(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
+              imagenet_stem: bool = False) -> WideResNet:
+        return WideResNet(depth, widen, num_classes, in_channels, imagenet_stem)
 
     build.__doc__ = f"WRN-{depth}-{widen}."
     return build

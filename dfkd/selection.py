@@ -1,0 +1,227 @@
+"""A student that does not swing, chosen without real data: weight EMA and held-out synthetic agreement.
+
+GAN-method students swing 10-20 points between evaluations; the one a run ends with is one draw. Two remedies:
+
+- **EMA**: `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn` keeps an exponential moving average
+  of the student's weights and BatchNorm buffers (`use_buffers=True`), updated after every round with decay
+  `ema_decay ** student_steps_per_round` (so `ema_decay` is per student step).
+- **Data-free selection**: a held-out set of synthetic images the student never trains on, labelled by the
+  teacher. Every `select_every` steps `heldout_chunk` fresh images are drawn from the method's own generator on
+  a forked RNG stream seeded from the run's seed and the draw's index (the run's own randomness, and so its
+  training, is unchanged; the training batches come from other latents), and enter a reservoir of
+  `heldout_size` (uniform over every draw so far, so the set follows the generator's whole trajectory, early
+  diverse batches included). The signal is the student's top-1 agreement with the teacher on the set, averaged
+  per teacher class (a set dominated by one class does not drown the others). The raw student, the EMA and the
+  best snapshot seen so far are scored on the current set at each check; the best scorer is kept (in memory and
+  in the checkpoint). At the end the better of the final raw student and the final EMA is written as student.pt,
+  unless the kept snapshot agrees more by over `select_margin` (one point: about the set's sampling noise, so a
+  near-tie goes to the student that trained longer).
+
+Only methods whose synthesizer draws fresh samples (the GAN generators: dafl, dfad, zskt, dfq, online) have such
+a set: the pool-served methods train on every image they keep, so they write the raw student as before (the EMA
+is still logged beside it when eval data is given). `-p select_every=0` turns selection off, `-p ema_decay=0`
+the EMA.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dfkd.errors import DfkdError
+from dfkd.watch import eval_logits, generator_of
+
+#: Run-level settings every method takes (`-p key=value`); see the module docstring.
+SELECT_DEFAULTS: dict[str, Any] = {
+    "ema_decay": 0.998,  # per student step; 0: no EMA
+    "select_every": 100,  # student steps between held-out checks; 0: no selection (the raw student is written)
+    "heldout_size": 1024,  # synthetic images in the held-out set
+    "heldout_chunk": 128,  # fresh images drawn at each check into the set
+    "select_margin": 0.01,  # an earlier snapshot replaces the final student only when it agrees this much more
+}
+
+MAX_HELDOUT_VALUES = 2**24
+
+
+def class_balanced_agreement(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
+    """Mean over the teacher's classes present in `labels` of the top-1 agreement on that class.
+
+    Shape:
+        - logits: (N, K)
+        - labels: (N,)
+    """
+    hit = (logits.argmax(1) == labels).float()
+    per_class = torch.zeros(num_classes).index_add_(0, labels.cpu(), hit.cpu())
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+    present = counts > 0
+    return float((per_class[present] / counts[present]).mean()) if present.any() else 0.0
+
+
+class HeldOut:
+    """A reservoir of teacher-labelled synthetic images the student never trains on.
+
+    It holds at most MAX_HELDOUT_VALUES pixel values (64 MiB as float32, in memory and in the checkpoint): 1024
+    images up to 64x64x3, about 110 at 224x224x3.
+
+    Args:
+        size: images kept (capped as above).
+        seed: seeds each draw's forked RNG (with the draw's index) and the reservoir's choices.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.x: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
+        self.seen = 0
+        self.draws = 0
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return 0 if self.x is None else len(self.x)
+
+    def draw(self, synth: Any, teacher: nn.Module, n: int) -> None:
+        """`n` fresh images of `synth` on a forked, seeded RNG stream, labelled by `teacher`, into the reservoir.
+
+        The generator's BatchNorm buffers are restored afterwards: the draw leaves no trace in the run.
+        """
+        device = next(synth.generator.parameters()).device
+        buffers = {k: v.clone() for k, v in synth.generator.named_buffers()}
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(self.seed * 1_000_003 + self.draws)
+            x = synth.sample(n)
+        for k, v in synth.generator.named_buffers():
+            v.copy_(buffers[k])
+        self.draws += 1
+        self.add(x.detach(), eval_logits(teacher, x).argmax(1))
+
+    def add(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        """Reservoir sampling (Vitter's algorithm R): every image drawn so far is kept with equal probability."""
+        for i in range(len(x)):
+            if self.x is None:
+                self.size = max(1, min(self.size, MAX_HELDOUT_VALUES // x[0].numel()))
+                self.x = x.new_empty((self.size, *x.shape[1:]))
+                self.labels = labels.new_empty(self.size)
+            if self.seen < self.size:
+                slot = self.seen
+            else:
+                slot = int(torch.randint(0, self.seen + 1, (1,), generator=self.rng))
+            if slot < self.size:
+                self.x[slot], self.labels[slot] = x[i], labels[i]
+            self.seen += 1
+
+    def score(self, model: nn.Module, num_classes: int) -> float:
+        """The class-balanced agreement of `model` with the teacher on the set."""
+        n = min(self.seen, self.size)
+        return class_balanced_agreement(eval_logits(model, self.x[:n]), self.labels[:n], num_classes)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": self.x, "labels": self.labels, "seen": self.seen, "draws": self.draws,
+                "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.x, self.labels = state["x"], state["labels"]
+        if self.x is not None:
+            self.size = len(self.x)  # the cap applied when the set was first filled
+        self.seen, self.draws = int(state["seen"]), int(state["draws"])
+        self.rng.set_state(state["rng"])
+
+
+def make_ema(student: nn.Module, decay: float, steps_per_round: int) -> AveragedModel | None:
+    """The EMA of `student` (weights and BN buffers), updated once a round; None when `decay` is 0."""
+    if not 0 <= decay < 1:
+        raise DfkdError(f"-p ema_decay={decay}: use a decay in [0, 1) (0 turns the EMA off), e.g. 0.998")
+    if decay == 0:
+        return None
+    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay ** max(steps_per_round, 1)),
+                         use_buffers=True)
+
+
+class Selector:
+    """The EMA, the held-out set and the best student by held-out agreement, for one run.
+
+    Args:
+        method: the run's method (its `student`, `synth`, `teacher`, `p`).
+        seed: the run's seed.
+        enabled: False keeps neither EMA nor held-out set (the raw student is written).
+    """
+
+    def __init__(self, method: Any, seed: int, enabled: bool = True) -> None:
+        p = method.p
+        self.method, self.num_classes = method, method.teacher.num_classes
+        decay = float(p["ema_decay"]) if enabled else 0.0
+        self.ema = make_ema(method.student, decay, method.student_steps_per_round)
+        self.synth = generator_of(method) if enabled and int(p["select_every"]) > 0 else None
+        self.chunk, self.margin = int(p["heldout_chunk"]), float(p["select_margin"])
+        if self.synth is not None and (int(p["heldout_size"]) < 1 or self.chunk < 1):
+            raise DfkdError(f"-p heldout_size={p['heldout_size']} / heldout_chunk={p['heldout_chunk']}: use "
+                            "positive sizes (or -p select_every=0 to turn selection off)")
+        self.heldout = HeldOut(int(p["heldout_size"]), seed) if self.synth is not None else None
+        self.best: nn.Module | None = None
+        self.best_info: dict[str, Any] = {}
+
+    def candidates(self) -> list[tuple[str, nn.Module]]:
+        """(name, model) of the raw student, the EMA and the kept best, in the order ties are broken."""
+        out = [("raw", self.method.student)]
+        if self.ema is not None:
+            out.append(("ema", self.ema.module))
+        if self.best is not None:
+            out.append(("best", self.best))
+        return out
+
+    def update_ema(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.method.student)
+
+    def check(self, step: int) -> dict[str, float]:
+        """Draw into the held-out set, score every candidate, keep the best; returns the scores to log."""
+        if self.heldout is None:
+            return {}
+        self.heldout.draw(self.synth, self.method.teacher, self.chunk)
+        scores = {name: self.heldout.score(m, self.num_classes) for name, m in self.candidates()}
+        name = max(scores, key=scores.get)
+        if name != "best":
+            self._keep(dict(self.candidates())[name], name, step)
+        self.best_info["agreement"] = scores[name]
+        return {"agreement" if k == "raw" else f"agreement_{k}": v for k, v in scores.items()}
+
+    def _keep(self, model: nn.Module, kind: str, step: int) -> None:
+        if self.best is None:
+            self.best = copy.deepcopy(self.method.student).eval()
+        self.best.load_state_dict(model.state_dict())
+        self.best_info = {"kind": kind, "step": step}
+
+    def choose(self, step: int) -> tuple[str, nn.Module, dict[str, float]]:
+        """The student to write: the better of final raw and final EMA, or the kept snapshot when clearly better.
+
+        Returns:
+            (a description such as "ema (step 1200)", the model, the held-out scores by candidate).
+        """
+        if self.heldout is None or not len(self.heldout):
+            return "raw", self.method.student, {}
+        scores = {name: self.heldout.score(m, self.num_classes) for name, m in self.candidates()}
+        final = max((k for k in scores if k != "best"), key=scores.get)
+        name = "best" if scores.get("best", -1.0) > scores[final] + self.margin else final
+        if name == "best":
+            label = f"{self.best_info['kind']} at step {self.best_info['step']}"
+        else:
+            label = f"{name} at step {step}"
+        return label, dict(self.candidates())[name], scores
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": self.ema.state_dict() if self.ema is not None else None,
+                "heldout": self.heldout.state_dict() if self.heldout is not None else None,
+                "best": self.best.state_dict() if self.best is not None else None, "best_info": self.best_info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.heldout is not None and state.get("heldout") is not None:
+            self.heldout.load_state_dict(state["heldout"])
+        if state.get("best") is not None:
+            self.best = copy.deepcopy(self.method.student).eval()
+            self.best.load_state_dict(state["best"])
+        self.best_info = dict(state.get("best_info") or {})

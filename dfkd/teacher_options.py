@@ -1,0 +1,69 @@
+"""The teacher options every command shares, and the one function that turns them into a loaded model.
+
+`--teacher-arch`, `--arch-arg KEY=VALUE`, `--trust-pickle`, `--channels/--input-size/--mean/--std` mean the same on
+`distill`, `evaluate`, `synthesize`, `fid-stats`, `methods --params` and `convert` (DESIGN §10); the click
+decorator that declares them is `dfkd.cli.options.teacher_options`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dfkd.archs import flag_spec
+from dfkd.errors import DfkdError
+from dfkd.spec import InputSpec
+from dfkd.teacher import Teacher, load_teacher
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """How to read a model file that does not describe itself (see `dfkd.loading.load_user_model`).
+
+    Args:
+        arch: architecture of a plain state_dict: zoo name, `torchvision:NAME`, `timm:NAME` or `module:callable`.
+        arch_args: its constructor arguments (`--arch-arg KEY=VALUE`).
+        trust_pickle: allow a pickled module (unpickling runs code from the file).
+        channels: input channels (`--channels`), with `size`, `mean` and `std` the input spec.
+        size: input side in pixels (`--input-size`).
+        mean: normalisation mean per channel.
+        std: normalisation standard deviation per channel.
+    """
+
+    arch: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    channels: int | None = None
+    size: int | None = None
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def spec(self) -> InputSpec | None:
+        """The input spec the flags give (completed from timm's config), None without spec flags."""
+        return flag_spec(self.channels, self.size, self.mean, self.std, self.arch, self.arch_args)
+
+
+def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = None,
+                      device: str | torch.device = "cpu", flag: str = "--teacher") -> Teacher:
+    """Load any model file (DESIGN §4) as a frozen `Teacher`, reading it as `options` say.
+
+    Args:
+        path: the file.
+        options: the shared teacher options (None: the file must describe itself).
+        device: where the model runs.
+        flag: the option that named the file ("--teacher", "--model"), for messages.
+
+    Raises:
+        DfkdError: one readable line naming `flag` and the file.
+    """
+    o = options or TeacherOptions()
+    try:
+        return load_teacher(path, o.arch, o.trust_pickle, o.spec(), device, o.arch_args)
+    except DfkdError as e:
+        msg = str(e)
+        if flag != "--teacher" and msg.startswith("--teacher "):  # the loader names the usual flag
+            raise DfkdError(flag + msg.removeprefix("--teacher")) from None
+        raise

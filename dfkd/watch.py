@@ -1,0 +1,169 @@
+"""Mode-collapse watch: class coverage and teacher confidence of the synthetic batches, said once per episode.
+
+A generator that makes a few classes teaches the student only those; without real data a user cannot see it.
+Every `watch_every` student steps the run measures, on the method's latest synthetic batch, how many classes the
+teacher sees in it (covered, and the effective number exp(H) of the batch's class histogram), how confident the
+teacher is, and how often the student agrees with it; all four go to TensorBoard and metrics.jsonl under
+`synthetic/`. When the effective number of classes stays under `collapse_fraction` of the classes a batch can
+show (min(classes, batch)) for `collapse_patience` checks in a row, the run warns once, naming the remedy; the
+episode ends after as many healthy checks in a row.
+
+Remedies are options, never silent changes: `-p collapse_action=reset` re-draws the generator's weights (and
+clears its Adam state) when an episode starts, for the methods with a GAN generator; `-p balance=W` adds DAFL's
+information-entropy class-balance term (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019) to
+their generator loss (DAFL has it already as `ie`, DFQ as `balance`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd.errors import DfkdError
+
+#: Run-level settings every method takes (`-p key=value`); see the module docstring.
+WATCH_DEFAULTS: dict[str, Any] = {
+    "watch_every": 50,  # student steps between checks of the synthetic batch; 0: off
+    "collapse_fraction": 0.5,  # collapsed below this fraction of the classes a batch can show
+    "collapse_patience": 5,  # checks in a row before a warning (and after it, healthy checks to end the episode)
+    "collapse_action": "warn",  # "warn", or "reset": re-draw the generator's weights when an episode starts
+}
+
+ACTIONS = ("warn", "reset")
+
+
+@torch.no_grad()
+def eval_logits(model: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """`model`'s logits on `x` in eval mode (no BatchNorm statistics change), its train/eval mode restored."""
+    was = model.training
+    model.eval()
+    try:
+        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+    finally:
+        model.train(was)
+
+
+def effective_classes(counts: torch.Tensor) -> float:
+    """exp(entropy) of a class histogram: 1 for a single class, K for K equally frequent ones.
+
+    Shape:
+        - counts: (K,)
+    """
+    p = counts.float() / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def batch_stats(t_logits: torch.Tensor, s_logits: torch.Tensor | None = None) -> dict[str, float]:
+    """Class coverage, effective classes and teacher confidence of one batch; student agreement when given.
+
+    Shape:
+        - t_logits, s_logits: (B, K)
+    """
+    prob = t_logits.float().softmax(1)
+    t_cls = prob.argmax(1)
+    counts = torch.bincount(t_cls.cpu(), minlength=prob.shape[1])
+    stats = {"classes_covered": float((counts > 0).sum()), "effective_classes": effective_classes(counts),
+             "teacher_confidence": float(prob.max(1).values.mean())}
+    if s_logits is not None:
+        stats["student_agreement"] = float((s_logits.argmax(1) == t_cls).float().mean())
+    return stats
+
+
+@dataclass
+class CollapseWatch:
+    """Counts collapsed checks; `update` says when an episode starts (warn then, once).
+
+    Args:
+        num_classes: the teacher's classes.
+        fraction: collapsed when effective classes < fraction * min(num_classes, batch size) (at least 1.5).
+        patience: collapsed checks in a row that start an episode; healthy checks in a row that end it.
+    """
+
+    num_classes: int
+    fraction: float = 0.5
+    patience: int = 5
+    streak: int = 0
+    healthy: int = 0
+    in_episode: bool = False
+    episodes: int = 0
+
+    def threshold(self, batch: int) -> float:
+        return max(self.fraction * min(self.num_classes, batch), 1.5)
+
+    def update(self, effective: float, batch: int) -> bool:
+        """Record one check; True exactly when this check starts a collapse episode."""
+        if effective < self.threshold(batch):
+            self.streak, self.healthy = self.streak + 1, 0
+            if not self.in_episode and self.streak >= self.patience:
+                self.in_episode, self.episodes = True, self.episodes + 1
+                return True
+            return False
+        self.streak, self.healthy = 0, self.healthy + 1
+        if self.in_episode and self.healthy >= self.patience:
+            self.in_episode = False
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"streak": self.streak, "healthy": self.healthy, "in_episode": self.in_episode,
+                "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def generator_of(method: Any) -> Any:
+    """The method's trainable GAN synthesizer (`GeneratorSynthesizer`), or None for pool-served methods."""
+    from dfkd.generators import GeneratorSynthesizer
+
+    synth = getattr(method, "synth", None)
+    return synth if isinstance(synth, GeneratorSynthesizer) else None
+
+
+def check_watch_params(method: Any, p: dict[str, Any]) -> None:
+    """Refuse settings the watch cannot honour, before training (one line naming the key and the fix)."""
+    if p["collapse_action"] not in ACTIONS:
+        raise DfkdError(f"-p collapse_action={p['collapse_action']!r}: use warn or reset")
+    if p["collapse_action"] == "reset" and generator_of(method) is None:
+        raise DfkdError(f"-p collapse_action=reset: method {method.name} has no GAN generator to reset; "
+                        "use -p collapse_action=warn")
+    if not 0 < float(p["collapse_fraction"]) <= 1 or int(p["collapse_patience"]) < 1:
+        raise DfkdError(f"-p collapse_fraction={p['collapse_fraction']} / collapse_patience="
+                        f"{p['collapse_patience']}: use a fraction in (0, 1] and a patience >= 1")
+
+
+def reset_generator(synth: Any) -> None:
+    """Re-draw the generator's initial weights (each layer's own `reset_parameters`) and clear its Adam state."""
+    for m in synth.generator.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    synth.optimizer.state.clear()
+
+
+def remedy(method: Any, p: dict[str, Any]) -> str:
+    """What the user can do about a collapse with this method, as `-p` settings."""
+    if generator_of(method) is None:
+        return ("its synthesis does not reach the classes it targets; give it more iterations per batch, or try "
+                "a GAN method with -p collapse_action=reset")
+    if "ie" in p:
+        balance = f"raise DAFL's class-balance weight (-p ie={2 * float(p['ie']):g})"
+    else:
+        balance = f"raise the class-balance weight (-p balance={max(2 * float(p.get('balance') or 0), 5):g})"
+    if p["collapse_action"] == "reset":
+        return f"the generator was reset (collapse_action=reset); if it collapses again, {balance}"
+    return f"{balance}, or re-draw the generator when it happens (-p collapse_action=reset)"
+
+
+def collapse_message(method: Any, stats: dict[str, float], num_classes: int, steps: int) -> str:
+    """One line: the problem (with its numbers) and the remedy."""
+    agree = stats.get("student_agreement")
+    agree_txt = f", student agrees on {100 * agree:.0f}%" if agree is not None else ""
+    return (f"{method.name}: mode collapse: the synthetic batches have covered about "
+            f"{stats['effective_classes']:.1f} of {num_classes} classes for {steps} steps (teacher "
+            f"{100 * stats['teacher_confidence']:.0f}% confident{agree_txt}), so the student learns only those; "
+            f"{remedy(method, method.p)}")
+

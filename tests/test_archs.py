@@ -1,0 +1,165 @@
+"""Architectures by name: torchvision:, timm:, module:callable, --arch-arg, classes from the state_dict, spec flags."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+import warnings
+
+import pytest
+import torch
+import torchvision
+
+from dfkd import DfkdError, InputSpec, ModelFile, load_teacher, save_model
+from dfkd.archs import arch_kind, build_model, classes_from_state, flag_spec, parse_arch_args
+from dfkd.modelfile import load_model
+
+SPEC32 = InputSpec(3, 32, (0.5,), (0.25,))
+
+USER_CODE = '''
+from torch import nn
+
+
+def build(width, num_classes=10):
+    """A factory function with a required argument."""
+    return nn.Sequential(nn.Conv2d(3, width, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+
+
+class Wide(nn.Module):
+    def __init__(self, width, num_classes):
+        super().__init__()
+        self.body = build(width, num_classes)
+
+    def forward(self, x):
+        return self.body(x)
+'''
+
+
+@pytest.fixture
+def user_code(tmp_path, monkeypatch):
+    name = f"userarch_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(USER_CODE)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    yield name
+    sys.modules.pop(name, None)
+
+
+def _tv_state(tmp_path, classes=10):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=classes).eval()
+    path = tmp_path / "tv.pt"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def _same(t, model, shape=(2, 3, 32, 32)):
+    x = torch.randn(shape)
+    with torch.no_grad():
+        assert torch.allclose(t(x), model(x), atol=1e-5)
+
+
+def test_arch_kind_and_arch_args():
+    assert [arch_kind(a) for a in ("resnet18", "torchvision:resnet18", "timm:resnet18", "my.mod:build")] == \
+        ["zoo", "torchvision", "timm", "module"]
+    assert parse_arch_args(["width=4", "name=wide", "dims=[1, 2]", "bn=true"]) == \
+        {"width": 4, "name": "wide", "dims": [1, 2], "bn": True}
+    with pytest.raises(DfkdError, match="--arch-arg 'width'.*KEY=VALUE"):
+        parse_arch_args(["width"])
+
+
+def test_classes_from_the_classifier():
+    state = torchvision.models.resnet18(weights=None, num_classes=7).state_dict()
+    assert classes_from_state(state) == 7
+    assert classes_from_state({"w": torch.zeros(3)}) is None
+
+
+def test_torchvision_state_dict_with_inferred_classes(tmp_path):
+    model, path = _tv_state(tmp_path, classes=7)
+    t = load_teacher(path, arch="torchvision:resnet18", spec=SPEC32)
+    assert t.num_classes == 7 and t.arch == "torchvision:resnet18" and t.arch_kwargs == {"num_classes": 7}
+    assert t.stage_paths() == ["layer1", "layer2", "layer3", "layer4"] and t.penultimate_path() == "fc"
+    _same(t, model)
+    # torchvision's factory by module path is the same thing, recorded under the name a model file accepts
+    assert load_teacher(path, arch="torchvision.models:resnet18", spec=SPEC32).arch == "torchvision:resnet18"
+
+
+def test_library_models_never_download(tmp_path, monkeypatch):
+    _, path = _tv_state(tmp_path)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(DfkdError, match="weights come from your file"):
+        load_teacher(path, arch="torchvision:resnet18", spec=SPEC32, arch_args={"weights": "DEFAULT"})
+    with pytest.raises(DfkdError, match="'pretrained'"):
+        build_model("timm:resnet18", {"pretrained": True})
+    assert build_model("torchvision:resnet18", {"num_classes": 3}).fc.out_features == 3
+
+
+def test_unknown_library_names_suggest_close_ones():
+    with pytest.raises(DfkdError, match="torchvision:resnt18: not a torchvision classification model.*resnet18"):
+        build_model("torchvision:resnt18", {})
+    pytest.importorskip("timm")
+    with pytest.raises(DfkdError, match="timm:resnet_18: not a timm model"):
+        build_model("timm:resnet_18", {})
+
+
+def test_missing_timm_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(DfkdError, match=r'timm is not installed; install it with pip install -e "\.\[timm\]"'):
+        build_model("timm:resnet18", {})
+
+
+def test_timm_spec_from_its_pretrained_config(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
+    torch.save(model.state_dict(), tmp_path / "t.pt")
+    with pytest.warns(UserWarning, match="timm's pretrained config"):
+        t = load_teacher(tmp_path / "t.pt", arch="timm:test_resnet")
+    assert (t.spec.channels, t.spec.size, t.spec.mean) == (3, 160, (0.5, 0.5, 0.5)) and t.num_classes == 4
+    with pytest.warns(UserWarning, match="--mean/--std not given"):  # size from the flags, normalisation from timm
+        assert flag_spec(3, 32, (), (), "timm:test_resnet") == InputSpec(3, 32, (0.5,), (0.5,))
+
+
+def test_spec_flags_never_default_to_zero_and_one():
+    assert flag_spec(None, None, (), ()) is None
+    with pytest.raises(DfkdError, match="without --mean/--std.*--mean 0 --std 1"):
+        flag_spec(3, 32, (), ())
+    with pytest.raises(DfkdError, match="--channels and --input-size go together"):
+        flag_spec(None, None, (0.5,), (0.2,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert flag_spec(1, 28, (0.0,), (1.0,)) == InputSpec(1, 28, (0.0,), (1.0,))
+
+
+def test_user_factory_function_with_arch_args(tmp_path, user_code):
+    torch.manual_seed(0)
+    model = build_model(f"{user_code}:build", {"width": 4, "num_classes": 6}).eval()
+    torch.save(model.state_dict(), tmp_path / "u.pt")
+    t = load_teacher(tmp_path / "u.pt", arch=f"{user_code}:build", spec=SPEC32, arch_args={"width": 4})
+    assert t.num_classes == 6 and t.arch_kwargs == {"width": 4, "num_classes": 6}
+    _same(t, model)
+    with pytest.raises(DfkdError, match="could not build it.*width"):  # the required argument is missing
+        load_teacher(tmp_path / "u.pt", arch=f"{user_code}:build", spec=SPEC32)
+    with pytest.raises(DfkdError, match="do not fit"):  # a class taking the same arguments: its weights are body.*
+        load_teacher(tmp_path / "u.pt", arch=f"{user_code}:Wide", spec=SPEC32, arch_args={"width": 4})
+
+
+def test_model_file_rebuilds_library_and_user_architectures(tmp_path, user_code):
+    model = build_model(f"{user_code}:Wide", {"width": 4, "num_classes": 6}).eval()
+    save_model(tmp_path / "m.pt", model, ModelFile(f"{user_code}:Wide", {"width": 4, "num_classes": 6}, SPEC32, 6))
+    loaded, meta = load_model(tmp_path / "m.pt")
+    _same(loaded, model)
+    tv = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    save_model(tmp_path / "tv.pt", tv, ModelFile("torchvision:resnet18", {"num_classes": 3}, SPEC32, 3))
+    assert torch.load(tmp_path / "tv.pt", weights_only=True)["version"] == 2
+    _same(load_model(tmp_path / "tv.pt")[0], tv)
+
+
+@pytest.mark.parametrize("target", ["os:system", "subprocess:run", "pathlib:Path.touch"])
+def test_a_model_file_cannot_make_dfkd_call_any_function(tmp_path, target):
+    path = tmp_path / "evil.pt"
+    payload = {"format": "dfkd-model", "version": 2, "arch": target, "arch_kwargs": {"args": "touch pwned"},
+               "input_spec": SPEC32.to_dict(), "num_classes": 10, "state_dict": {}}
+    torch.save(payload, path)
+    with pytest.raises(DfkdError, match="not a function of"):
+        load_model(path)
+    assert not (tmp_path / "pwned").exists()

@@ -1,0 +1,88 @@
+"""The default student for any teacher, ImageNet-form zoo students, library students."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+from dfkd import DfkdError, InputSpec, ModelFile, load_model, save_model
+from dfkd.models import create
+from dfkd.students import build_student, default_student, student_arch
+from dfkd.teacher import Teacher
+
+SPEC = {size: InputSpec(3, size, (0.5,), (0.25,)) for size in (32, 64)}
+
+
+def _teacher(module, arch, size=32, channels=3):
+    return Teacher(module.eval(), InputSpec(channels, size, (0.5,), (0.25,)), fmt="state_dict", arch=arch)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_library_resnets_get_the_library_resnet18(size):
+    t = _teacher(torchvision.models.resnet34(weights=None, num_classes=10), "torchvision:resnet34", size)
+    name, kw = student_arch(t, None)
+    assert (name, kw) == ("torchvision:resnet18", {"num_classes": 10})
+    assert build_student(name, kw)(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_timm_resnet_gets_timm_resnet18():
+    timm = pytest.importorskip("timm")
+    t = _teacher(timm.create_model("resnet18", pretrained=False, num_classes=5), "timm:resnet18")
+    assert student_arch(t, None) == ("timm:resnet18", {"num_classes": 5})
+
+
+def test_zoo_pairs_are_kept():
+    t = _teacher(create("wrn_40_2", num_classes=10), "wrn_40_2")
+    assert student_arch(t, None) == ("wrn_16_1", {"num_classes": 10, "in_channels": 3, "input_size": 32})
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_unknown_teacher_gets_a_zoo_student_sized_from_it(size):
+    t = _teacher(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10), "torchvision:mobilenet_v3_small",
+                 size)
+    name, kw = student_arch(t, None)
+    student = build_student(name, kw)
+    n_t, n_s = (sum(p.numel() for p in m.parameters()) for m in (t, student))
+    assert ":" not in name and n_s <= 0.25 * n_t  # the largest zoo student within a quarter of the teacher
+    assert kw.get("imagenet_stem", False) == (size >= 64)
+    tiny = Teacher(create("lenet5", num_classes=10, in_channels=3).eval(), SPEC[32], fmt="pickle")
+    assert default_student(tiny) == "lenet5_half"  # nothing is a quarter of 62K parameters: the smallest
+
+
+def test_zoo_students_take_the_imagenet_form_from_64_px():
+    t = _teacher(create("resnet34", num_classes=10, input_size=64), "resnet34", 64)
+    name, kw = student_arch(t, None)
+    assert (name, kw["imagenet_stem"]) == ("resnet18", True)
+    imagenet, cifar = build_student(name, kw), create("resnet18", num_classes=10, input_size=64)
+    assert imagenet.conv1.kernel_size == (7, 7) and imagenet.conv1.stride == (2, 2)
+    assert cifar.conv1.kernel_size == (3, 3)
+    # The stem and max-pool cut the spatial size 4x before layer1: layer4 sees 2x2 instead of 8x8 at 64 px.
+    feats = {}
+    imagenet.layer4.register_forward_hook(lambda m, i, o: feats.update(i=o.shape[-1]))
+    cifar.layer4.register_forward_hook(lambda m, i, o: feats.update(c=o.shape[-1]))
+    imagenet(torch.randn(1, 3, 64, 64))
+    cifar(torch.randn(1, 3, 64, 64))
+    assert feats == {"i": 2, "c": 8}
+    assert imagenet.state_dict().keys() == cifar.state_dict().keys()
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn_16_1", "mobilenet_v2_tiny"])
+def test_model_files_without_the_switch_still_load_in_cifar_form(tmp_path, arch):
+    kwargs = {"num_classes": 10, "in_channels": 3, "input_size": 64}  # what an older dfkd wrote
+    model = create(arch, **kwargs).eval()
+    save_model(tmp_path / "m.pt", model, ModelFile(arch, kwargs, SPEC[64], 10))
+    loaded, _ = load_model(tmp_path / "m.pt")
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(loaded(x), model(x), atol=1e-5)
+
+
+def test_requested_library_student_and_its_arguments():
+    t = _teacher(create("lenet5", num_classes=10, in_channels=3), "lenet5")
+    assert student_arch(t, "torchvision:resnet18", {"zero_init_residual": True}) == \
+        ("torchvision:resnet18", {"num_classes": 10, "zero_init_residual": True})
+    grey = _teacher(create("lenet5", num_classes=10, in_channels=1), "lenet5", channels=1)
+    with pytest.raises(DfkdError, match="torchvision models take 3-channel images"):
+        student_arch(grey, "torchvision:resnet18")
+    with pytest.raises(DfkdError, match="--student mymod:Net: use a zoo name"):
+        student_arch(t, "mymod:Net")
