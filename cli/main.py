@@ -237,6 +237,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         click.echo(f"selected: {result.selected}")
     click.echo(f"tensorboard --logdir {result.run_dir}")
     print_deploy(result.run_dir)
+    click.echo(f"peak memory (RSS): {result.peak_rss_mib:.0f} MiB")
 
 
 def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:

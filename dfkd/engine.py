@@ -29,6 +29,7 @@ from dfkd.ensemble import load_teachers
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.io import WriteFailed, atomic_write_text, disk_error
+from dfkd.memory import peak_rss_mib
 from dfkd.methods import Method, get_method
 from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
@@ -54,6 +55,7 @@ class RunResult:
     step: int
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    peak_rss_mib: float = 0.0  # the process's peak resident memory at the end of the run
     selected: str = ""  # which student student.pt is, when held-out selection chose it (dfkd.selection)
 
 
@@ -154,6 +156,7 @@ class Run:
 
             student = prepare_qat(student, cfg.quantize)
         self.method: Method = method_cls(self.teacher, student, self.params, self.device)
+        self.method.attach_storage(run_dir)  # pool and bank go to files here, not into checkpoints
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
         self.image_step = -1  # the step of the last synthetic-image grid logged
@@ -185,6 +188,11 @@ class Run:
         return (self.cfg.steps is not None and self.step >= self.cfg.steps) or \
             (budget is not None and self.elapsed >= budget)
 
+    @property
+    def chunk(self) -> int:
+        """Images per forward outside training (evaluation, FID, logging): at most the run's batch size."""
+        return max(1, int(self.params["batch_size"]))
+
     def checkpoint(self, finished: bool = False) -> None:
         save_checkpoint(self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step,
                         elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished,
@@ -193,7 +201,7 @@ class Run:
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None:
             return {}
-        res = accuracy(self.method.student, self.eval_data, self.teacher.spec, self.device)
+        res = accuracy(self.method.student, self.eval_data, self.teacher.spec, self.device, batch_size=self.chunk)
         return {"top1": res["top1"], "top5": res["top5"]}
 
     # --- the loop -----------------------------------------------------------------------------------------
@@ -226,7 +234,8 @@ class Run:
                     perf = {"samples_per_s": window["samples"] / window["t"],
                             "steps_per_s": window["steps"] / window["t"],
                             "lr_s": self.method.opt_s.param_groups[0]["lr"],
-                            "synthesis_share": 1 - (self.method.student_seconds - window["student_s"]) / window["t"]}
+                            "synthesis_share": 1 - (self.method.student_seconds - window["student_s"]) / window["t"],
+                            "peak_rss_mib": peak_rss_mib()}
                     log.scalars(self.step, losses, "loss/")
                     log.scalars(self.step, perf, "perf/")
                     window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
@@ -242,7 +251,8 @@ class Run:
                         log.scalars(self.step, {**metrics, **self.watch.evaluate()}, "student/")
                 if self.fid and self.step // cfg.fid_every > last["fid"]:
                     last["fid"] = self.step // cfg.fid_every
-                    log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step), "fid/")
+                    log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
+                                                                      self.chunk), "fid/")
                 if self.step // cfg.ckpt_every > last["ckpt"]:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()
@@ -260,7 +270,7 @@ class Run:
         t_logits = getattr(self.method, "last_logits", None)  # the transfer method's stored labels
         if t_logits is None:
             with torch.no_grad():
-                t_logits = self.teacher(x[:256])
+                t_logits = torch.cat([self.teacher(c) for c in x[:256].split(self.chunk)])
         log.synthetic(self.step, x, self.teacher.spec, t_logits)
 
     def _check_finite(self, losses: dict[str, float]) -> None:
@@ -278,7 +288,7 @@ class Run:
         result.metrics = final or result.metrics
         if self.method.last_images is not None and self.image_step != self.step:
             self._log_images(log)  # the last step is always shown, however short the run
-        fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step)
+        fids = self.fid.measure_method(self.method, self.cfg.fid_samples, self.step, self.chunk)
         if self.fid.fresh:
             log.scalars(self.step, fids, "fid/")
         student, final, result.selected = self.watch.finish(log, final)
@@ -295,7 +305,10 @@ class Run:
 
             write_int8(self)
         self.checkpoint(finished=True)
-        log.event(self.step, event="finished", elapsed=self.elapsed, selected=result.selected,
+        result.peak_rss_mib = peak_rss_mib()
+        log.scalars(self.step, {"peak_rss_mib": result.peak_rss_mib}, "perf/")
+        log.event(self.step, event="finished", elapsed=self.elapsed, peak_rss_mib=result.peak_rss_mib,
+                  selected=result.selected,
                   **{f"student/{k}": v for k, v in final.items()})
         return result
 
@@ -312,7 +325,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         if resume_step is None:
             atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
             if run.eval_data is not None and not isinstance(run.teacher, NoTeacher):
-                t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device)
+                t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
                 log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
             run.checkpoint()
             log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name)

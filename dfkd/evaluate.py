@@ -32,8 +32,18 @@ def scores(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor |
     return res
 
 
+def default_batch(spec: InputSpec) -> int:
+    """Images per evaluation forward: 1000 at 32 px and below, fewer for larger inputs (about 32 MB of input)."""
+    return max(1, min(1000, 1000 * 32 * 32 * 3 // (spec.channels * spec.size * spec.size)))
+
+
 def accuracy(model: nn.Module, data: ImageData, spec: InputSpec, device: torch.device | str,
-             teacher: nn.Module | None = None, teacher_spec: InputSpec | None = None) -> dict[str, float]:
-    """Evaluate `model` (and optionally its agreement with `teacher`) on `data`."""
-    t = predict(teacher, data, teacher_spec or spec, device) if teacher is not None else None
-    return scores(predict(model, data, spec, device), data.y, t)
+             teacher: nn.Module | None = None, teacher_spec: InputSpec | None = None,
+             batch_size: int | None = None) -> dict[str, float]:
+    """Evaluate `model` (and optionally its agreement with `teacher`) on `data`, `batch_size` images at a time.
+
+    `batch_size` None: `default_batch(spec)`.
+    """
+    bs = batch_size or default_batch(spec)
+    t = predict(teacher, data, teacher_spec or spec, device, bs) if teacher is not None else None
+    return scores(predict(model, data, spec, device, bs), data.y, t)

@@ -101,6 +101,10 @@ class FrechetMonitor(ABC):
     def measure(self, images: torch.Tensor) -> float:
         """The distance for a batch (B, C, S, S) in the teacher's normalised input space."""
 
+    def measure_chunked(self, images: torch.Tensor, chunk: int) -> float:
+        """`measure(images)`, with no forward pass on more than `chunk` images at once (the same value)."""
+        return self.measure(images)
+
 
 class FeatureFID(FrechetMonitor):
     """FID in some feature space against reference statistics (None: only `features()` is usable)."""
@@ -129,6 +133,13 @@ class FeatureFID(FrechetMonitor):
         if self.ref is None:
             raise DfkdError(f"{self.tag} FID needs reference statistics")
         return frechet_distance(FIDStats.from_features(self.features(images), self.tag), self.ref)
+
+    def measure_chunked(self, images: torch.Tensor, chunk: int) -> float:
+        old, self.chunk = self.chunk, max(1, min(self.chunk, chunk))
+        try:
+            return self.measure(images)
+        finally:
+            self.chunk = old
 
 
 class TeacherFID(FeatureFID):
@@ -226,9 +237,13 @@ def bn_fid(layers: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) ->
     per_layer = []
     for x, rm, rv in layers:
         mu, var = batch_stats(x.float())
-        d = (mu - rm.detach()).square() + (var.clamp_min(0).sqrt() - rv.detach().clamp_min(0).sqrt()).square()
-        per_layer.append(d.mean())
+        per_layer.append(frechet_diagonal(mu, var, rm, rv).mean())
     return torch.stack(per_layer).mean()
+
+
+def frechet_diagonal(mu: torch.Tensor, var: torch.Tensor, rm: torch.Tensor, rv: torch.Tensor) -> torch.Tensor:
+    """Per-channel Fréchet distance between N(mu, var) and N(rm, rv): (mu - rm)^2 + (sqrt(var) - sqrt(rv))^2."""
+    return (mu - rm.detach()).square() + (var.clamp_min(0).sqrt() - rv.detach().clamp_min(0).sqrt()).square()
 
 
 class BNFID(FrechetMonitor):
@@ -245,12 +260,31 @@ class BNFID(FrechetMonitor):
         if not self.paths:
             raise DfkdError(f"BN-FID: the teacher {teacher.source} has no (hookable) BatchNorm layers")
 
-    @torch.no_grad()
     def measure(self, images: torch.Tensor) -> float:
+        return self.measure_chunked(images, images.shape[0])
+
+    @torch.no_grad()
+    def measure_chunked(self, images: torch.Tensor, chunk: int) -> float:
+        """BN-FID of all `images`, their per-channel statistics accumulated over forwards of `chunk` images."""
+        sums: dict[str, list[torch.Tensor]] = {}
         with self.teacher.tap(self.paths) as taps:
-            self.teacher(images)
-            layers = [(taps.inputs[p], *self._running(p)) for p in self.paths if p in taps.inputs]
-            return float(bn_fid(layers))
+            for x in images.split(max(1, chunk)):
+                self.teacher(x)
+                for p in self.paths:
+                    if p in taps.inputs:
+                        h = taps.inputs[p].double().transpose(0, 1).flatten(1)
+                        s = [h.sum(1), h.square().sum(1), torch.tensor(float(h.shape[1]))]
+                        sums[p] = s if p not in sums else [a + b for a, b in zip(sums[p], s)]
+                taps.clear()
+        if not sums:
+            raise ValueError("BN-FID got no layers: the teacher has no hooked BatchNorm layers")
+        per_layer = []
+        for p, (s1, s2, n) in sums.items():
+            mu = s1 / n
+            rm, rv = self._running(p)
+            d = frechet_diagonal(mu, s2 / n - mu.square(), rm.double(), rv.double())
+            per_layer.append(d.mean())
+        return float(torch.stack(per_layer).mean())
 
     def _running(self, path: str) -> tuple[torch.Tensor, torch.Tensor]:
         m = self.teacher.module_at(path)

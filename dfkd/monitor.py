@@ -57,12 +57,16 @@ class FIDMonitors:
                 warnings.warn(str(e), stacklevel=2)
         return cls(monitors)
 
-    def measure(self, images: torch.Tensor) -> dict[str, float]:
-        """Every metric on one batch of synthetic images (teacher's normalised space)."""
-        return {m.tag: m.measure(images) for m in self.monitors}
+    def measure(self, images: torch.Tensor, chunk: int | None = None) -> dict[str, float]:
+        """Every metric on a set of synthetic images (teacher's normalised space), `chunk` images per forward."""
+        chunk = chunk or images.shape[0]
+        return {m.tag: m.measure_chunked(images, chunk) for m in self.monitors}
 
-    def measure_method(self, method: Any, n: int, step: int) -> dict[str, float]:
+    def measure_method(self, method: Any, n: int, step: int, chunk: int | None = None) -> dict[str, float]:
         """Every metric on `n` fresh images of the method's synthesizer (else its last batch) at `step`.
+
+        Images are made and measured `chunk` at a time (the run's batch size): at 224 px, 256 images in one
+        forward would need tens of GB.
 
         The random draws happen on forked RNG streams, so monitoring leaves the run's own randomness (and so
         its results and an exact resume) unchanged. A second call at the same step returns the first call's
@@ -75,19 +79,23 @@ class FIDMonitors:
             return {}
         device = next((p.device for p in method.student.parameters()), torch.device("cpu"))
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            images = synthetic_batch(method, n)
+            images = synthetic_batch(method, n, chunk)
         if images is None:
             return {}
-        self.last, self.fresh = (step, self.measure(images)), True
+        self.last, self.fresh = (step, self.measure(images, chunk)), True
         return self.last[1]
 
 
-def synthetic_batch(method: Any, n: int) -> torch.Tensor | None:
-    """`n` transfer images from the method's synthesizer (`sample`), else its `last_images` (None before any)."""
+def synthetic_batch(method: Any, n: int, chunk: int | None = None) -> torch.Tensor | None:
+    """`n` transfer images from the method's synthesizer (`sample`, `chunk` at a time), else its `last_images`.
+
+    None before there are any.
+    """
     synth = getattr(method, "synth", None)
     if synth is not None and hasattr(synth, "sample"):
+        sizes = [min(chunk or n, n - i) for i in range(0, n, chunk or n)]
         with torch.no_grad():
-            return synth.sample(n)
+            return torch.cat([synth.sample(k) for k in sizes])
     last = getattr(method, "last_images", None)
     return None if last is None else last[:n]
 
@@ -108,7 +116,7 @@ def log_hparams(tb: Any, config: dict[str, Any], final: dict[str, float], step: 
 
 def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features: str,
                       teacher: str | os.PathLike | None = None, options: TeacherOptions | None = None,
-                      device: str = "auto", batch_size: int = 200) -> FIDStats:
+                      device: str = "auto", batch_size: int | None = None) -> FIDStats:
     """Reference statistics (mu, sigma) of real images in pytorch-fid's .npz format, plus their feature kind.
 
     Args:
@@ -118,12 +126,13 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
         teacher: teacher file; for Inception FID it only sets the image size (as synthetic images will have).
         options: how to read the teacher file (`--teacher-arch`, `--arch-arg`, spec flags, `--trust-pickle`).
         device: where to compute features.
-        batch_size: images per forward.
+        batch_size: images per forward (None: `dfkd.evaluate.default_batch` of the input size).
 
     Returns:
         The statistics written.
     """
     from dfkd.data import load_images, to_model_input
+    from dfkd.evaluate import default_batch
     from dfkd.teacher_options import load_with_options
     from dfkd.utils import pick_device
 
@@ -139,8 +148,9 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
     else:
         spec = InputSpec(3, t.spec.size if t else int(images.x.shape[-1]), (0.0,), (1.0,))
         extractor = InceptionFID(spec, device=dev)
-    feats = torch.cat([extractor.features(to_model_input(images.x[i:i + batch_size], spec).to(dev))
-                       for i in range(0, len(images), batch_size)])
+    bs = batch_size or default_batch(spec)
+    feats = torch.cat([extractor.features(to_model_input(images.x[i:i + bs], spec).to(dev))
+                       for i in range(0, len(images), bs)])
     stats = FIDStats.from_features(feats, features)
     stats.save(out)
     return stats

@@ -52,6 +52,9 @@ class RunSummary:
         if fids:
             lines.append("FID:      " + ", ".join(fids))
         lines += [f"int8:     {line}" for line in self.deploy]
+        rss = self.last("perf/peak_rss_mib")
+        if rss is not None:
+            lines.append(f"memory:   peak RSS {rss:.0f} MiB")
         if self.pngs:
             lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
         return "\n".join(lines)

@@ -233,6 +233,7 @@ def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, 
             x = _sample_generator(m, num, bar) if is_generator else _collect_rounds(m, num, bar)
     finally:
         m.close()
-    save_transfer(out, x, teacher_probs(teacher, x, device), teacher.spec, method, teacher.sha256)
+    probs = teacher_probs(teacher, x, device, int(p["batch_size"]))  # forwards no larger than the method's
+    save_transfer(out, x, probs, teacher.spec, method, teacher.sha256)
     return load_transfer(out, "--out")
 

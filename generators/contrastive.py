@@ -8,6 +8,7 @@ negative, so the generator is pushed to make batches unlike each other and unlik
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from dfkd.generators.base import LossDict
 from dfkd.generators.latent import LatentObjective, LatentSynthesizer, optimise_latent, reinit_
+from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB, RecordStore
 
 
 def instance_means(bn_inputs: Sequence[Tensor]) -> Tensor:
@@ -46,42 +48,66 @@ class ProjectionHead(nn.Module):
 
 
 class MemoryBank:
-    """A bounded ring buffer of feature rows; `sample(k)` draws k distinct stored rows (torch RNG, so seeded).
+    """A bounded ring of feature rows; `sample(k)` draws k distinct stored rows (torch RNG, so seeded).
+
+    A `RecordStore` (float32 rows): it grows as it fills, is served from disk past `ram_budget_mib`, and in a run
+    its rows are appended to files in the run folder (`attach`), so a checkpoint holds only the count of rows.
 
     Args:
-        capacity: rows kept (the reference: 40,960); the oldest are overwritten.
+        capacity: rows kept (the reference: 40,960); the oldest drop out first.
         dim: row width.
+        ram_budget_mib: rows are served from memory while they take at most this many MiB, else from disk.
     """
 
-    def __init__(self, capacity: int, dim: int) -> None:
-        self.capacity, self.dim = int(capacity), int(dim)
-        self.data = torch.zeros(0, self.dim)
-        self.ptr = 0
+    def __init__(self, capacity: int, dim: int, ram_budget_mib: float = DEFAULT_RAM_BUDGET_MIB) -> None:
+        self.dim = int(dim)
+        self.store = RecordStore(capacity, "bank", ram_budget_mib)
 
     def __len__(self) -> int:
-        return self.data.shape[0]
+        return len(self.store)
+
+    @property
+    def capacity(self) -> int:
+        return self.store.capacity
+
+    @property
+    def data(self) -> Tensor:
+        """Every stored row, oldest first (a copy)."""
+        return self.store.gather(torch.arange(len(self)))[0] if len(self) else torch.zeros(0, self.dim)
+
+    @property
+    def ptr(self) -> int:
+        """The ring slot the next row goes to."""
+        return self.store.added % self.store.capacity
+
+    def attach(self, folder: str | os.PathLike) -> None:
+        """Keep the bank's rows in files in `folder` (the run folder) from now on."""
+        self.store.attach(folder)
 
     def add(self, rows: Tensor) -> None:
         """Store `rows` (N, dim), detached, on the CPU."""
-        rows = rows.detach().to("cpu", torch.float32)[-self.capacity:]
-        free = self.capacity - len(self)
-        self.data, rest = torch.cat([self.data, rows[:free]]), rows[free:]
-        idx = (self.ptr + torch.arange(rest.shape[0])) % self.capacity
-        self.data[idx] = rest
-        self.ptr = int((self.ptr + rest.shape[0]) % self.capacity)
+        self.store.append(rows.detach().to("cpu", torch.float32))
 
     def sample(self, k: int) -> Tensor:
         """Up to `k` distinct rows, uniformly at random (fewer when fewer are stored)."""
         idx = torch.randperm(len(self))[: min(k, len(self))]
-        return self.data[idx]
+        return self.store.gather(idx)[0] if len(idx) else torch.zeros(0, self.dim)
+
+    def close(self) -> None:
+        self.store.close()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.data.clone(), "ptr": self.ptr, "capacity": self.capacity}
+        return {"dim": self.dim, "store": self.store.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["data"].shape[1:] != (self.dim,):
-            raise ValueError(f"memory bank rows of width {tuple(state['data'].shape[1:])}, expected {self.dim}")
-        self.data, self.ptr, self.capacity = state["data"].clone(), int(state["ptr"]), int(state["capacity"])
+        if "store" not in state:  # a checkpoint of dfkd before the record store: the rows themselves
+            data, cap, ptr = state["data"], int(state["capacity"]), int(state["ptr"])
+            order = torch.arange(len(data)) if len(data) < cap else (ptr + torch.arange(cap)) % cap
+            state = {"dim": data.shape[1], "store": {"capacity": cap, "added": len(data), "records": [data[order]],
+                                                     "fields": [[[data.shape[1]], "float32"]]}}
+        if int(state["dim"]) != self.dim:
+            raise ValueError(f"memory bank rows of width {state['dim']}, expected {self.dim}")
+        self.store.load_state_dict(state["store"])
 
 
 def info_nce(local: Tensor, global_: Tensor, n_current: int, tau: float) -> Tensor:
@@ -112,13 +138,15 @@ class ContrastiveCritic:
         n_neg: remembered rows sampled per step (4096).
         capacity: bank rows (40,960).
         device: where the head runs.
+        ram_budget_mib: the bank's memory budget (see `MemoryBank`).
     """
 
     def __init__(self, feat_dim: int, lr: float, proj_dim: int = 256, tau: float = 0.2, n_neg: int = 4096,
-                 capacity: int = 40960, device: torch.device | str = "cpu") -> None:
+                 capacity: int = 40960, device: torch.device | str = "cpu",
+                 ram_budget_mib: float = DEFAULT_RAM_BUDGET_MIB) -> None:
         self.head = ProjectionHead(feat_dim, proj_dim).to(device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
-        self.bank = MemoryBank(capacity, 2 * feat_dim)
+        self.bank = MemoryBank(capacity, 2 * feat_dim, ram_budget_mib)
         self.tau, self.n_neg, self.device = tau, n_neg, torch.device(device)
 
     def loss(self, feats: Tensor) -> Tensor:

@@ -1,6 +1,8 @@
-"""The DCGAN-lite generator of DAFL/DFAD/ZSKT/zju-vipa, with both output heads."""
+"""The DCGAN-lite generator of DAFL/DFAD/ZSKT/zju-vipa, with its output heads, sized to the input."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -23,9 +25,28 @@ class Upsample2x(nn.Module):
         return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
+def layout(size: int, ngf: int) -> tuple[int, list[int]]:
+    """Start size and per-upsampling output widths of a generator making `size` x `size` images.
+
+    Up to 32 px: the references' 32 px generator (start at ceil(size / 4), two upsamplings to 2 * ngf and ngf
+    channels: DAFL, DFAD, ZSKT, zju-vipa `Generator`). Larger: a fixed small start (5-8 px: 7 at 224, 8 at 64) and
+    as many x2 upsamplings as it takes, as zju-vipa's `DeepGenerator` for 224 px ImageNet (7 x 7, five
+    upsamplings), so the first Linear stays small (1.6 M parameters at nz 256 / ngf 64, not 103 M); widths halve
+    with each upsampling past the second, down to max(ngf / 4, 8), so the full-resolution maps stay affordable
+    (the reference keeps ngf channels at every stage).
+    """
+    if size <= 32:
+        return (size + 3) // 4, [2 * ngf, ngf]
+    ups = math.ceil(math.log2(size / 8))
+    floor = max(ngf // 4, 8)
+    return math.ceil(size / 2**ups), [max(2 * ngf >> j, floor) for j in range(ups)]
+
+
 @GENERATORS.register("dcgan")
 class Generator(nn.Module):
-    """Linear -> BN -> [upsample x2, conv3x3, BN, LeakyReLU(0.2)] x 2 -> conv3x3 -> output head.
+    """Linear -> BN -> [upsample x2, conv3x3, BN, LeakyReLU(0.2)] x k -> conv3x3 -> output head.
+
+    k = 2 up to 32 px (the references' generator), more for larger inputs from a small start (see `layout`).
 
     Heads: "tanh_bn" (Tanh then non-affine BatchNorm, so images live in normalised input space; DAFL, DFAD),
     "bn" (affine BatchNorm, no Tanh; ZSKT) or "sigmoid" (pixels in [0, 1], then the teacher's normalisation;
@@ -51,21 +72,15 @@ class Generator(nn.Module):
         if head not in ("tanh_bn", "bn", "sigmoid"):
             raise ValueError(f"unknown generator head {head!r}")
         self.spec, self.nz, self.head_kind = spec, nz, head
-        self.init_size = (spec.size + 3) // 4
+        self.init_size, widths = layout(spec.size, ngf)
         self.embed = nn.Embedding(num_classes, nz) if num_classes else None
         self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
         self.bn0 = nn.BatchNorm2d(2 * ngf)
-        self.blocks = nn.Sequential(
-            Upsample2x(),
-            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1),
-            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
-            nn.LeakyReLU(0.2, inplace=True),
-            Upsample2x(),
-            nn.Conv2d(2 * ngf, ngf, 3, padding=1),
-            nn.BatchNorm2d(ngf, eps=bn_eps),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, spec.channels, 3, padding=1),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([2 * ngf, *widths], widths):
+            layers += [Upsample2x(), nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out, eps=bn_eps),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        self.blocks = nn.Sequential(*layers, nn.Conv2d(widths[-1], spec.channels, 3, padding=1))
         self.out_bn = None if head == "sigmoid" else nn.BatchNorm2d(spec.channels, affine=head == "bn")
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

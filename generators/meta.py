@@ -42,20 +42,21 @@ class MetaSynthesizer(LatentSynthesizer):
     Args:
         generator, objective, pool, batch_size, steps, num_classes, device, sample_augment: see LatentSynthesizer
             (`generator` is the meta generator).
-        lr_g: inner learning rate of the fast generator; the meta Adam uses lr_g * steps (the reference's rule).
+        lr_g: inner learning rate of the fast generator.
         lr_z: inner learning rate of z.
         maml: first-order MAML (True, `--is_maml 1`) or Reptile (False).
         alpha: Reptile multiplier (the reference's hard-coded 67).
         betas: betas of both Adams ((0.5, 0.999)).
+        lr_meta: learning rate of the meta Adam; None: lr_g * steps (the reference's CIFAR rule).
     """
 
     def __init__(self, generator: nn.Module, objective: LatentObjective, pool: Any, batch_size: int, steps: int,
                  num_classes: int, lr_g: float, lr_z: float, maml: bool = True, alpha: float = REPTILE_ALPHA,
                  betas: tuple[float, float] = (0.5, 0.999), device: torch.device | str = "cpu",
-                 sample_augment: nn.Module | None = None) -> None:
+                 sample_augment: nn.Module | None = None, lr_meta: float | None = None) -> None:
         super().__init__(generator, objective, pool, batch_size, steps, num_classes, device, sample_augment)
         self.lr_g, self.lr_z, self.maml, self.alpha, self.betas = lr_g, lr_z, maml, alpha, betas
-        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr_g * steps, betas=betas)
+        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=lr_meta or lr_g * steps, betas=betas)
 
     def inner_optimizer(self, fast: nn.Module, z: Tensor) -> torch.optim.Optimizer:
         """Adam over the fast generator (lr_g) and z (lr_z)."""

@@ -227,3 +227,21 @@ def test_fid_stats_writes_mu_sigma_of_the_teacher_features(tmp_path: Path) -> No
     res = CliRunner().invoke(main, ["fid-stats", str(tmp_path / "d.npz"), str(tmp_path / "x.npz"),
                                     "--features", "teacher"])
     assert res.exit_code == 2 and "needs --teacher" in res.output
+
+
+def test_monitors_measure_in_chunks_of_the_batch_size_with_the_same_values() -> None:
+    teacher = bn_teacher()
+    torch.manual_seed(4)
+    x = torch.randn(100, 1, 32, 32) * 1.3 + 0.2
+    ref = FIDStats.from_features(TeacherFID(teacher).features(torch.randn(200, 1, 32, 32)), "teacher")
+    monitors = FIDMonitors([BNFID(teacher), TeacherFID(teacher, ref)])
+    whole = monitors.measure(x)
+    sizes: list[int] = []
+    handle = teacher.module.register_forward_pre_hook(lambda m, inp: sizes.append(inp[0].shape[0]))
+    try:
+        chunked = monitors.measure(x, chunk=16)
+    finally:
+        handle.remove()
+    assert max(sizes) == 16 and sum(sizes) >= 100, "every forward holds at most `chunk` images"
+    for tag, v in whole.items():
+        assert chunked[tag] == pytest.approx(v, rel=1e-4), tag

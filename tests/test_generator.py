@@ -37,3 +37,21 @@ def test_conditional_generator_needs_and_uses_labels() -> None:
         g(z)
     a, b = g(z, torch.zeros(4, dtype=torch.long)), g(z, torch.ones(4, dtype=torch.long))
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(("size", "start", "ups"), [(28, 7, 2), (32, 8, 2), (64, 8, 3), (96, 6, 4), (224, 7, 5)])
+def test_size_follows_the_input_with_a_small_first_layer(size: int, start: int, ups: int) -> None:
+    from dfkd.spec import InputSpec
+
+    spec = InputSpec(3, size, (0.5,) * 3, (0.25,) * 3)
+    g = Generator(spec, nz=256, ngf=64)
+    assert g.init_size == start and sum(isinstance(m, Upsample2x) for m in g.blocks) == ups
+    assert g.l1.weight.numel() <= 256 * 128 * 8 * 8, "the first Linear does not grow with the image"
+    assert sum(p.numel() for p in g.parameters()) < 3_000_000
+    assert g(torch.randn(2, 256)).shape == (2, 3, size, size)
+
+
+def test_the_32px_generator_is_the_references() -> None:
+    g = Generator(CIFAR10_SPEC, nz=256, ngf=64)
+    convs = [(m.in_channels, m.out_channels) for m in g.blocks if isinstance(m, torch.nn.Conv2d)]
+    assert g.l1.out_features == 128 * 8 * 8 and convs == [(128, 128), (128, 64), (64, 3)]

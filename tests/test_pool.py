@@ -76,7 +76,7 @@ def test_state_round_trip_loses_nothing(tmp_path, on_disk):
     pool = ImagePool(12, root=tmp_path / "pool" if on_disk else None)
     for _ in range(4):
         pool.add(torch.randn(5, 1, 4, 4), labels=torch.randn(5, 3))
-    other = ImagePool(1)
+    other = ImagePool(1, root=tmp_path / "pool" if on_disk else None)
     other.load_state_dict(roundtrip(pool.state_dict()))
     assert (len(other), other.next, other.added, other.capacity) == (len(pool), pool.next, pool.added, 12)
     torch.manual_seed(3)
@@ -96,3 +96,12 @@ def test_empty_state_round_trip():
     assert len(other) == 0
     other.add(torch.ones(2, 1, 4, 4))
     assert len(other) == 2
+
+
+def test_a_checkpoint_of_the_old_in_memory_pool_still_loads():
+    old = {"capacity": 4, "size": 4, "next": 2, "added": 6, "dtype": "float16", "shape": [1, 4, 4], "num_labels": 2,
+           "images": batch(0, 4).half(), "labels": torch.zeros(4, 2)}  # slots hold 4 5 2 3: 2 is the oldest
+    old["images"][:2] = batch(4, 2).half()
+    pool = ImagePool(4)
+    pool.load_state_dict(old)
+    assert ids(pool.newest(4)) == [2, 3, 4, 5] and pool.added == 6

@@ -15,6 +15,7 @@ from torch import nn
 
 from dfkd.bnstats import BNInputs
 from dfkd.generators import ImagePool, InversionSynthesizer, LossDict
+from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
@@ -37,7 +38,8 @@ INVERSION_DEFAULTS: dict[str, Any] = {
     "synth_seconds": None,  # cap on the seconds one batch may take (None: no cap)
     "pool_size": 256_000,  # images kept: the maintainers distilled from 1000 batches x 256
     "pool_dtype": "float16",
-    "pool_dir": None,  # a folder: keep the pool in a memory-mapped file there instead of memory
+    "pool_dir": None,  # a folder for the pool's files (None: the run folder)
+    "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,  # the pool is read from disk once it would pass this (1 GiB)
     "s_steps": 50,  # student KD steps per new batch
     "T": 3.0,  # KD temperature (NVlabs/DeepInversion#9)
     "schedule": "cosine",
@@ -68,7 +70,7 @@ class InversionMethod(Method):
         super().__init__(teacher, student, params, device)
         p = self.p
         self.bn = BNInputs(teacher, self.name) if self.uses_bn else None
-        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"])
+        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.synth: InversionSynthesizer = InversionSynthesizer(
             teacher.spec, self._objective, teacher.num_classes, p["synth_batch_size"] or p["batch_size"],
             p["iterations"], p["lr_inv"], tuple(p["betas_inv"]), jitter=p["jitter"], flip_p=p["flip_p"],

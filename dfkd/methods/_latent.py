@@ -14,6 +14,7 @@ from dfkd.bnstats import BNInputs
 from dfkd.generators import Generator, default_width
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
+from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.teacher import Teacher, teacher_size
 
@@ -25,7 +26,8 @@ LATENT_DEFAULTS: dict[str, Any] = {
     "flip_p": 0.5,  # horizontal flips in synthesis views and pool samples; 0 for 1-channel teachers
     "pool_size": 60_000,  # images kept: all of a reference-length run (200-220 rounds x 256); they keep all
     "pool_dtype": "float16",
-    "pool_dir": None,  # a folder: keep the pool in a memory-mapped file there instead of memory
+    "pool_dir": None,  # a folder for the pool's files (None: the run folder)
+    "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,  # pool (and CMI's bank) are read from disk past this, each (1 GiB)
     "T": 20.0,
     "momentum": 0.9,
 }
@@ -54,7 +56,7 @@ class LatentMethod(Method):
         p, spec = self.p, teacher.spec
         width = p["ngf"] or default_width(teacher_size(teacher))
         self.generator = Generator(spec, nz=p["nz"], ngf=width, head="sigmoid")
-        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"])
+        self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
         self.bn = BNInputs(teacher, self.name)
         self.synth: LatentSynthesizer = self.make_synthesizer()

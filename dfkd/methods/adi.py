@@ -20,8 +20,8 @@ class ADI(DeepInversion):
     L(x) = L_DI(x) + adi*(1 - clamp(JS_T(s(x), t(x)), 0, 1)) with JS at T=3 on probabilities clamped to
     [0.01, 0.99] (NVlabs). The competition uses the student currently being distilled (NVlabs/DeepInversion#7, #20:
     it starts from scratch and is the KD student), in eval mode with frozen weights, so its gradient reaches only
-    the pixels. adi = 0.2 is the paper's; every other default, and the scaling to the teacher, is
-    DeepInversion's.
+    the pixels. adi = 0.2 is the paper's (NVlabs `--adi_scale`); every other default, and the scaling to the
+    teacher (CIFAR and ImageNet settings), is DeepInversion's.
     """
 
     paper: ClassVar[str] = "Yin et al. 2020, Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR"

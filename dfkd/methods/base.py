@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -206,9 +207,25 @@ class Method:
         """One round of synthesis and student steps; returns float losses keyed "<phase>/<term>"."""
         raise NotImplementedError
 
+    def stores(self) -> dict[str, Any]:
+        """The record stores this method keeps (its image pool; CMI adds its memory bank), by name."""
+        pool = getattr(self, "pool", None)
+        return {} if pool is None else {"pool": pool}
+
+    def attach_storage(self, folder: str | Path) -> None:
+        """Append the stores' records to files in `folder` (the run folder), so checkpoints hold only counts.
+
+        Stores already given a folder (`-p pool_dir=...`) keep it.
+        """
+        for store in self.stores().values():
+            if getattr(store, "store", store).folder is None:
+                store.attach(folder)
+
     def close(self) -> None:
-        """Release hooks and other resources."""
+        """Release hooks, files and other resources."""
         self.objectives.close()
+        for store in self.stores().values():
+            store.close()
 
     # --- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

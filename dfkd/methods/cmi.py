@@ -11,6 +11,7 @@ from dfkd.generators import LossDict
 from dfkd.generators.contrastive import ContrastiveCritic, ContrastiveSynthesizer, instance_means
 from dfkd.losses import adv_masked_kl, bn_deepinversion, one_hot
 from dfkd.methods._latent import LatentMethod
+from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.teacher import Teacher, is_small_teacher
 
@@ -23,13 +24,15 @@ class CMI(LatentMethod):
     re-initialised generator and learnable z minimise bn*R_DI + oh*CE(t(global), y) + adv*masked-KL(s, t) +
     cr*InfoNCE(local view, global view; memory bank) for g_steps Adam (0.5, 0.999) steps; the lowest-loss batch
     goes to the image pool, its features to the bank; then s_steps (the reference's kd_steps) student steps on pool
-    samples with KL at T=20. Defaults are `cmi_cifar10.sh`: batch 256 / 256, g_steps 200, lr_g 1e-3,
-    adv 0.5, bn 1, oh 1, cr 0.8, cr_T 0.2, 400 KD steps, student SGD 0.1 wd 1e-4 cosine, nz 256, bank 40,960 rows,
-    4,096 negatives. CPU rule, for a LeNet-scale teacher (< 200K parameters): g_steps / 5 = 40 with lr_g x 5 =
-    5e-3 (lr * steps kept), synthesis batch 64, s_steps 50, batch 128 (a round costs ~1/20 of the reference's), and
-    student lr 0.01 (DFAD's MNIST value): at T=20 the reference's 0.1 kills a BN-free LeNet-5-half (constant output).
-    Deviations: the pool is an in-memory ImagePool (float16, up to 60,000 images), not PNG files; 1-channel
-    teachers get no flips.
+    samples with KL at T=20 (zju-vipa/CMI `datafree/synthesis/contrastive.py`). Defaults are the CIFAR-10 script
+    `cmi_cifar10.sh`: batch 256 / 256, g_steps 200, lr_g 1e-3, adv 0.5, bn 1, oh 1, cr 0.8, cr_T 0.2, 400 KD steps,
+    student SGD 0.1 wd 1e-4 cosine, nz 256, bank 40,960 rows, 4,096 negatives, for every input kind; CMI has no
+    ImageNet-size recipe, so inputs of 64 px or more get batches of 64 (`LARGE_BATCH`). CPU rule, for a LeNet-scale
+    teacher (< 200K parameters): g_steps / 5 = 40 with lr_g x 5 = 5e-3 (lr * steps kept), synthesis batch 64,
+    s_steps 50, batch 128 (a round costs ~1/20 of the reference's), and student lr 0.01 (DFAD's MNIST value): at
+    T=20 the reference's 0.1 kills a BN-free LeNet-5-half (constant output).
+    Deviations: the pool is an ImagePool (float16, up to 60,000 images; on disk past `ram_budget_mib`), not PNG
+    files; 1-channel teachers get no flips.
     """
 
     paper: ClassVar[str] = "Fang et al. 2021, Contrastive Model Inversion for Data-Free Knowledge Distillation, IJCAI"
@@ -45,16 +48,21 @@ class CMI(LatentMethod):
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().default_params(teacher)
+        if teacher_kind(teacher) == "imagenet":
+            cap_batches(p)
         if is_small_teacher(teacher):
             p.update(g_steps=40, lr_g=5e-3, synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
+
+    def stores(self) -> dict[str, Any]:
+        return {**super().stores(), "bank": self.synth.critic.bank}
 
     def make_synthesizer(self) -> ContrastiveSynthesizer:
         p, size = self.p, self.teacher.spec.size
         self.local_augment = make_augment("resized_crop", size, flip_p=p["flip_p"], scale=tuple(p["local_scale"]))
         feat_dim = sum(m.running_mean.numel() for m in self.bn.modules)
         critic = ContrastiveCritic(max(feat_dim, 1), p["lr_g"], p["proj_dim"], p["cr_T"], p["n_neg"], p["bank_size"],
-                                   self.device)
+                                   self.device, p["ram_budget_mib"])
         return ContrastiveSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"], p["g_steps"],
                                       self.teacher.num_classes, critic, p["cr"] if feat_dim else 0.0, p["lr_g"],
                                       tuple(p["betas_g"]), self.device, self.augment)

@@ -10,6 +10,7 @@ import torch
 from dfkd.generators import LossDict
 from dfkd.losses import activation, information_entropy, one_hot
 from dfkd.methods._gan import GANMethod
+from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import step_logs
 from dfkd.teacher import is_small_teacher
@@ -21,11 +22,14 @@ class DAFL(GANMethod):
 
     Chen et al., "Data-Free Learning of Student Networks", ICCV 2019. L_G = oh*CE(t, argmax t) +
     ie*sum(pbar log10 pbar) + a*(-mean|f_T|); the student learns KL(t||s) at T=1 on the same (detached) batch, one
-    joint G+S iteration per round. Defaults are the paper's MNIST ones (batch 512, G Adam 0.2,
-    S Adam 2e-3, oh 1 / ie 5 / a 0.1, nz 100, BN eps 0.8, log10 entropy); 3-channel teachers get the CIFAR-10
-    ones (batch 1024, nz 1000, G Adam 0.02, S SGD 0.1 wd 5e-4 x0.1 at 40 %/80 %, oh 0.05 / ie 5 / a 0.01).
-    LeNet-scale teachers (`is_small_teacher`) take batch 64 on a CPU: 8x the iterations in the same time (on the
-    demo teacher, 2 single-thread minutes: 50 % at batch 64, 35 % at 128; batch 32 was no better than 64).
+    joint G+S iteration per round. Defaults are the paper's MNIST ones (huawei-noah DAFL `DAFL-train.py`: batch
+    512, G Adam 0.2, S Adam 2e-3, oh 1 / ie 5 / a 0.1, nz 100, BN eps 0.8, log10 entropy); CIFAR-like teachers
+    (`dfkd.methods._recipes.input_kind`) get the README's CIFAR-10 ones (batch 1024, nz 1000, G Adam 0.02, S SGD
+    0.1 wd 5e-4 x0.1 at epochs 800/1600 of 2000, oh 0.05 / ie 5 / a 0.01). The paper has no ImageNet-size setting:
+    inputs of 64 px or more get the CIFAR-10 one at batch 64 (`LARGE_BATCH`; 1024 images of 224 px would need
+    tens of GB). LeNet-scale teachers (`is_small_teacher`) take batch 64 on a CPU: 8x the iterations in the same
+    time (on the demo teacher, 2 single-thread minutes: 50 % at batch 64, 35 % at 128; batch 32 was no better
+    than 64).
     """
 
     paper: ClassVar[str] = "Chen et al. 2019, Data-Free Learning of Student Networks, ICCV"
@@ -39,9 +43,11 @@ class DAFL(GANMethod):
     @classmethod
     def default_params(cls, teacher: Any = None) -> dict[str, Any]:
         p = super().default_params(teacher)
-        if teacher is not None and teacher.spec.channels == 3:
+        if teacher_kind(teacher) in ("cifar", "imagenet"):
             p.update(batch_size=1024, nz=1000, lr_g=0.02, s_optimizer="sgd", lr_s=0.1, weight_decay=5e-4,
                      schedule="multistep", milestones=[0.4, 0.8], oh=0.05, ie=5.0, a=0.01)
+        if teacher_kind(teacher) == "imagenet":
+            cap_batches(p)
         if is_small_teacher(teacher):
             p["batch_size"] = 64
         return p

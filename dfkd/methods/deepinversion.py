@@ -30,21 +30,23 @@ class DeepInversion(InversionMethod):
     oh*CE(t(jit(x)), y) + bn*sum_l w_l(||var_l - rv_l|| + ||mu_l - rm_l||) + tv_l1*TV1 + tv_l2*TV2 + l2*||x||,
     w_0 = first_bn; the student distils at T=3 from a pool that gains one batch every `s_steps` KD steps.
 
-    Defaults are the paper's CIFAR-10 settings (NVlabs README "paper parameters"): batch 256, 2000
-    Adam iterations at lr 0.05 with warm-up + cosine, bn 10, TV-L2 2.5e-5, jitter 2, no flip; plus the
-    maintainers' later first-BN multiplier 10, clipping to the pixel range and Adam betas (0.5, 0.9) of setting 0.
-    The KD side (T 3, a new batch every 50 student steps, a pool of up to 256k images) is the maintainers' account
-    in NVlabs/DeepInversion#6/#9; the student optimizer (SGD 0.1, cosine) is zju-vipa's, the paper gives none.
+    Defaults are the paper's CIFAR-10 settings (NVlabs/DeepInversion `cifar10/deepinversion_cifar10.py`, README
+    "paper parameters"): batch 256, 2000 Adam iterations at lr 0.05 with warm-up + cosine, bn 10, TV-L2 2.5e-5,
+    jitter 2, no flip; plus the maintainers' later first-BN multiplier 10, clipping to the pixel range and Adam
+    betas (0.5, 0.9) of setting 0. The KD side (T 3, a new batch every 50 student steps, a pool of up to 256k
+    images) is the maintainers' account in NVlabs/DeepInversion#6/#9; the student optimizer (SGD 0.1, cosine) is
+    zju-vipa's, the paper gives none.
 
-    Scaling to the teacher (`default_params(teacher)`): inputs 64 px or larger get the ImageNet setting 0
-    (batch 64, 3000 iterations of which 2/3 on the 2x-pooled view, lr 0.25, jitter 30, flip, bn 0.01, TV-L2 1e-4,
-    l2 1e-5). MNIST-scale inputs (at most 1x32x32 values) get batches of 256 optimised for 100 iterations at lr
-    0.5, the first half through the 2x-pooled view (pooled, then upsampled back: a LeNet takes only its own input
-    size), KD minibatches of 128 and student SGD lr 0.01 (DFAD's MNIST value; 0.1 diverges on LeNet-5-half, 10 %
-    even on real images); and priors for a LeNet: first-BN multiplier 1 (10 pulls the first layer's statistics
-    at the cost of shape), TV-L2 3e-2, jitter 4. With the CIFAR priors the demo teacher's inversions were stroke
-    fragments; with these, 0s, 1s, 2s and 3s are recognisable in the TensorBoard grid, and the student learns
-    faster (3 single-thread CPU-minutes: 91.6 % against 89.8 % with the CIFAR priors and 50 iterations).
+    Scaling to the teacher (`default_params(teacher)`): inputs 64 px or larger get the ImageNet setting 0 (NVlabs
+    `imagenet_inversion.py --setting_id 0`: batch 64, 3000 iterations of which 2/3 on the 2x-pooled view, lr 0.25,
+    jitter 30, flip, bn 0.01, TV-L2 1e-4, l2 1e-5). MNIST-scale inputs (at most 1x32x32 values) get batches of 256
+    optimised for 100 iterations at lr 0.5, the first half through the 2x-pooled view (pooled, then upsampled back:
+    a LeNet takes only its own input size), KD minibatches of 128 and student SGD lr 0.01 (DFAD's MNIST value; 0.1
+    diverges on LeNet-5-half, 10 % even on real images); and priors for a LeNet: first-BN multiplier 1 (10 pulls the
+    first layer's statistics at the cost of shape), TV-L2 3e-2, jitter 4. With the CIFAR priors the demo teacher's
+    inversions were stroke fragments; with these, 0s, 1s, 2s and 3s are recognisable in the TensorBoard grid, and
+    the student learns faster (3 single-thread CPU-minutes: 91.6 % against 89.8 % with the CIFAR priors and 50
+    iterations).
     """
 
     paper: ClassVar[str] = "Yin et al. 2020, Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR"

@@ -9,6 +9,7 @@ import torch
 from dfkd.generators import LossDict
 from dfkd.losses import adv_l1, l1_logits
 from dfkd.methods._gan import GANMethod
+from dfkd.methods._recipes import teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import step_logs
 from dfkd.teacher import is_small_teacher
@@ -19,9 +20,11 @@ class DFAD(GANMethod):
     """DFAD: the student minimises, the generator maximises, the mean absolute logit gap |s(G(z)) - t(G(z))|.
 
     Fang et al., "Data-Free Adversarial Distillation", arXiv 1912.11006. Each round is 5 student steps on fresh
-    samples, then 1 generator step. Defaults are the paper's MNIST settings (batch 512, student
-    SGD 0.01 / momentum 0.9 / wd 1e-4, generator Adam 1e-3, nz 100, Tanh + BN output); 3-channel teachers get
-    the CIFAR settings (batch 256, SGD 0.1, wd 5e-4, nz 256, x0.1 at 20 % and 40 % of the run).
+    samples, then 1 generator step (VainF/Data-Free-Adversarial-Distillation). Defaults are the paper's MNIST
+    settings (`DFAD_mnist.py`: batch 512, student SGD 0.01 / momentum 0.9 / wd 1e-4, generator Adam 1e-3, nz 100,
+    Tanh + BN output); CIFAR-like teachers (`dfkd.methods._recipes.input_kind`) get the CIFAR settings
+    (`DFAD_cifar.py`: batch 256, SGD 0.1, wd 5e-4, nz 256, x0.1 at epochs 100 and 200 of 500); inputs of 64 px or
+    more the 224 px Caltech-101 one (`DFAD_caltech101.py`: batch 64, student lr 0.05, generator 1e-3).
 
     LeNet-scale teachers (`is_small_teacher`) get a CPU recipe measured on the demo teacher: batch 64, student
     Adam 2e-3, generator Adam 1e-2. The paper's settings need ~2000 generator steps (hours on a CPU); with them the
@@ -39,8 +42,10 @@ class DFAD(GANMethod):
     @classmethod
     def default_params(cls, teacher: Any = None) -> dict[str, Any]:
         p = super().default_params(teacher)
-        if teacher is not None and teacher.spec.channels == 3:
+        if teacher_kind(teacher) in ("cifar", "imagenet"):
             p.update(batch_size=256, lr_s=0.1, weight_decay=5e-4, nz=256, schedule="multistep", milestones=[0.2, 0.4])
+        if teacher_kind(teacher) == "imagenet":
+            p.update(batch_size=64, lr_s=0.05)
         if is_small_teacher(teacher):
             p.update(batch_size=64, s_optimizer="adam", lr_s=2e-3, lr_g=1e-2)
         return p

@@ -10,6 +10,7 @@ import torch
 from dfkd.generators import LossDict
 from dfkd.losses import adv_kl, bn_deepinversion, bn_dfq, information_entropy, one_hot
 from dfkd.methods._gan import GANMethod
+from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.teacher import Teacher, is_small_teacher
 
@@ -20,8 +21,10 @@ class DFQ(GANMethod):
 
     Choi et al., "Data-Free Network Quantization With Adversarial Knowledge Distillation", CVPRW 2020. L_G =
     bn*R_BN + oh*CE(t, argmax t) + balance*sum(pbar ln pbar) + adv*(-KL(t||s)); 1 generator step then 10 student
-    steps on fresh samples. Defaults follow the verified zju-vipa recipe (bn 1 in DeepInversion form,
-    oh 1, balance 20, adv 1, Adam (0.5, 0.999) 1e-3, nz 256, Sigmoid generator, student SGD 0.1, cosine); a
+    steps on fresh samples. Defaults follow the verified zju-vipa CIFAR recipe (Fast-Datafree `scripts/dfq_cifar.sh`:
+    bn 1 in DeepInversion form, oh 1, balance 20, adv 1, Adam (0.5, 0.999) 1e-3, nz 256, Sigmoid generator, student
+    SGD 0.1, cosine), for every input kind; there is no ImageNet-size recipe to follow, so inputs of 64 px or more
+    get batch 64 (`LARGE_BATCH`); a
     LeNet-scale teacher gets a CPU recipe, batch 64 and student Adam 2e-3 (SGD 0.1 drove the BN-free
     LeNet-5-half to a constant output; on the demo teacher, 2 single-thread minutes: SGD 0.01 at batch 256 18 %,
     Adam at batch 128 47 %, at batch 64 74 %);
@@ -44,6 +47,8 @@ class DFQ(GANMethod):
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().default_params(teacher)
+        if teacher_kind(teacher) == "imagenet":
+            cap_batches(p)
         if is_small_teacher(teacher):
             p.update(batch_size=64, s_optimizer="adam", lr_s=2e-3)
         return p

@@ -10,8 +10,14 @@ from dfkd.generators import LossDict
 from dfkd.generators.meta import REPTILE_ALPHA, MetaSynthesizer
 from dfkd.losses import adv_masked_kl, bn_momentum, one_hot, update_bn_ema
 from dfkd.methods._latent import LatentMethod
+from dfkd.methods._recipes import teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.teacher import Teacher, is_small_teacher
+
+#: Fast-DFKD's ImageNet setting (zju-vipa/Fast-Datafree `datafree_kd_imagenet.py` logs: ResNet-50 teacher).
+IMAGENET: dict[str, Any] = {"batch_size": 100, "synth_batch_size": 100, "g_steps": 50, "adv": 0.01, "bn": 0.1,
+                            "oh": 0.1, "T": 5.0, "lr_s": 0.01, "lr_g": 2e-4, "lr_z": 0.01, "lr_meta": 1e-4,
+                            "is_maml": 0, "s_steps": 100}
 
 
 @register_method("fast")
@@ -24,14 +30,18 @@ class Fast(LatentMethod):
     then takes one Adam step (lr_g * g_steps) on the summed inner gradients (first-order MAML, `is_maml=1`) or on
     reptile_alpha * (theta_meta - theta_fast) (Reptile, `is_maml=0`; alpha defaults to the reference's hard-coded
     67); the BN EMA (m = bn_mmt) is updated after each round; the best batch goes to the pool; s_steps (kd_steps)
-    student steps with KL at T=20. Defaults are Fast-5 for WRN pairs (`fast_cifar.sh`): adv 1.1,
-    oh 0.4, bn 10, g_steps 5, lr_z 0.01, lr_g 3e-3, bn_mmt 0.9, batch 256, 400 KD steps, student SGD 0.2 wd 1e-4
-    cosine, warmup 20/220 of the run, reset_l0 at (120 + 20)/220. CPU rule: a LeNet-scale teacher (< 200K
+    student steps with KL at T=20 (zju-vipa/Fast-Datafree `datafree/synthesis/fast_meta.py`). Defaults are Fast-5
+    for WRN pairs on CIFAR (`scripts/fast_cifar.sh`): adv 1.1, oh 0.4, bn 10, g_steps 5, lr_z 0.01, lr_g 3e-3,
+    bn_mmt 0.9, batch 256, 400 KD steps, student SGD 0.2 wd 1e-4 cosine, warmup 20/220 of the run, reset_l0 at
+    (120 + 20)/220. Inputs of 64 px or more get the ImageNet setting (`datafree_kd_imagenet.py`,
+    `fast_meta_imagenet.py`): batch 100, g_steps 50, adv 0.01, bn 0.1, oh 0.1, T 5, student lr 0.01, lr_g 2e-4,
+    lr_z 0.01, meta lr 1e-4, Reptile, 100 KD steps per batch (not its meta-learned z, its generator re-initialised
+    every 50 epochs, nor its pre-synthesised pool). CPU rule: a LeNet-scale teacher (< 200K
     parameters) gets synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, and student lr 0.01 (at T=20
     the reference's 0.2 kills a BN-free LeNet-5-half: constant output, 10 % on MNIST). Deviations: student steps run
     during warmup too (a step is a student update here, so a step budget must advance); the cosine schedule has no
-    eta_min (2e-4 in the reference); the pool is an in-memory ImagePool (float16, up to 60,000 images), not PNG
-    files; 1-channel teachers get no flips.
+    eta_min (2e-4 in the reference); the pool is an ImagePool (float16, up to 60,000 images; on disk past
+    `ram_budget_mib`), not PNG files; 1-channel teachers get no flips.
     """
 
     paper: ClassVar[str] = "Fang et al. 2022, Up to 100x Faster Data-free Knowledge Distillation, AAAI"
@@ -40,12 +50,15 @@ class Fast(LatentMethod):
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "synth_batch_size": 256, "lr_s": 0.2, "weight_decay": 1e-4, "schedule": "cosine",
         "g_steps": 5, "s_steps": 400, "lr_g": 3e-3, "lr_z": 0.01, "adv": 1.1, "bn": 10.0, "oh": 0.4, "bn_mmt": 0.9,
-        "is_maml": 1, "reptile_alpha": REPTILE_ALPHA, "warmup": 20 / 220, "reset_l0": 1, "reset_at": 140 / 220,
+        "is_maml": 1, "reptile_alpha": REPTILE_ALPHA, "lr_meta": None,
+        "warmup": 20 / 220, "reset_l0": 1, "reset_at": 140 / 220,
     }
 
     @classmethod
     def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().default_params(teacher)
+        if teacher_kind(teacher) == "imagenet":
+            p.update(IMAGENET)
         if is_small_teacher(teacher):
             p.update(synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
@@ -60,7 +73,8 @@ class Fast(LatentMethod):
         p = self.p
         return MetaSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"], p["g_steps"],
                                self.teacher.num_classes, p["lr_g"], p["lr_z"], bool(p["is_maml"]),
-                               p["reptile_alpha"], tuple(p["betas_g"]), self.device, self.augment)
+                               p["reptile_alpha"], tuple(p["betas_g"]), self.device, self.augment,
+                               lr_meta=p["lr_meta"])
 
     def set_progress(self, progress: float) -> None:
         super().set_progress(progress)

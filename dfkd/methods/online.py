@@ -44,7 +44,7 @@ class Online(DFAD):
     learns to tell the peer's penultimate features (real) from this student's (fake): one Adam step (`lr_d`,
     betas (0.5, 0.999)) per student step. AFD's convolutional feature-map critics are MLPs on the pooled
     penultimate features here. Schedule and optimisers are DFAD's; the first student is the run's student.pt, the
-    second lives in the method state.
+    second lives in the method state. Settings per input kind (MNIST, CIFAR, ImageNet size) are DFAD's.
 
     LeNet-scale teachers (`is_small_teacher`) get DFAD's CPU recipe and `adv` = 0.01: with no real data anchoring
     either student, the critic term at weight 1 drags both students' features toward each other instead of toward

@@ -9,6 +9,7 @@ import torch
 from dfkd.generators import LossDict
 from dfkd.losses import bn_zeroq, input_prior_zeroq, one_hot
 from dfkd.methods._inversion import InversionMethod, is_small
+from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.teacher import Teacher
 
@@ -22,10 +23,12 @@ class ZeroQ(InversionMethod):
 
     Cai et al., "ZeroQ: A Novel Zero Shot Quantization Framework", CVPR 2020. L(x) = bn*sum_l(||rm - mu_i||^2 +
     ||sqrt(rv) - sigma_i||^2)/B + input*(||mu_i(x)||^2 + ||1 - sigma_i(x)||^2)/B on per-sample statistics, no class
-    term. Defaults are amirgholami/ZeroQ's: batch 64, 500 Adam iterations at lr 0.5 with default
+    term. Defaults are amirgholami/ZeroQ's (`classification/distill_data.py`, `run.sh`), which it uses for its
+    CIFAR-10 and its ImageNet models alike: batch 64, 500 Adam iterations at lr 0.5 with default
     betas, ReduceLROnPlateau (patience 100, min lr 1e-4) on the loss, start (randint[0,255) - 127.5)/5418.75, no
     jitter, no clipping. ZeroQ calibrates quantisation and has no KD loop; here the student distils from a pool of
-    these batches exactly as DeepInversion's does (T 3, a new batch every 50 KD steps, KD minibatch 256).
+    these batches exactly as DeepInversion's does (T 3, a new batch every 50 KD steps, KD minibatch 256; 64, the
+    synthesis batch, from 64 px up, as DeepInversion's ImageNet setting).
     MNIST-scale inputs (at most 1x32x32) get 100 iterations (the loss is flat by then) and student SGD lr 0.01
     (0.1 diverges on LeNet-5-half), so a round takes seconds on a CPU.
 
@@ -48,6 +51,8 @@ class ZeroQ(InversionMethod):
         p = super().default_params(teacher)
         if teacher is not None and is_small(teacher.spec):
             p.update(SMALL)
+        if teacher_kind(teacher) == "imagenet":
+            cap_batches(p)
         return p
 
     def inversion_loss(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:

@@ -12,6 +12,7 @@ from dfkd.generators import LossDict
 from dfkd.hooks import FeatureTaps
 from dfkd.losses import adv_kl, attention_transfer, kl_div, matching_stages
 from dfkd.methods._gan import GANMethod
+from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import step_logs
 
@@ -24,8 +25,10 @@ class ZSKT(GANMethod):
     draws one z, takes 1 generator step on it, then 10 student steps on the *same* z (the batch and the teacher's
     logits and attention maps are computed once and reused). Both nets: Adam (student 2e-3, generator 1e-3),
     cosine schedules, gradient norm clipped at 5; batch 128; nz 100; generator output BN (affine, no Tanh);
-    beta 250 when teacher and student declare the same number of stages. The KL is the true
-    batch-mean KL; `-p kl_reduction=mean` reproduces the reference code's element-wise mean.
+    beta 250 when teacher and student declare the same number of stages (polo5/ZeroShotKnowledgeTransfer
+    `main.py`, `solver.py`; the paper's CIFAR-10/SVHN setting, which every teacher gets: the paper has no MNIST
+    one). It has no ImageNet-size setting either: inputs of 64 px or more get batch 64 (`LARGE_BATCH`). The KL is
+    the true batch-mean KL; `-p kl_reduction=mean` reproduces the reference code's element-wise mean.
     """
 
     paper: ClassVar[str] = "Micaelli & Storkey 2019, Zero-shot Knowledge Transfer via Adversarial Belief Matching"
@@ -36,6 +39,13 @@ class ZSKT(GANMethod):
         "head": "bn", "schedule": "cosine", "grad_clip": 5.0, "g_steps": 1, "s_steps": 10, "at_beta": 250.0,
         "kl_reduction": "batchmean",
     }
+
+    @classmethod
+    def default_params(cls, teacher: Any = None) -> dict[str, Any]:
+        p = super().default_params(teacher)
+        if teacher_kind(teacher) == "imagenet":
+            cap_batches(p)
+        return p
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

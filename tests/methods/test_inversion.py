@@ -205,7 +205,8 @@ def test_pool_grows_one_batch_a_round_and_holds_teacher_logits():
         assert logs["pool/images"] == 16 * r and method.synth.batches == r
     x, t_logits = method.pool.sample(16)
     with torch.no_grad():
-        assert torch.allclose(method.teacher(x), t_logits, atol=1e-5)
+        # the logits of exactly the stored images, themselves stored in the pool's float16
+        assert torch.allclose(method.teacher(x), t_logits, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name", ["deepinversion", "adi", "zeroq"])
