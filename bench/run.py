@@ -46,6 +46,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--all-pairs", action="store_true",
                     help="also run BN-statistics methods on teachers without BatchNorm")
     ap.add_argument("--ratios-only", action="store_true", help="only the cost-of-a-round table, no timed runs")
+    ap.add_argument("--no-ratios", action="store_true", help="only the timed runs, no cost-of-a-round table")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -180,7 +181,8 @@ def write(out: Path, args: argparse.Namespace, rows: list[dict], ratios: dict[st
     md = header(args)
     if rows:
         md += markdown(rows, teachers) + "\n"
-    md += "Cost of a round (inner loops cut to 10):\n\n" + cost_table(ratios)
+    if ratios:
+        md += "Cost of a round (inner loops cut to 10):\n\n" + cost_table(ratios)
     (out / "results.json").write_text(json.dumps({"teachers": teachers, "rows": rows, "cost": ratios}, indent=1))
     (out / "results.md").write_text(md)
     return md
@@ -203,7 +205,7 @@ def main() -> None:
     # A round's cost depends on the architecture, not the weights: measured once per method, one at a time before
     # the timed runs, on the first teacher it runs on.
     for arch, method, run in plan:
-        if run and method not in ratios:
+        if run and method not in ratios and not args.no_ratios:
             ratios[method] = {"teacher": arch, **overhead(teachers[arch], method, args.jobs)}
     if args.ratios_only:
         print(write(out, args, rows, ratios, teacher_acc))

@@ -21,3 +21,16 @@ def test_demo_teacher_is_what_the_readme_says(name: str, arch: str, top1: float)
     data = load_images(EXAMPLES / "mnist_test.npz", "--eval-data")
     assert len(data.y) == 10_000
     assert accuracy(teacher.module, data, teacher.spec, "cpu")["top1"] == pytest.approx(top1, abs=5e-5)
+
+
+CIFAR_TEST = EXAMPLES.parent.parent / "shared" / "data" / "cifar10_test_jpeg.npz"
+
+
+@pytest.mark.skipif(not CIFAR_TEST.exists(), reason="needs ../shared/data/cifar10_test_jpeg.npz beside the checkout")
+def test_cifar10_demo_teacher_is_what_the_readme_says() -> None:
+    teacher = load_teacher(EXAMPLES / "cifar10_wrn16_1.pt")
+    assert teacher.fmt == "dfkd" and teacher.arch == "wrn_16_1" and teacher.num_classes == 10
+    assert (teacher.spec.channels, teacher.spec.size) == (3, 32) and teacher.bn_paths()
+    data = load_images(CIFAR_TEST, "--eval-data")
+    assert len(data.y) == 10_000
+    assert accuracy(teacher.module, data, teacher.spec, "cpu")["top1"] == pytest.approx(0.8103, abs=5e-5)
