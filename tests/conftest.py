@@ -65,3 +65,28 @@ def eval_npz(tmp_path_factory: pytest.TempPathFactory) -> str:
     np.savez_compressed(path, x=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8),
                         y=rng.integers(0, 10, 64).astype(np.int64))
     return str(path)
+
+
+ZSKD_FAST = {"di_batch": 32, "di_iters": 8, "lr_di": 0.05, "s_steps": 0}
+
+
+@pytest.fixture(scope="session")
+def sharp_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random LeNet-5-BN with large logits (varied, confident predictions), saved as a dfkd model file."""
+    module = make_teacher_module()
+    with torch.no_grad():
+        module.classifier.weight.mul_(30)
+    path = tmp_path_factory.mktemp("t") / "teacher.pt"
+    save_model(path, module, ModelFile("lenet5_bn", KWARGS, MNIST_SPEC, 10))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def transfer_file(sharp_teacher_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small zskd transfer file made from `sharp_teacher_file`."""
+    from dfkd.teacher import load_teacher
+    from dfkd.transfer import synthesize
+
+    out = tmp_path_factory.mktemp("x") / "transfer.npz"
+    synthesize(load_teacher(sharp_teacher_file), "zskd", 256, out, params=ZSKD_FAST, seed=0)
+    return str(out)

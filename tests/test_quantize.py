@@ -16,37 +16,20 @@ from dfkd.config import DistillConfig
 from dfkd.deploy import QuantizeRequest, quantize_file
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
-from dfkd.modelfile import ModelFile, load_model, save_model
+from dfkd.modelfile import load_model
 from dfkd.models import create
 from dfkd.qat import FakeQuantConv2d, FakeQuantLinear, prepare_qat, strip_qat
 from dfkd.spec import MNIST_SPEC
 from dfkd.students import build_student
 from dfkd.teacher import load_teacher
-from dfkd.transfer import from_pixels, load_transfer, synthesize
-from tests.conftest import KWARGS, make_teacher_module
+from dfkd.transfer import from_pixels, load_transfer
+from tests.conftest import KWARGS, ZSKD_FAST
 
 ort = pytest.importorskip("onnxruntime", reason="quantization needs onnxruntime (pip install -e '.[deploy]')")
 onnx = pytest.importorskip("onnx", reason="quantization needs onnx (pip install -e '.[deploy]')")
 
-ZSKD_FAST = {"di_batch": 32, "di_iters": 8, "lr_di": 0.05, "s_steps": 0}
 
 
-@pytest.fixture(scope="module")
-def sharp_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A random LeNet-5-BN with large logits (varied, confident predictions)."""
-    module = make_teacher_module()
-    with torch.no_grad():
-        module.classifier.weight.mul_(30)
-    path = tmp_path_factory.mktemp("t") / "teacher.pt"
-    save_model(path, module, ModelFile("lenet5_bn", KWARGS, MNIST_SPEC, 10))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def transfer_file(sharp_teacher_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("x") / "transfer.npz"
-    synthesize(load_teacher(sharp_teacher_file), "zskd", 256, out, params=ZSKD_FAST, seed=0)
-    return str(out)
 
 
 def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
