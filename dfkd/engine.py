@@ -217,6 +217,7 @@ class Run:
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
+                self.method.time_budget = self.budget_seconds()
                 n = self.method.student_steps_per_round
                 t0 = time.perf_counter()
                 losses = self.method.round()

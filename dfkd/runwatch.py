@@ -58,7 +58,10 @@ class RunWatch:
 
     # --- hooks --------------------------------------------------------------------------------------------
     def after_round(self, log: Any) -> None:
-        """Update the EMA; on their cadences, check the synthetic batch and the held-out agreement."""
+        """Show the method's notes; update the EMA; on their cadences, check the batch and the held-out agreement."""
+        for message in self.run.method.pop_notices():
+            tqdm.write(f"note: step {self.run.step}: {message}", file=sys.stderr)
+            log.event(self.run.step, event="note", message=message)
         self.selector.update_ema()
         if self._due("watch", self.watch_every):
             self._watch(log)

@@ -8,6 +8,7 @@ batches go to an `ImagePool` the student samples from.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -144,18 +145,28 @@ class DirichletSynthesizer(PoolServed, Synthesizer):
         self.batch_size, self.iterations, self.lr, self.T = batch_size, iterations, lr, T
         self.betas = tuple(float(b) for b in betas)
         self.batches = 0
+        self.time_limit: float | None = None  # seconds a batch may take (one iteration at least); None = no limit
+        self.last_iterations = 0  # iterations the last batch took
 
     def targets(self, n: int) -> Tensor:
         """`n` soft targets over balanced classes, the betas sharing them equally."""
         classes = balanced_targets(n, self.similarity.shape[0]).to(self.device)
         return mixed_targets(self.similarity, classes, self.betas)
 
-    def optimise(self, y: Tensor) -> tuple[Tensor, LossDict]:
-        """Pixels optimised towards targets `y`; returns the batch (normalised, detached) and its losses."""
+    def optimise(self, y: Tensor, iterations: int | None = None) -> tuple[Tensor, LossDict]:
+        """Pixels optimised towards targets `y` for `iterations` steps (default: the recipe's) or `time_limit`.
+
+        Returns:
+            The batch (normalised, detached) and its losses.
+        """
         x01 = torch.rand(self.spec.shape(y.shape[0]), device=self.device, requires_grad=True)
         opt = torch.optim.Adam([x01], lr=self.lr)
         first = None
-        for _ in range(self.iterations):
+        start, self.last_iterations = time.perf_counter(), 0
+        for i in range(self.iterations if iterations is None else iterations):
+            if i > 0 and self.time_limit is not None and time.perf_counter() - start > self.time_limit:
+                break
+            self.last_iterations += 1
             loss = impression_loss(self.teacher(self.spec.normalize(x01)), y, self.T)
             first = loss.detach() if first is None else first
             opt.zero_grad(set_to_none=True)
@@ -168,8 +179,9 @@ class DirichletSynthesizer(PoolServed, Synthesizer):
             last = impression_loss(self.teacher(x), y, self.T)
         return x, {"loss": last, "loss/ce": last, "loss/ce_start": last if first is None else first}
 
-    def synthesize(self) -> tuple[Tensor, LossDict]:
-        x, losses = self.optimise(self.targets(self.batch_size))
+    def synthesize(self, iterations: int | None = None) -> tuple[Tensor, LossDict]:
+        """One batch of impressions (`iterations` steps, default the recipe's) into the pool."""
+        x, losses = self.optimise(self.targets(self.batch_size), iterations)
         self.pool.add(x)
         self.batches += 1
         return x, losses

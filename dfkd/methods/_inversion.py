@@ -16,6 +16,7 @@ from torch import nn
 from dfkd.bnstats import BNInputs
 from dfkd.generators import ImagePool, InversionSynthesizer, LossDict
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
+from dfkd.methods._budget import IterationPlanner
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
@@ -78,6 +79,7 @@ class InversionMethod(Method):
             patience=p["plateau_patience"], min_lr=p["plateau_min_lr"], init=p["init"],
             pool=self.pool, labeler=self._labels, device=device)
         self.synth.time_limit = p["synth_seconds"]
+        self.planner = IterationPlanner(self.name, p["iterations"], p["synth_seconds"], self.notice)
 
     def inversion_loss(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:
         """The synthesis objective on the augmented batch `x` with targets `y` (teacher/student forwards here)."""
@@ -88,6 +90,7 @@ class InversionMethod(Method):
         return self.bn.layers() if self.bn is not None else []
 
     def _objective(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:
+        self.planner.calls += 1
         if self.bn is not None:
             self.bn.set_active(True)
         try:
@@ -106,8 +109,10 @@ class InversionMethod(Method):
         """Synthesize one batch into the pool (the student in eval mode, its weights untouched)."""
         was_training = self.student.training
         self.student.eval()
+        iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
         try:
-            x, losses = self.synth.synthesize()
+            with self.planner.timing():
+                x, losses = self.synth.synthesize(iterations)
         finally:
             self.student.train(was_training)
         self.last_images = x

@@ -107,6 +107,9 @@ class Method:
         self.student_seconds = 0.0
         #: Student steps the run's budget has left (None: no step budget); the round in progress takes no more.
         self.steps_left: int | None = None
+        #: The run's wall-clock budget in seconds (None: a step budget only); slow rounds are planned to fit it.
+        self.time_budget: float | None = None
+        self._notices: list[str] = []
 
     # --- recipe -------------------------------------------------------------------------------------------
     @classmethod
@@ -220,6 +223,15 @@ class Method:
         for store in self.stores().values():
             if getattr(store, "store", store).folder is None:
                 store.attach(folder)
+
+    def notice(self, message: str) -> None:
+        """Queue a one-line note for the run's output and log (a setting the method changed to fit the run)."""
+        self._notices.append(message)
+
+    def pop_notices(self) -> list[str]:
+        """The notes queued since the last call."""
+        notes, self._notices = self._notices, []
+        return notes
 
     def close(self) -> None:
         """Release hooks, files and other resources."""

@@ -14,6 +14,7 @@ from dfkd.generators import ImagePool, LossDict
 from dfkd.generators.dirichlet import DirichletSynthesizer, class_similarity
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.losses import soft_cross_entropy
+from dfkd.methods._budget import IterationPlanner
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, step_logs
@@ -80,6 +81,7 @@ class ZSKD(Method):
             teacher, teacher.spec, final_layer_similarity(teacher), self.pool, p["di_batch"], p["di_iters"],
             p["lr_di"], p["di_T"], p["betas"], device)
         self.augment = make_augment(p["augment"], teacher.spec.size, flip_p=p["flip_p"]).to(device)
+        self.planner = IterationPlanner(self.name, p["di_iters"], None, self.notice)
 
     def student_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> LossDict:
         T = self.p["T"]
@@ -87,7 +89,10 @@ class ZSKD(Method):
         return {"loss": ce, "loss/ce": ce}
 
     def round(self) -> dict[str, float]:
-        x, losses = self.synth.synthesize()
+        iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
+        with self.planner.timing():
+            x, losses = self.synth.synthesize(iterations)
+            self.planner.calls = self.synth.last_iterations
         self.last_images = x
         logs = step_logs("synth", losses)
         for _ in range(self.student_steps_per_round):
