@@ -296,17 +296,21 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
 @click.option("--params", "show", default=None, metavar="NAME", help="Show one method's parameters and defaults.")
 @click.option("--teacher", default=None,
               help="With --params: the defaults this teacher file gets (recipes scale with the teacher).")
+@click.option("--recipe", type=click.Choice(["paper", "cpu"]), default=None,
+              help="With --params: this recipe instead of the one the teacher gets.")
 @teacher_options
 @friendly
-def methods_cmd(show: str | None, teacher: str | None, **kw: Any) -> None:
+def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw: Any) -> None:
     """List the distillation methods (or one method's parameters).
 
     \b
     Example:
       dfkd methods
       dfkd methods --params dfad --teacher examples/mnist_lenet5.pt    (the CPU recipe a LeNet teacher gets)
+      dfkd methods --params dfad --recipe cpu
     """
     from dfkd.methods import get_method, list_methods
+    from dfkd.methods._recipes import recipe_lines
 
     if show:
         cls = get_method(show)
@@ -317,9 +321,10 @@ def methods_cmd(show: str | None, teacher: str | None, **kw: Any) -> None:
 
             loaded = load_with_options(teacher, pop_teacher_options(kw))
             click.echo(f"  defaults for --teacher {teacher}:")
-        params = cls.default_params(loaded)
+        params = cls.finalize(cls.default_params(loaded, recipe))
         for k, v in params.items():
             click.echo(f"  {k:14s} {v!r}")
+        click.echo("\n" + "\n".join(recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})))
         return
     if teacher:
         raise DfkdError("--teacher goes with --params NAME: dfkd methods --params dfad --teacher T.pt")

@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from dfkd.evaluate import accuracy
 from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.memory import peak_rss_mib
 from dfkd.methods import Method, get_method
+from dfkd.methods._recipes import recipe_lines
 from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
@@ -144,10 +146,11 @@ class Run:
             self.eval_data = load_images(cfg.eval_data, "--eval-data")
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
-        recipe = method_cls.default_params(self.teacher)
+        recipe = method_cls.default_params(self.teacher, cfg.params.get("recipe"))
         overrides = _overrides(cfg, recipe)
-        self.params = resolve_params(recipe, overrides, cfg.method)
+        self.params = method_cls.finalize(resolve_params(recipe, overrides, cfg.method))
         check_params(overrides, recipe, cfg.method)
+        self.recipe_lines = recipe_lines(method_cls, self.teacher, self.params, overrides)
         self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student, cfg.student_args)
         seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
         student = build_student(self.student_name, self.student_kwargs).to(self.device)
@@ -325,6 +328,8 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
     try:
         if resume_step is None:
             atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
+            for line in run.recipe_lines:  # which recipe, why, and where it departs from the paper
+                tqdm.write(line, file=sys.stderr)
             if run.eval_data is not None and not isinstance(run.teacher, NoTeacher):
                 t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
                 log.scalars(0, {"teacher_top1": t["top1"]}, "student/")

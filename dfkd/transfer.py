@@ -223,7 +223,8 @@ def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, 
         raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
     device = torch.device(device)
     seed_everything(seed)
-    p = resolve_params(cls.default_params(teacher), params or {}, method)
+    params = params or {}
+    p = cls.finalize(resolve_params(cls.default_params(teacher, params.get("recipe")), params, method))
     name, kwargs = student_arch(teacher, student)
     m = cls(teacher, build_student(name, kwargs).to(device), p, device)
     try:

@@ -114,7 +114,7 @@ _FRACTION = Rule("number", lo=0, hi=1)
 RANGES: dict[str, Rule] = {
     **{k: Rule("int", lo=1) for k in ("batch_size", "s_steps", "g_steps", "iterations", "di_iters", "di_batch",
                                        "pool_size", "bank_size", "n_neg", "nz", "proj_dim", "plateau_patience")},
-    "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1, none_ok=True),
+    "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1),
     "jitter": Rule("int", lo=0),
     **{k: _RATE for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "T", "adi_T", "di_T", "cr_T",
                           "gamma", "bn_eps", "plateau_min_lr")},
@@ -132,7 +132,8 @@ RANGES: dict[str, Rule] = {
 CHOICES: dict[str, tuple[Any, ...]] = {
     "s_optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "multistep"),
     "teacher_weighting": ("mean", "confidence"), "discriminator": (None, "logits", "features"),
-    "inv_schedule": ("cosine", "plateau"), "kl_reduction": ("batchmean", "mean"),
+    "inv_schedule": ("cosine", "constant", "plateau"), "recipe": ("paper", "cpu"),
+    "kd_augment": ("none", "crop_flip"), "kl_reduction": ("batchmean", "mean"),
     "pool_dtype": ("float16", "bfloat16", "float32"), "bn_form": ("di", "gaussian_kl"),
 }
 

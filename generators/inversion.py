@@ -93,7 +93,8 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         clip: clamp pixels to the valid range after each step.
         warmup: fraction of each stage's iterations spent on linear learning-rate warm-up (cosine decay after).
         lowres: fraction of the iterations optimised through a 2x average-pooled view (NVlabs setting 0).
-        schedule: "cosine" (warm-up + cosine per stage) or "plateau" (ZeroQ: ReduceLROnPlateau on the loss).
+        schedule: "cosine" (warm-up + cosine per stage), "constant" (NVlabs' CIFAR script) or "plateau" (ZeroQ:
+            ReduceLROnPlateau on the loss).
         patience: plateau patience in iterations.
         min_lr: plateau's smallest learning rate.
         init: starting pixels, see `init_batch`.
@@ -112,8 +113,8 @@ class InversionSynthesizer(PoolServed, Synthesizer):
                  schedule: str = "cosine", patience: int = 100, min_lr: float = 1e-4, init: str = "randn",
                  pool: ImagePool | None = None, labeler: Labeler | None = None,
                  device: torch.device | str = "cpu") -> None:
-        if schedule not in ("cosine", "plateau"):
-            raise ValueError(f"unknown inversion schedule {schedule!r}: use cosine or plateau")
+        if schedule not in ("cosine", "constant", "plateau"):
+            raise ValueError(f"unknown inversion schedule {schedule!r}: use cosine, constant or plateau")
         self.spec, self.objective, self.num_classes = spec, objective, num_classes
         self.batch_size, self.iterations, self.lr, self.betas = batch_size, iterations, lr, tuple(betas)
         self.jitter, self.flip_p, self.clip, self.warmup, self.lowres = jitter, flip_p, clip, warmup, lowres
@@ -178,7 +179,7 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         for i in range(iterations):
             if i > 0 and self._should_stop(start):  # one iteration at least: a pooled batch is never pure noise
                 break
-            if plateau is None:
+            if self.schedule == "cosine":
                 opt.param_groups[0]["lr"] = self.lr * warmup_cosine(i, iterations, warmup)
             losses = self.objective(augment(low_res(x) if lowres else x), y)
             loss = losses["loss"]

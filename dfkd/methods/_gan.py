@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from dfkd.bnstats import BNInputs
-from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
+from dfkd.generators import Generator, GeneratorSynthesizer, LossDict
 from dfkd.losses import information_entropy
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.teacher import Teacher, teacher_size
+from dfkd.teacher import Teacher
 
 GAN_DEFAULTS: dict[str, Any] = {
     "nz": 100,
-    "ngf": None,  # None: sized to the teacher (dfkd.generators.default_width)
+    "ngf": 64,  # every reference generator: 128-128-64 channels
     "head": "tanh_bn",
     "bn_eps": 1e-5,
     "lr_g": 1e-3,
@@ -26,6 +26,10 @@ GAN_DEFAULTS: dict[str, Any] = {
     # (dfkd.watch), off by default; methods with their own balance term (dafl's `ie`, dfq's `balance`) use theirs.
     "balance": 0.0,
 }
+#: The CPU recipe's generator: width 16, not 64. The reference width costs 30-70x a LeNet-5 teacher and student
+#: together on a CPU; the CPU recipes of these methods were measured with it.
+GAN_CPU: dict[str, Any] = {"ngf": 16}
+CPU_WIDTH_REASON = "generator width 16, not 64: the reference width costs 30-70x a LeNet-5 teacher and student"
 
 
 class GANMethod(Method):
@@ -36,18 +40,26 @@ class GANMethod(Method):
     """
 
     defaults: ClassVar[dict[str, Any]] = GAN_DEFAULTS
+    cpu: ClassVar[dict[str, Any]] = GAN_CPU
+    cpu_reason: ClassVar[str] = CPU_WIDTH_REASON
+    #: The run's learning-rate schedule decays the generator too (DFAD, ZSKT); DAFL's and DFQ's references keep
+    #: their generator's rate constant and decay only the student.
+    decay_generator: ClassVar[bool] = True
+    #: The student is in eval mode during generator steps (zju-vipa's DFQ synthesizer): its BN statistics then
+    #: move only on student batches. Else it stays in train mode, as in DFAD's, DAFL's and ZSKT's references.
+    student_eval_in_g: ClassVar[bool] = False
     #: The subclass's own generator loss weighs the class-balance term `balance` (DFQ); else it is added here.
     own_balance: ClassVar[bool] = False
 
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
         p = self.p
-        width = p["ngf"] or default_width(teacher_size(teacher))
-        generator = Generator(teacher.spec, nz=p["nz"], ngf=width, head=p["head"], bn_eps=p["bn_eps"])
+        generator = Generator(teacher.spec, nz=p["nz"], ngf=p["ngf"], head=p["head"], bn_eps=p["bn_eps"])
         self.synth: GeneratorSynthesizer = GeneratorSynthesizer(
             generator, self._objective, p["batch_size"], p["lr_g"], tuple(p["betas_g"]), device,
             steps=p["g_steps"], grad_clip=p["grad_clip"])
-        self.track_lr(self.synth.optimizer)
+        if self.decay_generator:
+            self.track_lr(self.synth.optimizer)
         self.bn = BNInputs(teacher, self.name) if self.uses_bn else None
         self._cache: dict[str, torch.Tensor] = {}
 
@@ -55,10 +67,14 @@ class GANMethod(Method):
         del y
         if self.bn is not None:
             self.bn.set_active(True)
+        was_training = self.student.training
+        if self.student_eval_in_g:
+            self.student.eval()
         try:
             with frozen(self.student):
                 losses = self.generator_loss(x)
         finally:
+            self.student.train(was_training)
             if self.bn is not None:
                 self.bn.set_active(False)
         return self._with_balance(x, losses)

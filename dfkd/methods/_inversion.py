@@ -2,8 +2,10 @@
 
 A round optimises one new batch of input pixels against the teacher (the method's `inversion_loss`), merges it into
 the image pool with the teacher's logits, then takes `s_steps` student KD steps on uniform minibatches of the
-pool - the ADI protocol of the DeepInversion maintainers ("generate one new batch every 50 KD iterations and merge
-into the existing set", NVlabs/DeepInversion#6).
+pool, each with zju-vipa's training augmentation (`kd_augment` "crop_flip": RandomCrop with 1/8 padding plus a
+horizontal flip, none for 1-channel teachers; the teacher labels the augmented view) - the ADI protocol of the
+DeepInversion maintainers ("generate one new batch every 50 KD iterations and merge into the existing set",
+NVlabs/DeepInversion#6).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd.augment import make_augment
 from dfkd.bnstats import BNInputs
 from dfkd.generators import ImagePool, InversionSynthesizer, LossDict
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
@@ -23,7 +26,7 @@ from dfkd.teacher import Teacher
 
 INVERSION_DEFAULTS: dict[str, Any] = {
     "batch_size": 256,  # student KD minibatch, and the synthesized batch unless synth_batch_size is set
-    "synth_batch_size": None,
+    "synth_batch_size": None,  # None: batch_size (config.json holds the resolved value)
     "iterations": 2000,  # optimisation steps per synthesized batch
     "lr_inv": 0.1,
     "betas_inv": [0.5, 0.9],
@@ -44,6 +47,8 @@ INVERSION_DEFAULTS: dict[str, Any] = {
     "s_steps": 50,  # student KD steps per new batch
     "T": 3.0,  # KD temperature (NVlabs/DeepInversion#9)
     "schedule": "cosine",
+    "weight_decay": 1e-4,  # zju-vipa's student SGD (`datafree_kd.py`)
+    "kd_augment": "crop_flip",  # zju-vipa's training transform on pool samples
 }
 
 
@@ -80,6 +85,15 @@ class InversionMethod(Method):
             pool=self.pool, labeler=self._labels, device=device)
         self.synth.time_limit = p["synth_seconds"]
         self.planner = IterationPlanner(self.name, p["iterations"], p["synth_seconds"], self.notice)
+        flip = 0.0 if teacher.spec.channels == 1 else 0.5  # grey-scale digits are not mirror-symmetric
+        self.kd_augment = None if p["kd_augment"] == "none" else \
+            make_augment(p["kd_augment"], teacher.spec.size, flip_p=flip).to(device)
+
+    @classmethod
+    def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("synth_batch_size") is None:
+            params = {**params, "synth_batch_size": params["batch_size"]}
+        return params
 
     def inversion_loss(self, x: torch.Tensor, y: torch.Tensor) -> LossDict:
         """The synthesis objective on the augmented batch `x` with targets `y` (teacher/student forwards here)."""
@@ -122,6 +136,9 @@ class InversionMethod(Method):
         logs = self.synthesis_step()
         for _ in range(self.student_steps_per_round):
             x, t_logits = self.pool.sample(self.p["batch_size"], self.device)
+            if self.kd_augment is not None:
+                with torch.no_grad():
+                    x, t_logits = self.kd_augment(x), None  # the teacher labels the view the student sees
             logs.update(step_logs("student", self.student_step(x, t_logits)))
         logs["pool/images"] = float(len(self.pool))
         return logs

@@ -11,16 +11,17 @@ from torch import nn
 
 from dfkd.augment import make_augment
 from dfkd.bnstats import BNInputs
-from dfkd.generators import Generator, default_width
+from dfkd.generators import Generator
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
+from dfkd.methods._gan import CPU_WIDTH_REASON, GAN_CPU
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.teacher import Teacher, teacher_size
+from dfkd.teacher import Teacher
 
 LATENT_DEFAULTS: dict[str, Any] = {
     "nz": 256,
-    "ngf": None,  # None: sized to the teacher (dfkd.generators.default_width)
+    "ngf": 64,  # zju-vipa's Generator: 128-128-64 channels
     "synth_batch_size": 256,
     "betas_g": [0.5, 0.999],
     "flip_p": 0.5,  # horizontal flips in synthesis views and pool samples; 0 for 1-channel teachers
@@ -43,10 +44,15 @@ class LatentMethod(Method):
 
     uses_bn: ClassVar[bool] = True
     defaults: ClassVar[dict[str, Any]] = LATENT_DEFAULTS
+    cpu: ClassVar[dict[str, Any]] = GAN_CPU
+    cpu_reason: ClassVar[str] = CPU_WIDTH_REASON
+    deviations: ClassVar[tuple[str, ...]] = (
+        "the pool is an ImagePool (float16, up to pool_size images, on disk past ram_budget_mib), not PNG files",
+        "1-channel teachers get no flips (grey-scale digits and documents are not mirror-symmetric)")
 
     @classmethod
-    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        p = super().default_params(teacher)
+    def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        p = super().paper_params(teacher)
         if teacher is not None and teacher.spec.channels == 1:
             p["flip_p"] = 0.0  # digits and other grey-scale documents are not mirror-symmetric
         return p
@@ -54,8 +60,7 @@ class LatentMethod(Method):
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
         p, spec = self.p, teacher.spec
-        width = p["ngf"] or default_width(teacher_size(teacher))
-        self.generator = Generator(spec, nz=p["nz"], ngf=width, head="sigmoid")
+        self.generator = Generator(spec, nz=p["nz"], ngf=p["ngf"], head="sigmoid")
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
         self.bn = BNInputs(teacher, self.name)

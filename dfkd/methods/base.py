@@ -15,6 +15,7 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
+from dfkd.methods._recipes import check_recipe, cpu_teacher
 from dfkd.objectives import build_objectives
 from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
@@ -22,6 +23,7 @@ from dfkd.watch import WATCH_DEFAULTS
 
 #: Defaults every method shares; a method's `defaults` override them, config files and flags override both.
 BASE_DEFAULTS: dict[str, Any] = {
+    "recipe": "paper",  # "paper" or "cpu" (dfkd.methods._recipes): resolved from the teacher unless set
     "batch_size": 256,
     "s_optimizer": "sgd",  # "sgd" or "adam"
     "lr_s": 0.1,
@@ -87,6 +89,12 @@ class Method:
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: The measured CPU recipe's settings over the paper's ({}: the method has none); see `default_params`.
+    cpu: ClassVar[dict[str, Any]] = {}
+    #: Why the CPU recipe departs from the paper: what was measured, in one line.
+    cpu_reason: ClassVar[str] = ""
+    #: Departures from the paper or reference code kept in every recipe (not hyper-parameters), one line each.
+    deviations: ClassVar[tuple[str, ...]] = ()
     #: BatchNorm-statistics matching is part of the objective (a BN-free teacher loses that term).
     uses_bn: ClassVar[bool] = False
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
@@ -113,16 +121,57 @@ class Method:
 
     # --- recipe -------------------------------------------------------------------------------------------
     @classmethod
-    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        """BASE_DEFAULTS overlaid with the `defaults` of each class down to this one.
+    def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        """The paper's settings for this teacher's input kind: BASE_DEFAULTS overlaid with each class's `defaults`.
 
-        `teacher` lets a method scale its recipe to the teacher (input size, channels, parameter count).
+        Methods whose paper gives settings per dataset override this and pick by `_recipes.input_kind`.
         """
         del teacher
         merged = dict(BASE_DEFAULTS)
         for klass in reversed(cls.__mro__):
             merged.update(klass.__dict__.get("defaults", {}))
         return merged
+
+    @classmethod
+    def cpu_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        """The measured CPU recipe's settings over the paper's: each class's `cpu`, base first ({}: none)."""
+        del teacher
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("cpu", {}))
+        return merged
+
+    @classmethod
+    def default_params(cls, teacher: Teacher | None = None, recipe: str | None = None) -> dict[str, Any]:
+        """The resolved recipe: the paper's settings, with the CPU recipe on top where it applies.
+
+        Args:
+            teacher: the teacher (its input kind picks the paper's dataset setting; see `_recipes.cpu_teacher`).
+            recipe: "paper" or "cpu"; None: "cpu" for a teacher like those the CPU recipe was measured on (MNIST
+                kind, < 200K parameters) when the method has one, else "paper".
+        """
+        cpu = cls.cpu_params(teacher)
+        if recipe is None:
+            recipe = "cpu" if cpu and cpu_teacher(teacher) else "paper"
+        check_recipe(recipe)
+        p = cls.paper_params(teacher)
+        if recipe == "cpu":
+            p.update(cpu)
+        p["recipe"] = recipe
+        return p
+
+    @classmethod
+    def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """`params` with settings that follow others filled in (so config.json holds no "chosen later" None)."""
+        return params
+
+    @classmethod
+    def all_deviations(cls) -> list[str]:
+        """Every kept departure from the paper beyond hyper-parameters, base classes first."""
+        out: list[str] = []
+        for klass in reversed(cls.__mro__):
+            out += [d for d in klass.__dict__.get("deviations", ()) if d not in out]
+        return out
 
     @classmethod
     def describe(cls) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
@@ -9,11 +11,12 @@ import torch
 from dfkd.augment import make_augment
 from dfkd.generators import LossDict
 from dfkd.generators.contrastive import ContrastiveCritic, ContrastiveSynthesizer, instance_means
+from dfkd.hooks import FeatureTaps
 from dfkd.losses import adv_masked_kl, bn_deepinversion, one_hot
 from dfkd.methods._latent import LatentMethod
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
-from dfkd.teacher import Teacher, is_small_teacher
+from dfkd.teacher import Teacher
 
 
 @register_method("cmi")
@@ -26,11 +29,15 @@ class CMI(LatentMethod):
     goes to the image pool, its features to the bank; then s_steps (the reference's kd_steps) student steps on pool
     samples with KL at T=20 (zju-vipa/CMI `datafree/synthesis/contrastive.py`). Defaults are the CIFAR-10 script
     `cmi_cifar10.sh`: batch 256 / 256, g_steps 200, lr_g 1e-3, adv 0.5, bn 1, oh 1, cr 0.8, cr_T 0.2, 400 KD steps,
-    student SGD 0.1 wd 1e-4 cosine, nz 256, bank 40,960 rows, 4,096 negatives, for every input kind; CMI has no
-    ImageNet-size recipe, so inputs of 64 px or more get batches of 64 (`LARGE_BATCH`). CPU rule, for a LeNet-scale
-    teacher (< 200K parameters): g_steps / 5 = 40 with lr_g x 5 = 5e-3 (lr * steps kept), synthesis batch 64,
-    s_steps 50, batch 128 (a round costs ~1/20 of the reference's), and student lr 0.01 (DFAD's MNIST value): at
-    T=20 the reference's 0.1 kills a BN-free LeNet-5-half (constant output).
+    student SGD 0.1 wd 1e-4 cosine, nz 256, generator width 64, bank 40,960 rows, 4,096 negatives, for every input
+    kind; CMI has no ImageNet-size recipe, so inputs of 64 px or more get batches of 64 (`LARGE_BATCH`).
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters, `_recipes.cpu_teacher`):
+    g_steps / 5 = 40 with lr_g x 5 = 5e-3 (lr * steps kept), synthesis batch 64, s_steps 50, batch 128 (a round
+    costs ~1/20 of the reference's), generator width 16, and student lr 0.01 (DFAD's MNIST value): at T=20 the
+    reference's 0.1 kills a BN-free LeNet-5-half (constant output). `-p recipe=paper` gives the paper's settings.
+    The contrastive features are the per-sample channel means of the teacher's BN inputs, or, for a ResNet teacher
+    (modules layer1..layer4: zoo, torchvision and timm ResNets), of the inputs of its four stages, as the
+    reference does for its ResNet-34 teachers (`InstanceMeanHook` on `teacher.layer1..4`).
     Deviations: the pool is an ImagePool (float16, up to 60,000 images; on disk past `ram_budget_mib`), not PNG
     files; 1-channel teachers get no flips.
     """
@@ -39,6 +46,10 @@ class CMI(LatentMethod):
     summary: ClassVar[str] = "model inversion with a contrastive memory bank for diverse synthetic batches"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 2, "s_steps": 2,
                                        "n_neg": 16}
+    cpu: ClassVar[dict[str, Any]] = {"g_steps": 40, "lr_g": 5e-3, "synth_batch_size": 64, "s_steps": 50,
+                                     "batch_size": 128, "lr_s": 0.01}
+    cpu_reason: ClassVar[str] = ("a round at ~1/20 of the reference's cost (g_steps 40 at 5x lr_g, batches 64/128, "
+                                 "50 KD steps); student lr 0.01: at T=20, 0.1 kills a BN-free LeNet-5-half")
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "synth_batch_size": 256, "lr_s": 0.1, "weight_decay": 1e-4, "schedule": "cosine",
         "g_steps": 200, "s_steps": 400, "lr_g": 1e-3, "adv": 0.5, "bn": 1.0, "oh": 1.0, "cr": 0.8, "cr_T": 0.2,
@@ -46,12 +57,10 @@ class CMI(LatentMethod):
     }
 
     @classmethod
-    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        p = super().default_params(teacher)
+    def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        p = super().paper_params(teacher)
         if teacher_kind(teacher) == "imagenet":
             cap_batches(p)
-        if is_small_teacher(teacher):
-            p.update(g_steps=40, lr_g=5e-3, synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
 
     def stores(self) -> dict[str, Any]:
@@ -60,16 +69,49 @@ class CMI(LatentMethod):
     def make_synthesizer(self) -> ContrastiveSynthesizer:
         p, size = self.p, self.teacher.spec.size
         self.local_augment = make_augment("resized_crop", size, flip_p=p["flip_p"], scale=tuple(p["local_scale"]))
+        self.stage_taps = self._stage_taps()
         feat_dim = sum(m.running_mean.numel() for m in self.bn.modules)
+        if self.stage_taps is not None:
+            with torch.no_grad():  # the stage inputs' widths, from one probe forward (as the reference)
+                self.teacher(torch.zeros(self.teacher.spec.shape(1), device=self.device))
+            feat_dim = sum(self.stage_taps.inputs[q].shape[1] for q in self.stage_taps.paths)
+            self.stage_taps.active = False
+            self.stage_taps.clear()
         critic = ContrastiveCritic(max(feat_dim, 1), p["lr_g"], p["proj_dim"], p["cr_T"], p["n_neg"], p["bank_size"],
                                    self.device, p["ram_budget_mib"])
         return ContrastiveSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"], p["g_steps"],
                                       self.teacher.num_classes, critic, p["cr"] if feat_dim else 0.0, p["lr_g"],
                                       tuple(p["betas_g"]), self.device, self.augment)
 
+    def _stage_taps(self) -> FeatureTaps | None:
+        """Taps on the inputs of a ResNet teacher's four stages (None for other teachers)."""
+        paths = [f"layer{i}" for i in range(1, 5)]
+        if not self.teacher.hookable or not set(paths) <= {n for n, _ in self.teacher.module.named_modules()}:
+            return None
+        return self.teacher.tap(paths, inputs=True).__enter__()
+
+    @contextmanager
+    def synthesis(self) -> Iterator[None]:
+        if self.stage_taps is not None:
+            self.stage_taps.active = True
+        try:
+            with super().synthesis():
+                yield
+        finally:
+            if self.stage_taps is not None:
+                self.stage_taps.active = False
+                self.stage_taps.clear()
+
     def _features(self) -> tuple[torch.Tensor | None, list]:
         layers = self.bn.layers()
+        if self.stage_taps is not None:
+            return instance_means([self.stage_taps.inputs[q] for q in self.stage_taps.paths]), layers
         return (instance_means([x for x, _, _ in layers]) if layers else None), layers
+
+    def close(self) -> None:
+        if getattr(self, "stage_taps", None) is not None:
+            self.stage_taps.remove()
+        super().close()
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossDict, torch.Tensor | None]:
         p = self.p

@@ -13,7 +13,6 @@ from dfkd.methods._gan import GANMethod
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import step_logs
-from dfkd.teacher import is_small_teacher
 
 
 @register_method("dafl")
@@ -27,29 +26,34 @@ class DAFL(GANMethod):
     (`dfkd.methods._recipes.input_kind`) get the README's CIFAR-10 ones (batch 1024, nz 1000, G Adam 0.02, S SGD
     0.1 wd 5e-4 x0.1 at epochs 800/1600 of 2000, oh 0.05 / ie 5 / a 0.01). The paper has no ImageNet-size setting:
     inputs of 64 px or more get the CIFAR-10 one at batch 64 (`LARGE_BATCH`; 1024 images of 224 px would need
-    tens of GB). LeNet-scale teachers (`is_small_teacher`) take batch 64 on a CPU: 8x the iterations in the same
-    time (on the demo teacher, 2 single-thread minutes: 50 % at batch 64, 35 % at 128; batch 32 was no better
-    than 64).
+    tens of GB). The run's learning-rate schedule decays only the student (the reference's `adjust_learning_rate`
+    touches `optimizer_S` alone); the generator's rate stays constant.
+
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters, `_recipes.cpu_teacher`):
+    batch 64 and generator width 16: 8x the iterations in the same time (on the demo teacher, 2 single-thread
+    minutes: 50 % at batch 64, 35 % at 128; batch 32 was no better than 64). `-p recipe=paper` gives the paper's.
     """
 
     paper: ClassVar[str] = "Chen et al. 2019, Data-Free Learning of Student Networks, ICCV"
     summary: ClassVar[str] = "generator trained for confident, balanced, high-activation teacher outputs"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
+    decay_generator: ClassVar[bool] = False
+    cpu: ClassVar[dict[str, Any]] = {"batch_size": 64}
+    cpu_reason: ClassVar[str] = ("batch 64: 8x the iterations in the same CPU time (demo LeNet-5 teacher, 2 minutes: "
+                                 "50 % at batch 64, 35 % at 128)")
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 512, "lr_g": 0.2, "s_optimizer": "adam", "lr_s": 2e-3, "weight_decay": 0.0, "nz": 100,
         "bn_eps": 0.8, "oh": 1.0, "ie": 5.0, "a": 0.1, "ie_log_base": 10.0, "T": 1.0,
     }
 
     @classmethod
-    def default_params(cls, teacher: Any = None) -> dict[str, Any]:
-        p = super().default_params(teacher)
+    def paper_params(cls, teacher: Any = None) -> dict[str, Any]:
+        p = super().paper_params(teacher)
         if teacher_kind(teacher) in ("cifar", "imagenet"):
             p.update(batch_size=1024, nz=1000, lr_g=0.02, s_optimizer="sgd", lr_s=0.1, weight_decay=5e-4,
                      schedule="multistep", milestones=[0.4, 0.8], oh=0.05, ie=5.0, a=0.01)
         if teacher_kind(teacher) == "imagenet":
             cap_batches(p)
-        if is_small_teacher(teacher):
-            p["batch_size"] = 64
         return p
 
     def generator_loss(self, x: torch.Tensor) -> LossDict:

@@ -12,7 +12,7 @@ from dfkd.losses import adv_masked_kl, bn_momentum, one_hot, update_bn_ema
 from dfkd.methods._latent import LatentMethod
 from dfkd.methods._recipes import teacher_kind
 from dfkd.methods._registry import register_method
-from dfkd.teacher import Teacher, is_small_teacher
+from dfkd.teacher import Teacher
 
 #: Fast-DFKD's ImageNet setting (zju-vipa/Fast-Datafree `datafree_kd_imagenet.py` logs: ResNet-50 teacher).
 IMAGENET: dict[str, Any] = {"batch_size": 100, "synth_batch_size": 100, "g_steps": 50, "adv": 0.01, "bn": 0.1,
@@ -36,9 +36,11 @@ class Fast(LatentMethod):
     (120 + 20)/220. Inputs of 64 px or more get the ImageNet setting (`datafree_kd_imagenet.py`,
     `fast_meta_imagenet.py`): batch 100, g_steps 50, adv 0.01, bn 0.1, oh 0.1, T 5, student lr 0.01, lr_g 2e-4,
     lr_z 0.01, meta lr 1e-4, Reptile, 100 KD steps per batch (not its meta-learned z, its generator re-initialised
-    every 50 epochs, nor its pre-synthesised pool). CPU rule: a LeNet-scale teacher (< 200K
-    parameters) gets synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, and student lr 0.01 (at T=20
-    the reference's 0.2 kills a BN-free LeNet-5-half: constant output, 10 % on MNIST). Deviations: student steps run
+    every 50 epochs, nor its pre-synthesised pool). The meta learning rate `lr_meta` is lr_g * g_steps (the
+    reference's rule) unless set. CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K
+    parameters, `_recipes.cpu_teacher`): synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, generator
+    width 16, and student lr 0.01 (at T=20 the reference's 0.2 kills a BN-free LeNet-5-half: constant output, 10 %
+    on MNIST); `-p recipe=paper` gives the paper's settings. Deviations: student steps run
     during warmup too (a step is a student update here, so a step budget must advance); the cosine schedule has no
     eta_min (2e-4 in the reference); the pool is an ImagePool (float16, up to 60,000 images; on disk past
     `ram_budget_mib`), not PNG files; 1-channel teachers get no flips.
@@ -47,6 +49,12 @@ class Fast(LatentMethod):
     paper: ClassVar[str] = "Fang et al. 2022, Up to 100x Faster Data-free Knowledge Distillation, AAAI"
     summary: ClassVar[str] = "meta-learned generator: each synthetic batch in a few inner steps (first-order MAML)"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 2, "s_steps": 2}
+    cpu: ClassVar[dict[str, Any]] = {"synth_batch_size": 64, "s_steps": 50, "batch_size": 128, "lr_s": 0.01}
+    cpu_reason: ClassVar[str] = ("batches 64/128 and 50 KD steps a round for a CPU; student lr 0.01: at T=20, 0.2 "
+                                 "kills a BN-free LeNet-5-half (constant output, 10 % on MNIST)")
+    deviations: ClassVar[tuple[str, ...]] = (
+        "student steps run during warmup too (a step budget must advance)",
+        "the cosine schedule has no eta_min (2e-4 in the reference)")
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "synth_batch_size": 256, "lr_s": 0.2, "weight_decay": 1e-4, "schedule": "cosine",
         "g_steps": 5, "s_steps": 400, "lr_g": 3e-3, "lr_z": 0.01, "adv": 1.1, "bn": 10.0, "oh": 0.4, "bn_mmt": 0.9,
@@ -55,13 +63,17 @@ class Fast(LatentMethod):
     }
 
     @classmethod
-    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        p = super().default_params(teacher)
+    def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        p = super().paper_params(teacher)
         if teacher_kind(teacher) == "imagenet":
             p.update(IMAGENET)
-        if is_small_teacher(teacher):
-            p.update(synth_batch_size=64, s_steps=50, batch_size=128, lr_s=0.01)
         return p
+
+    @classmethod
+    def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
+        if params.get("lr_meta") is None:  # the reference's meta rate: lr_g * g_steps
+            params = {**params, "lr_meta": params["lr_g"] * params["g_steps"]}
+        return params
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None

@@ -242,8 +242,13 @@ def test_state_round_trip_through_weights_only_checkpoint():
 
 
 class _SpecOnly:
+    """A teacher as recipes see it: a spec and (no) parameters, so a LeNet-scale one."""
+
     def __init__(self, spec: InputSpec) -> None:
         self.spec = spec
+
+    def parameters(self) -> list:
+        return []
 
 
 def test_defaults_scale_with_the_teacher():
@@ -254,9 +259,10 @@ def test_defaults_scale_with_the_teacher():
     assert (cifar["batch_size"], cifar["iterations"], cifar["lowres"]) == (256, 2000, 0.0)
     mnist = di.default_params(_SpecOnly(MNIST_SPEC))
     assert mnist["iterations"] < 500 and mnist["batch_size"] <= 256
-    # The LeNet priors that make the demo teacher's inversions digit-like; CIFAR keeps the paper's.
+    # The LeNet priors that make the demo teacher's inversions digit-like (CPU recipe); CIFAR keeps the paper's.
     assert (mnist["first_bn"], mnist["tv_l2"], mnist["jitter"], mnist["lowres"]) == (1.0, 3e-2, 4, 0.5)
-    assert (cifar["first_bn"], cifar["tv_l2"], cifar["jitter"]) == (10.0, 2.5e-5, 2)
+    assert mnist["recipe"] == "cpu" and cifar["recipe"] == "paper"
+    assert (cifar["first_bn"], cifar["tv_l2"], cifar["jitter"], cifar["inv_schedule"]) == (1.0, 2.5e-5, 2, "constant")
     assert get_method("adi").default_params(_SpecOnly(MNIST_SPEC))["tv_l2"] == 3e-2
     imagenet = di.default_params(_SpecOnly(InputSpec(3, 224, (0.5,), (0.25,))))
     assert imagenet["lowres"] == pytest.approx(2 / 3) and imagenet["jitter"] == 30 and imagenet["flip_p"] == 0.5

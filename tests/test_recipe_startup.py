@@ -1,0 +1,69 @@
+"""A run prints its resolved recipe at start (which, why, departures from the paper) and stores resolved values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dfkd.checkpoint import load_checkpoint
+from dfkd.cli.main import main
+from dfkd.config import DistillConfig
+from dfkd.engine import distill
+
+QUICK = {"batch_size": 8, "s_steps": 2}
+
+
+def run(teacher_file: str, out: Path, **params) -> tuple[dict, dict]:
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfq", steps=2, out=str(out), fid_every=0,
+                        params={**QUICK, **params})
+    run_dir = distill(cfg).run_dir
+    config = json.loads((run_dir / "config.json").read_text())
+    return config, load_checkpoint(run_dir / "checkpoint.pt")["config"]
+
+
+def test_the_resolved_cpu_recipe_is_printed_and_saved(teacher_file: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    config, ckpt = run(teacher_file, tmp_path / "cpu")
+    err = capsys.readouterr().err
+    assert "recipe: cpu (teacher 1x32x32 inputs (mnist kind), 61,990 parameters: MNIST kind and < 200,000" in err
+    assert "departs from the paper: ngf = 16 (paper: 64; cpu recipe)" in err
+    assert "departs from the paper: s_optimizer = 'adam' (paper: 'sgd'; cpu recipe)" in err
+    assert "departs from the paper: batch_size = 8 (paper: 256; set by you)" in err
+    assert "why the cpu recipe: batch 64, student Adam 2e-3" in err
+    for saved in (config, ckpt):
+        p = saved["params"]
+        assert (p["recipe"], p["ngf"], p["s_optimizer"], p["batch_size"]) == ("cpu", 16, "adam", 8)
+
+
+def test_recipe_paper_is_printed_and_saved(teacher_file: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config, ckpt = run(teacher_file, tmp_path / "paper", recipe="paper")
+    err = capsys.readouterr().err
+    assert "recipe: paper (set by recipe=paper)" in err
+    moved = [ln.strip() for ln in err.splitlines() if "departs from the paper" in ln]
+    assert sorted(moved) == ["departs from the paper: batch_size = 8 (paper: 256; set by you)",
+                             "departs from the paper: s_steps = 2 (paper: 10; set by you)"]
+    for saved in (config, ckpt):
+        p = saved["params"]
+        assert (p["recipe"], p["ngf"], p["s_optimizer"], p["lr_s"], p["weight_decay"]) == \
+            ("paper", 64, "sgd", 0.1, 1e-4)
+
+
+def test_resolved_config_has_no_value_chosen_later(teacher_file: str, tmp_path: Path) -> None:
+    cfg = DistillConfig(teachers=(teacher_file,), method="deepinversion", steps=1, out=str(tmp_path / "di"),
+                        fid_every=0, params={"batch_size": 4, "iterations": 2, "s_steps": 1})
+    p = json.loads((distill(cfg).run_dir / "config.json").read_text())["params"]
+    assert p["synth_batch_size"] == 256 and p["recipe"] == "cpu"  # the CPU recipe's, not None
+
+
+def test_methods_params_shows_the_recipe_and_the_kept_deviations(teacher_file: str) -> None:
+    out = CliRunner().invoke(main, ["methods", "--params", "cmi"]).output
+    assert "recipe: paper (no teacher given: the paper's settings)" in out and "every setting is the paper's" in out
+    assert "kept deviation: the pool is an ImagePool" in out
+    assert "  ngf            64" in out
+    lenet = CliRunner().invoke(main, ["methods", "--params", "cmi", "--teacher", teacher_file]).output
+    assert "recipe: cpu (teacher 1x32x32" in lenet and "departs from the paper: g_steps = 40 (paper: 200" in lenet
+    forced = CliRunner().invoke(main, ["methods", "--params", "cmi", "--teacher", teacher_file, "--recipe", "paper"])
+    assert "recipe: paper (set by recipe=paper)" in forced.output and "  ngf            64" in forced.output
