@@ -114,7 +114,8 @@ _FRACTION = Rule("number", lo=0, hi=1)
 RANGES: dict[str, Rule] = {
     **{k: Rule("int", lo=1) for k in ("batch_size", "s_steps", "g_steps", "iterations", "di_iters", "di_batch",
                                        "pool_size", "bank_size", "n_neg", "nz", "proj_dim", "plateau_patience")},
-    "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1),
+    # None: follows batch_size / runs saved before recipes resolved the generator width
+    "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1, none_ok=True),
     "jitter": Rule("int", lo=0),
     **{k: _RATE for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "T", "adi_T", "di_T", "cr_T",
                           "gamma", "bn_eps", "plateau_min_lr")},

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from dfkd.bnstats import BNInputs
-from dfkd.generators import Generator, GeneratorSynthesizer, LossDict
+from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
 from dfkd.losses import information_entropy
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, teacher_size
 
 GAN_DEFAULTS: dict[str, Any] = {
     "nz": 100,
@@ -30,6 +30,11 @@ GAN_DEFAULTS: dict[str, Any] = {
 #: together on a CPU; the CPU recipes of these methods were measured with it.
 GAN_CPU: dict[str, Any] = {"ngf": 16}
 CPU_WIDTH_REASON = "generator width 16, not 64: the reference width costs 30-70x a LeNet-5 teacher and student"
+
+
+def generator_width(p: dict[str, Any], teacher: Teacher) -> int:
+    """`ngf`; None only in runs saved before recipes resolved it, which keep the size rule they were made with."""
+    return p["ngf"] or default_width(teacher_size(teacher))
 
 
 class GANMethod(Method):
@@ -54,7 +59,8 @@ class GANMethod(Method):
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
         p = self.p
-        generator = Generator(teacher.spec, nz=p["nz"], ngf=p["ngf"], head=p["head"], bn_eps=p["bn_eps"])
+        generator = Generator(teacher.spec, nz=p["nz"], ngf=generator_width(p, teacher), head=p["head"],
+                              bn_eps=p["bn_eps"])
         self.synth: GeneratorSynthesizer = GeneratorSynthesizer(
             generator, self._objective, p["batch_size"], p["lr_g"], tuple(p["betas_g"]), device,
             steps=p["g_steps"], grad_clip=p["grad_clip"])

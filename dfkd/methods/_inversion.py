@@ -69,6 +69,8 @@ class InversionMethod(Method):
     """
 
     defaults: ClassVar[dict[str, Any]] = INVERSION_DEFAULTS
+    deviations: ClassVar[tuple[str, ...]] = (
+        "the pool keeps images as float16 (pool_dtype), on disk past ram_budget_mib",)
     uses_bn: ClassVar[bool] = True
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "iterations": 4, "s_steps": 2}
 

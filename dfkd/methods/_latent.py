@@ -15,7 +15,7 @@ from dfkd.generators import Generator
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
-from dfkd.methods._gan import CPU_WIDTH_REASON, GAN_CPU
+from dfkd.methods._gan import CPU_WIDTH_REASON, GAN_CPU, generator_width
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.teacher import Teacher
 
@@ -60,7 +60,7 @@ class LatentMethod(Method):
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
         p, spec = self.p, teacher.spec
-        self.generator = Generator(spec, nz=p["nz"], ngf=p["ngf"], head="sigmoid")
+        self.generator = Generator(spec, nz=p["nz"], ngf=generator_width(p, teacher), head="sigmoid")
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
         self.bn = BNInputs(teacher, self.name)

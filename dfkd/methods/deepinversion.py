@@ -58,6 +58,8 @@ class DeepInversion(InversionMethod):
     paper: ClassVar[str] = "Yin et al. 2020, Dreaming to Distill: Data-free Knowledge Transfer via DeepInversion, CVPR"
     summary: ClassVar[str] = "input pixels optimised to match teacher BN statistics and sampled classes; KD from a pool"
     cpu: ClassVar[dict[str, Any]] = CPU
+    deviations: ClassVar[tuple[str, ...]] = (
+        "ImageNet setting: the warm-up is 5 % of each stage (100 then 50 iterations; NVlabs: 100 in each)",)
     cpu_reason: ClassVar[str] = ("100 iterations a batch and LeNet priors: demo teacher, 3 CPU-minutes, 91.6 % "
                                  "against 89.8 % with the CIFAR priors")
     defaults: ClassVar[dict[str, Any]] = {

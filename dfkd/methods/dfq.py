@@ -43,6 +43,9 @@ class DFQ(GANMethod):
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     own_balance: ClassVar[bool] = True
     decay_generator: ClassVar[bool] = False
+    deviations: ClassVar[tuple[str, ...]] = (
+        "the adversarial term uses the student being trained (zju-vipa's engine passed the teacher twice)",
+        "-p T sets the student's KD temperature (zju-vipa's engine ignored it)")
     student_eval_in_g: ClassVar[bool] = True
     cpu: ClassVar[dict[str, Any]] = {"batch_size": 64, "s_optimizer": "adam", "lr_s": 2e-3, "weight_decay": 5e-4}
     cpu_reason: ClassVar[str] = ("batch 64, student Adam 2e-3: SGD 0.1 drove a BN-free LeNet-5-half to a constant "
