@@ -110,7 +110,7 @@ def recipe_lines(cls: type[Method], teacher: Any, params: dict[str, Any],
     lines = [f"recipe: {params['recipe']} ({why_recipe(cls, teacher, given)})"]
     moved = departures(cls, teacher, params, overrides)
     lines += [f"  departs from the paper: {m}" for m in moved] or ["  every setting is the paper's"]
-    if params["recipe"] == "cpu" and cls.cpu_reason:
-        lines.append(f"  why the cpu recipe: {cls.cpu_reason}")
+    if params["recipe"] == "cpu":
+        lines += [f"  why the cpu recipe: {why}" for why in cls.cpu_reasons()]
     lines += [f"  kept deviation: {d}" for d in cls.all_deviations()]
     return lines

@@ -166,6 +166,16 @@ class Method:
         return params
 
     @classmethod
+    def cpu_reasons(cls) -> list[str]:
+        """Why the CPU recipe departs from the paper, base classes first (one line each)."""
+        out: list[str] = []
+        for klass in reversed(cls.__mro__):
+            why = klass.__dict__.get("cpu_reason", "")
+            if why and why not in out:
+                out.append(why)
+        return out
+
+    @classmethod
     def all_deviations(cls) -> list[str]:
         """Every kept departure from the paper beyond hyper-parameters, base classes first."""
         out: list[str] = []

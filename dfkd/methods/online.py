@@ -58,7 +58,7 @@ class Online(DFAD):
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     defaults: ClassVar[dict[str, Any]] = {"mutual": 1.0, "adv": 1.0}
     cpu: ClassVar[dict[str, Any]] = {"adv": 0.01}
-    cpu_reason: ClassVar[str] = ("DFAD's CPU recipe, and critic weight adv 0.01: plain LeNet-5 teacher, 1500 steps: "
+    cpu_reason: ClassVar[str] = ("critic weight adv 0.01: plain LeNet-5 teacher, 1500 steps: "
                                  "91.0 % at 0.01, 20.7 % at 1")
     deviations: ClassVar[tuple[str, ...]] = (
         "AFD's convolutional feature-map critics are MLPs on the pooled penultimate features",)

@@ -87,3 +87,8 @@ def test_cmi_reads_a_resnet_teachers_four_stage_inputs() -> None:
     assert lenet.stage_taps is None
     assert lenet.synth.critic.head.net[0].in_features == sum(b.running_mean.numel() for b in lenet.bn.modules)
     lenet.close()
+
+
+def test_a_run_saved_before_recipes_resolved_ngf_keeps_its_generator() -> None:
+    old, new = build("dfad", ngf=None), build("dfad", ngf=16)  # None meant "sized to the teacher": 16 for a LeNet
+    assert [p.shape for p in old.synth.generator.parameters()] == [p.shape for p in new.synth.generator.parameters()]
