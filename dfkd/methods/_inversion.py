@@ -93,6 +93,7 @@ class InversionMethod(Method):
 
     @classmethod
     def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
+        params = super().finalize(params)
         if params.get("synth_batch_size") is None:
             params = {**params, "synth_batch_size": params["batch_size"]}
         return params

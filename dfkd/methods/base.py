@@ -16,7 +16,7 @@ from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
 from dfkd.methods._recipes import check_recipe, cpu_teacher
-from dfkd.objectives import build_objectives
+from dfkd.objectives import build_objectives, get_objective
 from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
 from dfkd.watch import WATCH_DEFAULTS
@@ -162,7 +162,15 @@ class Method:
 
     @classmethod
     def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """`params` with settings that follow others filled in (so config.json holds no "chosen later" None)."""
+        """`params` with settings that follow others filled in (so config.json holds no "chosen later" None).
+
+        Here: `feature_weight` None with objectives named becomes each objective's paper weight, by name.
+        Subclasses fill in their own (and call this).
+        """
+        fl = params.get("feature_loss")
+        if fl not in (None, "", []) and params.get("feature_weight") is None:
+            names = [fl] if isinstance(fl, str) else list(fl)
+            params = {**params, "feature_weight": {n: get_objective(n).default_weight for n in names}}
         return params
 
     @classmethod

@@ -71,6 +71,7 @@ class Fast(LatentMethod):
 
     @classmethod
     def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
+        params = super().finalize(params)
         if params.get("lr_meta") is None:  # the reference's meta rate: lr_g * g_steps
             params = {**params, "lr_meta": params["lr_g"] * params["g_steps"]}
         return params

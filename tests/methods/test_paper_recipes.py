@@ -132,3 +132,12 @@ def test_a_wrong_recipe_name_is_refused() -> None:
 
     with pytest.raises(DfkdError, match="recipe=fast: use paper or cpu"):
         get_method("dfad").default_params(LENET, "fast")
+
+
+def test_objective_weights_are_resolved_to_each_papers_weight() -> None:
+    dfad = get_method("dfad")
+    p = dfad.finalize({**dfad.default_params(LENET), "feature_loss": ["at", "rkd"]})
+    assert p["feature_weight"] == {"at": 500.0, "rkd": 25.0}  # Zagoruyko & Komodakis' 1000/2, Park et al.'s 25
+    assert dfad.finalize({**dfad.default_params(LENET), "feature_loss": "sp", "feature_weight": 7.0})[
+        "feature_weight"] == 7.0
+    assert dfad.finalize(dfad.default_params(LENET))["feature_weight"] is None  # no objective: nothing to weigh
