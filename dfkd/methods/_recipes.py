@@ -15,13 +15,10 @@ and every setting that departs from the paper (`recipe_lines`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
-
-if TYPE_CHECKING:
-    from dfkd.methods.base import Method
 
 #: Batch size at ImageNet-size inputs where a paper gives none: DeepInversion's ImageNet default
 #: (NVlabs `imagenet_inversion.py --bs 64`) and DFAD's 224 px Caltech-101 setting (`--batch_size 64`).
@@ -69,13 +66,108 @@ def cap_batches(p: dict[str, Any], keys: tuple[str, ...] = ("batch_size", "synth
             p[k] = min(int(p[k]), LARGE_BATCH)
 
 
+class Recipe:
+    """A method's settings: the paper's per input kind, a measured CPU recipe over them, and what it keeps apart.
+
+    `Method` inherits this; a method sets `defaults` (its paper's settings), overrides `paper_params` where the
+    paper gives settings per dataset, sets `cpu` and `cpu_reason` for a CPU recipe, `deviations` for departures
+    from the paper that are not settings, and overrides `finalize` for settings that follow others.
+    """
+
+    #: Settings every method shares (dfkd.methods.base.BASE_DEFAULTS).
+    base_defaults: ClassVar[dict[str, Any]] = {}
+    #: The method's paper settings over `base_defaults` (each class down the hierarchy adds its own).
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: The measured CPU recipe's settings over the paper's ({}: the method has none); see `default_params`.
+    cpu: ClassVar[dict[str, Any]] = {}
+    #: Why the CPU recipe departs from the paper: what was measured, in one line.
+    cpu_reason: ClassVar[str] = ""
+    #: Departures from the paper or reference code kept in every recipe (not hyper-parameters), one line each.
+    deviations: ClassVar[tuple[str, ...]] = ()
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def paper_params(cls, teacher: Any = None) -> dict[str, Any]:
+        """The paper's settings for this teacher's input kind: BASE_DEFAULTS overlaid with each class's `defaults`.
+
+        Methods whose paper gives settings per dataset override this and pick by `_recipes.input_kind`.
+        """
+        del teacher
+        merged = dict(cls.base_defaults)
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("defaults", {}))
+        return merged
+
+    @classmethod
+    def cpu_params(cls, teacher: Any = None) -> dict[str, Any]:
+        """The measured CPU recipe's settings over the paper's: each class's `cpu`, base first ({}: none)."""
+        del teacher
+        merged: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            merged.update(klass.__dict__.get("cpu", {}))
+        return merged
+
+    @classmethod
+    def default_params(cls, teacher: Any = None, recipe: str | None = None) -> dict[str, Any]:
+        """The resolved recipe: the paper's settings, with the CPU recipe on top where it applies.
+
+        Args:
+            teacher: the teacher (its input kind picks the paper's dataset setting; see `_recipes.cpu_teacher`).
+            recipe: "paper" or "cpu"; None: "cpu" for a teacher like those the CPU recipe was measured on (MNIST
+                kind, < 200K parameters) when the method has one, else "paper".
+        """
+        cpu = cls.cpu_params(teacher)
+        if recipe is None:
+            recipe = "cpu" if cpu and cpu_teacher(teacher) else "paper"
+        check_recipe(recipe)
+        p = cls.paper_params(teacher)
+        if recipe == "cpu":
+            p.update(cpu)
+        p["recipe"] = recipe
+        return p
+
+    @classmethod
+    def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """`params` with settings that follow others filled in (so config.json holds no "chosen later" None).
+
+        Here: `feature_weight` None with objectives named becomes each objective's paper weight, by name.
+        Subclasses fill in their own (and call this).
+        """
+        fl = params.get("feature_loss")
+        if fl not in (None, "", []) and params.get("feature_weight") is None:
+            names = [fl] if isinstance(fl, str) else list(fl)
+            from dfkd.objectives import get_objective
+
+            params = {**params, "feature_weight": {n: get_objective(n).default_weight for n in names}}
+        return params
+
+    @classmethod
+    def cpu_reasons(cls) -> list[str]:
+        """Why the CPU recipe departs from the paper, base classes first (one line each)."""
+        out: list[str] = []
+        for klass in reversed(cls.__mro__):
+            why = klass.__dict__.get("cpu_reason", "")
+            if why and why not in out:
+                out.append(why)
+        return out
+
+    @classmethod
+    def all_deviations(cls) -> list[str]:
+        """Every kept departure from the paper beyond hyper-parameters, base classes first."""
+        out: list[str] = []
+        for klass in reversed(cls.__mro__):
+            out += [d for d in klass.__dict__.get("deviations", ()) if d not in out]
+        return out
+
+
+
 def _teacher_words(teacher: Any) -> str:
     s = teacher.spec
     kind, n = teacher_kind(teacher), parameter_count(teacher)
     return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters"
 
 
-def why_recipe(cls: type[Method], teacher: Any, given: str | None) -> str:
+def why_recipe(cls: type[Recipe], teacher: Any, given: str | None) -> str:
     """Why `cls` runs the recipe it does for `teacher` (`given`: the recipe the user set, if any)."""
     if given:
         return f"set by recipe={given}"
@@ -91,7 +183,7 @@ def why_recipe(cls: type[Method], teacher: Any, given: str | None) -> str:
             "parameters only; -p recipe=cpu to use it anyway")
 
 
-def departures(cls: type[Method], teacher: Any, params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
     """One line per setting of `params` that differs from the paper's, with where the value came from."""
     paper = cls.finalize(cls.paper_params(teacher))
     cpu = cls.cpu_params(teacher) if params.get("recipe") == "cpu" else {}
@@ -102,7 +194,7 @@ def departures(cls: type[Method], teacher: Any, params: dict[str, Any], override
     return lines
 
 
-def recipe_lines(cls: type[Method], teacher: Any, params: dict[str, Any],
+def recipe_lines(cls: type[Recipe], teacher: Any, params: dict[str, Any],
                  overrides: dict[str, Any] | None = None) -> list[str]:
     """What a run prints at start: its recipe and why, each departure from the paper and why, kept deviations."""
     given = (overrides or {}).get("recipe")

@@ -15,8 +15,8 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
-from dfkd.methods._recipes import check_recipe, cpu_teacher
-from dfkd.objectives import build_objectives, get_objective
+from dfkd.methods._recipes import Recipe
+from dfkd.objectives import build_objectives
 from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
 from dfkd.watch import WATCH_DEFAULTS
@@ -71,8 +71,10 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-class Method:
+class Method(Recipe):
     """A registered distillation recipe. Subclasses set `paper`, `summary`, `defaults` and implement `round()`.
+
+    Its settings (`default_params`, `cpu`, `deviations`, ...) are `dfkd.methods._recipes.Recipe`'s.
 
     The loop calls `round()` repeatedly; a round runs the method's synthesis steps and `student_steps_per_round`
     student steps and returns a flat dict of float losses. `set_progress(p)` applies the learning-rate schedule
@@ -88,13 +90,7 @@ class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    #: The measured CPU recipe's settings over the paper's ({}: the method has none); see `default_params`.
-    cpu: ClassVar[dict[str, Any]] = {}
-    #: Why the CPU recipe departs from the paper: what was measured, in one line.
-    cpu_reason: ClassVar[str] = ""
-    #: Departures from the paper or reference code kept in every recipe (not hyper-parameters), one line each.
-    deviations: ClassVar[tuple[str, ...]] = ()
+    base_defaults: ClassVar[dict[str, Any]] = BASE_DEFAULTS
     #: BatchNorm-statistics matching is part of the objective (a BN-free teacher loses that term).
     uses_bn: ClassVar[bool] = False
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
@@ -119,78 +115,7 @@ class Method:
         self.time_budget: float | None = None
         self._notices: list[str] = []
 
-    # --- recipe -------------------------------------------------------------------------------------------
-    @classmethod
-    def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        """The paper's settings for this teacher's input kind: BASE_DEFAULTS overlaid with each class's `defaults`.
-
-        Methods whose paper gives settings per dataset override this and pick by `_recipes.input_kind`.
-        """
-        del teacher
-        merged = dict(BASE_DEFAULTS)
-        for klass in reversed(cls.__mro__):
-            merged.update(klass.__dict__.get("defaults", {}))
-        return merged
-
-    @classmethod
-    def cpu_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        """The measured CPU recipe's settings over the paper's: each class's `cpu`, base first ({}: none)."""
-        del teacher
-        merged: dict[str, Any] = {}
-        for klass in reversed(cls.__mro__):
-            merged.update(klass.__dict__.get("cpu", {}))
-        return merged
-
-    @classmethod
-    def default_params(cls, teacher: Teacher | None = None, recipe: str | None = None) -> dict[str, Any]:
-        """The resolved recipe: the paper's settings, with the CPU recipe on top where it applies.
-
-        Args:
-            teacher: the teacher (its input kind picks the paper's dataset setting; see `_recipes.cpu_teacher`).
-            recipe: "paper" or "cpu"; None: "cpu" for a teacher like those the CPU recipe was measured on (MNIST
-                kind, < 200K parameters) when the method has one, else "paper".
-        """
-        cpu = cls.cpu_params(teacher)
-        if recipe is None:
-            recipe = "cpu" if cpu and cpu_teacher(teacher) else "paper"
-        check_recipe(recipe)
-        p = cls.paper_params(teacher)
-        if recipe == "cpu":
-            p.update(cpu)
-        p["recipe"] = recipe
-        return p
-
-    @classmethod
-    def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """`params` with settings that follow others filled in (so config.json holds no "chosen later" None).
-
-        Here: `feature_weight` None with objectives named becomes each objective's paper weight, by name.
-        Subclasses fill in their own (and call this).
-        """
-        fl = params.get("feature_loss")
-        if fl not in (None, "", []) and params.get("feature_weight") is None:
-            names = [fl] if isinstance(fl, str) else list(fl)
-            params = {**params, "feature_weight": {n: get_objective(n).default_weight for n in names}}
-        return params
-
-    @classmethod
-    def cpu_reasons(cls) -> list[str]:
-        """Why the CPU recipe departs from the paper, base classes first (one line each)."""
-        out: list[str] = []
-        for klass in reversed(cls.__mro__):
-            why = klass.__dict__.get("cpu_reason", "")
-            if why and why not in out:
-                out.append(why)
-        return out
-
-    @classmethod
-    def all_deviations(cls) -> list[str]:
-        """Every kept departure from the paper beyond hyper-parameters, base classes first."""
-        out: list[str] = []
-        for klass in reversed(cls.__mro__):
-            out += [d for d in klass.__dict__.get("deviations", ()) if d not in out]
-        return out
-
+    # --- description ----------------------------------------------------------------------------------------
     @classmethod
     def describe(cls) -> str:
         """One line: what it does, and its paper."""
