@@ -24,7 +24,10 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except DfkdError as e:
-            click.echo(f"error: {e}", err=True)
+            from dfkd.distributed import OtherRankFailed
+
+            if not isinstance(e, OtherRankFailed):  # rank 0 prints that one
+                click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except OSError as e:
             from dfkd.io import disk_error
@@ -209,15 +212,14 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     params = params + objective_flags(flags)
     flags["arch_args"] = parse_arch_args(flags["arch_args"]) or None
     flags["student_args"] = parse_arch_args(flags["student_args"], "--student-arg") or None
-    if flags["data"] and flags["method"] is None:
-        flags["method"] = "kd"
-
     if flags["method"] is not None and flags["method"] not in _method_names():
         from dfkd.methods import get_method
 
         get_method(flags["method"])
-    if flags["transfer_data"] and flags["method"] is None:
-        flags["method"] = "transfer"
+    if flags["method"] is None:
+        from dfkd.sources import default_method
+
+        flags["method"] = default_method(flags)
     try:
         if resume_dir:
             if config_file:
@@ -229,8 +231,11 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         else:
             result = distill(build_config(config_file, params, **flags))
     except Interrupted as e:
-        click.echo(str(e), err=True)
+        if not _other_rank():
+            click.echo(str(e), err=True)
         sys.exit(130)
+    if result.rank:
+        return  # under torchrun, rank 0 reports the run
     top1 = result.metrics.get("top1")
     click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
     if result.selected:
@@ -238,6 +243,13 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     click.echo(f"tensorboard --logdir {result.run_dir}")
     print_deploy(result.run_dir)
     click.echo(f"peak memory (RSS): {result.peak_rss_mib:.0f} MiB")
+
+
+def _other_rank() -> bool:
+    """Whether this process is a torchrun rank other than 0 (which leaves the talking to rank 0)."""
+    import os
+
+    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:

@@ -13,26 +13,42 @@ from dfkd.io import atomic_torch_save
 CHECKPOINT_VERSION = 1
 
 
-def rng_state() -> dict[str, Any]:
-    """Every RNG the run draws from (all randomness goes through torch)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG the run draws from (all randomness goes through torch): the CPU's and the run's GPU's.
+
+    Only the GPU the run uses is recorded, not every visible one, so a checkpoint resumes on a machine with
+    fewer GPUs (or on another one, with `--device`).
+    """
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore `rng_state()`'s result; the GPU stream goes to the run's GPU (none when it now runs on the CPU).
+
+    Checkpoints of older dfkd held a list, one state per visible GPU: the first one is used.
+    """
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):
+        if not cuda:
+            return
+        cuda = cuda[0]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def save_checkpoint(path: Path, *, config: dict[str, Any], step: int, elapsed: float, method_state: dict[str, Any],
-                    finished: bool, extra: dict[str, Any] | None = None) -> None:
-    """Write everything a resume needs, atomically."""
+                    finished: bool, extra: dict[str, Any] | None = None,
+                    rng: dict[str, Any] | None = None) -> None:
+    """Write everything a resume needs, atomically (`rng`: default this process's RNG state, CPU only)."""
     atomic_torch_save({
         "version": CHECKPOINT_VERSION, "config": config, "step": step, "elapsed": elapsed,
-        "method": method_state, "rng": rng_state(), "finished": finished, "extra": extra or {},
+        "method": method_state, "rng": rng if rng is not None else rng_state(), "finished": finished,
+        "extra": extra or {},
     }, path)
 
 

@@ -23,28 +23,25 @@ import torch
 from tqdm import tqdm
 
 from dfkd.archs import flag_spec
-from dfkd.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from dfkd.config import DistillConfig, check_method_params, resolve_params
+from dfkd.build import build_method
+from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dfkd.config import DistillConfig, check_method_params
 from dfkd.data import ImageData, check_fits, load_images
-from dfkd.ensemble import load_teachers
+from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.memory import peak_rss_mib
 from dfkd.methods import Method, get_method
-from dfkd.methods._recipes import recipe_lines
-from dfkd.methods.transfer import NoTeacher, check_transfer_config
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir
-from dfkd.runlog import RunLog
+from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
+from dfkd.sources import Source, source_for
 from dfkd.spec import InputSpec
-from dfkd.students import build_student, student_arch
-from dfkd.teacher import Teacher
-from dfkd.transfer import load_transfer
 from dfkd.utils import pick_device, seed_everything
-from dfkd.validate import check_params, check_settings
+from dfkd.validate import check_settings
 
 DEFAULT_BUDGET_MINUTES = 10.0
 
@@ -59,6 +56,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     peak_rss_mib: float = 0.0  # the process's peak resident memory at the end of the run
     selected: str = ""  # which student student.pt is, when held-out selection chose it (dfkd.selection)
+    rank: int = 0  # this process's rank in a torchrun job (only rank 0 wrote the run folder)
 
 
 class Interrupted(DfkdError):
@@ -66,8 +64,11 @@ class Interrupted(DfkdError):
 
 
 @contextmanager
-def _graceful_sigint() -> Any:
-    """First Ctrl-C sets a flag the loop checks between rounds; a second one interrupts at once."""
+def _graceful_sigint(sigterm: bool = False) -> Any:
+    """First Ctrl-C sets a flag the loop checks between rounds; a second one interrupts at once.
+
+    With `sigterm` (a torchrun job: its agent stops workers with SIGTERM), SIGTERM counts as a Ctrl-C too.
+    """
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -78,11 +79,13 @@ def _graceful_sigint() -> Any:
             raise KeyboardInterrupt
         flag["stop"] = True
 
-    old = signal.signal(signal.SIGINT, handler)
+    signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
@@ -106,68 +109,61 @@ def new_run_dir(cfg: DistillConfig, teacher_path: str) -> tuple[Path, bool]:
     return prepare_run_dir(d, "--runs-dir")
 
 
-def _run_teacher(cfg: DistillConfig, device: torch.device) -> Teacher:
-    """The run's teacher: one file, or several answering as one, or a stand-in when there is no teacher file.
-
-    Several files: dfkd.ensemble (weighted logits, BN statistics of every member). No file (`--transfer-data`
-    alone): a stand-in carrying the transfer file's spec and classes, with no forward.
-    """
-    if not cfg.teachers:
-        return NoTeacher(load_transfer(cfg.transfer_data))
-    return load_teachers(cfg.teachers, cfg.teacher_arch, cfg.trust_pickle, _spec_from_flags(cfg), device,
-                         cfg.params.get("teacher_weights"), cfg.params.get("teacher_weighting", "mean"), cfg.arch_args)
-
-
-def _overrides(cfg: DistillConfig, recipe: dict[str, Any]) -> dict[str, Any]:
-    """The method settings the user gave, plus the data files that feed the methods reading stored images."""
-    overrides = dict(cfg.params)
-    if cfg.transfer_data:
-        overrides["transfer_data"] = cfg.transfer_data
-    if cfg.data:
-        if "data" not in recipe:
-            raise DfkdError(f"--data {cfg.data}: method {cfg.method} is data-free; distill on real images with "
-                            "--method kd")
-        overrides["data"] = cfg.data
-    return overrides
-
-
 class Run:
     """One distillation run: builds teacher, student and method from a config, then loops."""
 
-    def __init__(self, cfg: DistillConfig, run_dir: Path, ckpt: dict[str, Any] | None = None) -> None:
-        check_transfer_config(cfg.teachers, cfg.transfer_data, cfg.method, cfg.student)
-        self.cfg, self.run_dir = cfg, run_dir
-        self.device = pick_device(cfg.device)
-        method_cls = get_method(cfg.method)
+    def __init__(self, cfg: DistillConfig, run_dir: Path, ckpt: dict[str, Any] | None = None,
+                 dist: Dist = SINGLE) -> None:
+        self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.source: Source = source_for(cfg)
+        self.source.check()
+        self.device = pick_device(rank_device(cfg.device, dist))
+        get_method(cfg.method)
         seed_everything(cfg.seed)
-        self.teacher = _run_teacher(cfg, self.device)
+        self.teacher = self.source.teacher(self.device)
         self.eval_data: ImageData | None = None
         if cfg.eval_data:
             self.eval_data = load_images(cfg.eval_data, "--eval-data")
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
-        self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) if cfg.fid_every else FIDMonitors([])
-        recipe = method_cls.default_params(self.teacher, cfg.params.get("recipe"))
-        overrides = _overrides(cfg, recipe)
-        self.params = method_cls.finalize(resolve_params(recipe, overrides, cfg.method))
-        check_params(overrides, recipe, cfg.method)
-        self.recipe_lines = recipe_lines(method_cls, self.teacher, self.params, overrides)
-        self.student_name, self.student_kwargs = student_arch(self.teacher, cfg.student, cfg.student_args)
-        seed_everything(cfg.seed)  # the student's initial weights do not depend on how the teacher was loaded
-        student = build_student(self.student_name, self.student_kwargs).to(self.device)
-        if cfg.quantize:
-            from dfkd.qat import prepare_qat
-
-            student = prepare_qat(student, cfg.quantize)
-        self.method: Method = method_cls(self.teacher, student, self.params, self.device)
-        self.method.attach_storage(run_dir)  # pool and bank go to files here, not into checkpoints
+        self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) \
+            if cfg.fid_every and dist.main else FIDMonitors([])
+        built = build_method(cfg.method, self.teacher, self.source.overrides(), self.device, cfg.seed,
+                             cfg.student, cfg.student_args, cfg.quantize,
+                             local=lambda p: self.source.local_params(p, dist.world))
+        self.method: Method = built.method
+        self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
+        self.recipe_lines = built.recipe_lines
+        self._share(run_dir)
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
         self.image_step = -1  # the step of the last synthetic-image grid logged
         if ckpt is not None:
-            self.method.load_state_dict(ckpt["method"])
-            set_rng_state(ckpt["rng"])
-            self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-            self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
+            self._restore(ckpt)
+
+    def _share(self, run_dir: Path) -> None:
+        """Storage for the pool and bank (files, not checkpoints); under torchrun, each rank's stream and shard."""
+        d = self.dist
+        self.method.attach_storage(run_dir if d.main else run_dir / f"rank{d.rank}")
+        if d.enabled:
+            if self.params.get("collapse_action") == "reset":
+                raise DfkdError("-p collapse_action=reset: not supported on several processes (each rank would "
+                                "judge collapse on its own batch); use collapse_action=warn with torchrun")
+            d.share(self.method)
+            seed_everything(rank_seed(self.cfg.seed, d.rank))
+            self.source.shard(self.method, d.rank, d.world)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        """Continue from `ckpt`: the shared state, and this rank's own RNG, synthesizer and method state."""
+        state, rng = dict(ckpt["method"]), ckpt["rng"]
+        ranks = ckpt.get("extra", {}).get("ranks")
+        if ranks is not None:
+            mine = ranks[self.dist.rank]
+            state.update(synth=mine["synth"], extra=mine["extra"])
+            rng = mine["rng"]
+        self.method.load_state_dict(state)
+        set_rng_state(rng, self.device)
+        self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def resolved_config(self) -> dict[str, Any]:
@@ -197,12 +193,19 @@ class Run:
         return max(1, int(self.params["batch_size"]))
 
     def checkpoint(self, finished: bool = False) -> None:
-        save_checkpoint(self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step,
-                        elapsed=self.elapsed, method_state=self.method.state_dict(), finished=finished,
-                        extra={"watch": self.watch.state_dict()})
+        """Rank 0 writes checkpoint.pt; under torchrun it holds every rank's RNG, synthesizer and method state."""
+        state = self.method.state_dict()
+        mine = {"rng": rng_state(self.device), "synth": state["synth"], "extra": state["extra"]}
+        ranks = self.dist.gather(mine)
+        extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world}
+        if self.dist.enabled:
+            extra["ranks"] = ranks
+        self.dist.on_main(lambda: save_checkpoint(
+            self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step, elapsed=self.elapsed,
+            method_state=state, finished=finished, extra=extra, rng=mine["rng"]))
 
     def evaluate(self) -> dict[str, float]:
-        if self.eval_data is None:
+        if self.eval_data is None or not self.dist.main:
             return {}
         res = accuracy(self.method.student, self.eval_data, self.teacher.spec, self.device, batch_size=self.chunk)
         return {"top1": res["top1"], "top5": res["top5"]}
@@ -215,8 +218,9 @@ class Run:
                 "fid": self.step // max(cfg.fid_every, 1)}
         window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
         metrics: dict[str, float] = {}
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
-        with _graceful_sigint() as sig, bar:  # the bar ends its line before any error is printed
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
+                   disable=not self.dist.main)
+        with _graceful_sigint(self.dist.enabled) as sig, bar:  # the bar ends its line before any error is printed
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
@@ -224,15 +228,17 @@ class Run:
                 n = self.method.student_steps_per_round
                 t0 = time.perf_counter()
                 losses = self.method.round()
-                dt = time.perf_counter() - t0
+                self.dist.sync_buffers(self.method)
+                dt, sig["stop"], bad = self.dist.agree(time.perf_counter() - t0, sig["stop"], self._nonfinite(losses))
                 self.elapsed += dt
                 self.step += n
                 window["t"] += dt
                 window["steps"] += n
                 window["samples"] += n * int(self.params["batch_size"])
-                self._check_finite(losses)
+                self._check_finite(losses, bad)
                 bar.update(n)
-                self.watch.after_round(log)
+                if self.dist.main:  # the watch reads rank 0's batches; it draws nothing from the training streams
+                    self.watch.after_round(log)
                 if self.step // cfg.log_every > last["log"]:
                     last["log"] = self.step // cfg.log_every
                     perf = {"samples_per_s": window["samples"] / window["t"],
@@ -245,7 +251,8 @@ class Run:
                     window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
                     bar.set_postfix({k.split("/", 1)[-1]: f"{v:.3g}" for k, v in list(losses.items())[:3]} |
                                     ({"acc": f"{100 * metrics['top1']:.1f}%"} if "top1" in metrics else {}))
-                if self.step // cfg.image_every > last["img"] and self.method.last_images is not None:
+                if self.step // cfg.image_every > last["img"] and self.method.last_images is not None \
+                        and self.dist.main:
                     last["img"] = self.step // cfg.image_every
                     self._log_images(log)
                 if self.step // cfg.eval_every > last["eval"]:
@@ -277,15 +284,24 @@ class Run:
                 t_logits = torch.cat([self.teacher(c) for c in x[:256].split(self.chunk)])
         log.synthetic(self.step, x, self.teacher.spec, t_logits)
 
-    def _check_finite(self, losses: dict[str, float]) -> None:
+    @staticmethod
+    def _nonfinite(losses: dict[str, float]) -> bool:
+        return not all(math.isfinite(v) for v in losses.values())
+
+    def _check_finite(self, losses: dict[str, float], agreed: bool) -> None:
+        """Stop on a non-finite loss (`agreed`: on any rank, so that every rank stops at the same round)."""
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
-        if bad:
+        if agreed:
+            what = f"{', '.join(bad)} became {losses[bad[0]]}" if bad else "a loss became non-finite on another rank"
             raise DfkdError(
-                f"training diverged at step {self.step}: {', '.join(bad)} became {losses[bad[0]]}. The last good "
+                f"training diverged at step {self.step}: {what}. The last good "
                 f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...) and "
                 f"continue with: dfkd distill --resume {self.run_dir} -p ...")
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
+        if not self.dist.main:  # rank 0 writes the student; the others only hand it their last state
+            self.checkpoint(finished=True)
+            return result
         final = self.evaluate()
         if final:
             log.scalars(self.step, final, "student/")
@@ -323,18 +339,24 @@ def _after_failed_write(run_dir: Path) -> str:
     return f"no checkpoint was written: delete {run_dir} and start again"
 
 
+def _start(run: Run, log: RunLog) -> None:
+    """A new run's config.json, teacher accuracy and first record (rank 0)."""
+    atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
+    for line in run.recipe_lines:  # which recipe, why, and where it departs from the paper
+        tqdm.write(line, file=sys.stderr)
+    if run.eval_data is not None and run.source.has_teacher:
+        t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
+        log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
+
+
 def _execute(run: Run, resume_step: int | None) -> RunResult:
-    log = RunLog(run.run_dir, resume_step)
+    log = run.dist.on_main(lambda: RunLog(run.run_dir, resume_step)) or NullLog()
     try:
         if resume_step is None:
-            atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
-            for line in run.recipe_lines:  # which recipe, why, and where it departs from the paper
-                tqdm.write(line, file=sys.stderr)
-            if run.eval_data is not None and not isinstance(run.teacher, NoTeacher):
-                t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
-                log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
+            run.dist.on_main(lambda: _start(run, log))
             run.checkpoint()
-            log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name)
+            log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name,
+                      **({"processes": run.dist.world} if run.dist.enabled else {}))
         else:
             log.event(run.step, event="resume")
         result = run.loop(log)
@@ -351,23 +373,34 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         log.close()
 
 
+def _new_run(cfg: DistillConfig, dist: Dist) -> RunResult:
+    source = source_for(cfg)
+    source.check()
+    run_dir, created = dist.on_main(lambda: new_run_dir(cfg, source.run_name()), share=True)
+    try:
+        run = Run(cfg, run_dir, dist=dist)
+    except BaseException:
+        if dist.main and created and run_dir.exists() and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # nothing written: leave no empty run folder that looks like a run
+        raise
+    return _execute(run, None)
+
+
 def distill(cfg: DistillConfig) -> RunResult:
     """Run a distillation from a config: a new run folder, then the loop to the end of the budget.
+
+    Under torchrun (WORLD_SIZE > 1 in the environment) every process calls this; they train one student together
+    (dfkd.distributed) and rank 0 writes the run folder.
 
     Returns:
         The run folder (with student.pt, config.json, metrics.jsonl, checkpoint.pt, TensorBoard events) and the
         final student metrics (top1/top5 when `eval_data` is set).
     """
     check_config(cfg)
-    check_transfer_config(cfg.teachers, cfg.transfer_data, cfg.method, cfg.student)
-    run_dir, created = new_run_dir(cfg, cfg.teachers[0] if cfg.teachers else cfg.transfer_data)
-    try:
-        run = Run(cfg, run_dir)
-    except BaseException:
-        if created and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # nothing written: leave no empty run folder that looks like a run
-        raise
-    return _execute(run, None)
+    with joined(cfg.device) as dist:
+        result = _new_run(cfg, dist)
+    result.rank = dist.rank
+    return result
 
 
 def check_config(cfg: DistillConfig) -> None:
@@ -438,12 +471,34 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         DfkdError: for a folder that is not a run, a finished run without a larger budget, or a change that
             would make it another run.
     """
-    run_dir = _run_folder(Path(run_dir))
+    with joined(device or "auto") as dist:
+        cfg, ckpt = dist.on_main(lambda: _resume_plan(Path(run_dir), steps, budget_minutes, params, device,
+                                                      eval_data, fixed, dist.world), share=True)
+        run = Run(cfg, Path(str(cfg.out)), ckpt, dist)
+        result = _execute(run, run.step)
+    result.rank = dist.rank
+    return result
+
+
+def _refuse_world(run_dir: Path, ckpt: dict[str, Any], world: int) -> None:
+    saved = int(ckpt.get("extra", {}).get("world", 1))
+    if saved != world:
+        how = "without torchrun" if saved == 1 else f"with torchrun on {saved} processes in all"
+        raise DfkdError(f"--resume {run_dir}: the run was made by {saved} process(es) and this job has {world}; each "
+                        f"process holds its own share of the data and RNG streams: resume it {how}")
+
+
+def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None, params: dict[str, Any] | None,
+                 device: str | None, eval_data: str | None, fixed: dict[str, Any] | None,
+                 world: int) -> tuple[DistillConfig, dict[str, Any]]:
+    """The resumed run's settings and its checkpoint, or the error that refuses the resume."""
+    run_dir = _run_folder(run_dir)
     changes = {k: v for k, v in zip(RESUMABLE, (steps, budget_minutes, device, eval_data)) if v is not None}
     check_settings(changes, "flags")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt")
     _refuse_changes(run_dir, cfg, fixed or {})
+    _refuse_world(run_dir, ckpt, world)
     if steps is not None and steps <= int(ckpt["step"]) and not ckpt["finished"]:
         raise DfkdError(f"--steps {steps}: the run in {run_dir} is already at step {ckpt['step']}; give a larger "
                         "--steps (or none, to finish the budget it was started with)")
@@ -457,5 +512,4 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
     if ckpt["finished"] and steps is not None and steps <= int(ckpt["step"]):
         raise DfkdError(f"--steps {steps}: the run in {run_dir} finished at step {ckpt['step']}; give a larger "
                         "--steps to train further")
-    run = Run(cfg, run_dir, ckpt)
-    return _execute(run, run.step)
+    return cfg, ckpt

@@ -70,3 +70,21 @@ class RunLog:
         self.tb.flush()
         self.tb.close()
         self.file.close()
+
+
+class NullLog:
+    """The run log of a torchrun rank other than 0: the same calls, nothing written (rank 0 writes the run's log)."""
+
+    tb = None
+
+    def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
+        del step, values, prefix
+
+    def synthetic(self, step: int, images: torch.Tensor, spec: InputSpec, teacher_logits: torch.Tensor) -> None:
+        del step, images, spec, teacher_logits
+
+    def event(self, step: int, **fields: Any) -> None:
+        del step, fields
+
+    def close(self) -> None:
+        pass

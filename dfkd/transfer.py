@@ -31,6 +31,7 @@ from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_npz
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
+from dfkd.utils import seed_everything
 
 FORMAT, VERSION = "dfkd-transfer", 1
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
@@ -65,6 +66,10 @@ class TransferData:
     @property
     def num_classes(self) -> int:
         return int(self.probs.shape[1])
+
+    def subset(self, idx: Tensor) -> TransferData:
+        """The images and labels at `idx` (the same spec, provenance and path)."""
+        return TransferData(self.x[idx], self.probs[idx], self.spec, self.method, self.teacher_sha256, self.path)
 
     def images(self, idx: Tensor, spec: InputSpec | None = None) -> Tensor:
         """Images `idx`, normalised for `spec` (default the file's own)."""
@@ -210,23 +215,17 @@ def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, 
     """
     from tqdm import tqdm
 
-    from dfkd.config import resolve_params
+    from dfkd.build import build_method
     from dfkd.generators import GeneratorSynthesizer
-    from dfkd.methods import get_method
-    from dfkd.students import build_student, student_arch
-    from dfkd.utils import seed_everything
 
     if num < 1:
         raise DfkdError(f"--num {num}: give a positive number of images")
-    cls = get_method(method)
     if method == "transfer":
         raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
     device = torch.device(device)
     seed_everything(seed)
-    params = params or {}
-    p = cls.finalize(resolve_params(cls.default_params(teacher, params.get("recipe")), params, method))
-    name, kwargs = student_arch(teacher, student)
-    m = cls(teacher, build_student(name, kwargs).to(device), p, device)
+    m = build_method(method, teacher, params or {}, device, seed, student, min_s_steps=0).method
+    p = m.p
     try:
         is_generator = isinstance(m.synth, GeneratorSynthesizer)
         _train(m, GENERATOR_STEPS if steps is None and is_generator else steps or 0)

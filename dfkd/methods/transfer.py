@@ -37,22 +37,6 @@ class NoTeacher(Teacher):
                         "what needs the teacher's network")
 
 
-def check_transfer_config(teachers: tuple[str, ...], transfer_data: str | None, method: str,
-                          student: str | None) -> None:
-    """Refuse a run without a teacher or a transfer file, and a transfer file with another method.
-
-    Without a teacher the student architecture must be named: there is no teacher architecture to pair it with.
-    """
-    if not teachers and not transfer_data:
-        raise DfkdError("dfkd distill needs --teacher FILE (or --transfer-data FILE.npz from `dfkd synthesize`)")
-    if transfer_data and method != "transfer":
-        raise DfkdError(f"--transfer-data trains with the transfer method (the default with --transfer-data), not "
-                        f"--method {method}; drop --method")
-    if transfer_data and not teachers and student is None:
-        raise DfkdError(f"--transfer-data {transfer_data} without --teacher needs --student ARCH (see `dfkd models`): "
-                        "there is no teacher architecture to pick the usual student from")
-
-
 @register_method("transfer")
 class Transfer(Method):
     """Hinton KD on stored synthetic transfer data: no synthesis, and no teacher file needed.
@@ -88,6 +72,10 @@ class Transfer(Method):
         self.order = torch.randperm(len(self.data))
         self.cursor = 0
         self.last_logits: torch.Tensor | None = None
+
+    def use_data(self, data: TransferData) -> None:
+        """Train on `data` from now on (a rank's slice of the file), in a fresh shuffled order."""
+        self.data, self.order, self.cursor = data, torch.randperm(len(data)), 0
 
     def next_indices(self, n: int) -> torch.Tensor:
         """The next `n` images of the current shuffled pass (a new pass starts when this one runs out)."""

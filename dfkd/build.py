@@ -1,0 +1,68 @@
+"""Build a method for a teacher: recipe, settings, student and method in one place (`distill` and `synthesize`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dfkd.config import resolve_params
+from dfkd.methods import Method, get_method
+from dfkd.methods._recipes import recipe_lines
+from dfkd.students import build_student, student_arch
+from dfkd.teacher import Teacher
+from dfkd.utils import seed_everything
+from dfkd.validate import check_params
+
+
+@dataclass
+class Built:
+    """A built method and what a run records about it: the resolved settings, the student architecture, the recipe."""
+
+    method: Method
+    params: dict[str, Any]
+    student_name: str
+    student_kwargs: dict[str, Any]
+    recipe_lines: list[str]  # what a run prints at start: its recipe, why, and its departures from the paper
+
+
+def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device: torch.device, seed: int,
+                 student: str | None = None, student_args: dict[str, Any] | None = None,
+                 quantize: str | None = None, min_s_steps: int = 1,
+                 local: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Built:
+    """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
+
+    The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), so they do
+    not depend on how the teacher was loaded, and every rank of a distributed run starts from the same student.
+
+    Args:
+        name: a registered method.
+        teacher: the loaded teacher.
+        overrides: method settings given by the user (and the data files a source feeds).
+        device: where the method runs.
+        seed: the run's seed.
+        student: student architecture (None: the usual one for the teacher).
+        student_args: its constructor arguments.
+        quantize: "int8" for a fake-quantized (QAT) student.
+        min_s_steps: the fewest student steps a round may have (`synthesize` allows 0).
+        local: the settings this process builds with, from the resolved ones (a rank's share of the batch).
+
+    Returns:
+        The method, the resolved (global) settings, and the student's architecture and arguments.
+    """
+    cls = get_method(name)
+    recipe = cls.default_params(teacher, overrides.get("recipe"))
+    params = cls.finalize(resolve_params(recipe, overrides, name))
+    check_params(overrides, recipe, name, min_s_steps=min_s_steps)
+    lines = recipe_lines(cls, teacher, params, overrides)
+    student_name, student_kwargs = student_arch(teacher, student, student_args)
+    seed_everything(seed)
+    net = build_student(student_name, student_kwargs).to(device)
+    if quantize:
+        from dfkd.qat import prepare_qat
+
+        net = prepare_qat(net, quantize)
+    method = cls(teacher, net, local(params) if local else params, device)
+    return Built(method, params, student_name, student_kwargs, lines)
