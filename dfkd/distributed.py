@@ -241,15 +241,21 @@ def shared_optimizers(method: Any) -> list[torch.optim.Optimizer]:
     opts = [opt for opt, _ in method._base_lrs]
     meta = getattr(method.synth, "meta_optimizer", None)
     opts += [meta] if meta is not None else []
-    opts += [o.opt for o in method.objectives if isinstance(getattr(o, "opt", None), torch.optim.Optimizer)]
+    opts += [d.opt for d in _discriminators(method)]
     return list({id(o): o for o in opts}.values())
+
+
+def _discriminators(method: Any) -> list[Any]:
+    """The critics of adversarial objectives (`--discriminator`) and of the online method (each with net, opt)."""
+    found = [getattr(o, "disc", None) for o in method.objectives] + list(getattr(method, "discs", []))
+    return [d for d in found if isinstance(getattr(d, "opt", None), torch.optim.Optimizer)]
 
 
 def shared_modules(method: Any) -> list[nn.Module]:
     """The networks whose parameters the shared optimizers train, plus the student (for its buffers)."""
     params = {id(p) for opt in shared_optimizers(method) for p in _params(opt)}
     candidates = [method.student, getattr(method.synth, "generator", None), getattr(method, "peer", None),
-                  *(getattr(o, "net", None) for o in method.objectives)]
+                  *(d.net for d in _discriminators(method))]
     out = [m for m in candidates if isinstance(m, nn.Module)
            and (m is method.student or any(id(p) in params for p in m.parameters()))]
     return list({id(m): m for m in out}.values())

@@ -35,12 +35,32 @@ def _rank_env(rank: int, world: int, port: int) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> None:
+def _trouble_on_rank_1(rank: int, trouble: str | None, method: str) -> None:
+    """On rank 1 only, from its third round: a non-finite loss ("nan"), or a Ctrl-C ("sigint")."""
+    if rank != 1 or trouble is None:
+        return
+    cls = get_method(method)
+    original, calls = cls.round, {"n": 0}
+
+    def round_(self: Any) -> dict[str, float]:
+        logs = original(self)
+        calls["n"] += 1
+        if calls["n"] >= 3 and trouble == "nan":
+            logs = {**logs, "student/total": float("nan")}
+        if calls["n"] == 3 and trouble == "sigint":
+            os.kill(os.getpid(), signal.SIGINT)
+        return logs
+
+    cls.round = round_  # type: ignore[method-assign]
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str, trouble: str | None = None) -> None:
     """One rank: distill, then save what this rank ended with (its student, generator and batch share)."""
     import torch.distributed as dist
 
     _rank_env(rank, world, port)
     torch.set_num_threads(1)
+    _trouble_on_rank_1(rank, trouble, cfg["method"])
     seen: dict[str, Any] = {}
     original = Run.finish
 
@@ -55,18 +75,20 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str) -> 
     try:
         result = distill(DistillConfig.from_dict(cfg))
         seen["rank"] = result.rank
-        torch.save(seen, Path(out) / f"rank{rank}.pt")
+    except DfkdError as e:
+        seen["error"] = f"{type(e).__name__}: {e}"
     finally:
+        torch.save(seen, Path(out) / f"rank{rank}.pt")
         Run.finish = original  # type: ignore[method-assign]
     assert not dist.is_initialized(), "the run leaves its process group"
 
 
-def run_two(cfg: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+def run_two(cfg: dict[str, Any], out: Path, trouble: str | None = None) -> list[dict[str, Any]]:
     """Run `cfg` on 2 forked ranks; what each rank ended with."""
     import torch.utils.tensorboard  # noqa: F401 - imported once here, not in each forked rank
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # the same for the optimizers' lazy imports
-    mp.start_processes(_worker, args=(2, _free_port(), cfg, str(out)), nprocs=2, start_method="fork")
+    mp.start_processes(_worker, args=(2, _free_port(), cfg, str(out), trouble), nprocs=2, start_method="fork")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -100,6 +122,30 @@ def test_two_ranks_finish_with_identical_students(method: str, teacher_file: str
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r["step"] for r in records if "loss/student/total" in r]
     assert logged == sorted(set(logged)) and logged[-1] == 6, "rank 0 alone logs, once a step"
+
+
+@pytest.mark.parametrize("trouble", ["nan", "sigint"])
+def test_trouble_on_one_rank_stops_every_rank_at_the_same_round(trouble: str, teacher_file: str,
+                                                                tmp_path: Path) -> None:
+    """A non-finite loss or a Ctrl-C seen by rank 1 alone: both ranks stop after the same round, none hangs."""
+    cfg = _config("dfad", tmp_path, teacher_file, steps=40, ckpt_every=100)
+    r0, r1 = run_two(cfg, tmp_path, trouble)
+    expected = "training diverged at step 6" if trouble == "nan" else "Interrupted: stopped at step 6"
+    assert expected in r0["error"] and expected in r1["error"], (r0, r1)
+    if trouble == "nan":
+        assert "on another rank" in r0["error"] and "student/total became nan" in r1["error"]
+    else:  # the agreed stop wrote a checkpoint of that round
+        assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 6
+    assert not (tmp_path / "run" / "student.pt").exists()
+
+
+def test_transfer_file_without_teacher_on_two_ranks(transfer_file: str, tmp_path: Path) -> None:
+    cfg = {"teachers": [], "transfer_data": transfer_file, "method": "transfer", "student": "lenet5_half",
+           "steps": 4, "out": str(tmp_path / "run"), "fid_every": 0, "device": "cpu",
+           "params": {"batch_size": 8, "s_steps": 2}}
+    r0, r1 = run_two(cfg, tmp_path)
+    assert _same(r0["student"], r1["student"]) and r0["batch"] == 4
+    assert not torch.equal(r0["last"], r1["last"]), "each rank reads its own half of the file"
 
 
 def test_two_ranks_learn_together_from_the_start(teacher_file: str, tmp_path: Path) -> None:
