@@ -139,6 +139,16 @@ def test_trouble_on_one_rank_stops_every_rank_at_the_same_round(trouble: str, te
     assert not (tmp_path / "run" / "student.pt").exists()
 
 
+def test_an_error_on_rank_0_alone_reaches_every_rank(teacher_file: str, tmp_path: Path) -> None:
+    """Rank 0 alone prepares --out; when it refuses the folder, rank 1 stops too instead of waiting for it."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    r0, r1 = run_two(_config("dfad", tmp_path, teacher_file), tmp_path)
+    assert r0["error"].startswith("DfkdError: --out") and "not empty (holds notes.txt)" in r0["error"]
+    assert r1["error"] == r0["error"].replace("DfkdError: ", "OtherRankFailed: rank 0 stopped: "), r1
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"], "nothing written beside it"
+
+
 def test_transfer_file_without_teacher_on_two_ranks(transfer_file: str, tmp_path: Path) -> None:
     cfg = {"teachers": [], "transfer_data": transfer_file, "method": "transfer", "student": "lenet5_half",
            "steps": 4, "out": str(tmp_path / "run"), "fid_every": 0, "device": "cpu",
