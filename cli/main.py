@@ -192,6 +192,11 @@ def _method_names() -> list[str]:
 @click.option("--resume", "resume_dir", default=None, help="Continue the run in this folder from its checkpoint.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Quantization-aware: distill a "
               "fake-quantized student; also write student_int8.onnx and deploy.json.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="Arithmetic of the networks: autocast to bf16/fp16 (losses stay fp32).  [default: auto: bf16 on "
+              "a CUDA GPU that has it, else fp32]")
+@click.option("--compile/--no-compile", "compile", default=None, help="torch.compile teacher, student and "
+              "generator (a network that fails to compile runs eagerly, with a warning).")
 @friendly
 def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[str, ...], **flags: Any) -> None:
     """Distill a teacher into a student without real data.
@@ -227,7 +232,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
                                 "--steps, --budget-minutes, --device, --eval-data or -p")
             fixed = {k: v for k, v in flags.items() if k not in RESUMABLE}
             result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)),
-                            flags["device"], flags["eval_data"], fixed)
+                            flags["device"], flags["eval_data"], fixed, flags["precision"], flags["compile"])
         else:
             result = distill(build_config(config_file, params, **flags))
     except Interrupted as e:

@@ -49,6 +49,8 @@ class DistillConfig:
     transfer_data: str | None = None
     data: str | None = None  # real training images, for --method kd (real-data mode)
     quantize: str | None = None  # "int8": quantization-aware distillation (dfkd.qat)
+    precision: str = "auto"  # fp32, bf16, fp16 or auto (dfkd.precision)
+    compile: bool = False  # torch.compile the teacher, student and generator
     seed: int = 0
     device: str = "auto"
     out: str | None = None

@@ -31,11 +31,13 @@ from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.io import WriteFailed, atomic_write_text, disk_error
-from dfkd.memory import peak_rss_mib
+from dfkd.logbuf import LossBuffer
+from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir
+from dfkd.precision import Precision, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
@@ -136,6 +138,9 @@ class Run:
         self._share(run_dir)
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
+        self.precision = Precision(resolve_precision(cfg.precision, self.device), self.device, cfg.compile)
+        self.precision.prepare(run_networks(self.method))
+        self.losses = LossBuffer()  # summed on the device, read back on logging steps only
         self.image_step = -1  # the step of the last synthetic-image grid logged
         if ckpt is not None:
             self._restore(ckpt)
@@ -164,6 +169,7 @@ class Run:
         set_rng_state(rng, self.device)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
+        self.precision.load_state_dict(ckpt.get("extra", {}).get("precision", {}))
 
     # --- bookkeeping --------------------------------------------------------------------------------------
     def resolved_config(self) -> dict[str, Any]:
@@ -194,10 +200,12 @@ class Run:
 
     def checkpoint(self, finished: bool = False) -> None:
         """Rank 0 writes checkpoint.pt; under torchrun it holds every rank's RNG, synthesizer and method state."""
+        self._read_losses(reset=False)  # no checkpoint of a diverged run
         state = self.method.state_dict()
         mine = {"rng": rng_state(self.device), "synth": state["synth"], "extra": state["extra"]}
         ranks = self.dist.gather(mine)
-        extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world}
+        extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world,
+                                 "precision": self.precision.state_dict()}
         if self.dist.enabled:
             extra["ranks"] = ranks
         self.dist.on_main(lambda: save_checkpoint(
@@ -227,25 +235,29 @@ class Run:
                 self.method.time_budget = self.budget_seconds()
                 n = self.method.student_steps_per_round
                 t0 = time.perf_counter()
-                losses = self.method.round()
+                with self.precision.autocast():
+                    self.losses.add(self.method.round())
+                self.precision.after_round(self.method)
                 self.dist.sync_buffers(self.method)
-                dt, sig["stop"], bad = self.dist.agree(time.perf_counter() - t0, sig["stop"], self._nonfinite(losses))
+                dt, sig["stop"], _ = self.dist.agree(time.perf_counter() - t0, sig["stop"], False)
                 self.elapsed += dt
                 self.step += n
                 window["t"] += dt
                 window["steps"] += n
                 window["samples"] += n * int(self.params["batch_size"])
-                self._check_finite(losses, bad)
                 bar.update(n)
                 if self.dist.main:  # the watch reads rank 0's batches; it draws nothing from the training streams
                     self.watch.after_round(log)
                 if self.step // cfg.log_every > last["log"]:
                     last["log"] = self.step // cfg.log_every
+                    losses = self._read_losses()
                     perf = {"samples_per_s": window["samples"] / window["t"],
                             "steps_per_s": window["steps"] / window["t"],
                             "lr_s": self.method.opt_s.param_groups[0]["lr"],
                             "synthesis_share": 1 - (self.method.student_seconds - window["student_s"]) / window["t"],
-                            "peak_rss_mib": peak_rss_mib()}
+                            "peak_rss_mib": peak_rss_mib(), "elapsed_s": self.elapsed}
+                    if (gpu := peak_device_mib(self.device)) is not None:
+                        perf["peak_gpu_mib"] = gpu
                     log.scalars(self.step, losses, "loss/")
                     log.scalars(self.step, perf, "perf/")
                     window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
@@ -273,6 +285,7 @@ class Run:
                     raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
                                       f"dfkd distill --resume {self.run_dir}")
         bar.close()
+        self._read_losses()
         return RunResult(self.run_dir, self.step, True, metrics)
 
     def _log_images(self, log: RunLog) -> None:
@@ -283,6 +296,16 @@ class Run:
             with torch.no_grad():
                 t_logits = torch.cat([self.teacher(c) for c in x[:256].split(self.chunk)])
         log.synthetic(self.step, x, self.teacher.spec, t_logits)
+
+    def _read_losses(self, reset: bool = True) -> dict[str, float]:
+        """The loss terms' means since the last logging step (one host sync); stop if one is not finite.
+
+        Every rank calls it at the same steps (logging steps, checkpoints, the end), so the stop is agreed.
+        """
+        losses = self.losses.read(reset=reset) if self.losses else {}
+        _, _, bad = self.dist.agree(0.0, False, self._nonfinite(losses))
+        self._check_finite(losses, bad)
+        return losses
 
     @staticmethod
     def _nonfinite(losses: dict[str, float]) -> bool:
@@ -412,8 +435,9 @@ def check_config(cfg: DistillConfig) -> None:
     check_method_params(cfg.method, cfg.params)
 
 
-#: Settings a resume may change: the budget, where it runs, what it is evaluated on (and `-p` hyper-parameters).
-RESUMABLE = ("steps", "budget_minutes", "device", "eval_data")
+#: Settings a resume may change: the budget, where it runs, what it is evaluated on (and `-p` hyper-parameters),
+#: and how it computes (precision, compilation: a run moved to another device may need another precision).
+RESUMABLE = ("steps", "budget_minutes", "device", "eval_data", "precision", "compile")
 
 
 def _same(key: str, given: Any, saved: Any) -> bool:
@@ -455,7 +479,8 @@ def _run_folder(run_dir: Path) -> Path:
 
 def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float | None = None,
            params: dict[str, Any] | None = None, device: str | None = None, eval_data: str | None = None,
-           fixed: dict[str, Any] | None = None) -> RunResult:
+           fixed: dict[str, Any] | None = None, precision: str | None = None,
+           compile: bool | None = None) -> RunResult:
     """Continue a stopped run from its checkpoint.
 
     Args:
@@ -466,14 +491,17 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         device: where to continue.
         eval_data: other test data to report on.
         fixed: any other DistillConfig settings the user gave: refused when they differ from the run's.
+        precision: another --precision from here on (the weights are fp32 whatever the precision).
+        compile: compile the networks (or not) from here on.
 
     Raises:
         DfkdError: for a folder that is not a run, a finished run without a larger budget, or a change that
             would make it another run.
     """
     with joined(device or "auto") as dist:
+        numerics = {"precision": precision, "compile": compile}
         cfg, ckpt = dist.on_main(lambda: _resume_plan(Path(run_dir), steps, budget_minutes, params, device,
-                                                      eval_data, fixed, dist.world), share=True)
+                                                      eval_data, fixed, dist.world, numerics), share=True)
         run = Run(cfg, Path(str(cfg.out)), ckpt, dist)
         result = _execute(run, run.step)
     result.rank = dist.rank
@@ -490,10 +518,11 @@ def _refuse_world(run_dir: Path, ckpt: dict[str, Any], world: int) -> None:
 
 def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None, params: dict[str, Any] | None,
                  device: str | None, eval_data: str | None, fixed: dict[str, Any] | None,
-                 world: int) -> tuple[DistillConfig, dict[str, Any]]:
+                 world: int, numerics: dict[str, Any] | None = None) -> tuple[DistillConfig, dict[str, Any]]:
     """The resumed run's settings and its checkpoint, or the error that refuses the resume."""
     run_dir = _run_folder(run_dir)
-    changes = {k: v for k, v in zip(RESUMABLE, (steps, budget_minutes, device, eval_data)) if v is not None}
+    given = {**dict(zip(RESUMABLE, (steps, budget_minutes, device, eval_data))), **(numerics or {})}
+    changes = {k: v for k, v in given.items() if v is not None}
     check_settings(changes, "flags")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt")

@@ -140,9 +140,10 @@ def write_int8(run: Run) -> DeployStats:
     from dfkd.deploystats import DEPLOY_JSON, measure
     from dfkd.evaluate import predict
     from dfkd.methods.transfer import NoTeacher
+    from dfkd.precision import eager
     from dfkd.quantize import quantize_model
 
-    student = strip_qat(copy.deepcopy(run.method.student)).cpu().eval()
+    student = strip_qat(eager(copy.deepcopy(run.method.student))).cpu().eval()
     teacher, spec = run.teacher, run.teacher.spec
     calib = method_images(run.method, CALIBRATION_IMAGES)
     eval_data = run.eval_data

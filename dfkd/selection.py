@@ -33,6 +33,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dfkd.errors import DfkdError
+from dfkd.precision import eager
 from dfkd.watch import eval_logits, generator_of
 
 #: Run-level settings every method takes (`-p key=value`); see the module docstring.
@@ -190,7 +191,7 @@ class Selector:
 
     def _keep(self, model: nn.Module, kind: str, step: int) -> None:
         if self.best is None:
-            self.best = copy.deepcopy(self.method.student).eval()
+            self.best = eager(copy.deepcopy(self.method.student)).eval()
         self.best.load_state_dict(model.state_dict())
         self.best_info = {"kind": kind, "step": step}
 
@@ -222,6 +223,6 @@ class Selector:
         if self.heldout is not None and state.get("heldout") is not None:
             self.heldout.load_state_dict(state["heldout"])
         if state.get("best") is not None:
-            self.best = copy.deepcopy(self.method.student).eval()
+            self.best = eager(copy.deepcopy(self.method.student)).eval()
             self.best.load_state_dict(state["best"])
         self.best_info = dict(state.get("best_info") or {})

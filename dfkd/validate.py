@@ -106,6 +106,7 @@ FIELDS: dict[str, Rule] = {
     "fid_every": Rule("int", lo=0), "fid_samples": Rule("int", lo=2), "transfer_data": _STR, "data": _STR,
     "seed": Rule("int", lo=0, hi=MAX_SEED), "device": Rule("str"), "out": _STR, "runs_dir": Rule("str"),
     "quantize": Rule("str", choices=(None, "int8")), "params": Rule("any"),
+    "precision": Rule("str", choices=("auto", "fp32", "bf16", "fp16")), "compile": Rule("bool"),
 }
 
 _RATE = Rule("number", lo=0, lo_open=True)

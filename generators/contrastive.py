@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from dfkd.generators.base import LossDict
 from dfkd.generators.latent import LatentObjective, LatentSynthesizer, optimise_latent, reinit_
-from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB, RecordStore
+from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB, RecordStore, to_device
+from dfkd.precision import step
 
 
 def instance_means(bn_inputs: Sequence[Tensor]) -> Tensor:
@@ -151,7 +152,7 @@ class ContrastiveCritic:
 
     def loss(self, feats: Tensor) -> Tensor:
         """InfoNCE of this batch's (B, 2d) [local | global] features against itself and sampled bank rows."""
-        cached = self.bank.sample(self.n_neg).to(self.device)
+        cached = to_device(self.bank.sample(self.n_neg), self.device)
         local, global_ = feats.chunk(2, dim=1)
         cached_local, cached_global = cached.chunk(2, dim=1)
         proj = self.head(torch.cat([local, cached_local, global_, cached_global]))
@@ -160,7 +161,7 @@ class ContrastiveCritic:
 
     def step(self) -> None:
         """Apply and clear the head's gradient (after each synthesis backward)."""
-        self.optimizer.step()
+        step(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.generators.inversion import balanced_targets
 from dfkd.generators.pool import ImagePool, PoolServed
 from dfkd.losses import soft_cross_entropy
+from dfkd.precision import backward, step
 from dfkd.spec import InputSpec
 
 #: Added to every concentration so no class has a zero parameter (vcl-iisc/ZSKD `generateDirch`).
@@ -170,8 +171,8 @@ class DirichletSynthesizer(PoolServed, Synthesizer):
             loss = impression_loss(self.teacher(self.spec.normalize(x01)), y, self.T)
             first = loss.detach() if first is None else first
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward(loss)
+            step(opt)
             with torch.no_grad():
                 x01.clamp_(0.0, 1.0)
         x = self.spec.normalize(x01.detach())

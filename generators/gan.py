@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from dfkd.generators.base import LossDict, Synthesizer
+from dfkd.precision import backward, step, unscale
 
 
 class GeneratorSynthesizer(Synthesizer):
@@ -49,10 +50,11 @@ class GeneratorSynthesizer(Synthesizer):
         x = self.generator(z, y) if y is not None else self.generator(z)
         losses = self.objective(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        backward(losses["loss"])
         if self.grad_clip:
+            unscale(self.optimizer)
             nn.utils.clip_grad_norm_(self.generator.parameters(), self.grad_clip)
-        self.optimizer.step()
+        step(self.optimizer)
         return x.detach(), losses
 
     def synthesize(self) -> tuple[torch.Tensor, LossDict]:

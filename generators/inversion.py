@@ -19,6 +19,7 @@ from torch import Tensor
 from dfkd.augment import JitterFlip
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.generators.pool import ImagePool, PoolServed
+from dfkd.precision import backward, step
 from dfkd.spec import InputSpec
 
 #: objective(x, y) -> losses with "loss": x is the augmented view of the batch the teacher sees, y its targets.
@@ -75,6 +76,26 @@ def warmup_cosine(i: int, total: int, warmup: int) -> float:
 def low_res(x: Tensor) -> Tensor:
     """2x average-pooled view, upsampled back (nearest) so fixed-size teachers still get their input size."""
     return F.interpolate(F.avg_pool2d(x, 2), size=x.shape[-2:], mode="nearest")
+
+
+def keep_best(best: tuple[Tensor, Tensor, LossDict] | None, value: Tensor, x: Tensor,
+              losses: LossDict) -> tuple[Tensor, Tensor, LossDict]:
+    """(loss, batch, losses) of the lowest loss so far, chosen on the device (no host sync per iteration).
+
+    Args:
+        best: the best so far, or None at the first iteration.
+        value: this iteration's total loss (0-dim, detached).
+        x: this iteration's batch (detached; copied, as the optimiser changes it in place).
+        losses: this iteration's losses.
+
+    Returns:
+        The new best: this iteration's where its loss is lower (a NaN loss never wins), else `best`.
+    """
+    if best is None:
+        return value, x.clone(), {k: v.detach() for k, v in losses.items()}
+    better = value < best[0]
+    return (torch.where(better, value, best[0]), torch.where(better, x, best[1]),
+            {k: torch.where(better, v.detach(), best[2][k]) for k, v in losses.items()})
 
 
 class InversionSynthesizer(PoolServed, Synthesizer):
@@ -153,7 +174,7 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         x = init_batch(self.spec, self.batch_size, self.init).to(self.device)
         x = (self.spec.clip(x) if self.clip else x).requires_grad_(True)
         start = time.perf_counter()
-        best: tuple[float, Tensor, LossDict] = (math.inf, x.detach().clone(), {})
+        best: tuple[Tensor | float, Tensor, LossDict] = (math.inf, x.detach().clone(), {})
         for n, lo in self.stages(self.iterations if iterations is None else iterations):
             # A later stage's best replaces an earlier one's: low-res losses are not comparable with full-res ones.
             best = self._stage(x, y, n, lo, start) or best
@@ -171,8 +192,8 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         return opt, plateau
 
     def _stage(self, x: Tensor, y: Tensor, iterations: int, lowres: bool,
-               start: float) -> tuple[float, Tensor, LossDict] | None:
-        best: tuple[float, Tensor, LossDict] | None = None
+               start: float) -> tuple[Tensor, Tensor, LossDict] | None:
+        best: tuple[Tensor, Tensor, LossDict] | None = None
         opt, plateau = self._optimizer(x, iterations)
         augment = JitterFlip(self.jitter // 2 if lowres else self.jitter, self.flip_p)
         warmup = max(1, int(round(self.warmup * iterations))) if self.warmup > 0 else 0
@@ -183,14 +204,12 @@ class InversionSynthesizer(PoolServed, Synthesizer):
                 opt.param_groups[0]["lr"] = self.lr * warmup_cosine(i, iterations, warmup)
             losses = self.objective(augment(low_res(x) if lowres else x), y)
             loss = losses["loss"]
-            value = loss.item()
-            if best is None or value < best[0]:  # x before this step is what `loss` scores
-                best = (value, x.detach().clone(), {k: v.detach() for k, v in losses.items()})
+            best = keep_best(best, loss.detach(), x.detach(), losses)  # x before this step is what `loss` scores
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            backward(loss)
+            step(opt)
             if plateau is not None:
-                plateau.step(value)
+                plateau.step(loss.detach())  # reads the loss back: the plateau schedule waits for the device
             if self.clip:
                 with torch.no_grad():
                     x.copy_(self.spec.clip(x))

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dfkd.generators.base import LossDict, Synthesizer
+from dfkd.precision import backward, step
 
 #: objective(x, y) -> (losses with "loss", memo): `memo` (or None) is kept with the best batch (CMI: its features).
 LatentObjective = Callable[[Tensor, Tensor], tuple[LossDict, Tensor | None]]
@@ -50,7 +51,7 @@ class Best:
     """The lowest-loss batch of a round: images (detached), its total loss, the objective's memo, all losses."""
 
     x: Tensor
-    loss: float
+    loss: Tensor
     memo: Tensor | None
     losses: LossDict
 
@@ -83,18 +84,27 @@ def optimise_latent(generator: nn.Module, z: Tensor, y: Tensor, optimizer: torch
     for it in range(steps):
         x = generator(z)
         losses, memo = objective(x, y)
-        value = float(losses["loss"].detach())
-        if best is None or value < best.loss:
-            best = Best(x.detach().clone(), value, None if memo is None else memo.detach().clone(),
-                        {k: v.detach() for k, v in losses.items()})
+        best = _keep_best(best, x.detach(), losses, None if memo is None else memo.detach())
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        backward(losses["loss"])
         if after_backward is not None:
             after_backward(it)
-        optimizer.step()
+        step(optimizer)
     if best is None:
         raise ValueError("optimise_latent needs steps >= 1")
     return best
+
+
+def _keep_best(best: Best | None, x: Tensor, losses: LossDict, memo: Tensor | None) -> Best:
+    """The lower-loss batch of `best` and this iteration's, chosen on the device (no host sync per iteration)."""
+    value = losses["loss"].detach()
+    if best is None:
+        return Best(x.clone(), value, None if memo is None else memo.clone(),
+                    {k: v.detach() for k, v in losses.items()})
+    better = value < best.loss
+    return Best(torch.where(better, x, best.x), torch.where(better, value, best.loss),
+                None if memo is None else torch.where(better, memo, best.memo),
+                {k: torch.where(better, v.detach(), best.losses[k]) for k, v in losses.items()})
 
 
 class LatentSynthesizer(Synthesizer):

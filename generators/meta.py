@@ -15,19 +15,23 @@ from torch import Tensor, nn
 
 from dfkd.generators.base import LossDict
 from dfkd.generators.latent import LatentObjective, LatentSynthesizer, clone, optimise_latent
+from dfkd.precision import loss_scaled, unscale
 
 #: The Reptile multiplier hard-coded in Fast-Datafree's `reptile_grad`.
 REPTILE_ALPHA = 67.0
 
 
-def add_grads_(meta: nn.Module, fast: nn.Module) -> None:
-    """First-order MAML: add the fast generator's current gradients into the meta generator's `.grad`."""
+def add_grads_(meta: nn.Module, fast: nn.Module, finite_only: bool = False) -> None:
+    """First-order MAML: add the fast generator's current gradients into the meta generator's `.grad`.
+
+    `finite_only` adds 0 for a non-finite gradient entry (an fp16 step the loss scale skips).
+    """
     for p, q in zip(meta.parameters(), fast.parameters()):
         if q.grad is None:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        p.grad.add_(q.grad)
+        p.grad.add_(torch.nan_to_num(q.grad, 0.0, 0.0, 0.0) if finite_only else q.grad)
 
 
 def reptile_grads_(meta: nn.Module, fast: nn.Module, alpha: float = REPTILE_ALPHA) -> None:
@@ -67,8 +71,13 @@ class MetaSynthesizer(LatentSynthesizer):
         self.meta_optimizer.zero_grad(set_to_none=True)
         fast = clone(self.generator).train()
         z, y = self.latents()
-        after = (lambda _: add_grads_(self.generator, fast)) if self.maml else None
-        best = optimise_latent(fast, z, y, self.inner_optimizer(fast, z), self.objective, self.steps, after)
+        inner = self.inner_optimizer(fast, z)
+
+        def after(_: int) -> None:  # first-order MAML reads the true-scale gradients
+            unscale(inner)
+            add_grads_(self.generator, fast, finite_only=loss_scaled())
+
+        best = optimise_latent(fast, z, y, inner, self.objective, self.steps, after if self.maml else None)
         if not self.maml:
             reptile_grads_(self.generator, fast, self.alpha)
         self.meta_optimizer.step()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB, RecordStore
+from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB, RecordStore, to_device
 
 DTYPES = (torch.float16, torch.float32)
 
@@ -107,8 +107,8 @@ class ImagePool:
             raise RuntimeError("the image pool is empty: synthesize a batch before sampling")
         idx = torch.randperm(len(self))[:n] if n <= len(self) else torch.randint(0, len(self), (n,))
         rows = self.store.gather(idx)
-        y = rows[1].to(device, torch.float32) if len(rows) > 1 else None
-        return rows[0].to(device, torch.float32), y
+        y = to_device(rows[1], device) if len(rows) > 1 else None
+        return to_device(rows[0], device), y
 
     def newest(self, n: int) -> Tensor:
         """The `n` most recently added images (float32), oldest first."""

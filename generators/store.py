@@ -30,6 +30,17 @@ DEFAULT_RAM_BUDGET_MIB = 1024
 SEGMENT_BYTES = 256 * 2**20
 
 
+def to_device(rows: Tensor, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Host rows on `device` as `dtype`: on a GPU through pinned memory, copied without waiting (non_blocking).
+
+    The cast happens on the device, after the copy, so a half-precision store moves half the bytes.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return rows.to(device, dtype)
+    return rows.pin_memory().to(device, non_blocking=True).to(dtype)
+
+
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return np.dtype(str(dtype).removeprefix("torch."))
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from dfkd.losses._registry import LOSSES
+from dfkd.precision import fp32
 
 BNLayer = tuple[Tensor, Tensor, Tensor]
 EmaStats = tuple[Tensor, Tensor]
@@ -31,6 +32,7 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor]:
         - x: (B, C, *)
         - output: (C,), (C,)
     """
+    x = fp32(x)  # the statistics are matched in fp32, also under autocast
     dims = [d for d in range(x.dim()) if d != 1]
     return x.mean(dim=dims), x.var(dim=dims, correction=0)
 
@@ -103,7 +105,7 @@ def bn_dfq(layers: Sequence[BNLayer], eps: float = 1e-5) -> Tensor:
 
 
 def _sample_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    flat = fp32(x).reshape(x.shape[0], x.shape[1], -1)  # fp32, also under autocast
     # ZeroQ uses torch.var's default (unbiased); a single spatial position has no spread at all.
     correction = 1 if flat.shape[2] > 1 else 0
     return flat.mean(dim=2), torch.sqrt(flat.var(dim=2, correction=correction) + eps)

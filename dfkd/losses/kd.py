@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dfkd.losses._registry import LOSSES
+from dfkd.precision import fp32
 
 
 @LOSSES.register("kl")
@@ -36,6 +37,7 @@ def kl_div(
         - student_logits, teacher_logits: (B, K)
         - output: () or (B, K)
     """
+    student_logits, teacher_logits = fp32(student_logits), fp32(teacher_logits)  # fp32 under autocast
     log_p_s = F.log_softmax(student_logits / T, dim=1)
     log_p_t = F.log_softmax(teacher_logits / T, dim=1)
     # log_target keeps tiny teacher probabilities finite instead of log(0).
@@ -64,7 +66,7 @@ def l1_logits(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         - student_logits, teacher_logits: (B, K)
         - output: ()
     """
-    return F.l1_loss(student_logits, teacher_logits)
+    return F.l1_loss(fp32(student_logits), fp32(teacher_logits))
 
 
 @LOSSES.register("js")
@@ -95,8 +97,8 @@ def js_divergence(
         - student_logits, teacher_logits: (B, K)
         - output: ()
     """
-    p = F.softmax(student_logits / T, dim=1)
-    q = F.softmax(teacher_logits / T, dim=1)
+    p = F.softmax(fp32(student_logits) / T, dim=1)
+    q = F.softmax(fp32(teacher_logits) / T, dim=1)
     lo, hi = clamp
     m = (0.5 * (p + q)).clamp(lo, hi)
     p, q = p.clamp(lo, hi), q.clamp(lo, hi)
@@ -129,6 +131,6 @@ def soft_cross_entropy(
         - student_logits, target_probs: (B, K)
         - output: ()
     """
-    log_p_s = F.log_softmax(student_logits / T, dim=1)
-    loss = -(target_probs * log_p_s).sum(dim=1).mean()
+    log_p_s = F.log_softmax(fp32(student_logits) / T, dim=1)
+    loss = -(fp32(target_probs) * log_p_s).sum(dim=1).mean()
     return loss * (T * T) if scale_T2 else loss

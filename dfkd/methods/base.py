@@ -17,6 +17,7 @@ from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
 from dfkd.methods._recipes import Recipe
 from dfkd.objectives import build_objectives
+from dfkd.precision import backward, step
 from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
 from dfkd.watch import WATCH_DEFAULTS
@@ -50,12 +51,16 @@ BASE_DEFAULTS: dict[str, Any] = {
 }
 
 
-def step_logs(prefix: str, losses: LossDict) -> dict[str, float]:
-    """{"loss": t, "loss/bn": b} -> {"<prefix>/total": t, "<prefix>/bn": b} as floats, for logging."""
-    out = {}
+def step_logs(prefix: str, losses: LossDict) -> dict[str, torch.Tensor | float]:
+    """{"loss": t, "loss/bn": b} -> {"<prefix>/total": t, "<prefix>/bn": b}, detached, for logging.
+
+    Tensors stay tensors on their device: reading them (`float`, `.item()`) would wait for the device every step;
+    the run sums them there and reads them back on logging steps only (dfkd.logbuf).
+    """
+    out: dict[str, torch.Tensor | float] = {}
     for k, v in losses.items():
         name = "total" if k == "loss" else k.removeprefix("loss/")
-        out[f"{prefix}/{name}"] = float(v.detach()) if torch.is_tensor(v) else float(v)
+        out[f"{prefix}/{name}"] = v.detach() if torch.is_tensor(v) else float(v)
     return out
 
 
@@ -179,8 +184,8 @@ class Method(Recipe):
         s_logits = self.student_forward(x)
         losses = self.with_objectives(self.student_loss(s_logits, t_logits), x, s_logits, t_logits)
         self.opt_s.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.opt_s.step()
+        backward(losses["loss"])
+        step(self.opt_s)
         losses.update(self.objectives.extra_step(x, s_logits, t_logits))
         self.student_seconds += time.perf_counter() - t0
         return losses

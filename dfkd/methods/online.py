@@ -19,6 +19,7 @@ from dfkd.methods.base import frozen
 from dfkd.methods.dfad import DFAD
 from dfkd.objectives.base import student_penultimate
 from dfkd.objectives.discriminator import Discriminator
+from dfkd.precision import backward, step
 from dfkd.teacher import Teacher
 
 
@@ -126,9 +127,8 @@ class Online(DFAD):
         peer = self._own_loss(s2, s1, t, f2, self.discs[1])
         self.opt_s.zero_grad(set_to_none=True)
         self.opt_peer.zero_grad(set_to_none=True)
-        (losses["loss"] + peer["loss"]).backward()
-        self.opt_s.step()
-        self.opt_peer.step()
+        backward(losses["loss"] + peer["loss"])
+        step(self.opt_s, self.opt_peer)
         d1, d2 = self.discs[0].step(real=f2, fake=f1), self.discs[1].step(real=f1, fake=f2)
         losses.update({"loss/peer": peer["loss"], "loss/peer_l1": peer["loss/l1"], "loss/d1": d1, "loss/d2": d2})
         losses.update(self.objectives.extra_step(x, s1, t))

@@ -15,6 +15,7 @@ from dfkd.methods._gan import GANMethod
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import step_logs
+from dfkd.precision import backward, step, unscale
 
 
 @register_method("zskt")
@@ -88,9 +89,10 @@ class ZSKT(GANMethod):
                 losses.update({"loss": kd + self.p["at_beta"] * at, "loss/at": at})
             losses = self.with_objectives(losses, x, s_logits, t_logits)
             self.opt_s.zero_grad(set_to_none=True)
-            losses["loss"].backward()
+            backward(losses["loss"])
+            unscale(self.opt_s)
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.p["grad_clip"] or float("inf"))
-            self.opt_s.step()
+            step(self.opt_s)
             losses.update(self.objectives.extra_step(x, s_logits, t_logits))
             logs.update(step_logs("student", losses))
         self.student_seconds += time.perf_counter() - t0

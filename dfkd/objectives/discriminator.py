@@ -12,6 +12,7 @@ from dfkd.generators.base import LossDict
 from dfkd.losses import discriminator_loss, generator_loss
 from dfkd.objectives._registry import register_objective
 from dfkd.objectives.base import Objective, student_penultimate, teacher_penultimate
+from dfkd.precision import backward, step
 from dfkd.teacher import Teacher
 
 
@@ -37,8 +38,8 @@ class Discriminator:
         """One Adam step on the critic's BCE loss (real -> 1, fake -> 0); returns the loss."""
         loss = discriminator_loss(self.net(real.detach()), self.net(fake.detach()))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        backward(loss)
+        step(self.opt)
         return loss.detach()
 
     def state_dict(self) -> dict[str, Any]:

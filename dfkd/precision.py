@@ -1,0 +1,207 @@
+"""Speed on a GPU: mixed precision, channels-last, torch.compile and cudnn.benchmark for one run.
+
+`--precision fp32|bf16|fp16|auto` (auto: fp32 on CPU and other devices, bf16 on a CUDA GPU that supports it, else
+fp32). bf16 and fp16 run each round under `torch.autocast`; the weights, optimiser states and the losses that match
+BatchNorm statistics or distil logits stay in fp32 (those losses cast their inputs with `.float()`). fp16 adds a
+dynamic loss scale (`torch.amp.GradScaler`); its finite check reads one flag per optimiser step back to the host, so
+fp16 costs one sync a step where bf16 costs none. `--compile` compiles the teacher, the student and the generator
+with `torch.compile`; a network that fails to compile prints one warning line and runs eagerly from then on.
+
+Synthesizers and methods step their optimisers through `backward(loss)` and `step(*optimizers)`, which apply the
+run's loss scale when there is one and are plain `loss.backward()` / `opt.step()` otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd.errors import DfkdError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The loss scale of the run in progress (fp16 only); None: plain backward and step.
+_scaler: torch.amp.GradScaler | None = None
+_pending = False  # an optimiser stepped under the scale since its last update
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` made concrete for `device`; an explicit choice the device cannot run is a DfkdError.
+
+    Args:
+        name: auto, fp32, bf16 or fp16.
+        device: where the run computes.
+
+    Returns:
+        fp32, bf16 or fp16.
+    """
+    if name not in PRECISIONS:
+        raise DfkdError(f"--precision {name}: use one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if cuda_bf16 else "fp32"
+    if name != "fp32" and device.type not in ("cuda", "cpu"):
+        raise DfkdError(f"--precision {name}: mixed precision runs on cuda or cpu, not {device.type}; "
+                        "use --precision fp32")
+    return name
+
+
+class Precision:
+    """The numeric settings of one run: autocast dtype, loss scaling, memory format, compilation.
+
+    Args:
+        name: fp32, bf16 or fp16 (see `resolve_precision`).
+        device: where the run computes.
+        compile: compile the networks with `torch.compile` in `prepare`.
+    """
+
+    def __init__(self, name: str, device: torch.device, compile: bool = False) -> None:
+        self.name, self.device, self.compile = name, device, compile
+        self.dtype = _DTYPES.get(name)
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """The context one round runs in: autocast to the run's dtype, and its loss scale in force."""
+        global _scaler
+        old, _scaler = _scaler, self.scaler
+        try:
+            if self.dtype is None:
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    yield
+        finally:
+            _flush()
+            _scaler = old
+
+    def after_round(self, method: Any) -> None:
+        """The round's last synthetic batch in fp32 (under autocast a generator makes bf16/fp16 images)."""
+        x = getattr(method, "last_images", None)
+        if self.dtype is not None and x is not None and x.dtype == self.dtype:
+            method.last_images = x.float()
+
+    def prepare(self, modules: dict[str, nn.Module]) -> None:
+        """Channels-last for convolutional networks on a GPU, cudnn.benchmark, and `--compile`.
+
+        Args:
+            modules: the run's networks by name (teacher, student, generator), changed in place: parameters and
+                state_dict keys stay as they are, so checkpoints do not depend on these settings.
+        """
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            for m in modules.values():
+                if _has_conv(m):
+                    m.to(memory_format=torch.channels_last)
+        if self.compile:
+            for name, m in modules.items():
+                compile_in_place(m, name)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def _has_conv(module: nn.Module) -> bool:
+    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in module.modules())
+
+
+def compile_in_place(module: nn.Module, name: str) -> None:
+    """`torch.compile` `module`'s call, keeping its parameters and state_dict keys; eager again if it fails.
+
+    Compilation happens at the first call (and again for new shapes); an error there prints one warning line
+    naming the network and the error, and the module runs eagerly from then on. A deep copy of the module (the
+    student EMA, a selected snapshot) runs eagerly: see `eager`.
+    """
+    compiled = torch.compile(module._call_impl)
+
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, once, with a warning
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"warning: --compile: the {name} did not compile ({type(e).__name__}: {first}); "
+                  "it runs eagerly", file=sys.stderr, flush=True)
+            module._compiled_call_impl = None
+            return module._call_impl(*args, **kwargs)
+
+    module._compiled_call_impl = guarded
+
+
+def eager(module: nn.Module) -> nn.Module:
+    """`module` (a deep copy of a compiled one) made to run its own forward, not the original's compiled one."""
+    for m in module.modules():
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return module
+
+
+def backward(loss: torch.Tensor) -> None:
+    """`loss.backward()`, scaled by the run's fp16 loss scale when there is one.
+
+    The loss scale is updated here, before the next backward, once the optimisers of the previous backward have
+    stepped: optimisers stepped after one backward (CMI's head and generator) all see the same scale.
+    """
+    global _pending
+    if _scaler is None:
+        loss.backward()
+        return
+    if _pending:
+        _scaler.update()
+        _pending = False
+    _scaler.scale(loss).backward()
+
+
+def unscale(optimizer: torch.optim.Optimizer) -> None:
+    """Bring `optimizer`'s gradients to their true scale before clipping or copying them (no-op without a scale)."""
+    if _scaler is not None:
+        _scaler.unscale_(optimizer)
+
+
+def step(*optimizers: torch.optim.Optimizer) -> None:
+    """Step each optimizer; under fp16 a step whose gradients are not finite is skipped (and the scale lowered)."""
+    global _pending
+    if _scaler is None:
+        for opt in optimizers:
+            opt.step()
+        return
+    for opt in optimizers:
+        _scaler.step(opt)
+    _pending = True
+
+
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """`t` in fp32 when it is bf16/fp16 (what autocast makes); any other dtype (fp64 in gradchecks) as it is."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def loss_scaled() -> bool:
+    """Whether backward passes now run under an fp16 loss scale."""
+    return _scaler is not None
+
+
+def _flush() -> None:
+    global _pending
+    if _scaler is not None and _pending:
+        _scaler.update()
+    _pending = False
+
+
+def run_networks(method: Any) -> dict[str, nn.Module]:
+    """The networks of a method that `Precision.prepare` touches: teacher, student and generator (when any)."""
+    nets: dict[str, nn.Module] = {"student": method.student}
+    if isinstance(method.teacher, nn.Module) and any(True for _ in method.teacher.parameters()):
+        nets["teacher"] = method.teacher
+    generator = getattr(getattr(method, "synth", None), "generator", None)
+    if isinstance(generator, nn.Module):
+        nets["generator"] = generator
+    return nets
