@@ -21,3 +21,13 @@ def peak_rss_mib() -> float:
             return 0.0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def peak_device_mib(device: object) -> float | None:
+    """The most memory PyTorch's allocator has held on a CUDA `device` so far, in MiB (None elsewhere)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
