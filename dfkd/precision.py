@@ -97,7 +97,7 @@ class Precision:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             for m in modules.values():
-                if _has_conv(m):
+                if _has_conv(m) and not isinstance(m, torch.jit.ScriptModule):
                     m.to(memory_format=torch.channels_last)
         if self.compile:
             for name, m in modules.items():

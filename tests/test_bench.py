@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from dfkd.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+import gpu  # noqa: E402
 import overhead  # noqa: E402
 import run  # noqa: E402
 
@@ -117,3 +119,28 @@ def test_zoo_models_are_recorded_once_per_forward_whichever_way_they_are_called(
     rec.remove()
     assert [c.shape[0] for c in rec.calls] == [3, 3] and all(c.net is teacher.module for c in rec.calls)
     assert "forward_features" not in vars(teacher.module)  # unpatched
+
+
+def test_gpu_benchmark_runs_end_to_end_at_tiny_scale(tmp_path: Path) -> None:
+    """bench/gpu.py --tiny on CPU: a random WRN-40-2 teacher, DFQ in bf16, one table row with every number."""
+    code = gpu.main(["--tiny", "--pairs", "wrn_40_2", "--methods", "dfq", "--precisions", "bf16",
+                     "--compile-modes", "off", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "gpu.json").read_text())
+    assert code == 0 and len(rows) == 1, rows
+    row = rows[0]
+    assert row["pair"] == "wrn_40_2->wrn_16_1" and row["steps"] == 2 and row["images_per_s"] > 0
+    assert row["peak_gpu_mib"] is None and row["top1_end"] is not None  # no GPU here; the accuracy column is filled
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| wrn_40_2->wrn_16_1 | dfq | bf16 | off |" in md
+
+
+def test_gpu_benchmark_puts_the_settings_side_by_side() -> None:
+    rows = [{"pair": "a->b", "teacher": "a", "method": "fast", "precision": p, "compile": c, "images_per_s": v,
+             "synthesis_share": 0.5, "peak_gpu_mib": 100.0, "peak_rss_mib": 900.0, "top1_25": 0.1, "top1_50": 0.2,
+             "top1_end": 0.3, "steps": 10} for p, c, v in (("fp32", "off", 100.0), ("bf16", "on", 250.0))]
+    rows.append({"pair": "a->b", "teacher": "a", "method": "cmi", "precision": "bf16", "compile": "off",
+                 "error": "error: boom"})
+    md = gpu.table(rows, real={"a"})
+    assert "| a->b | fast | bf16 | on | 250.0 | 2.50x |" in md and "| 30.00 |" in md
+    assert "| a->b | cmi | bf16 | off | n/a |" in md and "error: boom" in md
+    assert "| 30.00 |" not in gpu.table(rows[:1], real=set())  # a random teacher: accuracy n/a
