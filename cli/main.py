@@ -229,7 +229,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         if resume_dir:
             if config_file:
                 raise DfkdError(f"--config {config_file}: a resumed run keeps its settings; with --resume give only "
-                                "--steps, --budget-minutes, --device, --eval-data or -p")
+                                "--steps, --budget-minutes, --device, --eval-data, --precision, --compile or -p")
             fixed = {k: v for k, v in flags.items() if k not in RESUMABLE}
             result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)),
                             flags["device"], flags["eval_data"], fixed, flags["precision"], flags["compile"])

@@ -227,3 +227,16 @@ def test_prepare_keeps_state_dict_keys() -> None:
     keys = list(net.state_dict())
     Precision("bf16", torch.device("cpu"), compile=False).prepare({"student": net})
     assert list(net.state_dict()) == keys
+
+
+def test_cli_resume_takes_precision_and_compile(tmp_path: Path) -> None:
+    run = tmp_path / "r"
+    base = [sys.executable, "-m", "dfkd", "distill"]
+    first = subprocess.run(base + ["--teacher", TEACHER, "--steps", "2", "--precision", "bf16", "--out", str(run),
+                                   "-p", "batch_size=8"], capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(base + ["--resume", str(run), "--steps", "4", "--precision", "fp32", "--no-compile"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert saved["step"] == 4 and saved["config"]["precision"] == "fp32" and saved["config"]["compile"] is False
