@@ -138,7 +138,7 @@ class Run:
         self._share(run_dir)
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
-        self.precision = Precision(resolve_precision(cfg.precision, self.device), self.device, cfg.compile)
+        self.precision = Precision(resolve_precision(cfg.precision, self.device, dist.world), self.device, cfg.compile)
         self.precision.prepare(run_networks(self.method))
         self.losses = LossBuffer()  # summed on the device, read back on logging steps only
         self.image_step = -1  # the step of the last synthetic-image grid logged

@@ -31,18 +31,26 @@ _scaler: torch.amp.GradScaler | None = None
 _pending = False  # an optimiser stepped under the scale since its last update
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device: torch.device, world: int = 1) -> str:
     """`auto` made concrete for `device`; an explicit choice the device cannot run is a DfkdError.
+
+    fp16 is refused for a job of several processes: its loss scaler may skip an optimizer step on one process
+    (an inf in that process's gradients) while the others take it, and their gradient averaging would then wait
+    forever. bf16 needs no scaler.
 
     Args:
         name: auto, fp32, bf16 or fp16.
         device: where the run computes.
+        world: processes in the job (torchrun).
 
     Returns:
         fp32, bf16 or fp16.
     """
     if name not in PRECISIONS:
         raise DfkdError(f"--precision {name}: use one of {', '.join(PRECISIONS)}")
+    if name == "fp16" and world > 1:
+        raise DfkdError(f"--precision fp16 with {world} processes: its loss scaling can skip a step on one process "
+                        "and not the others; use --precision bf16 (or fp32) under torchrun")
     if name == "auto":
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return "bf16" if cuda_bf16 else "fp32"

@@ -167,6 +167,9 @@ def test_defaults_per_device_and_refusals() -> None:
         resolve_precision("fp8", torch.device("cpu"))
     with pytest.raises(DfkdError, match="--precision fp32"):
         resolve_precision("bf16", torch.device("meta"))
+    assert resolve_precision("fp16", torch.device("cpu"), world=1) == "fp16"
+    with pytest.raises(DfkdError, match="fp16 with 2 processes.*bf16"):
+        resolve_precision("fp16", torch.device("cpu"), world=2)  # a skipped step on one rank would hang the others
 
 
 def test_cli_refuses_a_bad_precision_in_a_config_file(tmp_path: Path) -> None:
