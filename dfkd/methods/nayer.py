@@ -31,6 +31,7 @@ PAPER: dict[str, Any] = {
     "schedule": "cosine", "T": 20.0, "s_steps": 400, "g_steps": 30, "lr_g": 4e-3, "betas_g": [0.5, 0.999],
     "adv": 1.33, "bn": 10.0, "oh": 0.5, "bn_mmt": 0.9, "warmup_rounds": 20, "g_loops": 2, "gwp_loops": 10,
     "g_life": 10, "le_emb_size": 1000, "le_size": 512, "ngf": 64,
+    "pool_size": 160_000,  # all of a 120-round run: 20 x 10 + 100 x 2 batches of 400 (the reference keeps all)
 }
 #: CIFAR-100-size label sets (>= 100 classes): 40 generator steps a batch (`scripts/nayer_100.sh`).
 PAPER_100_CLASSES: dict[str, Any] = {"g_steps": 40}
@@ -54,15 +55,16 @@ class NAYER(Method):
     s_steps student steps on pool samples (crop + flip), KL at T = 20, SGD with a cosine schedule; warm-up
     rounds make no student step. K-to-1 noisy layers: one Linear(le_size, le_emb_size) per chunk of K samples.
 
-    Recipes (`-p recipe=paper` forces the paper's values on top of any teacher): CIFAR-10 (`scripts/
-    nayer_100.sh`): student batch 512, synthesis batch 400, lr 0.2, wd 1e-4, T 20, 400 KD steps, g_steps 30,
-    lr_g 4e-3, adv 1.33, bn 10, oh 0.5, bn_mmt 0.9, warmup 20 rounds with 10 batches, then 2 batches a round,
-    g_life 10, noisy-layer width 1000, ngf 64; 100 classes or more: g_steps 40; inputs of 64 px or more: the
-    Tiny-ImageNet setting (batch 256 / 200, lr 0.1, g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches
-    capped at 64 above 64 px. The paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
+    Recipes (`-p recipe=paper` forces the paper's values on top of any teacher; values set with -p stay):
+    CIFAR-10 (`scripts/nayer_100.sh`): student batch 512, synthesis batch 400, lr 0.2, wd 1e-4, T 20, 400 KD
+    steps, g_steps 30, lr_g 4e-3, adv 1.33, bn 10, oh 0.5, bn_mmt 0.9, warm-up 20 rounds of 10 batches, then 2
+    batches a round, g_life 10, noisy-layer width 1000, ngf 64, a pool of 160,000 images (all of a 120-round run);
+    100 classes or more: g_steps 40; inputs of 64 px or more: the Tiny-ImageNet setting (batch 256 / 200, lr 0.1,
+    g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches capped at 64 above 64 px (no script there). The
+    paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
     CPU rule (the default, `recipe=auto`), for a LeNet-scale teacher (< 200K parameters): synthesis batch 64,
     student batch 128, s_steps 50, lr 0.01 (Fast-DFKD's and CMI's CPU values here), g_steps 10, warm-up 2 rounds
-    of 5 batches, ngf from the teacher size (16 for a LeNet).
+    of 5 batches, ngf from the teacher size (16 for a LeNet), a pool of 60,000 images.
 
     Label embeddings: the paper encodes "a image of <class>" with CLIP ViT-B/32 (512-d). This machine cannot
     download it, so by default (`text_encoder=none`) each class gets a fixed random N(0, I) 512-d vector (seeded,
@@ -85,7 +87,7 @@ class NAYER(Method):
                                        "warmup_rounds": 0, "g_loops": 1, "le_emb_size": 16, "le_size": 16}
     defaults: ClassVar[dict[str, Any]] = {
         **PAPER, "recipe": "auto", "text_encoder": "none", "class_names": None, "flip_p": 0.5,
-        "pool_size": 60_000, "pool_dtype": "float16", "pool_dir": None, "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,
+        "pool_dtype": "float16", "pool_dir": None, "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,
     }
 
     # --- recipe -------------------------------------------------------------------------------------------
@@ -108,7 +110,7 @@ class NAYER(Method):
         p = cls.paper_params(teacher)
         if is_small_teacher(teacher):
             p.update(synth_batch_size=64, batch_size=128, s_steps=50, lr_s=0.01, g_steps=10, warmup_rounds=2,
-                     gwp_loops=5, ngf=default_width(teacher_size(teacher)))
+                     gwp_loops=5, ngf=default_width(teacher_size(teacher)), pool_size=60_000)
         return p
 
     @classmethod

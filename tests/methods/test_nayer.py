@@ -198,7 +198,8 @@ def test_state_round_trip_mid_warmup_through_weights_only_file(tmp_path: Path) -
 PAPER_CIFAR10 = {"batch_size": 512, "synth_batch_size": 400, "lr_s": 0.2, "weight_decay": 1e-4, "momentum": 0.9,
                  "schedule": "cosine", "T": 20.0, "s_steps": 400, "g_steps": 30, "lr_g": 4e-3, "adv": 1.33,
                  "bn": 10.0, "oh": 0.5, "bn_mmt": 0.9, "warmup_rounds": 20, "g_loops": 2, "gwp_loops": 10,
-                 "g_life": 10, "le_emb_size": 1000, "le_size": 512, "ngf": 64, "betas_g": [0.5, 0.999]}
+                 "g_life": 10, "le_emb_size": 1000, "le_size": 512, "ngf": 64, "betas_g": [0.5, 0.999],
+                 "pool_size": 160_000}
 
 
 def test_recipe_paper_pins_the_reference_values(tiny_teacher: Teacher) -> None:
