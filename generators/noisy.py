@@ -9,7 +9,7 @@ them (the reference's `nl = num_classes`, `nle = ceil(sbz / nl)`).
 The paper embeds "a image of <class name>" with CLIP ViT-B/32's text encoder (`label_embedding/
 label_embedding.py`, 512-d). dfkd downloads nothing at run time, so by default each class gets a fixed random
 vector instead (`fixed_class_embeddings`); `text_class_embeddings` uses a text encoder already on this machine
-(open_clip or sentence-transformers with weights in their local cache or at a path).
+(open_clip with a weights file, or sentence-transformers with a model folder or cached model).
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def text_class_embeddings(encoder: str, class_names: Sequence[str]) -> Tensor:
     """Embed "a image of <name>" for each class with a text encoder installed here (never downloaded).
 
     Args:
-        encoder: "open_clip:MODEL[:PRETRAINED]" (PRETRAINED a tag in open_clip's local cache or a weights file,
-            e.g. "open_clip:ViT-B-32:openai", the paper's encoder) or "sentence-transformers:NAME_OR_PATH".
+        encoder: "open_clip:MODEL:WEIGHTS_FILE" (e.g. "open_clip:ViT-B-32:/models/vit_b_32_openai.bin", the
+            paper's encoder) or "sentence-transformers:NAME_OR_PATH" (a folder, or a model in the Hugging Face
+            cache; loaded with HF_HUB_OFFLINE=1).
         class_names: one name per class, in class-index order.
 
     Returns:
@@ -100,13 +101,17 @@ def text_class_embeddings(encoder: str, class_names: Sequence[str]) -> Tensor:
     prompts = [PROMPT.format(n.replace("_", " ").replace("-", " ")) for n in class_names]
     package = {"open_clip": "open_clip_torch", "sentence-transformers": "sentence-transformers"}.get(kind)
     if package is None or not rest:
-        raise DfkdError(f"-p text_encoder={encoder}: use none, open_clip:MODEL[:PRETRAINED] or "
+        raise DfkdError(f"-p text_encoder={encoder}: use none, open_clip:MODEL:WEIGHTS_FILE or "
                         "sentence-transformers:NAME_OR_PATH")
     try:
         with _offline():
             if kind == "open_clip":
                 name, _, pretrained = rest.partition(":")
-                return _encode_open_clip(name, pretrained, prompts)
+                if not os.path.isfile(os.path.expanduser(pretrained)):  # a tag would make open_clip download
+                    raise DfkdError(f"-p text_encoder={encoder}: give the weights file after the model name "
+                                    "(open_clip:MODEL:/path/to/weights.bin); nothing is downloaded, or use -p "
+                                    "text_encoder=none")
+                return _encode_open_clip(name, os.path.expanduser(pretrained), prompts)
             return _encode_sentence(rest, prompts)
     except ImportError as e:
         raise DfkdError(f"-p text_encoder={encoder}: {package} is not installed; pip install 'dfkd[text]' (or "

@@ -70,7 +70,7 @@ class NAYER(Method):
     download it, so by default (`text_encoder=none`) each class gets a fixed random N(0, I) 512-d vector (seeded,
     the same in every run): the inputs are distinct per class but carry no inter-class similarity. With
     open_clip or sentence-transformers installed (`pip install 'dfkd[text]'`) and weights cached or on disk,
-    `-p text_encoder=open_clip:ViT-B-32:openai` (the paper's) or `sentence-transformers:PATH` embeds the
+    `-p text_encoder=open_clip:ViT-B-32:WEIGHTS_FILE` (the paper's) or `sentence-transformers:PATH` embeds the
     teacher's class names (or `-p class_names=[...]`); nothing is downloaded.
     Deviations: the best batch of each generator loop is chosen within that loop (the reference keeps one best
     cost across a round's loops, so a later loop can keep its first, unoptimised iterate); the cosine schedule

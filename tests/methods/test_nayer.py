@@ -278,9 +278,39 @@ def test_local_sentence_encoder_is_used_offline(monkeypatch: pytest.MonkeyPatch,
     m.close()
 
 
-def test_text_encoder_mistakes_are_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_open_clip_weights_file_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    weights = tmp_path / "vit_b_32.bin"
+    weights.write_bytes(b"0")
+    seen = {}
+
+    class FakeClip:
+        def eval(self):  # noqa: ANN202
+            return self
+
+        def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+            return tokens.double() * 2
+
+    def create_model(name: str, pretrained: str) -> FakeClip:
+        seen["model"] = (name, pretrained)
+        return FakeClip()
+
+    def get_tokenizer(name: str):  # noqa: ANN202
+        return lambda prompts: (seen.setdefault("prompts", prompts), torch.ones(len(prompts), 3))[1]
+
+    monkeypatch.setitem(sys.modules, "open_clip", types.SimpleNamespace(create_model=create_model,
+                                                                        get_tokenizer=get_tokenizer))
+    emb = text_class_embeddings(f"open_clip:ViT-B-32:{weights}", ["sea-lion", "cat"])
+    assert seen == {"model": ("ViT-B-32", str(weights)), "prompts": ["a image of sea lion", "a image of cat"]}
+    assert emb.dtype == torch.float32 and torch.equal(emb, torch.full((2, 3), 2.0))
+
+
+def test_text_encoder_mistakes_are_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "open_clip", None)  # import fails as if not installed
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"0")
     with pytest.raises(DfkdError, match=r"open_clip_torch is not installed; pip install 'dfkd\[text\]'"):
+        text_class_embeddings(f"open_clip:ViT-B-32:{weights}", ["a", "b"])
+    with pytest.raises(DfkdError, match="give the weights file"):  # a tag would download
         text_class_embeddings("open_clip:ViT-B-32:openai", ["a", "b"])
     with pytest.raises(DfkdError, match="use none, open_clip"):
         text_class_embeddings("clip", ["a"])
