@@ -139,7 +139,6 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "inv_schedule": ("cosine", "constant", "plateau"), "recipe": ("paper", "cpu"),
     "kd_augment": ("none", "crop_flip"), "kl_reduction": ("batchmean", "mean"),
     "pool_dtype": ("float16", "bfloat16", "float32"), "bn_form": ("di", "gaussian_kl"),
-    "recipe": ("auto", "paper"),
 }
 
 

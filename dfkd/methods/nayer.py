@@ -10,7 +10,7 @@ import torch
 from dfkd.augment import make_augment
 from dfkd.bnstats import BNInputs
 from dfkd.errors import DfkdError
-from dfkd.generators import LossDict, default_width
+from dfkd.generators import LossDict
 from dfkd.generators.noisy import (
     NoisyLayerGenerator,
     NoisyLayerSynthesizer,
@@ -23,7 +23,7 @@ from dfkd.losses import adv_masked_kl, bn_momentum, one_hot, update_bn_ema
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.teacher import Teacher, is_small_teacher, teacher_size
+from dfkd.teacher import Teacher
 
 #: The reference's CIFAR-10 setting (`scripts/nayer_100.sh`, `run/nayer_200.sh`; `datafree_kd.py` defaults).
 PAPER: dict[str, Any] = {
@@ -55,16 +55,16 @@ class NAYER(Method):
     s_steps student steps on pool samples (crop + flip), KL at T = 20, SGD with a cosine schedule; warm-up
     rounds make no student step. K-to-1 noisy layers: one Linear(le_size, le_emb_size) per chunk of K samples.
 
-    Recipes (`-p recipe=paper` forces the paper's values on top of any teacher; values set with -p stay):
+    Paper recipe (`-p recipe=paper`; the default for every teacher but MNIST-kind ones under 200K parameters):
     CIFAR-10 (`scripts/nayer_100.sh`): student batch 512, synthesis batch 400, lr 0.2, wd 1e-4, T 20, 400 KD
     steps, g_steps 30, lr_g 4e-3, adv 1.33, bn 10, oh 0.5, bn_mmt 0.9, warm-up 20 rounds of 10 batches, then 2
     batches a round, g_life 10, noisy-layer width 1000, ngf 64, a pool of 160,000 images (all of a 120-round run);
     100 classes or more: g_steps 40; inputs of 64 px or more: the Tiny-ImageNet setting (batch 256 / 200, lr 0.1,
     g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches capped at 64 above 64 px (no script there). The
     paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
-    CPU rule (the default, `recipe=auto`), for a LeNet-scale teacher (< 200K parameters): synthesis batch 64,
-    student batch 128, s_steps 50, lr 0.01 (Fast-DFKD's and CMI's CPU values here), g_steps 10, warm-up 2 rounds
-    of 5 batches, ngf from the teacher size (16 for a LeNet), a pool of 60,000 images.
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters; chosen, not tuned):
+    synthesis batch 64, student batch 128, s_steps 50, lr 0.01 (Fast-DFKD's and CMI's CPU values here), g_steps
+    10, warm-up 2 rounds of 5 batches, generator width 16, a pool of 60,000 images.
 
     Label embeddings: the paper encodes "a image of <class>" with CLIP ViT-B/32 (512-d). This machine cannot
     download it, so by default (`text_encoder=none`) each class gets a fixed random N(0, I) 512-d vector (seeded,
@@ -85,8 +85,23 @@ class NAYER(Method):
     uses_bn: ClassVar[bool] = True
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 12, "g_steps": 2, "s_steps": 2,
                                        "warmup_rounds": 0, "g_loops": 1, "le_emb_size": 16, "le_size": 16}
+    cpu: ClassVar[dict[str, Any]] = {"synth_batch_size": 64, "batch_size": 128, "s_steps": 50, "lr_s": 0.01,
+                                     "g_steps": 10, "warmup_rounds": 2, "gwp_loops": 5, "ngf": 16, "pool_size": 60_000}
+    cpu_reason: ClassVar[str] = (
+        "chosen for a CPU, not tuned: Fast-DFKD's and CMI's CPU batches 64/128, 50 KD steps a round and student lr "
+        "0.01 (at T=20 larger rates kill a BN-free LeNet-5-half), generator width 16, g_steps 10 and a 2-round "
+        "warm-up of 5 batches (the paper's 20 x 10 batches of 400 at 30 steps would fill a short CPU run)")
+    deviations: ClassVar[tuple[str, ...]] = (
+        "label embeddings are fixed random class vectors unless -p text_encoder names a local encoder (the paper: "
+        "CLIP ViT-B/32 text embeddings of 'a image of <class>')",
+        "the best iterate is chosen within each generator loop (the reference keeps one best cost across a round's "
+        "loops)",
+        "the cosine schedule has no eta_min (2e-4 in the reference) and, under a time budget, runs over the warm-up",
+        "the pool is an ImagePool (float16, up to pool_size images, on disk past ram_budget_mib), not PNG files",
+        "synthesis views are crop + flip at every size (the reference does not flip at 64 px); 1-channel teachers "
+        "get no flips")
     defaults: ClassVar[dict[str, Any]] = {
-        **PAPER, "recipe": "auto", "text_encoder": "none", "class_names": None, "flip_p": 0.5,
+        **PAPER, "text_encoder": "none", "class_names": None, "flip_p": 0.5,
         "pool_dtype": "float16", "pool_dir": None, "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,
     }
 
@@ -94,7 +109,7 @@ class NAYER(Method):
     @classmethod
     def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         """The reference's setting for this teacher's input kind and class count."""
-        p = super().default_params(teacher)
+        p = super().paper_params(teacher)
         if teacher is not None and teacher.num_classes >= 100:
             p.update(PAPER_100_CLASSES)
         if teacher_kind(teacher) == "imagenet":
@@ -105,28 +120,9 @@ class NAYER(Method):
             p["flip_p"] = 0.0  # digits and other grey-scale documents are not mirror-symmetric
         return p
 
-    @classmethod
-    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        p = cls.paper_params(teacher)
-        if is_small_teacher(teacher):
-            p.update(synth_batch_size=64, batch_size=128, s_steps=50, lr_s=0.01, g_steps=10, warmup_rounds=2,
-                     gwp_loops=5, ngf=default_width(teacher_size(teacher)), pool_size=60_000)
-        return p
-
-    @classmethod
-    def resolve_recipe(cls, p: dict[str, Any], teacher: Teacher) -> None:
-        """Under `recipe=paper`, replace every value still at its CPU default by the paper's (in place)."""
-        if p["recipe"] == "auto":
-            return
-        if p["recipe"] != "paper":
-            raise DfkdError(f"-p recipe={p['recipe']}: use auto or paper")
-        auto, paper = cls.default_params(teacher), cls.paper_params(teacher)
-        p.update({k: v for k, v in paper.items() if p.get(k) == auto[k]})
-
     # --- construction -------------------------------------------------------------------------------------
     def __init__(self, teacher: Teacher, student: torch.nn.Module, params: dict[str, Any],
                  device: torch.device) -> None:
-        self.resolve_recipe(params, teacher)
         super().__init__(teacher, student, params, device)
         p, spec = self.p, teacher.spec
         self.generator = NoisyLayerGenerator(spec, self.label_embeddings(), p["le_emb_size"], p["ngf"],

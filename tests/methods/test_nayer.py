@@ -203,16 +203,14 @@ PAPER_CIFAR10 = {"batch_size": 512, "synth_batch_size": 400, "lr_s": 0.2, "weigh
 
 
 def test_recipe_paper_pins_the_reference_values(tiny_teacher: Teacher) -> None:
-    auto = NAYER.default_params(tiny_teacher)
-    assert (auto["recipe"], auto["synth_batch_size"], auto["g_steps"], auto["ngf"]) == ("auto", 64, 10, 16)
-    p = {**auto, "recipe": "paper", "oh": 0.7}  # a value the user set survives the paper recipe
-    NAYER.resolve_recipe(p, tiny_teacher)
-    assert {k: p[k] for k in PAPER_CIFAR10 if k != "oh"} == {k: v for k, v in PAPER_CIFAR10.items() if k != "oh"}
-    assert p["oh"] == 0.7
-    NAYER.resolve_recipe(p, tiny_teacher)  # a resumed run's resolved values stay as they are
-    assert p["batch_size"] == 512
-    with pytest.raises(DfkdError, match="recipe=cpu"):
-        NAYER.resolve_recipe({**auto, "recipe": "cpu"}, tiny_teacher)
+    cpu = NAYER.default_params(tiny_teacher)  # a LeNet on MNIST: the CPU recipe by default
+    assert (cpu["recipe"], cpu["synth_batch_size"], cpu["g_steps"], cpu["ngf"]) == ("cpu", 64, 10, 16)
+    assert cpu == {**NAYER.default_params(tiny_teacher, "paper"), **NAYER.cpu, "recipe": "cpu"}
+    for teacher in (tiny_teacher, None):
+        p = NAYER.finalize(NAYER.default_params(teacher, "paper"))
+        assert p["recipe"] == "paper" and {k: p[k] for k in PAPER_CIFAR10} == PAPER_CIFAR10
+    with pytest.raises(DfkdError, match="recipe=auto: use paper or cpu"):
+        NAYER.default_params(tiny_teacher, "auto")
 
 
 def test_paper_settings_by_input_kind_and_classes() -> None:
@@ -239,13 +237,15 @@ def test_cli_recipe_paper_resolved_in_config_json_and_startup_line(teacher_file:
     with pytest.warns(UserWarning, match="nayer: label embeddings are fixed random class vectors"):
         res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
+    assert "recipe: paper (set by recipe=paper)" in res.output  # the start-up lines
+    assert "kept deviation: label embeddings are fixed random class vectors" in res.output
     params = json.loads((out / "config.json").read_text())["params"]
     assert (params["lr_s"], params["adv"], params["bn"], params["oh"], params["lr_g"], params["gwp_loops"]) == \
         (0.2, 1.33, 10.0, 0.5, 4e-3, 10)
     assert (params["g_steps"], params["synth_batch_size"], params["ngf"]) == (1, 10, 4)  # the user's, kept
     assert None not in (params["ngf"], params["synth_batch_size"])
     shown = CliRunner().invoke(main, ["methods", "--params", "nayer"]).output
-    assert "fixed random" in shown and "text_encoder   'none'" in shown and "recipe         'auto'" in shown
+    assert "fixed random" in shown and "text_encoder   'none'" in shown and "recipe         'paper'" in shown
 
 
 # --- label embeddings ---------------------------------------------------------------------------------------------
