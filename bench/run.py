@@ -29,6 +29,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
+#: This checkout's dfkd (the `dfkd` on PATH may be another checkout's editable install).
+DFKD = [sys.executable, "-m", "dfkd"]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,6 +75,7 @@ def teacher_path(arch: str, args: argparse.Namespace) -> Path:
 def child_env(jobs: int) -> dict[str, str]:
     """The environment of each run: with several jobs, the cores are shared out as torch threads."""
     env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), *filter(None, [env.get("PYTHONPATH")])])
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
@@ -93,14 +96,14 @@ def pairs(teachers: dict[str, Path], methods: list[str], all_pairs: bool) -> lis
 
 
 def evaluate(model: Path, test: str) -> float:
-    out = subprocess.run(["dfkd", "evaluate", "--model", str(model), "--data", test, "--json"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([*DFKD, "evaluate", "--model", str(model), "--data", test, "--json"], check=True,
+                         capture_output=True, text=True, env=child_env(1)).stdout
     return json.loads(out)["top1"]
 
 
 def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace, out: Path) -> dict:
     """One `dfkd distill` run at a wall-clock budget; its row of the table."""
-    cmd = ["dfkd", "distill", "--teacher", str(teacher), "--method", method, "--budget-minutes", str(minutes),
+    cmd = [*DFKD, "distill", "--teacher", str(teacher), "--method", method, "--budget-minutes", str(minutes),
            "--eval-data", args.test, "--eval-every", "1000000", "--seed", str(args.seed), "--out", str(out)]
     if out.exists():  # a fresh measurement: a run folder left by an earlier (or stopped) bench is replaced
         shutil.rmtree(out)

@@ -130,6 +130,9 @@ RANGES: dict[str, Rule] = {
                                          "mutual", "first_bn", "tv_l1", "tv_l2", "l2", "at_beta", "disc_weight",
                                          "reptile_alpha")},
     "teacher_weights": Rule("list", items=Rule("number", lo=0), none_ok=True),
+    # NAYER
+    **{k: Rule("int", lo=1) for k in ("g_loops", "gwp_loops", "g_life", "le_emb_size", "le_size")},
+    "warmup_rounds": Rule("int", lo=0), "class_names": Rule("list", items=Rule("str"), none_ok=True),
 }
 CHOICES: dict[str, tuple[Any, ...]] = {
     "s_optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "multistep"),
