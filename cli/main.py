@@ -270,7 +270,12 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
 @click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes).")
 @teacher_options
 @click.option("--method", required=True, help="Synthesis method (see `dfkd methods`), e.g. zskd, deepinversion.")
-@click.option("--num", required=True, type=click.IntRange(min=1), help="Number of images to write.")
+@click.option("--num", default=None, type=click.IntRange(min=1), help="Number of images to write.  [default: 1000 "
+              "a class, at most 50000]")
+@click.option("--labels", default="soft", show_default=True, metavar="soft|topk=K|hard|temperature=T",
+              help="What of the teacher's output to ship: its softmax, the top K renormalised, one-hot, or tempered.")
+@click.option("--label-decimals", type=int, default=None, help="Round every stored label to this many decimals.")
+@click.option("--eval-data", default=None, help="Real test data: measure the teacher's top-1 for the provenance.")
 @click.option("--out", required=True, help="The transfer file to write (.npz).")
 @click.option("--student", default=None, help="Student the method trains alongside (adversarial methods compete "
               "with it; default: the usual pair for the teacher).")
@@ -295,6 +300,7 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
       dfkd distill --transfer-data transfer.npz --student lenet5_half --steps 2000
     """
     from dfkd.config import check_method_params, parse_param
+    from dfkd.labels import parse_labels
     from dfkd.outpaths import check_output_file
     from dfkd.teacher_options import load_with_options
     from dfkd.transfer import synthesize
@@ -302,10 +308,11 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
 
     overrides = dict(map(parse_param, params))
     check_method_params(kw["method"], overrides, min_s_steps=0)
+    labels = parse_labels(kw.pop("labels"), kw.pop("label_decimals"))
     check_output_file(kw["out"])
     dev = pick_device(device)
     t = load_with_options(teacher, pop_teacher_options(kw), dev)
-    data = synthesize(t, params=overrides, device=dev, progress=True, **kw)
+    data = synthesize(t, params=overrides, device=dev, progress=True, labels=labels, **kw)
     click.echo(f"wrote {kw['out']}: {len(data)} images, {data.num_classes} classes, method {data.method}")
 
 
@@ -414,11 +421,21 @@ def convert_cmd(teacher: str, out: str, **kw: Any) -> None:
 def report_cmd(run_dir: str) -> None:
     """Summarise a run; write synthetic.png (last image grid) and curves.png into its folder.
 
+    Given a transfer file (.npz from `dfkd synthesize`): its provenance, class histogram and labels, and
+    FILE_samples.png (samples per class) beside it.
+
     \b
     Example:
       dfkd report runs/20261130-120000-dfq-mnist_lenet5_bn
+      dfkd report transfer.npz
     """
     from dfkd.report import report
+
+    if run_dir.endswith(".npz"):
+        from dfkd.transfer_report import report_transfer
+
+        click.echo(report_transfer(run_dir).text())
+        return
 
     click.echo(report(run_dir).text())
 

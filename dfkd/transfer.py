@@ -7,6 +7,12 @@ A transfer file is an .npz written atomically by `synthesize()` (`dfkd synthesiz
     y               int64 (N,)           argmax of probs, so `dfkd evaluate --data` and `train-teacher` read it too
     channels, size, mean, std, num_classes     the teacher's input spec
     method, teacher_sha256, format ("dfkd-transfer"), version
+    provenance      JSON text: teacher (file name, sha256, top-1 if known), method, settings, labels, dfkd version, date
+    recipe          JSON text: the method's student-side settings (optimizer, lr, batch, T, schedule, augmentation),
+                    which `distill --transfer-data` adopts so the receiver trains as the method would in place
+
+Version 1 files (no provenance, no recipe) still load. The stored probabilities are the teacher's softmax, or
+less of it (`dfkd.labels`: top-k, hard, tempered, rounded) when the owner chose to ship less.
 
 8-bit pixels are a quarter of float32 and lose nothing the teacher can see (the probabilities are computed on the
 quantised images, so each pair matches exactly). `dfkd distill --transfer-data FILE --student ARCH` trains from it
@@ -16,10 +22,11 @@ teacher's logits on the stored images.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +36,17 @@ from torch import Tensor
 
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_npz
+from dfkd.labels import LabelSpec, minimise
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
+from dfkd.transfer_meta import provenance, recorded_top1, student_recipe
 from dfkd.utils import seed_everything
 
-FORMAT, VERSION = "dfkd-transfer", 1
+FORMAT, VERSION = "dfkd-transfer", 2
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
 GENERATOR_STEPS = 2000
+#: `--num` when not given: images per class, and the most images that default asks for.
+PER_CLASS, MAX_DEFAULT_NUM = 1000, 50_000
 _KEYS = ("x", "probs", "channels", "size", "mean", "std", "num_classes", "method", "teacher_sha256", "version")
 
 
@@ -59,6 +70,8 @@ class TransferData:
     method: str
     teacher_sha256: str
     path: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -69,7 +82,8 @@ class TransferData:
 
     def subset(self, idx: Tensor) -> TransferData:
         """The images and labels at `idx` (the same spec, provenance and path)."""
-        return TransferData(self.x[idx], self.probs[idx], self.spec, self.method, self.teacher_sha256, self.path)
+        return TransferData(self.x[idx], self.probs[idx], self.spec, self.method, self.teacher_sha256, self.path,
+                            self.provenance, self.recipe)
 
     def images(self, idx: Tensor, spec: InputSpec | None = None) -> Tensor:
         """Images `idx`, normalised for `spec` (default the file's own)."""
@@ -81,9 +95,11 @@ class TransferData:
 
 
 def save_transfer(path: str | os.PathLike, x: Tensor, probs: Tensor, spec: InputSpec, method: str,
-                  teacher_sha256: str) -> None:
-    """Write a transfer file atomically (`x` uint8 pixels, `probs` the teacher's softmax on them)."""
+                  teacher_sha256: str, provenance: dict[str, Any] | None = None,
+                  recipe: dict[str, Any] | None = None) -> None:
+    """Write a transfer file atomically (`x` uint8 pixels, `probs` the teacher's softmax on them, or less of it)."""
     atomic_save_npz(path, {
+        "provenance": np.str_(json.dumps(provenance or {})), "recipe": np.str_(json.dumps(recipe or {})),
         "x": x.numpy(), "probs": probs.float().numpy(), "y": probs.argmax(1).numpy().astype(np.int64),
         "channels": np.int64(spec.channels), "size": np.int64(spec.size),
         "mean": np.asarray(spec.mean, np.float64), "std": np.asarray(spec.std, np.float64),
@@ -102,7 +118,7 @@ def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
             missing = [k for k in _KEYS if k not in d.files]
             if missing:
                 raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
-            return {k: d[k] for k in _KEYS}
+            return {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files}
     except DfkdError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
@@ -129,7 +145,21 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
         raise DfkdError(f"{flag} {p}: 'probs' must hold one probability row of {k} classes per image "
                         f"({len(x)} x {k}), got shape {tuple(probs.shape)} or rows that are not distributions")
     return TransferData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(probs.astype(np.float32)), spec,
-                        str(d["method"]), str(d["teacher_sha256"]), str(p))
+                        str(d["method"]), str(d["teacher_sha256"]), str(p), _json(d, "provenance", flag, p),
+                        _json(d, "recipe", flag, p))
+
+
+def _json(d: dict[str, np.ndarray], key: str, flag: str, p: Path) -> dict[str, Any]:
+    if key not in d:
+        return {}
+    try:
+        out = json.loads(str(d[key]))
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise DfkdError(f"{flag} {p}: its '{key}' entry is not a JSON object; write the file again with "
+                        "`dfkd synthesize`")
+    return out
 
 
 def check_teacher_fits(teacher: Teacher, data: TransferData) -> None:
@@ -188,20 +218,27 @@ def _sample_generator(method: Any, num: int, bar: Any) -> Tensor:
     return torch.cat(batches)
 
 
-def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, params: dict[str, Any] | None = None,
-               seed: int = 0, device: str | torch.device = "cpu", student: str | None = None,
-               steps: int | None = None, progress: bool = False) -> TransferData:
-    """Make `num` synthetic transfer images with a registered method and write them, with the teacher's soft labels.
+def default_num(num_classes: int) -> int:
+    """`--num` when not given: `PER_CLASS` images a class, at most `MAX_DEFAULT_NUM`."""
+    return min(PER_CLASS * num_classes, MAX_DEFAULT_NUM)
+
+
+def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.PathLike,
+               params: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
+               student: str | None = None, steps: int | None = None, progress: bool = False,
+               labels: LabelSpec | None = None, eval_data: str | None = None) -> TransferData:
+    """Make `num` synthetic transfer images with a registered method and write them, with the teacher's labels.
 
     Generator methods (a persistent generator, `GeneratorSynthesizer`: dafl, dfad, zskt, dfq) train for `steps`
     student steps (default `GENERATOR_STEPS`), then their generator is sampled. Every other method (inversion,
     zskd, cmi, fast) runs `steps` student steps first (default 0), then rounds, collecting each round's finished
     batch (`method.last_images`) until there are `num` images; the student those rounds train is discarded.
+    The file records its provenance and the method's student recipe (`dfkd.transfer_meta`).
 
     Args:
         teacher: the loaded teacher.
         method: a registered method name.
-        num: images to write.
+        num: images to write (None: `default_num`).
         out: the .npz to write (atomically).
         params: method hyper-parameter overrides (as `-p`).
         seed: random seed.
@@ -209,6 +246,8 @@ def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, 
         student: the student architecture the method trains alongside (adversarial methods need one).
         steps: training before collection (see above).
         progress: show a progress bar.
+        labels: what of the teacher's output to store (`dfkd.labels`; default the full softmax).
+        eval_data: real test data to measure the teacher's top-1 on, for the provenance (else the model file's).
 
     Returns:
         The written data, as `load_transfer` reads it back.
@@ -218,22 +257,42 @@ def synthesize(teacher: Teacher, method: str, num: int, out: str | os.PathLike, 
     from dfkd.build import build_method
     from dfkd.generators import GeneratorSynthesizer
 
+    num = default_num(teacher.num_classes) if num is None else num
     if num < 1:
         raise DfkdError(f"--num {num}: give a positive number of images")
     if method == "transfer":
         raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
+    labels = labels or LabelSpec()
+    top1, top1_on = _teacher_top1(teacher, eval_data, device)
     device = torch.device(device)
     seed_everything(seed)
     m = build_method(method, teacher, params or {}, device, seed, student, min_s_steps=0).method
     p = m.p
     try:
         is_generator = isinstance(m.synth, GeneratorSynthesizer)
-        _train(m, GENERATOR_STEPS if steps is None and is_generator else steps or 0)
+        trained = GENERATOR_STEPS if steps is None and is_generator else steps or 0
+        _train(m, trained)
         with tqdm(total=num, desc=f"synthesize {method}", unit="img", disable=not progress) as bar:
             x = _sample_generator(m, num, bar) if is_generator else _collect_rounds(m, num, bar)
+        recipe = student_recipe(m)
     finally:
         m.close()
-    probs = teacher_probs(teacher, x, device, int(p["batch_size"]))  # forwards no larger than the method's
-    save_transfer(out, x, probs, teacher.spec, method, teacher.sha256)
+    probs = minimise(teacher_probs(teacher, x, device, int(p["batch_size"])), labels)  # forwards <= the method's
+    record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
+                        top1_on=top1_on)
+    save_transfer(out, x, probs, teacher.spec, method, teacher.sha256, record, recipe)
     return load_transfer(out, "--out")
 
+
+def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.device) -> tuple[float | None,
+                                                                                               str | None]:
+    """The teacher's top-1 for the provenance: measured on `eval_data`, else its model file's record, else None."""
+    if eval_data is None:
+        top1 = recorded_top1(teacher)
+        return top1, ("its model file's record" if top1 is not None else None)
+    from dfkd.data import check_fits, load_images
+    from dfkd.evaluate import accuracy
+
+    images = load_images(eval_data)
+    check_fits(images, teacher.num_classes, teacher.spec, "--eval-data", eval_data)
+    return float(accuracy(teacher, images, teacher.spec, torch.device(device))["top1"]), Path(eval_data).name

@@ -31,6 +31,7 @@ class NoTeacher(Teacher):
         self.arch_kwargs: dict | None = None
         self.class_names: list[str] | None = None
         self.num_classes = data.num_classes
+        self.recipe = dict(data.recipe)
 
     def forward(self, x: Tensor) -> Tensor:
         raise DfkdError(f"this run has no teacher, only --transfer-data {self.source}; give --teacher FILE too for "
@@ -44,9 +45,13 @@ class Transfer(Method):
     Hinton et al., "Distilling the Knowledge in a Neural Network", 2015. Objective: T^2 * KL(softmax(t/T) ||
     softmax(s/T)) over minibatches of the file's images, where t are the logits of the stored teacher
     probabilities (log p) or, when the run has a teacher, the teacher's logits recomputed on the images. The engine
-    sets `transfer_data` from `--transfer-data`. Epochs are shuffled passes over the file. Defaults are the usual KD
-    settings (there is no paper recipe for this step): T = 4, Adam 1e-3 with cosine decay, batch 64, no
-    augmentation (without a teacher, stored labels would not describe the augmented views).
+    sets `transfer_data` from `--transfer-data`. Epochs are shuffled passes over the file.
+
+    A file from `dfkd synthesize` carries its method's student recipe (optimizer, learning rate, minibatch, T,
+    schedule, and the augmentation that method shows its student in place). A run from the file alone takes it as
+    its defaults (`-p` still overrides each), so the receiver trains as the method would in place. Without a recipe
+    (version-1 files, or a run that also has --teacher) the usual KD settings apply (there is no paper recipe for
+    this step): T = 4, Adam 1e-3 with cosine decay, batch 64, no augmentation.
     """
 
     paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network (on dfkd transfer data)"
@@ -57,12 +62,19 @@ class Transfer(Method):
         "schedule": "cosine", "T": 4.0, "s_steps": 10, "augment": "none", "flip_p": 0.5,
     }
 
+    @classmethod
+    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
+        p = super().default_params(teacher)
+        if isinstance(teacher, NoTeacher):
+            p.update({k: v for k, v in teacher.recipe.items() if k in p})
+        return p
+
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
-        super().__init__(teacher, student, params, device)
-        path = self.p["transfer_data"]
+        path = params.get("transfer_data")
         if not path:
             raise DfkdError("method transfer trains from a transfer file: give --transfer-data FILE.npz "
                             "(made by `dfkd synthesize`)")
+        super().__init__(teacher, student, params, device)
         self.data = load_transfer(path)
         self.data_sha256 = sha256_file(path)
         self.has_teacher = not isinstance(teacher, NoTeacher)

@@ -1,0 +1,77 @@
+"""What a transfer file records about itself: its provenance, and the student recipe the receiver adopts.
+
+Provenance answers "which teacher and settings made this file, and when": the teacher file's name and sha256, its
+top-1 accuracy when known (from a dfkd model file's own record, or measured on `--eval-data` at synthesis), the
+method and every resolved hyper-parameter, the seed, the training steps, the label minimisation, the dfkd version
+and the UTC date. The recipe is the method's student-side settings, so a receiver trains from the file the way the
+method trains its student in place (same optimizer, learning rate, minibatch, temperature, schedule and the
+augmentation the method shows its student).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfkd.teacher import Teacher
+
+#: Student-side settings a method's recipe hands to the receiver (`distill --transfer-data`).
+RECIPE_KEYS = ("batch_size", "s_optimizer", "lr_s", "momentum", "weight_decay", "schedule", "milestones", "gamma",
+               "T")
+
+
+def recorded_top1(teacher: Teacher) -> float | None:
+    """The teacher's test top-1 as its dfkd model file records it (`dfkd train-teacher --eval-data`), else None."""
+    if teacher.fmt != "dfkd" or not Path(teacher.source).is_file():
+        return None
+    try:
+        payload = torch.load(teacher.source, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - provenance is best effort; the teacher itself already loaded
+        return None
+    top1 = (payload.get("provenance") or {}).get("top1") if isinstance(payload, dict) else None
+    return float(top1) if isinstance(top1, (int, float)) else None
+
+
+def student_recipe(method: Any) -> dict[str, Any]:
+    """The student-side settings of a built method, and the augmentation it shows its student.
+
+    Latent-pool methods (fast, cmi) train on crop (+ flip) views of their pool, zskd on its `augment` kind;
+    the others on the images as made.
+    """
+    p = method.p
+    recipe = {k: p[k] for k in RECIPE_KEYS if k in p}
+    recipe["batch_size"] = int(p["batch_size"])
+    from dfkd.methods._latent import LatentMethod
+
+    if isinstance(method, LatentMethod):
+        recipe.update(augment="crop_flip", flip_p=float(p["flip_p"]))
+    elif isinstance(p.get("augment"), str):
+        recipe.update(augment=p["augment"], flip_p=float(p.get("flip_p", 0.0)))
+    else:
+        recipe["augment"] = "none"
+    return recipe
+
+
+def provenance(teacher: Teacher, method: str, params: dict[str, Any], *, seed: int, steps: int, num: int,
+               labels: str, top1: float | None, top1_on: str | None) -> dict[str, Any]:
+    """The provenance record written into a transfer file (JSON-ready)."""
+    from dfkd import __version__
+
+    return {
+        "teacher": {"file": Path(teacher.source).name, "sha256": teacher.sha256, "format": teacher.fmt,
+                    "arch": teacher.arch, "top1": top1, "top1_on": top1_on},
+        "method": method, "settings": _plain(params), "seed": seed, "steps": steps, "num": num, "labels": labels,
+        "dfkd_version": __version__,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters as JSON values (anything else as its text)."""
+    out = {}
+    for k, v in params.items():
+        out[k] = v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
+    return out

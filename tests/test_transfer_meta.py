@@ -1,0 +1,159 @@
+"""Transfer files: provenance, the student recipe, label minimisation and `dfkd report FILE.npz`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from dfkd import __version__
+from dfkd.cli.main import main
+from dfkd.config import resolve_params
+from dfkd.errors import DfkdError
+from dfkd.labels import LabelSpec, minimise, parse_labels
+from dfkd.methods import get_method
+from dfkd.methods.transfer import NoTeacher
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.spec import MNIST_SPEC
+from dfkd.students import build_student
+from dfkd.teacher import load_teacher
+from dfkd.transfer import load_transfer, save_transfer, synthesize
+from dfkd.transfer_report import report_transfer
+from tests.conftest import KWARGS, ZSKD_FAST, make_teacher_module
+
+PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+
+
+# --- label minimisation -------------------------------------------------------------------------------------------
+def test_label_modes_keep_what_they_say() -> None:
+    assert torch.equal(minimise(PROBS, LabelSpec()), PROBS)
+    assert torch.equal(minimise(PROBS, parse_labels("hard")), torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+    top2 = minimise(PROBS, parse_labels("topk=2"))
+    assert torch.allclose(top2, torch.tensor([[0.625, 0.375, 0, 0], [0, 0, 3 / 7, 4 / 7]]))
+    sharp, flat = minimise(PROBS, parse_labels("temperature=0.5")), minimise(PROBS, parse_labels("temperature=4"))
+    assert (sharp.max(1).values > PROBS.max(1).values).all() and (flat.max(1).values < PROBS.max(1).values).all()
+    assert torch.equal(sharp.argmax(1), PROBS.argmax(1))
+    rounded = minimise(torch.softmax(torch.randn(50, 10) * 3, 1), parse_labels("soft", decimals=1))
+    assert torch.allclose(rounded.sum(1), torch.ones(50))
+    assert len(torch.unique((rounded * 10).round() / 10)) <= 11 + 10  # one-decimal values, renormalised
+    for spec in ("soft", "topk=3", "hard", "temperature=2"):
+        p = minimise(PROBS, parse_labels(spec, decimals=2))
+        assert torch.allclose(p.sum(1), torch.ones(2)) and torch.equal(p.argmax(1), PROBS.argmax(1)), spec
+
+
+@pytest.mark.parametrize("text,decimals,match", [
+    ("top3", None, "use soft, hard"), ("topk=0", None, "K must be"), ("topk=a", None, "K must be"),
+    ("temperature=-1", None, "positive number"), ("temperature=nan", None, "positive number"),
+    ("hard=2", None, "use soft"), ("soft", 0, "1 to 8 decimals"),
+])
+def test_bad_label_specs_are_clear_errors(text: str, decimals: int | None, match: str) -> None:
+    with pytest.raises(DfkdError, match=match):
+        parse_labels(text, decimals)
+
+
+def test_synthesize_stores_minimised_labels(sharp_teacher_file: str, transfer_file: str, tmp_path: Path) -> None:
+    t = load_teacher(sharp_teacher_file)
+    hard = synthesize(t, "zskd", 64, tmp_path / "h.npz", params=ZSKD_FAST, labels=parse_labels("hard"))
+    assert set(hard.probs.unique().tolist()) == {0.0, 1.0}
+    top2 = synthesize(t, "zskd", 64, tmp_path / "k.npz", params=ZSKD_FAST, labels=parse_labels("topk=2", 2))
+    assert ((top2.probs > 0).sum(1) <= 2).all()
+    assert torch.allclose(top2.probs * 100, (top2.probs * 100).round(), atol=1e-3)
+    assert top2.provenance["labels"] == "topk=2, 2 decimals"
+    soft = load_transfer(transfer_file)
+    assert torch.equal(hard.probs.argmax(1), soft.probs[:64].argmax(1))  # same seed, same images, same classes
+
+
+# --- provenance and the recipe --------------------------------------------------------------------------------------
+def test_provenance_records_teacher_method_settings_version_date(transfer_file: str, sharp_teacher_file: str) -> None:
+    data = load_transfer(transfer_file)
+    prov = data.provenance
+    assert prov["teacher"]["sha256"] == load_teacher(sharp_teacher_file).sha256 == data.teacher_sha256
+    assert prov["teacher"]["file"] == "teacher.pt" and prov["teacher"]["top1"] is None
+    assert prov["method"] == "zskd" and prov["num"] == 256 and prov["seed"] == 0 and prov["labels"] == "soft"
+    assert prov["settings"]["di_iters"] == ZSKD_FAST["di_iters"]  # the resolved settings, overrides included
+    assert prov["dfkd_version"] == __version__ and prov["date"].startswith("20")
+    zskd = get_method("zskd").default_params(load_teacher(sharp_teacher_file))
+    assert data.recipe["T"] == zskd["T"] and data.recipe["lr_s"] == zskd["lr_s"]
+    assert data.recipe["augment"] == zskd["augment"]
+
+
+def test_teacher_accuracy_is_recorded_when_known(tmp_path: Path, eval_npz: str) -> None:
+    path = tmp_path / "t.pt"
+    save_model(path, make_teacher_module(), ModelFile("lenet5_bn", KWARGS, MNIST_SPEC, 10,
+                                                      provenance={"top1": 0.987}))
+    t = load_teacher(path)
+    recorded = synthesize(t, "zskd", 8, tmp_path / "a.npz", params=ZSKD_FAST)
+    assert recorded.provenance["teacher"]["top1"] == pytest.approx(0.987)
+    measured = synthesize(t, "zskd", 8, tmp_path / "b.npz", params=ZSKD_FAST, eval_data=eval_npz)
+    from dfkd.data import load_images
+    from dfkd.evaluate import accuracy
+
+    expected = accuracy(t, load_images(eval_npz), t.spec, torch.device("cpu"))["top1"]
+    assert measured.provenance["teacher"]["top1"] == pytest.approx(expected)
+    assert measured.provenance["teacher"]["top1_on"] == "eval.npz"
+
+
+def test_receiver_adopts_the_recipe_unless_overridden(transfer_file: str) -> None:
+    data = load_transfer(transfer_file)
+    cls = get_method("transfer")
+    adopted = cls.default_params(NoTeacher(data))
+    assert adopted["T"] == data.recipe["T"] != cls.defaults["T"]
+    assert adopted["augment"] == data.recipe["augment"] != cls.defaults["augment"]
+    assert cls.default_params(None)["T"] == cls.defaults["T"]  # a run with --teacher keeps the KD defaults
+    params = resolve_params(adopted, {"T": 2.0, "transfer_data": transfer_file}, "transfer")
+    m = cls(NoTeacher(data), build_student("lenet5_half", KWARGS), params, torch.device("cpu"))
+    assert m.p["T"] == 2.0  # the user's -p wins over the file's recipe
+    assert m.opt_s.param_groups[0]["lr"] == data.recipe["lr_s"] and isinstance(m.opt_s, torch.optim.Adam)
+
+
+def test_version_1_files_still_load(transfer_file: str, tmp_path: Path) -> None:
+    with np.load(transfer_file) as d:
+        arrays = {k: d[k] for k in d.files if k not in ("provenance", "recipe")}
+    arrays["version"] = np.int64(1)
+    np.savez(tmp_path / "v1.npz", **arrays)
+    old = load_transfer(tmp_path / "v1.npz")
+    assert old.provenance == {} and old.recipe == {} and len(old) == 256
+    assert "version-1 file" in report_transfer(tmp_path / "v1.npz", png=False).text()
+
+
+def test_broken_provenance_is_a_clear_error(transfer_file: str, tmp_path: Path) -> None:
+    with np.load(transfer_file) as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays["recipe"] = np.str_("[1, 2")
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(DfkdError, match="'recipe' entry is not a JSON object"):
+        load_transfer(tmp_path / "bad.npz")
+
+
+# --- dfkd report FILE.npz -------------------------------------------------------------------------------------------
+def test_report_shows_provenance_histogram_and_writes_class_grid(transfer_file: str, tmp_path: Path) -> None:
+    local = tmp_path / "t.npz"
+    data = load_transfer(transfer_file)
+    save_transfer(local, data.x, data.probs, data.spec, data.method, data.teacher_sha256, data.provenance,
+                  data.recipe)
+    res = CliRunner().invoke(main, ["report", str(local)])
+    assert res.exit_code == 0, res.output
+    counts = torch.bincount(data.probs.argmax(1), minlength=10).tolist()
+    assert "classes:  " + "  ".join(f"{c}:{n}" for c, n in enumerate(counts)) in res.output
+    assert "method zskd" in res.output and __version__ in res.output and data.teacher_sha256[:16] in res.output
+    png = tmp_path / "t_samples.png"
+    assert png.is_file() and str(png) in res.output
+    img = np.asarray(Image.open(png))
+    assert img.shape[:2] == (10 * 34 + 2, 10 * 34 + 2)  # 10 classes x 10 samples, 32 px + 2 px padding
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "missing.npz")])
+    assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_cli_synthesize_label_flags(teacher_file: str, tmp_path: Path) -> None:
+    runner = CliRunner()
+    base = ["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "8", "-p", "di_batch=8",
+            "-p", "di_iters=2", "-p", "s_steps=0", "--device", "cpu"]
+    res = runner.invoke(main, [*base, "--labels", "topk=0", "--out", str(tmp_path / "a.npz")])
+    assert res.exit_code == 2 and "K must be" in res.output and not (tmp_path / "a.npz").exists()
+    res = runner.invoke(main, [*base, "--labels", "hard", "--out", str(tmp_path / "b.npz")])
+    assert res.exit_code == 0, res.output
+    assert load_transfer(tmp_path / "b.npz").provenance["labels"] == "hard"
