@@ -445,5 +445,9 @@ from dfkd.cli.deploy import export_cmd, print_deploy, quantize_cmd  # noqa: E402
 main.add_command(export_cmd)
 main.add_command(quantize_cmd)
 
+from dfkd.cli.audit import audit_cmd  # noqa: E402  (the owner's check before a transfer file leaves)
+
+main.add_command(audit_cmd)
+
 if __name__ == "__main__":
     main()
