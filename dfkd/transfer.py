@@ -36,17 +36,11 @@ from torch import Tensor
 
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_npz
-from dfkd.labels import LabelSpec, minimise
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
-from dfkd.transfer_meta import provenance, recorded_top1, student_recipe
-from dfkd.utils import seed_everything
+from dfkd.transfer_parts import memmap_member
 
 FORMAT, VERSION = "dfkd-transfer", 2
-#: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
-GENERATOR_STEPS = 2000
-#: `--num` when not given: images per class, and the most images that default asks for.
-PER_CLASS, MAX_DEFAULT_NUM = 1000, 50_000
 _KEYS = ("x", "probs", "channels", "size", "mean", "std", "num_classes", "method", "teacher_sha256", "version")
 
 
@@ -99,12 +93,18 @@ def save_transfer(path: str | os.PathLike, x: Tensor, probs: Tensor, spec: Input
                   recipe: dict[str, Any] | None = None) -> None:
     """Write a transfer file atomically (`x` uint8 pixels, `probs` the teacher's softmax on them, or less of it)."""
     atomic_save_npz(path, {
-        "provenance": np.str_(json.dumps(provenance or {})), "recipe": np.str_(json.dumps(recipe or {})),
         "x": x.numpy(), "probs": probs.float().numpy(), "y": probs.argmax(1).numpy().astype(np.int64),
-        "channels": np.int64(spec.channels), "size": np.int64(spec.size),
-        "mean": np.asarray(spec.mean, np.float64), "std": np.asarray(spec.std, np.float64),
-        "num_classes": np.int64(probs.shape[1]), "method": np.str_(method),
-        "teacher_sha256": np.str_(teacher_sha256), "format": np.str_(FORMAT), "version": np.int64(VERSION)})
+        **meta_arrays(spec, probs.shape[1], method, teacher_sha256, provenance, recipe)})
+
+
+def meta_arrays(spec: InputSpec, num_classes: int, method: str, teacher_sha256: str,
+                provenance: dict[str, Any] | None, recipe: dict[str, Any] | None) -> dict[str, np.ndarray]:
+    """Every array of a transfer file but the images and labels."""
+    return {"provenance": np.str_(json.dumps(provenance or {})), "recipe": np.str_(json.dumps(recipe or {})),
+            "channels": np.int64(spec.channels), "size": np.int64(spec.size),
+            "mean": np.asarray(spec.mean, np.float64), "std": np.asarray(spec.std, np.float64),
+            "num_classes": np.int64(num_classes), "method": np.str_(method),
+            "teacher_sha256": np.str_(teacher_sha256), "format": np.str_(FORMAT), "version": np.int64(VERSION)}
 
 
 def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
@@ -118,7 +118,10 @@ def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
             missing = [k for k in _KEYS if k not in d.files]
             if missing:
                 raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
-            return {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files}
+            out = {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files and k != "x"}
+            x = memmap_member(p, "x")  # a stored (uncompressed) member is mapped, not read: files beyond RAM load
+            out["x"] = d["x"] if x is None else x
+            return out
     except DfkdError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
@@ -144,7 +147,8 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
             or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
         raise DfkdError(f"{flag} {p}: 'probs' must hold one probability row of {k} classes per image "
                         f"({len(x)} x {k}), got shape {tuple(probs.shape)} or rows that are not distributions")
-    return TransferData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(probs.astype(np.float32)), spec,
+    x = x if isinstance(x, np.memmap) else np.ascontiguousarray(x)
+    return TransferData(torch.from_numpy(x), torch.from_numpy(probs.astype(np.float32)), spec,
                         str(d["method"]), str(d["teacher_sha256"]), str(p), _json(d, "provenance", flag, p),
                         _json(d, "recipe", flag, p))
 
@@ -186,113 +190,5 @@ def teacher_probs(teacher: Teacher, x: Tensor, device: torch.device, batch: int 
     return torch.cat(out)
 
 
-def _collect_rounds(method: Any, num: int, bar: Any) -> Tensor:
-    """Each round's synthesized batch (`method.last_images`) until `num` images are there."""
-    batches, n = [], 0
-    while n < num:
-        method.set_progress(n / num)
-        method.round()
-        if method.last_images is None:
-            raise DfkdError(f"method {method.name} produced no images in a round; it cannot synthesize transfer data")
-        batches.append(to_pixels(method.last_images, method.teacher.spec))
-        n += len(batches[-1])
-        bar.update(len(batches[-1]))
-    return torch.cat(batches)[:num]
-
-
-def _train(method: Any, steps: int) -> None:
-    done = 0
-    while done < steps:
-        method.set_progress(done / steps)
-        method.steps_left = steps - done
-        method.round()
-        done += max(method.student_steps_per_round, 1)
-
-
-@torch.no_grad()
-def _sample_generator(method: Any, num: int, bar: Any) -> Tensor:
-    batches = []
-    for i in range(0, num, int(method.p["batch_size"])):
-        batches.append(to_pixels(method.synth.sample(min(int(method.p["batch_size"]), num - i)), method.teacher.spec))
-        bar.update(len(batches[-1]))
-    return torch.cat(batches)
-
-
-def default_num(num_classes: int) -> int:
-    """`--num` when not given: `PER_CLASS` images a class, at most `MAX_DEFAULT_NUM`."""
-    return min(PER_CLASS * num_classes, MAX_DEFAULT_NUM)
-
-
-def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.PathLike,
-               params: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
-               student: str | None = None, steps: int | None = None, progress: bool = False,
-               labels: LabelSpec | None = None, eval_data: str | None = None) -> TransferData:
-    """Make `num` synthetic transfer images with a registered method and write them, with the teacher's labels.
-
-    Generator methods (a persistent generator, `GeneratorSynthesizer`: dafl, dfad, zskt, dfq) train for `steps`
-    student steps (default `GENERATOR_STEPS`), then their generator is sampled. Every other method (inversion,
-    zskd, cmi, fast) runs `steps` student steps first (default 0), then rounds, collecting each round's finished
-    batch (`method.last_images`) until there are `num` images; the student those rounds train is discarded.
-    The file records its provenance and the method's student recipe (`dfkd.transfer_meta`).
-
-    Args:
-        teacher: the loaded teacher.
-        method: a registered method name.
-        num: images to write (None: `default_num`).
-        out: the .npz to write (atomically).
-        params: method hyper-parameter overrides (as `-p`).
-        seed: random seed.
-        device: where synthesis runs.
-        student: the student architecture the method trains alongside (adversarial methods need one).
-        steps: training before collection (see above).
-        progress: show a progress bar.
-        labels: what of the teacher's output to store (`dfkd.labels`; default the full softmax).
-        eval_data: real test data to measure the teacher's top-1 on, for the provenance (else the model file's).
-
-    Returns:
-        The written data, as `load_transfer` reads it back.
-    """
-    from tqdm import tqdm
-
-    from dfkd.build import build_method
-    from dfkd.generators import GeneratorSynthesizer
-
-    num = default_num(teacher.num_classes) if num is None else num
-    if num < 1:
-        raise DfkdError(f"--num {num}: give a positive number of images")
-    if method == "transfer":
-        raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
-    labels = labels or LabelSpec()
-    top1, top1_on = _teacher_top1(teacher, eval_data, device)
-    device = torch.device(device)
-    seed_everything(seed)
-    m = build_method(method, teacher, params or {}, device, seed, student, min_s_steps=0).method
-    p = m.p
-    try:
-        is_generator = isinstance(m.synth, GeneratorSynthesizer)
-        trained = GENERATOR_STEPS if steps is None and is_generator else steps or 0
-        _train(m, trained)
-        with tqdm(total=num, desc=f"synthesize {method}", unit="img", disable=not progress) as bar:
-            x = _sample_generator(m, num, bar) if is_generator else _collect_rounds(m, num, bar)
-        recipe = student_recipe(m)
-    finally:
-        m.close()
-    probs = minimise(teacher_probs(teacher, x, device, int(p["batch_size"])), labels)  # forwards <= the method's
-    record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
-                        top1_on=top1_on)
-    save_transfer(out, x, probs, teacher.spec, method, teacher.sha256, record, recipe)
-    return load_transfer(out, "--out")
-
-
-def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.device) -> tuple[float | None,
-                                                                                               str | None]:
-    """The teacher's top-1 for the provenance: measured on `eval_data`, else its model file's record, else None."""
-    if eval_data is None:
-        top1 = recorded_top1(teacher)
-        return top1, ("its model file's record" if top1 is not None else None)
-    from dfkd.data import check_fits, load_images
-    from dfkd.evaluate import accuracy
-
-    images = load_images(eval_data)
-    check_fits(images, teacher.num_classes, teacher.spec, "--eval-data", eval_data)
-    return float(accuracy(teacher, images, teacher.spec, torch.device(device))["top1"]), Path(eval_data).name
+# The owner's side lives in dfkd.synthesis; `dfkd.transfer.synthesize` stays its public name.
+from dfkd.synthesis import default_num, synthesize  # noqa: E402, F401

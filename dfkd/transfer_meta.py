@@ -63,13 +63,13 @@ def provenance(teacher: Teacher, method: str, params: dict[str, Any], *, seed: i
     return {
         "teacher": {"file": Path(teacher.source).name, "sha256": teacher.sha256, "format": teacher.fmt,
                     "arch": teacher.arch, "top1": top1, "top1_on": top1_on},
-        "method": method, "settings": _plain(params), "seed": seed, "steps": steps, "num": num, "labels": labels,
+        "method": method, "settings": plain_params(params), "seed": seed, "steps": steps, "num": num, "labels": labels,
         "dfkd_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def _plain(params: dict[str, Any]) -> dict[str, Any]:
+def plain_params(params: dict[str, Any]) -> dict[str, Any]:
     """Parameters as JSON values (anything else as its text)."""
     out = {}
     for k, v in params.items():

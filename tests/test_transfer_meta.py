@@ -157,3 +157,45 @@ def test_cli_synthesize_label_flags(teacher_file: str, tmp_path: Path) -> None:
     res = runner.invoke(main, [*base, "--labels", "hard", "--out", str(tmp_path / "b.npz")])
     assert res.exit_code == 0, res.output
     assert load_transfer(tmp_path / "b.npz").provenance["labels"] == "hard"
+
+
+# --- resumable, chunked synthesis -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,params", [("zskd", ZSKD_FAST), ("dfad", {"batch_size": 8})])
+def test_interrupted_synthesis_resumes_to_the_same_file(method: str, params: dict, sharp_teacher_file: str,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.synthesis as synthesis
+    from dfkd.transfer_parts import Parts
+
+    monkeypatch.setattr(synthesis, "PART_IMAGES", 16)
+    t = load_teacher(sharp_teacher_file)
+    steps = 2 if method == "dfad" else None
+    full = synthesize(t, method, 72, tmp_path / "full.npz", params=params, steps=steps)
+    original, calls = Parts.add, {"n": 0}
+
+    def dying_add(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **kw)
+
+    out = tmp_path / "cut.npz"
+    monkeypatch.setattr(Parts, "add", dying_add)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(t, method, 72, out, params=params, steps=steps)
+    monkeypatch.setattr(Parts, "add", original)
+    assert not out.exists() and len(list((tmp_path / "cut.npz.parts").glob("part-*.npz"))) == 2
+    with pytest.raises(DfkdError, match="other settings \\(num\\)"):
+        synthesize(t, method, 80, out, params=params, steps=steps)
+    resumed = synthesize(t, method, 72, out, params=params, steps=steps)
+    assert torch.equal(resumed.x, full.x) and torch.equal(resumed.probs, full.probs)
+    assert not (tmp_path / "cut.npz.parts").exists()
+
+
+def test_assembled_file_is_mapped_not_read(transfer_file: str) -> None:
+    from dfkd.transfer_parts import memmap_member
+
+    mapped = memmap_member(transfer_file, "x")
+    with np.load(transfer_file) as d:
+        assert isinstance(mapped, np.memmap) and np.array_equal(mapped, d["x"])
+    np.savez_compressed(Path(transfer_file).with_name("z.npz"), x=np.zeros(3))
+    assert memmap_member(Path(transfer_file).with_name("z.npz"), "x") is None

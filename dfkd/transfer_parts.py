@@ -1,0 +1,138 @@
+"""A transfer file in the making: numbered part files beside the output, resumable, assembled without RAM for all.
+
+`dfkd synthesize --out F.npz` writes each finished chunk of images (with the teacher's labels on them) to
+`F.npz.parts/part-NNNNNN.npz` and the method's state (generator, student, pool counts, RNG) to `state.pt`
+after it; the pool itself lives in files there too. Run the same command again after a crash or Ctrl-C and it
+continues from the last part; other settings than the folder's `key.json` are refused. When all images are there,
+the parts are streamed into F.npz (uncompressed .npy members written chunk by chunk, so a file larger than RAM
+never sits in memory), then the folder is removed. `memmap_member` lets a reader map such a member instead of
+loading it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.io import atomic_save_npz, atomic_torch_save
+
+
+class Parts:
+    """The parts folder of an output file: what is done, adding a part, the state to resume from, assembly.
+
+    Args:
+        out: the transfer file to make.
+        key: the settings that must match to resume (method, teacher hash, seed, num, params, labels, ...).
+    """
+
+    def __init__(self, out: str | os.PathLike, key: dict[str, Any]) -> None:
+        self.out = Path(out)
+        self.folder = self.out.with_name(self.out.name + ".parts")
+        self.key = json.loads(json.dumps(key))
+        if self.folder.exists():
+            saved = self._saved_key()
+            if saved != self.key:
+                diff = sorted(k for k in set(saved) | set(self.key) if saved.get(k) != self.key.get(k))
+                raise DfkdError(f"--out {self.out}: {self.folder} holds an unfinished synthesis with other settings"
+                                f" ({', '.join(diff)}); give the same flags to resume, or delete the folder")
+        else:
+            self.folder.mkdir()
+            (self.folder / "key.json").write_text(json.dumps(self.key, sort_keys=True))
+
+    def _saved_key(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.folder / "key.json").read_text())
+        except (OSError, ValueError):
+            raise DfkdError(f"--out {self.out}: {self.folder} is not an unfinished dfkd synthesis (no readable "
+                            "key.json); move it away") from None
+
+    def files(self) -> list[Path]:
+        """The finished parts, in order."""
+        return sorted(self.folder.glob("part-*.npz"))
+
+    def done(self) -> int:
+        """Images already written."""
+        total = 0
+        for f in self.files():
+            with np.load(f) as d:
+                total += len(d["probs"])
+        return total
+
+    def add(self, x: torch.Tensor, probs: torch.Tensor, state: dict[str, Any]) -> None:
+        """Write one part (uint8 images, label rows), then the state that produced everything so far."""
+        atomic_save_npz(self.folder / f"part-{len(self.files()):06d}.npz", {"x": x.numpy(), "probs": probs.numpy()})
+        atomic_torch_save(state, self.folder / "state.pt")
+
+    def state(self) -> dict[str, Any] | None:
+        """The state saved with the last part (None before the first)."""
+        path = self.folder / "state.pt"
+        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+    def assemble(self, extra: dict[str, Any], num: int) -> None:
+        """Stream the first `num` images of the parts, their labels and `extra` arrays into the output, atomically."""
+        tmp = self.out.with_name(self.out.name + ".tmp")
+        try:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                first = next(self._chunks("x", 1))
+                _stream(zf, "x", (num, *first.shape[1:]), first.dtype, self._chunks("x", num))
+                k = next(self._chunks("probs", 1)).shape[1]
+                _stream(zf, "probs", (num, k), np.dtype(np.float32), self._chunks("probs", num))
+                _stream(zf, "y", (num,), np.dtype(np.int64),
+                        (p.argmax(1).astype(np.int64) for p in self._chunks("probs", num)))
+                for k, v in extra.items():
+                    with zf.open(f"{k}.npy", "w") as f:
+                        np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
+            os.replace(tmp, self.out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        shutil.rmtree(self.folder)
+
+    def _chunks(self, key: str, num: int) -> Iterator[np.ndarray]:
+        left = num
+        for f in self.files():
+            if left <= 0:
+                return
+            with np.load(f) as d:
+                a = d[key][:left]
+            left -= len(a)
+            yield a
+
+
+def _stream(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype,
+            chunks: Iterator[np.ndarray]) -> None:
+    """One .npy member of `shape` written one part at a time (only one part's array is in memory)."""
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        for a in chunks:
+            f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
+
+
+def memmap_member(path: str | os.PathLike, name: str) -> np.ndarray | None:
+    """An uncompressed .npy member of an .npz mapped from disk (copy-on-write); None if it is compressed."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30],
+                                                                                                 "little"))
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+    if fortran or dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
