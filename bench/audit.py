@@ -5,7 +5,8 @@
 
 The synthetic file comes from an untrained dfad generator (the audit's cost depends on the image count and size,
 not on what the images show) unless --transfer names one. The audit runs as `python -m dfkd audit` in a child
-process; its wall time and peak RSS (the child's ru_maxrss) are printed, with the audit's own report.
+process; its wall time, CPU time and peak RSS (the child's own ru_maxrss) are printed, with the audit's report.
+On a shared machine the CPU time is the fairer figure: the wall time includes waiting for the cores.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ sys.argv = sys.argv[1:]
 try:
     runpy.run_module("dfkd", run_name="__main__")
 finally:
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"peak RSS {r.ru_maxrss / 1024:.0f} MiB, CPU time {r.ru_utime + r.ru_stime:.1f} s (user + system)")
 """
 
 

@@ -45,7 +45,7 @@ class Parts:
                 raise DfkdError(f"--out {self.out}: {self.folder} holds an unfinished synthesis with other settings"
                                 f" ({', '.join(diff)}); give the same flags to resume, or delete the folder")
         else:
-            self.folder.mkdir()
+            self.folder.mkdir(parents=True)
             (self.folder / "key.json").write_text(json.dumps(self.key, sort_keys=True))
 
     def _saved_key(self) -> dict[str, Any]:
