@@ -108,7 +108,7 @@ def test_student_from_file_alone_agrees_with_teacher(transfer_file: str, sharp_t
                                                      tmp_path: Path) -> None:
     # Hidden from the run: the teacher file is elsewhere and the run never opens it.
     result = distill(DistillConfig(method="transfer", transfer_data=transfer_file, student="lenet5_half", steps=150,
-                                   fid_every=0, out=str(tmp_path / "run"), params={"lr_s": 3e-3, "augment": "none"}))
+                                   fid_every=0, out=str(tmp_path / "run"), params={"lr_s": 3e-3}))
     student, meta = load_model(result.run_dir / "student.pt")
     data = load_transfer(transfer_file)
     assert meta.input_spec == MNIST_SPEC and meta.provenance["teacher_sha256"] == data.teacher_sha256

@@ -78,7 +78,7 @@ def test_provenance_records_teacher_method_settings_version_date(transfer_file: 
     assert prov["dfkd_version"] == __version__ and prov["date"].startswith("20")
     zskd = get_method("zskd").default_params(load_teacher(sharp_teacher_file))
     assert data.recipe["T"] == zskd["T"] and data.recipe["lr_s"] == zskd["lr_s"]
-    assert data.recipe["augment"] == zskd["augment"]
+    assert data.recipe["method_augment"] == zskd["augment"] and data.recipe["augment"] == "none"
 
 
 def test_teacher_accuracy_is_recorded_when_known(tmp_path: Path, eval_npz: str) -> None:
@@ -102,7 +102,8 @@ def test_receiver_adopts_the_recipe_unless_overridden(transfer_file: str) -> Non
     cls = get_method("transfer")
     adopted = cls.default_params(NoTeacher(data))
     assert adopted["T"] == data.recipe["T"] != cls.defaults["T"]
-    assert adopted["augment"] == data.recipe["augment"] != cls.defaults["augment"]
+    assert adopted["schedule"] == data.recipe["schedule"] != cls.defaults["schedule"]
+    assert adopted["augment"] == "none" and "method_augment" not in adopted  # recorded, applied only on request
     assert cls.default_params(None)["T"] == cls.defaults["T"]  # a run with --teacher keeps the KD defaults
     params = resolve_params(adopted, {"T": 2.0, "transfer_data": transfer_file}, "transfer")
     m = cls(NoTeacher(data), build_student("lenet5_half", KWARGS), params, torch.device("cpu"))
