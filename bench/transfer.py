@@ -4,7 +4,8 @@
 
 For each teacher and method: (1) in place, `dfkd distill --teacher T --method M --steps S`; (2) the owner's side,
 `dfkd synthesize --teacher T --method M --num N` (deepinversion with -p s_steps=0: its images do not depend on
-the student); (3) the receiver's side, `dfkd distill --transfer-data FILE --steps S` with no teacher file. Prints
+the student; a generator method such as dfq with --steps G, default 300, before its generator is sampled); (3) the
+receiver's side, `dfkd distill --transfer-data FILE --steps S` with no teacher file. Prints
 one table row per pair (test top-1 on --eval-data, and the ratio file / in place), and appends each result as a
 JSON line to --results.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTH_EXTRA = {"deepinversion": ["-p", "s_steps=0"]}
+GENERATOR_METHODS = ("dafl", "dfad", "dfq", "zskt")
 
 
 def dfkd(*args: str) -> tuple[str, float]:
@@ -48,7 +50,8 @@ def one(teacher: str, method: str, a: argparse.Namespace, work: Path) -> dict:
         row["inplace"] = top1(out)
     file = work / f"{name}-{method}.npz"
     _, row["synth_s"] = dfkd("synthesize", "--teacher", teacher, "--method", method, "--num", str(a.num),
-                             "--out", str(file), "--device", "cpu", *SYNTH_EXTRA.get(method, []))
+                             "--out", str(file), "--device", "cpu", *SYNTH_EXTRA.get(method, []),
+                             *(["--steps", str(a.generator_steps)] if method in GENERATOR_METHODS else []))
     out, row["file_s"] = dfkd("distill", "--transfer-data", str(file), *common, "--out",
                               str(work / f"{name}-{method}-file"))
     row["file"] = top1(out)
@@ -61,6 +64,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["deepinversion", "fast", "dfq"])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--num", type=int, default=1536)
+    ap.add_argument("--generator-steps", type=int, default=300, help="Training steps of a generator method before "
+                    "its generator is sampled (synthesize --steps; the in-place run trains as many).")
     ap.add_argument("--student", default="lenet5_half")
     ap.add_argument("--eval-data", default="examples/mnist_test.npz")
     ap.add_argument("--work", default="bench/results/transfer")
