@@ -122,9 +122,9 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     m, p, name = built.method, built.method.p, built.student_name
     generator = isinstance(m.synth, GeneratorSynthesizer)
     trained = GENERATOR_STEPS if steps is None and generator else steps or 0
-    parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
-                        "steps": trained, "student": name, "labels": labels.text(), "params": plain_params(p)})
     try:
+        parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
+                            "steps": trained, "student": name, "labels": labels.text(), "params": plain_params(p)})
         m.attach_storage(parts.folder)
         state, done = parts.state(), parts.done()
         if state is None:
