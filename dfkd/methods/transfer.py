@@ -63,8 +63,8 @@ class Transfer(Method):
     }
 
     @classmethod
-    def default_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
-        p = super().default_params(teacher)
+    def default_params(cls, teacher: Teacher | None = None, recipe: str | None = None) -> dict[str, Any]:
+        p = super().default_params(teacher, recipe)
         if isinstance(teacher, NoTeacher):
             p.update({k: v for k, v in teacher.recipe.items() if k in p})
         return p
