@@ -43,7 +43,7 @@ class DeployStats:
     def lines(self) -> list[str]:
         """Human-readable lines, one fact each."""
         out = [f"size:      float {self.float_bytes / 1024:.1f} KiB, int8 {self.int8_bytes / 1024:.1f} KiB "
-               f"(int8/float {self.int8_bytes / self.float_bytes:.2f})",
+               f"(int8/float {self.int8_bytes / self.float_bytes:.3f})",
                f"latency:   float {self.float_ms:.3f} ms, int8 {self.int8_ms:.3f} ms per image (batch 1, one CPU "
                f"thread, onnxruntime; int8/float {self.int8_ms / self.float_ms:.2f})"]
         if self.float_top1 is not None:

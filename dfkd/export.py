@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.io import usual_permissions
 from dfkd.spec import InputSpec
 
 FORMATS = ("torchscript", "onnx", "exported-program")
@@ -214,6 +215,7 @@ def export_model(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
     try:
         write_export(model, spec, num_classes, fmt, tmp, class_names)
         check = check_export(model.cpu().eval(), spec, fmt, tmp)
+        usual_permissions(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

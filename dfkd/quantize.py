@@ -7,6 +7,17 @@ torch's own flows: `torch.ao.quantization`'s eager/FX APIs are deprecated in fav
 torchao is not a dependency here; onnxruntime's quantizer is maintained, needs no code from dfkd at inference, and
 the QDQ file it writes runs on onnxruntime's CPU kernels here and on servers (and converts to TensorRT/OpenVINO),
 where a PyTorch-quantized model would run only inside PyTorch.
+
+Three choices make the ranges independent of how well the calibration images imitate real data where they can be:
+  - the logits (the graph output) stay float: the last Gemm reads int8 inputs and int8 weights but does not round
+    its output to an int8 grid whose range the calibration images set. Synthetic images the student is unsure of
+    give small logits (ZeroQ's on the MNIST demo: [-4.1, 4.6] against [-8.4, 13.0] on real digits), and an int8
+    output clipped there turns the winning logits of real images into ties: 1.3 points of top-1 lost;
+  - the input range is the exact range of valid pixels (0..255 normalised by the spec), not the calibration
+    images' own extremes (low-contrast synthetic images would clip real pixels);
+  - biases stay float32 in the file (`QuantizeBias` off): onnxruntime still runs every Conv/Gemm as an int8
+    kernel (QLinearConv, QGemm; it quantizes the bias when it loads the model), and a float bias is one array
+    where an int32 bias needs three (values, per-channel scales, zero points).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.export import check_out, require, write_export
+from dfkd.io import usual_permissions
 from dfkd.spec import InputSpec
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -39,7 +51,16 @@ def _reader(ort_q: object, input_name: str, x: torch.Tensor) -> object:
     return Reader()
 
 
-def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method: str = "minmax") -> None:
+def input_range(spec: InputSpec) -> tuple[float, float]:
+    """The model-input values pixel 0 and pixel 255 map to, over every channel: the input's int8 range."""
+    lo = spec.normalize(torch.zeros(spec.shape(1)))
+    hi = spec.normalize(torch.ones(spec.shape(1)))
+    both = torch.stack([lo, hi])
+    return float(both.min()), float(both.max())
+
+
+def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method: str = "minmax",
+                  spec: InputSpec | None = None) -> None:
     """Static int8 QDQ quantization of an ONNX classifier with onnxruntime, per-channel int8 weights.
 
     Args:
@@ -47,6 +68,7 @@ def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method
         int8_path: where to write the quantized model.
         calib: calibration inputs, normalised as the model expects, shape (N, C, S, S).
         method: activation-range calibration: "minmax", "entropy" or "percentile".
+        spec: the input spec; given, the input's range is that of valid pixels (see the module docstring).
     """
     onnx = require("onnx")
     ort_q = require("onnxruntime.quantization")
@@ -56,13 +78,19 @@ def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method
         raise DfkdError(f"--calib-method {method}: unknown; choose one of {', '.join(CALIBRATION_METHODS)}")
     calibrate = {"minmax": ort_q.CalibrationMethod.MinMax, "entropy": ort_q.CalibrationMethod.Entropy,
                  "percentile": ort_q.CalibrationMethod.Percentile}[method]
+    import numpy as np
+
+    options: dict = {"QuantizeBias": False}
+    if spec is not None:
+        lo, hi = input_range(spec)
+        options["TensorQuantOverrides"] = {"input": [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]}
     prepared = int8_path.with_name(int8_path.name + ".prep.onnx")
     try:
         quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)  # folds BN, infers shapes
         ort_q.quantize_static(str(prepared), str(int8_path), _reader(ort_q, "input", calib.float().cpu()),
                               quant_format=ort_q.QuantFormat.QDQ, per_channel=True,
                               weight_type=ort_q.QuantType.QInt8, activation_type=ort_q.QuantType.QInt8,
-                              calibrate_method=calibrate)
+                              calibrate_method=calibrate, extra_options=options)
     finally:
         prepared.unlink(missing_ok=True)
     meta = {p.key: p.value for p in onnx.load(str(float_path)).metadata_props}
@@ -71,17 +99,75 @@ def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method
     for k, v in meta.items():
         entry = q.metadata_props.add()
         entry.key, entry.value = k, v
-    onnx.save(compact_onnx(q), str(int8_path))
+    onnx.save(compact_onnx(float_outputs(q)), str(int8_path))
+
+
+def float_outputs(proto: object) -> object:
+    """Remove the QuantizeLinear -> DequantizeLinear pair in front of each graph output: the logits stay float.
+
+    The node that computed the output (the last Gemm) then writes it directly: its weights stay int8 and its
+    inputs int8-rounded, and onnxruntime computes it in float (with a float bias it does not fuse it into QGemm;
+    for the classifier's few hundred to few thousand weights that costs nothing measurable).
+    """
+    g = proto.graph  # type: ignore[attr-defined]
+    outputs = {o.name for o in g.output}
+    producers = {o: n for n in g.node for o in n.output}
+    for dq in [n for n in g.node if n.op_type == "DequantizeLinear" and n.output[0] in outputs]:
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in producers:
+            continue
+        src = producers[q.input[0]]
+        src.output[list(src.output).index(q.input[0])] = dq.output[0]
+        g.node.remove(dq)
+        g.node.remove(q)
+    used = {i for n in g.node for i in n.input}
+    for t in [t for t in g.initializer if t.name not in used]:
+        g.initializer.remove(t)
+    return proto
+
+
+#: Attributes whose absence the ONNX spec defines as all ones (dilations, strides) or all zeros (pads).
+SPATIAL_DEFAULTS = {"dilations": 1, "strides": 1, "pads": 0}
+SPATIAL_OPS = ("Conv", "MaxPool", "AveragePool")
+
+
+def drop_default_attributes(proto: object) -> object:
+    """Remove node attributes that only state their default value.
+
+    Those are attributes equal to the schema's default, and for Conv and the pools dilations/strides of all ones and
+    pads of all zeros, which the ONNX spec defines as the values when absent.
+    """
+    from onnx import defs, helper
+
+    opset = {op.domain: op.version for op in proto.opset_import}  # type: ignore[attr-defined]
+    for n in proto.graph.node:  # type: ignore[attr-defined]
+        try:
+            schema = defs.get_schema(n.op_type, opset.get(n.domain, opset.get("", 1)), n.domain)
+        except Exception:  # noqa: BLE001 - an op without a schema here: keep its attributes
+            continue
+        for a in list(n.attribute):
+            value = helper.get_attribute_value(a)
+            default = schema.attributes[a.name].default_value if a.name in schema.attributes else None
+            spatial = n.op_type in SPATIAL_OPS and a.name in SPATIAL_DEFAULTS
+            if (default is not None and default.type and helper.get_attribute_value(default) == value) or (
+                    spatial and all(v == SPATIAL_DEFAULTS[a.name] for v in value)):
+                n.attribute.remove(a)
+    return proto
 
 
 def compact_onnx(proto: object) -> object:
-    """Drop what inference does not need from an ONNX graph: inferred shapes, node names and docs, long names.
+    """Drop what inference does not need from an ONNX graph: shapes, names, docs, unused opset imports.
 
-    Intermediate tensors and initializers get short names (t0, w0, ...); graph inputs and outputs keep theirs.
+    Inferred shapes, node names and docs go, and so do opset imports of domains no node uses. Intermediate
+    tensors and initializers get short names (t0, w0, ...); graph inputs and outputs keep theirs.
     For a LeNet-5-half the names and shapes are a third of the int8 file; for larger models they hardly count.
     """
     g = proto.graph  # type: ignore[attr-defined]
     del g.value_info[:]
+    domains = {n.domain for n in g.node} | {"", "ai.onnx"}
+    for op in [op for op in proto.opset_import if op.domain not in domains]:  # type: ignore[attr-defined]
+        proto.opset_import.remove(op)  # type: ignore[attr-defined]
+    drop_default_attributes(proto)
     keep = {v.name for v in g.input} | {v.name for v in g.output}
     rename = {t.name: f"w{i}" for i, t in enumerate(g.initializer) if t.name not in keep}
     for n in g.node:
@@ -145,8 +231,9 @@ def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: t
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        quantize_onnx(float_onnx, tmp, calib, method)
+        quantize_onnx(float_onnx, tmp, calib, method, spec)
         check_int8(tmp, spec, num_classes)
+        usual_permissions(tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -147,3 +147,65 @@ def test_cli_distill_quantize(teacher_file: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "student_int8.onnx").is_file()
     res = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
     assert res.exit_code == 0 and "int8:     size:" in res.output and "int8/float" in res.output
+
+
+# --- what the int8 file holds -----------------------------------------------------------------------------------
+def _quantize_lenet(pixels: torch.Tensor, tmp_path: Path, model: torch.nn.Module | None = None):  # noqa: ANN202
+    from dfkd.data import to_model_input
+    from dfkd.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = (model or build_student("lenet5_half", KWARGS)).eval()
+    work = tmp_path / "work"
+    work.mkdir()
+    q = quantize_model(model, MNIST_SPEC, 10, to_model_input(pixels, MNIST_SPEC), tmp_path / "q.onnx", work)
+    return model, q
+
+
+def _init(proto: object, name: str) -> np.ndarray:
+    return next(onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == name)
+
+
+def test_int8_input_range_is_every_pixel_and_logits_stay_float(sharp_teacher_file: str, tmp_path: Path) -> None:
+    """Calibration images far dimmer than real ones: the input's int8 range is still that of every valid pixel,
+    and the logits are float (not rounded to 256 levels over the small range the dim images give them)."""
+    from dfkd.quantize import input_range
+
+    dim = torch.randint(0, 40, (64, 1, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    model, q = _quantize_lenet(dim, tmp_path, load_teacher(sharp_teacher_file).module)
+    proto = onnx.load(str(q.int8))
+    q_in = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    lo, hi = input_range(MNIST_SPEC)
+    scale, zero = float(_init(proto, q_in.input[1])), int(_init(proto, q_in.input[2]))
+    assert scale == pytest.approx((hi - lo) / 255, rel=1e-5) and (-128 - zero) * scale == pytest.approx(lo, abs=scale)
+    assert next(n for n in proto.graph.node if "logits" in n.output).op_type == "Gemm"  # no Q/DQ pair after it
+    bright = from_pixels(torch.randint(0, 256, (200, 1, 32, 32), generator=torch.Generator().manual_seed(1),
+                                       dtype=torch.uint8), MNIST_SPEC)
+    i8 = _run_onnx(q.int8, bright)
+    assert i8.unique().numel() > 1000 and torch.isfinite(i8).all()
+
+
+def test_int8_file_is_under_0_3_of_float_and_keeps_its_answers(tmp_path: Path) -> None:
+    """LeNet-5-half (16K weights): int8 weights, float biases and logits, compact graph: <= 0.3x the float file.
+
+    The compaction (default attributes, unused opsets, short names) leaves the float ONNX's answers unchanged.
+    """
+    from dfkd.io import usual_permissions
+
+    pixels = calibration_pixels("noise", 64, MNIST_SPEC)
+    model, q = _quantize_lenet(pixels, tmp_path)
+    float_bytes, int8_bytes = q.float_onnx.stat().st_size, q.int8.stat().st_size
+    assert int8_bytes <= 0.3 * float_bytes, (int8_bytes, float_bytes)
+    proto = onnx.load(str(q.int8))
+    kinds = {onnx.numpy_helper.to_array(t).dtype for t in proto.graph.initializer}
+    assert np.int32 not in kinds  # biases are float, not int32 values + scales + zero points
+    weights = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if len(t.dims) >= 2]
+    assert weights and all(w.dtype == np.int8 for w in weights)
+    assert [op.domain for op in proto.opset_import] == [""]
+    x = from_pixels(pixels[:8], MNIST_SPEC)
+    with torch.no_grad():
+        assert torch.allclose(_run_onnx(q.float_onnx, x), model(x), atol=1e-4)
+    ref = tmp_path / "mode"
+    ref.touch(mode=0o600)
+    usual_permissions(ref)
+    assert q.int8.stat().st_mode & 0o777 == ref.stat().st_mode & 0o777 != 0o600
