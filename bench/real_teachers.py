@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     make_data(work / "data.npz", args.size)
     tflags = ["--teacher", str(teacher), "--teacher-arch", args.arch, "--channels", "3", "--input-size",
               str(args.size), *sum((["--mean", m] for m in MEAN), []), *sum((["--std", s] for s in STD), [])]
-    run(["synthesize", *tflags, "--method", "zskd", "--num", "16", "-p", "s_steps=0", "-p", "batch_size=8",
-         "-p", "di_batch=8", "-p", "di_iters=3", "--out", str(work / "transfer.npz")], work / "synthesize.log")
+    run(["synthesize", *tflags, "--method", "zskd", "--num", "16", "-p", "s_steps=0", "-p", "batch_size=8", "-p",
+         "di_batch=8", "-p", "di_iters=3", "--out", str(work / "transfer.npz"), "--force"], work / "synthesize.log")
     results = []
     for name in args.methods or list_methods():
         out = work / f"run-{name}"

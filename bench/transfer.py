@@ -50,7 +50,7 @@ def one(teacher: str, method: str, a: argparse.Namespace, work: Path) -> dict:
         row["inplace"] = top1(out)
     file = work / f"{name}-{method}.npz"
     _, row["synth_s"] = dfkd("synthesize", "--teacher", teacher, "--method", method, "--num", str(a.num),
-                             "--out", str(file), "--device", "cpu", *SYNTH_EXTRA.get(method, []),
+                             "--out", str(file), "--force", "--device", "cpu", *SYNTH_EXTRA.get(method, []),
                              *(["--steps", str(a.generator_steps)] if method in GENERATOR_METHODS else []))
     out, row["file_s"] = dfkd("distill", "--transfer-data", str(file), *common, "--out",
                               str(work / f"{name}-{method}-file"))

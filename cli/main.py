@@ -77,6 +77,7 @@ def main() -> None:
 @click.option("--data", required=True, help="Training data: .npz (x uint8, y int) or an ImageFolder directory.")
 @click.option("--arch", required=True, help="Zoo architecture (see `dfkd models`).")
 @click.option("--out", required=True, help="Where to write the dfkd model file.")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--eval-data", default=None, help="Test data, evaluated after every epoch.")
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
@@ -100,7 +101,7 @@ def train_teacher_cmd(**kw: Any) -> None:
     from dfkd.train_teacher import TeacherConfig, train_teacher
 
     MODELS.get(kw["arch"])
-    check_output_file(kw["out"])
+    check_output_file(kw["out"], force=kw.pop("force"))
     result = train_teacher(TeacherConfig(**kw))
     click.echo(f"wrote {kw['out']}" + (f" (test top-1 {100 * result['top1']:.2f}%)" if "top1" in result else ""))
 
@@ -277,6 +278,7 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
 @click.option("--label-decimals", type=int, default=None, help="Round every stored label to this many decimals.")
 @click.option("--eval-data", default=None, help="Real test data: measure the teacher's top-1 for the provenance.")
 @click.option("--out", required=True, help="The transfer file to write (.npz).")
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @click.option("--student", default=None, help="Student the method trains alongside (adversarial methods compete "
               "with it; default: the usual pair for the teacher).")
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Student steps of training before images "
@@ -309,7 +311,7 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
     overrides = dict(map(parse_param, params))
     check_method_params(kw["method"], overrides, min_s_steps=0)
     labels = parse_labels(kw.pop("labels"), kw.pop("label_decimals"))
-    check_output_file(kw["out"])
+    check_output_file(kw["out"], force=kw.pop("force"))
     dev = pick_device(device)
     t = load_with_options(teacher, pop_teacher_options(kw), dev)
     data = synthesize(t, params=overrides, device=dev, progress=True, labels=labels, **kw)
@@ -374,8 +376,9 @@ def models_cmd() -> None:
 @click.option("--teacher", default=None, help="Teacher file (needed for --features teacher).")
 @teacher_options
 @click.option("--device", default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
 @friendly
-def fid_stats_cmd(data: str, out: str, **kw: Any) -> None:
+def fid_stats_cmd(data: str, out: str, force: bool, **kw: Any) -> None:
     """Write FID reference statistics (pytorch-fid .npz: mu, sigma) of real data; shareable without images.
 
     \b
@@ -387,7 +390,7 @@ def fid_stats_cmd(data: str, out: str, **kw: Any) -> None:
     from dfkd.monitor import compute_fid_stats
     from dfkd.outpaths import check_output_file
 
-    check_output_file(out, "OUT")
+    check_output_file(out, "OUT", force)
     options = pop_teacher_options(kw)
     stats = compute_fid_stats(data, out, options=options, **kw)
     click.echo(f"wrote {out} ({kw['features']} features, {len(stats.mu)}-d)")

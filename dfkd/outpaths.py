@@ -28,11 +28,12 @@ def _probe(folder: Path, what: str) -> None:
         raise DfkdError(f"{what}: cannot write into {folder} ({e.strerror}); pick a writable place") from None
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """Refuse an output file that cannot be written (a folder, a device, a read-only or missing place).
+def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool = False) -> Path:
+    """Refuse an output file that cannot be written, or that exists and `force` is not given.
 
-    Missing parent folders are fine (they are created when the file is written) as long as the nearest
-    existing one is a writable folder.
+    Not writable: a folder, a device, a read-only or missing place. An existing file is the user's and is never
+    replaced without --force. Missing parent folders are fine (they are created when the file is written) as
+    long as the nearest existing one is a writable folder.
     """
     p = Path(path)
     what = f"{flag} {p}"
@@ -42,6 +43,8 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
         raise DfkdError(f"{what}: is a folder; give a file name inside it")
     if p.exists() and not p.is_file():
         raise DfkdError(f"{what}: is not a regular file (a device or pipe?); give a file path")
+    if p.exists() and not force:
+        raise DfkdError(f"{what}: already exists; choose another name or add --force to overwrite it")
     base = _nearest_existing(p.parent)
     if not base.is_dir():
         raise DfkdError(f"{what}: {base} is a file, not a folder; give a path inside a folder")

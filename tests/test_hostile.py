@@ -304,6 +304,12 @@ OTHER: list[tuple[str, list[str], tuple[str, ...]]] = [
                                     "/dev/null"], ("not a regular file",)),
     ("fid_stats_out_proc", ["fid-stats", "{biglab}", "/proc/x.npz", "--features", "teacher", "--teacher", "{T}"],
      ("cannot write",)),
+    ("synth_out_exists", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "{text}"],
+     ("already exists", "--force")),
+    ("train_teacher_out_exists", ["train-teacher", "--data", "{biglab}", "--arch", "lenet5", "--out", "{text}"],
+     ("already exists", "--force")),
+    ("fid_stats_out_exists", ["fid-stats", "{biglab}", "{text}", "--features", "teacher", "--teacher", "{T}"],
+     ("already exists", "--force")),
     ("evaluate_text_model", ["evaluate", "--model", "{text}", "--data", "{biglab}"], ("not a readable",)),
     ("evaluate_string_labels", ["evaluate", "--model", "{T}", "--data", "{strlab}"], ("integer class indices",)),
     ("evaluate_device_meta", ["evaluate", "--model", "{T}", "--data", "{biglab}", "--device", "meta"],
@@ -318,6 +324,17 @@ def test_other_commands_refuse(case, files: dict[str, str]) -> None:  # noqa: AN
     before = tree(Path(files["dir"]))
     assert_refused(invoke(_fill(args, files)), *needles)
     assert tree(Path(files["dir"])) == before, "no file written or changed"
+
+
+def test_force_replaces_an_existing_output(teacher_file: str, eval_npz: str, tmp_path: Path) -> None:
+    out = tmp_path / "stats.npz"
+    out.write_text("the user's file")
+    assert_refused(invoke(["fid-stats", eval_npz, out, "--features", "teacher", "--teacher", teacher_file]),
+                   "already exists")
+    assert out.read_text() == "the user's file"
+    r = invoke(["fid-stats", eval_npz, out, "--features", "teacher", "--teacher", teacher_file, "--force"])
+    assert r.exit_code == 0, r.output
+    assert set(np.load(out)) >= {"mu", "sigma"}
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
