@@ -452,5 +452,9 @@ from dfkd.cli.audit import audit_cmd  # noqa: E402  (the owner's check before a 
 
 main.add_command(audit_cmd)
 
+from dfkd.cli.families import extend_cmd  # noqa: E402  (lifelong, cross-modal and search families)
+
+main.add_command(extend_cmd)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,193 @@
+"""Class-incremental distillation without the old data: `dfkd extend`.
+
+A deployed classifier knows classes 0..K-1; new labelled data brings classes K..K+M-1 (their indices are appended).
+The old training data is gone, so the old classes are kept alive by *data-free replay*: images synthesized from
+the old model alone with any dfkd synthesis method (DeepInversion by default), labelled by the old model. The
+extended model starts from the old one (its head grown by M rows) and trains with the losses of Always Be Dreaming
+(Smith et al., "Always Be Dreaming: A New Approach for Data-Free Class-Incremental Learning", ICCV 2021):
+
+    L = CE_local(real, new classes)  +  CE_local(replay, old classes)
+        + hkd_weight * || w ⊙ (h_old(x) - h(x)) ||^2   on real and replay images
+        + CE(head only, all classes, real + replay)
+
+`CE_local` is cross-entropy over one task's logits only (so the new task cannot push old logits down and the
+synthetic images, which are not real digits, never compete with real ones); the feature term keeps the
+penultimate features where the old head reads them, each dimension weighted by its importance to the old head
+(mean |weight| over the old classes, normalised to mean 1); the last term calibrates the grown head across old and
+new classes with features detached. The extended model is a dfkd model file, so it is the `--teacher` of the next
+task: repeat for as many tasks as arrive.
+
+Two references are trained in the same run from the same start, with the same steps and batch, when
+`--eval-data` is given: fine-tuning on the new data alone (what forgetting looks like) and, with `--old-data`, joint
+training on old and new real data (the ceiling, which needs the data `extend` does without).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd.data import ImageData, check_fits, load_images
+from dfkd.errors import DfkdError
+from dfkd.io import atomic_write_text
+from dfkd.lifelong_train import PHASES, Batches, Phase, evaluate_split, grow_model, train_phase
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.teacher import Teacher
+
+
+@dataclass(frozen=True)
+class ExtendConfig:
+    """Settings of `dfkd extend`.
+
+    Args:
+        teacher: the old model (knows classes 0..K-1).
+        data: labelled images of the new classes.
+        out: the extended model file to write.
+        eval_data: test images of old and new classes (old/new/all accuracy and the references).
+        old_data: real old-class images, used only by the joint-training reference (never by `extend` itself).
+        method: dfkd synthesis method that makes the replay images.
+        replay: number of replay images.
+        replay_steps: student steps the synthesis method trains before collecting (None: its default).
+        params: overrides of the synthesis method's hyper-parameters (`-p`).
+        steps: training steps (each: `batch_size` new images and `batch_size` replay images).
+        batch_size: images per step from each source.
+        lr: Adam learning rate.
+        hkd_weight: weight of the importance-weighted feature distillation.
+        work: folder for the replay file, checkpoints and the report (default: `<out>.extend/`).
+        seed: random seed.
+        device: cpu, cuda or auto.
+        checkpoint_every: steps between checkpoints.
+    """
+
+    teacher: str
+    data: str
+    out: str
+    eval_data: str | None = None
+    old_data: str | None = None
+    method: str = "deepinversion"
+    replay: int = 2048
+    replay_steps: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    hkd_weight: float = 1.0
+    work: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 100
+
+    def work_dir(self) -> Path:
+        """Where the replay, checkpoints and report live."""
+        return Path(self.work) if self.work else Path(str(Path(self.out).with_suffix("")) + ".extend")
+
+
+def append_labels(data: ImageData, k_old: int, path: str) -> ImageData:
+    """New-class labels as indices of the extended model: kept when all are >= k_old, else shifted up by k_old."""
+    if len(data) == 0:
+        raise DfkdError(f"--data {path}: holds no images")
+    if int(data.y.min()) >= k_old:
+        return data
+    if int(data.y.min()) < 0:
+        raise DfkdError(f"--data {path}: labels must be >= 0, found {int(data.y.min())}")
+    return ImageData(data.x, data.y + k_old, data.class_names)
+
+
+def make_replay(teacher: Teacher, cfg: ExtendConfig, work: Path, device: torch.device) -> ImageData:
+    """Synthesize (once; a resumed run reads the file back) `cfg.replay` images of the old classes."""
+    from dfkd.transfer import load_transfer, synthesize
+
+    path = work / "replay.npz"
+    if path.exists():
+        data = load_transfer(path, "replay")
+    else:
+        data = synthesize(teacher, cfg.method, cfg.replay, path, cfg.params, cfg.seed, device,
+                          steps=cfg.replay_steps, progress=True)
+    return ImageData(data.x, data.probs.argmax(1))
+
+
+def _check_config(cfg: ExtendConfig, work: Path, resume: bool) -> None:
+    """A new run needs a new (or empty) work folder; a resumed one the same settings as before."""
+    saved = work / "config.json"
+    if not resume:
+        if work.exists() and any(work.iterdir()):
+            raise DfkdError(f"--work {work}: holds an earlier extend run; continue it with --resume or remove it")
+        if Path(cfg.out).exists():
+            raise DfkdError(f"--out {cfg.out}: exists; dfkd never overwrites a model file, pick another --out")
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, json.dumps(asdict(cfg), indent=1))
+        return
+    if not saved.exists():
+        raise DfkdError(f"--resume: {work} holds no extend run (no config.json); start it without --resume")
+    before = json.loads(saved.read_text())
+    for key, value in asdict(cfg).items():
+        if key != "device" and before.get(key) != json.loads(json.dumps(value)):
+            raise DfkdError(f"--resume: {key} was {before.get(key)!r} in {work}, now {value!r}; give the same "
+                            "settings to resume (only --device may change)")
+
+
+def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[str, Any]:
+    """Extend `teacher` to the classes of `cfg.data`; write `cfg.out`; train and evaluate the references.
+
+    Args:
+        cfg: the settings.
+        teacher: the loaded old model (a dfkd model file or anything with a rebuildable architecture).
+        resume: continue the run in `cfg.work_dir()` from its checkpoints.
+
+    Returns:
+        The report: class counts and, with `eval_data`, old/new/all top-1 of the teacher, the extended model and
+        the references (fractions in [0, 1]). Also written to `<work>/report.json`.
+    """
+    from dfkd.utils import pick_device, seed_everything
+
+    device = pick_device(cfg.device)
+    work = cfg.work_dir()
+    k_old = teacher.num_classes
+    new = append_labels(load_images(cfg.data), k_old, cfg.data)
+    k_all = int(new.y.max()) + 1
+    test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
+    if test is not None:
+        check_fits(test, k_all, teacher.spec, "--eval-data", cfg.eval_data)
+    old = load_images(cfg.old_data, "--old-data") if cfg.old_data else None
+    if old is not None:
+        check_fits(old, k_old, teacher.spec, "--old-data", cfg.old_data)
+    _check_config(cfg, work, resume)
+    seed_everything(cfg.seed)
+    replay = make_replay(teacher, cfg, work, device)
+    sources = {"extend": [new, replay], "finetune": [new], "joint": [new, old]}
+    report: dict[str, Any] = {"old_classes": k_old, "all_classes": k_all, "replay_classes":
+                              int(replay.y.unique().numel()), "new_images": len(new), "replay_images": len(replay)}
+    for name in PHASES:
+        if name != "extend" and (test is None or (name == "joint" and old is None)):
+            continue
+        model = grow_model(teacher, k_all).to(device)
+        phase = Phase(name, model, teacher, k_old, Batches(sources[name], teacher.spec, cfg.batch_size, cfg.seed),
+                      cfg.steps, cfg.lr, cfg.hkd_weight, cfg.checkpoint_every, work / f"{name}.pt")
+        train_phase(phase, device)
+        if name == "extend":
+            _write_model(cfg, teacher, model, new, k_all)
+        if test is not None:
+            report[name] = evaluate_split(model, test, teacher.spec, k_old, k_all, device)
+    if test is not None:
+        report["teacher"] = evaluate_split(teacher, test, teacher.spec, k_old, k_old, device)
+    atomic_write_text(work / "report.json", json.dumps(report, indent=1))
+    return report
+
+
+def _write_model(cfg: ExtendConfig, teacher: Teacher, model: nn.Module, new: ImageData, k_all: int) -> None:
+    if Path(cfg.out).exists():  # a resumed run wrote it before it was stopped
+        return
+    names = None
+    if teacher.class_names or new.class_names:
+        old_names = list(teacher.class_names or [str(i) for i in range(teacher.num_classes)])
+        names = old_names + list(new.class_names or [str(i) for i in range(len(old_names), k_all)])
+    prov = {"kind": "extended", "from": os.path.basename(teacher.source), "new_data": os.path.basename(cfg.data),
+            "method": cfg.method, "old_classes": teacher.num_classes, "steps": cfg.steps}
+    kwargs = {**(teacher.arch_kwargs or {}), "num_classes": k_all}
+    save_model(cfg.out, model, ModelFile(teacher.arch, kwargs, teacher.spec, k_all, names, prov))
