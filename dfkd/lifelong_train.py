@@ -113,11 +113,11 @@ def abd_loss(phase: Phase, real: tuple[torch.Tensor, torch.Tensor], replay: tupl
     with torch.no_grad(), phase.teacher.tap([path]) as ttaps:
         phase.teacher(x)
         h_old = ttaps.inputs[path]
-    n = len(real[0])
+    n, y = len(real[0]), torch.cat([real[1], replay[1]])
     losses = {"loss/ce_new": F.cross_entropy(logits[:n, k:], real[1] - k),
               "loss/ce_old": F.cross_entropy(logits[n:, :k], replay[1]),
               "loss/hkd": (omega * (h - h_old)).pow(2).mean(),
-              "loss/head": F.cross_entropy(phase.model.get_submodule(path)(h.detach()), torch.cat([real[1], replay[1]]))}
+              "loss/head": F.cross_entropy(phase.model.get_submodule(path)(h.detach()), y)}
     losses["loss"] = (losses["loss/ce_new"] + losses["loss/ce_old"] + phase.hkd_weight * losses["loss/hkd"]
                       + losses["loss/head"])
     return losses

@@ -1,0 +1,171 @@
+"""`dfkd extend`: class-incremental distillation with data-free replay (runs, learns, resumes, refuses)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+from dfkd.cli.main import main
+from dfkd.errors import DfkdError
+from dfkd.lifelong import ExtendConfig, append_labels, extend
+from dfkd.lifelong_train import grow_model
+from dfkd.modelfile import ModelFile, load_model, save_model
+from dfkd.models import create
+from dfkd.spec import MNIST_SPEC
+from dfkd.teacher import load_teacher
+
+FAST_REPLAY = {"batch_size": 32, "synth_batch_size": 32, "iterations": 10}
+
+
+def toy_images(classes: range, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class c: a fixed random 28x28 template (seeded by c) plus noise; easy, but not separable by brightness."""
+    rng = np.random.default_rng(seed)
+    templates = {c: np.random.default_rng(100 + c).random((28, 28)) > 0.7 for c in classes}
+    y = rng.choice(list(classes), n)
+    x = np.stack([templates[c] * 200 + rng.integers(0, 55, (28, 28)) for c in y]).astype(np.uint8)
+    return x, y.astype(np.int64)
+
+
+def write(path: Path, classes: range, n: int, seed: int) -> str:
+    x, y = toy_images(classes, n, seed)
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+def train_toy_teacher(path: Path, classes: int) -> str:
+    """A LeNet-5-half-BN that knows toy classes 0..classes-1 (100 Adam steps)."""
+    from dfkd.data import to_model_input
+
+    torch.manual_seed(0)
+    kwargs = {"num_classes": classes, "in_channels": 1, "input_size": 32}
+    model = create("lenet5_half_bn", **kwargs)
+    x, y = toy_images(range(classes), 256, 1)
+    xs, ys = to_model_input(torch.from_numpy(x[:, None]), MNIST_SPEC), torch.from_numpy(y)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for i in range(100):
+        idx = torch.arange(i * 32, i * 32 + 32) % len(xs)
+        loss = F.cross_entropy(model(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_model(path, model.eval(), ModelFile("lenet5_half_bn", kwargs, MNIST_SPEC, classes))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("lifelong")
+    return {"teacher": train_toy_teacher(d / "old.pt", 3), "new": write(d / "new.npz", range(3, 5), 256, 2),
+            "old": write(d / "old.npz", range(3), 256, 3), "test": write(d / "test.npz", range(5), 200, 4),
+            "next": write(d / "next.npz", range(2), 128, 5), "test7": write(d / "test7.npz", range(7), 140, 6)}
+
+
+def config(toy: dict[str, str], out: Path, **kw: object) -> ExtendConfig:
+    base = {"eval_data": toy["test"], "old_data": toy["old"], "replay": 64, "params": FAST_REPLAY, "steps": 60,
+            "batch_size": 32, "lr": 3e-3, "device": "cpu", "checkpoint_every": 20}
+    return ExtendConfig(teacher=toy["teacher"], data=toy["new"], out=str(out), **{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def finished(toy: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> tuple[ExtendConfig, dict]:
+    cfg = config(toy, tmp_path_factory.mktemp("run") / "new.pt")
+    return cfg, extend(cfg, load_teacher(cfg.teacher))
+
+
+def test_smoke_writes_a_model_with_appended_classes(finished: tuple[ExtendConfig, dict]) -> None:
+    cfg, report = finished
+    model, meta = load_model(cfg.out)
+    assert meta.num_classes == 5 and meta.provenance["kind"] == "extended"
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 5)
+    assert (report["old_classes"], report["all_classes"], report["replay_images"]) == (3, 5, 64)
+    assert {"extend", "finetune", "joint", "teacher"} <= set(report)
+    assert (cfg.work_dir() / "report.json").exists() and (cfg.work_dir() / "replay.npz").exists()
+
+
+def test_extend_keeps_old_classes_that_finetuning_forgets(finished: tuple[ExtendConfig, dict]) -> None:
+    _, r = finished
+    assert r["teacher"]["old"] > 0.9
+    assert r["finetune"]["old"] < 0.5 and r["finetune"]["new"] > 0.9  # forgetting: new data alone
+    assert r["extend"]["old"] > 0.9 and r["extend"]["new"] > 0.9
+    assert r["extend"]["all"] > r["finetune"]["all"] + 0.3
+    assert r["joint"]["all"] > 0.9
+
+
+def test_grown_model_starts_as_the_teacher_on_old_classes(toy: dict[str, str]) -> None:
+    teacher = load_teacher(toy["teacher"])
+    model = grow_model(teacher, 5).eval()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x)[:, :3], teacher(x), atol=1e-6)
+
+
+def test_repeatable_for_a_second_task(finished: tuple[ExtendConfig, dict], toy: dict[str, str],
+                                      tmp_path: Path) -> None:
+    cfg, _ = finished
+    second = dataclasses.replace(config(toy, tmp_path / "seven.pt", eval_data=toy["test7"], old_data=None,
+                                        steps=20), teacher=cfg.out, data=toy["next"])
+    report = extend(second, load_teacher(cfg.out))
+    assert load_model(second.out)[1].num_classes == 7 and report["old_classes"] == 5
+    assert "joint" not in report and "finetune" in report
+
+
+def test_interrupted_run_resumes_to_the_same_model(toy: dict[str, str], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.lifelong_train as lt
+
+    whole = config(toy, tmp_path / "a.pt", eval_data=None, steps=50)
+    extend(whole, load_teacher(whole.teacher))
+    cut = config(toy, tmp_path / "b.pt", eval_data=None, steps=50)
+    real_abd, calls = lt.abd_loss, []
+
+    def stop_at_30(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 31:
+            raise KeyboardInterrupt
+        return real_abd(*args)
+
+    monkeypatch.setattr(lt, "abd_loss", stop_at_30)
+    with pytest.raises(KeyboardInterrupt):
+        extend(cut, load_teacher(cut.teacher))
+    assert not Path(cut.out).exists()  # nothing that looks finished
+    monkeypatch.setattr(lt, "abd_loss", real_abd)
+    extend(cut, load_teacher(cut.teacher), resume=True)
+    a, b = load_model(whole.out)[0].state_dict(), load_model(cut.out)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_labels_are_appended_or_kept() -> None:
+    from dfkd.data import ImageData
+
+    x = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    assert append_labels(ImageData(x, torch.tensor([0, 1, 1])), 5, "n").y.tolist() == [5, 6, 6]
+    assert append_labels(ImageData(x, torch.tensor([5, 7, 6])), 5, "n").y.tolist() == [5, 7, 6]
+
+
+def test_refusals(toy: dict[str, str], finished: tuple[ExtendConfig, dict], tmp_path: Path) -> None:
+    cfg, _ = finished
+    with pytest.raises(DfkdError, match="holds an earlier extend run; continue it with --resume"):
+        again = dataclasses.replace(cfg, out=str(tmp_path / "x.pt"), work=str(cfg.work_dir()))
+        extend(again, load_teacher(cfg.teacher))
+    with pytest.raises(DfkdError, match="--resume: steps was 60 .* now 61"):
+        extend(dataclasses.replace(cfg, steps=61), load_teacher(cfg.teacher), resume=True)
+    with pytest.raises(DfkdError, match="holds no extend run"):
+        extend(config(toy, tmp_path / "y.pt"), load_teacher(cfg.teacher), resume=True)
+
+
+def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    args = ["extend", "--teacher", toy["teacher"], "--data", toy["new"], "--out", str(out), "--eval-data",
+            toy["test"], "--replay", "32", "--steps", "5", "--batch-size", "16", "--device", "cpu"]
+    args += [a for k, v in FAST_REPLAY.items() for a in ("-p", f"{k}={v}")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert "fine-tune on new data only" in res.output and out.exists() and "joint" not in res.output
+    res = CliRunner().invoke(main, args[:6] + [str(tmp_path / "z.pt"), "--eval-data", toy["new"][:-4] + "nope.npz"])
+    assert res.exit_code == 2 and res.output.startswith("error: --eval-data") and "Traceback" not in res.output
