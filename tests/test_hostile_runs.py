@@ -46,6 +46,14 @@ def loss_steps(run: Path) -> list[int]:
     return [r["step"] for r in records if any(k.startswith("loss/") for k in r)]
 
 
+def _paired(labelled: str, tmp_path: Path) -> str:
+    """A paired file for the cross-modal method: the images as modality A, their edge maps as B."""
+    from dfkd.paired import make_paired
+
+    make_paired(labelled, "edges", tmp_path / "pairs.npz")
+    return str(tmp_path / "pairs.npz")
+
+
 # --- --steps N is N student steps, for every method ------------------------------------------------------------
 @pytest.mark.parametrize("method", [m for m in list_methods() if m != "transfer"])
 def test_steps_means_exactly_n_student_steps(method: str, teacher_file: str, eval_npz: str, tmp_path: Path,
@@ -62,8 +70,9 @@ def test_steps_means_exactly_n_student_steps(method: str, teacher_file: str, eva
 
     monkeypatch.setattr(method_base.Method, "make_student_optimizer", counted)
     params = {**get_method(method).quick, "s_steps": 5 if method != "kd" else 1}
+    data = {"kd": eval_npz, "crossmodal": _paired(eval_npz, tmp_path)}.get(method)
     cfg = DistillConfig(teachers=(teacher_file,), method=method, steps=3, out=str(tmp_path / "r"), fid_every=0,
-                        params=params, data=eval_npz if method == "kd" else None)
+                        params=params, data=data)
     result = distill(cfg)
     assert result.step == 3
     assert list(counts.values()) == [3], "three student updates, not a whole round of five"

@@ -30,6 +30,7 @@ def _data_dir(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN202
     _DATA_DIR["path"] = tmp_path_factory.mktemp("vocab")
     yield
     tiny_train_data.cache_clear()
+    tiny_paired_data.cache_clear()
 
 
 @functools.cache
@@ -41,6 +42,16 @@ def tiny_train_data() -> str:
     return str(path)
 
 
+@functools.cache
+def tiny_paired_data() -> str:
+    """A small random paired .npz (28 px grey A, 32 px colour B) for the cross-modal method."""
+    path = _DATA_DIR["path"] / "paired.npz"
+    rng = np.random.default_rng(1)
+    np.savez(path, x_teacher=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+             x_student=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8))
+    return str(path)
+
+
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
     teacher = Teacher(make_teacher_module(), MNIST_SPEC, arch="lenet5_bn", arch_kwargs=KWARGS)
@@ -48,7 +59,7 @@ def build(name: str, seed: int = 0):
     cls = get_method(name)
     params = {**cls.default_params(teacher), **cls.quick}
     if "data" in params:
-        params["data"] = tiny_train_data()
+        params["data"] = tiny_paired_data() if name == "crossmodal" else tiny_train_data()
     student = build_student("lenet5_half", KWARGS)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
