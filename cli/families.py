@@ -75,3 +75,55 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
     click.echo(f"wrote {cfg.out}")
     print_extend_report(report)
     click.echo(f"report: {cfg.work_dir() / 'report.json'}")
+
+
+@click.command("search")
+@click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes).")
+@click.option("--method", required=True, help="Distillation method that scores each candidate.")
+@click.option("--eval-data", required=True, help="Held-out labelled images that rank the candidates.")
+@click.option("--max-params", required=True, type=click.IntRange(min=1), help="Largest student allowed.")
+@click.option("--max-latency-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Slowest student allowed (CPU, batch 1).")
+@click.option("--trials", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--trial-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Distillation budget of a trial  [default: 2, unless --trial-steps]")
+@click.option("--trial-steps", type=click.IntRange(min=2), default=None, help="A trial's budget in student steps.")
+@click.option("--final-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Budget of the chosen student's full distillation  [default: 10, unless --final-steps]")
+@click.option("--final-steps", type=click.IntRange(min=1), default=None)
+@click.option("--space", default="lenet5", show_default=True, help="lenet5 or module:function(trial).")
+@click.option("--tolerance", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Pick the smallest Pareto student within this many points of the best.")
+@click.option("--data", default=None, help="Real training images (for --method kd).")
+@click.option("--transfer-data", default=None, help="Synthetic transfer data (for --method transfer).")
+@click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Method setting.")
+@click.option("--out", required=True, help="Search folder (study.db, trials/, pareto.md, pareto.png, final/).")
+@click.option("--resume", is_flag=True, help="Continue the search in --out.")
+@click.option("--seed", default=0, show_default=True, type=SEED)
+@click.option("--device", default="cpu", show_default=True)
+@friendly
+def search_cmd(params: tuple[str, ...], resume: bool, tolerance: float, **kw: Any) -> None:
+    """Search the smallest student that keeps the teacher's accuracy (Optuna; pip install -e ".[search]").
+
+    \b
+    Example:
+      dfkd search --teacher examples/mnist_lenet5.pt --method transfer --transfer-data t.npz \\
+          --eval-data examples/mnist_test.npz --max-params 16000 --trials 12 --trial-steps 1500 --out runs/s
+    """
+    from dfkd.config import parse_param
+    from dfkd.search import SearchConfig, search
+    from dfkd.teacher_options import load_with_options
+
+    if kw["trial_minutes"] is None and kw["trial_steps"] is None:
+        kw["trial_minutes"] = 2.0
+    if kw["final_minutes"] is None and kw["final_steps"] is None:
+        kw["final_minutes"] = 10.0
+    cfg = SearchConfig(params=dict(map(parse_param, params)), tolerance=tolerance / 100, **kw)
+    result = search(cfg, load_with_options(cfg.teacher, None, cfg.device), resume)
+    from dfkd.search_report import table
+
+    click.echo(table(result["rows"], result["pareto"], result["chosen"]), nl=False)
+    if result["final"]:
+        click.echo(f"chosen: trial {result['chosen']['trial']}, fully distilled: top-1 "
+                   f"{100 * result['final']['top1']:.2f}% ({cfg.out}/final/student.pt)")
+    click.echo(f"plot: {cfg.out}/pareto.png")

@@ -452,9 +452,10 @@ from dfkd.cli.audit import audit_cmd  # noqa: E402  (the owner's check before a 
 
 main.add_command(audit_cmd)
 
-from dfkd.cli.families import extend_cmd  # noqa: E402  (lifelong, cross-modal and search families)
+from dfkd.cli.families import extend_cmd, search_cmd  # noqa: E402  (lifelong and search families)
 
 main.add_command(extend_cmd)
+main.add_command(search_cmd)
 
 if __name__ == "__main__":
     main()

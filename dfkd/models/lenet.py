@@ -88,3 +88,10 @@ def lenet5_bn(num_classes: int = 10, in_channels: int = 1, input_size: int = 32)
 def lenet5_half_bn(num_classes: int = 10, in_channels: int = 1, input_size: int = 32) -> LeNet5:
     """LeNet-5-half with BatchNorm after each convolution."""
     return LeNet5(num_classes, in_channels, input_size, _HALF, bn=True)
+
+
+@register_model("lenet5_scaled")
+def lenet5_scaled(num_classes: int = 10, in_channels: int = 1, input_size: int = 32,
+                  widths: tuple[int, int, int, int] | list[int] = _FULL, bn: bool = False) -> LeNet5:
+    """LeNet-5 with any widths (c1, c2, c3, f): the search space of `dfkd search` (LeNet-5-half is (3, 8, 60, 42))."""
+    return LeNet5(num_classes, in_channels, input_size, tuple(int(w) for w in widths), bn=bool(bn))
