@@ -3,30 +3,34 @@
 Every trial builds a candidate student from the search space, measures its parameters and CPU latency (batch 1,
 median of 20 forwards) and is pruned at once when it breaks `--max-params` / `--max-latency-ms`; otherwise it is
 distilled with the chosen method for half its budget, reported to Optuna's median pruner (bad trials stop there),
-then resumed to its full budget and scored by top-1 on `--eval-data` (a held-out set used only to *rank*
-candidates; no candidate trains on it). The study lives in `<out>/study.db` (SQLite), each trial's run in
-`<out>/trials/trial-N`, so `--resume` continues an interrupted search where it stopped. At the end the Pareto set
-(accuracy up, parameters and latency down) is written as `pareto.md` and plotted in `pareto.png`, and the
-smallest Pareto student within `tolerance` of the best accuracy is distilled fully into `<out>/final`.
+then resumed to its full budget and scored by top-1 on `--eval-data` (a held-out set used only to *rank* candidates;
+no candidate trains on it). The half run's learning-rate schedule is that of a half-length run (the resume continues
+under the full one), so a trial equals one uninterrupted run only with `-p schedule=constant`. The study lives in
+`<out>/study.db` (SQLite), each trial's run in `<out>/trials/trial-N`, so `--resume` continues an interrupted search
+where it stopped. At the end the Pareto set (accuracy up, parameters and latency down) is written as `pareto.md` and
+plotted in `pareto.png`, and the smallest Pareto student within `tolerance` of the best accuracy is distilled fully
+into `<out>/final`.
 
 Search spaces: `lenet5` (width multipliers 0.25..1 of each LeNet-5 layer; the first trial is LeNet-5-half, the
-reference the table is read against), or a user's `module:function(trial)` returning `(student_arch,
-student_args)` with `trial.suggest_*` calls (as `--student` and `--student-arg` take them).
+reference the table is read against), or a user's `module:function(trial)` returning `(student_arch, student_args)`
+with `trial.suggest_*` calls (as `--student` and `--student-arg` take them).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dfkd.errors import DfkdError
+from dfkd.io import atomic_write_text
 
 LENET5_WIDTHS = (6, 16, 120, 84)
 MULTIPLIERS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
@@ -153,6 +157,9 @@ def open_study(cfg: SearchConfig, optuna: Any, resume: bool) -> Any:
             raise DfkdError(f"--out {out}: already holds a search; continue it with --resume or pick another --out")
         prepare_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "search.json", json.dumps(asdict(cfg), indent=1))
+    else:
+        _same_settings(cfg, out)
     with warnings.catch_warnings():  # heartbeats (which fail trials a killed search left running) are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.absolute()}", heartbeat_interval=60, grace_period=120)
@@ -162,6 +169,16 @@ def open_study(cfg: SearchConfig, optuna: Any, resume: bool) -> Any:
     if not resume and cfg.space == "lenet5":
         study.enqueue_trial({f"w{i}": 0.5 for i in range(4)})  # LeNet-5-half: the reference row
     return study
+
+
+def _same_settings(cfg: SearchConfig, out: Path) -> None:
+    """A resumed search keeps its settings: only --trials and --device may change (trials must stay comparable)."""
+    saved = out / "search.json"
+    before = json.loads(saved.read_text()) if saved.exists() else {}
+    for key, value in asdict(cfg).items():
+        if key not in ("trials", "device") and key in before and before[key] != json.loads(json.dumps(value)):
+            raise DfkdError(f"--resume: {key} was {before[key]!r} in {out}, now {value!r}; a resumed search keeps "
+                            "its settings (only --trials and --device may change)")
 
 
 def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, Any]:

@@ -84,6 +84,8 @@ def test_refusals(toy: dict[str, str], finished: tuple[SearchConfig, dict], tmp_
     cfg, _ = finished
     with pytest.raises(DfkdError, match="already holds a search; continue it with --resume"):
         search(cfg, load_teacher(cfg.teacher))
+    with pytest.raises(DfkdError, match="--resume: trial_steps was 30 .* now 31"):
+        search(dataclasses.replace(cfg, trial_steps=31), load_teacher(cfg.teacher), resume=True)
     with pytest.raises(DfkdError, match="holds no search"):
         search(config(toy, tmp_path / "none"), load_teacher(cfg.teacher), resume=True)
     with pytest.raises(DfkdError, match="no trial finished within the constraints"):
