@@ -18,16 +18,20 @@ from dfkd.teacher import Teacher
 
 
 class PairedData(RealData):
-    """Shuffled epochs of (A, B) pairs: the same indices into both modalities (no augmentation, to keep pairs)."""
+    """Shuffled epochs of (A, B) pairs (no augmentation, to keep pairs aligned).
+
+    `data` holds modality B with each image's pair index as its "label", so a rank that keeps a slice of `data`
+    (`dfkd.sources`) still finds each image's partner in `a`.
+    """
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, spec: Any, batch_size: int, device: torch.device) -> None:
-        super().__init__(ImageData(b, torch.zeros(len(b), dtype=torch.long)), spec, batch_size, device, False)
+        super().__init__(ImageData(b, torch.arange(len(b))), spec, batch_size, device, False)
         self.a = a
 
     def pair(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`n` pairs, each side brought to the model input (channels repeated or averaged, resized, normalised)."""
         idx = self.indices(n)
-        return (to_model_input(self.a[idx], self.spec).to(self.device),
+        return (to_model_input(self.a[self.data.y[idx]], self.spec).to(self.device),
                 to_model_input(self.data.x[idx], self.spec).to(self.device))
 
 

@@ -83,6 +83,21 @@ def test_feature_loss_applies_across_modalities(files: dict[str, str]) -> None:
     method.close()
 
 
+def test_pairs_stay_aligned_when_a_rank_keeps_a_slice() -> None:
+    from dfkd.methods.crossmodal import PairedData
+    from dfkd.spec import InputSpec
+
+    spec = InputSpec(1, 8, (0.0,), (1.0,))
+    ids = torch.arange(20, dtype=torch.uint8)
+    a = ids.view(20, 1, 1, 1).expand(20, 1, 8, 8).contiguous()  # pair i: A and B are both the constant i
+    b = ids.view(20, 1, 1, 1).expand(20, 3, 8, 8).contiguous()
+    data = PairedData(a, b, spec, 8, torch.device("cpu"))
+    data.data = type(data.data)(data.data.x[1::2], data.data.y[1::2])  # what dfkd.sources does on rank 1 of 2
+    xa, xb = data.pair(8)
+    pa, pb = (x.mean((1, 2, 3)).mul(255).round() for x in (xa, xb))
+    assert torch.equal(pa, pb) and (pa % 2 == 1).all()
+
+
 def test_refusals(files: dict[str, str], tmp_path: Path) -> None:
     np.savez(tmp_path / "bad.npz", x_teacher=np.zeros((3, 8, 8), np.uint8), x_student=np.zeros((2, 8, 8), np.uint8))
     with pytest.raises(DfkdError, match="pairs need equal"):
