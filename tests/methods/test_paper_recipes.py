@@ -65,6 +65,9 @@ PAPER: dict[str, tuple[dict, dict]] = {
     "kd": ({"T": 4.0, "kd": 0.9, "ce": 0.1, "batch_size": 64, "lr_s": 0.05, "weight_decay": 5e-4,
             "schedule": "multistep", "milestones": [0.625, 0.75, 0.875]},) * 2,
     "transfer": ({"batch_size": 64, "s_optimizer": "adam", "lr_s": 1e-3, "schedule": "cosine", "T": 4.0},) * 2,
+    # Gupta et al. regress features; dfkd's logit KD on the pairs trains like `kd` (mdistiller's recipe).
+    "crossmodal": ({"T": 4.0, "kd": 1.0, "batch_size": 64, "lr_s": 0.05, "weight_decay": 5e-4,
+                    "schedule": "multistep", "milestones": [0.625, 0.75, 0.875]},) * 2,
 }
 
 
