@@ -94,17 +94,7 @@ class Fast(LatentMethod):
         self.progress = progress
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossDict, None]:
-        p = self.p
-        view = self.augment(x)
-        t_logits = self.teacher(view)
-        layers = self.bn.layers()
-        self._last_layers = [(h.detach(), rm, rv) for h, rm, rv in layers]
-        bn = bn_momentum(layers, self.ema, p["bn_mmt"]) if layers else t_logits.new_zeros(())
-        oh = one_hot(t_logits, y)
-        use_adv = p["adv"] and self.progress >= p["warmup"]
-        adv = adv_masked_kl(self.student(view), t_logits) if use_adv else t_logits.new_zeros(())
-        total = p["bn"] * bn + p["oh"] * oh + p["adv"] * adv
-        return {"loss": total, "loss/bn": bn, "loss/oh": oh, "loss/adv": adv}, None
+        return momentum_objective(self, x, y, bool(self.p["adv"]) and self.progress >= self.p["warmup"]), None
 
     def after_synthesis(self) -> None:
         if self._last_layers and self.p["bn_mmt"]:
@@ -123,3 +113,20 @@ class Fast(LatentMethod):
         self.ema = None if ema is None else [(m.to(self.device), v.to(self.device)) for m, v in ema]
         self.reset_done = bool(state.get("reset_done", False))
 
+
+def momentum_objective(method: Any, x: torch.Tensor, y: torch.Tensor, use_adv: bool) -> LossDict:
+    """Fast's synthesis loss, shared with NAYER: bn*BN-momentum + oh*CE + adv*masked adversarial KL.
+
+    The teacher sees the augmented view of `x`; its BN inputs are kept (detached) for the EMA update after the
+    batch. `method` holds `p`, `augment`, `teacher`, `student`, `bn`, `ema` and receives `_last_layers`.
+    """
+    p = method.p
+    view = method.augment(x)
+    t_logits = method.teacher(view)
+    layers = method.bn.layers()
+    method._last_layers = [(h.detach(), rm, rv) for h, rm, rv in layers]
+    bn = bn_momentum(layers, method.ema, p["bn_mmt"]) if layers else t_logits.new_zeros(())
+    oh = one_hot(t_logits, y)
+    adv = adv_masked_kl(method.student(view), t_logits) if use_adv else t_logits.new_zeros(())
+    total = p["bn"] * bn + p["oh"] * oh + p["adv"] * adv
+    return {"loss": total, "loss/bn": bn, "loss/oh": oh, "loss/adv": adv}

@@ -19,10 +19,11 @@ from dfkd.generators.noisy import (
 )
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
-from dfkd.losses import adv_masked_kl, bn_momentum, one_hot, update_bn_ema
+from dfkd.losses import update_bn_ema
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, frozen, step_logs
+from dfkd.methods.fast import momentum_objective
 from dfkd.teacher import Teacher
 
 #: The reference's CIFAR-10 setting (`scripts/nayer_100.sh`, `run/nayer_200.sh`; `datafree_kd.py` defaults).
@@ -164,17 +165,7 @@ class NAYER(Method):
         return 0 if self.warming_up else super().student_steps_per_round
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossDict, None]:
-        p = self.p
-        view = self.augment(x)
-        t_logits = self.teacher(view)
-        layers = self.bn.layers()
-        self._last_layers = [(h.detach(), rm, rv) for h, rm, rv in layers]
-        bn = bn_momentum(layers, self.ema, p["bn_mmt"]) if layers else t_logits.new_zeros(())
-        oh = one_hot(t_logits, y)
-        use_adv = p["adv"] and not self.warming_up
-        adv = adv_masked_kl(self.student(view), t_logits) if use_adv else t_logits.new_zeros(())
-        total = p["bn"] * bn + p["oh"] * oh + p["adv"] * adv
-        return {"loss": total, "loss/bn": bn, "loss/oh": oh, "loss/adv": adv}, None
+        return momentum_objective(self, x, y, bool(self.p["adv"]) and not self.warming_up), None
 
     def synthesize(self) -> dict[str, float]:
         """The round's generator loops (the student frozen and in eval mode, as the reference)."""
