@@ -90,3 +90,18 @@ def transfer_file(sharp_teacher_file: str, tmp_path_factory: pytest.TempPathFact
     out = tmp_path_factory.mktemp("x") / "transfer.npz"
     synthesize(load_teacher(sharp_teacher_file), "zskd", 256, out, params=ZSKD_FAST, seed=0)
     return str(out)
+
+
+def synthesis_losses(method) -> list[float]:  # noqa: ANN001 - a Method with a latent synthesizer (cmi, fast, nayer)
+    """Run one `method.synthesize()` and return the total synthesis loss of every generator step, in order."""
+    seen: list[float] = []
+    objective = method.synth.objective
+
+    def spy(x, y):  # noqa: ANN001, ANN202
+        losses, memo = objective(x, y)
+        seen.append(float(losses["loss"].detach()))
+        return losses, memo
+
+    method.synth.objective = spy
+    method.synthesize()
+    return seen

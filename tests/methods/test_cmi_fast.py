@@ -22,7 +22,7 @@ from dfkd.methods import get_method
 from dfkd.spec import MNIST_SPEC
 from dfkd.students import build_student
 from dfkd.teacher import Teacher
-from tests.conftest import KWARGS, make_teacher_module
+from tests.conftest import KWARGS, make_teacher_module, synthesis_losses
 
 
 def build(name: str, seed: int = 0, sharp: bool = False, **over):
@@ -202,16 +202,7 @@ def test_state_round_trip_through_weights_only_file(name: str, tmp_path) -> None
 
 def test_cmi_synthesis_loss_goes_down_within_a_round() -> None:
     m = build("cmi", g_steps=8)
-    seen: list[float] = []
-    objective = m.synth.objective
-
-    def spy(x, y):
-        losses, memo = objective(x, y)
-        seen.append(float(losses["loss"].detach()))
-        return losses, memo
-
-    m.synth.objective = spy
-    m.synthesize()
+    seen = synthesis_losses(m)
     assert len(seen) == 8 and min(seen[4:]) < seen[0]
 
 

@@ -24,7 +24,7 @@ from dfkd.methods import get_method
 from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC, InputSpec
 from dfkd.students import build_student
 from dfkd.teacher import Teacher
-from tests.conftest import KWARGS, make_teacher_module
+from tests.conftest import KWARGS, make_teacher_module, synthesis_losses
 
 NAYER = get_method("nayer")
 TINY = InputSpec(1, 4, (0.5,), (0.5,))
@@ -333,15 +333,6 @@ def test_student_learns_the_teacher_on_pool_images() -> None:
 
 def test_synthesis_loss_goes_down_within_a_batch() -> None:
     m = build(g_steps=8)
-    seen: list[float] = []
-    objective = m.synth.objective
-
-    def spy(x, y):
-        losses, memo = objective(x, y)
-        seen.append(float(losses["loss"].detach()))
-        return losses, memo
-
-    m.synth.objective = spy
-    m.synthesize()
+    seen = synthesis_losses(m)
     assert len(seen) == 8 and min(seen[4:]) < seen[0]
     m.close()
