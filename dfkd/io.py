@@ -7,10 +7,13 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from dfkd.errors import DfkdError
@@ -91,3 +94,19 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+@contextmanager
+def open_npz(path: Path, flag: str) -> Iterator[Any]:
+    """An .npz opened without pickle; a file numpy cannot read becomes one DfkdError naming `flag` and the file.
+
+    A DfkdError raised inside the block (a missing array, say) passes through unchanged.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            yield d
+    except DfkdError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, AttributeError) as e:
+        raise DfkdError(f"{flag} {path}: not a readable .npz file ({str(e)[:120]}); is it truncated or "
+                        "corrupt?") from None

@@ -15,7 +15,6 @@ labelled image set: modality B is a Sobel edge map (`edges`, via kornia) or the 
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 
 from dfkd.data import ImageData, load_images
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_save_npz
+from dfkd.io import atomic_save_npz, open_npz
 
 KINDS = ("edges", "gray")
 
@@ -47,14 +46,11 @@ def load_paired(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise DfkdError(f"--data {p}: no such file; crossmodal needs an .npz with x_teacher and x_student")
-    try:
-        with np.load(p, allow_pickle=False) as d:
-            if "x_teacher" not in d or "x_student" not in d:
-                raise DfkdError(f"--data {p}: a paired file needs arrays 'x_teacher' (modality A) and 'x_student' "
-                                f"(modality B); it has {sorted(d.files)} (make one with bench/make_paired.py)")
-            a, b = _as_nchw(d["x_teacher"], "x_teacher", p), _as_nchw(d["x_student"], "x_student", p)
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, AttributeError) as e:
-        raise DfkdError(f"--data {p}: not a readable .npz file ({str(e)[:120]})") from None
+    with open_npz(p, "--data") as d:
+        if "x_teacher" not in d or "x_student" not in d:
+            raise DfkdError(f"--data {p}: a paired file needs arrays 'x_teacher' (modality A) and 'x_student' "
+                            f"(modality B); it has {sorted(d.files)} (make one with bench/make_paired.py)")
+        a, b = _as_nchw(d["x_teacher"], "x_teacher", p), _as_nchw(d["x_student"], "x_student", p)
     if len(a) != len(b) or len(a) == 0:
         raise DfkdError(f"--data {p}: x_teacher has {len(a)} images and x_student {len(b)}; pairs need equal, "
                         "non-zero counts")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from torch import Tensor
 
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_save_npz
+from dfkd.io import atomic_save_npz, open_npz
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
 from dfkd.transfer_parts import memmap_member
@@ -110,22 +109,17 @@ def meta_arrays(spec: InputSpec, num_classes: int, method: str, teacher_sha256: 
 def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
     if not p.is_file():
         raise DfkdError(f"{flag} {p}: no such file")
-    try:
-        with np.load(p, allow_pickle=False) as d:
-            if "format" not in d.files or str(d["format"]) != FORMAT:
-                raise DfkdError(f"{flag} {p}: not a dfkd transfer file (write one with `dfkd synthesize`); it holds "
-                                f"arrays {sorted(d.files)}")
-            missing = [k for k in _KEYS if k not in d.files]
-            if missing:
-                raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
-            out = {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files and k != "x"}
-            x = memmap_member(p, "x")  # a stored (uncompressed) member is mapped, not read: files beyond RAM load
-            out["x"] = d["x"] if x is None else x
-            return out
-    except DfkdError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError) as e:
-        raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]}); is it truncated or corrupt?") from None
+    with open_npz(p, flag) as d:
+        if "format" not in d.files or str(d["format"]) != FORMAT:
+            raise DfkdError(f"{flag} {p}: not a dfkd transfer file (write one with `dfkd synthesize`); it holds "
+                            f"arrays {sorted(d.files)}")
+        missing = [k for k in _KEYS if k not in d.files]
+        if missing:
+            raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
+        out = {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files and k != "x"}
+        x = memmap_member(p, "x")  # a stored (uncompressed) member is mapped, not read: files beyond RAM load
+        out["x"] = d["x"] if x is None else x
+        return out
 
 
 def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> TransferData:
