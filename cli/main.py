@@ -168,6 +168,9 @@ def _method_names() -> list[str]:
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Budget in student steps.")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Budget in wall-clock minutes (default {10:g} when --steps is not given).")
+@click.option("--budget-clock", type=click.Choice(["wall", "cpu"]), default=None,
+              help="What --budget-minutes counts: wall-clock time, or the CPU time of this process (all its "
+              "threads), which a shared machine does not shrink.  [default: wall]")
 @click.option("--eval-data", default=None, help="Real test data, for reporting only (never used to train).")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps.")
 @click.option("--fid-ref", default=None, help="Reference FID statistics (.npz from `dfkd fid-stats`).")

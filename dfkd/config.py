@@ -38,6 +38,7 @@ class DistillConfig:
     student_args: dict[str, Any] = field(default_factory=dict)  # --student-arg KEY=VALUE
     steps: int | None = None
     budget_minutes: float | None = None
+    budget_clock: str = "wall"  # "cpu": --budget-minutes counts this process's CPU time (fair on a shared machine)
     eval_data: str | None = None
     eval_every: int = 500
     log_every: int = 10

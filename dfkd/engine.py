@@ -226,6 +226,7 @@ class Run:
                 "fid": self.step // max(cfg.fid_every, 1)}
         window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
         metrics: dict[str, float] = {}
+        clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         with _graceful_sigint(self.dist.enabled) as sig, bar:  # the bar ends its line before any error is printed
@@ -234,13 +235,14 @@ class Run:
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
                 self.method.time_budget = self.budget_seconds()
                 n = self.method.student_steps_per_round
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), clock()
                 with self.precision.autocast():
                     self.losses.add(self.method.round())
                 self.precision.after_round(self.method)
                 self.dist.sync_buffers(self.method)
-                dt, sig["stop"], _ = self.dist.agree(time.perf_counter() - t0, sig["stop"], False)
-                self.elapsed += dt
+                used, sig["stop"], _ = self.dist.agree(clock() - c0, sig["stop"], False)
+                dt = time.perf_counter() - t0
+                self.elapsed += used
                 self.step += n
                 window["t"] += dt
                 window["steps"] += n

@@ -102,6 +102,7 @@ FIELDS: dict[str, Rule] = {
     "std": Rule("list", items=Rule("number", lo=0, lo_open=True), none_ok=True),
     "student": _STR, "steps": Rule("int", lo=1, none_ok=True),
     "budget_minutes": Rule("number", lo=0, lo_open=True, none_ok=True), "eval_data": _STR,
+    "budget_clock": Rule("str", choices=("wall", "cpu")),
     "eval_every": _POS, "log_every": _POS, "image_every": _POS, "ckpt_every": _POS, "fid_ref": _STR,
     "fid_every": Rule("int", lo=0), "fid_samples": Rule("int", lo=2), "transfer_data": _STR, "data": _STR,
     "seed": Rule("int", lo=0, hi=MAX_SEED), "device": Rule("str"), "out": _STR, "runs_dir": Rule("str"),

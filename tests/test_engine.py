@@ -181,6 +181,29 @@ def test_time_budget_stops_the_run(teacher_file: str, tmp_path: Path, monkeypatc
     assert ckpt["elapsed"] == pytest.approx(3.0) and ckpt["finished"]
 
 
+class SplitClock(FakeClock):
+    """Rounds take 1 s of wall time but 3 s of process CPU time (three busy threads)."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.cpu = 0.0
+
+    def process_time(self) -> float:
+        self.cpu += 3.0
+        return self.cpu
+
+
+@pytest.mark.parametrize(("clock", "rounds"), [("wall", 6), ("cpu", 2)])
+def test_budget_clock_chooses_what_the_minutes_count(teacher_file: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch, clock: str,
+                                                     rounds: int) -> None:
+    import dfkd.engine
+
+    monkeypatch.setattr(dfkd.engine, "time", SplitClock())
+    result = distill(cfg_for(teacher_file, tmp_path / "r", steps=None, budget_minutes=0.1, budget_clock=clock))
+    assert result.finished and result.step == rounds * 2, f"6 s of budget on the {clock} clock"
+
+
 def test_default_budget_is_ten_minutes(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dfkd.engine
 
