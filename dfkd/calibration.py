@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from dfkd.errors import DfkdError
+from dfkd.io import open_npz
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
 
@@ -34,7 +34,7 @@ def file_pixels(path: Path, num: int, seed: int = 0) -> torch.Tensor:
     from dfkd.data import load_images
     from dfkd.transfer import load_transfer
 
-    with np.load(path, allow_pickle=False) as d:
+    with open_npz(path, "--calibration") as d:
         is_transfer = "probs" in d.files
     x = load_transfer(path, "--calibration").x if is_transfer else load_images(path, "--calibration").x
     if len(x) > num:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
+from dfkd.io import open_npz
 from dfkd.spec import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -43,21 +43,12 @@ def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
 
 
 def _load_npz(p: Path, flag: str) -> ImageData:
-    try:
-        loaded = np.load(p, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a .npy: one bare array, no labels
-            raise DfkdError(f"{flag} {p}: holds a single array (.npy), not an .npz with arrays 'x' (images) and 'y' "
-                            "(labels); write it with np.savez(path, x=images, y=labels)")
-        with loaded as d:
-            if "x" not in d or "y" not in d:
-                raise DfkdError(f"{flag} {p}: an .npz needs arrays 'x' (images) and 'y' (labels); it has "
-                                f"{sorted(d.files)}")
-            x, y = d["x"], d["y"]
-    except DfkdError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]}); "
-                        "is it truncated or corrupt?") from None
+    with open_npz(p, flag, "arrays 'x' (images) and 'y' (labels); write it with "
+                  "np.savez(path, x=images, y=labels)") as d:
+        if "x" not in d or "y" not in d:
+            raise DfkdError(f"{flag} {p}: an .npz needs arrays 'x' (images) and 'y' (labels); it has "
+                            f"{sorted(d.files)}")
+        x, y = d["x"], d["y"]
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.io import _atomic_write
+from dfkd.io import _atomic_write, open_npz
 from dfkd.losses.bn import batch_stats
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
@@ -56,17 +56,12 @@ class FIDStats:
         p = Path(path)
         if not p.is_file():
             raise DfkdError(f"{flag} {p}: no such file; make one with `dfkd fid-stats DATA {p.name} --features ...`")
-        try:
-            with np.load(p, allow_pickle=False) as d:
-                if "mu" not in d or "sigma" not in d:
-                    raise DfkdError(f"{flag} {p}: FID statistics need arrays 'mu' and 'sigma'; it has "
-                                    f"{sorted(d.files)}")
-                kind = str(d["features"]) if "features" in d else "inception"
-                stats = cls(d["mu"].astype(np.float64), np.atleast_2d(d["sigma"]).astype(np.float64), kind)
-        except DfkdError:
-            raise
-        except Exception as e:  # noqa: BLE001 - numpy raises many kinds for a bad file
-            raise DfkdError(f"{flag} {p}: not a readable .npz file ({str(e)[:120]})") from None
+        with open_npz(p, flag, "arrays 'mu' and 'sigma' (make one with `dfkd fid-stats`)") as d:
+            if "mu" not in d or "sigma" not in d:
+                raise DfkdError(f"{flag} {p}: FID statistics need arrays 'mu' and 'sigma'; it has "
+                                f"{sorted(d.files)}")
+            kind = str(d["features"]) if "features" in d else "inception"
+            stats = cls(d["mu"].astype(np.float64), np.atleast_2d(d["sigma"]).astype(np.float64), kind)
         if kind not in FEATURE_KINDS or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
             raise DfkdError(f"{flag} {p}: features {kind!r}, mu {stats.mu.shape}, sigma {stats.sigma.shape}: not "
                             f"FID statistics dfkd understands (features one of {FEATURE_KINDS}, sigma D x D)")

@@ -97,13 +97,18 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 @contextmanager
-def open_npz(path: Path, flag: str) -> Iterator[Any]:
+def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any]:
     """An .npz opened without pickle; a file numpy cannot read becomes one DfkdError naming `flag` and the file.
 
-    A DfkdError raised inside the block (a missing array, say) passes through unchanged.
+    Errors while the block reads an array (a truncated member) are caught too; a DfkdError raised inside the
+    block (a missing array, say) passes through unchanged. `holds` says what the file should hold, for the
+    message about a bare .npy array.
     """
     try:
-        with np.load(path, allow_pickle=False) as d:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DfkdError(f"{flag} {path}: holds a single array (.npy), not an .npz with {holds}")
+        with loaded as d:
             yield d
     except DfkdError:
         raise

@@ -172,3 +172,18 @@ def test_check_fits_refuses_negative_labels_and_empty_data():
         check_fits(_data([-1, 0]), 10, GREY, "--data", "d.npz")
     with pytest.raises(DfkdError, match="holds no images"):
         check_fits(_data([]), 10, GREY, "--data", "d.npz")
+
+
+@pytest.mark.parametrize("kind", ["random", "truncated", "pickled", "npy"])
+def test_every_npz_reader_says_one_line_for_a_bad_file(tmp_path, kind):
+    """Reference FID statistics and calibration files go through the same reader as image data."""
+    from dfkd.calibration import file_pixels
+    from dfkd.fid import FIDStats
+
+    test_corrupt_npz(tmp_path, kind, ".")  # writes bad.npz (and checks load_images)
+    path = tmp_path / "bad.npz"
+    for read in (lambda: FIDStats.load(path), lambda: file_pixels(path, 4)):
+        with pytest.raises(DfkdError) as e:
+            read()
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        assert ("single array" in str(e.value)) == (kind == "npy")
