@@ -287,6 +287,9 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
 @click.option("--steps", type=click.IntRange(min=0), default=None, help="Student steps of training before images "
               "are collected (generator methods dafl/dfad/zskt/dfq: default 2000, then the generator is sampled; "
               "other methods: default 0, then each round's finished batch is kept).")
+@click.option("--views", type=click.IntRange(min=1), default=None, help="Images stored per image the method makes:"
+              " it and augmented views, each labelled by the teacher.  [default: 4 for fast, cmi and zskd (their "
+              "students see augmented views in place), else 1]")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="Method hyper-parameter override.")
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)

@@ -1,16 +1,20 @@
 """The owner's side of the privacy split: `dfkd synthesize` makes a transfer file next to the teacher.
 
 Generator methods (a persistent generator, `GeneratorSynthesizer`: dafl, dfad, zskt, dfq) train for `steps`
-student steps (default `GENERATOR_STEPS`), then their generator is sampled. Every other method (inversion, zskd,
-cmi, fast) runs `steps` student steps first (default 0), then rounds, collecting each round's finished batch
-(`method.last_images`); the student those rounds train is discarded. Images go to disk in parts of at least
-`PART_IMAGES` with the method's state after each (`dfkd.transfer_parts`): a second run with the same flags
-resumes, and the file is assembled without holding every image in memory.
+student steps (default `GENERATOR_STEPS`), then their generator is sampled, class-balanced (`Balance`: each
+class of the teacher's argmax gets `num / K` images). Every other method (inversion, zskd, cmi, fast) runs `steps`
+student steps first (default 0), then rounds, collecting each round's finished batch (`method.last_images`; the
+inversion methods already aim each batch at balanced classes); the student those rounds train is discarded. A
+method whose student sees augmented views in place (fast and cmi crop, zskd its `augment`) stores each image with
+`VIEWS - 1` augmented views, every view labelled by the teacher on its own pixels (`with_views`). Images go to
+disk in parts of at least `PART_IMAGES` with the method's state after each (`dfkd.transfer_parts`): a second run
+with the same flags resumes, and the file is assembled without holding every image in memory.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +35,10 @@ GENERATOR_STEPS = 2000
 PER_CLASS, MAX_DEFAULT_NUM = 1000, 50_000
 #: Images a part file holds at least (the method's state is saved after each part).
 PART_IMAGES = 2048
+#: Views stored of each image made by a method whose student sees augmented views in place (`default_views`).
+VIEWS = 4
+#: A generator method's samples are class-balanced; after this many times `num` samples the rest is unbalanced.
+BALANCE_DRAWS = 20
 
 
 def default_num(num_classes: int) -> int:
@@ -53,35 +61,91 @@ def _train(method: Any, steps: int, progress: bool) -> None:
 
 
 def _batches(method: Any, generator: bool) -> Iterator[Tensor]:
-    """Endless uint8 batches: generator samples, or each round's finished batch."""
-    spec, size = method.teacher.spec, int(method.p["batch_size"])
+    """Endless batches of normalised images: generator samples, or each round's finished batch."""
+    size = int(method.p["batch_size"])
     while True:
         if generator:
             with torch.no_grad():
-                yield to_pixels(method.synth.sample(size), spec)
+                yield method.synth.sample(size).detach()
             continue
         method.round()
         if method.last_images is None:
             raise DfkdError(f"method {method.name} produced no images in a round; it cannot synthesize transfer data")
-        yield to_pixels(method.last_images, spec)
+        yield method.last_images.detach()
 
 
-def _parts(method: Any, generator: bool, left: int) -> Iterator[Tensor]:
-    """Parts of at least PART_IMAGES images (the last one smaller) until `left` images are made."""
-    batches = _batches(method, generator)
-    while left > 0:
-        got: list[Tensor] = []
-        while sum(map(len, got)) < min(PART_IMAGES, left):
-            got.append(next(batches))
-        part = torch.cat(got)[:left]
-        left -= len(part)
-        yield part
+def default_views(recipe: dict[str, Any]) -> int:
+    """Views stored of each image a method makes: `VIEWS` if its student sees augmented views in place, else 1."""
+    return VIEWS if recipe.get("method_augment", "none") != "none" else 1
+
+
+def with_views(x: Tensor, views: int, recipe: dict[str, Any], spec: Any) -> Tensor:
+    """`x` (normalised) followed by `views - 1` augmented copies, each drawn with the method's student augmentation.
+
+    In place such a method's teacher labels every augmented view its student sees; from a file the labels are
+    fixed, so the owner stores views (each labelled by the teacher on its own pixels) instead of the receiver
+    cropping images under labels that describe the uncropped ones.
+    """
+    if views <= 1:
+        return x
+    from dfkd.augment import make_augment
+
+    aug = make_augment(recipe["method_augment"], spec.size, flip_p=float(recipe.get("flip_p", 0.0))).to(x.device)
+    with torch.no_grad():
+        return torch.cat([x, *(aug(x) for _ in range(views - 1))])
+
+
+class Balance:
+    """Class quotas for the images of a generator method: `num` split evenly over the classes of the teacher's argmax.
+
+    A generator is sampled unconditionally, so its classes come out as the generator happens to favour them. Each
+    sampled image is kept only while its class (the teacher's top-1 on its pixels) is under quota. If the generator
+    makes some class too rarely to fill it within `BALANCE_DRAWS` x `num` samples, the rest is filled with whatever
+    comes (a warning names the short classes) rather than sampling forever.
+
+    Args:
+        num: images to make in all.
+        num_classes: the teacher's classes.
+        state: `state_dict()` of an interrupted run (counts and draws so far), or None.
+    """
+
+    def __init__(self, num: int, num_classes: int, state: dict[str, Any] | None = None) -> None:
+        base, extra = divmod(num, num_classes)
+        self.quota = torch.tensor([base + (k < extra) for k in range(num_classes)])
+        self.counts = torch.zeros(num_classes, dtype=torch.long)
+        self.drawn, self.limit, self.warned = 0, BALANCE_DRAWS * num, False
+        if state:
+            self.counts, self.drawn = torch.as_tensor(state["counts"]).clone(), int(state["drawn"])
+
+    def keep(self, probs: Tensor) -> Tensor:
+        """Indices of the rows of `probs` (a sampled batch's labels) to keep; counts them."""
+        self.drawn += len(probs)
+        over = self.drawn > self.limit
+        if over:
+            self._warn()
+        keep = []
+        for i, c in enumerate(probs.argmax(1).tolist()):
+            if over or self.counts[c] < self.quota[c]:
+                self.counts[c] += 1
+                keep.append(i)
+        return torch.tensor(keep, dtype=torch.long)
+
+    def _warn(self) -> None:
+        if not self.warned:
+            short = [k for k in range(len(self.quota)) if self.counts[k] < self.quota[k]]
+            warnings.warn(f"the generator made classes {short} too rarely to balance them within {self.limit} "
+                          "samples; the rest of the file is filled unbalanced", stacklevel=3)
+            self.warned = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts.clone(), "drawn": self.drawn}
 
 
 def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.PathLike,
                params: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
                student: str | None = None, steps: int | None = None, progress: bool = False,
-               labels: LabelSpec | None = None, eval_data: str | None = None) -> TransferData:
+               labels: LabelSpec | None = None, eval_data: str | None = None,
+               views: int | None = None) -> TransferData:
     """Make `num` synthetic transfer images with a registered method and write them, with the teacher's labels.
 
     See the module docstring for how each kind of method makes images and how a run resumes. The file records its
@@ -100,6 +164,8 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         progress: show progress bars (steps, then images, each with its ETA).
         labels: what of the teacher's output to store (`dfkd.labels`; default the full softmax).
         eval_data: real test data to measure the teacher's top-1 on, for the provenance (else the model file's).
+        views: images stored per image the method makes: it and `views - 1` augmented views, each labelled by the
+            teacher (None: `default_views`, 4 for a method whose student sees augmented views in place, else 1).
 
     Returns:
         The written data, as `load_transfer` reads it back.
@@ -122,9 +188,15 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     m, p, name = built.method, built.method.p, built.student_name
     generator = isinstance(m.synth, GeneratorSynthesizer)
     trained = GENERATOR_STEPS if steps is None and generator else steps or 0
+    recipe = student_recipe(m)
+    views = default_views(recipe) if views is None else views
+    if views < 1:
+        m.close()
+        raise DfkdError(f"--views {views}: give 1 (the images alone) or more (each image and its augmented views)")
     try:
         parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
-                            "steps": trained, "student": name, "labels": labels.text(), "params": plain_params(p)})
+                            "steps": trained, "student": name, "labels": labels.text(), "params": plain_params(p),
+                            "views": views})
         m.attach_storage(parts.folder)
         state, done = parts.state(), parts.done()
         if state is None:
@@ -132,27 +204,41 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         else:
             m.load_state_dict(state["method"])
             set_rng_state(state["rng"])
-        _collect(m, generator, parts, num, done, progress, teacher, labels, device)
-        recipe = student_recipe(m)
+        _collect(m, generator, parts, num, done, progress, teacher, labels, device, views, recipe)
     finally:
         m.close()
     record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
                         top1_on=top1_on)
+    record.update(views=views, class_balanced=generator)
     parts.assemble(meta_arrays(teacher.spec, teacher.num_classes, method, teacher.sha256, record, recipe), num)
     return load_transfer(out, "--out")
 
 
 def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progress: bool, teacher: Teacher,
-             labels: LabelSpec, device: torch.device) -> None:
+             labels: LabelSpec, device: torch.device, views: int, recipe: dict[str, Any]) -> None:
     """Make the images still missing, part by part, each with its labels and the state after it."""
     from tqdm import tqdm
 
     from dfkd.checkpoint import rng_state
 
+    state = parts.state() or {}
+    balance = Balance(num, teacher.num_classes, state.get("balance")) if generator else None
+    batches, left = _batches(m, generator), num - done
     with tqdm(total=num, initial=done, desc=f"synthesize {m.name}", unit="img", disable=not progress) as bar:
-        for x in _parts(m, generator, num - done):
-            probs = minimise(teacher_probs(teacher, x, device, int(m.p["batch_size"])), labels)
-            parts.add(x, probs, {"method": m.state_dict(), "rng": rng_state()})
+        while left > 0:
+            xs, ps = [], []
+            while sum(map(len, xs)) < min(PART_IMAGES, left):
+                x = to_pixels(with_views(next(batches), views, recipe, teacher.spec), teacher.spec)
+                probs = teacher_probs(teacher, x, device, int(m.p["batch_size"]))
+                if balance is not None:
+                    keep = balance.keep(probs)
+                    x, probs = x[keep], probs[keep]
+                xs.append(x)
+                ps.append(probs)
+            x, probs = torch.cat(xs)[:left], minimise(torch.cat(ps)[:left], labels)
+            extra = {"balance": balance.state_dict()} if balance is not None else {}
+            parts.add(x, probs, {"method": m.state_dict(), "rng": rng_state(), **extra})
+            left -= len(x)
             bar.update(len(x))
 
 

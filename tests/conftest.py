@@ -83,12 +83,12 @@ def sharp_teacher_file(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def transfer_file(sharp_teacher_file: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A small zskd transfer file made from `sharp_teacher_file`."""
+    """A small zskd transfer file made from `sharp_teacher_file` (256 impressions, no stored crop views)."""
     from dfkd.teacher import load_teacher
     from dfkd.transfer import synthesize
 
     out = tmp_path_factory.mktemp("x") / "transfer.npz"
-    synthesize(load_teacher(sharp_teacher_file), "zskd", 256, out, params=ZSKD_FAST, seed=0)
+    synthesize(load_teacher(sharp_teacher_file), "zskd", 256, out, params=ZSKD_FAST, seed=0, views=1)
     return str(out)
 
 

@@ -57,9 +57,9 @@ def test_bad_label_specs_are_clear_errors(text: str, decimals: int | None, match
 
 def test_synthesize_stores_minimised_labels(sharp_teacher_file: str, transfer_file: str, tmp_path: Path) -> None:
     t = load_teacher(sharp_teacher_file)
-    hard = synthesize(t, "zskd", 64, tmp_path / "h.npz", params=ZSKD_FAST, labels=parse_labels("hard"))
+    hard = synthesize(t, "zskd", 64, tmp_path / "h.npz", params=ZSKD_FAST, labels=parse_labels("hard"), views=1)
     assert set(hard.probs.unique().tolist()) == {0.0, 1.0}
-    top2 = synthesize(t, "zskd", 64, tmp_path / "k.npz", params=ZSKD_FAST, labels=parse_labels("topk=2", 2))
+    top2 = synthesize(t, "zskd", 64, tmp_path / "k.npz", params=ZSKD_FAST, labels=parse_labels("topk=2", 2), views=1)
     assert ((top2.probs > 0).sum(1) <= 2).all()
     assert torch.allclose(top2.probs * 100, (top2.probs * 100).round(), atol=1e-3)
     assert top2.provenance["labels"] == "topk=2, 2 decimals"
@@ -170,7 +170,7 @@ def test_interrupted_synthesis_resumes_to_the_same_file(method: str, params: dic
     monkeypatch.setattr(synthesis, "PART_IMAGES", 16)
     t = load_teacher(sharp_teacher_file)
     steps = 2 if method == "dfad" else None
-    full = synthesize(t, method, 72, tmp_path / "full.npz", params=params, steps=steps)
+    full = synthesize(t, method, 72, tmp_path / "full.npz", params=params, steps=steps, views=1)
     original, calls = Parts.add, {"n": 0}
 
     def dying_add(self, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -182,12 +182,12 @@ def test_interrupted_synthesis_resumes_to_the_same_file(method: str, params: dic
     out = tmp_path / "cut.npz"
     monkeypatch.setattr(Parts, "add", dying_add)
     with pytest.raises(KeyboardInterrupt):
-        synthesize(t, method, 72, out, params=params, steps=steps)
+        synthesize(t, method, 72, out, params=params, steps=steps, views=1)
     monkeypatch.setattr(Parts, "add", original)
     assert not out.exists() and len(list((tmp_path / "cut.npz.parts").glob("part-*.npz"))) == 2
     with pytest.raises(DfkdError, match="other settings \\(num\\)"):
-        synthesize(t, method, 80, out, params=params, steps=steps)
-    resumed = synthesize(t, method, 72, out, params=params, steps=steps)
+        synthesize(t, method, 80, out, params=params, steps=steps, views=1)
+    resumed = synthesize(t, method, 72, out, params=params, steps=steps, views=1)
     assert torch.equal(resumed.x, full.x) and torch.equal(resumed.probs, full.probs)
     assert not (tmp_path / "cut.npz.parts").exists()
 
