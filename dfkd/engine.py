@@ -136,6 +136,9 @@ class Run:
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = built.recipe_lines
         self._share(run_dir)
+        if cfg.steps is None and cfg.budget_minutes is None and (auto := self.source.default_steps(self.method)):
+            self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
+            self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
         self.precision = Precision(resolve_precision(cfg.precision, self.device, dist.world), self.device, cfg.compile)

@@ -94,6 +94,14 @@ class Source:
         """The method settings of the run: the user's, plus what this source feeds the method (its file)."""
         return dict(self.cfg.params)
 
+    def default_steps(self, method: Any) -> tuple[int, str] | None:
+        """Student steps for a run given neither --steps nor --budget-minutes, and the line that says why.
+
+        None (the default): the usual wall-clock budget applies.
+        """
+        del method
+        return None
+
     # --- several ranks ----------------------------------------------------------------------------------------
     def local_params(self, params: dict[str, Any], world: int) -> dict[str, Any]:
         """The method settings one of `world` ranks builds its method with: its share of every batch size."""
@@ -149,6 +157,15 @@ class TransferFile(Source):
 
     def overrides(self) -> dict[str, Any]:
         return {**super().overrides(), "transfer_data": self.cfg.transfer_data}
+
+    def default_steps(self, method: Any) -> tuple[int, str] | None:
+        """Epochs over the file (this rank's slice) at the method's minibatch: `methods.transfer.steps_for_file`."""
+        from dfkd.methods.transfer import EPOCHS, MAX_STEPS, MIN_STEPS, steps_for_file
+
+        n, batch = len(method.data), int(method.p["batch_size"])
+        steps = steps_for_file(n, batch)
+        return steps, (f"steps: {steps} ({EPOCHS} epochs over the {n} images of {self.cfg.transfer_data} at batch "
+                       f"{batch}, within [{MIN_STEPS}, {MAX_STEPS}]; --steps or --budget-minutes sets another)")
 
     def shard(self, method: Any, rank: int, world: int) -> None:
         """Each rank trains on its own slice of the file, in its own shuffled order."""
