@@ -56,9 +56,16 @@ def _provenance_lines(prov: dict, sha: str) -> list[str]:
     acc = f", top-1 {100 * top1:.2f}% ({t.get('top1_on')})" if isinstance(top1, (int, float)) else ", top-1 unknown"
     return [f"teacher:  {t.get('file', '?')} sha256 {sha[:16]}...{acc}",
             f"made by:  method {prov.get('method')}, {prov.get('steps')} training steps, seed {prov.get('seed')}, "
-            f"labels {prov.get('labels')}",
+            f"labels {prov.get('labels')}" + _sampling(prov),
             f"dfkd:     version {prov.get('dfkd_version')}, {prov.get('date')}",
             "settings: " + ", ".join(f"{k}={v}" for k, v in sorted((prov.get("settings") or {}).items()))]
+
+
+def _sampling(prov: dict) -> str:
+    """How the images were drawn (files before views and class balance say nothing)."""
+    views = prov.get("views")
+    out = f", {views} views an image" if isinstance(views, int) and views > 1 else ""
+    return out + (", class-balanced" if prov.get("class_balanced") else "")
 
 
 def class_counts(data: TransferData) -> list[int]:

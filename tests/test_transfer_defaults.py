@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from torch import nn
 
 import dfkd.methods.transfer as transfer_method
 from dfkd.build import build_method
+from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
@@ -44,6 +46,8 @@ def test_generator_samples_are_class_balanced(linear_teacher: Teacher, tmp_path:
     counts = torch.bincount(data.probs.argmax(1), minlength=10).tolist()
     assert sorted(counts) == [10] * 7 + [11] * 3 and counts[:3] == [11] * 3, counts
     assert data.provenance["class_balanced"] is True and data.provenance["views"] == 1
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "b.npz")])
+    assert res.exit_code == 0 and "class-balanced" in res.output and "views an image" not in res.output
 
 
 def test_balance_keeps_quotas_resumes_and_gives_up_after_its_limit() -> None:
@@ -81,6 +85,8 @@ def test_latent_method_stores_views_each_labelled_by_the_teacher(sharp_teacher_f
     originals, views = data.x[:8], data.x[8:32].view(3, 8, *data.x.shape[1:])
     assert all(_is_crop_of(views[k, i], originals[i]) for k in range(3) for i in range(8))
     assert sum(torch.equal(views[k, i], originals[i]) for k in range(3) for i in range(8)) < 12  # mostly moved
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "v.npz")])
+    assert res.exit_code == 0 and "4 views an image" in res.output, res.output
     with torch.no_grad():  # every view carries the teacher's label of its own pixels, not its original's
         expected = torch.softmax(t(from_pixels(data.x, data.spec)), 1)
     assert torch.allclose(data.probs, expected, atol=1e-5)
