@@ -21,7 +21,7 @@ from dfkd.methods import get_method
 from dfkd.spec import MNIST_SPEC
 from dfkd.synthesis import Balance
 from dfkd.teacher import Teacher, load_teacher
-from dfkd.transfer import from_pixels, synthesize
+from dfkd.transfer import from_pixels, load_transfer, synthesize
 
 
 @pytest.fixture
@@ -94,6 +94,13 @@ def test_latent_method_stores_views_each_labelled_by_the_teacher(sharp_teacher_f
     assert plain.provenance["views"] == 1 and torch.equal(plain.x, originals)  # the same seed, the same batch
     with pytest.raises(DfkdError, match="--views 0"):
         synthesize(t, "fast", 8, tmp_path / "z.npz", params=get_method("fast").quick, views=0)
+    quick = [a for k, v in get_method("fast").quick.items() for a in ("-p", f"{k}={v}")]
+    args = ["synthesize", "--teacher", sharp_teacher_file, "--method", "fast", "--num", "8", *quick, "--device", "cpu"]
+    res = CliRunner().invoke(main, [*args, "--views", "2", "--out", str(tmp_path / "c.npz")])
+    assert res.exit_code == 0, res.output
+    assert load_transfer(tmp_path / "c.npz").provenance["views"] == 2
+    res = CliRunner().invoke(main, [*args, "--views", "0", "--out", str(tmp_path / "d.npz")])
+    assert res.exit_code == 2 and "--views" in res.output and not (tmp_path / "d.npz").exists()
 
 
 # --- the receiver's schedule ----------------------------------------------------------------------------------------
