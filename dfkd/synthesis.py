@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +60,21 @@ def _train(method: Any, steps: int, progress: bool) -> None:
             bar.update(n)
 
 
-def _batches(method: Any, generator: bool) -> Iterator[Tensor]:
-    """Endless batches of normalised images: generator samples, or each round's finished batch."""
+def _batches(method: Any, generator: bool, made: Callable[[], float]) -> Iterator[Tensor]:
+    """Endless batches of normalised images: generator samples, or each round's finished batch.
+
+    The rounds are the method's run: before each, its progress is `made()`, the fraction of the images made so
+    far, so whatever the method schedules over a run (the student's learning rate, Fast's adversarial term after
+    its warm-up and its generator reset) happens at the same point of the file as it would in place.
+    """
     size = int(method.p["batch_size"])
+    method.steps_left = None  # the rounds' student steps are the method's own, not what is left of `steps`
     while True:
         if generator:
             with torch.no_grad():
                 yield method.synth.sample(size).detach()
             continue
+        method.set_progress(made())
         method.round()
         if method.last_images is None:
             raise DfkdError(f"method {method.name} produced no images in a round; it cannot synthesize transfer data")
@@ -223,7 +230,9 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
 
     state = parts.state() or {}
     balance = Balance(num, teacher.num_classes, state.get("balance")) if generator else None
-    batches, left = _batches(m, generator), num - done
+    left = num - done
+    xs: list[Tensor] = []
+    batches = _batches(m, generator, lambda: (num - left + sum(map(len, xs))) / num)
     with tqdm(total=num, initial=done, desc=f"synthesize {m.name}", unit="img", disable=not progress) as bar:
         while left > 0:
             xs, ps = [], []

@@ -127,3 +127,21 @@ def test_run_from_a_file_without_steps_trains_epochs_of_it(transfer_file: str, t
     timed = distill(DistillConfig(method="transfer", transfer_data=transfer_file, student="lenet5_half",
                                   budget_minutes=0.002, fid_every=0, out=str(tmp_path / "timed")))
     assert json.loads((tmp_path / "timed" / "config.json").read_text())["steps"] is None and timed.step > 0
+
+
+def test_rounds_run_the_methods_schedule_over_the_file(sharp_teacher_file: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Fast's adversarial term starts after its warm-up fraction of the run: collecting a file is that run.
+    seen: list[tuple[float, bool]] = []
+    fast = get_method("fast")
+    original = fast.objective
+
+    def spy(self, x, y):  # noqa: ANN001, ANN202
+        seen.append((self.progress, self.progress >= self.p["warmup"]))
+        return original(self, x, y)
+
+    monkeypatch.setattr(fast, "objective", spy)
+    synthesize(load_teacher(sharp_teacher_file), "fast", 128, tmp_path / "s.npz", params=fast.quick)
+    progress = sorted({round(p, 4) for p, _ in seen})
+    assert progress == [0.0, 0.25, 0.5, 0.75]  # 4 rounds of 8 images x 4 views
+    assert any(adv for _, adv in seen) and not all(adv for _, adv in seen)
