@@ -38,7 +38,7 @@ PART_IMAGES = 2048
 #: Views stored of each image made by a method whose student sees augmented views in place (`default_views`).
 VIEWS = 4
 #: A generator method's samples are class-balanced; after this many times `num` samples the rest is unbalanced.
-BALANCE_DRAWS = 20
+BALANCE_DRAWS = 5
 
 
 def default_num(num_classes: int) -> int:
