@@ -60,7 +60,8 @@ class Transfer(Method):
     Hinton et al., "Distilling the Knowledge in a Neural Network", 2015. Objective: T^2 * KL(softmax(t/T) ||
     softmax(s/T)) over minibatches of the file's images, where t are the logits of the stored teacher
     probabilities (log p) or, when the run has a teacher, the teacher's logits recomputed on the images. The engine
-    sets `transfer_data` from `--transfer-data`. Epochs are shuffled passes over the file.
+    sets `transfer_data` from `--transfer-data`. Epochs are shuffled passes over the file; a run given neither
+    --steps nor --budget-minutes trains `steps_for_file` steps (`EPOCHS` epochs, bounded).
 
     A file from `dfkd synthesize` carries its method's student recipe (optimizer, learning rate, minibatch, T,
     schedule, and the augmentation that method shows its student in place). A run from the file alone takes it as
