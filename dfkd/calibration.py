@@ -5,6 +5,14 @@
     alone through `dfkd.transfer.synthesize`, exactly as `dfkd synthesize` makes them;
   - a `.npz`: a `dfkd synthesize` transfer file, or real images (x, y) as `dfkd evaluate --data` reads them;
   - `noise`: uniform random pixels (the lower reference a data-free calibration must beat).
+
+The default, `DEFAULT_CALIBRATION`, is ZSKD's data impressions (Nayak et al., ICML 2019: inputs optimised so the
+teacher's softmax matches Dirichlet targets drawn around its own class similarities). They need nothing of the
+teacher but its logits, and on the two MNIST demo teachers, with and without BatchNorm, three students and three
+seeds, they kept int8 nearly as close to float as 512 real training images do (top-1 the same as float on 99.11-99.78 %
+of the test images, real images 99.21-99.79 %, noise 95.18-98.21 %). The BatchNorm-matching sources depend on
+the teacher: DeepInversion is as good on the BatchNorm teacher and far worse than noise without BatchNorm (81.7 %),
+ZeroQ is no better than noise even with it (README, "int8 students").
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
 
 NOISE = "noise"
+DEFAULT_CALIBRATION = "zskd"
 
 
 def noise_pixels(spec: InputSpec, num: int, seed: int = 0) -> torch.Tensor:
@@ -42,11 +51,35 @@ def file_pixels(path: Path, num: int, seed: int = 0) -> torch.Tensor:
     return x
 
 
+def calibration_params(teacher: Teacher, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """`params` with `s_steps` 0 for a method that makes images batch by batch (not a generator method).
+
+    Such a method trains its student `s_steps` steps between two batches, a student calibration throws away: its
+    images are the same without those steps (up to the student-dependent terms of adaptive methods), at a
+    fraction of the time. A generator method's generator learns against the student, so it keeps its recipe,
+    and so does an `s_steps` the user gave.
+    """
+    from dfkd.methods import get_method
+    from dfkd.methods._gan import GANMethod
+
+    params = dict(params or {})
+    cls = get_method(method)
+    if "s_steps" not in params and not issubclass(cls, GANMethod) and \
+            "s_steps" in cls.default_params(teacher, params.get("recipe")):
+        params["s_steps"] = 0
+    return params
+
+
 def synthesized_pixels(teacher: Teacher, method: str, num: int, seed: int = 0, device: str | torch.device = "cpu",
                        params: dict[str, Any] | None = None, steps: int | None = None) -> torch.Tensor:
-    """`num` uint8 images a data-free method synthesizes from `teacher` (see `dfkd.transfer.synthesize`)."""
+    """`num` uint8 images a data-free method synthesizes from `teacher` (see `dfkd.transfer.synthesize`).
+
+    A method that makes images batch by batch runs with `s_steps` 0 unless `params` says otherwise
+    (`calibration_params`).
+    """
     from dfkd.transfer import synthesize
 
+    params = calibration_params(teacher, method, params)
     with tempfile.TemporaryDirectory(prefix="dfkd-calib-") as d:
         data = synthesize(teacher, method, num, Path(d) / "calibration.npz", params=params, seed=seed, device=device,
                           steps=steps, progress=True)
@@ -85,5 +118,6 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
     if source not in list_methods():
         get_method(source)  # the registry's error lists the methods
     if teacher is None:
-        raise DfkdError(f"--calibration {source}: synthesizing calibration images needs the teacher; add --teacher T")
+        raise DfkdError(f"--calibration {source}: synthesizing calibration images needs the teacher; add --teacher T "
+                        "(or give --calibration FILE.npz or noise)")
     return synthesized_pixels(teacher, source, num, seed, device, params, steps)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dfkd.calibration import NOISE, calibration_pixels
+from dfkd.calibration import DEFAULT_CALIBRATION, NOISE, calibration_pixels
 from dfkd.data import check_fits, load_images, to_model_input
 from dfkd.deploystats import DeployStats, measure
 from dfkd.errors import DfkdError
@@ -63,7 +63,7 @@ class QuantizeRequest:
 
     model: str
     out: str
-    calibration: str
+    calibration: str = DEFAULT_CALIBRATION
     teacher: str | None = None
     eval_data: str | None = None
     num_calibration: int = 512

@@ -46,9 +46,11 @@ def _short_latency(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_ptq_from_synthetic_calibration(sharp_teacher_file: str, transfer_file: str, eval_npz: str,
                                         tmp_path: Path) -> None:
     out = tmp_path / "q.onnx"
-    stats = quantize_file(QuantizeRequest(model=sharp_teacher_file, out=str(out), calibration="zskd",
+    fast = {k: v for k, v in ZSKD_FAST.items() if k != "s_steps"}  # calibration sets s_steps 0 itself
+    stats = quantize_file(QuantizeRequest(model=sharp_teacher_file, out=str(out),  # the default: zskd
                                           teacher=sharp_teacher_file, eval_data=eval_npz, num_calibration=64,
-                                          params=ZSKD_FAST, seed=3))
+                                          params=fast, seed=3))
+    assert "synthesized by zskd" in stats.calibration
     proto = onnx.load(str(out))
     scales = [t for t in proto.graph.initializer if onnx.numpy_helper.to_array(t).dtype == np.int8
               and onnx.numpy_helper.to_array(t).ndim == 4]
@@ -66,6 +68,20 @@ def test_ptq_from_synthetic_calibration(sharp_teacher_file: str, transfer_file: 
     assert stats.int8_bytes < 0.4 * stats.float_bytes and stats.float_ms > 0 and stats.int8_ms > 0
     assert stats.float_agreement == 1.0 and stats.int8_agreement is not None and stats.int8_agreement >= 0.85
     assert any("latency" in line for line in stats.lines())
+    # The quantization error itself, int8 against its float source on the test images.
+    assert 0.85 <= stats.int8_float_agreement <= 1.0 and 0.0 <= stats.int8_float_kl < 0.1
+    assert any(line.startswith("int8 vs float: same top-1") for line in stats.lines())
+
+
+def test_mean_kl_is_zero_for_the_same_logits_and_grows_with_the_error() -> None:
+    from dfkd.deploystats import mean_kl
+
+    ref = torch.randn(200, 10, generator=torch.Generator().manual_seed(0)) * 3
+    noise = torch.randn(200, 10, generator=torch.Generator().manual_seed(1))
+    assert mean_kl(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert mean_kl(ref, ref + 5.0) == pytest.approx(0.0, abs=1e-9)  # a shift of every logit changes no softmax
+    small, large = mean_kl(ref, ref + 0.1 * noise), mean_kl(ref, ref + noise)
+    assert 0 < small < large
 
 
 def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
@@ -81,16 +97,28 @@ def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
         calibration_pixels("nosuchmethod", 8, MNIST_SPEC)
 
 
+def test_calibration_skips_the_student_steps_of_batch_methods(sharp_teacher_file: str) -> None:
+    from dfkd.calibration import calibration_params
+
+    t = load_teacher(sharp_teacher_file)
+    assert calibration_params(t, "zskd", None) == {"s_steps": 0}
+    assert calibration_params(t, "deepinversion", {"iterations": 5}) == {"iterations": 5, "s_steps": 0}
+    assert calibration_params(t, "zskd", {"s_steps": 7}) == {"s_steps": 7}  # the user's value stays
+    assert calibration_params(t, "dfad", None) == {}  # a generator learns against the student: its recipe stays
+
+
 def test_cli_quantize(sharp_teacher_file: str, transfer_file: str, eval_npz: str, tmp_path: Path) -> None:
     out = tmp_path / "q.onnx"
     args = ["quantize", sharp_teacher_file, "--calibration", transfer_file, "--teacher", sharp_teacher_file,
             "--eval-data", eval_npz, "--out", str(out)]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
-    for word in ("size:", "latency:", "top-1:", "agreement:", "int8/float"):
+    for word in ("size:", "latency:", "top-1:", "agreement:", "int8/float", "int8 vs float:"):
         assert word in res.output
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "--force" in res.output
+    res = CliRunner().invoke(main, ["quantize", sharp_teacher_file, "--out", str(tmp_path / "d.onnx")])
+    assert res.exit_code == 2 and "--calibration zskd" in res.output and "--teacher" in res.output  # the default
 
 
 # --- quantization-aware distillation ----------------------------------------------------------------------------
@@ -209,3 +237,34 @@ def test_int8_file_is_under_0_3_of_float_and_keeps_its_answers(tmp_path: Path) -
     ref.touch(mode=0o600)
     usual_permissions(ref)
     assert q.int8.stat().st_mode & 0o777 == ref.stat().st_mode & 0o777 != 0o600
+
+
+def _activation_scales(path: Path) -> list[tuple[float, int]]:
+    """(scale, zero point) of every QuantizeLinear after the input's, in graph order."""
+    proto = onnx.load(str(path))
+    return [(float(_init(proto, n.input[1])), int(_init(proto, n.input[2]))) for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] != "input"]
+
+
+def test_entropy_ranges_clip_what_minmax_keeps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--calib-method entropy` is not MinMax under another name (onnxruntime's 128-bin default would make it so):
+    the KL search cuts long tails, so some activation ranges shrink and none grows; ReLU outputs keep [0, t]."""
+    from dfkd.data import to_model_input
+    from dfkd.quantize import quantize_model
+
+    monkeypatch.setattr("dfkd.quantize.ENTROPY_BINS", 512)  # a real search (192 candidates), 5x quicker than 2048
+
+    torch.manual_seed(0)
+    model = build_student("lenet5_half", KWARGS).eval()
+    calib = to_model_input(calibration_pixels("noise", 128, MNIST_SPEC), MNIST_SPEC)
+    scales = {}
+    for method in ("minmax", "entropy"):
+        work = tmp_path / method
+        work.mkdir()
+        q = quantize_model(model, MNIST_SPEC, 10, calib, tmp_path / f"{method}.onnx", work, method=method)
+        scales[method] = _activation_scales(q.int8)
+    assert len(scales["minmax"]) == len(scales["entropy"]) > 2
+    pairs = list(zip(scales["minmax"], scales["entropy"], strict=True))
+    assert all(e[0] <= m[0] * (1 + 1e-4) for m, e in pairs)
+    assert sum(e[0] < 0.9 * m[0] for m, e in pairs) >= 2
+    assert any(z == -128 for _, z in scales["entropy"])  # a never-negative tensor: its range starts at 0
