@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,17 +102,19 @@ def pairs(teachers: dict[str, Path], methods: list[str], all_pairs: bool) -> lis
     return [(arch, m, all_pairs or bn[arch] or not get_method(m).uses_bn) for arch in teachers for m in methods]
 
 
-def evaluate(model: Path, test: str) -> float:
-    out = subprocess.run([*DFKD, "evaluate", "--model", str(model), "--data", test, "--json"], check=True,
+def evaluate(model: Path, test: str, extra: Sequence[str] = ()) -> float:
+    """Top-1 of `model` on `test` (`extra`: teacher options for a file without its own, e.g. a state_dict)."""
+    out = subprocess.run([*DFKD, "evaluate", "--model", str(model), "--data", test, "--json", *extra], check=True,
                          capture_output=True, text=True, env=child_env(1)).stdout
     return json.loads(out)["top1"]
 
 
-def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace, out: Path) -> dict:
-    """One `dfkd distill` run at a budget of minutes; its row of the table."""
+def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace, out: Path,
+            extra: Sequence[str] = ()) -> dict:
+    """One `dfkd distill` run at a budget of minutes; its row of the table (`extra`: more distill options)."""
     cmd = [*DFKD, "distill", "--teacher", str(teacher), "--method", method, "--budget-minutes", str(minutes),
            "--budget-clock", args.clock,
-           "--eval-data", args.test, "--eval-every", "1000000", "--seed", str(args.seed), "--out", str(out)]
+           "--eval-data", args.test, "--eval-every", "1000000", "--seed", str(args.seed), "--out", str(out), *extra]
     if out.exists():  # a fresh measurement: a run folder left by an earlier (or stopped) bench is replaced
         shutil.rmtree(out)
     t0 = time.time()

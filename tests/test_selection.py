@@ -138,7 +138,7 @@ def test_a_student_that_swings_away_at_the_end_is_not_the_one_written(teacher_fi
     assert not result.selected.startswith("raw")
     event = finished_event(result.run_dir)
     assert event["selected"] == result.selected
-    assert {"student/top1_raw", "student/top1_ema", "student/top1_selected"} <= event.keys()
+    assert {"student/top1_raw", "student/top1_ema", "student/top1_best", "student/top1_selected"} <= event.keys()
     scores = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
               if "select/agreement" in x][-1]
     assert scores["select/agreement"] < max(scores["select/agreement_ema"], scores["select/agreement_best"])

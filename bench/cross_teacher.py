@@ -1,0 +1,368 @@
+"""Cross-teacher benchmark: every method on teachers of other datasets, architectures, input sizes, with/without BN.
+
+    python bench/cross_teacher.py                          # every teacher, every method at 5 CPU-minutes, auto at 10
+    python bench/cross_teacher.py --teachers fmnist_cnn_bn fmnist_lenet5 --jobs 2
+    python bench/cross_teacher.py --smoke                  # every cell at 0.1 CPU-minute, quick settings, 1/10 test
+    python bench/cross_teacher.py --table-only             # the table of the cells stored so far
+
+The full grid is about six hours of CPU, so it is resumable: each finished cell is stored as one JSON file under
+OUT/cells/ and skipped by later invocations (`--force` runs it again; a cell that failed is always retried).
+Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one torch thread. Teachers are the
+shipped examples and the ones in TEACHERS trained here once (`dfkd train-teacher` for zoo nets,
+`python -m bench.teacher_nets` for the custom ones, which reach dfkd as a state_dict + `--teacher-arch
+module:Class` + input spec, as a user holds them) and cached in bench/teachers/. Methods that match BatchNorm
+statistics (`uses_bn`) run only on BN teachers. The student is dfkd's default for the teacher; the teacher's real
+test set is used only to evaluate.
+
+OUT/cross_teacher.md has two tables: % of the teacher per (method, teacher) with the worst teacher of each method
+and the best method of each teacher; and per cell the real top-1 of the candidates the data-free selection chose
+between (final raw student, final EMA, kept snapshot), whether the written student is within 1 point of the best
+of them, and whether the log holds a mode-collapse warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import run  # bench/run.py: distill runs, evaluation, child environment
+
+HERE = run.HERE
+ROOT = HERE.parent
+DATA = run.DATA
+EXCLUDED = ("transfer", "kd", "crossmodal")  # need real or paired data: not data-free
+SELECTION_TOLERANCE = 0.01  # "within 1 point" of the best real accuracy among the candidates
+
+
+@dataclass(frozen=True)
+class BenchTeacher:
+    """One teacher of the benchmark: its file, how dfkd is told about it, and how it was made."""
+
+    name: str
+    dataset: str
+    arch: str
+    bn: bool
+    size: int
+    file: Path
+    test: Path
+    how: str
+    flags: tuple[str, ...] = ()  # teacher options for a file without its own spec (state_dict + module:Class)
+    train: tuple[str, ...] = ()  # the command that (re)makes the file; empty for the shipped examples
+
+
+def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: float, bn: bool) -> BenchTeacher:
+    file = HERE / "teachers" / f"{name}.pt"
+    pretty = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}[dataset]
+    return BenchTeacher(
+        name, pretty, f"bench.teacher_nets:{cls}", bn, 28, file, DATA / f"{dataset}_test.npz",
+        f"state_dict, `python -m bench.teacher_nets {cls} {dataset} OUT --epochs {epochs}`",
+        ("--teacher-arch", f"bench.teacher_nets:{cls}", "--channels", "1", "--input-size", "28",
+         "--mean", str(mean), "--std", str(std)),
+        (sys.executable, "-m", "bench.teacher_nets", cls, dataset, str(file), "--epochs", str(epochs)))
+
+
+def _zoo(name: str, arch: str, dataset: str, epochs: int) -> BenchTeacher:
+    file = HERE / "teachers" / f"{name}.pt"
+    train, test = DATA / f"{dataset}_train.npz", DATA / f"{dataset}_test.npz"
+    return BenchTeacher(
+        name, "Fashion-MNIST", arch, False, 32, file, test,
+        f"`dfkd train-teacher --arch {arch} --epochs {epochs}` on {train.name}",
+        train=(*run.DFKD, "train-teacher", "--data", str(train), "--arch", arch, "--eval-data", str(test),
+               "--epochs", str(epochs), "--out", str(file)))
+
+
+def _shipped(name: str, dataset: str, arch: str, bn: bool, test: Path) -> BenchTeacher:
+    return BenchTeacher(name, dataset, arch, bn, 32, ROOT / "examples" / f"{name}.pt", test,
+                        f"shipped example (examples/{name}.pt)")
+
+
+TEACHERS = {t.name: t for t in (
+    _shipped("mnist_lenet5", "MNIST", "lenet5", False, ROOT / "examples" / "mnist_test.npz"),
+    _shipped("mnist_lenet5_bn", "MNIST", "lenet5_bn", True, ROOT / "examples" / "mnist_test.npz"),
+    _shipped("cifar10_wrn16_1", "CIFAR-10 (JPEG)", "wrn_16_1", True, DATA / "cifar10_test_jpeg.npz"),
+    _custom("mnist_caffe28", "CaffeLeNet", "mnist", 3, 0.1307, 0.3081, bn=False),
+    _custom("fmnist_cnn_bn", "FashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=True),
+    _zoo("fmnist_lenet5", "lenet5", "fashion_mnist", 8),
+)}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teachers", nargs="+", default=list(TEACHERS), choices=list(TEACHERS))
+    ap.add_argument("--methods", nargs="+", default=None, help="default: every data-free method, and auto")
+    ap.add_argument("--budget", type=float, default=5.0, help="CPU-minutes per cell (auto: --auto-budget)")
+    ap.add_argument("--auto-budget", type=float, default=10.0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="0.1 CPU-minute cells with each method's quick settings: does every pair run?")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one torch thread each")
+    ap.add_argument("--force", action="store_true", help="run cells again that are stored already")
+    ap.add_argument("--table-only", action="store_true", help="only write the table of the stored cells")
+    ap.add_argument("--out", default=str(HERE / "results" / "cross_teacher"))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1")
+    if args.smoke:
+        args.budget = args.auto_budget = 0.1
+    return args
+
+
+# --- teachers -----------------------------------------------------------------------------------------------
+def ensure_teacher(t: BenchTeacher) -> Path:
+    """The teacher's file, trained (deterministically: seeded, one thread) when it is absent."""
+    if not t.file.exists():
+        if not t.train:
+            raise SystemExit(f"{t.file}: missing (a shipped example); restore it with git checkout")
+        t.file.parent.mkdir(parents=True, exist_ok=True)
+        print(f"training teacher {t.name} -> {t.file}", flush=True)
+        log = t.file.with_suffix(".log")
+        with log.open("w") as f:
+            subprocess.run(list(t.train), check=True, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                           env=run.child_env(1))
+    return t.file
+
+
+def teacher_accuracy(t: BenchTeacher, out: Path) -> float:
+    """The teacher's test top-1, measured once with `dfkd evaluate` and kept in OUT/teachers.json."""
+    cache = out / "teachers.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    key = f"{t.name}:{t.file.stat().st_mtime_ns}"
+    if key not in known:
+        known[key] = run.evaluate(ensure_teacher(t), str(t.test), t.flags)
+        _write_json(cache, known)
+    return known[key]
+
+
+# --- cells --------------------------------------------------------------------------------------------------
+def cell_key(teacher: str, method: str, minutes: float, smoke: bool) -> str:
+    return f"{teacher}--{method}--{'smoke' if smoke else f'{minutes:g}min'}"
+
+
+def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_budget: float,
+         have_auto: bool) -> list[dict]:
+    """One entry per (teacher, method): its budget, or why it does not run (no BN; no auto method on main yet)."""
+    from dfkd.methods import get_method
+
+    cells = []
+    for t in teachers:
+        for m in methods:
+            cell = {"teacher": t.name, "method": m, "budget_min": auto_budget if m == "auto" else budget}
+            if m == "auto" and not have_auto:
+                cell["skipped"] = "no auto method in this checkout"
+            elif m != "auto" and get_method(m).uses_bn and not t.bn:
+                cell["skipped"] = "needs BatchNorm (the teacher has none)"
+            cells.append(cell)
+    return cells
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def stored(path: Path) -> dict | None:
+    """A finished cell stored earlier (one with a student top-1), else None (absent, failed or unreadable)."""
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cell if cell.get("top1") is not None else None
+
+
+def pending(cells: list[dict], out: Path, smoke: bool, force: bool) -> list[int]:
+    """Indices of the cells to run; the others get their stored result in place (`cells` is updated).
+
+    A cell runs when it is not skipped and has no finished result stored under OUT/cells/ (or `force`).
+    """
+    todo = []
+    for i, c in enumerate(cells):
+        if "skipped" in c:
+            continue
+        prev = stored(out / "cells" / f"{cell_key(c['teacher'], c['method'], c['budget_min'], smoke)}.json")
+        if prev is not None and not force:
+            cells[i] = prev
+        else:
+            todo.append(i)
+    return todo
+
+
+def run_summary(run_dir: Path) -> dict:
+    """What the run's metrics.jsonl says about selection and collapse (dfkd.runwatch, dfkd.watch)."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    final = [r for r in records if r.get("event") == "finished"][-1]
+    collapses = [r for r in records if r.get("event") == "collapse"]
+    out = {k: final.get(f"student/{k}") for k in ("top1", "top1_raw", "top1_ema", "top1_best")}
+    teacher = [r["student/teacher_top1"] for r in records if "student/teacher_top1" in r]
+    out.update(selected=final.get("selected", ""), collapse=bool(collapses),
+               teacher_top1=teacher[0] if teacher else None,
+               collapse_message=collapses[0]["message"] if collapses else None,
+               collapse_step=collapses[0]["step"] if collapses else None)
+    return out
+
+
+def quick_flags(method: str) -> list[str]:
+    from dfkd.methods import get_method
+
+    return sum((["-p", f"{k}={json.dumps(v)}"] for k, v in get_method(method).quick.items()), [])
+
+
+def smoke_test_set(t: BenchTeacher, out: Path, every: int = 10) -> Path:
+    """Every `every`-th test image (all classes, as CIFAR's file is sorted by class): cheap evaluations for --smoke."""
+    import numpy as np
+
+    path = out / "smoke_data" / t.test.name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with np.load(t.test) as z:
+            np.savez(path.with_suffix(".tmp.npz"), x=z["x"][::every], y=z["y"][::every])
+        os.replace(path.with_suffix(".tmp.npz"), path)
+    return path
+
+
+def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -> dict:
+    """Run one cell (a `dfkd distill` process via bench/run.py) and store its JSON."""
+    key = cell_key(t.name, cell["method"], cell["budget_min"], args.smoke)
+    test = smoke_test_set(t, out) if args.smoke else t.test
+    ns = argparse.Namespace(clock="cpu", test=str(test), seed=args.seed, jobs=args.jobs)
+    extra = [*t.flags, *(quick_flags(cell["method"]) if args.smoke and cell["method"] != "auto" else [])]
+    row = run.run_one(t.file, cell["method"], cell["budget_min"], ns, out / "runs" / key, extra)
+    result = {**cell, **row, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    if "error" not in row:
+        try:
+            result.update(run_summary(out / "runs" / key))
+        except (OSError, ValueError, IndexError, KeyError) as e:  # a log without its end: the cell failed
+            result.update(top1=None, error=f"unreadable metrics.jsonl ({e!r})")
+    _write_json(out / "cells" / f"{key}.json", result)
+    return result
+
+
+# --- table --------------------------------------------------------------------------------------------------
+def pct(cell: dict, teacher_top1: float) -> float | None:
+    return None if cell.get("top1") is None else 100 * cell["top1"] / teacher_top1
+
+
+def selection_ok(cell: dict) -> bool | None:
+    """Did the selection write a student within 1 point of the best real top-1 among its candidates?
+
+    None when there was no choice (no held-out set: pool-served methods, or selection off).
+    """
+    cands = [cell.get(k) for k in ("top1_raw", "top1_ema", "top1_best") if cell.get(k) is not None]
+    if not cell.get("selected") or len(cands) < 2 or cell.get("top1") is None:
+        return None
+    return max(cands) - cell["top1"] <= SELECTION_TOLERANCE + 1e-9
+
+
+def worst_teacher(cells: list[dict], acc: dict[str, float], method: str) -> tuple[str, float] | None:
+    """(teacher, % of it) of the method's lowest cell among those that ran; None if none ran."""
+    vals = [(pct(c, acc[c["teacher"]]), c["teacher"]) for c in cells if c["method"] == method]
+    vals = [(v, t) for v, t in vals if v is not None]
+    return None if not vals else min(vals)[::-1]
+
+
+def best_method(cells: list[dict], acc: dict[str, float], teacher: str) -> tuple[str, float] | None:
+    vals = [(pct(c, acc[teacher]), c["method"]) for c in cells if c["teacher"] == teacher]
+    vals = [(v, m) for v, m in vals if v is not None]
+    return None if not vals else max(vals)[::-1]
+
+
+def grid_table(cells: list[dict], acc: dict[str, float], teachers: list[str], methods: list[str]) -> str:
+    """% of teacher: a row per method (with its worst teacher), a column per teacher, a best-method row."""
+    by = {(c["teacher"], c["method"]): c for c in cells}
+    lines = ["| method | " + " | ".join(f"{t} ({100 * acc[t]:.2f})" for t in teachers) + " | worst teacher |",
+             "|---" * (len(teachers) + 2) + "|"]
+    for m in methods:
+        row = []
+        for t in teachers:
+            c = by.get((t, m))
+            row.append("" if c is None else "n/a" if "skipped" in c else f"{pct(c, acc[t]):.1f}" if c.get("top1")
+                       is not None else "error" if "error" in c else "")  # "": not run yet
+        worst = worst_teacher([by[(t, m)] for t in teachers if (t, m) in by], acc, m)
+        worst_text = "" if worst is None else f"{worst[1]:.1f} ({worst[0]})"
+        lines.append(f"| {m} | " + " | ".join(row) + f" | {worst_text} |")
+    best = [best_method([by[(t, m)] for m in methods if (t, m) in by], acc, t) for t in teachers]
+    best_text = ["" if b is None else f"{b[0]} ({b[1]:.1f})" for b in best]
+    lines.append("| **best method** | " + " | ".join(best_text) + " | |")
+    return "\n".join(lines) + "\n"
+
+
+def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
+    """Per cell: student top-1, the selection's candidates and verdict, the collapse warning."""
+    lines = ["| teacher | method | budget | student top-1 | % of teacher | raw / EMA / snapshot top-1 | "
+             "selection within 1 pt | collapse warning | steps |", "|---" * 9 + "|"]
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for c in sorted(cells, key=lambda c: (c["teacher"], c["method"])):
+        if "skipped" in c or ("top1" not in c and "error" not in c):  # n/a, or not run yet
+            continue
+        budget = "smoke" if c.get("smoke") else f"{c['budget_min']:g} min"
+        head = f"| {c['teacher']} | {c['method']} | {budget} | "
+        if c.get("top1") is None:
+            lines.append(head + f"error: {str(c.get('error', '?'))[:60]} |" + " |" * 5)
+            continue
+        ok = selection_ok(c)
+        cands = " / ".join(fmt(c.get(k)) for k in ("top1_raw", "top1_ema", "top1_best"))
+        verdict = "n/a" if ok is None else "yes" if ok else "no"
+        collapse = f"yes (step {c['collapse_step']})" if c.get("collapse") else "no"
+        lines.append(f"{head}{fmt(c['top1'])} | {pct(c, acc[c['teacher']]):.1f} | {cands} | {verdict} | "
+                     f"{collapse} | {c.get('steps', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def teacher_table(teachers: list[BenchTeacher], acc: dict[str, float]) -> str:
+    lines = ["| teacher | dataset | architecture | BN | input | test top-1 | how it was made |", "|---" * 7 + "|"]
+    for t in teachers:
+        lines.append(f"| {t.name} | {t.dataset} | {t.arch} | {'yes' if t.bn else 'no'} | {t.size} px | "
+                     f"{100 * acc[t.name]:.2f} | {t.how} |")
+    return "\n".join(lines) + "\n"
+
+
+def report(teachers: list[BenchTeacher], methods: list[str], cells: list[dict], acc: dict[str, float],
+           note: str) -> str:
+    names = [t.name for t in teachers]
+    ran = [c for c in cells if c.get("top1") is not None]
+    md = f"Cells stored: {len(ran)} finished of {sum('skipped' not in c for c in cells)} to run. {note}\n\n"
+    md += teacher_table(teachers, acc) + "\n% of the teacher's top-1:\n\n" + grid_table(cells, acc, names, methods)
+    return md + "\nPer cell:\n\n" + cell_table(cells, acc)
+
+
+def main() -> None:
+    args = parse()
+    os.environ["OMP_NUM_THREADS"] = "1"  # one torch thread per run (and for this process's own evaluations)
+    from dfkd.methods import list_methods
+
+    have_auto = "auto" in list_methods()
+    methods = args.methods or [*[m for m in list_methods() if m not in (*EXCLUDED, "auto")], "auto"]
+    out = Path(args.out)
+    teachers = [TEACHERS[n] for n in args.teachers]
+    acc = {t.name: teacher_accuracy(t, out) for t in teachers}
+    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto)
+    todo = pending(cells, out, args.smoke, args.force)
+    if args.table_only:
+        todo = []
+    note = "" if have_auto else "`auto`: no such method in this checkout yet (its column stays empty)."
+
+    def job(i: int) -> None:
+        c = cells[i]
+        print(f"{c['teacher']} {c['method']} {c['budget_min']:g} min ...", flush=True)
+        cells[i] = run_cell(TEACHERS[c["teacher"]], c, args, out)
+        print(json.dumps({k: cells[i].get(k) for k in ("teacher", "method", "top1", "error")}), flush=True)
+
+    table = out / f"cross_teacher{'_smoke' if args.smoke else ''}.md"
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for _ in pool.map(job, todo):
+            table.write_text(report(teachers, methods, cells, acc, note))
+    md = report(teachers, methods, cells, acc, note)
+    table.write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

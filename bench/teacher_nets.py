@@ -1,0 +1,135 @@
+"""Teacher architectures of the cross-teacher benchmark that are not in dfkd's zoo, and how they are trained.
+
+A user who trained such a network holds a `state_dict` and the code of its class; dfkd takes both as
+`--teacher FILE --teacher-arch bench.teacher_nets:CLASS` plus the input spec (`--channels --input-size --mean
+--std`), importing the class from the repository root. The benchmark hands its teachers over the same way.
+
+    OMP_NUM_THREADS=1 python -m bench.teacher_nets FashionCNN fashion_mnist OUT.pt   # a state_dict
+
+Training is plain supervised cross-entropy with SGD, a one-cycle schedule and random +-2 px shifts, seeded and on
+one thread, so the same command writes the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Per-dataset input normalisation (the training pixels' mean and std in [0, 1] units) and files.
+DATASETS = {
+    "mnist": {"mean": 0.1307, "std": 0.3081, "train": "mnist_train.npz", "test": "mnist_test.npz"},
+    "fashion_mnist": {"mean": 0.2860, "std": 0.3530, "train": "fashion_mnist_train.npz",
+                      "test": "fashion_mnist_test.npz"},
+}
+
+
+class FashionCNN(nn.Module):
+    """Two conv-BN-ReLU-pool stages (16, 32 channels) and two linear layers, for 28x28 grey images (~208K params).
+
+    Shape:
+        - x: (B, 1, 28, 28) -> (B, num_classes)
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class CaffeLeNet(nn.Module):
+    """Caffe's MNIST LeNet: conv 20-50 (5x5, no padding, no BatchNorm), FC 500, for 28x28 grey images (~431K params).
+
+    Shape:
+        - x: (B, 1, 28, 28) -> (B, num_classes)
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(),
+                                        nn.Linear(500, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+NETS = {"FashionCNN": FashionCNN, "CaffeLeNet": CaffeLeNet}
+
+
+def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x normalised float (N, 1, 28, 28), y int64) of a 28x28 grey dataset in ../shared/data."""
+    d = DATASETS[dataset]
+    with np.load(DATA / d[split]) as z:
+        x = torch.from_numpy(z["x"]).float().div_(255.0).unsqueeze(1)
+        y = torch.from_numpy(z["y"]).long()
+    return (x - d["mean"]) / d["std"], y
+
+
+def shift(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
+    """Each batch shifted by one random offset of up to `pad` pixels (background fill)."""
+    dy, dx = (int(v) for v in torch.randint(-pad, pad + 1, (2,), generator=gen))
+    return torch.roll(x, (dy, dx), (2, 3))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy of `model` (eval mode) on (x, y)."""
+    model.eval()
+    hits = sum(int((model(x[i:i + 1000]).argmax(1) == y[i:i + 1000]).sum()) for i in range(0, len(x), 1000))
+    return hits / len(x)
+
+
+def train(arch: str, dataset: str, epochs: int = 4, seed: int = 0, lr: float = 0.05) -> tuple[nn.Module, float]:
+    """Train NETS[arch] on `dataset`'s training split; returns (model, test top-1)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    model = NETS[arch]()
+    x, y = load_split(dataset, "train")
+    steps = epochs * (len(x) // 128)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=gen)
+        for i in range(len(x) // 128):
+            idx = order[i * 128:(i + 1) * 128]
+            loss = F.cross_entropy(model(shift(x[idx], gen)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model, accuracy(model, *load_split(dataset, "test"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("arch", choices=sorted(NETS))
+    ap.add_argument("dataset", choices=sorted(DATASETS))
+    ap.add_argument("out")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    model, top1 = train(args.arch, args.dataset, args.epochs, args.seed)
+    tmp = Path(args.out).with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, args.out)
+    print(f"{args.arch} on {args.dataset}: test top-1 {100 * top1:.2f}% -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

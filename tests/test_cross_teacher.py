@@ -1,0 +1,118 @@
+"""The cross-teacher benchmark's bookkeeping (resume, table) and its custom teachers as dfkd loads them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dfkd.spec import InputSpec
+from dfkd.students import build_student, student_arch
+from dfkd.teacher import load_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "bench"), str(ROOT)]  # bench/'s scripts, and bench.teacher_nets as dfkd imports it
+import cross_teacher as ct  # noqa: E402
+
+ACC = {"a": 0.90, "b": 0.80}
+
+
+def _cell(teacher: str, method: str, top1: float | None, **kw) -> dict:
+    cell = {"teacher": teacher, "method": method, "budget_min": 5.0, **kw}
+    return cell if top1 is None else {**cell, "top1": top1}
+
+
+def test_finished_cells_are_stored_and_skipped_failed_ones_retried(tmp_path: Path) -> None:
+    cells = [_cell("a", "dfad", None), _cell("a", "zskt", None), _cell("b", "dfad", None),
+             _cell("b", "adi", None, skipped="needs BatchNorm (the teacher has none)")]
+    done = {**cells[0], "top1": 0.5, "marker": 1}
+    ct._write_json(tmp_path / "cells" / f"{ct.cell_key('a', 'dfad', 5.0, False)}.json", done)
+    ct._write_json(tmp_path / "cells" / f"{ct.cell_key('a', 'zskt', 5.0, False)}.json",
+                   {**cells[1], "error": "boom"})
+    (tmp_path / "cells" / f"{ct.cell_key('b', 'dfad', 5.0, False)}.json").write_text("{trunc")  # a killed write
+
+    todo = ct.pending(list(cells), tmp_path, smoke=False, force=False)
+    assert todo == [1, 2]
+    merged = list(cells)
+    ct.pending(merged, tmp_path, smoke=False, force=False)
+    assert merged[0]["marker"] == 1
+    assert ct.pending(list(cells), tmp_path, smoke=False, force=True) == [0, 1, 2]
+    assert ct.pending(list(cells), tmp_path, smoke=True, force=False) == [0, 1, 2]  # smoke cells are others
+
+
+def test_worst_teacher_and_best_method_ignore_unrun_cells() -> None:
+    cells = [_cell("a", "dfad", 0.81), _cell("b", "dfad", 0.60), _cell("a", "fast", 0.88), _cell("b", "fast", None,
+             error="x"), _cell("b", "zskt", 0.72)]
+    assert ct.worst_teacher(cells, ACC, "dfad") == ("b", pytest.approx(75.0))
+    assert ct.worst_teacher(cells, ACC, "fast") == ("a", pytest.approx(100 * 0.88 / 0.90))
+    assert ct.worst_teacher(cells, ACC, "adi") is None
+    assert ct.best_method(cells, ACC, "b") == ("zskt", pytest.approx(90.0))
+    table = ct.grid_table(cells, ACC, ["a", "b"], ["dfad", "fast", "zskt", "adi"]).splitlines()
+    assert table[2] == "| dfad | 90.0 | 75.0 | 75.0 (b) |"
+    assert table[3] == "| fast | 97.8 | error | 97.8 (a) |"
+    assert table[4] == "| zskt |  | 90.0 | 90.0 (b) |"
+    assert table[6] == "| **best method** | fast (97.8) | zskt (90.0) | |"
+    assert all(line.count("|") == table[0].count("|") for line in table)
+
+
+def test_selection_verdict_compares_the_written_student_with_its_candidates() -> None:
+    base = {"selected": "ema at step 900 (held-out agreement: ...)", "top1_raw": 0.70, "top1_ema": 0.80}
+    assert ct.selection_ok({**base, "top1": 0.80, "top1_best": 0.805})
+    assert not ct.selection_ok({**base, "top1": 0.80, "top1_best": 0.83})
+    assert not ct.selection_ok({**base, "top1": 0.70})
+    assert ct.selection_ok({"selected": "", "top1": 0.7, "top1_raw": 0.7, "top1_ema": 0.9}) is None  # no choice
+
+
+def test_cell_table_reads_a_run_log(tmp_path: Path) -> None:
+    records = [{"step": 0, "student/teacher_top1": 0.9},
+               {"step": 400, "event": "collapse", "message": "the generator covers 1.2 of 10 classes"},
+               {"step": 900, "event": "finished", "selected": "raw at step 900 (held-out agreement: ...)",
+                "student/top1": 0.45, "student/top1_raw": 0.45, "student/top1_ema": 0.47, "student/top1_best": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    summary = ct.run_summary(tmp_path)
+    assert summary["collapse"] and summary["collapse_step"] == 400 and summary["teacher_top1"] == 0.9
+    row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 900}], ACC).splitlines()[2]
+    assert row == "| a | dfad | 5 min | 45.00 | 50.0 | 45.00 / 47.00 / 60.00 | no | yes (step 400) | 900 |"
+
+
+def test_bn_methods_skip_bn_free_teachers_and_auto_waits_for_its_method() -> None:
+    teachers = [ct.TEACHERS["fmnist_lenet5"], ct.TEACHERS["fmnist_cnn_bn"]]
+    cells = ct.plan(teachers, ["deepinversion", "dfad", "auto"], 5.0, 10.0, have_auto=False)
+    assert ["skipped" in c for c in cells] == [True, False, True, False, False, True]
+    assert [c["budget_min"] for c in cells] == [5.0, 5.0, 10.0] * 2
+
+
+@pytest.mark.parametrize("name", ["fmnist_cnn_bn", "mnist_caffe28"])
+def test_custom_teacher_loads_as_a_users_state_dict(name: str, tmp_path: Path, monkeypatch) -> None:
+    t = ct.TEACHERS[name]
+    cls = t.arch.split(":")[1]
+    import bench.teacher_nets as nets
+
+    torch.save(nets.NETS[cls]().state_dict(), tmp_path / "t.pt")
+    flags = dict(zip(t.flags[::2], t.flags[1::2]))
+    spec = InputSpec(1, 28, (float(flags["--mean"]),), (float(flags["--std"]),))
+    teacher = load_teacher(tmp_path / "t.pt", arch=t.arch, spec=spec)
+    assert bool(teacher.bn_paths()) == t.bn
+    arch, kw = student_arch(teacher, None)
+    assert build_student(arch, kw)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_custom_teacher_evaluates_through_the_cli_as_the_bench_calls_it(tmp_path: Path) -> None:
+    t = ct.TEACHERS["fmnist_cnn_bn"]
+    import bench.teacher_nets as nets
+
+    torch.save(nets.FashionCNN().state_dict(), tmp_path / "t.pt")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "test.npz", x=rng.integers(0, 255, (32, 28, 28), dtype=np.uint8),
+             y=rng.integers(0, 10, 32))
+    env = {**ct.run.child_env(1), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*ct.run.DFKD, "evaluate", "--model", str(tmp_path / "t.pt"), "--data",
+                          str(tmp_path / "test.npz"), "--json", *t.flags], capture_output=True, text=True,
+                         cwd=tmp_path, env=env)  # another folder: the module comes from PYTHONPATH, as in the bench
+    assert out.returncode == 0, out.stderr
+    assert 0.0 <= json.loads(out.stdout)["top1"] <= 1.0
