@@ -77,6 +77,9 @@ def test_auto_is_the_default_and_the_run_says_and_records_its_choice(bnfree_teac
     for saved in (config, ckpt):
         assert saved["method"] == "dfad" and saved["auto_choice"]["method"] == "dfad"
         assert saved["auto_choice"]["profile"]["bn"] is False and saved["params"]["s_steps"] == 2
+    again = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "r"), "--method", "auto", "--steps", "4"])
+    assert again.exit_code == 0, again.output  # the same command with --resume: auto is the method it chose
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 4
 
 
 def test_a_named_method_is_not_replaced(teacher_file: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
