@@ -149,15 +149,15 @@ def resolve(cfg: Any, teacher: Any, device: torch.device | str = "cpu") -> tuple
     params = dict(cfg.params)
     if rule.recipe and "recipe" not in params:
         params["recipe"] = rule.recipe
-    _check_params(rule, prof, cfg.params)
+    _check_params(rule, cfg.params)
     choice = {"method": rule.method, "recipe": params.get("recipe"), "rule": rule.when, "evidence": rule.evidence,
               "profile": asdict(prof)}
-    recipe = f" (recipe {rule.recipe})" if rule.recipe else ""
+    recipe = f" (recipe {params['recipe']})" if rule.recipe else ""
     line = f"auto: chose {rule.method}{recipe}: {rule.when} [{prof.words()}]; evidence: {rule.evidence}"
     return replace(cfg, method=rule.method, params=params, auto_choice=choice), line
 
 
-def _check_params(rule: Rule, prof: Profile, params: dict[str, Any]) -> None:
+def _check_params(rule: Rule, params: dict[str, Any]) -> None:
     from dfkd.config import check_method_params
 
     try:
