@@ -160,7 +160,8 @@ def _method_names() -> list[str]:
               "--teacher-arch, TorchScript, torch.export; pickled module with --trust-pickle). Repeat for several "
               "teachers: their logits are averaged (-p teacher_weights=[...], -p teacher_weighting=confidence).")
 @teacher_options
-@click.option("--method", default=None, help="Distillation method (see `dfkd methods`).  [default: dfad]")
+@click.option("--method", default=None, help="Distillation method (see `dfkd methods`); auto picks one from the "
+              "teacher's measured properties (`dfkd methods --params auto`).  [default: auto]")
 @click.option("--student", default=None, help="Student architecture: zoo NAME, torchvision:NAME or timm:NAME "
               "(default: the usual pair for the teacher, see dfkd.students).")
 @click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
@@ -221,7 +222,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     params = params + objective_flags(flags)
     flags["arch_args"] = parse_arch_args(flags["arch_args"]) or None
     flags["student_args"] = parse_arch_args(flags["student_args"], "--student-arg") or None
-    if flags["method"] is not None and flags["method"] not in _method_names():
+    if flags["method"] not in (None, "auto", *_method_names()):
         from dfkd.methods import get_method
 
         get_method(flags["method"])
@@ -344,6 +345,11 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
     from dfkd.methods import get_method, list_methods
     from dfkd.methods._recipes import recipe_lines
 
+    if show == "auto":
+        from dfkd.auto import rule_lines
+
+        click.echo("\n".join(rule_lines()))
+        return
     if show:
         cls = get_method(show)
         click.echo((cls.__doc__ or "").strip() + "\n")
@@ -360,6 +366,9 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
         return
     if teacher:
         raise DfkdError("--teacher goes with --params NAME: dfkd methods --params dfad --teacher T.pt")
+    from dfkd.auto import describe
+
+    click.echo(f"{'auto':14s} {describe()}")
     for name in list_methods():
         click.echo(f"{name:14s} {get_method(name).describe()}")
 

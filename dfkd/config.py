@@ -25,7 +25,7 @@ class DistillConfig:
     run's config.json holds the resolved values.
     """
 
-    method: str = "dfad"
+    method: str = "auto"  # dfkd.auto: the run replaces it with the method it picks for the teacher
     teachers: tuple[str, ...] = ()
     teacher_arch: str | None = None
     arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-arg KEY=VALUE: teacher constructor arguments
@@ -57,6 +57,7 @@ class DistillConfig:
     out: str | None = None
     runs_dir: str = "runs"
     params: dict[str, Any] = field(default_factory=dict)
+    auto_choice: dict[str, Any] | None = None  # set by the run: what --method auto measured and chose (dfkd.auto)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -116,6 +117,8 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     if not isinstance(file_params, dict):
         raise DfkdError(f"{source}: params = {file_params!r}: must be a table of method hyper-parameters")
     check_settings(data, source)
+    if "auto_choice" in data:
+        raise DfkdError(f"{source}: auto_choice is recorded by a run of --method auto, not set; drop it")
     cli_params = dict(parse_param(text) for text in params)
     given = {k: v for k, v in flags.items()
              if not (v is None or (isinstance(v, (tuple, list)) and not v) or (k == "trust_pickle" and not v))}
@@ -134,6 +137,10 @@ def check_method_params(method: str, params: dict[str, Any], source: str = "-p",
 
     if not params:
         return
+    if method == "auto":  # checked against the chosen method once the teacher is loaded (dfkd.auto.resolve)
+        from dfkd.auto import check_auto_params
+
+        return check_auto_params(params, source)
     recipe = get_method(method).default_params(None)
     resolve_params(recipe, params, method)
     check_params(params, recipe, method, source, min_s_steps)

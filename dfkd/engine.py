@@ -23,6 +23,8 @@ import torch
 from tqdm import tqdm
 
 from dfkd.archs import flag_spec
+from dfkd.auto import AUTO, for_source
+from dfkd.auto import resolve as resolve_auto
 from dfkd.build import build_method
 from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, check_method_params
@@ -120,9 +122,11 @@ class Run:
         self.source: Source = source_for(cfg)
         self.source.check()
         self.device = pick_device(rank_device(cfg.device, dist))
-        get_method(cfg.method)
         seed_everything(cfg.seed)
         self.teacher = self.source.teacher(self.device)
+        cfg, auto_line = resolve_auto(cfg, self.teacher, self.device)  # --method auto: the method for this teacher
+        self.cfg = self.source.cfg = cfg
+        get_method(cfg.method)
         self.eval_data: ImageData | None = None
         if cfg.eval_data:
             self.eval_data = load_images(cfg.eval_data, "--eval-data")
@@ -134,7 +138,7 @@ class Run:
                              local=lambda p: self.source.local_params(p, dist.world))
         self.method: Method = built.method
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
-        self.recipe_lines = built.recipe_lines
+        self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines
         self._share(run_dir)
         if cfg.steps is None and cfg.budget_minutes is None and (auto := self.source.default_steps(self.method)):
             self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
@@ -424,6 +428,7 @@ def distill(cfg: DistillConfig) -> RunResult:
         The run folder (with student.pt, config.json, metrics.jsonl, checkpoint.pt, TensorBoard events) and the
         final student metrics (top1/top5 when `eval_data` is set).
     """
+    cfg = for_source(cfg)
     check_config(cfg)
     with joined(cfg.device) as dist:
         result = _new_run(cfg, dist)
@@ -436,7 +441,8 @@ def check_config(cfg: DistillConfig) -> None:
     check_settings({k: v for k, v in cfg.to_dict().items() if k != "params"}, "flags")
     if not isinstance(cfg.params, dict):
         raise DfkdError(f"params = {cfg.params!r}: must be a table of method hyper-parameters")
-    get_method(cfg.method)
+    if cfg.method != AUTO:
+        get_method(cfg.method)
     check_method_params(cfg.method, cfg.params)
 
 
@@ -465,6 +471,8 @@ def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) 
         if value is None or (isinstance(value, (tuple, list)) and not value) or value is False:
             continue
         old = getattr(saved, key, None)
+        if key == "method" and value == AUTO and saved.auto_choice:
+            continue  # the run's method is the one auto chose
         if not _same(key, value, old):
             shown = " ".join(value) if isinstance(value, (list, tuple)) else value
             raise DfkdError(f"--resume {run_dir}: {flag_name(key)} {shown} would change the run (it was made with "

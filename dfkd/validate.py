@@ -134,6 +134,7 @@ RANGES: dict[str, Rule] = {
     # NAYER
     **{k: Rule("int", lo=1) for k in ("g_loops", "gwp_loops", "g_life", "le_emb_size", "le_size")},
     "warmup_rounds": Rule("int", lo=0), "class_names": Rule("list", items=Rule("str"), none_ok=True),
+    "ta_threshold": _FRACTION, "ta_max_draws": Rule("int", lo=1),  # TA-DFKD (dfkd.methods._verify)
 }
 CHOICES: dict[str, tuple[Any, ...]] = {
     "s_optimizer": ("sgd", "adam"), "schedule": ("constant", "cosine", "multistep"),

@@ -229,7 +229,7 @@ def test_out_is_refused_and_user_files_kept(case, files: dict[str, str], tmp_pat
 @pytest.fixture(scope="module")
 def done_run(files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("done") / "run"
-    r = invoke(["distill", "--teacher", files["T"], "--steps", "2", "--out", run, *QUICK])
+    r = invoke(["distill", "--teacher", files["T"], "--method", "dfad", "--steps", "2", "--out", run, *QUICK])
     assert r.exit_code == 0, r.output
     return run
 

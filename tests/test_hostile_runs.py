@@ -101,7 +101,7 @@ def test_disk_full_keeps_the_last_checkpoint_and_resumes_exactly(teacher_file: s
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "c.toml"
     config.write_text("ckpt_every = 2\nlog_every = 1\nfid_every = 0\n[params]\nbatch_size = 8\ns_steps = 1\n")
-    args = ["distill", "--teacher", teacher_file, "--config", config, "--steps", "6"]
+    args = ["distill", "--teacher", teacher_file, "--method", "dfad", "--config", config, "--steps", "6"]
     assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
     calls = {"n": 0}
     real_fsync = os.fsync

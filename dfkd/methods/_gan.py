@@ -11,6 +11,7 @@ from torch import nn
 from dfkd.bnstats import BNInputs
 from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
 from dfkd.losses import information_entropy
+from dfkd.methods._verify import clean_mask, verified_batch
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.teacher import Teacher, teacher_size
 
@@ -25,6 +26,13 @@ GAN_DEFAULTS: dict[str, Any] = {
     # DAFL's information-entropy class-balance term added to the generator loss: a remedy for mode collapse
     # (dfkd.watch), off by default; methods with their own balance term (dafl's `ie`, dfq's `balance`) use theirs.
     "balance": 0.0,
+    # TA-DFKD's teacher verification (dfkd.methods._verify), off by default: the student trains on the samples the
+    # teacher verifies as clean (a Gaussian-mixture split of its per-sample loss, clean above `ta_threshold`, the
+    # paper's 0.5), redrawn until a batch is full or `ta_max_draws` batches were drawn; the generator's loss is
+    # computed on the clean samples of its batch. Shin & Choi, AAAI 2024.
+    "ta_verify": False,
+    "ta_threshold": 0.5,
+    "ta_max_draws": 16,
 }
 #: The CPU recipe's generator: width 16, not 64. The reference width costs 30-70x a LeNet-5 teacher and student
 #: together on a CPU; the CPU recipes of these methods were measured with it. Measured (2026-12-02, one thread on a
@@ -75,6 +83,8 @@ class GANMethod(Method):
 
     def _objective(self, x: torch.Tensor, y: torch.Tensor | None) -> LossDict:
         del y
+        if self.p["ta_verify"]:
+            x = self._verified(x)
         if self.bn is not None:
             self.bn.set_active(True)
         was_training = self.student.training
@@ -101,6 +111,35 @@ class GANMethod(Method):
         balance = information_entropy(self.teacher(x), log_base=math.e)
         return {**losses, "loss": losses["loss"] + weight * balance, "loss/balance": balance}
 
+    def _verified(self, x: torch.Tensor) -> torch.Tensor:
+        """The samples of generated batch `x` the teacher verifies as clean (TA-DFKD); the mask is kept as `ta_mask`."""
+        with torch.no_grad():
+            self.ta_mask = clean_mask(self.teacher(x), float(self.p["ta_threshold"]))
+        return x[self.ta_mask]
+
+    def student_batch(self, n: int) -> torch.Tensor:
+        """`n` fresh generated images; with `ta_verify`, only teacher-verified clean ones (up to `n`)."""
+        x = self.synth.sample(n)
+        return self.verified_from(x) if self.p["ta_verify"] else x
+
+    def verified_from(self, x: torch.Tensor) -> torch.Tensor:
+        """The clean samples of generated batch `x`, topped up from fresh batches (TA-DFKD); sets `ta_clean`."""
+        first = [x]
+
+        def draw(n: int) -> torch.Tensor:
+            return first.pop() if first else self.synth.sample(n)
+
+        x, self.ta_clean = verified_batch(draw, self.teacher, len(x), float(self.p["ta_threshold"]),
+                                          int(self.p["ta_max_draws"]))
+        return x
+
+    def fresh_student_step(self) -> dict[str, float]:
+        """One student step on a fresh batch (`student_batch`); logs the clean fraction under `ta_verify`."""
+        losses = self.student_step(self.student_batch(self.p["batch_size"]))
+        if self.p["ta_verify"]:
+            losses = {**losses, "loss/ta_clean": self.ta_clean}
+        return step_logs("student", losses)
+
     def generator_loss(self, x: torch.Tensor) -> LossDict:
         """The generator's objective on a generated batch `x` (teacher and student forwards happen here)."""
         raise NotImplementedError
@@ -113,7 +152,7 @@ class GANMethod(Method):
     def round(self) -> dict[str, float]:
         logs = self.generator_step()
         for _ in range(self.student_steps_per_round):
-            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+            logs.update(self.fresh_student_step())
         return logs
 
     def close(self) -> None:

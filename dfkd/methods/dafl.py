@@ -32,6 +32,12 @@ class DAFL(GANMethod):
     CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters, `_recipes.cpu_teacher`):
     batch 64 and generator width 16: 8x the iterations in the same time (on the demo teacher, 2 single-thread
     minutes: 50 % at batch 64, 35 % at 128; batch 32 was no better than 64). `-p recipe=paper` gives the paper's.
+
+    `-p ta_verify=true` (off by default): TA-DFKD teacher verification (Shin & Choi, "Teacher as a Lenient Expert",
+    AAAI 2024; `dfkd.methods._verify`): the student trains only on generated samples the teacher verifies as
+    clean (a 2-component Gaussian mixture on its per-sample loss, clean above `-p ta_threshold=0.5`, the paper's),
+    redrawn until a batch is full (at most `-p ta_max_draws=16` batches); the generator's loss sees its clean
+    samples only. DAFL's one joint batch is not refilled: the student steps on its clean samples.
     """
 
     paper: ClassVar[str] = "Chen et al. 2019, Data-Free Learning of Student Networks, ICCV"
@@ -74,6 +80,9 @@ class DAFL(GANMethod):
     def round(self) -> dict[str, float]:
         logs = self.generator_step()
         # The same batch, detached, with the teacher logits already computed on it (one joint iteration).
-        student = self.student_step(self.last_images, self._cache.pop("t_logits"))
+        x = self.last_images[self.ta_mask] if self.p["ta_verify"] else self.last_images  # what the loss saw
+        student = self.student_step(x, self._cache.pop("t_logits"))
+        if self.p["ta_verify"]:
+            student["loss/ta_clean"] = float(self.ta_mask.float().mean())
         logs.update(step_logs("student", student))
         return logs

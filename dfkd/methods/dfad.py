@@ -11,7 +11,6 @@ from dfkd.losses import adv_l1, l1_logits
 from dfkd.methods._gan import GANMethod
 from dfkd.methods._recipes import teacher_kind
 from dfkd.methods._registry import register_method
-from dfkd.methods.base import step_logs
 
 
 @register_method("dfad")
@@ -30,6 +29,12 @@ class DFAD(GANMethod):
     paper's settings need ~2000 generator steps (hours on a CPU); with them the student was still at 10 % after
     1.5 idle CPU-minutes, with the CPU recipe at 37 % after 2 single-thread minutes.
     The losses and the 5:1 schedule are unchanged. `-p recipe=paper` gives the paper's settings.
+
+    `-p ta_verify=true` (off by default): TA-DFKD teacher verification (Shin & Choi, "Teacher as a Lenient Expert",
+    AAAI 2024; `dfkd.methods._verify`): the student trains only on generated samples the teacher verifies as
+    clean (a 2-component Gaussian mixture on its per-sample loss, clean above `-p ta_threshold=0.5`, the paper's),
+    redrawn until a batch is full (at most `-p ta_max_draws=16` batches); the generator's loss sees its clean
+    samples only.
     """
 
     paper: ClassVar[str] = "Fang et al. 2019, Data-Free Adversarial Distillation, arXiv:1912.11006"
@@ -62,6 +67,6 @@ class DFAD(GANMethod):
     def round(self) -> dict[str, float]:
         logs: dict[str, float] = {}
         for _ in range(self.student_steps_per_round):
-            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+            logs.update(self.fresh_student_step())
         logs.update(self.generator_step())
         return logs

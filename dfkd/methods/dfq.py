@@ -35,6 +35,12 @@ class DFQ(GANMethod):
     batch 64, student Adam 2e-3, generator width 16 (SGD 0.1 drove the BN-free LeNet-5-half to a constant output;
     on the demo teacher, 2 single-thread minutes: SGD 0.01 at batch 256 18 %, Adam at batch 128 47 %, at batch
     64 74 %). It was measured with wd 5e-4, which it keeps. `-p recipe=paper` gives the paper's settings.
+
+    `-p ta_verify=true` (off by default): TA-DFKD teacher verification (Shin & Choi, "Teacher as a Lenient Expert",
+    AAAI 2024; `dfkd.methods._verify`): the student trains only on generated samples the teacher verifies as
+    clean (a 2-component Gaussian mixture on its per-sample loss, clean above `-p ta_threshold=0.5`, the paper's),
+    redrawn until a batch is full (at most `-p ta_max_draws=16` batches); the generator's loss sees its clean
+    samples only.
     """
 
     paper: ClassVar[str] = "Choi et al. 2020, Data-Free Network Quantization With Adversarial KD, CVPRW"

@@ -52,6 +52,12 @@ class Online(DFAD):
     features toward each other instead of toward the teacher. Measured on the plain MNIST LeNet-5 teacher, 1500
     student steps, one thread: top-1 20.7 % at adv 1, 83.0 % at 0.1, 91.0 % at 0.01, 92.8 % at 0 (the term
     off). 0.01 keeps the method's critic while letting it learn.
+
+    `-p ta_verify=true` (off by default): TA-DFKD teacher verification (Shin & Choi, "Teacher as a Lenient Expert",
+    AAAI 2024; `dfkd.methods._verify`): the student trains only on generated samples the teacher verifies as
+    clean (a 2-component Gaussian mixture on its per-sample loss, clean above `-p ta_threshold=0.5`, the paper's),
+    redrawn until a batch is full (at most `-p ta_max_draws=16` batches); the generator's loss sees its clean
+    samples only.
     """
 
     paper: ClassVar[str] = "Chung et al. 2020, Feature-map-level Online Adversarial Knowledge Distillation, ICML"

@@ -32,6 +32,12 @@ class ZSKT(GANMethod):
     get batch 64 (`LARGE_BATCH`). The KL is the true batch-mean KL; `-p kl_reduction=mean` reproduces the
     reference code's element-wise mean.
     CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters): generator width 16.
+
+    `-p ta_verify=true` (off by default): TA-DFKD teacher verification (Shin & Choi, "Teacher as a Lenient Expert",
+    AAAI 2024; `dfkd.methods._verify`): the student trains only on generated samples the teacher verifies as
+    clean (a 2-component Gaussian mixture on its per-sample loss, clean above `-p ta_threshold=0.5`, the paper's),
+    redrawn until a batch is full (at most `-p ta_max_draws=16` batches); the generator's loss sees its clean
+    samples only. The round's batch (10 student steps) is the one refilled.
     """
 
     paper: ClassVar[str] = "Micaelli & Storkey 2019, Zero-shot Knowledge Transfer via Adversarial Belief Matching"
@@ -76,6 +82,9 @@ class ZSKT(GANMethod):
         x, g_losses = self.synth.step_on(z, None)
         self.last_images = x = self.synth.generate(z)
         logs = step_logs("gen", g_losses)
+        if self.p["ta_verify"]:  # the round's batch keeps its clean samples, topped up from fresh ones
+            x = self.verified_from(x)
+            logs["student/ta_clean"] = self.ta_clean
         with torch.no_grad(), self.objectives.capture_teacher(x):
             t_logits = self.teacher(x)
         t_feats = [self.t_taps.outputs[t] for _, t in self.at_pairs]

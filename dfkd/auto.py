@@ -1,0 +1,196 @@
+"""`--method auto`: pick a registered method (and recipe) from measured properties of the teacher.
+
+The rule is the table `RULES`: the first row whose condition holds on the teacher's `Profile` names the method,
+the recipe when it must differ from the method's own rule (`dfkd.methods._recipes`), and the benchmark rows the
+choice comes from. The cross-teacher benchmark updates the table; nothing else in the package encodes the rule.
+
+The profile is cheap and deterministic (it depends on the teacher alone, not on the run's seed or RNG): the input
+spec (channels, size), the parameter count, whether the teacher has BatchNorm layers with running statistics,
+and the teacher's answers on `PROBE_BATCHES` x `PROBE_BATCH` standard-normal inputs (in its normalised input space,
+where a generator's BN-normalised output lies): the logit scale (mean per-input standard deviation of the logits
+across classes), how many classes those answers spread over (exp-entropy of the arg-max histogram) and the mean
+top-1 probability. The run prints one line saying what auto chose and why, and records it in config.json and the
+checkpoint (`DistillConfig.auto_choice`, with `method` set to the chosen one), so a resumed run continues with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from dfkd.errors import DfkdError
+from dfkd.methods._recipes import CPU_TEACHER_PARAMS, input_kind
+
+#: The name `--method` takes for the automatic choice (not a registered method: it resolves to one).
+AUTO = "auto"
+PROBE_BATCHES, PROBE_BATCH, PROBE_SEED = 4, 64, 0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What auto measures on a teacher.
+
+    Attributes:
+        channels: input channels.
+        size: input side in pixels.
+        kind: "mnist", "cifar" or "imagenet" (`dfkd.methods._recipes.input_kind`).
+        params: parameter count.
+        bn: whether it has BatchNorm layers with running statistics (the BN-matching methods need them).
+        classes: number of classes.
+        logit_scale: mean over random inputs of the logits' standard deviation across classes.
+        noise_classes: effective number of classes its arg-max spreads over on random inputs (1 to `classes`).
+        noise_confidence: mean top-1 probability on random inputs.
+    """
+
+    channels: int
+    size: int
+    kind: str
+    params: int
+    bn: bool
+    classes: int
+    logit_scale: float
+    noise_classes: float
+    noise_confidence: float
+
+    def words(self) -> str:
+        """The profile in one line, for the start-up message."""
+        return (f"{self.channels}x{self.size}x{self.size} inputs ({self.kind} kind), {self.params:,} parameters, "
+                f"{'BatchNorm' if self.bn else 'no BatchNorm'}; on {PROBE_BATCHES * PROBE_BATCH} random inputs: "
+                f"logit scale {self.logit_scale:.3g}, answers spread over {self.noise_classes:.1f} of "
+                f"{self.classes} classes, mean confidence {self.noise_confidence:.2f}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the table: when `test` holds, run `method` (with `recipe`, None: the method's own rule)."""
+
+    when: str
+    test: Callable[[Profile], bool]
+    method: str
+    recipe: str | None
+    evidence: str
+
+
+#: First match wins; the last row always matches. Evidence: README *Results* tables (% of the teacher's top-1).
+RULES: tuple[Rule, ...] = (
+    Rule("BatchNorm, MNIST-kind inputs (at most 1x32x32), < 200K parameters",
+         lambda p: p.bn and p.kind == "mnist" and p.params < CPU_TEACHER_PARAMS, "fast", None,
+         "README 'Every method, 10 CPU-minutes', lenet5_bn (99.53): fast 99.3 % of the teacher, cmi 97.7, dfq 97.4, "
+         "deepinversion 96.6; the GAN methods 28-75 %"),
+    Rule("BatchNorm, MNIST-kind inputs, >= 200K parameters",
+         lambda p: p.bn and p.kind == "mnist", "fast", None,
+         "no benchmark row yet: the lenet5_bn row above (fast best at 10 min) and issue #13's custom Fashion-MNIST BN "
+         "teacher at 2 min (fast 67.4 %, next cmi 51.9 %)"),
+    Rule("BatchNorm, 3-channel or larger inputs", lambda p: p.bn, "dfq", "cpu",
+         "README 'CIFAR-10, 10 CPU-minutes', wrn_16_1 (81.03), CPU recipes: dfq 58.4 % of the teacher, fast 33.0, "
+         "cmi 30.3, dafl 23.0; dfad, online, zskt at chance"),
+    Rule("no BatchNorm", lambda p: True, "dfad", None,
+         "README 'Every method, 10 CPU-minutes', lenet5 (99.21): dfad 98.5 % of the teacher, zskt 98.3, online 98.0, "
+         "zskd 95.8, dafl 80.8; the BN-matching methods (fast, dfq, cmi, ...) need BatchNorm"),
+)
+
+
+def _effective(counts: torch.Tensor) -> float:
+    p = counts.float() / counts.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+@torch.no_grad()
+def profile(teacher: Any, device: torch.device | str = "cpu") -> Profile:
+    """Measure `teacher` (a `dfkd.teacher.Teacher` or ensemble): spec, size, BN, answers on random inputs.
+
+    Draws from its own seeded generator, so the run's RNG streams are untouched and the profile depends on the
+    teacher alone.
+    """
+    spec = teacher.spec
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    logits = torch.cat([teacher(torch.randn(PROBE_BATCH, spec.channels, spec.size, spec.size,
+                                            generator=gen).to(device)).float().cpu()
+                        for _ in range(PROBE_BATCHES)])
+    if not torch.isfinite(logits).all():
+        raise DfkdError(f"--method auto: teacher {teacher.source} gives non-finite logits on random inputs; name a "
+                        "method with --method (see `dfkd methods`)")
+    counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
+    return Profile(spec.channels, spec.size, str(input_kind(spec)), sum(p.numel() for p in teacher.parameters()),
+                   bool(teacher.bn_paths()), int(logits.shape[1]), float(logits.std(1).mean()),
+                   _effective(counts), float(logits.softmax(1).max(1).values.mean()))
+
+
+def for_source(cfg: Any) -> Any:
+    """`cfg` with "auto" replaced by the method of a data source that has its own (transfer data, real images)."""
+    from dfkd.sources import source_for
+
+    own = source_for(cfg).method if cfg.method == AUTO else None
+    return replace(cfg, method=own) if own else cfg
+
+
+def choose(prof: Profile) -> Rule:
+    """The first row of `RULES` whose condition holds on `prof`."""
+    return next(rule for rule in RULES if rule.test(prof))
+
+
+def resolve(cfg: Any, teacher: Any, device: torch.device | str = "cpu") -> tuple[Any, str | None]:
+    """`cfg` with `method` "auto" replaced by the chosen method; and the start-up line (None when not auto).
+
+    The choice (method, recipe, the row, the profile) is kept in `cfg.auto_choice`. A recipe the row sets goes into
+    `params` unless the user set one.
+
+    Raises:
+        DfkdError: when a `-p` setting the user gave is not one of the chosen method's.
+    """
+    if cfg.method != AUTO:
+        return cfg, None
+    prof = profile(teacher, device)
+    rule = choose(prof)
+    params = dict(cfg.params)
+    if rule.recipe and "recipe" not in params:
+        params["recipe"] = rule.recipe
+    _check_params(rule, cfg.params)
+    choice = {"method": rule.method, "recipe": params.get("recipe"), "rule": rule.when, "evidence": rule.evidence,
+              "profile": asdict(prof)}
+    recipe = f" (recipe {params['recipe']})" if rule.recipe else ""
+    line = f"auto: chose {rule.method}{recipe}: {rule.when} [{prof.words()}]; evidence: {rule.evidence}"
+    return replace(cfg, method=rule.method, params=params, auto_choice=choice), line
+
+
+def _check_params(rule: Rule, params: dict[str, Any]) -> None:
+    from dfkd.config import check_method_params
+
+    try:
+        check_method_params(rule.method, params)
+    except DfkdError as e:
+        raise DfkdError(f"--method auto chose {rule.method} for this teacher ({rule.when}), and {e}; name a method "
+                        "with --method") from None
+
+
+def check_auto_params(params: dict[str, Any], source: str = "-p") -> None:
+    """Refuse a `-p` key that no method auto may choose takes (before the teacher is loaded)."""
+    from dfkd.methods import get_method
+    from dfkd.validate import check_params
+
+    methods = list(dict.fromkeys(rule.method for rule in RULES))
+    recipes = {m: get_method(m).default_params(None) for m in methods}
+    unknown = sorted(set(params) - set().union(*recipes.values()))
+    if unknown:
+        raise DfkdError(f"{source}: no method --method auto may choose ({', '.join(methods)}) has parameter(s) "
+                        f"{unknown}; name a method with --method (see `dfkd methods --params NAME`)")
+    for method, recipe in recipes.items():  # each value's type and range, as the methods that take it need
+        check_params({k: v for k, v in params.items() if k in recipe}, recipe, method, source)
+
+
+def describe() -> str:
+    """`dfkd methods`' line for auto."""
+    return "picks a method (and recipe) from the teacher's measured properties (the default; --params auto: the rule)"
+
+
+def rule_lines() -> list[str]:
+    """`dfkd methods --params auto`: the table, one row a paragraph."""
+    lines = [(__doc__ or "").strip(), "", "Rows (first match wins):"]
+    for i, rule in enumerate(RULES, 1):
+        recipe = f", recipe {rule.recipe}" if rule.recipe else ""
+        lines += [f"  {i}. {rule.when} -> {rule.method}{recipe}", f"     evidence: {rule.evidence}"]
+    return lines

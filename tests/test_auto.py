@@ -1,0 +1,146 @@
+"""`--method auto`: the choice from the teacher's measured properties, the start-up line, config.json, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd.auto import AUTO, RULES, choose, profile
+from dfkd.checkpoint import load_checkpoint
+from dfkd.cli.main import main
+from dfkd.config import DistillConfig, build_config
+from dfkd.engine import distill, resume
+from dfkd.errors import DfkdError
+from dfkd.methods import get_method
+from dfkd.modelfile import load_model
+from dfkd.teacher import Teacher
+from tests.conftest import KWARGS, MNIST_SPEC, make_teacher_module
+from tests.test_engine import SimulatedKill, states_equal
+
+QUICK = {"batch_size": 8, "s_steps": 2}
+
+
+def tiny(arch: str) -> Teacher:
+    return Teacher(make_teacher_module(arch), MNIST_SPEC, arch=arch, arch_kwargs=KWARGS)
+
+
+def test_auto_picks_fast_for_a_bn_teacher_and_dfad_for_a_bn_free_one() -> None:
+    bn, plain = profile(tiny("lenet5_bn")), profile(tiny("lenet5"))
+    assert bn.bn and not plain.bn and bn.kind == plain.kind == "mnist" and bn.params < 200_000
+    assert (choose(bn).method, choose(plain).method) == ("fast", "dfad")
+    assert 1.0 <= bn.noise_classes <= 10 and bn.logit_scale > 0 and 0.1 <= bn.noise_confidence <= 1
+
+
+def test_auto_picks_dfq_with_its_cpu_recipe_for_a_cifar_bn_teacher() -> None:
+    from dfkd.spec import InputSpec
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    teacher = Teacher(net.eval(), InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3), fmt="pickle")
+    rule = choose(profile(teacher))
+    assert (rule.method, rule.recipe) == ("dfq", "cpu")
+
+
+def test_the_profile_is_deterministic_and_leaves_the_run_rng_alone() -> None:
+    teacher = tiny("lenet5_bn")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = profile(teacher)
+    assert torch.equal(torch.rand(3), expected), "probing drew from the global RNG"
+    assert a == profile(teacher)
+
+
+def test_every_rule_names_a_registered_method_with_evidence() -> None:
+    for rule in RULES:
+        get_method(rule.method)
+        assert rule.evidence and rule.when
+    assert RULES[-1].test(profile(tiny("lenet5")))  # the last row catches every teacher
+
+
+def test_auto_is_the_default_and_the_run_says_and_records_its_choice(bnfree_teacher_file: str,
+                                                                     tmp_path: Path) -> None:
+    assert DistillConfig().method == AUTO
+    assert build_config(None, (), teachers=(bnfree_teacher_file,)).method == AUTO
+    res = CliRunner().invoke(main, ["distill", "--teacher", bnfree_teacher_file, "--steps", "2", "--device", "cpu",
+                                    "-p", "batch_size=8", "-p", "s_steps=2", "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("auto: "))
+    assert "auto: chose dfad: no BatchNorm [1x32x32 inputs (mnist kind), 61,706 parameters, no BatchNorm;" in line
+    assert "logit scale" in line and "evidence: README" in line
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]
+    for saved in (config, ckpt):
+        assert saved["method"] == "dfad" and saved["auto_choice"]["method"] == "dfad"
+        assert saved["auto_choice"]["profile"]["bn"] is False and saved["params"]["s_steps"] == 2
+    again = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "r"), "--method", "auto", "--steps", "4"])
+    assert again.exit_code == 0, again.output  # the same command with --resume: auto is the method it chose
+    assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 4
+
+
+def test_a_named_method_is_not_replaced(teacher_file: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        params=QUICK)
+    config = json.loads((distill(cfg).run_dir / "config.json").read_text())
+    assert config["method"] == "dfad" and config["auto_choice"] is None
+    assert "auto:" not in capsys.readouterr().err
+
+
+def test_auto_on_a_bn_teacher_runs_fast(teacher_file: str, tmp_path: Path) -> None:
+    cfg = DistillConfig(teachers=(teacher_file,), steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        params=dict(get_method("fast").quick))
+    result = distill(cfg)
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["method"] == "fast" and result.step == 2
+    assert result.run_dir.name == "r"
+
+
+def test_resume_of_an_auto_run_continues_the_chosen_method_exactly(bnfree_teacher_file: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    def cfg(out: str) -> DistillConfig:
+        return DistillConfig(teachers=(bnfree_teacher_file,), steps=12, out=str(tmp_path / out), log_every=2,
+                             eval_every=4, ckpt_every=4, image_every=4, fid_every=0, params=QUICK)
+
+    full = distill(cfg("full"))
+    cls = get_method("dfad")
+    original, calls = cls.round, {"n": 0}
+
+    def dying_round(self):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise SimulatedKill
+        return original(self)
+
+    monkeypatch.setattr(cls, "round", dying_round)
+    with pytest.raises(SimulatedKill):
+        distill(cfg("killed"))
+    monkeypatch.setattr(cls, "round", original)
+    resumed = resume(tmp_path / "killed")
+    a = torch.load(full.run_dir / "student.pt", weights_only=True)["state_dict"]
+    b = torch.load(resumed.run_dir / "student.pt", weights_only=True)["state_dict"]
+    assert states_equal(a, b)
+    assert load_model(resumed.run_dir / "student.pt")[1].provenance["method"] == "dfad"
+
+
+def test_a_setting_the_chosen_method_lacks_is_refused_naming_both(teacher_file: str, tmp_path: Path) -> None:
+    cfg = DistillConfig(teachers=(teacher_file,), steps=2, out=str(tmp_path / "r"), params={"balance": 1.0})
+    with pytest.raises(DfkdError, match=r"--method auto chose fast for this teacher .*balance.*name a method"):
+        distill(cfg)
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_a_setting_no_candidate_takes_is_refused_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(DfkdError, match=r"-p: no method --method auto may choose .* \['lr_gg'\]"):
+        build_config(None, ("lr_gg=1",), teachers=(str(tmp_path / "missing.pt"),))
+
+
+def test_methods_lists_auto_and_shows_its_rule() -> None:
+    out = CliRunner().invoke(main, ["methods"]).output
+    assert out.splitlines()[0].startswith("auto ")
+    rule = CliRunner().invoke(main, ["methods", "--params", "auto"]).output
+    assert "1. BatchNorm, MNIST-kind inputs" in rule and "-> fast" in rule and "-> dfad" in rule
+    assert "[default: auto]" in CliRunner().invoke(main, ["distill", "--help"]).output
