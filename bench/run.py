@@ -207,7 +207,7 @@ def main() -> None:
         args.budgets, args.teachers = [1.0], ["lenet5_bn"]
     from dfkd.methods import list_methods
 
-    methods = args.methods or [m for m in list_methods() if m not in ("transfer", "kd")]
+    methods = args.methods or [m for m in list_methods() if m not in ("transfer", "kd", "crossmodal")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     teachers = {a: teacher_path(a, args) for a in args.teachers}
