@@ -234,6 +234,7 @@ class Run:
         window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
         metrics: dict[str, float] = {}
         clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
+        self.method.clock = clock
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         with _graceful_sigint(self.dist.enabled) as sig, bar:  # the bar ends its line before any error is printed
@@ -241,6 +242,8 @@ class Run:
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
                 self.method.time_budget = self.budget_seconds()
+                self.method.time_left = None if self.method.time_budget is None else \
+                    self.method.time_budget - self.elapsed
                 n = self.method.student_steps_per_round
                 t0, c0 = time.perf_counter(), clock()
                 with self.precision.autocast():

@@ -9,7 +9,8 @@ import pytest
 
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
-from dfkd.methods._budget import ROUND_SHARE, IterationPlanner
+from dfkd.methods._budget import PROBE_STEPS, ROUND_SHARE, STUDENT_SHARE, IterationPlanner, StepPlanner
+from dfkd.methods.nayer import NAYER
 
 
 class Clock:
@@ -59,3 +60,37 @@ def test_slow_synthesis_still_makes_student_steps(teacher_file: str, tmp_path: P
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     notes = [e["message"] for e in events if e.get("event") == "note"]
     assert len(notes) == 1 and "1000000 synthesis iterations" in notes[0]
+
+
+def test_step_planner_fits_a_rounds_student_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.methods._budget as budget
+
+    clock, notes = Clock(), []
+    monkeypatch.setattr(budget, "time", clock)
+    planner = StepPlanner("nayer", notes.append)
+    assert planner.cap(400, None, None) == 400, "a step budget keeps the recipe"
+    assert planner.cap(400, 600.0, 600.0) == PROBE_STEPS, "speed unknown: a short probing round"
+    with planner.timing(PROBE_STEPS):
+        clock.now += 2.0 * PROBE_STEPS  # 2 s a step: 400 would take 800 s, more than the whole budget
+    assert planner.cap(400, 600.0, 600.0) == int(STUDENT_SHARE * 600.0 / 2.0)
+    assert len(notes) == 1 and "400 student steps" in notes[0]
+    assert planner.cap(400, 600.0, 21.0, reserve=10.0) == 5, "the round ends inside the time left"
+    assert planner.cap(400, 600.0, 1.0) == 1, "at least one step"
+    assert planner.cap(4, 600.0, 600.0) == 4, "never more than the recipe's"
+    assert len(notes) == 1, "the note is said once"
+
+
+def test_nayer_warmup_and_rounds_fit_a_time_budget(teacher_file: str, tmp_path: Path) -> None:
+    # NAYER's paper warm-up (20 rounds of 10 batches, no student step) and its 400 student steps a round are hours
+    # on a CPU at CIFAR size; here 1000 warm-up rounds and 10^6 steps a round must still fit a 3-second budget.
+    params = {**NAYER.quick, "warmup_rounds": 1000, "gwp_loops": 3, "s_steps": 1_000_000}
+    cfg = DistillConfig(teachers=(teacher_file,), method="nayer", steps=None, budget_minutes=0.05,
+                        out=str(tmp_path), log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000,
+                        fid_every=0, params=params)
+    result = distill(cfg)
+    assert result.finished and result.step >= PROBE_STEPS, "the warm-up ended and the student trained"
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    notes = " | ".join(e["message"] for e in events if e.get("event") == "note")
+    assert "warm-up" in notes and "1000000 student steps" in notes
+    elapsed = max(e.get("perf/elapsed_s", 0.0) for e in events)
+    assert elapsed < 3.0 * 2, f"the run overran its 3-second budget: {elapsed:.1f} s"

@@ -1,10 +1,15 @@
-"""Fitting a synthesis recipe's iterations per batch into a run's wall-clock budget.
+"""Fitting a recipe's rounds into a run's time budget (wall-clock or CPU seconds, as `--budget-clock` says).
 
 A paper's iterations per synthesized batch (2000 for DeepInversion, 1500 for ZSKD on CIFAR) can take longer on a
 CPU than a whole short run, which would then make no student step at all. Under a time budget a batch may take at
 most `ROUND_SHARE` of it: the first batch stops at that cap (its speed is unknown), and later batches get as many
 iterations as the measured speed fits, with the recipe's schedule spread over them. The run prints a note when
 this cuts the recipe. A step budget (`--steps`) is never cut, so step-budgeted runs stay exactly reproducible.
+
+`StepPlanner` does the same for a round's student steps (NAYER's 400 at batch 512 take longer than a 10-minute
+CPU budget at CIFAR size): a round's student steps take at most `STUDENT_SHARE` of the budget and end inside the
+time left, once a short first round (`PROBE_STEPS`) has measured their speed. `WARMUP_SHARE` bounds a method's
+warm-up rounds, which make no student step.
 """
 
 from __future__ import annotations
@@ -14,8 +19,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-#: The largest share of a wall-clock budget one synthesized batch may take (a run makes >= 1 / ROUND_SHARE rounds).
+import torch.distributed as dist
+
+#: The largest share of a time budget one synthesized batch may take (a run makes >= 1 / ROUND_SHARE rounds).
 ROUND_SHARE = 0.05
+#: The largest share of a time budget one round's student steps may take.
+STUDENT_SHARE = 0.1
+#: The largest share of a time budget a method's warm-up (rounds without student steps) may take.
+WARMUP_SHARE = 0.2
+#: Student steps of the first round under a time budget, before their speed is known.
+PROBE_STEPS = 10
 
 
 class IterationPlanner:
@@ -52,9 +65,60 @@ class IterationPlanner:
         return n, cap
 
     @contextmanager
-    def timing(self) -> Iterator[None]:
-        """Measure the batch made inside: seconds per counted iteration."""
-        self.calls, start = 0, time.perf_counter()
+    def timing(self, clock: Callable[[], float] | None = None) -> Iterator[None]:
+        """Measure the batch made inside: seconds per counted iteration, on the budget's `clock` (default wall)."""
+        clock = clock or time.perf_counter
+        self.calls, start = 0, clock()
         yield
         if self.calls:
-            self.iter_seconds = (time.perf_counter() - start) / self.calls
+            self.iter_seconds = (clock() - start) / self.calls
+
+    @property
+    def batch_seconds(self) -> float:
+        """The expected seconds of the next batch (0 before the first is measured)."""
+        return 0.0 if self.iter_seconds is None else self.iter_seconds * self.calls
+
+
+class StepPlanner:
+    """Caps a round's student steps so that rounds fit the run's time budget.
+
+    Args:
+        method: the method's name, for the note.
+        notice: where the one-line note goes when the recipe's steps are cut.
+    """
+
+    def __init__(self, method: str, notice: Callable[[str], None]) -> None:
+        self.method, self.notice = method, notice
+        self.step_seconds: float | None = None
+        self._noted = False
+
+    def cap(self, steps: int, time_budget: float | None, time_left: float | None, reserve: float = 0.0) -> int:
+        """The steps of the next round: `steps`, or fewer under a time budget (`reserve`: its synthesis seconds).
+
+        Several processes (torchrun) keep the recipe's steps: their clocks differ, and every rank must step alike.
+        """
+        if time_budget is None or time_left is None or steps <= 0 or _distributed():
+            return steps
+        if self.step_seconds is None:
+            return min(steps, PROBE_STEPS)
+        room = min(STUDENT_SHARE * time_budget, time_left - reserve)
+        n = max(1, min(steps, int(room / self.step_seconds)))
+        if n < steps and not self._noted:
+            self._noted = True
+            self.notice(f"{self.method}: {steps} student steps a round would take {steps * self.step_seconds:.0f} s "
+                        f"here, more than {STUDENT_SHARE:.0%} of the {time_budget / 60:g}-minute budget; using up "
+                        f"to {n} a round (a larger --budget-minutes, --steps or a faster device keeps the recipe's)")
+        return n
+
+    @contextmanager
+    def timing(self, steps: int, clock: Callable[[], float] | None = None) -> Iterator[None]:
+        """Measure the `steps` student steps made inside, on the budget's `clock` (default wall)."""
+        clock = clock or time.perf_counter
+        start = clock()
+        yield
+        if steps:
+            self.step_seconds = (clock() - start) / steps
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()

@@ -128,7 +128,7 @@ class InversionMethod(Method):
         self.student.eval()
         iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
         try:
-            with self.planner.timing():
+            with self.planner.timing(self.clock):
                 x, losses = self.synth.synthesize(iterations)
         finally:
             self.student.train(was_training)

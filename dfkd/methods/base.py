@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -116,8 +116,12 @@ class Method(Recipe):
         self.student_seconds = 0.0
         #: Student steps the run's budget has left (None: no step budget); the round in progress takes no more.
         self.steps_left: int | None = None
-        #: The run's wall-clock budget in seconds (None: a step budget only); slow rounds are planned to fit it.
+        #: The run's time budget in seconds (None: a step budget only); slow rounds are planned to fit it.
         self.time_budget: float | None = None
+        #: Seconds of that budget left when the round in progress began (None: no time budget).
+        self.time_left: float | None = None
+        #: The budget's clock (`time.process_time` under `--budget-clock cpu`); the engine sets it.
+        self.clock: Callable[[], float] = time.perf_counter
         self._notices: list[str] = []
 
     # --- description ----------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dfkd.generators.noisy import (
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.losses import update_bn_ema
+from dfkd.methods._budget import WARMUP_SHARE, IterationPlanner, StepPlanner
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, frozen, step_logs
@@ -73,6 +74,10 @@ class NAYER(Method):
     open_clip or sentence-transformers installed (`pip install 'dfkd[text]'`) and weights cached or on disk,
     `-p text_encoder=open_clip:ViT-B-32:WEIGHTS_FILE` (the paper's) or `sentence-transformers:PATH` embeds the
     teacher's class names (or `-p class_names=[...]`); nothing is downloaded.
+    Under a time budget (`--budget-minutes`) the recipe is fitted to it, with a note: a generator loop's g_steps
+    are cut to about 5 % of the budget, the warm-up ends early once it has used 20 % (the paper's 200 batches of
+    400 take hours on a CPU at CIFAR size), and a round's student steps take at most 10 % and end inside the time
+    left; under `--steps` the recipe runs as given.
     Deviations: the best batch of each generator loop is chosen within that loop (the reference keeps one best
     cost across a round's loops, so a later loop can keep its first, unoptimised iterate); the cosine schedule
     has no eta_min (2e-4) and, under a time budget, runs over the warm-up too; the pool is an ImagePool (float16;
@@ -137,6 +142,10 @@ class NAYER(Method):
         self.ema: list | None = None
         self._last_layers: list = []
         self.rounds = 0
+        self.planner = IterationPlanner(self.name, p["g_steps"], None, self.notice)
+        self.steps_planner = StepPlanner(self.name, self.notice)
+        self.warmup_seconds = 0.0  # budget seconds spent in warm-up rounds
+        self.warmup_end = int(p["warmup_rounds"])  # cut short when the warm-up would not fit a time budget
 
     def label_embeddings(self) -> torch.Tensor:
         """The classes' text embeddings from a local encoder, or fixed random ones (`text_encoder=none`)."""
@@ -158,18 +167,44 @@ class NAYER(Method):
     # --- rounds -------------------------------------------------------------------------------------------
     @property
     def warming_up(self) -> bool:
-        return self.rounds < int(self.p["warmup_rounds"])
+        return self.rounds < self.warmup_end
 
     @property
     def student_steps_per_round(self) -> int:
-        return 0 if self.warming_up else super().student_steps_per_round
+        if self.warming_up:
+            return 0
+        reserve = int(self.p["g_loops"]) * self.planner.batch_seconds
+        return self.steps_planner.cap(super().student_steps_per_round, self.time_budget, self.time_left, reserve)
 
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossDict, None]:
+        self.planner.calls += 1
         return momentum_objective(self, x, y, bool(self.p["adv"]) and not self.warming_up), None
+
+    def _generator_batch(self) -> tuple[torch.Tensor, LossDict]:
+        """One generator loop, its g_steps planned to fit a time budget (the recipe's under a step budget)."""
+        steps, _ = self.planner.plan(self.time_budget)
+        self.synth.steps = int(self.p["g_steps"]) if steps is None else steps
+        start = self.clock()
+        with self.planner.timing(self.clock):
+            out = self.synth.synthesize()
+        if self.warming_up:
+            self.warmup_seconds += self.clock() - start
+        return out
+
+    def _warmup_spent(self) -> bool:
+        """Whether the warm-up has used its share of a time budget; if so, it ends with this round."""
+        if self.time_budget is None or self.warmup_seconds < WARMUP_SHARE * self.time_budget:
+            return False
+        self.notice(f"{self.name}: the warm-up ({self.warmup_end} rounds of {self.p['gwp_loops']} batches) would "
+                    f"take more than {WARMUP_SHARE:.0%} of the {self.time_budget / 60:g}-minute budget here; it "
+                    f"ends after {self.rounds + 1} round(s) (a larger --budget-minutes, --steps or a faster device "
+                    "keeps the recipe's)")
+        self.warmup_end = self.rounds + 1
+        return True
 
     def synthesize(self) -> dict[str, float]:
         """The round's generator loops (the student frozen and in eval mode, as the reference)."""
-        p, r, warm = self.p, self.rounds, int(self.p["warmup_rounds"])
+        p, r, warm = self.p, self.rounds, self.warmup_end
         if (r - warm) % p["g_life"] == 0 or r % p["g_life"] == 0:
             self.generator.reset_all()
         logs: dict[str, float] = {}
@@ -180,11 +215,13 @@ class NAYER(Method):
             with frozen(self.student):
                 for _ in range(int(p["gwp_loops"] if self.warming_up else p["g_loops"])):
                     self._last_layers = []
-                    x, losses = self.synth.synthesize()
+                    x, losses = self._generator_batch()
                     if self._last_layers and p["bn_mmt"]:
                         self.ema = update_bn_ema(self._last_layers, self.ema, p["bn_mmt"])
                     batches.append(x)
                     logs = step_logs("gen", losses)
+                    if self.warming_up and self.warmup_end > r + 1 and self._warmup_spent():
+                        break
         finally:
             self.student.train()
             self.bn.set_active(False)
@@ -195,8 +232,9 @@ class NAYER(Method):
         n = self.student_steps_per_round
         logs = self.synthesize()
         self.rounds += 1
-        for _ in range(n):
-            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+        with self.steps_planner.timing(n, self.clock):
+            for _ in range(n):
+                logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
         return logs
 
     # --- state --------------------------------------------------------------------------------------------
@@ -205,10 +243,12 @@ class NAYER(Method):
         super().close()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"rounds": self.rounds,
+        return {"rounds": self.rounds, "warmup_end": self.warmup_end, "warmup_seconds": self.warmup_seconds,
                 "bn_ema": None if self.ema is None else [[m.clone(), v.clone()] for m, v in self.ema]}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.rounds = int(state.get("rounds", 0))
+        self.warmup_end = int(state.get("warmup_end", self.warmup_end))
+        self.warmup_seconds = float(state.get("warmup_seconds", 0.0))
         ema = state.get("bn_ema")
         self.ema = None if ema is None else [(m.to(self.device), v.to(self.device)) for m, v in ema]

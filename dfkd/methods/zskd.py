@@ -98,7 +98,7 @@ class ZSKD(Method):
 
     def round(self) -> dict[str, float]:
         iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
-        with self.planner.timing():
+        with self.planner.timing(self.clock):
             x, losses = self.synth.synthesize(iterations)
             self.planner.calls = self.synth.last_iterations
         self.last_images = x
