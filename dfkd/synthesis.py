@@ -144,6 +144,11 @@ class Balance:
                           "samples; the rest of the file is filled unbalanced", stacklevel=3)
             self.warned = True
 
+    @property
+    def gave_up(self) -> bool:
+        """Whether the quotas were given up (the file is not class-balanced)."""
+        return self.drawn > self.limit
+
     def state_dict(self) -> dict[str, Any]:
         return {"counts": self.counts.clone(), "drawn": self.drawn}
 
@@ -211,19 +216,23 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         else:
             m.load_state_dict(state["method"])
             set_rng_state(state["rng"])
-        _collect(m, generator, parts, num, done, progress, teacher, labels, device, views, recipe)
+        balance = _collect(m, generator, parts, num, done, progress, teacher, labels, device, views, recipe)
     finally:
         m.close()
     record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
                         top1_on=top1_on)
-    record.update(views=views, class_balanced=generator)
+    record.update(views=views, class_balanced=balance is not None and not balance.gave_up)
     parts.assemble(meta_arrays(teacher.spec, teacher.num_classes, method, teacher.sha256, record, recipe), num)
     return load_transfer(out, "--out")
 
 
 def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progress: bool, teacher: Teacher,
-             labels: LabelSpec, device: torch.device, views: int, recipe: dict[str, Any]) -> None:
-    """Make the images still missing, part by part, each with its labels and the state after it."""
+             labels: LabelSpec, device: torch.device, views: int, recipe: dict[str, Any]) -> Balance | None:
+    """Make the images still missing, part by part, each with its labels and the state after it.
+
+    Returns:
+        The class quotas of a generator method (None for others), as they stand after the last part.
+    """
     from tqdm import tqdm
 
     from dfkd.checkpoint import rng_state
@@ -249,6 +258,7 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
             parts.add(x, probs, {"method": m.state_dict(), "rng": rng_state(), **extra})
             left -= len(x)
             bar.update(len(x))
+    return balance
 
 
 def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.device) -> tuple[float | None,

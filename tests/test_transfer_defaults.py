@@ -62,7 +62,19 @@ def test_balance_keeps_quotas_resumes_and_gives_up_after_its_limit() -> None:
     starved.keep(one_hot[[0, 0], :2])
     with pytest.warns(UserWarning, match=r"classes \[1\] too rarely"):
         kept = starved.keep(one_hot[[0] * 40, :2])  # past BALANCE_DRAWS x num samples: take what comes
-    assert len(kept) == 40
+    assert len(kept) == 40 and starved.gave_up and not again.gave_up
+    assert Balance(2, 2, starved.state_dict()).gave_up, "a resumed run knows it gave up"
+
+
+def test_provenance_says_unbalanced_when_balance_gave_up(linear_teacher: Teacher, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.synthesis as synthesis
+
+    monkeypatch.setattr(synthesis, "BALANCE_DRAWS", 0)  # give up at once: the file is filled as sampled
+    with pytest.warns(UserWarning, match="too rarely"):
+        data = synthesize(linear_teacher, "dfad", 50, tmp_path / "u.npz", params={"batch_size": 16}, steps=0,
+                          student="lenet5_half")
+    assert data.provenance["class_balanced"] is False
 
 
 # --- stored views -------------------------------------------------------------------------------------------------
