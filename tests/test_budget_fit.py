@@ -94,3 +94,19 @@ def test_nayer_warmup_and_rounds_fit_a_time_budget(teacher_file: str, tmp_path: 
     assert "warm-up" in notes and "1000000 student steps" in notes
     elapsed = max(e.get("perf/elapsed_s", 0.0) for e in events)
     assert elapsed < 3.0 * 2, f"the run overran its 3-second budget: {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("method", ["cmi", "fast"])
+def test_latent_rounds_fit_a_time_budget(teacher_file: str, tmp_path: Path, method: str) -> None:
+    # CMI's CIFAR recipe (200 generator steps, then 400 student steps a round) makes one round longer than a
+    # 10-minute CPU budget; here 10^6 of each must still give several rounds inside a 3-second budget.
+    params = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 1_000_000, "s_steps": 1_000_000}
+    cfg = DistillConfig(teachers=(teacher_file,), method=method, steps=None, budget_minutes=0.05, out=str(tmp_path),
+                        log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000, fid_every=0, params=params)
+    result = distill(cfg)
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    notes = " | ".join(e["message"] for e in events if e.get("event") == "note")
+    assert result.finished and result.step > PROBE_STEPS, "more than the probing round"
+    assert "1000000 synthesis iterations" in notes and "1000000 student steps" in notes
+    elapsed = max(e.get("perf/elapsed_s", 0.0) for e in events)
+    assert elapsed < 3.0 * 2, f"the run overran its 3-second budget: {elapsed:.1f} s"

@@ -15,6 +15,7 @@ from dfkd.generators import Generator
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
+from dfkd.methods._budget import IterationPlanner, StepPlanner
 from dfkd.methods._gan import CPU_WIDTH_REASON, GAN_CPU, generator_width
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.teacher import Teacher
@@ -65,6 +66,8 @@ class LatentMethod(Method):
         self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
         self.bn = BNInputs(teacher, self.name)
         self.synth: LatentSynthesizer = self.make_synthesizer()
+        self.planner = IterationPlanner(self.name, p["g_steps"], None, self.notice)
+        self.steps_planner = StepPlanner(self.name, self.notice)
 
     def make_synthesizer(self) -> LatentSynthesizer:
         raise NotImplementedError
@@ -85,10 +88,20 @@ class LatentMethod(Method):
             self.student.train()
             self.bn.set_active(False)
 
+    @property
+    def student_steps_per_round(self) -> int:
+        return self.steps_planner.cap(super().student_steps_per_round, self.time_budget, self.time_left,
+                                      self.planner.batch_seconds)
+
     def synthesize(self) -> dict[str, float]:
-        """One synthesis round; its best batch is in the pool and in `last_images`."""
-        with self.synthesis():
+        """One synthesis round; its best batch is in the pool and in `last_images`.
+
+        Under a time budget its g_steps are fitted to it (`IterationPlanner`); under a step budget the recipe's.
+        """
+        self.synth.steps = self.planner.steps(self.time_budget)
+        with self.synthesis(), self.planner.timing(self.clock):
             x, losses = self.synth.synthesize()
+            self.planner.calls = self.synth.steps
             self.after_synthesis()
         self.last_images = x
         return step_logs("gen", losses)
@@ -97,9 +110,11 @@ class LatentMethod(Method):
         """Hook at the end of synthesis, BN records still available (Fast-DFKD updates its EMA here)."""
 
     def round(self) -> dict[str, float]:
+        n = self.student_steps_per_round
         logs = self.synthesize()
-        for _ in range(self.student_steps_per_round):
-            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+        with self.steps_planner.timing(n, self.clock):
+            for _ in range(n):
+                logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
         return logs
 
     def close(self) -> None:

@@ -182,8 +182,7 @@ class NAYER(Method):
 
     def _generator_batch(self) -> tuple[torch.Tensor, LossDict]:
         """One generator loop, its g_steps planned to fit a time budget (the recipe's under a step budget)."""
-        steps, _ = self.planner.plan(self.time_budget)
-        self.synth.steps = int(self.p["g_steps"]) if steps is None else steps
+        self.synth.steps = self.planner.steps(self.time_budget)
         start = self.clock()
         with self.planner.timing(self.clock):
             out = self.synth.synthesize()
