@@ -60,7 +60,7 @@ class RunSummary:
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:
-        """The held-out selection's choice and the collapse warnings of the run (dfkd.runwatch)."""
+        """The held-out selection's choice and the run's collapse and not-learned warnings (dfkd.runwatch)."""
         lines = []
         done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
         if done:
@@ -70,7 +70,8 @@ class RunSummary:
         ema = self.last("student/top1_ema")
         if ema is not None:
             lines.append(f"EMA:      test top-1 {100 * ema:.2f}%")
-        lines += [f"warning:  step {e['step']}: {e['message']}" for e in self.events if e.get("event") == "collapse"]
+        lines += [f"warning:  step {e['step']}: {e['message']}" for e in self.events
+                  if e.get("event") in ("collapse", "not_learned")]  # dfkd.watch, dfkd.endcheck
         return lines
 
 

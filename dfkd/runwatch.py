@@ -1,5 +1,8 @@
 """What the loop watches besides its losses: mode collapse (dfkd.watch), EMA and held-out selection (dfkd.selection).
 
+At the end (`finish`) it also checks the run's last batch, and says when the run ended collapsed too soon for the
+watch's episode to start, or with a student that has not learned (dfkd.endcheck).
+
 The engine makes one `RunWatch` per run and calls `after_round` after every round, `evaluate` beside its own
 evaluation, `finish` before writing student.pt, and `state_dict`/`load_state_dict` with its checkpoint. Nothing
 here draws from the run's RNG streams (held-out draws fork them), so a run's training is the same with or
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dfkd.endcheck import chance_threshold, collapsed_at_end, not_learned_message, top1_agreement
 from dfkd.evaluate import accuracy
 from dfkd.methods.transfer import NoTeacher
 from dfkd.selection import Selector
@@ -45,6 +49,8 @@ class RunWatch:
         # A --quantize run's int8 export is made from the raw (fake-quantized) student: student.pt stays that one.
         self.selector = Selector(run.method, run.cfg.seed, enabled=not getattr(run.cfg, "quantize", None))
         self.last = self._counters()
+        self.watch_step = -1  # the step of the last check of the synthetic batch
+        self.collapse_stats: dict[str, float] = {}  # the last collapsed check's statistics, for the end warning
 
     def _counters(self) -> dict[str, int]:
         step = self.run.step
@@ -70,7 +76,8 @@ class RunWatch:
             if scores:
                 log.scalars(self.run.step, scores, "select/")
 
-    def _batch_logits(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _batch_logits(self, student: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(teacher, `student` (default: the method's)) logits on the latest synthetic batch; None without one."""
         method = self.run.method
         x = method.last_images
         if x is None:
@@ -81,7 +88,7 @@ class RunWatch:
             if isinstance(method.teacher, NoTeacher):
                 return None  # no teacher to ask (stored transfer data without its teacher)
             t_logits = eval_logits(method.teacher, x)
-        return t_logits[:256], eval_logits(method.student, x)
+        return t_logits[:256], eval_logits(method.student if student is None else student, x)
 
     def _watch(self, log: Any) -> None:
         logits = self._batch_logits()
@@ -89,7 +96,11 @@ class RunWatch:
             return
         stats = batch_stats(*logits)
         log.scalars(self.run.step, stats, "synthetic/")
-        if self.collapse.update(stats["effective_classes"], len(logits[0])):
+        self.watch_step = self.run.step
+        started = self.collapse.update(stats["effective_classes"], len(logits[0]))
+        if self.collapse.recent[-1]:
+            self.collapse_stats = stats
+        if started:
             steps = self.collapse.streak * self.watch_every
             message = collapse_message(self.run.method, stats, self.run.teacher.num_classes, steps)
             tqdm.write(f"warning: step {self.run.step}: {message}", file=sys.stderr)
@@ -119,6 +130,7 @@ class RunWatch:
             "ema at step 2400 (held-out agreement 97.1%; raw 95.0%, ema 97.1%)").
         """
         label, model, scores = self.selector.choose(self.run.step)
+        self._end_warnings(log, model)
         if scores:
             log.scalars(self.run.step, {("agreement" if k == "raw" else f"agreement_{k}"): v
                                         for k, v in scores.items()}, "select/")
@@ -138,13 +150,50 @@ class RunWatch:
         detail = ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items())
         return model, metrics, f"{label} (held-out agreement: {detail})"
 
+    # --- end of run (dfkd.endcheck) ---------------------------------------------------------------------------
+    def _end_warnings(self, log: Any, model: nn.Module) -> None:
+        """Check the last batch (however short the run), then warn of a late collapse or a student at chance."""
+        if self.watch_every > 0 and self.watch_step != self.run.step:
+            self._watch(log)
+        if collapsed_at_end(self.collapse) and self.collapse_stats:
+            steps = min(sum(self.collapse.recent) * self.watch_every, self.run.step)  # a check: its interval
+            message = collapse_message(self.run.method, self.collapse_stats, self.run.teacher.num_classes, steps)
+            tqdm.write(f"warning: step {self.run.step} (end of run): {message}", file=sys.stderr)
+            log.event(self.run.step, event="collapse", at_end=True, message=message, **self.collapse_stats)
+        self._check_learned(log, model)
+
+    def _agreement(self, model: nn.Module) -> tuple[float, int, bool] | None:
+        """(top-1 agreement of `model` with the teacher, images, held-out?) on the held-out set, else the last batch."""
+        heldout = self.selector.heldout
+        if heldout is not None and len(heldout):
+            n = min(heldout.seen, heldout.size)
+            return top1_agreement(eval_logits(model, heldout.x[:n]), heldout.labels[:n]), n, True
+        logits = self._batch_logits(model)
+        if logits is None:
+            return None
+        return top1_agreement(logits[1], logits[0].argmax(1)), len(logits[0]), False
+
+    def _check_learned(self, log: Any, model: nn.Module) -> None:
+        """Warn when the written student agrees with the teacher at about chance on synthetic images."""
+        run, k = self.run, self.run.teacher.num_classes
+        measured = self._agreement(model)
+        if measured is None or measured[0] > chance_threshold(k):
+            return
+        agreement, images, heldout = measured
+        message = not_learned_message(run.method, run.cfg, run.device, agreement, k, heldout, run.step)
+        tqdm.write(f"warning: step {run.step}: {message}", file=sys.stderr)
+        log.event(run.step, event="not_learned", message=message, agreement=agreement, chance=1 / k,
+                  threshold=chance_threshold(k), images=images, heldout=heldout)
+
     # --- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"collapse": self.collapse.state_dict(), "selector": self.selector.state_dict()}
+        return {"collapse": self.collapse.state_dict(), "collapse_stats": self.collapse_stats,
+                "selector": self.selector.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("collapse"):
             self.collapse.load_state_dict(state["collapse"])
+        self.collapse_stats = dict(state.get("collapse_stats") or {})
         if state.get("selector"):
             self.selector.load_state_dict(state["selector"])
         self.last = self._counters()

@@ -16,7 +16,7 @@ their generator loss (DAFL has it already as `ie`, DFQ as `balance`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -90,13 +90,16 @@ class CollapseWatch:
     healthy: int = 0
     in_episode: bool = False
     episodes: int = 0
+    recent: list[bool] = field(default_factory=list)  # the last `patience` checks: collapsed or not
 
     def threshold(self, batch: int) -> float:
         return max(self.fraction * min(self.num_classes, batch), 1.5)
 
     def update(self, effective: float, batch: int) -> bool:
         """Record one check; True exactly when this check starts a collapse episode."""
-        if effective < self.threshold(batch):
+        collapsed = effective < self.threshold(batch)
+        self.recent = [*self.recent, collapsed][-self.patience:]
+        if collapsed:
             self.streak, self.healthy = self.streak + 1, 0
             if not self.in_episode and self.streak >= self.patience:
                 self.in_episode, self.episodes = True, self.episodes + 1
@@ -109,7 +112,7 @@ class CollapseWatch:
 
     def state_dict(self) -> dict[str, Any]:
         return {"streak": self.streak, "healthy": self.healthy, "in_episode": self.in_episode,
-                "episodes": self.episodes}
+                "episodes": self.episodes, "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import KWARGS
 from torch import nn
 
 from dfkd.config import DistillConfig
+from dfkd.endcheck import chance_threshold, collapsed_at_end, top1_agreement
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
 from dfkd.generators import Generator, GeneratorSynthesizer
@@ -156,3 +159,98 @@ def test_bad_watch_settings_are_refused(teacher_file: str, tmp_path: Path, param
                                "params": {"batch_size": 4, "iterations": 2, "collapse_action": "reset"}})
     with pytest.raises(DfkdError, match=match):
         distill(cfg)
+
+
+# --- at the end of a run (dfkd.endcheck) ------------------------------------------------------------------
+@pytest.mark.parametrize(("recent", "in_episode", "warns"), [
+    ([True], False, True), ([True, True], False, True), ([False, True, True], False, True),
+    ([False, False, False, True, True], False, False), ([True, True, False], False, False),
+    ([False, False], False, False),
+    ([True, True, True], True, False)])
+def test_a_run_ends_collapsed_when_most_of_its_last_checks_were(recent: list[bool], in_episode: bool,
+                                                                warns: bool) -> None:
+    watch = CollapseWatch(10, patience=5)
+    for collapsed in recent:
+        watch.update(1.0 if collapsed else 9.0, 64)
+    watch.in_episode = in_episode  # an episode in progress has warned already
+    assert collapsed_at_end(watch) == warns
+
+
+@pytest.mark.parametrize(("steps", "watch_every"), [(4, 2), (6, 50)])
+def test_a_short_run_that_collapses_warns_at_its_end(teacher_file: str, tmp_path: Path, one_class_generator: None,
+                                                     capsys: pytest.CaptureFixture[str], steps: int,
+                                                     watch_every: int) -> None:
+    # two checks (or only the end's, the run being shorter than one interval): fewer than the patience of 3
+    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", watch_every=watch_every), steps=steps)
+    run = distill(cfg).run_dir
+    err = capsys.readouterr().err
+    assert err.count("mode collapse") == 1 and f"step {steps} (end of run): dfad: mode collapse" in err
+    assert "-p balance=" in err
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    collapses = [e for e in events if e.get("event") == "collapse"]
+    assert len(collapses) == 1 and collapses[0]["at_end"] and collapses[0]["effective_classes"] == 1.0
+    assert "mode collapse" in report(run).text()
+
+
+def test_a_short_balanced_run_ends_without_a_collapse_warning(teacher_file: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01), steps=4)
+    run = distill(cfg).run_dir
+    assert "mode collapse" not in capsys.readouterr().err
+    assert "collapse" not in (run / "metrics.jsonl").read_text()
+
+
+def test_chance_threshold_and_agreement() -> None:
+    assert chance_threshold(10) == pytest.approx(0.15) and chance_threshold(2) == pytest.approx(0.6)
+    assert chance_threshold(1000) == pytest.approx(0.0015)
+    labels = torch.arange(100) % 10
+    at_chance = torch.nn.functional.one_hot(torch.zeros(100, dtype=torch.long), 10).float()  # always class 0
+    assert top1_agreement(at_chance, labels) == pytest.approx(0.1)
+    assert top1_agreement(at_chance, labels) <= chance_threshold(10)
+    assert top1_agreement(torch.nn.functional.one_hot(labels, 10).float(), labels) == 1.0
+
+
+@pytest.fixture
+def student_from_teacher(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """The run's student starts as the teacher (learned), or with its classes rolled by one (agrees on none)."""
+    import dfkd.engine
+
+    original, how = dfkd.engine.build_method, {"roll": False}
+
+    def build(*args, **kwargs):
+        built = original(*args, **kwargs)
+        state = {k: v.clone() for k, v in args[1].module.state_dict().items()}
+        if how["roll"]:
+            last = [k for k in state if k.endswith(".weight")][-1].removesuffix(".weight")
+            for k in (f"{last}.weight", f"{last}.bias"):
+                state[k] = state[k].roll(1, 0)
+        built.method.student.load_state_dict(state)
+        return built
+
+    monkeypatch.setattr(dfkd.engine, "build_method", build)
+    return how
+
+
+@pytest.mark.parametrize("heldout", [True, False])
+@pytest.mark.parametrize("learned", [True, False])
+def test_a_student_at_chance_is_told_it_has_not_learned(teacher_file: str, tmp_path: Path, heldout: bool,
+                                                        learned: bool, student_from_teacher: dict[str, bool],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    student_from_teacher["roll"] = not learned
+    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01, lr_s=1e-9,
+                               select_every=2 if heldout else 0, heldout_chunk=32),
+                  steps=4, student="lenet5_bn", student_args=KWARGS)
+    run = distill(cfg).run_dir
+    err = capsys.readouterr().err
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    warned = [e for e in events if e.get("event") == "not_learned"]
+    if learned:
+        assert not warned and "has not learned" not in err
+        return
+    where = "held-out synthetic images" if heldout else "its latest synthetic batch"
+    assert err.count("has not learned") == 1
+    assert f"warning: step 4: dfad: the student agrees with the teacher on 0.0% of {where}, about chance (10.0%)" \
+        in err
+    assert "--steps" in err and "--method auto" in err
+    assert len(warned) == 1 and warned[0]["heldout"] == heldout and warned[0]["images"] == (64 if heldout else 8)
+    assert "has not learned" in report(run).text()

@@ -1,0 +1,69 @@
+"""Warnings at the end of a run: a collapse too short to start an episode, and a student that has not learned.
+
+Both use data-free signals only (the user has no real data), and go where the collapse watch's warnings go: a
+`warning:` line in the progress output, an event in metrics.jsonl (`collapse` with `at_end: true`, or
+`not_learned`) and `dfkd report`.
+
+- **Collapse at the end.** The watch (dfkd.watch) warns after `collapse_patience` collapsed checks in a row, so a
+  run shorter than that (5 checks, 250 student steps by default) never warned. At the end, when no episode is in
+  progress, the last check was collapsed and most of the last `collapse_patience` checks (all of them, when the
+  run had fewer) were, the run warns once with the episode's message and remedy.
+- **Not learned.** A student can sit at chance while the generator's batches are varied: it simply did not learn.
+  At the end the written student's top-1 agreement with the teacher is measured on synthetic images it never
+  trained on, the held-out set of dfkd.selection when the method has one, else on the watch's latest synthetic
+  batch. A student whose answers are unrelated to the teacher's agrees on about 1/K of a class-balanced set (K
+  classes); the run warns when the agreement is at most `chance_threshold(K)` = min(1.5 / K, 1 / K + 0.1): half
+  of chance again above it (on 1024 held-out images a chance-level student's agreement has a standard deviation
+  of about 1 point at K = 10, so 15 % is over five of them away), and never more than 10 points above chance (at
+  K = 2, 60 %). A student that learned anything useful agrees far above that.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dfkd.watch import CollapseWatch
+
+
+def collapsed_at_end(watch: CollapseWatch) -> bool:
+    """True when the run ends collapsed without an episode in progress (see the module docstring)."""
+    recent = watch.recent
+    return bool(recent) and not watch.in_episode and recent[-1] and 2 * sum(recent) > len(recent)
+
+
+def chance_threshold(num_classes: int) -> float:
+    """The agreement at or below which a student has not learned: min(1.5 / K, 1 / K + 0.1)."""
+    chance = 1.0 / num_classes
+    return min(1.5 * chance, chance + 0.1)
+
+
+def top1_agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of rows whose arg-max is the teacher's label.
+
+    Shape:
+        - logits: (N, K)
+        - labels: (N,)
+    """
+    return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
+
+
+def remedy(method: Any, cfg: Any, device: torch.device) -> str:
+    """What to try when the student has not learned: a longer budget, the CPU recipe, another method, auto."""
+    tips = ["a longer budget (--steps or --budget-minutes)"]
+    if device.type == "cpu" and method.p.get("recipe") != "cpu" and type(method).cpu_params():
+        tips.append("-p recipe=cpu (the recipe measured on a CPU)")
+    if getattr(cfg, "auto_choice", None):
+        tips.append(f"another method than the {method.name} that --method auto chose (--method NAME; dfkd methods)")
+    else:
+        tips += ["another method (dfkd methods)", "--method auto (a method picked for this teacher)"]
+    return "try " + ", ".join(tips[:-1]) + f" or {tips[-1]}"
+
+
+def not_learned_message(method: Any, cfg: Any, device: torch.device, agreement: float, num_classes: int,
+                        heldout: bool, steps: int) -> str:
+    """One line: the problem (agreement, chance, where it was measured) and the remedy."""
+    where = "held-out synthetic images" if heldout else "its latest synthetic batch"
+    return (f"{method.name}: the student agrees with the teacher on {100 * agreement:.1f}% of {where}, about "
+            f"chance ({100 / num_classes:.1f}%): it has not learned in {steps} steps; {remedy(method, cfg, device)}")
