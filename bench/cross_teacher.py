@@ -14,15 +14,20 @@ module:Class` + input spec, as a user holds them) and cached in bench/teachers/.
 statistics (`uses_bn`) run only on BN teachers. The student is dfkd's default for the teacher; the teacher's real
 test set is used only to evaluate.
 
-OUT/cross_teacher.md has two tables: % of the teacher per (method, teacher) with the worst teacher of each method
-and the best method of each teacher; and per cell the real top-1 of the candidates the data-free selection chose
-between (final raw student, final EMA, kept snapshot), whether the written student is within 1 point of the best
-of them, and whether the log holds a mode-collapse warning.
+`auto` is `dfkd distill --method auto` (dfkd.auto picks the method from the teacher; it is the CLI's default), at
+--auto-budget CPU-minutes; its cells name the method it picked, e.g. `auto (fast)`, read from the run's config.json.
+
+OUT/cross_teacher.md has three tables: % of the teacher per (method, teacher) with the worst teacher of each method
+and the best named method of each teacher; per teacher, what auto picked and reached beside that best method; and
+per cell the real top-1 of the candidates the data-free selection chose between (final raw student, final EMA, kept
+snapshot), whether the written student is within 1 point of the best of them, and whether the log holds a
+mode-collapse warning or a not-learned one (dfkd.endcheck).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -200,12 +205,14 @@ def run_summary(run_dir: Path) -> dict:
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     final = [r for r in records if r.get("event") == "finished"][-1]
     collapses = [r for r in records if r.get("event") == "collapse"]
+    not_learned = [r for r in records if r.get("event") == "not_learned"]  # dfkd.endcheck
     out = {k: final.get(f"student/{k}") for k in ("top1", "top1_raw", "top1_ema", "top1_best")}
     teacher = [r["student/teacher_top1"] for r in records if "student/teacher_top1" in r]
     out.update(selected=final.get("selected", ""), collapse=bool(collapses),
                teacher_top1=teacher[0] if teacher else None,
                collapse_message=collapses[0]["message"] if collapses else None,
-               collapse_step=collapses[0]["step"] if collapses else None)
+               collapse_step=collapses[0]["step"] if collapses else None, not_learned=bool(not_learned),
+               not_learned_message=not_learned[0]["message"] if not_learned else None)
     return out
 
 
@@ -283,19 +290,39 @@ def grid_table(cells: list[dict], acc: dict[str, float], teachers: list[str], me
         row = []
         for t in teachers:
             c = by.get((t, m))
-            row.append("" if c is None else "n/a" if "skipped" in c else f"{pct(c, acc[t]):.1f}" if c.get("top1")
+            row.append("" if c is None else "n/a" if "skipped" in c else _grid_cell(c, acc[t]) if c.get("top1")
                        is not None else "error" if "error" in c else "")  # "": not run yet
         worst = worst_teacher([by[(t, m)] for t in teachers if (t, m) in by], acc, m)
         worst_text = "" if worst is None else f"{worst[1]:.1f} ({worst[0]})"
         lines.append(f"| {m} | " + " | ".join(row) + f" | {worst_text} |")
-    best = [best_method([by[(t, m)] for m in methods if (t, m) in by], acc, t) for t in teachers]
+    # auto runs at another budget (--auto-budget): the best method is the best of the named ones
+    best = [best_method([by[(t, m)] for m in methods if (t, m) in by and m != "auto"], acc, t) for t in teachers]
     best_text = ["" if b is None else f"{b[0]} ({b[1]:.1f})" for b in best]
     lines.append("| **best method** | " + " | ".join(best_text) + " | |")
     return "\n".join(lines) + "\n"
 
 
+def _grid_cell(cell: dict, teacher_top1: float) -> str:
+    """% of the teacher; an auto cell also names the method auto picked for that teacher."""
+    picked = f" ({cell['picked']})" if cell.get("picked") else ""
+    return f"{pct(cell, teacher_top1):.1f}{picked}"
+
+
+def auto_table(cells: list[dict], acc: dict[str, float], teachers: list[str]) -> str:
+    """Per teacher: what auto picked and reached (at --auto-budget), beside the best named method (at --budget)."""
+    lines = ["| teacher | auto picked | auto % of teacher | best other method | its % of teacher |", "|---" * 5 + "|"]
+    for t in teachers:
+        auto = next((c for c in cells if c["teacher"] == t and c["method"] == "auto"), None)
+        best = best_method([c for c in cells if c["teacher"] == t and c["method"] != "auto"], acc, t)
+        auto_pct = None if auto is None else pct(auto, acc[t])
+        lines.append(f"| {t} | {(auto or {}).get('picked') or ''} | "
+                     f"{'' if auto_pct is None else f'{auto_pct:.1f}'} | {'' if best is None else best[0]} | "
+                     f"{'' if best is None else f'{best[1]:.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
 def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
-    """Per cell: student top-1, the selection's candidates and verdict, the collapse warning."""
+    """Per cell: student top-1, the selection's candidates and verdict, the collapse and not-learned warnings."""
     lines = ["| teacher | method | budget | student top-1 | % of teacher | raw / EMA / snapshot top-1 | "
              "selection within 1 pt | collapse warning | steps |", "|---" * 9 + "|"]
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
@@ -303,7 +330,7 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
         if "skipped" in c or ("top1" not in c and "error" not in c):  # n/a, or not run yet
             continue
         budget = "smoke" if c.get("smoke") else f"{c['budget_min']:g} min"
-        head = f"| {c['teacher']} | {c['method']} | {budget} | "
+        head = f"| {c['teacher']} | {run.method_label(c)} | {budget} | "
         if c.get("top1") is None:
             lines.append(head + f"error: {str(c.get('error', '?'))[:60]} |" + " |" * 5)
             continue
@@ -311,6 +338,7 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
         cands = " / ".join(fmt(c.get(k)) for k in ("top1_raw", "top1_ema", "top1_best"))
         verdict = "n/a" if ok is None else "yes" if ok else "no"
         collapse = f"yes (step {c['collapse_step']})" if c.get("collapse") else "no"
+        collapse += "; not learned" if c.get("not_learned") else ""
         lines.append(f"{head}{fmt(c['top1'])} | {pct(c, acc[c['teacher']]):.1f} | {cands} | {verdict} | "
                      f"{collapse} | {c.get('steps', '')} |")
     return "\n".join(lines) + "\n"
@@ -330,16 +358,23 @@ def report(teachers: list[BenchTeacher], methods: list[str], cells: list[dict], 
     ran = [c for c in cells if c.get("top1") is not None]
     md = f"Cells stored: {len(ran)} finished of {sum('skipped' not in c for c in cells)} to run. {note}\n\n"
     md += teacher_table(teachers, acc) + "\n% of the teacher's top-1:\n\n" + grid_table(cells, acc, names, methods)
+    if "auto" in methods:
+        md += "\n`--method auto` per teacher:\n\n" + auto_table(cells, acc, names)
     return md + "\nPer cell:\n\n" + cell_table(cells, acc)
+
+
+def default_methods() -> list[str]:
+    """Every data-free method, then `auto` (with --smoke too: every cell of the grid runs)."""
+    from dfkd.methods import list_methods
+
+    return [*[m for m in list_methods() if m not in (*EXCLUDED, "auto")], "auto"]
 
 
 def main() -> None:
     args = parse()
     os.environ["OMP_NUM_THREADS"] = "1"  # one torch thread per run (and for this process's own evaluations)
-    from dfkd.methods import list_methods
-
-    have_auto = "auto" in list_methods()
-    methods = args.methods or [*[m for m in list_methods() if m not in (*EXCLUDED, "auto")], "auto"]
+    have_auto = importlib.util.find_spec("dfkd.auto") is not None  # not a registered method: it picks one
+    methods = args.methods or default_methods()
     out = Path(args.out)
     teachers = [TEACHERS[n] for n in args.teachers]
     acc = {t.name: teacher_accuracy(t, out) for t in teachers}

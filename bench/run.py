@@ -3,6 +3,7 @@
     python bench/run.py                       # budgets 2, 5, 10 minutes, both teachers, every method
     python bench/run.py --quick               # 1-minute budget, BN teacher only: a smoke pass over everything
     python bench/run.py --methods dfad dafl --budgets 5 --teachers lenet5_bn
+    python bench/run.py --methods auto fast --budgets 10  # auto: its row says which method it picked
     python bench/run.py --budgets 10 --jobs 2  # two runs at a time, one thread each
 
 A budget counts each run's own CPU time (`--budget-clock cpu`), so a run on a machine shared with other jobs gets
@@ -35,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 #: This checkout's dfkd (the `dfkd` on PATH may be another checkout's editable install).
 DFKD = [sys.executable, "-m", "dfkd"]
+#: `--methods auto` runs `dfkd distill --method auto` (dfkd.auto picks the method; its row names the pick).
+AUTO = "auto"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--teachers", nargs="+", default=["lenet5", "lenet5_bn"])
     ap.add_argument("--teacher-file", action="append", default=[], metavar="ARCH=FILE",
                     help="use this teacher file for ARCH instead of training one")
-    ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="default: every registered data-free method; `auto` runs --method auto")
     ap.add_argument("--budgets", nargs="+", type=float, default=[2, 5, 10], help="minutes")
     ap.add_argument("--quick", action="store_true", help="1-minute budget, lenet5_bn only")
     ap.add_argument("--jobs", type=int, default=1,
@@ -99,7 +103,8 @@ def pairs(teachers: dict[str, Path], methods: list[str], all_pairs: bool) -> lis
     from dfkd.methods import get_method
 
     bn = {arch: has_batchnorm(path) for arch, path in teachers.items()}
-    return [(arch, m, all_pairs or bn[arch] or not get_method(m).uses_bn) for arch in teachers for m in methods]
+    return [(arch, m, all_pairs or bn[arch] or m == AUTO or not get_method(m).uses_bn) for arch in teachers
+            for m in methods]
 
 
 def evaluate(model: Path, test: str, extra: Sequence[str] = ()) -> float:
@@ -128,15 +133,28 @@ def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace
     if os.waitstatus_to_exitcode(status) != 0:
         row["error"] = (log.read_text().strip().splitlines() or ["?"])[-1].removeprefix("error: ")
         return row
+    return {**row, **read_run(out)}
+
+
+def read_run(out: Path) -> dict:
+    """A finished run folder's part of its row: top-1, steps, mean throughput, and what `auto` picked."""
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     perf = [r for r in records if "perf/samples_per_s" in r]
     final = [r for r in records if r.get("event") == "finished"][-1]
-    row.update(top1=final.get("student/top1"), steps=final["step"])
+    row = {"top1": final.get("student/top1"), "steps": final["step"]}
     if perf:
         for key in ("samples_per_s", "steps_per_s", "synthesis_share"):
             vals = [r[f"perf/{key}"] for r in perf if f"perf/{key}" in r]
             row[key] = sum(vals) / len(vals) if vals else None
+    choice = json.loads((out / "config.json").read_text()).get("auto_choice")  # dfkd.auto records it there
+    if choice:
+        row["picked"] = choice["method"] + (f", recipe {choice['recipe']}" if choice.get("recipe") else "")
     return row
+
+
+def method_label(row: dict) -> str:
+    """The method as a table shows it: `auto (fast)` for an auto run, with the method it picked."""
+    return f"{row['method']} ({row['picked']})" if row.get("picked") else row["method"]
 
 
 def overhead(teacher: Path, method: str, jobs: int) -> dict:
@@ -162,7 +180,7 @@ def markdown(rows: list[dict], teachers: dict[str, float]) -> str:
              "synthesis share | peak RSS MB |", "|" + "---|" * 9]
     for r in sorted(rows, key=lambda r: (r["teacher"], r["method"], r["budget_min"])):
         t = teachers[r["teacher"]]
-        head = f"| {r['teacher']} ({100 * t:.2f}) | {r['method']} | {r['budget_min']:g} min | "
+        head = f"| {r['teacher']} ({100 * t:.2f}) | {method_label(r)} | {r['budget_min']:g} min | "
         if "skipped" in r or "error" in r:
             what = f"n/a: {r['skipped']}" if "skipped" in r else f"error: {r['error'][:60]}"
             lines.append(head + what + " |" * 6)
@@ -218,7 +236,7 @@ def main() -> None:
     # A round's cost depends on the architecture, not the weights: measured once per method, one at a time before
     # the timed runs, on the first teacher it runs on.
     for arch, method, run in plan:
-        if run and method not in ratios and not args.no_ratios:
+        if run and method != AUTO and method not in ratios and not args.no_ratios:  # auto: its pick's ratio
             ratios[method] = {"teacher": arch, **overhead(teachers[arch], method, args.jobs)}
     if args.ratios_only:
         print(write(out, args, rows, ratios, teacher_acc))

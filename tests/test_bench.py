@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import sys
@@ -146,3 +147,19 @@ def test_gpu_benchmark_puts_the_settings_side_by_side() -> None:
     assert "| a->b | fast | bf16 | on | 250.0 | 2.50x |" in md and "| 30.00 |" in md
     assert "| a->b | cmi | bf16 | off | n/a |" in md and "error: boom" in md
     assert "| 30.00 |" not in gpu.table(rows[:1], real=set())  # a random teacher: accuracy n/a
+
+
+def test_auto_runs_on_every_teacher_and_its_row_names_the_pick(bnfree_teacher_file: str, eval_npz: str,
+                                                               tmp_path: Path) -> None:
+    """`--methods auto` is `dfkd distill --method auto` (a tiny run here); the row says what auto picked."""
+    from dfkd.auto import AUTO
+
+    assert run.AUTO == AUTO
+    assert run.pairs({"lenet5": PLAIN}, [AUTO], all_pairs=False) == [("lenet5", AUTO, True)]
+    ns = argparse.Namespace(clock="cpu", test=eval_npz, seed=0, jobs=1)
+    row = run.run_one(Path(bnfree_teacher_file), AUTO, 1.0, ns, tmp_path / "r",
+                      ["--steps", "2", "-p", "batch_size=8"])
+    assert "--method auto" in row["command"] and "error" not in row, row
+    assert row["picked"] == "dfad" and row["steps"] == 2  # dfkd.auto: a teacher without BatchNorm gets dfad
+    table = run.markdown([{**row, "teacher": "lenet5"}], {"lenet5": 0.99}).splitlines()
+    assert table[2].startswith("| lenet5 (99.00) | auto (dfad) | 1 min | ")

@@ -116,3 +116,32 @@ def test_custom_teacher_evaluates_through_the_cli_as_the_bench_calls_it(tmp_path
                          cwd=tmp_path, env=env)  # another folder: the module comes from PYTHONPATH, as in the bench
     assert out.returncode == 0, out.stderr
     assert 0.0 <= json.loads(out.stdout)["top1"] <= 1.0
+
+
+def test_auto_runs_at_its_own_budget_in_every_grid_and_names_its_pick() -> None:
+    assert ct.default_methods()[-1] == "auto" and "fast" in ct.default_methods()
+    assert ct.parse(["--smoke"]).auto_budget == 0.1
+    assert ct.parse([]).auto_budget == 10.0 and ct.parse([]).budget == 5.0
+    teachers = [ct.TEACHERS["fmnist_lenet5"], ct.TEACHERS["fmnist_cnn_bn"]]
+    cells = ct.plan(teachers, ["dfad", "auto"], 5.0, 10.0, have_auto=True)
+    assert [(c["method"], c["budget_min"], "skipped" in c) for c in cells] == [("dfad", 5.0, False),
+                                                                              ("auto", 10.0, False)] * 2
+    ran = [_cell("a", "dfad", 0.81), _cell("a", "auto", 0.855, picked="dfad", budget_min=10.0),
+           _cell("b", "dfad", 0.40), _cell("b", "auto", 0.76, picked="dfq, recipe cpu", budget_min=10.0)]
+    grid = ct.grid_table(ran, ACC, ["a", "b"], ["dfad", "auto"]).splitlines()
+    assert grid[3] == "| auto | 95.0 (dfad) | 95.0 (dfq, recipe cpu) | 95.0 (a) |"
+    assert grid[4] == "| **best method** | dfad (90.0) | dfad (50.0) | |"  # auto's other budget is not compared
+    autos = ct.auto_table(ran, ACC, ["a", "b"]).splitlines()
+    assert autos[2:] == ["| a | dfad | 95.0 | dfad | 90.0 |", "| b | dfq, recipe cpu | 95.0 | dfad | 50.0 |"]
+    rows = ct.cell_table([{**c, "steps": 10} for c in ran], ACC).splitlines()
+    assert rows[2].startswith("| a | auto (dfad) | 10 min | 85.50 | 95.0 |")
+
+
+def test_a_not_learned_warning_reaches_the_cell(tmp_path: Path) -> None:
+    records = [{"step": 100, "event": "not_learned", "message": "dfad: the student agrees ... it has not learned"},
+               {"step": 100, "event": "finished", "selected": "", "student/top1": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    summary = ct.run_summary(tmp_path)
+    assert summary["not_learned"] and not summary["collapse"] and "has not learned" in summary["not_learned_message"]
+    row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 100}], ACC).splitlines()[2]
+    assert row.endswith("| n/a | no; not learned | 100 |")
