@@ -143,6 +143,7 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         self.pool = pool if pool is not None else ImagePool(64 * batch_size)
         self.labeler, self.device = labeler, torch.device(device)
         self.time_limit: float | None = None  # seconds a batch may take; None = no limit
+        self.clock: Callable[[], float] = time.perf_counter  # what time_limit counts (a method sets its budget's)
         self.batches = 0
         self._stop = False
 
@@ -152,7 +153,7 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         self._stop = True
 
     def _should_stop(self, start: float) -> bool:
-        return self._stop or (self.time_limit is not None and time.perf_counter() - start > self.time_limit)
+        return self._stop or (self.time_limit is not None and self.clock() - start > self.time_limit)
 
     def stages(self, iterations: int) -> list[tuple[int, bool]]:
         """(iterations, low resolution?) per stage: the low-res stage first, when there is one."""
@@ -173,7 +174,7 @@ class InversionSynthesizer(PoolServed, Synthesizer):
         y = balanced_targets(self.batch_size, self.num_classes).to(self.device)
         x = init_batch(self.spec, self.batch_size, self.init).to(self.device)
         x = (self.spec.clip(x) if self.clip else x).requires_grad_(True)
-        start = time.perf_counter()
+        start = self.clock()
         best: tuple[Tensor | float, Tensor, LossDict] = (math.inf, x.detach().clone(), {})
         for n, lo in self.stages(self.iterations if iterations is None else iterations):
             # A later stage's best replaces an earlier one's: low-res losses are not comparable with full-res ones.

@@ -9,8 +9,10 @@ import pytest
 
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
+from dfkd.generators.inversion import InversionSynthesizer
 from dfkd.methods._budget import PROBE_STEPS, ROUND_SHARE, STUDENT_SHARE, IterationPlanner, StepPlanner
 from dfkd.methods.nayer import NAYER
+from dfkd.spec import MNIST_SPEC
 
 
 class Clock:
@@ -37,6 +39,21 @@ def test_planner_fits_iterations_to_the_measured_speed(monkeypatch: pytest.Monke
     planner.plan(600.0)
     assert len(notes) == 1, "the note is said once"
     assert planner.plan(10_000_000.0)[0] == 2000, "never more than the recipe's"
+
+
+def test_inversion_batch_stops_on_the_budgets_clock() -> None:
+    # Under --budget-clock cpu a batch's time cap counts CPU seconds: the synthesizer reads the clock it is given.
+    calls = []
+
+    def objective(x, y):  # noqa: ANN001, ANN202 - an InversionObjective
+        calls.append(1)
+        return {"loss": x.square().mean()}
+
+    synth = InversionSynthesizer(MNIST_SPEC, objective, 10, 4, 1000, 0.1)
+    ticks = iter(range(0, 10_000, 10))
+    synth.clock, synth.time_limit = lambda: float(next(ticks)), 25.0  # 10 "seconds" an iteration
+    synth.synthesize()
+    assert len(calls) == 3, "stopped once the given clock passed the cap, not after 1000 iterations"
 
 
 def test_planner_respects_the_users_own_cap() -> None:
@@ -85,8 +102,8 @@ def test_nayer_warmup_and_rounds_fit_a_time_budget(teacher_file: str, tmp_path: 
     # on a CPU at CIFAR size; here 1000 warm-up rounds and 10^6 steps a round must still fit a 3-second budget.
     params = {**NAYER.quick, "warmup_rounds": 1000, "gwp_loops": 3, "s_steps": 1_000_000}
     cfg = DistillConfig(teachers=(teacher_file,), method="nayer", steps=None, budget_minutes=0.05,
-                        out=str(tmp_path), log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000,
-                        fid_every=0, params=params)
+                        budget_clock="cpu", out=str(tmp_path), log_every=1, eval_every=1000, image_every=1000,
+                        ckpt_every=1000, fid_every=0, params=params)
     result = distill(cfg)
     assert result.finished and result.step >= PROBE_STEPS, "the warm-up ended and the student trained"
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -102,7 +119,8 @@ def test_latent_rounds_fit_a_time_budget(teacher_file: str, tmp_path: Path, meth
     # 10-minute CPU budget; here 10^6 of each must still give several rounds inside a 3-second budget.
     params = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 1_000_000, "s_steps": 1_000_000}
     cfg = DistillConfig(teachers=(teacher_file,), method=method, steps=None, budget_minutes=0.05, out=str(tmp_path),
-                        log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000, fid_every=0, params=params)
+                        budget_clock="cpu", log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000,
+                        fid_every=0, params=params)  # CPU seconds: the budget does not shrink on a loaded machine
     result = distill(cfg)
     events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     notes = " | ".join(e["message"] for e in events if e.get("event") == "note")

@@ -127,6 +127,7 @@ class InversionMethod(Method):
         was_training = self.student.training
         self.student.eval()
         iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
+        self.synth.clock = self.clock
         try:
             with self.planner.timing(self.clock):
                 x, losses = self.synth.synthesize(iterations)

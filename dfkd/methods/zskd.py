@@ -98,6 +98,7 @@ class ZSKD(Method):
 
     def round(self) -> dict[str, float]:
         iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
+        self.synth.clock = self.clock
         with self.planner.timing(self.clock):
             x, losses = self.synth.synthesize(iterations)
             self.planner.calls = self.synth.last_iterations
