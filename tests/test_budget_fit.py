@@ -6,13 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
 from dfkd.generators.inversion import InversionSynthesizer
+from dfkd.methods import get_method
 from dfkd.methods._budget import PROBE_STEPS, ROUND_SHARE, STUDENT_SHARE, IterationPlanner, StepPlanner
 from dfkd.methods.nayer import NAYER
 from dfkd.spec import MNIST_SPEC
+from dfkd.students import build_student
+from tests.conftest import KWARGS
 
 
 class Clock:
@@ -128,3 +132,23 @@ def test_latent_rounds_fit_a_time_budget(teacher_file: str, tmp_path: Path, meth
     assert "1000000 synthesis iterations" in notes and "1000000 student steps" in notes
     elapsed = max(e.get("perf/elapsed_s", 0.0) for e in events)
     assert elapsed < 3.0 * 2, f"the run overran its 3-second budget: {elapsed:.1f} s"
+
+
+@pytest.mark.parametrize("method", ["cmi", "fast", "nayer", "deepinversion", "zskd"])
+def test_measured_speed_is_checkpointed(tiny_teacher, method: str) -> None:  # noqa: ANN001 - a Teacher
+    # A resumed budget run plans its rounds at once from the checkpointed speed, not after a new probing round.
+    def build():  # noqa: ANN202
+        cls = get_method(method)
+        params = {**cls.default_params(tiny_teacher), **cls.quick}
+        return cls(tiny_teacher, build_student("lenet5_half", KWARGS), params,
+                   torch.device("cpu"))
+
+    a, b = build(), build()
+    a.planner.iter_seconds, a.planner.calls = 0.25, 7
+    if "steps_planner" in a.planners():
+        a.steps_planner.step_seconds = 0.5
+    b.load_state_dict(a.state_dict())
+    assert b.planner.iter_seconds == 0.25 and b.planner.calls == 7
+    assert b.planner.plan(600.0)[0] == min(b.planner.iterations, int(ROUND_SHARE * 600.0 / 0.25))
+    if "steps_planner" in b.planners():
+        assert b.steps_planner.cap(400, 600.0, 600.0) == int(STUDENT_SHARE * 600.0 / 0.5), "no probing round"

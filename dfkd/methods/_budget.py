@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch.distributed as dist
 
@@ -83,6 +84,14 @@ class IterationPlanner:
         if self.calls:
             self.iter_seconds = (clock() - start) / self.calls
 
+    def state_dict(self) -> dict[str, Any]:
+        """The measured speed (checkpointed, so a resumed run plans at once instead of probing again)."""
+        return {"iter_seconds": self.iter_seconds, "calls": self.calls, "noted": self._noted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iter_seconds, self.calls = state.get("iter_seconds"), int(state.get("calls", 0))
+        self._noted = bool(state.get("noted", False))
+
     @property
     def batch_seconds(self) -> float:
         """The expected seconds of the next batch (0 before the first is measured)."""
@@ -128,6 +137,13 @@ class StepPlanner:
         yield
         if steps:
             self.step_seconds = (clock() - start) / steps
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measured speed (checkpointed, so a resumed run plans at once instead of probing again)."""
+        return {"step_seconds": self.step_seconds, "noted": self._noted}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_seconds, self._noted = state.get("step_seconds"), bool(state.get("noted", False))
 
 
 def _distributed() -> bool:

@@ -216,6 +216,10 @@ class Method(Recipe):
         pool = getattr(self, "pool", None)
         return {} if pool is None else {"pool": pool}
 
+    def planners(self) -> dict[str, Any]:
+        """The time-budget planners this method keeps (`dfkd.methods._budget`), by attribute name."""
+        return {k: v for k in ("planner", "steps_planner") if (v := getattr(self, k, None)) is not None}
+
     def attach_storage(self, folder: str | Path) -> None:
         """Append the stores' records to files in `folder` (the run folder), so checkpoints hold only counts.
 
@@ -244,7 +248,8 @@ class Method(Recipe):
     def state_dict(self) -> dict[str, Any]:
         return {"student": self.student.state_dict(), "opt_s": self.opt_s.state_dict(),
                 "synth": self.synth.state_dict() if self.synth else {}, "extra": self.extra_state(),
-                "objectives": self.objectives.state_dict()}
+                "objectives": self.objectives.state_dict(),
+                "planners": {k: v.state_dict() for k, v in self.planners().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["student"])
@@ -253,6 +258,8 @@ class Method(Recipe):
             self.synth.load_state_dict(state["synth"])
         self.load_extra_state(state.get("extra", {}))
         self.objectives.load_state_dict(state.get("objectives", {}))
+        for k, planner in self.planners().items():  # older checkpoints have none: the planner probes again
+            planner.load_state_dict(state.get("planners", {}).get(k, {}))
 
     def extra_state(self) -> dict[str, Any]:
         """Method-specific state beyond student, optimizer and synthesizer."""
