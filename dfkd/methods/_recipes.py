@@ -5,17 +5,25 @@ ImageNet (224 px). A method's `paper_params(teacher)` picks the set whose inputs
 `input_kind(spec)` is "mnist" for at most 1 x 32 x 32 values, "imagenet" from 64 px a side, "cifar" otherwise.
 Where a paper has no ImageNet-size setting, its CIFAR setting applies with batches of at most `LARGE_BATCH`.
 
-The "cpu" recipe (a method's `cpu` settings over the paper's) was measured better on this project's 2-core CPU,
-and only on LeNet-5 MNIST teachers (1 x 32 x 32 inputs, about 60K parameters, with and without BN). So it is the
-default only for teachers like those: MNIST-kind inputs *and* fewer than `CPU_TEACHER_PARAMS` parameters
-(`cpu_teacher`). Every other teacher (the shipped CIFAR WRN-16-1 with 175K parameters among them) gets the paper
-recipe. `-p recipe=paper` or `-p recipe=cpu` picks one whatever the teacher; the run prints which it uses, why,
-and every setting that departs from the paper (`recipe_lines`).
+The "cpu" recipe (a method's `cpu` settings over the paper's: smaller batches and generators, more steps) was
+measured better on this project's 2-core CPU on small MNIST-kind teachers: the LeNet-5s (1 x 32 x 32, 62K
+parameters, 0.4M multiply-adds an image, with and without BN), a custom Fashion-MNIST CNN with BN (1 x 28 x 28,
+208K parameters, 1.2M multiply-adds) and Caffe's MNIST LeNet without BN (1 x 28 x 28, 431K parameters, 2.3M
+multiply-adds). So it is the default only for teachers like those: MNIST-kind inputs *and* at most
+`CPU_TEACHER_MACS` multiply-adds per image (`cpu_teacher`), a count of the teacher's own forward pass
+(`multiply_adds`, torch's FLOP counter on one image) because a step's cost, not the parameter count, is what the
+recipe is about. Every other teacher (the shipped CIFAR WRN-16-1 among them) gets the paper recipe. `-p
+recipe=paper` or `-p recipe=cpu` picks one whatever the teacher; the run prints which it uses, why, and every
+setting that departs from the paper (`recipe_lines`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, ClassVar
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
@@ -25,8 +33,10 @@ from dfkd.spec import InputSpec
 LARGE_BATCH = 64
 #: The recipes `-p recipe=` takes.
 RECIPES = ("paper", "cpu")
-#: The CPU recipes were measured on MNIST teachers below this many parameters (LeNet-5: ~62K).
-CPU_TEACHER_PARAMS = 200_000
+#: The CPU recipes were measured better on MNIST-kind teachers of up to 2.3M multiply-adds an image (Caffe's LeNet);
+#: the line sits at about twice that.
+CPU_TEACHER_MACS = 5_000_000
+_MACS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
 
 
 def input_kind(spec: InputSpec | None) -> str | None:
@@ -48,9 +58,31 @@ def parameter_count(teacher: Any) -> int:
     return 0 if teacher is None else sum(p.numel() for p in teacher.parameters())
 
 
+def multiply_adds(teacher: Any) -> int | None:
+    """Multiply-adds of the teacher's forward pass on one image (None where torch's FLOP counter cannot count it).
+
+    Counted once per teacher (a forward pass of one zero image, without gradients) and remembered.
+    """
+    if teacher in _MACS:
+        return _MACS[teacher]
+    spec = teacher.spec
+    device = next((q.device for q in teacher.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            teacher(torch.zeros(1, spec.channels, spec.size, spec.size, device=device))
+        macs: int | None = int(counter.get_total_flops()) // 2
+    except Exception:  # noqa: BLE001 - an exported or scripted teacher the counter cannot see into: no count
+        macs = None
+    _MACS[teacher] = macs
+    return macs
+
+
 def cpu_teacher(teacher: Any) -> bool:
-    """True for a teacher like those the CPU recipes were measured on: MNIST-kind inputs, < 200K parameters."""
-    return teacher_kind(teacher) == "mnist" and parameter_count(teacher) < CPU_TEACHER_PARAMS
+    """True for a teacher like those the CPU recipes were measured on: MNIST-kind inputs, <= 5M multiply-adds."""
+    if teacher_kind(teacher) != "mnist":
+        return False
+    macs = multiply_adds(teacher)
+    return macs is not None and macs <= CPU_TEACHER_MACS
 
 
 def check_recipe(recipe: str) -> None:
@@ -114,7 +146,7 @@ class Recipe:
         Args:
             teacher: the teacher (its input kind picks the paper's dataset setting; see `_recipes.cpu_teacher`).
             recipe: "paper" or "cpu"; None: "cpu" for a teacher like those the CPU recipe was measured on (MNIST
-                kind, < 200K parameters) when the method has one, else "paper".
+                kind, <= 5M multiply-adds an image) when the method has one, else "paper".
         """
         cpu = cls.cpu_params(teacher)
         if recipe is None:
@@ -164,7 +196,9 @@ class Recipe:
 def _teacher_words(teacher: Any) -> str:
     s = teacher.spec
     kind, n = teacher_kind(teacher), parameter_count(teacher)
-    return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters"
+    macs = multiply_adds(teacher) if kind == "mnist" else None
+    cost = "" if macs is None else f", {macs / 1e6:.2g}M multiply-adds an image"
+    return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters{cost}"
 
 
 def why_recipe(cls: type[Recipe], teacher: Any, given: str | None) -> str:
@@ -177,10 +211,10 @@ def why_recipe(cls: type[Recipe], teacher: Any, given: str | None) -> str:
     if not cls.cpu_params(teacher):
         return f"teacher {words}; method {cls.name} has no CPU recipe"
     if cpu_teacher(teacher):
-        return (f"teacher {words}: MNIST kind and < {CPU_TEACHER_PARAMS:,} parameters, like the LeNet-5 teachers "
-                "its CPU recipe was measured better on; -p recipe=paper for the paper's settings")
-    return (f"teacher {words}: the CPU recipe was measured on MNIST teachers of < {CPU_TEACHER_PARAMS:,} "
-            "parameters only; -p recipe=cpu to use it anyway")
+        return (f"teacher {words}: MNIST kind and <= {CPU_TEACHER_MACS / 1e6:g}M multiply-adds, like the small "
+                "MNIST teachers its CPU recipe was measured better on; -p recipe=paper for the paper's settings")
+    return (f"teacher {words}: the CPU recipe was measured on MNIST-kind teachers of <= "
+            f"{CPU_TEACHER_MACS / 1e6:g}M multiply-adds an image only; -p recipe=cpu to use it anyway")
 
 
 def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:

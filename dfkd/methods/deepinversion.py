@@ -44,7 +44,7 @@ class DeepInversion(InversionMethod):
     2x-pooled view, Adam (0.5, 0.9) at lr 0.25 with 100-iteration warm-up and cosine, clipping, jitter 30, flip,
     bn 0.01, first-BN multiplier 10, TV-L2 1e-4, l2 1e-5).
 
-    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters, `_recipes.cpu_teacher`):
+    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers, `_recipes.cpu_teacher`):
     batches of 256 optimised for 100 iterations at lr 0.5, the first half through the 2x-pooled view (pooled, then
     upsampled back: a LeNet takes only its own input size), KD minibatches of 128 and student SGD lr 0.01 (DFAD's
     MNIST value; 0.1 diverges on LeNet-5-half, 10 % even on real images); and priors for a LeNet: first-BN

@@ -37,8 +37,8 @@ class Fast(LatentMethod):
     `fast_meta_imagenet.py`): batch 100, g_steps 50, adv 0.01, bn 0.1, oh 0.1, T 5, student lr 0.01, lr_g 2e-4,
     lr_z 0.01, meta lr 1e-4, Reptile, 100 KD steps per batch (not its meta-learned z, its generator re-initialised
     every 50 epochs, nor its pre-synthesised pool). The meta learning rate `lr_meta` is lr_g * g_steps (the
-    reference's rule) unless set. CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K
-    parameters, `_recipes.cpu_teacher`): synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, generator
+    reference's rule) unless set. CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers,
+    `_recipes.cpu_teacher`): synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, generator
     width 16, and student lr 0.01 (at T=20 the reference's 0.2 kills a BN-free LeNet-5-half: constant output, 10 %
     on MNIST); `-p recipe=paper` gives the paper's settings. Deviations: student steps run
     during warmup too (a step is a student update here, so a step budget must advance); the cosine schedule has no

@@ -57,14 +57,14 @@ class NAYER(Method):
     s_steps student steps on pool samples (crop + flip), KL at T = 20, SGD with a cosine schedule; warm-up
     rounds make no student step. K-to-1 noisy layers: one Linear(le_size, le_emb_size) per chunk of K samples.
 
-    Paper recipe (`-p recipe=paper`; the default for every teacher but MNIST-kind ones under 200K parameters):
+    Paper recipe (`-p recipe=paper`; the default for every teacher but small MNIST-kind ones):
     CIFAR-10 (`scripts/nayer_100.sh`): student batch 512, synthesis batch 400, lr 0.2, wd 1e-4, T 20, 400 KD
     steps, g_steps 30, lr_g 4e-3, adv 1.33, bn 10, oh 0.5, bn_mmt 0.9, warm-up 20 rounds of 10 batches, then 2
     batches a round, g_life 10, noisy-layer width 1000, ngf 64, a pool of 160,000 images (all of a 120-round run);
     100 classes or more: g_steps 40; inputs of 64 px or more: the Tiny-ImageNet setting (batch 256 / 200, lr 0.1,
     g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches capped at 64 above 64 px (no script there). The
     paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
-    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters; chosen, not tuned):
+    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers; chosen, not tuned):
     synthesis batch 64, student batch 128, s_steps 50, lr 0.01 (Fast-DFKD's and CMI's CPU values here), g_steps
     10, warm-up 2 rounds of 5 batches, generator width 16, a pool of 60,000 images.
 

@@ -47,7 +47,7 @@ class Online(DFAD):
     penultimate features here. Schedule and optimisers are DFAD's; the first student is the run's student.pt, the
     second lives in the method state. Settings per input kind (MNIST, CIFAR, ImageNet size) are DFAD's.
 
-    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters): DFAD's, and
+    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers): DFAD's, and
     `adv` = 0.01: with no real data anchoring either student, the critic term at weight 1 drags both students'
     features toward each other instead of toward the teacher. Measured on the plain MNIST LeNet-5 teacher, 1500
     student steps, one thread: top-1 20.7 % at adv 1, 83.0 % at 0.1, 91.0 % at 0.01, 92.8 % at 0 (the term

@@ -30,8 +30,8 @@ class ZeroQ(InversionMethod):
     jitter, no clipping. ZeroQ calibrates quantisation and has no KD loop; here the student distils from a pool of
     these batches exactly as DeepInversion's does (T 3, a new batch every 50 KD steps, KD minibatch 256; 64, the
     synthesis batch, from 64 px up, as DeepInversion's ImageNet setting; student SGD 0.1, wd 1e-4, cosine, crop +
-    flip of pool samples, zju-vipa's). CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K
-    parameters, `_recipes.cpu_teacher`): 100 iterations (the loss is flat by then) and student SGD lr 0.01 (0.1
+    flip of pool samples, zju-vipa's). CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers,
+    `_recipes.cpu_teacher`): 100 iterations (the loss is flat by then) and student SGD lr 0.01 (0.1
     diverges on LeNet-5-half), so a round takes seconds on a CPU, with the wd 5e-4 and unaugmented pool samples it
     was measured with. `-p recipe=paper` gives the paper's settings.
 

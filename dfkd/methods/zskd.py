@@ -41,7 +41,7 @@ class ZSKD(Method):
     instead of all impressions first, so a budget in minutes yields a student at any point; the teacher labels each
     augmented view it is shown (the paper reuses the label of the un-augmented impression; the teacher is at hand,
     and its label of the exact view is the true one); 1-channel teachers get no flips (grey-scale digits are not
-    mirror-symmetric). CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers under 200K parameters,
+    mirror-symmetric). CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers,
     `_recipes.cpu_teacher`): 100 steps at lr 0.05 per batch: on the demo teacher that reaches a lower impression
     loss than the paper's 1500 steps at 1e-3 at 1/23 of the cost, with students as good per impression.
     `-p recipe=paper` gives the paper's settings.

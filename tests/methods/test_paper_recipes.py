@@ -14,7 +14,7 @@ import pytest
 from torch import nn
 
 from dfkd.methods import get_method, list_methods
-from dfkd.methods._recipes import CPU_TEACHER_PARAMS, cpu_teacher, parameter_count
+from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_teacher, multiply_adds, parameter_count
 from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC, InputSpec
 from dfkd.teacher import Teacher
 
@@ -80,7 +80,7 @@ def linear_teacher(spec: InputSpec, params: int) -> Teacher:
 
 LENET = linear_teacher(MNIST_SPEC, 60_000)  # like LeNet-5 (62K): the CPU recipe's home
 WRN16_1 = linear_teacher(CIFAR10_SPEC, 175_000)  # like the shipped CIFAR WRN-16-1 (175K)
-BIG_MNIST = linear_teacher(MNIST_SPEC, 2_400_000)  # like DAFL's HintonNet (2.4M)
+BIG_MNIST = linear_teacher(MNIST_SPEC, 8_000_000)  # 8M multiply-adds: past every teacher the CPU recipe knows
 
 
 def resolved(name: str, teacher: Teacher | None, recipe: str | None = None) -> dict:
@@ -102,8 +102,9 @@ def test_every_method_has_its_paper_settings_pinned() -> None:
     assert not missing, f"add the paper settings of {missing} to PAPER"
 
 
-def test_the_cpu_recipe_is_chosen_by_input_kind_and_size_not_size_alone() -> None:
-    assert parameter_count(WRN16_1) < CPU_TEACHER_PARAMS  # as small as a LeNet, but CIFAR inputs
+def test_the_cpu_recipe_is_chosen_by_input_kind_and_cost_not_size_alone() -> None:
+    assert multiply_adds(WRN16_1) < CPU_TEACHER_MACS  # as cheap as a LeNet, but CIFAR inputs
+    assert multiply_adds(LENET) < CPU_TEACHER_MACS < multiply_adds(BIG_MNIST)
     assert cpu_teacher(LENET) and not cpu_teacher(WRN16_1) and not cpu_teacher(BIG_MNIST)
     for name in PAPER:
         cls = get_method(name)
@@ -144,3 +145,17 @@ def test_objective_weights_are_resolved_to_each_papers_weight() -> None:
     assert dfad.finalize({**dfad.default_params(LENET), "feature_loss": "sp", "feature_weight": 7.0})[
         "feature_weight"] == 7.0
     assert dfad.finalize(dfad.default_params(LENET))["feature_weight"] is None  # no objective: nothing to weigh
+
+
+def test_the_cpu_line_counts_a_forward_pass_not_parameters() -> None:
+    # A Fashion-MNIST CNN whose parameters sit in its linear head (~200K, 1.2M multiply-adds) is cheap: CPU recipe.
+    # A narrow conv net at full resolution has few parameters and many multiply-adds: the paper's recipe.
+    head_heavy = Teacher(nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.MaxPool2d(4), nn.Flatten(),
+                                       nn.Linear(16 * 8 * 8, 256), nn.Linear(256, 10)), MNIST_SPEC)
+    wide_convs = Teacher(nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1),
+                                       nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), MNIST_SPEC)
+    assert parameter_count(head_heavy) > 200_000 and cpu_teacher(head_heavy)
+    assert parameter_count(wide_convs) < 50_000 and not cpu_teacher(wide_convs)
+    assert get_method("fast").default_params(head_heavy)["recipe"] == "cpu"
+    assert get_method("fast").default_params(wide_convs)["recipe"] == "paper"
+    assert multiply_adds(wide_convs) == 32 * 32 * (64 * 9 + 64 * 64 * 9) + 64 * 10
