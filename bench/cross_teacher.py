@@ -4,6 +4,7 @@
     python bench/cross_teacher.py --teachers fmnist_cnn_bn fmnist_lenet5 --jobs 2
     python bench/cross_teacher.py --smoke                  # every cell at 0.1 CPU-minute, quick settings, 1/10 test
     python bench/cross_teacher.py --table-only             # the table of the cells stored so far
+    python bench/cross_teacher.py --teachers fmnist_cnn_bn --methods fast --param recipe=paper  # a variant, apart
 
 The full grid is about six hours of CPU, so it is resumable: each finished cell is stored as one JSON file under
 OUT/cells/ and skipped by later invocations (`--force` runs it again; a cell that failed is always retried).
@@ -33,6 +34,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +113,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--table-only", action="store_true", help="only write the table of the stored cells")
     ap.add_argument("--out", default=str(HERE / "results" / "cross_teacher"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a `-p` setting for every cell of this invocation (e.g. recipe=paper); such cells are stored "
+                    "and tabulated apart from the defaults'")
     args = ap.parse_args(argv)
+    if any("=" not in kv for kv in args.param):
+        ap.error("--param takes KEY=VALUE")
     if args.jobs < 1:
         ap.error("--jobs must be >= 1")
     if args.smoke:
@@ -146,19 +153,24 @@ def teacher_accuracy(t: BenchTeacher, out: Path) -> float:
 
 
 # --- cells --------------------------------------------------------------------------------------------------
-def cell_key(teacher: str, method: str, minutes: float, smoke: bool) -> str:
-    return f"{teacher}--{method}--{'smoke' if smoke else f'{minutes:g}min'}"
+def cell_key(teacher: str, method: str, minutes: float, smoke: bool, params: Sequence[str] = ()) -> str:
+    settings = "".join(f"--{kv}" for kv in params)
+    return f"{teacher}--{method}--{'smoke' if smoke else f'{minutes:g}min'}{settings}"
 
 
 def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_budget: float,
-         have_auto: bool) -> list[dict]:
-    """One entry per (teacher, method): its budget, or why it does not run (no BN; no auto method on main yet)."""
+         have_auto: bool, params: Sequence[str] = ()) -> list[dict]:
+    """One entry per (teacher, method): its budget, or why it does not run (no BN; no auto method on main yet).
+
+    `params`: `-p KEY=VALUE` settings every cell runs with (kept in each cell as "params").
+    """
     from dfkd.methods import get_method
 
     cells = []
     for t in teachers:
         for m in methods:
-            cell = {"teacher": t.name, "method": m, "budget_min": auto_budget if m == "auto" else budget}
+            cell = {"teacher": t.name, "method": m, "budget_min": auto_budget if m == "auto" else budget,
+                    **({"params": list(params)} if params else {})}
             if m == "auto" and not have_auto:
                 cell["skipped"] = "no auto method in this checkout"
             elif m != "auto" and get_method(m).uses_bn and not t.bn:
@@ -192,7 +204,8 @@ def pending(cells: list[dict], out: Path, smoke: bool, force: bool) -> list[int]
     for i, c in enumerate(cells):
         if "skipped" in c:
             continue
-        prev = stored(out / "cells" / f"{cell_key(c['teacher'], c['method'], c['budget_min'], smoke)}.json")
+        key = cell_key(c["teacher"], c["method"], c["budget_min"], smoke, c.get("params", ()))
+        prev = stored(out / "cells" / f"{key}.json")
         if prev is not None and not force:
             cells[i] = prev
         else:
@@ -237,10 +250,11 @@ def smoke_test_set(t: BenchTeacher, out: Path, every: int = 10) -> Path:
 
 def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -> dict:
     """Run one cell (a `dfkd distill` process via bench/run.py) and store its JSON."""
-    key = cell_key(t.name, cell["method"], cell["budget_min"], args.smoke)
+    key = cell_key(t.name, cell["method"], cell["budget_min"], args.smoke, cell.get("params", ()))
     test = smoke_test_set(t, out) if args.smoke else t.test
     ns = argparse.Namespace(clock="cpu", test=str(test), seed=args.seed, jobs=args.jobs)
-    extra = [*t.flags, *(quick_flags(cell["method"]) if args.smoke and cell["method"] != "auto" else [])]
+    extra = [*t.flags, *(quick_flags(cell["method"]) if args.smoke and cell["method"] != "auto" else []),
+             *sum((["-p", kv] for kv in cell.get("params", ())), [])]
     row = run.run_one(t.file, cell["method"], cell["budget_min"], ns, out / "runs" / key, extra)
     result = {**cell, **row, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     if "error" not in row:
@@ -378,7 +392,7 @@ def main() -> None:
     out = Path(args.out)
     teachers = [TEACHERS[n] for n in args.teachers]
     acc = {t.name: teacher_accuracy(t, out) for t in teachers}
-    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto)
+    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto, args.param)
     todo = pending(cells, out, args.smoke, args.force)
     if args.table_only:
         todo = []
@@ -390,7 +404,8 @@ def main() -> None:
         cells[i] = run_cell(TEACHERS[c["teacher"]], c, args, out)
         print(json.dumps({k: cells[i].get(k) for k in ("teacher", "method", "top1", "error")}), flush=True)
 
-    table = out / f"cross_teacher{'_smoke' if args.smoke else ''}.md"
+    settings = "".join(f"_{kv.replace('=', '-')}" for kv in args.param)
+    table = out / f"cross_teacher{'_smoke' if args.smoke else ''}{settings}.md"
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for _ in pool.map(job, todo):
             table.write_text(report(teachers, methods, cells, acc, note))

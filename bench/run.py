@@ -153,8 +153,10 @@ def read_run(out: Path) -> dict:
 
 
 def method_label(row: dict) -> str:
-    """The method as a table shows it: `auto (fast)` for an auto run, with the method it picked."""
-    return f"{row['method']} ({row['picked']})" if row.get("picked") else row["method"]
+    """The method as a table shows it: `auto (fast)` for an auto run, with the method it picked; `-p` settings the
+    run was given follow in brackets, e.g. `dfad [recipe=paper]`."""
+    label = f"{row['method']} ({row['picked']})" if row.get("picked") else row["method"]
+    return label + "".join(f" [{kv}]" for kv in row.get("params", ()))
 
 
 def overhead(teacher: Path, method: str, jobs: int) -> dict:

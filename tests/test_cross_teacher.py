@@ -145,3 +145,27 @@ def test_a_not_learned_warning_reaches_the_cell(tmp_path: Path) -> None:
     assert summary["not_learned"] and not summary["collapse"] and "has not learned" in summary["not_learned_message"]
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 100}], ACC).splitlines()[2]
     assert row.endswith("| n/a | no; not learned | 100 |")
+
+
+def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--param recipe=paper` cells pass the setting to dfkd distill and never stand in for the default cells.
+    seen = []
+
+    def fake_run_one(teacher, method, minutes, ns, out, extra):  # noqa: ANN001, ANN202 - run.run_one's signature
+        seen.append(list(extra))
+        return {"method": method, "budget_min": minutes, "error": "not run"}
+
+    monkeypatch.setattr(ct.run, "run_one", fake_run_one)
+    t = ct.TEACHERS["mnist_caffe28"]
+    args = ct.parse(["--teachers", "mnist_caffe28", "--param", "recipe=paper", "--out", str(tmp_path)])
+    cells = ct.plan([t], ["dfad"], 5.0, 10.0, True, args.param)
+    assert cells[0]["params"] == ["recipe=paper"]
+    ct.run_cell(t, cells[0], args, tmp_path)
+    assert seen[0][-2:] == ["-p", "recipe=paper"] and seen[0][:2] == ["--teacher-arch", "bench.teacher_nets:CaffeLeNet"]
+    assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--recipe=paper.json").exists()
+    ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
+                   {**cells[0], "top1": 0.9, "params": []})
+    assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "the default cell is not the variant's"
+    assert ct.run.method_label({"method": "dfad", "params": ["recipe=paper"]}) == "dfad [recipe=paper]"
+    with pytest.raises(SystemExit):
+        ct.parse(["--param", "recipe"])
