@@ -31,7 +31,7 @@ DATASETS = {
 
 
 class FashionCNN(nn.Module):
-    """Two conv-BN-ReLU-pool stages (16, 32 channels) and two linear layers, for 28x28 grey images (~208K params).
+    """Two conv-BN-ReLU-pool stages (16, 32 channels) and two linear layers, for 28x28 grey images (~207K params).
 
     Shape:
         - x: (B, 1, 28, 28) -> (B, num_classes)

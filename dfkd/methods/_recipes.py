@@ -8,7 +8,7 @@ Where a paper has no ImageNet-size setting, its CIFAR setting applies with batch
 The "cpu" recipe (a method's `cpu` settings over the paper's: smaller batches and generators, more steps) was
 measured better on this project's 2-core CPU on small MNIST-kind teachers: the LeNet-5s (1 x 32 x 32, 62K
 parameters, 0.4M multiply-adds an image, with and without BN), a custom Fashion-MNIST CNN with BN (1 x 28 x 28,
-208K parameters, 1.2M multiply-adds) and Caffe's MNIST LeNet without BN (1 x 28 x 28, 431K parameters, 2.3M
+207K parameters, 1.2M multiply-adds) and Caffe's MNIST LeNet without BN (1 x 28 x 28, 431K parameters, 2.3M
 multiply-adds). So it is the default only for teachers like those: MNIST-kind inputs *and* at most
 `CPU_TEACHER_MACS` multiply-adds per image (`cpu_teacher`), a count of the teacher's own forward pass
 (`multiply_adds`, torch's FLOP counter on one image) because a step's cost, not the parameter count, is what the
