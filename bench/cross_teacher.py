@@ -215,7 +215,7 @@ def pending(cells: list[dict], out: Path, smoke: bool, force: bool) -> list[int]
 
 def run_summary(run_dir: Path) -> dict:
     """What the run's metrics.jsonl says about selection and collapse (dfkd.runwatch, dfkd.watch)."""
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = run.metrics(run_dir)
     final = [r for r in records if r.get("event") == "finished"][-1]
     collapses = [r for r in records if r.get("event") == "collapse"]
     not_learned = [r for r in records if r.get("event") == "not_learned"]  # dfkd.endcheck

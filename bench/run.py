@@ -136,9 +136,14 @@ def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace
     return {**row, **read_run(out)}
 
 
+def metrics(out: Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl."""
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
 def read_run(out: Path) -> dict:
     """A finished run folder's part of its row: top-1, steps, mean throughput, and what `auto` picked."""
-    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    records = metrics(out)
     perf = [r for r in records if "perf/samples_per_s" in r]
     final = [r for r in records if r.get("event") == "finished"][-1]
     row = {"top1": final.get("student/top1"), "steps": final["step"]}

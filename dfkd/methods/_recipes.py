@@ -63,10 +63,8 @@ def multiply_adds(teacher: Any) -> int | None:
 
     Counted once per teacher (a forward pass of one zero image, without gradients) and remembered.
     """
-    try:
+    if teacher in _MACS:
         return _MACS[teacher]
-    except (KeyError, TypeError):  # not counted yet, or an object that cannot be weakly referenced
-        pass
     spec = teacher.spec
     device = next((q.device for q in teacher.parameters()), torch.device("cpu"))
     try:
@@ -75,10 +73,7 @@ def multiply_adds(teacher: Any) -> int | None:
         macs: int | None = int(counter.get_total_flops()) // 2
     except Exception:  # noqa: BLE001 - an exported or scripted teacher the counter cannot see into: no count
         macs = None
-    try:
-        _MACS[teacher] = macs
-    except TypeError:
-        pass
+    _MACS[teacher] = macs
     return macs
 
 
