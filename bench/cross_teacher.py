@@ -18,7 +18,9 @@ test set is used only to evaluate.
 `auto` is `dfkd distill --method auto` (dfkd.auto picks the method from the teacher; it is the CLI's default), at
 --auto-budget CPU-minutes; its cells name the method it picked, e.g. `auto (fast)`, read from the run's config.json.
 
-OUT/cross_teacher.md has three tables: % of the teacher per (method, teacher) with the worst teacher of each method
+OUT/cross_teacher.md first lists the teachers, each with what the benchmark's student reaches when trained on the
+teacher's real labelled training set (`--reference-epochs`, once, cached): the ceiling a data-free student can
+hope for. Then three tables: % of the teacher per (method, teacher) with the worst teacher of each method
 and the best named method of each teacher; per teacher, what auto picked and reached beside that best method; and
 per cell the real top-1 of the candidates the data-free selection chose between (final raw student, final EMA, kept
 snapshot), whether the written student is within 1 point of the best of them, and whether the log holds a
@@ -62,6 +64,7 @@ class BenchTeacher:
     how: str
     flags: tuple[str, ...] = ()  # teacher options for a file without its own spec (state_dict + module:Class)
     train: tuple[str, ...] = ()  # the command that (re)makes the file; empty for the shipped examples
+    train_data: Path | None = None  # its real labelled training set (the student's reference); None: not run
 
 
 def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: float, bn: bool) -> BenchTeacher:
@@ -72,7 +75,8 @@ def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: fl
         f"state_dict, `python -m bench.teacher_nets {cls} {dataset} OUT --epochs {epochs}`",
         ("--teacher-arch", f"bench.teacher_nets:{cls}", "--channels", "1", "--input-size", "28",
          "--mean", str(mean), "--std", str(std)),
-        (sys.executable, "-m", "bench.teacher_nets", cls, dataset, str(file), "--epochs", str(epochs)))
+        (sys.executable, "-m", "bench.teacher_nets", cls, dataset, str(file), "--epochs", str(epochs)),
+        DATA / f"{dataset}_train.npz")
 
 
 def _zoo(name: str, arch: str, dataset: str, epochs: int) -> BenchTeacher:
@@ -82,18 +86,20 @@ def _zoo(name: str, arch: str, dataset: str, epochs: int) -> BenchTeacher:
         name, "Fashion-MNIST", arch, False, 32, file, test,
         f"`dfkd train-teacher --arch {arch} --epochs {epochs}` on {train.name}",
         train=(*run.DFKD, "train-teacher", "--data", str(train), "--arch", arch, "--eval-data", str(test),
-               "--epochs", str(epochs), "--out", str(file)))
+               "--epochs", str(epochs), "--out", str(file)), train_data=train)
 
 
-def _shipped(name: str, dataset: str, arch: str, bn: bool, test: Path) -> BenchTeacher:
+def _shipped(name: str, dataset: str, arch: str, bn: bool, test: Path, train: Path | None) -> BenchTeacher:
     return BenchTeacher(name, dataset, arch, bn, 32, ROOT / "examples" / f"{name}.pt", test,
-                        f"shipped example (examples/{name}.pt)")
+                        f"shipped example (examples/{name}.pt)", train_data=train)
 
 
 TEACHERS = {t.name: t for t in (
-    _shipped("mnist_lenet5", "MNIST", "lenet5", False, ROOT / "examples" / "mnist_test.npz"),
-    _shipped("mnist_lenet5_bn", "MNIST", "lenet5_bn", True, ROOT / "examples" / "mnist_test.npz"),
-    _shipped("cifar10_wrn16_1", "CIFAR-10 (JPEG)", "wrn_16_1", True, DATA / "cifar10_test_jpeg.npz"),
+    _shipped("mnist_lenet5", "MNIST", "lenet5", False, ROOT / "examples" / "mnist_test.npz", DATA / "mnist_train.npz"),
+    _shipped("mnist_lenet5_bn", "MNIST", "lenet5_bn", True, ROOT / "examples" / "mnist_test.npz",
+             DATA / "mnist_train.npz"),
+    # no student reference for CIFAR: training its WRN-16-1 student on real data is hours on a CPU
+    _shipped("cifar10_wrn16_1", "CIFAR-10 (JPEG)", "wrn_16_1", True, DATA / "cifar10_test_jpeg.npz", None),
     _custom("mnist_caffe28", "CaffeLeNet", "mnist", 3, 0.1307, 0.3081, bn=False),
     _custom("fmnist_cnn_bn", "FashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=True),
     _zoo("fmnist_lenet5", "lenet5", "fashion_mnist", 8),
@@ -113,6 +119,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--table-only", action="store_true", help="only write the table of the stored cells")
     ap.add_argument("--out", default=str(HERE / "results" / "cross_teacher"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reference-epochs", type=int, default=4,
+                    help="epochs of the student on each teacher's real labelled data, the table's reference "
+                    "(trained once, cached; 0: none)")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="a `-p` setting for every cell of this invocation (e.g. recipe=paper); such cells are stored "
                     "and tabulated apart from the defaults'")
@@ -123,6 +132,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--jobs must be >= 1")
     if args.smoke:
         args.budget = args.auto_budget = 0.1
+        args.reference_epochs = 0
     return args
 
 
@@ -148,6 +158,42 @@ def teacher_accuracy(t: BenchTeacher, out: Path) -> float:
     key = f"{t.name}:{t.file.stat().st_mtime_ns}"
     if key not in known:
         known[key] = run.evaluate(ensure_teacher(t), str(t.test), t.flags)
+        _write_json(cache, known)
+    return known[key]
+
+
+def cell_student(t: BenchTeacher, out: Path) -> str | None:
+    """The student the teacher's cells distilled into (dfkd's default for it), from a run's config.json."""
+    for config in sorted((out / "runs").glob(f"{t.name}--*/config.json")):
+        try:
+            return json.loads(config.read_text())["student"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
+def student_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> float | None:
+    """Test top-1 of `student` trained on the teacher's real labelled training set for `epochs` (cached).
+
+    What the benchmark's student reaches with every real image and label (`dfkd train-teacher`, its one-cycle
+    SGD): a data-free student is measured against the teacher, but it cannot be expected to pass this.
+    None for a teacher without a training set in the benchmark (CIFAR: hours on a CPU).
+    """
+    if t.train_data is None or epochs <= 0:
+        return None
+    cache = out / "teachers.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    key = f"{t.name}:student:{student}:{epochs}"
+    if key not in known:
+        file = out / "student_reference" / f"{t.name}--{student}.pt"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        print(f"training the student {student} on {t.train_data.name} for {epochs} epochs (reference)", flush=True)
+        with file.with_suffix(".log").open("w") as log:
+            subprocess.run([*run.DFKD, "train-teacher", "--data", str(t.train_data), "--arch", student,
+                            "--eval-data", str(t.test), "--epochs", str(epochs), "--input-size", str(t.size),
+                            "--out", str(file), "--force"], check=True, cwd=ROOT, stdout=log,
+                           stderr=subprocess.STDOUT, env=run.child_env(1))
+        known[key] = run.evaluate(file, str(t.test))
         _write_json(cache, known)
     return known[key]
 
@@ -358,20 +404,26 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def teacher_table(teachers: list[BenchTeacher], acc: dict[str, float]) -> str:
-    lines = ["| teacher | dataset | architecture | BN | input | test top-1 | how it was made |", "|---" * 7 + "|"]
+def teacher_table(teachers: list[BenchTeacher], acc: dict[str, float],
+                  reference: dict[str, tuple[str, float | None]] | None = None) -> str:
+    """The teachers; `reference`: per teacher (student, its top-1 trained on the real labels, `student_reference`)."""
+    lines = ["| teacher | dataset | architecture | BN | input | test top-1 | student on real labels (% of teacher) "
+             "| how it was made |", "|---" * 8 + "|"]
     for t in teachers:
+        student, top1 = (reference or {}).get(t.name, ("", None))
+        ref = "" if top1 is None else f"{student} {100 * top1:.2f} ({100 * top1 / acc[t.name]:.1f})"
         lines.append(f"| {t.name} | {t.dataset} | {t.arch} | {'yes' if t.bn else 'no'} | {t.size} px | "
-                     f"{100 * acc[t.name]:.2f} | {t.how} |")
+                     f"{100 * acc[t.name]:.2f} | {ref} | {t.how} |")
     return "\n".join(lines) + "\n"
 
 
 def report(teachers: list[BenchTeacher], methods: list[str], cells: list[dict], acc: dict[str, float],
-           note: str) -> str:
+           note: str, reference: dict[str, tuple[str, float | None]] | None = None) -> str:
     names = [t.name for t in teachers]
     ran = [c for c in cells if c.get("top1") is not None]
     md = f"Cells stored: {len(ran)} finished of {sum('skipped' not in c for c in cells)} to run. {note}\n\n"
-    md += teacher_table(teachers, acc) + "\n% of the teacher's top-1:\n\n" + grid_table(cells, acc, names, methods)
+    md += teacher_table(teachers, acc, reference)
+    md += "\n% of the teacher's top-1:\n\n" + grid_table(cells, acc, names, methods)
     if "auto" in methods:
         md += "\n`--method auto` per teacher:\n\n" + auto_table(cells, acc, names)
     return md + "\nPer cell:\n\n" + cell_table(cells, acc)
@@ -409,7 +461,9 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for _ in pool.map(job, todo):
             table.write_text(report(teachers, methods, cells, acc, note))
-    md = report(teachers, methods, cells, acc, note)
+    reference = {t.name: (student, student_reference(t, out, student, args.reference_epochs))
+                 for t in teachers if (student := cell_student(t, out)) is not None}
+    md = report(teachers, methods, cells, acc, note, reference)
     table.write_text(md)
     print(md)
 

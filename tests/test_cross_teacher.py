@@ -169,3 +169,31 @@ def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monk
     assert ct.run.method_label({"method": "dfad", "params": ["recipe=paper"]}) == "dfad [recipe=paper]"
     with pytest.raises(SystemExit):
         ct.parse(["--param", "recipe"])
+
+
+def test_student_reference_trains_the_cells_student_on_real_labels_once(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    data = tmp_path / "tiny.npz"
+    np.savez(data, x=rng.integers(0, 255, (40, 28, 28), dtype=np.uint8), y=np.arange(40) % 10)
+    t = ct.BenchTeacher("tiny", "MNIST", "lenet5", False, 28, tmp_path / "t.pt", data, "test", train_data=data)
+    run_dir = tmp_path / "runs" / "tiny--dfad--5min"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"student": "lenet5_half"}))
+
+    student = ct.cell_student(t, tmp_path)
+    assert student == "lenet5_half"
+    top1 = ct.student_reference(t, tmp_path, student, epochs=1)
+    assert 0.0 <= top1 <= 1.0
+    model = torch.load(tmp_path / "student_reference" / "tiny--lenet5_half.pt", weights_only=True)
+    assert model["arch"] == "lenet5_half" and model["input_spec"]["size"] == 28  # the cells' student, at the input size
+
+    def no_second_run(*a, **k):
+        raise AssertionError("the reference is cached")
+
+    monkeypatch.setattr(ct.subprocess, "run", no_second_run)
+    assert ct.student_reference(t, tmp_path, student, epochs=1) == top1
+    md = ct.teacher_table([t], {"tiny": 0.5}, {"tiny": (student, top1)})
+    assert f"lenet5_half {100 * top1:.2f} ({200 * top1:.1f})" in md
+    no_data = ct.BenchTeacher("cifar", "CIFAR", "wrn_16_1", True, 32, t.file, data, "test")
+    assert ct.student_reference(no_data, tmp_path, student, epochs=4) is None
