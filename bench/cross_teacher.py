@@ -270,7 +270,10 @@ def run_summary(run_dir: Path) -> dict:
     out.update(selected=final.get("selected", ""), collapse=bool(collapses),
                teacher_top1=teacher[0] if teacher else None,
                collapse_message=collapses[0]["message"] if collapses else None,
-               collapse_step=collapses[0]["step"] if collapses else None, not_learned=bool(not_learned),
+               collapse_step=collapses[0]["step"] if collapses else None,
+               collapse_recovered=next((r["step"] for r in records if r.get("event") == "collapse_recovered"
+                                        and collapses and r.get("since") == collapses[0]["step"]), None),
+               not_learned=bool(not_learned),
                not_learned_message=not_learned[0]["message"] if not_learned else None)
     return out
 
@@ -397,7 +400,8 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
         ok = selection_ok(c)
         cands = " / ".join(fmt(c.get(k)) for k in ("top1_raw", "top1_ema", "top1_best"))
         verdict = "n/a" if ok is None else "yes" if ok else "no"
-        collapse = f"yes (step {c['collapse_step']})" if c.get("collapse") else "no"
+        recovered = f", recovered by {c['collapse_recovered']}" if c.get("collapse_recovered") else ""
+        collapse = f"yes (step {c['collapse_step']}{recovered})" if c.get("collapse") else "no"
         collapse += "; not learned" if c.get("not_learned") else ""
         lines.append(f"{head}{fmt(c['top1'])} | {pct(c, acc[c['teacher']]):.1f} | {cands} | {verdict} | "
                      f"{collapse} | {c.get('steps', '')} |")

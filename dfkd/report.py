@@ -70,8 +70,12 @@ class RunSummary:
         ema = self.last("student/top1_ema")
         if ema is not None:
             lines.append(f"EMA:      test top-1 {100 * ema:.2f}%")
-        lines += [f"warning:  step {e['step']}: {e['message']}" for e in self.events
-                  if e.get("event") in ("collapse", "not_learned")]  # dfkd.watch, dfkd.endcheck
+        recovered = {e.get("since"): e["step"] for e in self.events if e.get("event") == "collapse_recovered"}
+        for e in self.events:
+            if e.get("event") in ("collapse", "not_learned"):  # dfkd.watch, dfkd.endcheck
+                after = recovered.get(e["step"]) if e.get("event") == "collapse" else None
+                lines.append(f"warning:  step {e['step']}: {e['message']}" +
+                             ("" if after is None else f" [recovered by step {after}]"))
         return lines
 
 

@@ -29,6 +29,7 @@ from dfkd.watch import (
     collapse_message,
     eval_logits,
     generator_of,
+    recovery_message,
     reset_generator,
 )
 
@@ -51,6 +52,7 @@ class RunWatch:
         self.last = self._counters()
         self.watch_step = -1  # the step of the last check of the synthetic batch
         self.collapse_stats: dict[str, float] = {}  # the last collapsed check's statistics, for the end warning
+        self.warned_at: int | None = None  # the step the running collapse episode was warned of
 
     def _counters(self) -> dict[str, int]:
         step = self.run.step
@@ -105,9 +107,15 @@ class RunWatch:
             message = collapse_message(self.run.method, stats, self.run.teacher.num_classes, steps)
             tqdm.write(f"warning: step {self.run.step}: {message}", file=sys.stderr)
             log.event(self.run.step, event="collapse", message=message, **stats)
+            self.warned_at = self.run.step
             if self.run.params["collapse_action"] == "reset":
                 reset_generator(generator_of(self.run.method))
                 log.event(self.run.step, event="generator_reset")
+        if self.collapse.recovered and self.warned_at is not None:
+            message = recovery_message(self.run.method, stats, self.run.teacher.num_classes, self.warned_at)
+            tqdm.write(f"note: step {self.run.step}: {message}", file=sys.stderr)
+            log.event(self.run.step, event="collapse_recovered", message=message, since=self.warned_at, **stats)
+            self.warned_at = None
 
     def evaluate(self) -> dict[str, float]:
         """The EMA's real accuracy beside the raw student's (when eval data is given and there is an EMA)."""
@@ -188,12 +196,13 @@ class RunWatch:
     # --- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"collapse": self.collapse.state_dict(), "collapse_stats": self.collapse_stats,
-                "selector": self.selector.state_dict()}
+                "warned_at": self.warned_at, "selector": self.selector.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("collapse"):
             self.collapse.load_state_dict(state["collapse"])
         self.collapse_stats = dict(state.get("collapse_stats") or {})
+        self.warned_at = state.get("warned_at")
         if state.get("selector"):
             self.selector.load_state_dict(state["selector"])
         self.last = self._counters()

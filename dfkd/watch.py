@@ -6,7 +6,9 @@ teacher sees in it (covered, and the effective number exp(H) of the batch's clas
 teacher is, and how often the student agrees with it; all four go to TensorBoard and metrics.jsonl under
 `synthetic/`. When the effective number of classes stays under `collapse_fraction` of the classes a batch can
 show (min(classes, batch)) for `collapse_patience` checks in a row, the run warns once, naming the remedy; the
-episode ends after as many healthy checks in a row.
+episode ends after as many healthy checks in a row, and the run says so in a `note:` line (event
+`collapse_recovered`; `dfkd report` marks the warning "recovered by step N"), so an early collapse that the
+generator grew out of does not read as the run's end state.
 
 Remedies are options, never silent changes: `-p collapse_action=reset` re-draws the generator's weights (and
 clears its Adam state) when an episode starts, for the methods with a GAN generator; `-p balance=W` adds DAFL's
@@ -75,7 +77,7 @@ def batch_stats(t_logits: torch.Tensor, s_logits: torch.Tensor | None = None) ->
 
 @dataclass
 class CollapseWatch:
-    """Counts collapsed checks; `update` says when an episode starts (warn then, once).
+    """Counts collapsed checks; `update` says when an episode starts (warn then, once); `recovered` when it ends.
 
     Args:
         num_classes: the teacher's classes.
@@ -91,6 +93,7 @@ class CollapseWatch:
     in_episode: bool = False
     episodes: int = 0
     recent: list[bool] = field(default_factory=list)  # the last `patience` checks: collapsed or not
+    recovered: bool = False  # the last update ended an episode
 
     def threshold(self, batch: int) -> float:
         return max(self.fraction * min(self.num_classes, batch), 1.5)
@@ -99,6 +102,7 @@ class CollapseWatch:
         """Record one check; True exactly when this check starts a collapse episode."""
         collapsed = effective < self.threshold(batch)
         self.recent = [*self.recent, collapsed][-self.patience:]
+        self.recovered = False
         if collapsed:
             self.streak, self.healthy = self.streak + 1, 0
             if not self.in_episode and self.streak >= self.patience:
@@ -107,7 +111,7 @@ class CollapseWatch:
             return False
         self.streak, self.healthy = 0, self.healthy + 1
         if self.in_episode and self.healthy >= self.patience:
-            self.in_episode = False
+            self.in_episode, self.recovered = False, True
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -159,6 +163,12 @@ def remedy(method: Any, p: dict[str, Any]) -> str:
     if p["collapse_action"] == "reset":
         return f"the generator was reset (collapse_action=reset); if it collapses again, {balance}"
     return f"{balance}, or re-draw the generator when it happens (-p collapse_action=reset)"
+
+
+def recovery_message(method: Any, stats: dict[str, float], num_classes: int, since: int) -> str:
+    """One line: the episode warned of at step `since` is over (the warning stays in the log, this follows it)."""
+    return (f"{method.name}: recovered from the mode collapse warned at step {since}: the synthetic batches cover "
+            f"about {stats['effective_classes']:.1f} of {num_classes} classes again")
 
 
 def collapse_message(method: Any, stats: dict[str, float], num_classes: int, steps: int) -> str:

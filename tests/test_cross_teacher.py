@@ -78,6 +78,11 @@ def test_cell_table_reads_a_run_log(tmp_path: Path) -> None:
     assert summary["collapse"] and summary["collapse_step"] == 400 and summary["teacher_top1"] == 0.9
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 900}], ACC).splitlines()[2]
     assert row == "| a | dfad | 5 min | 45.00 | 50.0 | 45.00 / 47.00 / 60.00 | no | yes (step 400) | 900 |"
+    records.insert(2, {"step": 650, "event": "collapse_recovered", "since": 400, "message": "recovered"})
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    summary = ct.run_summary(tmp_path)
+    row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 900}], ACC).splitlines()[2]
+    assert "| yes (step 400, recovered by 650) |" in row
 
 
 def test_bn_methods_skip_bn_free_teachers_and_auto_waits_for_its_method() -> None:

@@ -130,6 +130,26 @@ def test_a_run_whose_generator_collapses_says_so_once(teacher_file: str, tmp_pat
     assert "mode collapse" in report(run).text()
 
 
+def test_a_collapse_that_ends_says_so_after_its_warning(teacher_file: str, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import dfkd.runwatch as runwatch
+
+    checks = iter([1.0] * 3 + [9.0] * 100)  # effective classes of the checks at steps 2, 4, 6, then healthy
+
+    def scripted(t_logits, s_logits=None):
+        return {**batch_stats(t_logits, s_logits), "effective_classes": next(checks)}
+
+    monkeypatch.setattr(runwatch, "batch_stats", scripted)
+    run = distill(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.2)).run_dir
+    err = capsys.readouterr().err
+    assert "mode collapse" in err and "recovered from the mode collapse warned at step 6" in err
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["event"], r["step"]) for r in records if r.get("event", "").startswith("collapse")]
+    assert events == [("collapse", 6), ("collapse_recovered", 12)]  # three healthy checks end the episode
+    assert "[recovered by step 12]" in report(run).text()
+
+
 def test_a_healthy_run_is_quiet(teacher_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # the lenient threshold makes any batch that is not a single class healthy
     run = distill(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01)).run_dir
