@@ -13,7 +13,7 @@ from torch import nn
 
 from dfkd.config import DistillConfig
 from dfkd.endcheck import chance_threshold, collapsed_at_end, top1_agreement
-from dfkd.engine import distill
+from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.generators import Generator, GeneratorSynthesizer
 from dfkd.report import report
@@ -148,6 +148,14 @@ def test_a_collapse_that_ends_says_so_after_its_warning(teacher_file: str, tmp_p
     events = [(r["event"], r["step"]) for r in records if r.get("event", "").startswith("collapse")]
     assert events == [("collapse", 6), ("collapse_recovered", 12)]  # three healthy checks end the episode
     assert "[recovered by step 12]" in report(run).text()
+
+    # stopped inside the episode and resumed: the recovery still names the step that warned
+    checks = iter([1.0] * 4 + [9.0] * 100)
+    first = distill(replace(collapse_cfg(teacher_file, tmp_path / "s", collapse_fraction=0.2), steps=8)).run_dir
+    resume(first, steps=24)
+    events = [(r["event"], r["step"], r.get("since")) for r in map(json.loads, (first / "metrics.jsonl").open())
+              if r.get("event", "").startswith("collapse")]
+    assert events == [("collapse", 6, None), ("collapse_recovered", 14, 6)]
 
 
 def test_a_healthy_run_is_quiet(teacher_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
