@@ -42,6 +42,10 @@ def test_planner_fits_iterations_to_the_measured_speed(monkeypatch: pytest.Monke
     assert len(notes) == 1 and "2000 synthesis iterations" in notes[0] and "using 30" in notes[0]
     planner.plan(600.0)
     assert len(notes) == 1, "the note is said once"
+    quick = StepPlanner("fast", notes.append)
+    quick.step_seconds = 0.01  # 50 steps take 0.5 s: within the recipe's share of a 10-minute budget
+    assert quick.cap(50, 600.0, 0.2) == 20, "the budget's last round is shorter"
+    assert len(notes) == 1, "and that is the budget's end, not the recipe cut: no note"
     assert planner.plan(10_000_000.0)[0] == 2000, "never more than the recipe's"
 
 
@@ -99,6 +103,10 @@ def test_step_planner_fits_a_rounds_student_steps(monkeypatch: pytest.MonkeyPatc
     assert planner.cap(400, 600.0, 1.0) == 1, "at least one step"
     assert planner.cap(4, 600.0, 600.0) == 4, "never more than the recipe's"
     assert len(notes) == 1, "the note is said once"
+    quick = StepPlanner("fast", notes.append)
+    quick.step_seconds = 0.01  # 50 steps take 0.5 s: within the recipe's share of a 10-minute budget
+    assert quick.cap(50, 600.0, 0.2) == 20, "the budget's last round is shorter"
+    assert len(notes) == 1, "and that is the budget's end, not the recipe cut: no note"
 
 
 def test_nayer_warmup_and_rounds_fit_a_time_budget(teacher_file: str, tmp_path: Path) -> None:

@@ -120,13 +120,14 @@ class StepPlanner:
             return steps
         if self.step_seconds is None:
             return min(steps, PROBE_STEPS)
-        room = min(STUDENT_SHARE * time_budget, time_left - reserve)
-        n = max(1, min(steps, int(room / self.step_seconds)))
-        if n < steps and not self._noted:
+        share = int(STUDENT_SHARE * time_budget / self.step_seconds)  # the recipe's cut; the budget's end is not
+        n = max(1, min(steps, share, int((time_left - reserve) / self.step_seconds)))
+        if share < steps and not self._noted:
             self._noted = True
             self.notice(f"{self.method}: {steps} student steps a round would take {steps * self.step_seconds:.0f} s "
                         f"here, more than {STUDENT_SHARE:.0%} of the {time_budget / 60:g}-minute budget; using up "
-                        f"to {n} a round (a larger --budget-minutes, --steps or a faster device keeps the recipe's)")
+                        f"to {max(1, share)} a round (a larger --budget-minutes, --steps or a faster device keeps "
+                        "the recipe's)")
         return n
 
     @contextmanager
