@@ -259,7 +259,7 @@ class Run:
                 window["samples"] += n * int(self.params["batch_size"])
                 bar.update(n)
                 if self.dist.main:  # the watch reads rank 0's batches; it draws nothing from the training streams
-                    self.watch.after_round(log)
+                    self.watch.after_round(log, n)
                 if self.step // cfg.log_every > last["log"]:
                     last["log"] = self.step // cfg.log_every
                     losses = self._read_losses()

@@ -65,12 +65,15 @@ class RunWatch:
         return True
 
     # --- hooks --------------------------------------------------------------------------------------------
-    def after_round(self, log: Any) -> None:
-        """Show the method's notes; update the EMA; on their cadences, check the batch and the held-out agreement."""
+    def after_round(self, log: Any, steps: int) -> None:
+        """Show the method's notes; update the EMA (`steps`: the round's student steps); check what is due.
+
+        On their cadences: the synthetic batch (collapse watch) and the held-out agreement.
+        """
         for message in self.run.method.pop_notices():
             tqdm.write(f"note: step {self.run.step}: {message}", file=sys.stderr)
             log.event(self.run.step, event="note", message=message)
-        self.selector.update_ema()
+        self.selector.update_ema(steps)
         if self._due("watch", self.watch_every):
             self._watch(log)
         if self._due("select", self.select_every):

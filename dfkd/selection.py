@@ -3,8 +3,9 @@
 GAN-method students swing 10-20 points between evaluations; the one a run ends with is one draw. Two remedies:
 
 - **EMA**: `torch.optim.swa_utils.AveragedModel` with `get_ema_multi_avg_fn` keeps an exponential moving average
-  of the student's weights and BatchNorm buffers (`use_buffers=True`), updated after every round with decay
-  `ema_decay ** student_steps_per_round` (so `ema_decay` is per student step).
+  of the student's weights and BatchNorm buffers (`use_buffers=True`), updated after every round that made student
+  steps with decay `ema_decay ** n`, n the round's own student steps (so `ema_decay` is per student step however
+  the rounds vary: warm-up rounds make none, a time budget cuts rounds short, its first round is a short probe).
 - **Data-free selection**: a held-out set of synthetic images the student never trains on, labelled by the
   teacher. Every `select_every` steps `heldout_chunk` fresh images are drawn from the method's own generator on
   a forked RNG stream seeded from the run's seed and the draw's index (the run's own randomness, and so its
@@ -131,14 +132,33 @@ class HeldOut:
         self.rng.set_state(state["rng"])
 
 
-def make_ema(student: nn.Module, decay: float, steps_per_round: int) -> AveragedModel | None:
-    """The EMA of `student` (weights and BN buffers), updated once a round; None when `decay` is 0."""
+class StepDecay:
+    """The EMA's averaging for rounds of any length: decay `per_step ** steps`, `steps` set before each update."""
+
+    def __init__(self, per_step: float) -> None:
+        self.per_step, self.steps = per_step, 1
+
+    def __call__(self, ema_params: Any, current_params: Any, num_averaged: Any) -> None:
+        get_ema_multi_avg_fn(self.per_step ** self.steps)(ema_params, current_params, num_averaged)
+
+
+def make_ema(student: nn.Module, decay: float) -> AveragedModel | None:
+    """The EMA of `student` (weights and BN buffers), `decay` per student step; None when `decay` is 0.
+
+    Update it with `update_ema`, which gives the steps the student made since the last update.
+    """
     if not 0 <= decay < 1:
         raise DfkdError(f"-p ema_decay={decay}: use a decay in [0, 1) (0 turns the EMA off), e.g. 0.998")
     if decay == 0:
         return None
-    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay ** max(steps_per_round, 1)),
-                         use_buffers=True)
+    return AveragedModel(student, multi_avg_fn=StepDecay(decay), use_buffers=True)
+
+
+def update_ema(ema: AveragedModel, student: nn.Module, steps: int) -> None:
+    """Average `student` into `ema` after `steps` student steps (none: nothing to average)."""
+    if steps > 0:
+        ema.multi_avg_fn.steps = steps
+        ema.update_parameters(student)
 
 
 class Selector:
@@ -154,7 +174,7 @@ class Selector:
         p = method.p
         self.method, self.num_classes = method, method.teacher.num_classes
         decay = float(p["ema_decay"]) if enabled else 0.0
-        self.ema = make_ema(method.student, decay, method.student_steps_per_round)
+        self.ema = make_ema(method.student, decay)
         self.synth = generator_of(method) if enabled and int(p["select_every"]) > 0 else None
         self.chunk, self.margin = int(p["heldout_chunk"]), float(p["select_margin"])
         if self.synth is not None and (int(p["heldout_size"]) < 1 or self.chunk < 1):
@@ -173,9 +193,10 @@ class Selector:
             out.append(("best", self.best))
         return out
 
-    def update_ema(self) -> None:
+    def update_ema(self, steps: int) -> None:
+        """Average the student into the EMA after a round of `steps` student steps."""
         if self.ema is not None:
-            self.ema.update_parameters(self.method.student)
+            update_ema(self.ema, self.method.student, steps)
 
     def check(self, step: int) -> dict[str, float]:
         """Draw into the held-out set, score every candidate, keep the best; returns the scores to log."""

@@ -13,7 +13,7 @@ from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
-from dfkd.selection import HeldOut, class_balanced_agreement, make_ema
+from dfkd.selection import HeldOut, class_balanced_agreement, make_ema, update_ema
 
 SELECT = {"select_every": 2, "heldout_size": 24, "heldout_chunk": 8, "ema_decay": 0.9, "watch_every": 2}
 
@@ -45,18 +45,25 @@ def test_class_balanced_agreement_weighs_every_class_alike() -> None:
 def test_ema_averages_weights_and_batchnorm_buffers() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    ema = make_ema(model, 0.5, steps_per_round=2)  # 0.5 per step, 0.25 per round of two steps
-    ema.update_parameters(model)
+    ema = make_ema(model, 0.5)  # 0.5 per step: 0.25 over a round of two steps, 0.125 over three
+    update_ema(ema, model, 2)
     w0, m0 = model[0].weight.detach().clone(), model[1].running_mean.clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
     model(torch.randn(8, 3))  # a train-mode forward moves the BN running mean
-    ema.update_parameters(model)
+    update_ema(ema, model, 2)
     assert torch.allclose(ema.module[0].weight, 0.25 * w0 + 0.75 * model[0].weight)
     assert torch.allclose(ema.module[1].running_mean, 0.25 * m0 + 0.75 * model[1].running_mean)
-    assert make_ema(model, 0.0, 1) is None
+    w1 = ema.module[0].weight.detach().clone()
+    update_ema(ema, model, 0)  # a round without student steps (a warm-up) leaves it
+    assert torch.equal(ema.module[0].weight, w1)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    update_ema(ema, model, 3)  # a longer round weighs the student more
+    assert torch.allclose(ema.module[0].weight, 0.125 * w1 + 0.875 * model[0].weight)
+    assert make_ema(model, 0.0) is None
     with pytest.raises(DfkdError, match="ema_decay=1"):
-        make_ema(model, 1.0, 1)
+        make_ema(model, 1.0)
 
 
 def test_heldout_reservoir_keeps_its_size_and_takes_later_draws() -> None:
@@ -195,3 +202,17 @@ def test_a_disabled_selector_keeps_neither_ema_nor_heldout_set(tiny_teacher) -> 
     assert sel.ema is None and sel.heldout is None and sel.check(2) == {}
     name, model, scores = sel.choose(2)
     assert name == "raw" and model is method.student and scores == {}
+
+
+def test_ema_starts_with_the_first_student_steps_not_the_warm_up(teacher_file: str, tmp_path: Path) -> None:
+    from dfkd.methods.nayer import NAYER
+
+    # NAYER's warm-up rounds make no student step; one round of 4 steps follows. The EMA's first update copies the
+    # student, so it must be the trained student, not the untrained one of a warm-up round averaged in.
+    params = {**NAYER.quick, "warmup_rounds": 2, "s_steps": 4, "ema_decay": 0.9, "select_every": 0}
+    result = distill(cfg_for(teacher_file, tmp_path / "r", "nayer", steps=4, params=params))
+    ckpt = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
+    ema = ckpt["extra"]["watch"]["selector"]["ema"]
+    raw = ckpt["method"]["student"]
+    assert int(ema["n_averaged"]) == 1
+    assert all(torch.allclose(ema[f"module.{k}"], v) for k, v in raw.items())
