@@ -11,8 +11,10 @@ Both use data-free signals only (the user has no real data), and go where the co
 - **Not learned.** A student can sit at chance while the generator's batches are varied: it simply did not learn.
   At the end the written student's top-1 agreement with the teacher is measured on synthetic images it never
   trained on, the held-out set of dfkd.selection when the method has one, else on the watch's latest synthetic
-  batch. A student whose answers are unrelated to the teacher's agrees on about 1/K of a class-balanced set (K
-  classes); the run warns when the agreement is at most `chance_threshold(K)` = min(1.5 / K, 1 / K + 0.1): half
+  batch, averaged over the teacher's classes present (the teacher labels synthetic images unevenly: a student
+  that answers one class everywhere agrees on all the images of that class, 20 % or more of a set it dominates,
+  but on exactly 1/K averaged per class). A student whose answers are unrelated to the teacher's agrees on about
+  1/K (K classes); the run warns when the agreement is at most `chance_threshold(K)` = min(1.5 / K, 1 / K + 0.1): half
   of chance again above it (on 1024 held-out images a chance-level student's agreement has a standard deviation
   of about 1 point at K = 10, so 15 % is over five of them away), and never more than 10 points above chance (at
   K = 2, 60 %). A student that learned anything useful agrees far above that.
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from dfkd.selection import class_balanced_agreement
 from dfkd.watch import CollapseWatch
 
 
@@ -40,13 +43,13 @@ def chance_threshold(num_classes: int) -> float:
 
 
 def top1_agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The fraction of rows whose arg-max is the teacher's label.
+    """The fraction of rows whose arg-max is the teacher's label, averaged over the classes in `labels`.
 
     Shape:
         - logits: (N, K)
         - labels: (N,)
     """
-    return float((logits.argmax(1) == labels.to(logits.device)).float().mean())
+    return class_balanced_agreement(logits, labels, logits.shape[1])
 
 
 def remedy(method: Any, cfg: Any, device: torch.device) -> str:

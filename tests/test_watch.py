@@ -236,6 +236,9 @@ def test_chance_threshold_and_agreement() -> None:
     assert top1_agreement(at_chance, labels) == pytest.approx(0.1)
     assert top1_agreement(at_chance, labels) <= chance_threshold(10)
     assert top1_agreement(torch.nn.functional.one_hot(labels, 10).float(), labels) == 1.0
+    # synthetic sets are labelled unevenly: a student answering the dominant class everywhere is still at chance
+    skewed = torch.cat([torch.zeros(60, dtype=torch.long), torch.arange(40) % 9 + 1])
+    assert top1_agreement(at_chance, skewed) == pytest.approx(0.1)  # plain agreement: 60 %, far above 15 %
 
 
 @pytest.fixture
