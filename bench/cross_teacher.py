@@ -19,8 +19,8 @@ test set is used only to evaluate.
 --auto-budget CPU-minutes; its cells name the method it picked, e.g. `auto (fast)`, read from the run's config.json.
 
 OUT/cross_teacher.md first lists the teachers, each with what the benchmark's student reaches when trained on the
-teacher's real labelled training set (`--reference-epochs`, once, cached): the ceiling a data-free student can
-hope for. Then three tables: % of the teacher per (method, teacher) with the worst teacher of each method
+teacher's real labelled training set (`--reference-epochs`, once, cached): a reference a data-free student
+seldom passes. Then three tables: % of the teacher per (method, teacher) with the worst teacher of each method
 and the best named method of each teacher; per teacher, what auto picked and reached beside that best method; and
 per cell the real top-1 of the candidates the data-free selection chose between (final raw student, final EMA, kept
 snapshot), whether the written student is within 1 point of the best of them, and whether the log holds a
@@ -176,7 +176,7 @@ def student_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> 
     """Test top-1 of `student` trained on the teacher's real labelled training set for `epochs` (cached).
 
     What the benchmark's student reaches with every real image and label (`dfkd train-teacher`, its one-cycle
-    SGD): a data-free student is measured against the teacher, but it cannot be expected to pass this.
+    SGD): a data-free student is measured against the teacher, and seldom passes this reference.
     None for a teacher without a training set in the benchmark (CIFAR: hours on a CPU).
     """
     if t.train_data is None or epochs <= 0:
