@@ -36,7 +36,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,11 +153,16 @@ def ensure_teacher(t: BenchTeacher) -> Path:
 
 def teacher_accuracy(t: BenchTeacher, out: Path) -> float:
     """The teacher's test top-1, measured once with `dfkd evaluate` and kept in OUT/teachers.json."""
+    return _cached(out, f"{t.name}:{t.file.stat().st_mtime_ns}",
+                   lambda: run.evaluate(ensure_teacher(t), str(t.test), t.flags))
+
+
+def _cached(out: Path, key: str, measure: Callable[[], float]) -> float:
+    """OUT/teachers.json's value for `key`, measured (and stored) the first time it is asked for."""
     cache = out / "teachers.json"
     known = json.loads(cache.read_text()) if cache.exists() else {}
-    key = f"{t.name}:{t.file.stat().st_mtime_ns}"
     if key not in known:
-        known[key] = run.evaluate(ensure_teacher(t), str(t.test), t.flags)
+        known[key] = measure()
         _write_json(cache, known)
     return known[key]
 
@@ -181,21 +186,20 @@ def student_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> 
     """
     if t.train_data is None or epochs <= 0:
         return None
-    cache = out / "teachers.json"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    key = f"{t.name}:student:{student}:{epochs}"
-    if key not in known:
+    data = t.train_data
+
+    def train() -> float:
         file = out / "student_reference" / f"{t.name}--{student}.pt"
         file.parent.mkdir(parents=True, exist_ok=True)
-        print(f"training the student {student} on {t.train_data.name} for {epochs} epochs (reference)", flush=True)
+        print(f"training the student {student} on {data.name} for {epochs} epochs (reference)", flush=True)
         with file.with_suffix(".log").open("w") as log:
-            subprocess.run([*run.DFKD, "train-teacher", "--data", str(t.train_data), "--arch", student,
+            subprocess.run([*run.DFKD, "train-teacher", "--data", str(data), "--arch", student,
                             "--eval-data", str(t.test), "--epochs", str(epochs), "--input-size", str(t.size),
                             "--out", str(file), "--force"], check=True, cwd=ROOT, stdout=log,
                            stderr=subprocess.STDOUT, env=run.child_env(1))
-        known[key] = run.evaluate(file, str(t.test))
-        _write_json(cache, known)
-    return known[key]
+        return run.evaluate(file, str(t.test))
+
+    return _cached(out, f"{t.name}:student:{student}:{epochs}", train)
 
 
 # --- cells --------------------------------------------------------------------------------------------------
@@ -264,15 +268,15 @@ def run_summary(run_dir: Path) -> dict:
     records = run.metrics(run_dir)
     final = [r for r in records if r.get("event") == "finished"][-1]
     collapses = [r for r in records if r.get("event") == "collapse"]
+    first = collapses[0]["step"] if collapses else None  # the first warning; a recovery names it as `since`
     not_learned = [r for r in records if r.get("event") == "not_learned"]  # dfkd.endcheck
     out = {k: final.get(f"student/{k}") for k in ("top1", "top1_raw", "top1_ema", "top1_best")}
     teacher = [r["student/teacher_top1"] for r in records if "student/teacher_top1" in r]
     out.update(selected=final.get("selected", ""), collapse=bool(collapses),
                teacher_top1=teacher[0] if teacher else None,
-               collapse_message=collapses[0]["message"] if collapses else None,
-               collapse_step=collapses[0]["step"] if collapses else None,
+               collapse_message=collapses[0]["message"] if collapses else None, collapse_step=first,
                collapse_recovered=next((r["step"] for r in records if r.get("event") == "collapse_recovered"
-                                        and collapses and r.get("since") == collapses[0]["step"]), None),
+                                        and r.get("since") == first), None),
                not_learned=bool(not_learned),
                not_learned_message=not_learned[0]["message"] if not_learned else None)
     return out
