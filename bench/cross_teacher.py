@@ -12,7 +12,9 @@ Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one 
 shipped examples and the ones in TEACHERS trained here once (`dfkd train-teacher` for zoo nets,
 `python -m bench.teacher_nets` for the custom ones, which reach dfkd as a state_dict + `--teacher-arch
 module:Class` + input spec, as a user holds them) and cached in bench/teachers/. Methods that match BatchNorm
-statistics (`uses_bn`) run only on BN teachers. The student is dfkd's default for the teacher; the teacher's real
+statistics (`uses_bn`) run on BN-free teachers too, on their other terms (dfkd drops the BN term with a warning):
+model inversion without BN statistics is still a candidate there, and the grid marks those cells with `*`. The
+student is dfkd's default for the teacher; the teacher's real
 test set is used only to evaluate.
 
 `auto` is `dfkd distill --method auto` (dfkd.auto picks the method from the teacher; it is the CLI's default), at
@@ -210,7 +212,9 @@ def cell_key(teacher: str, method: str, minutes: float, smoke: bool, params: Seq
 
 def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_budget: float,
          have_auto: bool, params: Sequence[str] = ()) -> list[dict]:
-    """One entry per (teacher, method): its budget, or why it does not run (no BN; no auto method on main yet).
+    """One entry per (teacher, method): its budget, or why it does not run (no auto method in this checkout).
+
+    A BN-statistics method on a BN-free teacher runs on its other terms and is marked `no_bn`.
 
     `params`: `-p KEY=VALUE` settings every cell runs with (kept in each cell as "params").
     """
@@ -224,7 +228,7 @@ def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_b
             if m == "auto" and not have_auto:
                 cell["skipped"] = "no auto method in this checkout"
             elif m != "auto" and get_method(m).uses_bn and not t.bn:
-                cell["skipped"] = "needs BatchNorm (the teacher has none)"
+                cell["no_bn"] = True
             cells.append(cell)
     return cells
 
@@ -366,13 +370,16 @@ def grid_table(cells: list[dict], acc: dict[str, float], teachers: list[str], me
     best = [best_method([by[(t, m)] for m in methods if (t, m) in by and m != "auto"], acc, t) for t in teachers]
     best_text = ["" if b is None else f"{b[0]} ({b[1]:.1f})" for b in best]
     lines.append("| **best method** | " + " | ".join(best_text) + " | |")
+    if any(c.get("no_bn") and c.get("top1") is not None for c in cells):
+        lines.append("\n\\* a BatchNorm-statistics method on a BN-free teacher: its BN term dropped, it ran on its "
+                     "other terms.")
     return "\n".join(lines) + "\n"
 
 
 def _grid_cell(cell: dict, teacher_top1: float) -> str:
     """% of the teacher; an auto cell also names the method auto picked for that teacher."""
     picked = f" ({cell['picked']})" if cell.get("picked") else ""
-    return f"{pct(cell, teacher_top1):.1f}{picked}"
+    return f"{pct(cell, teacher_top1):.1f}{'*' if cell.get('no_bn') else ''}{picked}"
 
 
 def auto_table(cells: list[dict], acc: dict[str, float], teachers: list[str]) -> str:

@@ -85,11 +85,17 @@ def test_cell_table_reads_a_run_log(tmp_path: Path) -> None:
     assert "| yes (step 400, recovered by 650) |" in row
 
 
-def test_bn_methods_skip_bn_free_teachers_and_auto_waits_for_its_method() -> None:
+def test_bn_methods_run_on_bn_free_teachers_marked_and_auto_waits_for_its_method() -> None:
     teachers = [ct.TEACHERS["fmnist_lenet5"], ct.TEACHERS["fmnist_cnn_bn"]]
     cells = ct.plan(teachers, ["deepinversion", "dfad", "auto"], 5.0, 10.0, have_auto=False)
-    assert ["skipped" in c for c in cells] == [True, False, True, False, False, True]
+    assert ["skipped" in c for c in cells] == [False, False, True, False, False, True]
+    assert [bool(c.get("no_bn")) for c in cells] == [True, False, False] * 1 + [False] * 3
     assert [c["budget_min"] for c in cells] == [5.0, 5.0, 10.0] * 2
+    ran = [{**cells[0], "top1": 0.45}, {**cells[3], "top1": 0.8}]
+    acc = {"fmnist_lenet5": 0.9, "fmnist_cnn_bn": 0.9}
+    grid = ct.grid_table(ran, acc, ["fmnist_lenet5", "fmnist_cnn_bn"], ["deepinversion"]).splitlines()
+    assert grid[2].startswith("| deepinversion | 50.0* | 88.9 | 50.0 (fmnist_lenet5) |")
+    assert grid[-1].startswith("\\* a BatchNorm-statistics method on a BN-free teacher")
 
 
 @pytest.mark.parametrize("name", ["fmnist_cnn_bn", "mnist_caffe28"])
