@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dfkd.auto import AUTO, RULES, choose, profile
+from dfkd.auto import AUTO, NOISE_CONFIDENT, RULES, choose, profile
 from dfkd.checkpoint import load_checkpoint
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig, build_config
@@ -33,6 +33,19 @@ def test_auto_picks_fast_for_a_bn_teacher_and_dfad_for_a_bn_free_one() -> None:
     assert bn.bn and not plain.bn and bn.kind == plain.kind == "mnist" and bn.params < 200_000
     assert (choose(bn).method, choose(plain).method) == ("fast", "dfad")
     assert 1.0 <= bn.noise_classes <= 10 and bn.logit_scale > 0 and 0.1 <= bn.noise_confidence <= 1
+
+
+def test_a_bn_free_teacher_confident_on_noise_gets_cmi_and_a_hesitant_one_dfad() -> None:
+    teacher = tiny("lenet5")
+    hesitant = profile(teacher)
+    final = [m for m in teacher.module.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        final.weight.mul_(200.0)
+        final.bias.add_(torch.linspace(0, 20, final.bias.numel()))
+    confident = profile(teacher)
+    assert hesitant.noise_confidence < NOISE_CONFIDENT <= confident.noise_confidence
+    assert (choose(hesitant).method, choose(confident).method) == ("dfad", "cmi")
+    assert choose(confident).recipe is None and get_method("cmi").default_params(teacher)["lr_s"] == 0.05
 
 
 def test_auto_picks_dfq_with_its_cpu_recipe_for_a_cifar_bn_teacher() -> None:
