@@ -65,8 +65,9 @@ class NAYER(Method):
     g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches capped at 64 above 64 px (no script there). The
     paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
     CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers; chosen, not tuned):
-    synthesis batch 64, student batch 128, s_steps 50, lr 0.01 (Fast-DFKD's and CMI's earlier CPU value; 0.05, theirs now, is not measured here), g_steps
-    10, warm-up 2 rounds of 5 batches, generator width 16, a pool of 60,000 images.
+    synthesis batch 64, student batch 128, s_steps 50, lr 0.01 (Fast-DFKD's and CMI's earlier CPU value; 0.05,
+    theirs now, is not measured for NAYER), g_steps 10, warm-up 2 rounds of 5 batches, generator width 16, a pool
+    of 60,000 images.
 
     Label embeddings: the paper encodes "a image of <class>" with CLIP ViT-B/32 (512-d). This machine cannot
     download it, so by default (`text_encoder=none`) each class gets a fixed random N(0, I) 512-d vector (seeded,
