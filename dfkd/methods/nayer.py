@@ -97,7 +97,8 @@ class NAYER(Method):
     cpu_reason: ClassVar[str] = (
         "chosen for a CPU: Fast-DFKD's and CMI's CPU batches 64/128, 50 KD steps a round and student lr 0.05 "
         "(0.01 trails it on two BN teachers; at T=20, 0.2 kills a BN-free LeNet-5-half), generator width 16, "
-        "g_steps 10 and a 2-round warm-up of 5 batches (the paper's 20 x 10 batches of 400 at 30 steps would fill a short CPU run)")
+        "g_steps 10 and a 2-round warm-up of 5 batches (the paper's 20 x 10 batches of 400 at 30 steps would "
+        "fill a short CPU run)")
     deviations: ClassVar[tuple[str, ...]] = (
         "label embeddings are fixed random class vectors unless -p text_encoder names a local encoder (the paper: "
         "CLIP ViT-B/32 text embeddings of 'a image of <class>')",
