@@ -9,7 +9,8 @@ import torch
 from dfkd.hooks import FeatureTaps
 from dfkd.teacher import Teacher
 
-_BN_FREE = ("data-free methods that do not need BatchNorm: dafl, dfad, zskt, zskd")
+_BN_FREE = ("the data-free methods made without BatchNorm (dafl, dfad, zskt, zskd), or `--method auto`, which "
+            "picks dfad or cmi for it from measured properties")
 
 
 class BNInputs:
@@ -33,7 +34,7 @@ class BNInputs:
             why = "it is TorchScript (no module hooks)" if not teacher.hookable else "it has no BatchNorm layers"
             warnings.warn(f"{method}: the teacher {teacher.source} offers no BatchNorm statistics ({why}); the BN "
                           f"matching term is dropped and {method} goes on with its other terms. For a BN-free "
-                          f"teacher, consider {_BN_FREE}.", stacklevel=2)
+                          f"teacher, see also {_BN_FREE}.", stacklevel=2)
 
     @property
     def available(self) -> bool:
