@@ -45,7 +45,7 @@ def test_a_bn_free_teacher_confident_on_noise_gets_cmi_and_a_hesitant_one_dfad()
     confident = profile(teacher)
     assert hesitant.noise_confidence < NOISE_CONFIDENT <= confident.noise_confidence
     assert (choose(hesitant).method, choose(confident).method) == ("dfad", "cmi")
-    assert choose(confident).recipe is None and get_method("cmi").default_params(teacher)["lr_s"] == 0.05
+    assert choose(confident).recipe is None and get_method("cmi").default_params(teacher)["g_steps"] == 40
 
 
 def test_auto_picks_dfq_with_its_cpu_recipe_for_a_cifar_bn_teacher() -> None:

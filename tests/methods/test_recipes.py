@@ -58,7 +58,7 @@ def test_papers_cifar_and_imagenet_settings() -> None:
 
 #: The measured CPU recipes a LeNet-scale MNIST teacher gets (the demo's numbers rest on them).
 LENET = {"dafl": {"batch_size": 64, "lr_g": 0.2}, "dfad": {"batch_size": 64, "lr_g": 1e-2},
-         "dfq": {"batch_size": 64, "lr_s": 2e-3}, "cmi": {"g_steps": 40, "batch_size": 128},
+         "dfq": {"batch_size": 64, "lr_s": 2e-3}, "cmi": {"g_steps": 40, "batch_size": 128, "lr_s": 0.01},
          "fast": {"synth_batch_size": 64, "lr_s": 0.05, "g_steps": 5},
          "deepinversion": {"iterations": 100, "batch_size": 128}, "zeroq": {"iterations": 100},
          "zskd": {"di_iters": 100, "pool_size": 24_000}, "zskt": {"batch_size": 128},
