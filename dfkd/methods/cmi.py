@@ -37,7 +37,7 @@ class CMI(LatentMethod):
     reference's 0.1 kills a BN-free LeNet-5-half (constant output), and 0.05 (Fast-DFKD's and NAYER's CPU rate)
     is not safe for CMI either: 5 CPU-minutes, 0.01 -> 0.05 took a Fashion-MNIST BN CNN's student from 75.4 to
     45.4 % and a Caffe LeNet's (MNIST) from 94.6 % to chance, though it helped on a BN-free Fashion-MNIST LeNet-5
-    (64.9 -> 69.7 %). `-p recipe=paper` gives the paper's settings.
+    (64.9 -> 69.2 and 69.7 % in two runs). `-p recipe=paper` gives the paper's settings.
     A BN-free teacher (no BN inputs and not a ResNet) leaves CMI without BN term and without contrastive features:
     it runs as a generator inversion with the class and adversarial terms and the pool (dfkd warns); that is
     `--method auto`'s pick for BN-free teachers that are confident on noise (`dfkd.auto`).
