@@ -14,8 +14,7 @@ shipped examples and the ones in TEACHERS trained here once (`dfkd train-teacher
 module:Class` + input spec, as a user holds them) and cached in bench/teachers/. Methods that match BatchNorm
 statistics (`uses_bn`) run on BN-free teachers too, on their other terms (dfkd drops the BN term with a warning):
 model inversion without BN statistics is still a candidate there, and the grid marks those cells with `*`. The
-student is dfkd's default for the teacher; the teacher's real
-test set is used only to evaluate.
+student is dfkd's default for the teacher; the teacher's real test set is used only to evaluate.
 
 `auto` is `dfkd distill --method auto` (dfkd.auto picks the method from the teacher; it is the CLI's default), at
 --auto-budget CPU-minutes; its cells name the method it picked, e.g. `auto (fast)`, read from the run's config.json.

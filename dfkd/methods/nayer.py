@@ -65,9 +65,9 @@ class NAYER(Method):
     g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches capped at 64 above 64 px (no script there). The
     paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
     CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers; chosen, the lr measured):
-    synthesis batch 64, student batch 128, s_steps 50, student lr 0.05 (as Fast-DFKD's and CMI's CPU recipes; 5
-    CPU-minutes, LeNet-5-half: 0.01 75.8 %, 0.05 80.0 top-1 on a Fashion-MNIST BN CNN, 97.98 / 98.47 on the MNIST
-    LeNet-5-BN), g_steps 10, warm-up 2 rounds of 5 batches, generator width 16, a pool of 60,000 images.
+    synthesis batch 64, student batch 128, s_steps 50, student lr 0.05 (as Fast-DFKD's CPU recipe; CMI's stays at
+    0.01; 5 CPU-minutes, LeNet-5-half: 0.01 75.8 %, 0.05 80.0 top-1 on a Fashion-MNIST BN CNN, 97.98 / 98.47 on
+    the MNIST LeNet-5-BN), g_steps 10, warm-up 2 rounds of 5 batches, generator width 16, a pool of 60,000 images.
 
     Label embeddings: the paper encodes "a image of <class>" with CLIP ViT-B/32 (512-d). This machine cannot
     download it, so by default (`text_encoder=none`) each class gets a fixed random N(0, I) 512-d vector (seeded,
@@ -95,7 +95,7 @@ class NAYER(Method):
     cpu: ClassVar[dict[str, Any]] = {"synth_batch_size": 64, "batch_size": 128, "s_steps": 50, "lr_s": 0.05,
                                      "g_steps": 10, "warmup_rounds": 2, "gwp_loops": 5, "ngf": 16, "pool_size": 60_000}
     cpu_reason: ClassVar[str] = (
-        "chosen for a CPU: Fast-DFKD's and CMI's CPU batches 64/128, 50 KD steps a round and student lr 0.05 "
+        "chosen for a CPU: Fast-DFKD's CPU batches 64/128, 50 KD steps a round and student lr 0.05 "
         "(0.01 trails it on two BN teachers; at T=20, 0.2 kills a BN-free LeNet-5-half), generator width 16, "
         "g_steps 10 and a 2-round warm-up of 5 batches (the paper's 20 x 10 batches of 400 at 30 steps would "
         "fill a short CPU run)")

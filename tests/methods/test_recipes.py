@@ -62,7 +62,8 @@ LENET = {"dafl": {"batch_size": 64, "lr_g": 0.2}, "dfad": {"batch_size": 64, "lr
          "fast": {"synth_batch_size": 64, "lr_s": 0.05, "g_steps": 5},
          "deepinversion": {"iterations": 100, "batch_size": 128}, "zeroq": {"iterations": 100},
          "zskd": {"di_iters": 100, "pool_size": 24_000}, "zskt": {"batch_size": 128},
-         "adi": {"iterations": 100}, "online": {"adv": 0.01, "batch_size": 64}}
+         "adi": {"iterations": 100}, "online": {"adv": 0.01, "batch_size": 64},
+         "nayer": {"s_steps": 50, "lr_s": 0.05}}
 
 
 @pytest.mark.parametrize("method", sorted(LENET))
