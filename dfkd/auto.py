@@ -85,8 +85,8 @@ RULES: tuple[Rule, ...] = (
     Rule("BatchNorm, MNIST-kind inputs (at most 1x32x32)", lambda p: p.bn and p.kind == "mnist", "fast", None,
          "README 'Every method, 10 CPU-minutes', lenet5_bn (99.53): fast 99.3 % of the teacher, cmi 97.7, dfq 97.4, "
          "deepinversion 96.6, the GAN methods 28-75 %; README 'Cross-teacher benchmark', 5 CPU-minutes, every "
-         "method: lenet5_bn fast 99.1 %, nayer 98.4, cmi 96.9, dfq 96.7, deepinversion 93.7, adi 93.4, the "
-         "BN-free methods 47-85; custom Fashion-MNIST CNN with BN (90.49) fast 87.3 %, nayer 83.8, cmi 83.3, "
+         "method: lenet5_bn fast 98.7 %, nayer 98.3, cmi 96.7, dfq 96.7, deepinversion 93.7, adi 93.4, the "
+         "BN-free methods 47-85; custom Fashion-MNIST CNN with BN (90.49) fast 90.6 %, nayer 87.6, cmi 83.3, "
          "deepinversion 79.0, adi 77.6, dfq 73.3, the rest 30-47"),
     Rule("BatchNorm, 3-channel or larger inputs", lambda p: p.bn, "dfq", "cpu",
          "README 'CIFAR-10, 10 CPU-minutes', wrn_16_1 (81.03), CPU recipes: dfq 58.4 % of the teacher, fast 33.0, "
