@@ -120,7 +120,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--force", action="store_true", help="run cells again that are stored already")
     ap.add_argument("--table-only", action="store_true", help="only write the table of the stored cells")
     ap.add_argument("--out", default=str(HERE / "results" / "cross_teacher"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the runs' seed; cells of a seed other than 0 are stored and tabled apart "
+                    "(OUT/cross_teacher_seedN.md)")
     ap.add_argument("--reference-epochs", type=int, default=4,
                     help="epochs of the student on each teacher's real labelled data, the table's reference "
                     "(trained once, cached; 0: none)")
@@ -205,18 +207,21 @@ def student_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> 
 
 
 # --- cells --------------------------------------------------------------------------------------------------
-def cell_key(teacher: str, method: str, minutes: float, smoke: bool, params: Sequence[str] = ()) -> str:
-    settings = "".join(f"--{kv}" for kv in params)
+def cell_key(teacher: str, method: str, minutes: float, smoke: bool, params: Sequence[str] = (),
+             seed: int = 0) -> str:
+    """The cell's file name: seed 0 (the default grid) has no seed in it, another seed is stored apart."""
+    settings = "".join(f"--{kv}" for kv in params) + (f"--seed{seed}" if seed else "")
     return f"{teacher}--{method}--{'smoke' if smoke else f'{minutes:g}min'}{settings}"
 
 
 def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_budget: float,
-         have_auto: bool, params: Sequence[str] = ()) -> list[dict]:
+         have_auto: bool, params: Sequence[str] = (), seed: int = 0) -> list[dict]:
     """One entry per (teacher, method): its budget, or why it does not run (no auto method in this checkout).
 
     A BN-statistics method on a BN-free teacher runs on its other terms and is marked `no_bn`.
 
-    `params`: `-p KEY=VALUE` settings every cell runs with (kept in each cell as "params").
+    `params`: `-p KEY=VALUE` settings every cell runs with (kept in each cell as "params"); `seed`: the runs'
+    seed (kept in each cell when not 0).
     """
     from dfkd.methods import get_method
 
@@ -224,7 +229,7 @@ def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_b
     for t in teachers:
         for m in methods:
             cell = {"teacher": t.name, "method": m, "budget_min": auto_budget if m == "auto" else budget,
-                    **({"params": list(params)} if params else {})}
+                    **({"params": list(params)} if params else {}), **({"seed": seed} if seed else {})}
             if m == "auto" and not have_auto:
                 cell["skipped"] = "no auto method in this checkout"
             elif m != "auto" and get_method(m).uses_bn and not t.bn:
@@ -258,7 +263,7 @@ def pending(cells: list[dict], out: Path, smoke: bool, force: bool) -> list[int]
     for i, c in enumerate(cells):
         if "skipped" in c:
             continue
-        key = cell_key(c["teacher"], c["method"], c["budget_min"], smoke, c.get("params", ()))
+        key = cell_key(c["teacher"], c["method"], c["budget_min"], smoke, c.get("params", ()), c.get("seed", 0))
         prev = stored(out / "cells" / f"{key}.json")
         if prev is not None and not force:
             cells[i] = prev
@@ -307,9 +312,10 @@ def smoke_test_set(t: BenchTeacher, out: Path, every: int = 10) -> Path:
 
 def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -> dict:
     """Run one cell (a `dfkd distill` process via bench/run.py) and store its JSON."""
-    key = cell_key(t.name, cell["method"], cell["budget_min"], args.smoke, cell.get("params", ()))
+    key = cell_key(t.name, cell["method"], cell["budget_min"], args.smoke, cell.get("params", ()),
+                   cell.get("seed", 0))
     test = smoke_test_set(t, out) if args.smoke else t.test
-    ns = argparse.Namespace(clock="cpu", test=str(test), seed=args.seed, jobs=args.jobs)
+    ns = argparse.Namespace(clock="cpu", test=str(test), seed=cell.get("seed", 0), jobs=args.jobs)
     extra = [*t.flags, *(quick_flags(cell["method"]) if args.smoke and cell["method"] != "auto" else []),
              *sum((["-p", kv] for kv in cell.get("params", ())), [])]
     row = run.run_one(t.file, cell["method"], cell["budget_min"], ns, out / "runs" / key, extra)
@@ -459,7 +465,7 @@ def main() -> None:
     out = Path(args.out)
     teachers = [TEACHERS[n] for n in args.teachers]
     acc = {t.name: teacher_accuracy(t, out) for t in teachers}
-    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto, args.param)
+    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto, args.param, args.seed)
     todo = pending(cells, out, args.smoke, args.force)
     if args.table_only:
         todo = []
@@ -471,7 +477,7 @@ def main() -> None:
         cells[i] = run_cell(TEACHERS[c["teacher"]], c, args, out)
         print(json.dumps({k: cells[i].get(k) for k in ("teacher", "method", "top1", "error")}), flush=True)
 
-    settings = "".join(f"_{kv.replace('=', '-')}" for kv in args.param)
+    settings = "".join(f"_{kv.replace('=', '-')}" for kv in args.param) + (f"_seed{args.seed}" if args.seed else "")
     table = out / f"cross_teacher{'_smoke' if args.smoke else ''}{settings}.md"
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for _ in pool.map(job, todo):

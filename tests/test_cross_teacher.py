@@ -182,6 +182,29 @@ def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monk
         ct.parse(["--param", "recipe"])
 
 
+def test_cells_of_another_seed_run_with_it_and_are_stored_apart(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--seed 1` must not reuse (nor, with --force, overwrite) the seed-0 cells of the default grid.
+    seen = []
+
+    def fake_run_one(teacher, method, minutes, ns, out, extra):  # noqa: ANN001, ANN202 - run.run_one's signature
+        seen.append(ns.seed)
+        return {"method": method, "budget_min": minutes, "error": "not run"}
+
+    monkeypatch.setattr(ct.run, "run_one", fake_run_one)
+    t = ct.TEACHERS["mnist_caffe28"]
+    ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
+                   {"teacher": "mnist_caffe28", "method": "dfad", "budget_min": 5.0, "top1": 0.9})
+    args = ct.parse(["--teachers", "mnist_caffe28", "--seed", "1", "--out", str(tmp_path)])
+    cells = ct.plan([t], ["dfad"], 5.0, 10.0, True, args.param, args.seed)
+    assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "a seed-0 cell stood in for seed 1"
+    ct.run_cell(t, cells[0], args, tmp_path)
+    assert seen == [1]
+    assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--seed1.json").exists()
+    assert json.loads((tmp_path / "cells" / "mnist_caffe28--dfad--5min.json").read_text())["top1"] == 0.9
+    assert ct.pending(ct.plan([t], ["dfad"], 5.0, 10.0, True), tmp_path, smoke=False, force=False) == []
+
+
 def test_student_reference_trains_the_cells_student_on_real_labels_once(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
