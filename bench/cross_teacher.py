@@ -214,6 +214,12 @@ def cell_key(teacher: str, method: str, minutes: float, smoke: bool, params: Seq
     return f"{teacher}--{method}--{'smoke' if smoke else f'{minutes:g}min'}{settings}"
 
 
+def key_of(cell: dict, smoke: bool) -> str:
+    """`cell_key` of a planned or stored cell."""
+    return cell_key(cell["teacher"], cell["method"], cell["budget_min"], smoke, cell.get("params", ()),
+                    cell.get("seed", 0))
+
+
 def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_budget: float,
          have_auto: bool, params: Sequence[str] = (), seed: int = 0) -> list[dict]:
     """One entry per (teacher, method): its budget, or why it does not run (no auto method in this checkout).
@@ -263,8 +269,7 @@ def pending(cells: list[dict], out: Path, smoke: bool, force: bool) -> list[int]
     for i, c in enumerate(cells):
         if "skipped" in c:
             continue
-        key = cell_key(c["teacher"], c["method"], c["budget_min"], smoke, c.get("params", ()), c.get("seed", 0))
-        prev = stored(out / "cells" / f"{key}.json")
+        prev = stored(out / "cells" / f"{key_of(c, smoke)}.json")
         if prev is not None and not force:
             cells[i] = prev
         else:
@@ -312,8 +317,7 @@ def smoke_test_set(t: BenchTeacher, out: Path, every: int = 10) -> Path:
 
 def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -> dict:
     """Run one cell (a `dfkd distill` process via bench/run.py) and store its JSON."""
-    key = cell_key(t.name, cell["method"], cell["budget_min"], args.smoke, cell.get("params", ()),
-                   cell.get("seed", 0))
+    key = key_of(cell, args.smoke)
     test = smoke_test_set(t, out) if args.smoke else t.test
     ns = argparse.Namespace(clock="cpu", test=str(test), seed=cell.get("seed", 0), jobs=args.jobs)
     extra = [*t.flags, *(quick_flags(cell["method"]) if args.smoke and cell["method"] != "auto" else []),
