@@ -78,7 +78,7 @@ class GANMethod(Method):
             steps=p["g_steps"], grad_clip=p["grad_clip"])
         if self.decay_generator:
             self.track_lr(self.synth.optimizer)
-        self.bn = BNInputs(teacher, self.name) if self.uses_bn else None
+        self.bn = BNInputs(teacher, self.name, p["input_stats"]) if self.uses_bn else None
         self._cache: dict[str, torch.Tensor] = {}
 
     def _objective(self, x: torch.Tensor, y: torch.Tensor | None) -> LossDict:

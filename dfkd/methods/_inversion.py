@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dfkd.augment import make_augment
-from dfkd.bnstats import BNInputs
+from dfkd.bnstats import BN_DEFAULTS, BNInputs
 from dfkd.generators import ImagePool, InversionSynthesizer, LossDict
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.methods._budget import IterationPlanner
@@ -49,6 +49,7 @@ INVERSION_DEFAULTS: dict[str, Any] = {
     "schedule": "cosine",
     "weight_decay": 1e-4,  # zju-vipa's student SGD (`datafree_kd.py`)
     "kd_augment": "crop_flip",  # zju-vipa's training transform on pool samples
+    **BN_DEFAULTS,
 }
 
 
@@ -77,7 +78,7 @@ class InversionMethod(Method):
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         super().__init__(teacher, student, params, device)
         p = self.p
-        self.bn = BNInputs(teacher, self.name) if self.uses_bn else None
+        self.bn = BNInputs(teacher, self.name, self.p["input_stats"]) if self.uses_bn else None
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.synth: InversionSynthesizer = InversionSynthesizer(
             teacher.spec, self._objective, teacher.num_classes, p["synth_batch_size"] or p["batch_size"],

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from dfkd.augment import make_augment
-from dfkd.bnstats import BNInputs
+from dfkd.bnstats import BN_DEFAULTS, BNInputs
 from dfkd.generators import Generator
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
@@ -32,6 +32,7 @@ LATENT_DEFAULTS: dict[str, Any] = {
     "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,  # pool (and CMI's bank) are read from disk past this, each (1 GiB)
     "T": 20.0,
     "momentum": 0.9,
+    **BN_DEFAULTS,
 }
 
 
@@ -64,7 +65,7 @@ class LatentMethod(Method):
         self.generator = Generator(spec, nz=p["nz"], ngf=generator_width(p, teacher), head="sigmoid")
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
-        self.bn = BNInputs(teacher, self.name)
+        self.bn = BNInputs(teacher, self.name, p["input_stats"])
         self.synth: LatentSynthesizer = self.make_synthesizer()
         self.planner = IterationPlanner(self.name, p["g_steps"], None, self.notice)
         self.steps_planner = StepPlanner(self.name, self.notice)

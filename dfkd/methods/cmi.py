@@ -38,9 +38,11 @@ class CMI(LatentMethod):
     is not safe for CMI either: 5 CPU-minutes, 0.01 -> 0.05 took a Fashion-MNIST BN CNN's student from 75.4 to
     45.4 % and a Caffe LeNet's (MNIST) from 94.6 % to chance, though it helped on a BN-free Fashion-MNIST LeNet-5
     (64.9 -> 69.2 and 69.7 % in two runs). `-p recipe=paper` gives the paper's settings.
-    A BN-free teacher (no BN inputs and not a ResNet) leaves CMI without BN term and without contrastive features:
-    it runs as a generator inversion with the class and adversarial terms and the pool (dfkd warns); that is
-    `--method auto`'s pick for BN-free teachers that are confident on noise (`dfkd.auto`).
+    A BN-free teacher (no BN inputs and not a ResNet) leaves CMI without contrastive features, and its BN term
+    matches the synthetic batch's input statistics to the teacher's normalisation instead (`dfkd.bnstats`;
+    `-p input_stats=false` drops it): a generator inversion with the input-statistics, class and adversarial terms
+    and the pool (dfkd warns); that is `--method auto`'s pick for BN-free teachers that are confident on noise
+    (`dfkd.auto`).
     The contrastive features are the per-sample channel means of the teacher's BN inputs, or, for a ResNet teacher
     (modules layer1..layer4: zoo, torchvision and timm ResNets), of the inputs of its four stages, as the
     reference does for its ResNet-34 teachers (`InstanceMeanHook` on `teacher.layer1..4`).
@@ -113,6 +115,8 @@ class CMI(LatentMethod):
         layers = self.bn.layers()
         if self.stage_taps is not None:
             return instance_means([self.stage_taps.inputs[q] for q in self.stage_taps.paths]), layers
+        if not self.bn.modules:  # no BatchNorm: no contrastive features (layers() may hold the input's statistics)
+            return None, layers
         return (instance_means([x for x, _, _ in layers]) if layers else None), layers
 
     def close(self) -> None:

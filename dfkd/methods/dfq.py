@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from dfkd.bnstats import BN_DEFAULTS
 from dfkd.generators import LossDict
 from dfkd.losses import adv_kl, bn_deepinversion, bn_dfq, information_entropy, one_hot
 from dfkd.methods._gan import GANMethod
@@ -59,7 +60,7 @@ class DFQ(GANMethod):
     defaults: ClassVar[dict[str, Any]] = {
         "batch_size": 256, "lr_s": 0.1, "weight_decay": 1e-4, "schedule": "cosine", "lr_g": 1e-3,
         "betas_g": [0.5, 0.999], "nz": 256, "head": "sigmoid", "g_steps": 1, "s_steps": 10,
-        "adv": 1.0, "bn": 1.0, "oh": 1.0, "balance": 20.0, "bn_form": "di",
+        "adv": 1.0, "bn": 1.0, "oh": 1.0, "balance": 20.0, "bn_form": "di", **BN_DEFAULTS,
     }
 
     @classmethod

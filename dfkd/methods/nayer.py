@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import torch
 
 from dfkd.augment import make_augment
-from dfkd.bnstats import BNInputs
+from dfkd.bnstats import BN_DEFAULTS, BNInputs
 from dfkd.errors import DfkdError
 from dfkd.generators import LossDict
 from dfkd.generators.noisy import (
@@ -110,7 +110,7 @@ class NAYER(Method):
         "get no flips")
     defaults: ClassVar[dict[str, Any]] = {
         **PAPER, "text_encoder": "none", "class_names": None, "flip_p": 0.5,
-        "pool_dtype": "float16", "pool_dir": None, "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB,
+        "pool_dtype": "float16", "pool_dir": None, "ram_budget_mib": DEFAULT_RAM_BUDGET_MIB, **BN_DEFAULTS,
     }
 
     # --- recipe -------------------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ class NAYER(Method):
                                              p["synth_batch_size"]).to(device)
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
         self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
-        self.bn = BNInputs(teacher, self.name)
+        self.bn = BNInputs(teacher, self.name, p["input_stats"])
         self.synth = NoisyLayerSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"],
                                            p["g_steps"], teacher.num_classes, p["lr_g"], tuple(p["betas_g"]), device,
                                            self.augment)

@@ -164,7 +164,8 @@ def test_bn_free_teacher_one_warning_and_no_crash(name):
         method.round()
     bn_warnings = [w for w in caught if "BatchNorm" in str(w.message)]
     assert len(bn_warnings) == 1 and name in str(bn_warnings[0].message)
-    assert logs["synth/bn"] == 0.0 and all(math.isfinite(v) for v in logs.values())
+    assert logs["synth/bn"] > 0.0, "the BN term falls back to the input's normalisation statistics"
+    assert all(math.isfinite(v) for v in logs.values())
     method.close()
 
 
