@@ -35,7 +35,7 @@ def test_auto_picks_fast_for_a_bn_teacher_and_dfad_for_a_bn_free_one() -> None:
     assert 1.0 <= bn.noise_classes <= 10 and bn.logit_scale > 0 and 0.1 <= bn.noise_confidence <= 1
 
 
-def test_a_bn_free_teacher_confident_on_noise_gets_cmi_and_a_hesitant_one_dfad() -> None:
+def test_a_bn_free_teacher_confident_on_noise_gets_fast_and_a_hesitant_one_dfad() -> None:
     teacher = tiny("lenet5")
     hesitant = profile(teacher)
     final = [m for m in teacher.module.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -44,8 +44,9 @@ def test_a_bn_free_teacher_confident_on_noise_gets_cmi_and_a_hesitant_one_dfad()
         final.bias.add_(torch.linspace(0, 20, final.bias.numel()))
     confident = profile(teacher)
     assert hesitant.noise_confidence < NOISE_CONFIDENT <= confident.noise_confidence
-    assert (choose(hesitant).method, choose(confident).method) == ("dfad", "cmi")
-    assert choose(confident).recipe is None and get_method("cmi").default_params(teacher)["g_steps"] == 40
+    assert (choose(hesitant).method, choose(confident).method) == ("dfad", "fast")
+    assert choose(confident).recipe is None and get_method("fast").default_params(teacher)["recipe"] == "cpu"
+    assert get_method("fast").default_params(teacher)["input_stats"], "its BN term falls back to the input"
 
 
 def test_auto_picks_dfq_with_its_cpu_recipe_for_a_cifar_bn_teacher() -> None:

@@ -41,8 +41,7 @@ class CMI(LatentMethod):
     A BN-free teacher (no BN inputs and not a ResNet) leaves CMI without contrastive features, and its BN term
     matches the synthetic batch's input statistics to the teacher's normalisation instead (`dfkd.bnstats`;
     `-p input_stats=false` drops it): a generator inversion with the input-statistics, class and adversarial terms
-    and the pool (dfkd warns); that is `--method auto`'s pick for BN-free teachers that are confident on noise
-    (`dfkd.auto`).
+    and the pool (dfkd warns).
     The contrastive features are the per-sample channel means of the teacher's BN inputs, or, for a ResNet teacher
     (modules layer1..layer4: zoo, torchvision and timm ResNets), of the inputs of its four stages, as the
     reference does for its ResNet-34 teachers (`InstanceMeanHook` on `teacher.layer1..4`).
