@@ -89,3 +89,12 @@ def test_bn_methods_on_a_bn_free_teacher_match_the_input_unless_told_not_to(bnfr
     on, off = bn_losses(True), bn_losses(False)
     assert on and off, f"{method} logs its BN term"
     assert min(on) > 0 and max(off) == 0
+
+
+def test_a_torchscript_teacher_gets_the_input_term_too() -> None:
+    scripted = torch.jit.script(make_teacher_module("lenet5_bn").eval())
+    teacher = Teacher(scripted, MNIST_SPEC, fmt="torchscript")
+    assert teacher.bn_paths() == [], "no module hooks into TorchScript: its BN layers cannot be read"
+    x = torch.randn(8, 1, 32, 32)
+    bn, layers = bn_of(teacher, x)
+    assert len(layers) == 1 and layers[0][0] is x and "TorchScript" in bn.warnings[0]
