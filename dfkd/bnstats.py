@@ -53,8 +53,6 @@ class BNInputs:
         spec = teacher.spec
         if input_stats and normalisation_is_statistic(spec):
             self.input_tap = FeatureTaps(teacher, [""], inputs=True).__enter__()  # the wrapper: TorchScript too
-            c = spec.channels
-            self._input_stats = (torch.zeros(c), torch.ones(c))
             what = (f"the BN matching term matches the teacher's input instead: the synthetic batch's per-channel "
                     f"mean and variance to those its normalisation (mean {_fmt(spec.mean)}, std {_fmt(spec.std)}) "
                     f"implies for its training data. If those are not the data's statistics, -p input_stats=false "
@@ -84,9 +82,9 @@ class BNInputs:
         if self.input_tap is not None:
             if "" not in self.input_tap.inputs:
                 return []
-            x = self.input_tap.inputs[""]
-            mean, var = (s.to(x.device) for s in self._input_stats)
-            return [(x, mean, var)]
+            x = self.input_tap.inputs[""]  # normalised data: per-channel mean 0, variance 1
+            c = x.shape[1]
+            return [(x, x.new_zeros(c, dtype=torch.float32), x.new_ones(c, dtype=torch.float32))]
         if self.taps is None:
             return []
         return [(self.taps.inputs[p], m.running_mean, m.running_var) for p, m in zip(self.paths, self.modules)
