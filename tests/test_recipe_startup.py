@@ -52,6 +52,17 @@ def test_recipe_paper_is_printed_and_saved(teacher_file: str, tmp_path: Path, ca
             ("paper", 64, "sgd", 0.1, 1e-4)
 
 
+def test_dfkd_own_settings_are_not_called_departures_from_the_paper(teacher_file: str, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    run(teacher_file, tmp_path / "own", ema_decay=0.0, input_stats=False, recipe="paper")
+    err = capsys.readouterr().err
+    assert "dfkd setting (not the paper's): ema_decay = 0.0 (default: 0.998; set by you)" in err
+    assert "dfkd setting (not the paper's): input_stats = False (default: True; set by you)" in err
+    moved = sorted(ln.strip() for ln in err.splitlines() if "departs from the paper" in ln)
+    assert moved == ["departs from the paper: batch_size = 8 (paper: 256; set by you)",
+                     "departs from the paper: s_steps = 2 (paper: 10; set by you)"]
+
+
 def test_resolved_config_has_no_value_chosen_later(teacher_file: str, tmp_path: Path) -> None:
     cfg = DistillConfig(teachers=(teacher_file,), method="deepinversion", steps=1, out=str(tmp_path / "di"),
                         fid_every=0, params={"batch_size": 4, "iterations": 2, "s_steps": 1})

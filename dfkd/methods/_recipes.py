@@ -116,6 +116,9 @@ class Recipe:
     cpu_reason: ClassVar[str] = ""
     #: Departures from the paper or reference code kept in every recipe (not hyper-parameters), one line each.
     deviations: ClassVar[tuple[str, ...]] = ()
+    #: Settings that are dfkd's, not the paper's (collapse watch, EMA, selection, input statistics, objectives):
+    #: a changed one is "a dfkd setting", never "departs from the paper".
+    own_settings: ClassVar[frozenset[str]] = frozenset()
     name: ClassVar[str] = ""
 
     @classmethod
@@ -218,13 +221,20 @@ def why_recipe(cls: type[Recipe], teacher: Any, given: str | None) -> str:
 
 
 def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
-    """One line per setting of `params` that differs from the paper's, with where the value came from."""
+    """One line per setting of `params` that differs from the paper's, with where the value came from.
+
+    dfkd's own settings (`own_settings`: the papers have none of them) are said to differ from dfkd's default.
+    """
     paper = cls.finalize(cls.paper_params(teacher))
     cpu = cls.cpu_params(teacher) if params.get("recipe") == "cpu" else {}
     lines = []
     for key in sorted(k for k in params if k in paper and k != "recipe" and params[k] != paper[k]):
         source = "set by you" if key in overrides else "cpu recipe" if key in cpu else "follows another setting"
-        lines.append(f"{key} = {params[key]!r} (paper: {paper[key]!r}; {source})")
+        if key in cls.own_settings:
+            lines.append(f"dfkd setting (not the paper's): {key} = {params[key]!r} (default: {paper[key]!r}; "
+                         f"{source})")
+        else:
+            lines.append(f"departs from the paper: {key} = {params[key]!r} (paper: {paper[key]!r}; {source})")
     return lines
 
 
@@ -235,7 +245,7 @@ def recipe_lines(cls: type[Recipe], teacher: Any, params: dict[str, Any],
     overrides = {k: v for k, v in (overrides or {}).items() if k != "recipe"}
     lines = [f"recipe: {params['recipe']} ({why_recipe(cls, teacher, given)})"]
     moved = departures(cls, teacher, params, overrides)
-    lines += [f"  departs from the paper: {m}" for m in moved] or ["  every setting is the paper's"]
+    lines += [f"  {m}" for m in moved] or ["  every setting is the paper's"]
     if params["recipe"] == "cpu":
         lines += [f"  why the cpu recipe: {why}" for why in cls.cpu_reasons()]
     lines += [f"  kept deviation: {d}" for d in cls.all_deviations()]

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd.bnstats import BN_DEFAULTS
 from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
@@ -49,6 +50,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     **WATCH_DEFAULTS,
     **SELECT_DEFAULTS,
 }
+
+#: The settings above (and BN-statistics methods' `input_stats`) that are dfkd's own: no paper has them.
+OWN_SETTINGS = frozenset({"recipe", "feature_loss", "feature_weight", "discriminator", "disc_weight", "lr_d",
+                          "teacher_weights", "teacher_weighting", *WATCH_DEFAULTS, *SELECT_DEFAULTS, *BN_DEFAULTS})
 
 
 def step_logs(prefix: str, losses: LossDict) -> dict[str, torch.Tensor | float]:
@@ -96,6 +101,7 @@ class Method(Recipe):
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     base_defaults: ClassVar[dict[str, Any]] = BASE_DEFAULTS
+    own_settings: ClassVar[frozenset[str]] = OWN_SETTINGS
     #: BatchNorm-statistics matching is part of the objective (a BN-free teacher loses that term).
     uses_bn: ClassVar[bool] = False
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
