@@ -12,8 +12,8 @@ Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one 
 shipped examples and the ones in TEACHERS trained here once (`dfkd train-teacher` for zoo nets,
 `python -m bench.teacher_nets` for the custom ones, which reach dfkd as a state_dict + `--teacher-arch
 module:Class` + input spec, as a user holds them) and cached in bench/teachers/. Methods that match BatchNorm
-statistics (`uses_bn`) run on BN-free teachers too, on their other terms (dfkd drops the BN term with a warning):
-model inversion without BN statistics is still a candidate there, and the grid marks those cells with `*`. The
+statistics (`uses_bn`) run on BN-free teachers too: their BN term matches the synthetic input to the teacher's
+normalisation statistics instead (`dfkd.bnstats`, with a warning), and the grid marks those cells with `*`. The
 student is dfkd's default for the teacher; the teacher's real test set is used only to evaluate.
 
 `auto` is `dfkd distill --method auto` (dfkd.auto picks the method from the teacher; it is the CLI's default), at
@@ -224,7 +224,7 @@ def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_b
          have_auto: bool, params: Sequence[str] = (), seed: int = 0) -> list[dict]:
     """One entry per (teacher, method): its budget, or why it does not run (no auto method in this checkout).
 
-    A BN-statistics method on a BN-free teacher runs on its other terms and is marked `no_bn`.
+    A BN-statistics method on a BN-free teacher (its BN term on the input statistics) is marked `no_bn`.
 
     `params`: `-p KEY=VALUE` settings every cell runs with (kept in each cell as "params"); `seed`: the runs'
     seed (kept in each cell when not 0).
@@ -381,8 +381,8 @@ def grid_table(cells: list[dict], acc: dict[str, float], teachers: list[str], me
     best_text = ["" if b is None else f"{b[0]} ({b[1]:.1f})" for b in best]
     lines.append("| **best method** | " + " | ".join(best_text) + " | |")
     if any(c.get("no_bn") and c.get("top1") is not None for c in cells):
-        lines.append("\n\\* a BatchNorm-statistics method on a BN-free teacher: its BN term dropped, it ran on its "
-                     "other terms.")
+        lines.append("\n\\* a BatchNorm-statistics method on a BN-free teacher: its BN term matches the synthetic "
+                     "input to the teacher's normalisation statistics.")
     return "\n".join(lines) + "\n"
 
 

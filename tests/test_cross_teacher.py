@@ -95,7 +95,8 @@ def test_bn_methods_run_on_bn_free_teachers_marked_and_auto_waits_for_its_method
     acc = {"fmnist_lenet5": 0.9, "fmnist_cnn_bn": 0.9}
     grid = ct.grid_table(ran, acc, ["fmnist_lenet5", "fmnist_cnn_bn"], ["deepinversion"]).splitlines()
     assert grid[2].startswith("| deepinversion | 50.0* | 88.9 | 50.0 (fmnist_lenet5) |")
-    assert grid[-1].startswith("\\* a BatchNorm-statistics method on a BN-free teacher")
+    assert grid[-1].startswith("\\* a BatchNorm-statistics method on a BN-free teacher: its BN term matches the "
+                               "synthetic input to the teacher's normalisation statistics")
 
 
 @pytest.mark.parametrize("name", ["fmnist_cnn_bn", "mnist_caffe28", "fmnist_caffe28"])
