@@ -63,6 +63,17 @@ def test_dfkd_own_settings_are_not_called_departures_from_the_paper(teacher_file
                      "departs from the paper: s_steps = 2 (paper: 10; set by you)"]
 
 
+def test_where_a_pool_is_stored_is_a_dfkd_setting() -> None:
+    from dfkd.methods import get_method
+    from dfkd.methods._recipes import departures
+
+    cls = get_method("cmi")
+    params = {**cls.finalize(cls.paper_params(None)), "pool_dir": "/x", "g_steps": 7}
+    assert departures(cls, None, params, {"pool_dir": "/x", "g_steps": 7}) == [
+        "departs from the paper: g_steps = 7 (paper: 200; set by you)",
+        "dfkd setting (not the paper's): pool_dir = '/x' (default: None; set by you)"]
+
+
 def test_resolved_config_has_no_value_chosen_later(teacher_file: str, tmp_path: Path) -> None:
     cfg = DistillConfig(teachers=(teacher_file,), method="deepinversion", steps=1, out=str(tmp_path / "di"),
                         fid_every=0, params={"batch_size": 4, "iterations": 2, "s_steps": 1})

@@ -51,9 +51,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     **SELECT_DEFAULTS,
 }
 
-#: The settings above (and BN-statistics methods' `input_stats`) that are dfkd's own: no paper has them.
+#: The settings above, BN-statistics methods' `input_stats` and where pools are stored: dfkd's own, no paper's.
 OWN_SETTINGS = frozenset({"recipe", "feature_loss", "feature_weight", "discriminator", "disc_weight", "lr_d",
-                          "teacher_weights", "teacher_weighting", *WATCH_DEFAULTS, *SELECT_DEFAULTS, *BN_DEFAULTS})
+                          "teacher_weights", "teacher_weighting", "pool_dir", "pool_dtype", "ram_budget_mib",
+                          *WATCH_DEFAULTS, *SELECT_DEFAULTS, *BN_DEFAULTS})
 
 
 def step_logs(prefix: str, losses: LossDict) -> dict[str, torch.Tensor | float]:
@@ -102,7 +103,8 @@ class Method(Recipe):
     summary: ClassVar[str] = ""
     base_defaults: ClassVar[dict[str, Any]] = BASE_DEFAULTS
     own_settings: ClassVar[frozenset[str]] = OWN_SETTINGS
-    #: BatchNorm-statistics matching is part of the objective (a BN-free teacher loses that term).
+    #: BatchNorm-statistics matching is part of the objective (a BN-free teacher gets it on its input statistics,
+    #: `dfkd.bnstats`, or loses it with `-p input_stats=false`).
     uses_bn: ClassVar[bool] = False
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
