@@ -230,11 +230,9 @@ def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], override
     lines = []
     for key in sorted(k for k in params if k in paper and k != "recipe" and params[k] != paper[k]):
         source = "set by you" if key in overrides else "cpu recipe" if key in cpu else "follows another setting"
-        if key in cls.own_settings:
-            lines.append(f"dfkd setting (not the paper's): {key} = {params[key]!r} (default: {paper[key]!r}; "
-                         f"{source})")
-        else:
-            lines.append(f"departs from the paper: {key} = {params[key]!r} (paper: {paper[key]!r}; {source})")
+        own = key in cls.own_settings
+        what, ref = ("dfkd setting (not the paper's)", "default") if own else ("departs from the paper", "paper")
+        lines.append(f"{what}: {key} = {params[key]!r} ({ref}: {paper[key]!r}; {source})")
     return lines
 
 
