@@ -53,8 +53,13 @@ def top1_agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def remedy(method: Any, cfg: Any, device: torch.device) -> str:
-    """What to try when the student has not learned: a longer budget, the CPU recipe, another method, auto."""
+    """What to try when the student has not learned: a longer budget, the CPU recipe, another method, auto.
+
+    With a feature objective on, its weight comes first: at its paper's weight it can swamp the KD loss.
+    """
     tips = ["a longer budget (--steps or --budget-minutes)"]
+    if len(getattr(method, "objectives", ())):
+        tips.insert(0, "a smaller --feature-weight (the objectives can swamp the KD loss)")
     if device.type == "cpu" and method.p.get("recipe") != "cpu" and type(method).cpu_params():
         tips.append("-p recipe=cpu (the recipe measured on a CPU)")
     if getattr(cfg, "auto_choice", None):

@@ -328,10 +328,11 @@ class Run:
         bad = [k for k, v in losses.items() if not math.isfinite(v)]
         if agreed:
             what = f"{', '.join(bad)} became {losses[bad[0]]}" if bad else "a loss became non-finite on another rank"
+            weight = " or the objectives' weight (-p feature_weight=...)" if len(self.method.objectives) else ""
             raise DfkdError(
                 f"training diverged at step {self.step}: {what}. The last good "
-                f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...) and "
-                f"continue with: dfkd distill --resume {self.run_dir} -p ...")
+                f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...){weight} "
+                f"and continue with: dfkd distill --resume {self.run_dir} -p ...")
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
         if not self.dist.main:  # rank 0 writes the student; the others only hand it their last state

@@ -60,7 +60,7 @@ class RunSummary:
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:
-        """The held-out selection's choice and the run's collapse and not-learned warnings (dfkd.runwatch)."""
+        """The held-out selection's choice and the run's collapse, stuck-student and not-learned warnings."""
         lines = []
         done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
         if done:
@@ -72,7 +72,7 @@ class RunSummary:
             lines.append(f"EMA:      test top-1 {100 * ema:.2f}%")
         recovered = {e.get("since"): e["step"] for e in self.events if e.get("event") == "collapse_recovered"}
         for e in self.events:
-            if e.get("event") in ("collapse", "not_learned"):  # dfkd.watch, dfkd.endcheck
+            if e.get("event") in ("collapse", "student_stuck", "not_learned"):  # dfkd.watch, dfkd.endcheck
                 after = recovered.get(e["step"]) if e.get("event") == "collapse" else None
                 lines.append(f"warning:  step {e['step']}: {e['message']}" +
                              ("" if after is None else f" [recovered by step {after}]"))

@@ -24,6 +24,7 @@ from dfkd.methods.transfer import NoTeacher
 from dfkd.selection import Selector
 from dfkd.watch import (
     CollapseWatch,
+    EpisodeWatch,
     batch_stats,
     check_watch_params,
     collapse_message,
@@ -31,6 +32,8 @@ from dfkd.watch import (
     generator_of,
     recovery_message,
     reset_generator,
+    stuck_message,
+    student_stuck,
 )
 
 
@@ -53,6 +56,7 @@ class RunWatch:
         self.watch_step = -1  # the step of the last check of the synthetic batch
         self.collapse_stats: dict[str, float] = {}  # the last collapsed check's statistics, for the end warning
         self.warned_at: int | None = None  # the step the running collapse episode was warned of
+        self.stuck = EpisodeWatch(int(p["collapse_patience"]))  # the student giving one answer to every image
 
     def _counters(self) -> dict[str, int]:
         step = self.run.step
@@ -119,6 +123,10 @@ class RunWatch:
             tqdm.write(f"note: step {self.run.step}: {message}", file=sys.stderr)
             log.event(self.run.step, event="collapse_recovered", message=message, since=self.warned_at, **stats)
             self.warned_at = None
+        if self.stuck.record(student_stuck(stats)):
+            message = stuck_message(self.run.method, stats, self.stuck.streak * self.watch_every)
+            tqdm.write(f"warning: step {self.run.step}: {message}", file=sys.stderr)
+            log.event(self.run.step, event="student_stuck", message=message, **stats)
 
     def evaluate(self) -> dict[str, float]:
         """The EMA's real accuracy beside the raw student's (when eval data is given and there is an EMA)."""
@@ -199,13 +207,15 @@ class RunWatch:
     # --- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"collapse": self.collapse.state_dict(), "collapse_stats": self.collapse_stats,
-                "warned_at": self.warned_at, "selector": self.selector.state_dict()}
+                "warned_at": self.warned_at, "selector": self.selector.state_dict(), "stuck": self.stuck.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("collapse"):
             self.collapse.load_state_dict(state["collapse"])
         self.collapse_stats = dict(state.get("collapse_stats") or {})
         self.warned_at = state.get("warned_at")
+        if state.get("stuck"):
+            self.stuck.load_state_dict(state["stuck"])
         if state.get("selector"):
             self.selector.load_state_dict(state["selector"])
         self.last = self._counters()

@@ -127,7 +127,8 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     assert not (tmp_path / "r" / "student.pt").exists()
 
 
-def test_non_finite_loss_stops_with_resumable_checkpoint(teacher_file: str, tmp_path: Path,
+@pytest.mark.parametrize("objective", [False, True])
+def test_non_finite_loss_stops_with_resumable_checkpoint(teacher_file: str, tmp_path: Path, objective: bool,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     cls = get_method("dfad")
     original = cls.round
@@ -139,8 +140,12 @@ def test_non_finite_loss_stops_with_resumable_checkpoint(teacher_file: str, tmp_
         return {**logs, "student/l1": float("nan")} if calls["n"] == 4 else logs
 
     monkeypatch.setattr(cls, "round", blow_up)
-    with pytest.raises(DfkdError, match="diverged at step 8.*--resume"):
-        distill(cfg_for(teacher_file, tmp_path / "r"))
+    params = {"batch_size": 8, "s_steps": 2, **({"feature_loss": "sp"} if objective else {})}
+    with pytest.raises(DfkdError, match="diverged at step 8.*--resume") as err:
+        distill(cfg_for(teacher_file, tmp_path / "r", params=params))
+    # with a feature objective on, its weight is named beside the learning rates (at its paper's weight, on a
+    # BN-free student, it can blow the student up)
+    assert ("-p feature_weight=" in str(err.value)) == objective
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 4 and not ckpt["finished"]
     assert not (tmp_path / "r" / "student.pt").exists()

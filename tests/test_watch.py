@@ -16,10 +16,19 @@ from dfkd.endcheck import chance_threshold, collapsed_at_end, top1_agreement
 from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.generators import Generator, GeneratorSynthesizer
+from dfkd.models import MODELS
 from dfkd.report import report
 from dfkd.spec import MNIST_SPEC
 from dfkd.teacher import Teacher
-from dfkd.watch import CollapseWatch, batch_stats, effective_classes, reset_generator
+from dfkd.watch import (
+    CollapseWatch,
+    EpisodeWatch,
+    batch_stats,
+    effective_classes,
+    reset_generator,
+    stuck_remedy,
+    student_stuck,
+)
 
 
 def pixel_teacher() -> Teacher:
@@ -285,3 +294,92 @@ def test_a_student_at_chance_is_told_it_has_not_learned(teacher_file: str, tmp_p
     assert "--steps" in err and "--method auto" in err
     assert len(warned) == 1 and warned[0]["heldout"] == heldout and warned[0]["images"] == (64 if heldout else 8)
     assert "has not learned" in report(run).text()
+
+
+# --- a student whose activations died (dfkd.watch.student_stuck) ------------------------------------------------
+def test_a_dead_student_is_stuck_and_a_fresh_one_is_not() -> None:
+    teacher, z = pixel_teacher(), torch.randn(64, 4)
+    t_logits = teacher(PixelGenerator(False)(z))
+    dead = torch.tensor([0.3, -1.0, 2.0] + [0.0] * 7).expand(64, 10)  # the same logits for every image
+    stats = batch_stats(t_logits, dead)
+    assert stats["student_classes"] == pytest.approx(1.0) and stats["student_spread"] == pytest.approx(0.0)
+    assert student_stuck(stats)
+    same = PixelGenerator(True)(torch.zeros(64, 4))  # one image 64 times: nobody's logits can change
+    assert not student_stuck(batch_stats(teacher(same), dead)), "identical images say nothing of the student"
+    torch.manual_seed(0)
+    fresh = MODELS.get("lenet5_half")(**KWARGS).eval()
+    with torch.no_grad():
+        fresh_stats = batch_stats(t_logits, fresh(torch.randn(64, 1, 32, 32)))
+    # at initialisation it may give one answer to nearly everything, but its logits move with the image
+    assert fresh_stats["student_spread"] > 0.05 and not student_stuck(fresh_stats)
+
+
+def test_the_stuck_remedy_names_the_objectives_weight_when_one_is_on() -> None:
+    from types import SimpleNamespace
+
+    plain = SimpleNamespace(p={"lr_s": 0.05}, objectives=[])
+    assert "-p lr_s=0.01; now 0.05" in stuck_remedy(plain) and "--feature-weight" not in stuck_remedy(plain)
+    with_at = SimpleNamespace(p={"lr_s": 0.05}, objectives=[SimpleNamespace(name="at", weight=500.0)])
+    assert "--feature-weight; now at 500" in stuck_remedy(with_at)
+
+
+def test_episode_watch_state_round_trips() -> None:
+    watch = EpisodeWatch(patience=3)
+    for bad in (True, True):
+        watch.record(bad)
+    again = EpisodeWatch(patience=3)
+    again.load_state_dict(watch.state_dict())
+    assert again.record(True) and watch.record(True), "the third bad check starts the episode in both"
+
+
+@pytest.fixture
+def dead_student(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """The run's student has every weight zero (the same logits for every image), or starts as the teacher."""
+    import dfkd.engine
+
+    original, how = dfkd.engine.build_method, {"dead": True}
+
+    def build(*args, **kwargs):
+        built = original(*args, **kwargs)
+        with torch.no_grad():
+            if how["dead"]:
+                for p in built.method.student.parameters():
+                    p.zero_()
+            else:
+                built.method.student.load_state_dict(args[1].module.state_dict())
+        return built
+
+    monkeypatch.setattr(dfkd.engine, "build_method", build)
+    return how
+
+
+@pytest.mark.parametrize("dead", [True, False])
+def test_a_run_whose_student_died_says_so_once_while_it_runs(teacher_file: str, tmp_path: Path, dead: bool,
+                                                              dead_student: dict[str, bool],
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    dead_student["dead"] = dead
+    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01, lr_s=1e-9),
+                  student="lenet5_bn", student_args=KWARGS)
+    run = distill(cfg).run_dir
+    err = capsys.readouterr().err
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    stuck = [e for e in events if e.get("event") == "student_stuck"]
+    if not dead:
+        assert not stuck and "given one answer" not in err
+        return
+    assert err.count("given one answer") == 1 and len(stuck) == 1 and stuck[0]["step"] == 6
+    assert "warning: step 6: dfad: the student has given one answer to every synthetic image for 6 steps" in err
+    assert "-p lr_s=" in err and stuck[0]["student_spread"] == 0.0
+    assert "given one answer" in report(run).text()
+
+
+@pytest.mark.parametrize("objective", [False, True])
+def test_the_not_learned_remedy_names_the_objectives_weight_first_when_one_is_on(objective: bool) -> None:
+    from types import SimpleNamespace
+
+    from dfkd.endcheck import remedy
+
+    objectives = [SimpleNamespace(name="at", weight=500.0)] if objective else []
+    method = SimpleNamespace(name="fast", p={"recipe": "cpu"}, objectives=objectives)
+    tips = remedy(method, SimpleNamespace(auto_choice=None), torch.device("cpu"))
+    assert tips.startswith("try a smaller --feature-weight") == objective and "--method auto" in tips
