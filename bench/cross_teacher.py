@@ -284,6 +284,7 @@ def run_summary(run_dir: Path) -> dict:
     collapses = [r for r in records if r.get("event") == "collapse"]
     first = collapses[0]["step"] if collapses else None  # the first warning; a recovery names it as `since`
     not_learned = [r for r in records if r.get("event") == "not_learned"]  # dfkd.endcheck
+    stuck = [r["step"] for r in records if r.get("event") == "student_stuck"]  # dfkd.watch: dead activations
     out = {k: final.get(f"student/{k}") for k in ("top1", "top1_raw", "top1_ema", "top1_best")}
     teacher = [r["student/teacher_top1"] for r in records if "student/teacher_top1" in r]
     out.update(selected=final.get("selected", ""), collapse=bool(collapses),
@@ -291,7 +292,7 @@ def run_summary(run_dir: Path) -> dict:
                collapse_message=collapses[0]["message"] if collapses else None, collapse_step=first,
                collapse_recovered=next((r["step"] for r in records if r.get("event") == "collapse_recovered"
                                         and r.get("since") == first), None),
-               not_learned=bool(not_learned),
+               not_learned=bool(not_learned), stuck_step=stuck[0] if stuck else None,
                not_learned_message=not_learned[0]["message"] if not_learned else None)
     return out
 
@@ -423,6 +424,7 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
         verdict = "n/a" if ok is None else "yes" if ok else "no"
         recovered = f", recovered by {c['collapse_recovered']}" if c.get("collapse_recovered") else ""
         collapse = f"yes (step {c['collapse_step']}{recovered})" if c.get("collapse") else "no"
+        collapse += f"; student stuck (step {c['stuck_step']})" if c.get("stuck_step") is not None else ""
         collapse += "; not learned" if c.get("not_learned") else ""
         lines.append(f"{head}{fmt(c['top1'])} | {pct(c, acc[c['teacher']]):.1f} | {cands} | {verdict} | "
                      f"{collapse} | {c.get('steps', '')} |")

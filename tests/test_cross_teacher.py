@@ -157,6 +157,12 @@ def test_a_not_learned_warning_reaches_the_cell(tmp_path: Path) -> None:
     assert summary["not_learned"] and not summary["collapse"] and "has not learned" in summary["not_learned_message"]
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 100}], ACC).splitlines()[2]
     assert row.endswith("| n/a | no; not learned | 100 |")
+    # a student whose activations died is named in the cell with the step it was warned at
+    stuck = {"step": 50, "event": "student_stuck", "message": "dfad: the student has given one answer ..."}
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [stuck, *records]))
+    summary = ct.run_summary(tmp_path)
+    row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 100}], ACC).splitlines()[2]
+    assert row.endswith("| n/a | no; student stuck (step 50); not learned | 100 |")
 
 
 def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
