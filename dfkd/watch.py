@@ -19,6 +19,11 @@ again; the run warns once (event `student_stuck`, in `dfkd report`), naming the 
 training on at chance to the end. A fresh student often gives one answer to every image too, but its logits move
 with the image (spread 0.06-0.16 for LeNet-5, LeNet-5-half and WRN-16-1 at initialisation on noise; 0.002 for a
 LeNet-5-half whose activations died): the spread keeps the warning off a student that has not learned yet.
+
+Remedies are options, never silent changes: `-p collapse_action=reset` re-draws the generator's weights (and
+clears its Adam state) when a collapse episode starts, for the methods with a GAN generator; `-p balance=W` adds
+DAFL's information-entropy class-balance term (Chen et al., "Data-Free Learning of Student Networks", ICCV 2019)
+to their generator loss (DAFL has it already as `ie`, DFQ as `balance`).
 """
 
 from __future__ import annotations
@@ -231,13 +236,12 @@ def collapse_message(method: Any, stats: dict[str, float], num_classes: int, ste
             f"{remedy(method, method.p)}")
 
 
-
 def stuck_remedy(method: Any) -> str:
     """What to lower when the student is stuck: a feature objective's weight when one is on, its learning rate."""
     lr = f"the student's learning rate (-p lr_s={float(method.p['lr_s']) / 5:g}; now {float(method.p['lr_s']):g})"
-    names = [o.name for o in getattr(method, "objectives", ())]
-    if names:
-        weights = ", ".join(f"{o.name} {o.weight:g}" for o in method.objectives)
+    objectives = list(getattr(method, "objectives", ()))
+    if objectives:
+        weights = ", ".join(f"{o.name} {o.weight:g}" for o in objectives)
         return (f"lower the objectives' weight (--feature-weight; now {weights}) or {lr}, and start again: a dead "
                 "student does not come back")
     return f"lower {lr} and start again: a dead student does not come back"
