@@ -59,6 +59,19 @@ def test_auto_picks_dfq_with_its_cpu_recipe_for_a_cifar_bn_teacher() -> None:
     assert (rule.method, rule.recipe) == ("dfq", "cpu")
 
 
+def test_auto_picks_fast_with_its_cpu_recipe_for_a_bn_free_cifar_teacher() -> None:
+    # dfad, the BN-free row's method, ended at chance on a BN-free CIFAR-10 LeNet-5 with its paper recipe
+    from dfkd.spec import InputSpec
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 10))
+    teacher = Teacher(net.eval(), InputSpec(3, 32, (0.5,) * 3, (0.25,) * 3), fmt="pickle")
+    prof = profile(teacher)
+    assert not prof.bn and prof.kind == "cifar"
+    rule = choose(prof)
+    assert (rule.method, rule.recipe) == ("fast", "cpu")
+
+
 def test_the_profile_is_deterministic_and_leaves_the_run_rng_alone() -> None:
     teacher = tiny("lenet5_bn")
     torch.manual_seed(123)
