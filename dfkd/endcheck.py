@@ -58,7 +58,7 @@ def remedy(method: Any, cfg: Any, device: torch.device) -> str:
     With a feature objective on, its weight comes first: at its paper's weight it can swamp the KD loss.
     """
     tips = ["a longer budget (--steps or --budget-minutes)"]
-    if len(getattr(method, "objectives", ())):
+    if len(method.objectives):
         tips.insert(0, "a smaller --feature-weight (the objectives can swamp the KD loss)")
     if device.type == "cpu" and method.p.get("recipe") != "cpu" and type(method).cpu_params():
         tips.append("-p recipe=cpu (the recipe measured on a CPU)")

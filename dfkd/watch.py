@@ -239,7 +239,7 @@ def collapse_message(method: Any, stats: dict[str, float], num_classes: int, ste
 def stuck_remedy(method: Any) -> str:
     """What to lower when the student is stuck: a feature objective's weight when one is on, its learning rate."""
     lr = f"the student's learning rate (-p lr_s={float(method.p['lr_s']) / 5:g}; now {float(method.p['lr_s']):g})"
-    objectives = list(getattr(method, "objectives", ()))
+    objectives = list(method.objectives)
     if objectives:
         weights = ", ".join(f"{o.name} {o.weight:g}" for o in objectives)
         return (f"lower the objectives' weight (--feature-weight; now {weights}) or {lr}, and start again: a dead "
