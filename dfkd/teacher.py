@@ -14,6 +14,7 @@ from dfkd.hooks import FeatureTaps, batchnorm_paths
 from dfkd.io import sha256_file
 from dfkd.loading import LoadedModel, load_user_model
 from dfkd.models import ZooModel
+from dfkd.models._base import use_fast_pools
 from dfkd.spec import InputSpec
 
 HOOKABLE = {"dfkd", "state_dict", "pickle", "export"}
@@ -68,6 +69,8 @@ class Teacher(nn.Module):
         self.arch, self.arch_kwargs, self.class_names = arch, arch_kwargs, class_names
         for p in self.module.parameters():  # per tensor: ScriptModules refuse `requires_grad_`
             p.requires_grad_(False)
+        if self.hookable:
+            use_fast_pools(self.module)  # the same outputs; a frozen teacher's forward is most of a CPU run's time
         self.train(False)
         self.num_classes = self._probe_classes()
 

@@ -8,6 +8,7 @@ import torch
 from dfkd import DfkdError
 from dfkd.hooks import FeatureTaps
 from dfkd.models import ZooModel, create, list_models
+from dfkd.models._base import MaxPool2, use_fast_pools
 
 # (1 input channel, 3 input channels), 10 classes. Published anchors: lenet5 1-ch 61,706 (DAFL); resnet18 3-ch
 # 11,173,962, resnet34 3-ch 21,282,122 (CIFAR ResNets of DAFL/DFAD); wrn_40_2 3-ch 2,243,546 (ZSKT). The others
@@ -106,3 +107,56 @@ def test_unknown_model_lists_known_names():
 def test_too_small_input_refused():
     with pytest.raises(DfkdError, match="at least 16x16"):
         create("lenet5", input_size=8)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (9, 7), (28, 28)])
+def test_fast_pool_matches_the_library_pool_with_and_without_autograd(size):
+    x = torch.relu(torch.randn(3, 4, *size, generator=torch.Generator().manual_seed(0)))
+    pool, ref = MaxPool2(), torch.nn.MaxPool2d(2)
+    with torch.no_grad():
+        assert torch.equal(pool(x), ref(x))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    g = torch.randn(ref(x).shape)
+    pool(xa).backward(g)
+    ref(xb).backward(g)
+    assert torch.equal(xa.grad, xb.grad)
+
+
+def test_fast_pool_takes_the_corner_path_only_without_autograd(monkeypatch):
+    import dfkd.models._base as base
+
+    calls = []
+    monkeypatch.setattr(base, "_corner_max", lambda x: calls.append(1) or torch.nn.functional.max_pool2d(x, 2))
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        MaxPool2()(x)
+    assert calls == [1]
+    MaxPool2()(x.requires_grad_())
+    assert calls == [1]
+
+
+def test_exports_of_a_lenet_keep_the_library_pool():
+    net = create("lenet5", 10, 1, 32).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+        scripted = torch.jit.script(net)
+        traced = torch.jit.trace(net, x)
+        for m in (scripted, traced):
+            assert "max_pool2d" in str(m.inlined_graph)
+            assert torch.allclose(m(x), want)
+    assert "max_pool2d" in str(torch.export.export(net, (x,)).graph)
+
+
+def test_use_fast_pools_swaps_plain_2x2_pools_only():
+    hooked = torch.nn.MaxPool2d(2)
+    hooked.register_forward_hook(lambda *a: None)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.MaxPool2d(2), torch.nn.MaxPool2d((2, 2), 2),
+                              torch.nn.MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(2, ceil_mode=True), hooked)
+    x = torch.randn(2, 1, 40, 40)
+    with torch.no_grad():
+        want = net(x)
+        assert use_fast_pools(net) == 2
+        assert [type(m).__name__ for m in net] == ["Conv2d", "MaxPool2", "MaxPool2", "MaxPool2d", "MaxPool2d",
+                                                  "MaxPool2d"]
+        assert torch.equal(net(x), want)

@@ -198,3 +198,18 @@ def test_torchscript_teacher_is_frozen_and_passes_gradients(scripted):
     scripted(x).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in scripted.parameters())
+
+
+def test_a_user_teachers_plain_pools_get_the_fast_forward_with_the_same_outputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(4 * 14 * 14, 10))
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+    teacher = Teacher(net, SPEC, fmt="state_dict")
+    assert type(teacher.module[2]).__name__ == "MaxPool2"
+    with torch.no_grad():
+        assert torch.equal(teacher(x), want)
+    xg = x.clone().requires_grad_()
+    teacher(xg).sum().backward()  # the input gradient still flows (the library kernel under autograd)
+    assert xg.grad is not None and xg.grad.abs().sum() > 0

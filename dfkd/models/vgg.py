@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dfkd.models._base import ZooModel, register_model
+from dfkd.models._base import MaxPool2, ZooModel, register_model
 
 _CFG_11 = ((64,), (128,), (256, 256), (512, 512), (512, 512))
 
@@ -29,7 +29,7 @@ class VGG(ZooModel):
             for c in group:
                 layers += [nn.Conv2d(cin, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
                 cin = c
-            layers.append(nn.MaxPool2d(2) if i < len(cfg) - 1 else nn.AdaptiveAvgPool2d(1))
+            layers.append(MaxPool2() if i < len(cfg) - 1 else nn.AdaptiveAvgPool2d(1))
             setattr(self, f"block{i}", nn.Sequential(*layers))
         self.classifier = nn.Linear(cin, num_classes)
 
