@@ -5,6 +5,8 @@ Inversion methods optimise pixels or a generator through these, so every kind ke
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -55,21 +57,28 @@ class RandomCropFlip(nn.Module):
     Fast-DFKD) - a uniform offset in [0, 2p] along each axis of the padded image, a flip per sample - at a third of
     its CPU time (7.6 -> 2.5 ms forward+backward for 64 MNIST images): one pad and one gather, no affine warp.
 
+    The padding is a black border, as the references pad their [0, 1] images before normalising them: `fill` is
+    that 0 pixel in the normalised space these images live in (`InputSpec.black`). A 0 there is the training set's
+    mean colour, a grey frame around MNIST-like images whose real background is black.
+
     Args:
         size: output (H, W).
-        padding: zero padding on every side, in pixels.
+        padding: padding on every side, in pixels.
         flip_p: probability that a sample is flipped horizontally.
+        fill: the padding's value per channel (or one for all); 0 by default.
 
     Shape:
         - input: (B, C, H_in, W_in) with H_in + 2 * padding >= H and W_in + 2 * padding >= W
         - output: (B, C, H, W)
     """
 
-    def __init__(self, size: tuple[int, int], padding: int, flip_p: float = 0.5) -> None:
+    def __init__(self, size: tuple[int, int], padding: int, flip_p: float = 0.5,
+                 fill: Sequence[float] | float = 0.0) -> None:
         super().__init__()
         if padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding}")
         self.size, self.padding, self.flip_p = size, padding, flip_p
+        self.fill = (float(fill),) if isinstance(fill, (int, float)) else tuple(float(f) for f in fill)
 
     def forward(self, x: Tensor) -> Tensor:
         b, (h, w), p = x.shape[0], self.size, self.padding
@@ -84,12 +93,18 @@ class RandomCropFlip(nn.Module):
         cols = ox[:, None] + torch.arange(w)
         cols = torch.where(flip[:, None], cols.flip(1), cols)
         batch = torch.arange(b)[:, None, None]
-        padded = F.pad(x, (p, p, p, p)) if p else x
+        padded = self._pad(x, p) if p else x
         out = padded[batch.to(x.device), :, rows[:, :, None].to(x.device), cols[:, None, :].to(x.device)]
         return out.permute(0, 3, 1, 2)  # advanced indices first: (B, H, W, C) -> (B, C, H, W)
 
+    def _pad(self, x: Tensor, p: int) -> Tensor:
+        if not any(self.fill):
+            return F.pad(x, (p, p, p, p))
+        fill = x.new_tensor(self.fill).view(1, -1, 1, 1)
+        return F.pad(x - fill, (p, p, p, p)) + fill
+
     def extra_repr(self) -> str:
-        return f"size={self.size}, padding={self.padding}, flip_p={self.flip_p}"
+        return f"size={self.size}, padding={self.padding}, flip_p={self.flip_p}, fill={self.fill}"
 
 
 def make_augment(
@@ -98,6 +113,7 @@ def make_augment(
     jitter: int | None = None,
     flip_p: float = 0.5,
     scale: tuple[float, float] = (0.25, 1.0),
+    fill: Sequence[float] | float = 0.0,
 ) -> nn.Module:
     """Build a differentiable augmentation module.
 
@@ -112,6 +128,7 @@ def make_augment(
         jitter: maximum roll for "jitter_flip"; None means min(size) // 8 (4 px at 32x32, as zju-vipa).
         flip_p: horizontal-flip probability for every kind but "none".
         scale: area range of "resized_crop".
+        fill: the padding of "crop_flip" per channel; pass the spec's `black` for normalised images.
 
     Returns:
         A module mapping (B, C, H, W) images to (B, C, *size) images, for any C and device.
@@ -126,7 +143,7 @@ def make_augment(
     if kind == "jitter_flip":
         return JitterFlip(min(hw) // 8 if jitter is None else jitter, flip_p)
     if kind == "crop_flip":
-        return RandomCropFlip(hw, min(hw) // 8, flip_p)
+        return RandomCropFlip(hw, min(hw) // 8, flip_p, fill)
     if kind == "resized_crop":
         return _kornia_resized_crop(hw, flip_p, scale)
     raise ValueError(f"unknown augmentation {kind!r}; known: {', '.join(AUGMENT_KINDS)}")

@@ -73,6 +73,11 @@ class InputSpec:
         m, s = self._stats(x)
         return x * s + m
 
+    @property
+    def black(self) -> tuple[float, ...]:
+        """A 0 pixel in the model's input space, per channel: what padding adds around a real image."""
+        return tuple(-m / sd for m, sd in zip(self.mean, self.std, strict=True))
+
     def clip(self, x: torch.Tensor) -> torch.Tensor:
         """Clamp normalised images to the valid pixel range [0, 1], per channel."""
         m, s = self._stats(x)

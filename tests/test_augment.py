@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from dfkd.augment import AUGMENT_KINDS, JitterFlip, make_augment
+from dfkd.augment import AUGMENT_KINDS, JitterFlip, RandomCropFlip, make_augment
+from dfkd.models import create
+from dfkd.spec import InputSpec
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -106,3 +110,31 @@ def test_crop_flip_gradient_counts_each_kept_pixel_once():
 def test_crop_flip_from_a_larger_input():
     y = make_augment("crop_flip", 8)(torch.randn(2, 1, 12, 12))
     assert y.shape == (2, 1, 8, 8)
+
+
+def test_crop_flip_pads_with_black_in_the_normalised_space():
+    spec = InputSpec(3, 8, (0.5, 0.4, 0.3), (0.25, 0.2, 0.1))
+    x = spec.normalize(torch.rand(4, 3, 8, 8) * 0.5 + 0.5)  # no pixel is black
+    aug = make_augment("crop_flip", 8, flip_p=0.0, fill=spec.black)
+    torch.manual_seed(0)
+    pixels = spec.denormalize(torch.cat([aug(x) for _ in range(20)]))
+    border = pixels < 0.25
+    assert border.any(), "some crops reach into the padding"
+    assert torch.allclose(pixels[border], torch.zeros(()), atol=1e-6), "the padding is black, per channel"
+
+
+@pytest.mark.parametrize("method", ["fast", "cmi", "nayer", "zskd", "deepinversion"])
+def test_methods_pad_their_crops_black(method):
+    from dfkd.methods import get_method
+    from dfkd.teacher import Teacher
+
+    spec = InputSpec(1, 32, (0.286,), (0.353,))
+    torch.manual_seed(0)
+    teacher = Teacher(create("lenet5", 10, 1, 32), spec)
+    cls = get_method(method)
+    params = {**cls.default_params(teacher), **cls.quick, "kd_augment": "crop_flip", "augment": "crop_flip"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = cls(teacher, create("lenet5_half", 10, 1, 32), params, torch.device("cpu"))
+    crops = [mod for mod in vars(m).values() if isinstance(mod, RandomCropFlip)]
+    assert crops and all(c.fill == spec.black for c in crops)

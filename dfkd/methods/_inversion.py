@@ -90,7 +90,7 @@ class InversionMethod(Method):
         self.planner = IterationPlanner(self.name, p["iterations"], p["synth_seconds"], self.notice)
         flip = 0.0 if teacher.spec.channels == 1 else 0.5  # grey-scale digits are not mirror-symmetric
         self.kd_augment = None if p["kd_augment"] == "none" else \
-            make_augment(p["kd_augment"], teacher.spec.size, flip_p=flip).to(device)
+            make_augment(p["kd_augment"], teacher.spec.size, flip_p=flip, fill=teacher.spec.black).to(device)
 
     @classmethod
     def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:

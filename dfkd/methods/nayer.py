@@ -136,7 +136,7 @@ class NAYER(Method):
         self.generator = NoisyLayerGenerator(spec, self.label_embeddings(), p["le_emb_size"], p["ngf"],
                                              p["synth_batch_size"]).to(device)
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
-        self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"])
+        self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"], fill=spec.black)
         self.bn = BNInputs(teacher, self.name, p["input_stats"])
         self.synth = NoisyLayerSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"],
                                            p["g_steps"], teacher.num_classes, p["lr_g"], tuple(p["betas_g"]), device,

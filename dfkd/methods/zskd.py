@@ -88,7 +88,8 @@ class ZSKD(Method):
         self.synth: DirichletSynthesizer = DirichletSynthesizer(
             teacher, teacher.spec, final_layer_similarity(teacher), self.pool, p["di_batch"], p["di_iters"],
             p["lr_di"], p["di_T"], p["betas"], device)
-        self.augment = make_augment(p["augment"], teacher.spec.size, flip_p=p["flip_p"]).to(device)
+        self.augment = make_augment(p["augment"], teacher.spec.size, flip_p=p["flip_p"],
+                                    fill=teacher.spec.black).to(device)
         self.planner = IterationPlanner(self.name, p["di_iters"], None, self.notice)
 
     def student_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> LossDict:
