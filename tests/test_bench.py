@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu  # noqa: E402
 import overhead  # noqa: E402
+import pool  # noqa: E402
 import run  # noqa: E402
 
 PLAIN, BN = ROOT / "examples" / "mnist_lenet5.pt", ROOT / "examples" / "mnist_lenet5_bn.pt"
@@ -163,3 +164,18 @@ def test_auto_runs_on_every_teacher_and_its_row_names_the_pick(bnfree_teacher_fi
     assert row["picked"] == "dfad" and row["steps"] == 2  # dfkd.auto: a teacher without BatchNorm gets dfad
     table = run.markdown([{**row, "teacher": "lenet5"}], {"lenet5": 0.99}).splitlines()
     assert table[2].startswith("| lenet5 (99.00) | auto (dfad) | 1 min | ")
+
+
+def test_pool_benchmark_times_the_library_pool_against_the_zoos(capsys: pytest.CaptureFixture[str]) -> None:
+    from dfkd.models import create
+
+    net = create("lenet5", 10, 1, 32).eval()
+    x = torch.randn(3, 1, 32, 32)
+    with torch.no_grad():
+        want = net(x)
+        library = pool._library(net)
+        assert sum(type(m) is torch.nn.MaxPool2d for m in library.modules()) == 2
+        assert torch.equal(library(x), want)
+    rows = pool.main(["--batch", "4", "--repeats", "10"])
+    assert [r[0] for r in rows] == ["library", "dfkd"] and all(r[1] > 0 and r[2] > 0 for r in rows)
+    assert "| library |" in capsys.readouterr().out
