@@ -13,8 +13,7 @@ from dfkd.errors import DfkdError
 from dfkd.hooks import FeatureTaps, batchnorm_paths
 from dfkd.io import sha256_file
 from dfkd.loading import LoadedModel, load_user_model
-from dfkd.models import ZooModel
-from dfkd.models._base import use_fast_pools
+from dfkd.models import ZooModel, use_fast_pools
 from dfkd.spec import InputSpec
 
 HOOKABLE = {"dfkd", "state_dict", "pickle", "export"}
