@@ -98,8 +98,8 @@ class RandomCropFlip(nn.Module):
         return out.permute(0, 3, 1, 2)  # advanced indices first: (B, H, W, C) -> (B, C, H, W)
 
     def _pad(self, x: Tensor, p: int) -> Tensor:
-        if not any(self.fill):
-            return F.pad(x, (p, p, p, p))
+        if len(set(self.fill)) == 1:  # one value (grey-scale, or the old 0): a single constant pad
+            return F.pad(x, (p, p, p, p), value=self.fill[0])
         fill = x.new_tensor(self.fill).view(1, -1, 1, 1)
         return F.pad(x - fill, (p, p, p, p)) + fill
 
