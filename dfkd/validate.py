@@ -123,7 +123,7 @@ RANGES: dict[str, Rule] = {
                           "gamma", "bn_eps", "plateau_min_lr")},
     "ie_log_base": Rule("any", none_ok=True),  # a number, or "e"
     **{k: _FRACTION for k in ("momentum", "bn_mmt", "flip_p", "warmup", "reset_at", "lowres")},
-    "grad_clip": Rule("number", lo=0, lo_open=True, none_ok=True),
+    **{k: Rule("number", lo=0, lo_open=True, none_ok=True) for k in ("grad_clip", "clip_s")},
     "synth_seconds": Rule("number", lo=0, lo_open=True, none_ok=True),
     "weight_decay": Rule("number", lo=0), "milestones": Rule("list", items=_FRACTION),
     **{k: Rule("list", items=_FRACTION) for k in ("betas", "betas_g", "betas_inv", "local_scale")},

@@ -237,8 +237,10 @@ def collapse_message(method: Any, stats: dict[str, float], num_classes: int, ste
 
 
 def stuck_remedy(method: Any) -> str:
-    """What to lower when the student is stuck: a feature objective's weight when one is on, its learning rate."""
+    """What to lower when the student is stuck: an objective's weight when one is on, its lr, or clip its gradient."""
     lr = f"the student's learning rate (-p lr_s={float(method.p['lr_s']) / 5:g}; now {float(method.p['lr_s']):g})"
+    if method.p.get("clip_s") is None:
+        lr += " or clip its gradient (-p clip_s=1)"
     objectives = list(method.objectives)
     if objectives:
         weights = ", ".join(f"{o.name} {o.weight:g}" for o in objectives)

@@ -321,6 +321,8 @@ def test_the_stuck_remedy_names_the_objectives_weight_when_one_is_on() -> None:
     assert "-p lr_s=0.01; now 0.05" in stuck_remedy(plain) and "--feature-weight" not in stuck_remedy(plain)
     with_at = SimpleNamespace(p={"lr_s": 0.05}, objectives=[SimpleNamespace(name="at", weight=500.0)])
     assert "--feature-weight; now at 500" in stuck_remedy(with_at)
+    assert "-p clip_s=1" in stuck_remedy(plain)  # an unclipped student: clipping is the other remedy
+    assert "clip_s" not in stuck_remedy(SimpleNamespace(p={"lr_s": 0.05, "clip_s": 1.0}, objectives=[]))
 
 
 def test_episode_watch_state_round_trips() -> None:

@@ -18,7 +18,7 @@ from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
 from dfkd.methods._recipes import Recipe
 from dfkd.objectives import build_objectives
-from dfkd.precision import backward, step
+from dfkd.precision import backward, step, unscale
 from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
 from dfkd.watch import WATCH_DEFAULTS
@@ -35,6 +35,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "milestones": [],  # fractions of the run, for "multistep"
     "gamma": 0.1,
     "T": 1.0,  # KD temperature of the student loss
+    "clip_s": None,  # None, or the largest L2 norm of the student's gradient in one step (clipped above it)
     "g_steps": 1,
     "s_steps": 1,
     # Student-side objectives added to any method's own loss (dfkd.objectives):
@@ -197,6 +198,9 @@ class Method(Recipe):
         losses = self.with_objectives(self.student_loss(s_logits, t_logits), x, s_logits, t_logits)
         self.opt_s.zero_grad(set_to_none=True)
         backward(losses["loss"])
+        if self.p["clip_s"] is not None:
+            unscale(self.opt_s)
+            losses["loss/grad_norm"] = nn.utils.clip_grad_norm_(self.student.parameters(), self.p["clip_s"])
         step(self.opt_s)
         losses.update(self.objectives.extra_step(x, s_logits, t_logits))
         self.student_seconds += time.perf_counter() - t0

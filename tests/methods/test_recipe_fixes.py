@@ -92,3 +92,26 @@ def test_cmi_reads_a_resnet_teachers_four_stage_inputs() -> None:
 def test_a_run_saved_before_recipes_resolved_ngf_keeps_its_generator() -> None:
     old, new = build("dfad", ngf=None), build("dfad", ngf=16)  # None meant "sized to the teacher": 16 for a LeNet
     assert [p.shape for p in old.synth.generator.parameters()] == [p.shape for p in new.synth.generator.parameters()]
+
+
+@pytest.mark.parametrize("clip", [None, 1e-3])
+def test_clip_s_bounds_the_student_step(clip: float | None) -> None:
+    """`clip_s` clips the student's gradient norm (a plain SGD step then moves the weights by at most lr * clip_s)."""
+    m = build("fast", clip_s=clip, momentum=0.0, weight_decay=0.0, lr_s=0.1)
+    before = torch.cat([p.detach().flatten().clone() for p in m.student.parameters()])
+    x = torch.randn(16, 1, 28, 28) * 3
+    losses = m.student_step(x)
+    moved = (torch.cat([p.detach().flatten() for p in m.student.parameters()]) - before).norm()
+    if clip is None:
+        assert "loss/grad_norm" not in losses and moved > 10 * 0.1 * 1e-3
+    else:
+        assert float(losses["loss/grad_norm"]) > clip  # the norm before clipping is logged
+        assert moved <= 0.1 * clip * (1 + 1e-4)
+
+
+def test_the_cpu_recipes_of_the_t20_pool_methods_clip_the_student() -> None:
+    """fast's and NAYER's CPU recipes (student lr 0.05 at T = 20) clip the student's gradient; the papers' do not."""
+    for name in ("fast", "nayer"):
+        cls = get_method(name)
+        assert cls.cpu["clip_s"] == 1.0
+        assert cls.defaults.get("clip_s") is None
