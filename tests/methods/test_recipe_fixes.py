@@ -110,8 +110,9 @@ def test_clip_s_bounds_the_student_step(clip: float | None) -> None:
 
 
 def test_the_cpu_recipes_of_the_t20_pool_methods_clip_the_student() -> None:
-    """fast's and NAYER's CPU recipes (student lr 0.05 at T = 20) clip the student's gradient; the papers' do not."""
-    for name in ("fast", "nayer"):
+    """fast's, NAYER's and CMI's CPU recipes (student lr 0.05 at T = 20) clip the student's gradient; the papers' do
+    not."""
+    for name in ("fast", "nayer", "cmi"):
         cls = get_method(name)
         assert cls.cpu["clip_s"] == 1.0
         assert cls.defaults.get("clip_s") is None

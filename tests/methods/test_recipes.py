@@ -57,13 +57,14 @@ def test_papers_cifar_and_imagenet_settings() -> None:
 
 
 #: The measured CPU recipes a LeNet-scale MNIST teacher gets (the demo's numbers rest on them).
-LENET = {"dafl": {"batch_size": 64, "lr_g": 0.2}, "dfad": {"batch_size": 64, "lr_g": 1e-2},
-         "dfq": {"batch_size": 64, "lr_s": 2e-3}, "cmi": {"g_steps": 40, "batch_size": 128, "lr_s": 0.01},
-         "fast": {"synth_batch_size": 64, "lr_s": 0.05, "g_steps": 5},
+LENET = {"dafl": {"batch_size": 64, "lr_g": 0.2}, "dfad": {"batch_size": 64, "lr_g": 1e-2, "clip_s": None},
+         "dfq": {"batch_size": 64, "lr_s": 2e-3},
+         "cmi": {"g_steps": 40, "batch_size": 128, "lr_s": 0.05, "clip_s": 1.0},
+         "fast": {"synth_batch_size": 64, "lr_s": 0.05, "g_steps": 5, "clip_s": 1.0},
          "deepinversion": {"iterations": 100, "batch_size": 128}, "zeroq": {"iterations": 100},
          "zskd": {"di_iters": 100, "pool_size": 24_000}, "zskt": {"batch_size": 128},
          "adi": {"iterations": 100}, "online": {"adv": 0.01, "batch_size": 64},
-         "nayer": {"s_steps": 50, "lr_s": 0.05}}
+         "nayer": {"s_steps": 50, "lr_s": 0.05, "clip_s": 1.0}}
 
 
 @pytest.mark.parametrize("method", sorted(LENET))
