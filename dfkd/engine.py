@@ -36,6 +36,7 @@ from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
+from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir
@@ -543,6 +544,7 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     check_settings(changes, "flags")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt")
+    cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed
     _refuse_changes(run_dir, cfg, fixed or {})
     _refuse_world(run_dir, ckpt, world)
     if steps is not None and steps <= int(ckpt["step"]) and not ckpt["finished"]:

@@ -223,3 +223,17 @@ def test_bn_free_teacher_warns_once_and_runs(bnfree_teacher_file: str, tmp_path:
         distill(cfg_for(bnfree_teacher_file, tmp_path / "r", method="dfq", steps=4,
                         params={"batch_size": 8, "s_steps": 2}))
     assert len([w for w in record if "BatchNorm" in str(w.message)]) == 1
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_ran(teacher_file: str, tmp_path: Path) -> None:
+    """fast's CPU recipe clips the student's gradient now; a checkpoint without `clip_s` ran unclipped, and its
+    resume stays unclipped (a resume ends with the student the uninterrupted run would have)."""
+    params = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 1, "s_steps": 2}
+    run = distill(cfg_for(teacher_file, tmp_path / "r", method="fast", steps=4, params=params)).run_dir
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["params"]["clip_s"] == 1.0  # today's recipe
+    del ckpt["config"]["params"]["clip_s"]  # as a run saved before the setting
+    torch.save(ckpt, run / "checkpoint.pt")
+    resume(run, steps=8)
+    resumed = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert resumed["step"] == 8 and resumed["config"]["params"]["clip_s"] is None

@@ -52,6 +52,10 @@ BASE_DEFAULTS: dict[str, Any] = {
     **SELECT_DEFAULTS,
 }
 
+#: Settings added after runs were saved, with the value such a run trained with: a run whose checkpoint lacks one
+#: resumes with it, not with today's recipe, so it still ends with the student it would have.
+ADDED_SETTINGS: dict[str, Any] = {"clip_s": None}
+
 #: The settings above, BN-statistics methods' `input_stats` and where pools are stored: dfkd's own, no paper's.
 OWN_SETTINGS = frozenset({"recipe", "feature_loss", "feature_weight", "discriminator", "disc_weight", "lr_d",
                           "teacher_weights", "teacher_weighting", "pool_dir", "pool_dtype", "ram_budget_mib",
