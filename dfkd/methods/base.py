@@ -18,7 +18,7 @@ from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
 from dfkd.methods._recipes import Recipe
 from dfkd.objectives import build_objectives
-from dfkd.precision import backward, step, unscale
+from dfkd.precision import backward, loss_scaled, step, unscale
 from dfkd.selection import SELECT_DEFAULTS
 from dfkd.teacher import Teacher
 from dfkd.watch import WATCH_DEFAULTS
@@ -204,7 +204,9 @@ class Method(Recipe):
         backward(losses["loss"])
         if self.p["clip_s"] is not None:
             unscale(self.opt_s)
-            losses["loss/grad_norm"] = nn.utils.clip_grad_norm_(self.student.parameters(), self.p["clip_s"])
+            norm = nn.utils.clip_grad_norm_(self.student.parameters(), self.p["clip_s"])
+            if not loss_scaled():  # an fp16 step that overflowed has an inf norm (the scaler skips it): no divergence
+                losses["loss/grad_norm"] = norm
         step(self.opt_s)
         losses.update(self.objectives.extra_step(x, s_logits, t_logits))
         self.student_seconds += time.perf_counter() - t0

@@ -109,6 +109,19 @@ def test_clip_s_bounds_the_student_step(clip: float | None) -> None:
         assert moved <= 0.1 * clip * (1 + 1e-4)
 
 
+def test_an_fp16_step_that_overflows_is_skipped_not_logged_as_divergence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under an fp16 loss scale an overflowed step's gradient norm is inf; the scaler skips the step, and no inf
+    reaches the logged losses (where the run would read it as a diverged loss)."""
+    from dfkd import precision
+
+    monkeypatch.setattr(precision, "_scaler", torch.amp.GradScaler("cpu", init_scale=2.0**127))  # overflows
+    m = build("fast", clip_s=1.0)
+    before = [p.detach().clone() for p in m.student.parameters()]
+    losses = m.student_step(torch.randn(16, 1, 28, 28))
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values())
+    assert all(torch.equal(a, p) for a, p in zip(before, m.student.parameters()))  # the step was skipped
+
+
 def test_the_cpu_recipes_of_the_t20_pool_methods_clip_the_student() -> None:
     """fast's, NAYER's and CMI's CPU recipes (student lr 0.05 at T = 20) clip the student's gradient; the papers' do
     not."""
