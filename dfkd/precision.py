@@ -83,7 +83,10 @@ class Precision:
             if self.dtype is None:
                 yield
             else:
-                with torch.autocast(self.device.type, dtype=self.dtype):
+                # cache_enabled=False: autocast caches the low-precision copy of every fp32 leaf (weights, and the
+                # images and latents the inversion methods optimise) until its context exits, and a round steps
+                # optimisers inside it, so with the cache every forward after the first would see stale values.
+                with torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False):
                     yield
         finally:
             _flush()

@@ -140,6 +140,26 @@ def test_bf16_autocast_run_on_cpu_learns(tmp_path: Path) -> None:
     assert json.loads((result.run_dir / "config.json").read_text())["precision"] == "bf16"
 
 
+@pytest.mark.parametrize("name", ["bf16", "fp16"])
+def test_a_forward_after_a_step_in_the_same_round_sees_the_new_weights(name: str) -> None:
+    """A round steps its optimisers inside one autocast context (50 student steps a round for fast, Adam steps on
+    the images for DeepInversion); autocast's cast cache would feed every later forward the first one's weights."""
+    if name == "fp16" and not torch.cuda.is_available():
+        pytest.skip("fp16 autocast is a GPU setting")
+    device = torch.device("cuda" if name == "fp16" else "cpu")
+    net = torch.nn.Linear(8, 8).to(device)
+    x = torch.randn(4, 8, device=device, requires_grad=True)  # a leaf, like DeepInversion's images
+    opt = torch.optim.SGD([*net.parameters(), x], lr=1.0)
+    with Precision(name, device).autocast():
+        first = net(x)
+        first.float().square().sum().backward()
+        opt.step()
+        second = net(x)
+    assert not torch.equal(first, second)
+    with torch.no_grad():
+        assert torch.allclose(second.float(), net(x).float(), rtol=0.05, atol=0.05), "the stepped weights and input"
+
+
 def test_fp16_uses_a_loss_scale_that_is_checkpointed(tmp_path: Path) -> None:
     cfg = DistillConfig(teachers=(TEACHER,), method="dfad", steps=4, out=str(tmp_path / "r"), precision="fp16",
                         fid_every=0, params={"batch_size": 8, "select_every": 0})
