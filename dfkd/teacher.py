@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -97,7 +98,7 @@ class Teacher(nn.Module):
 
     def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), full_fp32():
                 return self.module(x)
         except Exception as e:  # noqa: BLE001 - any failure here means the declared shape is wrong
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
@@ -159,6 +160,26 @@ class Teacher(nn.Module):
             raise DfkdError(f"--teacher {self.source}: a {self.fmt} teacher has no module hooks; save it as a "
                             "state_dict, dfkd model file or torch.export archive to use feature-based losses")
         return FeatureTaps(self.module, paths, inputs=inputs, outputs=outputs)
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """IEEE fp32 convolutions and matmuls on a GPU (no TF32) inside the block, the previous settings after it.
+
+    cuDNN convolutions run in TF32 by default on recent GPUs, about 1e-3 relative error a layer, and the algorithm
+    (and so the rounding) changes with the batch size: through a deep network the batch-independence check below
+    would refuse a sound eval-mode teacher.
+    """
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch points these flags to its fp32_precision settings
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:

@@ -84,6 +84,25 @@ def test_num_classes_of_a_user_module():
     assert Teacher(Toy(), InputSpec(1, 16, (0.5,), (0.5,))).num_classes == 4
 
 
+def test_the_batch_probe_runs_in_full_fp32_and_leaves_the_settings_as_they_were():
+    """On a GPU, TF32 convolutions round differently at batch 2 and 3; the probe turns TF32 off, then back on."""
+    seen = []
+
+    class Spy(Toy):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return super().forward(x)
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        Teacher(Spy(), InputSpec(1, 16, (0.5,), (0.5,)))
+        assert seen and all(flags == (False, False) for flags in seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def test_bad_output_shapes_are_refused():
     class Pair(nn.Module):
         def forward(self, x):
