@@ -124,9 +124,11 @@ class HeldOut:
         return {"x": self.x, "labels": self.labels, "seen": self.seen, "draws": self.draws,
                 "rng": self.rng.get_state()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], device: torch.device | None = None) -> None:
+        """The saved set, moved to `device` (a checkpoint loads on the CPU; a GPU run scores on its GPU)."""
         self.x, self.labels = state["x"], state["labels"]
         if self.x is not None:
+            self.x, self.labels = self.x.to(device), self.labels.to(device)
             self.size = len(self.x)  # the cap applied when the set was first filled
         self.seen, self.draws = int(state["seen"]), int(state["draws"])
         self.rng.set_state(state["rng"])
@@ -242,7 +244,7 @@ class Selector:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if self.heldout is not None and state.get("heldout") is not None:
-            self.heldout.load_state_dict(state["heldout"])
+            self.heldout.load_state_dict(state["heldout"], next(self.method.student.parameters()).device)
         if state.get("best") is not None:
             self.best = eager(copy.deepcopy(self.method.student)).eval()
             self.best.load_state_dict(state["best"])

@@ -29,7 +29,7 @@ def cfg_for(teacher_file: str, out: Path, method: str = "dfad", **kw) -> Distill
 
 
 def student_of(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "student.pt", weights_only=True)["state_dict"]
+    return torch.load(run_dir / "student.pt", map_location="cpu", weights_only=True)["state_dict"]
 
 
 def finished_event(run_dir: Path) -> dict:
@@ -74,6 +74,15 @@ def test_heldout_reservoir_keeps_its_size_and_takes_later_draws() -> None:
     kept = set(h.x.flatten().tolist())
     assert 0.0 in kept or 1.0 in kept, "early draws stay represented"
     assert kept & {3.0, 4.0}, "later draws enter"
+
+
+def test_a_resumed_heldout_set_lives_where_the_student_computes() -> None:
+    """A checkpoint loads on the CPU; a GPU run's held-out set must go back to the GPU (meta stands in for it)."""
+    h = HeldOut(4, seed=0)
+    h.add(torch.rand(4, 1, 2, 2), torch.arange(4))
+    again = HeldOut(4, seed=0)
+    again.load_state_dict(h.state_dict(), torch.device("meta"))
+    assert again.x.device.type == "meta" and again.labels.device.type == "meta" and again.size == 4
 
 
 def test_heldout_draws_do_not_touch_the_run(teacher_file: str, tmp_path: Path) -> None:
@@ -139,10 +148,10 @@ def test_a_student_that_swings_away_at_the_end_is_not_the_one_written(teacher_fi
 
     monkeypatch.setattr(cls, "round", swing_at_the_end)
     result = distill(cfg_for(teacher_file, tmp_path / "r", eval_data=eval_npz))
-    wrecked = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["method"]["student"]
+    wrecked = torch.load(result.run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]["student"]
     written = student_of(result.run_dir)
     assert not all(torch.equal(written[k], wrecked[k]) for k in written)
-    assert not result.selected.startswith("raw")
+    assert not result.selected.startswith(f"raw at step {result.step}"), "a snapshot from before the wreck, or the EMA"
     event = finished_event(result.run_dir)
     assert event["selected"] == result.selected
     assert {"student/top1_raw", "student/top1_ema", "student/top1_best", "student/top1_selected"} <= event.keys()
@@ -155,7 +164,7 @@ def test_a_student_that_swings_away_at_the_end_is_not_the_one_written(teacher_fi
 
 def test_selection_off_writes_the_raw_student(teacher_file: str, tmp_path: Path) -> None:
     result = distill(cfg_for(teacher_file, tmp_path / "r", params={"select_every": 0}))
-    raw = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["method"]["student"]
+    raw = torch.load(result.run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]["student"]
     written = student_of(result.run_dir)
     assert all(torch.equal(written[k], raw[k]) for k in written) and result.selected == ""
 
@@ -164,7 +173,7 @@ def test_pool_methods_have_no_heldout_set_and_write_the_raw_student(teacher_file
     cfg = cfg_for(teacher_file, tmp_path / "r", "deepinversion", steps=4,
                   params={"batch_size": 4, "iterations": 2})
     result = distill(cfg)
-    raw = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["method"]["student"]
+    raw = torch.load(result.run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)["method"]["student"]
     assert all(torch.equal(v, raw[k]) for k, v in student_of(result.run_dir).items())
     assert "select/agreement" not in (result.run_dir / "metrics.jsonl").read_text()
 
@@ -211,7 +220,7 @@ def test_ema_starts_with_the_first_student_steps_not_the_warm_up(teacher_file: s
     # student, so it must be the trained student, not the untrained one of a warm-up round averaged in.
     params = {**NAYER.quick, "warmup_rounds": 2, "s_steps": 4, "ema_decay": 0.9, "select_every": 0}
     result = distill(cfg_for(teacher_file, tmp_path / "r", "nayer", steps=4, params=params))
-    ckpt = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(result.run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
     ema = ckpt["extra"]["watch"]["selector"]["ema"]
     raw = ckpt["method"]["student"]
     assert int(ema["n_averaged"]) == 1
