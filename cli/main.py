@@ -198,8 +198,8 @@ def _method_names() -> list[str]:
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Quantization-aware: distill a "
               "fake-quantized student; also write student_int8.onnx and deploy.json.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
-              help="Arithmetic of the networks: autocast to bf16/fp16 (losses stay fp32).  [default: auto: bf16 on "
-              "a CUDA GPU that has it, else fp32]")
+              help="Arithmetic of the networks: autocast to bf16/fp16 (losses stay fp32; halves GPU memory).  "
+              "[default: auto: fp32]")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile teacher, student and "
               "generator (a network that fails to compile runs eagerly, with a warning).")
 @friendly

@@ -119,15 +119,24 @@ def accuracy_curve(run_dir: Path) -> list[float]:
     return [r["student/top1"] for r in lines if "student/top1" in r]
 
 
-def test_bf16_autocast_run_on_cpu_learns(tmp_path: Path) -> None:
-    """The MNIST demo teacher distilled under bf16 autocast on CPU (real-image KD, the fastest learner): finite
-    losses, held-out accuracy rising well above chance. The data-free families run under bf16 in the no-sync test."""
+#: Measured on an H200 (2026-12-04): on CUDA this run reached 29.5 % at step 20, then a constant output (9.9 %) from
+#: step 40; with channels-last and cudnn.benchmark off it learned as fp32 does (59.7 % against 60.0 %). Not yet
+#: pinned down to one of the two, so marked as an expected failure there.
+CUDA_BF16 = pytest.mark.xfail(reason="open: bf16 + channels-last/cudnn.benchmark on CUDA kills this student",
+                              strict=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a GPU"), CUDA_BF16])])
+def test_bf16_autocast_run_learns(device: str, tmp_path: Path) -> None:
+    """The MNIST demo teacher distilled under bf16 autocast (real-image KD, the fastest learner): finite losses,
+    held-out accuracy rising well above chance. The data-free families run under bf16 in the no-sync test."""
     import numpy as np
 
     digits = np.load(MNIST_TEST)
     np.savez(tmp_path / "train.npz", x=digits["x"][:5000], y=digits["y"][:5000])
     np.savez(tmp_path / "held.npz", x=digits["x"][5000:6000], y=digits["y"][5000:6000])
-    cfg = DistillConfig(teachers=(TEACHER,), method="kd", data=str(tmp_path / "train.npz"), steps=60,
+    cfg = DistillConfig(teachers=(TEACHER,), method="kd", data=str(tmp_path / "train.npz"), steps=60, device=device,
                         out=str(tmp_path / "r"), precision="bf16", eval_data=str(tmp_path / "held.npz"),
                         eval_every=20, log_every=10, seed=0, fid_every=0,
                         params={"batch_size": 64, "select_every": 0, "watch_every": 0})
@@ -180,8 +189,10 @@ def test_resume_may_change_precision(tmp_path: Path) -> None:
     assert ckpt["config"]["precision"] == "fp32"
 
 
-def test_defaults_per_device_and_refusals() -> None:
+def test_defaults_per_device_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp32", "bf16 is opt-in on a GPU"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(DfkdError, match="--precision fp8"):
         resolve_precision("fp8", torch.device("cpu"))
