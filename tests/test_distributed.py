@@ -84,11 +84,16 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str, tro
 
 
 def run_two(cfg: dict[str, Any], out: Path, trouble: str | None = None) -> list[dict[str, Any]]:
-    """Run `cfg` on 2 forked ranks; what each rank ended with."""
+    """Run `cfg` on 2 forked ranks (spawned ones on a GPU machine); what each rank ended with.
+
+    Forking is much faster, but on a machine with a GPU the first backward (an earlier test's, even on the CPU)
+    starts autograd's device threads, and a process with those threads cannot fork.
+    """
     import torch.utils.tensorboard  # noqa: F401 - imported once here, not in each forked rank
 
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # the same for the optimizers' lazy imports
-    mp.start_processes(_worker, args=(2, _free_port(), cfg, str(out), trouble), nprocs=2, start_method="fork")
+    how = "spawn" if torch.cuda.is_available() else "fork"
+    mp.start_processes(_worker, args=(2, _free_port(), cfg, str(out), trouble), nprocs=2, start_method=how)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 

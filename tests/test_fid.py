@@ -70,7 +70,12 @@ def test_frechet_distance_agrees_with_pytorch_fid() -> None:
     sa, sb = (FIDStats(v.mean(0), np.cov(v, rowvar=False), "teacher") for v in (a, b))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        expected = calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+        try:
+            expected = calculate_frechet_distance(sa.mu, sa.sigma, sb.mu, sb.sigma)
+        except TypeError as e:  # pytorch-fid 0.3 calls scipy's sqrtm(disp=False), which newer scipy removed
+            if "disp" not in str(e):
+                raise
+            pytest.skip(f"the reference, pytorch-fid's calculate_frechet_distance, fails with this scipy: {e}")
     assert frechet_distance(sa, sb) == pytest.approx(expected, rel=1e-6)
     with pytest.raises(DfkdError, match="different dimensions"):
         frechet_distance(sa, FIDStats(np.zeros(3), np.eye(3), "teacher"))

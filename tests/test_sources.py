@@ -106,7 +106,7 @@ def test_one_build_method_for_distill_and_synthesize(teacher_file: str, tmp_path
     """Run builds its method with build_method: the same student and settings as a direct call."""
     teacher = load_teacher(teacher_file)
     built = build_method("dfad", teacher, {"batch_size": 8}, torch.device("cpu"), seed=3)
-    run = Run(DistillConfig(teachers=(teacher_file,), method="dfad", seed=3, fid_every=0,
+    run = Run(DistillConfig(teachers=(teacher_file,), method="dfad", seed=3, fid_every=0, device="cpu",
                             params={"batch_size": 8}), tmp_path)
     assert built.params == run.params and built.student_name == run.student_name
     for k, v in built.method.student.state_dict().items():
