@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -77,6 +78,11 @@ def tiny_test_set(path: Path) -> Path:
     rng = np.random.default_rng(0)
     np.savez(path, x=rng.integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), y=rng.integers(0, 10, 64))
     return path
+
+
+def pythonpath() -> str:
+    """This checkout first, then whatever PYTHONPATH already holds (packages installed to a --target folder)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def log_config(run: Path, args: argparse.Namespace) -> Path:
@@ -153,10 +159,12 @@ def table(rows: list[dict], real: set[str]) -> str:
     return "\n".join(lines)
 
 
-def run_all(args: argparse.Namespace) -> tuple[list[dict], set[str]]:
+def run_all(args: argparse.Namespace, write: Callable[[list[dict], set[str]], None]) -> list[dict]:
+    """Every run of the grid, one after another; `write(rows, real)` after each, so a cut-short run keeps its table."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     given = dict(s.split("=", 1) for s in args.teacher_file)
+    real = set(given) if not args.tiny else set(args.pairs)
     test = args.test or (str(tiny_test_set(out / "tiny_test.npz")) if args.tiny else None)
     rows = []
     for arch in args.pairs:
@@ -168,7 +176,7 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], set[str]]:
                     cmd = command(teacher, PAIRS[arch], method, precision, mode == "on", args, test, run)
                     print(" ".join(cmd), flush=True)
                     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
-                                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                         env={**os.environ, "PYTHONPATH": pythonpath()})
                     row = {"pair": f"{arch}->{PAIRS[arch]}", "teacher": arch, "method": method,
                            "precision": precision, "compile": mode}
                     warn = [x for x in res.stderr.splitlines() if x.startswith("warning: --compile")]
@@ -180,7 +188,8 @@ def run_all(args: argparse.Namespace) -> tuple[list[dict], set[str]]:
                         row.update(summarise(run))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    return rows, set(given) if not args.tiny else set(args.pairs)
+                    write(rows, real)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,15 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    rows, real = run_all(args)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     head = (f"`python bench/gpu.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {device}, torch {torch.__version__}")
-    text = head + "\n\n" + table(rows, real) + "\n"
     out = Path(args.out)
-    (out / "gpu.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (out / "gpu.md").write_text(text)
-    print(text)
+
+    def write(rows: list[dict], real: set[str]) -> None:
+        (out / "gpu.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (out / "gpu.md").write_text(head + "\n\n" + table(rows, real) + "\n")
+
+    rows = run_all(args, write)
+    print((out / "gpu.md").read_text())
     return 1 if any("error" in r for r in rows) else 0
 
 
