@@ -107,8 +107,8 @@ def test_reset_generator_redraws_weights_and_clears_adam() -> None:
 
 
 # --- in a run ---------------------------------------------------------------------------------------------
-def collapse_cfg(teacher_file: str, out: Path, **params) -> DistillConfig:
-    return DistillConfig(teachers=(teacher_file,), method="dfad", steps=24, out=str(out), log_every=2,
+def collapse_cfg(teacher_file: str, out: Path, device: str = "auto", **params) -> DistillConfig:
+    return DistillConfig(teachers=(teacher_file,), method="dfad", steps=24, out=str(out), log_every=2, device=device,
                          eval_every=100, ckpt_every=100, image_every=100, fid_every=0,
                          params={"batch_size": 8, "s_steps": 2, "watch_every": 2, "collapse_patience": 3,
                                  "select_every": 0, **params})
@@ -168,8 +168,10 @@ def test_a_collapse_that_ends_says_so_after_its_warning(teacher_file: str, tmp_p
 
 
 def test_a_healthy_run_is_quiet(teacher_file: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # the lenient threshold makes any batch that is not a single class healthy
-    run = distill(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01)).run_dir
+    # the lenient threshold (1.5 effective classes) passes this seeded run's batches; the random-weight test
+    # teacher calls most noise one class (about 1.55 effective classes), so on a GPU, whose noise streams differ,
+    # three batches in a row fell under it: the device is pinned, as the batches are
+    run = distill(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01, device="cpu")).run_dir
     assert "mode collapse" not in capsys.readouterr().err
     assert "collapse" not in (run / "metrics.jsonl").read_text()
 
@@ -231,7 +233,7 @@ def test_a_short_run_that_collapses_warns_at_its_end(teacher_file: str, tmp_path
 
 def test_a_short_balanced_run_ends_without_a_collapse_warning(teacher_file: str, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01), steps=4)
+    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", collapse_fraction=0.01), steps=4, device="cpu")
     run = distill(cfg).run_dir
     assert "mode collapse" not in capsys.readouterr().err
     assert "collapse" not in (run / "metrics.jsonl").read_text()
