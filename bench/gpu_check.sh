@@ -50,8 +50,10 @@ step torchrun 120 torchrun --standalone --nproc-per-node 1 -m dfkd distill --tea
     --steps 200 --eval-data $E --eval-every 100 --fid-every 0 --out "$WORK/dfad_torchrun"
 
 if [ -z "${SKIP_TESTS:-}" ]; then
+    WORKERS=()  # pytest-xdist, where installed, spreads the suite over the machine's cores
+    python -c "import xdist" 2>/dev/null && WORKERS=(-n "${TEST_WORKERS:-14}")
     step tests 180 env OMP_NUM_THREADS=1 python -m pytest -q -p no:warnings -p no:cacheprovider \
-        -n "${TEST_WORKERS:-14}" --durations=15
+        "${WORKERS[@]}" --durations=15
 fi
 
 LEFT=$((DEADLINE - SECONDS))
