@@ -126,6 +126,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--reference-epochs", type=int, default=4,
                     help="epochs of the student on each teacher's real labelled data, the table's reference "
                     "(trained once, cached; 0: none)")
+    ap.add_argument("--student", default=None, metavar="NAME",
+                    help="distill into this student instead of dfkd's default for each teacher (e.g. lenet5); such "
+                    "cells are stored and tabulated apart, and the real-label reference trains it")
     ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                     help="a `-p` setting for every cell of this invocation (e.g. recipe=paper); such cells are stored "
                     "and tabulated apart from the defaults'")
@@ -208,26 +211,27 @@ def student_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> 
 
 # --- cells --------------------------------------------------------------------------------------------------
 def cell_key(teacher: str, method: str, minutes: float, smoke: bool, params: Sequence[str] = (),
-             seed: int = 0) -> str:
-    """The cell's file name: seed 0 (the default grid) has no seed in it, another seed is stored apart."""
-    settings = "".join(f"--{kv}" for kv in params) + (f"--seed{seed}" if seed else "")
+             seed: int = 0, student: str | None = None) -> str:
+    """The cell's file name: seed 0 and the default student (the default grid) are not in it; others are."""
+    settings = ("".join(f"--{kv}" for kv in params) + (f"--seed{seed}" if seed else "")
+                + (f"--student-{student}" if student else ""))
     return f"{teacher}--{method}--{'smoke' if smoke else f'{minutes:g}min'}{settings}"
 
 
 def key_of(cell: dict, smoke: bool) -> str:
     """`cell_key` of a planned or stored cell."""
     return cell_key(cell["teacher"], cell["method"], cell["budget_min"], smoke, cell.get("params", ()),
-                    cell.get("seed", 0))
+                    cell.get("seed", 0), cell.get("student"))
 
 
 def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_budget: float,
-         have_auto: bool, params: Sequence[str] = (), seed: int = 0) -> list[dict]:
+         have_auto: bool, params: Sequence[str] = (), seed: int = 0, student: str | None = None) -> list[dict]:
     """One entry per (teacher, method): its budget, or why it does not run (no auto method in this checkout).
 
     A BN-statistics method on a BN-free teacher (its BN term on the input statistics) is marked `no_bn`.
 
     `params`: `-p KEY=VALUE` settings every cell runs with (kept in each cell as "params"); `seed`: the runs'
-    seed (kept in each cell when not 0).
+    seed (kept in each cell when not 0); `student`: the student every cell distills into (None: dfkd's default).
     """
     from dfkd.methods import get_method
 
@@ -235,7 +239,8 @@ def plan(teachers: list[BenchTeacher], methods: list[str], budget: float, auto_b
     for t in teachers:
         for m in methods:
             cell = {"teacher": t.name, "method": m, "budget_min": auto_budget if m == "auto" else budget,
-                    **({"params": list(params)} if params else {}), **({"seed": seed} if seed else {})}
+                    **({"params": list(params)} if params else {}), **({"seed": seed} if seed else {}),
+                    **({"student": student} if student else {})}
             if m == "auto" and not have_auto:
                 cell["skipped"] = "no auto method in this checkout"
             elif m != "auto" and get_method(m).uses_bn and not t.bn:
@@ -322,7 +327,8 @@ def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -
     test = smoke_test_set(t, out) if args.smoke else t.test
     ns = argparse.Namespace(clock="cpu", test=str(test), seed=cell.get("seed", 0), jobs=args.jobs)
     extra = [*t.flags, *(quick_flags(cell["method"]) if args.smoke and cell["method"] != "auto" else []),
-             *sum((["-p", kv] for kv in cell.get("params", ())), [])]
+             *sum((["-p", kv] for kv in cell.get("params", ())), []),
+             *(["--student", cell["student"]] if cell.get("student") else [])]
     row = run.run_one(t.file, cell["method"], cell["budget_min"], ns, out / "runs" / key, extra)
     result = {**cell, **row, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
     if "error" not in row:
@@ -471,7 +477,7 @@ def main() -> None:
     out = Path(args.out)
     teachers = [TEACHERS[n] for n in args.teachers]
     acc = {t.name: teacher_accuracy(t, out) for t in teachers}
-    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto, args.param, args.seed)
+    cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto, args.param, args.seed, args.student)
     todo = pending(cells, out, args.smoke, args.force)
     if args.table_only:
         todo = []
@@ -483,13 +489,14 @@ def main() -> None:
         cells[i] = run_cell(TEACHERS[c["teacher"]], c, args, out)
         print(json.dumps({k: cells[i].get(k) for k in ("teacher", "method", "top1", "error")}), flush=True)
 
-    settings = "".join(f"_{kv.replace('=', '-')}" for kv in args.param) + (f"_seed{args.seed}" if args.seed else "")
+    settings = ("".join(f"_{kv.replace('=', '-')}" for kv in args.param) + (f"_seed{args.seed}" if args.seed else "")
+                + (f"_student-{args.student}" if args.student else ""))
     table = out / f"cross_teacher{'_smoke' if args.smoke else ''}{settings}.md"
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for _ in pool.map(job, todo):
             table.write_text(report(teachers, methods, cells, acc, note))
     reference = {t.name: (student, student_reference(t, out, student, args.reference_epochs))
-                 for t in teachers if (student := cell_student(t, out)) is not None}
+                 for t in teachers if (student := args.student or cell_student(t, out)) is not None}
     md = report(teachers, methods, cells, acc, note, reference)
     table.write_text(md)
     print(md)

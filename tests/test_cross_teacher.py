@@ -212,6 +212,26 @@ def test_cells_of_another_seed_run_with_it_and_are_stored_apart(tmp_path: Path,
     assert ct.pending(ct.plan([t], ["dfad"], 5.0, 10.0, True), tmp_path, smoke=False, force=False) == []
 
 
+def test_cells_of_another_student_distill_into_it_and_are_stored_apart(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_run_one(teacher, method, minutes, ns, out, extra):  # noqa: ANN001, ANN202 - run.run_one's signature
+        seen.append(list(extra))
+        return {"method": method, "budget_min": minutes, "error": "not run"}
+
+    monkeypatch.setattr(ct.run, "run_one", fake_run_one)
+    t = ct.TEACHERS["mnist_caffe28"]
+    ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
+                   {"teacher": "mnist_caffe28", "method": "dfad", "budget_min": 5.0, "top1": 0.9})
+    args = ct.parse(["--teachers", "mnist_caffe28", "--student", "lenet5", "--out", str(tmp_path)])
+    cells = ct.plan([t], ["dfad"], 5.0, 10.0, True, args.param, args.seed, args.student)
+    assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "a default-student cell stood in"
+    ct.run_cell(t, cells[0], args, tmp_path)
+    assert seen[0][-2:] == ["--student", "lenet5"]
+    assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--student-lenet5.json").exists()
+
+
 def test_student_reference_trains_the_cells_student_on_real_labels_once(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(0)
