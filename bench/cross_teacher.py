@@ -160,8 +160,8 @@ def ensure_teacher(t: BenchTeacher) -> Path:
 
 def teacher_accuracy(t: BenchTeacher, out: Path) -> float:
     """The teacher's test top-1, measured once with `dfkd evaluate` and kept in OUT/teachers.json."""
-    return _cached(out, f"{t.name}:{t.file.stat().st_mtime_ns}",
-                   lambda: run.evaluate(ensure_teacher(t), str(t.test), t.flags))
+    file = ensure_teacher(t)  # trained first on a fresh checkout: the cache key reads the file's time
+    return _cached(out, f"{t.name}:{file.stat().st_mtime_ns}", lambda: run.evaluate(file, str(t.test), t.flags))
 
 
 def _cached(out: Path, key: str, measure: Callable[[], float]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -210,6 +211,22 @@ def test_cells_of_another_seed_run_with_it_and_are_stored_apart(tmp_path: Path,
     assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--seed1.json").exists()
     assert json.loads((tmp_path / "cells" / "mnist_caffe28--dfad--5min.json").read_text())["top1"] == 0.9
     assert ct.pending(ct.plan([t], ["dfad"], 5.0, 10.0, True), tmp_path, smoke=False, force=False) == []
+
+
+def test_a_teacher_missing_on_a_fresh_checkout_is_trained_before_it_is_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = dataclasses.replace(ct.TEACHERS["fmnist_lenet5"], file=tmp_path / "teachers" / "fmnist_lenet5.pt")
+    trained = []
+
+    def fake_ensure(teacher):  # noqa: ANN001, ANN202
+        teacher.file.parent.mkdir(parents=True, exist_ok=True)
+        teacher.file.write_bytes(b"weights")
+        trained.append(teacher.name)
+        return teacher.file
+
+    monkeypatch.setattr(ct, "ensure_teacher", fake_ensure)
+    monkeypatch.setattr(ct.run, "evaluate", lambda *a, **k: 0.9)
+    assert ct.teacher_accuracy(t, tmp_path) == 0.9 and trained == ["fmnist_lenet5"]
 
 
 def test_cells_of_another_student_distill_into_it_and_are_stored_apart(tmp_path: Path,
