@@ -166,21 +166,28 @@ def test_a_not_learned_warning_reaches_the_cell(tmp_path: Path) -> None:
     assert row.endswith("| n/a | no; student stuck (step 50); not learned | 100 |")
 
 
-def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # `--param recipe=paper` cells pass the setting to dfkd distill and never stand in for the default cells.
-    seen = []
+def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Cells run no process: each call of run.run_one records its extra flags and seed, and fails the cell."""
+    seen: list[dict] = []
 
     def fake_run_one(teacher, method, minutes, ns, out, extra):  # noqa: ANN001, ANN202 - run.run_one's signature
-        seen.append(list(extra))
+        seen.append({"extra": list(extra), "seed": ns.seed})
         return {"method": method, "budget_min": minutes, "error": "not run"}
 
     monkeypatch.setattr(ct.run, "run_one", fake_run_one)
+    return seen
+
+
+def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--param recipe=paper` cells pass the setting to dfkd distill and never stand in for the default cells.
+    seen = record_runs(monkeypatch)
     t = ct.TEACHERS["mnist_caffe28"]
     args = ct.parse(["--teachers", "mnist_caffe28", "--param", "recipe=paper", "--out", str(tmp_path)])
     cells = ct.plan([t], ["dfad"], 5.0, 10.0, True, args.param)
     assert cells[0]["params"] == ["recipe=paper"]
     ct.run_cell(t, cells[0], args, tmp_path)
-    assert seen[0][-2:] == ["-p", "recipe=paper"] and seen[0][:2] == ["--teacher-arch", "bench.teacher_nets:CaffeLeNet"]
+    extra = seen[0]["extra"]
+    assert extra[-2:] == ["-p", "recipe=paper"] and extra[:2] == ["--teacher-arch", "bench.teacher_nets:CaffeLeNet"]
     assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--recipe=paper.json").exists()
     ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
                    {**cells[0], "top1": 0.9, "params": []})
@@ -188,29 +195,6 @@ def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monk
     assert ct.run.method_label({"method": "dfad", "params": ["recipe=paper"]}) == "dfad [recipe=paper]"
     with pytest.raises(SystemExit):
         ct.parse(["--param", "recipe"])
-
-
-def test_cells_of_another_seed_run_with_it_and_are_stored_apart(tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    # `--seed 1` must not reuse (nor, with --force, overwrite) the seed-0 cells of the default grid.
-    seen = []
-
-    def fake_run_one(teacher, method, minutes, ns, out, extra):  # noqa: ANN001, ANN202 - run.run_one's signature
-        seen.append(ns.seed)
-        return {"method": method, "budget_min": minutes, "error": "not run"}
-
-    monkeypatch.setattr(ct.run, "run_one", fake_run_one)
-    t = ct.TEACHERS["mnist_caffe28"]
-    ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
-                   {"teacher": "mnist_caffe28", "method": "dfad", "budget_min": 5.0, "top1": 0.9})
-    args = ct.parse(["--teachers", "mnist_caffe28", "--seed", "1", "--out", str(tmp_path)])
-    cells = ct.plan([t], ["dfad"], 5.0, 10.0, True, args.param, args.seed)
-    assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "a seed-0 cell stood in for seed 1"
-    ct.run_cell(t, cells[0], args, tmp_path)
-    assert seen == [1]
-    assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--seed1.json").exists()
-    assert json.loads((tmp_path / "cells" / "mnist_caffe28--dfad--5min.json").read_text())["top1"] == 0.9
-    assert ct.pending(ct.plan([t], ["dfad"], 5.0, 10.0, True), tmp_path, smoke=False, force=False) == []
 
 
 def test_a_teacher_missing_on_a_fresh_checkout_is_trained_before_it_is_measured(
@@ -229,24 +213,25 @@ def test_a_teacher_missing_on_a_fresh_checkout_is_trained_before_it_is_measured(
     assert ct.teacher_accuracy(t, tmp_path) == 0.9 and trained == ["fmnist_lenet5"]
 
 
-def test_cells_of_another_student_distill_into_it_and_are_stored_apart(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    seen = []
-
-    def fake_run_one(teacher, method, minutes, ns, out, extra):  # noqa: ANN001, ANN202 - run.run_one's signature
-        seen.append(list(extra))
-        return {"method": method, "budget_min": minutes, "error": "not run"}
-
-    monkeypatch.setattr(ct.run, "run_one", fake_run_one)
+@pytest.mark.parametrize(("flags", "suffix", "ran_with"), [
+    (["--seed", "1"], "--seed1", lambda r: r["seed"] == 1),
+    (["--student", "lenet5"], "--student-lenet5", lambda r: r["extra"][-2:] == ["--student", "lenet5"]),
+])
+def test_cells_of_another_seed_or_student_run_with_it_and_are_stored_apart(
+        flags: list[str], suffix: str, ran_with, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    # such a cell must not reuse (nor, with --force, overwrite) the default grid's cell
+    seen = record_runs(monkeypatch)
     t = ct.TEACHERS["mnist_caffe28"]
     ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
                    {"teacher": "mnist_caffe28", "method": "dfad", "budget_min": 5.0, "top1": 0.9})
-    args = ct.parse(["--teachers", "mnist_caffe28", "--student", "lenet5", "--out", str(tmp_path)])
+    args = ct.parse(["--teachers", "mnist_caffe28", *flags, "--out", str(tmp_path)])
     cells = ct.plan([t], ["dfad"], 5.0, 10.0, True, args.param, args.seed, args.student)
-    assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "a default-student cell stood in"
+    assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "the default cell stood in"
     ct.run_cell(t, cells[0], args, tmp_path)
-    assert seen[0][-2:] == ["--student", "lenet5"]
-    assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--student-lenet5.json").exists()
+    assert len(seen) == 1 and ran_with(seen[0])
+    assert (tmp_path / "cells" / f"mnist_caffe28--dfad--5min{suffix}.json").exists()
+    assert json.loads((tmp_path / "cells" / "mnist_caffe28--dfad--5min.json").read_text())["top1"] == 0.9
+    assert ct.pending(ct.plan([t], ["dfad"], 5.0, 10.0, True), tmp_path, smoke=False, force=False) == []
 
 
 def test_student_reference_trains_the_cells_student_on_real_labels_once(tmp_path: Path,
