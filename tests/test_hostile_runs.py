@@ -166,8 +166,8 @@ def test_stopped_between_checkpoints_then_resumed_equals_uninterrupted(method: s
     config.write_text(f"ckpt_every = {every}\nlog_every = 1\nfid_every = 0\nimage_every = 1000\n"
                       f"steps = {steps}\nmethod = \"{method}\"\n" + (f'data = "{eval_npz}"\n' if method == "kd" else "")
                       + "[params]\n" + params)
-    # On the CPU, bit for bit; a GPU's own run-to-run noise (cuDNN autotuning, atomic adds) makes two fresh GPU
-    # processes differ as much, so the comparison pins the device.
+    # Bit for bit on the CPU; on a GPU a resumed process ended a few bits away in 3 of 6 cases (cuDNN's autotuning
+    # picks kernels per process), so the comparison pins the device.
     args = ["distill", "--teacher", teacher_file, "--config", config, "--device", "cpu"]
     assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
 
