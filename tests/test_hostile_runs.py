@@ -166,7 +166,7 @@ def test_stopped_between_checkpoints_then_resumed_equals_uninterrupted(method: s
     config.write_text(f"ckpt_every = {every}\nlog_every = 1\nfid_every = 0\nimage_every = 1000\n"
                       f"steps = {steps}\nmethod = \"{method}\"\n" + (f'data = "{eval_npz}"\n' if method == "kd" else "")
                       + "[params]\n" + params)
-    # Bit for bit on the CPU; on a GPU a resumed process ended a few bits away in 3 of 6 cases (cuDNN's autotuning
+    # Bit for bit on the CPU; on a GPU a resumed process was not bit-equal in 3 of 6 cases (cuDNN's autotuning
     # picks kernels per process), so the comparison pins the device.
     args = ["distill", "--teacher", teacher_file, "--config", config, "--device", "cpu"]
     assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
