@@ -18,6 +18,7 @@ from dfkd.teacher import load_teacher
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu  # noqa: E402
+import gpu_numerics  # noqa: E402
 import overhead  # noqa: E402
 import pool  # noqa: E402
 import run  # noqa: E402
@@ -179,3 +180,26 @@ def test_pool_benchmark_times_the_library_pool_against_the_zoos(capsys: pytest.C
     rows = pool.main(["--batch", "4", "--repeats", "10"])
     assert [r[0] for r in rows] == ["library", "dfkd"] and all(r[1] > 0 and r[2] > 0 for r in rows)
     assert "| library |" in capsys.readouterr().out
+
+
+def test_gpu_numerics_compares_a_setting_with_the_cpu_and_sees_a_wrong_gradient() -> None:
+    """bench/gpu_numerics.py's two measures on the CPU: fp32 against itself is exact, bf16 close, and a gradient
+    of another loss (a broken setting stands in) points elsewhere."""
+    from dfkd.modelfile import load_model
+    from dfkd.models import create
+
+    teacher, meta = load_model(BN)
+    teacher.eval()
+    x = torch.randn(64, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    ref = gpu_numerics.outputs(teacher, x, cpu, None, False)
+    assert torch.allclose(gpu_numerics.outputs(teacher, x, cpu, None, True), ref, atol=1e-5)  # channels-last
+    low = gpu_numerics.outputs(teacher, x, cpu, torch.bfloat16, False)
+    assert (low.argmax(1) == ref.argmax(1)).float().mean() > 0.9 and low.dtype == torch.float32
+    torch.manual_seed(0)
+    student = create("lenet5_half", num_classes=10, in_channels=1, input_size=32)
+    g = gpu_numerics.kd_grad(student, x, ref, cpu, None, False)
+    same = torch.nn.functional.cosine_similarity(g, gpu_numerics.kd_grad(student, x, ref, cpu, torch.bfloat16, False),
+                                                 dim=0)
+    other = torch.nn.functional.cosine_similarity(g, gpu_numerics.kd_grad(student, x, -ref, cpu, None, False), dim=0)
+    assert same > 0.95 and other < 0.5
