@@ -28,25 +28,33 @@ TEACHERS = ("mnist_lenet5_bn.pt", "mnist_lenet5.pt", "cifar10_wrn16_1.pt")
 BATCHES = (2, 3, 64, 256)
 
 
+def _placed(module: torch.nn.Module, x: torch.Tensor, device: torch.device,
+            channels_last: bool) -> tuple[torch.nn.Module, torch.Tensor]:
+    """`module` and `x` on `device`, in channels-last memory format or the plain one."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return module.to(device).to(memory_format=fmt), x.to(device).contiguous(memory_format=fmt)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """The run's autocast for `dtype` (off for None), without the weight cache, as dfkd.precision enters it."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False)
+
+
 def outputs(model: torch.nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype | None,
             channels_last: bool) -> torch.Tensor:
     """`model`'s fp32 logits on `x`, computed on `device` under the setting."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    m = model.to(device).to(memory_format=fmt)
-    xd = x.to(device).contiguous(memory_format=fmt)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
-                                         cache_enabled=False):
+    m, xd = _placed(model, x, device, channels_last)
+    with torch.no_grad(), _autocast(device, dtype):
         return m(xd).float().cpu()
 
 
 def kd_grad(student: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, device: torch.device,
             dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
     """The student's flattened gradient of KL(softmax(target/4) || softmax(s/4)) * 16 on `x` under the setting."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    s = student.to(device).to(memory_format=fmt)
+    s, xd = _placed(student, x, device, channels_last)
     s.zero_grad()
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False):
-        logits = s(x.to(device).contiguous(memory_format=fmt))
+    with _autocast(device, dtype):
+        logits = s(xd)
     loss = F.kl_div(F.log_softmax(logits.float() / 4, 1), F.softmax(target.to(device) / 4, 1),
                     reduction="batchmean") * 16
     loss.backward()
