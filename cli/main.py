@@ -202,6 +202,9 @@ def _method_names() -> list[str]:
               "[default: auto: fp32]")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile teacher, student and "
               "generator (a network that fails to compile runs eagerly, with a warning).")
+@click.option("--deterministic/--no-deterministic", "deterministic", default=None, help="Reproducible GPU kernels "
+              "(deterministic cuDNN and torch algorithms, no cudnn.benchmark): two runs, or a run and its resume, "
+              "end bit-equal on a GPU as on a CPU; slower.  [default: off]")
 @friendly
 def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[str, ...], **flags: Any) -> None:
     """Distill a teacher into a student without real data.
@@ -234,10 +237,12 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         if resume_dir:
             if config_file:
                 raise DfkdError(f"--config {config_file}: a resumed run keeps its settings; with --resume give only "
-                                "--steps, --budget-minutes, --device, --eval-data, --precision, --compile or -p")
+                                "--steps, --budget-minutes, --device, --eval-data, --precision, --compile, "
+                                "--deterministic or -p")
             fixed = {k: v for k, v in flags.items() if k not in RESUMABLE}
             result = resume(resume_dir, flags["steps"], flags["budget_minutes"], dict(map(parse_param, params)),
-                            flags["device"], flags["eval_data"], fixed, flags["precision"], flags["compile"])
+                            flags["device"], flags["eval_data"], fixed, flags["precision"], flags["compile"],
+                            flags["deterministic"])
         else:
             result = distill(build_config(config_file, params, **flags))
     except Interrupted as e:

@@ -52,6 +52,7 @@ class DistillConfig:
     quantize: str | None = None  # "int8": quantization-aware distillation (dfkd.qat)
     precision: str = "auto"  # fp32, bf16, fp16 or auto (dfkd.precision)
     compile: bool = False  # torch.compile the teacher, student and generator
+    deterministic: bool = False  # reproducible GPU kernels: resumes bit-equal on a GPU (dfkd.precision)
     seed: int = 0
     device: str = "auto"
     out: str | None = None

@@ -40,7 +40,7 @@ from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir
-from dfkd.precision import Precision, resolve_precision, run_networks
+from dfkd.precision import Precision, deterministic_env, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
@@ -123,6 +123,8 @@ class Run:
         self.source: Source = source_for(cfg)
         self.source.check()
         self.device = pick_device(rank_device(cfg.device, dist))
+        if cfg.deterministic:
+            deterministic_env()  # before the teacher's first forward creates the cuBLAS handle
         seed_everything(cfg.seed)
         self.teacher = self.source.teacher(self.device)
         cfg, auto_line = resolve_auto(cfg, self.teacher, self.device)  # --method auto: the method for this teacher
@@ -146,7 +148,8 @@ class Run:
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
-        self.precision = Precision(resolve_precision(cfg.precision, self.device, dist.world), self.device, cfg.compile)
+        self.precision = Precision(resolve_precision(cfg.precision, self.device, dist.world), self.device, cfg.compile,
+                                   cfg.deterministic)
         self.precision.prepare(run_networks(self.method))
         self.losses = LossBuffer()  # summed on the device, read back on logging steps only
         self.image_step = -1  # the step of the last synthetic-image grid logged
@@ -407,6 +410,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         raise DfkdError(f"{err}; {_after_failed_write(run.run_dir)}") from None
     finally:
         run.method.close()
+        run.precision.restore()
         log.close()
 
 
@@ -452,8 +456,9 @@ def check_config(cfg: DistillConfig) -> None:
 
 
 #: Settings a resume may change: the budget, where it runs, what it is evaluated on (and `-p` hyper-parameters),
-#: and how it computes (precision, compilation: a run moved to another device may need another precision).
-RESUMABLE = ("steps", "budget_minutes", "device", "eval_data", "precision", "compile")
+#: and how it computes (precision, compilation, deterministic kernels: a run moved to another device may need
+#: another precision).
+RESUMABLE = ("steps", "budget_minutes", "device", "eval_data", "precision", "compile", "deterministic")
 
 
 def _same(key: str, given: Any, saved: Any) -> bool:
@@ -498,7 +503,7 @@ def _run_folder(run_dir: Path) -> Path:
 def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float | None = None,
            params: dict[str, Any] | None = None, device: str | None = None, eval_data: str | None = None,
            fixed: dict[str, Any] | None = None, precision: str | None = None,
-           compile: bool | None = None) -> RunResult:
+           compile: bool | None = None, deterministic: bool | None = None) -> RunResult:
     """Continue a stopped run from its checkpoint.
 
     Args:
@@ -511,13 +516,14 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         fixed: any other DistillConfig settings the user gave: refused when they differ from the run's.
         precision: another --precision from here on (the weights are fp32 whatever the precision).
         compile: compile the networks (or not) from here on.
+        deterministic: reproducible GPU kernels (or not) from here on.
 
     Raises:
         DfkdError: for a folder that is not a run, a finished run without a larger budget, or a change that
             would make it another run.
     """
     with joined(device or "auto") as dist:
-        numerics = {"precision": precision, "compile": compile}
+        numerics = {"precision": precision, "compile": compile, "deterministic": deterministic}
         cfg, ckpt = dist.on_main(lambda: _resume_plan(Path(run_dir), steps, budget_minutes, params, device,
                                                       eval_data, fixed, dist.world, numerics), share=True)
         run = Run(cfg, Path(str(cfg.out)), ckpt, dist)

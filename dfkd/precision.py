@@ -8,12 +8,20 @@ step back to the host, so fp16 costs one sync a step where bf16 costs none. `--c
 student and the generator with `torch.compile`; a network that fails to compile prints one warning line and runs
 eagerly from then on.
 
+`--deterministic` makes a GPU run reproducible: deterministic cuDNN convolutions and torch's deterministic
+algorithms (`torch.use_deterministic_algorithms`, warn-only: an op with no deterministic CUDA kernel warns and runs
+as it is), no cudnn.benchmark, and cuBLAS's fixed workspace (`CUBLAS_WORKSPACE_CONFIG`, set before the run's first
+GPU matrix product). Without it, cuDNN and cuBLAS may pick kernels that sum in another order from run to run, so two
+GPU runs of one seed, or a run and its resume, drift apart by rounding (their checkpoints hold the same state
+either way); a CPU run is reproducible with or without it. The flags are the run's: they are put back when it ends.
+
 Synthesizers and methods step their optimisers through `backward(loss)` and `step(*optimizers)`, which apply the
 run's loss scale when there is one and are plain `loss.backward()` / `opt.step()` otherwise.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,12 +80,14 @@ class Precision:
         name: fp32, bf16 or fp16 (see `resolve_precision`).
         device: where the run computes.
         compile: compile the networks with `torch.compile` in `prepare`.
+        deterministic: reproducible kernels from `prepare` until `restore` (see the module docstring).
     """
 
-    def __init__(self, name: str, device: torch.device, compile: bool = False) -> None:
-        self.name, self.device, self.compile = name, device, compile
+    def __init__(self, name: str, device: torch.device, compile: bool = False, deterministic: bool = False) -> None:
+        self.name, self.device, self.compile, self.deterministic = name, device, compile, deterministic
         self.dtype = _DTYPES.get(name)
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self._saved: tuple[bool, bool, bool, bool] | None = None  # the global flags before `prepare`
 
     @contextmanager
     def autocast(self) -> Iterator[None]:
@@ -104,14 +114,21 @@ class Precision:
             method.last_images = x.float()
 
     def prepare(self, modules: dict[str, nn.Module]) -> None:
-        """Channels-last for convolutional networks on a GPU, cudnn.benchmark, and `--compile`.
+        """Channels-last for convolutional networks on a GPU, cudnn.benchmark (or deterministic kernels), `--compile`.
 
         Args:
             modules: the run's networks by name (teacher, student, generator), changed in place: parameters and
                 state_dict keys stay as they are, so checkpoints do not depend on these settings.
         """
+        cudnn = torch.backends.cudnn
+        self._saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
+        if self.deterministic:
+            deterministic_env()
+            cudnn.benchmark, cudnn.deterministic = False, True
+            torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+            cudnn.benchmark = not self.deterministic
             for m in modules.values():
                 if _has_conv(m) and not isinstance(m, torch.jit.ScriptModule):
                     m.to(memory_format=torch.channels_last)
@@ -119,12 +136,25 @@ class Precision:
             for name, m in modules.items():
                 compile_in_place(m, name)
 
+    def restore(self) -> None:
+        """Put back the cuDNN and deterministic-algorithm flags `prepare` found (they are process-wide)."""
+        if self._saved is not None:
+            cudnn = torch.backends.cudnn
+            cudnn.benchmark, cudnn.deterministic, algorithms, warn_only = self._saved
+            torch.use_deterministic_algorithms(algorithms, warn_only=warn_only)
+            self._saved = None
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def deterministic_env() -> None:
+    """Set the reproducible cuBLAS workspace (unless the user set one): read when a process first uses cuBLAS."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def _has_conv(module: nn.Module) -> bool:

@@ -108,6 +108,7 @@ FIELDS: dict[str, Rule] = {
     "seed": Rule("int", lo=0, hi=MAX_SEED), "device": Rule("str"), "out": _STR, "runs_dir": Rule("str"),
     "quantize": Rule("str", choices=(None, "int8")), "params": Rule("any"),
     "precision": Rule("str", choices=("auto", "fp32", "bf16", "fp16")), "compile": Rule("bool"),
+    "deterministic": Rule("bool"),
 }
 
 _RATE = Rule("number", lo=0, lo_open=True)
