@@ -130,7 +130,8 @@ def test_resume_of_an_auto_run_continues_the_chosen_method_exactly(bnfree_teache
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     def cfg(out: str) -> DistillConfig:
         return DistillConfig(teachers=(bnfree_teacher_file,), steps=12, out=str(tmp_path / out), log_every=2,
-                             eval_every=4, ckpt_every=4, image_every=4, fid_every=0, params=QUICK)
+                             eval_every=4, ckpt_every=4, image_every=4, fid_every=0, params=QUICK,
+                             deterministic=True)  # bit-equal on a GPU too
 
     full = distill(cfg("full"))
     cls = get_method("dfad")

@@ -77,8 +77,9 @@ def test_planner_respects_the_users_own_cap() -> None:
 def test_slow_synthesis_still_makes_student_steps(teacher_file: str, tmp_path: Path, method: str,
                                                   params: dict) -> None:
     # A recipe of 10^6 iterations per batch would take hours; a 3-second budget must still train the student.
+    # on the CPU: on a GPU shared by the suite's workers, its first round's kernel warm-up alone can take 3 seconds
     cfg = DistillConfig(teachers=(teacher_file,), method=method, steps=None, budget_minutes=0.05, out=str(tmp_path),
-                        log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000, fid_every=0,
+                        device="cpu", log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000, fid_every=0,
                         params={"batch_size": 8, "s_steps": 2, **params})
     result = distill(cfg)
     assert result.finished and result.step >= 4, "at least two rounds of student steps"
@@ -113,7 +114,8 @@ def test_nayer_warmup_and_rounds_fit_a_time_budget(teacher_file: str, tmp_path: 
     # NAYER's paper warm-up (20 rounds of 10 batches, no student step) and its 400 student steps a round are hours
     # on a CPU at CIFAR size; here 1000 warm-up rounds and 10^6 steps a round must still fit a 3-second budget.
     params = {**NAYER.quick, "warmup_rounds": 1000, "gwp_loops": 3, "s_steps": 1_000_000}
-    cfg = DistillConfig(teachers=(teacher_file,), method="nayer", steps=None, budget_minutes=0.05,
+    # on the CPU: a CPU-time budget does not count a GPU's work, and the GPU's first kernels are slow to start
+    cfg = DistillConfig(teachers=(teacher_file,), method="nayer", steps=None, budget_minutes=0.05, device="cpu",
                         budget_clock="cpu", out=str(tmp_path), log_every=1, eval_every=1000, image_every=1000,
                         ckpt_every=1000, fid_every=0, params=params)
     result = distill(cfg)

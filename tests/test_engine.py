@@ -76,7 +76,7 @@ def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
 def test_kill_and_resume_equals_uninterrupted(method: str, teacher_file: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     params = {"batch_size": 8, **({"s_steps": 2} if method == "dfad" else {})}
-    full = distill(cfg_for(teacher_file, tmp_path / "full", method=method, params=params))
+    full = distill(cfg_for(teacher_file, tmp_path / "full", method=method, params=params, deterministic=True))
     cls = get_method(method)
     original = cls.round
     calls = {"n": 0}
@@ -89,7 +89,7 @@ def test_kill_and_resume_equals_uninterrupted(method: str, teacher_file: str, tm
 
     monkeypatch.setattr(cls, "round", dying_round)
     with pytest.raises(SimulatedKill):
-        distill(cfg_for(teacher_file, tmp_path / "killed", method=method, params=params))
+        distill(cfg_for(teacher_file, tmp_path / "killed", method=method, params=params, deterministic=True))
     monkeypatch.setattr(cls, "round", original)
     assert not (tmp_path / "killed" / "student.pt").exists(), "a killed run must not look finished"
     resumed = resume(tmp_path / "killed")

@@ -100,7 +100,8 @@ def test_a_short_run_logs_images_fid_and_eval_at_its_last_step(teacher_file: str
 def test_disk_full_keeps_the_last_checkpoint_and_resumes_exactly(teacher_file: str, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "c.toml"
-    config.write_text("ckpt_every = 2\nlog_every = 1\nfid_every = 0\n[params]\nbatch_size = 8\ns_steps = 1\n")
+    config.write_text("ckpt_every = 2\nlog_every = 1\nfid_every = 0\ndeterministic = true\n"
+                      "[params]\nbatch_size = 8\ns_steps = 1\n")
     args = ["distill", "--teacher", teacher_file, "--method", "dfad", "--config", config, "--steps", "6"]
     assert run_cli([*args, "--out", tmp_path / "full"])[0] == 0
     calls = {"n": 0}

@@ -24,7 +24,8 @@ class SimulatedKill(Exception):
 
 def cfg_for(teacher_file: str, out: Path, method: str = "dfad", **kw) -> DistillConfig:
     params = {"batch_size": 8, **({"s_steps": 2} if method == "dfad" else {}), **SELECT, **kw.pop("params", {})}
-    base = dict(steps=16, log_every=2, image_every=4, eval_every=4, ckpt_every=4, fid_every=0)
+    # deterministic: these runs are compared bit for bit, on a GPU too
+    base = dict(steps=16, log_every=2, image_every=4, eval_every=4, ckpt_every=4, fid_every=0, deterministic=True)
     return DistillConfig(teachers=(teacher_file,), method=method, out=str(out), params=params, **{**base, **kw})
 
 

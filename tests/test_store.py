@@ -87,7 +87,8 @@ def test_missing_files_are_reported(tmp_path: Path):
 def cfg(teacher_file: str, out: Path, method: str, steps: int, **params) -> DistillConfig:
     quick = dict(get_method(method).quick)
     return DistillConfig(teachers=(teacher_file,), method=method, steps=steps, out=str(out), log_every=2,
-                         image_every=100, eval_every=100, ckpt_every=4, fid_every=0, params={**quick, **params})
+                         image_every=100, eval_every=100, ckpt_every=4, fid_every=0, deterministic=True,
+                         params={**quick, **params})
 
 
 def test_checkpoint_does_not_grow_with_the_pool(teacher_file: str, tmp_path: Path):

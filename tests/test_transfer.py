@@ -158,7 +158,8 @@ def test_resume_a_transfer_run(transfer_file: str, tmp_path: Path) -> None:
     local = tmp_path / "t.npz"
     shutil.copy(transfer_file, local)
     cfg = DistillConfig(method="transfer", transfer_data=str(local), student="lenet5_half", steps=40, fid_every=0,
-                        ckpt_every=20, log_every=10, out=str(tmp_path / "full"), params={"s_steps": 10})
+                        ckpt_every=20, log_every=10, out=str(tmp_path / "full"), params={"s_steps": 10},
+                        deterministic=True)
     full = distill(cfg)
     cls = get_method("transfer")
     original, calls = cls.round, {"n": 0}

@@ -37,7 +37,7 @@ FAST = {"batch_size": 32, "s_optimizer": "adam", "lr_s": 2e-3, "schedule": "cons
 def run(files: dict[str, str], out: Path, steps: int, **params: object) -> DistillConfig:
     return DistillConfig(teachers=(files["teacher"],), method="crossmodal", data=files["pairs"], steps=steps,
                          out=str(out), eval_data=files["b_test"], fid_every=0, eval_every=1000, ckpt_every=5,
-                         params={**FAST, **params})
+                         deterministic=True, params={**FAST, **params})
 
 
 def test_make_paired_and_load(files: dict[str, str]) -> None:
