@@ -126,10 +126,10 @@ def test_bf16_autocast_run_learns(device: str, tmp_path: Path) -> None:
     """The MNIST demo teacher distilled under bf16 autocast (real-image KD, the fastest learner): finite losses,
     held-out accuracy rising well above chance. The data-free families run under bf16 in the no-sync test.
 
-    Student lr 0.01 and 150 steps: at KD's default 0.05 this BN-free LeNet-5-half is unstable in fp32 too (300
-    steps, measured 2026-12-04: 57.6 % on a CPU, a constant output on an H200 in fp32 without channels-last or
-    cudnn.benchmark; 96-97 % at 0.01 under bf16 and fp32, either memory layout, on the H200); at 0.01 and 150
-    steps seeds 0-3 end at 74-94 % under bf16 on a CPU (at 60 steps, one at 33 %)."""
+    KD's recipe for this teacher clips the student's gradient: unclipped at lr 0.05 this BN-free LeNet-5-half is
+    unstable in fp32 too (measured 2026-12-04, 300 steps: 57.6 % on a CPU, a constant output on an H200 in fp32
+    without channels-last or cudnn.benchmark). With the clip, 150 steps, seeds 0-3 ended at 91-95 % under bf16 on
+    a CPU."""
     import numpy as np
 
     digits = np.load(MNIST_TEST)
@@ -138,13 +138,13 @@ def test_bf16_autocast_run_learns(device: str, tmp_path: Path) -> None:
     cfg = DistillConfig(teachers=(TEACHER,), method="kd", data=str(tmp_path / "train.npz"), steps=150, device=device,
                         out=str(tmp_path / "r"), precision="bf16", eval_data=str(tmp_path / "held.npz"),
                         eval_every=50, log_every=10, seed=0, fid_every=0,
-                        params={"batch_size": 64, "select_every": 0, "watch_every": 0, "lr_s": 0.01})
+                        params={"batch_size": 64, "select_every": 0, "watch_every": 0})
     result = distill(cfg)
     lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [v for r in lines for k, v in r.items() if k.startswith("loss/")]
     assert len(losses) >= 6 and all(torch.isfinite(torch.tensor(losses)))
     acc = accuracy_curve(result.run_dir)
-    assert acc[-1] > acc[0] + 0.15 and acc[-1] > 0.4, acc
+    assert acc[-1] >= acc[0] and acc[-1] > 0.7, acc
     assert json.loads((result.run_dir / "config.json").read_text())["precision"] == "bf16"
 
 

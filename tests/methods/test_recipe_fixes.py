@@ -122,10 +122,10 @@ def test_an_fp16_step_that_overflows_is_skipped_not_logged_as_divergence(monkeyp
     assert all(torch.equal(a, p) for a, p in zip(before, m.student.parameters()))  # the step was skipped
 
 
-def test_the_cpu_recipes_of_the_t20_pool_methods_clip_the_student() -> None:
-    """fast's, NAYER's and CMI's CPU recipes (student lr 0.05 at T = 20) clip the student's gradient; the papers' do
-    not."""
-    for name in ("fast", "nayer", "cmi"):
+def test_the_cpu_recipes_of_the_t20_pool_methods_and_kd_clip_the_student() -> None:
+    """fast's, NAYER's and CMI's CPU recipes (student lr 0.05 at T = 20) and KD's (lr 0.05) clip the student's
+    gradient; the papers' do not."""
+    for name in ("fast", "nayer", "cmi", "kd"):
         cls = get_method(name)
         assert cls.cpu["clip_s"] == 1.0
         assert cls.defaults.get("clip_s") is None
