@@ -35,9 +35,8 @@ from dfkd.errors import DfkdError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Why `auto` is fp32 on a GPU too, as measured on an H200 (2026-12-04, torch 2.11): cuDNN runs fp32 convolutions
 # in TF32 there, so bf16 was no faster on the papers' ResNet-34 -> ResNet-18 pair (fast 7,775 against 10,845
-# images/s, DFQ 11,128 / 12,768, DeepInversion 8,125 / 10,583; it halves GPU memory), and one bf16 check, KD of
-# the MNIST demo teacher into a LeNet-5-half on channels-last tensors, ended at a constant output where fp32 reached
-# 60 %. `--precision bf16` remains for memory.
+# images/s, DFQ 11,128 / 12,768, DeepInversion 8,125 / 10,583; it halves GPU memory). `--precision bf16` remains
+# for memory; its logits and KD gradients matched the CPU's in every layout (bench/gpu_numerics.py).
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: The loss scale of the run in progress (fp16 only); None: plain backward and step.
