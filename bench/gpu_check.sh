@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, in one short command (TOTAL_SECONDS, default 480, on one GPU): what each speed setting computes
-# against the CPU (bench/gpu_numerics.py), CUDA smoke runs under each --precision and --compile, torchrun with NCCL,
+# against the CPU (bench/gpu_numerics.py), whether runs and resumes are bit-equal with and without --deterministic
+# (bench/gpu_determinism.py), CUDA smoke runs under each --precision and --compile, torchrun with NCCL,
 # the test suite on a CUDA machine (where the engine's default device `auto` is the GPU, so every distill test takes
 # the CUDA path), and a short bench/gpu.py table (random teachers) in the time left.
 #
@@ -33,6 +34,7 @@ step() {  # step LOG SECONDS CMD...: run CMD under a time limit, append its outp
 torch.cuda.get_device_name(), torch.cuda.is_bf16_supported())"; } >> "$SUMMARY" 2>&1
 
 step numerics 120 python bench/gpu_numerics.py
+step determinism 200 python bench/gpu_determinism.py
 
 T=examples/mnist_lenet5_bn.pt
 E=examples/mnist_test.npz

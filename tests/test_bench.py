@@ -18,6 +18,7 @@ from dfkd.teacher import load_teacher
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import gpu  # noqa: E402
+import gpu_determinism  # noqa: E402
 import gpu_numerics  # noqa: E402
 import overhead  # noqa: E402
 import pool  # noqa: E402
@@ -203,3 +204,24 @@ def test_gpu_numerics_compares_a_setting_with_the_cpu_and_sees_a_wrong_gradient(
                                                  dim=0)
     other = torch.nn.functional.cosine_similarity(g, gpu_numerics.kd_grad(student, x, -ref, cpu, None, False), dim=0)
     assert same > 0.95 and other < 0.5
+
+
+def test_gpu_determinism_compares_runs_and_a_resume_and_sees_a_changed_weight(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/gpu_determinism.py on the CPU (where every pair is bit-equal), and its comparison seeing one weight
+    moved by 1e-6."""
+    assert gpu_determinism.main(["--device", "cpu", "--steps", "20", "--cases", "lenet"]) == 0
+    out = capsys.readouterr().out
+    assert "| lenet | two runs, plain | yes | 0.00e+00 |" in out
+    resumed = next(line for line in out.splitlines() if "interrupted at step" in line)
+    assert "--deterministic | yes | 0.00e+00 |" in resumed and "at step 20 " not in resumed, resumed
+    run_dir = tmp_path / "a"
+    gpu_determinism.distill(run_dir, ["--teacher", str(BN), "--method", "dfad", "--device", "cpu", "--steps", "2",
+                                      "--fid-every", "0"])
+    saved = torch.load(run_dir / "student.pt", weights_only=True)
+    first = next(iter(saved["state_dict"]))
+    saved["state_dict"][first] = saved["state_dict"][first] + 1e-6
+    (tmp_path / "b").mkdir()
+    torch.save(saved, tmp_path / "b" / "student.pt")
+    equal, diff = gpu_determinism.difference(run_dir, tmp_path / "b")
+    assert not equal and 5e-7 < diff < 2e-6
