@@ -177,13 +177,13 @@ def test_a_collapse_that_ends_says_so_after_its_warning(teacher_file: str, tmp_p
 def balanced_generator(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every GAN generator emits real test digits, all ten classes in turn (plus its gradient path)."""
     digits = load_images(MNIST_TEST, "test")
+    order = torch.cat([(digits.y == c).nonzero()[:10, 0] for c in range(10)]).view(10, 10).T.flatten()  # 0-9, 0-9..
+    balanced = to_model_input(digits.x[order], DEMO_SPEC)
     original = GeneratorSynthesizer.step_on
 
     def real(self, z, y):
         x, losses = original(self, z, y)
-        order = torch.cat([(digits.y == c).nonzero()[:10, 0] for c in range(10)]).view(10, 10).T.flatten()
-        picked = to_model_input(digits.x[order[: x.shape[0]]], DEMO_SPEC).to(x.device)
-        return x * 0 + picked, losses
+        return x * 0 + balanced[: x.shape[0]].to(x.device), losses
 
     monkeypatch.setattr(GeneratorSynthesizer, "step_on", real)
 
