@@ -216,8 +216,8 @@ def test_gpu_determinism_compares_runs_and_a_resume_and_sees_a_changed_weight(tm
     resumed = next(line for line in out.splitlines() if "interrupted at step" in line)
     assert "--deterministic | yes | 0.00e+00 |" in resumed and "at step 20 " not in resumed, resumed
     run_dir = tmp_path / "a"
-    gpu_determinism.distill(run_dir, ["--teacher", str(BN), "--method", "dfad", "--device", "cpu", "--steps", "2",
-                                      "--fid-every", "0"])
+    gpu_determinism.distill(["--teacher", str(BN), "--method", "dfad", "--device", "cpu", "--steps", "2",
+                             "--fid-every", "0", "--out", str(run_dir)])
     saved = torch.load(run_dir / "student.pt", weights_only=True)
     first = next(iter(saved["state_dict"]))
     saved["state_dict"][first] = saved["state_dict"][first] + 1e-6

@@ -32,8 +32,9 @@ from dfkd.watch import (
     student_stuck,
 )
 
-DEMO_TEACHER = str(Path(__file__).resolve().parent.parent / "examples" / "mnist_lenet5_bn.pt")
-MNIST_TEST = str(Path(__file__).resolve().parent.parent / "examples" / "mnist_test.npz")
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TEACHER = str(ROOT / "examples" / "mnist_lenet5_bn.pt")
+MNIST_TEST = str(ROOT / "examples" / "mnist_test.npz")
 DEMO_SPEC = load_model(DEMO_TEACHER)[1].input_spec
 
 
