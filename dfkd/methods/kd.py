@@ -29,7 +29,10 @@ class KD(Method):
     CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers, `_recipes.cpu_teacher`): the student's
     gradient clipped to norm 1 (`clip_s`). That recipe is for BN ResNets; a BN-free LeNet-5-half at lr 0.05
     unclipped ended three seeds of 300 steps on the MNIST demo teacher (5,000 training digits) at 53.8, 90.1 and
-    10.1 % (a constant output); clipped, at 96.4, 96.3 and 97.2 % (lr 0.01 unclipped: 96.8, 95.9, 97.4).
+    10.1 % (a constant output); clipped, at 96.4, 96.3 and 97.2 % (lr 0.01 unclipped: 96.8, 95.9, 97.4). On
+    Fashion-MNIST (300 steps on the training set, seeds 0-2, LeNet-5-half): a BN-free LeNet-5 teacher 9.85 / 9.85 /
+    54.85 % unclipped against 76.30 / 72.40 / 72.75 clipped; a BN CNN at 28 px 63.90 / 9.85 / 9.85 against 77.30 /
+    76.40 / 74.15.
     """
 
     paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531"
