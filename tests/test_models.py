@@ -18,6 +18,7 @@ PARAMS = {
     "lenet5_bn": (61_990, 62_290),
     "lenet5_half": (15_738, 15_888),
     "lenet5_half_bn": (15_880, 16_030),
+    "lenet5_3q": (35_105, 35_355),
     "lenet5_scaled": (61_706, 62_006),  # default widths: LeNet-5; `dfkd search` scales them
     "mobilenet_v2_tiny": (112_986, 113_274),
     "resnet18": (11_172_810, 11_173_962),

@@ -50,6 +50,19 @@ def test_unknown_teacher_gets_a_zoo_student_sized_from_it(size):
     assert default_student(tiny) == "lenet5_half"  # nothing is a quarter of 62K parameters: the smallest
 
 
+@pytest.mark.parametrize(("hidden", "expected"), [(150, "lenet5_half"), (252, "lenet5_3q"), (378, "lenet5")])
+def test_small_grey_teachers_climb_the_lenet_ladder(hidden, expected):
+    # An MLP of 795 * hidden + 10 parameters: 119K, 200K (a Fashion-MNIST CNN's size) and 301K.
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.ReLU(),
+                              torch.nn.Linear(hidden, 10))
+    t = Teacher(net.eval(), InputSpec(1, 28, (0.5,), (0.25,)), fmt="state_dict", arch="mymod:Net")
+    name, kw = student_arch(t, None)
+    assert name == expected
+    student = build_student(name, kw)
+    assert sum(p.numel() for p in student.parameters()) <= 0.25 * sum(p.numel() for p in net.parameters())
+    assert student(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_zoo_students_take_the_imagenet_form_from_64_px():
     t = _teacher(create("resnet34", num_classes=10, input_size=64), "resnet34", 64)
     name, kw = student_arch(t, None)

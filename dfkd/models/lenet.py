@@ -29,7 +29,8 @@ class LeNet5(ZooModel):
         num_classes: classes.
         in_channels: image channels.
         input_size: image side (>= 28).
-        widths: (c1, c2, c3, f); LeNet-5 is (6, 16, 120, 84), LeNet-5-half (3, 8, 60, 42).
+        widths: (c1, c2, c3, f); LeNet-5 is (6, 16, 120, 84), LeNet-5-half (3, 8, 60, 42), the three-quarter
+            rung (5, 12, 90, 63).
         bn: add BatchNorm after every convolution.
     """
 
@@ -66,6 +67,7 @@ class LeNet5(ZooModel):
 
 _FULL = (6, 16, 120, 84)
 _HALF = (3, 8, 60, 42)
+_THREE_QUARTER = (5, 12, 90, 63)
 
 
 @register_model("lenet5")
@@ -78,6 +80,16 @@ def lenet5(num_classes: int = 10, in_channels: int = 1, input_size: int = 32) ->
 def lenet5_half(num_classes: int = 10, in_channels: int = 1, input_size: int = 32) -> LeNet5:
     """LeNet-5-half: conv 3-8-60, FC 42 (~16K parameters)."""
     return LeNet5(num_classes, in_channels, input_size, _HALF, bn=False)
+
+
+@register_model("lenet5_3q")
+def lenet5_3q(num_classes: int = 10, in_channels: int = 1, input_size: int = 32) -> LeNet5:
+    """LeNet-5 at three-quarter width: conv 5-12-90, FC 63 (~35K parameters).
+
+    Not from the literature: the rung of the default-student ladder between LeNet-5-half (~16K) and LeNet-5
+    (~62K), for teachers of about 140K-250K parameters (`dfkd.students.SIZED_STUDENTS`).
+    """
+    return LeNet5(num_classes, in_channels, input_size, _THREE_QUARTER, bn=False)
 
 
 @register_model("lenet5_bn")
