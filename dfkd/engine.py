@@ -154,7 +154,12 @@ class Run:
         self.losses = LossBuffer()  # summed on the device, read back on logging steps only
         self.image_step = -1  # the step of the last synthetic-image grid logged
         if ckpt is not None:
-            self._restore(ckpt)
+            try:
+                self._restore(ckpt)
+            except BaseException:  # a checkpoint that does not fit: the process's flags and files as they were
+                self.method.close()
+                self.precision.restore()
+                raise
 
     def _share(self, run_dir: Path) -> None:
         """Storage for the pool and bank (files, not checkpoints); under torchrun, each rank's stream and shard."""

@@ -295,6 +295,23 @@ def test_a_deterministic_run_records_it_and_leaves_the_process_as_it_was(tmp_pat
     assert deterministic_flags() == before
 
 
+def test_a_resume_whose_checkpoint_does_not_fit_leaves_the_process_as_it_was(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    before = deterministic_flags()
+    cfg = DistillConfig(teachers=(TEACHER,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        deterministic=True, params={"batch_size": 8, "select_every": 0})
+    distill(cfg)
+
+    def unfit(self: Run, ckpt: dict) -> None:
+        assert torch.are_deterministic_algorithms_enabled()  # prepared before the checkpoint is read
+        raise DfkdError("the checkpoint does not fit")
+
+    monkeypatch.setattr(Run, "_restore", unfit)
+    with pytest.raises(DfkdError, match="does not fit"):
+        resume(tmp_path / "r", steps=4)
+    assert deterministic_flags() == before
+
+
 def test_cli_resume_takes_precision_compile_and_deterministic(tmp_path: Path) -> None:
     run = tmp_path / "r"
     base = [sys.executable, "-m", "dfkd", "distill"]
