@@ -11,7 +11,7 @@ import torch
 from dfkd.config import resolve_params
 from dfkd.methods import Method, get_method
 from dfkd.methods._recipes import recipe_lines
-from dfkd.students import build_student, student_arch
+from dfkd.students import build_student, student_arch, student_line
 from dfkd.teacher import Teacher
 from dfkd.utils import seed_everything
 from dfkd.validate import check_params
@@ -65,4 +65,5 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
 
         net = prepare_qat(net, quantize)
     method = cls(teacher, net, local(params) if local else params, device)
+    lines = [student_line(teacher, student, student_name, net), *lines]
     return Built(method, params, student_name, student_kwargs, lines)

@@ -107,6 +107,23 @@ def _params(name: str, teacher: Teacher) -> int:
     return sum(p.numel() for p in build_student(name, zoo_kwargs(name, teacher)).parameters())
 
 
+def student_line(teacher: Teacher, requested: str | None, name: str, student: nn.Module) -> str:
+    """What a run prints at start about its student: which one, its size beside the teacher's, and why."""
+    n_s, n_t = sum(p.numel() for p in student.parameters()), teacher_size(teacher)
+    size = f"{n_s:,} parameters" + (f", {100 * n_s / n_t:.1f} % of the teacher's {n_t:,}" if n_t else "")
+    if requested is not None:
+        return f"student network: {name} ({size}; --student)"
+    if (teacher.arch or "") in DEFAULT_STUDENT:
+        why = f"the literature's pair for {teacher.arch}"
+    elif arch_kind(name) != "zoo":
+        why = "the library's ResNet-18 for a ResNet-family teacher"
+    elif n_s <= STUDENT_SHARE * n_t:
+        why = f"the largest zoo student with at most {STUDENT_SHARE:.0%} of the teacher's parameters"
+    else:
+        why = f"the smallest zoo student: none has at most {STUDENT_SHARE:.0%} of the teacher's parameters"
+    return f"student network: {name} ({size}; {why}; --student ARCH for another)"
+
+
 def zoo_kwargs(name: str, teacher: Teacher) -> dict[str, Any]:
     """A zoo model's arguments at the teacher's classes, channels and size (ImageNet form from IMAGENET_SIZE)."""
     kwargs: dict[str, Any] = {"num_classes": teacher.num_classes, "in_channels": teacher.spec.channels,

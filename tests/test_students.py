@@ -8,7 +8,7 @@ import torchvision
 
 from dfkd import DfkdError, InputSpec, ModelFile, load_model, save_model
 from dfkd.models import create
-from dfkd.students import build_student, default_student, student_arch
+from dfkd.students import build_student, default_student, student_arch, student_line
 from dfkd.teacher import Teacher
 
 SPEC = {size: InputSpec(3, size, (0.5,), (0.25,)) for size in (32, 64)}
@@ -61,6 +61,24 @@ def test_small_grey_teachers_climb_the_lenet_ladder(hidden, expected):
     student = build_student(name, kw)
     assert sum(p.numel() for p in student.parameters()) <= 0.25 * sum(p.numel() for p in net.parameters())
     assert student(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_run_says_which_student_and_why():
+    pair = _teacher(create("lenet5", num_classes=10, in_channels=1), "lenet5", channels=1)
+    half = build_student(*student_arch(pair, None))
+    assert student_line(pair, None, "lenet5_half", half) == (
+        "student network: lenet5_half (15,738 parameters, 25.5 % of the teacher's 61,706; the literature's pair for "
+        "lenet5; --student ARCH for another)")
+    assert student_line(pair, "lenet5", "lenet5", build_student(*student_arch(pair, "lenet5"))).endswith(
+        "(61,706 parameters, 100.0 % of the teacher's 61,706; --student)")
+    big = _teacher(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10),
+                   "torchvision:mobilenet_v3_small")
+    name, kw = student_arch(big, None)
+    assert "the largest zoo student with at most 25% of the teacher's parameters" in \
+        student_line(big, None, name, build_student(name, kw))
+    tiny = Teacher(create("lenet5", num_classes=10, in_channels=3).eval(), SPEC[32], fmt="pickle")
+    assert "the smallest zoo student: none has at most 25%" in student_line(
+        tiny, None, "lenet5_half", build_student(*student_arch(tiny, None)))
 
 
 def test_zoo_students_take_the_imagenet_form_from_64_px():
