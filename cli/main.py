@@ -368,6 +368,11 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
         for k, v in params.items():
             click.echo(f"  {k:14s} {v!r}")
         click.echo("\n" + "\n".join(recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})))
+        if loaded is not None:
+            from dfkd.students import build_student, student_arch, student_line
+
+            name, student_kwargs = student_arch(loaded, None)
+            click.echo(student_line(loaded, None, name, build_student(name, student_kwargs)))
         return
     if teacher:
         raise DfkdError("--teacher goes with --params NAME: dfkd methods --params dfad --teacher T.pt")

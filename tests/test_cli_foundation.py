@@ -214,5 +214,7 @@ def test_methods_params_show_the_recipe_a_teacher_gets(teacher_file: str) -> Non
         return [ln.split()[1] for ln in out.splitlines() if ln.strip().startswith("batch_size")][0]
 
     assert (batch(paper.output), batch(lenet.output)) == ("512", "64")
+    assert "student network: lenet5_half (15,738 parameters" in lenet.output  # the student a run would get
+    assert "student network" not in paper.output
     lone = CliRunner().invoke(main, ["methods", "--teacher", teacher_file])
     assert lone.exit_code == 2 and "--params" in lone.output
