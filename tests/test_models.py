@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from dfkd import DfkdError
 from dfkd.hooks import FeatureTaps
+from dfkd.models import MODELS as ZOO
 from dfkd.models import ZooModel, create, list_models
 from dfkd.models._base import MaxPool2, use_fast_pools
 
@@ -47,6 +50,18 @@ def _count(model: torch.nn.Module) -> int:
 
 def test_every_model_is_pinned():
     assert sorted(PARAMS) == MODELS, "a zoo model was added or removed: pin its parameter counts in PARAMS"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_the_size_dfkd_models_prints_is_the_pinned_one(name):
+    """`dfkd models` prints each model's first docstring line; a "~62K" or "~11.2M parameters" there must hold."""
+    first = (ZOO.get(name).__doc__ or "").strip().splitlines()[0]
+    claim = re.search(r"~([\d.]+)([KM]) parameters", first)
+    if name != "lenet5_scaled":  # any widths: no one size
+        assert claim, f"{name}: say its size in `dfkd models` ({first!r})"
+    if claim:
+        said = float(claim[1]) * {"K": 1e3, "M": 1e6}[claim[2]]
+        assert any(abs(said - n) <= 0.1 * n for n in PARAMS[name]), (name, said, PARAMS[name])
 
 
 def test_pinned_counts_keep_the_published_anchors():

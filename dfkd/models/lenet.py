@@ -94,13 +94,13 @@ def lenet5_3q(num_classes: int = 10, in_channels: int = 1, input_size: int = 32)
 
 @register_model("lenet5_bn")
 def lenet5_bn(num_classes: int = 10, in_channels: int = 1, input_size: int = 32) -> LeNet5:
-    """LeNet-5 with BatchNorm after each convolution (for BN-statistics matching methods)."""
+    """LeNet-5 with BatchNorm after each convolution (~62K parameters; for BN-statistics matching methods)."""
     return LeNet5(num_classes, in_channels, input_size, _FULL, bn=True)
 
 
 @register_model("lenet5_half_bn")
 def lenet5_half_bn(num_classes: int = 10, in_channels: int = 1, input_size: int = 32) -> LeNet5:
-    """LeNet-5-half with BatchNorm after each convolution."""
+    """LeNet-5-half with BatchNorm after each convolution (~16K parameters)."""
     return LeNet5(num_classes, in_channels, input_size, _HALF, bn=True)
 
 

@@ -64,5 +64,5 @@ class MobileNetV2Tiny(ZooModel):
 @register_model("mobilenet_v2_tiny")
 def mobilenet_v2_tiny(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
                       imagenet_stem: bool = False) -> MobileNetV2Tiny:
-    """MobileNetV2 at width 0.5 for 32x32 images (~0.2M parameters); imagenet_stem for 64 px and more."""
+    """MobileNetV2 at width 0.5 for 32x32 images (~0.11M parameters); imagenet_stem for 64 px and more."""
     return MobileNetV2Tiny(num_classes, in_channels, width=0.5, imagenet_stem=imagenet_stem)

@@ -73,14 +73,15 @@ class WideResNet(ZooModel):
         return torch.flatten(F.adaptive_avg_pool2d(F.relu(self.bn(x)), 1), 1)
 
 
-def _wrn(depth: int, widen: int):  # noqa: ANN202 - a registry factory
+def _wrn(depth: int, widen: int, millions: float):  # noqa: ANN202 - a registry factory
     def build(num_classes: int = 10, in_channels: int = 3, input_size: int = 32,
               imagenet_stem: bool = False) -> WideResNet:
         return WideResNet(depth, widen, num_classes, in_channels, imagenet_stem)
 
-    build.__doc__ = f"WRN-{depth}-{widen}."
+    build.__doc__ = (f"Wide ResNet WRN-{depth}-{widen} (~{millions}M parameters), CIFAR form unless "
+                     "imagenet_stem.")
     return build
 
 
-for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
-    register_model(f"wrn_{_d}_{_k}")(_wrn(_d, _k))
+for _d, _k, _m in ((16, 1, 0.17), (16, 2, 0.69), (40, 1, 0.56), (40, 2, 2.2)):
+    register_model(f"wrn_{_d}_{_k}")(_wrn(_d, _k, _m))
