@@ -114,7 +114,7 @@ def student_line(teacher: Teacher, requested: str | None, name: str, student: nn
     if requested is not None:
         return f"student network: {name} ({size}; --student)"
     if (teacher.arch or "") in DEFAULT_STUDENT:
-        why = f"the literature's pair for {teacher.arch}"
+        why = f"the zoo pair for a {teacher.arch} teacher"
     elif arch_kind(name) != "zoo":
         why = "the library's ResNet-18 for a ResNet-family teacher"
     elif n_s <= STUDENT_SHARE * n_t:

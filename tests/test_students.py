@@ -67,8 +67,8 @@ def test_the_run_says_which_student_and_why():
     pair = _teacher(create("lenet5", num_classes=10, in_channels=1), "lenet5", channels=1)
     half = build_student(*student_arch(pair, None))
     assert student_line(pair, None, "lenet5_half", half) == (
-        "student network: lenet5_half (15,738 parameters, 25.5 % of the teacher's 61,706; the literature's pair for "
-        "lenet5; --student ARCH for another)")
+        "student network: lenet5_half (15,738 parameters, 25.5 % of the teacher's 61,706; the zoo pair for a lenet5 "
+        "teacher; --student ARCH for another)")
     assert student_line(pair, "lenet5", "lenet5", build_student(*student_arch(pair, "lenet5"))).endswith(
         "(61,706 parameters, 100.0 % of the teacher's 61,706; --student)")
     big = _teacher(torchvision.models.mobilenet_v3_small(weights=None, num_classes=10),
