@@ -25,7 +25,7 @@ seldom passes. Then three tables: % of the teacher per (method, teacher) with th
 and the best named method of each teacher; per teacher, what auto picked and reached beside that best method; and
 per cell the real top-1 of the candidates the data-free selection chose between (final raw student, final EMA, kept
 snapshot), whether the written student is within 1 point of the best of them, and whether the log holds a
-mode-collapse warning or a not-learned one (dfkd.endcheck).
+mode-collapse warning or a not-learned one (dfkd.endcheck), and the commit it ran on (`code_version`).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import run  # bench/run.py: distill runs, evaluation, child environment
@@ -321,6 +322,21 @@ def smoke_test_set(t: BenchTeacher, out: Path, every: int = 10) -> Path:
     return path
 
 
+@cache
+def code_version(root: Path = ROOT) -> str:
+    """The code a cell ran: the checkout's commit, with "+changes" when tracked files differ from it ("" outside git).
+
+    Cells are stored and tabled across invocations, sessions and commits; each one says which code it measured.
+    """
+    try:
+        commit, changes = (subprocess.run(["git", *cmd], cwd=root, capture_output=True, text=True, check=True).stdout
+                           for cmd in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain",
+                                                                           "--untracked-files=no"]))
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit.strip() + ("+changes" if changes.strip() else "")
+
+
 def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -> dict:
     """Run one cell (a `dfkd distill` process via bench/run.py) and store its JSON."""
     key = key_of(cell, args.smoke)
@@ -330,7 +346,7 @@ def run_cell(t: BenchTeacher, cell: dict, args: argparse.Namespace, out: Path) -
              *sum((["-p", kv] for kv in cell.get("params", ())), []),
              *(["--student", cell["student"]] if cell.get("student") else [])]
     row = run.run_one(t.file, cell["method"], cell["budget_min"], ns, out / "runs" / key, extra)
-    result = {**cell, **row, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+    result = {**cell, **row, "smoke": args.smoke, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "code": code_version()}
     if "error" not in row:
         try:
             result.update(run_summary(out / "runs" / key))
@@ -415,7 +431,7 @@ def auto_table(cells: list[dict], acc: dict[str, float], teachers: list[str]) ->
 def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
     """Per cell: student top-1, the selection's candidates and verdict, the collapse and not-learned warnings."""
     lines = ["| teacher | method | budget | student top-1 | % of teacher | raw / EMA / snapshot top-1 | "
-             "selection within 1 pt | collapse warning | steps |", "|---" * 9 + "|"]
+             "selection within 1 pt | collapse warning | steps | code |", "|---" * 10 + "|"]
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     for c in sorted(cells, key=lambda c: (c["teacher"], c["method"])):
         if "skipped" in c or ("top1" not in c and "error" not in c):  # n/a, or not run yet
@@ -423,7 +439,7 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
         budget = "smoke" if c.get("smoke") else f"{c['budget_min']:g} min"
         head = f"| {c['teacher']} | {run.method_label(c)} | {budget} | "
         if c.get("top1") is None:
-            lines.append(head + f"error: {str(c.get('error', '?'))[:60]} |" + " |" * 5)
+            lines.append(head + f"error: {str(c.get('error', '?'))[:60]} |" + " |" * 5 + f" {c.get('code') or '-'} |")
             continue
         ok = selection_ok(c)
         cands = " / ".join(fmt(c.get(k)) for k in ("top1_raw", "top1_ema", "top1_best"))
@@ -433,7 +449,7 @@ def cell_table(cells: list[dict], acc: dict[str, float]) -> str:
         collapse += f"; student stuck (step {c['stuck_step']})" if c.get("stuck_step") is not None else ""
         collapse += "; not learned" if c.get("not_learned") else ""
         lines.append(f"{head}{fmt(c['top1'])} | {pct(c, acc[c['teacher']]):.1f} | {cands} | {verdict} | "
-                     f"{collapse} | {c.get('steps', '')} |")
+                     f"{collapse} | {c.get('steps', '')} | {c.get('code') or '-'} |")
     return "\n".join(lines) + "\n"
 
 

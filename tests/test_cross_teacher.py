@@ -78,12 +78,29 @@ def test_cell_table_reads_a_run_log(tmp_path: Path) -> None:
     summary = ct.run_summary(tmp_path)
     assert summary["collapse"] and summary["collapse_step"] == 400 and summary["teacher_top1"] == 0.9
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 900}], ACC).splitlines()[2]
-    assert row == "| a | dfad | 5 min | 45.00 | 50.0 | 45.00 / 47.00 / 60.00 | no | yes (step 400) | 900 |"
+    assert row == "| a | dfad | 5 min | 45.00 | 50.0 | 45.00 / 47.00 / 60.00 | no | yes (step 400) | 900 | - |"
+    coded = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 900, "code": "abc1234"}], ACC)
+    assert coded.splitlines()[2].endswith("| 900 | abc1234 |")
     records.insert(2, {"step": 650, "event": "collapse_recovered", "since": 400, "message": "recovered"})
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     summary = ct.run_summary(tmp_path)
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 900}], ACC).splitlines()[2]
     assert "| yes (step 400, recovered by 650) |" in row
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path) -> None:
+    assert ct.code_version.__wrapped__(tmp_path) == ""  # not a git checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f.py").write_text("a = 1\n")
+    subprocess.run([*git, "add", "f.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True)
+    assert ct.code_version.__wrapped__(tmp_path) == head.stdout.strip()
+    (tmp_path / "new.py").write_text("")  # untracked files are not the measured code
+    assert ct.code_version.__wrapped__(tmp_path) == head.stdout.strip()
+    (tmp_path / "f.py").write_text("a = 2\n")
+    assert ct.code_version.__wrapped__(tmp_path) == head.stdout.strip() + "+changes"
 
 
 def test_bn_methods_run_on_bn_free_teachers_marked_and_auto_waits_for_its_method() -> None:
@@ -157,13 +174,13 @@ def test_a_not_learned_warning_reaches_the_cell(tmp_path: Path) -> None:
     summary = ct.run_summary(tmp_path)
     assert summary["not_learned"] and not summary["collapse"] and "has not learned" in summary["not_learned_message"]
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 100}], ACC).splitlines()[2]
-    assert row.endswith("| n/a | no; not learned | 100 |")
+    assert row.endswith("| n/a | no; not learned | 100 | - |")
     # a student whose activations died is named in the cell with the step it was warned at
     stuck = {"step": 50, "event": "student_stuck", "message": "dfad: the student has given one answer ..."}
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [stuck, *records]))
     summary = ct.run_summary(tmp_path)
     row = ct.cell_table([{**_cell("a", "dfad", None), **summary, "steps": 100}], ACC).splitlines()[2]
-    assert row.endswith("| n/a | no; student stuck (step 50); not learned | 100 |")
+    assert row.endswith("| n/a | no; student stuck (step 50); not learned | 100 | - |")
 
 
 def record_runs(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
@@ -188,7 +205,8 @@ def test_cells_run_with_param_are_stored_and_labelled_apart(tmp_path: Path, monk
     ct.run_cell(t, cells[0], args, tmp_path)
     extra = seen[0]["extra"]
     assert extra[-2:] == ["-p", "recipe=paper"] and extra[:2] == ["--teacher-arch", "bench.teacher_nets:CaffeLeNet"]
-    assert (tmp_path / "cells" / "mnist_caffe28--dfad--5min--recipe=paper.json").exists()
+    stored = json.loads((tmp_path / "cells" / "mnist_caffe28--dfad--5min--recipe=paper.json").read_text())
+    assert stored["code"] == ct.code_version()  # the commit the cell measured
     ct._write_json(tmp_path / "cells" / f"{ct.cell_key('mnist_caffe28', 'dfad', 5.0, False)}.json",
                    {**cells[0], "top1": 0.9, "params": []})
     assert ct.pending(cells, tmp_path, smoke=False, force=False) == [0], "the default cell is not the variant's"
