@@ -88,9 +88,11 @@ def test_cell_table_reads_a_run_log(tmp_path: Path) -> None:
     assert "| yes (step 400, recovered by 650) |" in row
 
 
-def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path) -> None:
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path counts
     assert ct.code_version.__wrapped__(tmp_path) == ""  # not a git checkout
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "-C", str(tmp_path)]
     subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "f.py").write_text("a = 1\n")
     subprocess.run([*git, "add", "f.py"], check=True)
