@@ -157,9 +157,13 @@ class Run:
             try:
                 self._restore(ckpt)
             except BaseException:  # a checkpoint that does not fit: the process's flags and files as they were
-                self.method.close()
-                self.precision.restore()
+                self.close()
                 raise
+
+    def close(self) -> None:
+        """Release the method's files and put back the process-wide flags `Precision.prepare` set."""
+        self.method.close()
+        self.precision.restore()
 
     def _share(self, run_dir: Path) -> None:
         """Storage for the pool and bank (files, not checkpoints); under torchrun, each rank's stream and shard."""
@@ -414,8 +418,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             raise
         raise DfkdError(f"{err}; {_after_failed_write(run.run_dir)}") from None
     finally:
-        run.method.close()
-        run.precision.restore()
+        run.close()
         log.close()
 
 
