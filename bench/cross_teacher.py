@@ -106,6 +106,7 @@ TEACHERS = {t.name: t for t in (
     _custom("fmnist_cnn_bn", "FashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=True),
     _zoo("fmnist_lenet5", "lenet5", "fashion_mnist", 8),
     _custom("fmnist_caffe28", "CaffeLeNet", "fashion_mnist", 3, 0.2860, 0.3530, bn=False),
+    _custom("fmnist_cnn", "PlainFashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
 )}
 
 

@@ -37,16 +37,30 @@ class FashionCNN(nn.Module):
         - x: (B, 1, 28, 28) -> (B, num_classes)
     """
 
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, num_classes: int = 10, bn: bool = True) -> None:
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+
+        def stage(cin: int, cout: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm2d(cout)] if bn else []
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=not bn), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.features = nn.Sequential(*stage(1, 16), *stage(16, 32))
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(),
                                         nn.Linear(128, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class PlainFashionCNN(FashionCNN):
+    """`FashionCNN` without BatchNorm (biased convolutions instead), for 28x28 grey images (~207K params).
+
+    Shape:
+        - x: (B, 1, 28, 28) -> (B, num_classes)
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes, bn=False)
 
 
 class CaffeLeNet(nn.Module):
@@ -67,7 +81,7 @@ class CaffeLeNet(nn.Module):
         return self.classifier(self.features(x))
 
 
-NETS = {"FashionCNN": FashionCNN, "CaffeLeNet": CaffeLeNet}
+NETS = {"FashionCNN": FashionCNN, "PlainFashionCNN": PlainFashionCNN, "CaffeLeNet": CaffeLeNet}
 
 
 def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
