@@ -23,6 +23,7 @@ import torch
 
 from dfkd.errors import DfkdError
 from dfkd.methods._recipes import input_kind
+from dfkd.teacher import teacher_size
 
 #: The name `--method` takes for the automatic choice (not a registered method: it resolves to one).
 AUTO = "auto"
@@ -141,7 +142,7 @@ def profile(teacher: Any, device: torch.device | str = "cpu") -> Profile:
         raise DfkdError(f"--method auto: teacher {teacher.source} gives non-finite logits on random inputs; name a "
                         "method with --method (see `dfkd methods`)")
     counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
-    return Profile(spec.channels, spec.size, str(input_kind(spec)), sum(p.numel() for p in teacher.parameters()),
+    return Profile(spec.channels, spec.size, str(input_kind(spec)), teacher_size(teacher),
                    bool(teacher.bn_paths()), int(logits.shape[1]), float(logits.std(1).mean()),
                    _effective(counts), float(logits.softmax(1).max(1).values.mean()))
 

@@ -104,12 +104,12 @@ def sized_student(teacher: Teacher) -> str:
 
 
 def _params(name: str, teacher: Teacher) -> int:
-    return sum(p.numel() for p in build_student(name, zoo_kwargs(name, teacher)).parameters())
+    return teacher_size(build_student(name, zoo_kwargs(name, teacher)))
 
 
 def student_line(teacher: Teacher, requested: str | None, name: str, student: nn.Module) -> str:
     """What a run prints at start about its student: which one, its size beside the teacher's, and why."""
-    n_s, n_t = sum(p.numel() for p in student.parameters()), teacher_size(teacher)
+    n_s, n_t = teacher_size(student), teacher_size(teacher)
     size = f"{n_s:,} parameters" + (f", {100 * n_s / n_t:.1f} % of the teacher's {n_t:,}" if n_t else "")
     if requested is not None:
         return f"student network: {name} ({size}; --student)"

@@ -24,7 +24,7 @@ SMALL_TEACHER_PARAMS = 200_000
 
 
 def teacher_size(teacher: nn.Module | None) -> int:
-    """Parameter count of a teacher (0 when unknown)."""
+    """Parameter count of a teacher, or of any module (0 for None)."""
     return 0 if teacher is None else sum(p.numel() for p in teacher.parameters())
 
 

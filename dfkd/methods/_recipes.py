@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
+from dfkd.teacher import teacher_size as parameter_count
 
 #: Batch size at ImageNet-size inputs where a paper gives none: DeepInversion's ImageNet default
 #: (NVlabs `imagenet_inversion.py --bs 64`) and DFAD's 224 px Caltech-101 setting (`--batch_size 64`).
@@ -51,11 +52,6 @@ def input_kind(spec: InputSpec | None) -> str | None:
 def teacher_kind(teacher: Any) -> str | None:
     """`input_kind` of a teacher's spec (None for no teacher)."""
     return None if teacher is None else input_kind(teacher.spec)
-
-
-def parameter_count(teacher: Any) -> int:
-    """A teacher's parameter count (0 for none)."""
-    return 0 if teacher is None else sum(p.numel() for p in teacher.parameters())
 
 
 def multiply_adds(teacher: Any) -> int | None:
