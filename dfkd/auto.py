@@ -32,7 +32,7 @@ PROBE_BATCHES, PROBE_BATCH, PROBE_SEED = 4, 64, 0
 #: Set between three measured teachers, not derived: the BN-free Fashion-MNIST LeNet-5 (0.54), where every BN-free
 #: GAN method stays under 60 % of the teacher (dfad's batches still cover 6-10 classes: not a class collapse) and
 #: the BN-statistics methods do better (now fast, with the input-statistics term), and the MNIST LeNet-5 (0.37)
-#: and Caffe LeNet (0.26), where dfad leads. The cross-teacher benchmark's Fashion-MNIST Caffe LeNet (0.54) was
+#: and Caffe LeNet (0.26), where dfad led then. The cross-teacher benchmark's Fashion-MNIST Caffe LeNet (0.54) was
 #: added afterwards to check it, and the BN-free Fashion-MNIST CNN (0.72; fast 95.2 % of the teacher at 5
 #: CPU-minutes, the BN-free GAN methods 50-62 %) after that.
 NOISE_CONFIDENT = 0.45
@@ -106,7 +106,7 @@ RULES: tuple[Rule, ...] = (
          "nayer trailed fast at 10 minutes on the Caffe LeNet (81.66 / 78.71 % against 83.50 / 81.84, two seeds) "
          "and was level on the LeNet-5 (81.02 / 79.23 against 80.08 / 79.46). On the MNIST LeNet-5 "
          "(0.37) and Caffe LeNet (0.26), the row below's dfad reaches 99.0 and 99.6 at 10 minutes (seed 1: 97.4, "
-         "99.0); fast there, on newer code: 99.1 and 99.5 at 5 minutes, 99.2 / 99.3 and 99.6 / 99.6 at 10 (seeds "
+         "99.0); fast there, on a later commit: 99.1 and 99.5 at 5 minutes, 99.2 / 99.3 and 99.6 / 99.6 at 10 (seeds "
          "0 / 1), a case for this row without the threshold, not yet taken"),
     Rule("no BatchNorm, CIFAR-kind inputs (more than 1x32x32, under 64 px)", lambda p: not p.bn and p.kind == "cifar",
          "fast", "cpu",
