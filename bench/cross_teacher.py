@@ -6,8 +6,9 @@
     python bench/cross_teacher.py --table-only             # the table of the cells stored so far
     python bench/cross_teacher.py --teachers fmnist_cnn_bn --methods fast --param recipe=paper  # a variant, apart
 
-The full grid is about six hours of CPU, so it is resumable: each finished cell is stored as one JSON file under
-OUT/cells/ and skipped by later invocations (`--force` runs it again; a cell that failed is always retried).
+The full grid is about nine and a half hours of CPU (8 teachers: 96 cells at 5 CPU-minutes, 8 auto at 10), so
+it is resumable: each finished cell is stored as one JSON file under OUT/cells/ and skipped by later invocations
+(`--force` runs it again; a cell that failed is always retried).
 Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one torch thread. Teachers are the
 shipped examples and the ones in TEACHERS trained here once (`dfkd train-teacher` for zoo nets,
 `python -m bench.teacher_nets` for the custom ones, which reach dfkd as a state_dict + `--teacher-arch
