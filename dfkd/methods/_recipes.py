@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
-from dfkd.teacher import teacher_size as parameter_count
+from dfkd.teacher import teacher_size
 
 #: Batch size at ImageNet-size inputs where a paper gives none: DeepInversion's ImageNet default
 #: (NVlabs `imagenet_inversion.py --bs 64`) and DFAD's 224 px Caltech-101 setting (`--batch_size 64`).
@@ -194,7 +194,7 @@ class Recipe:
 
 def _teacher_words(teacher: Any) -> str:
     s = teacher.spec
-    kind, n = teacher_kind(teacher), parameter_count(teacher)
+    kind, n = teacher_kind(teacher), teacher_size(teacher)
     macs = multiply_adds(teacher) if kind == "mnist" else None
     cost = "" if macs is None else f", {macs / 1e6:.2g}M multiply-adds an image"
     return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters{cost}"

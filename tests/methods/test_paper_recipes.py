@@ -14,9 +14,9 @@ import pytest
 from torch import nn
 
 from dfkd.methods import get_method, list_methods
-from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_teacher, multiply_adds, parameter_count
+from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_teacher, multiply_adds
 from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC, InputSpec
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, teacher_size
 
 DI_PAPER = {"batch_size": 256, "synth_batch_size": 256, "iterations": 2000, "lr_inv": 0.05,
             "betas_inv": [0.9, 0.999], "inv_schedule": "constant", "warmup": 0.0, "clip": False, "bn": 10.0,
@@ -154,8 +154,8 @@ def test_the_cpu_line_counts_a_forward_pass_not_parameters() -> None:
                                        nn.Linear(16 * 8 * 8, 256), nn.Linear(256, 10)), MNIST_SPEC)
     wide_convs = Teacher(nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1),
                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), MNIST_SPEC)
-    assert parameter_count(head_heavy) > 200_000 and cpu_teacher(head_heavy)
-    assert parameter_count(wide_convs) < 50_000 and not cpu_teacher(wide_convs)
+    assert teacher_size(head_heavy) > 200_000 and cpu_teacher(head_heavy)
+    assert teacher_size(wide_convs) < 50_000 and not cpu_teacher(wide_convs)
     assert get_method("fast").default_params(head_heavy)["recipe"] == "cpu"
     assert get_method("fast").default_params(wide_convs)["recipe"] == "paper"
     assert multiply_adds(wide_convs) == 32 * 32 * (64 * 9 + 64 * 64 * 9) + 64 * 10
