@@ -23,8 +23,8 @@ from dfkd.teacher import Teacher
 #: Parameters every BN-statistics method takes (in its `defaults`).
 BN_DEFAULTS: dict[str, bool] = {"input_stats": True}
 
-_BN_FREE = ("the data-free methods made without BatchNorm (dafl, dfad, zskt, zskd), or `--method auto`, which "
-            "picks dfad or fast for it from measured properties")
+_BN_FREE = ("the data-free methods made without BatchNorm (dafl, dfad, zskt, zskd); in the README's cross-teacher "
+            "benchmark fast with the input term led them on every BN-free teacher, and `--method auto` picks it")
 
 
 class BNInputs:
@@ -62,7 +62,7 @@ class BNInputs:
                     + ("" if not input_stats else " (its input normalisation, "
                        f"mean {_fmt(spec.mean)}, std {_fmt(spec.std)}, is not a data statistic to match instead)"))
         warnings.warn(f"{method}: the teacher {teacher.source} offers no BatchNorm statistics ({why}); {what}. "
-                      f"For a BN-free teacher, see also {_BN_FREE}.", stacklevel=2)
+                      f"The alternatives for a BN-free teacher: {_BN_FREE}.", stacklevel=2)
 
     @property
     def available(self) -> bool:
