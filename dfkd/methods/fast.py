@@ -48,8 +48,8 @@ class Fast(LatentMethod):
     cosine schedule has no eta_min (2e-4 in the reference); the pool is an ImagePool (float16, up to 60,000
     images; on disk past `ram_budget_mib`), not PNG files; 1-channel teachers get no flips.
     On a BN-free teacher the BN term matches the synthetic batch's input statistics to the teacher's normalisation
-    (`dfkd.bnstats`; `-p input_stats=false` drops it); that is `--method auto`'s pick for BN-free teachers that
-    are confident on noise (`dfkd.auto`).
+    (`dfkd.bnstats`; `-p input_stats=false` drops it); with it fast is `--method auto`'s pick for BN-free teachers
+    (`dfkd.auto`).
     """
 
     paper: ClassVar[str] = "Fang et al. 2022, Up to 100x Faster Data-free Knowledge Distillation, AAAI"
