@@ -163,9 +163,9 @@ def test_auto_runs_on_every_teacher_and_its_row_names_the_pick(bnfree_teacher_fi
     row = run.run_one(Path(bnfree_teacher_file), AUTO, 1.0, ns, tmp_path / "r",
                       ["--steps", "2", "-p", "batch_size=8"])
     assert "--method auto" in row["command"] and "error" not in row, row
-    assert row["picked"] == "fast" and row["steps"] == 2  # dfkd.auto: an MNIST-kind teacher gets fast
+    assert row["picked"] == "fast, recipe cpu" and row["steps"] == 2  # dfkd.auto: a BN-free MNIST-kind teacher
     table = run.markdown([{**row, "teacher": "lenet5"}], {"lenet5": 0.99}).splitlines()
-    assert table[2].startswith("| lenet5 (99.00) | auto (fast) | 1 min | ")
+    assert table[2].startswith("| lenet5 (99.00) | auto (fast, recipe cpu) | 1 min | ")
 
 
 def test_pool_benchmark_times_the_library_pool_against_the_zoos(capsys: pytest.CaptureFixture[str]) -> None:
