@@ -6,7 +6,7 @@
     python bench/cross_teacher.py --table-only             # the table of the cells stored so far
     python bench/cross_teacher.py --teachers fmnist_cnn_bn --methods fast --param recipe=paper  # a variant, apart
 
-The full grid is about nine and a half hours of CPU (8 teachers: 96 cells at 5 CPU-minutes, 8 auto at 10), so
+The full grid is about ten and a half hours of CPU (9 teachers: 108 cells at 5 CPU-minutes, 9 auto at 10), so
 it is resumable: each finished cell is stored as one JSON file under OUT/cells/ and skipped by later invocations
 (`--force` runs it again; a cell that failed is always retried).
 Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one torch thread. Teachers are the
@@ -82,11 +82,11 @@ def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: fl
         DATA / f"{dataset}_train.npz")
 
 
-def _zoo(name: str, arch: str, dataset: str, epochs: int) -> BenchTeacher:
+def _zoo(name: str, arch: str, dataset: str, epochs: int, bn: bool = False) -> BenchTeacher:
     file = HERE / "teachers" / f"{name}.pt"
     train, test = DATA / f"{dataset}_train.npz", DATA / f"{dataset}_test.npz"
     return BenchTeacher(
-        name, "Fashion-MNIST", arch, False, 32, file, test,
+        name, "Fashion-MNIST", arch, bn, 32, file, test,
         f"`dfkd train-teacher --arch {arch} --epochs {epochs}` on {train.name}",
         train=(*run.DFKD, "train-teacher", "--data", str(train), "--arch", arch, "--eval-data", str(test),
                "--epochs", str(epochs), "--out", str(file)), train_data=train)
@@ -108,6 +108,8 @@ TEACHERS = {t.name: t for t in (
     _zoo("fmnist_lenet5", "lenet5", "fashion_mnist", 8),
     _custom("fmnist_caffe28", "CaffeLeNet", "fashion_mnist", 3, 0.2860, 0.3530, bn=False),
     _custom("fmnist_cnn", "PlainFashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
+    # 101M multiply-adds an input: past the CPU recipes' 5M line (nineteenth session; its column not run in full)
+    _zoo("fmnist_wrn16_2", "wrn_16_2", "fashion_mnist", 2, bn=True),
 )}
 
 
