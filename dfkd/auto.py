@@ -89,8 +89,8 @@ RULES: tuple[Rule, ...] = (
          "method: lenet5_bn fast 99.1 %, nayer 98.3, cmi 96.7, dfq 96.7, deepinversion 93.7, adi 93.4, the "
          "BN-free methods 47-85; custom Fashion-MNIST CNN with BN (90.49; its default student, the three-quarter "
          "LeNet-5) fast 92.9 %, nayer 91.4, cmi 90.9, deepinversion 84.5, dfq 83.7, adi 82.4, the rest 44-55"),
-    Rule("BatchNorm, any other (3-channel or larger inputs, or over 5M multiply-adds an input)", lambda p: p.bn,
-         "dfq", "cpu",
+    Rule(f"BatchNorm, any other (3-channel or larger inputs, or over {CPU_TEACHER_MACS / 1e6:g}M multiply-adds an "
+         "input)", lambda p: p.bn, "dfq", "cpu",
          "README 'CIFAR-10, 10 CPU-minutes', wrn_16_1 (81.03; 26M multiply-adds), CPU recipes: dfq 58.4 % of the "
          "teacher, fast 33.0, cmi 30.3, dafl 23.0; dfad, online, zskt at chance; README 'Cross-teacher benchmark', "
          "a WRN-16-2 trained on Fashion-MNIST (90.23; 1x32x32, 101M multiply-adds), 10 CPU-minutes: dfq with its "
