@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.methods._recipes import CPU_TEACHER_MACS, input_kind, multiply_adds
+from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_sized, input_kind, multiply_adds
 from dfkd.teacher import teacher_size
 
 #: The name `--method` takes for the automatic choice (not a registered method: it resolves to one).
@@ -83,7 +83,7 @@ class Rule:
 #: First match wins; the last row always matches. Evidence: README *Results* tables (% of the teacher's top-1).
 RULES: tuple[Rule, ...] = (
     Rule(f"BatchNorm, MNIST-kind inputs (at most 1x32x32), at most {CPU_TEACHER_MACS / 1e6:g}M multiply-adds an input",
-         lambda p: p.bn and p.kind == "mnist" and p.macs is not None and p.macs <= CPU_TEACHER_MACS, "fast", None,
+         lambda p: p.bn and cpu_sized(p.kind, p.macs), "fast", None,
          "README 'Every method, 10 CPU-minutes', lenet5_bn (99.53): fast 99.3 % of the teacher, cmi 97.7, dfq 97.4, "
          "deepinversion 96.6, the GAN methods 28-75 %; README 'Cross-teacher benchmark', 5 CPU-minutes, every "
          "method: lenet5_bn fast 99.1 %, nayer 98.3, cmi 96.7, dfq 96.7, deepinversion 93.7, adi 93.4, the "
