@@ -167,7 +167,7 @@ def resolve(cfg: Any, teacher: Any, device: torch.device | str = "cpu") -> tuple
     """`cfg` with `method` "auto" replaced by the chosen method; and the start-up line (None when not auto).
 
     The choice (method, recipe, the row, the profile) is kept in `cfg.auto_choice`. A recipe the row sets goes into
-    `params` unless the user set one.
+    `params` unless the user set one (`recipe_by_auto` records which, so the recipe line does not credit the user).
 
     Raises:
         DfkdError: when a `-p` setting the user gave is not one of the chosen method's.
@@ -181,7 +181,7 @@ def resolve(cfg: Any, teacher: Any, device: torch.device | str = "cpu") -> tuple
         params["recipe"] = rule.recipe
     _check_params(rule, cfg.params)
     choice = {"method": rule.method, "recipe": params.get("recipe"), "rule": rule.when, "evidence": rule.evidence,
-              "profile": asdict(prof)}
+              "recipe_by_auto": bool(rule.recipe) and "recipe" not in cfg.params, "profile": asdict(prof)}
     recipe = f" (recipe {params['recipe']})" if rule.recipe else ""
     line = f"auto: chose {rule.method}{recipe}: {rule.when} [{prof.words()}]; evidence: {rule.evidence}"
     return replace(cfg, method=rule.method, params=params, auto_choice=choice), line

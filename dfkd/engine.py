@@ -138,7 +138,8 @@ class Run:
             if cfg.fid_every and dist.main else FIDMonitors([])
         built = build_method(cfg.method, self.teacher, self.source.overrides(), self.device, cfg.seed,
                              cfg.student, cfg.student_args, cfg.quantize,
-                             local=lambda p: self.source.local_params(p, dist.world))
+                             local=lambda p: self.source.local_params(p, dist.world),
+                             recipe_by_auto=bool((cfg.auto_choice or {}).get("recipe_by_auto")))
         self.method: Method = built.method
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines

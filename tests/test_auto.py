@@ -134,11 +134,14 @@ def test_auto_is_the_default_and_the_run_says_and_records_its_choice(bnfree_teac
     assert "auto: chose fast (recipe cpu): no BatchNorm, MNIST-kind inputs [1x32x32 inputs (mnist kind), 61,706 " \
            "parameters, 0.417M multiply-adds an input, no BatchNorm;" in line
     assert "logit scale" in line and "evidence: README" in line
+    assert "recipe: cpu (set by --method auto for this teacher" in res.output  # not credited to the user
+    assert "set by recipe=" not in res.output
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     ckpt = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["config"]
     for saved in (config, ckpt):
         assert saved["method"] == "fast" and saved["auto_choice"]["method"] == "fast"
         assert saved["auto_choice"]["profile"]["bn"] is False and saved["params"]["s_steps"] == 2
+        assert saved["auto_choice"]["recipe_by_auto"] is True and saved["params"]["recipe"] == "cpu"
     again = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "r"), "--method", "auto", "--steps", "4"])
     assert again.exit_code == 0, again.output  # the same command with --resume: auto is the method it chose
     assert load_checkpoint(tmp_path / "r" / "checkpoint.pt")["step"] == 4
@@ -207,3 +210,13 @@ def test_methods_lists_auto_and_shows_its_rule() -> None:
     rule = CliRunner().invoke(main, ["methods", "--params", "auto"]).output
     assert "1. BatchNorm, MNIST-kind inputs" in rule and "-> fast" in rule and "-> dfq" in rule
     assert "[default: auto]" in CliRunner().invoke(main, ["distill", "--help"]).output
+
+
+def test_a_recipe_the_user_sets_under_auto_is_credited_to_the_user(bnfree_teacher_file: str, tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["distill", "--teacher", bnfree_teacher_file, "--steps", "1", "--device", "cpu",
+                                    "-p", "recipe=paper", "-p", "batch_size=8", "-p", "s_steps=1",
+                                    "--out", str(tmp_path / "r")])
+    assert res.exit_code == 0, res.output
+    assert "recipe: paper (set by recipe=paper)" in res.output and "set by --method auto" not in res.output
+    choice = json.loads((tmp_path / "r" / "config.json").read_text())["auto_choice"]
+    assert choice["recipe"] == "paper" and choice["recipe_by_auto"] is False

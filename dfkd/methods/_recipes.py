@@ -203,8 +203,11 @@ def _teacher_words(teacher: Any) -> str:
     return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters{cost}"
 
 
-def why_recipe(cls: type[Recipe], teacher: Any, given: str | None) -> str:
-    """Why `cls` runs the recipe it does for `teacher` (`given`: the recipe the user set, if any)."""
+def why_recipe(cls: type[Recipe], teacher: Any, given: str | None, by_auto: bool = False) -> str:
+    """Why `cls` runs the recipe it does for `teacher` (`given`: the recipe set, if any; `by_auto`: set by auto)."""
+    if given and by_auto:
+        other = next(r for r in RECIPES if r != given)
+        return f"set by --method auto for this teacher, as its line says; -p recipe={other} for the other"
     if given:
         return f"set by recipe={given}"
     if teacher is None:
@@ -236,11 +239,14 @@ def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], override
 
 
 def recipe_lines(cls: type[Recipe], teacher: Any, params: dict[str, Any],
-                 overrides: dict[str, Any] | None = None) -> list[str]:
-    """What a run prints at start: its recipe and why, each departure from the paper and why, kept deviations."""
+                 overrides: dict[str, Any] | None = None, recipe_by_auto: bool = False) -> list[str]:
+    """What a run prints at start: its recipe and why, each departure from the paper and why, kept deviations.
+
+    `recipe_by_auto`: the recipe in `overrides` was set by `--method auto`, not by the user.
+    """
     given = (overrides or {}).get("recipe")
     overrides = {k: v for k, v in (overrides or {}).items() if k != "recipe"}
-    lines = [f"recipe: {params['recipe']} ({why_recipe(cls, teacher, given)})"]
+    lines = [f"recipe: {params['recipe']} ({why_recipe(cls, teacher, given, recipe_by_auto)})"]
     moved = departures(cls, teacher, params, overrides)
     lines += [f"  {m}" for m in moved] or ["  every setting is the paper's"]
     if params["recipe"] == "cpu":
