@@ -59,6 +59,7 @@ class GANMethod(Method):
     defaults: ClassVar[dict[str, Any]] = GAN_DEFAULTS
     cpu: ClassVar[dict[str, Any]] = GAN_CPU
     cpu_reason: ClassVar[str] = CPU_WIDTH_REASON
+    cpu_any_cost: ClassVar[bool] = True  # generator width, batches, steps: a step's cost
     #: The run's learning-rate schedule decays the generator too (DFAD, ZSKT); DAFL's and DFQ's references keep
     #: their generator's rate constant and decay only the student.
     decay_generator: ClassVar[bool] = True

@@ -48,6 +48,7 @@ class LatentMethod(Method):
     defaults: ClassVar[dict[str, Any]] = LATENT_DEFAULTS
     cpu: ClassVar[dict[str, Any]] = GAN_CPU
     cpu_reason: ClassVar[str] = CPU_WIDTH_REASON
+    cpu_any_cost: ClassVar[bool] = True  # generator width, batches, steps: a step's cost
     deviations: ClassVar[tuple[str, ...]] = (
         "the pool is an ImagePool (float16, up to pool_size images, on disk past ram_budget_mib), not PNG files",
         "1-channel teachers get no flips (grey-scale digits and documents are not mirror-symmetric)")

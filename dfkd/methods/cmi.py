@@ -31,7 +31,7 @@ class CMI(LatentMethod):
     `cmi_cifar10.sh`: batch 256 / 256, g_steps 200, lr_g 1e-3, adv 0.5, bn 1, oh 1, cr 0.8, cr_T 0.2, 400 KD steps,
     student SGD 0.1 wd 1e-4 cosine, nz 256, generator width 64, bank 40,960 rows, 4,096 negatives, for every input
     kind; CMI has no ImageNet-size recipe, so inputs of 64 px or more get batches of 64 (`LARGE_BATCH`).
-    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers, `_recipes.cpu_teacher`):
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost, `Recipe.cpu_default`):
     g_steps / 5 = 40 with lr_g x 5 = 5e-3 (lr * steps kept), synthesis batch 64, s_steps 50, batch 128 (a round
     costs ~1/20 of the reference's), generator width 16, and student lr 0.05 with its gradient clipped to norm 1
     (`clip_s`): at T=20 the reference's 0.1 kills a BN-free LeNet-5-half (constant output), and 0.05 unclipped

@@ -29,7 +29,7 @@ class DAFL(GANMethod):
     tens of GB). The run's learning-rate schedule decays only the student (the reference's `adjust_learning_rate`
     touches `optimizer_S` alone); the generator's rate stays constant.
 
-    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers, `_recipes.cpu_teacher`):
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost, `Recipe.cpu_default`):
     batch 64 and generator width 16: 8x the iterations in the same time (on the demo teacher, 2 single-thread
     minutes: 50 % at batch 64, 35 % at 128; batch 32 was no better than 64). `-p recipe=paper` gives the paper's.
 

@@ -24,7 +24,7 @@ class DFAD(GANMethod):
     (`DFAD_cifar.py`: batch 256, SGD 0.1, wd 5e-4, nz 256, x0.1 at epochs 100 and 200 of 500); inputs of 64 px or
     more the 224 px Caltech-101 one (`DFAD_caltech101.py`: batch 64, student lr 0.05, generator 1e-3).
 
-    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers, `_recipes.cpu_teacher`),
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost, `Recipe.cpu_default`),
     measured on the demo teacher: batch 64, student Adam 2e-3, generator Adam 1e-2, generator width 16. The
     paper's settings need ~2000 generator steps (hours on a CPU); with them the student was still at 10 % after
     1.5 idle CPU-minutes, with the CPU recipe at 37 % after 2 single-thread minutes.

@@ -32,7 +32,7 @@ class DFQ(GANMethod):
     teacher with the student being trained (the reference engine passed the teacher twice) and `-p T=...` sets the
     student's KD temperature (the reference engine ignored it).
 
-    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers, `_recipes.cpu_teacher`):
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost, `Recipe.cpu_default`):
     batch 64, student Adam 2e-3, generator width 16 (SGD 0.1 drove the BN-free LeNet-5-half to a constant output;
     on the demo teacher, 2 single-thread minutes: SGD 0.01 at batch 256 18 %, Adam at batch 128 47 %, at batch
     64 74 %). It was measured with wd 5e-4, which it keeps. `-p recipe=paper` gives the paper's settings.

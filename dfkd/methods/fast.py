@@ -37,8 +37,8 @@ class Fast(LatentMethod):
     `fast_meta_imagenet.py`): batch 100, g_steps 50, adv 0.01, bn 0.1, oh 0.1, T 5, student lr 0.01, lr_g 2e-4,
     lr_z 0.01, meta lr 1e-4, Reptile, 100 KD steps per batch (not its meta-learned z, its generator re-initialised
     every 50 epochs, nor its pre-synthesised pool). The meta learning rate `lr_meta` is lr_g * g_steps (the
-    reference's rule) unless set. CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers,
-    `_recipes.cpu_teacher`): synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, generator
+    reference's rule) unless set. CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost,
+    `Recipe.cpu_default`): synthesis batch 64, s_steps 50, batch 128, keeping g_steps 5, generator
     width 16, and student lr 0.05 (at T=20 the reference's 0.2 kills a BN-free LeNet-5-half: constant output, 10 %
     on MNIST; 5 CPU-minutes, LeNet-5-half on a Fashion-MNIST BN CNN: 0.01 79.0 %, 0.05 82.3, 0.1 76.7 top-1; on
     the MNIST LeNet-5-BN: 0.01 98.62, 0.05 98.69), with the student's gradient clipped to norm 1 (`clip_s`:

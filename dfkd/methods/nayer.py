@@ -64,7 +64,7 @@ class NAYER(Method):
     100 classes or more: g_steps 40; inputs of 64 px or more: the Tiny-ImageNet setting (batch 256 / 200, lr 0.1,
     g_steps 60, 4 batches, 20 in warm-up, 1000 KD steps), batches capped at 64 above 64 px (no script there). The
     paper has no MNIST setting: MNIST-size teachers get the CIFAR one.
-    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers; chosen, the lr measured):
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost; chosen, the lr measured):
     synthesis batch 64, student batch 128, s_steps 50, student lr 0.05 (as Fast-DFKD's CPU recipe; CMI's stays at
     0.01; 5 CPU-minutes, LeNet-5-half: 0.01 75.8 %, 0.05 80.0 top-1 on a Fashion-MNIST BN CNN, 97.98 / 98.47 on
     the MNIST LeNet-5-BN), g_steps 10, warm-up 2 rounds of 5 batches, generator width 16, a pool of 60,000 images.
@@ -101,6 +101,7 @@ class NAYER(Method):
         "g_steps 10 and a 2-round warm-up of 5 batches (the paper's 20 x 10 batches of 400 at 30 steps would "
         "fill a short CPU run); the student's gradient clipped to norm 1 (unclipped, lr 0.05 left a BN-free "
         "LeNet-5-half dead at chance on a Fashion-MNIST LeNet-5)")
+    cpu_any_cost: ClassVar[bool] = True  # batches, widths, steps a round: a step's cost
     deviations: ClassVar[tuple[str, ...]] = (
         "label embeddings are fixed random class vectors unless -p text_encoder names a local encoder (the paper: "
         "CLIP ViT-B/32 text embeddings of 'a image of <class>')",

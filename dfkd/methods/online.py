@@ -67,6 +67,7 @@ class Online(DFAD):
     cpu: ClassVar[dict[str, Any]] = {"adv": 0.01}
     cpu_reason: ClassVar[str] = ("critic weight adv 0.01: plain LeNet-5 teacher, 1500 steps: "
                                  "91.0 % at 0.01, 20.7 % at 1")
+    cpu_any_cost: ClassVar[bool] = False  # a loss weight set on a LeNet, not a step's cost
     deviations: ClassVar[tuple[str, ...]] = (
         "AFD's convolutional feature-map critics are MLPs on the pooled penultimate features",)
 

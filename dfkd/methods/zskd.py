@@ -41,8 +41,8 @@ class ZSKD(Method):
     instead of all impressions first, so a budget in minutes yields a student at any point; the teacher labels each
     augmented view it is shown (the paper reuses the label of the un-augmented impression; the teacher is at hand,
     and its label of the exact view is the true one); 1-channel teachers get no flips (grey-scale digits are not
-    mirror-symmetric). CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers,
-    `_recipes.cpu_teacher`): 100 steps at lr 0.05 per batch: on the demo teacher that reaches a lower impression
+    mirror-symmetric). CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost,
+    `Recipe.cpu_default`): 100 steps at lr 0.05 per batch: on the demo teacher that reaches a lower impression
     loss than the paper's 1500 steps at 1e-3 at 1/23 of the cost, with students as good per impression.
     `-p recipe=paper` gives the paper's settings.
     """
@@ -54,6 +54,7 @@ class ZSKD(Method):
     cpu: ClassVar[dict[str, Any]] = {"di_iters": 100, "lr_di": 0.05}
     cpu_reason: ClassVar[str] = ("100 input steps at lr 0.05 a batch: a lower impression loss than 1500 at 1e-3, "
                                  "at 1/23 of the cost, on the demo teacher")
+    cpu_any_cost: ClassVar[bool] = True  # fewer, larger input steps: a batch's cost
     deviations: ClassVar[tuple[str, ...]] = (
         "both Dirichlet scales are really used (the public code re-normalises the 0.1 matrix back to 1)",
         "pixels are clamped to [0, 1] after each step (the code min-max rescales the whole batch)",

@@ -31,7 +31,7 @@ class ZSKT(GANMethod):
     teacher gets: the paper has no MNIST one). It has no ImageNet-size setting either: inputs of 64 px or more
     get batch 64 (`LARGE_BATCH`). The KL is the true batch-mean KL; `-p kl_reduction=mean` reproduces the
     reference code's element-wise mean.
-    CPU recipe (`-p recipe=cpu`; the default for small MNIST-kind teachers): generator width 16.
+    CPU recipe (`-p recipe=cpu`; the default for MNIST-kind teachers of any cost): generator width 16.
 
     `-p ta_verify=true` (off by default): TA-DFKD teacher verification (Shin & Choi, "Teacher as a Lenient Expert",
     AAAI 2024; `dfkd.methods._verify`): the student trains only on generated samples the teacher verifies as
