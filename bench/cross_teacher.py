@@ -108,7 +108,7 @@ TEACHERS = {t.name: t for t in (
     _zoo("fmnist_lenet5", "lenet5", "fashion_mnist", 8),
     _custom("fmnist_caffe28", "CaffeLeNet", "fashion_mnist", 3, 0.2860, 0.3530, bn=False),
     _custom("fmnist_cnn", "PlainFashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
-    # 101M multiply-adds an input: past the CPU recipes' 5M line (nineteenth session; its column not run in full)
+    # 101M multiply-adds an input: past the 5M line where only the step-cost CPU recipes stay (twentieth session)
     _zoo("fmnist_wrn16_2", "wrn_16_2", "fashion_mnist", 2, bn=True),
 )}
 
