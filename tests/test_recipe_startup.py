@@ -28,7 +28,7 @@ def test_the_resolved_cpu_recipe_is_printed_and_saved(teacher_file: str, tmp_pat
                                                       capsys: pytest.CaptureFixture) -> None:
     config, ckpt = run(teacher_file, tmp_path / "cpu")
     err = capsys.readouterr().err
-    assert ("recipe: cpu (teacher 1x32x32 inputs (mnist kind), 61,990 parameters, 0.42M multiply-adds an image: "
+    assert ("recipe: cpu (teacher 1x32x32 inputs (mnist kind), 61,990 parameters, 0.417M multiply-adds an image: "
             "MNIST kind and <= 5M multiply-adds") in err
     assert "departs from the paper: ngf = 16 (paper: 64; cpu recipe)" in err
     assert "departs from the paper: s_optimizer = 'adam' (paper: 'sgd'; cpu recipe)" in err

@@ -218,7 +218,7 @@ def _teacher_words(teacher: Any) -> str:
     s = teacher.spec
     kind, n = teacher_kind(teacher), teacher_size(teacher)
     macs = multiply_adds(teacher) if kind == "mnist" else None
-    cost = "" if macs is None else f", {macs / 1e6:.2g}M multiply-adds an image"
+    cost = "" if macs is None else f", {macs / 1e6:.3g}M multiply-adds an image"
     return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters{cost}"
 
 
