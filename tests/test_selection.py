@@ -48,6 +48,7 @@ def test_ema_averages_weights_and_batchnorm_buffers() -> None:
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     ema = make_ema(model, 0.5)  # 0.5 per step: 0.25 over a round of two steps, 0.125 over three
     update_ema(ema, model, 2)
+    ema.multi_avg_fn.done = 10**6  # past the warm-up (its own test below)
     w0, m0 = model[0].weight.detach().clone(), model[1].running_mean.clone()
     with torch.no_grad():
         model[0].weight.add_(1.0)
@@ -65,6 +66,21 @@ def test_ema_averages_weights_and_batchnorm_buffers() -> None:
     assert make_ema(model, 0.0) is None
     with pytest.raises(DfkdError, match="ema_decay=1"):
         make_ema(model, 1.0)
+
+
+def test_the_ema_decay_warms_up_so_a_short_run_does_not_average_its_first_student() -> None:
+    model = nn.Linear(3, 4)
+    ema = make_ema(model, 0.998)
+    w0 = model.weight.detach().clone()
+    update_ema(ema, model, 10)  # copies the student of step 10
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    update_ema(ema, model, 10)  # t = 20: per-step decay min(0.998, 21 / 30) = 0.7, over 10 steps 0.7 ** 10
+    d = 0.7 ** 10
+    assert torch.allclose(ema.module.weight, d * w0 + (1 - d) * model.weight)
+    assert ema.multi_avg_fn.done == 20
+    ema.multi_avg_fn.done = 100_000  # late in a long run the set decay holds
+    assert ema.multi_avg_fn.decay() == pytest.approx(0.998 ** 10)
 
 
 def test_heldout_reservoir_keeps_its_size_and_takes_later_draws() -> None:
