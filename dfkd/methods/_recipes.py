@@ -238,9 +238,9 @@ def why_recipe(cls: type[Recipe], teacher: Any, given: str | None, by_auto: bool
         return (f"teacher {words}: MNIST kind and <= {CPU_TEACHER_MACS / 1e6:g}M multiply-adds, like the small "
                 "MNIST teachers its CPU recipe was measured better on; -p recipe=paper for the paper's settings")
     if cls.cpu_default(teacher):
-        return (f"teacher {words}: MNIST kind; {cls.name}'s CPU recipe changes only what a step costs, and it led "
-                "the paper's on a 101M-multiply-add Fashion-MNIST WRN-16-2 too; -p recipe=paper for the paper's "
-                "settings")
+        return (f"teacher {words}: MNIST kind; {cls.name}'s CPU recipe changes only what a step costs, so it stays "
+                f"the default past {CPU_TEACHER_MACS / 1e6:g}M multiply-adds (measured on a 101M-multiply-add "
+                "Fashion-MNIST WRN-16-2); -p recipe=paper for the paper's settings")
     if cls.cpu_any_cost:
         return (f"teacher {words}: the CPU recipe is the default for MNIST-kind teachers only; -p recipe=cpu to "
                 "use it anyway")
