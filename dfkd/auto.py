@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_sized, input_kind, multiply_adds
+from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_sized, input_kind, millions, multiply_adds
 from dfkd.teacher import teacher_size
 
 #: The name `--method` takes for the automatic choice (not a registered method: it resolves to one).
@@ -63,7 +63,7 @@ class Profile:
     def words(self) -> str:
         """The profile in one line, for the start-up message."""
         return (f"{self.channels}x{self.size}x{self.size} inputs ({self.kind} kind), {self.params:,} parameters, "
-                f"{'?' if self.macs is None else f'{self.macs / 1e6:.3g}M'} multiply-adds an input, "
+                f"{millions(self.macs)} multiply-adds an input, "
                 f"{'BatchNorm' if self.bn else 'no BatchNorm'}; on {PROBE_BATCHES * PROBE_BATCH} random inputs: "
                 f"logit scale {self.logit_scale:.3g}, answers spread over {self.noise_classes:.1f} of "
                 f"{self.classes} classes, mean confidence {self.noise_confidence:.2f}")
@@ -177,11 +177,12 @@ def resolve(cfg: Any, teacher: Any, device: torch.device | str = "cpu") -> tuple
     prof = profile(teacher, device)
     rule = choose(prof)
     params = dict(cfg.params)
-    if rule.recipe and "recipe" not in params:
+    by_auto = bool(rule.recipe) and "recipe" not in params
+    if by_auto:
         params["recipe"] = rule.recipe
     _check_params(rule, cfg.params)
     choice = {"method": rule.method, "recipe": params.get("recipe"), "rule": rule.when, "evidence": rule.evidence,
-              "recipe_by_auto": bool(rule.recipe) and "recipe" not in cfg.params, "profile": asdict(prof)}
+              "recipe_by_auto": by_auto, "profile": asdict(prof)}
     recipe = f" (recipe {params['recipe']})" if rule.recipe else ""
     line = f"auto: chose {rule.method}{recipe}: {rule.when} [{prof.words()}]; evidence: {rule.evidence}"
     return replace(cfg, method=rule.method, params=params, auto_choice=choice), line

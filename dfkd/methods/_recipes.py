@@ -79,6 +79,11 @@ def multiply_adds(teacher: Any) -> int | None:
     return macs
 
 
+def millions(macs: int | None) -> str:
+    """A multiply-add count as the run prints it: "0.417M", "101M" ("?" where it could not be counted)."""
+    return "?" if macs is None else f"{macs / 1e6:.3g}M"
+
+
 def cpu_sized(kind: str | None, macs: int | None) -> bool:
     """True for inputs of `kind` and `macs` multiply-adds like the CPU recipes' teachers: MNIST kind, <= 5M."""
     return kind == "mnist" and macs is not None and macs <= CPU_TEACHER_MACS
@@ -218,7 +223,7 @@ def _teacher_words(teacher: Any) -> str:
     s = teacher.spec
     kind, n = teacher_kind(teacher), teacher_size(teacher)
     macs = multiply_adds(teacher) if kind == "mnist" else None
-    cost = "" if macs is None else f", {macs / 1e6:.3g}M multiply-adds an image"
+    cost = "" if macs is None else f", {millions(macs)} multiply-adds an image"
     return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters{cost}"
 
 
