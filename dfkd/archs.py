@@ -87,21 +87,23 @@ def build_model(arch: str, kwargs: dict[str, Any], flag: str = "--teacher-arch",
         The model, in train mode.
     """
     kind = arch_kind(arch)
+    fix = "check the name and --arch-arg KEY=VALUE" if trusted else \
+        "the file's arch_kwargs do not fit it: re-export the file"
     if kind == "zoo":
         from dfkd.models import MODELS, create
 
         if arch not in MODELS:
             raise DfkdError(f"{flag} {arch}: unknown zoo architecture; known: {', '.join(MODELS.names())}; or use "
                             "torchvision:NAME, timm:NAME or module:callable")
-        return create(arch, **kwargs)
+        return _call(arch, lambda **kw: create(arch, **kw), kwargs, flag, fix)
     _refuse_downloads(arch, kwargs, flag)
     name = arch.partition(":")[2]
     if kind == "torchvision":
-        model = _call(arch, _torchvision_factory(name, flag), {"weights": None, **kwargs}, flag)
+        model = _call(arch, _torchvision_factory(name, flag), {"weights": None, **kwargs}, flag, fix)
     elif kind == "timm":
-        model = _call(arch, _timm_factory(name, flag), {"pretrained": False, **kwargs}, flag)
+        model = _call(arch, _timm_factory(name, flag), {"pretrained": False, **kwargs}, flag, fix)
     else:
-        model = _call(arch, import_callable(arch, flag, trusted), kwargs, flag)
+        model = _call(arch, import_callable(arch, flag, trusted), kwargs, flag, fix)
     _declare_stages(model)
     return model
 
@@ -113,13 +115,14 @@ def _refuse_downloads(arch: str, kwargs: dict[str, Any], flag: str) -> None:
                         "download; drop that --arch-arg")
 
 
-def _call(arch: str, factory: Any, kwargs: dict[str, Any], flag: str) -> nn.Module:
+def _call(arch: str, factory: Any, kwargs: dict[str, Any], flag: str, fix: str) -> nn.Module:
     try:
         model = factory(**kwargs)
+    except DfkdError:
+        raise
     except Exception as e:  # noqa: BLE001 - any failure here is the name or its arguments
         shown = {k: v for k, v in kwargs.items() if k not in ("weights", "pretrained")}
-        raise DfkdError(f"{flag} {arch}: could not build it with arguments {shown} ({_short(e)}); check the name "
-                        "and --arch-arg KEY=VALUE") from None
+        raise DfkdError(f"{flag} {arch}: could not build it with arguments {shown} ({_short(e)}); {fix}") from None
     if not isinstance(model, nn.Module):
         raise DfkdError(f"{flag} {arch}: returned a {type(model).__name__}, not an nn.Module")
     return model

@@ -36,6 +36,7 @@ class LoadedModel:
     arch: str | None = None
     arch_kwargs: dict[str, Any] | None = None
     class_names: list[str] | None = None
+    num_classes: int | None = None  # what a dfkd model file declares
 
 
 def check_file(path: str | os.PathLike, flag: str = "--teacher") -> Path:
@@ -191,7 +192,8 @@ def load_user_model(
 def _from_model_file(payload: dict[str, Any], p: Path, spec: InputSpec | None) -> LoadedModel:
     module, meta = model_from_payload(payload, f"--teacher {p}")
     fmt = meta.arch if meta.arch in ARCHIVE_KINDS else "dfkd"  # a converted archive keeps its format's limits
-    return LoadedModel(module, fmt, spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names)
+    return LoadedModel(module, fmt, spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names,
+                       meta.num_classes)
 
 
 def _load_pickle(p: Path, spec: InputSpec | None) -> LoadedModel:

@@ -93,6 +93,10 @@ class Teacher(nn.Module):
         if not torch.is_tensor(out) or out.dim() != 2:
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
+        if out.shape[1] < 2:
+            raise DfkdError(f"--teacher {self.source}: gives {out.shape[1]} logit(s) an image; dfkd distils "
+                            "classifiers of at least 2 classes (a binary classifier with one sigmoid output: give it "
+                            "two logits, [0, z])")
         check_outputs(self.source, out, self._probe_forward(x))
         return int(out.shape[1])
 
@@ -241,5 +245,17 @@ def load_teacher(
                         "--input-size S --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
     module = loaded.module.to(device)
-    return Teacher(module, loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
-                   arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)
+    teacher = Teacher(module, loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
+                      arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)
+    _check_declared_classes(path, loaded, teacher.num_classes)
+    return teacher
+
+
+def _check_declared_classes(path: str | os.PathLike, loaded: LoadedModel, logits: int) -> None:
+    """A model file's `num_classes` and `class_names` must agree with the logits its network gives."""
+    declared = {"num_classes": loaded.num_classes,
+                "class_names": None if loaded.class_names is None else len(loaded.class_names)}
+    for field, n in declared.items():
+        if n is not None and n != logits:
+            raise DfkdError(f"--teacher {path}: the file's {field} says {n} classes but its network gives {logits} "
+                            "logits; the file is inconsistent: re-export it")

@@ -136,6 +136,30 @@ def test_weights_not_fitting_the_arch(saved):
     assert str(path) in str(e.value)
 
 
+
+def test_arch_kwargs_the_architecture_does_not_take(saved):
+    path = saved[0]
+    _rewrite(path, arch_kwargs={**KWARGS, "bogus": 3})
+    with pytest.raises(DfkdError, match="bogus") as e:
+        dfkd.load_teacher(path)
+    assert str(path) in str(e.value) and "re-export" in str(e.value)
+
+
+@pytest.mark.parametrize("changes", [{"num_classes": 3}, {"class_names": ["a", "b"]}])
+def test_declared_classes_that_disagree_with_the_logits(saved, changes):
+    path = saved[0]
+    _rewrite(path, **changes)
+    field = next(iter(changes))
+    with pytest.raises(DfkdError, match=f"{field} says .* classes but its network gives 10 logits") as e:
+        dfkd.load_teacher(path)
+    assert str(path) in str(e.value) and "re-export" in str(e.value)
+
+
+def test_a_network_with_one_logit_is_not_a_classifier_to_distil():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 1))
+    with pytest.raises(DfkdError, match="1 logit"):
+        dfkd.Teacher(net, SPEC)
+
 def test_plain_state_dict_is_not_a_model_file(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(_trained_model().state_dict(), path)
