@@ -126,6 +126,30 @@ def iterate_batches(data: ImageData, spec: InputSpec, batch_size: int, device: t
         yield to_model_input(data.x[idx], spec).to(device), data.y[idx].to(device)
 
 
+def check_training_labels(data: ImageData, flag: str, path: str) -> int:
+    """The class count of labelled training data, refusing data a classifier cannot be trained on.
+
+    Labels must be the indices 0..K-1 of at least 2 classes, each with an image: a class without one would be
+    an output the model never learns (labels 1..10 read as 11 classes, say).
+    """
+    if len(data) == 0:
+        raise DfkdError(f"{flag} {path}: holds no images")
+    lo = int(data.y.min())
+    if lo < 0:
+        raise DfkdError(f"{flag} {path}: labels must be class indices 0..K-1, found {lo}")
+    present = torch.unique(data.y)
+    if len(present) < 2:
+        raise DfkdError(f"{flag} {path}: every image has label {int(present[0])}; a classifier needs images of at "
+                        "least 2 classes")
+    k = int(present[-1]) + 1
+    if len(present) < k:
+        missing = sorted(set(range(k)) - {int(c) for c in present})
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise DfkdError(f"{flag} {path}: labels run 0..{k - 1} but class(es) {shown} have no image; relabel the "
+                        f"{len(present)} classes 0..{len(present) - 1}")
+    return k
+
+
 def check_fits(data: ImageData, num_classes: int, spec: InputSpec, flag: str, path: str) -> None:
     """Refuse data whose labels or channels cannot match the model, before any training starts."""
     if len(data) == 0:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from dfkd.data import ImageData, check_fits, load_images, to_model_input
+from dfkd.data import ImageData, check_fits, check_training_labels, load_images, to_model_input
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
@@ -70,8 +70,8 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     data = load_images(cfg.data)
+    num_classes = check_training_labels(data, "--data", cfg.data)
     spec = data_spec(data, cfg.input_size)
-    num_classes = data.num_classes
     test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
     if test is not None:
         check_fits(test, num_classes, spec, "--eval-data", cfg.eval_data)

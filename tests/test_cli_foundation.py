@@ -164,6 +164,21 @@ def test_train_teacher_missing_data(tmp_path):
     assert not (tmp_path / "t.pt").exists()
 
 
+
+@pytest.mark.parametrize("labels, words", [
+    (np.full(16, -1), ("class indices 0..K-1", "-1")),
+    (np.full(16, 15), ("every image has label 15", "at least 2 classes")),
+    (np.arange(16) % 2 * 2, ("class(es) 1 have no image", "relabel the 2 classes 0..1")),
+    (np.zeros(0), ("holds no images",)),
+])
+def test_train_teacher_refuses_labels_no_classifier_learns_from(tmp_path, labels, words):
+    x = np.zeros((len(labels), 28, 28), np.uint8)
+    np.savez(tmp_path / "bad.npz", x=x, y=labels.astype(np.int64))
+    result = _run("train-teacher", "--data", str(tmp_path / "bad.npz"), "--arch", "lenet5",
+                  "--out", str(tmp_path / "t.pt"))
+    _assert_one_line_error(result, "--data", "bad.npz", *words)
+    assert not (tmp_path / "t.pt").exists()
+
 def test_python_dash_m_dfkd():
     proc = subprocess.run([sys.executable, "-m", "dfkd", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
