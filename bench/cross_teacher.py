@@ -110,6 +110,8 @@ TEACHERS = {t.name: t for t in (
     _custom("fmnist_cnn", "PlainFashionCNN", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
     # 101M multiply-adds an input: past the 5M line where only the step-cost CPU recipes stay (twentieth session)
     _zoo("fmnist_wrn16_2", "wrn_16_2", "fashion_mnist", 2, bn=True),
+    # a heavy teacher without BatchNorm (22M multiply-adds an input; twenty-first session)
+    _custom("fmnist_vgg", "PlainVGG", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
 )}
 
 
