@@ -259,7 +259,10 @@ def flag_spec(channels: int | None, size: int | None, mean: tuple[float, ...] | 
                       f"{lib.mean}, std {lib.std}); pass --mean/--std if your weights were trained otherwise",
                       stacklevel=1)
         mean, std = mean or lib.mean, std or lib.std
-    return InputSpec(channels, size, tuple(mean), tuple(std))
+    try:
+        return InputSpec(channels, size, tuple(mean), tuple(std))
+    except DfkdError as e:
+        raise DfkdError(f"--channels {channels} --input-size {size}: {e}") from None
 
 
 def model_from_state(state: dict[str, torch.Tensor], arch: str, arch_args: dict[str, Any] | None,

@@ -10,6 +10,11 @@ import torch
 
 from dfkd.errors import DfkdError
 
+#: The largest image side and channel count an input spec may declare: past them a single probe batch of the
+#: teacher would not fit in memory (a file that declares 100,000 px asks for 120 GB), so the spec is refused.
+MAX_SIZE = 4096
+MAX_CHANNELS = 512
+
 
 @dataclass(frozen=True)
 class InputSpec:
@@ -30,6 +35,9 @@ class InputSpec:
     def __post_init__(self) -> None:
         if self.channels < 1 or self.size < 1:
             raise DfkdError(f"input spec needs positive channels and size, got {self.channels} and {self.size}")
+        if self.channels > MAX_CHANNELS or self.size > MAX_SIZE:
+            raise DfkdError(f"input spec of {self.channels} channels x {self.size} px is past what dfkd takes (at most "
+                            f"{MAX_CHANNELS} channels and {MAX_SIZE} px a side)")
         for name in ("mean", "std"):
             v = tuple(float(a) for a in getattr(self, name))
             if len(v) == 1 and self.channels > 1:

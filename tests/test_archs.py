@@ -130,6 +130,15 @@ def test_spec_flags_never_default_to_zero_and_one():
         assert flag_spec(1, 28, (0.0,), (1.0,)) == InputSpec(1, 28, (0.0,), (1.0,))
 
 
+
+@pytest.mark.parametrize("channels, size", [(1, 100_000), (100_000, 32)])
+def test_a_spec_no_probe_batch_fits_in_memory_is_refused(channels, size):
+    # 100,000 px a side: the teacher's probe batch alone would be 120 GB (it was a MemoryError traceback)
+    with pytest.raises(DfkdError, match=f"--channels {channels} --input-size {size}: .*at most 512 channels and "
+                                        "4096 px a side"):
+        flag_spec(channels, size, (0.5,), (0.2,))
+    assert flag_spec(3, 4096, (0.5,), (0.2,)).size == 4096
+
 def test_user_factory_function_with_arch_args(tmp_path, user_code):
     torch.manual_seed(0)
     model = build_model(f"{user_code}:build", {"width": 4, "num_classes": 6}).eval()
