@@ -93,10 +93,6 @@ class Teacher(nn.Module):
         if not torch.is_tensor(out) or out.dim() != 2:
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
-        if out.shape[1] < 2:
-            raise DfkdError(f"--teacher {self.source}: gives {out.shape[1]} logit(s) an image; dfkd distils "
-                            "classifiers of at least 2 classes (a binary classifier with one sigmoid output: give it "
-                            "two logits, [0, z])")
         check_outputs(self.source, out, self._probe_forward(x))
         return int(out.shape[1])
 
@@ -195,7 +191,8 @@ def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
     """
     where = f"--teacher {source}"
     if out2.shape[1] < 2:
-        raise DfkdError(f"{where}: gives {out2.shape[1]} class(es); a classifier to distill needs at least 2")
+        raise DfkdError(f"{where}: gives {out2.shape[1]} class(es); a classifier to distill needs at least 2 (a "
+                        "binary classifier with one sigmoid output: give it two logits, [0, z])")
     if not torch.isfinite(out2).all():
         raise DfkdError(f"{where}: gives non-finite logits (NaN or inf) on a probe batch; its weights are broken "
                         "(check the file, or the --mean/--std it is given)")

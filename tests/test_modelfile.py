@@ -155,7 +155,6 @@ def test_declared_classes_that_disagree_with_the_logits(saved, changes):
     assert str(path) in str(e.value) and "re-export" in str(e.value)
 
 
-
 def test_a_file_spec_past_memory_is_refused_before_any_allocation(saved):
     path = saved[0]
     _rewrite(path, input_spec={**SPEC.to_dict(), "size": 100_000})
@@ -163,10 +162,6 @@ def test_a_file_spec_past_memory_is_refused_before_any_allocation(saved):
         dfkd.load_teacher(path)
     assert str(path) in str(e.value)
 
-def test_a_network_with_one_logit_is_not_a_classifier_to_distil():
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(32 * 32, 1))
-    with pytest.raises(DfkdError, match="1 logit"):
-        dfkd.Teacher(net, SPEC)
 
 def test_plain_state_dict_is_not_a_model_file(tmp_path):
     path = tmp_path / "sd.pt"
