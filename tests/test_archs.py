@@ -130,7 +130,6 @@ def test_spec_flags_never_default_to_zero_and_one():
         assert flag_spec(1, 28, (0.0,), (1.0,)) == InputSpec(1, 28, (0.0,), (1.0,))
 
 
-
 @pytest.mark.parametrize("channels, size", [(1, 100_000), (100_000, 32)])
 def test_a_spec_no_probe_batch_fits_in_memory_is_refused(channels, size):
     # 100,000 px a side: the teacher's probe batch alone would be 120 GB (it was a MemoryError traceback)
@@ -138,6 +137,7 @@ def test_a_spec_no_probe_batch_fits_in_memory_is_refused(channels, size):
                                         "4096 px a side"):
         flag_spec(channels, size, (0.5,), (0.2,))
     assert flag_spec(3, 4096, (0.5,), (0.2,)).size == 4096
+
 
 def test_user_factory_function_with_arch_args(tmp_path, user_code):
     torch.manual_seed(0)

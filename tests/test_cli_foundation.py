@@ -164,7 +164,6 @@ def test_train_teacher_missing_data(tmp_path):
     assert not (tmp_path / "t.pt").exists()
 
 
-
 @pytest.mark.parametrize("labels, words", [
     (np.full(16, -1), ("class indices 0..K-1", "-1")),
     (np.full(16, 15), ("every image has label 15", "at least 2 classes")),
@@ -178,6 +177,7 @@ def test_train_teacher_refuses_labels_no_classifier_learns_from(tmp_path, labels
                   "--out", str(tmp_path / "t.pt"))
     _assert_one_line_error(result, "--data", "bad.npz", *words)
     assert not (tmp_path / "t.pt").exists()
+
 
 def test_python_dash_m_dfkd():
     proc = subprocess.run([sys.executable, "-m", "dfkd", "--help"], capture_output=True, text=True, timeout=120)

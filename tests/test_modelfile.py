@@ -136,7 +136,6 @@ def test_weights_not_fitting_the_arch(saved):
     assert str(path) in str(e.value)
 
 
-
 def test_arch_kwargs_the_architecture_does_not_take(saved):
     path = saved[0]
     _rewrite(path, arch_kwargs={**KWARGS, "bogus": 3})
