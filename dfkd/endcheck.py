@@ -52,14 +52,20 @@ def top1_agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return class_balanced_agreement(logits, labels, logits.shape[1])
 
 
-def remedy(method: Any, cfg: Any, device: torch.device) -> str:
+def remedy(method: Any, cfg: Any, device: torch.device, died: bool = False) -> str:
     """What to try when the student has not learned: a longer budget, the CPU recipe, another method, auto.
 
-    With a feature objective on, its weight comes first: at its paper's weight it can swamp the KD loss.
+    With a feature objective on, its weight comes first: at its paper's weight it can swamp the KD loss. When the
+    student died during the run (`died`: the stuck-student warning fired) and its gradient is not clipped, the clip
+    comes first of all: a dead student does not learn whatever the budget (DeepInversion's and ADI's paper recipes,
+    student lr 0.1, killed a BN-free LeNet-5 student on a BN-free Fashion-MNIST VGG, 11.1 % of the teacher; with
+    `-p clip_s=1` they reached 70.2 and 75.5 %, their CPU recipes 45.7 and 44.6).
     """
     tips = ["a longer budget (--steps or --budget-minutes)"]
     if len(method.objectives):
         tips.insert(0, "a smaller --feature-weight (the objectives can swamp the KD loss)")
+    if died and method.p.get("clip_s") is None:
+        tips.insert(0, "-p clip_s=1 (the student died during the run; a clipped gradient keeps it alive)")
     if device.type == "cpu" and method.p.get("recipe") != "cpu" and type(method).cpu_params():
         tips.append("-p recipe=cpu (the recipe measured on a CPU)")
     if getattr(cfg, "auto_choice", None):
@@ -70,8 +76,9 @@ def remedy(method: Any, cfg: Any, device: torch.device) -> str:
 
 
 def not_learned_message(method: Any, cfg: Any, device: torch.device, agreement: float, num_classes: int,
-                        heldout: bool, steps: int) -> str:
-    """One line: the problem (agreement, chance, where it was measured) and the remedy."""
+                        heldout: bool, steps: int, died: bool = False) -> str:
+    """One line: the problem (agreement, chance, where it was measured) and the remedy (`died`: see `remedy`)."""
     where = "held-out synthetic images" if heldout else "its latest synthetic batch"
     return (f"{method.name}: the student agrees with the teacher on {100 * agreement:.1f}% of {where}, about "
-            f"chance ({100 / num_classes:.1f}%): it has not learned in {steps} steps; {remedy(method, cfg, device)}")
+            f"chance ({100 / num_classes:.1f}%): it has not learned in {steps} steps; "
+            f"{remedy(method, cfg, device, died)}")

@@ -199,7 +199,8 @@ class RunWatch:
         if measured is None or measured[0] > chance_threshold(k):
             return
         agreement, images, heldout = measured
-        message = not_learned_message(run.method, run.cfg, run.device, agreement, k, heldout, run.step)
+        message = not_learned_message(run.method, run.cfg, run.device, agreement, k, heldout, run.step,
+                                      died=self.stuck.episodes > 0)
         tqdm.write(f"warning: step {run.step}: {message}", file=sys.stderr)
         log.event(run.step, event="not_learned", message=message, agreement=agreement, chance=1 / k,
                   threshold=chance_threshold(k), images=images, heldout=heldout)

@@ -397,6 +397,8 @@ def test_a_run_whose_student_died_says_so_once_while_it_runs(teacher_file: str, 
     assert err.count("given one answer") == 1 and len(stuck) == 1 and stuck[0]["step"] == 6
     assert "warning: step 6: dfad: the student has given one answer to every synthetic image for 6 steps" in err
     assert "-p lr_s=" in err and stuck[0]["student_spread"] == 0.0
+    learned = [e for e in events if e.get("event") == "not_learned"]
+    assert len(learned) == 1 and "steps; try -p clip_s=1 (the student died during the run" in learned[0]["message"]
     assert "given one answer" in report(run).text()
 
 
@@ -410,3 +412,7 @@ def test_the_not_learned_remedy_names_the_objectives_weight_first_when_one_is_on
     method = SimpleNamespace(name="fast", p={"recipe": "cpu"}, objectives=objectives)
     tips = remedy(method, SimpleNamespace(auto_choice=None), torch.device("cpu"))
     assert tips.startswith("try a smaller --feature-weight") == objective and "--method auto" in tips
+    died = remedy(method, SimpleNamespace(auto_choice=None), torch.device("cpu"), died=True)
+    assert died.startswith("try -p clip_s=1 (the student died during the run") and "clip_s" not in tips
+    clipped = SimpleNamespace(name="fast", p={"recipe": "cpu", "clip_s": 1.0}, objectives=objectives)
+    assert "clip_s" not in remedy(clipped, SimpleNamespace(auto_choice=None), torch.device("cpu"), died=True)
