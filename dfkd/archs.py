@@ -87,7 +87,8 @@ def build_model(arch: str, kwargs: dict[str, Any], flag: str = "--teacher-arch",
         The model, in train mode.
     """
     kind = arch_kind(arch)
-    fix = "check the name and --arch-arg KEY=VALUE" if trusted else \
+    args = "--student-arg" if flag == "--student" else "--arch-arg"
+    fix = f"check the name and {args} KEY=VALUE" if trusted else \
         "the file's arch_kwargs do not fit it: re-export the file"
     if kind == "zoo":
         from dfkd.models import MODELS, create

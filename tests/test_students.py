@@ -117,3 +117,8 @@ def test_requested_library_student_and_its_arguments():
         student_arch(grey, "torchvision:resnet18")
     with pytest.raises(DfkdError, match="--student mymod:Net: use a zoo name"):
         student_arch(t, "mymod:Net")
+
+
+def test_a_student_argument_the_zoo_model_does_not_take_is_one_line_naming_the_student_flag():
+    with pytest.raises(DfkdError, match=r"--student lenet5: could not build it .*bogus.*--student-arg KEY=VALUE"):
+        build_student("lenet5", {"num_classes": 10, "in_channels": 1, "input_size": 32, "bogus": 1})
