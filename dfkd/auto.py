@@ -82,14 +82,14 @@ class Rule:
 
 #: First match wins; the last row always matches. Evidence: README *Results* tables (% of the teacher's top-1).
 RULES: tuple[Rule, ...] = (
-    Rule(f"BatchNorm, MNIST-kind inputs (at most 1x32x32), at most {CPU_TEACHER_MACS / 1e6:g}M multiply-adds an input",
+    Rule(f"BatchNorm, MNIST-kind inputs (at most 1x32x32), at most {millions(CPU_TEACHER_MACS)} multiply-adds an input",
          lambda p: p.bn and cpu_sized(p.kind, p.macs), "fast", None,
          "README 'Every method, 10 CPU-minutes', lenet5_bn (99.53): fast 99.3 % of the teacher, cmi 97.7, dfq 97.4, "
          "deepinversion 96.6, the GAN methods 28-75 %; README 'Cross-teacher benchmark', 5 CPU-minutes, every "
          "method: lenet5_bn fast 99.1 %, nayer 98.3, cmi 96.7, dfq 96.7, deepinversion 93.7, adi 93.4, the "
          "BN-free methods 47-85; custom Fashion-MNIST CNN with BN (90.49; its default student, the three-quarter "
          "LeNet-5) fast 92.9 %, nayer 91.4, cmi 90.9, deepinversion 84.5, dfq 83.7, adi 82.4, the rest 44-55"),
-    Rule(f"BatchNorm, any other (3-channel or larger inputs, or over {CPU_TEACHER_MACS / 1e6:g}M multiply-adds an "
+    Rule(f"BatchNorm, any other (3-channel or larger inputs, or over {millions(CPU_TEACHER_MACS)} multiply-adds an "
          "input)", lambda p: p.bn, "dfq", "cpu",
          "README 'CIFAR-10, 10 CPU-minutes', wrn_16_1 (81.03; 26M multiply-adds), CPU recipes: dfq 58.4 % of the "
          "teacher, fast 33.0, cmi 30.3, dafl 23.0; dfad, online, zskt at chance; README 'Cross-teacher benchmark', "

@@ -134,10 +134,9 @@ def check_training_labels(data: ImageData, flag: str, path: str) -> int:
     """
     if len(data) == 0:
         raise DfkdError(f"{flag} {path}: holds no images")
-    lo = int(data.y.min())
-    if lo < 0:
-        raise DfkdError(f"{flag} {path}: labels must be class indices 0..K-1, found {lo}")
-    present = torch.unique(data.y)
+    present = torch.unique(data.y)  # sorted
+    if int(present[0]) < 0:
+        raise DfkdError(f"{flag} {path}: labels must be class indices 0..K-1, found {int(present[0])}")
     if len(present) < 2:
         raise DfkdError(f"{flag} {path}: every image has label {int(present[0])}; a classifier needs images of at "
                         "least 2 classes")

@@ -244,17 +244,17 @@ def why_recipe(cls: type[Recipe], teacher: Any, given: str | None, by_auto: bool
     if not cls.cpu_params(teacher):
         return f"teacher {words}; method {cls.name} has no CPU recipe"
     if cpu_teacher(teacher):
-        return (f"teacher {words}: MNIST kind and <= {CPU_TEACHER_MACS / 1e6:g}M multiply-adds, like the small "
+        return (f"teacher {words}: MNIST kind and <= {millions(CPU_TEACHER_MACS)} multiply-adds, like the small "
                 "MNIST teachers its CPU recipe was measured better on; -p recipe=paper for the paper's settings")
     if cls.cpu_default(teacher):
         return (f"teacher {words}: MNIST kind; {cls.name}'s CPU recipe changes only what a step costs, so it stays "
-                f"the default past {CPU_TEACHER_MACS / 1e6:g}M multiply-adds (measured on a 101M-multiply-add "
+                f"the default past {millions(CPU_TEACHER_MACS)} multiply-adds (measured on a 101M-multiply-add "
                 "Fashion-MNIST WRN-16-2); -p recipe=paper for the paper's settings")
     if cls.cpu_any_cost:
         return (f"teacher {words}: the CPU recipe is the default for MNIST-kind teachers only; -p recipe=cpu to "
                 "use it anyway")
     return (f"teacher {words}: {cls.name}'s CPU recipe holds settings fitted to MNIST-kind teachers of <= "
-            f"{CPU_TEACHER_MACS / 1e6:g}M multiply-adds an image; -p recipe=cpu to use it anyway")
+            f"{millions(CPU_TEACHER_MACS)} multiply-adds an image; -p recipe=cpu to use it anyway")
 
 
 def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
