@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.errors import DfkdError
-from dfkd.io import open_npz
+from dfkd.io import memmap_member, open_npz
 from dfkd.spec import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -35,7 +35,12 @@ class ImageData:
 
 
 def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
-    """Load an .npz (x: uint8 N x H x W [x C], y: int N) or an ImageFolder directory (one folder per class)."""
+    """Load an .npz (x: uint8 N x H x W [x C], y: int N) or an ImageFolder directory (one folder per class).
+
+    An .npz written with `np.savez` (members stored, not compressed) has its images mapped from disk, so only the
+    batches read sit in memory (an ImageNet-size validation set is ~7.5 GB); a compressed one
+    (`np.savez_compressed`) and an image folder are read whole.
+    """
     p = Path(path)
     if not p.exists():
         raise DfkdError(f"{flag} {p}: no such file or directory")
@@ -48,7 +53,8 @@ def _load_npz(p: Path, flag: str) -> ImageData:
         if "x" not in d or "y" not in d:
             raise DfkdError(f"{flag} {p}: an .npz needs arrays 'x' (images) and 'y' (labels); it has "
                             f"{sorted(d.files)}")
-        x, y = d["x"], d["y"]
+        x = memmap_member(p, "x")  # a stored (np.savez) member is mapped, not read: memory grows with the batch
+        x, y = (d["x"] if x is None else x), d["y"]
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
@@ -58,7 +64,8 @@ def _load_npz(p: Path, flag: str) -> ImageData:
                         f"got {x.shape} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
-    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(_int_labels(y, f"{flag} {p}")))
+    x = x if isinstance(x, np.memmap) else np.ascontiguousarray(x)  # a mapped N x H x W x C file stays a view
+    return ImageData(torch.from_numpy(x), torch.from_numpy(_int_labels(y, f"{flag} {p}")))
 
 
 def _int_labels(y: np.ndarray, where: str) -> np.ndarray:

@@ -115,3 +115,23 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
     except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, AttributeError) as e:
         raise DfkdError(f"{flag} {path}: not a readable .npz file ({str(e)[:120]}); is it truncated or "
                         "corrupt?") from None
+
+
+def memmap_member(path: str | os.PathLike, name: str) -> np.ndarray | None:
+    """An uncompressed .npy member of an .npz mapped from disk (copy-on-write); None if it is compressed."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(f"{name}.npy")
+    if info.compress_type != zipfile.ZIP_STORED:
+        return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30],
+                                                                                                 "little"))
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        offset = f.tell()
+    if fortran or dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)

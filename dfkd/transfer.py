@@ -34,10 +34,9 @@ import torch
 from torch import Tensor
 
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_save_npz, open_npz
+from dfkd.io import atomic_save_npz, memmap_member, open_npz
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
-from dfkd.transfer_parts import memmap_member
 
 FORMAT, VERSION = "dfkd-transfer", 2
 _KEYS = ("x", "probs", "channels", "size", "mean", "std", "num_classes", "method", "teacher_sha256", "version")

@@ -5,8 +5,8 @@
 after it; the pool itself lives in files there too. Run the same command again after a crash or Ctrl-C and it
 continues from the last part; other settings than the folder's `key.json` are refused. When all images are there,
 the parts are streamed into F.npz (uncompressed .npy members written chunk by chunk, so a file larger than RAM
-never sits in memory), then the folder is removed. `memmap_member` lets a reader map such a member instead of
-loading it.
+never sits in memory), then the folder is removed. `dfkd.io.memmap_member` lets a reader map such a member instead
+of loading it.
 """
 
 from __future__ import annotations
@@ -116,23 +116,3 @@ def _stream(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dt
         np.lib.format.write_array_header_2_0(f, header)
         for a in chunks:
             f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
-
-
-def memmap_member(path: str | os.PathLike, name: str) -> np.ndarray | None:
-    """An uncompressed .npy member of an .npz mapped from disk (copy-on-write); None if it is compressed."""
-    with zipfile.ZipFile(path) as zf:
-        info = zf.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
-    with open(path, "rb") as f:
-        f.seek(info.header_offset)
-        local = f.read(30)
-        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30],
-                                                                                                 "little"))
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        offset = f.tell()
-    if fortran or dtype.hasobject:
-        return None
-    return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)

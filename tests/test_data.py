@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -187,3 +189,32 @@ def test_every_npz_reader_says_one_line_for_a_bad_file(tmp_path, kind):
             read()
         assert str(path) in str(e.value) and "\n" not in str(e.value)
         assert ("single array" in str(e.value)) == (kind == "npy")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident set size from /proc")
+def test_stored_npz_is_mapped_not_read(tmp_path):
+    # 160 MiB of colour images, channels last, written with np.savez (stored): loading them must not read them
+    x = np.zeros((3400, 128, 128, 3), dtype=np.uint8)
+    x[-1] = 7
+    path = _npz(tmp_path / "big.npz", x, np.arange(3400) % 10)
+    del x
+    before = _rss_mib()
+    data = load_images(path, "--eval-data")
+    grown = _rss_mib() - before
+    assert grown < 32, f"loading a 160 MiB stored .npz grew memory by {grown:.0f} MiB"
+    assert data.x.shape == (3400, 3, 128, 128) and len(data) == 3400
+    last = next(iter(iterate_batches(ImageData(data.x[-2:], data.y[-2:]), COLOUR, 2, "cpu")))[0]
+    assert torch.equal(last[1], to_model_input(torch.full((1, 3, 128, 128), 7, dtype=torch.uint8), COLOUR)[0])
+
+
+def test_truncated_stored_npz_is_one_error(tmp_path):
+    path = _npz(tmp_path / "t.npz", np.zeros((50, 28, 28), np.uint8), np.arange(50) % 10)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DfkdError, match="truncated or corrupt"):
+        load_images(path, "--eval-data")

@@ -193,7 +193,7 @@ def test_interrupted_synthesis_resumes_to_the_same_file(method: str, params: dic
 
 
 def test_assembled_file_is_mapped_not_read(transfer_file: str) -> None:
-    from dfkd.transfer_parts import memmap_member
+    from dfkd.io import memmap_member
 
     mapped = memmap_member(transfer_file, "x")
     with np.load(transfer_file) as d:
