@@ -202,15 +202,27 @@ class Method(Recipe):
         losses = self.with_objectives(self.student_loss(s_logits, t_logits), x, s_logits, t_logits)
         self.opt_s.zero_grad(set_to_none=True)
         backward(losses["loss"])
-        if self.p["clip_s"] is not None:
-            unscale(self.opt_s)
-            norm = nn.utils.clip_grad_norm_(self.student.parameters(), self.p["clip_s"])
-            if not loss_scaled():  # an fp16 step that overflowed has an inf norm (the scaler skips it): no divergence
-                losses["loss/grad_norm"] = norm
+        self.clip_student(losses)
         step(self.opt_s)
         losses.update(self.objectives.extra_step(x, s_logits, t_logits))
         self.student_seconds += time.perf_counter() - t0
         return losses
+
+    def clip_student(self, losses: LossDict, own: float | None = None,
+                     nets: tuple[tuple[torch.optim.Optimizer, nn.Module], ...] = ()) -> None:
+        """Clip the student's gradient (after backward, before the step) to `clip_s` and a method's `own` clip.
+
+        The smaller of the two norms wins; neither set, nothing is done. `nets` are further (optimizer, network)
+        pairs clipped alike (a second student). The student's norm before clipping is logged as loss/grad_norm.
+        """
+        caps = [c for c in (self.p["clip_s"], own) if c is not None]
+        if not caps:
+            return
+        for opt, net in ((self.opt_s, self.student), *nets):
+            unscale(opt)
+            norm = nn.utils.clip_grad_norm_(net.parameters(), min(caps))
+            if net is self.student and not loss_scaled():  # an fp16 step that overflowed has an inf norm (the
+                losses["loss/grad_norm"] = norm  # scaler skips it): no divergence
 
     def student_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The student's logits on `x`, with the objectives' feature taps recording (use for student updates)."""

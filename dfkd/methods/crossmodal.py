@@ -14,6 +14,7 @@ from dfkd.losses import kl_div
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, step_logs
 from dfkd.paired import load_paired
+from dfkd.precision import backward, step
 from dfkd.teacher import Teacher
 
 
@@ -85,7 +86,8 @@ class CrossModal(Method):
         kd = kl_div(s_logits, t_logits, T=self.p["T"])
         losses = self.with_objectives({"loss": self.p["kd"] * kd, "loss/kd": kd}, xa, s_logits, t_logits)
         self.opt_s.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.opt_s.step()
+        backward(losses["loss"])
+        self.clip_student(losses)
+        step(self.opt_s)
         losses.update(self.objectives.extra_step(xa, s_logits, t_logits))
         return losses

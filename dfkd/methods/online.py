@@ -135,6 +135,7 @@ class Online(DFAD):
         self.opt_s.zero_grad(set_to_none=True)
         self.opt_peer.zero_grad(set_to_none=True)
         backward(losses["loss"] + peer["loss"])
+        self.clip_student(losses, nets=((self.opt_peer, self.peer),))
         step(self.opt_s, self.opt_peer)
         d1, d2 = self.discs[0].step(real=f2, fake=f1), self.discs[1].step(real=f1, fake=f2)
         losses.update({"loss/peer": peer["loss"], "loss/peer_l1": peer["loss/l1"], "loss/d1": d1, "loss/d2": d2})

@@ -15,7 +15,7 @@ from dfkd.methods._gan import GANMethod
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import step_logs
-from dfkd.precision import backward, step, unscale
+from dfkd.precision import backward, step
 
 
 @register_method("zskt")
@@ -99,8 +99,7 @@ class ZSKT(GANMethod):
             losses = self.with_objectives(losses, x, s_logits, t_logits)
             self.opt_s.zero_grad(set_to_none=True)
             backward(losses["loss"])
-            unscale(self.opt_s)
-            torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.p["grad_clip"] or float("inf"))
+            self.clip_student(losses, self.p["grad_clip"])  # the paper's clip (5), or -p clip_s if smaller
             step(self.opt_s)
             losses.update(self.objectives.extra_step(x, s_logits, t_logits))
             logs.update(step_logs("student", losses))

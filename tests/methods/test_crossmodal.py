@@ -108,3 +108,15 @@ def test_refusals(files: dict[str, str], tmp_path: Path) -> None:
                                     "2", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and res.output.startswith("error: method crossmodal learns from paired images")
     assert not (tmp_path / "x" / "student.pt").exists()
+
+
+def test_clip_s_clips_the_students_gradient(files: dict[str, str]) -> None:
+    from dfkd.build import build_method
+
+    teacher = load_teacher(files["teacher"])
+    m = build_method("crossmodal", teacher, {"data": files["pairs"], **FAST, "s_steps": 2, "clip_s": 1e-4},
+                     torch.device("cpu"), seed=0).method
+    logs = m.round()
+    grads = torch.stack([p.grad.norm() for p in m.student.parameters() if p.grad is not None])
+    assert float(torch.linalg.vector_norm(grads)) <= 1e-4 * 1.001 < logs["student/grad_norm"]
+    m.close()

@@ -129,3 +129,20 @@ def test_the_cpu_recipes_of_the_t20_pool_methods_and_kd_clip_the_student() -> No
         cls = get_method(name)
         assert cls.cpu["clip_s"] == 1.0
         assert cls.defaults.get("clip_s") is None
+
+
+def _grad_norm(net: torch.nn.Module) -> float:
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in net.parameters() if p.grad is not None])))
+
+
+@pytest.mark.parametrize("name", ["dafl", "dfad", "dfq", "zeroq", "zskt", "zskd", "online", "deepinversion", "adi",
+                                  "cmi", "fast", "nayer"])
+def test_every_method_clips_its_student_to_clip_s(name: str) -> None:
+    # -p clip_s is accepted by every method; zskt, online and crossmodal stepped their students unclipped
+    m = build(name, clip_s=1e-4)
+    logs = m.round()
+    assert _grad_norm(m.student) <= 1e-4 * 1.001  # the gradient of the last student step, as it was stepped
+    assert logs["student/grad_norm"] > 1e-4  # the norm before clipping is logged
+    if name == "online":
+        assert _grad_norm(m.peer) <= 1e-4 * 1.001  # its second student alike
+    m.close()
