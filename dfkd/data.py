@@ -166,4 +166,6 @@ def check_fits(data: ImageData, num_classes: int, spec: InputSpec, flag: str, pa
                         f"0..{num_classes - 1}); this data does not belong to this model")
     c = data.x.shape[1]
     if c != spec.channels and (c not in (1, 3) or 1 not in (c, spec.channels)):
-        raise DfkdError(f"{flag} {path}: images have {c} channels, the model wants {spec.channels}")
+        layout = f" (x of shape {tuple(data.x.shape)} is read as N x C x H x W; only 1 or 3 channels may come last)" \
+            if data.x.ndim == 4 and c > 4 else ""
+        raise DfkdError(f"{flag} {path}: images have {c} channels{layout}, the model wants {spec.channels}")

@@ -218,3 +218,12 @@ def test_truncated_stored_npz_is_one_error(tmp_path):
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DfkdError, match="truncated or corrupt"):
         load_images(path, "--eval-data")
+
+
+def test_channels_last_beyond_three_is_named_in_the_channel_error(tmp_path):
+    data = load_images(_npz(tmp_path / "w.npz", np.zeros((5, 28, 28, 7), np.uint8), np.arange(5)))
+    with pytest.raises(DfkdError, match=r"images have 28 channels \(x of shape \(5, 28, 28, 7\) is read as "
+                                        r"N x C x H x W; only 1 or 3 channels may come last\), the model wants 1"):
+        check_fits(data, 10, GREY, "--data", "w.npz")
+    grey3 = load_images(_npz(tmp_path / "g.npz", np.zeros((5, 3, 28, 28), np.uint8), np.arange(5)))
+    check_fits(grey3, 10, GREY, "--data", "g.npz")  # colour for a grey model: averaged, no error
