@@ -20,9 +20,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 @dataclass
 class ImageData:
-    """Images as uint8 (N, C, H, W) and labels as int64 (N,), with optional class names."""
+    """Images as uint8 (N, C, H, W) and labels as int64 (N,), with optional class names.
 
-    x: torch.Tensor
+    `x` is a tensor (an .npz's, mapped from disk where it was stored uncompressed) or, for an image folder, a
+    `FolderImages` that decodes the images indexed; index it, do not take the whole of it.
+    """
+
+    x: torch.Tensor | FolderImages
     y: torch.Tensor
     class_names: list[str] | None = None
 
@@ -33,13 +37,18 @@ class ImageData:
     def num_classes(self) -> int:
         return int(self.y.max().item()) + 1 if len(self) else 0
 
+    def subset(self, key: slice | torch.Tensor) -> ImageData:
+        """The images and labels at `key` (an image folder's stay undecoded)."""
+        x = self.x.take(key) if isinstance(self.x, FolderImages) else self.x[key]
+        return ImageData(x, self.y[key], self.class_names)
+
 
 def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
     """Load an .npz (x: uint8 N x H x W [x C], y: int N) or an ImageFolder directory (one folder per class).
 
-    An .npz written with `np.savez` (members stored, not compressed) has its images mapped from disk, so only the
-    batches read sit in memory (an ImageNet-size validation set is ~7.5 GB); a compressed one
-    (`np.savez_compressed`) and an image folder are read whole.
+    An .npz written with `np.savez` (members stored, not compressed) has its images mapped from disk and an image
+    folder's are decoded when indexed, so only the batches read sit in memory (an ImageNet-size validation set is
+    ~7.5 GB); a compressed .npz (`np.savez_compressed`) is read whole.
     """
     p = Path(path)
     if not p.exists():
@@ -88,20 +97,80 @@ def _load_folder(p: Path, flag: str) -> ImageData:
     classes = sorted(d.name for d in p.iterdir() if d.is_dir())
     if not classes:
         raise DfkdError(f"{flag} {p}: an image folder needs one sub-folder per class")
-    xs, ys = [], []
+    files, ys, shapes = [], [], set()
     for label, name in enumerate(classes):
         for f in sorted((p / name).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
-                with Image.open(f) as im:
-                    xs.append(np.asarray(im.convert("RGB" if im.mode not in ("L", "1") else "L")))
+                try:
+                    with Image.open(f) as im:  # reads the header only
+                        shapes.add((1 if im.mode in GREY_MODES else 3, im.height, im.width))
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise _unreadable(flag, f, e) from None
+                files.append(f)
                 ys.append(label)
-    if not xs:
+    if not files:
         raise DfkdError(f"{flag} {p}: no images found in its class folders")
-    if len({a.shape for a in xs}) != 1:
-        raise DfkdError(f"{flag} {p}: images differ in size; resize them to one size first")
-    x = np.stack(xs)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    return ImageData(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(ys), classes)
+    if len(shapes) != 1:
+        raise DfkdError(f"{flag} {p}: images differ in size or colour (grey and colour); bring them to one size "
+                        "and kind first")
+    return ImageData(FolderImages(files, shapes.pop(), flag), torch.tensor(ys), classes)
+
+
+GREY_MODES = ("L", "1")
+
+
+def _unreadable(flag: str, f: Path, e: Exception) -> DfkdError:
+    return DfkdError(f"{flag} {f}: not a readable image ({str(e)[:100]}); remove or replace it")
+
+
+class FolderImages:
+    """An image folder's pictures as a uint8 (N, C, H, W) array that decodes only the images indexed.
+
+    Indexing with an int gives one (C, H, W) tensor; with a slice, index tensor, list or boolean mask a
+    (K, C, H, W) tensor. `take` gives a lazy subset. So memory grows with the batch read, not with the folder.
+    """
+
+    dtype = torch.uint8
+    ndim = 4
+
+    def __init__(self, files: list[Path], shape: tuple[int, int, int], flag: str = "--data") -> None:
+        self.files, self.flag = list(files), flag
+        self.shape = torch.Size((len(self.files), *shape))
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _indices(self, key: slice | torch.Tensor | np.ndarray | list[int]) -> list[int]:
+        if isinstance(key, slice):
+            return list(range(len(self)))[key]
+        key = torch.as_tensor(key)
+        return key.nonzero().flatten().tolist() if key.dtype == torch.bool else key.flatten().tolist()
+
+    def __getitem__(self, key: int | slice | torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
+        if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.ndim == 0
+                                                   and key.dtype != torch.bool):
+            return self._read(self.files[int(key)])
+        idx = self._indices(key)
+        if not idx:
+            return torch.empty(0, *self.shape[1:], dtype=torch.uint8)
+        return torch.stack([self._read(self.files[i]) for i in idx])
+
+    def take(self, key: slice | torch.Tensor | list[int]) -> FolderImages:
+        """The images at `key`, still undecoded."""
+        return FolderImages([self.files[i] for i in self._indices(key)], tuple(self.shape[1:]), self.flag)
+
+    def _read(self, f: Path) -> torch.Tensor:
+        from PIL import Image
+
+        try:
+            with Image.open(f) as im:
+                a = np.asarray(im.convert("L" if self.shape[1] == 1 else "RGB"))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise _unreadable(self.flag, f, e) from None
+        if a.shape[:2] != tuple(self.shape[2:]):
+            raise DfkdError(f"{self.flag} {f}: {a.shape[1]}x{a.shape[0]} px, the folder's other images are "
+                            f"{self.shape[3]}x{self.shape[2]}; bring them to one size first")
+        return torch.from_numpy(np.array(a[None] if a.ndim == 2 else a.transpose(2, 0, 1)))  # a writable copy
 
 
 def to_model_input(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:

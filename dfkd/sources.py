@@ -194,8 +194,7 @@ class RealImages(Source):
         """Each rank reads its own slice of the images (its epochs are permutations of that slice)."""
         if world > 1:
             data = method.synth.data
-            method.synth.data = type(data)(*(t[rank_slice(len(data), rank, world)] for t in (data.x, data.y)),
-                                           data.class_names)
+            method.synth.data = data.subset(rank_slice(len(data), rank, world))
 
 
 @register_source

@@ -36,9 +36,14 @@ class TeacherConfig:
 
 def data_spec(data: ImageData, size: int) -> InputSpec:
     """Normalisation from the training pixels themselves (per-channel mean and std in [0, 1] units)."""
-    x = data.x[: 20000].float().div(255.0)
-    dims = (0, 2, 3)
-    return InputSpec(data.x.shape[1], size, tuple(x.mean(dims).tolist()), tuple(x.std(dims).tolist()))
+    n, total, squares = min(len(data), 20000), 0.0, 0.0
+    for i in range(0, n, 1000):  # a batch at a time: 20,000 ImageNet-size images are 12 GB as floats
+        x = data.x[i:min(i + 1000, n)].double().div(255.0)
+        total, squares = total + x.sum((0, 2, 3)), squares + x.square().sum((0, 2, 3))
+    count = n * data.x.shape[2] * data.x.shape[3]
+    mean = total / count
+    std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt()
+    return InputSpec(data.x.shape[1], size, tuple(mean.tolist()), tuple(std.tolist()))
 
 
 def augment(x01: torch.Tensor, flip: bool) -> torch.Tensor:

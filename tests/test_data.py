@@ -64,7 +64,7 @@ def test_image_folder_grey(tmp_path):
         (tmp_path / cls).mkdir()
         Image.fromarray(np.full((10, 10), 200, np.uint8), mode="L").save(tmp_path / cls / "x.png")
     data = load_images(tmp_path)
-    assert data.x.shape == (2, 1, 10, 10) and int(data.x.max()) == 200
+    assert data.x.shape == (2, 1, 10, 10) and int(data.x[:].max()) == 200
 
 
 def test_image_folder_without_class_folders(tmp_path):
@@ -227,3 +227,43 @@ def test_channels_last_beyond_three_is_named_in_the_channel_error(tmp_path):
         check_fits(data, 10, GREY, "--data", "w.npz")
     grey3 = load_images(_npz(tmp_path / "g.npz", np.zeros((5, 3, 28, 28), np.uint8), np.arange(5)))
     check_fits(grey3, 10, GREY, "--data", "g.npz")  # colour for a grey model: averaged, no error
+
+
+def test_image_folder_decodes_only_what_is_indexed(tmp_path):
+    from PIL import Image
+
+    from dfkd.data import FolderImages
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), 10 * i + (cls == "b"), np.uint8)).save(tmp_path / cls / f"{i}.png")
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "b" / "2.png")
+    blob = (tmp_path / "b" / "2.png").read_bytes()
+    (tmp_path / "b" / "2.png").write_bytes(blob[: len(blob) - 40])  # its header is intact, its pixels are not
+    data = load_images(tmp_path, "--eval-data")  # headers only: the broken image is not decoded yet
+    assert isinstance(data.x, FolderImages) and data.x.shape == (6, 3, 8, 8) and len(data) == 6
+    assert int(data.x[4][0, 0, 0]) == 11 and data.x[torch.tensor([0, 3])][:, 0, 0, 0].tolist() == [0, 1]
+    assert data.x[data.y == 0].shape == (3, 3, 8, 8)  # a boolean mask, as a tensor would take it
+    half = data.subset(slice(0, 3))
+    assert isinstance(half.x, FolderImages) and half.y.tolist() == [0, 0, 0] and len(half) == 3
+    with pytest.raises(DfkdError, match=r"--eval-data .*2\.png: not a readable image"):
+        data.x[5]
+    batches = iterate_batches(data, COLOUR, 4, "cpu")
+    assert next(batches)[0].shape == (4, 3, 32, 32)
+    with pytest.raises(DfkdError, match="not a readable image"):
+        next(batches)
+
+
+def test_image_folder_refusals(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "a" / "grey.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "colour.png")
+    with pytest.raises(DfkdError, match="differ in size or colour"):
+        load_images(tmp_path)
+    (tmp_path / "a" / "colour.png").write_bytes(b"not a png at all")
+    with pytest.raises(DfkdError, match=r"colour\.png: not a readable image"):
+        load_images(tmp_path)
