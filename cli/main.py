@@ -365,14 +365,18 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
             loaded = load_with_options(teacher, pop_teacher_options(kw))
             click.echo(f"  defaults for --teacher {teacher}:")
         params = cls.finalize(cls.default_params(loaded, recipe))
-        for k, v in params.items():
-            click.echo(f"  {k:14s} {v!r}")
-        click.echo("\n" + "\n".join(recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})))
-        if loaded is not None:
+        lines = recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})
+        if loaded is not None:  # the default student: its clip, and the line a run prints about it
+            from dfkd.build import clip_unnormalised
             from dfkd.students import build_student, student_arch, student_line
 
             name, student_kwargs = student_arch(loaded, None)
-            click.echo(student_line(loaded, None, name, build_student(name, student_kwargs)))
+            net = build_student(name, student_kwargs)
+            params, clip = clip_unnormalised(params, {}, net)
+            lines += [clip] * bool(clip) + [student_line(loaded, None, name, net)]
+        for k, v in params.items():
+            click.echo(f"  {k:14s} {v!r}")
+        click.echo("\n" + "\n".join(lines))
         return
     if teacher:
         raise DfkdError("--teacher goes with --params NAME: dfkd methods --params dfad --teacher T.pt")

@@ -90,3 +90,9 @@ def test_methods_params_shows_the_recipe_and_the_kept_deviations(teacher_file: s
     assert "recipe: cpu (teacher 1x32x32" in lenet and "departs from the paper: g_steps = 40 (paper: 200" in lenet
     forced = CliRunner().invoke(main, ["methods", "--params", "cmi", "--teacher", teacher_file, "--recipe", "paper"])
     assert "recipe: paper (set by recipe=paper)" in forced.output and "  ngf            64" in forced.output
+
+
+def test_methods_params_shows_the_clip_of_the_default_student(teacher_file: str) -> None:
+    out = CliRunner().invoke(main, ["methods", "--params", "dfad", "--teacher", teacher_file]).output
+    assert "  clip_s         1.0" in out and "clip_s = 1 (default: None; the student has no normalisation" in out
+    assert "  clip_s         None" in CliRunner().invoke(main, ["methods", "--params", "dfad"]).output  # no student

@@ -180,3 +180,17 @@ def test_checkpoint_rng_on_a_gpu_restores_that_gpu() -> None:
     assert torch.equal(torch.rand(3, device=device), expected)
     set_rng_state({**state, "cuda": [state["cuda"]] * 64}, device)  # an old checkpoint from a 64-GPU machine
     assert torch.equal(torch.rand(3, device=device), expected)
+
+
+def test_a_student_without_normalisation_is_clipped_unless_told(teacher_file: str) -> None:
+    teacher, cpu = load_teacher(teacher_file), torch.device("cpu")
+    plain = build_method("dfad", teacher, {"batch_size": 8}, cpu, seed=0)  # lenet5_half: no BatchNorm
+    assert plain.params["clip_s"] == plain.method.p["clip_s"] == 1.0
+    assert any("dfkd setting (not the paper's): clip_s = 1 (default: None; the student has no normalisation" in line
+               for line in plain.recipe_lines)
+    told = build_method("dfad", teacher, {"batch_size": 8, "clip_s": None}, cpu, seed=0)  # -p clip_s=null
+    assert told.params["clip_s"] is None and not any("clip_s" in line for line in told.recipe_lines)
+    normed = build_method("dfad", teacher, {"batch_size": 8}, cpu, seed=0, student="lenet5_half_bn")
+    assert normed.params["clip_s"] is None
+    own = build_method("fast", teacher, {}, cpu, seed=0)  # its CPU recipe clips already: that line, not this one
+    assert own.params["clip_s"] == 1.0 and not any("normalisation layer" in line for line in own.recipe_lines)
