@@ -194,3 +194,13 @@ def test_a_student_without_normalisation_is_clipped_unless_told(teacher_file: st
     assert normed.params["clip_s"] is None
     own = build_method("fast", teacher, {}, cpu, seed=0)  # its CPU recipe clips already: that line, not this one
     assert own.params["clip_s"] == 1.0 and not any("normalisation layer" in line for line in own.recipe_lines)
+
+
+def test_the_inversion_cpu_recipes_leave_the_student_unclipped(teacher_file: str) -> None:
+    teacher, cpu = load_teacher(teacher_file), torch.device("cpu")
+    for name in ("deepinversion", "adi"):
+        assert build_method(name, teacher, {}, cpu, seed=0).params["clip_s"] is None  # its lr 0.01: the clip slowed it
+        paper = build_method(name, teacher, {"recipe": "paper"}, cpu, seed=0)  # lr 0.1 killed a LeNet-5: clipped
+        assert paper.params["clip_s"] == 1.0
+    off = build_method("dfad", teacher, {"clip_unnormalised": False}, cpu, seed=0)
+    assert off.params["clip_s"] is None

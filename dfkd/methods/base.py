@@ -36,6 +36,7 @@ BASE_DEFAULTS: dict[str, Any] = {
     "gamma": 0.1,
     "T": 1.0,  # KD temperature of the student loss
     "clip_s": None,  # None, or the largest L2 norm of the student's gradient in one step (clipped above it)
+    "clip_unnormalised": True,  # clip_s None and a student without normalisation layers: clip at 1 (dfkd.build)
     "g_steps": 1,
     "s_steps": 1,
     # Student-side objectives added to any method's own loss (dfkd.objectives):
@@ -54,12 +55,12 @@ BASE_DEFAULTS: dict[str, Any] = {
 
 #: Settings added after runs were saved, with the value such a run trained with: a run whose checkpoint lacks one
 #: resumes with it, not with today's recipe, so it still ends with the student it would have.
-ADDED_SETTINGS: dict[str, Any] = {"clip_s": None}
+ADDED_SETTINGS: dict[str, Any] = {"clip_s": None, "clip_unnormalised": False}
 
 #: The settings above, BN-statistics methods' `input_stats` and where pools are stored: dfkd's own, no paper's.
 OWN_SETTINGS = frozenset({"recipe", "feature_loss", "feature_weight", "discriminator", "disc_weight", "lr_d",
-                          "teacher_weights", "teacher_weighting", "pool_dir", "pool_dtype", "ram_budget_mib",
-                          *WATCH_DEFAULTS, *SELECT_DEFAULTS, *BN_DEFAULTS})
+                          "clip_unnormalised", "teacher_weights", "teacher_weighting", "pool_dir", "pool_dtype",
+                          "ram_budget_mib", *WATCH_DEFAULTS, *SELECT_DEFAULTS, *BN_DEFAULTS})
 
 
 def step_logs(prefix: str, losses: LossDict) -> dict[str, torch.Tensor | float]:
