@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,9 +141,9 @@ class FolderImages:
     def __len__(self) -> int:
         return len(self.files)
 
-    def _indices(self, key: slice | torch.Tensor | np.ndarray | list[int]) -> list[int]:
+    def _indices(self, key: slice | torch.Tensor | np.ndarray | list[int]) -> Sequence[int]:
         if isinstance(key, slice):
-            return list(range(len(self)))[key]
+            return range(len(self))[key]  # a range: no list of every index for each batch of a large folder
         key = torch.as_tensor(key)
         return key.nonzero().flatten().tolist() if key.dtype == torch.bool else key.flatten().tolist()
 
