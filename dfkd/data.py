@@ -23,7 +23,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 class ImageData:
     """Images as uint8 (N, C, H, W) and labels as int64 (N,), with optional class names.
 
-    `x` is a tensor (an .npz's, mapped from disk where it was stored uncompressed) or, for an image folder, a
+    `x` is a tensor (an .npz's, mapped from disk where it was stored or is large) or, for an image folder, a
     `FolderImages` that decodes the images indexed; index it, do not take the whole of it.
     """
 
@@ -49,7 +49,8 @@ def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
 
     An .npz written with `np.savez` (members stored, not compressed) has its images mapped from disk and an image
     folder's are decoded when indexed, so only the batches read sit in memory (an ImageNet-size validation set is
-    ~7.5 GB); a compressed .npz (`np.savez_compressed`) is read whole.
+    ~7.5 GB); a compressed .npz (`np.savez_compressed`) is read whole up to 1 GiB of images and past that
+    decompressed once to a temporary file and mapped from there (`dfkd.io.memmap_member`).
     """
     p = Path(path)
     if not p.exists():

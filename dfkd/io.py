@@ -117,21 +117,66 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
                         "corrupt?") from None
 
 
+#: A compressed .npz member larger than this (uncompressed) is decompressed to a temporary file and mapped from
+#: there rather than read into memory (1 GiB: the pools' default RAM budget).
+SPILL_BYTES = 1 << 30
+
+
 def memmap_member(path: str | os.PathLike, name: str) -> np.ndarray | None:
-    """An uncompressed .npy member of an .npz mapped from disk (copy-on-write); None if it is compressed."""
+    """An .npy member of an .npz mapped from disk (copy-on-write), so memory grows with the batch read, not the file.
+
+    A stored (`np.savez`) member is mapped in place. A compressed (`np.savez_compressed`) member is decompressed,
+    a block at a time, to an unnamed temporary file (in `TMPDIR`) and mapped from there when it is larger than
+    `SPILL_BYTES`; below that, and for Fortran-ordered or object members, the answer is None: read it whole.
+    """
     with zipfile.ZipFile(path) as zf:
         info = zf.getinfo(f"{name}.npy")
-    if info.compress_type != zipfile.ZIP_STORED:
-        return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            if info.file_size <= SPILL_BYTES:
+                return None
+            with zf.open(info) as f:
+                return _spill(f, path, name)
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         local = f.read(30)
         f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30],
                                                                                                  "little"))
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
+        shape, fortran, dtype = _npy_header(f)
         offset = f.tell()
     if fortran or dtype.hasobject:
         return None
     return np.memmap(path, dtype=dtype, mode="c", offset=offset, shape=shape)
+
+
+def _npy_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def _spill(f: IO[bytes], path: str | os.PathLike, name: str) -> np.ndarray | None:
+    """Copy the array data of the .npy stream `f` to an unlinked temporary file and map it (None: read it whole)."""
+    shape, fortran, dtype = _npy_header(f)
+    if fortran or dtype.hasobject:
+        return None
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    fd, tmp = tempfile.mkstemp(prefix="dfkd-", suffix=f".{name}.npy-data")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            left = size
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    raise ValueError(f"member {name!r} ends {left} bytes early")
+                out.write(block)
+                left -= len(block)
+        return np.memmap(tmp, dtype=dtype, mode="c", shape=shape) if size else np.empty(shape, dtype)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise DfkdError(f"{path}: its compressed member {name!r} ({size / 2**30:.1f} GiB) is decompressed to "
+                        f"{tempfile.gettempdir()} to be read a batch at a time, and there is no room there "
+                        f"({os.strerror(e.errno)}); set TMPDIR to a disk with room, or write the file with np.savez "
+                        "(uncompressed), which is read in place") from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # the map keeps the data until the array is freed

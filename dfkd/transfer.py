@@ -116,7 +116,7 @@ def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
         if missing:
             raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
         out = {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files and k != "x"}
-        x = memmap_member(p, "x")  # a stored (uncompressed) member is mapped, not read: files beyond RAM load
+        x = memmap_member(p, "x")  # mapped, not read (a large compressed one via a temp file): files beyond RAM load
         out["x"] = d["x"] if x is None else x
         return out
 

@@ -212,6 +212,73 @@ def test_stored_npz_is_mapped_not_read(tmp_path):
     assert torch.equal(last[1], to_model_input(torch.full((1, 3, 128, 128), 7, dtype=torch.uint8), COLOUR)[0])
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident set size from /proc")
+def test_large_compressed_npz_is_mapped_through_a_temporary_file(tmp_path, monkeypatch):
+    # 160 MiB of images in np.savez_compressed: past the spill size they are decompressed a block at a time to an
+    # unnamed temporary file and mapped, so loading does not hold them in memory and leaves no file behind
+    import dfkd.io
+
+    monkeypatch.setattr(dfkd.io, "SPILL_BYTES", 1 << 20)
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr("tempfile.tempdir", None)
+    x = np.zeros((3400, 128, 128, 3), dtype=np.uint8)
+    x[-1] = 7
+    np.savez_compressed(tmp_path / "big.npz", x=x, y=np.arange(3400) % 10)
+    del x
+    before = _rss_mib()
+    data = load_images(tmp_path / "big.npz", "--eval-data")
+    grown = _rss_mib() - before
+    assert grown < 32, f"loading a 160 MiB compressed .npz grew memory by {grown:.0f} MiB"
+    assert data.x.shape == (3400, 3, 128, 128) and int(data.x[-1].min()) == 7 and int(data.x[-2].max()) == 0
+    assert list((tmp_path / "tmp").iterdir()) == []  # unlinked once mapped
+    spilled = []
+    monkeypatch.setattr(dfkd.io, "_spill", lambda *a: spilled.append(a))
+    small = load_images(_npz_compressed(tmp_path / "small.npz", np.full((4, 28, 28), 3, np.uint8)), "--data")
+    assert not spilled and int(small.x.sum()) == 3 * 4 * 28 * 28  # under the spill size: read whole
+
+
+def _npz_compressed(path, x):
+    np.savez_compressed(path, x=x, y=np.arange(len(x)) % 10)
+    return path
+
+
+def test_compressed_npz_spill_errors_name_the_problem(tmp_path, monkeypatch):
+    import errno
+    import zipfile
+
+    import dfkd.io
+
+    monkeypatch.setattr(dfkd.io, "SPILL_BYTES", 0)
+    path = _npz_compressed(tmp_path / "c.npz", np.arange(50 * 28 * 28, dtype=np.uint32).astype(np.uint8)
+                           .reshape(50, 28, 28))
+    spilled, spill = [], dfkd.io._spill
+    monkeypatch.setattr(dfkd.io, "_spill", lambda *a: spilled.append(a) or spill(*a))
+    data = load_images(path)  # spilled, even at this size
+    assert spilled and torch.equal(data.x[:, 0], torch.from_numpy(np.arange(50 * 28 * 28).astype(np.uint8)
+                                                                  .reshape(50, 28, 28)))
+    real_open = os.fdopen
+
+    def full_disk(fd, *a, **kw):
+        f = real_open(fd, *a, **kw)
+        def write(_):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write = write
+        return f
+
+    monkeypatch.setattr(dfkd.io.os, "fdopen", full_disk)
+    with pytest.raises(DfkdError, match="no room there .*set TMPDIR to a disk with room, or write the file with "
+                                        "np.savez"):
+        load_images(path, "--eval-data")
+    monkeypatch.setattr(dfkd.io.os, "fdopen", real_open)
+    short = tmp_path / "short.npz"  # a member whose stream ends early: one error, as for a truncated file
+    with zipfile.ZipFile(path) as zf, zipfile.ZipFile(short, "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("x.npy", zf.read("x.npy")[:-100])
+        out.writestr("y.npy", zf.read("y.npy"))
+    with pytest.raises(DfkdError, match="truncated or corrupt"):
+        load_images(short, "--eval-data")
+
+
 def test_truncated_stored_npz_is_one_error(tmp_path):
     path = _npz(tmp_path / "t.npz", np.zeros((50, 28, 28), np.uint8), np.arange(50) % 10)
     blob = path.read_bytes()
