@@ -160,7 +160,12 @@ def _spill(f: IO[bytes], path: str | os.PathLike, name: str) -> np.ndarray | Non
     if fortran or dtype.hasobject:
         return None
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    fd, tmp = tempfile.mkstemp(prefix="dfkd-", suffix=f".{name}.npy-data")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="dfkd-", suffix=f".{name}.npy-data")
+    except OSError as e:
+        raise DfkdError(f"{path}: cannot make a temporary file in {tempfile.gettempdir()} to read its compressed "
+                        f"member {name!r} a batch at a time ({e.strerror}); set TMPDIR to a writable directory "
+                        "with room, or write the file with np.savez (uncompressed), which is read in place") from None
     try:
         with os.fdopen(fd, "wb") as out:
             left = size

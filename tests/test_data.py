@@ -271,6 +271,10 @@ def test_compressed_npz_spill_errors_name_the_problem(tmp_path, monkeypatch):
                                         "np.savez"):
         load_images(path, "--eval-data")
     monkeypatch.setattr(dfkd.io.os, "fdopen", real_open)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "no-such-dir"))
+    with pytest.raises(DfkdError, match="cannot make a temporary file in .*no-such-dir.*set TMPDIR"):
+        load_images(path, "--eval-data")
+    monkeypatch.setattr("tempfile.tempdir", None)
     short = tmp_path / "short.npz"  # a member whose stream ends early: one error, as for a truncated file
     with zipfile.ZipFile(path) as zf, zipfile.ZipFile(short, "w", zipfile.ZIP_DEFLATED) as out:
         out.writestr("x.npy", zf.read("x.npy")[:-100])
