@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -160,28 +161,23 @@ def _spill(f: IO[bytes], path: str | os.PathLike, name: str) -> np.ndarray | Non
     if fortran or dtype.hasobject:
         return None
     size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    fix = "set TMPDIR to a disk with room, or write the file with np.savez (uncompressed), which is read in place"
     try:
         fd, tmp = tempfile.mkstemp(prefix="dfkd-", suffix=f".{name}.npy-data")
     except OSError as e:
         raise DfkdError(f"{path}: cannot make a temporary file in {tempfile.gettempdir()} to read its compressed "
-                        f"member {name!r} a batch at a time ({e.strerror}); set TMPDIR to a writable directory "
-                        "with room, or write the file with np.savez (uncompressed), which is read in place") from None
+                        f"member {name!r} a batch at a time ({e.strerror}); {fix}") from None
     try:
         with os.fdopen(fd, "wb") as out:
-            left = size
-            while left:
-                block = f.read(min(left, 1 << 24))
-                if not block:
-                    raise ValueError(f"member {name!r} ends {left} bytes early")
-                out.write(block)
-                left -= len(block)
+            shutil.copyfileobj(f, out, 1 << 24)
+            if out.tell() != size:
+                raise ValueError(f"member {name!r} holds {out.tell()} of its {size} bytes")
         return np.memmap(tmp, dtype=dtype, mode="c", shape=shape) if size else np.empty(shape, dtype)
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
         raise DfkdError(f"{path}: its compressed member {name!r} ({size / 2**30:.1f} GiB) is decompressed to "
                         f"{tempfile.gettempdir()} to be read a batch at a time, and there is no room there "
-                        f"({os.strerror(e.errno)}); set TMPDIR to a disk with room, or write the file with np.savez "
-                        "(uncompressed), which is read in place") from None
+                        f"({os.strerror(e.errno)}); {fix}") from None
     finally:
         Path(tmp).unlink(missing_ok=True)  # the map keeps the data until the array is freed
