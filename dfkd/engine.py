@@ -36,11 +36,12 @@ from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
+from dfkd.methods._recipes import heavy_teacher, millions
 from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir
-from dfkd.precision import Precision, deterministic_env, resolve_precision, run_networks
+from dfkd.precision import Precision, cpu_bf16, deterministic_env, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
@@ -149,8 +150,7 @@ class Run:
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
         self.watch = RunWatch(self)
-        self.precision = Precision(resolve_precision(cfg.precision, self.device, dist.world), self.device, cfg.compile,
-                                   cfg.deterministic)
+        self.precision = self._precision()
         self.precision.prepare(run_networks(self.method))
         self.losses = LossBuffer()  # summed on the device, read back on logging steps only
         self.image_step = -1  # the step of the last synthetic-image grid logged
@@ -160,6 +160,17 @@ class Run:
             except BaseException:  # a checkpoint that does not fit: the process's flags and files as they were
                 self.close()
                 raise
+
+    def _precision(self) -> Precision:
+        """The run's numerics; `auto`'s bf16 on a CPU (a heavy teacher, a native bf16 unit) says so at start."""
+        cfg = self.cfg
+        macs = heavy_teacher(self.teacher) if cfg.precision == "auto" and self.source.has_teacher else None
+        name = resolve_precision(cfg.precision, self.device, self.dist.world, heavy=macs is not None)
+        if cfg.precision == "auto" and name == "bf16":
+            self.recipe_lines.append(
+                f"precision: bf16 (auto: this CPU computes bf16 natively, flag {cpu_bf16()}, and the teacher costs "
+                f"{millions(macs)} multiply-adds an input; --precision fp32 keeps fp32)")
+        return Precision(name, self.device, cfg.compile, cfg.deterministic)
 
     def close(self) -> None:
         """Release the method's files and put back the process-wide flags `Precision.prepare` set."""

@@ -1,12 +1,14 @@
-"""Speed on a GPU: mixed precision, channels-last, torch.compile and cudnn.benchmark for one run.
+"""Speed: mixed precision, channels-last, torch.compile and cudnn.benchmark for one run.
 
-`--precision fp32|bf16|fp16|auto` (auto: fp32 on every device, cuDNN's TF32 convolutions on a recent GPU; the
-note above PRECISIONS says why). bf16 and fp16 run each round under `torch.autocast`; the weights, optimiser states
-and the losses that match BatchNorm statistics or distil logits stay in fp32 (those losses cast their inputs with
-`.float()`). fp16 adds a dynamic loss scale (`torch.amp.GradScaler`); its finite check reads one flag per optimiser
-step back to the host, so fp16 costs one sync a step where bf16 costs none. `--compile` compiles the teacher, the
-student and the generator with `torch.compile`; a network that fails to compile prints one warning line and runs
-eagerly from then on.
+`--precision fp32|bf16|fp16|auto` (auto: fp32 on a GPU, where cuDNN runs fp32 convolutions in TF32, the note above
+PRECISIONS says why; on a CPU with a native bf16 unit (`cpu_bf16`: Intel AMX, AVX-512 BF16) bf16 for a heavy
+teacher, past the CPU recipes' multiply-add line, fp32 otherwise). Channels-last applies to convolutional networks
+on a GPU, and on a CPU under bf16, where oneDNN's bf16 convolutions want it. bf16 and fp16 run each round under
+`torch.autocast`; the weights, optimiser states and the losses that match BatchNorm statistics or distil logits stay
+in fp32 (those losses cast their inputs with `.float()`). fp16 adds a dynamic loss scale (`torch.amp.GradScaler`);
+its finite check reads one flag per optimiser step back to the host, so fp16 costs one sync a step where bf16 costs
+none. `--compile` compiles the teacher, the student and the generator with `torch.compile`; a network that fails to
+compile prints one warning line and runs eagerly from then on.
 
 `--deterministic` makes a GPU run reproducible: deterministic cuDNN convolutions and torch's deterministic
 algorithms (`torch.use_deterministic_algorithms`, warn-only: an op with no deterministic CUDA kernel warns and runs
@@ -21,10 +23,12 @@ run's loss scale when there is one and are plain `loss.backward()` / `opt.step()
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,15 +41,40 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # in TF32 there, so bf16 was no faster on the papers' ResNet-34 -> ResNet-18 pair (fast 7,775 against 10,845
 # images/s, DFQ 11,128 / 12,768, DeepInversion 8,125 / 10,583; it halves GPU memory). `--precision bf16` remains
 # for memory; its logits and KD gradients matched the CPU's in every layout (bench/gpu_numerics.py).
+# On a CPU, measured on this project's bench machine (2 cores with AMX, 2026-12-06, torch 2.11, one thread): a
+# KD step of a WRN-16-2 teacher and WRN-16-1 student at batch 128 took 2.2x less CPU time in bf16 than fp32, 2.8x
+# with channels-last; a LeNet-5 pair 1.1-1.2x. So `auto` takes bf16 on such a CPU for heavy teachers only (past
+# `dfkd.methods._recipes.CPU_TEACHER_MACS`), where the gain is large; accuracy against fp32: README *Methods*,
+# "bf16 on a CPU".
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: The CPU flags of a native bf16 unit (Intel AMX on Sapphire Rapids and later, AVX-512 BF16 on Cooper Lake and
+#: AMD Zen 4 and later); without one, bf16 on a CPU is emulated and slower than fp32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 #: The loss scale of the run in progress (fp16 only); None: plain backward and step.
 _scaler: torch.amp.GradScaler | None = None
 _pending = False  # an optimiser stepped under the scale since its last update
 
 
-def resolve_precision(name: str, device: torch.device, world: int = 1) -> str:
-    """`auto` made concrete for `device`; an explicit choice the device cannot run is a DfkdError.
+@functools.cache
+def cpu_bf16() -> str | None:
+    """The flag by which this CPU computes bf16 natively (`BF16_CPU_FLAGS`), or None (none, or not Linux)."""
+    try:
+        return bf16_flag(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return None
+
+
+def bf16_flag(cpuinfo: str) -> str | None:
+    """The first of `BF16_CPU_FLAGS` in the first "flags" line of a /proc/cpuinfo text, or None."""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return next((f for f in BF16_CPU_FLAGS if f in flags), None)
+
+
+def resolve_precision(name: str, device: torch.device, world: int = 1, heavy: bool = False) -> str:
+    """`auto` made concrete for `device` and the teacher; an explicit choice the device cannot run is a DfkdError.
+
+    `auto` is bf16 on a CPU with a native bf16 unit for a `heavy` teacher, fp32 otherwise.
 
     fp16 is refused for a job of several processes: its loss scaler may skip an optimizer step on one process
     (an inf in that process's gradients) while the others take it, and their gradient averaging would then wait
@@ -55,6 +84,7 @@ def resolve_precision(name: str, device: torch.device, world: int = 1) -> str:
         name: auto, fp32, bf16 or fp16.
         device: where the run computes.
         world: processes in the job (torchrun).
+        heavy: the teacher costs more multiply-adds an input than the CPU recipes' line (`dfkd.methods._recipes`).
 
     Returns:
         fp32, bf16 or fp16.
@@ -64,8 +94,8 @@ def resolve_precision(name: str, device: torch.device, world: int = 1) -> str:
     if name == "fp16" and world > 1:
         raise DfkdError(f"--precision fp16 with {world} processes: its loss scaling can skip a step on one process "
                         "and not the others; use --precision bf16 (or fp32) under torchrun")
-    if name == "auto":  # bf16 is opt-in: see the note above PRECISIONS
-        return "fp32"
+    if name == "auto":  # bf16 is opt-in on a GPU: see the note above PRECISIONS
+        return "bf16" if device.type == "cpu" and heavy and cpu_bf16() else "fp32"
     if name != "fp32" and device.type not in ("cuda", "cpu"):
         raise DfkdError(f"--precision {name}: mixed precision runs on cuda or cpu, not {device.type}; "
                         "use --precision fp32")
@@ -113,7 +143,7 @@ class Precision:
             method.last_images = x.float()
 
     def prepare(self, modules: dict[str, nn.Module]) -> None:
-        """Channels-last for convolutional networks on a GPU, cudnn.benchmark (or deterministic kernels), `--compile`.
+        """Channels-last for convolutional networks (on a GPU, or bf16 on a CPU), cudnn.benchmark, `--compile`.
 
         Args:
             modules: the run's networks by name (teacher, student, generator), changed in place: parameters and
@@ -128,6 +158,7 @@ class Precision:
             torch.use_deterministic_algorithms(True, warn_only=True)
         if self.device.type == "cuda":
             cudnn.benchmark = not self.deterministic
+        if self.device.type == "cuda" or self.dtype is torch.bfloat16:
             for m in modules.values():
                 if _has_conv(m) and not isinstance(m, torch.jit.ScriptModule):
                     m.to(memory_format=torch.channels_last)

@@ -9,18 +9,20 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import dfkd
+import dfkd.engine
 from dfkd.config import DistillConfig
 from dfkd.engine import Run, distill, new_run_dir, resume
 from dfkd.errors import DfkdError
 from dfkd.logbuf import LossBuffer
 from dfkd.methods import get_method
-from dfkd.precision import Precision, compile_in_place, eager, resolve_precision
+from dfkd.precision import Precision, bf16_flag, compile_in_place, eager, resolve_precision
 from dfkd.runlog import RunLog
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,7 +191,9 @@ def test_resume_may_change_precision(tmp_path: Path) -> None:
 
 
 def test_defaults_per_device_and_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dfkd.precision, "cpu_bf16", lambda: None)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu"), heavy=True) == "fp32", "bf16 emulated: slower than fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", torch.device("cuda")) == "fp32", "bf16 is opt-in on a GPU"
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
@@ -200,6 +204,49 @@ def test_defaults_per_device_and_refusals(monkeypatch: pytest.MonkeyPatch) -> No
     assert resolve_precision("fp16", torch.device("cpu"), world=1) == "fp16"
     with pytest.raises(DfkdError, match="fp16 with 2 processes.*bf16"):
         resolve_precision("fp16", torch.device("cpu"), world=2)  # a skipped step on one rank would hang the others
+
+
+def test_auto_is_bf16_on_a_cpu_with_a_bf16_unit_for_a_heavy_teacher_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dfkd.precision, "cpu_bf16", lambda: "amx_bf16")
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu, heavy=True) == "bf16"
+    assert resolve_precision("auto", cpu, heavy=False) == "fp32", "a LeNet gains 1.1x: not worth bf16's rounding"
+    assert resolve_precision("fp32", cpu, heavy=True) == "fp32", "an explicit choice stands"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", torch.device("cuda"), heavy=True) == "fp32"
+
+
+def test_the_bf16_unit_is_read_from_the_cpu_flags() -> None:
+    line = "flags\t\t: fpu sse2 avx2 avx512f {} fma\n"
+    assert bf16_flag("processor\t: 0\n" + line.format("amx_bf16 amx_tile")) == "amx_bf16"
+    assert bf16_flag(line.format("avx512_bf16")) == "avx512_bf16"
+    assert bf16_flag(line.format("avx512vl")) is None
+    assert bf16_flag("Processor\t: ARMv7\n") is None  # no flags line
+
+
+def test_a_heavy_teacher_on_a_bf16_cpu_runs_in_bf16_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(dfkd.precision, "cpu_bf16", lambda: "amx_bf16")
+    monkeypatch.setattr(dfkd.engine, "cpu_bf16", lambda: "amx_bf16")
+    monkeypatch.setattr(dfkd.engine, "heavy_teacher", lambda teacher: 101_000_000)  # as a WRN-16-2 at 32 px
+    cfg = DistillConfig(teachers=(TEACHER,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        params={"batch_size": 8, "select_every": 0})
+    run = Run(cfg, new_run_dir(cfg, TEACHER)[0])
+    try:
+        assert run.precision.dtype is torch.bfloat16
+        conv = next(m for m in run.method.student.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert any("precision: bf16" in line and "101M" in line and "--precision fp32" in line
+                   for line in run.recipe_lines)
+    finally:
+        run.close()
+    monkeypatch.setattr(dfkd.engine, "heavy_teacher", lambda teacher: None)  # a LeNet: fp32, nothing said
+    cfg = replace(cfg, out=str(tmp_path / "r2"))
+    run = Run(cfg, new_run_dir(cfg, TEACHER)[0])
+    try:
+        assert run.precision.dtype is None and not any("precision" in line for line in run.recipe_lines)
+    finally:
+        run.close()
 
 
 def test_cli_refuses_a_bad_precision_in_a_config_file(tmp_path: Path) -> None:

@@ -93,6 +93,15 @@ def cpu_sized(kind: str | None, macs: int | None) -> bool:
     return kind == "mnist" and macs is not None and macs <= CPU_TEACHER_MACS
 
 
+def heavy_teacher(teacher: Any) -> int | None:
+    """The teacher's multiply-adds an input when past the CPU recipes' line (`CPU_TEACHER_MACS`), else None.
+
+    None too where torch's FLOP counter cannot see into the teacher (a TorchScript file).
+    """
+    macs = multiply_adds(teacher)
+    return macs if macs is not None and macs > CPU_TEACHER_MACS else None
+
+
 def cpu_teacher(teacher: Any) -> bool:
     """True for a teacher like those the CPU recipes were measured on (`cpu_sized`)."""
     kind = teacher_kind(teacher)
