@@ -199,7 +199,8 @@ def _method_names() -> list[str]:
               "fake-quantized student; also write student_int8.onnx and deploy.json.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
               help="Arithmetic of the networks: autocast to bf16/fp16 (losses stay fp32; halves GPU memory).  "
-              "[default: auto: fp32]")
+              "[default: auto: fp32; bf16 on a CPU with a native bf16 unit (AMX, AVX-512 BF16) for a teacher of "
+              "more than 5M multiply-adds an input]")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile teacher, student and "
               "generator (a network that fails to compile runs eagerly, with a warning).")
 @click.option("--deterministic/--no-deterministic", "deterministic", default=None, help="Reproducible GPU kernels "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 from pathlib import Path
@@ -72,11 +73,13 @@ def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
         distill(cfg_for(teacher_file, tmp_path / "r", params={"lr_gen": 1.0}))
 
 
-@pytest.mark.parametrize("method", ["dfad", "dafl"])
-def test_kill_and_resume_equals_uninterrupted(method: str, teacher_file: str, tmp_path: Path,
+@pytest.mark.parametrize(("method", "precision"), [("dfad", "fp32"), ("dafl", "fp32"), ("dfad", "bf16")])
+def test_kill_and_resume_equals_uninterrupted(method: str, precision: str, teacher_file: str, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also in bf16 (channels-last), which `--precision auto` picks on a CPU with a bf16 unit for a heavy teacher."""
     params = {"batch_size": 8, **({"s_steps": 2} if method == "dfad" else {})}
-    full = distill(cfg_for(teacher_file, tmp_path / "full", method=method, params=params, deterministic=True))
+    cfg = functools.partial(cfg_for, method=method, params=params, deterministic=True, precision=precision)
+    full = distill(cfg(teacher_file, tmp_path / "full"))
     cls = get_method(method)
     original = cls.round
     calls = {"n": 0}
@@ -89,7 +92,7 @@ def test_kill_and_resume_equals_uninterrupted(method: str, teacher_file: str, tm
 
     monkeypatch.setattr(cls, "round", dying_round)
     with pytest.raises(SimulatedKill):
-        distill(cfg_for(teacher_file, tmp_path / "killed", method=method, params=params, deterministic=True))
+        distill(cfg(teacher_file, tmp_path / "killed"))
     monkeypatch.setattr(cls, "round", original)
     assert not (tmp_path / "killed" / "student.pt").exists(), "a killed run must not look finished"
     resumed = resume(tmp_path / "killed")
