@@ -96,8 +96,8 @@ RULES: tuple[Rule, ...] = (
          "a WRN-16-2 trained on Fashion-MNIST (90.23; 1x32x32, 101M multiply-adds), 10 CPU-minutes: dfq with its "
          "CPU recipe 91.5 / 88.6 % of the teacher (seeds 0 / 1), fast with the paper's recipe (auto's pick by the "
          "row above before this one) 81.9 / 80.1, fast with its CPU recipe 83.9, cmi with its CPU recipe 80.0; in "
-         "bf16 (`--precision auto` on a CPU with AMX, twenty-fourth session) dfq's CPU recipe 95.0 % at 10 "
-         "CPU-minutes (92.1 in fp32, same code) and 93.6 at 5, fast's 89.2 at 5"),
+         "bf16 (`--precision auto` on a CPU with AMX, twenty-fourth session) dfq's CPU recipe 94.97 / 94.39 % at "
+         "10 CPU-minutes (seeds 0 / 1; 92.1 in fp32 on the same code) and 93.6 at 5, fast's 89.2 / 85.4 at 5"),
     Rule("no BatchNorm, MNIST-kind inputs", lambda p: not p.bn and p.kind == "mnist", "fast", "cpu",
          "README 'Cross-teacher benchmark', 5 CPU-minutes, with the input-statistics term (a BN-free teacher's "
          "input matched to its normalisation): MNIST LeNet-5 (99.21) fast 99.1 % of the teacher, dfad 98.7, zskt "

@@ -41,11 +41,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # in TF32 there, so bf16 was no faster on the papers' ResNet-34 -> ResNet-18 pair (fast 7,775 against 10,845
 # images/s, DFQ 11,128 / 12,768, DeepInversion 8,125 / 10,583; it halves GPU memory). `--precision bf16` remains
 # for memory; its logits and KD gradients matched the CPU's in every layout (bench/gpu_numerics.py).
-# On a CPU, measured on this project's bench machine (2 cores with AMX, 2026-12-06, torch 2.11, one thread): a
+# On a CPU, measured on this project's bench machine (2 cores with AMX, 2026-12-06, torch 2.14, one thread): a
 # KD step of a WRN-16-2 teacher and WRN-16-1 student at batch 128 took 2.2x less CPU time in bf16 than fp32, 2.8x
 # with channels-last; a LeNet-5 pair 1.1-1.2x. So `auto` takes bf16 on such a CPU for heavy teachers only (past
-# `dfkd.methods._recipes.CPU_TEACHER_MACS`), where the gain is large; accuracy against fp32: README *Methods*,
-# "bf16 on a CPU".
+# `dfkd.methods._recipes.CPU_TEACHER_MACS`), where the gain is large; what it does to accuracy (twice the steps in
+# a CPU budget, e.g. DFQ on a WRN-16-2 at 5 CPU-minutes 76.1 -> 93.6 % of the teacher): README *Results*,
+# "Twenty-fourth session".
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: The CPU flags of a native bf16 unit (Intel AMX on Sapphire Rapids and later, AVX-512 BF16 on Cooper Lake and
 #: AMD Zen 4 and later); without one, bf16 on a CPU is emulated and slower than fp32.
