@@ -164,8 +164,7 @@ class Run:
     def _precision(self) -> Precision:
         """The run's numerics; `auto`'s bf16 on a CPU (a heavy teacher, a native bf16 unit) says so at start."""
         cfg = self.cfg
-        counts = cfg.precision == "auto" and self.device.type == "cpu" and self.source.has_teacher and cpu_bf16()
-        macs = heavy_teacher(self.teacher) if counts else None  # (a FLOP count: only where it can decide)
+        macs = heavy_teacher(self.teacher) if cfg.precision == "auto" and self.source.has_teacher else None
         name = resolve_precision(cfg.precision, self.device, self.dist.world, heavy=macs is not None)
         if cfg.precision == "auto" and name == "bf16":
             self.recipe_lines.append(
