@@ -61,6 +61,22 @@ def test_worst_teacher_and_best_method_ignore_unrun_cells() -> None:
     assert all(line.count("|") == table[0].count("|") for line in table)
 
 
+@pytest.mark.parametrize("value, text", [(94.97, "94.97"), (94.94, "94.9"), (95.04, "95.0"), (89.96, "89.96"),
+                                         (99.46, "99.46"), (99.44, "99.4"), (94.9996, "94.999"), (80.0, "80.0")])
+def test_a_cell_under_a_mark_never_reads_as_on_it(value: float, text: str) -> None:
+    assert ct.pct_text(value) == text
+
+
+def test_grid_and_auto_tables_show_a_near_miss_with_the_decimals_it_needs() -> None:
+    acc = {"a": 0.90}
+    cells = [_cell("a", "fast", 0.8547), _cell("a", "auto", 0.85473, picked="fast")]  # 94.97 % of the teacher
+    grid = ct.grid_table(cells, acc, ["a"], ["fast", "auto"]).splitlines()
+    assert grid[2] == "| fast | 94.97 | 94.97 (a) |"
+    assert grid[3] == "| auto | 94.97 (fast) | 94.97 (a) |"
+    assert grid[4] == "| **best method** | fast (94.97) | |"
+    assert ct.auto_table(cells, acc, ["a"]).splitlines()[2] == "| a | fast | 94.97 | fast | 94.97 |"
+
+
 def test_selection_verdict_compares_the_written_student_with_its_candidates() -> None:
     base = {"selected": "ema at step 900 (held-out agreement: ...)", "top1_raw": 0.70, "top1_ema": 0.80}
     assert ct.selection_ok({**base, "top1": 0.80, "top1_best": 0.805})
