@@ -202,7 +202,8 @@ def _method_names() -> list[str]:
               "[default: auto: fp32; bf16 on a CPU with a native bf16 unit (AMX, AVX-512 BF16) for a teacher of "
               "more than 5M multiply-adds an input]")
 @click.option("--compile/--no-compile", "compile", default=None, help="torch.compile teacher, student and "
-              "generator (a network that fails to compile runs eagerly, with a warning).")
+              "generator (a network that fails to compile runs eagerly, with a warning); for GPUs: on a CPU it "
+              "was measured slower (README, The command line).")
 @click.option("--deterministic/--no-deterministic", "deterministic", default=None, help="Reproducible GPU kernels "
               "(deterministic cuDNN and torch algorithms, no cudnn.benchmark): two runs, or a run and its resume, "
               "end bit-equal on a GPU as on a CPU; slower.  [default: off]")
