@@ -88,9 +88,9 @@ def _zoo(name: str, arch: str, dataset: str, epochs: int, bn: bool = False) -> B
     train, test = DATA / f"{dataset}_train.npz", DATA / f"{dataset}_test.npz"
     return BenchTeacher(
         name, "Fashion-MNIST", arch, bn, 32, file, test,
-        f"`dfkd train-teacher --arch {arch} --epochs {epochs}` on {train.name}",
+        f"`dfkd train-teacher --arch {arch} --epochs {epochs} --precision fp32` on {train.name}",
         train=(*run.DFKD, "train-teacher", "--data", str(train), "--arch", arch, "--eval-data", str(test),
-               "--epochs", str(epochs), "--out", str(file)), train_data=train)
+               "--epochs", str(epochs), "--precision", "fp32", "--out", str(file)), train_data=train)
 
 
 def _shipped(name: str, dataset: str, arch: str, bn: bool, test: Path, train: Path | None) -> BenchTeacher:
@@ -210,7 +210,7 @@ def student_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> 
         with file.with_suffix(".log").open("w") as log:
             subprocess.run([*run.DFKD, "train-teacher", "--data", str(data), "--arch", student,
                             "--eval-data", str(t.test), "--epochs", str(epochs), "--input-size", str(t.size),
-                            "--out", str(file), "--force"], check=True, cwd=ROOT, stdout=log,
+                            "--precision", "fp32", "--out", str(file), "--force"], check=True, cwd=ROOT, stdout=log,
                            stderr=subprocess.STDOUT, env=run.child_env(1))
         return run.evaluate(file, str(t.test))
 

@@ -79,7 +79,7 @@ def teacher_path(arch: str, args: argparse.Namespace) -> Path:
     if not path.exists():
         print(f"training teacher {arch} -> {path}", flush=True)
         subprocess.run(["dfkd", "train-teacher", "--data", args.train, "--arch", arch, "--eval-data", args.test,
-                        "--epochs", "12", "--out", str(path)], check=True)
+                        "--epochs", "12", "--precision", "fp32", "--out", str(path)], check=True)
     return path
 
 

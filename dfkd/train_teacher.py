@@ -1,4 +1,4 @@
-"""Training a teacher on real data: `dfkd train-teacher` (standard augmentation, one-cycle schedule)."""
+"""Training a teacher on real data: `dfkd train-teacher` (standard augmentation, one-cycle schedule, `--precision`)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from dfkd.data import ImageData, check_fits, check_training_labels, load_images,
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
+from dfkd.precision import Precision, backward, cpu_bf16, resolve_precision, step
 from dfkd.spec import InputSpec
 from dfkd.utils import pick_device, seed_everything
 
@@ -32,6 +33,7 @@ class TeacherConfig:
     input_size: int = 32
     seed: int = 0
     device: str = "auto"
+    precision: str = "auto"
 
 
 def data_spec(data: ImageData, size: int) -> InputSpec:
@@ -82,23 +84,46 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
         check_fits(test, num_classes, spec, "--eval-data", cfg.eval_data)
     kwargs = {"num_classes": num_classes, "in_channels": spec.channels, "input_size": spec.size}
     model = create(cfg.arch, **kwargs).to(device)
+    precision = _precision(cfg.precision, model, spec, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
     steps_per_epoch = (len(data) + cfg.batch_size - 1) // cfg.batch_size
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     result: dict[str, float] = {}
-    for epoch in range(cfg.epochs):
-        result["train_loss"] = _epoch(model, data, spec, opt, sched, cfg, device, epoch)
-        if test is not None:
-            result["top1"] = accuracy(model, test, spec, device)["top1"]
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {result['train_loss']:.4f}, "
-                       f"test top-1 {100 * result['top1']:.2f}%")
+    precision.prepare({"model": model})
+    try:
+        for epoch in range(cfg.epochs):
+            result["train_loss"] = _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision)
+            if test is not None:  # evaluated in fp32
+                result["top1"] = accuracy(model, test, spec, device)["top1"]
+                tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {result['train_loss']:.4f}, "
+                           f"test top-1 {100 * result['top1']:.2f}%")
+    finally:
+        precision.restore()
+    model.to(memory_format=torch.contiguous_format)  # the file holds plain tensors whatever the run's layout
     meta = ModelFile(cfg.arch, kwargs, spec, num_classes, data.class_names,
                      {"kind": "teacher", "trained_on": os.path.basename(cfg.data), "epochs": cfg.epochs, **result})
     save_model(cfg.out, model, meta)
     return result
 
 
-def _epoch(model, data, spec, opt, sched, cfg, device, epoch) -> float:  # noqa: ANN001
+def _precision(name: str, model: torch.nn.Module, spec: InputSpec, device: torch.device) -> Precision:
+    """The training's numerics from `--precision`; `auto`'s bf16 is said on one line.
+
+    `auto` is bf16 on a CPU with a native bf16 unit for a model past the CPU recipes' multiply-add line (as
+    `dfkd distill` decides for its teacher), fp32 otherwise.
+    """
+    from dfkd.methods import _recipes  # here: dfkd.methods imports this module (the real-data source's augment)
+
+    macs = _recipes.count_macs(model, spec) if name == "auto" else None
+    heavy = macs is not None and macs > _recipes.CPU_TEACHER_MACS
+    resolved = resolve_precision(name, device, heavy=heavy)
+    if name == "auto" and resolved == "bf16":
+        tqdm.write(f"precision: bf16 (auto: this CPU computes bf16 natively, flag {cpu_bf16()}, and the model "
+                   f"costs {_recipes.millions(macs)} multiply-adds an input; --precision fp32 keeps fp32)")
+    return Precision(resolved, device)
+
+
+def _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision) -> float:  # noqa: ANN001
     model.train()
     order = torch.randperm(len(data))
     total, n = 0.0, 0
@@ -107,10 +132,11 @@ def _epoch(model, data, spec, opt, sched, cfg, device, epoch) -> float:  # noqa:
         idx = order[i:i + cfg.batch_size]
         x01 = spec.denormalize(to_model_input(data.x[idx], spec)).to(device)
         x = spec.normalize(augment(x01, flip=spec.channels == 3))
-        loss = F.cross_entropy(model(x), data.y[idx].to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with precision.autocast():  # weights, optimiser and loss in fp32; under bf16/fp16 the layers compute in it
+            loss = F.cross_entropy(model(x).float(), data.y[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            backward(loss)
+            step(opt)
         sched.step()
         total, n = total + loss.item() * len(idx), n + len(idx)
         bar.set_postfix(loss=f"{total / n:.4f}")

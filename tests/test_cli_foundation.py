@@ -104,6 +104,39 @@ def test_train_teacher_writes_a_model_file(trained, squares):
     assert [p.name for p in squares.iterdir() if p.name.startswith(".")] == []  # no temp file left behind
 
 
+def test_train_teacher_auto_precision_is_bf16_for_a_heavy_model_on_a_bf16_cpu(squares, tmp_path, monkeypatch):
+    import dfkd.methods._recipes
+    import dfkd.precision
+    import dfkd.train_teacher
+
+    monkeypatch.setattr(dfkd.precision, "cpu_bf16", lambda: "amx_bf16")
+    monkeypatch.setattr(dfkd.train_teacher, "cpu_bf16", lambda: "amx_bf16")
+    monkeypatch.setattr(dfkd.methods._recipes, "CPU_TEACHER_MACS", 1000)  # a LeNet-5 counts as heavy here
+    dtypes: list[torch.dtype] = []
+    conv_forward = torch.nn.Conv2d.forward
+
+    def spy(self, x):
+        out = conv_forward(self, x)
+        dtypes.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
+    args = ["train-teacher", "--data", str(squares / "train.npz"), "--arch", "lenet5", "--epochs", "3",
+            "--batch-size", "32", "--device", "cpu", "--eval-data", str(squares / "test.npz")]
+    result = _run(*args, "--out", str(tmp_path / "bf16.pt"))
+    assert result.exit_code == 0, result.output
+    assert "precision: bf16 (auto:" in result.output and "--precision fp32 keeps fp32" in result.output
+    assert torch.bfloat16 in dtypes, "the training forwards ran in bf16"
+    assert torch.float32 in dtypes, "the per-epoch evaluation stays fp32"
+    model, meta = load_model(tmp_path / "bf16.pt")
+    assert meta.provenance["top1"] >= 0.9, "it learned"
+    assert all(t.is_contiguous() for t in model.state_dict().values()), "the file holds plain layouts"
+    dtypes.clear()
+    result = _run(*args, "--out", str(tmp_path / "fp32.pt"), "--precision", "fp32")
+    assert result.exit_code == 0, result.output
+    assert "precision" not in result.output and torch.bfloat16 not in dtypes
+
+
 def test_evaluate_json(trained, squares):
     assert trained[0].exit_code == 0, trained[0].output
     result = _run("evaluate", "--model", str(trained[1]), "--data", str(squares / "test.npz"), "--json",

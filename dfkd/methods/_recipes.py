@@ -71,16 +71,26 @@ def multiply_adds(teacher: Any) -> int | None:
     """
     if teacher in _MACS:
         return _MACS[teacher]
-    spec = teacher.spec
-    device = next((q.device for q in teacher.parameters()), torch.device("cpu"))
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            teacher(torch.zeros(1, spec.channels, spec.size, spec.size, device=device))
-        macs: int | None = int(counter.get_total_flops()) // 2
-    except Exception:  # noqa: BLE001 - an exported or scripted teacher the counter cannot see into: no count
-        macs = None
+    macs = count_macs(teacher, teacher.spec)
     _MACS[teacher] = macs
     return macs
+
+
+def count_macs(model: Any, spec: InputSpec) -> int | None:
+    """Multiply-adds of `model` on one zero image of `spec` (None where torch's FLOP counter cannot see in)."""
+    device = next((q.device for q in model.parameters()), torch.device("cpu"))
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()  # BatchNorm's running statistics must not move
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, spec.channels, spec.size, spec.size, device=device))
+        return int(counter.get_total_flops()) // 2
+    except Exception:  # noqa: BLE001 - an exported or scripted teacher the counter cannot see into: no count
+        return None
+    finally:
+        if was_training:
+            model.train()
 
 
 def millions(macs: int | None) -> str:
