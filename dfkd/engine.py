@@ -41,7 +41,7 @@ from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir
-from dfkd.precision import Precision, cpu_bf16, deterministic_env, resolve_precision, run_networks
+from dfkd.precision import Precision, auto_bf16_line, deterministic_env, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
@@ -167,9 +167,7 @@ class Run:
         macs = heavy_teacher(self.teacher) if cfg.precision == "auto" and self.source.has_teacher else None
         name = resolve_precision(cfg.precision, self.device, self.dist.world, heavy=macs is not None)
         if cfg.precision == "auto" and name == "bf16":
-            self.recipe_lines.append(
-                f"precision: bf16 (auto: this CPU computes bf16 natively, flag {cpu_bf16()}, and the teacher costs "
-                f"{millions(macs)} multiply-adds an input; --precision fp32 keeps fp32)")
+            self.recipe_lines.append(auto_bf16_line("teacher", millions(macs)))
         return Precision(name, self.device, cfg.compile, cfg.deterministic)
 
     def close(self) -> None:

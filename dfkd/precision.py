@@ -72,6 +72,12 @@ def bf16_flag(cpuinfo: str) -> str | None:
     return next((f for f in BF16_CPU_FLAGS if f in flags), None)
 
 
+def auto_bf16_line(network: str, macs: str) -> str:
+    """What a run says when `auto` chose bf16 on this CPU for its `network` ("teacher", "model") of `macs`."""
+    return (f"precision: bf16 (auto: this CPU computes bf16 natively, flag {cpu_bf16()}, and the {network} costs "
+            f"{macs} multiply-adds an input; --precision fp32 keeps fp32)")
+
+
 def resolve_precision(name: str, device: torch.device, world: int = 1, heavy: bool = False) -> str:
     """`auto` made concrete for `device` and the teacher; an explicit choice the device cannot run is a DfkdError.
 

@@ -13,7 +13,7 @@ from dfkd.data import ImageData, check_fits, check_training_labels, load_images,
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
-from dfkd.precision import Precision, backward, cpu_bf16, resolve_precision, step
+from dfkd.precision import Precision, auto_bf16_line, backward, resolve_precision, step
 from dfkd.spec import InputSpec
 from dfkd.utils import pick_device, seed_everything
 
@@ -118,8 +118,7 @@ def _precision(name: str, model: torch.nn.Module, spec: InputSpec, device: torch
     heavy = macs is not None and macs > _recipes.CPU_TEACHER_MACS
     resolved = resolve_precision(name, device, heavy=heavy)
     if name == "auto" and resolved == "bf16":
-        tqdm.write(f"precision: bf16 (auto: this CPU computes bf16 natively, flag {cpu_bf16()}, and the model "
-                   f"costs {_recipes.millions(macs)} multiply-adds an input; --precision fp32 keeps fp32)")
+        tqdm.write(auto_bf16_line("model", _recipes.millions(macs)))
     return Precision(resolved, device)
 
 

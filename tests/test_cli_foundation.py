@@ -110,7 +110,6 @@ def test_train_teacher_auto_precision_is_bf16_for_a_heavy_model_on_a_bf16_cpu(sq
     import dfkd.train_teacher
 
     monkeypatch.setattr(dfkd.precision, "cpu_bf16", lambda: "amx_bf16")
-    monkeypatch.setattr(dfkd.train_teacher, "cpu_bf16", lambda: "amx_bf16")
     monkeypatch.setattr(dfkd.methods._recipes, "CPU_TEACHER_MACS", 1000)  # a LeNet-5 counts as heavy here
     dtypes: list[torch.dtype] = []
     conv_forward = torch.nn.Conv2d.forward

@@ -227,7 +227,6 @@ def test_the_bf16_unit_is_read_from_the_cpu_flags() -> None:
 def test_a_heavy_teacher_on_a_bf16_cpu_runs_in_bf16_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(dfkd.precision, "cpu_bf16", lambda: "amx_bf16")
-    monkeypatch.setattr(dfkd.engine, "cpu_bf16", lambda: "amx_bf16")
     monkeypatch.setattr(dfkd.engine, "heavy_teacher", lambda teacher: 101_000_000)  # as a WRN-16-2 at 32 px
     cfg = DistillConfig(teachers=(TEACHER,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
                         params={"batch_size": 8, "select_every": 0})
