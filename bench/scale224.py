@@ -31,7 +31,7 @@ ROOT = HERE.parent
 LIMIT_MIB = 6 * 1024
 #: Smaller batches and fewer iterations per batch (never larger than the recipe's own); nothing else changes.
 CUTS = {"batch_size": 8, "synth_batch_size": 8, "di_batch": 8, "iterations": 2, "di_iters": 2, "g_steps": 2,
-        "s_steps": 2}
+        "s_steps": 2, "g_loops": 1, "gwp_loops": 1}  # NAYER's generator loops a batch (4) and warm-up batches (20)
 
 
 def register_tv_resnet18() -> None:
