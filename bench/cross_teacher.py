@@ -126,7 +126,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="0.1 CPU-minute cells with each method's quick settings: does every pair run?")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one torch thread each")
     ap.add_argument("--force", action="store_true", help="run cells again that are stored already")
-    ap.add_argument("--table-only", action="store_true", help="only write the table of the stored cells")
+    ap.add_argument("--table-only", action="store_true",
+                    help="only write the table of the stored cells (trains and runs nothing)")
     ap.add_argument("--out", default=str(HERE / "results" / "cross_teacher"))
     ap.add_argument("--seed", type=int, default=0,
                     help="the runs' seed; cells of a seed other than 0 are stored and tabled apart "
@@ -170,6 +171,27 @@ def teacher_accuracy(t: BenchTeacher, out: Path) -> float:
     """The teacher's test top-1, measured once with `dfkd evaluate` and kept in OUT/teachers.json."""
     file = ensure_teacher(t)  # trained first on a fresh checkout: the cache key reads the file's time
     return _cached(out, f"{t.name}:{file.stat().st_mtime_ns}", lambda: run.evaluate(file, str(t.test), t.flags))
+
+
+def stored_accuracy(t: BenchTeacher, out: Path) -> float | None:
+    """For `--table-only`: the teacher's top-1 without training anything.
+
+    Measured (`dfkd evaluate`) where its file exists; else the last value OUT/teachers.json holds for it (the
+    teacher the stored cells were measured against); None when neither is there.
+    """
+    if t.file.exists():
+        return teacher_accuracy(t, out)
+    cache = out / "teachers.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    values = [v for k, v in known.items() if k.split(":")[0] == t.name and k.count(":") == 1]
+    return values[-1] if values else None
+
+
+def stored_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> float | None:
+    """For `--table-only`: `student_reference` where it is stored, else None (nothing is trained)."""
+    cache = out / "teachers.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    return known.get(f"{t.name}:student:{student}:{epochs}")
 
 
 def _cached(out: Path, key: str, measure: Callable[[], float]) -> float:
@@ -515,7 +537,11 @@ def main() -> None:
     methods = args.methods or default_methods()
     out = Path(args.out)
     teachers = [TEACHERS[n] for n in args.teachers]
-    acc = {t.name: teacher_accuracy(t, out) for t in teachers}
+    if args.table_only:  # nothing is trained: teachers with neither a file nor a stored accuracy are left out
+        acc = {t.name: a for t in teachers if (a := stored_accuracy(t, out)) is not None}
+        teachers = [t for t in teachers if t.name in acc]
+    else:
+        acc = {t.name: teacher_accuracy(t, out) for t in teachers}
     cells = plan(teachers, methods, args.budget, args.auto_budget, have_auto, args.param, args.seed, args.student)
     todo = pending(cells, out, args.smoke, args.force)
     if args.table_only:
@@ -534,7 +560,8 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         for _ in pool.map(job, todo):
             table.write_text(report(teachers, methods, cells, acc, note))
-    reference = {t.name: (student, student_reference(t, out, student, args.reference_epochs))
+    measure = stored_reference if args.table_only else student_reference
+    reference = {t.name: (student, measure(t, out, student, args.reference_epochs))
                  for t in teachers if (student := args.student or cell_student(t, out)) is not None}
     md = report(teachers, methods, cells, acc, note, reference)
     table.write_text(md)

@@ -46,6 +46,28 @@ def test_finished_cells_are_stored_and_skipped_failed_ones_retried(tmp_path: Pat
     assert ct.pending(list(cells), tmp_path, smoke=True, force=False) == [0, 1, 2]  # smoke cells are others
 
 
+def test_table_only_trains_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = ct.TEACHERS["fmnist_lenet5"]
+    monkeypatch.setattr(ct, "TEACHERS", {t.name: dataclasses.replace(t, file=tmp_path / "gone.pt")})
+    ct._write_json(tmp_path / "teachers.json", {f"{t.name}:1": 0.80, f"{t.name}:2": 0.90,
+                                                f"{t.name}:student:lenet5_half:4": 0.85})
+    cell = {**_cell(t.name, "fast", 0.855), "student": "lenet5_half"}
+    ct._write_json(tmp_path / "cells" / f"{ct.cell_key(t.name, 'fast', 5.0, False)}.json", cell)
+    (tmp_path / "runs" / f"{t.name}--fast--5min").mkdir(parents=True)
+    (tmp_path / "runs" / f"{t.name}--fast--5min" / "config.json").write_text(json.dumps({"student": "lenet5_half"}))
+
+    def no_subprocess(*a, **k):
+        raise AssertionError(f"--table-only ran {a}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(sys, "argv", ["cross_teacher.py", "--table-only", "--teachers", t.name, "--methods", "fast",
+                                      "--out", str(tmp_path)])
+    ct.main()
+    md = (tmp_path / "cross_teacher.md").read_text()
+    assert f"| fast | 95.0 | 95.0 ({t.name}) |" in md, "the last stored teacher accuracy, 90 %"
+    assert "lenet5_half 85.00 (94.4)" in md, "the stored real-label reference"
+
+
 def test_worst_teacher_and_best_method_ignore_unrun_cells() -> None:
     cells = [_cell("a", "dfad", 0.81), _cell("b", "dfad", 0.60), _cell("a", "fast", 0.88), _cell("b", "fast", None,
              error="x"), _cell("b", "zskt", 0.72)]
