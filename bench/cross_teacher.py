@@ -181,26 +181,27 @@ def stored_accuracy(t: BenchTeacher, out: Path) -> float | None:
     """
     if t.file.exists():
         return teacher_accuracy(t, out)
-    cache = out / "teachers.json"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    values = [v for k, v in known.items() if k.split(":")[0] == t.name and k.count(":") == 1]
+    values = [v for k, v in _stored(out).items() if k.split(":")[0] == t.name and k.count(":") == 1]
     return values[-1] if values else None
 
 
 def stored_reference(t: BenchTeacher, out: Path, student: str, epochs: int) -> float | None:
     """For `--table-only`: `student_reference` where it is stored, else None (nothing is trained)."""
+    return _stored(out).get(f"{t.name}:student:{student}:{epochs}")
+
+
+def _stored(out: Path) -> dict[str, float]:
+    """OUT/teachers.json: measured teacher accuracies and real-label references by key (empty when absent)."""
     cache = out / "teachers.json"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
-    return known.get(f"{t.name}:student:{student}:{epochs}")
+    return json.loads(cache.read_text()) if cache.exists() else {}
 
 
 def _cached(out: Path, key: str, measure: Callable[[], float]) -> float:
     """OUT/teachers.json's value for `key`, measured (and stored) the first time it is asked for."""
-    cache = out / "teachers.json"
-    known = json.loads(cache.read_text()) if cache.exists() else {}
+    known = _stored(out)
     if key not in known:
         known[key] = measure()
-        _write_json(cache, known)
+        _write_json(out / "teachers.json", known)
     return known[key]
 
 

@@ -114,9 +114,8 @@ def _precision(name: str, model: torch.nn.Module, spec: InputSpec, device: torch
     """
     from dfkd.methods import _recipes  # here: dfkd.methods imports this module (the real-data source's augment)
 
-    macs = _recipes.count_macs(model, spec) if name == "auto" else None
-    heavy = macs is not None and macs > _recipes.CPU_TEACHER_MACS
-    resolved = resolve_precision(name, device, heavy=heavy)
+    macs = _recipes.heavy_model(model, spec) if name == "auto" else None
+    resolved = resolve_precision(name, device, heavy=macs is not None)
     if name == "auto" and resolved == "bf16":
         tqdm.write(auto_bf16_line("model", _recipes.millions(macs)))
     return Precision(resolved, device)

@@ -108,7 +108,15 @@ def heavy_teacher(teacher: Any) -> int | None:
 
     None too where torch's FLOP counter cannot see into the teacher (a TorchScript file).
     """
-    macs = multiply_adds(teacher)
+    return _past_line(multiply_adds(teacher))
+
+
+def heavy_model(model: Any, spec: InputSpec) -> int | None:
+    """`heavy_teacher` for a model being trained (`dfkd train-teacher`): counted afresh, not remembered."""
+    return _past_line(count_macs(model, spec))
+
+
+def _past_line(macs: int | None) -> int | None:
     return macs if macs is not None and macs > CPU_TEACHER_MACS else None
 
 
