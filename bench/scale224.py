@@ -8,8 +8,10 @@ ResNet-18 teacher at 3 x 224 x 224 (random weights, BatchNorm statistics from a 
 torchvision ResNet-18 student, with the method's own 224 px recipe (`dfkd methods --params NAME --teacher FILE`):
 its default pool, memory bank, FID monitor (fid_samples 256, measured at the end of the run) and generator. Only
 batch sizes and iterations per batch are cut (`CUTS`), for time: a step at 224 px takes seconds on one CPU thread.
-`kd` reads a small random 224 px data set, `transfer` a small random transfer file. The table (peak RSS of the
-process from `os.wait4`, and what the run logged as perf/peak_rss_mib) goes to stdout and to OUT/scale224.md.
+`kd` reads a small random 224 px data set, `transfer` a small random transfer file, `crossmodal` pairs of that
+data set's images and their grey versions (`dfkd.paired.make_paired`; its student sees the grey modality). The
+table (peak RSS of the process from `os.wait4`, and what the run logged as perf/peak_rss_mib) goes to stdout and to
+OUT/scale224.md.
 
 Until dfkd takes `torchvision:NAME` architectures, the ResNet-18 is registered here as the zoo model
 `tv_resnet18` (a `ZooModel` around `torchvision.models.resnet18`), in the child process that runs `distill`.
@@ -66,17 +68,20 @@ def register_tv_resnet18() -> None:
 
 
 def make_inputs(out: Path) -> tuple[Path, Path, Path]:
-    """The teacher file, a small random 224 px data set and a small random transfer file (made once)."""
+    """The teacher file, a small random 224 px data set and a small random transfer file (made once), and the
+    crossmodal pairs (`paired224.npz`) and their grey test set (`paired224_test.npz`) beside them."""
     import numpy as np
     import torch
 
     from dfkd.modelfile import ModelFile, save_model
     from dfkd.models import create
+    from dfkd.paired import make_paired
     from dfkd.spec import InputSpec
     from dfkd.transfer import save_transfer
 
     teacher, data, transfer = out / "tv_resnet18_224.pt", out / "random224.npz", out / "transfer224.npz"
-    if teacher.exists() and data.exists() and transfer.exists():
+    paired, paired_test = out / "paired224.npz", out / "paired224_test.npz"
+    if all(p.exists() for p in (teacher, data, transfer, paired, paired_test)):
         return teacher, data, transfer
     out.mkdir(parents=True, exist_ok=True)
     spec = InputSpec(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -91,6 +96,8 @@ def make_inputs(out: Path) -> tuple[Path, Path, Path]:
     np.savez(data, x=rng.integers(0, 256, (32, 224, 224, 3), dtype=np.uint8), y=rng.integers(0, 10, 32))
     x = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
     save_transfer(transfer, x, torch.softmax(torch.randn(32, 10), 1), spec, "random", "")
+    make_paired(data, "gray", paired)
+    make_paired(data, "gray", paired_test, student_only=True)
     return teacher, data, transfer
 
 
@@ -117,8 +124,11 @@ def child(args: argparse.Namespace) -> None:
     extra = {"data": str(data)} if args.child == "kd" else {}
     if args.child == "transfer":
         extra["transfer_data"] = str(transfer)
+    eval_data = data
+    if args.child == "crossmodal":  # the student sees the grey modality, and is measured on it
+        extra["data"], eval_data = str(data.parent / "paired224.npz"), data.parent / "paired224_test.npz"
     cfg = DistillConfig(teachers=(str(teacher),), method=args.child, student="tv_resnet18", steps=args.steps,
-                        out=str(run), eval_data=str(data), params=params, **extra)
+                        out=str(run), eval_data=str(eval_data), params=params, **extra)
     result = distill(cfg)
     print(json.dumps({"params": params, "steps": result.step, "logged_peak_rss_mib": result.peak_rss_mib}))
 

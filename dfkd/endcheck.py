@@ -55,6 +55,8 @@ def top1_agreement(logits: torch.Tensor, labels: torch.Tensor) -> float:
 def remedy(method: Any, cfg: Any, device: torch.device, died: bool = False) -> str:
     """What to try when the student has not learned: a longer budget, the CPU recipe, another method, auto.
 
+    A method that learns from the user's images (`Method.reads`) is sent to those images instead of another method.
+
     With a feature objective on, its weight comes first: at its paper's weight it can swamp the KD loss. When the
     student died during the run (`died`: the stuck-student warning fired) and its gradient is not clipped, the clip
     comes first of all: a dead student does not learn whatever the budget (DeepInversion's and ADI's paper recipes,
@@ -68,7 +70,9 @@ def remedy(method: Any, cfg: Any, device: torch.device, died: bool = False) -> s
         tips.insert(0, "-p clip_s=1 (the student died during the run; a clipped gradient keeps it alive)")
     if device.type == "cpu" and method.p.get("recipe") != "cpu" and type(method).cpu_params():
         tips.append("-p recipe=cpu (the recipe measured on a CPU)")
-    if getattr(cfg, "auto_choice", None):
+    if getattr(method, "reads", None):  # the student learns from the user's images: no other method takes them
+        tips.append(f"images of every class the teacher knows in {method.reads}")
+    elif getattr(cfg, "auto_choice", None):
         tips.append(f"another method than the {method.name} that --method auto chose (--method NAME; dfkd methods)")
     else:
         tips += ["another method (dfkd methods)", "--method auto (a method picked for this teacher)"]
@@ -78,7 +82,11 @@ def remedy(method: Any, cfg: Any, device: torch.device, died: bool = False) -> s
 def not_learned_message(method: Any, cfg: Any, device: torch.device, agreement: float, num_classes: int,
                         heldout: bool, steps: int, died: bool = False) -> str:
     """One line: the problem (agreement, chance, where it was measured) and the remedy (`died`: see `remedy`)."""
-    where = "held-out synthetic images" if heldout else "its latest synthetic batch"
+    reads = getattr(method, "reads", None)
+    if reads:
+        where = f"held-out images of {reads}" if heldout else f"its latest batch of {reads}"
+    else:
+        where = "held-out synthetic images" if heldout else "its latest synthetic batch"
     return (f"{method.name}: the student agrees with the teacher on {100 * agreement:.1f}% of {where}, about "
             f"chance ({100 / num_classes:.1f}%): it has not learned in {steps} steps; "
             f"{remedy(method, cfg, device, died)}")

@@ -206,8 +206,20 @@ def reset_generator(synth: Any) -> None:
     synth.optimizer.state.clear()
 
 
+def batches(method: Any) -> str:
+    """What the watch looked at: the method's synthetic batches, or the batches of the file it reads."""
+    reads = getattr(method, "reads", None)
+    return f"the batches of {reads}" if reads else "the synthetic batches"
+
+
 def remedy(method: Any, p: dict[str, Any]) -> str:
-    """What the user can do about a collapse with this method, as `-p` settings."""
+    """What the user can do about a collapse with this method, as `-p` settings (or about the file it reads)."""
+    reads = getattr(method, "reads", None)
+    if reads == "--transfer-data":
+        return ("the transfer file shows the teacher few of its classes; make it again with more iterations per "
+                "batch or with another method (dfkd synthesize)")
+    if reads:
+        return f"the teacher sees few of its classes in {reads}; give the run images of every class"
     if generator_of(method) is None:
         return ("its synthesis does not reach the classes it targets; give it more iterations per batch, or try "
                 "a GAN method with -p collapse_action=reset")
@@ -222,7 +234,7 @@ def remedy(method: Any, p: dict[str, Any]) -> str:
 
 def recovery_message(method: Any, stats: dict[str, float], num_classes: int, since: int) -> str:
     """One line: the episode warned of at step `since` is over (the warning stays in the log, this follows it)."""
-    return (f"{method.name}: recovered from the mode collapse warned at step {since}: the synthetic batches cover "
+    return (f"{method.name}: recovered from the mode collapse warned at step {since}: {batches(method)} cover "
             f"about {stats['effective_classes']:.1f} of {num_classes} classes again")
 
 
@@ -230,7 +242,7 @@ def collapse_message(method: Any, stats: dict[str, float], num_classes: int, ste
     """One line: the problem (with its numbers) and the remedy."""
     agree = stats.get("student_agreement")
     agree_txt = f", student agrees on {100 * agree:.0f}%" if agree is not None else ""
-    return (f"{method.name}: mode collapse: the synthetic batches have covered about "
+    return (f"{method.name}: mode collapse: {batches(method)} have covered about "
             f"{stats['effective_classes']:.1f} of {num_classes} classes for {steps} steps (teacher "
             f"{100 * stats['teacher_confidence']:.0f}% confident{agree_txt}), so the student learns only those; "
             f"{remedy(method, method.p)}")

@@ -146,6 +146,37 @@ def test_a_run_whose_generator_collapses_says_so_once(teacher_file: str, tmp_pat
     assert "mode collapse" in report(run).text()
 
 
+def test_real_images_of_one_class_are_named_as_the_data_not_as_a_synthesis(tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # kd on real images of one digit: the teacher sees one class, and the remedy is the data, not a generator
+    import numpy as np
+
+    with np.load(MNIST_TEST) as d:
+        threes = d["x"][d["y"] == 3][:64]
+    data = tmp_path / "threes.npz"
+    np.savez(data, x=threes, y=np.full(len(threes), 3))
+    cfg = replace(collapse_cfg(DEMO_TEACHER, tmp_path / "r"), method="kd", steps=12, data=str(data))
+    run = distill(cfg).run_dir
+    err = capsys.readouterr().err
+    assert err.count("mode collapse") == 1
+    assert "kd: mode collapse: the batches of --data have covered about 1.0 of 10 classes" in err
+    assert "give the run images of every class" in err
+    assert "synthesis" not in err and "GAN" not in err and "synthetic" not in err and "--method auto" not in err
+    assert "the batches of --data" in report(run).text()
+
+
+def test_a_transfer_file_of_few_classes_is_sent_back_to_synthesize() -> None:
+    from types import SimpleNamespace
+
+    from dfkd.methods import get_method
+    from dfkd.watch import collapse_message
+
+    method = SimpleNamespace(name="transfer", reads=get_method("transfer").reads, p={"collapse_action": "warn"})
+    message = collapse_message(method, {"effective_classes": 2.0, "teacher_confidence": 0.9}, 10, 150)
+    assert message.startswith("transfer: mode collapse: the batches of --transfer-data have covered about 2.0 of 10")
+    assert "make it again with more iterations per batch or with another method (dfkd synthesize)" in message
+
+
 def test_a_collapse_that_ends_says_so_after_its_warning(teacher_file: str, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

@@ -112,6 +112,9 @@ class Method(Recipe):
     #: BatchNorm-statistics matching is part of the objective (a BN-free teacher gets it on its input statistics,
     #: `dfkd.bnstats`, or loses it with `-p input_stats=false`).
     uses_bn: ClassVar[bool] = False
+    #: The flag of the images this method trains on (`--data`, `--transfer-data`); None: it synthesizes its own.
+    #: The collapse watch names it, and its remedy, when those images show the teacher few classes.
+    reads: ClassVar[str | None] = None
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
 

@@ -53,6 +53,7 @@ class CrossModal(Method):
     paper: ClassVar[str] = "Gupta et al. 2016, Cross Modal Distillation for Supervision Transfer, CVPR"
     summary: ClassVar[str] = "student on modality B imitates the teacher on paired modality A (--data paired.npz)"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
+    reads: ClassVar[str | None] = "--data"
     defaults: ClassVar[dict[str, Any]] = {
         "data": None, "T": 4.0, "kd": 1.0, "batch_size": 64, "lr_s": 0.05, "weight_decay": 5e-4,
         "schedule": "multistep", "milestones": [0.625, 0.75, 0.875],

@@ -38,6 +38,7 @@ class KD(Method):
     paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531"
     summary: ClassVar[str] = "vanilla KD at T=4 on real training images (--data), no synthesis"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
+    reads: ClassVar[str | None] = "--data"
     cpu: ClassVar[dict[str, Any]] = {"clip_s": 1.0}
     cpu_reason: ClassVar[str] = ("the student's gradient clipped to norm 1: at lr 0.05, unclipped, a BN-free "
                                  "LeNet-5-half ended one of three MNIST runs at a constant output")

@@ -73,6 +73,7 @@ class Transfer(Method):
     paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network (on dfkd transfer data)"
     summary: ClassVar[str] = "KD from a transfer file of `dfkd synthesize` (stored soft labels, or --teacher)"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
+    reads: ClassVar[str | None] = "--transfer-data"
     defaults: ClassVar[dict[str, Any]] = {
         "transfer_data": None, "batch_size": 64, "s_optimizer": "adam", "lr_s": 1e-3, "weight_decay": 0.0,
         "schedule": "cosine", "T": 4.0, "s_steps": 10, "augment": "none", "flip_p": 0.5,
