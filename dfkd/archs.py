@@ -68,8 +68,24 @@ def parse_arch_args(texts: tuple[str, ...] | list[str], flag: str = "--arch-arg"
 
 def classes_from_state(state: dict[str, torch.Tensor]) -> int | None:
     """Number of classes from a state_dict: the output size of its classifier, the last 2-D weight."""
+    candidates = class_candidates(state)
+    return candidates[0] if candidates else None
+
+
+def class_candidates(state: dict[str, torch.Tensor]) -> list[int]:
+    """The output sizes of the state_dict's 2-D weights, the last one's first: what its classifier may give.
+
+    `torch.save` keeps a state_dict in the model's order, so the classifier is its last 2-D weight; a safetensors
+    file sorts the names (`classifier.weight` before `fc.0.weight`), so the others are tried in turn.
+    """
     weights = [v for k, v in state.items() if k.rsplit(".", 1)[-1] == "weight" and v.dim() == 2]
-    return int(weights[-1].shape[0]) if weights else None
+    return list(dict.fromkeys(int(w.shape[0]) for w in reversed(weights)))
+
+
+def _fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """True when `state` has exactly the model's names and shapes (what a strict load needs)."""
+    own = model.state_dict()
+    return own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items())
 
 
 def build_model(arch: str, kwargs: dict[str, Any], flag: str = "--teacher-arch", trusted: bool = True) -> nn.Module:
@@ -283,19 +299,27 @@ def model_from_state(state: dict[str, torch.Tensor], arch: str, arch_args: dict[
     """
     arch = canonical_arch(arch)
     kwargs = dict(arch_args or {})
-    classes = classes_from_state(state)
+    given = "num_classes" in kwargs
+    candidates = class_candidates(state)
     if arch_kind(arch) == "zoo":
         if spec is None:
             raise DfkdError(f"{what}: a state_dict carries no input spec; add --channels C --input-size S "
                             "(and --mean/--std)")
-        kwargs = {"num_classes": classes or 10, "in_channels": spec.channels, "input_size": spec.size, **kwargs}
-    elif classes is not None and "num_classes" not in kwargs and accepts(arch, "num_classes"):
-        kwargs["num_classes"] = classes
+        kwargs = {"num_classes": candidates[0] if candidates else 10, "in_channels": spec.channels,
+                  "input_size": spec.size, **kwargs}
+    elif candidates and not given and accepts(arch, "num_classes"):
+        kwargs["num_classes"] = candidates[0]
     if arch_kind(arch) == "timm":
         spec = spec or _timm_default_spec(arch, kwargs)
         if spec is not None and spec.channels != 3:
             kwargs.setdefault("in_chans", spec.channels)
     model = build_model(arch, kwargs)
+    if not given and "num_classes" in kwargs and not _fits(model, state):
+        for classes in candidates[1:]:  # names not in the model's order (safetensors): another 2-D weight's size
+            other = build_model(arch, {**kwargs, "num_classes": classes})
+            if _fits(other, state):
+                model, kwargs = other, {**kwargs, "num_classes": classes}
+                break
     load_state_checked(model, state, f"{what} with --teacher-arch {arch}")
     return model, kwargs, spec
 

@@ -1,13 +1,15 @@
 """Reading a user's teacher file safely (DESIGN §4).
 
-Formats: dfkd model file, state_dict + architecture, TorchScript, `torch.export` archive, and a pickled module
-only when the user trusts it.
+Formats: dfkd model file, state_dict + architecture (a `torch.save` file or a `.safetensors` file, the format of
+timm's and Hugging Face's weights), TorchScript, `torch.export` archive, and a pickled module only when the user
+trusts it.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +63,36 @@ def _zip_names(p: Path) -> list[str]:
         return []
 
 
+def _is_safetensors(p: Path) -> bool:
+    """True for a safetensors file: an 8-byte little-endian header length, then that many bytes of JSON object."""
+    try:
+        with p.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= struct.unpack("<Q", head[:8])[0] <= p.stat().st_size - 8
+
+
+def read_safetensors(p: Path, flag: str = "--teacher") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (no code can run from one), with one readable error line."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise DfkdError(f"{flag} {p}: a safetensors file needs the safetensors package: pip install safetensors"
+                        ) from None
+    try:
+        return load_file(str(p), device="cpu")
+    except Exception as e:  # noqa: BLE001 - the library raises its own error types for every corrupt file
+        raise DfkdError(f"{flag} {p}: not a readable safetensors file ({_short(e)}); is it truncated or corrupt?"
+                        ) from None
+
+
 def sniff_format(p: Path) -> str:
-    """Guess the container: "torchscript", "export" or "torch" (torch.save zip or legacy pickle)."""
+    """Guess the container: "torchscript", "export", "safetensors" or "torch" (torch.save zip or legacy pickle)."""
+    if _is_safetensors(p):
+        return "safetensors"
     # Only the archive's top level counts: a TorchScript file holds code/__torch__/<pkg>/models/... for a user
     # package named `models`, which is not a sign of a torch.export archive.
     tops = [n.split("/")[1:3] for n in _zip_names(p)]
@@ -175,6 +205,11 @@ def load_user_model(
         return _load_torchscript(p, spec)
     if kind == "export":
         return _load_export(p, spec)
+    if kind == "safetensors":
+        state = _extract_state_dict(read_safetensors(p))
+        if state is None:
+            raise DfkdError(f"--teacher {p}: the safetensors file holds no tensors; write the model's state_dict to it")
+        return _from_state_dict(state, arch, spec, p, arch_args)
     try:
         obj = read_weights_only(p)
     except DfkdError as e:

@@ -130,6 +130,47 @@ def test_data_parallel_prefix_is_dropped(tmp_path):
     _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC), model)
 
 
+def _lenet5_of_7_classes() -> nn.Module:
+    torch.manual_seed(0)
+    return dfkd.create_model("lenet5", **{**KWARGS, "num_classes": 7}).eval()
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "weights.pt"])
+def test_safetensors_state_dict_with_its_names_sorted(tmp_path, name):
+    # safetensors (timm's and Hugging Face's format) sorts the names: classifier.weight (7 classes) comes before
+    # fc.0.weight (84 units), so "the last 2-D weight" alone would build an 84-class LeNet; found by content
+    from safetensors.torch import save_file
+
+    model, path = _lenet5_of_7_classes(), tmp_path / name
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    t = load_teacher(path, arch="lenet5", spec=SPEC)
+    assert t.fmt == "state_dict" and t.num_classes == 7 and t.arch_kwargs["num_classes"] == 7
+    _same_outputs(t, model)
+
+
+def test_a_torch_saved_state_dict_in_sorted_order_finds_its_classes(tmp_path):
+    model, path = _lenet5_of_7_classes(), tmp_path / "sorted.pt"
+    torch.save(dict(sorted(model.state_dict().items())), path)
+    t = load_teacher(path, arch="lenet5", spec=SPEC)
+    assert t.num_classes == 7
+    _same_outputs(t, model)
+
+
+def test_a_truncated_or_empty_safetensors_file_says_so(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in _zoo().state_dict().items()}, str(path))
+    data = path.read_bytes()
+    (tmp_path / "half.safetensors").write_bytes(data[: len(data) // 2])
+    msg = _error(tmp_path / "half.safetensors", arch="lenet5_bn", spec=SPEC)
+    assert "half.safetensors" in msg and "not a readable safetensors file" in msg and "truncated or corrupt" in msg
+    assert "\n" not in msg
+    save_file({}, str(tmp_path / "none.safetensors"))
+    msg = _error(tmp_path / "none.safetensors", arch="lenet5_bn", spec=SPEC)
+    assert "none.safetensors" in msg and "holds no tensors" in msg
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """Write a user's model file into tmp_path, importable as `<name>:Net` when run from tmp_path."""
