@@ -299,29 +299,68 @@ def model_from_state(state: dict[str, torch.Tensor], arch: str, arch_args: dict[
     """
     arch = canonical_arch(arch)
     kwargs = dict(arch_args or {})
-    given = "num_classes" in kwargs
-    candidates = class_candidates(state)
     if arch_kind(arch) == "zoo":
         if spec is None:
             raise DfkdError(f"{what}: a state_dict carries no input spec; add --channels C --input-size S "
                             "(and --mean/--std)")
-        kwargs = {"num_classes": candidates[0] if candidates else 10, "in_channels": spec.channels,
-                  "input_size": spec.size, **kwargs}
-    elif candidates and not given and accepts(arch, "num_classes"):
-        kwargs["num_classes"] = candidates[0]
+        kwargs = {"in_channels": spec.channels, "input_size": spec.size, **kwargs}
     if arch_kind(arch) == "timm":
         spec = spec or _timm_default_spec(arch, kwargs)
         if spec is not None and spec.channels != 3:
             kwargs.setdefault("in_chans", spec.channels)
-    model = build_model(arch, kwargs)
-    if not given and "num_classes" in kwargs and not _fits(model, state):
-        for classes in candidates[1:]:  # names not in the model's order (safetensors): another 2-D weight's size
-            other = build_model(arch, {**kwargs, "num_classes": classes})
-            if _fits(other, state):
-                model, kwargs = other, {**kwargs, "num_classes": classes}
-                break
+    model, built = _build_for(arch, kwargs, state)
+    inner = _under_prefix(state, model.state_dict().keys(), what)
+    if inner is not state:  # the model's weights sit under a prefix (a Lightning checkpoint's `model.`)
+        state = inner
+        model, built = _build_for(arch, kwargs, state)
     load_state_checked(model, state, f"{what} with --teacher-arch {arch}")
-    return model, kwargs, spec
+    return model, built, spec
+
+
+def _build_for(arch: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
+    """`arch` built for `state`: with its `num_classes` when given, else the first 2-D weight size that fits."""
+    candidates = class_candidates(state)
+    if "num_classes" in kwargs or not accepts(arch, "num_classes"):
+        return build_model(arch, kwargs), kwargs
+    if not candidates:
+        kwargs = {**kwargs, "num_classes": 10} if arch_kind(arch) == "zoo" else kwargs
+        return build_model(arch, kwargs), kwargs
+    first = None
+    for classes in candidates:  # names not in the model's order (safetensors): another 2-D weight's size
+        built = {**kwargs, "num_classes": classes}
+        model = build_model(arch, built)
+        if _fits(model, state):
+            return model, built
+        first = first or (model, built)
+    return first
+
+
+def _under_prefix(state: dict[str, torch.Tensor], names: Any, what: str) -> dict[str, torch.Tensor]:
+    """The weights whose names are the model's `names` after one leading `prefix.`, or `state` as it is.
+
+    A training framework saves its module's weights under the attribute that holds the network (PyTorch
+    Lightning's `model.conv1.weight`), beside other modules' (a loss's, an EMA copy's). Exactly one prefix must
+    hold exactly the model's names; entries left out are said in a warning line.
+    """
+    names = set(names)
+    if names <= state.keys():
+        return state
+    found = []
+    for prefix in dict.fromkeys(k.split(".", 1)[0] + "." for k in state if "." in k):
+        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if inner.keys() == names:
+            found.append((prefix, inner))
+    if len(found) > 1:
+        raise DfkdError(f"{what}: holds weights of this architecture under {len(found)} prefixes "
+                        f"({', '.join(repr(p) for p, _ in found)}); save the network you mean as a state_dict of its "
+                        "own")
+    if not found:
+        return state
+    prefix, inner = found[0]
+    if len(inner) < len(state):
+        warnings.warn(f"{what}: read the network's weights under {prefix!r}; {len(state) - len(inner)} other "
+                      "entries of the file left out", stacklevel=1)
+    return inner
 
 
 def _timm_default_spec(arch: str, kwargs: dict[str, Any]) -> InputSpec | None:

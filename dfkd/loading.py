@@ -147,8 +147,18 @@ def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
                 obj = obj[key]
                 break
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return {k.removeprefix("module."): v for k, v in obj.items()}
+            return {_unwrapped(k): v for k, v in obj.items()}
     return None
+
+
+def _unwrapped(name: str) -> str:
+    """A weight's name without the prefixes of PyTorch's wrappers (DataParallel/DDP, torch.compile), however nested.
+
+    DataParallel and DistributedDataParallel add `module.`, `torch.compile` adds `_orig_mod.`.
+    """
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
 
 
 def _from_state_dict(state: dict[str, torch.Tensor], arch: str | None, spec: InputSpec | None, p: Path,

@@ -171,6 +171,31 @@ def test_a_truncated_or_empty_safetensors_file_says_so(tmp_path):
     assert "none.safetensors" in msg and "holds no tensors" in msg
 
 
+def test_torch_compile_prefix_is_dropped(tmp_path):
+    model, path = _zoo(), tmp_path / "compiled.pt"
+    torch.save({f"_orig_mod.module.{k}": v for k, v in model.state_dict().items()}, path)  # compiled DDP model
+    _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC), model)
+
+
+def test_a_lightning_checkpoint_reads_the_network_under_its_attribute(tmp_path):
+    model, path = _lenet5_of_7_classes(), tmp_path / "epoch=3.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state["criterion.weight"] = torch.ones(7)  # a weighted loss's class weights, saved beside the network
+    torch.save({"epoch": 3, "global_step": 120, "state_dict": state, "hyper_parameters": {"lr": 0.1}}, path)
+    with pytest.warns(UserWarning, match="under 'model.'; 1 other entries of the file left out"):
+        t = load_teacher(path, arch="lenet5", spec=SPEC)
+    assert t.num_classes == 7
+    _same_outputs(t, model)
+
+
+def test_two_networks_of_the_architecture_in_one_file_is_refused(tmp_path):
+    model, path = _zoo(), tmp_path / "distill.ckpt"
+    state = {f"{who}.{k}": v for who in ("student", "teacher") for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+    msg = _error(path, arch="lenet5_bn", spec=SPEC)
+    assert "'student.', 'teacher.'" in msg and "save the network you mean as a state_dict of its own" in msg
+
+
 @pytest.fixture
 def user_module(tmp_path, monkeypatch):
     """Write a user's model file into tmp_path, importable as `<name>:Net` when run from tmp_path."""
