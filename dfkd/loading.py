@@ -224,7 +224,7 @@ def load_user_model(
         obj = read_weights_only(p)
     except DfkdError as e:
         if trust_pickle and PICKLE_HELP in str(e):
-            return _load_pickle(p, spec)
+            return _load_pickle(p, spec, arch, arch_args)
         raise
     if is_model_file(obj):
         return _from_model_file(obj, p, spec)
@@ -241,7 +241,9 @@ def _from_model_file(payload: dict[str, Any], p: Path, spec: InputSpec | None) -
                        meta.num_classes)
 
 
-def _load_pickle(p: Path, spec: InputSpec | None) -> LoadedModel:
+def _load_pickle(p: Path, spec: InputSpec | None, arch: str | None = None,
+                 arch_args: dict[str, Any] | None = None) -> LoadedModel:
+    """A trusted pickle: a whole module, a dfkd model file, or a training checkpoint that holds a state_dict."""
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
@@ -251,4 +253,7 @@ def _load_pickle(p: Path, spec: InputSpec | None) -> LoadedModel:
         return LoadedModel(obj, "pickle", spec)
     if is_model_file(obj):
         return _from_model_file(obj, p, spec)
-    raise DfkdError(f"--teacher {p}: the pickle holds a {type(obj).__name__}, not an nn.Module")
+    state = _extract_state_dict(obj)  # a checkpoint whose other entries (hyper-parameters) are Python objects
+    if state is not None:
+        return _from_state_dict(state, arch, spec, p, arch_args)
+    raise DfkdError(f"--teacher {p}: the pickle holds a {type(obj).__name__}, neither an nn.Module nor a state_dict")

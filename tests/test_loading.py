@@ -188,6 +188,16 @@ def test_a_lightning_checkpoint_reads_the_network_under_its_attribute(tmp_path):
     _same_outputs(t, model)
 
 
+def test_a_trusted_checkpoint_with_python_objects_beside_its_state_dict_loads(tmp_path):
+    import argparse
+
+    model, path = _zoo(), tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "hyper_parameters": {"args": argparse.Namespace(lr=0.1)}}, path)
+    assert "--trust-pickle" in _error(path, arch="lenet5_bn", spec=SPEC)
+    _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC, trust_pickle=True), model)
+
+
 def test_two_networks_of_the_architecture_in_one_file_is_refused(tmp_path):
     model, path = _zoo(), tmp_path / "distill.ckpt"
     state = {f"{who}.{k}": v for who in ("student", "teacher") for k, v in model.state_dict().items()}
@@ -317,7 +327,7 @@ def test_malicious_pickle_does_not_run(tmp_path, evil):
     # The flag is what gates it: with it the payload runs, and the result is still refused (not a module).
     msg = _error(path, trust_pickle=True, spec=SPEC)
     assert marker.exists()
-    assert "not an nn.Module" in msg
+    assert "neither an nn.Module nor a state_dict" in msg
 
 
 # ---------------------------------------------------------------------------------------------------- bad inputs
