@@ -99,23 +99,32 @@ def _load_folder(p: Path, flag: str) -> ImageData:
     classes = sorted(d.name for d in p.iterdir() if d.is_dir())
     if not classes:
         raise DfkdError(f"{flag} {p}: an image folder needs one sub-folder per class")
-    files, ys, shapes = [], [], set()
+    files, ys, shapes = [], [], []
     for label, name in enumerate(classes):
         for f in sorted((p / name).iterdir()):
             if f.suffix.lower() in IMAGE_SUFFIXES:
                 try:
                     with Image.open(f) as im:  # reads the header only
-                        shapes.add((1 if im.mode in GREY_MODES else 3, im.height, im.width))
+                        shapes.append((1 if im.mode in GREY_MODES else 3, im.height, im.width))
                 except (OSError, SyntaxError, ValueError) as e:
                     raise _unreadable(flag, f, e) from None
                 files.append(f)
                 ys.append(label)
     if not files:
         raise DfkdError(f"{flag} {p}: no images found in its class folders")
-    if len(shapes) != 1:
-        raise DfkdError(f"{flag} {p}: images differ in size or colour (grey and colour); bring them to one size "
-                        "and kind first")
-    return ImageData(FolderImages(files, shapes.pop(), flag), torch.tensor(ys), classes)
+    channels = max(c for c, _, _ in shapes)  # colour if any image is: the grey ones are read as colour
+    sizes = {(h, w) for _, h, w in shapes}
+    if len(sizes) == 1:
+        return ImageData(FolderImages(files, (channels, *sizes.pop()), flag), torch.tensor(ys), classes)
+    side = min(int(np.median([round(CROP * min(h, w)) for _, h, w in shapes])), MAX_SIDE)
+    warnings.warn(f"{flag} {p}: its images differ in size; each is read as its centre square ({CROP:.1%} of its "
+                  f"shorter side, the usual evaluation crop) resized to {side}x{side}", stacklevel=3)
+    return ImageData(FolderImages(files, (channels, side, side), flag, crop=True), torch.tensor(ys), classes)
+
+
+#: The centre crop of an image folder of several sizes: this share of each image's shorter side (timm's and
+#: torchvision's evaluation view: resize to 256, crop 224), and the largest side it is kept at (memory).
+CROP, MAX_SIDE = 0.875, 512
 
 
 GREY_MODES = ("L", "1")
@@ -135,8 +144,9 @@ class FolderImages:
     dtype = torch.uint8
     ndim = 4
 
-    def __init__(self, files: list[Path], shape: tuple[int, int, int], flag: str = "--data") -> None:
-        self.files, self.flag = list(files), flag
+    def __init__(self, files: list[Path], shape: tuple[int, int, int], flag: str = "--data",
+                 crop: bool = False) -> None:
+        self.files, self.flag, self.crop = list(files), flag, crop
         self.shape = torch.Size((len(self.files), *shape))
 
     def __len__(self) -> int:
@@ -159,14 +169,19 @@ class FolderImages:
 
     def take(self, key: slice | torch.Tensor | list[int]) -> FolderImages:
         """The images at `key`, still undecoded."""
-        return FolderImages([self.files[i] for i in self._indices(key)], tuple(self.shape[1:]), self.flag)
+        return FolderImages([self.files[i] for i in self._indices(key)], tuple(self.shape[1:]), self.flag, self.crop)
 
     def _read(self, f: Path) -> torch.Tensor:
         from PIL import Image
 
         try:
             with Image.open(f) as im:
-                a = np.asarray(im.convert("L" if self.shape[1] == 1 else "RGB"))
+                im = im.convert("L" if self.shape[1] == 1 else "RGB")
+                if self.crop:  # the centre square, CROP of the shorter side, at the folder's side (antialiased)
+                    c = max(round(CROP * min(im.size)), 1)
+                    left, top = (im.width - c) // 2, (im.height - c) // 2
+                    im = im.crop((left, top, left + c, top + c)).resize(tuple(self.shape[2:]), Image.BILINEAR)
+                a = np.asarray(im)
         except (OSError, SyntaxError, ValueError) as e:
             raise _unreadable(self.flag, f, e) from None
         if a.shape[:2] != tuple(self.shape[2:]):

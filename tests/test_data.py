@@ -327,14 +327,42 @@ def test_image_folder_decodes_only_what_is_indexed(tmp_path):
         next(batches)
 
 
+def test_image_folder_of_grey_and_colour_images_reads_them_as_colour(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "a").mkdir()
+    Image.fromarray(np.full((8, 8), 77, np.uint8), mode="L").save(tmp_path / "a" / "grey.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "colour.png")
+    data = load_images(tmp_path)
+    assert data.x.shape == (2, 3, 8, 8) and data.x[1].unique().tolist() == [77]
+
+
+def test_image_folder_of_several_sizes_is_read_as_centre_crops(tmp_path):
+    # an ImageNet-style validation folder: every image its own size, a few grey; the usual evaluation view
+    from PIL import Image
+
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+    wide = np.full((30, 40, 3), 120, np.uint8)
+    wide[:, :5] = (255, 0, 0)  # a red left border, outside the centre square (26 px of the 30 px side)
+    Image.fromarray(wide).save(tmp_path / "a" / "wide.png")
+    Image.fromarray(np.full((60, 50, 3), 30, np.uint8)).save(tmp_path / "a" / "tall.png")
+    Image.fromarray(np.full((20, 20), 200, np.uint8), mode="L").save(tmp_path / "b" / "grey.png")
+    with pytest.warns(UserWarning, match="differ in size; each is read as its centre square .* resized to 26x26"):
+        data = load_images(tmp_path, "--eval-data")
+    assert data.x.shape == (3, 3, 26, 26)  # the median of the crops' sides (44, 26, 18)
+    x = data.x[torch.arange(3)]  # tall.png, wide.png, grey.png
+    assert x.shape == (3, 3, 26, 26) and x[1].unique().tolist() == [120]  # no red: the border is cropped away
+    assert x[0].unique().tolist() == [30] and x[2].unique().tolist() == [200]
+    assert data.subset(slice(1, 3)).x[0].shape == (3, 26, 26)
+    assert next(iterate_batches(data, COLOUR, 2, "cpu"))[0].shape == (2, 3, 32, 32)
+
+
 def test_image_folder_refusals(tmp_path):
     from PIL import Image
 
     (tmp_path / "a").mkdir()
-    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "a" / "grey.png")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a" / "colour.png")
-    with pytest.raises(DfkdError, match="differ in size or colour"):
-        load_images(tmp_path)
     (tmp_path / "a" / "colour.png").write_bytes(b"not a png at all")
     with pytest.raises(DfkdError, match=r"colour\.png: not a readable image"):
         load_images(tmp_path)
