@@ -69,9 +69,9 @@ class EnsembleTeacher(Teacher):
         for m in self.members:
             if m is not self.members[0] and not _same_normalisation(m.spec, self.spec):
                 x01 = self.spec.denormalize(x) if x01 is None else x01
-                out.append(m.module(m.spec.normalize(x01)))
+                out.append(m(m.spec.normalize(x01)))
             else:
-                out.append(m.module(x))
+                out.append(m(x))
         return out
 
     def combine(self, logits: list[torch.Tensor]) -> torch.Tensor:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from operator import attrgetter, itemgetter
+from typing import Any
 
 import torch
 from torch import nn
@@ -67,6 +69,8 @@ class Teacher(nn.Module):
         self.module = module
         self.spec, self.fmt, self.source, self.sha256 = spec, fmt, source, sha256
         self.arch, self.arch_kwargs, self.class_names = arch, arch_kwargs, class_names
+        #: How the logits are read from the module's output when it returns more than them (None: it is them).
+        self._logits_of: Callable[[Any], torch.Tensor] | None = None
         for p in self.module.parameters():  # per tensor: ScriptModules refuse `requires_grad_`
             p.requires_grad_(False)
         if self.hookable:
@@ -80,20 +84,35 @@ class Teacher(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+        return self.logits_from(self.module(x))
+
+    def logits_from(self, out: Any) -> torch.Tensor:
+        """The logits in an output of the wrapped module (all of it, or the part `logits_reader` found)."""
+        return out if self._logits_of is None else self._logits_of(out)
 
     def _probe_classes(self) -> int:
-        """Number of classes, from a forward at batch 2; the teacher must also pass `check_outputs`."""
+        """Number of classes, from a forward at batch 2; the teacher must also pass `check_outputs`.
+
+        A module that returns more than its logits (`(logits, features)`, `{"logits": ...}`, an object with a
+        `logits` attribute, as many training codebases and Hugging Face models do) is read through them, with a
+        warning line saying which part was taken.
+        """
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
         x = torch.randn(self.spec.shape(3), generator=torch.Generator().manual_seed(0)).to(device)
         out = self._probe_forward(x[:2])
-        if isinstance(out, (tuple, list)):
-            raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__}; dfkd needs a module "
-                            "whose forward returns the logits tensor alone (wrap it)")
+        reader = logits_reader(out)
+        if reader is not None:
+            self._logits_of, part = reader
+            out = self._logits_of(out)
+            warnings.warn(f"--teacher {self.source}: its forward returns more than logits; {part}, shape "
+                          f"{tuple(out.shape)}, is read as the logits", stacklevel=2)
+        elif isinstance(out, (tuple, list)):
+            raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__} without a (batch, "
+                            "classes) tensor first; dfkd needs the logits (wrap the module to return them alone)")
         if not torch.is_tensor(out) or out.dim() != 2:
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
-        check_outputs(self.source, out, self._probe_forward(x))
+        check_outputs(self.source, out, self.logits_from(self._probe_forward(x)))
         return int(out.shape[1])
 
     def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -147,7 +166,7 @@ class Teacher(nn.Module):
             raise DfkdError(f"--teacher {self.source}: no Linear layer to read penultimate features from "
                             f"({self.fmt} teacher); use a method that needs only the logits")
         with self.tap([path]) as taps:
-            logits = self.module(x)
+            logits = self.logits_from(self.module(x))
             return logits, taps.inputs[path].flatten(1)
 
     def stage_paths(self) -> list[str]:
@@ -180,6 +199,24 @@ def full_fp32() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def logits_reader(out: Any) -> tuple[Callable[[Any], torch.Tensor], str] | None:
+    """How to read (batch, classes) logits from a forward that returns more than them, and its name; else None.
+
+    The first element of a tuple or list, a mapping's `logits` entry, or a `logits` attribute (Hugging Face's
+    outputs are mappings with one), each only when it is a 2-D tensor.
+    """
+    def logits_like(t: Any) -> bool:
+        return torch.is_tensor(t) and t.dim() == 2
+
+    if isinstance(out, (tuple, list)) and out and logits_like(out[0]):
+        return itemgetter(0), f"the first element of the {type(out).__name__}"
+    if isinstance(out, Mapping) and logits_like(out.get("logits")):
+        return itemgetter("logits"), "its 'logits' entry"
+    if not torch.is_tensor(out) and logits_like(getattr(out, "logits", None)):
+        return attrgetter("logits"), "its 'logits' attribute"
+    return None
 
 
 def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:

@@ -103,16 +103,45 @@ def test_the_batch_probe_runs_in_full_fp32_and_leaves_the_settings_as_they_were(
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
+class Outputs:
+    """A Hugging Face-style output object: the logits as an attribute, beside other tensors."""
+
+    def __init__(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.logits, self.hidden_states = logits, hidden
+
+
+@pytest.mark.parametrize("wrap", ["tuple", "list", "dict", "attribute"])
+def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
+    class Rich(Toy):
+        def forward(self, x):
+            features = torch.relu(self.hidden(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+            logits = self.head(features)
+            return {"tuple": lambda: (logits, features), "list": lambda: [logits, features],
+                    "dict": lambda: {"features": features, "logits": logits},
+                    "attribute": lambda: Outputs(logits, features)}[wrap]()
+
+    torch.manual_seed(0)
+    rich, spec = Rich().eval(), InputSpec(1, 16, (0.5,), (0.5,))
+    plain = Toy().eval()
+    plain.load_state_dict(rich.state_dict())
+    with pytest.warns(UserWarning, match=r"returns more than logits; .*, shape \(2, 4\), is read as the logits"):
+        t = Teacher(rich, spec)
+    x = torch.randn(3, 1, 16, 16)
+    assert t.num_classes == 4 and torch.equal(t(x), plain(x))
+    logits, features = t.forward_with_features(x)
+    assert torch.equal(logits, plain(x)) and features.shape == (3, 8)
+
+
 def test_bad_output_shapes_are_refused():
     class Pair(nn.Module):
         def forward(self, x):
-            return x.mean((1, 2, 3))[:, None], x
+            return x, x.mean((1, 2, 3))[:, None]  # the logits are not first
 
     class Flat(nn.Module):
         def forward(self, x):
             return x.mean((1, 2, 3))
 
-    with pytest.raises(DfkdError, match="returns a tuple"):
+    with pytest.raises(DfkdError, match=r"returns a tuple without a \(batch, classes\) tensor first"):
         Teacher(Pair(), SPEC)
     with pytest.raises(DfkdError, match=r"returns shape \(2,\), expected \(batch, classes\)"):
         Teacher(Flat(), SPEC)
