@@ -65,6 +65,8 @@ def _representation(p: Path, t: Teacher) -> tuple[str, dict[str, Any], nn.Module
         return t.fmt, {}, None, _archive_bytes(p, t.fmt)
     if t.fmt == "pickle":
         return _from_pickle(t)
+    if t.fmt == "onnx":  # its onnx2torch module, kept as a torch.export archive: no onnx2torch needed to load it
+        return "export", {}, None, _export_bytes(t)
     raise DfkdError(f"--teacher {p}: a {t.fmt} model cannot be converted; save a state_dict and pass --teacher-arch")
 
 

@@ -1,12 +1,14 @@
 """Reading a user's teacher file safely (DESIGN §4).
 
 Formats: dfkd model file, state_dict + architecture (a `torch.save` file or a `.safetensors` file, the format of
-timm's and Hugging Face's weights), TorchScript, `torch.export` archive, and a pickled module only when the user
-trusts it.
+timm's and Hugging Face's weights), TorchScript, `torch.export` archive, an ONNX model (turned into a PyTorch
+module by onnx2torch, an optional extra: the methods need the teacher's gradients, which ONNX Runtime does not
+give), and a pickled module only when the user trusts it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
@@ -33,7 +35,7 @@ class LoadedModel:
     """A module read from a user file, before it is wrapped as a Teacher."""
 
     module: nn.Module
-    fmt: str  # "dfkd", "state_dict", "pickle", "torchscript", "export"
+    fmt: str  # "dfkd", "state_dict", "pickle", "torchscript", "export", "onnx"
     spec: InputSpec | None
     arch: str | None = None
     arch_kwargs: dict[str, Any] | None = None
@@ -90,9 +92,14 @@ def read_safetensors(p: Path, flag: str = "--teacher") -> dict[str, torch.Tensor
 
 
 def sniff_format(p: Path) -> str:
-    """Guess the container: "torchscript", "export", "safetensors" or "torch" (torch.save zip or legacy pickle)."""
+    """Guess the container: "torchscript", "export", "safetensors", "onnx" (by its name) or "torch".
+
+    "torch" is a torch.save zip or a legacy pickle.
+    """
     if _is_safetensors(p):
         return "safetensors"
+    if p.suffix.lower() == ".onnx":
+        return "onnx"
     # Only the archive's top level counts: a TorchScript file holds code/__torch__/<pkg>/models/... for a user
     # package named `models`, which is not a sign of a torch.export archive.
     tops = [n.split("/")[1:3] for n in _zip_names(p)]
@@ -179,6 +186,27 @@ def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:
     return LoadedModel(module, "torchscript", spec)
 
 
+def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
+    """An ONNX model as a PyTorch module (onnx2torch): no code runs from the file, it is a protobuf graph."""
+    try:
+        import onnx2torch
+    except ImportError:
+        raise DfkdError(f"--teacher {p}: an ONNX teacher is turned into a PyTorch module (the methods need its "
+                        "gradients) by onnx2torch, which is not installed: pip install -e \".[onnx]\"") from None
+    import onnx
+
+    try:
+        graph = onnx.load(str(p))
+        module = onnx2torch.convert(graph)
+    except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
+        raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({_short(e)}); "
+                        "is it corrupt, or does it use an operator onnx2torch lacks?") from None
+    if spec is None:  # a file `dfkd export` wrote carries its input spec
+        meta = {m.key: m.value for m in graph.metadata_props}.get("dfkd_spec")
+        spec = InputSpec.from_dict(json.loads(meta)) if meta else None
+    return LoadedModel(module, "onnx", spec)
+
+
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
     try:
         ep = torch.export.load(str(p))
@@ -215,6 +243,8 @@ def load_user_model(
         return _load_torchscript(p, spec)
     if kind == "export":
         return _load_export(p, spec)
+    if kind == "onnx":
+        return _load_onnx(p, spec)
     if kind == "safetensors":
         state = _extract_state_dict(read_safetensors(p))
         if state is None:

@@ -19,7 +19,7 @@ from dfkd.loading import LoadedModel, load_user_model
 from dfkd.models import ZooModel, use_fast_pools
 from dfkd.spec import InputSpec
 
-HOOKABLE = {"dfkd", "state_dict", "pickle", "export"}
+HOOKABLE = {"dfkd", "state_dict", "pickle", "export", "onnx"}
 
 #: Teachers below this many parameters are "LeNet scale": method recipes shrink to what a CPU does in minutes.
 SMALL_TEACHER_PARAMS = 200_000
@@ -43,7 +43,7 @@ class Teacher(nn.Module):
     Args:
         module: the classifier, `forward(x) -> logits`.
         spec: its input spec.
-        fmt: the file format it came from ("dfkd", "state_dict", "pickle", "torchscript", "export").
+        fmt: the file format it came from ("dfkd", "state_dict", "pickle", "torchscript", "export", "onnx").
         source: the file path (for messages and provenance).
         sha256: the file's hash (for provenance).
         arch: zoo architecture name, when known.
@@ -275,7 +275,9 @@ def load_teacher(
     """
     loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec, arch_args=arch_args)
     if loaded.spec is None:
-        raise DfkdError(f"--teacher {path}: a {loaded.fmt} file carries no input spec; give --channels C "
+        kind = {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export"}.get(loaded.fmt,
+                                                                                           f"a {loaded.fmt}")
+        raise DfkdError(f"--teacher {path}: {kind} file carries no input spec; give --channels C "
                         "--input-size S --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
     module = loaded.module.to(device)

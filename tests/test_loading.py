@@ -252,6 +252,49 @@ def test_torchscript(tmp_path):
     _same_outputs(t, net, (2, 1, 16, 16))
 
 
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    """The BN LeNet-5 as ONNX: as `dfkd export` writes it (its spec inside) and as torch.onnx.export alone does."""
+    pytest.importorskip("onnx2torch")
+    from dfkd.export import export_model
+
+    d, model = tmp_path_factory.mktemp("onnx"), _zoo()
+    export_model(model, SPEC, 10, "onnx", d / "dfkd.onnx")
+    torch.onnx.export(model, torch.randn(1, 1, 32, 32), str(d / "plain.onnx"), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch"}})
+    return model, d
+
+
+def test_onnx_teacher_is_a_pytorch_module_with_gradients(onnx_files):
+    model, d = onnx_files
+    t = load_teacher(d / "dfkd.onnx")  # its spec from the file's dfkd_spec entry
+    assert t.fmt == "onnx" and t.spec == SPEC and t.num_classes == 10 and t.hookable
+    _same_outputs(t, model)
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    t(x).logsumexp(1).sum().backward()  # what every synthesis needs of a teacher
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert "an ONNX file carries no input spec" in _error(d / "plain.onnx")
+    _same_outputs(load_teacher(d / "plain.onnx", spec=SPEC), model)
+
+
+def test_onnx_teacher_converts_to_a_model_file_that_needs_no_onnx2torch(onnx_files, tmp_path, monkeypatch):
+    from dfkd.convert import convert
+
+    model, d = onnx_files
+    convert(str(d / "dfkd.onnx"), str(tmp_path / "t.pt"))
+    monkeypatch.setitem(sys.modules, "onnx2torch", None)  # import onnx2torch now fails
+    _same_outputs(load_teacher(tmp_path / "t.pt"), model)
+    msg = _error(d / "dfkd.onnx")
+    assert "onnx2torch, which is not installed" in msg and 'pip install -e ".[onnx]"' in msg
+
+
+def test_a_corrupt_onnx_file_says_so(tmp_path):
+    pytest.importorskip("onnx2torch")
+    (tmp_path / "bad.onnx").write_bytes(np.random.default_rng(0).bytes(2048))
+    msg = _error(tmp_path / "bad.onnx", spec=SPEC)
+    assert "bad.onnx" in msg and "could not be turned into a PyTorch module" in msg and "\n" not in msg
+
+
 def test_traced_zoo_model_is_torchscript_not_export(tmp_path):
     # A traced zoo model's archive holds code/__torch__/dfkd/models/...: that is not a torch.export archive.
     model, path = _zoo(), tmp_path / "traced.pt"
