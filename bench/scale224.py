@@ -13,8 +13,8 @@ data set's images and their grey versions (`dfkd.paired.make_paired`; its studen
 table (peak RSS of the process from `os.wait4`, and what the run logged as perf/peak_rss_mib) goes to stdout and to
 OUT/scale224.md.
 
-Until dfkd takes `torchvision:NAME` architectures, the ResNet-18 is registered here as the zoo model
-`tv_resnet18` (a `ZooModel` around `torchvision.models.resnet18`), in the child process that runs `distill`.
+The teacher is a dfkd model file naming `torchvision:resnet18` and the student `--student torchvision:resnet18`,
+as a user with a torchvision model runs it.
 """
 
 from __future__ import annotations
@@ -31,40 +31,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 LIMIT_MIB = 6 * 1024
+ARCH = "torchvision:resnet18"
 #: Smaller batches and fewer iterations per batch (never larger than the recipe's own); nothing else changes.
 CUTS = {"batch_size": 8, "synth_batch_size": 8, "di_batch": 8, "iterations": 2, "di_iters": 2, "g_steps": 2,
         "s_steps": 2, "g_loops": 1, "gwp_loops": 1}  # NAYER's generator loops a batch (4) and warm-up batches (20)
-
-
-def register_tv_resnet18() -> None:
-    """Register `tv_resnet18`: torchvision's ImageNet-form ResNet-18 behind the zoo interface."""
-    import torch
-    import torchvision
-
-    from dfkd.models import MODELS, ZooModel, register_model
-
-    if "tv_resnet18" in MODELS.names():
-        return
-
-    class TVResNet18(ZooModel):
-        stages = ("net.layer1", "net.layer2", "net.layer3", "net.layer4")
-
-        def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 224) -> None:
-            super().__init__()
-            del input_size
-            self.net = torchvision.models.resnet18(weights=None, num_classes=num_classes)
-            if in_channels != 3:
-                self.net.conv1 = torch.nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-            # one path per module: hooks and path lookups (zskd's final layer, online's taps) find `classifier`
-            self.classifier, self.net.fc = self.net.fc, torch.nn.Identity()
-
-        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-            n = self.net
-            x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
-            x = n.layer4(n.layer3(n.layer2(n.layer1(x))))
-            return torch.flatten(n.avgpool(x), 1)
-
-    register_model("tv_resnet18")(TVResNet18)
 
 
 def make_inputs(out: Path) -> tuple[Path, Path, Path]:
@@ -73,25 +43,25 @@ def make_inputs(out: Path) -> tuple[Path, Path, Path]:
     import numpy as np
     import torch
 
+    from dfkd.archs import build_model
     from dfkd.modelfile import ModelFile, save_model
-    from dfkd.models import create
     from dfkd.paired import make_paired
     from dfkd.spec import InputSpec
     from dfkd.transfer import save_transfer
 
-    teacher, data, transfer = out / "tv_resnet18_224.pt", out / "random224.npz", out / "transfer224.npz"
+    teacher, data, transfer = out / "resnet18_224.pt", out / "random224.npz", out / "transfer224.npz"
     paired, paired_test = out / "paired224.npz", out / "paired224_test.npz"
     if all(p.exists() for p in (teacher, data, transfer, paired, paired_test)):
         return teacher, data, transfer
     out.mkdir(parents=True, exist_ok=True)
     spec = InputSpec(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    kwargs = {"num_classes": 10, "in_channels": 3, "input_size": 224}
+    kwargs = {"num_classes": 10}
     torch.manual_seed(0)
-    model = create("tv_resnet18", **kwargs).train()
+    model = build_model(ARCH, kwargs).train()
     with torch.no_grad():  # BatchNorm statistics of a few batches of noise, not the default 0 / 1
         for _ in range(3):
             model(torch.randn(8, 3, 224, 224))
-    save_model(teacher, model.eval(), ModelFile("tv_resnet18", kwargs, spec, 10))
+    save_model(teacher, model.eval(), ModelFile(ARCH, kwargs, spec, 10))
     rng = np.random.default_rng(0)
     np.savez(data, x=rng.integers(0, 256, (32, 224, 224, 3), dtype=np.uint8), y=rng.integers(0, 10, 32))
     x = torch.from_numpy(rng.integers(0, 256, (32, 3, 224, 224), dtype=np.uint8))
@@ -111,8 +81,7 @@ def cuts_for(method: str, teacher_file: Path) -> dict:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One run, in this process: `distill` with the registered torchvision ResNet-18."""
-    register_tv_resnet18()
+    """One run, in this process: `distill` of the torchvision ResNet-18 teacher into another."""
     from dfkd.config import DistillConfig
     from dfkd.engine import distill
 
@@ -127,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
     eval_data = data
     if args.child == "crossmodal":  # the student sees the grey modality, and is measured on it
         extra["data"], eval_data = str(data.parent / "paired224.npz"), data.parent / "paired224_test.npz"
-    cfg = DistillConfig(teachers=(str(teacher),), method=args.child, student="tv_resnet18", steps=args.steps,
+    cfg = DistillConfig(teachers=(str(teacher),), method=args.child, student=ARCH, steps=args.steps,
                         out=str(run), eval_data=str(eval_data), params=params, **extra)
     result = distill(cfg)
     print(json.dumps({"params": params, "steps": result.step, "logged_peak_rss_mib": result.peak_rss_mib}))
@@ -179,7 +148,6 @@ def main() -> None:
         return
     from dfkd.methods import list_methods
 
-    register_tv_resnet18()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     make_inputs(Path(args.out))
     rows = []

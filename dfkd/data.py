@@ -139,6 +139,8 @@ class FolderImages:
 
     Indexing with an int gives one (C, H, W) tensor; with a slice, index tensor, list or boolean mask a
     (K, C, H, W) tensor. `take` gives a lazy subset. So memory grows with the batch read, not with the folder.
+    With `crop`, each image is read as its centre square (CROP of its shorter side) resized to the shape's H x W:
+    how a folder of several sizes is given one.
     """
 
     dtype = torch.uint8
