@@ -335,6 +335,16 @@ def _build_for(arch: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]
     return first
 
 
+def unwrapped(name: str) -> str:
+    """A weight's name without the prefixes of PyTorch's wrappers (DataParallel/DDP, torch.compile), however nested.
+
+    DataParallel and DistributedDataParallel add `module.`, `torch.compile` adds `_orig_mod.`.
+    """
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.split(".", 1)[1]
+    return name
+
+
 def _under_prefix(state: dict[str, torch.Tensor], names: Any, what: str) -> dict[str, torch.Tensor]:
     """The weights whose names are the model's `names` after one leading `prefix.`, or `state` as it is.
 
@@ -347,7 +357,7 @@ def _under_prefix(state: dict[str, torch.Tensor], names: Any, what: str) -> dict
         return state
     found = []
     for prefix in dict.fromkeys(k.split(".", 1)[0] + "." for k in state if "." in k):
-        inner = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        inner = {unwrapped(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
         if inner.keys() == names:
             found.append((prefix, inner))
     if len(found) > 1:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.archs import canonical_arch, model_from_state
+from dfkd.archs import canonical_arch, model_from_state, unwrapped
 from dfkd.errors import DfkdError
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
@@ -154,18 +154,8 @@ def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
                 obj = obj[key]
                 break
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-            return {_unwrapped(k): v for k, v in obj.items()}
+            return {unwrapped(k): v for k, v in obj.items()}
     return None
-
-
-def _unwrapped(name: str) -> str:
-    """A weight's name without the prefixes of PyTorch's wrappers (DataParallel/DDP, torch.compile), however nested.
-
-    DataParallel and DistributedDataParallel add `module.`, `torch.compile` adds `_orig_mod.`.
-    """
-    while name.startswith(("module.", "_orig_mod.")):
-        name = name.split(".", 1)[1]
-    return name
 
 
 def _from_state_dict(state: dict[str, torch.Tensor], arch: str | None, spec: InputSpec | None, p: Path,

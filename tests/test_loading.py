@@ -179,7 +179,7 @@ def test_torch_compile_prefix_is_dropped(tmp_path):
 
 def test_a_lightning_checkpoint_reads_the_network_under_its_attribute(tmp_path):
     model, path = _lenet5_of_7_classes(), tmp_path / "epoch=3.ckpt"
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state = {f"model.module.{k}": v for k, v in model.state_dict().items()}  # a DataParallel network inside
     state["criterion.weight"] = torch.ones(7)  # a weighted loss's class weights, saved beside the network
     torch.save({"epoch": 3, "global_step": 120, "state_dict": state, "hyper_parameters": {"lr": 0.1}}, path)
     with pytest.warns(UserWarning, match="under 'model.'; 1 other entries of the file left out"):
