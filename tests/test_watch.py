@@ -165,6 +165,18 @@ def test_real_images_of_one_class_are_named_as_the_data_not_as_a_synthesis(tmp_p
     assert "the batches of --data" in report(run).text()
 
 
+def test_a_student_that_did_not_learn_from_the_users_images_is_sent_to_them() -> None:
+    from types import SimpleNamespace
+
+    from dfkd.endcheck import not_learned_message
+
+    method = SimpleNamespace(name="kd", reads="--data", objectives=[], p={"recipe": "cpu", "clip_s": 1.0})
+    message = not_learned_message(method, SimpleNamespace(), torch.device("cpu"), 0.1, 10, False, 40)
+    assert message.startswith("kd: the student agrees with the teacher on 10.0% of its latest batch of --data")
+    assert message.endswith("or images of every class the teacher knows in --data")
+    assert "another method" not in message and "--method auto" not in message
+
+
 def test_a_transfer_file_of_few_classes_is_sent_back_to_synthesize() -> None:
     from types import SimpleNamespace
 
