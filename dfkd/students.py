@@ -4,12 +4,13 @@ The default student for a teacher (`student_arch(teacher, None)`), in this order
 
 1. A zoo teacher gets the pair of the data-free literature (`DEFAULT_STUDENT`: LeNet-5 -> LeNet-5-half,
    ResNet-34 -> ResNet-18, VGG-11 -> ResNet-18, WRN-40-2 -> WRN-16-1, ...).
-2. A torchvision or timm ResNet-family teacher (ResNet-18/34/50/101/152, ResNeXt, Wide ResNet, timm's
-   variants) of at least `RESNET18_PARAMS` parameters gets ResNet-18 of the same library
+2. A torchvision or timm ResNet-family teacher larger than ResNet-18 (ResNet-34/50/101/152, ResNeXt, Wide
+   ResNet, timm's variants: at least `RESNET_TEACHER_PARAMS` parameters) gets ResNet-18 of the same library
    (`torchvision:resnet18` / `timm:resnet18`), with the teacher's classes.
 3. Any other teacher (other library models, your own `module:callable`, TorchScript, torch.export, pickles,
-   small ResNets) gets the largest zoo student in `SIZED_STUDENTS` with at most `STUDENT_SHARE` of the teacher's
-   parameters (the smallest one when none is that small); LeNets only below 64 px. The LeNet rungs are
+   ResNet-18 and smaller ResNets, which a ResNet-18 student would not compress) gets the largest zoo student in
+   `SIZED_STUDENTS` with at most `STUDENT_SHARE` of the teacher's parameters (the smallest one when none is that
+   small); LeNets only below 64 px. The LeNet rungs are
    LeNet-5-half (~16K parameters), LeNet-5 at three-quarter width (`lenet5_3q`, ~35K) and LeNet-5 (~62K): without
    the middle one a 207K-parameter Fashion-MNIST CNN got the half, 7.6 % of its size, where the three-quarter
    LeNet reached 84.06 % top-1 against the half's 81.49 (fast, 5 CPU-minutes; teacher 90.49 %).
@@ -41,7 +42,6 @@ DEFAULT_STUDENT = {
     "lenet5_half_bn": "lenet5_half",
     "lenet5_3q": "lenet5_half",
     "resnet34": "resnet18",
-    "resnet18": "resnet18",
     "vgg11_bn": "resnet18",
     "wrn_40_2": "wrn_16_1",
     "wrn_40_1": "wrn_16_1",
@@ -52,8 +52,9 @@ DEFAULT_STUDENT = {
 
 #: Zoo students are built in the ImageNet form (strided stem + max-pool) from this input size on.
 IMAGENET_SIZE = 64
-#: ResNet-family library teachers at least this large get the library's ResNet-18 (11.2M parameters at 10 classes).
-RESNET18_PARAMS = 11_000_000
+#: ResNet-family library teachers at least this large get the library's ResNet-18 (11.2M parameters at 10 classes,
+#: 11.7M at 1000; ResNet-34 21.3M): a ResNet-18 teacher itself gets a zoo student sized from it instead.
+RESNET_TEACHER_PARAMS = 16_000_000
 #: Share of an unknown teacher's parameters its default zoo student may have.
 STUDENT_SHARE = 0.25
 #: Zoo students for teachers without a known pair (ranked by their parameter count at the teacher's spec).
@@ -89,7 +90,7 @@ def default_student(teacher: Teacher) -> str:
         return DEFAULT_STUDENT[arch]
     kind, _, lib_name = arch.partition(":")
     if kind in ("torchvision", "timm") and _RESNET_FAMILY.match(lib_name) and \
-            teacher_size(teacher) >= RESNET18_PARAMS:
+            teacher_size(teacher) >= RESNET_TEACHER_PARAMS:
         return f"{kind}:resnet18"
     return sized_student(teacher)
 

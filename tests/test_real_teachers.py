@@ -1,4 +1,4 @@
-"""A user's torchvision / timm state_dict at 32 and 64 px through every command, without --student.
+"""A user's torchvision / timm state_dict at 32 and 64 px through every command (without --student but once).
 
 The teacher options are the same on distill, evaluate (both sides), synthesize, fid-stats, methods and convert;
 after `dfkd convert` no command needs them.
@@ -51,12 +51,13 @@ def test_every_command_takes_the_state_dict(tmp_path, arch, size, method):
     teacher = ["--teacher", tmp_path / "private.pt"]
     opts = ["--teacher-arch", arch, "--channels", "3", "--input-size", str(size), "--mean", "0.5", "--std", "0.25"]
     quick = [a for k, v in get_method(method).quick.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+    library = (arch, size) == ("torchvision:resnet18", 32)  # a library student, asked for by name
     _cli("distill", *teacher, *opts, "--method", method, "--steps", "2", "--fid-every", "0",
-         "--out", tmp_path / "run", *quick)
+         "--out", tmp_path / "run", *quick, *(["--student", arch] if library else []))
     student = torch.load(tmp_path / "run" / "student.pt", weights_only=True)
-    if arch == "torchvision:resnet18":  # the library's ResNet-18, recorded by name
+    if library:  # the library's ResNet-18, recorded by name
         assert (student["arch"], student["arch_kwargs"]) == (arch, {"num_classes": 10})
-    else:  # a small timm net: a zoo student, ImageNet form from 64 px
+    else:  # the default for a ResNet-18 or a small timm net: a zoo student, ImageNet form from 64 px
         assert ":" not in student["arch"] and student["arch_kwargs"].get("imagenet_stem", False) == (size >= 64)
     assert student["input_spec"]["size"] == size
 

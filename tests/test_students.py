@@ -28,8 +28,19 @@ def test_library_resnets_get_the_library_resnet18(size):
 
 def test_timm_resnet_gets_timm_resnet18():
     timm = pytest.importorskip("timm")
-    t = _teacher(timm.create_model("resnet18", pretrained=False, num_classes=5), "timm:resnet18")
+    t = _teacher(timm.create_model("resnet34", pretrained=False, num_classes=5), "timm:resnet34")
     assert student_arch(t, None) == ("timm:resnet18", {"num_classes": 5})
+
+
+@pytest.mark.parametrize("arch", ["torchvision:resnet18", "resnet18"])
+def test_a_resnet18_teacher_gets_a_smaller_student(arch):
+    module = torchvision.models.resnet18(weights=None, num_classes=10) if ":" in arch else create("resnet18")
+    t = _teacher(module, arch, 64)
+    name, kw = student_arch(t, None)
+    n_t, n_s = (sum(p.numel() for p in m.parameters()) for m in (t, build_student(name, kw)))
+    assert ":" not in name and name != "resnet18" and n_s <= 0.25 * n_t and kw["imagenet_stem"]
+    line = student_line(t, None, name, build_student(name, kw))
+    assert "the largest zoo student with at most 25% of the teacher's parameters" in line
 
 
 def test_zoo_pairs_are_kept():
