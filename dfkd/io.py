@@ -109,6 +109,9 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
             raise DfkdError(f"{flag} {path}: holds a single array (.npy), not an .npz with {holds}")
+        if any(n.endswith("data.pkl") for n in loaded.files):  # a torch.save zip opens as an .npz too
+            loaded.close()
+            raise DfkdError(f"{flag} {path}: is a PyTorch file (a model or checkpoint?), not an .npz with {holds}")
         with loaded as d:
             yield d
     except DfkdError:

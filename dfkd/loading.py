@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +229,26 @@ def load_user_model(
         The module (on CPU) with its format and input spec (None if neither the file nor the flags give one).
     """
     p = check_file(path)
+    loaded = _read(p, arch, trust_pickle, spec, arch_args)
+    if arch is not None and loaded.fmt != "state_dict":  # the file brings its network: the flag can only disagree
+        if loaded.fmt == "dfkd" and canonical_arch(arch) != loaded.arch:
+            raise DfkdError(f"--teacher {p}: a dfkd model file of a {loaded.arch} network, but --teacher-arch says "
+                            f"{arch}; drop --teacher-arch (the file names its architecture)")
+        if loaded.fmt != "dfkd":
+            warnings.warn(f"--teacher {p}: {a_file(loaded.fmt)} brings its own network; --teacher-arch {arch} is "
+                          "not used (it is for state_dicts)", stacklevel=2)
+    return loaded
+
+
+def a_file(fmt: str) -> str:
+    """"an ONNX file", "a TorchScript file", ...: a format as messages name it."""
+    return {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export", "pickle": "a pickle",
+            "state_dict": "a state_dict", "dfkd": "a dfkd model"}.get(fmt, f"a {fmt}") + " file"
+
+
+def _read(p: Path, arch: str | None, trust_pickle: bool, spec: InputSpec | None,
+          arch_args: dict[str, Any] | None) -> LoadedModel:
+    """`load_user_model` for a checked path, by the file's format."""
     kind = sniff_format(p)
     if kind == "torchscript":
         return _load_torchscript(p, spec)

@@ -15,7 +15,7 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.hooks import FeatureTaps, batchnorm_paths
 from dfkd.io import sha256_file
-from dfkd.loading import LoadedModel, load_user_model
+from dfkd.loading import LoadedModel, a_file, load_user_model
 from dfkd.models import ZooModel, use_fast_pools
 from dfkd.spec import InputSpec
 
@@ -275,9 +275,7 @@ def load_teacher(
     """
     loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec, arch_args=arch_args)
     if loaded.spec is None:
-        kind = {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export"}.get(loaded.fmt,
-                                                                                           f"a {loaded.fmt}")
-        raise DfkdError(f"--teacher {path}: {kind} file carries no input spec; give --channels C "
+        raise DfkdError(f"--teacher {path}: {a_file(loaded.fmt)} carries no input spec; give --channels C "
                         "--input-size S --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
     module = loaded.module.to(device)
