@@ -83,9 +83,17 @@ def class_candidates(state: dict[str, torch.Tensor]) -> list[int]:
 
 
 def _fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
-    """True when `state` has exactly the model's names and shapes (what a strict load needs)."""
+    """True when `state` has the model's names and shapes (what a strict load needs).
+
+    BatchNorm's step counters are left aside: some exporters drop them, and a load fills them in.
+    """
     own = model.state_dict()
-    return own.keys() == state.keys() and all(own[k].shape == v.shape for k, v in state.items())
+    return _names(own) == _names(state) and all(own[k].shape == v.shape for k, v in state.items() if k in own)
+
+
+def _names(keys: Any) -> set[str]:
+    """State_dict names without BatchNorm's `num_batches_tracked` counters."""
+    return {k for k in keys if not k.endswith("num_batches_tracked")}
 
 
 def build_model(arch: str, kwargs: dict[str, Any], flag: str = "--teacher-arch", trusted: bool = True) -> nn.Module:
@@ -352,13 +360,13 @@ def _under_prefix(state: dict[str, torch.Tensor], names: Any, what: str) -> dict
     Lightning's `model.conv1.weight`), beside other modules' (a loss's, an EMA copy's). Exactly one prefix must
     hold exactly the model's names; entries left out are said in a warning line.
     """
-    names = set(names)
+    names = _names(names)
     if names <= state.keys():
         return state
     found = []
     for prefix in dict.fromkeys(k.split(".", 1)[0] + "." for k in state if "." in k):
         inner = {unwrapped(k[len(prefix):]): v for k, v in state.items() if k.startswith(prefix)}
-        if inner.keys() == names:
+        if _names(inner) == names:
             found.append((prefix, inner))
     if len(found) > 1:
         raise DfkdError(f"{what}: holds weights of this architecture under {len(found)} prefixes "

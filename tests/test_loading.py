@@ -148,6 +148,17 @@ def test_safetensors_state_dict_with_its_names_sorted(tmp_path, name):
     _same_outputs(t, model)
 
 
+def test_safetensors_without_batchnorm_counters_finds_its_classes(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model, path = dfkd.create_model("lenet5_bn", **{**KWARGS, "num_classes": 7}).eval(), tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if "num_batches_tracked" not in k}, str(path))
+    t = load_teacher(path, arch="lenet5_bn", spec=SPEC)
+    assert t.num_classes == 7
+    _same_outputs(t, model)
+
+
 def test_a_torch_saved_state_dict_in_sorted_order_finds_its_classes(tmp_path):
     model, path = _lenet5_of_7_classes(), tmp_path / "sorted.pt"
     torch.save(dict(sorted(model.state_dict().items())), path)
