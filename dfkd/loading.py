@@ -192,9 +192,12 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
     except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
         raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({_short(e)}); "
                         "is it corrupt, or does it use an operator onnx2torch lacks?") from None
-    if spec is None:  # a file `dfkd export` wrote carries its input spec
+    if spec is None:  # a file `dfkd export` wrote carries its input spec (one that does not parse: ask the flags)
         meta = {m.key: m.value for m in graph.metadata_props}.get("dfkd_spec")
-        spec = InputSpec.from_dict(json.loads(meta)) if meta else None
+        try:
+            spec = InputSpec.from_dict(json.loads(meta)) if meta else None
+        except (ValueError, KeyError, TypeError):
+            spec = None
     return LoadedModel(module, "onnx", spec)
 
 

@@ -299,6 +299,15 @@ def test_onnx_teacher_converts_to_a_model_file_that_needs_no_onnx2torch(onnx_fil
     assert "onnx2torch, which is not installed" in msg and 'pip install -e ".[onnx]"' in msg
 
 
+def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_files, tmp_path):
+    import onnx
+
+    graph = onnx.load(str(onnx_files[1] / "plain.onnx"))
+    graph.metadata_props.add(key="dfkd_spec", value="{not json")
+    onnx.save(graph, str(tmp_path / "odd.onnx"))
+    assert "an ONNX file carries no input spec" in _error(tmp_path / "odd.onnx")
+
+
 def test_a_corrupt_onnx_file_says_so(tmp_path):
     pytest.importorskip("onnx2torch")
     (tmp_path / "bad.onnx").write_bytes(np.random.default_rng(0).bytes(2048))
