@@ -23,6 +23,7 @@ from torch import nn
 
 from dfkd.archs import canonical_arch, model_from_state, unwrapped
 from dfkd.errors import DfkdError
+from dfkd.export import SPEC_KEY
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
 from dfkd.spec import InputSpec
@@ -169,12 +170,21 @@ def _from_state_dict(state: dict[str, torch.Tensor], arch: str | None, spec: Inp
     return LoadedModel(module, "state_dict", spec, canonical_arch(arch), kwargs)
 
 
-def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:
+def _spec_entry(text: str | bytes | None) -> InputSpec | None:
+    """The input spec `dfkd export` writes into its files (`dfkd_spec`); None without one or if it does not parse."""
     try:
-        module = torch.jit.load(str(p), map_location="cpu")
+        return InputSpec.from_dict(json.loads(text)) if text else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:
+    extra = {SPEC_KEY: ""}
+    try:
+        module = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
     except Exception as e:  # noqa: BLE001
         raise DfkdError(f"--teacher {p}: TorchScript archive could not be read ({_short(e)}); is it corrupt?") from None
-    return LoadedModel(module, "torchscript", spec)
+    return LoadedModel(module, "torchscript", spec or _spec_entry(extra[SPEC_KEY]))
 
 
 def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
@@ -192,23 +202,19 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
     except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
         raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({_short(e)}); "
                         "is it corrupt, or does it use an operator onnx2torch lacks?") from None
-    if spec is None:  # a file `dfkd export` wrote carries its input spec (one that does not parse: ask the flags)
-        meta = {m.key: m.value for m in graph.metadata_props}.get("dfkd_spec")
-        try:
-            spec = InputSpec.from_dict(json.loads(meta)) if meta else None
-        except (ValueError, KeyError, TypeError):
-            spec = None
-    return LoadedModel(module, "onnx", spec)
+    meta = {m.key: m.value for m in graph.metadata_props}
+    return LoadedModel(module, "onnx", spec or _spec_entry(meta.get(SPEC_KEY)))
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
+    extra = {SPEC_KEY: ""}
     try:
-        ep = torch.export.load(str(p))
+        ep = torch.export.load(str(p), extra_files=extra)
         module = torch.export.unflatten(ep)
     except Exception as e:  # noqa: BLE001
         raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({_short(e)}); "
                         "is it corrupt?") from None
-    return LoadedModel(module, "export", spec)
+    return LoadedModel(module, "export", spec or _spec_entry(extra[SPEC_KEY]))
 
 
 def load_user_model(

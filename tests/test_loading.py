@@ -315,6 +315,17 @@ def test_a_corrupt_onnx_file_says_so(tmp_path):
     assert "bad.onnx" in msg and "could not be turned into a PyTorch module" in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
+def test_a_file_dfkd_export_wrote_brings_its_spec_to_every_command(tmp_path, fmt):
+    from dfkd.export import export_model
+
+    model, path = _zoo(), tmp_path / "m.pt"
+    export_model(model, SPEC, 10, fmt, path)
+    t = load_teacher(path)  # no spec flags
+    assert t.spec == SPEC and t.num_classes == 10
+    _same_outputs(t, model)
+
+
 def test_traced_zoo_model_is_torchscript_not_export(tmp_path):
     # A traced zoo model's archive holds code/__torch__/dfkd/models/...: that is not a torch.export archive.
     model, path = _zoo(), tmp_path / "traced.pt"
