@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dfkd.calibration import DEFAULT_CALIBRATION, NOISE, calibration_pixels
@@ -13,7 +12,7 @@ from dfkd.data import check_fits, load_images, to_model_input
 from dfkd.deploystats import DeployStats, measure
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
-from dfkd.export import ExportCheck, check_out, export_model, load_runner
+from dfkd.export import ExportCheck, check_out, export_model
 from dfkd.quantize import quantize_model
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher, load_teacher
@@ -24,9 +23,9 @@ def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickl
     """Any file dfkd can load (dfkd model file, state_dict + arch, TorchScript, torch.export, trusted pickle).
 
     Returned frozen, on CPU, with its input spec and class count (`.module` is the classifier itself). A
-    TorchScript or torch.export file that `dfkd export` wrote brings its own spec (`dfkd_spec`) when no flags do.
+    TorchScript, torch.export or ONNX file that `dfkd export` wrote brings its own spec (`dfkd_spec`) when no flags
+    do (`dfkd.loading`).
     """
-    spec = spec or spec_of_export(path)
     try:
         return load_teacher(path, arch, trust_pickle, spec, device="cpu")
     except DfkdError as e:  # the loader speaks of --teacher/--teacher-arch; here they are MODEL and --arch
@@ -40,21 +39,6 @@ def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     check_out(out, force)
     m = load_model_any(model_path, arch, trust_pickle, spec)
     return export_model(m.module, m.spec, m.num_classes, fmt, out, force, m.class_names)
-
-
-def spec_of_export(path: str | os.PathLike) -> InputSpec | None:
-    """The `dfkd_spec` input spec a TorchScript or torch.export file carries (None: not one, or no spec)."""
-    from dfkd.loading import sniff_format
-
-    p = Path(path)
-    kind = sniff_format(p) if p.is_file() else "torch"
-    if kind not in ("torchscript", "export"):
-        return None
-    try:
-        _, meta = load_runner("torchscript" if kind == "torchscript" else "exported-program", p)
-    except Exception:  # noqa: BLE001 - an unreadable archive: the loader says why, with its own message
-        return None
-    return InputSpec.from_dict(meta) if meta else None
 
 
 @dataclass
