@@ -12,7 +12,6 @@ import json
 import os
 import pickle
 import struct
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,16 +236,9 @@ def load_user_model(
     Returns:
         The module (on CPU) with its format and input spec (None if neither the file nor the flags give one).
     """
-    p = check_file(path)
-    loaded = _read(p, arch, trust_pickle, spec, arch_args)
-    if arch is not None and loaded.fmt != "state_dict":  # the file brings its network: the flag can only disagree
-        if loaded.fmt == "dfkd" and canonical_arch(arch) != loaded.arch:
-            raise DfkdError(f"--teacher {p}: a dfkd model file of a {loaded.arch} network, but --teacher-arch says "
-                            f"{arch}; drop --teacher-arch (the file names its architecture)")
-        if loaded.fmt != "dfkd":
-            warnings.warn(f"--teacher {p}: {a_file(loaded.fmt)} brings its own network; --teacher-arch {arch} is "
-                          "not used (it is for state_dicts)", stacklevel=2)
-    return loaded
+    # A file that brings its network (a dfkd model file, an archive) does not use `arch`: commands share their
+    # teacher options between files (`evaluate --model student.pt --teacher private.pt --teacher-arch ...`).
+    return _read(check_file(path), arch, trust_pickle, spec, arch_args)
 
 
 def a_file(fmt: str) -> str:

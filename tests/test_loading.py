@@ -444,16 +444,6 @@ def test_directory(tmp_path):
     assert "adir" in msg and "is a directory" in msg
 
 
-def test_an_architecture_flag_that_disagrees_with_the_file(tmp_path, onnx_files):
-    path = tmp_path / "t.pt"
-    save_model(path, _zoo(), ModelFile("lenet5_bn", dict(KWARGS), SPEC, 10))
-    assert load_teacher(path, arch="lenet5_bn").arch == "lenet5_bn"  # the same name: nothing to say
-    msg = _error(path, arch="wrn_16_1")
-    assert "a dfkd model file of a lenet5_bn network, but --teacher-arch says wrn_16_1" in msg
-    with pytest.warns(UserWarning, match="an ONNX file brings its own network; --teacher-arch lenet5 is not used"):
-        load_teacher(onnx_files[1] / "dfkd.onnx", arch="lenet5")
-
-
 def test_a_pytorch_file_given_as_data_is_named_as_such():
     from dfkd.data import load_images
 
