@@ -172,7 +172,7 @@ def _spill(f: IO[bytes], path: str | os.PathLike, name: str) -> np.ndarray | Non
                         f"member {name!r} a batch at a time ({e.strerror}); {fix}") from None
     try:
         with os.fdopen(fd, "wb") as out:
-            shutil.copyfileobj(f, out, 1 << 24)
+            shutil.copyfileobj(f, out, 1 << 22)  # 4 MiB blocks: the copy's own memory stays small
             if out.tell() != size:
                 raise ValueError(f"member {name!r} holds {out.tell()} of its {size} bytes")
         return np.memmap(tmp, dtype=dtype, mode="c", shape=shape) if size else np.empty(shape, dtype)
