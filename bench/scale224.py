@@ -37,9 +37,9 @@ CUTS = {"batch_size": 8, "synth_batch_size": 8, "di_batch": 8, "iterations": 2, 
         "s_steps": 2, "g_loops": 1, "gwp_loops": 1}  # NAYER's generator loops a batch (4) and warm-up batches (20)
 
 
-def make_inputs(out: Path) -> tuple[Path, Path, Path]:
-    """The teacher file, a small random 224 px data set and a small random transfer file (made once), and the
-    crossmodal pairs (`paired224.npz`) and their grey test set (`paired224_test.npz`) beside them."""
+def make_inputs(out: Path) -> tuple[Path, Path, Path, Path, Path]:
+    """The teacher file, a small random 224 px data set, a small random transfer file, and the crossmodal pairs
+    (that data set's images and their grey versions) with their grey test set: made once, returned as paths."""
     import numpy as np
     import torch
 
@@ -51,8 +51,9 @@ def make_inputs(out: Path) -> tuple[Path, Path, Path]:
 
     teacher, data, transfer = out / "resnet18_224.pt", out / "random224.npz", out / "transfer224.npz"
     paired, paired_test = out / "paired224.npz", out / "paired224_test.npz"
-    if all(p.exists() for p in (teacher, data, transfer, paired, paired_test)):
-        return teacher, data, transfer
+    paths = teacher, data, transfer, paired, paired_test
+    if all(p.exists() for p in paths):
+        return paths
     out.mkdir(parents=True, exist_ok=True)
     spec = InputSpec(3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     kwargs = {"num_classes": 10}
@@ -68,7 +69,7 @@ def make_inputs(out: Path) -> tuple[Path, Path, Path]:
     save_transfer(transfer, x, torch.softmax(torch.randn(32, 10), 1), spec, "random", "")
     make_paired(data, "gray", paired)
     make_paired(data, "gray", paired_test, student_only=True)
-    return teacher, data, transfer
+    return paths
 
 
 def cuts_for(method: str, teacher_file: Path) -> dict:
@@ -85,7 +86,7 @@ def child(args: argparse.Namespace) -> None:
     from dfkd.config import DistillConfig
     from dfkd.engine import distill
 
-    teacher, data, transfer = make_inputs(Path(args.out))
+    teacher, data, transfer, paired, paired_test = make_inputs(Path(args.out))
     params = cuts_for(args.child, teacher)
     run = Path(args.out) / args.child
     if run.exists():
@@ -95,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
         extra["transfer_data"] = str(transfer)
     eval_data = data
     if args.child == "crossmodal":  # the student sees the grey modality, and is measured on it
-        extra["data"], eval_data = str(data.parent / "paired224.npz"), data.parent / "paired224_test.npz"
+        extra["data"], eval_data = str(paired), paired_test
     cfg = DistillConfig(teachers=(str(teacher),), method=args.child, student=ARCH, steps=args.steps,
                         out=str(run), eval_data=str(eval_data), params=params, **extra)
     result = distill(cfg)

@@ -238,18 +238,7 @@ def load_user_model(
     """
     # A file that brings its network (a dfkd model file, an archive) does not use `arch`: commands share their
     # teacher options between files (`evaluate --model student.pt --teacher private.pt --teacher-arch ...`).
-    return _read(check_file(path), arch, trust_pickle, spec, arch_args)
-
-
-def a_file(fmt: str) -> str:
-    """"an ONNX file", "a TorchScript file", ...: a format as messages name it."""
-    return {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export", "pickle": "a pickle",
-            "state_dict": "a state_dict", "dfkd": "a dfkd model"}.get(fmt, f"a {fmt}") + " file"
-
-
-def _read(p: Path, arch: str | None, trust_pickle: bool, spec: InputSpec | None,
-          arch_args: dict[str, Any] | None) -> LoadedModel:
-    """`load_user_model` for a checked path, by the file's format."""
+    p = check_file(path)
     kind = sniff_format(p)
     if kind == "torchscript":
         return _load_torchscript(p, spec)

@@ -15,7 +15,7 @@ from torch import nn
 from dfkd.errors import DfkdError
 from dfkd.hooks import FeatureTaps, batchnorm_paths
 from dfkd.io import sha256_file
-from dfkd.loading import LoadedModel, a_file, load_user_model
+from dfkd.loading import LoadedModel, load_user_model
 from dfkd.models import ZooModel, use_fast_pools
 from dfkd.spec import InputSpec
 
@@ -201,6 +201,12 @@ def full_fp32() -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
+def _a_file(fmt: str) -> str:
+    """"an ONNX file", "a TorchScript file", ...: a file format as messages name it."""
+    return {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export", "pickle": "a pickle",
+            "state_dict": "a state_dict", "dfkd": "a dfkd model"}.get(fmt, f"a {fmt}") + " file"
+
+
 def logits_reader(out: Any) -> tuple[Callable[[Any], torch.Tensor], str] | None:
     """How to read (batch, classes) logits from a forward that returns more than them, and its name; else None.
 
@@ -275,7 +281,7 @@ def load_teacher(
     """
     loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec, arch_args=arch_args)
     if loaded.spec is None:
-        raise DfkdError(f"--teacher {path}: {a_file(loaded.fmt)} carries no input spec; give --channels C "
+        raise DfkdError(f"--teacher {path}: {_a_file(loaded.fmt)} carries no input spec; give --channels C "
                         "--input-size S --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
     module = loaded.module.to(device)
