@@ -93,14 +93,14 @@ class Teacher(nn.Module):
     def _probe_classes(self) -> int:
         """Number of classes, from a forward at batch 2; the teacher must also pass `check_outputs`.
 
-        A module that returns more than its logits (`(logits, features)`, `{"logits": ...}`, an object with a
-        `logits` attribute, as many training codebases and Hugging Face models do) is read through them, with a
-        warning line saying which part was taken.
+        A module that returns more than its logits (`(logits, features)` or `(features, logits)`, `{"logits":
+        ...}`, an object with a `logits` attribute, as many training codebases and Hugging Face models do) is read
+        through them, with a warning line saying which part was taken.
         """
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
         x = torch.randn(self.spec.shape(3), generator=torch.Generator().manual_seed(0)).to(device)
         out = self._probe_forward(x[:2])
-        reader = logits_reader(out)
+        reader = logits_reader(out, head_width(self.module))
         if reader is not None:
             self._logits_of, part = reader
             out = self._logits_of(out)
@@ -108,7 +108,7 @@ class Teacher(nn.Module):
                           f"{tuple(out.shape)}, is read as the logits", stacklevel=2)
         elif isinstance(out, (tuple, list)):
             raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__} without a (batch, "
-                            "classes) tensor first; dfkd needs the logits (wrap the module to return them alone)")
+                            "classes) tensor in it; dfkd needs the logits (wrap the module to return them alone)")
         if not torch.is_tensor(out) or out.dim() != 2:
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
@@ -207,22 +207,35 @@ def _a_file(fmt: str) -> str:
             "state_dict": "a state_dict", "dfkd": "a dfkd model"}.get(fmt, f"a {fmt}") + " file"
 
 
-def logits_reader(out: Any) -> tuple[Callable[[Any], torch.Tensor], str] | None:
+def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], torch.Tensor], str] | None:
     """How to read (batch, classes) logits from a forward that returns more than them, and its name; else None.
 
-    The first element of a tuple or list, a mapping's `logits` entry, or a `logits` attribute (Hugging Face's
-    outputs are mappings with one), each only when it is a 2-D tensor.
+    In a tuple or list, its one 2-D tensor; of several, the one as wide as `head` (the output width of the
+    module's last Linear layer, its classifier head as a rule) where exactly one is, else the first, so
+    `(features, logits)` is read right as well as `(logits, features)`. Else a mapping's `logits` entry or a
+    `logits` attribute (Hugging Face's outputs are mappings with one), each only when it is a 2-D tensor.
     """
     def logits_like(t: Any) -> bool:
         return torch.is_tensor(t) and t.dim() == 2
 
-    if isinstance(out, (tuple, list)) and out and logits_like(out[0]):
-        return itemgetter(0), f"the first element of the {type(out).__name__}"
+    if isinstance(out, (tuple, list)):
+        found = [i for i, t in enumerate(out) if logits_like(t)]
+        if not found:
+            return None
+        as_wide = [i for i in found if out[i].shape[1] == head]
+        i = as_wide[0] if len(as_wide) == 1 else found[0]
+        return itemgetter(i), f"element {i} of the {type(out).__name__} (counting from 0)"
     if isinstance(out, Mapping) and logits_like(out.get("logits")):
         return itemgetter("logits"), "its 'logits' entry"
     if not torch.is_tensor(out) and logits_like(getattr(out, "logits", None)):
         return attrgetter("logits"), "its 'logits' attribute"
     return None
+
+
+def head_width(module: nn.Module) -> int | None:
+    """Output width of the module's last Linear layer (its classifier head as a rule), or None without one."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
 
 
 def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:

@@ -110,13 +110,15 @@ class Outputs:
         self.logits, self.hidden_states = logits, hidden
 
 
-@pytest.mark.parametrize("wrap", ["tuple", "list", "dict", "attribute"])
+@pytest.mark.parametrize("wrap", ["tuple", "list", "features first", "feature map first", "dict", "attribute"])
 def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
     class Rich(Toy):
         def forward(self, x):
-            features = torch.relu(self.hidden(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
+            fmap = torch.relu(self.bn(self.conv(x)))
+            features = torch.relu(self.hidden(fmap.mean((2, 3))))
             logits = self.head(features)
             return {"tuple": lambda: (logits, features), "list": lambda: [logits, features],
+                    "features first": lambda: (features, logits), "feature map first": lambda: (fmap, logits),
                     "dict": lambda: {"features": features, "logits": logits},
                     "attribute": lambda: Outputs(logits, features)}[wrap]()
 
@@ -135,13 +137,13 @@ def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
 def test_bad_output_shapes_are_refused():
     class Pair(nn.Module):
         def forward(self, x):
-            return x, x.mean((1, 2, 3))[:, None]  # the logits are not first
+            return x, x.mean((1, 2, 3))  # no (batch, classes) tensor in it
 
     class Flat(nn.Module):
         def forward(self, x):
             return x.mean((1, 2, 3))
 
-    with pytest.raises(DfkdError, match=r"returns a tuple without a \(batch, classes\) tensor first"):
+    with pytest.raises(DfkdError, match=r"returns a tuple without a \(batch, classes\) tensor in it"):
         Teacher(Pair(), SPEC)
     with pytest.raises(DfkdError, match=r"returns shape \(2,\), expected \(batch, classes\)"):
         Teacher(Flat(), SPEC)
