@@ -16,7 +16,7 @@ from dfkd.errors import DfkdError
 from dfkd.io import memmap_member, open_npz
 from dfkd.spec import InputSpec
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -127,7 +127,23 @@ def _load_folder(p: Path, flag: str) -> ImageData:
 CROP, MAX_SIDE = 0.875, 512
 
 
-GREY_MODES = ("L", "1")
+GREY_MODES = ("L", "1", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def _eight_bit(im):  # noqa: ANN001, ANN202 - a PIL image in, a PIL image out (PIL is imported lazily)
+    """A 16-bit grey image (Pillow's mode I;16, or I for older Pillows' 16-bit PNGs) scaled to 8 bits.
+
+    PIL's `convert("L")` clips such an image at 255 instead of scaling it, so a 16-bit scan would read as almost
+    white. A 32-bit float image (mode F) has no agreed range and is refused.
+    """
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ValueError("32-bit float pixels; save it as an 8- or 16-bit image")
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im).astype(np.float64) / 257.0  # 0..65535 -> 0..255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 
 def _unreadable(flag: str, f: Path, e: Exception) -> DfkdError:
@@ -178,7 +194,7 @@ class FolderImages:
 
         try:
             with Image.open(f) as im:
-                im = im.convert("L" if self.shape[1] == 1 else "RGB")
+                im = _eight_bit(im).convert("L" if self.shape[1] == 1 else "RGB")
                 if self.crop:  # the centre square, CROP of the shorter side, at the folder's side (antialiased)
                     c = max(round(CROP * min(im.size)), 1)
                     left, top = (im.width - c) // 2, (im.height - c) // 2

@@ -67,6 +67,25 @@ def test_image_folder_grey(tmp_path):
     assert data.x.shape == (2, 1, 10, 10) and int(data.x[:].max()) == 200
 
 
+def test_image_folder_of_16_bit_images_is_scaled_to_8_bits(tmp_path):
+    # a 16-bit PNG (medical and microscopy scans): PIL's own conversion clips it at 255, an almost white image
+    from PIL import Image
+
+    ramp = np.arange(0, 65536, 257, dtype=np.uint16)[:256].reshape(16, 16)  # 0, 257, ..., 65535
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.fromarray(ramp).save(tmp_path / cls / "x.png")
+    assert Image.open(tmp_path / "a" / "x.png").mode.startswith("I")
+    data = load_images(tmp_path)
+    assert data.x.shape == (2, 1, 16, 16)
+    assert torch.equal(data.x[0][0], torch.arange(256, dtype=torch.uint8).reshape(16, 16))
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "b" / "y.png")  # among colour: grey as colour
+    assert torch.equal(load_images(tmp_path).x[0][1], torch.arange(256, dtype=torch.uint8).reshape(16, 16))
+    Image.fromarray(np.ones((16, 16), np.float32)).save(tmp_path / "b" / "z.tiff")
+    with pytest.raises(DfkdError, match=r"z\.tiff: not a readable image \(32-bit float pixels"):
+        load_images(tmp_path).x[:]
+
+
 def test_image_folder_without_class_folders(tmp_path):
     with pytest.raises(DfkdError, match="one sub-folder per class"):
         load_images(tmp_path)
