@@ -66,12 +66,6 @@ def parse_arch_args(texts: tuple[str, ...] | list[str], flag: str = "--arch-arg"
     return out
 
 
-def classes_from_state(state: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes from a state_dict: the output size of its classifier, the last 2-D weight."""
-    candidates = class_candidates(state)
-    return candidates[0] if candidates else None
-
-
 def class_candidates(state: dict[str, torch.Tensor]) -> list[int]:
     """The output sizes of the state_dict's 2-D weights, the last one's first: what its classifier may give.
 

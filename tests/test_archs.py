@@ -11,7 +11,7 @@ import torch
 import torchvision
 
 from dfkd import DfkdError, InputSpec, ModelFile, load_teacher, save_model
-from dfkd.archs import arch_kind, build_model, classes_from_state, flag_spec, parse_arch_args
+from dfkd.archs import arch_kind, build_model, class_candidates, flag_spec, parse_arch_args
 from dfkd.modelfile import load_model
 
 SPEC32 = InputSpec(3, 32, (0.5,), (0.25,))
@@ -70,8 +70,10 @@ def test_arch_kind_and_arch_args():
 
 def test_classes_from_the_classifier():
     state = torchvision.models.resnet18(weights=None, num_classes=7).state_dict()
-    assert classes_from_state(state) == 7
-    assert classes_from_state({"w": torch.zeros(3)}) is None
+    assert class_candidates(state)[0] == 7
+    sorted_names = dict(sorted(state.items()))  # as a safetensors file gives them: "fc" after "bn1", before "layer"
+    assert 7 in class_candidates(sorted_names)
+    assert class_candidates({"w": torch.zeros(3)}) == []
 
 
 def test_torchvision_state_dict_with_inferred_classes(tmp_path):
