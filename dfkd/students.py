@@ -9,8 +9,8 @@ The default student for a teacher (`student_arch(teacher, None)`), in this order
    (`torchvision:resnet18` / `timm:resnet18`), with the teacher's classes.
 3. Any other teacher (other library models, your own `module:callable`, TorchScript, torch.export, pickles,
    ResNet-18 and smaller ResNets, which a ResNet-18 student would not compress) gets the largest zoo student in
-   `SIZED_STUDENTS` with at most `STUDENT_SHARE` of the teacher's parameters (the smallest one when none is that
-   small); LeNets only below 64 px. The LeNet rungs are
+   `SIZED_STUDENTS` with at most `STUDENT_SHARE` of the teacher's parameters and at most its multiply-adds an image
+   (the smallest one when none is that small); LeNets only below 64 px. The LeNet rungs are
    LeNet-5-half (~16K parameters), LeNet-5 at three-quarter width (`lenet5_3q`, ~35K) and LeNet-5 (~62K): without
    the middle one a 207K-parameter Fashion-MNIST CNN got the half, 7.6 % of its size, where the three-quarter
    LeNet reached 84.06 % top-1 against the half's 81.49 (fast, 5 CPU-minutes; teacher 90.49 %).
@@ -31,6 +31,7 @@ from torch import nn
 
 from dfkd.archs import arch_kind, build_model
 from dfkd.errors import DfkdError
+from dfkd.methods import _recipes
 from dfkd.models import MODELS
 from dfkd.teacher import Teacher, teacher_size
 
@@ -96,16 +97,31 @@ def default_student(teacher: Teacher) -> str:
 
 
 def sized_student(teacher: Teacher) -> str:
-    """The largest of SIZED_STUDENTS within STUDENT_SHARE of the teacher's parameters (else the smallest)."""
+    """The largest of SIZED_STUDENTS within STUDENT_SHARE of the teacher's parameters and no costlier than it.
+
+    No costlier: at most the teacher's multiply-adds an image, where they can be counted. Parameters alone gave a
+    784-512-256 MLP teacher (536K parameters, 0.54M multiply-adds) the MobileNetV2 (113K parameters, 13.5M
+    multiply-adds at 28 px): a student 25 times slower than its teacher, which made 33 times fewer steps than a
+    LeNet-5 (0.42M) in 5 CPU-minutes of fast and reached 61.57 % on MNIST (teacher 98.45) against the LeNet-5's
+    97.64, 55.27 against 82.98 on Fashion-MNIST (teacher 86.49). Else the smallest.
+    """
     names = [n for n in SIZED_STUDENTS if not (n.startswith("lenet") and teacher.spec.size >= IMAGENET_SIZE)]
     sized = sorted((_params(n, teacher), n) for n in names)
-    budget = STUDENT_SHARE * teacher_size(teacher)
-    fitting = [n for size, n in sized if size <= budget]
+    fitting = [n for _, n in sized if _fits(n, teacher)]
     return fitting[-1] if fitting else sized[0][1]
 
 
 def _params(name: str, teacher: Teacher) -> int:
     return teacher_size(build_student(name, zoo_kwargs(name, teacher)))
+
+
+def _fits(name: str, teacher: Teacher) -> bool:
+    """Whether zoo student `name` has at most STUDENT_SHARE of the teacher's parameters and its multiply-adds."""
+    student = build_student(name, zoo_kwargs(name, teacher))
+    if teacher_size(student) > STUDENT_SHARE * teacher_size(teacher):
+        return False
+    cost = _recipes.multiply_adds(teacher)  # None: the teacher's cannot be counted (a scripted one)
+    return cost is None or (_recipes.count_macs(student, teacher.spec) or 0) <= cost
 
 
 def student_line(teacher: Teacher, requested: str | None, name: str, student: nn.Module) -> str:
@@ -118,10 +134,12 @@ def student_line(teacher: Teacher, requested: str | None, name: str, student: nn
         why = f"the zoo pair for a {teacher.arch} teacher"
     elif arch_kind(name) != "zoo":
         why = "the library's ResNet-18 for a ResNet-family teacher"
-    elif n_s <= STUDENT_SHARE * n_t:
-        why = f"the largest zoo student with at most {STUDENT_SHARE:.0%} of the teacher's parameters"
+    elif _fits(name, teacher):
+        why = (f"the largest zoo student with at most {STUDENT_SHARE:.0%} of the teacher's parameters and no more "
+               "multiply-adds an image")
     else:
-        why = f"the smallest zoo student: none has at most {STUDENT_SHARE:.0%} of the teacher's parameters"
+        why = (f"the smallest zoo student: none has at most {STUDENT_SHARE:.0%} of the teacher's parameters and no "
+               "more multiply-adds an image")
     return f"student network: {name} ({size}; {why}; --student ARCH for another)"
 
 

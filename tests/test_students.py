@@ -61,17 +61,44 @@ def test_unknown_teacher_gets_a_zoo_student_sized_from_it(size):
     assert default_student(tiny) == "lenet5_half"  # nothing is a quarter of 62K parameters: the smallest
 
 
-@pytest.mark.parametrize(("hidden", "expected"), [(150, "lenet5_half"), (252, "lenet5_3q"), (378, "lenet5")])
-def test_small_grey_teachers_climb_the_lenet_ladder(hidden, expected):
-    # An MLP of 795 * hidden + 10 parameters: 119K, 200K (a Fashion-MNIST CNN's size) and 301K.
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, hidden), torch.nn.ReLU(),
-                              torch.nn.Linear(hidden, 10))
-    t = Teacher(net.eval(), InputSpec(1, 28, (0.5,), (0.25,)), fmt="state_dict", arch="mymod:Net")
-    name, kw = student_arch(t, None)
+def _grey_teacher(net):
+    return Teacher(net.eval(), InputSpec(1, 28, (0.5,), (0.25,)), fmt="state_dict", arch="mymod:Net")
+
+
+def _mlp(*hidden):
+    dims, layers = (784, *hidden), [torch.nn.Flatten()]
+    for a, b in zip(dims, dims[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(dims[-1], 10))
+
+
+@pytest.mark.parametrize(("width", "expected"), [(64, "lenet5_half"), (84, "lenet5_3q"), (112, "lenet5")])
+def test_small_grey_teachers_climb_the_lenet_ladder(width, expected):
+    # Two 5x5 convolutions of `width` channels and a linear head: 135K, 220K (a Fashion-MNIST CNN's size) and
+    # 372K parameters, 21M-64M multiply-adds an image.
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, width, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(width, width, 5, padding=2), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(width * 49, 10))
+    name, kw = student_arch(_grey_teacher(net), None)
     assert name == expected
     student = build_student(name, kw)
     assert sum(p.numel() for p in student.parameters()) <= 0.25 * sum(p.numel() for p in net.parameters())
     assert student(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_student_costs_no_more_than_its_teacher():
+    # A 784-512-256 MLP: 536K parameters but 0.54M multiply-adds an image. A quarter of its parameters would admit
+    # the MobileNetV2 (113K parameters, 13.5M multiply-adds at 28 px: 33 times fewer steps than a LeNet-5 in the
+    # same CPU time, 61.6 % on MNIST against 97.6); the LeNet-5 (0.42M) is the largest that costs no more.
+    t = _grey_teacher(_mlp(512, 256))
+    name, kw = student_arch(t, None)
+    assert name == "lenet5"
+    assert "at most 25% of the teacher's parameters and no more multiply-adds an image" in \
+        student_line(t, None, name, build_student(name, kw))
+    cheap = _grey_teacher(_mlp(150))  # 119K parameters, 0.12M multiply-adds: below every zoo student's cost
+    name, kw = student_arch(cheap, None)
+    assert name == "lenet5_half" and "the smallest zoo student: none has" in \
+        student_line(cheap, None, name, build_student(name, kw))
 
 
 def test_the_run_says_which_student_and_why():
