@@ -104,8 +104,25 @@ class PlainVGG(nn.Module):
         return self.classifier(self.features(x))
 
 
+class MLP(nn.Module):
+    """A multi-layer perceptron: 784-512-256 (ReLU, no BatchNorm, no convolution), for 28x28 grey images (~0.54M
+    params): a teacher with no spatial prior at all, which a generator's high-frequency patterns can fool.
+
+    Shape:
+        - x: (B, 1, 28, 28) -> (B, num_classes)
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                                 nn.Linear(256, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 NETS = {"FashionCNN": FashionCNN, "PlainFashionCNN": PlainFashionCNN, "CaffeLeNet": CaffeLeNet,
-        "PlainVGG": PlainVGG}
+        "PlainVGG": PlainVGG, "MLP": MLP}
 
 
 def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
