@@ -6,7 +6,7 @@
     python bench/cross_teacher.py --table-only             # the table of the cells stored so far
     python bench/cross_teacher.py --teachers fmnist_cnn_bn --methods fast --param recipe=paper  # a variant, apart
 
-The full grid is about ten and a half hours of CPU (9 teachers: 108 cells at 5 CPU-minutes, 9 auto at 10), so
+The full grid is about thirteen hours of CPU (11 teachers: 132 cells at 5 CPU-minutes, 11 auto at 10), so
 it is resumable: each finished cell is stored as one JSON file under OUT/cells/ and skipped by later invocations
 (`--force` runs it again; a cell that failed is always retried).
 Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one torch thread. Teachers are the
@@ -113,6 +113,8 @@ TEACHERS = {t.name: t for t in (
     _zoo("fmnist_wrn16_2", "wrn_16_2", "fashion_mnist", 2, bn=True),
     # a heavy teacher without BatchNorm (22M multiply-adds an input; twenty-first session)
     _custom("fmnist_vgg", "PlainVGG", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
+    # no convolution at all: a 784-512-256 MLP (536K parameters, 0.54M multiply-adds; twenty-seventh session)
+    _custom("fmnist_mlp", "MLP", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
 )}
 
 

@@ -157,7 +157,8 @@ def test_bn_methods_run_on_bn_free_teachers_marked_and_auto_waits_for_its_method
                                "synthetic input to the teacher's normalisation statistics")
 
 
-@pytest.mark.parametrize("name", ["fmnist_cnn_bn", "mnist_caffe28", "fmnist_caffe28", "fmnist_cnn", "fmnist_vgg"])
+@pytest.mark.parametrize("name", ["fmnist_cnn_bn", "mnist_caffe28", "fmnist_caffe28", "fmnist_cnn", "fmnist_vgg",
+                                  "fmnist_mlp"])
 def test_custom_teacher_loads_as_a_users_state_dict(name: str, tmp_path: Path, monkeypatch) -> None:
     t = ct.TEACHERS[name]
     cls = t.arch.split(":")[1]
