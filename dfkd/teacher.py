@@ -125,6 +125,12 @@ class Teacher(nn.Module):
                 hint = f"it runs at batch 2 but not at batch {len(x)}: re-export it with a dynamic batch dimension"
             elif "equal to" in msg:
                 hint = "re-export with a dynamic batch dimension"
+            elif _takes_flat_vectors(self.module, x):
+                cls = type(self.module).__name__
+                hint = (f"its first layer is a Linear of {x[0].numel()} inputs: it takes flattened vectors, and dfkd "
+                        f"gives images ({x.shape[1]} x {x.shape[2]} x {x.shape[3]}); give --teacher-arch a subclass "
+                        f"that flattens them, which keeps the weights' names (class Flat({cls}): def forward(self, "
+                        "x): return super().forward(x.flatten(1)))")
             else:
                 hint = "check --channels/--input-size or the architecture"
             raise DfkdError(f"--teacher {self.source}: the model does not accept inputs of shape "
@@ -205,6 +211,12 @@ def _a_file(fmt: str) -> str:
     """"an ONNX file", "a TorchScript file", ...: a file format as messages name it."""
     return {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export", "pickle": "a pickle",
             "state_dict": "a state_dict", "dfkd": "a dfkd model"}.get(fmt, f"a {fmt}") + " file"
+
+
+def _takes_flat_vectors(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the module's first weighted layer is a Linear of one whole image's size (an MLP fed flat batches)."""
+    first = next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    return isinstance(first, nn.Linear) and first.in_features == x[0].numel()
 
 
 def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], torch.Tensor], str] | None:

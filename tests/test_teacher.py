@@ -149,6 +149,29 @@ def test_bad_output_shapes_are_refused():
         Teacher(Flat(), SPEC)
 
 
+def test_a_teacher_that_takes_flattened_vectors_is_told_how_to_wrap_it():
+    # an MLP whose training code flattened its batches: Linear(784, ...) first, no flatten in its forward
+    class FlatMLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(784, 16), nn.Linear(16, 10)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    class Flat(FlatMLP):
+        def forward(self, x):
+            return super().forward(x.flatten(1))
+
+    spec = InputSpec(1, 28, (0.5,), (0.5,))
+    with pytest.raises(DfkdError, match=r"its first layer is a Linear of 784 inputs: it takes flattened vectors, "
+                                        r"and dfkd gives images \(1 x 28 x 28\); .*class Flat\(FlatMLP\)"):
+        Teacher(FlatMLP().eval(), spec)
+    assert Teacher(Flat().eval(), spec).num_classes == 10  # the wrap the message gives works
+    with pytest.raises(DfkdError, match="check --channels/--input-size or the architecture"):
+        Teacher(FlatMLP().eval(), InputSpec(1, 32, (0.5,), (0.5,)))  # 1024 inputs: not this model's 784
+
+
 def test_bn_paths():
     assert _teacher("lenet5_bn").bn_paths() == ["stage1.1", "stage2.1", "stage3.1"]
     assert _teacher("lenet5").bn_paths() == []
