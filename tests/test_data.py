@@ -75,7 +75,8 @@ def test_image_folder_of_16_bit_images_is_scaled_to_8_bits(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         Image.fromarray(ramp).save(tmp_path / cls / "x.png")
-    assert Image.open(tmp_path / "a" / "x.png").mode.startswith("I")
+    with Image.open(tmp_path / "a" / "x.png") as im:
+        assert im.mode.startswith("I")  # as Pillow opens a 16-bit PNG
     data = load_images(tmp_path)
     assert data.x.shape == (2, 1, 16, 16)
     assert torch.equal(data.x[0][0], torch.arange(256, dtype=torch.uint8).reshape(16, 16))
