@@ -106,18 +106,14 @@ def sized_student(teacher: Teacher) -> str:
     97.64, 55.27 against 82.98 on Fashion-MNIST (teacher 86.49). Else the smallest.
     """
     names = [n for n in SIZED_STUDENTS if not (n.startswith("lenet") and teacher.spec.size >= IMAGENET_SIZE)]
-    sized = sorted((_params(n, teacher), n) for n in names)
-    fitting = [n for _, n in sized if _fits(n, teacher)]
+    built = {n: build_student(n, zoo_kwargs(n, teacher)) for n in names}
+    sized = sorted((teacher_size(m), n) for n, m in built.items())
+    fitting = [n for _, n in sized if _fits(built[n], teacher)]
     return fitting[-1] if fitting else sized[0][1]
 
 
-def _params(name: str, teacher: Teacher) -> int:
-    return teacher_size(build_student(name, zoo_kwargs(name, teacher)))
-
-
-def _fits(name: str, teacher: Teacher) -> bool:
-    """Whether zoo student `name` has at most STUDENT_SHARE of the teacher's parameters and its multiply-adds."""
-    student = build_student(name, zoo_kwargs(name, teacher))
+def _fits(student: nn.Module, teacher: Teacher) -> bool:
+    """Whether `student` has at most STUDENT_SHARE of the teacher's parameters and its multiply-adds an image."""
     if teacher_size(student) > STUDENT_SHARE * teacher_size(teacher):
         return False
     cost = _recipes.multiply_adds(teacher)  # None: the teacher's cannot be counted (a scripted one)
@@ -134,7 +130,7 @@ def student_line(teacher: Teacher, requested: str | None, name: str, student: nn
         why = f"the zoo pair for a {teacher.arch} teacher"
     elif arch_kind(name) != "zoo":
         why = "the library's ResNet-18 for a ResNet-family teacher"
-    elif _fits(name, teacher):
+    elif _fits(build_student(name, zoo_kwargs(name, teacher)), teacher):  # fresh: `student` may hold QAT observers
         why = (f"the largest zoo student with at most {STUDENT_SHARE:.0%} of the teacher's parameters and no more "
                "multiply-adds an image")
     else:

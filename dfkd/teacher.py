@@ -100,7 +100,8 @@ class Teacher(nn.Module):
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
         x = torch.randn(self.spec.shape(3), generator=torch.Generator().manual_seed(0)).to(device)
         out = self._probe_forward(x[:2])
-        reader = logits_reader(out, head_width(self.module))
+        head = last_linear(self.module)
+        reader = logits_reader(out, head[1].out_features if head else None)
         if reader is not None:
             self._logits_of, part = reader
             out = self._logits_of(out)
@@ -155,8 +156,8 @@ class Teacher(nn.Module):
             return None
         if isinstance(self.module, ZooModel):
             return "classifier"
-        linears = [n for n, m in self.module.named_modules() if isinstance(m, nn.Linear)]
-        return linears[-1] if linears else None
+        head = last_linear(self.module)
+        return head[0] if head else None
 
     def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits and penultimate features (B, D) in one forward.
@@ -244,10 +245,10 @@ def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], to
     return None
 
 
-def head_width(module: nn.Module) -> int | None:
-    """Output width of the module's last Linear layer (its classifier head as a rule), or None without one."""
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return linears[-1].out_features if linears else None
+def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
+    """Path and layer of the module's last Linear layer (its classifier head as a rule), or None without one."""
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
