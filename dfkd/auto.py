@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from dfkd.cost import millions, multiply_adds
 from dfkd.errors import DfkdError
-from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_sized, input_kind, millions, multiply_adds
+from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_sized, input_kind
 from dfkd.teacher import teacher_size
 
 #: The name `--method` takes for the automatic choice (not a registered method: it resolves to one).

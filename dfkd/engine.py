@@ -28,6 +28,7 @@ from dfkd.auto import resolve as resolve_auto
 from dfkd.build import build_method
 from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, check_method_params
+from dfkd.cost import millions
 from dfkd.data import ImageData, check_fits, load_images
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
 from dfkd.errors import DfkdError
@@ -36,7 +37,7 @@ from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
-from dfkd.methods._recipes import heavy_teacher, millions
+from dfkd.methods._recipes import heavy_teacher
 from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams

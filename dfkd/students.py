@@ -30,8 +30,8 @@ from typing import Any
 from torch import nn
 
 from dfkd.archs import arch_kind, build_model
+from dfkd.cost import count_macs, multiply_adds
 from dfkd.errors import DfkdError
-from dfkd.methods import _recipes
 from dfkd.models import MODELS
 from dfkd.teacher import Teacher, teacher_size
 
@@ -116,8 +116,8 @@ def _fits(student: nn.Module, teacher: Teacher) -> bool:
     """Whether `student` has at most STUDENT_SHARE of the teacher's parameters and its multiply-adds an image."""
     if teacher_size(student) > STUDENT_SHARE * teacher_size(teacher):
         return False
-    cost = _recipes.multiply_adds(teacher)  # None: the teacher's cannot be counted (a scripted one)
-    return cost is None or (_recipes.count_macs(student, teacher.spec) or 0) <= cost
+    cost = multiply_adds(teacher)  # None: the teacher's cannot be counted (a scripted one)
+    return cost is None or (count_macs(student, teacher.spec) or 0) <= cost
 
 
 def student_line(teacher: Teacher, requested: str | None, name: str, student: nn.Module) -> str:

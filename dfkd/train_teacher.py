@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from dfkd.cost import millions
 from dfkd.data import ImageData, check_fits, check_training_labels, load_images, to_model_input
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
@@ -117,7 +118,7 @@ def _precision(name: str, model: torch.nn.Module, spec: InputSpec, device: torch
     macs = _recipes.heavy_model(model, spec) if name == "auto" else None
     resolved = resolve_precision(name, device, heavy=macs is not None)
     if name == "auto" and resolved == "bf16":
-        tqdm.write(auto_bf16_line("model", _recipes.millions(macs)))
+        tqdm.write(auto_bf16_line("model", millions(macs)))
     return Precision(resolved, device)
 
 

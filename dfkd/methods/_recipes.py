@@ -29,12 +29,9 @@ from the paper (`recipe_lines`).
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, ClassVar
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
-
+from dfkd.cost import count_macs, millions, multiply_adds
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
 from dfkd.teacher import teacher_size
@@ -47,7 +44,6 @@ RECIPES = ("paper", "cpu")
 #: The CPU recipes were measured better on MNIST-kind teachers of up to 2.3M multiply-adds an image (Caffe's LeNet);
 #: the line sits at about twice that.
 CPU_TEACHER_MACS = 5_000_000
-_MACS: weakref.WeakKeyDictionary[Any, int | None] = weakref.WeakKeyDictionary()
 
 
 def input_kind(spec: InputSpec | None) -> str | None:
@@ -62,40 +58,6 @@ def input_kind(spec: InputSpec | None) -> str | None:
 def teacher_kind(teacher: Any) -> str | None:
     """`input_kind` of a teacher's spec (None for no teacher)."""
     return None if teacher is None else input_kind(teacher.spec)
-
-
-def multiply_adds(teacher: Any) -> int | None:
-    """Multiply-adds of the teacher's forward pass on one image (None where torch's FLOP counter cannot count it).
-
-    Counted once per teacher (a forward pass of one zero image, without gradients) and remembered.
-    """
-    if teacher in _MACS:
-        return _MACS[teacher]
-    macs = count_macs(teacher, teacher.spec)
-    _MACS[teacher] = macs
-    return macs
-
-
-def count_macs(model: Any, spec: InputSpec) -> int | None:
-    """Multiply-adds of `model` on one zero image of `spec` (None where torch's FLOP counter cannot see in)."""
-    device = next((q.device for q in model.parameters()), torch.device("cpu"))
-    was_training = getattr(model, "training", False)
-    if was_training:
-        model.eval()  # BatchNorm's running statistics must not move
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, spec.channels, spec.size, spec.size, device=device))
-        return int(counter.get_total_flops()) // 2
-    except Exception:  # noqa: BLE001 - an exported or scripted teacher the counter cannot see into: no count
-        return None
-    finally:
-        if was_training:
-            model.train()
-
-
-def millions(macs: int | None) -> str:
-    """A multiply-add count as the run prints it: "0.417M", "101M" ("?" where it could not be counted)."""
-    return "?" if macs is None else f"{macs / 1e6:.3g}M"
 
 
 def cpu_sized(kind: str | None, macs: int | None) -> bool:

@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
+from dfkd.cost import multiply_adds
 from dfkd.methods import get_method, list_methods
-from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_teacher, multiply_adds, why_recipe
+from dfkd.methods._recipes import CPU_TEACHER_MACS, cpu_teacher, why_recipe
 from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC, InputSpec
 from dfkd.teacher import Teacher, teacher_size
 
