@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -83,6 +83,19 @@ def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: fl
         DATA / f"{dataset}_train.npz")
 
 
+def _timm_vit(name: str, dataset: str, epochs: int, mean: float, std: float) -> BenchTeacher:
+    """The ViT of bench.teacher_nets, trained there, handed over as a user holds a timm model: a state_dict with
+    `--teacher-arch timm:NAME --arch-arg KEY=VALUE ...`."""
+    from teacher_nets import VIT_ARGS, VIT_NAME  # bench/teacher_nets.py, beside this file
+
+    t = _custom(name, "ViT", dataset, epochs, mean, std, bn=False)
+    args = [a for k, v in VIT_ARGS.items() for a in ("--arch-arg", f"{k}={v}")]
+    flags = ("--teacher-arch", f"timm:{VIT_NAME}", *args, *t.flags[2:])
+    return replace(t, arch=f"timm:{VIT_NAME}", flags=flags,
+                   how=f"state_dict of timm's {VIT_NAME} with {VIT_ARGS}, `python -m bench.teacher_nets ViT "
+                       f"{dataset} OUT --epochs {epochs}` (AdamW)")
+
+
 def _zoo(name: str, arch: str, dataset: str, epochs: int, bn: bool = False) -> BenchTeacher:
     file = HERE / "teachers" / f"{name}.pt"
     train, test = DATA / f"{dataset}_train.npz", DATA / f"{dataset}_test.npz"
@@ -115,6 +128,8 @@ TEACHERS = {t.name: t for t in (
     _custom("fmnist_vgg", "PlainVGG", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
     # no convolution at all: a 784-512-256 MLP (536K parameters, 0.54M multiply-adds; twenty-seventh session)
     _custom("fmnist_mlp", "MLP", "fashion_mnist", 4, 0.2860, 0.3530, bn=False),
+    # attention, no convolution, LayerNorm: a timm ViT handed over as timm:NAME + --arch-arg (twenty-eighth session)
+    _timm_vit("fmnist_vit", "fashion_mnist", 15, 0.2860, 0.3530),
 )}
 
 

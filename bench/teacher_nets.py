@@ -6,8 +6,8 @@ A user who trained such a network holds a `state_dict` and the code of its class
 
     OMP_NUM_THREADS=1 python -m bench.teacher_nets FashionCNN fashion_mnist OUT.pt   # a state_dict
 
-Training is plain supervised cross-entropy with SGD, a one-cycle schedule and random +-2 px shifts, seeded and on
-one thread, so the same command writes the same weights.
+Training is plain supervised cross-entropy with SGD (AdamW for the ViT), a one-cycle schedule and random +-2 px
+shifts, seeded and on one thread, so the same command writes the same weights.
 """
 
 from __future__ import annotations
@@ -121,8 +121,27 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+#: A timm vision transformer as a user would build it for 28x28 grey images: 4-px patches (49 tokens and a class
+#: token), width 64, 4 blocks of 4 heads, MLP ratio 2, LayerNorm and GELU (139K parameters, 6.6M multiply-adds an
+#: image): a teacher with attention instead of convolution and no BatchNorm. dfkd takes it as
+#: `--teacher-arch timm:vit_tiny_patch16_224` with these as `--arch-arg KEY=VALUE`.
+VIT_NAME = "vit_tiny_patch16_224"
+VIT_ARGS = {"img_size": 28, "patch_size": 4, "in_chans": 1, "embed_dim": 64, "depth": 4, "num_heads": 4,
+            "mlp_ratio": 2.0}
+
+
+def vit(num_classes: int = 10) -> nn.Module:
+    """The benchmark's ViT (`VIT_NAME` with `VIT_ARGS`); needs timm (`pip install -e ".[timm]"`)."""
+    import timm
+
+    return timm.create_model(VIT_NAME, pretrained=False, num_classes=num_classes, **VIT_ARGS)
+
+
 NETS = {"FashionCNN": FashionCNN, "PlainFashionCNN": PlainFashionCNN, "CaffeLeNet": CaffeLeNet,
-        "PlainVGG": PlainVGG, "MLP": MLP}
+        "PlainVGG": PlainVGG, "MLP": MLP, "ViT": vit}
+#: Nets trained with AdamW (lr 2e-3, weight decay 0.05, 10 % warm-up) instead of SGD: a ViT trained from scratch
+#: with the CNNs' SGD recipe learns far less in the same epochs.
+ADAMW = {"ViT"}
 
 
 def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,8 +174,13 @@ def train(arch: str, dataset: str, epochs: int = 4, seed: int = 0, lr: float = 0
     model = NETS[arch]()
     x, y = load_split(dataset, "train")
     steps = epochs * (len(x) // 128)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    if arch in ADAMW:
+        lr = 2e-3
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
+                                                pct_start=0.1 if arch in ADAMW else 0.3)
     for _ in range(epochs):
         model.train()
         order = torch.randperm(len(x), generator=gen)
