@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import struct
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,6 +196,11 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                         "gradients) by onnx2torch, which is not installed: pip install -e \".[onnx]\"") from None
     import onnx
 
+    # onnx2torch's Slice (a ViT's class-token slice, any multi-axis Slice) indexes with a list, which torch warns
+    # about on every forward pass; the result is right (the same top-1 as the source model) and the user can do
+    # nothing about it, so the warning is not shown.
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
+                            category=UserWarning, module=r"onnx2torch\.")
     try:
         graph = onnx.load(str(p))
         module = onnx2torch.convert(graph)

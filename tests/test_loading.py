@@ -308,6 +308,28 @@ def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_fi
     assert "an ONNX file carries no input spec" in _error(tmp_path / "odd.onnx")
 
 
+def test_an_onnx_vision_transformer_teacher_runs_quietly_with_its_source_logits(tmp_path):
+    """A timm ViT exported to ONNX: its class-token Slice comes back from onnx2torch with torch's list-indexing
+    warning on every forward pass; dfkd loads it with the same logits and without that warning."""
+    pytest.importorskip("onnx2torch")
+    timm = pytest.importorskip("timm")
+    import warnings
+
+    from dfkd.export import export_model
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=16, patch_size=4,
+                            in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
+    spec = InputSpec(1, 16, (0.5,), (0.5,))
+    export_model(vit, spec, 10, "onnx", tmp_path / "vit.onnx")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = load_teacher(tmp_path / "vit.onnx")
+        _same_outputs(t, vit, (3, 1, 16, 16))
+    assert t.spec == spec and t.num_classes == 10
+    assert not [w for w in caught if "non-tuple sequence" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_a_corrupt_onnx_file_says_so(tmp_path):
     pytest.importorskip("onnx2torch")
     (tmp_path / "bad.onnx").write_bytes(np.random.default_rng(0).bytes(2048))
