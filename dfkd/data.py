@@ -134,7 +134,8 @@ def _eight_bit(im):  # noqa: ANN001, ANN202 - a PIL image in, a PIL image out (P
     """A 16-bit grey image (Pillow's mode I;16, or I for older Pillows' 16-bit PNGs) scaled to 8 bits.
 
     PIL's `convert("L")` clips such an image at 255 instead of scaling it, so a 16-bit scan would read as almost
-    white. A 32-bit float image (mode F) has no agreed range and is refused.
+    white. A 32-bit float image (mode F) has no agreed range and is refused, and so is a 32-bit integer image
+    (mode I) with values past 16 bits: scaling it as 16-bit would clip it.
     """
     from PIL import Image
 
@@ -142,7 +143,10 @@ def _eight_bit(im):  # noqa: ANN001, ANN202 - a PIL image in, a PIL image out (P
         raise ValueError("32-bit float pixels; save it as an 8- or 16-bit image")
     if im.mode != "I" and not im.mode.startswith("I;16"):
         return im
-    a = np.asarray(im).astype(np.float64) / 257.0  # 0..65535 -> 0..255
+    a = np.asarray(im).astype(np.float64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError("32-bit integer pixels past the 16-bit range; save it as an 8- or 16-bit image")
+    a /= 257.0  # 0..65535 -> 0..255
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
 
 

@@ -85,6 +85,10 @@ def test_image_folder_of_16_bit_images_is_scaled_to_8_bits(tmp_path):
     Image.fromarray(np.ones((16, 16), np.float32)).save(tmp_path / "b" / "z.tiff")
     with pytest.raises(DfkdError, match=r"z\.tiff: not a readable image \(32-bit float pixels"):
         load_images(tmp_path).x[:]
+    (tmp_path / "b" / "z.tiff").unlink()
+    Image.fromarray(np.full((16, 16), 70_000, np.int32)).save(tmp_path / "b" / "w.tiff")  # mode I, past 16 bits
+    with pytest.raises(DfkdError, match=r"w\.tiff: not a readable image \(32-bit integer pixels past the 16-bit"):
+        load_images(tmp_path).x[:]
 
 
 def test_image_folder_without_class_folders(tmp_path):
