@@ -221,8 +221,10 @@ def remedy(method: Any, p: dict[str, Any]) -> str:
     if reads:
         return f"the teacher sees few of its classes in {reads}; give the run images of every class"
     if generator_of(method) is None:
-        return ("its synthesis does not reach the classes it targets; give it more iterations per batch, or try "
-                "a GAN method with -p collapse_action=reset")
+        key = next((k for k in ("iterations", "g_steps") if p.get(k)), None)  # inversion's steps, else the synthesis's
+        more = f" (-p {key}={2 * int(p[key])})" if key else ""
+        return (f"its synthesis does not reach the classes it targets; give it more iterations per batch{more}, or "
+                "try a GAN method with -p collapse_action=reset")
     if "ie" in p:
         balance = f"raise DAFL's class-balance weight (-p ie={2 * float(p['ie']):g})"
     else:

@@ -27,6 +27,7 @@ from dfkd.watch import (
     EpisodeWatch,
     batch_stats,
     effective_classes,
+    remedy,
     reset_generator,
     stuck_remedy,
     student_stuck,
@@ -391,6 +392,17 @@ def test_the_stuck_remedy_names_the_objectives_weight_when_one_is_on() -> None:
     assert "--feature-weight; now at 500" in stuck_remedy(with_at)
     assert "-p clip_s=1" in stuck_remedy(plain)  # an unclipped student: clipping is the other remedy
     assert "clip_s" not in stuck_remedy(SimpleNamespace(p={"lr_s": 0.05, "clip_s": 1.0}, objectives=[]))
+
+
+def test_a_pool_methods_collapse_remedy_names_its_iterations_setting() -> None:
+    # fast's collapse on a ViT teacher said "more iterations per batch" without the setting's name; -p g_steps=10
+    # (twice its 5) was what helped there
+    from types import SimpleNamespace
+
+    pool_served = SimpleNamespace(synth=None)
+    assert "more iterations per batch (-p g_steps=10)" in remedy(pool_served, {"g_steps": 5})
+    assert "(-p iterations=4000)" in remedy(pool_served, {"g_steps": 1, "iterations": 2000})  # DeepInversion's
+    assert "more iterations per batch, or try" in remedy(pool_served, {})
 
 
 def test_episode_watch_state_round_trips() -> None:
