@@ -6,7 +6,7 @@
     python bench/cross_teacher.py --table-only             # the table of the cells stored so far
     python bench/cross_teacher.py --teachers fmnist_cnn_bn --methods fast --param recipe=paper  # a variant, apart
 
-The full grid is about thirteen hours of CPU (11 teachers: 132 cells at 5 CPU-minutes, 11 auto at 10), so
+The full grid is about fourteen hours of CPU (12 teachers: 144 cells at 5 CPU-minutes, 12 auto at 10), so
 it is resumable: each finished cell is stored as one JSON file under OUT/cells/ and skipped by later invocations
 (`--force` runs it again; a cell that failed is always retried).
 Budgets count each run's own CPU time (`--budget-clock cpu`); each run gets one torch thread. Teachers are the
