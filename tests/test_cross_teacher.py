@@ -173,6 +173,21 @@ def test_custom_teacher_loads_as_a_users_state_dict(name: str, tmp_path: Path, m
     assert build_student(arch, kw)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_the_vit_teacher_is_handed_over_as_a_users_timm_state_dict(tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    import bench.teacher_nets as nets
+
+    t = ct.TEACHERS["fmnist_vit"]
+    torch.save(nets.vit().state_dict(), tmp_path / "t.pt")
+    args = dict(t.flags[i + 1].split("=", 1) for i, f in enumerate(t.flags) if f == "--arch-arg")
+    arch_args = {k: json.loads(v) for k, v in args.items()}
+    assert t.arch == f"timm:{nets.VIT_NAME}" and arch_args == nets.VIT_ARGS  # the flags rebuild the trained net
+    teacher = load_teacher(tmp_path / "t.pt", arch=t.arch, spec=InputSpec(1, 28, (0.286,), (0.353,)),
+                           arch_args=arch_args)
+    assert not teacher.bn_paths() and not t.bn and teacher.num_classes == 10
+    assert student_arch(teacher, None)[0] == "lenet5_half"  # the three-quarter rung is over a quarter of its size
+
+
 def test_custom_teacher_evaluates_through_the_cli_as_the_bench_calls_it(tmp_path: Path) -> None:
     t = ct.TEACHERS["fmnist_cnn_bn"]
     import bench.teacher_nets as nets
