@@ -41,7 +41,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -71,29 +71,32 @@ class BenchTeacher:
     train_data: Path | None = None  # its real labelled training set (the student's reference); None: not run
 
 
-def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: float, bn: bool) -> BenchTeacher:
+def _custom(name: str, cls: str, dataset: str, epochs: int, mean: float, std: float, bn: bool,
+            arch: str | None = None, arch_args: dict[str, object] | None = None) -> BenchTeacher:
+    """A net of bench.teacher_nets, trained there and handed over as a state_dict with the spec flags; `arch` (and
+    its `--arch-arg`s) when the user names it otherwise than `bench.teacher_nets:CLS` (a timm model)."""
     file = HERE / "teachers" / f"{name}.pt"
     pretty = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}[dataset]
+    arch = arch or f"bench.teacher_nets:{cls}"
+    args = [a for k, v in (arch_args or {}).items() for a in ("--arch-arg", f"{k}={v}")]
+    made = f"`python -m bench.teacher_nets {cls} {dataset} OUT --epochs {epochs}`"
+    how = f"state_dict, {made}"
+    if arch_args:  # the timm ViT, the one net trained with AdamW
+        how = f"state_dict of timm's {arch.split(':', 1)[1]} with {arch_args}, {made} (AdamW)"
     return BenchTeacher(
-        name, pretty, f"bench.teacher_nets:{cls}", bn, 28, file, DATA / f"{dataset}_test.npz",
-        f"state_dict, `python -m bench.teacher_nets {cls} {dataset} OUT --epochs {epochs}`",
-        ("--teacher-arch", f"bench.teacher_nets:{cls}", "--channels", "1", "--input-size", "28",
-         "--mean", str(mean), "--std", str(std)),
+        name, pretty, arch, bn, 28, file, DATA / f"{dataset}_test.npz", how,
+        ("--teacher-arch", arch, *args, "--channels", "1", "--input-size", "28", "--mean", str(mean),
+         "--std", str(std)),
         (sys.executable, "-m", "bench.teacher_nets", cls, dataset, str(file), "--epochs", str(epochs)),
         DATA / f"{dataset}_train.npz")
 
 
 def _timm_vit(name: str, dataset: str, epochs: int, mean: float, std: float) -> BenchTeacher:
-    """The ViT of bench.teacher_nets, trained there, handed over as a user holds a timm model: a state_dict with
+    """The ViT of bench.teacher_nets, handed over as a user holds a timm model: a state_dict with
     `--teacher-arch timm:NAME --arch-arg KEY=VALUE ...`."""
     from teacher_nets import VIT_ARGS, VIT_NAME  # bench/teacher_nets.py, beside this file
 
-    t = _custom(name, "ViT", dataset, epochs, mean, std, bn=False)
-    args = [a for k, v in VIT_ARGS.items() for a in ("--arch-arg", f"{k}={v}")]
-    flags = ("--teacher-arch", f"timm:{VIT_NAME}", *args, *t.flags[2:])
-    return replace(t, arch=f"timm:{VIT_NAME}", flags=flags,
-                   how=f"state_dict of timm's {VIT_NAME} with {VIT_ARGS}, `python -m bench.teacher_nets ViT "
-                       f"{dataset} OUT --epochs {epochs}` (AdamW)")
+    return _custom(name, "ViT", dataset, epochs, mean, std, bn=False, arch=f"timm:{VIT_NAME}", arch_args=VIT_ARGS)
 
 
 def _zoo(name: str, arch: str, dataset: str, epochs: int, bn: bool = False) -> BenchTeacher:

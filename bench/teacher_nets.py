@@ -167,17 +167,20 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return hits / len(x)
 
 
-def train(arch: str, dataset: str, epochs: int = 4, seed: int = 0, lr: float = 0.05) -> tuple[nn.Module, float]:
-    """Train NETS[arch] on `dataset`'s training split; returns (model, test top-1)."""
+def train(arch: str, dataset: str, epochs: int = 4, seed: int = 0,
+          lr: float | None = None) -> tuple[nn.Module, float]:
+    """Train NETS[arch] on `dataset`'s training split; returns (model, test top-1). `lr`: the one-cycle peak
+    (default 0.05 with SGD, 2e-3 with AdamW)."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = NETS[arch]()
     x, y = load_split(dataset, "train")
     steps = epochs * (len(x) // 128)
     if arch in ADAMW:
-        lr = 2e-3
+        lr = lr or 2e-3
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     else:
+        lr = lr or 0.05
         opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps,
                                                 pct_start=0.1 if arch in ADAMW else 0.3)
