@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  student: str | None = None, student_args: dict[str, Any] | None = None,
                  quantize: str | None = None, min_s_steps: int = 1,
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 recipe_by_auto: bool = False) -> Built:
+                 by_auto: Collection[str] = ()) -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
     The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), so they do
@@ -51,7 +51,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
         quantize: "int8" for a fake-quantized (QAT) student.
         min_s_steps: the fewest student steps a round may have (`synthesize` allows 0).
         local: the settings this process builds with, from the resolved ones (a rank's share of the batch).
-        recipe_by_auto: the `recipe` in `overrides` was set by `--method auto`, not the user (the recipe line says so).
+        by_auto: the keys of `overrides` (`recipe`, others) that `--method auto` set, not the user (the recipe lines
+            say so).
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -60,7 +61,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     recipe = cls.default_params(teacher, overrides.get("recipe"))
     params = cls.finalize(resolve_params(recipe, overrides, name))
     check_params(overrides, recipe, name, min_s_steps=min_s_steps)
-    lines = recipe_lines(cls, teacher, params, overrides, recipe_by_auto)
+    lines = recipe_lines(cls, teacher, params, overrides, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
     net = build_student(student_name, student_kwargs).to(device)

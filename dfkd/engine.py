@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from dfkd.archs import flag_spec
-from dfkd.auto import AUTO, for_source
+from dfkd.auto import AUTO, for_source, set_by_auto
 from dfkd.auto import resolve as resolve_auto
 from dfkd.build import build_method
 from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -141,7 +141,7 @@ class Run:
         built = build_method(cfg.method, self.teacher, self.source.overrides(), self.device, cfg.seed,
                              cfg.student, cfg.student_args, cfg.quantize,
                              local=lambda p: self.source.local_params(p, dist.world),
-                             recipe_by_auto=bool((cfg.auto_choice or {}).get("recipe_by_auto")))
+                             by_auto=set_by_auto(cfg.auto_choice))
         self.method: Method = built.method
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines

@@ -220,3 +220,79 @@ def test_a_recipe_the_user_sets_under_auto_is_credited_to_the_user(bnfree_teache
     assert "recipe: paper (set by recipe=paper)" in res.output and "set by --method auto" not in res.output
     choice = json.loads((tmp_path / "r" / "config.json").read_text())["auto_choice"]
     assert choice["recipe"] == "paper" and choice["recipe_by_auto"] is False
+
+
+class TokenMixer(torch.nn.Module):
+    """A BN-free 28 px classifier whose only mixing is torch's multi-head attention over 7x7 patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(1, 16, 7, stride=7)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.attn(tokens, tokens, tokens)[0].mean(1))
+
+
+VIT = ["--teacher-arch", "timm:vit_tiny_patch16_224", "--arch-arg", "img_size=28", "--arch-arg", "patch_size=7",
+       "--arch-arg", "in_chans=1", "--arch-arg", "embed_dim=16", "--arch-arg", "depth=1", "--arch-arg", "num_heads=2",
+       "--channels", "1", "--input-size", "28", "--mean", "0.286", "--std", "0.353"]
+
+
+def test_attention_is_seen_in_torch_timm_and_torchscript_teachers_and_not_in_cnns() -> None:
+    from dfkd.auto import has_attention
+    from dfkd.spec import InputSpec
+
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=1,
+                            num_heads=2, num_classes=10)
+    scripted = torch.jit.script(TokenMixer())
+    assert all(has_attention(m) for m in (TokenMixer(), vit, scripted))
+    assert not any(has_attention(make_teacher_module(a)) for a in ("lenet5", "lenet5_bn"))
+    spec = InputSpec(1, 28, (0.286,), (0.353,))
+    prof = profile(Teacher(TokenMixer(), spec))
+    assert prof.attention and not prof.bn and prof.kind == "mnist" and "attention layers" in prof.words()
+    rule = choose(prof)
+    assert (rule.method, rule.recipe, dict(rule.params)) == ("fast", "cpu", {"oh": 2.0, "g_steps": 10})
+    assert choose(profile(tiny("lenet5"))).params == {}  # a CNN keeps fast's own settings
+    for row in RULES:  # every row's settings are ones its method takes, in range
+        from dfkd.config import check_method_params
+
+        check_method_params(row.method, row.settings())
+
+
+def test_auto_sets_its_rows_settings_credits_itself_and_yields_to_the_users(tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=1,
+                            num_heads=2, num_classes=10)
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+
+    def run(out: str, *params: str) -> tuple[str, dict]:
+        flags = [f for p in ("synth_batch_size=8", "batch_size=8", "s_steps=1", *params) for f in ("-p", p)]
+        res = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "vit.pt"), *VIT, "--steps", "1",
+                                        "--device", "cpu", *flags, "--out", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+        return res.output, json.loads((tmp_path / out / "config.json").read_text())
+
+    out, config = run("a")
+    assert "auto: chose fast (recipe cpu) with -p oh=2.0 -p g_steps=10: no BatchNorm, attention layers" in out
+    assert "oh = 2.0 (paper: 0.4; set by --method auto)" in out
+    assert "g_steps = 10 (paper: 5; set by --method auto)" in out
+    assert config["params"]["oh"] == 2.0 and config["params"]["g_steps"] == 10
+    assert config["auto_choice"]["set_by_auto"] == ["g_steps", "oh", "recipe"]
+    out, config = run("b", "oh=1.0")  # the user's value wins, and is theirs
+    assert "oh = 1.0 (paper: 0.4; set by you)" in out and config["params"]["g_steps"] == 10
+    assert config["auto_choice"]["set_by_auto"] == ["g_steps", "recipe"]
+    out, config = run("c", "recipe=paper")  # the paper's recipe: none of the row's settings
+    assert config["params"]["g_steps"] == 5 and config["params"]["oh"] == 0.4
+    assert config["auto_choice"]["set_by_auto"] == [] and "set by --method auto" not in out
+
+
+def test_a_run_recorded_before_rows_set_settings_still_credits_its_recipe() -> None:
+    from dfkd.auto import set_by_auto
+
+    assert set_by_auto({"method": "fast", "recipe": "cpu", "recipe_by_auto": True}) == ("recipe",)
+    assert set_by_auto({"method": "fast", "recipe": "paper", "recipe_by_auto": False}) == ()
+    assert set_by_auto(None) == ()

@@ -29,6 +29,7 @@ from the paper (`recipe_lines`).
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any, ClassVar
 
 from dfkd.cost import count_macs, millions, multiply_adds
@@ -246,8 +247,11 @@ def why_recipe(cls: type[Recipe], teacher: Any, given: str | None, by_auto: bool
             f"{millions(CPU_TEACHER_MACS)} multiply-adds an image; -p recipe=cpu to use it anyway")
 
 
-def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], overrides: dict[str, Any]) -> list[str]:
+def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], overrides: dict[str, Any],
+               by_auto: Collection[str] = ()) -> list[str]:
     """One line per setting of `params` that differs from the paper's, with where the value came from.
+
+    `by_auto`: keys of `overrides` that `--method auto` set (its rule's settings), not the user.
 
     dfkd's own settings (`own_settings`: the papers have none of them) are said to differ from dfkd's default.
     """
@@ -255,7 +259,8 @@ def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], override
     cpu = cls.cpu_params(teacher) if params.get("recipe") == "cpu" else {}
     lines = []
     for key in sorted(k for k in params if k in paper and k != "recipe" and params[k] != paper[k]):
-        source = "set by you" if key in overrides else "cpu recipe" if key in cpu else "follows another setting"
+        source = ("set by --method auto" if key in by_auto else "set by you" if key in overrides
+                  else "cpu recipe" if key in cpu else "follows another setting")
         own = key in cls.own_settings
         what, ref = ("dfkd setting (not the paper's)", "default") if own else ("departs from the paper", "paper")
         lines.append(f"{what}: {key} = {params[key]!r} ({ref}: {paper[key]!r}; {source})")
@@ -263,15 +268,15 @@ def departures(cls: type[Recipe], teacher: Any, params: dict[str, Any], override
 
 
 def recipe_lines(cls: type[Recipe], teacher: Any, params: dict[str, Any],
-                 overrides: dict[str, Any] | None = None, recipe_by_auto: bool = False) -> list[str]:
+                 overrides: dict[str, Any] | None = None, by_auto: Collection[str] = ()) -> list[str]:
     """What a run prints at start: its recipe and why, each departure from the paper and why, kept deviations.
 
-    `recipe_by_auto`: the recipe in `overrides` was set by `--method auto`, not by the user.
+    `by_auto`: the keys of `overrides` (the recipe, other settings) that `--method auto` set, not the user.
     """
     given = (overrides or {}).get("recipe")
     overrides = {k: v for k, v in (overrides or {}).items() if k != "recipe"}
-    lines = [f"recipe: {params['recipe']} ({why_recipe(cls, teacher, given, recipe_by_auto)})"]
-    moved = departures(cls, teacher, params, overrides)
+    lines = [f"recipe: {params['recipe']} ({why_recipe(cls, teacher, given, 'recipe' in by_auto)})"]
+    moved = departures(cls, teacher, params, overrides, by_auto)
     lines += [f"  {m}" for m in moved] or ["  every setting is the paper's"]
     if params["recipe"] == "cpu":
         lines += [f"  why the cpu recipe: {why}" for why in cls.cpu_reasons()]
