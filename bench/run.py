@@ -151,10 +151,18 @@ def read_run(out: Path) -> dict:
         for key in ("samples_per_s", "steps_per_s", "synthesis_share"):
             vals = [r[f"perf/{key}"] for r in perf if f"perf/{key}" in r]
             row[key] = sum(vals) / len(vals) if vals else None
-    choice = json.loads((out / "config.json").read_text()).get("auto_choice")  # dfkd.auto records it there
+    config = json.loads((out / "config.json").read_text())
+    choice = config.get("auto_choice")  # dfkd.auto records it there, and which settings its row set
     if choice:
-        row["picked"] = choice["method"] + (f", recipe {choice['recipe']}" if choice.get("recipe") else "")
+        row["picked"] = picked(choice, config["params"])
     return row
+
+
+def picked(choice: dict, params: dict) -> str:
+    """What auto picked, as a table shows it: "fast, recipe cpu", with any other setting its row set ("oh 2.0")."""
+    words = [choice["method"], *[f"recipe {choice['recipe']}"] * bool(choice.get("recipe"))]
+    words += [f"{k} {params[k]}" for k in choice.get("set_by_auto", ()) if k != "recipe"]
+    return ", ".join(words)
 
 
 def method_label(row: dict) -> str:

@@ -166,6 +166,9 @@ def test_auto_runs_on_every_teacher_and_its_row_names_the_pick(bnfree_teacher_fi
     assert row["picked"] == "fast, recipe cpu" and row["steps"] == 2  # dfkd.auto: a BN-free MNIST-kind teacher
     table = run.markdown([{**row, "teacher": "lenet5"}], {"lenet5": 0.99}).splitlines()
     assert table[2].startswith("| lenet5 (99.00) | auto (fast, recipe cpu) | 1 min | ")
+    vit = {"method": "fast", "recipe": "cpu", "set_by_auto": ["g_steps", "oh", "recipe"]}
+    assert run.picked(vit, {"oh": 2.0, "g_steps": 10}) == "fast, recipe cpu, g_steps 10, oh 2.0"  # the row's settings
+    assert run.picked({"method": "dfq", "recipe": "cpu", "recipe_by_auto": True}, {}) == "dfq, recipe cpu"  # older run
 
 
 def test_pool_benchmark_times_the_library_pool_against_the_zoos(capsys: pytest.CaptureFixture[str]) -> None:
