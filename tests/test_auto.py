@@ -263,6 +263,26 @@ def test_attention_is_seen_in_torch_timm_and_torchscript_teachers_and_not_in_cnn
         check_method_params(row.method, row.settings())
 
 
+def test_attention_is_seen_in_an_onnx_vit_and_not_in_an_onnx_cnn(tmp_path: Path) -> None:
+    pytest.importorskip("onnx2torch")
+    timm = pytest.importorskip("timm")
+    from dfkd.auto import has_attention
+    from dfkd.export import export_model
+    from dfkd.spec import InputSpec
+    from dfkd.teacher import load_teacher
+
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=1,
+                            num_heads=2, num_classes=10).eval()
+    spec = InputSpec(1, 16, (0.5,), (0.5,))
+    export_model(vit, spec, 10, "onnx", tmp_path / "vit.onnx")
+    export_model(make_teacher_module("lenet5").eval(), MNIST_SPEC, 10, "onnx", tmp_path / "cnn.onnx")
+    vit_t, cnn_t = load_teacher(tmp_path / "vit.onnx"), load_teacher(tmp_path / "cnn.onnx")
+    assert isinstance(vit_t.module, torch.fx.GraphModule)  # the graph, not timm's modules
+    assert has_attention(vit_t) and not has_attention(cnn_t)
+    softmax_head = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Softmax(1)))
+    assert not has_attention(softmax_head)  # a softmax at the output is not attention
+
+
 def test_auto_sets_its_rows_settings_credits_itself_and_yields_to_the_users(tmp_path: Path) -> None:
     timm = pytest.importorskip("timm")
     vit = timm.create_model("vit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, embed_dim=16, depth=1,
