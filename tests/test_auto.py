@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from dfkd.auto import AUTO, RULES, choose, profile
 from dfkd.checkpoint import load_checkpoint
 from dfkd.cli.main import main
-from dfkd.config import DistillConfig, build_config
+from dfkd.config import DistillConfig, build_config, check_method_params
 from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
@@ -258,8 +258,6 @@ def test_attention_is_seen_in_torch_timm_and_torchscript_teachers_and_not_in_cnn
     assert (rule.method, rule.recipe, dict(rule.params)) == ("fast", "cpu", {"oh": 2.0, "g_steps": 10})
     assert choose(profile(tiny("lenet5"))).params == {}  # a CNN keeps fast's own settings
     for row in RULES:  # every row's settings are ones its method takes, in range
-        from dfkd.config import check_method_params
-
         check_method_params(row.method, row.settings())
 
 
@@ -302,6 +300,11 @@ def test_auto_sets_its_rows_settings_credits_itself_and_yields_to_the_users(tmp_
     assert "g_steps = 10 (paper: 5; set by --method auto)" in out
     assert config["params"]["oh"] == 2.0 and config["params"]["g_steps"] == 10
     assert config["auto_choice"]["set_by_auto"] == ["g_steps", "oh", "recipe"]
+    again = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "a"), "--steps", "2"])
+    assert again.exit_code == 0, again.output  # a resumed run keeps the row's settings, still credited to auto
+    resumed = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
+    assert resumed["step"] == 2 and resumed["config"]["params"]["g_steps"] == 10
+    assert resumed["config"]["auto_choice"]["set_by_auto"] == ["g_steps", "oh", "recipe"]
     out, config = run("b", "oh=1.0")  # the user's value wins, and is theirs
     assert "oh = 1.0 (paper: 0.4; set by you)" in out and config["params"]["g_steps"] == 10
     assert config["auto_choice"]["set_by_auto"] == ["g_steps", "recipe"]
