@@ -176,9 +176,10 @@ def has_attention(model: nn.Module) -> bool:
 def _softmax_into_matmul(graph_module: torch.fx.GraphModule) -> bool:
     modules = dict(graph_module.named_modules())
 
-    def op(node: torch.fx.Node) -> str:
-        target = modules.get(node.target) if node.op == "call_module" else node.target
-        return (type(target).__name__ if node.op == "call_module" else getattr(target, "__name__", str(target))).lower()
+    def op(node: torch.fx.Node) -> str:  # the module's class, or the function's or method's name
+        if node.op == "call_module":
+            return type(modules[node.target]).__name__.lower()
+        return getattr(node.target, "__name__", str(node.target)).lower()
 
     return any("softmax" in op(n) and any(k in op(u) for u in n.users for k in ("matmul", "bmm", "einsum"))
                for n in graph_module.graph.nodes if n.op.startswith("call_"))
