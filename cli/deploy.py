@@ -9,11 +9,13 @@ from typing import Any
 import click
 
 from dfkd.cli.main import friendly
+from dfkd.cli.options import SIZE
 
 _MODEL_HELP = "Architecture of a plain state_dict MODEL: zoo NAME or module:Class."
 
 
-def _spec(channels: int | None, input_size: int | None, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+def _spec(channels: int | None, input_size: int | tuple[int, int] | None, mean: tuple[float, ...],
+          std: tuple[float, ...]) -> Any:
     from dfkd.archs import flag_spec
 
     return flag_spec(channels, input_size, mean, std)  # never a silent mean 0 / std 1, as on every other command
@@ -28,12 +30,14 @@ def _spec(channels: int | None, input_size: int | None, mean: tuple[float, ...],
 @click.option("--arch", default=None, help=_MODEL_HELP)
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled module (runs code from the file).")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Input channels (if the file does not say).")
-@click.option("--input-size", type=click.IntRange(min=8), default=None, help="Input side in pixels.")
+@click.option("--input-size", type=SIZE, default=None, metavar="S|HxW",
+              help="Input side in pixels, or height x width (28x56).")
 @click.option("--mean", type=float, multiple=True, help="Normalisation mean per channel (repeat the flag).")
 @click.option("--std", type=float, multiple=True, help="Normalisation std per channel (repeat the flag).")
 @friendly
 def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, trust_pickle: bool,
-               channels: int | None, input_size: int | None, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+               channels: int | None, input_size: int | tuple[int, int] | None, mean: tuple[float, ...],
+               std: tuple[float, ...]) -> None:
     """Export a model for deployment, with a dynamic batch axis and its input spec inside ("dfkd_spec").
 
     After writing, the file is loaded back without dfkd and must reproduce the model's logits.

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from dfkd.cli.options import pop_teacher_options, teacher_options
+from dfkd.cli.options import SizeType, pop_teacher_options, teacher_options
 from dfkd.errors import DfkdError
 
 
@@ -83,8 +83,8 @@ def main() -> None:
 @click.option("--batch-size", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=0.05, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="Peak learning rate of the one-cycle SGD schedule.")
-@click.option("--input-size", default=32, show_default=True, type=click.IntRange(min=16),
-              help="Model input side; data of another size is resized (MNIST 28 -> 32).")
+@click.option("--input-size", default=32, show_default=True, type=SizeType(16), metavar="S|HxW",
+              help="Model input side, or height x width (28x56); data of another size is resized (MNIST 28 -> 32).")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
@@ -257,7 +257,8 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     if result.rank:
         return  # under torchrun, rank 0 reports the run
     top1 = result.metrics.get("top1")
-    click.echo(f"student: {result.run_dir / 'student.pt'}" + (f"  (test top-1 {100 * top1:.2f}%)" if top1 else ""))
+    shown = f"  (test top-1 {100 * top1:.2f}%)" if top1 is not None else ""  # 0 % is shown too
+    click.echo(f"student: {result.run_dir / 'student.pt'}{shown}")
     if result.selected:
         click.echo(f"selected: {result.selected}")
     click.echo(f"tensorboard --logdir {result.run_dir}")
@@ -449,7 +450,7 @@ def convert_cmd(teacher: str, out: str, **kw: Any) -> None:
 
     meta = convert(teacher, out, pop_teacher_options(kw))
     s = meta.input_spec
-    click.echo(f"wrote {out}: {meta.arch}, {s.channels}x{s.size}x{s.size} inputs, {meta.num_classes} classes")
+    click.echo(f"wrote {out}: {meta.arch}, {s.describe()} inputs, {meta.num_classes} classes")
 
 
 @main.command("report")

@@ -7,6 +7,31 @@ from typing import Any
 
 import click
 
+
+class SizeType(click.ParamType):
+    """An image size: S (a square side) or HxW (height x width), each at least `lo` pixels."""
+
+    name = "size"
+
+    def __init__(self, lo: int = 8) -> None:
+        self.lo = lo
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from dfkd.errors import DfkdError
+        from dfkd.spec import parse_size
+
+        try:
+            size = parse_size(value)
+        except DfkdError:
+            self.fail(f"{value!r}: give S or HxW (height x width) in pixels, e.g. 32 or 28x56", param, ctx)
+        if min([size] if isinstance(size, int) else size) < self.lo:
+            self.fail(f"{value!r}: each side must be at least {self.lo} px", param, ctx)
+        return size
+
+
+#: `--input-size` of the teacher options.
+SIZE = SizeType(8)
+
 _OPTIONS = (
     click.option("--teacher-arch", default=None, metavar="NAME",
                  help="Architecture of a plain state_dict: zoo NAME (`dfkd models`), torchvision:NAME, timm:NAME "
@@ -17,7 +42,8 @@ _OPTIONS = (
     click.option("--trust-pickle", is_flag=True, help="Allow a pickled module (unpickling runs code from the file)."),
     click.option("--channels", type=click.IntRange(min=1), default=None,
                  help="Input channels, for a file without an input spec (with --input-size --mean --std)."),
-    click.option("--input-size", type=click.IntRange(min=8), default=None, help="Input side in pixels."),
+    click.option("--input-size", type=SIZE, default=None, metavar="S|HxW",
+                 help="Input side in pixels, or height x width (28x56) for non-square inputs."),
     click.option("--mean", type=float, multiple=True,
                  help="Normalisation mean per channel (repeat the flag; one value for all channels)."),
     click.option("--std", type=float, multiple=True, help="Normalisation std per channel (repeat the flag)."),

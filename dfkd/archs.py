@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.spec import InputSpec
+from dfkd.spec import InputSpec, split_size
 
 LIBRARIES = ("torchvision", "timm")
 TIMM_INSTALL = 'pip install -e ".[timm]" (or pip install timm)'
@@ -248,40 +248,49 @@ def library_spec(arch: str | None, arch_args: dict[str, Any] | None = None) -> I
     if pretrained is None:
         return None
     cfg = timm.data.resolve_data_config({}, pretrained_cfg=pretrained.to_dict())
-    channels, size = int((arch_args or {}).get("in_chans", cfg["input_size"][0])), int(cfg["input_size"][-1])
+    channels = int((arch_args or {}).get("in_chans", cfg["input_size"][0]))
+    height, width = int(cfg["input_size"][-2]), int(cfg["input_size"][-1])
     if len(cfg["mean"]) != channels:
         return None
-    return InputSpec(channels, size, tuple(cfg["mean"]), tuple(cfg["std"]))
+    return InputSpec(channels, height, tuple(cfg["mean"]), tuple(cfg["std"]), width)
 
 
-def flag_spec(channels: int | None, size: int | None, mean: tuple[float, ...] | None, std: tuple[float, ...] | None,
-              arch: str | None = None, arch_args: dict[str, Any] | None = None) -> InputSpec | None:
+def flag_spec(channels: int | None, size: int | tuple[int, int] | list[int] | None, mean: tuple[float, ...] | None,
+              std: tuple[float, ...] | None, arch: str | None = None,
+              arch_args: dict[str, Any] | None = None) -> InputSpec | None:
     """The input spec the flags give, completed from the library's config (timm) where it has one.
 
     Never a silent mean 0 / std 1: without --mean/--std and without a library config that has them, this is an
     error that says how to give them. None when no spec flag is given (the file's or the library's spec is used).
+    `size` is a side, or (height, width) for non-square inputs.
     """
     if channels is None and size is None and not mean and not std:
         return None
     lib = library_spec(arch, arch_args) if arch_kind(arch or "") == "timm" else None
     channels = channels if channels is not None else lib and lib.channels
-    size = size if size is not None else lib and lib.size
+    size = size if size is not None else lib and lib.hw
     if channels is None or size is None:
         raise DfkdError("--channels and --input-size go together (with --mean/--std): give both")
     if not mean or not std:
         if lib is None or lib.channels != channels:
-            raise DfkdError(f"--channels {channels} --input-size {size} without --mean/--std: give the normalisation "
-                            "the teacher was trained with, one value per channel (repeat the flag, e.g. --mean 0.4914 "
-                            "--mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 for CIFAR-10); for "
-                            "unnormalised pixels in [0, 1] pass --mean 0 --std 1")
+            raise DfkdError(f"--channels {channels} --input-size {_size_text(size)} without --mean/--std: give the "
+                            "normalisation the teacher was trained with, one value per channel (repeat the flag, e.g. "
+                            "--mean 0.4914 --mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 for "
+                            "CIFAR-10); for unnormalised pixels in [0, 1] pass --mean 0 --std 1")
         warnings.warn(f"--teacher-arch {arch}: --mean/--std not given; using timm's pretrained config (mean "
                       f"{lib.mean}, std {lib.std}); pass --mean/--std if your weights were trained otherwise",
                       stacklevel=1)
         mean, std = mean or lib.mean, std or lib.std
     try:
-        return InputSpec(channels, size, tuple(mean), tuple(std))
+        height, width = split_size(size)
+        return InputSpec(channels, height, tuple(mean), tuple(std), width)
     except DfkdError as e:
-        raise DfkdError(f"--channels {channels} --input-size {size}: {e}") from None
+        raise DfkdError(f"--channels {channels} --input-size {_size_text(size)}: {e}") from None
+
+
+def _size_text(size: int | tuple[int, int] | list[int]) -> str:
+    """An input size as its flag spells it: 32, or 28x56."""
+    return str(size) if isinstance(size, int) else "x".join(str(a) for a in size)
 
 
 def model_from_state(state: dict[str, torch.Tensor], arch: str, arch_args: dict[str, Any] | None,
@@ -305,7 +314,7 @@ def model_from_state(state: dict[str, torch.Tensor], arch: str, arch_args: dict[
         if spec is None:
             raise DfkdError(f"{what}: a state_dict carries no input spec; add --channels C --input-size S "
                             "(and --mean/--std)")
-        kwargs = {"in_channels": spec.channels, "input_size": spec.size, **kwargs}
+        kwargs = {"in_channels": spec.channels, "input_size": spec.side, **kwargs}
     if arch_kind(arch) == "timm":
         spec = spec or _timm_default_spec(arch, kwargs)
         if spec is not None and spec.channels != 3:
@@ -379,7 +388,7 @@ def _timm_default_spec(arch: str, kwargs: dict[str, Any]) -> InputSpec | None:
     spec = library_spec(arch, kwargs)
     if spec is not None:
         warnings.warn(f"--teacher-arch {arch}: no --channels/--input-size/--mean/--std; using timm's pretrained config "
-                      f"({spec.channels}x{spec.size}x{spec.size}, mean {spec.mean}, std {spec.std}); give the flags if "
+                      f"({spec.describe()}, mean {spec.mean}, std {spec.std}); give the flags if "
                       "your weights were trained otherwise", stacklevel=1)
     return spec
 

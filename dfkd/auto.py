@@ -41,7 +41,7 @@ class Profile:
 
     Attributes:
         channels: input channels.
-        size: input side in pixels.
+        size: input height in pixels (the side of a square input).
         kind: "mnist", "cifar" or "imagenet" (`dfkd.methods._recipes.input_kind`).
         params: parameter count.
         macs: multiply-adds of one forward pass on one input (None where torch's FLOP counter cannot see in).
@@ -51,6 +51,7 @@ class Profile:
         logit_scale: mean over random inputs of the logits' standard deviation across classes.
         noise_classes: effective number of classes its arg-max spreads over on random inputs (1 to `classes`).
         noise_confidence: mean top-1 probability on random inputs.
+        width: input width in pixels where it differs from `size` (None: square).
     """
 
     channels: int
@@ -64,10 +65,12 @@ class Profile:
     logit_scale: float
     noise_classes: float
     noise_confidence: float
+    width: int | None = None
 
     def words(self) -> str:
         """The profile in one line, for the start-up message."""
-        return (f"{self.channels}x{self.size}x{self.size} inputs ({self.kind} kind), {self.params:,} parameters, "
+        dims = f"{self.size}x{self.size}" if self.width is None else f"{self.size}x{self.width}"
+        return (f"{self.channels}x{dims} inputs ({self.kind} kind), {self.params:,} parameters, "
                 f"{millions(self.macs)} multiply-adds an input, "
                 f"{'BatchNorm' if self.bn else 'no BatchNorm'}{', attention layers' if self.attention else ''}; "
                 f"on {PROBE_BATCHES * PROBE_BATCH} random inputs: "
@@ -200,7 +203,7 @@ def profile(teacher: Any, device: torch.device | str = "cpu") -> Profile:
     """
     spec = teacher.spec
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    logits = torch.cat([teacher(torch.randn(PROBE_BATCH, spec.channels, spec.size, spec.size,
+    logits = torch.cat([teacher(torch.randn(spec.shape(PROBE_BATCH),
                                             generator=gen).to(device)).float().cpu()
                         for _ in range(PROBE_BATCHES)])
     if not torch.isfinite(logits).all():
@@ -209,7 +212,8 @@ def profile(teacher: Any, device: torch.device | str = "cpu") -> Profile:
     counts = torch.bincount(logits.argmax(1), minlength=logits.shape[1])
     return Profile(spec.channels, spec.size, str(input_kind(spec)), teacher_size(teacher), multiply_adds(teacher),
                    bool(teacher.bn_paths()), has_attention(teacher), int(logits.shape[1]), float(logits.std(1).mean()),
-                   _effective(counts), float(logits.softmax(1).max(1).values.mean()))
+                   _effective(counts), float(logits.softmax(1).max(1).values.mean()),
+                   None if spec.square else spec.width)
 
 
 def for_source(cfg: Any) -> Any:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkd.errors import DfkdError
+from dfkd.spec import parse_size
 from dfkd.validate import check_params, check_settings
 
 try:
@@ -31,7 +32,7 @@ class DistillConfig:
     arch_args: dict[str, Any] = field(default_factory=dict)  # --arch-arg KEY=VALUE: teacher constructor arguments
     trust_pickle: bool = False
     channels: int | None = None
-    input_size: int | None = None
+    input_size: int | tuple[int, int] | None = None  # pixels: a side, or (height, width) for non-square inputs
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     student: str | None = None
@@ -62,8 +63,8 @@ class DistillConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("teachers", "mean", "std"):
-            if d[k] is not None:
+        for k in ("teachers", "mean", "std", "input_size"):
+            if isinstance(d[k], (list, tuple)):
                 d[k] = list(d[k])
         return d
 
@@ -77,6 +78,8 @@ class DistillConfig:
         for k in ("teachers", "mean", "std"):
             if d.get(k) is not None:
                 d[k] = tuple(d[k]) if isinstance(d[k], (list, tuple)) else (d[k],)
+        if isinstance(d.get("input_size"), (list, tuple)):  # [height, width] in JSON; a square pair is one side
+            d["input_size"] = parse_size(d["input_size"])
         return cls(**d)
 
 

@@ -27,7 +27,7 @@ def count_macs(model: Any, spec: InputSpec) -> int | None:
         model.eval()  # BatchNorm's running statistics must not move
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, spec.channels, spec.size, spec.size, device=device))
+            model(torch.zeros(spec.shape(1), device=device))
         return int(counter.get_total_flops()) // 2
     except Exception:  # noqa: BLE001 - an exported or scripted teacher the counter cannot see into: no count
         return None

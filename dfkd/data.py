@@ -226,8 +226,8 @@ def to_model_input(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
             x = x.mean(1, keepdim=True)
         else:
             raise DfkdError(f"data has {x.shape[1]} channels, the model wants {spec.channels}")
-    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
-        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
+    if tuple(x.shape[-2:]) != spec.hw:
+        x = F.interpolate(x, size=spec.hw, mode="bilinear", align_corners=False, antialias=True)
     return spec.normalize(x)
 
 

@@ -124,10 +124,9 @@ def check_members(members: Sequence[Teacher]) -> None:
         if b.num_classes != a.num_classes:
             raise DfkdError(f"--teacher {a.source} has {a.num_classes} classes but --teacher {b.source} has "
                             f"{b.num_classes}; teachers of one run must classify the same classes")
-        if (b.spec.channels, b.spec.size) != (a.spec.channels, a.spec.size):
-            raise DfkdError(f"--teacher {a.source} takes {a.spec.channels}x{a.spec.size}x{a.spec.size} inputs but "
-                            f"--teacher {b.source} takes {b.spec.channels}x{b.spec.size}x{b.spec.size}; teachers of "
-                            "one run must share the input shape")
+        if b.spec.shape() != a.spec.shape():
+            raise DfkdError(f"--teacher {a.source} takes {a.spec.describe()} inputs but --teacher {b.source} takes "
+                            f"{b.spec.describe()}; teachers of one run must share the input shape")
 
 
 def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, trust_pickle: bool = False,

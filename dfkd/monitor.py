@@ -146,7 +146,8 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
     if features == "teacher":
         extractor, spec = TeacherFID(t), t.spec
     else:
-        spec = InputSpec(3, t.spec.size if t else int(images.x.shape[-1]), (0.0,), (1.0,))
+        height, width = t.spec.hw if t else (int(images.x.shape[-2]), int(images.x.shape[-1]))
+        spec = InputSpec(3, height, (0.0,), (1.0,), width)
         extractor = InceptionFID(spec, device=dev)
     bs = batch_size or default_batch(spec)
     feats = torch.cat([extractor.features(to_model_input(images.x[i:i + bs], spec).to(dev))

@@ -105,7 +105,7 @@ def sized_student(teacher: Teacher) -> str:
     LeNet-5 (0.42M) in 5 CPU-minutes of fast and reached 61.57 % on MNIST (teacher 98.45) against the LeNet-5's
     97.64, 55.27 against 82.98 on Fashion-MNIST (teacher 86.49). Else the smallest.
     """
-    names = [n for n in SIZED_STUDENTS if not (n.startswith("lenet") and teacher.spec.size >= IMAGENET_SIZE)]
+    names = [n for n in SIZED_STUDENTS if not (n.startswith("lenet") and teacher.spec.side >= IMAGENET_SIZE)]
     built = {n: build_student(n, zoo_kwargs(n, teacher)) for n in names}
     sized = sorted((teacher_size(m), n) for n, m in built.items())
     fitting = [n for _, n in sized if _fits(built[n], teacher)]
@@ -142,8 +142,8 @@ def student_line(teacher: Teacher, requested: str | None, name: str, student: nn
 def zoo_kwargs(name: str, teacher: Teacher) -> dict[str, Any]:
     """A zoo model's arguments at the teacher's classes, channels and size (ImageNet form from IMAGENET_SIZE)."""
     kwargs: dict[str, Any] = {"num_classes": teacher.num_classes, "in_channels": teacher.spec.channels,
-                              "input_size": teacher.spec.size}
-    if teacher.spec.size >= IMAGENET_SIZE and "imagenet_stem" in inspect.signature(MODELS.get(name)).parameters:
+                              "input_size": teacher.spec.side}
+    if teacher.spec.side >= IMAGENET_SIZE and "imagenet_stem" in inspect.signature(MODELS.get(name)).parameters:
         kwargs["imagenet_stem"] = True
     return kwargs
 

@@ -97,7 +97,7 @@ def with_views(x: Tensor, views: int, recipe: dict[str, Any], spec: Any) -> Tens
         return x
     from dfkd.augment import make_augment
 
-    aug = make_augment(recipe["method_augment"], spec.size, flip_p=float(recipe.get("flip_p", 0.0)),
+    aug = make_augment(recipe["method_augment"], spec.hw, flip_p=float(recipe.get("flip_p", 0.0)),
                        fill=spec.black).to(x.device)
     with torch.no_grad():
         return torch.cat([x, *(aug(x) for _ in range(views - 1))])

@@ -133,7 +133,8 @@ class Teacher(nn.Module):
                         f"that flattens them, which keeps the weights' names (class Flat({cls}): def forward(self, "
                         "x): return super().forward(x.flatten(1)))")
             else:
-                hint = "check --channels/--input-size or the architecture"
+                hint = ("check --channels/--input-size (S, or HxW for an input that is not square) or the "
+                        "architecture")
             raise DfkdError(f"--teacher {self.source}: the model does not accept inputs of shape "
                             f"{tuple(x.shape)} ({msg}); {hint}") from None
 
@@ -278,10 +279,10 @@ def _warn_spec_override(path: str | os.PathLike, spec: InputSpec | None, loaded:
     kw = loaded.arch_kwargs or {}
     if spec is None or loaded.fmt != "dfkd":
         return
-    file_says = (kw.get("in_channels", spec.channels), kw.get("input_size", spec.size))
-    if file_says != (spec.channels, spec.size):
+    file_says = (kw.get("in_channels", spec.channels), kw.get("input_size", spec.side))
+    if file_says != (spec.channels, spec.side):
         warnings.warn(f"--teacher {path}: the file declares {file_says[0]} x {file_says[1]} px inputs; "
-                      f"--channels/--input-size make it {spec.channels} x {spec.size}", stacklevel=3)
+                      f"--channels/--input-size make it {spec.channels} x {spec.dims}", stacklevel=3)
 
 
 def load_teacher(
@@ -308,7 +309,7 @@ def load_teacher(
     loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec, arch_args=arch_args)
     if loaded.spec is None:
         raise DfkdError(f"--teacher {path}: {_a_file(loaded.fmt)} carries no input spec; give --channels C "
-                        "--input-size S --mean M --std S (the normalisation the teacher was trained with)")
+                        "--input-size S (or HxW) --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
     module = loaded.module.to(device)
     teacher = Teacher(module, loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),

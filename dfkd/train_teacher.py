@@ -15,7 +15,7 @@ from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.precision import Precision, auto_bf16_line, backward, resolve_precision, step
-from dfkd.spec import InputSpec
+from dfkd.spec import InputSpec, split_size
 from dfkd.utils import pick_device, seed_everything
 
 
@@ -31,14 +31,17 @@ class TeacherConfig:
     batch_size: int = 128
     lr: float = 0.05
     weight_decay: float = 5e-4
-    input_size: int = 32
+    input_size: int | tuple[int, int] = 32  # a side, or (height, width)
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
 
 
-def data_spec(data: ImageData, size: int) -> InputSpec:
-    """Normalisation from the training pixels themselves (per-channel mean and std in [0, 1] units)."""
+def data_spec(data: ImageData, size: int | tuple[int, int]) -> InputSpec:
+    """Normalisation from the training pixels themselves (per-channel mean and std in [0, 1] units).
+
+    `size` is the model's input: a side, or (height, width).
+    """
     n, total, squares = min(len(data), 20000), 0.0, 0.0
     for i in range(0, n, 1000):  # a batch at a time: 20,000 ImageNet-size images are 12 GB as floats
         x = data.x[i:min(i + 1000, n)].double().div(255.0)
@@ -46,7 +49,8 @@ def data_spec(data: ImageData, size: int) -> InputSpec:
     count = n * data.x.shape[2] * data.x.shape[3]
     mean = total / count
     std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt()
-    return InputSpec(data.x.shape[1], size, tuple(mean.tolist()), tuple(std.tolist()))
+    height, width = split_size(size)
+    return InputSpec(data.x.shape[1], height, tuple(mean.tolist()), tuple(std.tolist()), width)
 
 
 def augment(x01: torch.Tensor, flip: bool) -> torch.Tensor:
@@ -83,7 +87,7 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
     if test is not None:
         check_fits(test, num_classes, spec, "--eval-data", cfg.eval_data)
-    kwargs = {"num_classes": num_classes, "in_channels": spec.channels, "input_size": spec.size}
+    kwargs = {"num_classes": num_classes, "in_channels": spec.channels, "input_size": spec.side}
     model = create(cfg.arch, **kwargs).to(device)
     precision = _precision(cfg.precision, model, spec, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)

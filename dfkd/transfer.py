@@ -99,7 +99,7 @@ def meta_arrays(spec: InputSpec, num_classes: int, method: str, teacher_sha256: 
                 provenance: dict[str, Any] | None, recipe: dict[str, Any] | None) -> dict[str, np.ndarray]:
     """Every array of a transfer file but the images and labels."""
     return {"provenance": np.str_(json.dumps(provenance or {})), "recipe": np.str_(json.dumps(recipe or {})),
-            "channels": np.int64(spec.channels), "size": np.int64(spec.size),
+            "channels": np.int64(spec.channels), "size": np.int64(spec.size), "width": np.int64(spec.width),
             "mean": np.asarray(spec.mean, np.float64), "std": np.asarray(spec.std, np.float64),
             "num_classes": np.int64(num_classes), "method": np.str_(method),
             "teacher_sha256": np.str_(teacher_sha256), "format": np.str_(FORMAT), "version": np.int64(VERSION)}
@@ -115,7 +115,7 @@ def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
         missing = [k for k in _KEYS if k not in d.files]
         if missing:
             raise DfkdError(f"{flag} {p}: transfer file lacks {missing}; write it again with `dfkd synthesize`")
-        out = {k: d[k] for k in (*_KEYS, "provenance", "recipe") if k in d.files and k != "x"}
+        out = {k: d[k] for k in (*_KEYS, "provenance", "recipe", "width") if k in d.files and k != "x"}
         x = memmap_member(p, "x")  # mapped, not read (a large compressed one via a temp file): files beyond RAM load
         out["x"] = d["x"] if x is None else x
         return out
@@ -128,13 +128,14 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
     if int(d["version"]) > VERSION:
         raise DfkdError(f"{flag} {p}: transfer format version {int(d['version'])} is newer than this dfkd; upgrade")
     try:
-        spec = InputSpec(int(d["channels"]), int(d["size"]), tuple(d["mean"].tolist()), tuple(d["std"].tolist()))
+        spec = InputSpec(int(d["channels"]), int(d["size"]), tuple(d["mean"].tolist()), tuple(d["std"].tolist()),
+                         int(d["width"]) if "width" in d else None)  # no width: a square file of before
     except (DfkdError, TypeError, ValueError) as e:
         raise DfkdError(f"{flag} {p}: its input spec is invalid ({e})") from None
     x, probs = d["x"], d["probs"]
     if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != spec.shape()[1:] or len(x) == 0:
         raise DfkdError(f"{flag} {p}: images must be uint8 of shape (N>0, {spec.channels}, {spec.size}, "
-                        f"{spec.size}) as its spec says, got {x.dtype} {tuple(x.shape)}")
+                        f"{spec.width}) as its spec says, got {x.dtype} {tuple(x.shape)}")
     k = int(d["num_classes"])
     if probs.ndim != 2 or probs.shape != (len(x), k) or not np.isfinite(probs).all() or (probs < 0).any() \
             or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
@@ -166,9 +167,9 @@ def check_teacher_fits(teacher: Teacher, data: TransferData) -> None:
     """
     if teacher.spec.shape()[1:] != data.spec.shape()[1:] or teacher.num_classes != data.num_classes:
         raise DfkdError(
-            f"--transfer-data {data.path}: holds {data.spec.channels}x{data.spec.size}x{data.spec.size} images over "
-            f"{data.num_classes} classes, but --teacher {teacher.source} takes {teacher.spec.channels}x"
-            f"{teacher.spec.size}x{teacher.spec.size} images and has {teacher.num_classes} classes")
+            f"--transfer-data {data.path}: holds {data.spec.describe()} images over "
+            f"{data.num_classes} classes, but --teacher {teacher.source} takes {teacher.spec.describe()} images and "
+            f"has {teacher.num_classes} classes")
     if data.teacher_sha256 and teacher.sha256 and data.teacher_sha256 != teacher.sha256:
         warnings.warn(f"--transfer-data {data.path} was made from another teacher file (sha256 "
                       f"{data.teacher_sha256[:12]}..., --teacher is {teacher.sha256[:12]}...); distilling anyway",

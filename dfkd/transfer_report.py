@@ -31,7 +31,7 @@ class TransferSummary:
         d, prov = self.data, self.data.provenance
         s = d.spec
         lines = [f"file:     {d.path}",
-                 f"images:   {len(d)} of {s.channels}x{s.size}x{s.size} (uint8), {d.num_classes} classes"]
+                 f"images:   {len(d)} of {s.describe()} (uint8), {d.num_classes} classes"]
         if not prov:
             lines.append(f"made by:  method {d.method}, teacher sha256 {d.teacher_sha256[:16] or '?'} (a version-1 "
                          "file: no further provenance)")

@@ -21,7 +21,9 @@ MAX_SEED = 2**63 - 1
 
 @dataclass(frozen=True)
 class Rule:
-    """What a value may be: its kind ("int", "number", "str", "bool", "list", "any"), bounds and choices.
+    """What a value may be: its kind, bounds and choices.
+
+    Kinds: "int", "number", "str", "bool", "list", "any", and "size" (an image side or a [height, width] pair).
 
     `lo`/`hi` bound numbers (`lo_open`: strictly above `lo`); `choices` lists allowed strings; `none_ok` lets
     None through; `items` checks every element of a list.
@@ -40,7 +42,8 @@ class Rule:
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         words = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
-                 "list": "a list", "any": "a finite value"}[self.kind]
+                 "list": "a list", "any": "a finite value",
+                 "size": "pixels, an integer or [height, width] (each)"}[self.kind]
         if self.lo is not None:
             words += f" {'>' if self.lo_open else '>='} {self.lo:g}"
         if self.hi is not None:
@@ -58,6 +61,8 @@ class Rule:
         check: Callable[[Any], bool] = _KIND_CHECKS[self.kind]
         if not check(v):
             return True
+        if self.kind == "size":
+            return self.lo is not None and any(a < self.lo for a in ([v] if _is_int(v) else v))
         if self.kind in ("int", "number"):
             return (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)) or \
                 (self.hi is not None and v > self.hi)
@@ -85,8 +90,13 @@ def _is_number(v: Any) -> bool:
     return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
+def _is_size(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_int, v)))
+
+
 _KIND_CHECKS: dict[str, Callable[[Any], bool]] = {
-    "int": _is_int, "number": _is_number, "str": lambda v: isinstance(v, str) and bool(v.strip()),
+    "int": _is_int, "number": _is_number,
+    "size": _is_size, "str": lambda v: isinstance(v, str) and bool(v.strip()),
     "bool": lambda v: isinstance(v, bool), "list": lambda v: isinstance(v, (list, tuple)) and _finite(v),
     "any": _finite,
 }
@@ -97,7 +107,7 @@ _POS = Rule("int", lo=1)
 FIELDS: dict[str, Rule] = {
     "method": Rule("str"), "teachers": Rule("list", items=Rule("str")), "teacher_arch": _STR,
     "trust_pickle": Rule("bool"), "channels": Rule("int", lo=1, none_ok=True),
-    "input_size": Rule("int", lo=8, none_ok=True),
+    "input_size": Rule("size", lo=8, none_ok=True),
     "mean": Rule("list", items=Rule("number"), none_ok=True),
     "std": Rule("list", items=Rule("number", lo=0, lo_open=True), none_ok=True),
     "student": _STR, "steps": Rule("int", lo=1, none_ok=True),

@@ -25,21 +25,24 @@ class Upsample2x(nn.Module):
         return x[:, :, :, None, :, None].expand(b, c, h, 2, w, 2).reshape(b, c, 2 * h, 2 * w)
 
 
-def layout(size: int, ngf: int) -> tuple[int, list[int]]:
-    """Start size and per-upsampling output widths of a generator making `size` x `size` images.
+def layout(hw: tuple[int, int], ngf: int) -> tuple[tuple[int, int], list[int]]:
+    """Start grid (height, width) and per-upsampling output widths of a generator making `hw` images.
 
     Up to 32 px: the references' 32 px generator (start at ceil(size / 4), two upsamplings to 2 * ngf and ngf
     channels: DAFL, DFAD, ZSKT, zju-vipa `Generator`). Larger: a fixed small start (5-8 px: 7 at 224, 8 at 64) and
     as many x2 upsamplings as it takes, as zju-vipa's `DeepGenerator` for 224 px ImageNet (7 x 7, five
     upsamplings), so the first Linear stays small (1.6 M parameters at nz 256 / ngf 64, not 103 M); widths halve
     with each upsampling past the second, down to max(ngf / 4, 8), so the full-resolution maps stay affordable
-    (the reference keeps ngf channels at every stage).
+    (the reference keeps ngf channels at every stage). A non-square image takes the upsamplings of its longer side
+    and a start grid of the same aspect (28 x 56: 4 x 7, three upsamplings); the output is cropped to `hw`.
     """
+    size = max(hw)
+    ups = 2 if size <= 32 else math.ceil(math.log2(size / 8))
+    start = (math.ceil(hw[0] / 2**ups), math.ceil(hw[1] / 2**ups))
     if size <= 32:
-        return (size + 3) // 4, [2 * ngf, ngf]
-    ups = math.ceil(math.log2(size / 8))
+        return start, [2 * ngf, ngf]
     floor = max(ngf // 4, 8)
-    return math.ceil(size / 2**ups), [max(2 * ngf >> j, floor) for j in range(ups)]
+    return start, [max(2 * ngf >> j, floor) for j in range(ups)]
 
 
 @GENERATORS.register("dcgan")
@@ -63,7 +66,7 @@ class Generator(nn.Module):
 
     Shape:
         - Input: z (B, nz) [and labels y (B,)].
-        - Output: (B, spec.channels, spec.size, spec.size), in the teacher's normalised input space.
+        - Output: (B, spec.channels, spec.size, spec.width), in the teacher's normalised input space.
     """
 
     def __init__(self, spec: InputSpec, nz: int = 100, ngf: int = 64, head: str = "tanh_bn", bn_eps: float = 1e-5,
@@ -72,9 +75,9 @@ class Generator(nn.Module):
         if head not in ("tanh_bn", "bn", "sigmoid"):
             raise ValueError(f"unknown generator head {head!r}")
         self.spec, self.nz, self.head_kind = spec, nz, head
-        self.init_size, widths = layout(spec.size, ngf)
+        self.init_size, widths = layout(spec.hw, ngf)
         self.embed = nn.Embedding(num_classes, nz) if num_classes else None
-        self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
+        self.l1 = nn.Linear(nz, 2 * ngf * self.init_size[0] * self.init_size[1])
         self.bn0 = nn.BatchNorm2d(2 * ngf)
         layers: list[nn.Module] = []
         for c_in, c_out in zip([2 * ngf, *widths], widths):
@@ -88,10 +91,10 @@ class Generator(nn.Module):
             if y is None:
                 raise ValueError("a class-conditional generator needs labels y")
             z = z * self.embed(y)
-        x = self.bn0(self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size))
+        x = self.bn0(self.l1(z).view(z.shape[0], -1, *self.init_size))
         x = self.blocks(x)
-        if x.shape[-1] != self.spec.size:
-            x = x[..., : self.spec.size, : self.spec.size]
+        if tuple(x.shape[-2:]) != self.spec.hw:
+            x = x[..., : self.spec.size, : self.spec.width]
         if self.head_kind == "tanh_bn":
             return self.out_bn(torch.tanh(x))
         if self.head_kind == "bn":

@@ -145,7 +145,7 @@ class NoisyLayerGenerator(nn.Module):
 
     Shape:
         - Input: labels y (B,), B <= batch_size, in chunks of K as `nayer_targets` makes them.
-        - Output: (B, spec.channels, spec.size, spec.size), in the teacher's normalised input space.
+        - Output: (B, spec.channels, spec.size, spec.width), in the teacher's normalised input space.
     """
 
     def __init__(self, spec: InputSpec, label_emb: Tensor, le_emb_size: int, ngf: int, batch_size: int) -> None:

@@ -45,10 +45,22 @@ def test_size_follows_the_input_with_a_small_first_layer(size: int, start: int, 
 
     spec = InputSpec(3, size, (0.5,) * 3, (0.25,) * 3)
     g = Generator(spec, nz=256, ngf=64)
-    assert g.init_size == start and sum(isinstance(m, Upsample2x) for m in g.blocks) == ups
+    assert g.init_size == (start, start) and sum(isinstance(m, Upsample2x) for m in g.blocks) == ups
     assert g.l1.weight.numel() <= 256 * 128 * 8 * 8, "the first Linear does not grow with the image"
     assert sum(p.numel() for p in g.parameters()) < 3_000_000
     assert g(torch.randn(2, 256)).shape == (2, 3, size, size)
+
+
+@pytest.mark.parametrize(("hw", "start", "ups"), [((28, 56), (4, 7), 3), ((30, 17), (8, 5), 2),
+                                                  ((64, 256), (2, 8), 5), ((224, 160), (7, 5), 5)])
+def test_a_non_square_image_keeps_its_aspect_from_the_first_layer(hw: tuple[int, int], start: tuple[int, int],
+                                                                  ups: int) -> None:
+    from dfkd.spec import InputSpec
+
+    spec = InputSpec(1, hw[0], (0.5,), (0.25,), width=hw[1])
+    g = Generator(spec, nz=32, ngf=16)
+    assert g.init_size == start and sum(isinstance(m, Upsample2x) for m in g.blocks) == ups
+    assert g(torch.randn(2, 32)).shape == (2, 1, *hw)
 
 
 def test_the_32px_generator_is_the_references() -> None:

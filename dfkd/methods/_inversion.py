@@ -55,12 +55,12 @@ INVERSION_DEFAULTS: dict[str, Any] = {
 
 def is_small(spec: InputSpec) -> bool:
     """MNIST-scale input: at most 1x32x32 values per image."""
-    return spec.channels * spec.size * spec.size <= 32 * 32
+    return spec.pixels <= 32 * 32
 
 
 def is_large(spec: InputSpec) -> bool:
-    """ImageNet-scale input: 64 pixels a side or more."""
-    return spec.size >= 64
+    """ImageNet-scale input: 64 pixels a side or more (the shorter side)."""
+    return spec.side >= 64
 
 
 class InversionMethod(Method):
@@ -90,7 +90,7 @@ class InversionMethod(Method):
         self.planner = IterationPlanner(self.name, p["iterations"], p["synth_seconds"], self.notice)
         flip = 0.0 if teacher.spec.channels == 1 else 0.5  # grey-scale digits are not mirror-symmetric
         self.kd_augment = None if p["kd_augment"] == "none" else \
-            make_augment(p["kd_augment"], teacher.spec.size, flip_p=flip, fill=teacher.spec.black).to(device)
+            make_augment(p["kd_augment"], teacher.spec.hw, flip_p=flip, fill=teacher.spec.black).to(device)
 
     @classmethod
     def finalize(cls, params: dict[str, Any]) -> dict[str, Any]:

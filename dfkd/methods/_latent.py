@@ -65,7 +65,7 @@ class LatentMethod(Method):
         p, spec = self.p, teacher.spec
         self.generator = Generator(spec, nz=p["nz"], ngf=generator_width(p, teacher), head="sigmoid")
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
-        self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"], fill=spec.black)
+        self.augment = make_augment("crop_flip", spec.hw, flip_p=p["flip_p"], fill=spec.black)
         self.bn = BNInputs(teacher, self.name, p["input_stats"])
         self.synth: LatentSynthesizer = self.make_synthesizer()
         self.planner = IterationPlanner(self.name, p["g_steps"], None, self.notice)

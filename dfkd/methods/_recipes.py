@@ -51,9 +51,9 @@ def input_kind(spec: InputSpec | None) -> str | None:
     """The kind of a teacher's inputs: "mnist", "cifar" or "imagenet" (None without a teacher)."""
     if spec is None:
         return None
-    if spec.size >= 64:
+    if spec.side >= 64:
         return "imagenet"
-    return "mnist" if spec.channels * spec.size * spec.size <= 32 * 32 else "cifar"
+    return "mnist" if spec.pixels <= 32 * 32 else "cifar"
 
 
 def teacher_kind(teacher: Any) -> str | None:
@@ -218,7 +218,7 @@ def _teacher_words(teacher: Any) -> str:
     kind, n = teacher_kind(teacher), teacher_size(teacher)
     macs = multiply_adds(teacher) if kind == "mnist" else None
     cost = "" if macs is None else f", {millions(macs)} multiply-adds an image"
-    return f"{s.channels}x{s.size}x{s.size} inputs ({kind} kind), {n:,} parameters{cost}"
+    return f"{s.describe()} inputs ({kind} kind), {n:,} parameters{cost}"
 
 
 def why_recipe(cls: type[Recipe], teacher: Any, given: str | None, by_auto: bool = False) -> str:

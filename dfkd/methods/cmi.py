@@ -77,7 +77,7 @@ class CMI(LatentMethod):
         return {**super().stores(), "bank": self.synth.critic.bank}
 
     def make_synthesizer(self) -> ContrastiveSynthesizer:
-        p, size = self.p, self.teacher.spec.size
+        p, size = self.p, self.teacher.spec.hw
         self.local_augment = make_augment("resized_crop", size, flip_p=p["flip_p"], scale=tuple(p["local_scale"]))
         self.stage_taps = self._stage_taps()
         feat_dim = sum(m.running_mean.numel() for m in self.bn.modules)

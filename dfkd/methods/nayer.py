@@ -125,7 +125,7 @@ class NAYER(Method):
             p.update(PAPER_100_CLASSES)
         if teacher_kind(teacher) == "imagenet":
             p.update(PAPER_IMAGENET)
-            if teacher.spec.size > 64:
+            if teacher.spec.side > 64:
                 cap_batches(p)
         if teacher is not None and teacher.spec.channels == 1:
             p["flip_p"] = 0.0  # digits and other grey-scale documents are not mirror-symmetric
@@ -139,7 +139,7 @@ class NAYER(Method):
         self.generator = NoisyLayerGenerator(spec, self.label_embeddings(), p["le_emb_size"], p["ngf"],
                                              p["synth_batch_size"]).to(device)
         self.pool = ImagePool(p["pool_size"], getattr(torch, p["pool_dtype"]), p["pool_dir"], p["ram_budget_mib"])
-        self.augment = make_augment("crop_flip", spec.size, flip_p=p["flip_p"], fill=spec.black)
+        self.augment = make_augment("crop_flip", spec.hw, flip_p=p["flip_p"], fill=spec.black)
         self.bn = BNInputs(teacher, self.name, p["input_stats"])
         self.synth = NoisyLayerSynthesizer(self.generator, self.objective, self.pool, p["synth_batch_size"],
                                            p["g_steps"], teacher.num_classes, p["lr_g"], tuple(p["betas_g"]), device,

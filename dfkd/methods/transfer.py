@@ -97,7 +97,7 @@ class Transfer(Method):
         self.has_teacher = not isinstance(teacher, NoTeacher)
         if self.has_teacher:
             check_teacher_fits(teacher, self.data)
-        self.augment = make_augment(self.p["augment"], teacher.spec.size, flip_p=self.p["flip_p"],
+        self.augment = make_augment(self.p["augment"], teacher.spec.hw, flip_p=self.p["flip_p"],
                                     fill=teacher.spec.black).to(device)
         self.order = torch.randperm(len(self.data))
         self.cursor = 0

@@ -89,7 +89,7 @@ class ZSKD(Method):
         self.synth: DirichletSynthesizer = DirichletSynthesizer(
             teacher, teacher.spec, final_layer_similarity(teacher), self.pool, p["di_batch"], p["di_iters"],
             p["lr_di"], p["di_T"], p["betas"], device)
-        self.augment = make_augment(p["augment"], teacher.spec.size, flip_p=p["flip_p"],
+        self.augment = make_augment(p["augment"], teacher.spec.hw, flip_p=p["flip_p"],
                                     fill=teacher.spec.black).to(device)
         self.planner = IterationPlanner(self.name, p["di_iters"], None, self.notice)
 

@@ -1,0 +1,134 @@
+"""A teacher whose inputs are not square (`--input-size HxW`) through distill, resume, evaluate, synthesize,
+--transfer-data, convert and export; square specs keep the files they always had."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dfkd.cli.main import main
+from dfkd.errors import DfkdError
+from dfkd.methods import get_method
+from dfkd.spec import InputSpec, parse_size
+
+#: A teacher that takes 28 x 56 images only: its classifier is a Linear over every feature map position.
+WIDE_NET = """
+import torch
+from torch import nn
+
+
+class Wide(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6 * 14 * 28, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.fc(nn.functional.max_pool2d(x, 2).flatten(1))
+"""
+
+FLAGS = ("--teacher-arch", "widenet:Wide", "--channels", "1", "--input-size", "28x56", "--mean", "0.5", "--std", "0.5")
+
+
+def _cli(*args: object, code: int = 0) -> str:
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == code, res.output
+    return res.output
+
+
+def _quick(method: str) -> list[str]:
+    return [a for k, v in get_method(method).quick.items() for a in ("-p", f"{k}={json.dumps(v)}")]
+
+
+@pytest.fixture
+def wide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "widenet.py").write_text(WIDE_NET)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from widenet import Wide
+
+    torch.manual_seed(0)
+    net = Wide().train()
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults
+        net(torch.randn(16, 1, 28, 56) * 0.7 + 0.2)
+    torch.save(net.eval().state_dict(), tmp_path / "wide.pt")
+    rng = np.random.default_rng(0)  # MNIST-shaped test images: resized to the teacher's 28 x 56
+    np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 12))
+    yield tmp_path / "wide.pt"
+    sys.modules.pop("widenet", None)
+
+
+def test_input_sizes_parse_and_square_specs_keep_their_format() -> None:
+    assert parse_size("28x56") == (28, 56) and parse_size("28X56") == (28, 56) and parse_size([28, 56]) == (28, 56)
+    assert parse_size("32") == 32 and parse_size("32x32") == 32 and parse_size(32) == 32
+    for bad in ("", "x", "28x", "28x56x3", "28.5", "twenty"):
+        with pytest.raises(DfkdError, match="HxW"):
+            parse_size(bad)
+    square = InputSpec(1, 32, (0.5,), (0.5,))
+    assert square.to_dict() == {"channels": 1, "size": 32, "mean": [0.5], "std": [0.5]}, "older readers' format"
+    assert square == InputSpec(1, 32, (0.5,), (0.5,), width=32) and square.shape(2) == (2, 1, 32, 32)
+    wide = InputSpec(1, 28, (0.5,), (0.5,), width=56)
+    assert wide.shape(2) == (2, 1, 28, 56) and wide.hw == (28, 56) and wide.side == 28 and not wide.square
+    assert InputSpec.from_dict(wide.to_dict()) == wide and wide.describe() == "1x28x56"
+    with pytest.raises(DfkdError, match="past what dfkd takes"):
+        InputSpec(1, 28, (0.5,), (0.5,), width=5000)
+
+
+def test_a_square_probe_says_how_to_give_a_non_square_input(wide: Path) -> None:
+    out = _cli("distill", "--teacher", wide, *FLAGS[:5], "28", *FLAGS[6:], "--method", "dfad", "--steps", "2",
+               code=2)
+    assert "does not accept inputs of shape (2, 1, 28, 28)" in out and "HxW" in out
+    assert "each side must be at least 8" in _cli("distill", "--teacher", wide, *FLAGS[:5], "28x4", *FLAGS[6:],
+                                                  code=2)
+    assert "28y56" in _cli("distill", "--teacher", wide, *FLAGS[:5], "28y56", *FLAGS[6:], code=2)
+
+
+@pytest.mark.parametrize("method", ["fast", "dfad", "deepinversion", "zskd"])
+def test_every_family_distills_a_non_square_teacher(wide: Path, tmp_path: Path, method: str) -> None:
+    run = tmp_path / "run"
+    out = _cli("distill", "--teacher", wide, *FLAGS, "--method", method, "--steps", "2", "--fid-every", "0",
+               "--eval-data", tmp_path / "test.npz", "--out", run, *_quick(method))
+    assert "test top-1" in out
+    student = torch.load(run / "student.pt", weights_only=True)
+    assert student["input_spec"]["size"] == 28 and student["input_spec"]["width"] == 56
+    assert json.loads((run / "config.json").read_text())["input_size"] == [28, 56]
+    result = json.loads(_cli("evaluate", "--model", run / "student.pt", "--data", tmp_path / "test.npz",
+                             "--teacher", wide, *FLAGS, "--json"))
+    assert result["n"] == 12 and 0 <= result["agreement"] <= 1
+
+
+def test_a_non_square_run_resumes_and_its_config_file_takes_height_and_width(wide: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"teacher_arch": "widenet:Wide", "channels": 1, "input_size": [28, 56],
+                                  "mean": [0.5], "std": [0.5], "params": {"batch_size": 8}}))
+    _cli("distill", "--config", config, "--teacher", wide, "--method", "dfad", "--steps", "2", "--fid-every", "0",
+         "--out", tmp_path / "run")
+    _cli("distill", "--resume", tmp_path / "run", "--steps", "4")
+    lines = [json.loads(a) for a in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [a["step"] for a in lines if a.get("event") == "finished"][-1] == 4
+    config.write_text(json.dumps({"input_size": [28, 56, 3]}))
+    assert "input_size" in _cli("distill", "--config", config, "--teacher", wide, "--method", "dfad", code=2)
+
+
+def test_synthesized_files_convert_and_export_keep_the_shape(wide: Path, tmp_path: Path) -> None:
+    _cli("synthesize", "--teacher", wide, *FLAGS, "--method", "deepinversion", "--num", "4", "-p", "iterations=1",
+         "--out", tmp_path / "syn.npz")
+    with np.load(tmp_path / "syn.npz") as d:
+        assert d["x"].shape == (4, 1, 28, 56) and int(d["width"]) == 56
+    assert "4 of 1x28x56" in _cli("report", tmp_path / "syn.npz")
+    _cli("distill", "--transfer-data", tmp_path / "syn.npz", "--teacher", wide, *FLAGS, "--steps", "2",
+         "--fid-every", "0", "--out", tmp_path / "from_file")
+    assert torch.load(tmp_path / "from_file" / "student.pt", weights_only=True)["input_spec"]["width"] == 56
+
+    assert "1x28x56 inputs" in _cli("convert", "--teacher", wide, *FLAGS, "--out", tmp_path / "teacher.pt")
+    pytest.importorskip("onnxruntime")
+    out = _cli("export", tmp_path / "teacher.pt", "--format", "onnx", "--out", tmp_path / "teacher.onnx")
+    assert "reproduces the source logits" in out
