@@ -132,3 +132,16 @@ def test_synthesized_files_convert_and_export_keep_the_shape(wide: Path, tmp_pat
     pytest.importorskip("onnxruntime")
     out = _cli("export", tmp_path / "teacher.pt", "--format", "onnx", "--out", tmp_path / "teacher.onnx")
     assert "reproduces the source logits" in out
+
+
+def test_train_teacher_makes_a_non_square_teacher_that_distills(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.integers(0, 256, (32, 28, 56), dtype=np.uint8),
+             y=rng.integers(0, 10, 32))
+    _cli("train-teacher", "--data", tmp_path / "train.npz", "--arch", "lenet5_bn", "--input-size", "28x56",
+         "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "t.pt")
+    spec = torch.load(tmp_path / "t.pt", weights_only=True)["input_spec"]
+    assert (spec["size"], spec["width"]) == (28, 56)
+    _cli("distill", "--teacher", tmp_path / "t.pt", "--method", "dfq", "--steps", "2", "--fid-every", "0",
+         "-p", "batch_size=8", "--out", tmp_path / "run")
+    assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["input_spec"]["width"] == 56
