@@ -402,11 +402,22 @@ def _after_failed_write(run_dir: Path) -> str:
 def _start(run: Run, log: RunLog) -> None:
     """A new run's config.json, teacher accuracy and first record (rank 0)."""
     atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
-    for line in run.recipe_lines:  # which recipe, why, and where it departs from the paper
-        tqdm.write(line, file=sys.stderr)
+    _say_recipe(run)
     if run.eval_data is not None and run.source.has_teacher:
         t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
         log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
+
+
+def _say_recipe(run: Run, resumed: bool = False) -> None:
+    """Which student and recipe, why, and where it departs from the paper (rank 0).
+
+    A resumed run says where it resumes and then the same lines, with the settings it continues with: its own, and
+    any -p given with --resume.
+    """
+    if resumed:
+        tqdm.write(f"resumed {run.run_dir} at step {run.step}", file=sys.stderr)
+    for line in run.recipe_lines:
+        tqdm.write(line, file=sys.stderr)
 
 
 def _execute(run: Run, resume_step: int | None) -> RunResult:
@@ -418,6 +429,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name,
                       **({"processes": run.dist.world} if run.dist.enabled else {}))
         else:
+            run.dist.on_main(lambda: _say_recipe(run, resumed=True))
             log.event(run.step, event="resume")
         result = run.loop(log)
         return run.finish(log, result)

@@ -302,6 +302,8 @@ def test_auto_sets_its_rows_settings_credits_itself_and_yields_to_the_users(tmp_
     assert config["auto_choice"]["set_by_auto"] == ["g_steps", "oh", "recipe"]
     again = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "a"), "--steps", "2"])
     assert again.exit_code == 0, again.output  # a resumed run keeps the row's settings, still credited to auto
+    assert f"resumed {tmp_path / 'a'} at step 1" in again.output
+    assert "g_steps = 10 (paper: 5; set by --method auto)" in again.output, "the recipe lines again on resume"
     resumed = load_checkpoint(tmp_path / "a" / "checkpoint.pt")
     assert resumed["step"] == 2 and resumed["config"]["params"]["g_steps"] == 10
     assert resumed["config"]["auto_choice"]["set_by_auto"] == ["g_steps", "oh", "recipe"]
