@@ -157,3 +157,18 @@ def test_distill_command_line_exits_0_or_2(teacher_file: str, flags: dict, param
                 assert ckpt["step"] == int(flags["--steps"]), "--steps N means exactly N student steps"
         else:
             assert not (out / "student.pt").exists(), "a refused run does not look finished"
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(value=st.one_of(st.text(max_size=12), st.integers(), st.lists(st.one_of(SMALL_INTS, st.text(max_size=3),
+                                                                                st.floats(-2, 40)), max_size=3)))
+def test_an_input_size_parses_to_a_side_or_a_pair_or_is_refused(value: object) -> None:
+    from dfkd.spec import parse_size
+
+    try:
+        size = parse_size(value)
+    except DfkdError as e:
+        assert "HxW" in str(e) and "\n" not in str(e)
+        return
+    assert isinstance(size, int) or (len(size) == 2 and all(isinstance(a, int) for a in size) and
+                                     size[0] != size[1])
