@@ -28,7 +28,7 @@ class TeacherOptions:
         arch_args: its constructor arguments (`--arch-arg KEY=VALUE`).
         trust_pickle: allow a pickled module (unpickling runs code from the file).
         channels: input channels (`--channels`), with `size`, `mean` and `std` the input spec.
-        size: input side in pixels (`--input-size`).
+        size: input side in pixels, or (height, width) (`--input-size S` or `HxW`).
         mean: normalisation mean per channel.
         std: normalisation standard deviation per channel.
     """
@@ -37,7 +37,7 @@ class TeacherOptions:
     arch_args: dict[str, Any] = field(default_factory=dict)
     trust_pickle: bool = False
     channels: int | None = None
-    size: int | None = None
+    size: int | tuple[int, int] | None = None
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
