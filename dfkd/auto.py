@@ -99,13 +99,16 @@ class Rule:
 
 #: First match wins; the last row always matches. Evidence: README *Results* tables (% of the teacher's top-1).
 RULES: tuple[Rule, ...] = (
-    Rule(f"BatchNorm, MNIST-kind inputs (at most 1x32x32), at most {millions(CPU_TEACHER_MACS)} multiply-adds an input",
+    Rule("BatchNorm, MNIST-kind inputs (at most 1x32x32 values, or grey and at most 32 px on the shorter side), "
+         f"at most {millions(CPU_TEACHER_MACS)} multiply-adds an input",
          lambda p: p.bn and cpu_sized(p.kind, p.macs), "fast", None,
          "README 'Every method, 10 CPU-minutes', lenet5_bn (99.53): fast 99.3 % of the teacher, cmi 97.7, dfq 97.4, "
          "deepinversion 96.6, the GAN methods 28-75 %; README 'Cross-teacher benchmark', 5 CPU-minutes, every "
          "method: lenet5_bn fast 99.1 %, nayer 98.3, cmi 96.7, dfq 96.7, deepinversion 93.7, adi 93.4, the "
          "BN-free methods 47-85; custom Fashion-MNIST CNN with BN (90.49; its default student, the three-quarter "
-         "LeNet-5) fast 92.9 %, nayer 91.4, cmi 90.9, deepinversion 84.5, dfq 83.7, adi 82.4, the rest 44-55"),
+         "LeNet-5) fast 92.9 %, nayer 91.4, cmi 90.9, deepinversion 84.5, dfq 83.7, adi 82.4, the rest 44-55; "
+         "README 'Input spec', non-square BN LeNet-5s, 5 CPU-minutes: MNIST at 1x28x44 (99.42) fast 99.3 %, dfq "
+         "91.7; Fashion-MNIST at 1x28x56 (90.93) fast 94.4 %, dfq 84.6"),
     Rule(f"BatchNorm, any other (3-channel or larger inputs, or over {millions(CPU_TEACHER_MACS)} multiply-adds an "
          "input)", lambda p: p.bn, "dfq", "cpu",
          "README 'CIFAR-10, 10 CPU-minutes', wrn_16_1 (81.03; 26M multiply-adds), CPU recipes: dfq 58.4 % of the "
@@ -145,8 +148,8 @@ RULES: tuple[Rule, ...] = (
          "cmi 88.4, dfq 85.9, and this row's fast 91.4 / 91.1 % at 10; fast's CPU recipe also led its paper "
          "recipe on a BN-free CIFAR-10 LeNet-5 (42.33 against 30.92 % top-1) and a Fashion-MNIST WRN-16-2 with "
          "BN (83.9 against 81.9 %)"),
-    Rule("no BatchNorm, CIFAR-kind inputs (more than 1x32x32, under 64 px)", lambda p: not p.bn and p.kind == "cifar",
-         "fast", "cpu",
+    Rule("no BatchNorm, CIFAR-kind inputs (more than 1x32x32 values, not grey at up to 32 px a side; under 64 px)",
+         lambda p: not p.bn and p.kind == "cifar", "fast", "cpu",
          "README 'Cross-teacher benchmark', a BN-free LeNet-5 trained on CIFAR-10 (59.56 %; 0.58 on noise), 5 "
          "CPU-minutes: fast with its CPU recipe 42.33 % top-1 (71.1 % of the teacher), fast with the paper's 30.92, "
          "dfad with its CPU recipe 22.36 (a collapse warning), dfad with the paper's 10.00 (at chance; a collapse "

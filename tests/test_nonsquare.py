@@ -145,3 +145,21 @@ def test_train_teacher_makes_a_non_square_teacher_that_distills(tmp_path: Path) 
     _cli("distill", "--teacher", tmp_path / "t.pt", "--method", "dfq", "--steps", "2", "--fid-every", "0",
          "-p", "batch_size=8", "--out", tmp_path / "run")
     assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["input_spec"]["width"] == 56
+
+
+def test_the_input_kind_of_grey_images_follows_the_shorter_side() -> None:
+    from dfkd.methods._recipes import input_kind
+
+    def kind(c: int, h: int, w: int) -> str | None:
+        return input_kind(InputSpec(c, h, (0.5,) * c, (0.5,) * c, width=w))
+
+    assert kind(1, 28, 28) == kind(1, 32, 32) == kind(3, 16, 16) == "mnist"  # square: as always
+    assert kind(1, 40, 40) == kind(3, 32, 32) == "cifar" and kind(3, 64, 64) == "imagenet"
+    assert kind(1, 28, 44) == kind(1, 28, 56) == kind(1, 32, 100) == "mnist"  # grey, short side <= 32
+    assert kind(3, 28, 56) == kind(1, 40, 56) == "cifar" and kind(1, 64, 200) == "imagenet"
+
+
+def test_auto_gives_a_small_grey_non_square_bn_teacher_the_mnist_kind_row(wide: Path, tmp_path: Path) -> None:
+    out = _cli("distill", "--teacher", wide, *FLAGS, "--steps", "2", "--fid-every", "0", "--out", tmp_path / "run",
+               "-p", "synth_batch_size=8", "-p", "batch_size=8", "-p", "s_steps=1", "-p", "g_steps=1")
+    assert "auto: chose fast" in out and "1x28x56 inputs (mnist kind)" in out

@@ -21,7 +21,6 @@ from dfkd.generators import ImagePool, InversionSynthesizer, LossDict
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.methods._budget import IterationPlanner
 from dfkd.methods.base import Method, frozen, step_logs
-from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
 
 INVERSION_DEFAULTS: dict[str, Any] = {
@@ -51,16 +50,6 @@ INVERSION_DEFAULTS: dict[str, Any] = {
     "kd_augment": "crop_flip",  # zju-vipa's training transform on pool samples
     **BN_DEFAULTS,
 }
-
-
-def is_small(spec: InputSpec) -> bool:
-    """MNIST-scale input: at most 1x32x32 values per image."""
-    return spec.pixels <= 32 * 32
-
-
-def is_large(spec: InputSpec) -> bool:
-    """ImageNet-scale input: 64 pixels a side or more (the shorter side)."""
-    return spec.side >= 64
 
 
 class InversionMethod(Method):

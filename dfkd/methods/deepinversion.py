@@ -8,7 +8,8 @@ import torch
 
 from dfkd.generators import LossDict
 from dfkd.losses import bn_deepinversion, l2_prior, one_hot, tv_l1, tv_l2
-from dfkd.methods._inversion import InversionMethod, is_large
+from dfkd.methods._inversion import InversionMethod
+from dfkd.methods._recipes import teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.teacher import Teacher
 
@@ -73,7 +74,7 @@ class DeepInversion(InversionMethod):
     @classmethod
     def paper_params(cls, teacher: Teacher | None = None) -> dict[str, Any]:
         p = super().paper_params(teacher)
-        if teacher is not None and is_large(teacher.spec):
+        if teacher_kind(teacher) == "imagenet":
             p.update(IMAGENET)
         return p
 
