@@ -43,6 +43,7 @@ class LoadedModel:
     arch_kwargs: dict[str, Any] | None = None
     class_names: list[str] | None = None
     num_classes: int | None = None  # what a dfkd model file declares
+    declared: InputSpec | None = None  # the input spec a dfkd model file declares (whatever the flags say)
 
 
 def check_file(path: str | os.PathLike, flag: str = "--teacher") -> Path:
@@ -275,7 +276,7 @@ def _from_model_file(payload: dict[str, Any], p: Path, spec: InputSpec | None) -
     module, meta = model_from_payload(payload, f"--teacher {p}")
     fmt = meta.arch if meta.arch in ARCHIVE_KINDS else "dfkd"  # a converted archive keeps its format's limits
     return LoadedModel(module, fmt, spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names,
-                       meta.num_classes)
+                       meta.num_classes, meta.input_spec)
 
 
 def _load_pickle(p: Path, spec: InputSpec | None, arch: str | None = None,

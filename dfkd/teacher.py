@@ -275,14 +275,12 @@ def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
 
 
 def _warn_spec_override(path: str | os.PathLike, spec: InputSpec | None, loaded: LoadedModel) -> None:
-    """Say so when --channels/--input-size replace what the file itself declares."""
-    kw = loaded.arch_kwargs or {}
-    if spec is None or loaded.fmt != "dfkd":
+    """Say so when --channels/--input-size replace the input shape a dfkd model file itself declares."""
+    declared = loaded.declared
+    if spec is None or declared is None or declared.shape() == spec.shape():
         return
-    file_says = (kw.get("in_channels", spec.channels), kw.get("input_size", spec.side))
-    if file_says != (spec.channels, spec.side):
-        warnings.warn(f"--teacher {path}: the file declares {file_says[0]} x {file_says[1]} px inputs; "
-                      f"--channels/--input-size make it {spec.channels} x {spec.dims}", stacklevel=3)
+    warnings.warn(f"--teacher {path}: the file declares {declared.describe()} inputs; --channels/--input-size make "
+                  f"it {spec.describe()}", stacklevel=3)
 
 
 def load_teacher(
