@@ -367,5 +367,5 @@ def test_input_size_flag_overriding_the_file_warns(teacher_file: str) -> None:
     from dfkd.teacher import load_teacher
 
     spec = type(MNIST_SPEC)(1, 36, (0.5,), (0.5,))
-    with pytest.warns(UserWarning, match="declares 1 x 32 px inputs; --channels/--input-size make it 1 x 36"):
+    with pytest.warns(UserWarning, match="declares 1x32x32 inputs; --channels/--input-size make it 1x36x36"):
         load_teacher(teacher_file, spec=spec)
