@@ -121,6 +121,26 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class WideCNN(nn.Module):
+    """Two conv-ReLU-pool stages (16, 32 channels, no BatchNorm) and a Linear over the whole 32x7x14 map, so it
+    takes 28x56 grey images only (~415K params): a teacher whose inputs are not square (`--input-size 28x56`);
+    it trains on the dataset's 28x28 images resized to 28x56 (`INPUT_SIZES`).
+
+    Shape:
+        - x: (B, 1, 28, 56) -> (B, num_classes)
+    """
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(32 * 7 * 14, 128), nn.ReLU(),
+                                        nn.Linear(128, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 #: A timm vision transformer as a user would build it for 28x28 grey images: 4-px patches (49 tokens and a class
 #: token), width 64, 4 blocks of 4 heads, MLP ratio 2, LayerNorm and GELU (139K parameters, 6.6M multiply-adds an
 #: image): a teacher with attention instead of convolution and no BatchNorm. dfkd takes it as
@@ -138,18 +158,23 @@ def vit(num_classes: int = 10) -> nn.Module:
 
 
 NETS = {"FashionCNN": FashionCNN, "PlainFashionCNN": PlainFashionCNN, "CaffeLeNet": CaffeLeNet,
-        "PlainVGG": PlainVGG, "MLP": MLP, "ViT": vit}
+        "PlainVGG": PlainVGG, "MLP": MLP, "ViT": vit, "WideCNN": WideCNN}
+#: (height, width) of the nets that do not take the datasets' 28x28 images (their data is resized to it).
+INPUT_SIZES = {"WideCNN": (28, 56)}
 #: Nets trained with AdamW (lr 2e-3, weight decay 0.05, 10 % warm-up) instead of SGD: a ViT trained from scratch
 #: with the CNNs' SGD recipe learns far less in the same epochs.
 ADAMW = {"ViT"}
 
 
-def load_split(dataset: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x normalised float (N, 1, 28, 28), y int64) of a 28x28 grey dataset in ../shared/data."""
+def load_split(dataset: str, split: str, hw: tuple[int, int] = (28, 28)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x normalised float (N, 1, H, W), y int64) of a 28x28 grey dataset in ../shared/data, resized to `hw` as
+    dfkd resizes evaluation data (bilinear, antialiased)."""
     d = DATASETS[dataset]
     with np.load(DATA / d[split]) as z:
         x = torch.from_numpy(z["x"]).float().div_(255.0).unsqueeze(1)
         y = torch.from_numpy(z["y"]).long()
+    if tuple(x.shape[-2:]) != tuple(hw):
+        x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
     return (x - d["mean"]) / d["std"], y
 
 
@@ -174,7 +199,8 @@ def train(arch: str, dataset: str, epochs: int = 4, seed: int = 0,
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = NETS[arch]()
-    x, y = load_split(dataset, "train")
+    hw = INPUT_SIZES.get(arch, (28, 28))
+    x, y = load_split(dataset, "train", hw)
     steps = epochs * (len(x) // 128)
     if arch in ADAMW:
         lr = lr or 2e-3
@@ -194,7 +220,7 @@ def train(arch: str, dataset: str, epochs: int = 4, seed: int = 0,
             loss.backward()
             opt.step()
             sched.step()
-    return model, accuracy(model, *load_split(dataset, "test"))
+    return model, accuracy(model, *load_split(dataset, "test", hw))
 
 
 def main() -> None:

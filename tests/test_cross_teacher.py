@@ -173,6 +173,20 @@ def test_custom_teacher_loads_as_a_users_state_dict(name: str, tmp_path: Path, m
     assert build_student(arch, kw)(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_the_wide_teacher_takes_only_its_non_square_input(tmp_path: Path) -> None:
+    import bench.teacher_nets as nets
+    from dfkd.errors import DfkdError
+
+    torch.save(nets.WideCNN().state_dict(), tmp_path / "t.pt")
+    spec = InputSpec(1, 28, (0.286,), (0.353,), width=56)
+    assert nets.INPUT_SIZES["WideCNN"] == spec.hw
+    teacher = load_teacher(tmp_path / "t.pt", arch="bench.teacher_nets:WideCNN", spec=spec)
+    arch, kw = student_arch(teacher, None)
+    assert build_student(arch, kw)(torch.zeros(2, 1, 28, 56)).shape == (2, 10)
+    with pytest.raises(DfkdError, match="HxW"):
+        load_teacher(tmp_path / "t.pt", arch="bench.teacher_nets:WideCNN", spec=InputSpec(1, 28, (0.286,), (0.353,)))
+
+
 def test_the_vit_teacher_is_handed_over_as_a_users_timm_state_dict(tmp_path: Path) -> None:
     pytest.importorskip("timm")
     import bench.teacher_nets as nets
