@@ -69,8 +69,8 @@ class Profile:
 
     def words(self) -> str:
         """The profile in one line, for the start-up message."""
-        dims = f"{self.size}x{self.size}" if self.width is None else f"{self.size}x{self.width}"
-        return (f"{self.channels}x{dims} inputs ({self.kind} kind), {self.params:,} parameters, "
+        return (f"{self.channels}x{self.size}x{self.width or self.size} inputs ({self.kind} kind), "
+                f"{self.params:,} parameters, "
                 f"{millions(self.macs)} multiply-adds an input, "
                 f"{'BatchNorm' if self.bn else 'no BatchNorm'}{', attention layers' if self.attention else ''}; "
                 f"on {PROBE_BATCHES * PROBE_BATCH} random inputs: "
@@ -107,7 +107,7 @@ RULES: tuple[Rule, ...] = (
          "method: lenet5_bn fast 99.1 %, nayer 98.3, cmi 96.7, dfq 96.7, deepinversion 93.7, adi 93.4, the "
          "BN-free methods 47-85; custom Fashion-MNIST CNN with BN (90.49; its default student, the three-quarter "
          "LeNet-5) fast 92.9 %, nayer 91.4, cmi 90.9, deepinversion 84.5, dfq 83.7, adi 82.4, the rest 44-55; "
-         "README 'Input spec', non-square BN LeNet-5s, 5 CPU-minutes: MNIST at 1x28x44 (99.42) fast 99.3 %, dfq "
+         "README 'Inputs that are not square', BN LeNet-5s, 5 CPU-minutes: MNIST at 1x28x44 (99.42) fast 99.3 %, dfq "
          "91.7; Fashion-MNIST at 1x28x56 (90.93) fast 94.4 %, dfq 84.6"),
     Rule(f"BatchNorm, any other (3-channel or larger inputs, or over {millions(CPU_TEACHER_MACS)} multiply-adds an "
          "input)", lambda p: p.bn, "dfq", "cpu",

@@ -37,12 +37,12 @@ def layout(hw: tuple[int, int], ngf: int) -> tuple[tuple[int, int], list[int]]:
     and a start grid of the same aspect (28 x 56: 4 x 7, three upsamplings); the output is cropped to `hw`.
     """
     size = max(hw)
-    ups = 2 if size <= 32 else math.ceil(math.log2(size / 8))
-    start = (math.ceil(hw[0] / 2**ups), math.ceil(hw[1] / 2**ups))
     if size <= 32:
-        return start, [2 * ngf, ngf]
-    floor = max(ngf // 4, 8)
-    return start, [max(2 * ngf >> j, floor) for j in range(ups)]
+        ups, widths = 2, [2 * ngf, ngf]
+    else:
+        ups, floor = math.ceil(math.log2(size / 8)), max(ngf // 4, 8)
+        widths = [max(2 * ngf >> j, floor) for j in range(ups)]
+    return (math.ceil(hw[0] / 2**ups), math.ceil(hw[1] / 2**ups)), widths
 
 
 @GENERATORS.register("dcgan")
