@@ -28,6 +28,9 @@ from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
 from dfkd.spec import InputSpec
 
+#: The newest ONNX opset whose operators onnx2torch (1.5) converts; newer graphs are converted down to it.
+ONNX2TORCH_OPSET = 17
+
 PICKLE_HELP = ("it holds a pickled Python object, and unpickling can run arbitrary code. If you trust where the file "
                "comes from, add --trust-pickle; safer: save `model.state_dict()` and pass --teacher-arch")
 
@@ -204,12 +207,41 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                             category=UserWarning, module=r"onnx2torch\.")
     try:
         graph = onnx.load(str(p))
-        module = onnx2torch.convert(graph)
+        module = onnx2torch.convert(for_onnx2torch(graph))
     except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
         raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({_short(e)}); "
                         "is it corrupt, or does it use an operator onnx2torch lacks?") from None
     meta = {m.key: m.value for m in graph.metadata_props}
     return LoadedModel(module, "onnx", spec or _spec_entry(meta.get(SPEC_KEY)))
+
+
+def for_onnx2torch(graph: Any) -> Any:
+    """`graph` (an onnx ModelProto) as onnx2torch can convert it, computing the same function.
+
+    torch.onnx's current exporter (`dynamo=True`, torch's default since 2.9) writes opset 18 or later, whose
+    Reshape, Reduce*, Pad, Split and Resize onnx2torch has no converter for, and its flattening Reshape carries
+    `allowzero=1`, which onnx2torch refuses. So a graph newer than `ONNX2TORCH_OPSET` is first taken down to it with
+    onnx's version converter (kept as it is when the converter cannot), and `allowzero` is set to 0 on every Reshape
+    whose target shape is a constant without a 0 (the attribute only changes what a 0 in the shape means).
+    """
+    from onnx import numpy_helper, version_converter
+
+    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset > ONNX2TORCH_OPSET:
+        try:
+            graph = version_converter.convert_version(graph, ONNX2TORCH_OPSET)
+        except Exception:  # noqa: BLE001 - no down-adapter for some operator: onnx2torch may still take the graph
+            pass
+    shapes = {t.name: t for t in graph.graph.initializer}
+    shapes.update({n.output[0]: a.t for n in graph.graph.node if n.op_type == "Constant"
+                   for a in n.attribute if a.name == "value"})
+    for node in graph.graph.node:
+        shape = shapes.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if shape is not None and (numpy_helper.to_array(shape) != 0).all():
+            for a in node.attribute:
+                if a.name == "allowzero":
+                    a.i = 0
+    return graph
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:

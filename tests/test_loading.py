@@ -308,6 +308,62 @@ def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_fi
     assert "an ONNX file carries no input spec" in _error(tmp_path / "odd.onnx")
 
 
+def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path):
+    """torch.onnx.export's default since torch 2.9 (dynamo=True) writes opset 18 or later, with Reshape and
+    ReduceMean versions onnx2torch has no converter for and a flattening Reshape with allowzero=1; dfkd takes the
+    graph down to the opset onnx2torch reads and loads it with the source's logits."""
+    pytest.importorskip("onnx2torch")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    model = _zoo()
+    torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=True, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    graph = onnx.load(str(tmp_path / "t.onnx"))
+    assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) > 17
+    t = load_teacher(tmp_path / "t.onnx", spec=SPEC)
+    _same_outputs(t, model)
+
+
+def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
+    """An opset-20 graph (ReduceMean with its axes as an input, a Reshape with allowzero=1 to a constant shape)
+    computes the same function after `for_onnx2torch`, and onnx2torch converts it; a Reshape whose shape holds a 0
+    keeps allowzero=1 (there the attribute changes the result)."""
+    onnx2torch = pytest.importorskip("onnx2torch")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dfkd.loading import ONNX2TORCH_OPSET, for_onnx2torch
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.normal(size=(4, 1, 3, 3)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([-1, 4], np.int64), "flat"),
+             numpy_helper.from_array(np.array([0, 3], np.int64), "keep")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=1),
+             helper.make_node("Reshape", ["m", "flat"], ["f"], allowzero=1),
+             helper.make_node("Gemm", ["f", "w2"], ["logits"], transB=1),
+             helper.make_node("Reshape", ["logits", "keep"], ["same"], allowzero=1)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    onnx.checker.check_model(model)
+    fixed = for_onnx2torch(model)
+    assert next(o.version for o in fixed.opset_import if o.domain in ("", "ai.onnx")) == ONNX2TORCH_OPSET
+    allowzero = {n.input[1]: n.attribute[0].i for n in fixed.graph.node if n.op_type == "Reshape"}
+    assert allowzero == {"flat": 0, "keep": 1}
+    fixed.graph.node.pop()  # the unused Reshape that keeps allowzero=1, which onnx2torch refuses
+    x = rng.normal(size=(5, 1, 8, 8)).astype(np.float32)
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w1), padding=1).relu()
+    expected = conv.mean((2, 3)) @ torch.from_numpy(w2).T
+    with torch.no_grad():
+        got = onnx2torch.convert(fixed)(torch.from_numpy(x))
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
 def test_an_onnx_vision_transformer_teacher_runs_quietly_with_its_source_logits(tmp_path):
     """A timm ViT exported to ONNX: its class-token Slice comes back from onnx2torch with torch's list-indexing
     warning on every forward pass; dfkd loads it with the same logits and without that warning."""

@@ -12,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dfkd
 from dfkd.cli.main import main
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
@@ -136,6 +137,26 @@ def test_synthesized_files_convert_and_export_keep_the_shape(wide: Path, tmp_pat
     pytest.importorskip("onnxruntime")
     out = _cli("export", tmp_path / "teacher.pt", "--format", "onnx", "--out", tmp_path / "teacher.onnx")
     assert "reproduces the source logits" in out
+
+
+def test_a_non_square_zoo_student_exported_to_onnx_reads_back(tmp_path: Path) -> None:
+    """A LeNet's adaptive pool at a ratio that is not whole goes through torch's newer ONNX exporter, whose opset
+    and flattening Reshape (allowzero=1) onnx2torch could not read: `dfkd evaluate` refused the exported student."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx2torch")
+    from dfkd.modelfile import ModelFile, save_model
+
+    torch.manual_seed(0)
+    net = dfkd.create_model("lenet5_half", num_classes=10, in_channels=1, input_size=28).eval()
+    save_model(tmp_path / "s.pt", net, ModelFile("lenet5_half", {"num_classes": 10, "in_channels": 1,
+                                                                   "input_size": 28},
+                                                   InputSpec(1, 28, (0.5,), (0.5,), width=56), 10))
+    _cli("export", tmp_path / "s.pt", "--format", "onnx", "--out", tmp_path / "s.onnx")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (20, 28, 56), dtype=np.uint8), y=np.arange(20) % 10)
+    scores = [json.loads(_cli("evaluate", "--model", tmp_path / f"s.{ext}", "--data", tmp_path / "test.npz",
+                              "--teacher", tmp_path / "s.pt", "--json")) for ext in ("pt", "onnx")]
+    assert scores[0]["top1"] == scores[1]["top1"] and scores[1]["agreement"] == 1.0
 
 
 def test_train_teacher_makes_a_non_square_teacher_that_distills(tmp_path: Path) -> None:
