@@ -309,7 +309,7 @@ def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_fi
 
 
 def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path):
-    """torch.onnx.export's default since torch 2.9 (dynamo=True) writes opset 18 or later, with Reshape and
+    """torch.onnx.export's default exporter (dynamo=True) writes opset 18 or later, with Reshape and
     ReduceMean versions onnx2torch has no converter for and a flattening Reshape with allowzero=1; dfkd takes the
     graph down to the opset onnx2torch reads and loads it with the source's logits."""
     pytest.importorskip("onnx2torch")
