@@ -218,12 +218,12 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
 def for_onnx2torch(graph: Any) -> Any:
     """`graph` (an onnx ModelProto) as onnx2torch can convert it, computing the same function.
 
-    torch.onnx's current exporter (`dynamo=True`, the default of torch.onnx.export in the torch this project installs)
-    writes opset 18 or later, whose
-    Reshape, Reduce*, Pad, Split and Resize onnx2torch has no converter for, and its flattening Reshape carries
-    `allowzero=1`, which onnx2torch refuses. So a graph newer than `ONNX2TORCH_OPSET` is first taken down to it with
-    onnx's version converter (kept as it is when the converter cannot), and `allowzero` is set to 0 on every Reshape
-    whose target shape is a constant without a 0 (the attribute only changes what a 0 in the shape means).
+    torch.onnx's current exporter (`dynamo=True`, torch.onnx.export's default in the torch this project installs)
+    writes opset 18 or later, whose Reshape, Reduce*, Pad, Split and Resize onnx2torch has no converter for, and
+    its flattening Reshape carries `allowzero=1`, which onnx2torch refuses. So a graph newer than
+    `ONNX2TORCH_OPSET` is first taken down to it with onnx's version converter (kept as it is when the converter
+    cannot), and `allowzero` is set to 0 on every Reshape whose target shape is a constant without a 0 (the
+    attribute only changes what a 0 in the shape means).
     """
     from onnx import numpy_helper, version_converter
 
