@@ -229,6 +229,7 @@ def for_onnx2torch(graph: Any) -> Any:
 
     opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset > ONNX2TORCH_OPSET:
+        _decompose_gelu(graph)  # Gelu is an opset-20 operator with no earlier version to convert to
         try:
             graph = version_converter.convert_version(graph, ONNX2TORCH_OPSET)
         except Exception:  # noqa: BLE001 - no down-adapter for some operator: onnx2torch may still take the graph
@@ -243,6 +244,45 @@ def for_onnx2torch(graph: Any) -> Any:
                 if a.name == "allowzero":
                     a.i = 0
     return graph
+
+
+def _decompose_gelu(graph: Any) -> None:
+    """Replace each Gelu node of `graph` (in place) by the elementwise ops that define it, in fp32.
+
+    0.5 x (1 + erf(x / sqrt 2)), or with `approximate="tanh"` 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
+    """
+    import math
+
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    if not any(n.op_type == "Gelu" for n in graph.graph.node):
+        return
+    constants = {"half": 0.5, "one": 1.0, "sqrt2": math.sqrt(2.0), "k": math.sqrt(2.0 / math.pi), "c": 0.044715}
+    names = {key: f"dfkd_gelu_{key}" for key in constants}
+    graph.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), names[k])
+                                   for k, v in constants.items())
+    nodes = []
+    for i, node in enumerate(graph.graph.node):
+        if node.op_type != "Gelu":
+            nodes.append(node)
+            continue
+        approximate = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "none")
+        x, y, t = node.input[0], node.output[0], f"dfkd_gelu{i}_"
+        if approximate == "tanh":
+            inner = [helper.make_node("Mul", [x, x], [t + "x2"]), helper.make_node("Mul", [t + "x2", x], [t + "x3"]),
+                     helper.make_node("Mul", [t + "x3", names["c"]], [t + "cx3"]),
+                     helper.make_node("Add", [x, t + "cx3"], [t + "s"]),
+                     helper.make_node("Mul", [t + "s", names["k"]], [t + "ks"]),
+                     helper.make_node("Tanh", [t + "ks"], [t + "g"])]
+        else:
+            inner = [helper.make_node("Div", [x, names["sqrt2"]], [t + "d"]),
+                     helper.make_node("Erf", [t + "d"], [t + "g"])]
+        nodes += [*inner, helper.make_node("Add", [t + "g", names["one"]], [t + "p"]),
+                  helper.make_node("Mul", [x, t + "p"], [t + "m"]),
+                  helper.make_node("Mul", [t + "m", names["half"]], [y])]
+    del graph.graph.node[:]
+    graph.graph.node.extend(nodes)
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:

@@ -308,27 +308,38 @@ def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_fi
     assert "an ONNX file carries no input spec" in _error(tmp_path / "odd.onnx")
 
 
-def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path):
-    """torch.onnx.export's default exporter (dynamo=True) writes opset 18 or later, with Reshape and
-    ReduceMean versions onnx2torch has no converter for and a flattening Reshape with allowzero=1; dfkd takes the
-    graph down to the opset onnx2torch reads and loads it with the source's logits."""
+@pytest.mark.parametrize("arch", ["lenet5_bn", "timm_vit"])
+def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch):
+    """torch.onnx.export's default exporter (dynamo=True) writes opset 18 or later, with Reshape, ReduceMean and
+    Shape versions onnx2torch has no converter for, a flattening Reshape with allowzero=1 and (a ViT's) Gelu, an
+    opset-20 operator; dfkd takes the graph down to the opset onnx2torch reads and loads it with the source's
+    logits and gradients."""
     pytest.importorskip("onnx2torch")
     pytest.importorskip("onnxscript")
     import onnx
 
-    model = _zoo()
+    if arch == "timm_vit":
+        timm = pytest.importorskip("timm")
+        torch.manual_seed(0)
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                                  patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
+    else:
+        model = _zoo(arch)
     torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=True, verbose=False,
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
     graph = onnx.load(str(tmp_path / "t.onnx"))
     assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) > 17
     t = load_teacher(tmp_path / "t.onnx", spec=SPEC)
     _same_outputs(t, model)
+    x = torch.randn(2, 1, 32, 32, requires_grad=True)
+    t(x).logsumexp(1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
-    """An opset-20 graph (ReduceMean with its axes as an input, a Reshape with allowzero=1 to a constant shape)
-    computes the same function after `for_onnx2torch`, and onnx2torch converts it; a Reshape whose shape holds a 0
-    keeps allowzero=1 (there the attribute changes the result)."""
+    """An opset-20 graph (Gelu, exact and tanh, which has no earlier version; ReduceMean with its axes as an input;
+    a Reshape with allowzero=1 to a constant shape) computes the same function after `for_onnx2torch`, and
+    onnx2torch converts it; a Reshape whose shape holds a 0 keeps allowzero=1 (there the attribute matters)."""
     onnx2torch = pytest.importorskip("onnx2torch")
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -342,7 +353,8 @@ def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
              numpy_helper.from_array(np.array([-1, 4], np.int64), "flat"),
              numpy_helper.from_array(np.array([0, 3], np.int64), "keep")]
     nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Gelu", ["c"], ["g"]),  # opset 20, no earlier version
+             helper.make_node("Gelu", ["g"], ["r"], approximate="tanh"),
              helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=1),
              helper.make_node("Reshape", ["m", "flat"], ["f"], allowzero=1),
              helper.make_node("Gemm", ["f", "w2"], ["logits"], transB=1),
@@ -357,7 +369,8 @@ def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
     assert allowzero == {"flat": 0, "keep": 1}
     fixed.graph.node.pop()  # the unused Reshape that keeps allowzero=1, which onnx2torch refuses
     x = rng.normal(size=(5, 1, 8, 8)).astype(np.float32)
-    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w1), padding=1).relu()
+    conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w1), padding=1)
+    conv = torch.nn.functional.gelu(torch.nn.functional.gelu(conv), approximate="tanh")
     expected = conv.mean((2, 3)) @ torch.from_numpy(w2).T
     with torch.no_grad():
         got = onnx2torch.convert(fixed)(torch.from_numpy(x))
