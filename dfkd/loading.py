@@ -28,9 +28,6 @@ from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
 from dfkd.spec import InputSpec
 
-#: The newest ONNX opset whose operators onnx2torch (1.5) converts; newer graphs are converted down to it.
-ONNX2TORCH_OPSET = 17
-
 PICKLE_HELP = ("it holds a pickled Python object, and unpickling can run arbitrary code. If you trust where the file "
                "comes from, add --trust-pickle; safer: save `model.state_dict()` and pass --teacher-arch")
 
@@ -200,6 +197,8 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                         "gradients) by onnx2torch, which is not installed: pip install -e \".[onnx]\"") from None
     import onnx
 
+    from dfkd.onnxgraph import for_onnx2torch
+
     # onnx2torch's Slice (a ViT's class-token slice, any multi-axis Slice) indexes with a list, which torch warns
     # about on every forward pass; the result is right (the same top-1 as the source model) and the user can do
     # nothing about it, so the warning is not shown.
@@ -209,80 +208,14 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
         graph = onnx.load(str(p))
         module = onnx2torch.convert(for_onnx2torch(graph))
     except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
-        raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({_short(e)}); "
-                        "is it corrupt, or does it use an operator onnx2torch lacks?") from None
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        why = f"{type(e).__name__} {why}" if isinstance(e, (KeyError, IndexError)) or not why else why
+        raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({why}); is it "
+                        "corrupt, or does it use an operator onnx2torch lacks? A model that does can come as a "
+                        "state_dict with --teacher-arch, a torch.export archive (torch.export.save) or TorchScript "
+                        "instead") from None
     meta = {m.key: m.value for m in graph.metadata_props}
     return LoadedModel(module, "onnx", spec or _spec_entry(meta.get(SPEC_KEY)))
-
-
-def for_onnx2torch(graph: Any) -> Any:
-    """`graph` (an onnx ModelProto) as onnx2torch can convert it, computing the same function.
-
-    torch.onnx's current exporter (`dynamo=True`, torch.onnx.export's default in the torch this project installs)
-    writes opset 18 or later, whose Reshape, Reduce*, Pad, Split and Resize onnx2torch has no converter for, and
-    its flattening Reshape carries `allowzero=1`, which onnx2torch refuses. So a graph newer than
-    `ONNX2TORCH_OPSET` is first taken down to it with onnx's version converter (kept as it is when the converter
-    cannot), and `allowzero` is set to 0 on every Reshape whose target shape is a constant without a 0 (the
-    attribute only changes what a 0 in the shape means).
-    """
-    from onnx import numpy_helper, version_converter
-
-    opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset > ONNX2TORCH_OPSET:
-        _decompose_gelu(graph)  # Gelu is an opset-20 operator with no earlier version to convert to
-        try:
-            graph = version_converter.convert_version(graph, ONNX2TORCH_OPSET)
-        except Exception:  # noqa: BLE001 - no down-adapter for some operator: onnx2torch may still take the graph
-            pass
-    shapes = {t.name: t for t in graph.graph.initializer}
-    shapes.update({n.output[0]: a.t for n in graph.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    for node in graph.graph.node:
-        shape = shapes.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        if shape is not None and (numpy_helper.to_array(shape) != 0).all():
-            for a in node.attribute:
-                if a.name == "allowzero":
-                    a.i = 0
-    return graph
-
-
-def _decompose_gelu(graph: Any) -> None:
-    """Replace each Gelu node of `graph` (in place) by the elementwise ops that define it, in fp32.
-
-    0.5 x (1 + erf(x / sqrt 2)), or with `approximate="tanh"` 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))).
-    """
-    import math
-
-    import numpy as np
-    from onnx import helper, numpy_helper
-
-    if not any(n.op_type == "Gelu" for n in graph.graph.node):
-        return
-    constants = {"half": 0.5, "one": 1.0, "sqrt2": math.sqrt(2.0), "k": math.sqrt(2.0 / math.pi), "c": 0.044715}
-    names = {key: f"dfkd_gelu_{key}" for key in constants}
-    graph.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.float32), names[k])
-                                   for k, v in constants.items())
-    nodes = []
-    for i, node in enumerate(graph.graph.node):
-        if node.op_type != "Gelu":
-            nodes.append(node)
-            continue
-        approximate = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "none")
-        x, y, t = node.input[0], node.output[0], f"dfkd_gelu{i}_"
-        if approximate == "tanh":
-            inner = [helper.make_node("Mul", [x, x], [t + "x2"]), helper.make_node("Mul", [t + "x2", x], [t + "x3"]),
-                     helper.make_node("Mul", [t + "x3", names["c"]], [t + "cx3"]),
-                     helper.make_node("Add", [x, t + "cx3"], [t + "s"]),
-                     helper.make_node("Mul", [t + "s", names["k"]], [t + "ks"]),
-                     helper.make_node("Tanh", [t + "ks"], [t + "g"])]
-        else:
-            inner = [helper.make_node("Div", [x, names["sqrt2"]], [t + "d"]),
-                     helper.make_node("Erf", [t + "d"], [t + "g"])]
-        nodes += [*inner, helper.make_node("Add", [t + "g", names["one"]], [t + "p"]),
-                  helper.make_node("Mul", [x, t + "p"], [t + "m"]),
-                  helper.make_node("Mul", [t + "m", names["half"]], [y])]
-    del graph.graph.node[:]
-    graph.graph.node.extend(nodes)
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:

@@ -337,24 +337,28 @@ def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch):
 
 
 def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
-    """An opset-20 graph (Gelu, exact and tanh, which has no earlier version; ReduceMean with its axes as an input;
-    a Reshape with allowzero=1 to a constant shape) computes the same function after `for_onnx2torch`, and
-    onnx2torch converts it; a Reshape whose shape holds a 0 keeps allowzero=1 (there the attribute matters)."""
+    """An opset-20 graph (a Pad, which onnx's converter cannot take down; Gelu, exact and tanh, and Mish, which
+    have no earlier version; ReduceMean with its axes as an input; a Reshape with allowzero=1 to a constant shape)
+    computes the same function after `for_onnx2torch`, and onnx2torch converts it; a Reshape whose shape holds a 0
+    keeps allowzero=1 (there the attribute matters)."""
     onnx2torch = pytest.importorskip("onnx2torch")
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from dfkd.loading import ONNX2TORCH_OPSET, for_onnx2torch
+    from dfkd.onnxgraph import ONNX2TORCH_OPSET, for_onnx2torch
 
     rng = np.random.default_rng(0)
     w1, w2 = rng.normal(size=(4, 1, 3, 3)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
     inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
              numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+             numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
              numpy_helper.from_array(np.array([-1, 4], np.int64), "flat"),
              numpy_helper.from_array(np.array([0, 3], np.int64), "keep")]
-    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]),
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["xp"]),  # opset 19's Pad: no adapter down to 17
+             helper.make_node("Conv", ["xp", "w1"], ["c"]),
              helper.make_node("Gelu", ["c"], ["g"]),  # opset 20, no earlier version
-             helper.make_node("Gelu", ["g"], ["r"], approximate="tanh"),
+             helper.make_node("Gelu", ["g"], ["gt"], approximate="tanh"),
+             helper.make_node("Mish", ["gt"], ["r"]),  # opset 18, no earlier version
              helper.make_node("ReduceMean", ["r", "axes"], ["m"], keepdims=1),
              helper.make_node("Reshape", ["m", "flat"], ["f"], allowzero=1),
              helper.make_node("Gemm", ["f", "w2"], ["logits"], transB=1),
@@ -365,12 +369,13 @@ def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
     onnx.checker.check_model(model)
     fixed = for_onnx2torch(model)
     assert next(o.version for o in fixed.opset_import if o.domain in ("", "ai.onnx")) == ONNX2TORCH_OPSET
+    assert {n.domain for n in fixed.graph.node} == {""} and [o.domain for o in fixed.opset_import] == [""]
     allowzero = {n.input[1]: n.attribute[0].i for n in fixed.graph.node if n.op_type == "Reshape"}
     assert allowzero == {"flat": 0, "keep": 1}
     fixed.graph.node.pop()  # the unused Reshape that keeps allowzero=1, which onnx2torch refuses
     x = rng.normal(size=(5, 1, 8, 8)).astype(np.float32)
     conv = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w1), padding=1)
-    conv = torch.nn.functional.gelu(torch.nn.functional.gelu(conv), approximate="tanh")
+    conv = torch.nn.functional.mish(torch.nn.functional.gelu(torch.nn.functional.gelu(conv), approximate="tanh"))
     expected = conv.mean((2, 3)) @ torch.from_numpy(w2).T
     with torch.no_grad():
         got = onnx2torch.convert(fixed)(torch.from_numpy(x))
@@ -404,6 +409,7 @@ def test_a_corrupt_onnx_file_says_so(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(np.random.default_rng(0).bytes(2048))
     msg = _error(tmp_path / "bad.onnx", spec=SPEC)
     assert "bad.onnx" in msg and "could not be turned into a PyTorch module" in msg and "\n" not in msg
+    assert "torch.save" not in msg and "a torch.export archive (torch.export.save) or TorchScript instead" in msg
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "exported-program"])
