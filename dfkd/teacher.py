@@ -309,11 +309,26 @@ def load_teacher(
         raise DfkdError(f"--teacher {path}: {_a_file(loaded.fmt)} carries no input spec; give --channels C "
                         "--input-size S (or HxW) --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
-    module = loaded.module.to(device)
+    module = _in_fp32(loaded.module, path).to(device)
     teacher = Teacher(module, loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
                       arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)
     _check_declared_classes(path, loaded, teacher.num_classes)
     return teacher
+
+
+def _in_fp32(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """`module` with its float16/bfloat16 weights and buffers made float32 (exactly: every such value is one).
+
+    So it takes the float32 images every command feeds it; --precision bf16/fp16 still runs it in low precision
+    under autocast. A file saved after `model.half()` (a TorchScript, torch.export, ONNX or pickled module; a
+    state_dict is loaded into a float32 network anyway) is told so once.
+    """
+    low = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.dtype in (torch.float16, torch.bfloat16)}
+    if not low:
+        return module
+    warnings.warn(f"{path}: its weights are {'/'.join(sorted(str(d).removeprefix('torch.') for d in low))}"
+                  "; dfkd holds them in float32 (the same values) and computes as --precision says", stacklevel=3)
+    return module.float()
 
 
 def _check_declared_classes(path: str | os.PathLike, loaded: LoadedModel, logits: int) -> None:

@@ -263,6 +263,34 @@ def test_torchscript(tmp_path):
     _same_outputs(t, net, (2, 1, 16, 16))
 
 
+@pytest.mark.parametrize("fmt", ["torchscript", "export", "pickle", "onnx"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_teacher_is_held_in_float32(tmp_path, fmt, dtype):
+    """A module saved after `model.half()` took no float32 image ("Input type and weight type should be the same",
+    told as a wrong input shape); its weights are now made float32 (the same values), with a warning."""
+    torch.manual_seed(0)
+    net, path, x = ScriptableNet().eval().to(dtype), tmp_path / f"m.{fmt}", torch.randn(3, 1, 16, 16)
+    if fmt == "torchscript":
+        torch.jit.script(net).save(str(path))
+    elif fmt == "export":
+        path = tmp_path / "m.pt2"
+        torch.export.save(torch.export.export(net, (x.to(dtype),), dynamic_shapes=({0: torch.export.Dim("n")},)),
+                          str(path))
+    elif fmt == "pickle":
+        torch.save(net, path)
+    else:
+        pytest.importorskip("onnx2torch")
+        if dtype == torch.bfloat16:
+            pytest.skip("ONNX Conv takes no bfloat16")
+        torch.onnx.export(net, (x.to(dtype),), str(path), dynamo=False, input_names=["x"])
+    with pytest.warns(UserWarning, match=f"its weights are {str(dtype).removeprefix('torch.')}; dfkd holds them"):
+        t = load_teacher(path, spec=InputSpec(1, 16, (0.5,), (0.5,)), trust_pickle=fmt == "pickle")
+    assert {p.dtype for p in t.parameters()} == {torch.float32}
+    with torch.no_grad():
+        expected = net.float()(x)
+    assert torch.allclose(t(x), expected, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
     """The BN LeNet-5 as ONNX: as `dfkd export` writes it (its spec inside) and as torch.onnx.export alone does."""
