@@ -204,6 +204,10 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
     # nothing about it, so the warning is not shown.
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing",
                             category=UserWarning, module=r"onnx2torch\.")
+    # Its Slice also notes, on the first forward, that it clips the INT64_MAX ends torch's newer exporter writes
+    # for "to the end": the same slice.
+    warnings.filterwarnings("ignore", message="Truncating the start/stop/step of slice", category=UserWarning,
+                            module=r"onnx2torch\.")
     try:
         graph = onnx.load(str(p))
         module = onnx2torch.convert(for_onnx2torch(graph))

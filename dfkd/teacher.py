@@ -113,7 +113,13 @@ class Teacher(nn.Module):
         if not torch.is_tensor(out) or out.dim() != 2:
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
-        check_outputs(self.source, out, self.logits_from(self._probe_forward(x)))
+        out3 = self.logits_from(self._probe_forward(x))
+        check_outputs(self.source, out, out3)
+        if are_probabilities(out3):
+            self._logits_of = LogOf(self._logits_of)
+            warnings.warn(f"--teacher {self.source}: it outputs probabilities (each row is non-negative and sums to "
+                          "1, as after a final softmax); dfkd reads their log as the logits, which have the same "
+                          "softmax", stacklevel=2)
         return int(out.shape[1])
 
     def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,6 +225,30 @@ def _takes_flat_vectors(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether the module's first weighted layer is a Linear of one whole image's size (an MLP fed flat batches)."""
     first = next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
     return isinstance(first, nn.Linear) and first.in_features == x[0].numel()
+
+
+def are_probabilities(out: torch.Tensor) -> bool:
+    """True when every row of `out` (B, K) is a probability vector: in [0, 1] and summing to 1 (within 1e-3).
+
+    Logits or log-probabilities (a log_softmax head: already logits, up to a constant per row) are not.
+    """
+    out = out.detach().float()
+    return bool(out.shape[1] > 1 and out.min() >= 0 and out.max() <= 1 and (out.sum(1) - 1).abs().max() < 1e-3)
+
+
+class LogOf:
+    """Reads logits from a module that outputs probabilities: the log of what `read` (None: the output) gives.
+
+    log p = z - logsumexp(z) for a softmax of logits z, so softmax(log p / T) = softmax(z / T) at every
+    temperature; probabilities that underflowed to 0 become the log of the smallest normal float.
+    """
+
+    def __init__(self, read: Callable[[Any], torch.Tensor] | None) -> None:
+        self.read = read
+
+    def __call__(self, out: Any) -> torch.Tensor:
+        p = out if self.read is None else self.read(out)
+        return p.clamp_min(torch.finfo(p.dtype).tiny).log()
 
 
 def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], torch.Tensor], str] | None:

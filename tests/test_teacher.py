@@ -134,6 +134,46 @@ def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
     assert torch.equal(logits, plain(x)) and features.shape == (3, 8)
 
 
+@pytest.mark.parametrize("wrap", [False, True])
+def test_a_teacher_that_outputs_probabilities_is_read_through_their_log(wrap):
+    """A classifier ending in a softmax (common in Keras conversions and hand-written nets) gave its probabilities
+    as logits: at T = 20 their softmax is flat, and the KD signal was all but gone. Their log is read instead,
+    which has the logits' softmax at every temperature, also when the probabilities sit in a tuple; a log_softmax
+    head is logits already and is left alone, quietly."""
+
+    class Probs(Toy):
+        def forward(self, x):
+            p = super().forward(x).softmax(1)
+            return (p, x.mean((2, 3))) if wrap else p
+
+    class LogProbs(Toy):
+        def forward(self, x):
+            return super().forward(x).log_softmax(1)
+
+    torch.manual_seed(0)
+    plain, spec, x = Toy().eval(), InputSpec(1, 16, (0.5,), (0.5,)), torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        z = plain(x) * 30  # confident logits: some probabilities underflow towards 0
+    for m in (probs := Probs().eval(), LogProbs().eval()):
+        m.load_state_dict(plain.state_dict())
+        m.head.weight.data *= 30
+        m.head.bias.data *= 30
+    with pytest.warns(UserWarning, match="outputs probabilities .* dfkd reads their log as the logits"):
+        t = Teacher(probs, spec)
+    with torch.no_grad():
+        got = t(x)
+    assert t.num_classes == 4 and torch.allclose(got, z.log_softmax(1), atol=1e-4)
+    for temperature in (1.0, 20.0):
+        assert torch.allclose((got / temperature).softmax(1), (z / temperature).softmax(1), atol=1e-5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = Teacher(m, spec)  # the LogProbs head
+    with torch.no_grad():
+        assert torch.allclose(quiet(x), z.log_softmax(1), atol=1e-4)
+
+
 def test_bad_output_shapes_are_refused():
     class Pair(nn.Module):
         def forward(self, x):
