@@ -197,7 +197,7 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                         "gradients) by onnx2torch, which is not installed: pip install -e \".[onnx]\"") from None
     import onnx
 
-    from dfkd.onnxgraph import for_onnx2torch
+    from dfkd.onnxgraph import ChannelsLastInput, for_onnx2torch, takes_channels_last
 
     # onnx2torch's Slice (a ViT's class-token slice, any multi-axis Slice) indexes with a list, which torch warns
     # about on every forward pass; the result is right (the same top-1 as the source model) and the user can do
@@ -219,7 +219,13 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                         "state_dict with --teacher-arch, a torch.export archive (torch.export.save) or TorchScript "
                         "instead") from None
     meta = {m.key: m.value for m in graph.metadata_props}
-    return LoadedModel(module, "onnx", spec or _spec_entry(meta.get(SPEC_KEY)))
+    spec = spec or _spec_entry(meta.get(SPEC_KEY))
+    if spec is not None and takes_channels_last(graph, spec.channels, spec.hw):
+        module = ChannelsLastInput(module)
+        warnings.warn(f"--teacher {p}: its graph takes channels-last images (N, {spec.size}, {spec.width}, "
+                      f"{spec.channels}), as a Keras model converted to ONNX does; dfkd hands it its images in that "
+                      "layout", stacklevel=3)
+    return LoadedModel(module, "onnx", spec)
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:

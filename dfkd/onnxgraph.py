@@ -16,6 +16,10 @@ versions of Reshape, Reduce*, Shape, Pad, Split or Resize, nor for Gelu and Mish
 
 All of it is graph surgery through onnx's public API (`onnx.helper`, `onnx.numpy_helper`,
 `onnx.version_converter`); no code from the file runs.
+
+A graph converted from Keras (tf2onnx without `--inputs-as-nchw`) takes channels-last (N, H, W, C) images; dfkd
+feeds (N, C, H, W). `takes_channels_last` reads that from the graph's declared input shape, and
+`ChannelsLastInput` wraps the converted module so it takes dfkd's layout.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 #: The newest ONNX opset whose operators onnx2torch (1.5) converts; newer graphs are converted down to it.
 ONNX2TORCH_OPSET = 17
@@ -134,3 +140,31 @@ def _drop_allowzero(model: Any) -> None:
             for a in node.attribute:
                 if a.name == "allowzero":
                     a.i = 0
+
+
+def takes_channels_last(model: Any, channels: int, hw: tuple[int, int]) -> bool:
+    """True when the graph's one image input is declared (N, H, W, C) for this spec and not (N, C, H, W).
+
+    A dimension the graph leaves symbolic fits any size.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+        return False
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim[1:]]
+
+    def fits(want: tuple[int, int, int]) -> bool:
+        return all(d is None or d == w for d, w in zip(dims, want))
+
+    return fits((*hw, channels)) and not fits((channels, *hw))
+
+
+class ChannelsLastInput(nn.Module):
+    """`module`, which takes (N, H, W, C) images, made to take (N, C, H, W) ones."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.module(x.permute(0, 2, 3, 1))

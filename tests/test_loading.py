@@ -369,6 +369,32 @@ def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_a_keras_style_onnx_teacher_takes_channels_last_images_and_gives_probabilities(tmp_path):
+    """A Keras model converted to ONNX takes (N, H, W, C) images and ends in a softmax: dfkd feeds it its images in
+    that layout (read from the graph's declared input) and reads the log of its probabilities, each with a line."""
+    pytest.importorskip("onnx2torch")
+
+    class Keras(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.fc(self.conv(x.permute(0, 3, 1, 2)).relu().mean((2, 3))).softmax(1)
+
+    torch.manual_seed(0)
+    keras, spec = Keras().eval(), InputSpec(3, 20, (0.5,) * 3, (0.25,) * 3, width=24)
+    torch.onnx.export(keras, (torch.randn(2, 20, 24, 3),), str(tmp_path / "k.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    with pytest.warns(UserWarning) as caught:
+        t = load_teacher(tmp_path / "k.onnx", spec=spec)
+    said = " | ".join(str(w.message) for w in caught)
+    assert "takes channels-last images (N, 20, 24, 3)" in said and "outputs probabilities" in said
+    x = torch.randn(4, 3, 20, 24)
+    with torch.no_grad():
+        assert t.num_classes == 5 and torch.allclose(t(x), keras(x.permute(0, 2, 3, 1)).log(), atol=1e-5)
+
+
 def test_a_newer_onnx_graph_is_taken_down_to_what_onnx2torch_reads():
     """An opset-20 graph (a Pad, which onnx's converter cannot take down; Gelu, exact and tanh, and Mish, which
     have no earlier version; ReduceMean with its axes as an input; a Reshape with allowzero=1 to a constant shape)
