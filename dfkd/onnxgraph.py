@@ -12,7 +12,14 @@ versions of Reshape, Reduce*, Shape, Pad, Split or Resize, nor for Gelu and Mish
    wrap mode of opset 19), and converts the rest of the graph down (a graph it still cannot convert is kept as it
    is: onnx2torch may take it anyway);
 3. sets `allowzero` to 0 on each Reshape to a constant shape without a 0 (the attribute only changes what a 0 in
-   the shape means).
+   the shape means);
+4. drops the Identity nodes through which torch's exporter shares one weight between layers (onnx2torch reads a
+   convolution's weights only from an initializer), pointing their readers at the initializer itself;
+5. frees a batch dimension exported as a fixed 1 (`torch.onnx.export` without `dynamic_shapes`), where the graph
+   bakes it only into Reshape targets: a constant target that starts with the batch's 1 (and has no -1) gets -1
+   there, which is the same shape at batch 1 and the batch at any other. What else bakes it in (a ViT's class
+   token concatenated at batch 1) still fails at batch 2, and `dfkd.teacher` checks that every image's logits in a
+   batch are its logits alone, so a graph this leaves wrong is refused, with the hint to re-export it.
 
 All of it is graph surgery through onnx's public API (`onnx.helper`, `onnx.numpy_helper`,
 `onnx.version_converter`); no code from the file runs.
@@ -99,6 +106,8 @@ def for_onnx2torch(model: Any) -> Any:
         del model.opset_import[:]
         model.opset_import.extend(kept)
     _drop_allowzero(model)
+    _share_weights_directly(model)
+    _free_batch_of_one(model)
     return model
 
 
@@ -127,6 +136,55 @@ def _decompose(model: Any) -> None:
     model.graph.node.extend(nodes)
 
 
+def _share_weights_directly(model: Any) -> None:
+    """Remove each Identity of an initializer (unless it names a graph output); its readers read the initializer."""
+    weights = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input[0] in weights and n.output[0] not in outputs}
+    if not alias:
+        return
+    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def _image_input(model: Any) -> Any | None:
+    """The graph's one input that is not a weight, or None."""
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in weights]
+    return inputs[0] if len(inputs) == 1 else None
+
+
+def _free_batch_of_one(model: Any) -> None:
+    """A batch dimension fixed to 1 made symbolic, and Reshape targets that start with it made to start with -1."""
+    from onnx import numpy_helper
+
+    image = _image_input(model)
+    dims = image.type.tensor_type.shape.dim if image is not None else []
+    if not dims or not dims[0].HasField("dim_value") or dims[0].dim_value != 1:
+        return
+    for value in (image, *model.graph.output):
+        shape = value.type.tensor_type.shape.dim
+        if shape and shape[0].HasField("dim_value") and shape[0].dim_value == 1:
+            shape[0].dim_param = "batch"
+    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
+                      for a in n.attribute if a.name == "value"})
+    for i, node in enumerate(model.graph.node):
+        target = constants.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
+        if target is not None and target.ndim == 1 and len(target) >= 2 and target[0] == 1 and -1 not in target:
+            freed = target.copy()
+            freed[0] = -1
+            name = f"dfkd_batch_{i}"
+            model.graph.initializer.append(numpy_helper.from_array(freed, name))
+            node.input[1] = name
+
+
 def _drop_allowzero(model: Any) -> None:
     """allowzero=0 on each Reshape whose target shape is a constant without a 0 (the same result)."""
     from onnx import numpy_helper
@@ -147,11 +205,10 @@ def takes_channels_last(model: Any, channels: int, hw: tuple[int, int]) -> bool:
 
     A dimension the graph leaves symbolic fits any size.
     """
-    weights = {t.name for t in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in weights]
-    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+    image = _image_input(model)
+    if image is None or len(image.type.tensor_type.shape.dim) != 4:
         return False
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim[1:]]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in image.type.tensor_type.shape.dim[1:]]
 
     def fits(want: tuple[int, int, int]) -> bool:
         return all(d is None or d == w for d, w in zip(dims, want))

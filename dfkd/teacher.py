@@ -114,7 +114,7 @@ class Teacher(nn.Module):
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
         out3 = self.logits_from(self._probe_forward(x))
-        check_outputs(self.source, out, out3)
+        check_outputs(self.source, out, out3, self._alone(x[:1]))
         if are_probabilities(out3):
             self._logits_of = LogOf(self._logits_of)
             warnings.warn(f"--teacher {self.source}: it outputs probabilities (each row is non-negative and sums to "
@@ -130,8 +130,10 @@ class Teacher(nn.Module):
             msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
             if len(x) != 2:
                 hint = f"it runs at batch 2 but not at batch {len(x)}: re-export it with a dynamic batch dimension"
-            elif "equal to" in msg:
-                hint = "re-export with a dynamic batch dimension"
+            elif "equal to" in msg or self._runs_alone(x[:1]):
+                hint = ("it takes one image at a time (its batch dimension was fixed when it was exported): "
+                        "re-export it with a dynamic batch dimension (torch.onnx.export(..., dynamic_shapes=({0: "
+                        "torch.export.Dim('batch')},)) or dynamic_axes; torch.export.export(..., dynamic_shapes=...))")
             elif _takes_flat_vectors(self.module, x):
                 cls = type(self.module).__name__
                 hint = (f"its first layer is a Linear of {x[0].numel()} inputs: it takes flattened vectors, and dfkd "
@@ -143,6 +145,22 @@ class Teacher(nn.Module):
                         "architecture")
             raise DfkdError(f"--teacher {self.source}: the model does not accept inputs of shape "
                             f"{tuple(x.shape)} ({msg}); {hint}") from None
+
+    def _alone(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The logits of `x`, a batch of one image; None when the module does not take it or gives no (1, K) rows.
+
+        A forward that squeezes its batch dimension gives (K,) at batch 1; it still runs on batches of two or more.
+        """
+        try:
+            with torch.no_grad(), full_fp32():
+                out = self.logits_from(self.module(x))
+        except Exception:  # noqa: BLE001 - any failure: it does not
+            return None
+        return out if torch.is_tensor(out) and out.dim() == 2 else None
+
+    def _runs_alone(self, x: torch.Tensor) -> bool:
+        """Whether the module takes `x`, a batch of one image."""
+        return self._alone(x) is not None
 
     @property
     def hookable(self) -> bool:
@@ -282,12 +300,12 @@ def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     return linears[-1] if linears else None
 
 
-def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
+def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor, out1: torch.Tensor | None = None) -> None:
     """Refuse a teacher whose logits are useless: non-finite, fewer than 2 classes, or batch-dependent.
 
-    `out2` and `out3` are its outputs on the same two images alone and with a third: an eval-mode classifier
-    gives each image the same logits whatever the batch (a fixed-batch export or a model left in train mode
-    does not).
+    `out2` and `out3` are its outputs on the same two images alone and with a third, `out1` on the first image
+    alone: an eval-mode classifier gives each image the same logits whatever the batch (a fixed-batch export or a
+    model left in train mode does not).
     """
     where = f"--teacher {source}"
     if out2.shape[1] < 2:
@@ -302,6 +320,10 @@ def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor) -> None:
     if not torch.allclose(out3[:2].float(), out2.float(), rtol=1e-3, atol=1e-4):
         raise DfkdError(f"{where}: gives other logits for the same images at batch 3 than at batch 2; it must "
                         "treat each image alone (eval mode, no batch statistics, a dynamic batch dimension)")
+    if out1 is not None and out1.shape == out2[:1].shape and not torch.allclose(out1.float(), out2[:1].float(),
+                                                                                rtol=1e-3, atol=1e-4):
+        raise DfkdError(f"{where}: gives an image other logits in a batch of 2 than alone; it must treat each image "
+                        "alone (eval mode, no batch statistics, a dynamic batch dimension)")
 
 
 def _warn_spec_override(path: str | os.PathLike, spec: InputSpec | None, loaded: LoadedModel) -> None:

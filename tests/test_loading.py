@@ -369,6 +369,49 @@ def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch):
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_an_onnx_file_exported_at_batch_one_runs_at_any_batch_or_says_how_to_re_export(tmp_path):
+    """torch.onnx.export without dynamic_shapes fixes the batch to 1 and bakes it into Reshape targets ([1, 120]):
+    a CNN so exported loads, each image's logits its own; a ViT, whose class token is also concatenated at batch 1,
+    is refused with the hint to re-export it with a dynamic batch dimension (it was told to check --input-size)."""
+    pytest.importorskip("onnx2torch")
+    pytest.importorskip("onnxscript")
+    timm = pytest.importorskip("timm")
+
+    model = _zoo()
+    torch.onnx.export(model, (torch.randn(1, 1, 32, 32),), str(tmp_path / "cnn.onnx"), dynamo=True, verbose=False)
+    _same_outputs(load_teacher(tmp_path / "cnn.onnx", spec=SPEC), model, (5, 1, 32, 32))
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
+                            in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
+    torch.onnx.export(vit, (torch.randn(1, 1, 32, 32),), str(tmp_path / "vit.onnx"), dynamo=True, verbose=False)
+    msg = _error(tmp_path / "vit.onnx", spec=SPEC)
+    assert "it takes one image at a time" in msg and "re-export it with a dynamic batch dimension" in msg
+
+
+def test_an_onnx_file_whose_layers_share_a_weight_through_identity_loads(tmp_path):
+    """torch's exporter stores equal weights once and hands them to the other layers through Identity nodes (as in
+    an untrained ResNet's BatchNorm, folded into its convolutions); onnx2torch reads convolution weights only from
+    initializers (it raised KeyError 'onnx::Conv_197' on torchvision's ResNet-18)."""
+    pytest.importorskip("onnx2torch")
+    import onnx
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(1, 1, 3, padding=1), nn.Conv2d(1, 1, 3, padding=1), nn.Linear(1, 3)
+            self.b.load_state_dict(self.a.state_dict())
+
+        def forward(self, x):
+            return self.fc(self.b(self.a(x).relu()).mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Twice().eval()
+    torch.onnx.export(net, (torch.randn(2, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    assert "Identity" in {n.op_type for n in onnx.load(str(tmp_path / "t.onnx")).graph.node}
+    _same_outputs(load_teacher(tmp_path / "t.onnx", spec=SPEC), net)
+
+
 def test_a_keras_style_onnx_teacher_takes_channels_last_images_and_gives_probabilities(tmp_path):
     """A Keras model converted to ONNX takes (N, H, W, C) images and ends in a softmax: dfkd feeds it its images in
     that layout (read from the graph's declared input) and reads the log of its probabilities, each with a line."""
@@ -516,7 +559,7 @@ def test_export_archive_with_dynamic_batch(exported):
 def test_export_archive_with_static_batch_is_refused_clearly(exported):
     msg = _error(exported[1] / "static.pt2", spec=SPEC)
     assert "static.pt2" in msg and "does not accept inputs of shape (2, 1, 32, 32)" in msg
-    assert "re-export with a dynamic batch dimension" in msg
+    assert "it takes one image at a time" in msg and "re-export it with a dynamic batch dimension" in msg
 
 
 def test_export_archive_without_spec(exported):

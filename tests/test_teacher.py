@@ -174,6 +174,20 @@ def test_a_teacher_that_outputs_probabilities_is_read_through_their_log(wrap):
         assert torch.allclose(quiet(x), z.log_softmax(1), atol=1e-4)
 
 
+def test_a_teacher_that_gives_an_image_other_logits_alone_than_in_a_batch_is_refused():
+    class Lonely(Toy):
+        def forward(self, x):
+            return super().forward(x) * (2 if len(x) == 1 else 1)
+
+    class Squeezer(Toy):  # a common forward: at batch 1 it gives (K,), and it runs on batches of two or more
+        def forward(self, x):
+            return super().forward(x).squeeze()
+
+    with pytest.raises(DfkdError, match="gives an image other logits in a batch of 2 than alone"):
+        Teacher(Lonely().eval(), InputSpec(1, 16, (0.5,), (0.5,)))
+    assert Teacher(Squeezer().eval(), InputSpec(1, 16, (0.5,), (0.5,))).num_classes == 4
+
+
 def test_bad_output_shapes_are_refused():
     class Pair(nn.Module):
         def forward(self, x):
