@@ -316,6 +316,16 @@ def test_onnx_teacher_is_a_pytorch_module_with_gradients(onnx_files):
     _same_outputs(load_teacher(d / "plain.onnx", spec=SPEC), model)
 
 
+def test_an_onnx_teacher_without_batchnorm_says_where_its_statistics_went(onnx_files):
+    from dfkd.bnstats import BNInputs
+
+    t = load_teacher(onnx_files[1] / "dfkd.onnx")
+    with pytest.warns(UserWarning, match="an ONNX export folds BatchNorm into the convolutions; if the network had "
+                                         "BatchNorm and you hold it, its state_dict or a torch.export archive"):
+        taps = BNInputs(t, "fast")
+    taps.close()
+
+
 def test_onnx_teacher_converts_to_a_model_file_that_needs_no_onnx2torch(onnx_files, tmp_path, monkeypatch):
     from dfkd.convert import convert
 
