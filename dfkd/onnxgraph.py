@@ -9,13 +9,18 @@ versions of Reshape, Reduce*, Shape, Pad, Split or Resize, nor for Gelu and Mish
    it, from operators every opset has (`DECOMPOSED`);
 2. holds back from onnx's version converter the nodes of operators it has no down-adapter for, where the node
    computes what the operator's older version does (`SAME_WHEN`: a Pad without the axes input of opset 18 or the
-   wrap mode of opset 19), and converts the rest of the graph down (a graph it still cannot convert is kept as it
+   wrap mode of opset 19; a Split into given sizes or equal parts; a ConstantOfShape of an older element type),
+   and converts the rest of the graph down (a graph it still cannot convert is kept as it
    is: onnx2torch may take it anyway);
 3. sets `allowzero` to 0 on each Reshape to a constant shape without a 0 (the attribute only changes what a 0 in
    the shape means);
 4. drops the Identity nodes through which torch's exporter shares one weight between layers (onnx2torch reads a
    convolution's weights only from an initializer), pointing their readers at the initializer itself;
-5. frees a batch dimension exported as a fixed 1 (`torch.onnx.export` without `dynamic_shapes`), where the graph
+5. hands each LayerNormalization its scale and bias through Constant nodes, so that onnx2torch normalises over the
+   input's actual trailing dimensions (with initializers it builds an nn.LayerNorm from the shape inference gives,
+   which is 0 for a symbolic dimension, and the ViTs of the legacy exporter failed with "Expected weight to be of
+   same shape as normalized_shape");
+6. frees a batch dimension exported as a fixed 1 (`torch.onnx.export` without `dynamic_shapes`), where the graph
    bakes it only into Reshape targets: a constant target that starts with the batch's 1 (and has no -1) gets -1
    there, which is the same shape at batch 1 and the batch at any other. What else bakes it in (a ViT's class
    token concatenated at batch 1) still fails at batch 2, and `dfkd.teacher` checks that every image's logits in a
@@ -43,6 +48,9 @@ from torch import nn
 ONNX2TORCH_OPSET = 17
 #: The domain a held-back node sits in while the version converter runs (a domain it leaves alone).
 _HELD = "dfkd.held"
+
+#: Tensor element types newer than opset 17's ConstantOfShape (bfloat16 and the float8s).
+_NEW_TYPES = frozenset({16, 17, 18, 19, 20})
 
 _CONSTANTS = {"half": 0.5, "one": 1.0, "sqrt2": math.sqrt(2.0), "k": math.sqrt(2.0 / math.pi), "c": 0.044715}
 
@@ -81,8 +89,15 @@ def _mish(node: Any, t: str, c: dict[str, str]) -> list[Any]:
 DECOMPOSED: dict[str, Callable[[Any, str, dict[str, str]], list[Any]]] = {"Gelu": _gelu, "Mish": _mish}
 #: Operators the version converter cannot take down, and when a node of one computes what its opset-17 version does.
 SAME_WHEN: dict[str, Callable[[Any], bool]] = {
+    # opset 18 added the axes input, 19 the wrap mode
     "Pad": lambda node: len(node.input) < 4 and _attr(node, "mode", "constant") != "wrap",
+    # opset 18 added num_outputs (dropped on the way back): equal parts, which opset 13 makes of a Split without sizes
+    "Split": lambda node: len(node.input) == 2 or _ints(node, "num_outputs", len(node.output)) == len(node.output),
+    # opset 20 added bfloat16 and float8 values
+    "ConstantOfShape": lambda node: _value_type(node) not in _NEW_TYPES,
 }
+#: Split's attribute that opset 17 does not have.
+_NEWER_ATTRIBUTES = {"Split": ("num_outputs",)}
 
 
 def for_onnx2torch(model: Any) -> Any:
@@ -102,17 +117,29 @@ def for_onnx2torch(model: Any) -> Any:
         for node in model.graph.node:
             if node.domain == _HELD:
                 node.domain = ""
+                kept_attributes = [a for a in node.attribute if a.name not in _NEWER_ATTRIBUTES.get(node.op_type, ())]
+                del node.attribute[:]
+                node.attribute.extend(kept_attributes)
         kept = [o for o in model.opset_import if o.domain != _HELD]
         del model.opset_import[:]
         model.opset_import.extend(kept)
     _drop_allowzero(model)
     _share_weights_directly(model)
+    _layer_norm_at_run_time(model)
     _free_batch_of_one(model)
     return model
 
 
 def _no(node: Any) -> bool:
     return False
+
+
+def _ints(node: Any, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _value_type(node: Any) -> int | None:
+    return next((a.t.data_type for a in node.attribute if a.name == "value"), None)
 
 
 def _opset(model: Any) -> int:
@@ -131,7 +158,12 @@ def _decompose(model: Any) -> None:
     nodes = []
     for i, node in enumerate(model.graph.node):
         write = DECOMPOSED.get(node.op_type) if node.domain in ("", "ai.onnx") else None
-        nodes += write(node, f"dfkd_{node.op_type.lower()}{i}_", names) if write else [node]
+        if write is None:
+            nodes.append(node)
+            continue
+        for new in write(node, f"dfkd_{node.op_type.lower()}{i}_", names):
+            new.name = f"dfkd_{new.output[0]}"  # onnx2torch keys nodes by name: unnamed ones can collide
+            nodes.append(new)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
 
@@ -151,6 +183,29 @@ def _share_weights_directly(model: Any) -> None:
                 node.input[i] = alias[name]
     del model.graph.node[:]
     model.graph.node.extend(kept)
+
+
+def _layer_norm_at_run_time(model: Any) -> None:
+    """Each LayerNormalization's initializer inputs (scale, bias) read through Constant nodes of the same value."""
+    from onnx import TensorProto, helper
+
+    weights = {t.name: t for t in model.graph.initializer}
+    constants = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type != "LayerNormalization":
+            continue
+        for j in range(1, len(node.input)):
+            if node.input[j] in weights:
+                name = f"dfkd_ln{i}_{j}"
+                value = TensorProto()
+                value.CopyFrom(weights[node.input[j]])
+                value.name = name  # onnx2torch keys a Constant by its tensor's name: one per node
+                constants.append(helper.make_node("Constant", [], [name], name=name, value=value))
+                node.input[j] = name
+    if constants:
+        nodes = [*constants, *model.graph.node]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
 
 
 def _image_input(model: Any) -> Any | None:

@@ -346,11 +346,13 @@ def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_fi
     assert "an ONNX file carries no input spec" in _error(tmp_path / "odd.onnx")
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
 @pytest.mark.parametrize("arch", ["lenet5_bn", "timm_vit"])
-def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch):
-    """torch.onnx.export's default exporter (dynamo=True) writes opset 18 or later, with Reshape, ReduceMean and
-    Shape versions onnx2torch has no converter for, a flattening Reshape with allowzero=1 and (a ViT's) Gelu, an
-    opset-20 operator; dfkd takes the graph down to the opset onnx2torch reads and loads it with the source's
+def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch, dynamo):
+    """torch.onnx.export's exporters write opset 18 or later by default, with Reshape, ReduceMean, Shape, Split and
+    ConstantOfShape versions onnx2torch has no converter for (or onnx no down-adapter), a flattening Reshape with
+    allowzero=1, (a ViT's) Gelu, an opset-20 operator, weights shared through Identity nodes and LayerNorms over
+    symbolic dimensions; dfkd takes the graph down to the opset onnx2torch reads and loads it with the source's
     logits and gradients."""
     pytest.importorskip("onnx2torch")
     pytest.importorskip("onnxscript")
@@ -363,8 +365,10 @@ def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch):
                                   patch_size=8, in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
     else:
         model = _zoo(arch)
-    torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=True, verbose=False,
-                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+    batch = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if dynamo else \
+        {"input_names": ["x"], "dynamic_axes": {"x": {0: "n"}}}
+    torch.onnx.export(model, (torch.randn(2, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=dynamo, verbose=False,
+                      **batch)
     graph = onnx.load(str(tmp_path / "t.onnx"))
     assert next(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) > 17
     import warnings
