@@ -103,8 +103,13 @@ def _export_bytes(t: Teacher) -> bytes:
     try:
         ep = torch.export.export(t.module, (x,), dynamic_shapes=({0: batch},))
     except Exception as e:  # noqa: BLE001 - whatever the tracer refuses
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        if t.fmt == "onnx":
+            raise DfkdError(f"--teacher {t.source}: the module onnx2torch makes of this ONNX model cannot be exported "
+                            f"as a torch.export archive ({why}); give the .onnx file itself as --teacher (onnx2torch "
+                            "reads it wherever it is used)") from None
         raise DfkdError(f"--teacher {t.source}: the pickled {type(t.module).__name__} can be neither rebuilt from its "
-                        f"class without arguments nor exported ({str(e).strip()[:160]}); save its state_dict and "
+                        f"class without arguments nor exported ({why}); save its state_dict and "
                         "convert that with --teacher-arch module:callable") from None
     buf = io.BytesIO()
     torch.export.save(ep, buf)

@@ -337,6 +337,22 @@ def test_onnx_teacher_converts_to_a_model_file_that_needs_no_onnx2torch(onnx_fil
     assert "onnx2torch, which is not installed" in msg and 'pip install -e ".[onnx]"' in msg
 
 
+def test_an_onnx_teacher_torch_export_cannot_trace_is_sent_back_to_its_onnx_file(onnx_files, tmp_path,
+                                                                                    monkeypatch):
+    """onnx2torch's module of a ViT does not trace (its Slice calls .numpy()): `dfkd convert` said to save a
+    pickle's state_dict; the ONNX file itself is the teacher to give, in one line."""
+    from dfkd.convert import convert
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError(".numpy() is not supported for tensor subclasses.\n\nWhile executing %patch_embed_slice")
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(DfkdError) as e:
+        convert(str(onnx_files[1] / "dfkd.onnx"), str(tmp_path / "t.pt"))
+    assert "give the .onnx file itself as --teacher" in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_files, tmp_path):
     import onnx
 
