@@ -403,6 +403,9 @@ def _start(run: Run, log: RunLog) -> None:
     """A new run's config.json, teacher accuracy and first record (rank 0)."""
     atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
     _say_recipe(run)
+    for teacher in getattr(run.teacher, "members", [run.teacher]):  # an ensemble's own teachers
+        for note in getattr(teacher, "notes", ()):
+            log.event(0, event="teacher_note", message=note)
     if run.eval_data is not None and run.source.has_teacher:
         t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
         log.scalars(0, {"teacher_top1": t["top1"]}, "student/")

@@ -14,7 +14,7 @@ import pickle
 import struct
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ class LoadedModel:
     class_names: list[str] | None = None
     num_classes: int | None = None  # what a dfkd model file declares
     declared: InputSpec | None = None  # the input spec a dfkd model file declares (whatever the flags say)
+    notes: list[str] = field(default_factory=list)  # changes in how the file is read (each also warned of)
 
 
 def check_file(path: str | os.PathLike, flag: str = "--teacher") -> Path:
@@ -220,12 +221,14 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                         "instead") from None
     meta = {m.key: m.value for m in graph.metadata_props}
     spec = spec or _spec_entry(meta.get(SPEC_KEY))
+    notes = []
     if spec is not None and takes_channels_last(graph, spec.channels, spec.hw):
         module = ChannelsLastInput(module)
-        warnings.warn(f"--teacher {p}: its graph takes channels-last images (N, {spec.size}, {spec.width}, "
-                      f"{spec.channels}), as a Keras model converted to ONNX does; dfkd hands it its images in that "
-                      "layout", stacklevel=3)
-    return LoadedModel(module, "onnx", spec)
+        notes.append(f"--teacher {p}: its graph takes channels-last images (N, {spec.size}, {spec.width}, "
+                     f"{spec.channels}), as a Keras model converted to ONNX does; dfkd hands it its images in that "
+                     "layout")
+        warnings.warn(notes[-1], stacklevel=3)
+    return LoadedModel(module, "onnx", spec, notes=notes)
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:

@@ -60,8 +60,11 @@ class RunSummary:
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:
-        """The held-out selection's choice and the run's collapse, stuck-student and not-learned warnings."""
-        lines = []
+        """How the teacher file was read, then the held-out selection's choice and the run's warnings.
+
+        The warnings: collapse, stuck student, not learned.
+        """
+        lines = [f"note:     {e['message']}" for e in self.events if e.get("event") == "teacher_note"]
         done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
         if done:
             sel = self.last("student/top1_selected")

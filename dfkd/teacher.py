@@ -71,6 +71,8 @@ class Teacher(nn.Module):
         self.arch, self.arch_kwargs, self.class_names = arch, arch_kwargs, class_names
         #: How the logits are read from the module's output when it returns more than them (None: it is them).
         self._logits_of: Callable[[Any], torch.Tensor] | None = None
+        #: What dfkd changed about how it reads the file (each also a warning at load time); a run logs them.
+        self.notes: list[str] = []
         for p in self.module.parameters():  # per tensor: ScriptModules refuse `requires_grad_`
             p.requires_grad_(False)
         if self.hookable:
@@ -105,8 +107,8 @@ class Teacher(nn.Module):
         if reader is not None:
             self._logits_of, part = reader
             out = self._logits_of(out)
-            warnings.warn(f"--teacher {self.source}: its forward returns more than logits; {part}, shape "
-                          f"{tuple(out.shape)}, is read as the logits", stacklevel=2)
+            self.note(f"--teacher {self.source}: its forward returns more than logits; {part}, shape "
+                      f"{tuple(out.shape)}, is read as the logits")
         elif isinstance(out, (tuple, list)):
             raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__} without a (batch, "
                             "classes) tensor in it; dfkd needs the logits (wrap the module to return them alone)")
@@ -117,10 +119,14 @@ class Teacher(nn.Module):
         check_outputs(self.source, out, out3, self._alone(x[:1]))
         if are_probabilities(out3):
             self._logits_of = LogOf(self._logits_of)
-            warnings.warn(f"--teacher {self.source}: it outputs probabilities (each row is non-negative and sums to "
-                          "1, as after a final softmax); dfkd reads their log as the logits, which have the same "
-                          "softmax", stacklevel=2)
+            self.note(f"--teacher {self.source}: it outputs probabilities (each row is non-negative and sums to 1, "
+                      "as after a final softmax); dfkd reads their log as the logits, which have the same softmax")
         return int(out.shape[1])
+
+    def note(self, message: str) -> None:
+        """Warn of a change in how the file is read, and keep it in `notes` for the run's log."""
+        self.notes.append(message)
+        warnings.warn(message, stacklevel=3)
 
     def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
@@ -361,26 +367,28 @@ def load_teacher(
         raise DfkdError(f"--teacher {path}: {_a_file(loaded.fmt)} carries no input spec; give --channels C "
                         "--input-size S (or HxW) --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
-    module = _in_fp32(loaded.module, path).to(device)
-    teacher = Teacher(module, loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
+    module, widened = _in_fp32(loaded.module, path)
+    teacher = Teacher(module.to(device), loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
                       arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)
+    teacher.notes[:0] = [*loaded.notes, *[widened] * bool(widened)]
     _check_declared_classes(path, loaded, teacher.num_classes)
     return teacher
 
 
-def _in_fp32(module: nn.Module, path: str | os.PathLike) -> nn.Module:
+def _in_fp32(module: nn.Module, path: str | os.PathLike) -> tuple[nn.Module, str]:
     """`module` with its float16/bfloat16 weights and buffers made float32 (exactly: every such value is one).
 
     So it takes the float32 images every command feeds it; --precision bf16/fp16 still runs it in low precision
     under autocast. A file saved after `model.half()` (a TorchScript, torch.export, ONNX or pickled module; a
-    state_dict is loaded into a float32 network anyway) is told so once.
+    state_dict is loaded into a float32 network anyway) is told so once; the message is returned ("" if none).
     """
     low = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.dtype in (torch.float16, torch.bfloat16)}
     if not low:
-        return module
-    warnings.warn(f"{path}: its weights are {'/'.join(sorted(str(d).removeprefix('torch.') for d in low))}"
-                  "; dfkd holds them in float32 (the same values) and computes as --precision says", stacklevel=3)
-    return module.float()
+        return module, ""
+    message = (f"{path}: its weights are {'/'.join(sorted(str(d).removeprefix('torch.') for d in low))}; dfkd holds "
+               "them in float32 (the same values) and computes as --precision says")
+    warnings.warn(message, stacklevel=3)
+    return module.float(), message
 
 
 def _check_declared_classes(path: str | os.PathLike, loaded: LoadedModel, logits: int) -> None:

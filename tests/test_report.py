@@ -130,3 +130,24 @@ def test_report_of_an_unfinished_run_without_events(tmp_path: Path) -> None:
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="not a dfkd run folder"):
         report(tmp_path)
+
+
+def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Path) -> None:
+    """A softmax-head teacher is read through the log of its probabilities: the load-time warning also goes to
+    metrics.jsonl, so `dfkd report` still says it after the console is gone."""
+    from dfkd.cli.main import main
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(create("lenet5_bn", **KW), torch.nn.Softmax(1)).eval()
+    program = torch.export.export(net, (torch.randn(2, 1, 32, 32),), dynamic_shapes=({0: torch.export.Dim("n")},))
+    torch.export.save(program, str(tmp_path / "t.pt2"))
+    with pytest.warns(UserWarning, match="it outputs probabilities"):
+        res = CliRunner().invoke(main, ["distill", "--teacher", str(tmp_path / "t.pt2"), "--channels", "1",
+                                        "--input-size", "32", "--mean", "0.1307", "--std", "0.3081", "--method", "dfad",
+                                        "--steps", "2", "-p", "batch_size=8", "--fid-every", "0",
+                                        "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    events = [json.loads(a) for a in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "teacher_note"] == [0]
+    out = CliRunner().invoke(main, ["report", str(tmp_path / "run")]).output
+    assert "note:     --teacher" in out and "it outputs probabilities" in out
