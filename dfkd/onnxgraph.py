@@ -1,17 +1,17 @@
 """An ONNX graph as onnx2torch can convert it: newer opsets taken down to the one it reads, same function.
 
-torch.onnx's current exporter (`dynamo=True`, torch.onnx.export's default in the torch this project installs)
-writes opset 18 or later. onnx2torch (1.5) reads up to `ONNX2TORCH_OPSET`: it has no converter for the newer
-versions of Reshape, Reduce*, Shape, Pad, Split or Resize, nor for Gelu and Mish, and refuses a Reshape with
-`allowzero=1`, which that exporter writes for every flatten. `for_onnx2torch` therefore
+torch.onnx.export writes opset 18 or later by default, with either of its exporters (`dynamo=True`, the default,
+and `dynamo=False`, in the torch this project installs). onnx2torch (1.5) reads up to `ONNX2TORCH_OPSET`: it has no
+converter for the newer versions of Reshape, Reduce*, Shape, Pad, Split or Resize, nor for Gelu and Mish, and
+refuses a Reshape with `allowzero=1`, which the dynamo exporter writes for every flatten. `for_onnx2torch` therefore
 
 1. writes each operator that has no earlier version (Gelu, opset 20; Mish, opset 18) as the formula that defines
    it, from operators every opset has (`DECOMPOSED`);
 2. holds back from onnx's version converter the nodes of operators it has no down-adapter for, where the node
    computes what the operator's older version does (`SAME_WHEN`: a Pad without the axes input of opset 18 or the
    wrap mode of opset 19; a Split into given sizes or equal parts; a ConstantOfShape of an older element type),
-   and converts the rest of the graph down (a graph it still cannot convert is kept as it
-   is: onnx2torch may take it anyway);
+   and converts the rest of the graph down (a graph it still cannot convert is kept as it is: onnx2torch may take
+   it anyway);
 3. sets `allowzero` to 0 on each Reshape to a constant shape without a 0 (the attribute only changes what a 0 in
    the shape means);
 4. drops the Identity nodes through which torch's exporter shares one weight between layers (onnx2torch reads a
