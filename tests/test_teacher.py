@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -154,7 +156,8 @@ def test_a_teacher_that_outputs_probabilities_is_read_through_their_log(wrap):
     plain, spec, x = Toy().eval(), InputSpec(1, 16, (0.5,), (0.5,)), torch.randn(5, 1, 16, 16)
     with torch.no_grad():
         z = plain(x) * 30  # confident logits: some probabilities underflow towards 0
-    for m in (probs := Probs().eval(), LogProbs().eval()):
+    probs, logprobs = Probs().eval(), LogProbs().eval()
+    for m in (probs, logprobs):
         m.load_state_dict(plain.state_dict())
         m.head.weight.data *= 30
         m.head.bias.data *= 30
@@ -165,11 +168,9 @@ def test_a_teacher_that_outputs_probabilities_is_read_through_their_log(wrap):
     assert t.num_classes == 4 and torch.allclose(got, z.log_softmax(1), atol=1e-4)
     for temperature in (1.0, 20.0):
         assert torch.allclose((got / temperature).softmax(1), (z / temperature).softmax(1), atol=1e-5)
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        quiet = Teacher(m, spec)  # the LogProbs head
+        quiet = Teacher(logprobs, spec)
     with torch.no_grad():
         assert torch.allclose(quiet(x), z.log_softmax(1), atol=1e-4)
 
