@@ -48,6 +48,7 @@ def networks() -> dict[str, Callable[[], nn.Module]]:
         "timm_swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, img_size=32,
                                                window_size=4, embed_dim=24, depths=(1, 1), num_heads=(1, 1)),
         "timm_mobilevit_xxs": lambda: timm.create_model("mobilevit_xxs", num_classes=10),
+        "timm_bit": lambda: timm.create_model("resnetv2_50x1_bit", num_classes=10),  # standardised convolutions
     }
 
 

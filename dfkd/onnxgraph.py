@@ -5,6 +5,9 @@ and `dynamo=False`, in the torch this project installs). onnx2torch (1.5) reads 
 converter for the newer versions of Reshape, Reduce*, Shape, Pad, Split or Resize, nor for Gelu and Mish, and
 refuses a Reshape with `allowzero=1`, which the dynamo exporter writes for every flatten. `for_onnx2torch` therefore
 
+0. computes, once, the convolution weights a graph computes from its own constants (a standardised convolution,
+   as in BiT and NFNets, or weight normalisation) with onnx's reference evaluator, at the file's opset, and stores
+   them as initializers: onnx2torch reads a convolution's weights only from an initializer;
 1. writes each operator that has no earlier version (Gelu, opset 20; Mish, opset 18) as the formula that defines
    it, from operators every opset has (`DECOMPOSED`);
 2. holds back from onnx's version converter the nodes of operators it has no down-adapter for, where the node
@@ -104,6 +107,10 @@ def for_onnx2torch(model: Any) -> Any:
     """`model` (an onnx ModelProto, changed in place) as onnx2torch can convert it; see the module docstring."""
     from onnx import version_converter
 
+    try:  # at the file's own opset, which onnx's reference evaluator implements
+        _fold_computed_weights(model)
+    except Exception:  # noqa: BLE001 - an operator the evaluator lacks: onnx2torch may still take the graph
+        pass
     if _opset(model) > ONNX2TORCH_OPSET:
         _decompose(model)
         held = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and SAME_WHEN.get(n.op_type, _no)(n)]
@@ -206,6 +213,58 @@ def _layer_norm_at_run_time(model: Any) -> None:
         nodes = [*constants, *model.graph.node]
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+
+
+#: Operators whose output is not a function of their inputs: never computed ahead.
+_RANDOM = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+                     "Bernoulli", "Dropout"})
+
+
+def _fold_computed_weights(model: Any) -> None:
+    """Convolution weights and biases computed from constants alone, evaluated once and stored as initializers."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    weights = {t.name for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    wanted = [x for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")
+              for x in n.input[1:] if x and x not in weights]
+    needed: list[Any] = []
+    computable = []
+    for value in dict.fromkeys(wanted):
+        nodes = _constant_ancestry(value, weights, producer)
+        if nodes is not None:
+            computable.append(value)
+            needed += [n for n in nodes if n not in needed]
+    if not computable:
+        return
+    order = [n for n in model.graph.node if n in needed]
+    outputs = [helper.make_tensor_value_info(v, TensorProto.UNDEFINED, None) for v in computable]
+    sub = helper.make_model(helper.make_graph(order, "dfkd_fold", [], outputs, list(model.graph.initializer)),
+                            opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    values = ReferenceEvaluator(sub).run(None, {})
+    model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name) for name, v in zip(computable, values))
+    read = {x for n in model.graph.node if n not in order for x in n.input} | {o.name for o in model.graph.output}
+    done = set(computable)
+    kept = [n for n in model.graph.node if not (n in order and all(o in done or o not in read for o in n.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+
+
+def _constant_ancestry(value: str, weights: set[str], producer: dict[str, Any]) -> list[Any] | None:
+    """The nodes that compute `value` from initializers alone, or None when it depends on anything else."""
+    nodes, stack, seen = [], [value], set()
+    while stack:
+        v = stack.pop()
+        if not v or v in weights or v in seen:
+            continue
+        node = producer.get(v)
+        if node is None or node.op_type in _RANDOM or node.domain not in ("", "ai.onnx"):
+            return None  # a graph input, a random draw, or an operator of another domain
+        seen.add(v)
+        nodes.append(node)
+        stack.extend(node.input)
+    return nodes
 
 
 def _image_input(model: Any) -> Any | None:

@@ -442,6 +442,33 @@ def test_an_onnx_file_whose_layers_share_a_weight_through_identity_loads(tmp_pat
     _same_outputs(load_teacher(tmp_path / "t.onnx", spec=SPEC), net)
 
 
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "legacy"])
+def test_an_onnx_file_that_computes_its_convolution_weights_loads(tmp_path, dynamo):
+    """Weight normalisation (as a standardised convolution in BiT or NFNets) leaves the convolution's weight a
+    value the graph computes from its constants; onnx2torch reads conv weights only from initializers (KeyError).
+    dfkd computes them once at load time."""
+    pytest.importorskip("onnx2torch")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+
+    class Normed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3))
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).relu().mean((2, 3)))
+
+    torch.manual_seed(0)
+    net = Normed().eval()
+    batch = {"dynamic_shapes": ({0: torch.export.Dim("n")},)} if dynamo else \
+        {"input_names": ["x"], "dynamic_axes": {"x": {0: "n"}}}
+    torch.onnx.export(net, (torch.randn(2, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=dynamo, verbose=False,
+                      **batch)
+    _same_outputs(load_teacher(tmp_path / "t.onnx", spec=SPEC), net)
+
+
 def test_a_keras_style_onnx_teacher_takes_channels_last_images_and_gives_probabilities(tmp_path):
     """A Keras model converted to ONNX takes (N, H, W, C) images and ends in a softmax: dfkd feeds it its images in
     that layout (read from the graph's declared input) and reads the log of its probabilities, each with a line."""
