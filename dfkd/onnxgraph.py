@@ -229,24 +229,31 @@ def _fold_computed_weights(model: Any) -> None:
     producer = {o: n for n in model.graph.node for o in n.output}
     wanted = [x for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")
               for x in n.input[1:] if x and x not in weights]
-    needed: list[Any] = []
+    needed: set[int] = set()  # ids: protobuf messages compare by content, which is slow for big constants
     computable = []
     for value in dict.fromkeys(wanted):
         nodes = _constant_ancestry(value, weights, producer)
         if nodes is not None:
             computable.append(value)
-            needed += [n for n in nodes if n not in needed]
+            needed |= {id(n) for n in nodes}
     if not computable:
         return
-    order = [n for n in model.graph.node if n in needed]
+    order = [n for n in model.graph.node if id(n) in needed]
     outputs = [helper.make_tensor_value_info(v, TensorProto.UNDEFINED, None) for v in computable]
     sub = helper.make_model(helper.make_graph(order, "dfkd_fold", [], outputs, list(model.graph.initializer)),
                             opset_imports=list(model.opset_import), ir_version=model.ir_version)
     values = ReferenceEvaluator(sub).run(None, {})
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name) for name, v in zip(computable, values))
-    read = {x for n in model.graph.node if n not in order for x in n.input} | {o.name for o in model.graph.output}
+    # A computing node stays only where something else still reads one of its outputs that was not stored.
     done = set(computable)
-    kept = [n for n in model.graph.node if not (n in order and all(o in done or o not in read for o in n.output))]
+    read = {x for n in model.graph.node if id(n) not in needed for x in n.input} | {o.name for o in model.graph.output}
+    dropped = set()
+    for node in reversed(order):
+        if any(o in read and o not in done for o in node.output):
+            read.update(node.input)
+        else:
+            dropped.add(id(node))
+    kept = [n for n in model.graph.node if id(n) not in dropped]
     del model.graph.node[:]
     model.graph.node.extend(kept)
 
