@@ -469,6 +469,39 @@ def test_an_onnx_file_that_computes_its_convolution_weights_loads(tmp_path, dyna
     _same_outputs(load_teacher(tmp_path / "t.onnx", spec=SPEC), net)
 
 
+def test_folding_computed_weights_keeps_what_the_rest_of_the_graph_reads():
+    """The weight chain wc = ((2 w) * 1) * 0.5 is computed ahead and stored; its intermediate (2 w) * 1, which the
+    head also reads, keeps the two nodes that compute it, and the graph computes what onnxruntime computes."""
+    onnx2torch = pytest.importorskip("onnx2torch")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from dfkd.onnxgraph import for_onnx2torch
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 1, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+             numpy_helper.from_array(np.array(1.0, np.float32), "one")]
+    nodes = [helper.make_node("Mul", ["w", "two"], ["t"]), helper.make_node("Mul", ["t", "one"], ["w2x"]),
+             helper.make_node("Mul", ["w2x", "half"], ["wc"]),
+             helper.make_node("Conv", ["x", "wc"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("ReduceMean", ["c"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("ReduceSum", ["w2x"], ["s"], keepdims=0),  # the intermediate, read again
+             helper.make_node("Add", ["m", "s"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    fixed = for_onnx2torch(model)
+    assert "wc" in {t.name for t in fixed.graph.initializer}
+    assert [n.op_type for n in fixed.graph.node] == ["Mul", "Mul", "Conv", "ReduceMean", "ReduceSum", "Add"]
+    with torch.no_grad():
+        got = onnx2torch.convert(fixed)(torch.from_numpy(x))
+    assert torch.allclose(got, torch.from_numpy(expected), atol=1e-5)
+
+
 def test_a_keras_style_onnx_teacher_takes_channels_last_images_and_gives_probabilities(tmp_path):
     """A Keras model converted to ONNX takes (N, H, W, C) images and ends in a softmax: dfkd feeds it its images in
     that layout (read from the graph's declared input) and reads the log of its probabilities, each with a line."""
