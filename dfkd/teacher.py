@@ -370,7 +370,7 @@ def load_teacher(
     module, widened = _in_fp32(loaded.module, path)
     teacher = Teacher(module.to(device), loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
                       arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)
-    teacher.notes[:0] = [*loaded.notes, *[widened] * bool(widened)]
+    teacher.notes[:0] = loaded.notes + ([widened] if widened else [])
     _check_declared_classes(path, loaded, teacher.num_classes)
     return teacher
 
