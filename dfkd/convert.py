@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from dfkd.archs import build_model
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.loading import read_weights_only, sniff_format
 from dfkd.modelfile import ARCHIVE_KINDS, ModelFile, save_model
 from dfkd.teacher import Teacher
@@ -103,7 +103,7 @@ def _export_bytes(t: Teacher) -> bytes:
     try:
         ep = torch.export.export(t.module, (x,), dynamic_shapes=({0: batch},))
     except Exception as e:  # noqa: BLE001 - whatever the tracer refuses
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        why = first_line(e, 160)
         if t.fmt == "onnx":
             raise DfkdError(f"--teacher {t.source}: the module onnx2torch makes of this ONNX model cannot be exported "
                             f"as a torch.export archive ({why}); give the .onnx file itself as --teacher (onnx2torch "

@@ -34,7 +34,7 @@ def scores(logits: torch.Tensor, y: torch.Tensor, teacher_logits: torch.Tensor |
 
 def default_batch(spec: InputSpec) -> int:
     """Images per evaluation forward: 1000 at 32 px and below, fewer for larger inputs (about 32 MB of input)."""
-    return max(1, min(1000, 1000 * 32 * 32 * 3 // (spec.pixels)))
+    return max(1, min(1000, 1000 * 32 * 32 * 3 // spec.pixels))
 
 
 def accuracy(model: nn.Module, data: ImageData, spec: InputSpec, device: torch.device | str,

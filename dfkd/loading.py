@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from dfkd.archs import canonical_arch, model_from_state, unwrapped
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.export import SPEC_KEY
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
@@ -213,8 +213,8 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
         graph = onnx.load(str(p))
         module = onnx2torch.convert(for_onnx2torch(graph))
     except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        why = f"{type(e).__name__} {why}" if isinstance(e, (KeyError, IndexError)) or not why else why
+        why = first_line(e)
+        why = f"{type(e).__name__} {why}" if isinstance(e, (KeyError, IndexError)) and str(e).strip() else why
         raise DfkdError(f"--teacher {p}: the ONNX model could not be turned into a PyTorch module ({why}); is it "
                         "corrupt, or does it use an operator onnx2torch lacks? A model that does can come as a "
                         "state_dict with --teacher-arch, a torch.export archive (torch.export.save) or TorchScript "

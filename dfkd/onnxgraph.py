@@ -293,12 +293,8 @@ def _free_batch_of_one(model: Any) -> None:
         shape = value.type.tensor_type.shape.dim
         if shape and shape[0].HasField("dim_value") and shape[0].dim_value == 1:
             shape[0].dim_param = "batch"
-    constants = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    constants.update({n.output[0]: numpy_helper.to_array(a.t) for n in model.graph.node if n.op_type == "Constant"
-                      for a in n.attribute if a.name == "value"})
-    for i, node in enumerate(model.graph.node):
-        target = constants.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        if target is not None and target.ndim == 1 and len(target) >= 2 and target[0] == 1 and -1 not in target:
+    for i, (node, target) in enumerate(_reshape_targets(model)):
+        if target.ndim == 1 and len(target) >= 2 and target[0] == 1 and -1 not in target:
             freed = target.copy()
             freed[0] = -1
             name = f"dfkd_batch_{i}"
@@ -308,17 +304,22 @@ def _free_batch_of_one(model: Any) -> None:
 
 def _drop_allowzero(model: Any) -> None:
     """allowzero=0 on each Reshape whose target shape is a constant without a 0 (the same result)."""
-    from onnx import numpy_helper
-
-    shapes = {t.name: t for t in model.graph.initializer}
-    shapes.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
-                   for a in n.attribute if a.name == "value"})
-    for node in model.graph.node:
-        shape = shapes.get(node.input[1]) if node.op_type == "Reshape" and len(node.input) > 1 else None
-        if shape is not None and (numpy_helper.to_array(shape) != 0).all():
+    for node, target in _reshape_targets(model):
+        if (target != 0).all():
             for a in node.attribute:
                 if a.name == "allowzero":
                     a.i = 0
+
+
+def _reshape_targets(model: Any) -> list[tuple[Any, np.ndarray]]:
+    """Each Reshape whose target shape is a constant (an initializer or a Constant node's), with that shape."""
+    from onnx import numpy_helper
+
+    tensors = {t.name: t for t in model.graph.initializer}
+    tensors.update({n.output[0]: a.t for n in model.graph.node if n.op_type == "Constant"
+                    for a in n.attribute if a.name == "value"})
+    return [(n, numpy_helper.to_array(tensors[n.input[1]])) for n in model.graph.node
+            if n.op_type == "Reshape" and len(n.input) > 1 and n.input[1] in tensors]
 
 
 def takes_channels_last(model: Any, channels: int, hw: tuple[int, int]) -> bool:

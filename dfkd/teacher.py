@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.hooks import FeatureTaps, batchnorm_paths
 from dfkd.io import sha256_file
 from dfkd.loading import LoadedModel, load_user_model
@@ -133,10 +133,10 @@ class Teacher(nn.Module):
             with torch.no_grad(), full_fp32():
                 return self.module(x)
         except Exception as e:  # noqa: BLE001 - any failure here means the declared shape is wrong
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             if len(x) != 2:
                 hint = f"it runs at batch 2 but not at batch {len(x)}: re-export it with a dynamic batch dimension"
-            elif "equal to" in msg or self._runs_alone(x[:1]):
+            elif "equal to" in msg or self._alone(x[:1]) is not None:
                 hint = ("it takes one image at a time (its batch dimension was fixed when it was exported): "
                         "re-export it with a dynamic batch dimension (torch.onnx.export(..., dynamic_shapes=({0: "
                         "torch.export.Dim('batch')},)) or dynamic_axes; torch.export.export(..., dynamic_shapes=...))")
@@ -163,11 +163,6 @@ class Teacher(nn.Module):
         except Exception:  # noqa: BLE001 - any failure: it does not
             return None
         return out if torch.is_tensor(out) and out.dim() == 2 else None
-
-    def _runs_alone(self, x: torch.Tensor) -> bool:
-        """Whether the module takes `x`, a batch of one image."""
-        return self._alone(x) is not None
-
     @property
     def hookable(self) -> bool:
         """True when module hooks work (not TorchScript)."""
