@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -135,6 +136,31 @@ def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, t
                   arch_args: dict | None = None) -> Teacher:
     """Load one teacher, or several wrapped in an `EnsembleTeacher` (arguments as `load_teacher`'s)."""
     members = [load_teacher(p, arch, trust_pickle, spec, device, arch_args) for p in paths]
+    _warn_unused_arch(arch, arch_args, members)
     if len(members) == 1:
         return members[0]
     return EnsembleTeacher(members, weights, weighting)
+
+
+def _warn_unused_arch(arch: str | None, arch_args: dict | None, members: Sequence[Teacher]) -> None:
+    """Say so when --teacher-arch/--arch-arg were given but no teacher file is a plain state_dict that uses them.
+
+    A dfkd model file, TorchScript, torch.export or ONNX file brings its own network, so the flags are ignored
+    for it; a user who believes they chose the architecture should hear which network runs instead.
+    """
+    if (arch is None and not arch_args) or any(m.fmt == "state_dict" for m in members):
+        return
+    flags = [f"--teacher-arch {arch}"] if arch else []
+    flags += [f"--arch-arg {k}={v}" for k, v in (arch_args or {}).items()]
+    files = "; ".join(f"{m.source} is {_a_network(m)}" for m in members)
+    them = "they apply" if len(flags) > 1 else "it applies"
+    warnings.warn(f"{' '.join(flags)} not used: {files}, which brings its own network; {them} to plain state_dicts "
+                  "only", stacklevel=3)
+
+
+def _a_network(teacher: Teacher) -> str:
+    """'a dfkd model file of lenet5', 'a TorchScript file', ... for the unused-architecture warning."""
+    kinds = {"dfkd": "a dfkd model file", "torchscript": "a TorchScript file", "export": "a torch.export archive",
+             "onnx": "an ONNX file", "pickle": "a pickled module"}
+    kind = kinds.get(teacher.fmt, f"a {teacher.fmt} file")
+    return f"{kind} of {teacher.arch}" if teacher.fmt == "dfkd" and teacher.arch else kind

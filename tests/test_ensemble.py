@@ -163,6 +163,18 @@ def test_load_teachers_one_or_several(teacher_files: tuple[str, str]):
     assert e.sha256.count(",") == 1
 
 
+def test_an_architecture_flag_no_file_uses_is_named_in_a_warning(teacher_files: tuple[str, str], tmp_path: Path):
+    """dfkd model files bring their network: --teacher-arch/--arch-arg are ignored for them, and the user is told."""
+    with pytest.warns(UserWarning, match=r"--teacher-arch resnet18 --arch-arg width=2 not used: .*a\.pt is a dfkd "
+                                         r"model file of lenet5_bn.*b\.pt is a dfkd model file of lenet5_half_bn"):
+        load_teachers(teacher_files, arch="resnet18", arch_args={"width": 2})
+    module = load_model(teacher_files[0])[0]
+    torch.save(module.state_dict(), tmp_path / "sd.pt")
+    with warnings.catch_warnings():  # a plain state_dict among the teachers uses the flag: no warning
+        warnings.simplefilter("error")
+        load_teachers([teacher_files[0], str(tmp_path / "sd.pt")], arch="lenet5_bn", spec=MNIST_SPEC)
+
+
 def test_cli_two_teachers_with_objective_flags(teacher_files: tuple[str, str], tmp_path: Path):
     out = tmp_path / "run"
     args = ["distill", "--teacher", teacher_files[0], "--teacher", teacher_files[1], "--method", "dfad",
