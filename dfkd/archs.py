@@ -270,7 +270,12 @@ def flag_spec(channels: int | None, size: int | tuple[int, int] | list[int] | No
     channels = channels if channels is not None else lib and lib.channels
     size = size if size is not None else lib and lib.hw
     if channels is None or size is None:
-        raise DfkdError("--channels and --input-size go together (with --mean/--std): give both")
+        given = [f for f, v in (("--channels", channels), ("--input-size", size), ("--mean", mean), ("--std", std))
+                 if v]
+        missing = " and ".join(f for f, v in (("--channels", channels), ("--input-size", size)) if v is None)
+        raise DfkdError(f"{'/'.join(given)} without {missing}: the input flags go together (--channels, --input-size, "
+                        f"--mean, --std make one input spec, which replaces the one a file carries); add {missing}, "
+                        "or give none of them to use the file's")
     if not mean or not std:
         if lib is None or lib.channels != channels:
             raise DfkdError(f"--channels {channels} --input-size {_size_text(size)} without --mean/--std: give the "

@@ -125,8 +125,11 @@ def test_spec_flags_never_default_to_zero_and_one():
     assert flag_spec(None, None, (), ()) is None
     with pytest.raises(DfkdError, match="without --mean/--std.*--mean 0 --std 1"):
         flag_spec(3, 32, (), ())
-    with pytest.raises(DfkdError, match="--channels and --input-size go together"):
+    with pytest.raises(DfkdError, match="--mean/--std without --channels and --input-size: the input flags go "
+                                        "together.*add --channels and --input-size"):
         flag_spec(None, None, (0.5,), (0.2,))
+    with pytest.raises(DfkdError, match="--input-size without --channels: .*add --channels"):
+        flag_spec(None, 300, (), ())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert flag_spec(1, 28, (0.0,), (1.0,)) == InputSpec(1, 28, (0.0,), (1.0,))
