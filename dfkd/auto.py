@@ -97,7 +97,8 @@ class Rule:
         return {**({"recipe": self.recipe} if self.recipe else {}), **self.params}
 
 
-#: First match wins; the last row always matches. Evidence: README *Results* tables (% of the teacher's top-1).
+#: First match wins; the last row always matches. Evidence: README *Results* tables (% of the teacher's top-1) and,
+#: for what was tried session by session on the cross-teacher benchmark, docs/cross-teacher-history.md.
 RULES: tuple[Rule, ...] = (
     Rule("BatchNorm, MNIST-kind inputs (at most 1x32x32 values, or grey and at most 32 px on the shorter side), "
          f"at most {millions(CPU_TEACHER_MACS)} multiply-adds an input",

@@ -45,8 +45,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # KD step of a WRN-16-2 teacher and WRN-16-1 student at batch 128 took 2.2x less CPU time in bf16 than fp32, 2.8x
 # with channels-last; a LeNet-5 pair 1.1-1.2x. So `auto` takes bf16 on such a CPU for heavy teachers only (past
 # `dfkd.methods._recipes.CPU_TEACHER_MACS`), where the gain is large; what it does to accuracy (twice the steps in
-# a CPU budget, e.g. DFQ on a WRN-16-2 at 5 CPU-minutes 76.1 -> 93.6 % of the teacher): README *Results*,
-# "Twenty-fourth session".
+# a CPU budget, e.g. DFQ on a WRN-16-2 at 5 CPU-minutes 76.1 -> 93.6 % of the teacher):
+# docs/cross-teacher-history.md, "Twenty-fourth session".
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: The CPU flags of a native bf16 unit (Intel AMX on Sapphire Rapids and later, AVX-512 BF16 on Cooper Lake and
 #: AMD Zen 4 and later); without one, bf16 on a CPU is emulated and slower than fp32.
