@@ -169,6 +169,10 @@ def _method_names() -> list[str]:
               "(default: the usual pair for the teacher, see dfkd.students).")
 @click.option("--student-arg", "student_args", multiple=True, metavar="KEY=VALUE",
               help="Constructor argument of --student (repeat; JSON values).")
+@click.option("--student-init", type=click.Choice(["auto", "teacher", "random"]), default=None,
+              help="The student's first weights: sliced from the teacher's where the student is the teacher's "
+              "architecture made narrower or shallower (auto: there, else random; teacher: insist), or random as in "
+              "the papers.  [default: auto]")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Budget in student steps.")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"Budget in wall-clock minutes (default {10:g} when --steps is not given).")
@@ -372,14 +376,16 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
             click.echo(f"  defaults for --teacher {teacher}:")
         params = cls.finalize(cls.default_params(loaded, recipe))
         lines = recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})
-        if loaded is not None:  # the default student: its clip, and the line a run prints about it
+        if loaded is not None:  # the default student: its clip, its first weights, and the lines a run prints
             from dfkd.build import clip_unnormalised
+            from dfkd.inherit import inherit
             from dfkd.students import build_student, student_arch, student_line
 
             name, student_kwargs = student_arch(loaded, None)
             net = build_student(name, student_kwargs)
             params, clip = clip_unnormalised(params, {}, net)
-            lines += [clip] * bool(clip) + [student_line(loaded, None, name, net)]
+            lines += [clip] * bool(clip) + [student_line(loaded, None, name, net),
+                                            "  " + inherit(net, loaded.module, "auto", loaded.arch or "the teacher")]
         for k, v in params.items():
             click.echo(f"  {k:14s} {v!r}")
         click.echo("\n" + "\n".join(lines))

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from dfkd.config import resolve_params
+from dfkd.ensemble import EnsembleTeacher
 from dfkd.hooks import is_batchnorm
+from dfkd.inherit import inherit
 from dfkd.methods import Method, get_method
 from dfkd.methods._recipes import recipe_lines
 from dfkd.students import build_student, student_arch, student_line
@@ -34,11 +36,12 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  student: str | None = None, student_args: dict[str, Any] | None = None,
                  quantize: str | None = None, min_s_steps: int = 1,
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 by_auto: Collection[str] = ()) -> Built:
+                 by_auto: Collection[str] = (), student_init: str = "random") -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
-    The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), so they do
-    not depend on how the teacher was loaded, and every rank of a distributed run starts from the same student.
+    The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), or, where
+    `student_init` takes them from the teacher, on the teacher's weights (the slice uses no RNG), so every rank of
+    a distributed run starts from the same student.
 
     Args:
         name: a registered method.
@@ -53,6 +56,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
         local: the settings this process builds with, from the resolved ones (a rank's share of the batch).
         by_auto: the keys of `overrides` (`recipe`, others) that `--method auto` set, not the user (the recipe lines
             say so).
+        student_init: `--student-init`: "auto" and "teacher" start the student from the teacher's sliced weights
+            where it fits in them (`dfkd.inherit`), "random" (the default here: `synthesize`) from the seed alone.
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -65,6 +70,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
     net = build_student(student_name, student_kwargs).to(device)
+    single = None if isinstance(teacher, EnsembleTeacher) else teacher.module
+    init_line = inherit(net, single, student_init, teacher.arch or "the teacher")
     params, clip_line = clip_unnormalised(params, overrides, net)
     lines = [*lines, *[clip_line] * bool(clip_line)]
     if quantize:
@@ -72,7 +79,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
 
         net = prepare_qat(net, quantize)
     method = cls(teacher, net, local(params) if local else params, device)
-    lines = [student_line(teacher, student, student_name, net), *lines]
+    lines = [student_line(teacher, student, student_name, net), *[f"  {init_line}"] * (student_init != "random"),
+             *lines]
     return Built(method, params, student_name, student_kwargs, lines)
 
 

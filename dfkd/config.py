@@ -37,6 +37,7 @@ class DistillConfig:
     std: tuple[float, ...] | None = None
     student: str | None = None
     student_args: dict[str, Any] = field(default_factory=dict)  # --student-arg KEY=VALUE
+    student_init: str = "auto"  # the teacher's sliced weights where the student fits in it (dfkd.inherit), or random
     steps: int | None = None
     budget_minutes: float | None = None
     budget_clock: str = "wall"  # "cpu": --budget-minutes counts this process's CPU time (fair on a shared machine)

@@ -262,6 +262,7 @@ def test_methods_params_show_the_recipe_a_teacher_gets(teacher_file: str) -> Non
 
     assert (batch(paper.output), batch(lenet.output)) == ("512", "64")
     assert "student network: lenet5_half (15,738 parameters" in lenet.output  # the student a run would get
-    assert "student network" not in paper.output
+    assert "student init: 10 tensors from lenet5_bn (the first 3, 8, 60, 42 output channels" in lenet.output
+    assert "student network" not in paper.output and "student init" not in paper.output
     lone = CliRunner().invoke(main, ["methods", "--teacher", teacher_file])
     assert lone.exit_code == 2 and "--params" in lone.output

@@ -103,9 +103,10 @@ def test_real_images_are_sharded_by_rank(teacher_file: str, eval_npz: str, tmp_p
 
 
 def test_one_build_method_for_distill_and_synthesize(teacher_file: str, tmp_path: Path) -> None:
-    """Run builds its method with build_method: the same student and settings as a direct call."""
+    """Run builds its method with build_method: the same student and settings as a direct call (with the run's
+    default --student-init, auto: sliced from the teacher)."""
     teacher = load_teacher(teacher_file)
-    built = build_method("dfad", teacher, {"batch_size": 8}, torch.device("cpu"), seed=3)
+    built = build_method("dfad", teacher, {"batch_size": 8}, torch.device("cpu"), seed=3, student_init="auto")
     run = Run(DistillConfig(teachers=(teacher_file,), method="dfad", seed=3, fid_every=0, device="cpu",
                             params={"batch_size": 8}), tmp_path)
     assert built.params == run.params and built.student_name == run.student_name
