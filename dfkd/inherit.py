@@ -17,8 +17,10 @@ random (2026-12-06); keeping the channels of largest weight norm instead of the 
 only where the network is a plain chain) did worse on the first (39 % on half the test set). What it does to the
 students runs end with is in the README (*The student's first weights*).
 
-`--student-init auto` (the default) inherits wherever the shapes allow and starts at random elsewhere, saying
-which; `teacher` insists (an error names the first tensor that does not fit); `random` is the papers' start.
+`--student-init auto` (the default) inherits wherever the shapes allow and the student is smaller than the teacher
+(a student of the teacher's own architecture, as the literature pairs a WRN-16-1 teacher with, would start as the
+teacher itself), and starts at random elsewhere, saying which; `teacher` insists (an error names the first tensor
+that does not fit; the teacher's own architecture is then a copy of it); `random` is the papers' start.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ def inherit(student: nn.Module, teacher: nn.Module | None, mode: str, teacher_na
     if mode == "random":
         return "student init: random (--student-init random)"
     got = plan(student, teacher) if teacher is not None else Inheritance({}, "the run has no single teacher network")
+    if mode == "auto" and got.tensors and not (got.narrowed or got.left_out):
+        return ("student init: random (the student is the teacher's own architecture, so its weights would make it "
+                "the teacher itself, and the run would measure nothing; --student-init teacher starts from them)")
     if not got.tensors:
         if mode == "teacher":
             raise DfkdError(f"--student-init teacher: {got.reason}; use a student that is the teacher's architecture "

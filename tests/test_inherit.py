@@ -92,6 +92,16 @@ def test_a_student_that_does_not_fit_starts_at_random_or_is_refused():
     assert not plan(wider, create("lenet5_half", **KWARGS)).tensors  # a student wider than its teacher: no slice
 
 
+def test_the_teachers_own_architecture_is_copied_only_when_asked():
+    """A student as large as the teacher would start as the teacher itself: auto leaves it random."""
+    teacher, student = create("wrn_16_1", **KWARGS), create("wrn_16_1", **KWARGS)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    assert "the student is the teacher's own architecture" in inherit(student, teacher, "auto", "wrn_16_1")
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    assert "all of its weights" in inherit(student, teacher, "teacher", "wrn_16_1")
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in student.state_dict().items())
+
+
 def _distill(args: list[str]) -> str:
     r = CliRunner().invoke(main, ["distill", "--method", "dfad", "--steps", "2", "-p", "batch_size=8", *args])
     assert r.exit_code == 0, r.output
