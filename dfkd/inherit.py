@@ -50,7 +50,12 @@ class Inheritance:
 
 def plan(student: nn.Module, teacher: nn.Module) -> Inheritance:
     """The student's state, sliced from `teacher`, or an empty plan with the reason it does not fit."""
+    from dfkd.auto import has_attention
+
     theirs = _folded_state(teacher, student)
+    if theirs is None:
+        return Inheritance({}, "the teacher's BatchNorm would have to be folded into its layers, which a TorchScript "
+                               "module does not allow")
     folded = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()) - sum(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in theirs.modules())
     source = theirs.state_dict()
@@ -63,19 +68,30 @@ def plan(student: nn.Module, teacher: nn.Module) -> Inheritance:
         if t is None or t.ndim != mine.ndim or any(a > b for a, b in zip(mine.shape, t.shape)):
             what = "none" if t is None else f"{tuple(t.shape)}"
             return Inheritance({}, f"the student's {name} {tuple(mine.shape)} has no teacher tensor of that name at "
-                                   f"least as large (teacher: {what})")
+                                   f"least as large (teacher: {what}): it is not the teacher's architecture made "
+                                   "narrower or shallower")
         part = t.detach()[tuple(slice(0, n) for n in mine.shape)].float().clone()
         if mine.ndim >= 2 and t.shape[1] != mine.shape[1]:  # fan-in: weights are (out, in, ...)
             part *= t.shape[1] / mine.shape[1]
         tensors[name] = part.contiguous()
         narrowed = narrowed or part.shape != t.shape
+    if narrowed and has_attention(teacher):  # first rows of a stacked query/key/value weight are not a narrower one
+        return Inheritance({}, "an attention network is not made narrower by slicing its tensors (stacked "
+                               "query/key/value weights, heads)")
     left_out = sum(v.is_floating_point() and k not in tensors for k, v in source.items())
     return Inheritance(tensors, folded=folded, narrowed=narrowed, left_out=left_out)
 
 
-def _folded_state(teacher: nn.Module, student: nn.Module) -> nn.Module:
-    """`teacher` (a copy, where anything changes) with each BatchNorm the student lacks folded into the layer before."""
+def _folded_state(teacher: nn.Module, student: nn.Module) -> nn.Module | None:
+    """`teacher` (a copy, where anything changes) with each BatchNorm the student lacks folded into the layer before.
+
+    None where such a BatchNorm is in a TorchScript module (its layers cannot be replaced).
+    """
     has = {name for name, _ in student.named_parameters()}
+    if isinstance(teacher, torch.jit.ScriptModule):  # its submodules are not nn.Conv2d/BatchNorm2d instances
+        lacking = any("BatchNorm" in getattr(m, "original_name", "") and f"{name}.weight" not in has
+                      for name, m in teacher.named_modules())
+        return None if lacking else teacher
     pairs = []
     for parent_name, parent in teacher.named_modules():
         children = list(parent.named_children())
@@ -119,9 +135,9 @@ def inherit(student: nn.Module, teacher: nn.Module | None, mode: str, teacher_na
                 "the teacher itself, and the run would measure nothing; --student-init teacher starts from them)")
     if not got.tensors:
         if mode == "teacher":
-            raise DfkdError(f"--student-init teacher: {got.reason}; use a student that is the teacher's architecture "
-                            "made narrower or shallower, or --student-init random")
-        return f"student init: random ({got.reason}; the teacher's weights fit only a narrower or shallower copy)"
+            raise DfkdError(f"--student-init teacher: {got.reason}; give a --student that is the teacher's "
+                            "architecture made narrower or shallower, or --student-init random")
+        return f"student init: random ({got.reason})"
     student.load_state_dict(got.tensors, strict=False)
     return (f"student init: {len(got.tensors)} tensors from {teacher_name} ({'; '.join(_how(got))}; dfkd setting, "
             "not the paper's: --student-init random starts at random as the papers do)")

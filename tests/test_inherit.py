@@ -92,6 +92,21 @@ def test_a_student_that_does_not_fit_starts_at_random_or_is_refused():
     assert not plan(wider, create("lenet5_half", **KWARGS)).tensors  # a student wider than its teacher: no slice
 
 
+def test_what_a_slice_cannot_carry_starts_at_random_with_the_reason():
+    """BatchNorm inside TorchScript cannot be folded; an attention network's stacked q/k/v rows are no narrower net."""
+    scripted = torch.jit.script(create("lenet5_bn", **KWARGS).eval())
+    assert "TorchScript module does not allow" in inherit(create("lenet5_half", **KWARGS), scripted, "auto")
+    assert "10 tensors from" in inherit(create("lenet5_half", **KWARGS), torch.jit.script(create("lenet5", **KWARGS)),
+                                        "auto")  # nothing to fold: a TorchScript teacher is sliced
+    timm = pytest.importorskip("timm")
+    vit = {"img_size": 32, "patch_size": 8, "in_chans": 1, "num_classes": 10, "depth": 2}
+    wide = timm.create_model("vit_tiny_patch16_224", embed_dim=64, num_heads=4, **vit)
+    narrow = timm.create_model("vit_tiny_patch16_224", embed_dim=32, num_heads=2, **vit)
+    assert "an attention network is not made narrower" in inherit(narrow, wide, "auto")
+    shallow = timm.create_model("vit_tiny_patch16_224", embed_dim=64, num_heads=4, **{**vit, "depth": 1})
+    assert plan(shallow, wide).left_out > 0 and plan(shallow, wide).tensors  # fewer blocks of the same width: taken
+
+
 def test_the_teachers_own_architecture_is_copied_only_when_asked():
     """A student as large as the teacher would start as the teacher itself: auto leaves it random."""
     teacher, student = create("wrn_16_1", **KWARGS), create("wrn_16_1", **KWARGS)
