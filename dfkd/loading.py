@@ -8,7 +8,9 @@ give), and a pickled module only when the user trusts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
 import struct
@@ -231,15 +233,49 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
     return LoadedModel(module, "onnx", spec, notes=notes)
 
 
+class _Records(logging.Handler):
+    """Keeps a logger's records instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def _held_log(name: str):  # noqa: ANN202 - a generator context manager
+    """The records of logger `name`, kept from the terminal while the block runs (put back after it)."""
+    logger, held = logging.getLogger(name), _Records()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [held], False
+    try:
+        yield held.records
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+
+
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
     extra = {SPEC_KEY: ""}
-    try:
-        ep = torch.export.load(str(p), extra_files=extra)
-        module = torch.export.unflatten(ep)
-    except Exception as e:  # noqa: BLE001
-        raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({_short(e)}); "
-                        "is it corrupt?") from None
+    # torch.export.load logs the real error as a traceback and raises "check the warnings above": one line instead
+    with _held_log("torch.export") as records:
+        try:
+            ep = torch.export.load(str(p), extra_files=extra)
+            module = torch.export.unflatten(ep)
+        except Exception as e:  # noqa: BLE001
+            raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({_export_cause(e, records)}); "
+                            "is it corrupt or truncated? Save it again with torch.export.save") from None
     return LoadedModel(module, "export", spec or _spec_entry(extra[SPEC_KEY]))
+
+
+def _export_cause(e: Exception, records: list[logging.LogRecord]) -> str:
+    """The first sentence of what went wrong: the error torch.export logged, else the one it raised."""
+    cause = next((r.exc_info[1] for r in reversed(records) if r.exc_info and r.exc_info[1]), e)
+    text = _short(cause)
+    if "check the warnings above" in text:  # nothing was logged above: say what it means
+        return "it does not hold a complete exported program"
+    return text.split(". ")[0].rstrip(".")
 
 
 def load_user_model(

@@ -6,6 +6,7 @@ import os
 import pathlib
 import sys
 import uuid
+import zipfile
 
 import numpy as np
 import pytest
@@ -650,6 +651,21 @@ def test_export_archive_with_static_batch_is_refused_clearly(exported):
     msg = _error(exported[1] / "static.pt2", spec=SPEC)
     assert "static.pt2" in msg and "does not accept inputs of shape (2, 1, 32, 32)" in msg
     assert "it takes one image at a time" in msg and "re-export it with a dynamic batch dimension" in msg
+
+
+@pytest.mark.parametrize("missing", ["weight_0", "models/model.json"])
+def test_a_damaged_export_archive_is_one_line_not_torchs_traceback(exported, tmp_path, capfd, missing):
+    """torch.export.load logs a traceback and raises "check the warnings above": dfkd says the cause in one line."""
+    with zipfile.ZipFile(exported[1] / "dynamic.pt2") as whole, zipfile.ZipFile(tmp_path / "t.pt2", "w") as part:
+        for name in whole.namelist():
+            if not name.endswith(missing):
+                part.writestr(name, whole.read(name))
+    capfd.readouterr()
+    msg = _error(tmp_path / "t.pt2", spec=SPEC)
+    assert "torch.export archive could not be read" in msg and "torch.export.save" in msg
+    assert "warnings above" not in msg and "\n" not in msg
+    assert ("failed locating file" in msg) if missing == "weight_0" else ("not hold a complete exported program" in msg)
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_export_archive_without_spec(exported):
