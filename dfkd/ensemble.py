@@ -12,7 +12,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
-from dfkd.teacher import Teacher, load_teacher
+from dfkd.teacher import Teacher, a_file, load_teacher
 
 WEIGHTINGS = ("mean", "confidence")
 
@@ -152,15 +152,8 @@ def _warn_unused_arch(arch: str | None, arch_args: dict | None, members: Sequenc
         return
     flags = [f"--teacher-arch {arch}"] if arch else []
     flags += [f"--arch-arg {k}={v}" for k, v in (arch_args or {}).items()]
-    files = "; ".join(f"{m.source} is {_a_network(m)}" for m in members)
+    files = "; ".join(f"{m.source} is {a_file(m.fmt)}" + (f" of {m.arch}" if m.fmt == "dfkd" and m.arch else "")
+                      for m in members)
     them = "they apply" if len(flags) > 1 else "it applies"
-    warnings.warn(f"{' '.join(flags)} not used: {files}, which brings its own network; {them} to plain state_dicts "
-                  "only", stacklevel=3)
-
-
-def _a_network(teacher: Teacher) -> str:
-    """'a dfkd model file of lenet5', 'a TorchScript file', ... for the unused-architecture warning."""
-    kinds = {"dfkd": "a dfkd model file", "torchscript": "a TorchScript file", "export": "a torch.export archive",
-             "onnx": "an ONNX file", "pickle": "a pickled module"}
-    kind = kinds.get(teacher.fmt, f"a {teacher.fmt} file")
-    return f"{kind} of {teacher.arch}" if teacher.fmt == "dfkd" and teacher.arch else kind
+    brings = "which brings its own network" if len(members) == 1 else "each bringing its own network"
+    warnings.warn(f"{' '.join(flags)} not used: {files}, {brings}; {them} to plain state_dicts only", stacklevel=3)

@@ -234,7 +234,7 @@ def full_fp32() -> Iterator[None]:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _a_file(fmt: str) -> str:
+def a_file(fmt: str) -> str:
     """"an ONNX file", "a TorchScript file", ...: a file format as messages name it."""
     return {"onnx": "an ONNX", "torchscript": "a TorchScript", "export": "a torch.export", "pickle": "a pickle",
             "state_dict": "a state_dict", "dfkd": "a dfkd model"}.get(fmt, f"a {fmt}") + " file"
@@ -359,7 +359,7 @@ def load_teacher(
     """
     loaded: LoadedModel = load_user_model(path, arch=arch, trust_pickle=trust_pickle, spec=spec, arch_args=arch_args)
     if loaded.spec is None:
-        raise DfkdError(f"--teacher {path}: {_a_file(loaded.fmt)} carries no input spec; give --channels C "
+        raise DfkdError(f"--teacher {path}: {a_file(loaded.fmt)} carries no input spec; give --channels C "
                         "--input-size S (or HxW) --mean M --std S (the normalisation the teacher was trained with)")
     _warn_spec_override(path, spec, loaded)
     module, widened = _in_fp32(loaded.module, path)

@@ -166,7 +166,8 @@ def test_load_teachers_one_or_several(teacher_files: tuple[str, str]):
 def test_an_architecture_flag_no_file_uses_is_named_in_a_warning(teacher_files: tuple[str, str], tmp_path: Path):
     """dfkd model files bring their network: --teacher-arch/--arch-arg are ignored for them, and the user is told."""
     with pytest.warns(UserWarning, match=r"--teacher-arch resnet18 --arch-arg width=2 not used: .*a\.pt is a dfkd "
-                                         r"model file of lenet5_bn.*b\.pt is a dfkd model file of lenet5_half_bn"):
+                                         r"model file of lenet5_bn.*b\.pt is a dfkd model file of lenet5_half_bn, each "
+                                         r"bringing its own network"):
         load_teachers(teacher_files, arch="resnet18", arch_args={"width": 2})
     module = load_model(teacher_files[0])[0]
     torch.save(module.state_dict(), tmp_path / "sd.pt")
