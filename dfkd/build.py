@@ -30,6 +30,7 @@ class Built:
     student_name: str
     student_kwargs: dict[str, Any]
     recipe_lines: list[str]  # what a run prints at start: its recipe, why, and its departures from the paper
+    init_line: str = ""  # where the student's first weights came from (dfkd.inherit), "student init: ..."
 
 
 def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device: torch.device, seed: int,
@@ -81,7 +82,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     method = cls(teacher, net, local(params) if local else params, device)
     lines = [student_line(teacher, student, student_name, net), *[f"  {init_line}"] * (student_init != "random"),
              *lines]
-    return Built(method, params, student_name, student_kwargs, lines)
+    return Built(method, params, student_name, student_kwargs, lines, init_line)
 
 
 #: The largest gradient norm of a student without normalisation layers, when neither its recipe nor the user set one.

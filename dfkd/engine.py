@@ -146,6 +146,7 @@ class Run:
         self.method: Method = built.method
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines
+        self.init_line = built.init_line.removeprefix("student init: ")
         self._share(run_dir)
         if cfg.steps is None and cfg.budget_minutes is None and (auto := self.source.default_steps(self.method)):
             self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
@@ -431,7 +432,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             run.dist.on_main(lambda: _start(run, log))
             run.checkpoint()
             log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name,
-                      **({"processes": run.dist.world} if run.dist.enabled else {}))
+                      student_init=run.init_line, **({"processes": run.dist.world} if run.dist.enabled else {}))
         else:
             run.dist.on_main(lambda: _say_recipe(run, resumed=True))
             log.event(run.step, event="resume")

@@ -60,11 +60,13 @@ class RunSummary:
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:
-        """How the teacher file was read, then the held-out selection's choice and the run's warnings.
+        """How the teacher was read, the student's first weights, the selection's choice and the run's warnings.
 
         The warnings: collapse, stuck student, not learned.
         """
         lines = [f"note:     {e['message']}" for e in self.events if e.get("event") == "teacher_note"]
+        lines += [f"init:     {e['student_init']}" for e in self.events if e.get("event") == "start"
+                  and e.get("student_init")]
         done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
         if done:
             sel = self.last("student/top1_selected")

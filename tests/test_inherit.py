@@ -133,6 +133,8 @@ def test_distill_starts_from_the_teacher_by_default_and_records_it(tmp_path: Pat
     assert "student init: 10 tensors from lenet5 (the first 3, 8, 60, 42 output channels" in out
     cfg = json.loads((tmp_path / "a" / "config.json").read_text())
     assert cfg["student_init"] == "auto"
+    report = CliRunner().invoke(main, ["report", str(tmp_path / "a")]).output
+    assert "init:     10 tensors from lenet5 (the first 3, 8, 60, 42" in report
     payload = torch.load(tmp_path / "a" / "student.pt", weights_only=True)
     state = payload["state_dict"] if "state_dict" in payload else payload
     for name, t in half.state_dict().items():  # barely trained: still the half network the teacher doubles
@@ -140,6 +142,8 @@ def test_distill_starts_from_the_teacher_by_default_and_records_it(tmp_path: Pat
     out = _distill(["--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "b"), "--student-init", "random"])
     assert "student init" not in out
     assert json.loads((tmp_path / "b" / "config.json").read_text())["student_init"] == "random"
+    report = CliRunner().invoke(main, ["report", str(tmp_path / "b")]).output
+    assert "init:     random (--student-init random)" in report
 
 
 def test_a_shallower_library_student_takes_the_blocks_it_has():
