@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +20,18 @@ KWARGS = {"num_classes": 10, "in_channels": 1, "input_size": 32}
 
 # Test tensors are tiny: one thread is as fast, and it does not thrash when other jobs share the cores.
 torch.set_num_threads(1)
+
+
+def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, source: str) -> ModuleType:
+    """`source` written as the user's own module `name` in tmp_path, importable as their code is (working folder,
+    sys.path), and imported; it leaves sys.modules when the test ends."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, name, None)  # records the name as absent: teardown removes the module
+    del sys.modules[name]
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
 
 
 def make_teacher_module(arch: str = "lenet5_bn", seed: int = 0) -> torch.nn.Module:

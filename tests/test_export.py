@@ -18,6 +18,7 @@ from dfkd.export import FORMATS, check_out, export_model, load_runner
 from dfkd.models import create, list_models
 from dfkd.spec import InputSpec
 from dfkd.students import DEFAULT_STUDENT
+from tests.conftest import user_module
 
 PACKAGES = {"torchscript": [], "onnx": ["onnx", "onnxruntime"], "exported-program": []}
 STUDENTS = sorted(set(DEFAULT_STUDENT.values()))
@@ -82,15 +83,10 @@ USER_NET = textwrap.dedent("""
 
 @pytest.fixture
 def user_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "usernet18.py").write_text(USER_NET)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from usernet18 import Net
-
+    net_class = user_module(tmp_path, monkeypatch, "usernet18", USER_NET).Net
     torch.manual_seed(1)
-    torch.save(Net().state_dict(), tmp_path / "net.pt")
-    yield tmp_path / "net.pt"
-    sys.modules.pop("usernet18", None)
+    torch.save(net_class().state_dict(), tmp_path / "net.pt")
+    return tmp_path / "net.pt"
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from dfkd.cli.main import main
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
 from dfkd.spec import InputSpec, parse_size
+from tests.conftest import user_module
 
 #: A teacher that takes 28 x 56 images only: its classifier is a Linear over every feature map position.
 WIDE_NET = """
@@ -51,20 +51,15 @@ def _quick(method: str) -> list[str]:
 
 @pytest.fixture
 def wide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    (tmp_path / "widenet.py").write_text(WIDE_NET)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    from widenet import Wide
-
+    wide_class = user_module(tmp_path, monkeypatch, "widenet", WIDE_NET).Wide
     torch.manual_seed(0)
-    net = Wide().train()
+    net = wide_class().train()
     with torch.no_grad():  # BatchNorm statistics that are not the defaults
         net(torch.randn(16, 1, 28, 56) * 0.7 + 0.2)
     torch.save(net.eval().state_dict(), tmp_path / "wide.pt")
     rng = np.random.default_rng(0)  # MNIST-shaped test images: resized to the teacher's 28 x 56
     np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (12, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 12))
-    yield tmp_path / "wide.pt"
-    sys.modules.pop("widenet", None)
+    return tmp_path / "wide.pt"
 
 
 def test_input_sizes_parse_and_square_specs_keep_their_format() -> None:
