@@ -52,12 +52,10 @@ def plan(student: nn.Module, teacher: nn.Module) -> Inheritance:
     """The student's state, sliced from `teacher`, or an empty plan with the reason it does not fit."""
     from dfkd.auto import has_attention
 
-    theirs = _folded_state(teacher, student)
+    theirs, folded = _folded_state(teacher, student)
     if theirs is None:
         return Inheritance({}, "the teacher's BatchNorm would have to be folded into its layers, which a TorchScript "
                                "module does not allow")
-    folded = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.modules()) - sum(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in theirs.modules())
     source = theirs.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     narrowed = False
@@ -82,16 +80,17 @@ def plan(student: nn.Module, teacher: nn.Module) -> Inheritance:
     return Inheritance(tensors, folded=folded, narrowed=narrowed, left_out=left_out)
 
 
-def _folded_state(teacher: nn.Module, student: nn.Module) -> nn.Module | None:
-    """`teacher` (a copy, where anything changes) with each BatchNorm the student lacks folded into the layer before.
+def _folded_state(teacher: nn.Module, student: nn.Module) -> tuple[nn.Module | None, int]:
+    """`teacher` with each BatchNorm the student lacks folded into the layer before, and how many were folded.
 
-    None where such a BatchNorm is in a TorchScript module (its layers cannot be replaced).
+    The teacher is copied where anything changes. None where such a BatchNorm is in a TorchScript module (its
+    layers cannot be replaced).
     """
     has = {name for name, _ in student.named_parameters()}
     if isinstance(teacher, torch.jit.ScriptModule):  # its submodules are not nn.Conv2d/BatchNorm2d instances
         lacking = any("BatchNorm" in getattr(m, "original_name", "") and f"{name}.weight" not in has
                       for name, m in teacher.named_modules())
-        return None if lacking else teacher
+        return (None if lacking else teacher), 0
     pairs = []
     for parent_name, parent in teacher.named_modules():
         children = list(parent.named_children())
@@ -102,7 +101,7 @@ def _folded_state(teacher: nn.Module, student: nn.Module) -> nn.Module | None:
                     and f"{prefix}{b_name}.weight" not in has):
                 pairs.append((parent_name, a_name, b_name))
     if not pairs:
-        return teacher
+        return teacher, 0
     teacher = copy.deepcopy(teacher).float().eval()
     for parent_name, a_name, b_name in pairs:
         parent = teacher.get_submodule(parent_name)
@@ -110,7 +109,7 @@ def _folded_state(teacher: nn.Module, student: nn.Module) -> nn.Module | None:
         fuse = nn.utils.fuse_conv_bn_eval if isinstance(a, nn.Conv2d) else nn.utils.fuse_linear_bn_eval
         setattr(parent, a_name, fuse(a, b))
         setattr(parent, b_name, nn.Identity())
-    return teacher
+    return teacher, len(pairs)
 
 
 def inherit(student: nn.Module, teacher: nn.Module | None, mode: str, teacher_name: str = "the teacher") -> str:

@@ -137,6 +137,12 @@ def for_onnx2torch(model: Any) -> Any:
     return model
 
 
+def _set_nodes(model: Any, nodes: list[Any]) -> None:
+    """Replace the graph's node list (in place) with `nodes`."""
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
 def _no(node: Any) -> bool:
     return False
 
@@ -171,8 +177,7 @@ def _decompose(model: Any) -> None:
         for new in write(node, f"dfkd_{node.op_type.lower()}{i}_", names):
             new.name = f"dfkd_{new.output[0]}"  # onnx2torch keys nodes by name: unnamed ones can collide
             nodes.append(new)
-    del model.graph.node[:]
-    model.graph.node.extend(nodes)
+    _set_nodes(model, nodes)
 
 
 def _share_weights_directly(model: Any) -> None:
@@ -188,8 +193,7 @@ def _share_weights_directly(model: Any) -> None:
         for i, name in enumerate(node.input):
             if name in alias:
                 node.input[i] = alias[name]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
+    _set_nodes(model, kept)
 
 
 def _layer_norm_at_run_time(model: Any) -> None:
@@ -211,8 +215,7 @@ def _layer_norm_at_run_time(model: Any) -> None:
                 node.input[j] = name
     if constants:
         nodes = [*constants, *model.graph.node]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
+        _set_nodes(model, nodes)
 
 
 #: Operators whose output is not a function of their inputs: never computed ahead.
@@ -254,8 +257,7 @@ def _fold_computed_weights(model: Any) -> None:
         else:
             dropped.add(id(node))
     kept = [n for n in model.graph.node if id(n) not in dropped]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
+    _set_nodes(model, kept)
 
 
 def _constant_ancestry(value: str, weights: set[str], producer: dict[str, Any]) -> list[Any] | None:

@@ -163,6 +163,7 @@ class Teacher(nn.Module):
         except Exception:  # noqa: BLE001 - any failure: it does not
             return None
         return out if torch.is_tensor(out) and out.dim() == 2 else None
+
     @property
     def hookable(self) -> bool:
         """True when module hooks work (not TorchScript)."""
