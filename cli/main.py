@@ -131,8 +131,9 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
           --mean 0.4914 --mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 --data cifar10_test.npz
     """
     from dfkd.data import check_fits, load_images
-    from dfkd.evaluate import accuracy
+    from dfkd.evaluate import accuracy, data_doubt, size_note
     from dfkd.teacher_options import load_with_options
+    from dfkd.transfer_meta import recorded_top1
     from dfkd.utils import pick_device
 
     dev = pick_device(device)
@@ -142,11 +143,17 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
     check_fits(images, model.num_classes, model.spec, "--data", data)
     t = load_with_options(teacher, options, dev) if teacher else None
     res = accuracy(model, images, model.spec, dev, t, t.spec if t else None)
+    ref, ref_top1 = (t, res["teacher_top1"]) if t is not None else (model, res["top1"])  # who should know the data
+    doubt = data_doubt(ref_top1, ref.num_classes, "--data", data, size_note(images, ref.spec), recorded_top1(ref),
+                       "the teacher" if t is not None else "the model")
+    if doubt:
+        click.echo(f"warning: {doubt}", err=True)
     if as_json:
         click.echo(json.dumps(res))
         return
-    click.echo(f"{model_path} on {data} ({res['n']} images): top-1 {100 * res['top1']:.2f}%  "
-               f"top-5 {100 * res['top5']:.2f}%")
+    resized = size_note(images, model.spec)
+    click.echo(f"{model_path} on {data} ({res['n']} images{', ' + resized if resized else ''}): top-1 "
+               f"{100 * res['top1']:.2f}%  top-5 {100 * res['top5']:.2f}%")
     if t is not None:
         click.echo(f"agreement with teacher: {100 * res['agreement']:.2f}%  (teacher top-1 "
                    f"{100 * res['teacher_top1']:.2f}%)")

@@ -32,7 +32,7 @@ from dfkd.cost import millions
 from dfkd.data import ImageData, check_fits, load_images
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
 from dfkd.errors import DfkdError
-from dfkd.evaluate import accuracy
+from dfkd.evaluate import accuracy, data_doubt, size_note
 from dfkd.io import WriteFailed, atomic_write_text, disk_error
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
@@ -47,6 +47,7 @@ from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
 from dfkd.spec import InputSpec
+from dfkd.transfer_meta import recorded_top1
 from dfkd.utils import pick_device, seed_everything
 from dfkd.validate import check_settings
 
@@ -411,6 +412,25 @@ def _start(run: Run, log: RunLog) -> None:
     if run.eval_data is not None and run.source.has_teacher:
         t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
         log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
+        _say_teacher_top1(run, t["top1"], log)
+
+
+def _say_teacher_top1(run: Run, top1: float, log: RunLog) -> None:
+    """The teacher's top-1 on --eval-data (the mark the student's is read against), and a warning when it is doubtful.
+
+    Data the teacher does not recognise (another task's, or its own prepared otherwise) makes the student's test
+    accuracy meaningless; the warning goes where the run's other warnings go (progress output, metrics.jsonl,
+    `dfkd report`).
+    """
+    resized = size_note(run.eval_data, run.teacher.spec)
+    tqdm.write(f"teacher on --eval-data: top-1 {100 * top1:.2f}% ({len(run.eval_data)} images"
+               + (f", {resized})" if resized else ")"), file=sys.stderr)
+    doubt = data_doubt(top1, run.teacher.num_classes, "--eval-data", run.cfg.eval_data, resized,
+                       recorded_top1(run.teacher))
+    if doubt:
+        doubt += "; the student's accuracy on them says little"
+        tqdm.write(f"warning: {doubt}", file=sys.stderr)
+        log.event(0, event="eval_doubt", message=doubt)
 
 
 def _say_recipe(run: Run, resumed: bool = False) -> None:

@@ -47,3 +47,45 @@ def accuracy(model: nn.Module, data: ImageData, spec: InputSpec, device: torch.d
     bs = batch_size or default_batch(spec)
     t = predict(teacher, data, teacher_spec or spec, device, bs) if teacher is not None else None
     return scores(predict(model, data, spec, device, bs), data.y, t)
+
+
+def size_note(data: ImageData, spec: InputSpec) -> str:
+    """How `data`'s images reach the model's input size: '' when they are its size, else e.g. '28x28 resized to 32x32'.
+
+    `to_model_input` resizes bilinearly (28-px MNIST to a 32-px LeNet, as DAFL and DFAD do); images of another
+    aspect ratio are 'stretched to' it.
+    """
+    h, w = (int(s) for s in data.x.shape[-2:])
+    if (h, w) == spec.hw:
+        return ""
+    stretched = abs(w / h - spec.hw[1] / spec.hw[0]) > 0.01
+    return f"{w}x{h} {'stretched' if stretched else 'resized'} to {spec.hw[1]}x{spec.hw[0]}"
+
+
+def doubtful_top1(num_classes: int) -> float:
+    """The top-1 at or below which a teacher has not recognised its data: min(4 / K, 1 / K + 0.25 * (1 - 1 / K)).
+
+    Four times chance for many classes (0.4 % of ImageNet's 1000), a quarter of the way from chance to perfect for
+    few (32.5 % at K = 10, 62.5 % at K = 2): a weak teacher of its own data scores above that, a teacher shown
+    another task's images or its own images prepared otherwise scores near chance (the demo LeNet-5, 99.21 % on
+    MNIST, answers 30.9 % of MNIST padded to 64 px and read at 32; a Fashion-MNIST LeNet-5 14.5 % of MNIST).
+    """
+    chance = 1.0 / num_classes
+    return min(4 * chance, chance + 0.25 * (1 - chance))
+
+
+def data_doubt(top1: float, num_classes: int, flag: str, path: str, resized: str, recorded: float | None = None,
+               who: str = "the teacher") -> str | None:
+    """A warning when a model that should know the data (`who`) scores near chance on it, else None.
+
+    Also when it scores 5 points under the top-1 its file records (`recorded`). Evaluated against labels that
+    model does not give, a student's test accuracy says little.
+    """
+    if top1 > doubtful_top1(num_classes) and (recorded is None or top1 >= recorded - 0.05):
+        return None
+    against = f"chance is {100 / num_classes:.1f}%" if recorded is None or top1 <= doubtful_top1(num_classes) \
+        else f"its file records {100 * recorded:.2f}% on its test data"
+    how = f"; the images are {resized}" if resized else ""
+    return (f"{who} answers only {100 * top1:.2f}% of {flag} {path} right ({against}{how}): check that they are "
+            "images of its task, prepared as it was trained (size, padding, --mean/--std), with labels in its class "
+            "order")

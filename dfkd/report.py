@@ -62,7 +62,7 @@ class RunSummary:
     def _watch_lines(self) -> list[str]:
         """How the teacher was read, the student's first weights, the selection's choice and the run's warnings.
 
-        The warnings: collapse, stuck student, not learned.
+        The warnings: evaluation data the teacher does not recognise, collapse, stuck student, not learned.
         """
         lines = [f"note:     {e['message']}" for e in self.events if e.get("event") == "teacher_note"]
         lines += [f"init:     {e['student_init']}" for e in self.events if e.get("event") == "start"
@@ -77,7 +77,7 @@ class RunSummary:
             lines.append(f"EMA:      test top-1 {100 * ema:.2f}%")
         recovered = {e.get("since"): e["step"] for e in self.events if e.get("event") == "collapse_recovered"}
         for e in self.events:
-            if e.get("event") in ("collapse", "student_stuck", "not_learned"):  # dfkd.watch, dfkd.endcheck
+            if e.get("event") in ("eval_doubt", "collapse", "student_stuck", "not_learned"):  # engine, watch, endcheck
                 after = recovered.get(e["step"]) if e.get("event") == "collapse" else None
                 lines.append(f"warning:  step {e['step']}: {e['message']}" +
                              ("" if after is None else f" [recovered by step {after}]"))

@@ -45,6 +45,13 @@ def _cli(*args: object, code: int = 0) -> str:
     return res.output
 
 
+def _json(*args: object) -> dict:
+    """A command's --json answer, read from its stdout alone (warnings go to stderr)."""
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
 def _quick(method: str) -> list[str]:
     return [a for k, v in get_method(method).quick.items() for a in ("-p", f"{k}={json.dumps(v)}")]
 
@@ -96,8 +103,8 @@ def test_every_family_distills_a_non_square_teacher(wide: Path, tmp_path: Path, 
     student = torch.load(run / "student.pt", weights_only=True)
     assert student["input_spec"]["size"] == 28 and student["input_spec"]["width"] == 56
     assert json.loads((run / "config.json").read_text())["input_size"] == [28, 56]
-    result = json.loads(_cli("evaluate", "--model", run / "student.pt", "--data", tmp_path / "test.npz",
-                             "--teacher", wide, *FLAGS, "--json"))
+    result = _json("evaluate", "--model", run / "student.pt", "--data", tmp_path / "test.npz",
+                             "--teacher", wide, *FLAGS, "--json")
     assert result["n"] == 12 and 0 <= result["agreement"] <= 1
 
 
@@ -149,8 +156,8 @@ def test_a_non_square_zoo_student_exported_to_onnx_reads_back(tmp_path: Path) ->
     _cli("export", tmp_path / "s.pt", "--format", "onnx", "--out", tmp_path / "s.onnx")
     rng = np.random.default_rng(1)
     np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (20, 28, 56), dtype=np.uint8), y=np.arange(20) % 10)
-    scores = [json.loads(_cli("evaluate", "--model", tmp_path / f"s.{ext}", "--data", tmp_path / "test.npz",
-                              "--teacher", tmp_path / "s.pt", "--json")) for ext in ("pt", "onnx")]
+    scores = [_json("evaluate", "--model", tmp_path / f"s.{ext}", "--data", tmp_path / "test.npz",
+                              "--teacher", tmp_path / "s.pt", "--json") for ext in ("pt", "onnx")]
     assert scores[0]["top1"] == scores[1]["top1"] and scores[1]["agreement"] == 1.0
 
 

@@ -31,6 +31,13 @@ def _cli(*args: str) -> str:
     return res.output
 
 
+def _json(*args: str) -> dict:
+    """A command's --json answer, read from its stdout alone (warnings go to stderr)."""
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
 def _files(tmp_path, arch, size):
     if arch.startswith("timm:"):
         pytest.importorskip("timm")
@@ -62,14 +69,14 @@ def test_every_command_takes_the_state_dict(tmp_path, arch, size, method):
     assert student["input_spec"]["size"] == size
 
     data = ["--data", tmp_path / "test.npz"]
-    own = json.loads(_cli("evaluate", "--model", tmp_path / "private.pt", *opts, *data, "--json"))
-    pair = json.loads(_cli("evaluate", "--model", tmp_path / "run" / "student.pt", *teacher, *opts, *data, "--json"))
+    own = _json("evaluate", "--model", tmp_path / "private.pt", *opts, *data, "--json")
+    pair = _json("evaluate", "--model", tmp_path / "run" / "student.pt", *teacher, *opts, *data, "--json")
     assert own["n"] == pair["n"] == 16 and pair["teacher_top1"] == own["top1"]
     if (arch, size, method) in FULL:
         _more_commands(tmp_path, teacher, opts, method, size)
 
     _cli("convert", *teacher, *opts, "--out", tmp_path / "teacher.pt")
-    again = json.loads(_cli("evaluate", "--model", tmp_path / "teacher.pt", *data, "--json"))  # no flags any more
+    again = _json("evaluate", "--model", tmp_path / "teacher.pt", *data, "--json")  # no flags any more
     assert again["top1"] == own["top1"]
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():

@@ -1,0 +1,89 @@
+"""Evaluation data the teacher does not recognise is said, not silently scored: its size change and a warning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dfkd.cli.main import main
+from dfkd.data import load_images
+from dfkd.evaluate import data_doubt, doubtful_top1, size_note
+from dfkd.spec import InputSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "examples" / "mnist_lenet5.pt")  # 99.21 % on MNIST, recorded in the file
+
+
+@pytest.fixture(scope="module")
+def mnist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """500 MNIST test images as they are (28 px), padded to 64 px, and padded sideways to 56x28."""
+    d = np.load(ROOT / "examples" / "mnist_test.npz")
+    x, y = d["x"][:500], d["y"][:500]
+    root = tmp_path_factory.mktemp("mnist")
+    padded = np.zeros((len(x), 64, 64), np.uint8)
+    padded[:, 18:46, 18:46] = x
+    wide = np.zeros((len(x), 28, 56), np.uint8)
+    wide[:, :, 14:42] = x
+    files = {"plain": x, "padded": padded, "wide": wide}
+    for name, images in files.items():
+        np.savez(root / f"{name}.npz", x=images, y=y)
+    return {name: str(root / f"{name}.npz") for name in files}
+
+
+def test_size_note_says_resized_or_stretched(mnist: dict[str, str]) -> None:
+    spec = InputSpec(1, 32, (0.5,), (0.5,))
+    assert size_note(load_images(mnist["plain"]), spec) == "28x28 resized to 32x32"
+    assert size_note(load_images(mnist["wide"]), spec) == "56x28 stretched to 32x32"
+    assert size_note(load_images(mnist["plain"]), InputSpec(1, 28, (0.5,), (0.5,))) == ""
+
+
+@pytest.mark.parametrize(("top1", "k", "recorded", "warns"), [
+    (0.30, 10, None, True), (0.40, 10, None, False), (0.55, 2, None, True), (0.70, 2, None, False),
+    (0.003, 1000, None, True), (0.30, 1000, None, False),  # a weak teacher of many classes is not doubted
+    (0.93, 10, 0.9921, True), (0.95, 10, 0.9921, False)])  # 5 points under its file's own record
+def test_doubt_near_chance_or_far_under_the_record(top1: float, k: int, recorded: float | None,
+                                                   warns: bool) -> None:
+    got = data_doubt(top1, k, "--eval-data", "x.npz", "", recorded)
+    assert (got is not None) == warns
+    if warns:
+        assert f"{100 * top1:.2f}%" in got and "x.npz" in got
+        assert ("its file records 99.21%" in got) == (recorded is not None and top1 > doubtful_top1(k))
+
+
+def test_evaluate_warns_on_padded_data_and_not_on_its_own(mnist: dict[str, str]) -> None:
+    res = CliRunner().invoke(main, ["evaluate", "--model", DEMO, "--data", mnist["padded"]])
+    assert res.exit_code == 0, res.output
+    assert "warning: the model answers only" in res.output and "64x64 resized to 32x32" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--model", DEMO, "--data", mnist["wide"]])
+    assert "its file records 99.21%" in res.output and "56x28 stretched to 32x32" in res.output
+    res = CliRunner().invoke(main, ["evaluate", "--model", DEMO, "--data", mnist["plain"]])
+    assert res.exit_code == 0 and "warning" not in res.output
+    assert "(500 images, 28x28 resized to 32x32)" in res.output
+
+
+def _distill(teacher: str, data: str, out: Path) -> str:
+    res = CliRunner().invoke(main, ["distill", "--teacher", teacher, "--method", "dfad", "--steps", "1", "-p",
+                                    "batch_size=8", "--fid-every", "0", "--eval-data", data, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return res.output
+
+
+def test_a_run_says_the_teachers_top1_and_warns_on_data_it_does_not_know(mnist: dict[str, str],
+                                                                         tmp_path: Path) -> None:
+    out = _distill(DEMO, mnist["padded"], tmp_path / "padded")
+    assert "teacher on --eval-data: top-1" in out and "warning: the teacher answers only" in out
+    events = [json.loads(a) for a in (tmp_path / "padded" / "metrics.jsonl").read_text().splitlines()]
+    doubts = [e for e in events if e.get("event") == "eval_doubt"]
+    assert len(doubts) == 1 and "64x64 resized to 32x32" in doubts[0]["message"]
+    report = CliRunner().invoke(main, ["report", str(tmp_path / "padded")]).output
+    assert "warning:  step 0: the teacher answers only" in report
+
+    out = _distill(DEMO, mnist["plain"], tmp_path / "plain")
+    assert "teacher on --eval-data: top-1 99." in out and "(500 images, 28x28 resized to 32x32)" in out
+    assert "the teacher answers only" not in out
+    events = (tmp_path / "plain" / "metrics.jsonl").read_text()
+    assert "eval_doubt" not in events
