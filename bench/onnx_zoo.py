@@ -8,8 +8,9 @@ torch.onnx.export with `dynamo=True` (torch's default exporter) and `dynamo=Fals
 each at their default opset, with a dynamic batch dimension and at a fixed batch of 1 (no `dynamic_shapes` /
 `dynamic_axes`, as a quick export is often made). Each file is loaded with `dfkd.teacher.load_teacher` and its
 logits on 3 random images compared with the source network's. A cell says `loads` (within 1e-3 of the largest
-logit), `WRONG` (loads with other logits), `one image at a time` (refused with the re-export hint: its fixed batch
-is baked in beyond what dfkd can free), or the start of the error. Needs the dev extras (timm, onnx, onnxscript,
+logit), `loads per image (vmap)` (its fixed batch is baked in beyond what dfkd can free, so it runs one image at a
+time, vectorised with torch.func.vmap; `(loop)` where vmap cannot), `WRONG` (loads with other logits), `one image
+at a time` (refused with the re-export hint), or the start of the error. Needs the dev extras (timm, onnx, onnxscript,
 onnx2torch). Prints a Markdown table.
 """
 
@@ -76,11 +77,15 @@ def cell(model: nn.Module, path: Path) -> str:
     except DfkdError as e:
         text = str(e)
         return "one image at a time" if "one image at a time" in text else "fails: " + text[text.find("("):][:50]
+    from dfkd.perimage import PerImage
+
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
         diff = float((teacher(x) - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
-    return "loads" if diff < 1e-3 else f"WRONG ({diff:.1e})"
+    how = "" if not isinstance(teacher.module, PerImage) else \
+        " per image (vmap)" if teacher.module.vectorised else " per image (loop)"
+    return f"loads{how}" if diff < 1e-3 else f"WRONG ({diff:.1e})"
 
 
 def main() -> None:

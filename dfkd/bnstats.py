@@ -49,8 +49,8 @@ class BNInputs:
         if self.taps is not None:
             self.taps.__enter__()
             return
-        why = "it is TorchScript (no module hooks)" if not teacher.hookable else "it has no BatchNorm layers"
-        if teacher.fmt == "onnx":
+        why = f"{teacher.no_hooks} (no module hooks)" if not teacher.hookable else "it has no BatchNorm layers"
+        if teacher.fmt == "onnx" and teacher.hookable:
             why += (": an ONNX export folds BatchNorm into the convolutions; if the network had BatchNorm and you hold "
                     "it, its state_dict or a torch.export archive keeps the statistics (the demo BN LeNet-5 exported "
                     "so, auto at 2 CPU-minutes: 95.2 % top-1, against 98.5 from its own file)")

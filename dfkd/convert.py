@@ -15,6 +15,7 @@ What each source becomes:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from pathlib import Path
@@ -25,8 +26,9 @@ from torch import nn
 
 from dfkd.archs import build_model
 from dfkd.errors import DfkdError, first_line
-from dfkd.loading import read_weights_only, sniff_format
+from dfkd.loading import held_log, read_weights_only, sniff_format
 from dfkd.modelfile import ARCHIVE_KINDS, ModelFile, save_model
+from dfkd.perimage import PerImage
 from dfkd.teacher import Teacher
 from dfkd.teacher_options import TeacherOptions, load_with_options
 
@@ -98,10 +100,17 @@ def _rebuilds(arch: str, t: Teacher) -> bool:
 
 
 def _export_bytes(t: Teacher) -> bytes:
-    x = torch.randn(t.spec.shape(2))
-    batch = torch.export.Dim("batch", min=1)
+    """`t`'s module as torch.export archive bytes, with a dynamic batch.
+
+    One exported at a fixed batch of 1 (run per image, dfkd.perimage) stays at batch 1, and loads per image again.
+    """
+    fixed = isinstance(t.module, PerImage)
+    x = torch.randn(t.spec.shape(1 if fixed else 2))
     try:
-        ep = torch.export.export(t.module, (x,), dynamic_shapes=({0: batch},))
+        # a refusal logs a warning and prints the partial graph to stderr (dozens of lines); the error says why
+        with held_log("torch"), contextlib.redirect_stderr(io.StringIO()):
+            ep = torch.export.export(t.module.inner, (x,)) if fixed else \
+                torch.export.export(t.module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     except Exception as e:  # noqa: BLE001 - whatever the tracer refuses
         why = first_line(e, 160)
         if t.fmt == "onnx":

@@ -245,21 +245,29 @@ class _Records(logging.Handler):
 
 
 @contextlib.contextmanager
-def _held_log(name: str):  # noqa: ANN202 - a generator context manager
-    """The records of logger `name`, kept from the terminal while the block runs (put back after it)."""
-    logger, held = logging.getLogger(name), _Records()
-    handlers, propagate = logger.handlers[:], logger.propagate
-    logger.handlers, logger.propagate = [held], False
+def held_log(name: str):  # noqa: ANN202 - a generator context manager
+    """The records of logger `name` and of its descendants, kept from the terminal while the block runs.
+
+    Each logger's handlers are put back after it. Descendants count because torch gives some of its loggers their
+    own handlers and stops them propagating (torch.fx's shape solver logs a whole traced graph when it gives up).
+    """
+    held = _Records()
+    names = [name, *(n for n in list(logging.root.manager.loggerDict) if n.startswith(name + "."))]
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [held], False
     try:
         yield held.records
     finally:
-        logger.handlers, logger.propagate = handlers, propagate
+        for lg, (handlers, propagate) in zip(loggers, saved, strict=True):
+            lg.handlers, lg.propagate = handlers, propagate
 
 
 def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
     extra = {SPEC_KEY: ""}
     # torch.export.load logs the real error as a traceback and raises "check the warnings above": one line instead
-    with _held_log("torch.export") as records:
+    with held_log("torch.export") as records:
         try:
             ep = torch.export.load(str(p), extra_files=extra)
             module = torch.export.unflatten(ep)

@@ -26,8 +26,8 @@ refuses a Reshape with `allowzero=1`, which the dynamo exporter writes for every
 6. frees a batch dimension exported as a fixed 1 (`torch.onnx.export` without `dynamic_shapes`), where the graph
    bakes it only into Reshape targets: a constant target that starts with the batch's 1 (and has no -1) gets -1
    there, which is the same shape at batch 1 and the batch at any other. What else bakes it in (a ViT's class
-   token concatenated at batch 1) still fails at batch 2, and `dfkd.teacher` checks that every image's logits in a
-   batch are its logits alone, so a graph this leaves wrong is refused, with the hint to re-export it.
+   token concatenated at batch 1) still fails at batch 2: `dfkd.teacher` then runs the graph one image at a time
+   (`dfkd.perimage`), and checks that every image's logits in a batch are its logits alone.
 
 All of it is graph surgery through onnx's public API (`onnx.helper`, `onnx.numpy_helper`,
 `onnx.version_converter`); no code from the file runs.

@@ -17,9 +17,12 @@ from dfkd.hooks import FeatureTaps, batchnorm_paths
 from dfkd.io import sha256_file
 from dfkd.loading import LoadedModel, load_user_model
 from dfkd.models import ZooModel, use_fast_pools
+from dfkd.perimage import PerImage
 from dfkd.spec import InputSpec
 
 HOOKABLE = {"dfkd", "state_dict", "pickle", "export", "onnx"}
+#: Formats whose graph was traced at an example batch, which may have fixed the batch to its size (dfkd.perimage).
+EXPORTED = {"onnx", "export", "torchscript"}
 
 #: Teachers below this many parameters are "LeNet scale": method recipes shrink to what a CPU does in minutes.
 SMALL_TEACHER_PARAMS = 200_000
@@ -101,6 +104,8 @@ class Teacher(nn.Module):
         """
         device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
         x = torch.randn(self.spec.shape(3), generator=torch.Generator().manual_seed(0)).to(device)
+        if self.fmt in EXPORTED and self._fixed_at_one(x):
+            self._run_per_image(x)
         out = self._probe_forward(x[:2])
         head = last_linear(self.module)
         reader = logits_reader(out, head[1].out_features if head else None)
@@ -116,12 +121,33 @@ class Teacher(nn.Module):
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
         out3 = self.logits_from(self._probe_forward(x))
-        check_outputs(self.source, out, out3, self._alone(x[:1]))
+        check_outputs(self.source, out, out3, self._logits_or_none(x[:1]))
         if are_probabilities(out3):
             self._logits_of = LogOf(self._logits_of)
             self.note(f"--teacher {self.source}: it outputs probabilities (each row is non-negative and sums to 1, "
                       "as after a final softmax); dfkd reads their log as the logits, which have the same softmax")
         return int(out.shape[1])
+
+    def _fixed_at_one(self, x: torch.Tensor) -> bool:
+        """Whether the module takes one image only: (1, K) logits alone, an error or another shape at 2 or 3."""
+        one = self._logits_or_none(x[:1])
+        if one is None or one.shape[0] != 1:
+            return False
+        return any(out is None or out.shape != (len(b), one.shape[1])
+                   for b in (x[:2], x) for out in [self._logits_or_none(b)])
+
+    def _run_per_image(self, x: torch.Tensor) -> None:
+        """Run a file exported at a fixed batch of 1 on each image of a batch (dfkd.perimage), and say so."""
+        with full_fp32():
+            self.module = PerImage(self.module, x)
+        how = "vectorised with torch.func.vmap" if self.module.vectorised else \
+            "in a loop, several times slower than a whole batch"
+        self.note(f"--teacher {self.source}: it takes one image at a time (its batch dimension was fixed to 1 when "
+                  f"it was exported); dfkd runs it on each image of a batch ({how}), without module hooks (no "
+                  "BatchNorm statistics or feature objectives); re-export it with a dynamic batch dimension "
+                  "(torch.onnx.export(..., dynamic_shapes=({0: torch.export.Dim('batch')},)) or dynamic_axes; "
+                  "torch.export.export(..., dynamic_shapes=...)) for the hooks" +
+                  ("" if self.module.vectorised else " and the speed"))
 
     def note(self, message: str) -> None:
         """Warn of a change in how the file is read, and keep it in `notes` for the run's log."""
@@ -136,7 +162,7 @@ class Teacher(nn.Module):
             msg = first_line(e)
             if len(x) != 2:
                 hint = f"it runs at batch 2 but not at batch {len(x)}: re-export it with a dynamic batch dimension"
-            elif "equal to" in msg or self._alone(x[:1]) is not None:
+            elif "equal to" in msg or self._logits_or_none(x[:1]) is not None:
                 hint = ("it takes one image at a time (its batch dimension was fixed when it was exported): "
                         "re-export it with a dynamic batch dimension (torch.onnx.export(..., dynamic_shapes=({0: "
                         "torch.export.Dim('batch')},)) or dynamic_axes; torch.export.export(..., dynamic_shapes=...))")
@@ -152,8 +178,8 @@ class Teacher(nn.Module):
             raise DfkdError(f"--teacher {self.source}: the model does not accept inputs of shape "
                             f"{tuple(x.shape)} ({msg}); {hint}") from None
 
-    def _alone(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The logits of `x`, a batch of one image; None when the module does not take it or gives no (1, K) rows.
+    def _logits_or_none(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The logits of `x`; None when the module does not take it or gives no (B, K) rows.
 
         A forward that squeezes its batch dimension gives (K,) at batch 1; it still runs on batches of two or more.
         """
@@ -166,8 +192,15 @@ class Teacher(nn.Module):
 
     @property
     def hookable(self) -> bool:
-        """True when module hooks work (not TorchScript)."""
-        return self.fmt in HOOKABLE
+        """True when module hooks work (not TorchScript, not a fixed-batch file run per image)."""
+        return self.fmt in HOOKABLE and not isinstance(self.module, PerImage)
+
+    @property
+    def no_hooks(self) -> str:
+        """Why module hooks do not work, for messages ("it is TorchScript"); '' when they do."""
+        if isinstance(self.module, PerImage):
+            return "it was exported at a fixed batch of 1 and runs one image at a time"
+        return "" if self.hookable else f"it is {a_file(self.fmt)}"
 
     def bn_paths(self) -> list[str]:
         """Module paths (inside `self.module`) of the BatchNorm layers; empty for BN-free or TorchScript teachers."""
@@ -209,6 +242,9 @@ class Teacher(nn.Module):
 
     def tap(self, paths: Iterable[str], inputs: bool = True, outputs: bool = False) -> FeatureTaps:
         """Feature taps on the wrapped classifier (paths as in `bn_paths()`); use in a `with` block."""
+        if isinstance(self.module, PerImage):
+            raise DfkdError(f"--teacher {self.source}: {self.no_hooks}, without module hooks; re-export it with a "
+                            "dynamic batch dimension to use feature-based losses")
         if not self.hookable:
             raise DfkdError(f"--teacher {self.source}: a {self.fmt} teacher has no module hooks; save it as a "
                             "state_dict, dfkd model file or torch.export archive to use feature-based losses")

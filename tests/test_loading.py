@@ -15,6 +15,8 @@ from torch import nn
 
 import dfkd
 from dfkd import DfkdError, InputSpec, ModelFile, load_teacher, save_model
+from dfkd.perimage import PerImage
+from dfkd.teacher_options import TeacherOptions
 
 SPEC = InputSpec(1, 32, (0.1307,), (0.3081,))
 KWARGS = {"num_classes": 10, "in_channels": 1, "input_size": 32}
@@ -354,6 +356,59 @@ def test_an_onnx_teacher_torch_export_cannot_trace_is_sent_back_to_its_onnx_file
     assert not (tmp_path / "t.pt").exists()
 
 
+class _TokenAtBatchOne(nn.Module):
+    """A CNN that concatenates a learnt token at batch 1 (as a ViT's class token): exported so, it takes one image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.token, self.fc = nn.Conv2d(1, 4, 3, stride=2), nn.Parameter(torch.randn(1, 5)), \
+            nn.Linear(4 * 15 * 15 + 5, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.conv(x).flatten(1), self.token], 1))
+
+
+def test_a_fixed_batch_onnx_teacher_converts_and_still_runs_per_image(tmp_path):
+    """`dfkd convert` exports the per-image teacher's own module at batch 1 (it tried a dynamic batch, and
+    failed): the archive loads per image again, with the same logits."""
+    pytest.importorskip("onnx2torch")
+    from dfkd.convert import convert
+
+    torch.manual_seed(0)
+    model = _TokenAtBatchOne().eval()
+    torch.onnx.export(model, (torch.randn(1, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=False, verbose=False)
+    with pytest.warns(UserWarning, match="one image at a time"):
+        convert(str(tmp_path / "t.onnx"), str(tmp_path / "t.pt"), TeacherOptions(channels=1, size=32, mean=(0.5,),
+                                                                                  std=(0.5,)))
+        t = load_teacher(tmp_path / "t.pt")
+    assert t.fmt == "export" and isinstance(t.module, PerImage)
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(t(x), torch.cat([model(x[i:i + 1]) for i in range(4)]), atol=1e-5)
+
+
+def test_a_refused_conversion_prints_one_line_not_the_traced_graph(tmp_path, capfd):
+    """torch.export prints the partial graph of a module it cannot trace to stderr, and logs a warning, before it
+    raises; convert keeps both from the terminal (dozens of lines before the one that says what to do)."""
+    pytest.importorskip("onnx2torch")
+    from dfkd.convert import convert
+
+    class Reshaped(nn.Module):  # onnx2torch's Reshape checks its target for zeros: a data-dependent guard
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.reshape(1, -1)[:, :10]
+
+    torch.onnx.export(Reshaped(), (torch.randn(1, 1, 32, 32),), str(tmp_path / "t.onnx"), dynamo=True,
+                      verbose=False)
+    capfd.readouterr()
+    with pytest.warns(UserWarning, match="one image at a time"), pytest.raises(DfkdError) as e:
+        convert(str(tmp_path / "t.onnx"), str(tmp_path / "t.pt"), TeacherOptions(channels=1, size=32, mean=(0.5,),
+                                                                                  std=(0.5,)))
+    assert "give the .onnx file itself as --teacher" in str(e.value)
+    err = capfd.readouterr().err
+    assert "def forward" not in err and "Unable to find user code" not in err, err[:500]
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_an_onnx_file_whose_spec_entry_does_not_parse_asks_for_the_flags(onnx_files, tmp_path):
     import onnx
 
@@ -400,23 +455,45 @@ def test_an_onnx_file_of_torchs_current_exporter_is_a_teacher(tmp_path, arch, dy
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_an_onnx_file_exported_at_batch_one_runs_at_any_batch_or_says_how_to_re_export(tmp_path):
+def test_an_onnx_file_exported_at_batch_one_runs_at_any_batch(tmp_path):
     """torch.onnx.export without dynamic_shapes fixes the batch to 1 and bakes it into Reshape targets ([1, 120]):
-    a CNN so exported loads, each image's logits its own; a ViT, whose class token is also concatenated at batch 1,
-    is refused with the hint to re-export it with a dynamic batch dimension (it was told to check --input-size)."""
+    a CNN so exported loads as it is, each image's logits its own; a ViT, whose class token is also concatenated at
+    batch 1, is run one image at a time (vmapped), with the input's gradient, and says so (it was refused)."""
     pytest.importorskip("onnx2torch")
     pytest.importorskip("onnxscript")
     timm = pytest.importorskip("timm")
 
     model = _zoo()
     torch.onnx.export(model, (torch.randn(1, 1, 32, 32),), str(tmp_path / "cnn.onnx"), dynamo=True, verbose=False)
-    _same_outputs(load_teacher(tmp_path / "cnn.onnx", spec=SPEC), model, (5, 1, 32, 32))
+    cnn = load_teacher(tmp_path / "cnn.onnx", spec=SPEC)
+    assert not isinstance(cnn.module, PerImage) and cnn.hookable
+    _same_outputs(cnn, model, (5, 1, 32, 32))
     torch.manual_seed(0)
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32, patch_size=8,
                             in_chans=1, embed_dim=32, depth=1, num_heads=2).eval()
     torch.onnx.export(vit, (torch.randn(1, 1, 32, 32),), str(tmp_path / "vit.onnx"), dynamo=True, verbose=False)
-    msg = _error(tmp_path / "vit.onnx", spec=SPEC)
-    assert "it takes one image at a time" in msg and "re-export it with a dynamic batch dimension" in msg
+    with pytest.warns(UserWarning, match="it takes one image at a time .* re-export it with a dynamic batch"):
+        t = load_teacher(tmp_path / "vit.onnx", spec=SPEC)
+    assert isinstance(t.module, PerImage) and t.module.vectorised and not t.hookable and t.bn_paths() == []
+    x = torch.randn(5, 1, 32, 32, requires_grad=True)
+    out = t(x)
+    with torch.no_grad():
+        assert torch.allclose(out, vit(x), rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_per_image_falls_back_to_a_loop_where_vmap_cannot_run():
+    """A model vmap has no rule for (here, one that reads a value out of its input) runs in a loop, same logits."""
+    class Fixed(nn.Module):
+        def forward(self, x):
+            assert x.shape[0] == 1
+            return x.flatten(1)[:, :3] * float(x.sum() > 0)  # float(): a value out of a mapped tensor
+
+    x = torch.randn(4, 1, 2, 2)
+    per = PerImage(Fixed(), x)
+    assert not per.vectorised
+    assert torch.equal(per(x), torch.cat([Fixed()(x[i:i + 1]) for i in range(4)]))
 
 
 def test_an_onnx_file_whose_layers_share_a_weight_through_identity_loads(tmp_path):
@@ -647,10 +724,15 @@ def test_export_archive_with_dynamic_batch(exported):
     assert sorted(taps.paths) == sorted(t.bn_paths()) and taps.inputs == {}  # cleared on exit
 
 
-def test_export_archive_with_static_batch_is_refused_clearly(exported):
-    msg = _error(exported[1] / "static.pt2", spec=SPEC)
-    assert "static.pt2" in msg and "does not accept inputs of shape (2, 1, 32, 32)" in msg
-    assert "it takes one image at a time" in msg and "re-export it with a dynamic batch dimension" in msg
+def test_export_archive_with_static_batch_runs_one_image_at_a_time(exported):
+    """An archive exported at batch 1 guards its batch size; it runs per image, without hooks (it was refused)."""
+    model, folder = exported
+    with pytest.warns(UserWarning, match="static.pt2: it takes one image at a time"):
+        t = load_teacher(folder / "static.pt2", spec=SPEC)
+    assert isinstance(t.module, PerImage) and not t.hookable and t.bn_paths() == []
+    _same_outputs(t, model, (4, 1, 32, 32))
+    with pytest.raises(DfkdError, match="fixed batch of 1 .* re-export it with a dynamic batch dimension"):
+        t.tap(["stage1.1"])
 
 
 @pytest.mark.parametrize("missing", ["weight_0", "models/model.json"])
