@@ -87,3 +87,11 @@ def test_a_run_says_the_teachers_top1_and_warns_on_data_it_does_not_know(mnist: 
     assert "the teacher answers only" not in out
     events = (tmp_path / "plain" / "metrics.jsonl").read_text()
     assert "eval_doubt" not in events
+
+
+def test_synthesize_warns_before_recording_a_doubtful_teacher_top1(mnist: dict[str, str], tmp_path: Path) -> None:
+    """The transfer file's provenance records the teacher's top-1 on --eval-data: a doubtful one is said."""
+    with pytest.warns(UserWarning, match="the teacher answers only .* 64x64 resized to 32x32"):
+        res = CliRunner().invoke(main, ["synthesize", "--teacher", DEMO, "--method", "dfad", "--num", "8", "--steps",
+                                        "0", "--eval-data", mnist["padded"], "--out", str(tmp_path / "t.npz")])
+    assert res.exit_code == 0, res.output
