@@ -409,19 +409,21 @@ def _start(run: Run, log: RunLog) -> None:
     for teacher in getattr(run.teacher, "members", [run.teacher]):  # an ensemble's own teachers
         for note in getattr(teacher, "notes", ()):
             log.event(0, event="teacher_note", message=note)
-    if run.eval_data is not None and run.source.has_teacher:
-        t = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)
-        log.scalars(0, {"teacher_top1": t["top1"]}, "student/")
-        _say_teacher_top1(run, t["top1"], log)
+    _score_teacher(run, log)
 
 
-def _say_teacher_top1(run: Run, top1: float, log: RunLog) -> None:
+def _score_teacher(run: Run, log: RunLog) -> None:
     """The teacher's top-1 on --eval-data (the mark the student's is read against), and a warning when it is doubtful.
 
     Data the teacher does not recognise (another task's, or its own prepared otherwise) makes the student's test
     accuracy meaningless; the warning goes where the run's other warnings go (progress output, metrics.jsonl,
-    `dfkd report`).
+    `dfkd report`). A new run does it at its start, a resumed one at its resume step (--resume may bring other
+    data).
     """
+    if run.eval_data is None or not run.source.has_teacher:
+        return
+    top1 = accuracy(run.teacher, run.eval_data, run.teacher.spec, run.device, batch_size=run.chunk)["top1"]
+    log.scalars(run.step, {"teacher_top1": top1}, "student/")
     resized = size_note(run.eval_data, run.teacher.spec)
     tqdm.write(f"teacher on --eval-data: top-1 {100 * top1:.2f}% ({len(run.eval_data)} images"
                + (f", {resized})" if resized else ")"), file=sys.stderr)
@@ -430,7 +432,7 @@ def _say_teacher_top1(run: Run, top1: float, log: RunLog) -> None:
     if doubt:
         doubt += "; the student's accuracy on them says little"
         tqdm.write(f"warning: {doubt}", file=sys.stderr)
-        log.event(0, event="eval_doubt", message=doubt)
+        log.event(run.step, event="eval_doubt", message=doubt)
 
 
 def _say_recipe(run: Run, resumed: bool = False) -> None:
@@ -456,6 +458,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         else:
             run.dist.on_main(lambda: _say_recipe(run, resumed=True))
             log.event(run.step, event="resume")
+            run.dist.on_main(lambda: _score_teacher(run, log))
         result = run.loop(log)
         return run.finish(log, result)
     except WriteFailed as e:

@@ -95,3 +95,14 @@ def test_synthesize_warns_before_recording_a_doubtful_teacher_top1(mnist: dict[s
         res = CliRunner().invoke(main, ["synthesize", "--teacher", DEMO, "--method", "dfad", "--num", "8", "--steps",
                                         "0", "--eval-data", mnist["padded"], "--out", str(tmp_path / "t.npz")])
     assert res.exit_code == 0, res.output
+
+
+def test_a_resume_with_other_eval_data_checks_the_teacher_on_it(mnist: dict[str, str], tmp_path: Path) -> None:
+    _distill(DEMO, mnist["plain"], tmp_path / "run")
+    res = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "run"), "--steps", "2", "--eval-data",
+                                    mnist["padded"]])
+    assert res.exit_code == 0, res.output
+    assert "warning: the teacher answers only" in res.output
+    events = [json.loads(a) for a in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "eval_doubt"] == [1]
+    assert [e["step"] for e in events if "student/teacher_top1" in e] == [0, 1]
