@@ -130,7 +130,7 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
       dfkd evaluate --model private.pt --teacher-arch torchvision:resnet18 --channels 3 --input-size 32 \\
           --mean 0.4914 --mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 --data cifar10_test.npz
     """
-    from dfkd.data import check_fits, load_images
+    from dfkd.data import by_name, check_fits, load_images
     from dfkd.evaluate import accuracy, data_doubt, size_note
     from dfkd.teacher_options import load_with_options
     from dfkd.transfer_meta import recorded_top1
@@ -139,7 +139,7 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
     dev = pick_device(device)
     options = pop_teacher_options(kw)
     model = load_with_options(model_path, options, dev, flag="--model")
-    images = load_images(data)
+    images = by_name(load_images(data), model.class_names, "--data", data)
     check_fits(images, model.num_classes, model.spec, "--data", data)
     t = load_with_options(teacher, options, dev) if teacher else None
     res = accuracy(model, images, model.spec, dev, t, t.spec if t else None)

@@ -264,6 +264,32 @@ def check_training_labels(data: ImageData, flag: str, path: str) -> int:
     return k
 
 
+def by_name(data: ImageData, names: list[str] | None, flag: str, path: str) -> ImageData:
+    """An image folder's classes read by name where the model records its classes' names.
+
+    A folder's labels are its sorted sub-folders' positions, so a test folder that lacks one of the model's
+    classes (or holds a class the model's training folder did not) would be labelled shifted from there on, and the
+    accuracy measured against the wrong classes. A model file that records class names (`dfkd train-teacher` on a
+    folder, and every student distilled from it) gets each folder's images labelled with the index of its name. A
+    folder named after no class of the model is refused; folders that share no name with the model's classes
+    (another naming: "0".."9" beside "airplane"..) are read by position, as before.
+    """
+    if names is None or data.class_names is None or list(data.class_names) == list(names)[:len(data.class_names)]:
+        return data
+    index = {n: i for i, n in enumerate(names)}
+    unknown = [n for n in data.class_names if n not in index]
+    if len(unknown) == len(data.class_names):
+        return data
+    if unknown:
+        known = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise DfkdError(f"{flag} {path}: class folder(s) {', '.join(unknown[:5])} name no class of the model (it "
+                        f"knows {known}); remove or rename them")
+    warnings.warn(f"{flag} {path}: its {len(data.class_names)} class folders are read by name as the model's "
+                  f"classes (the model knows {len(names)}, in another order or more of them)", stacklevel=2)
+    relabel = torch.tensor([index[n] for n in data.class_names])
+    return ImageData(data.x, relabel[data.y], list(names))
+
+
 def check_fits(data: ImageData, num_classes: int, spec: InputSpec, flag: str, path: str) -> None:
     """Refuse data whose labels or channels cannot match the model, before any training starts."""
     if len(data) == 0:

@@ -29,7 +29,7 @@ from dfkd.build import build_method
 from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, check_method_params
 from dfkd.cost import millions
-from dfkd.data import ImageData, check_fits, load_images
+from dfkd.data import ImageData, by_name, check_fits, load_images
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
@@ -135,7 +135,8 @@ class Run:
         get_method(cfg.method)
         self.eval_data: ImageData | None = None
         if cfg.eval_data:
-            self.eval_data = load_images(cfg.eval_data, "--eval-data")
+            self.eval_data = by_name(load_images(cfg.eval_data, "--eval-data"), self.teacher.class_names,
+                                     "--eval-data", cfg.eval_data)
             check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) \
             if cfg.fid_every and dist.main else FIDMonitors([])

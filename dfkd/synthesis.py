@@ -268,10 +268,10 @@ def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.d
     if eval_data is None:
         top1 = recorded_top1(teacher)
         return top1, ("its model file's record" if top1 is not None else None)
-    from dfkd.data import check_fits, load_images
+    from dfkd.data import by_name, check_fits, load_images
     from dfkd.evaluate import accuracy, data_doubt, size_note
 
-    images = load_images(eval_data)
+    images = by_name(load_images(eval_data), teacher.class_names, "--eval-data", eval_data)
     check_fits(images, teacher.num_classes, teacher.spec, "--eval-data", eval_data)
     top1 = float(accuracy(teacher, images, teacher.spec, torch.device(device))["top1"])
     doubt = data_doubt(top1, teacher.num_classes, "--eval-data", eval_data, size_note(images, teacher.spec),

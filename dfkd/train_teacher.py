@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dfkd.cost import millions
-from dfkd.data import ImageData, check_fits, check_training_labels, load_images, to_model_input
+from dfkd.data import ImageData, by_name, check_fits, check_training_labels, load_images, to_model_input
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
@@ -86,6 +86,7 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     spec = data_spec(data, cfg.input_size)
     test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
     if test is not None:
+        test = by_name(test, data.class_names, "--eval-data", cfg.eval_data)
         check_fits(test, num_classes, spec, "--eval-data", cfg.eval_data)
     kwargs = {"num_classes": num_classes, "in_channels": spec.channels, "input_size": spec.side}
     model = create(cfg.arch, **kwargs).to(device)

@@ -106,3 +106,40 @@ def test_a_resume_with_other_eval_data_checks_the_teacher_on_it(mnist: dict[str,
     events = [json.loads(a) for a in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if e.get("event") == "eval_doubt"] == [1]
     assert [e["step"] for e in events if "student/teacher_top1" in e] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def digit_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """MNIST 0, 1, 2 as image folders named zero/one/two (train: 100 each), a test folder without "one", and one
+    with a class the model never had."""
+    from PIL import Image
+
+    d = np.load(ROOT / "examples" / "mnist_test.npz")
+    root = tmp_path_factory.mktemp("folders")
+    names = {0: "zero", 1: "one", 2: "two"}
+    for split, classes, first in (("train", (0, 1, 2), 0), ("test", (0, 2), 2000), ("odd", (0, 2), 2000)):
+        for c in classes:
+            folder = root / split / (names[c] if split != "odd" or c != 2 else "nine")
+            folder.mkdir(parents=True)
+            for i, img in enumerate(d["x"][first:][d["y"][first:] == c][:100]):
+                Image.fromarray(img).save(folder / f"{i}.png")
+    return root
+
+
+def test_image_folders_are_labelled_by_the_models_class_names(digit_folders: Path, tmp_path: Path) -> None:
+    """A test folder without one of the training folder's classes was labelled by position ("two" as class 0, the
+    model's "one"; "zero" as class 1, its "two"), and the teacher scored 0 %. By name, as it should."""
+    with pytest.warns(UserWarning, match="class folders are read by name"):  # train-teacher's --eval-data too
+        res = CliRunner().invoke(main, ["train-teacher", "--data", str(digit_folders / "train"), "--arch", "lenet5_bn",
+                                        "--epochs", "5", "--batch-size", "16", "--eval-data",
+                                        str(digit_folders / "test"), "--precision", "fp32", "--out",
+                                        str(tmp_path / "t.pt")])
+    assert res.exit_code == 0, res.output
+    with pytest.warns(UserWarning, match="class folders are read by name"):
+        out = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "t.pt"), "--data",
+                                        str(digit_folders / "test"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["top1"] > 0.9
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "t.pt"), "--data",
+                                    str(digit_folders / "odd")])
+    assert res.exit_code == 2 and "class folder(s) nine name no class of the model" in res.output
