@@ -368,6 +368,21 @@ class _TokenAtBatchOne(nn.Module):
         return self.fc(torch.cat([self.conv(x).flatten(1), self.token], 1))
 
 
+def test_a_per_image_teacher_takes_a_bf16_batch_under_autocast():
+    """A bf16 run (autocast on a CPU) hands the teacher bf16 images; under vmap they reached the first convolution
+    uncast ("Input type (CPUBFloat16Type) and weight type (torch.FloatTensor)"): they go in the graph's dtype."""
+    torch.manual_seed(0)
+    net = _TokenAtBatchOne().eval()
+    x = torch.randn(3, 1, 32, 32)
+    per = PerImage(net, x)
+    assert per.vectorised
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = per(x.bfloat16())
+    assert out.shape == (3, 10)
+    with torch.no_grad():
+        assert torch.allclose(out.float(), torch.cat([net(x[i:i + 1]) for i in range(3)]), atol=0.1)
+
+
 def test_a_fixed_batch_onnx_teacher_converts_and_still_runs_per_image(tmp_path):
     """`dfkd convert` exports the per-image teacher's own module at batch 1 (it tried a dynamic batch, and
     failed): the archive loads per image again, with the same logits."""
