@@ -230,8 +230,9 @@ class Teacher(nn.Module):
             return self.module.forward_head(f), f
         path = self.penultimate_path()
         if path is None:
-            raise DfkdError(f"--teacher {self.source}: no Linear layer to read penultimate features from "
-                            f"({self.fmt} teacher); use a method that needs only the logits")
+            why = f"{self.no_hooks}, without module hooks" if self.no_hooks else "it has no Linear layer"
+            raise DfkdError(f"--teacher {self.source}: no penultimate features to read ({why}); use a method that "
+                            "needs only the logits")
         with self.tap([path]) as taps:
             logits = self.logits_from(self.module(x))
             return logits, taps.inputs[path].flatten(1)
