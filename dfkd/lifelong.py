@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.data import ImageData, check_fits, load_images
+from dfkd.data import ImageData, by_name, check_fits, load_images
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_write_text
 from dfkd.lifelong_train import PHASES, Batches, Phase, evaluate_split, grow_model, train_phase
@@ -154,9 +154,11 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
     k_all = int(new.y.max()) + 1
     test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
     if test is not None:
+        test = by_name(test, _all_names(teacher, new, k_all), "--eval-data", cfg.eval_data)
         check_fits(test, k_all, teacher.spec, "--eval-data", cfg.eval_data)
     old = load_images(cfg.old_data, "--old-data") if cfg.old_data else None
     if old is not None:
+        old = by_name(old, teacher.class_names, "--old-data", cfg.old_data)
         check_fits(old, k_old, teacher.spec, "--old-data", cfg.old_data)
     _check_config(cfg, work, resume)
     seed_everything(cfg.seed)
@@ -181,13 +183,18 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
     return report
 
 
+def _all_names(teacher: Teacher, new: ImageData, k_all: int) -> list[str] | None:
+    """The extended model's class names: the teacher's, then the new data's (numbers where one side has none)."""
+    if not (teacher.class_names or new.class_names):
+        return None
+    old_names = list(teacher.class_names or [str(i) for i in range(teacher.num_classes)])
+    return old_names + list(new.class_names or [str(i) for i in range(len(old_names), k_all)])
+
+
 def _write_model(cfg: ExtendConfig, teacher: Teacher, model: nn.Module, new: ImageData, k_all: int) -> None:
     if Path(cfg.out).exists():  # a resumed run wrote it before it was stopped
         return
-    names = None
-    if teacher.class_names or new.class_names:
-        old_names = list(teacher.class_names or [str(i) for i in range(teacher.num_classes)])
-        names = old_names + list(new.class_names or [str(i) for i in range(len(old_names), k_all)])
+    names = _all_names(teacher, new, k_all)
     prov = {"kind": "extended", "from": os.path.basename(teacher.source), "new_data": os.path.basename(cfg.data),
             "method": cfg.method, "old_classes": teacher.num_classes, "steps": cfg.steps}
     kwargs = {**(teacher.arch_kwargs or {}), "num_classes": k_all}

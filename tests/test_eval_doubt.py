@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dfkd.cli.main import main
@@ -110,14 +111,15 @@ def test_a_resume_with_other_eval_data_checks_the_teacher_on_it(mnist: dict[str,
 
 @pytest.fixture(scope="module")
 def digit_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """MNIST 0, 1, 2 as image folders named zero/one/two (train: 100 each), a test folder without "one", and one
-    with a class the model never had."""
+    """MNIST 0, 1, 2 as image folders named zero/one/two (train: 100 each), a test folder without "one", one with a
+    class the model never had, a new class "three" and a test folder of zero, two and three."""
     from PIL import Image
 
     d = np.load(ROOT / "examples" / "mnist_test.npz")
     root = tmp_path_factory.mktemp("folders")
-    names = {0: "zero", 1: "one", 2: "two"}
-    for split, classes, first in (("train", (0, 1, 2), 0), ("test", (0, 2), 2000), ("odd", (0, 2), 2000)):
+    names = {0: "zero", 1: "one", 2: "two", 3: "three"}
+    for split, classes, first in (("train", (0, 1, 2), 0), ("test", (0, 2), 2000), ("odd", (0, 2), 2000),
+                                  ("new", (3,), 0), ("test4", (0, 2, 3), 2000)):
         for c in classes:
             folder = root / split / (names[c] if split != "odd" or c != 2 else "nine")
             folder.mkdir(parents=True)
@@ -143,3 +145,15 @@ def test_image_folders_are_labelled_by_the_models_class_names(digit_folders: Pat
     res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "t.pt"), "--data",
                                     str(digit_folders / "odd")])
     assert res.exit_code == 2 and "class folder(s) nine name no class of the model" in res.output
+
+    # dfkd extend: the test folder (three, two, zero in sorted order) is read as the extended model's 0..3 by name
+    with pytest.warns(UserWarning, match="class folders are read by name"):
+        res = CliRunner().invoke(main, ["extend", "--teacher", str(tmp_path / "t.pt"), "--data",
+                                        str(digit_folders / "new"), "--eval-data", str(digit_folders / "test4"),
+                                        "--out", str(tmp_path / "x.pt"), "--replay", "32", "--steps", "5",
+                                        "--batch-size", "16", "--device", "cpu", "-p", "batch_size=16", "-p",
+                                        "synth_batch_size=16", "-p", "iterations=2"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "x.extend" / "report.json").read_text())
+    assert report["teacher"]["old"] > 0.9  # by position "three" was read as old class 0 ("one"): 67 %
+    assert torch.load(tmp_path / "x.pt", weights_only=True)["class_names"] == ["one", "two", "zero", "three"]
