@@ -39,7 +39,7 @@ class PerImage(nn.Module):
         #: The dtype the graph was exported in. Its images are handed over in it: under vmap, a bf16 batch reached
         #: the first convolution uncast by autocast ("Input type (CPUBFloat16Type) and weight type (FloatTensor)
         #: should be the same"), while an fp32 one is autocast as without vmap.
-        self.dtype = next((t.dtype for t in (*inner.parameters(), *inner.buffers()) if t.is_floating_point()), None)
+        self.in_dtype = next((t.dtype for t in (*inner.parameters(), *inner.buffers()) if t.is_floating_point()), None)
         self.vectorised = False
         with torch.no_grad():
             looped = self(probe)
@@ -53,8 +53,8 @@ class PerImage(nn.Module):
         return self.inner(x.unsqueeze(0)).squeeze(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dtype is not None and x.is_floating_point():
-            x = x.to(self.dtype)
+        if self.in_dtype is not None and x.is_floating_point():
+            x = x.to(self.in_dtype)
         if self.vectorised:
             return torch.func.vmap(self._one)(x)
         return torch.cat([self.inner(x[i:i + 1]) for i in range(len(x))])
