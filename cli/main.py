@@ -130,22 +130,20 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
       dfkd evaluate --model private.pt --teacher-arch torchvision:resnet18 --channels 3 --input-size 32 \\
           --mean 0.4914 --mean 0.4822 --mean 0.4465 --std 0.247 --std 0.243 --std 0.261 --data cifar10_test.npz
     """
-    from dfkd.data import by_name, check_fits, load_images
+    from dfkd.data import load_for
     from dfkd.evaluate import accuracy, data_doubt, size_note
     from dfkd.teacher_options import load_with_options
-    from dfkd.transfer_meta import recorded_top1
     from dfkd.utils import pick_device
 
     dev = pick_device(device)
     options = pop_teacher_options(kw)
     model = load_with_options(model_path, options, dev, flag="--model")
-    images = by_name(load_images(data), model.class_names, "--data", data)
-    check_fits(images, model.num_classes, model.spec, "--data", data)
+    images = load_for(data, "--data", model.num_classes, model.spec, model.class_names)
     t = load_with_options(teacher, options, dev) if teacher else None
     res = accuracy(model, images, model.spec, dev, t, t.spec if t else None)
     ref, ref_top1 = (t, res["teacher_top1"]) if t is not None else (model, res["top1"])  # who should know the data
-    doubt = data_doubt(ref_top1, ref.num_classes, "--data", data, size_note(images, ref.spec), recorded_top1(ref),
-                       "the teacher" if t is not None else "the model")
+    doubt = data_doubt(ref_top1, ref.num_classes, "--data", data, size_note(images, ref.spec),
+                       ref.recorded_top1, "the teacher" if t is not None else "the model")
     if doubt:
         click.echo(f"warning: {doubt}", err=True)
     if as_json:

@@ -264,6 +264,17 @@ def check_training_labels(data: ImageData, flag: str, path: str) -> int:
     return k
 
 
+def load_for(path: str, flag: str, num_classes: int, spec: InputSpec, names: list[str] | None) -> ImageData:
+    """Real images for a model of `num_classes` classes, `spec` inputs and class `names` (None: unknown).
+
+    Read (`load_images`), labelled by class name where the model records names (`by_name`), and refused where they
+    cannot fit the model (`check_fits`).
+    """
+    data = by_name(load_images(path, flag), names, flag, path)
+    check_fits(data, num_classes, spec, flag, path)
+    return data
+
+
 def by_name(data: ImageData, names: list[str] | None, flag: str, path: str) -> ImageData:
     """An image folder's classes read by name where the model records its classes' names.
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dfkd.calibration import DEFAULT_CALIBRATION, NOISE, calibration_pixels
-from dfkd.data import by_name, check_fits, load_images, to_model_input
+from dfkd.data import load_for, to_model_input
 from dfkd.deploystats import DeployStats, measure
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
@@ -70,10 +70,8 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     check_out(req.out, req.force)
     model = load_model_any(req.model, req.arch, req.trust_pickle)
     teacher = load_teacher(req.teacher, device=req.device) if req.teacher else None
-    eval_data = load_images(req.eval_data, "--eval-data") if req.eval_data else None
-    if eval_data is not None:
-        eval_data = by_name(eval_data, model.class_names, "--eval-data", req.eval_data)
-        check_fits(eval_data, model.num_classes, model.spec, "--eval-data", req.eval_data)
+    eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \
+        if req.eval_data else None
     pixels = calibration_pixels(req.calibration, req.num_calibration, model.spec, teacher, req.seed, req.device,
                                 req.params, req.synth_steps)
     calib = to_model_input(pixels, model.spec)

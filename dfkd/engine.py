@@ -29,7 +29,7 @@ from dfkd.build import build_method
 from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from dfkd.config import DistillConfig, check_method_params
 from dfkd.cost import millions
-from dfkd.data import ImageData, by_name, check_fits, load_images
+from dfkd.data import ImageData, load_for
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
@@ -47,7 +47,6 @@ from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
 from dfkd.spec import InputSpec
-from dfkd.transfer_meta import recorded_top1
 from dfkd.utils import pick_device, seed_everything
 from dfkd.validate import check_settings
 
@@ -135,9 +134,8 @@ class Run:
         get_method(cfg.method)
         self.eval_data: ImageData | None = None
         if cfg.eval_data:
-            self.eval_data = by_name(load_images(cfg.eval_data, "--eval-data"), self.teacher.class_names,
-                                     "--eval-data", cfg.eval_data)
-            check_fits(self.eval_data, self.teacher.num_classes, self.teacher.spec, "--eval-data", cfg.eval_data)
+            t = self.teacher
+            self.eval_data = load_for(cfg.eval_data, "--eval-data", t.num_classes, t.spec, t.class_names)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) \
             if cfg.fid_every and dist.main else FIDMonitors([])
         built = build_method(cfg.method, self.teacher, self.source.overrides(), self.device, cfg.seed,
@@ -429,7 +427,7 @@ def _score_teacher(run: Run, log: RunLog) -> None:
     tqdm.write(f"teacher on --eval-data: top-1 {100 * top1:.2f}% ({len(run.eval_data)} images"
                + (f", {resized})" if resized else ")"), file=sys.stderr)
     doubt = data_doubt(top1, run.teacher.num_classes, "--eval-data", run.cfg.eval_data, resized,
-                       recorded_top1(run.teacher))
+                       run.teacher.recorded_top1)
     if doubt:
         doubt += "; the student's accuracy on them says little"
         tqdm.write(f"warning: {doubt}", file=sys.stderr)

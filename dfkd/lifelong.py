@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.data import ImageData, by_name, check_fits, load_images
+from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_write_text
 from dfkd.lifelong_train import PHASES, Batches, Phase, evaluate_split, grow_model, train_phase
@@ -152,14 +152,9 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
     k_old = teacher.num_classes
     new = append_labels(load_images(cfg.data), k_old, cfg.data)
     k_all = int(new.y.max()) + 1
-    test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
-    if test is not None:
-        test = by_name(test, _all_names(teacher, new, k_all), "--eval-data", cfg.eval_data)
-        check_fits(test, k_all, teacher.spec, "--eval-data", cfg.eval_data)
-    old = load_images(cfg.old_data, "--old-data") if cfg.old_data else None
-    if old is not None:
-        old = by_name(old, teacher.class_names, "--old-data", cfg.old_data)
-        check_fits(old, k_old, teacher.spec, "--old-data", cfg.old_data)
+    test = load_for(cfg.eval_data, "--eval-data", k_all, teacher.spec, _all_names(teacher, new, k_all)) \
+        if cfg.eval_data else None
+    old = load_for(cfg.old_data, "--old-data", k_old, teacher.spec, teacher.class_names) if cfg.old_data else None
     _check_config(cfg, work, resume)
     seed_everything(cfg.seed)
     replay = make_replay(teacher, cfg, work, device)

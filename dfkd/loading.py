@@ -46,6 +46,7 @@ class LoadedModel:
     class_names: list[str] | None = None
     num_classes: int | None = None  # what a dfkd model file declares
     declared: InputSpec | None = None  # the input spec a dfkd model file declares (whatever the flags say)
+    top1: float | None = None  # the test top-1 a dfkd model file records (`dfkd train-teacher --eval-data`)
     notes: list[str] = field(default_factory=list)  # changes in how the file is read (each also warned of)
 
 
@@ -338,8 +339,10 @@ def load_user_model(
 def _from_model_file(payload: dict[str, Any], p: Path, spec: InputSpec | None) -> LoadedModel:
     module, meta = model_from_payload(payload, f"--teacher {p}")
     fmt = meta.arch if meta.arch in ARCHIVE_KINDS else "dfkd"  # a converted archive keeps its format's limits
+    top1 = meta.provenance.get("top1")
     return LoadedModel(module, fmt, spec or meta.input_spec, meta.arch, meta.arch_kwargs, meta.class_names,
-                       meta.num_classes, meta.input_spec)
+                       meta.num_classes, meta.input_spec,
+                       top1=float(top1) if isinstance(top1, (int, float)) else None)
 
 
 def _load_pickle(p: Path, spec: InputSpec | None, arch: str | None = None,

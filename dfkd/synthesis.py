@@ -26,7 +26,7 @@ from dfkd.errors import DfkdError
 from dfkd.labels import LabelSpec, minimise
 from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, load_transfer, meta_arrays, teacher_probs, to_pixels
-from dfkd.transfer_meta import plain_params, provenance, recorded_top1, student_recipe
+from dfkd.transfer_meta import plain_params, provenance, student_recipe
 from dfkd.transfer_parts import Parts
 
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
@@ -266,16 +266,15 @@ def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.d
                                                                                                str | None]:
     """The teacher's top-1 for the provenance: measured on `eval_data`, else its model file's record, else None."""
     if eval_data is None:
-        top1 = recorded_top1(teacher)
+        top1 = teacher.recorded_top1
         return top1, ("its model file's record" if top1 is not None else None)
-    from dfkd.data import by_name, check_fits, load_images
+    from dfkd.data import load_for
     from dfkd.evaluate import accuracy, data_doubt, size_note
 
-    images = by_name(load_images(eval_data), teacher.class_names, "--eval-data", eval_data)
-    check_fits(images, teacher.num_classes, teacher.spec, "--eval-data", eval_data)
+    images = load_for(eval_data, "--eval-data", teacher.num_classes, teacher.spec, teacher.class_names)
     top1 = float(accuracy(teacher, images, teacher.spec, torch.device(device))["top1"])
     doubt = data_doubt(top1, teacher.num_classes, "--eval-data", eval_data, size_note(images, teacher.spec),
-                       recorded_top1(teacher))
+                       teacher.recorded_top1)
     if doubt:  # the provenance records this top-1 as the teacher's
         warnings.warn(doubt, stacklevel=3)
     return top1, Path(eval_data).name

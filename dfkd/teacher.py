@@ -76,6 +76,8 @@ class Teacher(nn.Module):
         self._logits_of: Callable[[Any], torch.Tensor] | None = None
         #: What dfkd changed about how it reads the file (each also a warning at load time); a run logs them.
         self.notes: list[str] = []
+        #: The test top-1 the file records (a dfkd model file's provenance), else None; set by `load_teacher`.
+        self.recorded_top1: float | None = None
         for p in self.module.parameters():  # per tensor: ScriptModules refuse `requires_grad_`
             p.requires_grad_(False)
         if self.hookable:
@@ -202,6 +204,13 @@ class Teacher(nn.Module):
             return "it was exported at a fixed batch of 1 and runs one image at a time"
         return "" if self.hookable else f"it is {a_file(self.fmt)}"
 
+    @property
+    def hooks_remedy(self) -> str:
+        """What gives a teacher without module hooks (`no_hooks`) its hooks back, for messages."""
+        if isinstance(self.module, PerImage):
+            return "re-export it with a dynamic batch dimension"
+        return "save it as a state_dict, dfkd model file or torch.export archive"
+
     def bn_paths(self) -> list[str]:
         """Module paths (inside `self.module`) of the BatchNorm layers; empty for BN-free or TorchScript teachers."""
         return batchnorm_paths(self.module) if self.hookable else []
@@ -243,12 +252,9 @@ class Teacher(nn.Module):
 
     def tap(self, paths: Iterable[str], inputs: bool = True, outputs: bool = False) -> FeatureTaps:
         """Feature taps on the wrapped classifier (paths as in `bn_paths()`); use in a `with` block."""
-        if isinstance(self.module, PerImage):
-            raise DfkdError(f"--teacher {self.source}: {self.no_hooks}, without module hooks; re-export it with a "
-                            "dynamic batch dimension to use feature-based losses")
         if not self.hookable:
-            raise DfkdError(f"--teacher {self.source}: a {self.fmt} teacher has no module hooks; save it as a "
-                            "state_dict, dfkd model file or torch.export archive to use feature-based losses")
+            raise DfkdError(f"--teacher {self.source} has no module hooks ({self.no_hooks}); {self.hooks_remedy} to "
+                            "use feature-based losses")
         return FeatureTaps(self.module, paths, inputs=inputs, outputs=outputs)
 
 
@@ -404,6 +410,7 @@ def load_teacher(
     teacher = Teacher(module.to(device), loaded.spec, fmt=loaded.fmt, source=str(path), sha256=sha256_file(path),
                       arch=loaded.arch, arch_kwargs=loaded.arch_kwargs, class_names=loaded.class_names)
     teacher.notes[:0] = loaded.notes + ([widened] if widened else [])
+    teacher.recorded_top1 = loaded.top1
     _check_declared_classes(path, loaded, teacher.num_classes)
     return teacher
 

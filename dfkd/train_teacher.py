@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dfkd.cost import millions
-from dfkd.data import ImageData, by_name, check_fits, check_training_labels, load_images, to_model_input
+from dfkd.data import ImageData, check_training_labels, load_for, load_images, to_model_input
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
@@ -84,10 +84,7 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     data = load_images(cfg.data)
     num_classes = check_training_labels(data, "--data", cfg.data)
     spec = data_spec(data, cfg.input_size)
-    test = load_images(cfg.eval_data, "--eval-data") if cfg.eval_data else None
-    if test is not None:
-        test = by_name(test, data.class_names, "--eval-data", cfg.eval_data)
-        check_fits(test, num_classes, spec, "--eval-data", cfg.eval_data)
+    test = load_for(cfg.eval_data, "--eval-data", num_classes, spec, data.class_names) if cfg.eval_data else None
     kwargs = {"num_classes": num_classes, "in_channels": spec.channels, "input_size": spec.side}
     model = create(cfg.arch, **kwargs).to(device)
     precision = _precision(cfg.precision, model, spec, device)

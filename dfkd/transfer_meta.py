@@ -14,25 +14,11 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dfkd.teacher import Teacher
 
 #: Student-side settings a method's recipe hands to the receiver (`distill --transfer-data`).
 RECIPE_KEYS = ("batch_size", "s_optimizer", "lr_s", "momentum", "weight_decay", "schedule", "milestones", "gamma",
                "T")
-
-
-def recorded_top1(teacher: Teacher) -> float | None:
-    """The teacher's test top-1 as its dfkd model file records it (`dfkd train-teacher --eval-data`), else None."""
-    if teacher.fmt != "dfkd" or not Path(teacher.source).is_file():
-        return None
-    try:
-        payload = torch.load(teacher.source, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - provenance is best effort; the teacher itself already loaded
-        return None
-    top1 = (payload.get("provenance") or {}).get("top1") if isinstance(payload, dict) else None
-    return float(top1) if isinstance(top1, (int, float)) else None
 
 
 def student_recipe(method: Any) -> dict[str, Any]:

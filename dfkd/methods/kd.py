@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.data import by_name, check_fits, load_images
+from dfkd.data import load_for
 from dfkd.errors import DfkdError
 from dfkd.generators import LossDict, RealData
 from dfkd.losses import kl_div
@@ -53,8 +53,7 @@ class KD(Method):
         if not path:
             raise DfkdError("method kd distills on real images: give --data TRAIN (an .npz with x, y or an "
                             "ImageFolder directory); without data, use a data-free method (see `dfkd methods`)")
-        data = by_name(load_images(path, "--data"), teacher.class_names, "--data", path)
-        check_fits(data, teacher.num_classes, teacher.spec, "--data", path)
+        data = load_for(path, "--data", teacher.num_classes, teacher.spec, teacher.class_names)
         self.synth: RealData = RealData(data, teacher.spec, params["batch_size"], device, bool(params["augment"]))
         self._labels: torch.Tensor | None = None
 

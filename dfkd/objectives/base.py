@@ -13,7 +13,6 @@ from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict
 from dfkd.hooks import FeatureTaps
 from dfkd.models import ZooModel
-from dfkd.perimage import PerImage
 from dfkd.teacher import Teacher
 
 #: A feature is a module path and which side of the module is read ("input" or "output").
@@ -185,10 +184,8 @@ class Objective:
 
 def _teacher_taps(teacher: Teacher, paths: list[str], flag: str) -> FeatureTaps:
     if not teacher.hookable:
-        fix = "re-export it with a dynamic batch dimension" if isinstance(teacher.module, PerImage) else \
-            "save it as a dfkd model file, state_dict or torch.export archive"
-        raise DfkdError(f"{flag}: the teacher {teacher.source} has no module hooks ({teacher.no_hooks}); {fix} to use "
-                        "feature-based objectives")
+        raise DfkdError(f"{flag}: the teacher {teacher.source} has no module hooks ({teacher.no_hooks}); "
+                        f"{teacher.hooks_remedy} to use feature-based objectives")
     taps = teacher.tap(paths, inputs=True, outputs=True).__enter__()
     taps.active = False
     return taps
