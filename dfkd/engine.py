@@ -263,6 +263,7 @@ class Run:
         self.method.clock = clock
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
+        waiting: str | None = ""  # "": the first round of this process; then what the last round waited on
         with _graceful_sigint(self.dist.enabled) as sig, bar:  # the bar ends its line before any error is printed
             while not self.done():
                 self.method.set_progress(self.progress())
@@ -271,6 +272,7 @@ class Run:
                 self.method.time_left = None if self.method.time_budget is None else \
                     self.method.time_budget - self.elapsed
                 n = self.method.student_steps_per_round
+                waiting = self._show_waiting(bar, log, waiting)
                 t0, c0 = time.perf_counter(), clock()
                 with self.precision.autocast():
                     self.losses.add(self.method.round())
@@ -284,6 +286,8 @@ class Run:
                 window["steps"] += n
                 window["samples"] += n * int(self.params["batch_size"])
                 bar.update(n)
+                if waiting and not self.method.waiting():
+                    bar.set_postfix_str("")
                 if self.dist.main:  # the watch reads rank 0's batches; it draws nothing from the training streams
                     self.watch.after_round(log, n)
                 if self.step // cfg.log_every > last["log"]:
@@ -325,6 +329,22 @@ class Run:
         bar.close()
         self._read_losses()
         return RunResult(self.run_dir, self.step, True, metrics)
+
+    def _show_waiting(self, bar: tqdm, log: RunLog, before: str | None) -> str | None:
+        """Put on the bar what the next round does before its first student step.
+
+        A warm-up, or the first round's synthesis, which on a heavy teacher may take minutes with the step count
+        at 0; a method's warm-up is also said once as a note. `before`: the previous round's ("" before the first).
+        """
+        waiting = self.method.waiting()
+        if waiting and before == "" and self.dist.main:
+            tqdm.write(f"note: step {self.step}: {self.cfg.method}: {waiting}", file=sys.stderr)
+            log.event(self.step, event="note", message=waiting)
+        if before == "" and not waiting:
+            waiting = "synthesizing before the first student step"
+        if waiting:
+            bar.set_postfix_str(waiting)
+        return waiting
 
     def _log_images(self, log: RunLog) -> None:
         self.image_step = self.step

@@ -240,3 +240,19 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_ran(teacher_f
     resume(run, steps=8)
     resumed = torch.load(run / "checkpoint.pt", weights_only=True)
     assert resumed["step"] == 8 and resumed["config"]["params"]["clip_s"] is None
+
+
+def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_file: str, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    # NAYER's warm-up synthesizes for rounds before the first student step; on a heavy teacher the step count sat
+    # at 0 for minutes with nothing said.
+    from dfkd.methods import get_method
+
+    params = {**get_method("nayer").quick, "warmup_rounds": 2, "gwp_loops": 1, "s_steps": 2}
+    result = distill(cfg_for(teacher_file, tmp_path / "run", method="nayer", steps=4, params=params))
+    assert result.finished and result.step == 4
+    events = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    notes = [e for e in events if e.get("event") == "note" and "warm-up round" in e["message"]]
+    assert len(notes) == 1 and notes[0]["message"].startswith("warm-up round 1/2") and notes[0]["step"] == 0
+    err = capsys.readouterr().err
+    assert "nayer: warm-up round 1/2" in err and "warm-up round 2/2" in err  # the note, then the bar's postfix

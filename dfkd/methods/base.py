@@ -263,6 +263,13 @@ class Method(Recipe):
             if getattr(store, "store", store).folder is None:
                 store.attach(folder)
 
+    def waiting(self) -> str | None:
+        """What the next round does before it takes a student step, where the step count may sit still long.
+
+        A warm-up that only synthesizes; the progress bar shows it. None: nothing to say.
+        """
+        return None
+
     def notice(self, message: str) -> None:
         """Queue a one-line note for the run's output and log (a setting the method changed to fit the run)."""
         self._notices.append(message)

@@ -181,6 +181,12 @@ class NAYER(Method):
         reserve = int(self.p["g_loops"]) * self.planner.batch_seconds
         return self.steps_planner.cap(super().student_steps_per_round, self.time_budget, self.time_left, reserve)
 
+    def waiting(self) -> str | None:
+        if not self.warming_up:
+            return None
+        return (f"warm-up round {self.rounds + 1}/{self.warmup_end}: {self.p['gwp_loops']} synthesized batches, "
+                "no student step until the warm-up ends")
+
     def objective(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossDict, None]:
         self.planner.calls += 1
         return momentum_objective(self, x, y, bool(self.p["adv"]) and not self.warming_up), None

@@ -161,12 +161,13 @@ def test_warmup_rounds_no_student_steps_then_kd_and_generator_life() -> None:
     student0 = copy.deepcopy(m.student.state_dict())
     for r in range(2):
         assert m.student_steps_per_round == 0
+        assert m.waiting() is not None and m.waiting().startswith(f"warm-up round {r + 1}/2")  # the bar says it
         logs = m.round()
         assert len(m.pool) == 10 * 3 * (r + 1) and logs["gen/adv"] == 0.0 and "student/total" not in logs
         assert len(m.last_images) == 30  # all of the round's batches
     assert all(torch.equal(v, m.student.state_dict()[k]) for k, v in student0.items())
     for _ in range(5):
-        assert m.student_steps_per_round == 2
+        assert m.student_steps_per_round == 2 and m.waiting() is None
         logs = m.round()
         assert "student/total" in logs and math.isfinite(logs["gen/adv"])
     assert len(m.pool) == 60 + 5 * 10
