@@ -125,14 +125,19 @@ def _write_exported_program(model: nn.Module, spec: InputSpec, path: Path, meta:
     torch.export.save(ep, str(path), extra_files={SPEC_KEY: meta})
 
 
+def jit_load(f: Any, **kwargs: Any) -> torch.jit.ScriptModule:
+    """`torch.jit.load` without torch's deprecation warning of the format (nothing a file's holder can act on)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=FutureWarning)
+        return torch.jit.load(f, map_location="cpu", **kwargs)
+
+
 def load_runner(fmt: str, path: str | os.PathLike) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict[str, Any]]:
     """Load an exported file with its own runtime only: (logits function, the `dfkd_spec` entry or {})."""
     path = str(path)
     if fmt == "torchscript":
         extra = {SPEC_KEY: ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            m = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+        m = jit_load(path, _extra_files=extra)
         return (lambda x: m(x)), _meta(extra[SPEC_KEY])
     if fmt == "onnx":
         ort = require("onnxruntime")

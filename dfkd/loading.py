@@ -25,7 +25,7 @@ from torch import nn
 
 from dfkd.archs import canonical_arch, model_from_state, unwrapped
 from dfkd.errors import DfkdError, first_line
-from dfkd.export import SPEC_KEY
+from dfkd.export import SPEC_KEY, jit_load
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
 from dfkd.models import MODELS
 from dfkd.spec import InputSpec
@@ -186,7 +186,7 @@ def _spec_entry(text: str | bytes | None) -> InputSpec | None:
 def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:
     extra = {SPEC_KEY: ""}
     try:
-        module = torch.jit.load(str(p), map_location="cpu", _extra_files=extra)
+        module = jit_load(str(p), _extra_files=extra)
     except Exception as e:  # noqa: BLE001
         raise DfkdError(f"--teacher {p}: TorchScript archive could not be read ({_short(e)}); is it corrupt?") from None
     return LoadedModel(module, "torchscript", spec or _spec_entry(extra[SPEC_KEY]))

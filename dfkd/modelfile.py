@@ -35,6 +35,7 @@ from torch import nn
 
 from dfkd.archs import build_model
 from dfkd.errors import DfkdError
+from dfkd.export import jit_load
 from dfkd.io import atomic_torch_save
 from dfkd.spec import InputSpec
 
@@ -127,7 +128,7 @@ def _from_archive(data: Any, kind: str, source: str) -> nn.Module:
     buf = io.BytesIO(data.numpy().tobytes())
     try:
         if kind == "torchscript":
-            return torch.jit.load(buf, map_location="cpu")
+            return jit_load(buf)
         return torch.export.unflatten(torch.export.load(buf))
     except Exception as e:  # noqa: BLE001 - a damaged archive
         raise DfkdError(f"{source}: the {kind} archive inside could not be read ({str(e).strip()[:200]}); "

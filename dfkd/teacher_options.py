@@ -8,6 +8,7 @@ decorator that declares them is `dfkd.cli.options.teacher_options`.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,10 +61,20 @@ def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = 
         DfkdError: one readable line naming `flag` and the file.
     """
     o = options or TeacherOptions()
-    try:
+    if flag == "--teacher":
         return load_teacher(path, o.arch, o.trust_pickle, o.spec(), device, o.arch_args)
+    try:  # the loader's errors, warnings and notes name the usual flag: they name `flag` instead
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            teacher = load_teacher(path, o.arch, o.trust_pickle, o.spec(), device, o.arch_args)
     except DfkdError as e:
-        msg = str(e)
-        if flag != "--teacher" and msg.startswith("--teacher "):  # the loader names the usual flag
-            raise DfkdError(flag + msg.removeprefix("--teacher")) from None
-        raise
+        raise DfkdError(_renamed(str(e), flag)) from None
+    finally:
+        for w in caught:  # shown as the caller's filters say
+            warnings.warn_explicit(_renamed(str(w.message), flag), w.category, w.filename, w.lineno)
+    teacher.notes = [_renamed(n, flag) for n in teacher.notes]
+    return teacher
+
+
+def _renamed(message: str, flag: str) -> str:
+    return flag + message.removeprefix("--teacher") if message.startswith("--teacher ") else message

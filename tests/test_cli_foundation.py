@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -266,3 +267,26 @@ def test_methods_params_show_the_recipe_a_teacher_gets(teacher_file: str) -> Non
     assert "student network" not in paper.output and "student init" not in paper.output
     lone = CliRunner().invoke(main, ["methods", "--teacher", teacher_file])
     assert lone.exit_code == 2 and "--params" in lone.output
+
+
+def test_evaluate_names_model_in_its_load_warnings_and_hides_torch_deprecation_of_torchscript(tmp_path, squares):
+    # A TorchScript model with a softmax head: the load-time note said "--teacher FILE" to a user who gave --model,
+    # and torch's "`torch.jit.load` is deprecated" FutureWarning came with every such file.
+    class Softmaxed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(28 * 28, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x.flatten(1)).softmax(1)
+
+    path = tmp_path / "probs.pt"
+    torch.jit.trace(Softmaxed().eval(), torch.zeros(2, 1, 28, 28)).save(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _run("evaluate", "--model", str(path), "--data", str(squares / "test.npz"), "--channels", "1",
+                      "--input-size", "28", "--mean", "0.5", "--std", "0.5", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    said = [str(w.message) for w in caught]
+    assert any(m.startswith(f"--model {path}: it outputs probabilities") for m in said), said
+    assert not any("--teacher" in m or "jit.load" in m for m in said), said
