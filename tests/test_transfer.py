@@ -120,6 +120,19 @@ def test_student_from_file_alone_agrees_with_teacher(transfer_file: str, sharp_t
     assert got > max(top, agreement(fresh, teacher, x)) + 0.15, (got, top)
 
 
+def test_recipe_line_of_a_run_from_the_file_alone_names_the_files_recipe(transfer_file: str,
+                                                                           sharp_teacher_file: str) -> None:
+    # It said "teacher 1x32x32 inputs (mnist kind), 0 parameters; method transfer has no CPU recipe".
+    from dfkd.methods._recipes import recipe_lines
+
+    cls = get_method("transfer")
+    alone = NoTeacher(load_transfer(transfer_file))
+    line = recipe_lines(cls, alone, cls.default_params(alone))[0]
+    assert "transfer file records" in line and "0 parameters" not in line, line
+    teacher = load_teacher(sharp_teacher_file)
+    assert "with --teacher" in recipe_lines(cls, teacher, cls.default_params(teacher))[0]
+
+
 def test_teacher_given_recomputes_logits(transfer_file: str, sharp_teacher_file: str) -> None:
     teacher = load_teacher(sharp_teacher_file)
     cls = get_method("transfer")

@@ -136,6 +136,11 @@ class Recipe:
     name: ClassVar[str] = ""
 
     @classmethod
+    def recipe_reason(cls, teacher: Any) -> str | None:  # noqa: ARG003 - the hook's signature
+        """Why this method's settings are what they are for `teacher`, where the usual rule does not say it."""
+        return None
+
+    @classmethod
     def paper_params(cls, teacher: Any = None) -> dict[str, Any]:
         """The paper's settings for this teacher's input kind: BASE_DEFAULTS overlaid with each class's `defaults`.
 
@@ -237,6 +242,8 @@ def why_recipe(cls: type[Recipe], teacher: Any, given: str | None, by_auto: bool
         return f"set by recipe={given}"
     if teacher is None:
         return "no teacher given: the paper's settings"
+    if reason := cls.recipe_reason(teacher):
+        return reason
     words = _teacher_words(teacher)
     if not cls.cpu_params(teacher):
         return f"teacher {words}; method {cls.name} has no CPU recipe"

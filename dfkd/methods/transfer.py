@@ -86,6 +86,15 @@ class Transfer(Method):
             p.update({k: v for k, v in teacher.recipe.items() if k in p})
         return p
 
+    @classmethod
+    def recipe_reason(cls, teacher: Any) -> str | None:
+        if not isinstance(teacher, NoTeacher):
+            return "with --teacher: the usual KD settings (the file's recorded recipe is for a run from it alone)"
+        if teacher.recipe:
+            return ("the student settings the transfer file records: its method's, so the student trains as it "
+                    "would in place; -p overrides each")
+        return "the file records no student recipe (a version-1 file): the usual KD settings"
+
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         path = params.get("transfer_data")
         if not path:
