@@ -246,8 +246,6 @@ def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_fi
                                                                        capsys: pytest.CaptureFixture) -> None:
     # NAYER's warm-up synthesizes for rounds before the first student step; on a heavy teacher the step count sat
     # at 0 for minutes with nothing said.
-    from dfkd.methods import get_method
-
     params = {**get_method("nayer").quick, "warmup_rounds": 2, "gwp_loops": 1, "s_steps": 2}
     result = distill(cfg_for(teacher_file, tmp_path / "run", method="nayer", steps=4, params=params))
     assert result.finished and result.step == 4
