@@ -60,11 +60,14 @@ class RunSummary:
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:
-        """How the teacher was read, the student's first weights, the selection's choice and the run's warnings.
+        """How the teacher was read, the method's notes, the student's first weights, the selection and the warnings.
 
         The warnings: evaluation data the teacher does not recognise, collapse, stuck student, not learned.
         """
         lines = [f"note:     {e['message']}" for e in self.events if e.get("event") == "teacher_note"]
+        seen: set[str] = set()  # what the method changed to fit the run (a cut recipe, a warm-up), each once
+        lines += [f"note:     step {e['step']}: {e['message']}" for e in self.events if e.get("event") == "note"
+                  and not (e["message"] in seen or seen.add(e["message"]))]
         lines += [f"init:     {e['student_init']}" for e in self.events if e.get("event") == "start"
                   and e.get("student_init")]
         done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
