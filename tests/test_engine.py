@@ -16,6 +16,7 @@ from dfkd.engine import Interrupted, distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
 from dfkd.modelfile import load_model
+from dfkd.report import report
 
 
 class SimulatedKill(Exception):
@@ -254,7 +255,5 @@ def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_fi
     assert len(notes) == 1 and notes[0]["message"].startswith("warm-up round 1/2") and notes[0]["step"] == 0
     err = capsys.readouterr().err
     assert "nayer: warm-up round 1/2" in err and "warm-up round 2/2" in err  # the note, then the bar's postfix
-    from dfkd.report import report
-
     said = report(result.run_dir).text()
     assert said.count("note:     step 0: warm-up round 1/2") == 1, said  # dfkd report says it too

@@ -17,6 +17,7 @@ from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
+from dfkd.methods._recipes import recipe_lines
 from dfkd.methods.transfer import NoTeacher
 from dfkd.modelfile import load_model
 from dfkd.models import create
@@ -123,8 +124,6 @@ def test_student_from_file_alone_agrees_with_teacher(transfer_file: str, sharp_t
 def test_recipe_line_of_a_run_from_the_file_alone_names_the_files_recipe(transfer_file: str,
                                                                            sharp_teacher_file: str) -> None:
     # It said "teacher 1x32x32 inputs (mnist kind), 0 parameters; method transfer has no CPU recipe".
-    from dfkd.methods._recipes import recipe_lines
-
     cls = get_method("transfer")
     alone = NoTeacher(load_transfer(transfer_file))
     line = recipe_lines(cls, alone, cls.default_params(alone))[0]
