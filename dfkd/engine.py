@@ -263,7 +263,7 @@ class Run:
         self.method.clock = clock
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
-        waiting: str | None = ""  # "": the first round of this process; then what the last round waited on
+        first = True  # the first round of this process
         with _graceful_sigint(self.dist.enabled) as sig, bar:  # the bar ends its line before any error is printed
             while not self.done():
                 self.method.set_progress(self.progress())
@@ -272,7 +272,7 @@ class Run:
                 self.method.time_left = None if self.method.time_budget is None else \
                     self.method.time_budget - self.elapsed
                 n = self.method.student_steps_per_round
-                waiting = self._show_waiting(bar, log, waiting)
+                waiting, first = self._show_waiting(bar, log, first), False
                 t0, c0 = time.perf_counter(), clock()
                 with self.precision.autocast():
                     self.losses.add(self.method.round())
@@ -286,8 +286,8 @@ class Run:
                 window["steps"] += n
                 window["samples"] += n * int(self.params["batch_size"])
                 bar.update(n)
-                if waiting and not self.method.waiting():
-                    bar.set_postfix_str("")
+                if waiting:  # the next round's wait, or the losses at the next logging step, take its place
+                    bar.set_postfix_str("", refresh=False)
                 if self.dist.main:  # the watch reads rank 0's batches; it draws nothing from the training streams
                     self.watch.after_round(log, n)
                 if self.step // cfg.log_every > last["log"]:
@@ -330,17 +330,17 @@ class Run:
         self._read_losses()
         return RunResult(self.run_dir, self.step, True, metrics)
 
-    def _show_waiting(self, bar: tqdm, log: RunLog, before: str | None) -> str | None:
-        """Put on the bar what the next round does before its first student step.
+    def _show_waiting(self, bar: tqdm, log: RunLog, first: bool) -> str | None:
+        """Put on the bar what the next round does before its first student step; returns it (None: nothing).
 
-        A warm-up, or the first round's synthesis, which on a heavy teacher may take minutes with the step count
-        at 0; a method's warm-up is also said once as a note. `before`: the previous round's ("" before the first).
+        A warm-up, or the `first` round's synthesis, which on a heavy teacher may take minutes with the step count
+        at 0; a method's warm-up is also said once, at the first round, as a note.
         """
         waiting = self.method.waiting()
-        if waiting and before == "" and self.dist.main:
+        if waiting and first and self.dist.main:
             tqdm.write(f"note: step {self.step}: {self.cfg.method}: {waiting}", file=sys.stderr)
             log.event(self.step, event="note", message=waiting)
-        if before == "" and not waiting:
+        if first and not waiting:
             waiting = "synthesizing before the first student step"
         if waiting:
             bar.set_postfix_str(waiting)

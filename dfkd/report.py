@@ -65,9 +65,11 @@ class RunSummary:
         The warnings: evaluation data the teacher does not recognise, collapse, stuck student, not learned.
         """
         lines = [f"note:     {e['message']}" for e in self.events if e.get("event") == "teacher_note"]
-        seen: set[str] = set()  # what the method changed to fit the run (a cut recipe, a warm-up), each once
-        lines += [f"note:     step {e['step']}: {e['message']}" for e in self.events if e.get("event") == "note"
-                  and not (e["message"] in seen or seen.add(e["message"]))]
+        said: dict[str, int] = {}  # what the method changed to fit the run (a cut recipe, a warm-up): each once
+        for e in self.events:
+            if e.get("event") == "note":
+                said.setdefault(e["message"], e["step"])
+        lines += [f"note:     step {step}: {message}" for message, step in said.items()]
         lines += [f"init:     {e['student_init']}" for e in self.events if e.get("event") == "start"
                   and e.get("student_init")]
         done = [e for e in self.events if e.get("event") == "finished" and e.get("selected")]
