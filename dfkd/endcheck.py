@@ -18,6 +18,11 @@ Both use data-free signals only (the user has no real data), and go where the co
   of chance again above it (on 1024 held-out images a chance-level student's agreement has a standard deviation
   of about 1 point at K = 10, so 15 % is over five of them away), and never more than 10 points above chance (at
   K = 2, 60 %). A student that learned anything useful agrees far above that.
+- **Not learned, by the user's data.** Synthetic images can hold a student's agreement with the teacher above that
+  line while it has learned nothing the teacher knows of real images (ZSKD's Dirichlet-sampled images on a CIFAR-10
+  WRN-16-1, 81 % top-1: its student agreed on them and answered 13.5 % of the test set right). When `--eval-data`
+  is given, the teacher recognises it (no `eval_doubt`) and the data-free check did not warn, the run warns when
+  the written student's top-1 on it is at most the same `chance_threshold(K)`.
 """
 
 from __future__ import annotations
@@ -89,4 +94,15 @@ def not_learned_message(method: Any, cfg: Any, device: torch.device, agreement: 
         where = "held-out synthetic images" if heldout else "its latest synthetic batch"
     return (f"{method.name}: the student agrees with the teacher on {100 * agreement:.1f}% of {where}, about "
             f"chance ({100 / num_classes:.1f}%): it has not learned in {steps} steps; "
+            f"{remedy(method, cfg, device, died)}")
+
+
+def not_learned_on_data_message(method: Any, cfg: Any, device: torch.device, top1: float, teacher_top1: float,
+                                num_classes: int, agreement: float | None, steps: int, died: bool = False) -> str:
+    """One line: the student near chance on --eval-data though the synthetic images hid it, and the remedy."""
+    hid = "" if agreement is None else \
+        f", though it agrees with the teacher on {100 * agreement:.1f}% of the synthetic images it was checked on"
+    return (f"{method.name}: the student answers {100 * top1:.2f}% of --eval-data {cfg.eval_data} right, about "
+            f"chance ({100 / num_classes:.1f}%; the teacher {100 * teacher_top1:.2f}%): it has not learned in "
+            f"{steps} steps{hid} (the synthetic images do not carry what the teacher knows of real ones); "
             f"{remedy(method, cfg, device, died)}")

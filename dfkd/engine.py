@@ -133,6 +133,7 @@ class Run:
         self.cfg = self.source.cfg = cfg
         get_method(cfg.method)
         self.eval_data: ImageData | None = None
+        self.teacher_top1: float | None = None  # on --eval-data, when the teacher recognises it (_score_teacher)
         if cfg.eval_data:
             t = self.teacher
             self.eval_data = load_for(cfg.eval_data, "--eval-data", t.num_classes, t.spec, t.class_names)
@@ -437,7 +438,7 @@ def _score_teacher(run: Run, log: RunLog) -> None:
     Data the teacher does not recognise (another task's, or its own prepared otherwise) makes the student's test
     accuracy meaningless; the warning goes where the run's other warnings go (progress output, metrics.jsonl,
     `dfkd report`). A new run does it at its start, a resumed one at its resume step (--resume may bring other
-    data).
+    data). A top-1 without doubt is kept as `run.teacher_top1`: the run's end reads the student's against it.
     """
     if run.eval_data is None or not run.source.has_teacher:
         return
@@ -448,6 +449,7 @@ def _score_teacher(run: Run, log: RunLog) -> None:
                + (f", {resized})" if resized else ")"), file=sys.stderr)
     doubt = data_doubt(top1, run.teacher.num_classes, "--eval-data", run.cfg.eval_data, resized,
                        run.teacher.recorded_top1)
+    run.teacher_top1 = None if doubt else top1
     if doubt:
         doubt += "; the student's accuracy on them says little"
         tqdm.write(f"warning: {doubt}", file=sys.stderr)

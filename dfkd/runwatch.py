@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dfkd.endcheck import chance_threshold, collapsed_at_end, not_learned_message, top1_agreement
+from dfkd.endcheck import (
+    chance_threshold,
+    collapsed_at_end,
+    not_learned_message,
+    not_learned_on_data_message,
+    top1_agreement,
+)
 from dfkd.evaluate import accuracy
 from dfkd.methods.transfer import NoTeacher
 from dfkd.selection import Selector
@@ -149,7 +155,7 @@ class RunWatch:
             "ema at step 2400 (held-out agreement 97.1%; raw 95.0%, ema 97.1%)").
         """
         label, model, scores = self.selector.choose(self.run.step)
-        self._end_warnings(log, model)
+        measured = self._end_warnings(log, model)
         if scores:
             log.scalars(self.run.step, {("agreement" if k == "raw" else f"agreement_{k}"): v
                                         for k, v in scores.items()}, "select/")
@@ -164,14 +170,19 @@ class RunWatch:
             metrics["top1_selected"] = metrics["top1"]
             log.scalars(self.run.step, {k: v for k, v in metrics.items() if k in ("top1_ema", "top1_selected")},
                         "student/")
+            if measured is None or measured[0] > chance_threshold(self.run.teacher.num_classes):
+                self._check_learned_on_data(log, metrics["top1"], measured)
         if not scores:
             return model, metrics, ""
         detail = ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items())
         return model, metrics, f"{label} (held-out agreement: {detail})"
 
     # --- end of run (dfkd.endcheck) ---------------------------------------------------------------------------
-    def _end_warnings(self, log: Any, model: nn.Module) -> None:
-        """Check the last batch (however short the run), then warn of a late collapse or a student at chance."""
+    def _end_warnings(self, log: Any, model: nn.Module) -> tuple[float, int, bool] | None:
+        """Check the last batch (however short the run), then warn of a late collapse or a student at chance.
+
+        Returns `model`'s agreement with the teacher on synthetic images as `_agreement` measured it.
+        """
         if self.watch_every > 0 and self.watch_step != self.run.step:
             self._watch(log)
         if collapsed_at_end(self.collapse) and self.collapse_stats:
@@ -179,7 +190,7 @@ class RunWatch:
             message = collapse_message(self.run.method, self.collapse_stats, self.run.teacher.num_classes, steps)
             tqdm.write(f"warning: step {self.run.step} (end of run): {message}", file=sys.stderr)
             log.event(self.run.step, event="collapse", at_end=True, message=message, **self.collapse_stats)
-        self._check_learned(log, model)
+        return self._check_learned(log, model)
 
     def _agreement(self, model: nn.Module) -> tuple[float, int, bool] | None:
         """(top-1 agreement of `model` with the teacher, images, held-out?) on the held-out set, else the last batch."""
@@ -192,18 +203,38 @@ class RunWatch:
             return None
         return top1_agreement(logits[1], logits[0].argmax(1)), len(logits[0]), False
 
-    def _check_learned(self, log: Any, model: nn.Module) -> None:
-        """Warn when the written student agrees with the teacher at about chance on synthetic images."""
+    def _check_learned(self, log: Any, model: nn.Module) -> tuple[float, int, bool] | None:
+        """Warn when the written student agrees with the teacher at about chance on synthetic images.
+
+        Returns the agreement measured (see `_agreement`), whether it warned or not.
+        """
         run, k = self.run, self.run.teacher.num_classes
         measured = self._agreement(model)
         if measured is None or measured[0] > chance_threshold(k):
-            return
+            return measured
         agreement, images, heldout = measured
         message = not_learned_message(run.method, run.cfg, run.device, agreement, k, heldout, run.step,
                                       died=self.stuck.episodes > 0)
         tqdm.write(f"warning: step {run.step}: {message}", file=sys.stderr)
         log.event(run.step, event="not_learned", message=message, agreement=agreement, chance=1 / k,
                   threshold=chance_threshold(k), images=images, heldout=heldout)
+        return measured
+
+    def _check_learned_on_data(self, log: Any, top1: float, measured: tuple[float, int, bool] | None) -> None:
+        """Warn when the written student is at about chance on --eval-data that the teacher recognises.
+
+        Only where the data-free check above did not warn (`measured`: its agreement, over the line or unmeasured).
+        """
+        run, k = self.run, self.run.teacher.num_classes
+        teacher_top1 = getattr(run, "teacher_top1", None)
+        if teacher_top1 is None or top1 > chance_threshold(k):
+            return
+        message = not_learned_on_data_message(run.method, run.cfg, run.device, top1, teacher_top1, k,
+                                              None if measured is None else measured[0], run.step,
+                                              died=self.stuck.episodes > 0)
+        tqdm.write(f"warning: step {run.step}: {message}", file=sys.stderr)
+        log.event(run.step, event="not_learned", message=message, top1=top1, teacher_top1=teacher_top1,
+                  chance=1 / k, threshold=chance_threshold(k), on="eval_data")
 
     # --- checkpoint ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -365,6 +365,52 @@ def test_a_student_at_chance_is_told_it_has_not_learned(teacher_file: str, tmp_p
     assert "has not learned" in report(run).text()
 
 
+
+@pytest.fixture(scope="module")
+def mnist_slice(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """500 MNIST test images: data the demo teacher recognises (and a student at chance does not)."""
+    import numpy as np
+
+    data = np.load(MNIST_TEST)
+    path = tmp_path_factory.mktemp("eval") / "mnist500.npz"
+    np.savez(path, x=data["x"][:500], y=data["y"][:500])
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["hidden", "learned", "said_already"])
+def test_a_student_at_chance_on_eval_data_is_told_so_when_the_synthetic_images_hid_it(
+        tmp_path: Path, case: str, mnist_slice: str, student_from_teacher: dict[str, bool],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # ZSKD's Dirichlet images on a CIFAR-10 WRN-16-1 (81 %): the student agreed with the teacher on them and
+    # answered 13.5 % of the test set right, and nothing said so
+    import dfkd.runwatch
+
+    student_from_teacher["roll"] = case != "learned"
+    agreement = {"hidden": 0.9, "said_already": 0.0}.get(case)  # on synthetic images: over or under the line
+    if agreement is not None:
+        monkeypatch.setattr(dfkd.runwatch.RunWatch, "_agreement", lambda self, model: (agreement, 64, True))
+    cfg = replace(collapse_cfg(DEMO_TEACHER, tmp_path / "r", lr_s=1e-9), steps=4, student="lenet5_bn",
+                  student_args=KWARGS, eval_data=mnist_slice)
+    run = distill(cfg).run_dir
+    err = capsys.readouterr().err
+    events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    warned = [e for e in events if e.get("event") == "not_learned"]
+    if case == "learned":
+        assert not warned and "has not learned" not in err
+        return
+    assert err.count("has not learned") == 1 and len(warned) == 1, "one warning, from one of the two checks"
+    if case == "said_already":  # the data-free check warned: the eval data's adds nothing
+        assert "of --eval-data" not in err and "on" not in warned[0]
+        return
+    top1, teacher = warned[0]["top1"], warned[0]["teacher_top1"]
+    assert top1 <= chance_threshold(10) < 0.9 < teacher and warned[0]["on"] == "eval_data"
+    assert (f"warning: step 4: dfad: the student answers {100 * top1:.2f}% of --eval-data {mnist_slice} right, "
+            f"about chance (10.0%; the teacher {100 * teacher:.2f}%): it has not learned in 4 steps, though it "
+            "agrees with the teacher on 90.0% of the synthetic images") in err
+    assert "--method auto" in err
+    assert "answers" in report(run).text()
+
+
 # --- a student whose activations died (dfkd.watch.student_stuck) ------------------------------------------------
 def test_a_dead_student_is_stuck_and_a_fresh_one_is_not() -> None:
     teacher, z = pixel_teacher(), torch.randn(64, 4)
