@@ -209,8 +209,9 @@ def import_callable(target: str, flag: str = "--teacher-arch", trusted: bool = T
     if not is_class and not (callable(obj) and not isinstance(obj, type)):
         raise DfkdError(f"{flag} {target}: module {mod_name!r} has no nn.Module class or factory function {attr!r}")
     if not trusted and not is_class and not _user_code(mod):
-        raise DfkdError(f"{flag} {target}: a model file may name an nn.Module class or a factory function of your "
-                        f"own code, not a function of {mod_name!r} (the standard library or an installed package)")
+        raise DfkdError(f"{flag} {target}: a file may name an nn.Module class or a factory function of your own "
+                        f"code, not a function of {mod_name!r} (the standard library or an installed package); if "
+                        "you trust it, give it on the command line (--teacher-arch, --student)")
     return obj
 
 

@@ -84,6 +84,26 @@ class DistillConfig:
         return cls(**d)
 
 
+#: Settings that name an architecture: as `module:callable` the run imports and calls it.
+ARCH_SETTINGS = ("teacher_arch", "student")
+
+
+def check_file_archs(data: dict[str, Any], source: str) -> None:
+    """Refuse an architecture a file names that is a function of the standard library or an installed package.
+
+    `--teacher-arch` and `--student` typed on the command line may name any `module:callable` (the user chose
+    it). Read from a --config file or a run's checkpoint they are held to the rule of model files
+    (`dfkd.archs.build_model(trusted=False)`): an nn.Module class, or a function of the user's own code, so a file
+    handed over cannot make dfkd call `os:system`.
+    """
+    from dfkd.archs import arch_kind, import_callable
+
+    for key in ARCH_SETTINGS:
+        value = data.get(key)
+        if isinstance(value, str) and arch_kind(value) == "module":
+            import_callable(value, f"{source}: {key}", trusted=False)
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A .json or .toml file of DistillConfig fields (method hyper-parameters under `params`)."""
     p = Path(path)
@@ -122,6 +142,7 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     if not isinstance(file_params, dict):
         raise DfkdError(f"{source}: params = {file_params!r}: must be a table of method hyper-parameters")
     check_settings(data, source)
+    check_file_archs({k: v for k, v in data.items() if flags.get(k) is None}, source)  # a flag given wins
     if "auto_choice" in data:
         raise DfkdError(f"{source}: auto_choice is recorded by a run of --method auto, not set; drop it")
     cli_params = dict(parse_param(text) for text in params)

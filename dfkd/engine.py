@@ -27,7 +27,7 @@ from dfkd.auto import AUTO, for_source, set_by_auto
 from dfkd.auto import resolve as resolve_auto
 from dfkd.build import build_method
 from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dfkd.config import DistillConfig, check_method_params
+from dfkd.config import DistillConfig, check_file_archs, check_method_params
 from dfkd.cost import millions
 from dfkd.data import ImageData, load_for
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
@@ -630,6 +630,8 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     check_settings(changes, "flags")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
     cfg = DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt")
+    check_file_archs({k: v for k, v in cfg.to_dict().items() if (fixed or {}).get(k) is None},
+                     f"{run_dir}/checkpoint.pt")  # the same name typed with --resume is the user's choice
     cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed
     _refuse_changes(run_dir, cfg, fixed or {})
     _refuse_world(run_dir, ckpt, world)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from dfkd.archs import arch_kind, build_model, class_candidates, flag_spec, pars
 from dfkd.modelfile import load_model
 
 SPEC32 = InputSpec(3, 32, (0.5,), (0.25,))
+DEMO = str(Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet5.pt")
 
 USER_CODE = '''
 from torch import nn
@@ -177,3 +180,34 @@ def test_a_model_file_cannot_make_dfkd_call_any_function(tmp_path, target):
     with pytest.raises(DfkdError, match="not a function of"):
         load_model(path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("key", ["teacher_arch", "student"])
+def test_a_config_file_cannot_make_dfkd_call_any_function(tmp_path, key):
+    from dfkd.config import build_config
+
+    pwned = tmp_path / "pwned"
+    args = {"teacher_arch": "arch_args", "student": "student_args"}[key]
+    config = tmp_path / "evil.json"
+    config.write_text(json.dumps({key: "os:system", args: {"command": f"touch {pwned}"}}))
+    with pytest.raises(DfkdError, match=f"--config {config}: {key} os:system: a file may name an nn.Module class"):
+        build_config(str(config), teachers=(DEMO,))
+    assert not pwned.exists()
+    # typed on the command line it is the user's choice (and fails later, as not an nn.Module, after running)
+    flag = {"teacher_arch": "os:getcwd", "student": "os:getcwd"}[key]
+    assert getattr(build_config(str(config), teachers=(DEMO,), **{key: flag}), key) == flag
+
+
+def test_a_run_folder_cannot_make_a_resume_call_any_function(tmp_path):
+    from dfkd.config import DistillConfig
+    from dfkd.engine import distill, resume
+
+    run = distill(DistillConfig(teachers=(DEMO,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                                params={"batch_size": 8, "s_steps": 1})).run_dir
+    pwned = tmp_path / "pwned"
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"].update(teacher_arch="os:system", arch_args={"command": f"touch {pwned}"})
+    torch.save(ckpt, run / "checkpoint.pt")
+    with pytest.raises(DfkdError, match=f"{run}/checkpoint.pt: teacher_arch os:system: a file may name"):
+        resume(run, steps=4)
+    assert not pwned.exists()
