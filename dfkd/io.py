@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,7 +117,7 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
             yield d
     except DfkdError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, KeyError, AttributeError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, KeyError, AttributeError) as e:
         raise DfkdError(f"{flag} {path}: not a readable .npz file ({str(e)[:120]}); is it truncated or "
                         "corrupt?") from None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,12 +118,18 @@ def test_bad_npz(tmp_path, arrays, match):
 @pytest.mark.parametrize(
     "kind, match",
     [("random", "truncated or corrupt"), ("truncated", "truncated or corrupt"), ("pickled", "not a readable .npz"),
-     ("npy", "np.savez")],
+     ("npy", "np.savez"), ("compressed", "truncated or corrupt")],
 )
 def test_corrupt_npz(tmp_path, kind, match):
     path = tmp_path / "bad.npz"
     if kind == "random":
         path.write_bytes(np.random.default_rng(0).bytes(2048))
+    elif kind == "compressed":  # np.savez_compressed with bytes flipped inside the deflate stream: a zlib.error
+        mnist = np.load(Path(__file__).resolve().parents[1] / "examples" / "mnist_test.npz")
+        np.savez_compressed(path, x=mnist["x"][:200], y=mnist["y"][:200])
+        data = bytearray(path.read_bytes())
+        data[2000:2400] = bytes(b ^ 0xFF for b in data[2000:2400])
+        path.write_bytes(bytes(data))
     elif kind == "truncated":
         good = _npz(tmp_path / "good.npz", np.zeros((50, 28, 28), np.uint8), np.zeros(50, np.int64)).read_bytes()
         path.write_bytes(good[: len(good) // 2])
