@@ -28,6 +28,7 @@ from dfkd.archs import build_model
 from dfkd.errors import DfkdError, first_line
 from dfkd.loading import held_log, read_weights_only, sniff_format
 from dfkd.modelfile import ARCHIVE_KINDS, ModelFile, save_model
+from dfkd.outpaths import check_output_file
 from dfkd.perimage import PerImage
 from dfkd.teacher import Teacher
 from dfkd.teacher_options import TeacherOptions, load_with_options
@@ -48,8 +49,9 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, options: TeacherOpt
         DfkdError: `out` exists, the source cannot be read, or a pickled module can be neither rebuilt nor exported.
     """
     out = Path(out)
-    if out.exists():
+    if out.is_file():
         raise DfkdError(f"--out {out}: already exists; remove it or choose another name (dfkd never overwrites it)")
+    check_output_file(out)  # a folder, a parent that is a file, a place that cannot be written
     teacher = load_with_options(path, options)
     arch, kwargs, model, archive = _representation(Path(path), teacher)
     provenance = {"kind": "converted", "source": str(path), "source_sha256": teacher.sha256,

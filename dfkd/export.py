@@ -23,6 +23,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.io import usual_permissions
+from dfkd.outpaths import check_output_file
 from dfkd.spec import InputSpec
 
 FORMATS = ("torchscript", "onnx", "exported-program")
@@ -64,16 +65,6 @@ def require(package: str) -> Any:
     except ImportError:
         raise DfkdError(f"{package} is not installed; it is needed to export and quantize models: "
                         f"{DEPLOY_HELP}") from None
-
-
-def check_out(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
-    """Refuse to overwrite an existing file unless `force`."""
-    p = Path(out)
-    if p.is_dir():
-        raise DfkdError(f"{flag} {p}: is a directory; give a file name")
-    if p.exists() and not force:
-        raise DfkdError(f"{flag} {p}: already exists; choose another name or add --force to overwrite it")
-    return p
 
 
 def _example(spec: InputSpec, batch: int, seed: int = 0) -> torch.Tensor:
@@ -211,7 +202,7 @@ def export_model(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
     Raises:
         DfkdError: when `out` exists (without `force`), a package is missing, export fails or the check fails.
     """
-    out = check_out(out, force)
+    out = check_output_file(out, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The temp name keeps the final suffix: torch.export warns about archives not named *.pt2.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{out.suffix}", dir=out.parent)

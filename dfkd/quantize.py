@@ -31,8 +31,9 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.export import check_out, require, write_export
+from dfkd.export import require, write_export
 from dfkd.io import usual_permissions
+from dfkd.outpaths import check_output_file
 from dfkd.spec import InputSpec
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -255,7 +256,7 @@ def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: t
     Returns:
         The written int8 path and the float ONNX path in `workdir`.
     """
-    out = check_out(out, force)
+    out = check_output_file(out, force=force)
     float_onnx = Path(workdir) / "float.onnx"
     write_export(model, spec, num_classes, "onnx", float_onnx, class_names)
     onnx = require("onnx")

@@ -105,6 +105,9 @@ def test_cli_refuses_to_overwrite_and_names_what_is_missing(tmp_path):
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "mine.pt")])
     assert res.exit_code == 2 and "already exists" in res.output and "mine.pt" in res.output
     assert (tmp_path / "mine.pt").read_bytes() == b"the user's own file"
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "mine.pt" / "m.pt")])  # under the user's file
+    assert res.exit_code == 2 and "is a file, not a folder" in res.output
+    assert (tmp_path / "mine.pt").read_bytes() == b"the user's own file"
     res = CliRunner().invoke(main, [*args[:-4], "--out", str(tmp_path / "m.pt")])
     assert res.exit_code == 2 and "without --mean/--std" in res.output and not (tmp_path / "m.pt").exists()
     res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "m.pt")])

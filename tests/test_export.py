@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from dfkd.cli.main import main
 from dfkd.deploy import export_file
 from dfkd.errors import DfkdError
-from dfkd.export import FORMATS, check_out, export_model, load_runner
+from dfkd.export import FORMATS, export_model, load_runner
 from dfkd.models import create, list_models
 from dfkd.spec import InputSpec
 from dfkd.students import DEFAULT_STUDENT
@@ -109,8 +109,10 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     assert out.read_text() == "the user's file"
     export_model(m, spec, 7, "exported-program", out, force=True)
     assert torch.export.load(str(out)) is not None
-    with pytest.raises(DfkdError, match="is a directory"):
-        check_out(tmp_path, force=True)
+    with pytest.raises(DfkdError, match="is a folder"):
+        export_model(m, spec, 7, "exported-program", tmp_path, force=True)
+    with pytest.raises(DfkdError, match=f"--out {out}/m.pt2: {out} is a file, not a folder"):
+        export_model(m, spec, 7, "exported-program", out / "m.pt2")  # its parent is the user's file
 
 
 class _Noisy(torch.nn.Module):
