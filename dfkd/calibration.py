@@ -104,6 +104,7 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
     Raises:
         DfkdError: for an unknown source, a missing teacher, or an unreadable file.
     """
+    from dfkd.data import check_channels
     from dfkd.methods import get_method, list_methods
 
     if num < 1:
@@ -114,7 +115,12 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
     if p.suffix == ".npz" or p.exists():
         if not p.is_file():
             raise DfkdError(f"--calibration {p}: no such file")
-        return file_pixels(p, num, seed)
+        x = file_pixels(p, num, seed)
+        if len(x) == 0:  # an int8 file calibrated on nothing has scales that mean nothing
+            raise DfkdError(f"--calibration {p}: holds no images; give a file of images like the model's inputs, a "
+                            "method name or noise")
+        check_channels(tuple(x.shape), spec, "--calibration", str(p))
+        return x
     if source not in list_methods():
         get_method(source)  # the registry's error lists the methods
     if teacher is None:

@@ -309,8 +309,13 @@ def check_fits(data: ImageData, num_classes: int, spec: InputSpec, flag: str, pa
     if lo < 0 or hi >= num_classes:
         raise DfkdError(f"{flag} {path}: labels run {lo}..{hi} but the model has {num_classes} classes (labels "
                         f"0..{num_classes - 1}); this data does not belong to this model")
-    c = data.x.shape[1]
+    check_channels(tuple(data.x.shape), spec, flag, path)
+
+
+def check_channels(shape: tuple[int, ...], spec: InputSpec, flag: str, path: str) -> None:
+    """Refuse N x C x H x W images whose C cannot be read as the model's (grey <-> colour can, others cannot)."""
+    c = shape[1]
     if c != spec.channels and (c not in (1, 3) or 1 not in (c, spec.channels)):
-        layout = f" (x of shape {tuple(data.x.shape)} is read as N x C x H x W; only 1 or 3 channels may come last)" \
-            if data.x.ndim == 4 and c > 4 else ""
+        layout = f" (x of shape {shape} is read as N x C x H x W; only 1 or 3 channels may come last)" \
+            if len(shape) == 4 and c > 4 else ""
         raise DfkdError(f"{flag} {path}: images have {c} channels{layout}, the model wants {spec.channels}")

@@ -97,6 +97,17 @@ def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
         calibration_pixels("nosuchmethod", 8, MNIST_SPEC)
 
 
+@pytest.mark.parametrize("shape, match", [((0, 28, 28), "holds no images"), ((4, 5, 28, 28), "have 5 channels")])
+def test_calibration_refuses_a_file_an_int8_model_cannot_be_calibrated_on(tmp_path: Path, shape: tuple[int, ...],
+                                                                          match: str) -> None:
+    # calibrated on 0 images, the written int8 file answered logits of -149 and 386 where the float model's were
+    # near 1, and quantize said nothing
+    path = tmp_path / "bad.npz"
+    np.savez(path, x=np.zeros(shape, np.uint8), y=np.zeros(shape[0], np.int64))
+    with pytest.raises(DfkdError, match=f"--calibration {path}: .*{match}"):
+        calibration_pixels(str(path), 8, MNIST_SPEC)
+
+
 def test_calibration_skips_the_student_steps_of_batch_methods(sharp_teacher_file: str) -> None:
     from dfkd.calibration import calibration_params
 
