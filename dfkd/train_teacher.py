@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from tqdm import tqdm
 
 from dfkd.cost import millions
 from dfkd.data import ImageData, check_training_labels, load_for, load_images, to_model_input
+from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
@@ -128,17 +130,21 @@ def _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision) -> floa
     model.train()
     order = torch.randperm(len(data))
     total, n = 0.0, 0
-    bar = tqdm(range(0, len(data), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False)
-    for i in bar:
-        idx = order[i:i + cfg.batch_size]
-        x01 = spec.denormalize(to_model_input(data.x[idx], spec)).to(device)
-        x = spec.normalize(augment(x01, flip=spec.channels == 3))
-        with precision.autocast():  # weights, optimiser and loss in fp32; under bf16/fp16 the layers compute in it
-            loss = F.cross_entropy(model(x).float(), data.y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            backward(loss)
-            step(opt)
-        sched.step()
-        total, n = total + loss.item() * len(idx), n + len(idx)
-        bar.set_postfix(loss=f"{total / n:.4f}")
+    with tqdm(range(0, len(data), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
+        for i in bar:
+            idx = order[i:i + cfg.batch_size]
+            x01 = spec.denormalize(to_model_input(data.x[idx], spec)).to(device)
+            x = spec.normalize(augment(x01, flip=spec.channels == 3))
+            with precision.autocast():  # weights, optimiser and loss in fp32; under bf16/fp16 the layers compute in it
+                loss = F.cross_entropy(model(x).float(), data.y[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                backward(loss)
+                step(opt)
+            sched.step()
+            value = loss.item()
+            if not math.isfinite(value):  # the weights are spoilt from here on: nothing is written
+                raise DfkdError(f"training diverged in epoch {epoch + 1} (batch {i // cfg.batch_size + 1}): the loss "
+                                f"became {value}; lower --lr (now {cfg.lr}) and run again; {cfg.out} was not written")
+            total, n = total + value * len(idx), n + len(idx)
+            bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(n, 1)

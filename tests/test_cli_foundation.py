@@ -190,6 +190,16 @@ def test_train_teacher_unknown_arch(tmp_path, squares):
     assert not (tmp_path / "t.pt").exists()
 
 
+def test_train_teacher_that_diverges_writes_nothing(tmp_path, squares):
+    # at --lr 1e30 the loss was nan from the first batch, and train-teacher wrote a model of NaN weights, exit 0
+    result = _run("train-teacher", "--data", str(squares / "train.npz"), "--arch", "lenet5", "--epochs", "1",
+                  "--lr", "1e30", "--out", str(tmp_path / "t.pt"))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    last = result.stderr.replace("\r", "\n").strip().splitlines()[-1]  # after the cleared progress bar
+    assert last.startswith("error: training diverged in epoch 1") and "lower --lr (now 1e+30)" in last
+    assert last.endswith("t.pt was not written") and not (tmp_path / "t.pt").exists()
+
+
 def test_train_teacher_missing_data(tmp_path):
     result = _run("train-teacher", "--data", str(tmp_path / "none.npz"), "--arch", "lenet5",
                   "--out", str(tmp_path / "t.pt"))
