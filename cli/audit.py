@@ -31,11 +31,10 @@ def audit_cmd(transfer: str, against: str, teacher: str | None, test: str | None
       dfkd audit transfer.npz --against ../shared/data/mnist_train.npz --teacher examples/mnist_lenet5_bn.pt
     """
     from dfkd.audit import audit
-    from dfkd.teacher import load_teacher
     from dfkd.teacher_options import load_with_options
 
     t = load_with_options(teacher, pop_teacher_options(kw), "cpu") if teacher else None
-    s = load_teacher(student) if student else None
+    s = load_with_options(student, None, "cpu", flag="--student") if student else None
     result = audit(transfer, against, t, test, s, png)
     click.echo(result.text())
     if result.verdict == "FAIL":

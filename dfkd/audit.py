@@ -7,6 +7,14 @@ distance of unit-normalised features, so 0 = same direction, 2 = opposite). Dist
 real-vs-real baseline: the nearest-training-image distances of the owner's own held-out images (`--test`, else
 `BASELINE_HOLDOUT` images held out of the training set), which are different real images that merely look alike.
 
+The baseline only means something if the held-out images are not themselves training images: a `--test` that is
+(or overlaps) `--against` has distance 0, the threshold collapses to 0, and a file of verbatim copies PASSes. So
+held-out images are compared with the training images byte for byte (a hash of each image after the same
+preprocessing): more than `OVERLAP_MAX` (1 %) of them identical to a training image is refused (DfkdError: --test
+must be images the owner held out of training; without --test, --against holds duplicates); up to that share is
+tolerated, since real datasets hold a few exact duplicates, and those images are left out of the baseline (the
+report says how many), so they cannot pull the threshold towards 0.
+
 Verdict: FAIL when any synthetic image is closer in pixels to a training image than `COPY_FACTOR` times the
 baseline's 1st percentile (no genuinely different real image comes that close, so such a pair is a copy or a
 near copy); WARN when more than `FEATURE_WARN` of the synthetic images are that close in feature space only;
@@ -20,6 +28,7 @@ member" on training vs held-out images (0.5: the student's losses do not tell me
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,11 +41,12 @@ from dfkd.data import ImageData, load_images, to_model_input
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
-from dfkd.transfer import from_pixels, load_transfer, to_pixels
+from dfkd.transfer import TransferData, from_pixels, load_transfer, to_pixels
 
 COPY_FACTOR = 0.5
 FEATURE_WARN = 0.01
 BASELINE_HOLDOUT = 1000
+OVERLAP_MAX = 0.01
 Q_CHUNK, R_CHUNK = 1024, 8192
 PAIRS_SHOWN = 16
 
@@ -191,6 +201,10 @@ def write_pairs(synth: Tensor, train: Tensor, space: Space, out: Path, n: int = 
     Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(out)
 
 
+def _digests(pixels: Tensor) -> list[bytes]:
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in pixels.flatten(1).numpy()]
+
+
 def _split(train: Tensor, test: Tensor | None, seed: int) -> tuple[Tensor, Tensor]:
     """(reference training images, held-out real images for the baseline)."""
     if test is not None:
@@ -200,6 +214,59 @@ def _split(train: Tensor, test: Tensor | None, seed: int) -> tuple[Tensor, Tenso
                         f"(holding out {BASELINE_HOLDOUT} needs at least {2 * BASELINE_HOLDOUT})")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
     return train[perm[BASELINE_HOLDOUT:]], train[perm[:BASELINE_HOLDOUT]]
+
+
+def _without_training_images(train: Tensor, held: Tensor, against: str, test: str | None) -> tuple[Tensor, int]:
+    """The held-out images that are not byte-identical to a training image, and how many were left out.
+
+    Raises:
+        DfkdError: more than `OVERLAP_MAX` of them are training images (the baseline would collapse towards 0).
+    """
+    seen = set(_digests(train))
+    keep = torch.tensor([d not in seen for d in _digests(held)], dtype=torch.bool)
+    n = len(held) - int(keep.sum())
+    if n <= OVERLAP_MAX * len(held):
+        return held[keep], n
+    if test is not None:
+        raise DfkdError(f"--test {test}: {n} of its {len(held)} images are also in --against {against} (identical "
+                        f"after preprocessing; at most {100 * OVERLAP_MAX:g} % may be); --test must be images the "
+                        "model owner held out of training")
+    raise DfkdError(f"--against {against}: {n} of the {len(held)} images held out for the baseline also appear among "
+                    f"the rest (duplicates; at most {100 * OVERLAP_MAX:g} % may); remove the duplicates or give --test "
+                    "OWNER_TEST, images the model owner held out of training")
+
+
+def _owner_images(path: str | os.PathLike, flag: str) -> ImageData:
+    data = load_images(path, flag)
+    if not len(data):
+        what = "training images" if flag == "--against" else "held-out images"
+        raise DfkdError(f"{flag} {path}: holds no images; give the owner's {what}")
+    return data
+
+
+def _png_path(png: str | os.PathLike | None, transfer: str | os.PathLike) -> Path:
+    """Where the pairs are drawn, checked before the audit runs: a writable file name with an extension PIL writes."""
+    from PIL import Image
+
+    out = Path(png) if png else Path(transfer).with_name(Path(transfer).stem + "_audit.png")
+    where = f"--png {out}" if png else f"TRANSFER {transfer}: the pairs' PNG {out}"
+    Image.init()
+    if out.is_dir():
+        raise DfkdError(f"{where}: is a directory; give a file name, such as {out / 'audit.png'}")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        raise DfkdError(f"{where}: PIL writes no '{out.suffix}' files; give a file name ending in .png")
+    if not out.parent.is_dir():
+        why = "is a file, not a folder" if out.parent.exists() else "does not exist"
+        raise DfkdError(f"{where}: its folder {out.parent} {why}; give a file name in an existing folder")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise DfkdError(f"{where}: not writable; give --png in a folder you can write to")
+    return out
+
+
+def _check_teacher(teacher: Teacher, data: TransferData, transfer: str | os.PathLike) -> None:
+    if teacher.spec.shape()[1:] != data.spec.shape()[1:]:
+        raise DfkdError(f"--teacher {teacher.source}: takes {teacher.spec.describe()} inputs, but TRANSFER {transfer} "
+                        f"holds {data.spec.describe()} images; give the teacher the file was made from")
 
 
 def audit(transfer: str | os.PathLike, against: str | os.PathLike, teacher: Teacher | None = None,
@@ -218,23 +285,35 @@ def audit(transfer: str | os.PathLike, against: str | os.PathLike, teacher: Teac
 
     Returns:
         The result; its `verdict` is PASS, WARN or FAIL.
+
+    Raises:
+        DfkdError: before the audit runs, for an unwritable `png`, a teacher that does not take the file's images,
+            an empty `against` or `test`; and when more than `OVERLAP_MAX` (1 %) of the held-out images are
+            byte-identical to training images (`test` overlaps `against`, or `against` holds duplicates): such a
+            baseline is 0 and would pass verbatim copies. A share up to 1 % (real datasets hold a few exact
+            duplicates) is left out of the baseline instead.
     """
     data = load_transfer(transfer, "TRANSFER")
     if student is not None and test is None:
         raise DfkdError("--student needs --test OWNER_TEST: the membership attack compares training with held-out "
                         "images")
-    owner, owner_test = load_images(against, "--against"), load_images(test, "--test") if test else None
-    train, held = _split(real_pixels(owner, data.spec), real_pixels(owner_test, data.spec) if owner_test else None,
-                         seed)
+    out = _png_path(png, transfer)
+    if teacher is not None:
+        _check_teacher(teacher, data, transfer)
+    owner = _owner_images(against, "--against")
+    owner_test = _owner_images(test, "--test") if test else None
+    train, held = _split(real_pixels(owner, data.spec),
+                         real_pixels(owner_test, data.spec) if owner_test is not None else None, seed)
+    held, n_dup = _without_training_images(train, held, str(against), str(test) if test else None)
+    baseline_from = str(test) if test else f"{BASELINE_HOLDOUT} images held out of --against"
+    if n_dup:
+        baseline_from += f" ({n_dup} identical to training images left out)"
     pixel = _pixel_space(data.x, train, held)
     feature = _feature_space(teacher, data.spec, data.x, train, held) if teacher is not None else None
-    out = Path(png) if png else Path(transfer).with_name(Path(transfer).stem + "_audit.png")
     write_pairs(data.x, train, pixel, out)
     auc = None
     if student is not None and owner_test is not None:
         from dfkd.membership import loss_threshold_auc
 
         auc = loss_threshold_auc(student, owner, owner_test, seed=seed)
-    return AuditResult(str(transfer), str(against), len(data), len(train),
-                       str(test) if test else f"{BASELINE_HOLDOUT} images held out of --against", pixel, feature,
-                       out, auc)
+    return AuditResult(str(transfer), str(against), len(data), len(train), baseline_from, pixel, feature, out, auc)

@@ -8,14 +8,19 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import KWARGS, make_teacher_module
 from PIL import Image
 
+import dfkd.audit
 from dfkd.audit import audit, nearest, real_pixels
 from dfkd.cli.main import main
 from dfkd.data import ImageData, load_images
 from dfkd.errors import DfkdError
 from dfkd.membership import auc, loss_threshold_auc
-from dfkd.teacher import load_teacher
+from dfkd.modelfile import ModelFile, save_model
+from dfkd.models import create
+from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC
+from dfkd.teacher import Teacher, load_teacher
 from dfkd.transfer import load_transfer, save_transfer, teacher_probs
 
 MNIST = Path(__file__).resolve().parents[1] / "examples" / "mnist_test.npz"
@@ -117,3 +122,72 @@ def test_cli_exit_codes_and_errors(leaky_file: str, transfer_file: str, owner: t
     with pytest.raises(DfkdError, match="--student needs --test"):
         audit(transfer_file, owner[0], student=load_teacher(
             Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet5.pt"))
+
+
+def _npz(path: Path, x: np.ndarray) -> str:
+    np.savez(path, x=x, y=np.arange(len(x)) % 10)
+    return str(path)
+
+
+def test_test_that_overlaps_against_is_refused(leaky_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+    # --test = --against: every held-out distance is 0, the threshold 0, and the copies in the file would PASS.
+    with pytest.raises(DfkdError, match=r"--test .*train\.npz: 3000 of its 3000 images are also in --against .*"
+                                        r"held out of training"):
+        audit(leaky_file, owner[0], test=owner[0], png=tmp_path / "p.png")
+    train, test = np.load(owner[0])["x"], np.load(owner[1])["x"]
+    overlap = _npz(tmp_path / "overlap.npz", np.concatenate([train[:20], test[20:]]))  # 2 % of --test
+    with pytest.raises(DfkdError, match="20 of its 1000 images are also in --against"):
+        audit(leaky_file, owner[0], test=overlap, png=tmp_path / "p.png")
+    # Without --test, an --against full of duplicates gives the held-out split the same zero baseline.
+    doubled = _npz(tmp_path / "doubled.npz", np.concatenate([train[:1500], train[:1500]]))
+    with pytest.raises(DfkdError, match=r"--against .*doubled\.npz: \d+ of the 1000 images held out .* duplicates"):
+        audit(leaky_file, doubled, png=tmp_path / "p.png")
+
+
+def test_a_few_duplicates_are_left_out_of_the_baseline(leaky_file: str, owner: tuple[str, str],
+                                                       tmp_path: Path) -> None:
+    train, test = np.load(owner[0])["x"], np.load(owner[1])["x"]
+    few = _npz(tmp_path / "few.npz", np.concatenate([train[:5], test[5:]]))  # 0.5 %: real datasets hold a few
+    clean = _npz(tmp_path / "clean.npz", test[5:])
+    r, c = audit(leaky_file, owner[0], test=few, png=tmp_path / "p.png"), audit(leaky_file, owner[0], test=clean,
+                                                                                png=tmp_path / "p.png")
+    assert "5 identical to training images left out" in r.text() and r.verdict == "FAIL"
+    assert r.pixel.threshold == c.pixel.threshold and len(r.pixel.baseline) == 995
+
+
+def test_png_path_is_checked_before_the_audit(transfer_file: str, owner: tuple[str, str], tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_work(*a: object) -> None:
+        raise AssertionError("the audit ran before --png was checked")
+
+    monkeypatch.setattr(dfkd.audit, "_pixel_space", no_work)
+    (tmp_path / "notes.txt").write_text("a file")
+    for png, msg in [(tmp_path, "is a directory"), (tmp_path / "notes.txt" / "a.png", "notes.txt is a file, not a"),
+                     (tmp_path / "nowhere" / "a.png", "does not exist"), (tmp_path / "a.foo", "PIL writes no '.foo'")]:
+        with pytest.raises(DfkdError, match=f"--png {png}: .*{msg}"):
+            audit(transfer_file, owner[0], test=owner[1], png=png)
+
+
+def test_empty_image_sets_are_named(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+    empty = _npz(tmp_path / "empty.npz", np.zeros((0, 28, 28), np.uint8))
+    runner = CliRunner()
+    for args, flag in [(["--against", empty, "--test", owner[1]], "--against"),
+                       (["--against", owner[0], "--test", empty], "--test")]:
+        res = runner.invoke(main, ["audit", transfer_file, *args, "--png", str(tmp_path / "a.png")])
+        assert res.exit_code == 2 and f"error: {flag} {empty}: holds no images" in res.output, res.output
+
+
+def test_teacher_of_other_input_shape_is_refused(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+    rgb = Teacher(create("lenet5_bn", **{**KWARGS, "in_channels": 3}), CIFAR10_SPEC, source="rgb.pt")
+    with pytest.raises(DfkdError, match=r"--teacher rgb\.pt: takes 3x32x32 inputs, but TRANSFER .* holds 1x32x32"):
+        audit(transfer_file, owner[0], rgb, owner[1], png=tmp_path / "p.png")
+
+
+def test_broken_student_is_named_student(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+    m = make_teacher_module("lenet5")
+    with torch.no_grad():
+        m.classifier.weight.fill_(float("nan"))
+    save_model(tmp_path / "nan.pt", m, ModelFile("lenet5", KWARGS, MNIST_SPEC, 10))
+    res = CliRunner().invoke(main, ["audit", transfer_file, "--against", owner[0], "--test", owner[1], "--student",
+                                    str(tmp_path / "nan.pt"), "--png", str(tmp_path / "a.png")])
+    assert res.exit_code == 2 and f"error: --student {tmp_path / 'nan.pt'}: gives non-finite" in res.output, res.output
