@@ -142,6 +142,9 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
         raise DfkdError("--features teacher needs --teacher FILE (the teacher whose features are compared)")
     dev = pick_device(device)
     images = load_images(data, "DATA")
+    if len(images) < 2:
+        raise DfkdError(f"DATA {data}: holds {len(images)} image(s); FID statistics need a covariance of many "
+                        "(thousands of real images, at least 2)")
     t = load_with_options(teacher, options, dev) if teacher else None
     if features == "teacher":
         extractor, spec = TeacherFID(t), t.spec

@@ -232,6 +232,10 @@ def test_fid_stats_writes_mu_sigma_of_the_teacher_features(tmp_path: Path) -> No
     res = CliRunner().invoke(main, ["fid-stats", str(tmp_path / "d.npz"), str(tmp_path / "x.npz"),
                                     "--features", "teacher"])
     assert res.exit_code == 2 and "needs --teacher" in res.output
+    np.savez(tmp_path / "empty.npz", x=np.zeros((0, 28, 28), np.uint8), y=np.zeros(0, np.int64))
+    res = CliRunner().invoke(main, ["fid-stats", str(tmp_path / "empty.npz"), str(tmp_path / "e.npz"),
+                                    "--features", "teacher", "--teacher", str(tmp_path / "t.pt"), "--device", "cpu"])
+    assert res.exit_code == 2 and "holds 0 image(s)" in res.output and not (tmp_path / "e.npz").exists()
 
 
 def test_monitors_measure_in_chunks_of_the_batch_size_with_the_same_values() -> None:
