@@ -424,12 +424,23 @@ def _after_failed_write(run_dir: Path) -> str:
 
 def _start(run: Run, log: RunLog) -> None:
     """A new run's config.json, teacher accuracy and first record (rank 0)."""
-    atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
+    _write_config(run)
     _say_recipe(run)
     for teacher in getattr(run.teacher, "members", [run.teacher]):  # an ensemble's own teachers
         for note in getattr(teacher, "notes", ()):
             log.event(0, event="teacher_note", message=note)
     _score_teacher(run, log)
+
+
+def _say_resumed(run: Run) -> None:
+    """A resumed run's config.json (the settings it goes on with) and its first lines (rank 0)."""
+    _write_config(run)
+    _say_recipe(run, resumed=True)
+
+
+def _write_config(run: Run) -> None:
+    """config.json: the settings the run goes on with (a resume's -p, --steps, ... included; rank 0)."""
+    atomic_write_text(run.run_dir / "config.json", json.dumps(run.resolved_config(), indent=2) + "\n")
 
 
 def _score_teacher(run: Run, log: RunLog) -> None:
@@ -477,7 +488,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             log.event(0, event="start", method=run.cfg.method, teacher=run.teacher.source, student=run.student_name,
                       student_init=run.init_line, **({"processes": run.dist.world} if run.dist.enabled else {}))
         else:
-            run.dist.on_main(lambda: _say_recipe(run, resumed=True))
+            run.dist.on_main(lambda: _say_resumed(run))
             log.event(run.step, event="resume")
             run.dist.on_main(lambda: _score_teacher(run, log))
         result = run.loop(log)

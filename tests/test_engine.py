@@ -112,6 +112,18 @@ def test_resume_refuses_a_finished_run_unless_extended(teacher_file: str, tmp_pa
     assert resume(run, steps=8).step == 8
 
 
+def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tmp_path: Path) -> None:
+    # a resume with -p lr_s=0.1 ran at 0.1 and its checkpoint said so, while config.json kept the old rate
+    run = distill(cfg_for(teacher_file, tmp_path / "r", steps=4)).run_dir
+    before = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text("{ spoilt")
+    resume(run, steps=6, params={"lr_s": 0.123})
+    after = json.loads((run / "config.json").read_text())
+    assert after["params"]["lr_s"] == 0.123 != before["params"]["lr_s"] and after["steps"] == 6
+    assert {k: v for k, v in after.items() if k not in ("params", "steps")} == \
+        {k: v for k, v in before.items() if k not in ("params", "steps")}
+
+
 def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cls = get_method("dfad")
     original = cls.round
