@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -239,7 +240,7 @@ class Run:
         mine = {"rng": rng_state(self.device), "synth": state["synth"], "extra": state["extra"]}
         ranks = self.dist.gather(mine)
         extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world,
-                                 "precision": self.precision.state_dict()}
+                                 "precision": self.precision.state_dict(), "cwd": os.getcwd()}
         if self.dist.enabled:
             extra["ranks"] = ranks
         self.dist.on_main(lambda: save_checkpoint(
@@ -564,6 +565,28 @@ def _same(key: str, given: Any, saved: Any) -> bool:
     return False
 
 
+#: Settings that name files, which a run reads again when it resumes.
+PATH_SETTINGS = ("teachers", "eval_data", "fid_ref", "transfer_data", "data")
+
+
+def _anchored(cfg: DistillConfig, start: str | None) -> DistillConfig:
+    """`cfg` with its relative file paths made absolute from `start`, the folder the run was last checkpointed from.
+
+    A run started as `dfkd distill --teacher t.pt` and resumed from another folder looked for t.pt there (`no such
+    file`, of a --teacher the user did not give). Checkpoints written before the folder was recorded: unchanged.
+    """
+    if not start:
+        return cfg
+
+    def anchor(p: str) -> str:
+        there = Path(start) / p
+        return str(there) if not Path(p).is_absolute() and there.exists() else p
+
+    changes = {k: (tuple(map(anchor, v)) if isinstance(v, tuple) else anchor(v))
+               for k in PATH_SETTINGS if (v := getattr(cfg, k))}
+    return replace(cfg, **changes)
+
+
 def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) -> None:
     """Settings given with --resume that would make it another run are refused, naming the flag."""
     from dfkd.validate import flag_name
@@ -640,7 +663,8 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     changes = {k: v for k, v in given.items() if v is not None}
     check_settings(changes, "flags")
     ckpt = load_checkpoint(run_dir / "checkpoint.pt")
-    cfg = DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt")
+    cfg = _anchored(DistillConfig.from_dict(dict(ckpt["config"]), f"{run_dir}/checkpoint.pt"),
+                    ckpt.get("extra", {}).get("cwd"))
     check_file_archs({k: v for k, v in cfg.to_dict().items() if (fixed or {}).get(k) is None},
                      f"{run_dir}/checkpoint.pt")  # the same name typed with --resume is the user's choice
     cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed

@@ -112,6 +112,21 @@ def test_resume_refuses_a_finished_run_unless_extended(teacher_file: str, tmp_pa
     assert resume(run, steps=8).step == 8
 
 
+def test_a_run_started_with_relative_paths_resumes_from_another_folder(teacher_file: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cd /; dfkd distill --resume RUN` said "--teacher t.pt: no such file" of a --teacher the user never gave
+    import shutil
+
+    (tmp_path / "start").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(teacher_file, tmp_path / "start" / "t.pt")
+    monkeypatch.chdir(tmp_path / "start")
+    run = distill(cfg_for("t.pt", tmp_path / "r", steps=4)).run_dir
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert resume(run, steps=6).step == 6
+    assert json.loads((run / "config.json").read_text())["teachers"] == [str(tmp_path / "start" / "t.pt")]
+
+
 def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tmp_path: Path) -> None:
     # a resume with -p lr_s=0.1 ran at 0.1 and its checkpoint said so, while config.json kept the old rate
     run = distill(cfg_for(teacher_file, tmp_path / "r", steps=4)).run_dir
