@@ -144,7 +144,25 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
     x = x if isinstance(x, np.memmap) else np.ascontiguousarray(x)
     return TransferData(torch.from_numpy(x), torch.from_numpy(probs.astype(np.float32)), spec,
                         str(d["method"]), str(d["teacher_sha256"]), str(p), _json(d, "provenance", flag, p),
-                        _json(d, "recipe", flag, p))
+                        _checked_recipe(_json(d, "recipe", flag, p), flag, p))
+
+
+def _checked_recipe(recipe: dict[str, Any], flag: str, p: Path) -> dict[str, Any]:
+    """The file's student recipe, its values held to the transfer method's rules (as `-p` values are).
+
+    A damaged or hand-edited recipe (batch_size -3) ran until the first batch and failed there, a traceback and a
+    run folder that looked resumable; -p given with it was blamed for values the user never gave.
+    """
+    from dfkd.methods import get_method
+    from dfkd.validate import check_params
+
+    defaults = get_method("transfer").default_params(None)
+    try:
+        check_params({k: v for k, v in recipe.items() if k in defaults}, defaults, "transfer", "recipe")
+    except DfkdError as e:
+        raise DfkdError(f"{flag} {p}: its recorded student recipe is damaged ({str(e).removeprefix('recipe: params.')}"
+                        "); write the file again with `dfkd synthesize`") from None
+    return recipe
 
 
 def _json(d: dict[str, np.ndarray], key: str, flag: str, p: Path) -> dict[str, Any]:

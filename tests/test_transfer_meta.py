@@ -130,6 +130,24 @@ def test_broken_provenance_is_a_clear_error(transfer_file: str, tmp_path: Path) 
         load_transfer(tmp_path / "bad.npz")
 
 
+@pytest.mark.parametrize("key, value, needs", [("batch_size", -3, "batch_size = -3: method transfer needs"),
+                                               ("s_optimizer", "rmsprop", "s_optimizer = 'rmsprop'")])
+def test_a_damaged_recipe_is_refused_before_a_run_starts(transfer_file: str, tmp_path: Path, key: str, value: object,
+                                                          needs: str) -> None:
+    # batch_size -3 ran to the first batch: a torch.cat traceback and a run folder that looked resumable
+    import json
+
+    with np.load(transfer_file) as d:
+        arrays = {k: d[k] for k in d.files}
+    arrays["recipe"] = np.str_(json.dumps({**json.loads(str(arrays["recipe"])), key: value}))
+    np.savez(tmp_path / "bad.npz", **arrays)
+    res = CliRunner().invoke(main, ["distill", "--transfer-data", str(tmp_path / "bad.npz"), "--student",
+                                    "lenet5_half", "--steps", "3", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and f"error: --transfer-data {tmp_path / 'bad.npz'}: its recorded student recipe is " \
+        f"damaged ({needs}" in res.output and "dfkd synthesize" in res.output
+    assert not (tmp_path / "run").exists()
+
+
 # --- dfkd report FILE.npz -------------------------------------------------------------------------------------------
 def test_report_shows_provenance_histogram_and_writes_class_grid(transfer_file: str, tmp_path: Path) -> None:
     local = tmp_path / "t.npz"
