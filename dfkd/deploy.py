@@ -12,7 +12,7 @@ from dfkd.data import load_for, to_model_input
 from dfkd.deploystats import DeployStats, measure
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
-from dfkd.export import ExportCheck, export_model
+from dfkd.export import ExportCheck, check_format_name, export_model
 from dfkd.outpaths import check_output_file
 from dfkd.quantize import quantize_model
 from dfkd.spec import InputSpec
@@ -37,7 +37,7 @@ def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickl
 def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, force: bool = False,
                 arch: str | None = None, trust_pickle: bool = False, spec: InputSpec | None = None) -> ExportCheck:
     """Export a model file to `fmt` at `out`, checked against the source (see `dfkd.export.export_model`)."""
-    check_output_file(out, force=force)
+    check_format_name(check_output_file(out, force=force), fmt)
     m = load_model_any(model_path, arch, trust_pickle, spec)
     return export_model(m.module, m.spec, m.num_classes, fmt, out, force, m.class_names)
 
@@ -68,7 +68,7 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     Returns:
         Sizes, latency and (with `eval_data`) top-1 and teacher agreement of float and int8 models.
     """
-    check_output_file(req.out, force=req.force)
+    check_format_name(check_output_file(req.out, force=req.force), "onnx")  # an int8 ONNX file
     model = load_model_any(req.model, req.arch, req.trust_pickle)
     teacher = load_teacher(req.teacher, device=req.device) if req.teacher else None
     eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \

@@ -165,6 +165,22 @@ def check_export(model: nn.Module, spec: InputSpec, fmt: str, path: Path) -> Exp
     return ExportCheck(fmt, path, CHECK_BATCHES, worst)
 
 
+#: A file name for each format (the loader tells TorchScript and torch.export archives apart by their content).
+SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "exported-program": ".pt2"}
+KINDS = {"torchscript": "a TorchScript archive", "onnx": "an ONNX model", "exported-program": "a torch.export archive"}
+
+
+def check_format_name(out: Path, fmt: str) -> None:
+    """Refuse a name the file would be misread by: dfkd's loader, onnxruntime and Netron read `.onnx` as ONNX.
+
+    A TorchScript file written as student.onnx was called corrupt by `dfkd evaluate`; an ONNX file named .pt is
+    read as a PyTorch file.
+    """
+    if fmt in SUFFIXES and (out.suffix.lower() == ".onnx") != (fmt == "onnx"):
+        raise DfkdError(f"--out {out}: --format {fmt} writes {KINDS[fmt]}, which tools read by a {SUFFIXES[fmt]} "
+                        f"name; name it {out.with_suffix(SUFFIXES[fmt]).name}")
+
+
 WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx, "exported-program": _write_exported_program}
 
 
@@ -203,6 +219,7 @@ def export_model(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
         DfkdError: when `out` exists (without `force`), a package is missing, export fails or the check fails.
     """
     out = check_output_file(out, force=force)
+    check_format_name(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     # The temp name keeps the final suffix: torch.export warns about archives not named *.pt2.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{out.suffix}", dir=out.parent)

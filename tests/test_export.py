@@ -115,6 +115,17 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
         export_model(m, spec, 7, "exported-program", out / "m.pt2")  # its parent is the user's file
 
 
+
+@pytest.mark.parametrize("fmt, name, fix", [("torchscript", "m.onnx", "m.pt"), ("exported-program", "m.onnx", "m.pt2"),
+                                             ("onnx", "m.pt", "m.onnx")])
+def test_a_name_the_file_would_be_misread_by_is_refused(tmp_path: Path, fmt: str, name: str, fix: str) -> None:
+    # a TorchScript file written as student.onnx: exit 0, then dfkd evaluate called it corrupt
+    m, spec = _small("lenet5_half")
+    with pytest.raises(DfkdError, match=f"--format {fmt} writes .*; name it {fix}$"):
+        export_model(m, spec, 7, fmt, tmp_path / name)
+    assert not (tmp_path / name).exists()
+
+
 class _Noisy(torch.nn.Module):
     """Different logits on every call: an export of it cannot pass the round-trip check."""
 
