@@ -480,7 +480,7 @@ def report_cmd(run_dir: str) -> None:
     """
     from dfkd.report import report
 
-    if run_dir.endswith(".npz"):
+    if run_dir.endswith(".npz") or Path(run_dir).is_file():  # a run is a folder: a file is read as a transfer file
         from dfkd.transfer_report import report_transfer
 
         click.echo(report_transfer(run_dir).text())

@@ -209,6 +209,8 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
         DfkdError: when the folder is not a dfkd run.
     """
     d = Path(run_dir)
+    if not d.exists():
+        raise DfkdError(f"{d}: no such run folder; give the folder `dfkd distill` wrote (or a transfer .npz)")
     if not (d / "config.json").is_file() or not any((d / f).is_file() for f in ("checkpoint.pt", "metrics.jsonl")):
         raise DfkdError(f"{d}: not a dfkd run folder (no config.json with checkpoint.pt or metrics.jsonl); give the "
                         "folder `dfkd distill` wrote")

@@ -130,6 +130,20 @@ def test_report_of_an_unfinished_run_without_events(tmp_path: Path) -> None:
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="not a dfkd run folder"):
         report(tmp_path)
+    with pytest.raises(DfkdError, match="nope: no such run folder"):  # it said "not a dfkd run folder"
+        report(tmp_path / "nope")
+
+
+def test_report_reads_a_transfer_file_whatever_its_name(transfer_file: str, tmp_path: Path) -> None:
+    # `dfkd synthesize --out tr` writes the file as named, distill --transfer-data reads it; report said "not a
+    # dfkd run folder"
+    import shutil
+
+    from dfkd.cli.main import main
+
+    shutil.copy(transfer_file, tmp_path / "tr")
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "tr")])
+    assert res.exit_code == 0 and "images:   256 of 1x32x32" in res.output, res.output
 
 
 def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Path) -> None:
