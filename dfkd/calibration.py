@@ -39,16 +39,18 @@ def noise_pixels(spec: InputSpec, num: int, seed: int = 0) -> torch.Tensor:
 
 
 def file_pixels(path: Path, num: int, seed: int = 0) -> torch.Tensor:
-    """uint8 pixels of a transfer file or an image-data .npz (a random subset of `num` when it holds more)."""
+    """uint8 pixels of a transfer file, an image-data .npz or an image folder (a random `num` when it holds more)."""
     from dfkd.data import load_images
     from dfkd.transfer import load_transfer
 
-    with open_npz(path, "--calibration") as d:
-        is_transfer = "probs" in d.files
+    is_transfer = False
+    if not path.is_dir():  # an image folder (one sub-folder per class) is image data
+        with open_npz(path, "--calibration") as d:
+            is_transfer = "probs" in d.files
     x = load_transfer(path, "--calibration").x if is_transfer else load_images(path, "--calibration").x
     if len(x) > num:
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:num]]
-    return x
+        return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:num]]
+    return x if torch.is_tensor(x) else x[torch.arange(len(x))]  # an image folder's, decoded
 
 
 def calibration_params(teacher: Teacher, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
         return noise_pixels(spec, num, seed)
     p = Path(source)
     if p.suffix == ".npz" or p.exists():
-        if not p.is_file():
+        if not p.exists():
             raise DfkdError(f"--calibration {p}: no such file")
         x = file_pixels(p, num, seed)
         if len(x) == 0:  # an int8 file calibrated on nothing has scales that mean nothing

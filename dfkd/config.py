@@ -107,6 +107,8 @@ def check_file_archs(data: dict[str, Any], source: str) -> None:
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A .json or .toml file of DistillConfig fields (method hyper-parameters under `params`)."""
     p = Path(path)
+    if p.is_dir():
+        raise DfkdError(f"--config {p}: is a folder; give the JSON or TOML file of settings")
     if not p.is_file():
         raise DfkdError(f"--config {p}: no such file")
     try:

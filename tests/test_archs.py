@@ -198,6 +198,13 @@ def test_a_config_file_cannot_make_dfkd_call_any_function(tmp_path, key):
     assert getattr(build_config(str(config), teachers=(DEMO,), **{key: flag}), key) == flag
 
 
+def test_a_config_that_is_a_folder_is_named_so(tmp_path):
+    from dfkd.config import build_config
+
+    with pytest.raises(DfkdError, match=f"--config {tmp_path}: is a folder"):  # it said "no such file"
+        build_config(str(tmp_path), teachers=(DEMO,))
+
+
 def test_a_run_folder_cannot_make_a_resume_call_any_function(tmp_path):
     from dfkd.config import DistillConfig
     from dfkd.engine import distill, resume

@@ -97,6 +97,19 @@ def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
         calibration_pixels("nosuchmethod", 8, MNIST_SPEC)
 
 
+def test_calibration_reads_an_image_folder(tmp_path: Path) -> None:
+    # an existing image folder was "--calibration DIR: no such file"
+    from PIL import Image
+
+    for i in range(6):
+        (tmp_path / str(i % 2)).mkdir(exist_ok=True)
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(tmp_path / str(i % 2) / f"{i}.png")
+    x = calibration_pixels(str(tmp_path), 8, MNIST_SPEC)
+    assert x.shape == (6, 1, 28, 28) and x.dtype == torch.uint8 and sorted(x[:, 0, 0, 0].tolist()) == \
+        [0, 40, 80, 120, 160, 200]
+    assert calibration_pixels(str(tmp_path), 4, MNIST_SPEC).shape == (4, 1, 28, 28)
+
+
 @pytest.mark.parametrize("shape, match", [((0, 28, 28), "holds no images"), ((4, 5, 28, 28), "have 5 channels")])
 def test_calibration_refuses_a_file_an_int8_model_cannot_be_calibrated_on(tmp_path: Path, shape: tuple[int, ...],
                                                                           match: str) -> None:
