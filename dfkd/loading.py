@@ -129,7 +129,22 @@ def read_weights_only(path: str | os.PathLike, flag: str = "--teacher") -> Any:
         raise DfkdError(f"{flag} {p}: not a readable PyTorch file ({_short(e)}); is it truncated or corrupt?") from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile, KeyError, AttributeError, IndexError,
             TypeError) as e:
+        npz = _npz_members(p)
+        if npz:
+            what = "a transfer file (dfkd synthesize): train from it with dfkd distill --transfer-data" \
+                if "probs" in npz else f"an .npz of arrays ({', '.join(sorted(npz)[:4])}): data, not a model"
+            raise DfkdError(f"{flag} {p}: is {what}") from None
         raise DfkdError(f"{flag} {p}: not a readable PyTorch file ({_short(e)}); is it truncated or corrupt?") from None
+
+
+def _npz_members(p: Path) -> set[str]:
+    """The array names of an .npz (a zip of .npy members), else an empty set."""
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return set()
+    return {n.removesuffix(".npy") for n in names} if names and all(n.endswith(".npy") for n in names) else set()
 
 
 def _names_code(p: Path) -> bool:

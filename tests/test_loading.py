@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import sys
 import uuid
 import zipfile
@@ -93,6 +94,18 @@ def _error(path, **kw) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- formats that load
+
+
+@pytest.mark.parametrize("arrays, says", [({"x": np.zeros((2, 8, 8), np.uint8), "probs": np.ones((2, 1))},
+                                           "is a transfer file (dfkd synthesize): train from it with dfkd distill "
+                                           "--transfer-data"),
+                                          ({"x": np.zeros((2, 8, 8), np.uint8), "y": np.zeros(2, np.int64)},
+                                           "is an .npz of arrays (x, y): data, not a model")])
+def test_an_npz_given_as_a_model_is_named_for_what_it_is(tmp_path, arrays, says):
+    # export and quantize of a transfer file said "not a readable PyTorch file ... truncated or corrupt?"
+    np.savez(tmp_path / "t.npz", **arrays)
+    with pytest.raises(DfkdError, match=re.escape(f"--teacher {tmp_path / 't.npz'}: {says}") + "$"):
+        load_teacher(tmp_path / "t.npz")
 
 
 def test_dfkd_model_file(tmp_path):
