@@ -74,7 +74,10 @@ class DistillConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise DfkdError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+            params = sorted(set(unknown) & method_settings())
+            hint = f"; method settings such as {', '.join(params)} go under params (JSON: \"params\": {{...}}; " \
+                "TOML: a [params] table)" if params else ""
+            raise DfkdError(f"{source}: unknown setting(s) {unknown}{hint}; known: {sorted(known)}")
         d = dict(d)
         for k in ("teachers", "mean", "std"):
             if d.get(k) is not None:
@@ -82,6 +85,13 @@ class DistillConfig:
         if isinstance(d.get("input_size"), (list, tuple)):  # [height, width] in JSON; a square pair is one side
             d["input_size"] = parse_size(d["input_size"])
         return cls(**d)
+
+
+def method_settings() -> set[str]:
+    """Every method's hyper-parameter names (`dfkd methods --params`), for a config file that put one at the top."""
+    from dfkd.methods import get_method, list_methods
+
+    return {k for name in list_methods() for k in get_method(name).default_params(None)}
 
 
 #: Settings that name an architecture: as `module:callable` the run imports and calls it.

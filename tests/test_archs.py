@@ -205,6 +205,20 @@ def test_a_config_that_is_a_folder_is_named_so(tmp_path):
         build_config(str(tmp_path), teachers=(DEMO,))
 
 
+def test_a_method_setting_at_a_configs_top_level_is_pointed_to_params(tmp_path):
+    from dfkd.config import build_config
+
+    (tmp_path / "c.toml").write_text("batch_size = 8\nsteps = 3\n")
+    with pytest.raises(DfkdError, match=r"unknown setting\(s\) \['batch_size'\]; method settings such as batch_size "
+                                        r"go under params"):
+        build_config(str(tmp_path / "c.toml"), teachers=(DEMO,))
+    (tmp_path / "c.toml").write_text("steps = 3\n[params]\nbatch_size = 8\n")
+    assert build_config(str(tmp_path / "c.toml"), teachers=(DEMO,)).params == {"batch_size": 8}
+    (tmp_path / "c.toml").write_text("stepz = 3\n")
+    with pytest.raises(DfkdError, match=r"unknown setting\(s\) \['stepz'\]; known"):  # no hint where none fits
+        build_config(str(tmp_path / "c.toml"), teachers=(DEMO,))
+
+
 def test_a_run_folder_cannot_make_a_resume_call_any_function(tmp_path):
     from dfkd.config import DistillConfig
     from dfkd.engine import distill, resume
