@@ -140,6 +140,10 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
     model = load_with_options(model_path, options, dev, flag="--model")
     images = load_for(data, "--data", model.num_classes, model.spec, model.class_names)
     t = load_with_options(teacher, options, dev) if teacher else None
+    if t is not None and t.num_classes != model.num_classes:  # agreement of a 10- and a 5-class model means nothing
+        raise DfkdError(f"--teacher {teacher}: has {t.num_classes} classes, --model {model_path} has "
+                        f"{model.num_classes}; agreement needs the same classes: give the teacher the model was "
+                        "distilled from")
     res = accuracy(model, images, model.spec, dev, t, t.spec if t else None)
     ref, ref_top1 = (t, res["teacher_top1"]) if t is not None else (model, res["top1"])  # who should know the data
     doubt = data_doubt(ref_top1, ref.num_classes, "--data", data, size_note(images, ref.spec),

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,6 +158,14 @@ def test_evaluate_with_a_teacher_reports_agreement(trained, squares):
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout)
     assert res["agreement"] == 1.0 and res["teacher_top1"] == res["top1"]
+
+
+def test_evaluate_refuses_agreement_with_a_teacher_of_other_classes(trained, squares):
+    # an 8-class model against a 10-class teacher gave an agreement figure, with a low-accuracy warning only
+    other = str(Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet5.pt")
+    result = _run("evaluate", "--model", str(trained[1]), "--data", str(squares / "test.npz"), "--teacher", other,
+                  "--device", "cpu")
+    _assert_one_line_error(result, f"--teacher {other}: has 10 classes", "has 8; agreement needs the same classes")
 
 
 def test_evaluate_human_readable(trained, squares):
