@@ -68,7 +68,7 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     Returns:
         Sizes, latency and (with `eval_data`) top-1 and teacher agreement of float and int8 models.
     """
-    check_format_name(check_output_file(req.out, force=req.force), "onnx")  # an int8 ONNX file
+    check_output_file(req.out, force=req.force)
     model = load_model_any(req.model, req.arch, req.trust_pickle)
     teacher = load_teacher(req.teacher, device=req.device) if req.teacher else None
     eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \

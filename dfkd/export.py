@@ -171,12 +171,11 @@ KINDS = {"torchscript": "a TorchScript archive", "onnx": "an ONNX model", "expor
 
 
 def check_format_name(out: Path, fmt: str) -> None:
-    """Refuse a name the file would be misread by: dfkd's loader, onnxruntime and Netron read `.onnx` as ONNX.
+    """Refuse a `.onnx` name for a file that is not ONNX: dfkd's loader, onnxruntime and Netron read it as ONNX.
 
-    A TorchScript file written as student.onnx was called corrupt by `dfkd evaluate`; an ONNX file named .pt is
-    read as a PyTorch file.
+    A TorchScript file written as student.onnx was called corrupt by `dfkd evaluate`.
     """
-    if fmt in SUFFIXES and (out.suffix.lower() == ".onnx") != (fmt == "onnx"):
+    if fmt in SUFFIXES and fmt != "onnx" and out.suffix.lower() == ".onnx":
         raise DfkdError(f"--out {out}: --format {fmt} writes {KINDS[fmt]}, which tools read by a {SUFFIXES[fmt]} "
                         f"name; name it {out.with_suffix(SUFFIXES[fmt]).name}")
 

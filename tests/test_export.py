@@ -116,8 +116,7 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.parametrize("fmt, name, fix", [("torchscript", "m.onnx", "m.pt"), ("exported-program", "m.onnx", "m.pt2"),
-                                             ("onnx", "m.pt", "m.onnx")])
+@pytest.mark.parametrize("fmt, name, fix", [("torchscript", "m.onnx", "m.pt"), ("exported-program", "m.onnx", "m.pt2")])
 def test_a_name_the_file_would_be_misread_by_is_refused(tmp_path: Path, fmt: str, name: str, fix: str) -> None:
     # a TorchScript file written as student.onnx: exit 0, then dfkd evaluate called it corrupt
     m, spec = _small("lenet5_half")
