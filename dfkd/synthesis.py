@@ -194,6 +194,10 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     if method == "transfer":
         raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
     labels = labels or LabelSpec()
+    if labels.mode == "topk" and (labels.k or 1) >= teacher.num_classes:  # a user minimising what leaves: say so
+        warnings.warn(f"--labels {labels.text()}: the teacher has {teacher.num_classes} classes, so every row keeps "
+                      f"all of them, as --labels soft does; give K under {teacher.num_classes} to store less",
+                      stacklevel=2)
     top1, top1_on = _teacher_top1(teacher, eval_data, device)
     device = torch.device(device)
     seed_everything(seed)

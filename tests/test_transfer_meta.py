@@ -67,6 +67,21 @@ def test_synthesize_stores_minimised_labels(sharp_teacher_file: str, transfer_fi
     assert torch.equal(hard.probs.argmax(1), soft.probs[:64].argmax(1))  # same seed, same images, same classes
 
 
+def test_a_topk_that_keeps_every_class_is_said_to(sharp_teacher_file: str, tmp_path: Path) -> None:
+    # --labels topk=50 on a 10-class teacher stored the full softmax without a word, to a user minimising labels
+    import warnings
+
+    t = load_teacher(sharp_teacher_file)
+    for k, warns in ((50, True), (9, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            synthesize(t, "zskd", 8, tmp_path / f"k{k}.npz", params=ZSKD_FAST, labels=parse_labels(f"topk={k}"),
+                       views=1)
+        said = [str(w.message) for w in caught if "keeps all of them" in str(w.message)]
+        assert said == ([f"--labels topk={k}: the teacher has 10 classes, so every row keeps all of them, as --labels "
+                         "soft does; give K under 10 to store less"] if warns else [])
+
+
 # --- provenance and the recipe --------------------------------------------------------------------------------------
 def test_provenance_records_teacher_method_settings_version_date(transfer_file: str, sharp_teacher_file: str) -> None:
     data = load_transfer(transfer_file)
