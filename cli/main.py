@@ -182,9 +182,11 @@ def _method_names() -> list[str]:
               help="The student's first weights: sliced from the teacher's where the student is the teacher's "
               "architecture made narrower or shallower (auto: there, else random; teacher: insist), or random as in "
               "the papers.  [default: auto]")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Budget in student steps.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Budget in student steps (with --budget-minutes too: whichever is reached first).")
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"Budget in wall-clock minutes (default {10:g} when --steps is not given).")
+              help=f"Budget in wall-clock minutes (default {10:g} when --steps is not given; with --steps too: "
+              "whichever is reached first).")
 @click.option("--budget-clock", type=click.Choice(["wall", "cpu"]), default=None,
               help="What --budget-minutes counts: wall-clock time, or the CPU time of this process (all its "
               "threads), which a shared machine does not shrink.  [default: wall]")
@@ -376,12 +378,13 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
         return
     if show:
         cls = get_method(show)
-        click.echo((cls.__doc__ or "").strip() + "\n")
         loaded = None
-        if teacher:
+        if teacher:  # loaded first: a file that cannot be read is the one thing said
             from dfkd.teacher_options import load_with_options
 
             loaded = load_with_options(teacher, pop_teacher_options(kw))
+        click.echo((cls.__doc__ or "").strip() + "\n")
+        if loaded is not None:
             click.echo(f"  defaults for --teacher {teacher}:")
         params = cls.finalize(cls.default_params(loaded, recipe))
         lines = recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})

@@ -288,6 +288,15 @@ def test_methods_params_show_the_recipe_a_teacher_gets(teacher_file: str) -> Non
     assert lone.exit_code == 2 and "--params" in lone.output
 
 
+
+def test_methods_params_with_an_unreadable_teacher_says_only_that(tmp_path) -> None:
+    # it printed the method's whole description, then the (correct) error
+    (tmp_path / "trunc.pt").write_bytes(b"PK\x03\x04 truncated")
+    res = CliRunner().invoke(main, ["methods", "--params", "dfad", "--teacher", str(tmp_path / "trunc.pt")])
+    _assert_one_line_error(res, f"--teacher {tmp_path / 'trunc.pt'}")
+    assert res.stdout == ""
+
+
 def test_evaluate_names_model_in_its_load_warnings_and_hides_torch_deprecation_of_torchscript(tmp_path, squares):
     # A TorchScript model with a softmax head: the load-time note said "--teacher FILE" to a user who gave --model,
     # and torch's "`torch.jit.load` is deprecated" FutureWarning came with every such file.
