@@ -314,7 +314,7 @@ OTHER: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("evaluate_string_labels", ["evaluate", "--model", "{T}", "--data", "{strlab}"], ("integer class indices",)),
     ("evaluate_device_meta", ["evaluate", "--model", "{T}", "--data", "{biglab}", "--device", "meta"],
      ("--device meta",)),
-    ("report_missing", ["report", "{dir}/nope"], ("not a dfkd run folder",)),
+    ("report_missing", ["report", "{dir}/nope"], ("nope: no such run folder",)),
 ]
 
 
