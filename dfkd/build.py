@@ -15,7 +15,7 @@ from dfkd.hooks import is_batchnorm
 from dfkd.inherit import inherit
 from dfkd.methods import Method, get_method
 from dfkd.methods._recipes import recipe_lines
-from dfkd.students import build_student, student_arch, student_line
+from dfkd.students import build_student, check_student, student_arch, student_line
 from dfkd.teacher import Teacher
 from dfkd.utils import seed_everything
 from dfkd.validate import check_params
@@ -71,6 +71,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
     net = build_student(student_name, student_kwargs).to(device)
+    check_student(net, teacher, student_name)
     single = None if isinstance(teacher, EnsembleTeacher) else teacher.module
     init_line = inherit(net, single, student_init, teacher.arch or "the teacher")
     params, clip_line = clip_unnormalised(params, overrides, net)

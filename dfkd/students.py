@@ -27,11 +27,12 @@ import inspect
 import re
 from typing import Any
 
+import torch
 from torch import nn
 
 from dfkd.archs import arch_kind, build_model
 from dfkd.cost import count_macs, multiply_adds
-from dfkd.errors import DfkdError
+from dfkd.errors import DfkdError, first_line
 from dfkd.models import MODELS
 from dfkd.teacher import Teacher, teacher_size
 
@@ -162,3 +163,28 @@ def library_kwargs(name: str, teacher: Teacher) -> dict[str, Any]:
 def build_student(name: str, kwargs: dict[str, Any]) -> nn.Module:
     """Build the student `name` (zoo, torchvision:NAME or timm:NAME) with fresh weights."""
     return build_model(name, kwargs, flag="--student")
+
+
+def check_student(net: nn.Module, teacher: Teacher, name: str) -> None:
+    """Refuse a student that cannot take the teacher's inputs or gives other than its classes' logits.
+
+    One forward of two blank inputs, in eval mode and without gradients (no statistic or RNG moves). A
+    `--student-arg num_classes=7` for a 10-class teacher, or torchvision's vit_b_16 (224 px only) for a 32-px one,
+    failed at the first training step with a traceback, leaving a run folder that looked resumable.
+    """
+    device = next((p.device for p in net.parameters()), torch.device("cpu"))
+    k, inputs = teacher.num_classes, teacher.spec.describe()
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(teacher.spec.shape(2), device=device))
+    except Exception as e:  # noqa: BLE001 - any failure: the student does not fit the teacher's inputs
+        raise DfkdError(f"--student {name}: does not run on the teacher's {inputs} inputs ({first_line(e)}); pick "
+                        "a student for them (dfkd models) or set its --student-arg") from None
+    finally:
+        net.train(was)
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, k):
+        got = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
+        raise DfkdError(f"--student {name}: gives {got} for 2 inputs, where the teacher's {k} classes need (2, {k}) "
+                        "logits; drop --student-arg num_classes (the student takes the teacher's classes)")

@@ -160,3 +160,22 @@ def test_requested_library_student_and_its_arguments():
 def test_a_student_argument_the_zoo_model_does_not_take_is_one_line_naming_the_student_flag():
     with pytest.raises(DfkdError, match=r"--student lenet5: could not build it .*bogus.*--student-arg KEY=VALUE"):
         build_student("lenet5", {"num_classes": 10, "in_channels": 1, "input_size": 32, "bogus": 1})
+
+
+@pytest.mark.parametrize("student, args, says", [
+    ("lenet5_half", {"num_classes": 7}, "gives shape (2, 7) for 2 inputs, where the teacher's 10 classes need (2, 10)"),
+    ("torchvision:vit_b_16", {}, "does not run on the teacher's 3x32x32 inputs (Wrong image height!"),
+])
+def test_a_student_that_does_not_fit_the_teacher_is_refused_before_a_run(tmp_path, student, args, says):
+    # both failed at the first training step with a traceback and left a run folder that looked resumable
+    from dfkd.config import DistillConfig
+    from dfkd.engine import distill
+
+    teacher = tmp_path / "t.pt"
+    save_model(teacher, create("lenet5_bn", num_classes=10, in_channels=3, input_size=32),
+               ModelFile("lenet5_bn", {"num_classes": 10, "in_channels": 3, "input_size": 32}, SPEC[32], 10))
+    cfg = DistillConfig(teachers=(str(teacher),), method="dfad", steps=3, out=str(tmp_path / "run"), fid_every=0,
+                        student=student, student_args=args, params={"batch_size": 8})
+    with pytest.raises(DfkdError, match=f"^--student {student}: ") as e:
+        distill(cfg)
+    assert says in str(e.value) and not (tmp_path / "run").exists()
