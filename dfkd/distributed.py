@@ -47,6 +47,12 @@ class OtherRankFailed(DfkdError):
     """Raised on the other ranks when rank 0 stopped with an error (rank 0 prints the error itself)."""
 
 
+
+def resume_command(run_dir: object, world: int = 1) -> str:
+    """The command that continues a run made by `world` processes (a resume must keep that count)."""
+    launch = "dfkd" if world <= 1 else f"torchrun --nproc-per-node {world} -m dfkd"
+    return f"{launch} distill --resume {run_dir}"
+
 @dataclass(frozen=True)
 class Dist:
     """This process's place in the job: rank `rank` of `world` (rank 0 writes), its GPU `local_rank`."""

@@ -31,7 +31,7 @@ from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from dfkd.config import DistillConfig, check_file_archs, check_method_params
 from dfkd.cost import millions
 from dfkd.data import ImageData, load_for
-from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed
+from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed, resume_command
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
 from dfkd.io import WriteFailed, atomic_write_text, disk_error
@@ -72,10 +72,11 @@ class Interrupted(DfkdError):
 
 
 @contextmanager
-def _graceful_sigint(sigterm: bool = False) -> Any:
-    """First Ctrl-C sets a flag the loop checks between rounds; a second one interrupts at once.
+def _graceful_sigint() -> Any:
+    """First Ctrl-C or SIGTERM sets a flag the loop checks between rounds; a second one interrupts at once.
 
-    With `sigterm` (a torchrun job: its agent stops workers with SIGTERM), SIGTERM counts as a Ctrl-C too.
+    SIGTERM is how `kill`, `docker stop`, Slurm's time limit and torchrun's agent stop a process: a plain run killed
+    so lost every step since its last checkpoint, without a word.
     """
     flag = {"stop": False}
     if threading.current_thread() is not threading.main_thread():
@@ -87,8 +88,7 @@ def _graceful_sigint(sigterm: bool = False) -> Any:
             raise KeyboardInterrupt
         flag["stop"] = True
 
-    signals = (signal.SIGINT, signal.SIGTERM) if sigterm else (signal.SIGINT,)
-    old = {s: signal.signal(s, handler) for s in signals}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
@@ -266,7 +266,7 @@ class Run:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         first = True  # the first round of this process
-        with _graceful_sigint(self.dist.enabled) as sig, bar:  # the bar ends its line before any error is printed
+        with _graceful_sigint() as sig, bar:  # the bar ends its line before any error is printed
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
@@ -327,7 +327,7 @@ class Run:
                     self.checkpoint()
                     bar.close()
                     raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
-                                      f"dfkd distill --resume {self.run_dir}")
+                                      f"{resume_command(self.run_dir, self.dist.world)}")
         bar.close()
         self._read_losses()
         return RunResult(self.run_dir, self.step, True, metrics)
@@ -380,7 +380,7 @@ class Run:
             raise DfkdError(
                 f"training diverged at step {self.step}: {what}. The last good "
                 f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...){weight} "
-                f"and continue with: dfkd distill --resume {self.run_dir} -p ...")
+                f"and continue with: {resume_command(self.run_dir, self.dist.world)} -p ...")
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
         if not self.dist.main:  # rank 0 writes the student; the others only hand it their last state
@@ -417,9 +417,9 @@ class Run:
         return result
 
 
-def _after_failed_write(run_dir: Path) -> str:
+def _after_failed_write(run_dir: Path, world: int = 1) -> str:
     if (run_dir / "checkpoint.pt").exists():
-        return f"the last good checkpoint is intact: continue with dfkd distill --resume {run_dir}"
+        return f"the last good checkpoint is intact: continue with {resume_command(run_dir, world)}"
     return f"no checkpoint was written: delete {run_dir} and start again"
 
 
@@ -495,12 +495,12 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         result = run.loop(log)
         return run.finish(log, result)
     except WriteFailed as e:
-        raise DfkdError(f"{e}; {_after_failed_write(run.run_dir)}") from None
+        raise DfkdError(f"{e}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
     except OSError as e:
         err = disk_error(e)
         if err is None:
             raise
-        raise DfkdError(f"{err}; {_after_failed_write(run.run_dir)}") from None
+        raise DfkdError(f"{err}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
     finally:
         run.close()
         log.close()

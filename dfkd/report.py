@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dfkd.distributed import resume_command
 from dfkd.errors import DfkdError
 
 IMAGE_TAG = "synthetic/images"
@@ -33,6 +34,11 @@ class RunSummary:
     def last(self, key: str) -> float | None:
         return self.series[key][-1][1] if self.series.get(key) else None
 
+    def _resume(self) -> str:
+        """The command that continues the run: under torchrun with the processes it was made with."""
+        world = next((int(e.get("processes", 1)) for e in self.events if e.get("event") == "start"), 1)
+        return resume_command(self.run_dir, world)
+
     def text(self) -> str:
         """The summary, one fact a line."""
         c = self.config
@@ -41,7 +47,7 @@ class RunSummary:
                  f"method:   {c.get('method')}   teacher: {(c.get('teachers') or ['?'])[0]}   "
                  f"student: {c.get('student')}",
                  f"steps:    {self.step} of {target}   time: {_duration(self.elapsed)}   "
-                 f"finished: {'yes' if self.finished else 'no (continue with dfkd distill --resume)'}"]
+                 f"finished: {'yes' if self.finished else f'no (continue with {self._resume()})'}"]
         top1, teacher = self.last("student/top1"), self.last("student/teacher_top1")
         if top1 is not None:
             lines.append(f"accuracy: student top-1 {100 * top1:.2f}%" +

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dfkd.errors import DfkdError
+
 #: Records a store keeps in memory before it serves them from disk: 1 GiB (`-p ram_budget_mib=...` per method).
 DEFAULT_RAM_BUDGET_MIB = 1024
 SEGMENT_BYTES = 256 * 2**20
@@ -288,7 +290,8 @@ class RecordStore:
         missing = [self._path(s) for s in range(self._kept_from // self.per_segment,
                                                  (added - 1) // self.per_segment + 1) if not self._path(s).exists()]
         if len(self) and missing:
-            raise FileNotFoundError(f"{missing[0]} is missing: the run folder's {self.name} files are incomplete")
+            raise DfkdError(f"{missing[0]} is missing: the run folder's {self.name} files are incomplete; the run "
+                            "cannot resume without them: put the file back, or start a new run")
         if len(self) * self.record_bytes > self.budget:
             self.ram = None
             return

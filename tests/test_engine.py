@@ -139,7 +139,10 @@ def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tm
         {k: v for k, v in before.items() if k not in ("params", "steps")}
 
 
-def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        signum: int) -> None:
+    # SIGTERM (kill, docker stop, Slurm) stopped a plain run at once, losing the steps since its last checkpoint
     cls = get_method("dfad")
     original = cls.round
     calls = {"n": 0}
@@ -147,7 +150,7 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     def round_then_sigint(self):
         calls["n"] += 1
         if calls["n"] == 3:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signum)
         return original(self)
 
     monkeypatch.setattr(cls, "round", round_then_sigint)
@@ -156,6 +159,31 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and not ckpt["finished"]
     assert not (tmp_path / "r" / "student.pt").exists()
+
+
+def test_the_resume_command_names_torchrun_for_a_run_of_several_processes(teacher_file: str, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # a 2-process run stopped by Ctrl-C said "continue with dfkd distill --resume", which refuses it
+    from dfkd.distributed import resume_command
+    from dfkd.report import report
+
+    assert resume_command("r") == "dfkd distill --resume r"
+    assert resume_command("r", 2) == "torchrun --nproc-per-node 2 -m dfkd distill --resume r"
+    original = get_method("dfad").round
+
+    def round_then_sigint(self):
+        signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(get_method("dfad"), "round", round_then_sigint)
+    run = tmp_path / "r"
+    with pytest.raises(Interrupted, match=f"Continue with: dfkd distill --resume {run}$"):
+        distill(cfg_for(teacher_file, run, steps=40))
+    assert f"no (continue with dfkd distill --resume {run})" in report(run).text()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    started = [{**r, "processes": 2} if r.get("event") == "start" else r for r in records]  # as torchrun's run
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in started))
+    assert f"no (continue with torchrun --nproc-per-node 2 -m dfkd distill --resume {run})" in report(run).text()
 
 
 @pytest.mark.parametrize("objective", [False, True])

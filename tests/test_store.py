@@ -10,6 +10,7 @@ import torch
 
 from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
+from dfkd.errors import DfkdError
 from dfkd.generators import ImagePool, MemoryBank
 from dfkd.generators import store as store_mod
 from dfkd.generators.store import RecordStore
@@ -80,7 +81,8 @@ def test_missing_files_are_reported(tmp_path: Path):
     state = pool.state_dict()
     for f in tmp_path.iterdir():
         f.unlink()
-    with pytest.raises(FileNotFoundError, match="pool-00000.bin is missing"):
+    # a FileNotFoundError reached the user as a traceback (exit 1); a DfkdError is one line, exit 2
+    with pytest.raises(DfkdError, match="pool-00000.bin is missing: .* files are incomplete; the run cannot resume"):
         ImagePool(8, root=tmp_path).load_state_dict(state)
 
 
