@@ -42,7 +42,7 @@ from dfkd.methods._recipes import heavy_teacher
 from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.monitor import FIDMonitors, log_hparams
-from dfkd.outpaths import prepare_run_dir
+from dfkd.outpaths import prepare_run_dir, probe_writable
 from dfkd.precision import Precision, auto_bf16_line, deterministic_env, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
@@ -659,6 +659,7 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
                  world: int, numerics: dict[str, Any] | None = None) -> tuple[DistillConfig, dict[str, Any]]:
     """The resumed run's settings and its checkpoint, or the error that refuses the resume."""
     run_dir = _run_folder(run_dir)
+    probe_writable(run_dir, f"--resume {run_dir}")  # before any step is made that could not be saved
     given = {**dict(zip(RESUMABLE, (steps, budget_minutes, device, eval_data))), **(numerics or {})}
     changes = {k: v for k, v in given.items() if v is not None}
     check_settings(changes, "flags")

@@ -29,10 +29,13 @@ class WriteFailed(DfkdError):
 
 
 def disk_error(e: OSError, path: str | os.PathLike | None = None) -> WriteFailed | None:
-    """The one-line error for a write that failed for lack of room (else None: the OSError is something else)."""
+    """The one-line error for a write that failed for lack of room or permission (else None: something else)."""
+    where = path or e.filename or "a file"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)}; make it and its folder writable (chmod "
+                           "u+w; chattr -i for an immutable file)")
     if e.errno not in DISK_ERRNOS:
         return None
-    where = path or e.filename or "a file"
     return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)}; free some space (or raise the file-size "
                        "limit, `ulimit -f`)")
 

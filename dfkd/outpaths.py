@@ -19,7 +19,7 @@ def _nearest_existing(p: Path) -> Path:
     return p
 
 
-def _probe(folder: Path, what: str) -> None:
+def probe_writable(folder: Path, what: str) -> None:
     """Create and delete a file in `folder`: the one check that holds for root, read-only mounts and /proc."""
     try:
         with tempfile.TemporaryFile(dir=folder):
@@ -48,7 +48,7 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool 
     base = _nearest_existing(p.parent)
     if not base.is_dir():
         raise DfkdError(f"{what}: {base} is a file, not a folder; give a path inside a folder")
-    _probe(base, what)
+    probe_writable(base, what)
     return p
 
 
@@ -75,12 +75,12 @@ def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path,
             shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
             raise DfkdError(f"{what}: the folder is not empty (holds {shown}); dfkd writes a run only into a new "
                             "or empty folder, so pick another --out")
-        _probe(d, what)
+        probe_writable(d, what)
         return d, False
     base = _nearest_existing(d)
     if not base.is_dir():
         raise DfkdError(f"{what}: {base} is a file, not a folder; give a path inside a folder")
-    _probe(base, what)
+    probe_writable(base, what)
     try:
         d.mkdir(parents=True)
     except OSError as e:

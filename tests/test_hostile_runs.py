@@ -127,6 +127,28 @@ def test_disk_full_keeps_the_last_checkpoint_and_resumes_exactly(teacher_file: s
     assert loss_steps(run) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_into_a_folder_it_cannot_write_stops_before_any_step(teacher_file: str, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # it trained every step, then failed writing the checkpoint with a PermissionError traceback: the work was lost
+    import dfkd.outpaths
+    from dfkd.engine import resume
+    from dfkd.errors import DfkdError
+
+    run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
+                                fid_every=0, params={"batch_size": 8, "s_steps": 1})).run_dir
+
+    def denied(*args, **kwargs):  # noqa: ANN002, ANN003 - as a read-only folder is to a user who is not root
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(dfkd.outpaths.tempfile, "TemporaryFile", denied)
+    with pytest.raises(DfkdError, match=f"--resume {run}: cannot write into {run} \\(Permission denied\\)"):
+        resume(run, steps=20)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    late = dfkd.io.disk_error(PermissionError(errno.EPERM, os.strerror(errno.EPERM)), run / "checkpoint.pt")
+    assert late is not None and str(late) == (f"cannot write {run / 'checkpoint.pt'}: Operation not permitted; make "
+                                              "it and its folder writable (chmod u+w; chattr -i for an immutable file)")
+
+
 def _limited(limit: int):  # noqa: ANN202
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
