@@ -208,14 +208,14 @@ def import_callable(target: str, flag: str = "--teacher-arch", trusted: bool = T
     is_class = isinstance(obj, type) and issubclass(obj, nn.Module)
     if not is_class and not (callable(obj) and not isinstance(obj, type)):
         raise DfkdError(f"{flag} {target}: module {mod_name!r} has no nn.Module class or factory function {attr!r}")
-    if not trusted and not is_class and not _user_code(mod):
+    if not trusted and not is_class and not user_code(mod):
         raise DfkdError(f"{flag} {target}: a file may name an nn.Module class or a factory function of your own "
                         f"code, not a function of {mod_name!r} (the standard library or an installed package); if "
                         "you trust it, give it on the command line (--teacher-arch, --student)")
     return obj
 
 
-def _user_code(mod: Any) -> bool:
+def user_code(mod: Any) -> bool:
     """True for a module outside the standard library and installed packages (the user's own code)."""
     path = getattr(mod, "__file__", None)
     if not path:

@@ -83,9 +83,16 @@ def resolve_space(name: str) -> Callable[[Any], tuple[str, dict[str, Any]]]:
     if ":" not in name:
         raise DfkdError(f"--space {name}: use lenet5 or module:function (a function of an Optuna trial returning "
                         "(student_arch, student_args))")
-    from dfkd.archs import import_callable
+    import importlib
 
-    return import_callable(name, "--space")
+    from dfkd.archs import import_callable, user_code
+
+    space = import_callable(name, "--space")
+    if isinstance(space, type) or not user_code(importlib.import_module(name.partition(":")[0])):
+        raise DfkdError(f"--space {name}: a search space is a function of your own code (module:function(trial) "
+                        "returning (student_arch, student_args)), not a class or a function of the standard library "
+                        "or an installed package")
+    return space
 
 
 def measure(teacher: Any, arch: str, args: dict[str, Any]) -> tuple[int, float]:

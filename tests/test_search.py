@@ -96,3 +96,12 @@ def test_refusals(toy: dict[str, str], finished: tuple[SearchConfig, dict], tmp_
     res = CliRunner().invoke(main, ["search", "--teacher", cfg.teacher, "--method", "kd", "--eval-data", toy["test"],
                                     "--max-params", "1000", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and res.output.startswith("error: dfkd search needs Optuna: pip install")
+
+
+@pytest.mark.parametrize("space", ["os:system", "builtins:print", "torch.nn:Linear"])
+def test_a_space_must_be_a_function_of_the_users_own_code(space: str) -> None:
+    # --space os:system called os.system(trial): an Optuna "Trial 0 failed" TypeError traceback
+    from dfkd.search import resolve_space
+
+    with pytest.raises(DfkdError, match=f"--space {space}: a search space is a function of your own code"):
+        resolve_space(space)
