@@ -147,6 +147,11 @@ class TransferFile(Source):
         if not cfg.teachers and cfg.student is None:
             raise DfkdError(f"--transfer-data {cfg.transfer_data} without --teacher needs --student ARCH (see `dfkd "
                             "models`): there is no teacher architecture to pick the usual student from")
+        features = [f"--feature-loss {cfg.params.get('feature_loss')}"] * bool(cfg.params.get("feature_loss")) + \
+            ["--discriminator features"] * (cfg.params.get("discriminator") == "features")
+        if not cfg.teachers and features:  # the file holds the teacher's probabilities, not its features
+            raise DfkdError(f"{features[0]}: a --transfer-data run without --teacher has no teacher features to "
+                            "match; add --teacher FILE (the teacher the file was made from) or drop it")
 
     def teacher(self, device: torch.device) -> Teacher:
         """The teacher file when given, else a stand-in with the transfer file's spec and classes (no forward)."""

@@ -101,6 +101,12 @@ def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, tmp_
     with pytest.raises(DfkdError, match="give --transfer-data"):
         get_method("transfer")(NoTeacher(data), build_student("lenet5_half", KWARGS), get_method(
             "transfer").default_params(), torch.device("cpu"))
+    # the teacher's features: the advice was "use --feature-loss sp/rkd" (which failed too) or "save it as a model"
+    for params, flag in (({"feature_loss": "at"}, "--feature-loss at"), ({"feature_loss": "sp"}, "--feature-loss sp"),
+                         ({"discriminator": "features"}, "--discriminator features")):
+        with pytest.raises(DfkdError, match=f"^{flag}: a --transfer-data run without --teacher has no teacher "
+                                            "features to match; add --teacher FILE"):
+            distill(DistillConfig(method="transfer", student="lenet5_half", params=params, **base))
     assert not (tmp_path / "r").exists()
 
 
