@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -49,7 +50,8 @@ def print_extend_report(report: dict[str, Any]) -> None:
 @click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--hkd-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of the importance-weighted feature distillation.")
-@click.option("--work", default=None, help="Folder for replay, checkpoints and report.json  [default: OUT.extend/]")
+@click.option("--work", default=None, help="Folder for replay, checkpoints and report.json  [default: OUT without its "
+              "suffix + .extend/: mnist09.extend/ for mnist09.pt]")
 @click.option("--resume", is_flag=True, help="Continue the run in --work from its checkpoints.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--device", default="auto", show_default=True)
@@ -69,9 +71,14 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
     from dfkd.utils import pick_device
 
     options = pop_teacher_options(kw)
-    check_output_file(kw["out"])
+    check_output_file(kw["out"], force=None)  # extend has no --force
     cfg = ExtendConfig(teacher=teacher, params=dict(map(parse_param, params)), **kw)
-    report = extend(cfg, load_with_options(teacher, options, pick_device(cfg.device)), resume)
+    try:
+        report = extend(cfg, load_with_options(teacher, options, pick_device(cfg.device)), resume)
+    except KeyboardInterrupt:  # it said "interrupted" alone
+        click.echo(f"interrupted; {cfg.work_dir()} keeps the last checkpoint: continue with the same command and "
+                   "--resume", err=True)
+        sys.exit(130)
     click.echo(f"wrote {cfg.out}")
     print_extend_report(report)
     click.echo(f"report: {cfg.work_dir() / 'report.json'}")

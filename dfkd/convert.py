@@ -48,10 +48,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, options: TeacherOpt
     Raises:
         DfkdError: `out` exists, the source cannot be read, or a pickled module can be neither rebuilt nor exported.
     """
-    out = Path(out)
-    if out.is_file():
-        raise DfkdError(f"--out {out}: already exists; remove it or choose another name (dfkd never overwrites it)")
-    check_output_file(out)  # a folder, a parent that is a file, a place that cannot be written
+    out = check_output_file(out, force=None)  # convert has no --force
     teacher = load_with_options(path, options)
     arch, kwargs, model, archive = _representation(Path(path), teacher)
     provenance = {"kind": "converted", "source": str(path), "source_sha256": teacher.sha256,

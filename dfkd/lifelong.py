@@ -60,7 +60,7 @@ class ExtendConfig:
         batch_size: images per step from each source.
         lr: Adam learning rate.
         hkd_weight: weight of the importance-weighted feature distillation.
-        work: folder for the replay file, checkpoints and the report (default: `<out>.extend/`).
+        work: folder for the replay file, checkpoints and the report (default: `<out>` without its suffix + `.extend/`).
         seed: random seed.
         device: cpu, cuda or auto.
         checkpoint_every: steps between checkpoints.

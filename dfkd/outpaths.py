@@ -28,12 +28,13 @@ def probe_writable(folder: Path, what: str) -> None:
         raise DfkdError(f"{what}: cannot write into {folder} ({e.strerror}); pick a writable place") from None
 
 
-def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool = False) -> Path:
+def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool | None = False) -> Path:
     """Refuse an output file that cannot be written, or that exists and `force` is not given.
 
     Not writable: a folder, a device, a read-only or missing place. An existing file is the user's and is never
-    replaced without --force. Missing parent folders are fine (they are created when the file is written) as
-    long as the nearest existing one is a writable folder.
+    replaced without --force (`force` None: the command has no --force, and the message does not offer it).
+    Missing parent folders are fine (they are created when the file is written) as long as the nearest existing
+    one is a writable folder.
     """
     p = Path(path)
     what = f"{flag} {p}"
@@ -44,7 +45,8 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool 
     if p.exists() and not p.is_file():
         raise DfkdError(f"{what}: is not a regular file (a device or pipe?); give a file path")
     if p.exists() and not force:
-        raise DfkdError(f"{what}: already exists; choose another name or add --force to overwrite it")
+        how = "add --force to overwrite it" if force is not None else "remove it (dfkd never overwrites it)"
+        raise DfkdError(f"{what}: already exists; choose another name or {how}")
     base = _nearest_existing(p.parent)
     if not base.is_dir():
         raise DfkdError(f"{what}: {base} is a file, not a folder; give a path inside a folder")

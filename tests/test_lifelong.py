@@ -169,3 +169,7 @@ def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
     assert "fine-tune on new data only" in res.output and out.exists() and "joint" not in res.output
     res = CliRunner().invoke(main, args[:6] + [str(tmp_path / "z.pt"), "--eval-data", toy["new"][:-4] + "nope.npz"])
     assert res.exit_code == 2 and res.output.startswith("error: --eval-data") and "Traceback" not in res.output
+    res = CliRunner().invoke(main, args)  # extend has no --force: the message offered it
+    assert res.exit_code == 2 and f"--out {out}: already exists; choose another name or remove it" in res.output
+    res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "k.pt"), "--method", "kd"])  # "give --data", given
+    assert res.exit_code == 2 and "--method kd: learns from your images, it makes no synthetic ones" in res.output
