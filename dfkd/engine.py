@@ -587,6 +587,20 @@ def _anchored(cfg: DistillConfig, start: str | None) -> DistillConfig:
     return replace(cfg, **changes)
 
 
+def _refuse_missing(run_dir: Path, saved: DistillConfig, eval_data: str | None) -> None:
+    """Refuse a resume whose teacher or eval data is gone, naming it as the run's.
+
+    The loader's "--eval-data X: no such file" spoke of a flag the user had not given.
+    """
+    for path in saved.teachers:
+        if not Path(path).exists():
+            raise DfkdError(f"--resume {run_dir}: the run's teacher {path} is gone; put it back (a resumed run keeps "
+                            "its teacher)")
+    if saved.eval_data and eval_data is None and not Path(saved.eval_data).exists():
+        raise DfkdError(f"--resume {run_dir}: the run's --eval-data {saved.eval_data} is gone; give --eval-data FILE "
+                        "with --resume, or put it back")
+
+
 def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) -> None:
     """Settings given with --resume that would make it another run are refused, naming the flag."""
     from dfkd.validate import flag_name
@@ -670,6 +684,7 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
                      f"{run_dir}/checkpoint.pt")  # the same name typed with --resume is the user's choice
     cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed
     _refuse_changes(run_dir, cfg, fixed or {})
+    _refuse_missing(run_dir, cfg, eval_data)
     _refuse_world(run_dir, ckpt, world)
     if steps is not None and steps <= int(ckpt["step"]) and not ckpt["finished"]:
         raise DfkdError(f"--steps {steps}: the run in {run_dir} is already at step {ckpt['step']}; give a larger "

@@ -135,6 +135,8 @@ def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, t
                   weights: Sequence[float] | None = None, weighting: str = "mean",
                   arch_args: dict | None = None) -> Teacher:
     """Load one teacher, or several wrapped in an `EnsembleTeacher` (arguments as `load_teacher`'s)."""
+    if weights is not None and len(paths) == 1:  # accepted without a word: one teacher has nothing to weigh
+        member_weights(weights, 1)  # a list of another length: the usual error
     members = [load_teacher(p, arch, trust_pickle, spec, device, arch_args) for p in paths]
     _warn_unused_arch(arch, arch_args, members)
     if len(members) == 1:

@@ -127,6 +127,26 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(teacher_f
     assert json.loads((run / "config.json").read_text())["teachers"] == [str(tmp_path / "start" / "t.pt")]
 
 
+def test_a_resume_whose_files_are_gone_names_them_as_the_runs(teacher_file: str, tmp_path: Path) -> None:
+    # "--eval-data ev.npz: no such file or directory", of a flag the user had not given with --resume
+    import shutil
+
+    import numpy as np
+
+    shutil.copy(teacher_file, tmp_path / "t.pt")
+    np.savez(tmp_path / "ev.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.arange(4))
+    run = distill(cfg_for(str(tmp_path / "t.pt"), tmp_path / "r", steps=4, eval_data=str(tmp_path / "ev.npz"))).run_dir
+    (tmp_path / "ev.npz").unlink()
+    with pytest.raises(DfkdError, match=f"the run's --eval-data {tmp_path / 'ev.npz'} is gone; give --eval-data FILE"):
+        resume(run, steps=6)
+    np.savez(tmp_path / "ev2.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.arange(4))
+    (tmp_path / "t.pt").rename(tmp_path / "moved.pt")
+    with pytest.raises(DfkdError, match=f"the run's teacher {tmp_path / 't.pt'} is gone; put it back"):
+        resume(run, steps=6, eval_data=str(tmp_path / "ev2.npz"))
+    (tmp_path / "moved.pt").rename(tmp_path / "t.pt")
+    assert resume(run, steps=6, eval_data=str(tmp_path / "ev2.npz")).step == 6
+
+
 def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tmp_path: Path) -> None:
     # a resume with -p lr_s=0.1 ran at 0.1 and its checkpoint said so, while config.json kept the old rate
     run = distill(cfg_for(teacher_file, tmp_path / "r", steps=4)).run_dir

@@ -158,6 +158,8 @@ def teacher_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 
 def test_load_teachers_one_or_several(teacher_files: tuple[str, str]):
     assert not isinstance(load_teachers(teacher_files[:1]), EnsembleTeacher)
+    with pytest.raises(DfkdError, match="one per --teacher"):  # two weights for one teacher were taken silently
+        load_teachers(teacher_files[:1], weights=[2, 1])
     e = load_teachers(teacher_files, weights=[1, 3], weighting="confidence")
     assert isinstance(e, EnsembleTeacher) and e.member_weights == [0.25, 0.75] and e.weighting == "confidence"
     assert e.sha256.count(",") == 1
