@@ -11,6 +11,7 @@ from torch import nn
 
 from dfkd.config import resolve_params
 from dfkd.ensemble import EnsembleTeacher
+from dfkd.errors import DfkdError
 from dfkd.hooks import is_batchnorm
 from dfkd.inherit import inherit
 from dfkd.methods import Method, get_method
@@ -70,8 +71,14 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     lines = recipe_lines(cls, teacher, params, overrides, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
-    net = build_student(student_name, student_kwargs).to(device)
-    check_student(net, teacher, student_name)
+    try:
+        net = build_student(student_name, student_kwargs).to(device)
+        check_student(net, teacher, student_name)
+    except DfkdError as e:
+        if student is not None:
+            raise
+        raise DfkdError(f"{e}; {student_name} is the default student for this teacher: give --student one that "
+                        f"takes {teacher.spec.describe()} inputs (dfkd models)") from None
     single = None if isinstance(teacher, EnsembleTeacher) else teacher.module
     init_line = inherit(net, single, student_init, teacher.arch or "the teacher")
     params, clip_line = clip_unnormalised(params, overrides, net)

@@ -107,10 +107,21 @@ def sized_student(teacher: Teacher) -> str:
     97.64, 55.27 against 82.98 on Fashion-MNIST (teacher 86.49). Else the smallest.
     """
     names = [n for n in SIZED_STUDENTS if not (n.startswith("lenet") and teacher.spec.side >= IMAGENET_SIZE)]
-    built = {n: build_student(n, zoo_kwargs(n, teacher)) for n in names}
+    built = {n: m for n in names if (m := _built_or_none(n, teacher)) is not None}
+    if not built:
+        raise DfkdError(f"no default student takes the teacher's {teacher.spec.describe()} inputs (each zoo student "
+                        "needs 16 px or more); give --student one that does (dfkd models, torchvision:NAME, timm:NAME)")
     sized = sorted((teacher_size(m), n) for n, m in built.items())
     fitting = [n for _, n in sized if _fits(built[n], teacher)]
     return fitting[-1] if fitting else sized[0][1]
+
+
+def _built_or_none(name: str, teacher: Teacher) -> nn.Module | None:
+    """Zoo student `name` for the teacher's inputs, or None where it cannot take them (a LeNet under 16 px)."""
+    try:
+        return build_student(name, zoo_kwargs(name, teacher))
+    except DfkdError:
+        return None
 
 
 def _fits(student: nn.Module, teacher: Teacher) -> bool:

@@ -179,3 +179,11 @@ def test_a_student_that_does_not_fit_the_teacher_is_refused_before_a_run(tmp_pat
     with pytest.raises(DfkdError, match=f"^--student {student}: ") as e:
         distill(cfg)
     assert says in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_a_teacher_no_zoo_student_fits_is_told_to_give_one() -> None:
+    # an 8-px teacher: "model 'lenet5_half' needs inputs of at least 16x16 pixels", of a student the user never chose
+    tiny = Teacher(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval(),
+                   InputSpec(3, 8, (0.5,), (0.25,)))
+    with pytest.raises(DfkdError, match=r"no default student takes the teacher's 3x8x8 inputs .*; give --student"):
+        student_arch(tiny, None)
