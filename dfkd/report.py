@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -149,8 +150,14 @@ def write_last_grid(run_dir: Path, out: Path, tag: str = IMAGE_TAG) -> bool:
     """The last image logged under `tag` in the run's TensorBoard events, as a PNG; False when there is none."""
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-    acc = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0})
-    acc.Reload()
+    tb_log = logging.getLogger("tensorboard")
+    level = tb_log.level
+    tb_log.setLevel(logging.ERROR)  # a resumed run's events restart at its step: TensorBoard drops the replayed ones
+    try:                            # and said "Detected out of order event.step ... Purging" on every report
+        acc = EventAccumulator(str(run_dir), size_guidance={IMAGES: 0})
+        acc.Reload()
+    finally:
+        tb_log.setLevel(level)
     if tag not in acc.Tags().get(IMAGES, []):
         return False
     out.write_bytes(acc.Images(tag)[-1].encoded_image_string)

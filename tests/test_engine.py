@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import signal
 from pathlib import Path
 
@@ -145,6 +146,31 @@ def test_a_resume_whose_files_are_gone_names_them_as_the_runs(teacher_file: str,
         resume(run, steps=6, eval_data=str(tmp_path / "ev2.npz"))
     (tmp_path / "moved.pt").rename(tmp_path / "t.pt")
     assert resume(run, steps=6, eval_data=str(tmp_path / "ev2.npz")).step == 6
+
+
+def test_report_of_a_resumed_run_is_quiet_about_tensorboards_replayed_steps(
+        teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # "Detected out of order event.step likely caused by a TensorFlow restart. Purging ..." with every report
+    from dfkd.report import report
+
+    cls, calls = get_method("dfad"), {"n": 0}
+    original = cls.round
+
+    def round_then_sigint(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(cls, "round", round_then_sigint)
+    run = tmp_path / "r"
+    with pytest.raises(Interrupted):
+        distill(cfg_for(teacher_file, run, steps=16, ckpt_every=2, image_every=2))
+    monkeypatch.setattr(cls, "round", original)
+    resume(run)
+    with caplog.at_level(logging.WARNING):
+        assert (run / "synthetic.png") in report(run).pngs
+    assert not [r for r in caplog.records if "out of order" in r.getMessage()]
 
 
 def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tmp_path: Path) -> None:
