@@ -191,7 +191,8 @@ def _method_names() -> list[str]:
               help="What --budget-minutes counts: wall-clock time, or the CPU time of this process (all its "
               "threads), which a shared machine does not shrink.  [default: wall]")
 @click.option("--eval-data", default=None, help="Real test data, for reporting only (never used to train).")
-@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Evaluate every N steps.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="Evaluate every N steps (evaluation time is outside --budget-minutes).")
 @click.option("--fid-ref", default=None, help="Reference FID statistics (.npz from `dfkd fid-stats`).")
 @click.option("--fid-every", type=click.IntRange(min=0), default=None,
               help="Measure FIDs of the synthetic data every N steps (0: off).  [default: 500]")
