@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,6 +107,10 @@ def resolve_precision(name: str, device: torch.device, world: int = 1, heavy: bo
     if name != "fp32" and device.type not in ("cuda", "cpu"):
         raise DfkdError(f"--precision {name}: mixed precision runs on cuda or cpu, not {device.type}; "
                         "use --precision fp32")
+    if name == "fp16" and device.type == "cpu":  # it ran, 11x slower, without a word
+        warnings.warn("--precision fp16 on a CPU: float16 has no fast path there (a WRN-16-1 step at batch 64 on an "
+                      "AMD EPYC: 3.0 s, against 0.26 s in fp32 and 0.13 s in bf16); use --precision auto, bf16 or "
+                      "fp32", stacklevel=2)
     return name
 
 
