@@ -38,6 +38,10 @@ def is_small_teacher(teacher: nn.Module | None) -> bool:
     return teacher is not None and teacher_size(teacher) < SMALL_TEACHER_PARAMS
 
 
+#: Inputs past this many pixels (1024 x 1024, 21 times a 224-px image) are said to be costly before the first forward.
+LARGE_PIXELS = 1024 * 1024
+
+
 class Teacher(nn.Module):
     """Wraps a user's classifier so that it cannot be trained: eval mode always, no gradient to its weights.
 
@@ -83,6 +87,11 @@ class Teacher(nn.Module):
         if self.hookable:
             use_fast_pools(self.module)  # the same outputs; a frozen teacher's forward is most of a CPU run's time
         self.train(False)
+        pixels = spec.hw[0] * spec.hw[1]
+        if pixels > LARGE_PIXELS:  # 4000 px: minutes and 7 GB before a word was said
+            self.note(f"--teacher {source}: it takes {spec.describe()} inputs, {pixels / 224**2:.0f} "
+                      "times the pixels of a 224-px image; its first forwards (batches of 2 and 3, to read its "
+                      "classes) and every step cost about that much more compute and memory")
         self.num_classes = self._probe_classes()
 
     def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - a teacher never trains

@@ -341,3 +341,16 @@ def test_a_user_teachers_plain_pools_get_the_fast_forward_with_the_same_outputs(
     xg = x.clone().requires_grad_()
     teacher(xg).sum().backward()  # the input gradient still flows (the library kernel under autograd)
     assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_a_teacher_of_huge_inputs_is_said_to_cost_before_its_first_forward() -> None:
+    # --input-size 4000 on a ResNet-18: minutes and 7 GB in the probe forwards, with nothing said
+    pooled = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 10))
+    for side, said in ((1100, True), (1024, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Teacher(pooled, InputSpec(3, side, (0.5,), (0.25,)), source="big.pt")
+        notes = [str(w.message) for w in caught if "times the pixels of a 224-px image" in str(w.message)]
+        assert notes == ([f"--teacher big.pt: it takes 3x{side}x{side} inputs, 24 times the pixels of a 224-px "
+                          "image; its first forwards (batches of 2 and 3, to read its classes) and every step cost "
+                          "about that much more compute and memory"] if said else [])
