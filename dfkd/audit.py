@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dfkd.data import ImageData, load_images, to_model_input
+from dfkd.data import ImageData, check_channels, load_images, to_model_input
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
@@ -236,11 +236,13 @@ def _without_training_images(train: Tensor, held: Tensor, against: str, test: st
                     "OWNER_TEST, images the model owner held out of training")
 
 
-def _owner_images(path: str | os.PathLike, flag: str) -> ImageData:
+def _owner_images(path: str | os.PathLike, flag: str, spec: InputSpec) -> ImageData:
+    """The owner's images, refused when empty or of channels the transfer file's images cannot be compared with."""
     data = load_images(path, flag)
     if not len(data):
         what = "training images" if flag == "--against" else "held-out images"
         raise DfkdError(f"{flag} {path}: holds no images; give the owner's {what}")
+    check_channels(tuple(data.x.shape), spec, flag, str(path))  # 5 channels were averaged to one and PASSed
     return data
 
 
@@ -300,8 +302,8 @@ def audit(transfer: str | os.PathLike, against: str | os.PathLike, teacher: Teac
     out = _png_path(png, transfer)
     if teacher is not None:
         _check_teacher(teacher, data, transfer)
-    owner = _owner_images(against, "--against")
-    owner_test = _owner_images(test, "--test") if test else None
+    owner = _owner_images(against, "--against", data.spec)
+    owner_test = _owner_images(test, "--test", data.spec) if test else None
     train, held = _split(real_pixels(owner, data.spec),
                          real_pixels(owner_test, data.spec) if owner_test is not None else None, seed)
     held, n_dup = _without_training_images(train, held, str(against), str(test) if test else None)

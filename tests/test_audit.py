@@ -175,6 +175,11 @@ def test_empty_image_sets_are_named(transfer_file: str, owner: tuple[str, str], 
                        (["--against", owner[0], "--test", empty], "--test")]:
         res = runner.invoke(main, ["audit", transfer_file, *args, "--png", str(tmp_path / "a.png")])
         assert res.exit_code == 2 and f"error: {flag} {empty}: holds no images" in res.output, res.output
+    five = _npz(tmp_path / "five.npz", np.zeros((50, 5, 32, 32), np.uint8))  # averaged to one channel, PASSed
+    for args, flag in [(["--against", five, "--test", owner[1]], "--against"),
+                       (["--against", owner[0], "--test", five], "--test")]:
+        res = runner.invoke(main, ["audit", transfer_file, *args, "--png", str(tmp_path / "a.png")])
+        assert res.exit_code == 2 and f"error: {flag} {five}: images have 5 channels" in res.output, res.output
 
 
 def test_teacher_of_other_input_shape_is_refused(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
