@@ -14,6 +14,8 @@ import torchvision
 
 from dfkd import DfkdError, InputSpec, ModelFile, load_teacher, save_model
 from dfkd.archs import arch_kind, build_model, class_candidates, flag_spec, parse_arch_args
+from dfkd.config import DistillConfig, build_config
+from dfkd.engine import distill, resume
 from dfkd.modelfile import load_model
 
 SPEC32 = InputSpec(3, 32, (0.5,), (0.25,))
@@ -184,7 +186,6 @@ def test_a_model_file_cannot_make_dfkd_call_any_function(tmp_path, target):
 
 @pytest.mark.parametrize("key", ["teacher_arch", "student"])
 def test_a_config_file_cannot_make_dfkd_call_any_function(tmp_path, key):
-    from dfkd.config import build_config
 
     pwned = tmp_path / "pwned"
     args = {"teacher_arch": "arch_args", "student": "student_args"}[key]
@@ -199,14 +200,12 @@ def test_a_config_file_cannot_make_dfkd_call_any_function(tmp_path, key):
 
 
 def test_a_config_that_is_a_folder_is_named_so(tmp_path):
-    from dfkd.config import build_config
 
     with pytest.raises(DfkdError, match=f"--config {tmp_path}: is a folder"):  # it said "no such file"
         build_config(str(tmp_path), teachers=(DEMO,))
 
 
 def test_a_method_setting_at_a_configs_top_level_is_pointed_to_params(tmp_path):
-    from dfkd.config import build_config
 
     (tmp_path / "c.toml").write_text("batch_size = 8\nsteps = 3\n")
     with pytest.raises(DfkdError, match=r"unknown setting\(s\) \['batch_size'\]; method settings such as batch_size "
@@ -220,8 +219,6 @@ def test_a_method_setting_at_a_configs_top_level_is_pointed_to_params(tmp_path):
 
 
 def test_a_run_folder_cannot_make_a_resume_call_any_function(tmp_path):
-    from dfkd.config import DistillConfig
-    from dfkd.engine import distill, resume
 
     run = distill(DistillConfig(teachers=(DEMO,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
                                 params={"batch_size": 8, "s_steps": 1})).run_dir

@@ -168,7 +168,8 @@ def test_png_path_is_checked_before_the_audit(transfer_file: str, owner: tuple[s
             audit(transfer_file, owner[0], test=owner[1], png=png)
 
 
-def test_empty_image_sets_and_wrong_channels_are_named(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+def test_empty_image_sets_and_wrong_channels_are_named(transfer_file: str, owner: tuple[str, str],
+                                                        tmp_path: Path) -> None:
     empty = _npz(tmp_path / "empty.npz", np.zeros((0, 28, 28), np.uint8))
     runner = CliRunner()
     for args, flag in [(["--against", empty, "--test", owner[1]], "--against"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from dfkd.config import DistillConfig, build_config
+from dfkd.distributed import resume_command
 from dfkd.engine import Interrupted, distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
@@ -116,8 +118,6 @@ def test_resume_refuses_a_finished_run_unless_extended(teacher_file: str, tmp_pa
 def test_a_run_started_with_relative_paths_resumes_from_another_folder(teacher_file: str, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # `cd /; dfkd distill --resume RUN` said "--teacher t.pt: no such file" of a --teacher the user never gave
-    import shutil
-
     (tmp_path / "start").mkdir()
     (tmp_path / "elsewhere").mkdir()
     shutil.copy(teacher_file, tmp_path / "start" / "t.pt")
@@ -130,10 +130,6 @@ def test_a_run_started_with_relative_paths_resumes_from_another_folder(teacher_f
 
 def test_a_resume_whose_files_are_gone_names_them_as_the_runs(teacher_file: str, tmp_path: Path) -> None:
     # "--eval-data ev.npz: no such file or directory", of a flag the user had not given with --resume
-    import shutil
-
-    import numpy as np
-
     shutil.copy(teacher_file, tmp_path / "t.pt")
     np.savez(tmp_path / "ev.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.arange(4))
     run = distill(cfg_for(str(tmp_path / "t.pt"), tmp_path / "r", steps=4, eval_data=str(tmp_path / "ev.npz"))).run_dir
@@ -151,8 +147,6 @@ def test_a_resume_whose_files_are_gone_names_them_as_the_runs(teacher_file: str,
 def test_report_of_a_resumed_run_is_quiet_about_tensorboards_replayed_steps(
         teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # "Detected out of order event.step likely caused by a TensorFlow restart. Purging ..." with every report
-    from dfkd.report import report
-
     cls, calls = get_method("dfad"), {"n": 0}
     original = cls.round
 
@@ -210,9 +204,6 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
 def test_the_resume_command_names_torchrun_for_a_run_of_several_processes(teacher_file: str, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # a 2-process run stopped by Ctrl-C said "continue with dfkd distill --resume", which refuses it
-    from dfkd.distributed import resume_command
-    from dfkd.report import report
-
     assert resume_command("r") == "dfkd distill --resume r"
     assert resume_command("r", 2) == "torchrun --nproc-per-node 2 -m dfkd distill --resume r"
     original = get_method("dfad").round

@@ -18,9 +18,11 @@ import torch
 from click.testing import CliRunner
 
 import dfkd.io
+import dfkd.outpaths
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
-from dfkd.engine import distill
+from dfkd.engine import distill, resume
+from dfkd.errors import DfkdError
 from dfkd.methods import base as method_base
 from dfkd.methods import get_method, list_methods
 
@@ -130,10 +132,6 @@ def test_disk_full_keeps_the_last_checkpoint_and_resumes_exactly(teacher_file: s
 def test_a_resume_into_a_folder_it_cannot_write_stops_before_any_step(teacher_file: str, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # it trained every step, then failed writing the checkpoint with a PermissionError traceback: the work was lost
-    import dfkd.outpaths
-    from dfkd.engine import resume
-    from dfkd.errors import DfkdError
-
     run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
                                 fid_every=0, params={"batch_size": 8, "s_steps": 1})).run_dir
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 from dfkd.calibration import calibration_pixels
 from dfkd.cli.main import main
@@ -99,8 +100,6 @@ def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
 
 def test_calibration_reads_an_image_folder(tmp_path: Path) -> None:
     # an existing image folder was "--calibration DIR: no such file"
-    from PIL import Image
-
     for i in range(6):
         (tmp_path / str(i % 2)).mkdir(exist_ok=True)
         Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(tmp_path / str(i % 2) / f"{i}.png")

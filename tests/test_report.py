@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
@@ -102,8 +104,6 @@ def test_mismatched_reference_is_refused_before_training(files: dict[str, str], 
 
 
 def test_report_writes_pngs_and_prints_the_summary(run_dir: Path) -> None:
-    from dfkd.cli.main import main
-
     res = CliRunner().invoke(main, ["report", str(run_dir)])
     assert res.exit_code == 0, res.output
     for name in ("synthetic.png", "curves.png"):
@@ -137,9 +137,7 @@ def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
 def test_report_reads_a_transfer_file_whatever_its_name(transfer_file: str, tmp_path: Path) -> None:
     # `dfkd synthesize --out tr` writes the file as named, distill --transfer-data reads it; report said "not a
     # dfkd run folder"
-    import shutil
 
-    from dfkd.cli.main import main
 
     shutil.copy(transfer_file, tmp_path / "tr")
     res = CliRunner().invoke(main, ["report", str(tmp_path / "tr")])
@@ -149,7 +147,6 @@ def test_report_reads_a_transfer_file_whatever_its_name(transfer_file: str, tmp_
 def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Path) -> None:
     """A softmax-head teacher is read through the log of its probabilities: the load-time warning also goes to
     metrics.jsonl, so `dfkd report` still says it after the console is gone."""
-    from dfkd.cli.main import main
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(create("lenet5_bn", **KW), torch.nn.Softmax(1)).eval()

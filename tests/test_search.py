@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from dfkd.errors import DfkdError
 from dfkd.modelfile import load_model
-from dfkd.search import SearchConfig, lenet5_space, measure, search
+from dfkd.search import SearchConfig, lenet5_space, measure, resolve_space, search
 from dfkd.search_report import dominates, pareto_rows
 from dfkd.teacher import load_teacher
 from tests.test_lifelong import train_toy_teacher, write
@@ -101,7 +101,5 @@ def test_refusals(toy: dict[str, str], finished: tuple[SearchConfig, dict], tmp_
 @pytest.mark.parametrize("space", ["os:system", "builtins:print", "torch.nn:Linear"])
 def test_a_space_must_be_a_function_of_the_users_own_code(space: str) -> None:
     # --space os:system called os.system(trial): an Optuna "Trial 0 failed" TypeError traceback
-    from dfkd.search import resolve_space
-
     with pytest.raises(DfkdError, match=f"--space {space}: a search space is a function of your own code"):
         resolve_space(space)

@@ -7,6 +7,8 @@ import torch
 import torchvision
 
 from dfkd import DfkdError, InputSpec, ModelFile, load_model, save_model
+from dfkd.config import DistillConfig
+from dfkd.engine import distill
 from dfkd.models import create
 from dfkd.students import build_student, default_student, student_arch, student_line
 from dfkd.teacher import Teacher
@@ -168,8 +170,6 @@ def test_a_student_argument_the_zoo_model_does_not_take_is_one_line_naming_the_s
 ])
 def test_a_student_that_does_not_fit_the_teacher_is_refused_before_a_run(tmp_path, student, args, says):
     # both failed at the first training step with a traceback and left a run folder that looked resumable
-    from dfkd.config import DistillConfig
-    from dfkd.engine import distill
 
     teacher = tmp_path / "t.pt"
     save_model(teacher, create("lenet5_bn", num_classes=10, in_channels=3, input_size=32),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -69,8 +71,6 @@ def test_synthesize_stores_minimised_labels(sharp_teacher_file: str, transfer_fi
 
 def test_a_topk_that_keeps_every_class_is_said_to(sharp_teacher_file: str, tmp_path: Path) -> None:
     # --labels topk=50 on a 10-class teacher stored the full softmax without a word, to a user minimising labels
-    import warnings
-
     t = load_teacher(sharp_teacher_file)
     for k, warns in ((50, True), (9, False)):
         with warnings.catch_warnings(record=True) as caught:
@@ -150,8 +150,6 @@ def test_broken_provenance_is_a_clear_error(transfer_file: str, tmp_path: Path) 
 def test_a_damaged_recipe_is_refused_before_a_run_starts(transfer_file: str, tmp_path: Path, key: str, value: object,
                                                           needs: str) -> None:
     # batch_size -3 ran to the first batch: a torch.cat traceback and a run folder that looked resumable
-    import json
-
     with np.load(transfer_file) as d:
         arrays = {k: d[k] for k in d.files}
     arrays["recipe"] = np.str_(json.dumps({**json.loads(str(arrays["recipe"])), key: value}))

@@ -6,11 +6,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import KWARGS
 from torch import nn
 
+import dfkd.runwatch
 from dfkd.config import DistillConfig
 from dfkd.data import load_images, to_model_input
 from dfkd.endcheck import chance_threshold, collapsed_at_end, top1_agreement
@@ -150,8 +152,6 @@ def test_a_run_whose_generator_collapses_says_so_once(teacher_file: str, tmp_pat
 def test_real_images_of_one_class_are_named_as_the_data_not_as_a_synthesis(tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     # kd on real images of one digit: the teacher sees one class, and the remedy is the data, not a generator
-    import numpy as np
-
     with np.load(MNIST_TEST) as d:
         threes = d["x"][d["y"] == 3][:64]
     data = tmp_path / "threes.npz"
@@ -369,7 +369,6 @@ def test_a_student_at_chance_is_told_it_has_not_learned(teacher_file: str, tmp_p
 @pytest.fixture(scope="module")
 def mnist_slice(tmp_path_factory: pytest.TempPathFactory) -> str:
     """500 MNIST test images: data the demo teacher recognises (and a student at chance does not)."""
-    import numpy as np
 
     data = np.load(MNIST_TEST)
     path = tmp_path_factory.mktemp("eval") / "mnist500.npz"
@@ -383,7 +382,6 @@ def test_a_student_at_chance_on_eval_data_is_told_so_when_the_synthetic_images_h
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # ZSKD's Dirichlet images on a CIFAR-10 WRN-16-1 (81 %): the student agreed with the teacher on them and
     # answered 13.5 % of the test set right, and nothing said so
-    import dfkd.runwatch
 
     student_from_teacher["roll"] = case != "learned"
     agreement = {"hidden": 0.9, "said_already": 0.0}.get(case)  # on synthetic images: over or under the line
