@@ -50,9 +50,12 @@ class RunSummary:
                  f"steps:    {self.step} of {target}   time: {_duration(self.elapsed)}   "
                  f"finished: {'yes' if self.finished else f'no (continue with {self._resume()})'}"]
         top1, teacher = self.last("student/top1"), self.last("student/teacher_top1")
-        if top1 is not None:
-            lines.append(f"accuracy: student top-1 {100 * top1:.2f}%" +
-                         (f" (teacher {100 * teacher:.2f}%)" if teacher is not None else ""))
+        written = self.last("student/top1_selected") if self.finished else None
+        if top1 is not None:  # student/top1 is the last raw student's; student.pt may be the EMA or a snapshot
+            raw = f"; the last raw student {100 * top1:.2f}%" if written is not None and written != top1 else ""
+            lines.append(f"accuracy: student top-1 {100 * (top1 if written is None else written):.2f}%" +
+                         (f" (teacher {100 * teacher:.2f}%{raw})" if teacher is not None else
+                          f" ({raw[2:]})" if raw else ""))
         lines += self._watch_lines()
         fids = [f"{k.removeprefix('fid/')} {v[-1][1]:.4g} (step {v[0][0]}: {v[0][1]:.4g})"
                 for k, v in sorted(self.series.items()) if k.startswith("fid/")]

@@ -18,7 +18,7 @@ from dfkd.errors import DfkdError
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.monitor import compute_fid_stats
-from dfkd.report import report
+from dfkd.report import RunSummary, report
 from dfkd.spec import MNIST_SPEC
 
 KW = {"num_classes": 10, "in_channels": 1, "input_size": 32}
@@ -112,7 +112,21 @@ def test_report_writes_pngs_and_prints_the_summary(run_dir: Path) -> None:
     assert "method:   dfq" in out and "student: lenet5_half" in out and "t.pt" in out
     assert "steps:    20 of 20" in out and "finished: yes" in out
     assert "accuracy: student top-1" in out and "(teacher " in out
+    written = torch.load(run_dir / "student.pt", weights_only=True)["provenance"]["eval_top1"]
+    assert f"accuracy: student top-1 {100 * written:.2f}% (teacher " in out
     assert "FID:" in out and "bn " in out and "teacher " in out
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_report_accuracy_is_the_written_students(tmp_path: Path, finished: bool) -> None:
+    # the README's demo: student.pt (an EMA snapshot) 93.39 %, and the report said "student top-1 95.73%", the last
+    # raw student's
+    series = {"student/top1": [(1575, 0.9573)], "student/top1_selected": [(1575, 0.9339)],
+              "student/teacher_top1": [(0, 0.9921)]}
+    text = RunSummary(tmp_path, {"method": "dfad", "steps": 1575}, 1575, 60.0, finished, series).text()
+    line = "accuracy: student top-1 93.39% (teacher 99.21%; the last raw student 95.73%)" if finished else \
+        "accuracy: student top-1 95.73% (teacher 99.21%)"  # unfinished: no student.pt yet, the raw one is all
+    assert line in text
 
 
 def test_report_of_an_unfinished_run_without_events(tmp_path: Path) -> None:
