@@ -165,9 +165,9 @@ def check_export(model: nn.Module, spec: InputSpec, fmt: str, path: Path) -> Exp
     return ExportCheck(fmt, path, CHECK_BATCHES, worst)
 
 
-#: A file name for each format (the loader tells TorchScript and torch.export archives apart by their content).
-SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx", "exported-program": ".pt2"}
-KINDS = {"torchscript": "a TorchScript archive", "onnx": "an ONNX model", "exported-program": "a torch.export archive"}
+#: A file name for each format that is not ONNX (the loader tells these two apart by their content).
+SUFFIXES = {"torchscript": ".pt", "exported-program": ".pt2"}
+KINDS = {"torchscript": "a TorchScript archive", "exported-program": "a torch.export archive"}
 
 
 def check_format_name(out: Path, fmt: str) -> None:
@@ -175,7 +175,7 @@ def check_format_name(out: Path, fmt: str) -> None:
 
     A TorchScript file written as student.onnx was called corrupt by `dfkd evaluate`.
     """
-    if fmt in SUFFIXES and fmt != "onnx" and out.suffix.lower() == ".onnx":
+    if fmt in SUFFIXES and out.suffix.lower() == ".onnx":
         raise DfkdError(f"--out {out}: --format {fmt} writes {KINDS[fmt]}, which tools read by a {SUFFIXES[fmt]} "
                         f"name; name it {out.with_suffix(SUFFIXES[fmt]).name}")
 

@@ -139,11 +139,7 @@ def read_weights_only(path: str | os.PathLike, flag: str = "--teacher") -> Any:
 
 def _npz_members(p: Path) -> set[str]:
     """The array names of an .npz (a zip of .npy members), else an empty set."""
-    try:
-        with zipfile.ZipFile(p) as z:
-            names = z.namelist()
-    except (OSError, zipfile.BadZipFile):
-        return set()
+    names = _zip_names(p)
     return {n.removesuffix(".npy") for n in names} if names and all(n.endswith(".npy") for n in names) else set()
 
 
