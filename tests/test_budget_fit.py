@@ -144,6 +144,38 @@ def test_latent_rounds_fit_a_time_budget(teacher_file: str, tmp_path: Path, meth
     assert elapsed < 3.0 * 2, f"the run overran its 3-second budget: {elapsed:.1f} s"
 
 
+@pytest.mark.parametrize("method,params", [
+    ("deepinversion", {"synth_batch_size": 8, "iterations": 2}),
+    ("zeroq", {"synth_batch_size": 8, "iterations": 2}),
+    ("zskd", {"di_batch": 8, "di_iters": 2}),
+])
+def test_pool_rounds_student_steps_fit_a_time_budget(teacher_file: str, tmp_path: Path, method: str,
+                                                     params: dict) -> None:
+    # DeepInversion's 50 student steps a round took 5 minutes at 224 px, so a 1-minute budget ran 5: a round's
+    # student steps must fit the budget as the latent methods' do. 20,000 here take a minute or more on a CPU.
+    cfg = DistillConfig(teachers=(teacher_file,), method=method, steps=None, budget_minutes=0.05, out=str(tmp_path),
+                        budget_clock="cpu", log_every=1, eval_every=1000, image_every=1000, ckpt_every=1000,
+                        fid_every=0, params={"batch_size": 8, "s_steps": 20_000, **params})
+    result = distill(cfg)
+    events = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    notes = " | ".join(e["message"] for e in events if e.get("event") == "note")
+    assert result.finished and result.step > PROBE_STEPS, "more than the probing round"
+    assert "20000 student steps" in notes
+    elapsed = max(e.get("perf/elapsed_s", 0.0) for e in events)
+    assert elapsed < 3.0 * 2, f"the run overran its 3-second budget: {elapsed:.1f} s"
+
+
+def test_gan_rounds_keep_the_recipes_student_steps(tiny_teacher) -> None:  # noqa: ANN001 - a Teacher
+    # A GAN method's student steps per generator step are part of its recipe: a time budget does not cut them.
+    cls = get_method("dfad")
+    method = cls(tiny_teacher, build_student("lenet5_half", KWARGS), {**cls.default_params(tiny_teacher),
+                                                                     **cls.quick, "s_steps": 50},
+                 torch.device("cpu"))
+    method.time_budget, method.time_left = 600.0, 600.0
+    method.steps_planner.step_seconds = 10.0  # 50 steps would be 500 s
+    assert method.student_steps_per_round == 50
+
+
 @pytest.mark.parametrize("method", ["cmi", "fast", "nayer", "deepinversion", "zskd"])
 def test_measured_speed_is_checkpointed(tiny_teacher, method: str) -> None:  # noqa: ANN001 - a Teacher
     # A resumed budget run plans its rounds at once from the checkpointed speed, not after a new probing round.

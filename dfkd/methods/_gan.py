@@ -60,6 +60,7 @@ class GANMethod(Method):
     cpu: ClassVar[dict[str, Any]] = GAN_CPU
     cpu_reason: ClassVar[str] = CPU_WIDTH_REASON
     cpu_any_cost: ClassVar[bool] = True  # generator width, batches, steps: a step's cost
+    fit_steps_to_budget: ClassVar[bool] = False  # the recipe's student steps per generator step stay
     #: The run's learning-rate schedule decays the generator too (DFAD, ZSKT); DAFL's and DFQ's references keep
     #: their generator's rate constant and decay only the student.
     decay_generator: ClassVar[bool] = True
@@ -151,8 +152,9 @@ class GANMethod(Method):
         return step_logs("gen", losses)
 
     def round(self) -> dict[str, float]:
+        n = self.student_steps_per_round
         logs = self.generator_step()
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(n):
             logs.update(self.fresh_student_step())
         return logs
 

@@ -127,8 +127,9 @@ class InversionMethod(Method):
         return step_logs("synth", losses)
 
     def round(self) -> dict[str, float]:
+        n = self.student_steps_per_round
         logs = self.synthesis_step()
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(n):
             x, t_logits = self.pool.sample(self.p["batch_size"], self.device)
             if self.kd_augment is not None:
                 with torch.no_grad():

@@ -15,7 +15,7 @@ from dfkd.generators import Generator
 from dfkd.generators.latent import LatentSynthesizer
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
-from dfkd.methods._budget import IterationPlanner, StepPlanner
+from dfkd.methods._budget import IterationPlanner
 from dfkd.methods._gan import CPU_WIDTH_REASON, GAN_CPU, generator_width
 from dfkd.methods.base import Method, frozen, step_logs
 from dfkd.teacher import Teacher
@@ -69,7 +69,6 @@ class LatentMethod(Method):
         self.bn = BNInputs(teacher, self.name, p["input_stats"])
         self.synth: LatentSynthesizer = self.make_synthesizer()
         self.planner = IterationPlanner(self.name, p["g_steps"], None, self.notice)
-        self.steps_planner = StepPlanner(self.name, self.notice)
 
     def make_synthesizer(self) -> LatentSynthesizer:
         raise NotImplementedError
@@ -90,11 +89,6 @@ class LatentMethod(Method):
             self.student.train()
             self.bn.set_active(False)
 
-    @property
-    def student_steps_per_round(self) -> int:
-        return self.steps_planner.cap(super().student_steps_per_round, self.time_budget, self.time_left,
-                                      self.planner.batch_seconds)
-
     def synthesize(self) -> dict[str, float]:
         """One synthesis round; its best batch is in the pool and in `last_images`.
 
@@ -114,9 +108,8 @@ class LatentMethod(Method):
     def round(self) -> dict[str, float]:
         n = self.student_steps_per_round
         logs = self.synthesize()
-        with self.steps_planner.timing(n, self.clock):
-            for _ in range(n):
-                logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+        for _ in self.student_steps(n):
+            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
         return logs
 
     def close(self) -> None:

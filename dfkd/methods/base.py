@@ -16,6 +16,7 @@ from dfkd.bnstats import BN_DEFAULTS
 from dfkd.errors import DfkdError
 from dfkd.generators.base import LossDict, Synthesizer
 from dfkd.losses import kl_div
+from dfkd.methods._budget import StepPlanner
 from dfkd.methods._recipes import Recipe
 from dfkd.objectives import build_objectives
 from dfkd.precision import backward, loss_scaled, step, unscale
@@ -115,6 +116,9 @@ class Method(Recipe):
     #: The flag of the images this method trains on (`--data`, `--transfer-data`); None: it synthesizes its own.
     #: The collapse watch names it, and its remedy, when those images show the teacher few classes.
     reads: ClassVar[str | None] = None
+    #: Whether a time budget may cut a round's student steps (`student_steps_per_round`). A pool-served method
+    #: then makes more rounds of fewer steps; the GAN methods keep their recipe's student steps per generator step.
+    fit_steps_to_budget: ClassVar[bool] = True
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
 
@@ -140,6 +144,8 @@ class Method(Recipe):
         #: The budget's clock (`time.process_time` under `--budget-clock cpu`); the engine sets it.
         self.clock: Callable[[], float] = time.perf_counter
         self._notices: list[str] = []
+        #: Caps a round's student steps under a time budget (`dfkd.methods._budget.StepPlanner`).
+        self.steps_planner = StepPlanner(self.name, self.notice)
 
     # --- description ----------------------------------------------------------------------------------------
     @classmethod
@@ -187,9 +193,28 @@ class Method(Recipe):
     # --- steps --------------------------------------------------------------------------------------------
     @property
     def student_steps_per_round(self) -> int:
-        """The student steps of the next round: `s_steps`, or fewer when the budget (`steps_left`) ends first."""
+        """The student steps of the next round: `s_steps`, or fewer when the budget ends first.
+
+        Under a step budget, what `steps_left` allows; under a time budget (and `fit_steps_to_budget`), what
+        `steps_planner` fits (a round's steps take at most a tenth of the budget and end inside the time left,
+        after the round's synthesis, `synthesis_reserve`). A round computes it before its synthesis, as the engine does, and runs its student
+        steps in `student_steps(n)`, which measures them for the next round's plan.
+        """
         n = int(self.p["s_steps"])
-        return n if self.steps_left is None else max(0, min(n, self.steps_left))
+        n = n if self.steps_left is None else max(0, min(n, self.steps_left))
+        if not self.fit_steps_to_budget:
+            return n
+        return self.steps_planner.cap(n, self.time_budget, self.time_left, self.synthesis_reserve())
+
+    def synthesis_reserve(self) -> float:
+        """Seconds of the round's synthesis, expected from the last one (0 for a method without a planner)."""
+        planner = getattr(self, "planner", None)
+        return 0.0 if planner is None else planner.batch_seconds
+
+    def student_steps(self, n: int) -> Iterator[int]:
+        """range(n), timed on the budget's clock: the student steps of a round (`n` from student_steps_per_round)."""
+        with self.steps_planner.timing(n, self.clock):
+            yield from range(n)
 
     def student_loss(self, s_logits: torch.Tensor, t_logits: torch.Tensor) -> LossDict:
         """KD loss: T^2-scaled KL at temperature T (override for L1 etc.)."""

@@ -73,7 +73,7 @@ class CrossModal(Method):
 
     def round(self) -> dict[str, float]:
         logs: dict[str, float] = {}
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(self.student_steps_per_round):
             xa, xb = self.synth.pair(self.p["batch_size"])
             self.last_images = xb
             logs.update(step_logs("student", self.paired_step(xa, xb)))

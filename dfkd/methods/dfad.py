@@ -66,7 +66,7 @@ class DFAD(GANMethod):
 
     def round(self) -> dict[str, float]:
         logs: dict[str, float] = {}
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(self.student_steps_per_round):
             logs.update(self.fresh_student_step())
         logs.update(self.generator_step())
         return logs

@@ -64,7 +64,7 @@ class KD(Method):
 
     def round(self) -> dict[str, float]:
         logs: dict[str, float] = {}
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(self.student_steps_per_round):
             x, self._labels = self.synth.batch(self.p["batch_size"])
             self.last_images = x
             logs.update(step_logs("student", self.student_step(x)))

@@ -20,7 +20,7 @@ from dfkd.generators.noisy import (
 from dfkd.generators.pool import ImagePool
 from dfkd.generators.store import DEFAULT_RAM_BUDGET_MIB
 from dfkd.losses import update_bn_ema
-from dfkd.methods._budget import WARMUP_SHARE, IterationPlanner, StepPlanner
+from dfkd.methods._budget import WARMUP_SHARE, IterationPlanner
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
 from dfkd.methods.base import Method, frozen, step_logs
@@ -148,7 +148,6 @@ class NAYER(Method):
         self._last_layers: list = []
         self.rounds = 0
         self.planner = IterationPlanner(self.name, p["g_steps"], None, self.notice)
-        self.steps_planner = StepPlanner(self.name, self.notice)
         self.warmup_seconds = 0.0  # budget seconds spent in warm-up rounds
         self.warmup_end = int(p["warmup_rounds"])  # cut short when the warm-up would not fit a time budget
 
@@ -176,10 +175,10 @@ class NAYER(Method):
 
     @property
     def student_steps_per_round(self) -> int:
-        if self.warming_up:
-            return 0
-        reserve = int(self.p["g_loops"]) * self.planner.batch_seconds
-        return self.steps_planner.cap(super().student_steps_per_round, self.time_budget, self.time_left, reserve)
+        return 0 if self.warming_up else super().student_steps_per_round
+
+    def synthesis_reserve(self) -> float:
+        return int(self.p["g_loops"]) * self.planner.batch_seconds
 
     def waiting(self) -> str | None:
         if not self.warming_up:
@@ -242,9 +241,8 @@ class NAYER(Method):
         n = self.student_steps_per_round
         logs = self.synthesize()
         self.rounds += 1
-        with self.steps_planner.timing(n, self.clock):
-            for _ in range(n):
-                logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
+        for _ in self.student_steps(n):
+            logs.update(step_logs("student", self.student_step(self.synth.sample(self.p["batch_size"]))))
         return logs
 
     # --- state --------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ class Transfer(Method):
 
     def round(self) -> dict[str, float]:
         logs: dict[str, float] = {}
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(self.student_steps_per_round):
             idx = self.next_indices(int(self.p["batch_size"]))
             with torch.no_grad():
                 x = self.augment(self.data.images(idx, self.teacher.spec).to(self.device))

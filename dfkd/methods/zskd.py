@@ -99,6 +99,7 @@ class ZSKD(Method):
         return {"loss": ce, "loss/ce": ce}
 
     def round(self) -> dict[str, float]:
+        n = self.student_steps_per_round
         iterations, self.synth.time_limit = self.planner.plan(self.time_budget)
         self.synth.clock = self.clock
         with self.planner.timing(self.clock):
@@ -106,7 +107,7 @@ class ZSKD(Method):
             self.planner.calls = self.synth.last_iterations
         self.last_images = x
         logs = step_logs("synth", losses)
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(n):
             with torch.no_grad():
                 view = self.augment(self.pool.sample(self.p["batch_size"], self.device)[0])
             logs.update(step_logs("student", self.student_step(view)))

@@ -78,6 +78,7 @@ class ZSKT(GANMethod):
         return {"loss": adv, "loss/adv": adv}
 
     def round(self) -> dict[str, float]:
+        n = self.student_steps_per_round
         z, _ = self.synth.noise(self.p["batch_size"])
         x, g_losses = self.synth.step_on(z, None)
         self.last_images = x = self.synth.generate(z)
@@ -89,7 +90,7 @@ class ZSKT(GANMethod):
             t_logits = self.teacher(x)
         t_feats = [self.t_taps.outputs[t] for _, t in self.at_pairs]
         t0 = time.perf_counter()
-        for _ in range(self.student_steps_per_round):
+        for _ in self.student_steps(n):
             s_logits = self.student_forward(x)
             kd = self._kl(s_logits, t_logits)
             losses = {"loss": kd, "loss/kd": kd}
