@@ -190,13 +190,18 @@ def _declare_stages(model: nn.Module) -> None:
         model.stages = names
 
 
+def importable_from_cwd() -> None:
+    """Let the user's own modules in the current directory import, as `python -m` would (the `dfkd` script does not)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def import_callable(target: str, flag: str = "--teacher-arch", trusted: bool = True) -> Any:
     """Import `module:callable` (a class or factory function) from the current directory or PYTHONPATH."""
     mod_name, _, attr = target.partition(":")
     if not mod_name or not attr:
         raise DfkdError(f"{flag} {target!r}: expected a zoo name, torchvision:NAME, timm:NAME or module:callable")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    importable_from_cwd()
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's module

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfkd.archs import canonical_arch, model_from_state, unwrapped
+from dfkd.archs import canonical_arch, importable_from_cwd, model_from_state, unwrapped
 from dfkd.errors import DfkdError, first_line
 from dfkd.export import SPEC_KEY, jit_load
 from dfkd.modelfile import ARCHIVE_KINDS, is_model_file, model_from_payload
@@ -359,11 +359,12 @@ def _from_model_file(payload: dict[str, Any], p: Path, spec: InputSpec | None) -
 def _load_pickle(p: Path, spec: InputSpec | None, arch: str | None = None,
                  arch_args: dict[str, Any] | None = None) -> LoadedModel:
     """A trusted pickle: a whole module, a dfkd model file, or a training checkpoint that holds a state_dict."""
+    importable_from_cwd()  # the classes it names, from the user's folder (as --teacher-arch module:Class)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
         raise DfkdError(f"--teacher {p}: the pickle could not be loaded ({_short(e)}); the classes it names must be "
-                        "importable (run from the folder with their code)") from None
+                        "importable (run from the folder with their code, or add it to PYTHONPATH)") from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickle", spec)
     if is_model_file(obj):

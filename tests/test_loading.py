@@ -253,6 +253,18 @@ def _user_state(tmp_path, name):
     return net, path
 
 
+def test_trusted_pickle_finds_its_classes_in_the_working_folder(tmp_path, user_module):
+    # The `dfkd` script does not put the working folder on sys.path: --teacher-arch module:Class found the user's
+    # code there while a pickle of the same class failed with "run from the folder with their code".
+    sys.path[:] = [p for p in sys.path if p not in ("", str(tmp_path))]
+    net, _ = _user_state(tmp_path, user_module)
+    path = tmp_path / "whole.pt"
+    torch.save(net, path)
+    sys.modules.pop(user_module)
+    t = load_teacher(path, trust_pickle=True, spec=InputSpec(1, 16, (0.5,), (0.5,)))
+    _same_outputs(t, net, (2, 1, 16, 16))
+
+
 def test_state_dict_with_module_class(tmp_path, user_module):
     net, path = _user_state(tmp_path, user_module)
     spec = InputSpec(1, 16, (0.5,), (0.5,))

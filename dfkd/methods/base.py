@@ -197,8 +197,8 @@ class Method(Recipe):
 
         Under a step budget, what `steps_left` allows; under a time budget (and `fit_steps_to_budget`), what
         `steps_planner` fits (a round's steps take at most a tenth of the budget and end inside the time left,
-        after the round's synthesis, `synthesis_reserve`). A round computes it before its synthesis, as the engine does, and runs its student
-        steps in `student_steps(n)`, which measures them for the next round's plan.
+        after the round's synthesis, `synthesis_reserve`). A round computes it before its synthesis, as the
+        engine does, and runs its student steps in `student_steps(n)`, which measures them for the next plan.
         """
         n = int(self.p["s_steps"])
         n = n if self.steps_left is None else max(0, min(n, self.steps_left))
