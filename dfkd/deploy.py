@@ -34,6 +34,22 @@ def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickl
         raise DfkdError(text.removeprefix("--teacher ")) from None
 
 
+#: The teacher options `dfkd quantize` does not take (its --arch and --trust-pickle are the MODEL's).
+_TEACHER_FLAGS = ("--teacher-arch", "--arch-arg", "--trust-pickle", "--channels", "--input-size")
+
+
+def _self_describing_teacher(path: str | os.PathLike, device: str) -> Teacher:
+    """`dfkd quantize --teacher`: a file that describes itself; one that needs teacher options is sent to convert."""
+    try:
+        return load_teacher(path, device=device)
+    except DfkdError as e:
+        if not any(flag in str(e) for flag in _TEACHER_FLAGS):
+            raise
+        raise DfkdError(f"{e}. `dfkd quantize` takes no teacher options: write the teacher as a dfkd model file "
+                        f"first, `dfkd convert --teacher {path} --teacher-arch ... --out teacher.pt` (with the "
+                        "flags named above), then give --teacher teacher.pt") from None
+
+
 def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, force: bool = False,
                 arch: str | None = None, trust_pickle: bool = False, spec: InputSpec | None = None) -> ExportCheck:
     """Export a model file to `fmt` at `out`, checked against the source (see `dfkd.export.export_model`)."""
@@ -70,7 +86,7 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     """
     check_output_file(req.out, force=req.force)
     model = load_model_any(req.model, req.arch, req.trust_pickle)
-    teacher = load_teacher(req.teacher, device=req.device) if req.teacher else None
+    teacher = _self_describing_teacher(req.teacher, req.device) if req.teacher else None
     eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \
         if req.eval_data else None
     pixels = calibration_pixels(req.calibration, req.num_calibration, model.spec, teacher, req.seed, req.device,

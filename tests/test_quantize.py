@@ -145,6 +145,15 @@ def test_cli_quantize(sharp_teacher_file: str, transfer_file: str, eval_npz: str
 
 
 # --- quantization-aware distillation ----------------------------------------------------------------------------
+def test_quantize_sends_a_teacher_that_needs_options_to_convert(sharp_teacher_file: str, tmp_path: Path) -> None:
+    # quantize has no --teacher-arch: the loader's "add --teacher-arch" named a flag it refuses
+    state = tmp_path / "teacher_sd.pt"
+    torch.save(load_teacher(sharp_teacher_file).module.state_dict(), state)
+    with pytest.raises(DfkdError, match=r"takes no teacher options.*dfkd convert --teacher .*teacher_sd.pt"):
+        quantize_file(QuantizeRequest(model=sharp_teacher_file, teacher=str(state), out=str(tmp_path / "q.onnx")))
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_fake_quant_rounds_to_int8_and_passes_gradients() -> None:
     torch.manual_seed(0)
     m = create("lenet5_half", **KWARGS)
