@@ -221,7 +221,8 @@ def remedy(method: Any, p: dict[str, Any]) -> str:
     if reads:
         return f"the teacher sees few of its classes in {reads}; give the run images of every class"
     if generator_of(method) is None:
-        key = next((k for k in ("iterations", "g_steps") if p.get(k)), None)  # inversion's steps, else the synthesis's
+        # inversion's and ZSKD's iterations per batch, else the latent generators' steps
+        key = next((k for k in ("iterations", "di_iters", "g_steps") if p.get(k)), None)
         more = f" (-p {key}={2 * int(p[key])})" if key else ""
         return (f"its synthesis does not reach the classes it targets; give it more iterations per batch{more}, or "
                 "try a GAN method with -p collapse_action=reset")

@@ -446,6 +446,7 @@ def test_a_pool_methods_collapse_remedy_names_its_iterations_setting() -> None:
     pool_served = SimpleNamespace(synth=None)
     assert "more iterations per batch (-p g_steps=10)" in remedy(pool_served, {"g_steps": 5})
     assert "(-p iterations=4000)" in remedy(pool_served, {"g_steps": 1, "iterations": 2000})  # DeepInversion's
+    assert "(-p di_iters=3000)" in remedy(pool_served, {"g_steps": 1, "di_iters": 1500})  # ZSKD's, not g_steps
     assert "more iterations per batch, or try" in remedy(pool_served, {})
 
 
