@@ -53,13 +53,13 @@ def size_note(data: ImageData, spec: InputSpec) -> str:
     """How `data`'s images reach the model's input size: '' when they are its size, else e.g. '28x28 resized to 32x32'.
 
     `to_model_input` resizes bilinearly (28-px MNIST to a 32-px LeNet, as DAFL and DFAD do); images of another
-    aspect ratio are 'stretched to' it.
+    aspect ratio are 'stretched to' it. Sizes are height x width, as `--input-size` takes them.
     """
     h, w = (int(s) for s in data.x.shape[-2:])
     if (h, w) == spec.hw:
         return ""
     stretched = abs(w / h - spec.hw[1] / spec.hw[0]) > 0.01
-    return f"{w}x{h} {'stretched' if stretched else 'resized'} to {spec.hw[1]}x{spec.hw[0]}"
+    return f"{h}x{w} {'stretched' if stretched else 'resized'} to {spec.hw[0]}x{spec.hw[1]}"
 
 
 def doubtful_top1(num_classes: int) -> float:

@@ -21,7 +21,7 @@ DEMO = str(ROOT / "examples" / "mnist_lenet5.pt")  # 99.21 % on MNIST, recorded 
 
 @pytest.fixture(scope="module")
 def mnist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """500 MNIST test images as they are (28 px), padded to 64 px, and padded sideways to 56x28."""
+    """500 MNIST test images as they are (28 px), padded to 64 px, and padded sideways to 28x56 (height x width)."""
     d = np.load(ROOT / "examples" / "mnist_test.npz")
     x, y = d["x"][:500], d["y"][:500]
     root = tmp_path_factory.mktemp("mnist")
@@ -38,7 +38,9 @@ def mnist(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_size_note_says_resized_or_stretched(mnist: dict[str, str]) -> None:
     spec = InputSpec(1, 32, (0.5,), (0.5,))
     assert size_note(load_images(mnist["plain"]), spec) == "28x28 resized to 32x32"
-    assert size_note(load_images(mnist["wide"]), spec) == "56x28 stretched to 32x32"
+    assert size_note(load_images(mnist["wide"]), spec) == "28x56 stretched to 32x32"
+    tall = InputSpec(1, (56, 28), (0.5,), (0.5,))  # --input-size 56x28: height x width, as the note reads
+    assert size_note(load_images(mnist["wide"]), tall) == "28x56 stretched to 56x28"
     assert size_note(load_images(mnist["plain"]), InputSpec(1, 28, (0.5,), (0.5,))) == ""
 
 
@@ -60,7 +62,7 @@ def test_evaluate_warns_on_padded_data_and_not_on_its_own(mnist: dict[str, str])
     assert res.exit_code == 0, res.output
     assert "warning: the model answers only" in res.output and "64x64 resized to 32x32" in res.output
     res = CliRunner().invoke(main, ["evaluate", "--model", DEMO, "--data", mnist["wide"]])
-    assert "its file records 99.21%" in res.output and "56x28 stretched to 32x32" in res.output
+    assert "its file records 99.21%" in res.output and "28x56 stretched to 32x32" in res.output
     res = CliRunner().invoke(main, ["evaluate", "--model", DEMO, "--data", mnist["plain"]])
     assert res.exit_code == 0 and "warning" not in res.output
     assert "(500 images, 28x28 resized to 32x32)" in res.output
