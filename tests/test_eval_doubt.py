@@ -39,7 +39,7 @@ def test_size_note_says_resized_or_stretched(mnist: dict[str, str]) -> None:
     spec = InputSpec(1, 32, (0.5,), (0.5,))
     assert size_note(load_images(mnist["plain"]), spec) == "28x28 resized to 32x32"
     assert size_note(load_images(mnist["wide"]), spec) == "28x56 stretched to 32x32"
-    tall = InputSpec(1, (56, 28), (0.5,), (0.5,))  # --input-size 56x28: height x width, as the note reads
+    tall = InputSpec(1, 56, (0.5,), (0.5,), width=28)  # --input-size 56x28: height x width, as the note reads
     assert size_note(load_images(mnist["wide"]), tall) == "28x56 stretched to 56x28"
     assert size_note(load_images(mnist["plain"]), InputSpec(1, 28, (0.5,), (0.5,))) == ""
 
