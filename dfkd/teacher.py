@@ -128,6 +128,13 @@ class Teacher(nn.Module):
         elif isinstance(out, (tuple, list)):
             raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__} without a (batch, "
                             "classes) tensor in it; dfkd needs the logits (wrap the module to return them alone)")
+        elif isinstance(out, Mapping):
+            shapes = ", ".join(f"{k!r}: {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
+                               for k, v in out.items())
+            raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__} ({shapes}) without a "
+                            "'logits' entry or one (batch, classes) tensor to take for it; wrap the module in a "
+                            "class whose forward returns the logits alone (e.g. `return self.net(x)['KEY']`) and "
+                            "give that class as --teacher-arch module:Class")
         if not torch.is_tensor(out) or out.dim() != 2:
             shape = f"shape {tuple(out.shape)}" if torch.is_tensor(out) else f"a {type(out).__name__}"
             raise DfkdError(f"--teacher {self.source}: forward returns {shape}, expected (batch, classes) logits")
@@ -329,7 +336,8 @@ def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], to
     In a tuple or list, its one 2-D tensor; of several, the one as wide as `head` (the output width of the
     module's last Linear layer, its classifier head as a rule) where exactly one is, else the first, so
     `(features, logits)` is read right as well as `(logits, features)`. Else a mapping's `logits` entry or a
-    `logits` attribute (Hugging Face's outputs are mappings with one), each only when it is a 2-D tensor.
+    `logits` attribute (Hugging Face's outputs are mappings with one), each only when it is a 2-D tensor; a mapping
+    without one gives its one 2-D tensor, or of several the one as wide as `head` where exactly one is.
     """
     def logits_like(t: Any) -> bool:
         return torch.is_tensor(t) and t.dim() == 2
@@ -341,8 +349,13 @@ def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], to
         as_wide = [i for i in found if out[i].shape[1] == head]
         i = as_wide[0] if len(as_wide) == 1 else found[0]
         return itemgetter(i), f"element {i} of the {type(out).__name__} (counting from 0)"
-    if isinstance(out, Mapping) and logits_like(out.get("logits")):
-        return itemgetter("logits"), "its 'logits' entry"
+    if isinstance(out, Mapping):
+        if logits_like(out.get("logits")):
+            return itemgetter("logits"), "its 'logits' entry"
+        found = [k for k, t in out.items() if logits_like(t)]
+        as_wide = [k for k in found if out[k].shape[1] == head]
+        key = found[0] if len(found) == 1 else as_wide[0] if len(as_wide) == 1 else None
+        return None if key is None else (itemgetter(key), f"its {key!r} entry")
     if not torch.is_tensor(out) and logits_like(getattr(out, "logits", None)):
         return attrgetter("logits"), "its 'logits' attribute"
     return None

@@ -112,7 +112,8 @@ class Outputs:
         self.logits, self.hidden_states = logits, hidden
 
 
-@pytest.mark.parametrize("wrap", ["tuple", "list", "features first", "feature map first", "dict", "attribute"])
+@pytest.mark.parametrize("wrap", ["tuple", "list", "features first", "feature map first", "dict", "dict, other names",
+                                  "attribute"])
 def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
     class Rich(Toy):
         def forward(self, x):
@@ -122,6 +123,7 @@ def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
             return {"tuple": lambda: (logits, features), "list": lambda: [logits, features],
                     "features first": lambda: (features, logits), "feature map first": lambda: (fmap, logits),
                     "dict": lambda: {"features": features, "logits": logits},
+                    "dict, other names": lambda: {"emb": features, "out": logits},  # the head's width picks "out"
                     "attribute": lambda: Outputs(logits, features)}[wrap]()
 
     torch.manual_seed(0)
@@ -134,6 +136,17 @@ def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
     assert t.num_classes == 4 and torch.equal(t(x), plain(x))
     logits, features = t.forward_with_features(x)
     assert torch.equal(logits, plain(x)) and features.shape == (3, 8)
+
+
+def test_a_dict_without_logits_to_take_is_refused_with_its_keys():
+    class TwoHeads(Toy):
+        def forward(self, x):
+            logits = super().forward(x)
+            return {"coarse": logits, "fine": logits * 2}  # two (batch, 4) tensors: which is meant is unknown
+
+    with pytest.raises(DfkdError, match=r"returns a dict \('coarse': \(2, 4\), 'fine': \(2, 4\)\) without a 'logits' "
+                                        r"entry.*wrap the module"):
+        Teacher(TwoHeads().eval(), InputSpec(1, 16, (0.5,), (0.5,)))
 
 
 @pytest.mark.parametrize("wrap", [False, True])
