@@ -70,10 +70,13 @@ def class_candidates(state: dict[str, torch.Tensor]) -> list[int]:
     """The output sizes of the state_dict's 2-D weights, the last one's first: what its classifier may give.
 
     `torch.save` keeps a state_dict in the model's order, so the classifier is its last 2-D weight; a safetensors
-    file sorts the names (`classifier.weight` before `fc.0.weight`), so the others are tried in turn.
+    file sorts the names (`classifier.weight` before `fc.0.weight`), so the others are tried in turn. After them
+    the 1x1 convolutions', last first: SqueezeNet's classifier is one.
     """
-    weights = [v for k, v in state.items() if k.rsplit(".", 1)[-1] == "weight" and v.dim() == 2]
-    return list(dict.fromkeys(int(w.shape[0]) for w in reversed(weights)))
+    weights = [v for k, v in state.items() if k.rsplit(".", 1)[-1] == "weight"]
+    linear = [w for w in weights if w.dim() == 2]
+    pointwise = [w for w in weights if w.dim() == 4 and tuple(w.shape[2:]) == (1, 1)]
+    return list(dict.fromkeys(int(w.shape[0]) for w in [*reversed(linear), *reversed(pointwise)]))
 
 
 def _fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:

@@ -81,6 +81,15 @@ def test_classes_from_the_classifier():
     assert class_candidates({"w": torch.zeros(3)}) == []
 
 
+def test_classes_from_a_pointwise_convolution_classifier(tmp_path):
+    # SqueezeNet classifies with a 1x1 convolution and has no 2-D weight: it was built for 1000 classes and refused
+    model = torchvision.models.squeezenet1_1(weights=None, num_classes=10).eval()
+    path = tmp_path / "squeeze.pt"
+    torch.save(model.state_dict(), path)
+    t = load_teacher(path, arch="torchvision:squeezenet1_1", spec=InputSpec(3, 64, (0.5,) * 3, (0.25,) * 3))
+    assert t.num_classes == 10 and t.arch_kwargs == {"num_classes": 10}
+
+
 def test_torchvision_state_dict_with_inferred_classes(tmp_path):
     model, path = _tv_state(tmp_path, classes=7)
     t = load_teacher(path, arch="torchvision:resnet18", spec=SPEC32)
