@@ -165,6 +165,25 @@ def _short(e: BaseException) -> str:
     return s[0][:200]
 
 
+def refuse_quantized(obj: Any, what: str) -> None:
+    """Refuse a model quantized by PyTorch (torch.ao.quantization: packed int8 weights), or its state_dict.
+
+    Its activations are quantized per batch (dynamic) or its kernels are int8-only: dfkd needs the float model,
+    whose gradients the inversion methods follow.
+    """
+    if isinstance(obj, nn.Module):
+        quantized = any(type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.nn.quantized"))
+                        for m in obj.modules())
+    elif isinstance(obj, dict):
+        quantized = any(isinstance(k, str) and k.endswith("_packed_params") for k in obj) or \
+            any(torch.is_tensor(v) and v.is_quantized for v in obj.values())
+    else:
+        quantized = False
+    if quantized:
+        raise DfkdError(f"{what}: a quantized model (torch.ao.quantization, int8 packed weights); dfkd needs the "
+                        "float model it was made from: give its weights from before quantize_dynamic/convert")
+
+
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "net"):
@@ -343,6 +362,7 @@ def load_user_model(
         return _from_model_file(obj, p, spec)
     state = _extract_state_dict(obj)
     if state is None:
+        refuse_quantized(obj, f"--teacher {p}")
         raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}, neither a dfkd model file nor a state_dict")
     return _from_state_dict(state, arch, spec, p, arch_args)
 
@@ -365,6 +385,7 @@ def _load_pickle(p: Path, spec: InputSpec | None, arch: str | None = None,
     except Exception as e:  # noqa: BLE001
         raise DfkdError(f"--teacher {p}: the pickle could not be loaded ({_short(e)}); the classes it names must be "
                         "importable (run from the folder with their code, or add it to PYTHONPATH)") from None
+    refuse_quantized(obj, f"--teacher {p}")
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickle", spec)
     if is_model_file(obj):

@@ -7,6 +7,7 @@ import pathlib
 import re
 import sys
 import uuid
+import warnings
 import zipfile
 
 import numpy as np
@@ -263,6 +264,20 @@ def test_trusted_pickle_finds_its_classes_in_the_working_folder(tmp_path, user_m
     sys.modules.pop(user_module)
     t = load_teacher(path, trust_pickle=True, spec=InputSpec(1, 16, (0.5,), (0.5,)))
     _same_outputs(t, net, (2, 1, 16, 16))
+
+
+def test_a_quantized_model_is_refused_for_its_float_one(tmp_path):
+    # quantize_dynamic's packed int8 weights: the state_dict was called "neither a dfkd model file nor a
+    # state_dict", the pickle "batch-dependent" (its activations are quantized per batch)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation of its int8 tensors
+        quantized = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        torch.save(quantized.state_dict(), tmp_path / "q_sd.pt")
+        torch.save(quantized, tmp_path / "q_pickle.pt")
+        for name, kw in (("q_sd.pt", {"arch": "my:Net"}), ("q_pickle.pt", {"trust_pickle": True})):
+            msg = _error(tmp_path / name, spec=InputSpec(1, 4, (0.5,), (0.5,)), **kw)
+            assert "a quantized model" in msg and "float model" in msg, msg
 
 
 def test_state_dict_with_module_class(tmp_path, user_module):
