@@ -49,5 +49,7 @@ def multiply_adds(teacher: Any) -> int | None:
 
 
 def millions(macs: int | None) -> str:
-    """A multiply-add count as the run prints it: "0.417M", "101M" ("?" where it could not be counted)."""
-    return "?" if macs is None else f"{macs / 1e6:.3g}M"
+    """A multiply-add count as the run prints it: "0.417M", "101M", "11.3G" ("?" where it could not be counted)."""
+    if macs is None:
+        return "?"
+    return f"{macs / 1e9:.3g}G" if macs >= 999.5e6 else f"{macs / 1e6:.3g}M"

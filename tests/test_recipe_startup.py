@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from dfkd.checkpoint import load_checkpoint
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
+from dfkd.cost import millions
 from dfkd.engine import distill
 
 QUICK = {"batch_size": 8, "s_steps": 2}
@@ -22,6 +23,12 @@ def run(teacher_file: str, out: Path, **params) -> tuple[dict, dict]:
     run_dir = distill(cfg).run_dir
     config = json.loads((run_dir / "config.json").read_text())
     return config, load_checkpoint(run_dir / "checkpoint.pt")["config"]
+
+
+def test_multiply_adds_read_in_millions_or_billions() -> None:
+    # a 224-px ViT printed "1.13e+04M"
+    assert [millions(m) for m in (417_000, 101_000_000, 999_000_000, 11_300_000_000, None)] == \
+        ["0.417M", "101M", "999M", "11.3G", "?"]
 
 
 def test_the_resolved_cpu_recipe_is_printed_and_saved(teacher_file: str, tmp_path: Path,
