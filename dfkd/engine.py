@@ -287,9 +287,9 @@ class Run:
                 window["t"] += dt
                 window["steps"] += n
                 window["samples"] += n * int(self.params["batch_size"])
-                bar.update(n)
-                if waiting:  # the next round's wait, or the losses at the next logging step, take its place
+                if waiting:  # cleared before the update draws the bar: the round's steps are made
                     bar.set_postfix_str("", refresh=False)
+                bar.update(n)
                 if self.dist.main:  # the watch reads rank 0's batches; it draws nothing from the training streams
                     self.watch.after_round(log, n)
                 if self.step // cfg.log_every > last["log"]:

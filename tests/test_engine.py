@@ -349,3 +349,16 @@ def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_fi
     assert "nayer: warm-up round 1/2" in err and "warm-up round 2/2" in err  # the note, then the bar's postfix
     said = report(result.run_dir).text()
     assert said.count("note:     step 0: warm-up round 1/2") == 1, said  # dfkd report says it too
+
+
+def test_the_bar_drops_its_first_round_tag_once_the_student_steps(teacher_file: str, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    # The tag stayed on the bar after the first round (dfad "2/4 ... synthesizing before the first student step"),
+    # so a heavy teacher's second round, minutes long, read as if no student step had been made.
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=4, out=str(tmp_path), fid_every=0,
+                        params={"batch_size": 8, "s_steps": 2})
+    distill(cfg)
+    bars = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("dfad:")]
+    assert any("0/4" in line and "synthesizing before the first student step" in line for line in bars)
+    stepped = [line for line in bars if "2/4" in line or "4/4" in line]
+    assert stepped and not any("synthesizing" in line for line in stepped), stepped
