@@ -212,7 +212,13 @@ class Method(Recipe):
         return 0.0 if planner is None else planner.batch_seconds
 
     def student_steps(self, n: int) -> Iterator[int]:
-        """range(n), timed on the budget's clock: the student steps of a round (`n` from student_steps_per_round)."""
+        """range(n): the student steps of a round (`n` from student_steps_per_round).
+
+        Timed on the budget's clock where the budget may cut them (`fit_steps_to_budget`), for the next plan.
+        """
+        if not self.fit_steps_to_budget:
+            yield from range(n)
+            return
         with self.steps_planner.timing(n, self.clock):
             yield from range(n)
 
