@@ -178,9 +178,12 @@ def _panels(series: Series) -> list[tuple[str, list[str]]]:
     acc = [k for k in ("student/top1", "student/top5", "student/top1_ema") if k in series]
     if acc:
         panels.append(("student accuracy", acc))
-    agree = [k for k in sorted(series) if k.startswith("select/")]
+    agree = [k for k in sorted(series) if k.startswith("select/agreement")]
     if agree:
         panels.append(("held-out agreement with the teacher", agree))
+    kl = [k for k in sorted(series) if k.startswith("select/kl")]
+    if kl:
+        panels.append(("held-out KL from the teacher", kl))
     panels += [(k, [k]) for k in sorted(series) if k.startswith("fid/")]
     return panels
 

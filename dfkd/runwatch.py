@@ -27,7 +27,7 @@ from dfkd.endcheck import (
 )
 from dfkd.evaluate import accuracy
 from dfkd.methods.transfer import NoTeacher
-from dfkd.selection import Selector
+from dfkd.selection import Selector, flat_scores
 from dfkd.watch import (
     CollapseWatch,
     EpisodeWatch,
@@ -41,6 +41,18 @@ from dfkd.watch import (
     stuck_message,
     student_stuck,
 )
+
+
+def selection_detail(scores: dict[str, dict[str, float]], signal: str) -> str:
+    """The candidates' held-out scores, the selection's `signal` first.
+
+    E.g. "held-out KL from the teacher: raw 0.312, ema 0.287; agreement: raw 95.0%, ema 97.1%".
+    """
+    kl = ", ".join(f"{k} {s['kl']:.3f}" for k, s in scores.items())
+    agree = ", ".join(f"{k} {100 * s['agreement']:.1f}%" for k, s in scores.items())
+    if signal == "kl":
+        return f"held-out KL from the teacher: {kl}; agreement: {agree}"
+    return f"held-out agreement: {agree}; KL from the teacher: {kl}"
 
 
 class RunWatch:
@@ -151,14 +163,13 @@ class RunWatch:
 
         Returns:
             (the chosen model; `final` with top1/top5 of the chosen one and top1_raw, top1_ema, top1_best (the kept
-            snapshot) beside them; e.g.
-            "ema at step 2400 (held-out agreement 97.1%; raw 95.0%, ema 97.1%)").
+            snapshot) beside them; e.g. "ema at step 2400 (held-out KL from the teacher: raw 0.312, ema 0.287;
+            agreement: raw 95.0%, ema 97.1%)", the selection's signal first).
         """
         label, model, scores = self.selector.choose(self.run.step)
         measured = self._end_warnings(log, model)
         if scores:
-            log.scalars(self.run.step, {("agreement" if k == "raw" else f"agreement_{k}"): v
-                                        for k, v in scores.items()}, "select/")
+            log.scalars(self.run.step, flat_scores(scores), "select/")
         metrics = dict(final)
         if final:
             metrics["top1_raw"] = final["top1"]
@@ -174,8 +185,7 @@ class RunWatch:
                 self._check_learned_on_data(log, metrics["top1"], measured)
         if not scores:
             return model, metrics, ""
-        detail = ", ".join(f"{k} {100 * v:.1f}%" for k, v in scores.items())
-        return model, metrics, f"{label} (held-out agreement: {detail})"
+        return model, metrics, f"{label} ({selection_detail(scores, self.selector.signal)})"
 
     # --- end of run (dfkd.endcheck) ---------------------------------------------------------------------------
     def _end_warnings(self, log: Any, model: nn.Module) -> tuple[float, int, bool] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
-from dfkd.selection import HeldOut, class_balanced_agreement, make_ema, update_ema
+from dfkd.selection import HeldOut, Selector, class_balanced_agreement, make_ema, update_ema
 
 SELECT = {"select_every": 2, "heldout_size": 24, "heldout_chunk": 8, "ema_decay": 0.9, "watch_every": 2}
 
@@ -86,7 +87,7 @@ def test_the_ema_decay_warms_up_so_a_short_run_does_not_average_its_first_studen
 def test_heldout_reservoir_keeps_its_size_and_takes_later_draws() -> None:
     h = HeldOut(10, seed=0)
     for i in range(5):
-        h.add(torch.full((4, 1), float(i)), torch.full((4,), i))
+        h.add(torch.full((4, 1), float(i)), torch.full((4, 3), float(i)))
     assert len(h) == 10 and h.seen == 20
     kept = set(h.x.flatten().tolist())
     assert 0.0 in kept or 1.0 in kept, "early draws stay represented"
@@ -96,10 +97,10 @@ def test_heldout_reservoir_keeps_its_size_and_takes_later_draws() -> None:
 def test_a_resumed_heldout_set_lives_where_the_student_computes() -> None:
     """A checkpoint loads on the CPU; a GPU run's held-out set must go back to the GPU (meta stands in for it)."""
     h = HeldOut(4, seed=0)
-    h.add(torch.rand(4, 1, 2, 2), torch.arange(4))
+    h.add(torch.rand(4, 1, 2, 2), torch.eye(4))
     again = HeldOut(4, seed=0)
     again.load_state_dict(h.state_dict(), torch.device("meta"))
-    assert again.x.device.type == "meta" and again.labels.device.type == "meta" and again.size == 4
+    assert again.x.device.type == "meta" and again.logits.device.type == "meta" and again.size == 4
 
 
 def test_heldout_draws_do_not_touch_the_run(teacher_file: str, tmp_path: Path) -> None:
@@ -242,3 +243,60 @@ def test_ema_starts_with_the_first_student_steps_not_the_warm_up(teacher_file: s
     raw = ckpt["method"]["student"]
     assert int(ema["n_averaged"]) == 1
     assert all(torch.allclose(ema[f"module.{k}"], v) for k, v in raw.items())
+
+
+def test_heldout_kl_sees_what_agreement_does_not() -> None:
+    # The same answers, less sure of them: top-1 agreement cannot tell the two students apart; the KL can.
+    torch.manual_seed(0)
+    teacher = nn.Linear(6, 4)
+    h = HeldOut(32, seed=0)
+    x = torch.randn(32, 6)
+    h.add(x, teacher(x).detach())
+    same, timid = nn.Linear(6, 4), nn.Linear(6, 4)
+    same.load_state_dict(teacher.state_dict())
+    timid.load_state_dict({k: v * 0.2 for k, v in teacher.state_dict().items()})
+    exact, unsure = h.scores(same, 4), h.scores(timid, 4)
+    assert exact["agreement"] == unsure["agreement"] == 1.0
+    assert exact["kl"] == pytest.approx(0.0, abs=1e-6) and unsure["kl"] > 0.05
+
+
+@pytest.mark.parametrize("signal", ["kl", "agreement"])
+def test_the_written_student_follows_the_selection_signal(tiny_teacher, signal: str) -> None:  # noqa: ANN001
+    # A snapshot equal to the teacher, then the student made unsure of the same answers: the KL prefers the snapshot
+    # clearly; agreement calls it a tie, which goes to the final student.
+    cls = get_method("dfad")
+    params = {**cls.default_params(tiny_teacher), "batch_size": 8, **SELECT, "ema_decay": 0.0, "select_margin": 0.0,
+              "select_signal": signal}
+    student = copy.deepcopy(tiny_teacher.module)
+    method = cls(tiny_teacher, student, params, torch.device("cpu"))
+    sel = Selector(method, seed=0)
+    sel.check(2)  # keeps the teacher's copy
+    with torch.no_grad():
+        student.classifier.weight.mul_(0.2)
+        student.classifier.bias.mul_(0.2)
+    name, model, scores = sel.choose(4)
+    assert scores["raw"]["agreement"] == scores["best"]["agreement"] and scores["raw"]["kl"] > scores["best"]["kl"]
+    if signal == "kl":
+        assert name == "raw at step 2" and model is sel.best
+    else:
+        assert name == "raw at step 4" and model is student
+
+
+def test_an_unknown_selection_signal_is_refused(tiny_teacher) -> None:  # noqa: ANN001
+    cls = get_method("dfad")
+    method = cls(tiny_teacher, copy.deepcopy(tiny_teacher.module),
+                 {**cls.default_params(tiny_teacher), **SELECT, "select_signal": "acc"}, torch.device("cpu"))
+    with pytest.raises(DfkdError, match="select_signal='acc': use kl .* or agreement"):
+        Selector(method, seed=0)
+
+
+def test_a_checkpoints_heldout_set_without_teacher_logits_is_labelled_again(tiny_teacher) -> None:  # noqa: ANN001
+    # Checkpoints from before the KL signal kept the teacher's arg-max only
+    h = HeldOut(8, seed=0)
+    x = torch.rand(8, 1, 32, 32)
+    h.add(x, tiny_teacher(x).detach())
+    old = {**h.state_dict(), "labels": h.labels}
+    del old["logits"]
+    again = HeldOut(8, seed=0)
+    again.load_state_dict(old, torch.device("cpu"), tiny_teacher)
+    assert torch.allclose(again.logits, h.logits, atol=1e-5) and again.seen == 8
