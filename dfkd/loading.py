@@ -361,8 +361,8 @@ def load_user_model(
     if is_model_file(obj):
         return _from_model_file(obj, p, spec)
     state = _extract_state_dict(obj)
+    refuse_quantized(obj if state is None else state, f"--teacher {p}")
     if state is None:
-        refuse_quantized(obj, f"--teacher {p}")
         raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}, neither a dfkd model file nor a state_dict")
     return _from_state_dict(state, arch, spec, p, arch_args)
 

@@ -23,11 +23,11 @@ GAN-method students swing 10-20 points between evaluations; the one a run ends w
   Fashion-MNIST), over every raw and EMA copy taken at the checks, its Spearman correlation with real top-1
   averaged 0.85 against agreement's 0.80, and the student the end-of-run rule below would write fell short of
   the best copy by 2.4 points on average against 3.4, as good or better in 11 of the 12 runs
-  (`bench/selection_signal.py`). The raw student, the EMA
-  and the best snapshot seen so far are scored on the current set at each check; the best scorer is kept (in
-  memory and in the checkpoint). At the end the better of the final raw student and the final EMA is written as
-  student.pt, unless the kept snapshot scores better by over `select_margin` (0.01: nats of KL, or a point of
-  agreement: about the set's sampling noise, so a near-tie goes to the student that trained longer).
+  (`bench/selection_signal.py`). The raw student, the EMA and the best snapshot seen so far are scored on the
+  current set at each check; the best scorer is kept (in memory and in the checkpoint). At the end the better of
+  the final raw student and the final EMA is written as student.pt, unless the kept snapshot scores better by
+  over `select_margin` (0.01: nats of KL, or a point of agreement: about the set's sampling noise, so a near-tie
+  goes to the student that trained longer).
 
 Only methods whose synthesizer draws fresh samples (the GAN generators: dafl, dfad, zskt, dfq, online) have such
 a set: the pool-served methods train on every image they keep, so they write the raw student as before (the EMA
