@@ -113,8 +113,9 @@ class Recorder:
         run, selector = watch.run, watch.selector
         if selector.heldout is None or not len(selector.heldout) or run.eval_data is None:
             raise SystemExit("no held-out set or no eval data: use a GAN method (dafl, dfad, dfq, online, zskt)")
-        final = [(name, run.step, copy.deepcopy(m.state_dict())) for name, m in selector.candidates()
-                 if name != "best"]
+        checked_last = any(step == run.step for _, step, _ in self.copies)  # a check at the run's last step
+        final = [] if checked_last else [(name, run.step, copy.deepcopy(m.state_dict()))
+                                         for name, m in selector.candidates() if name != "best"]
         n = min(selector.heldout.seen, selector.heldout.size)
         x = selector.heldout.x[:n]
         t_logits = eval_logits(run.teacher, x).float()

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from dfkd.methods import get_method
+from dfkd.runwatch import RunWatch
+from dfkd.selection import Selector
 from dfkd.students import build_student, student_arch
 from dfkd.teacher import load_teacher
 
@@ -23,6 +25,7 @@ import gpu_numerics  # noqa: E402
 import overhead  # noqa: E402
 import pool  # noqa: E402
 import run  # noqa: E402
+import selection_signal  # noqa: E402
 
 PLAIN, BN = ROOT / "examples" / "mnist_lenet5.pt", ROOT / "examples" / "mnist_lenet5_bn.pt"
 
@@ -228,3 +231,26 @@ def test_gpu_determinism_compares_runs_and_a_resume_and_sees_a_changed_weight(tm
     torch.save(saved, tmp_path / "b" / "student.pt")
     equal, diff = gpu_determinism.difference(run_dir, tmp_path / "b")
     assert not equal and 5e-7 < diff < 2e-6
+
+
+def test_spearman_ranks_with_ties() -> None:
+    assert selection_signal.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert selection_signal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert selection_signal.spearman([1, 1, 2], [5, 5, 9]) == pytest.approx(1.0), "ties share their mean rank"
+
+
+def test_selection_signal_scores_every_copy_both_ways(eval_npz: str, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/selection_signal.py on a tiny dfad run: a row per raw and EMA copy, with real top-1 and every signal."""
+    monkeypatch.setattr(Selector, "check", Selector.check)  # the script wraps them; put them back afterwards
+    monkeypatch.setattr(RunWatch, "finish", RunWatch.finish)
+    out = tmp_path / "sel.json"
+    selection_signal.main(["--teacher", str(PLAIN), "--data", eval_npz, "--method", "dfad", "--minutes", "0.02",
+                           "--json", str(out), "--", "-p", "batch_size=8", "-p", "s_steps=2", "-p", "select_every=2",
+                           "-p", "heldout_size=16", "-p", "heldout_chunk=8"])
+    result = json.loads(out.read_text())
+    rows, summary = result["rows"], {s["signal"]: s for s in result["summary"]}
+    assert {r["kind"] for r in rows} == {"raw", "ema"} and len({(r["kind"], r["step"]) for r in rows}) == len(rows)
+    assert set(summary) == set(selection_signal.SIGNALS) and all(-1 <= s["spearman"] <= 1 for s in summary.values())
+    assert all(0 <= r["real"] <= 1 and r["neg_kl"] <= 1e-6 for r in rows)
+    assert result["best"] == max(r["real"] for r in rows)
