@@ -118,7 +118,7 @@ class Recorder:
                                          for name, m in selector.candidates() if name != "best"]
         n = min(selector.heldout.seen, selector.heldout.size)
         x = selector.heldout.x[:n]
-        t_logits = eval_logits(run.teacher, x).float()
+        t_logits = selector.heldout.logits[:n]  # the teacher's, kept with the set
         model = copy.deepcopy(run.method.student)
         rows = []
         for name, step, state in self.copies + final:

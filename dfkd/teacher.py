@@ -342,19 +342,23 @@ def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], to
     def logits_like(t: Any) -> bool:
         return torch.is_tensor(t) and t.dim() == 2
 
+    def candidates(entries: Iterable[tuple[Any, Any]]) -> tuple[list[Any], Any]:
+        """The keys of the 2-D entries, and the one key as wide as `head` (None unless exactly one is)."""
+        found = [(k, t) for k, t in entries if logits_like(t)]
+        wide = [k for k, t in found if t.shape[1] == head]
+        return [k for k, _ in found], wide[0] if len(wide) == 1 else None
+
     if isinstance(out, (tuple, list)):
-        found = [i for i, t in enumerate(out) if logits_like(t)]
+        found, wide = candidates(enumerate(out))
         if not found:
             return None
-        as_wide = [i for i in found if out[i].shape[1] == head]
-        i = as_wide[0] if len(as_wide) == 1 else found[0]
+        i = found[0] if wide is None else wide
         return itemgetter(i), f"element {i} of the {type(out).__name__} (counting from 0)"
     if isinstance(out, Mapping):
         if logits_like(out.get("logits")):
             return itemgetter("logits"), "its 'logits' entry"
-        found = [k for k, t in out.items() if logits_like(t)]
-        as_wide = [k for k in found if out[k].shape[1] == head]
-        key = found[0] if len(found) == 1 else as_wide[0] if len(as_wide) == 1 else None
+        found, wide = candidates(out.items())
+        key = found[0] if len(found) == 1 else wide
         return None if key is None else (itemgetter(key), f"its {key!r} entry")
     if not torch.is_tensor(out) and logits_like(getattr(out, "logits", None)):
         return attrgetter("logits"), "its 'logits' attribute"
