@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +40,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  student: str | None = None, student_args: dict[str, Any] | None = None,
                  quantize: str | None = None, min_s_steps: int = 1,
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 by_auto: Collection[str] = (), student_init: str = "random") -> Built:
+                 by_auto: Collection[str] = (), student_init: str = "random", resumed: bool = False) -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
     The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), or, where
@@ -60,6 +62,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
             say so).
         student_init: `--student-init`: "auto" and "teacher" start the student from the teacher's sliced weights
             where it fits in them (`dfkd.inherit`), "random" (the default here: `synthesize`) from the seed alone.
+        resumed: `overrides` are a resumed run's saved settings, every one of them (no warning of those without
+            effect: the run warned when it started).
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -68,6 +72,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     recipe = cls.default_params(teacher, overrides.get("recipe"))
     params = cls.finalize(resolve_params(recipe, overrides, name))
     check_params(overrides, recipe, name, min_s_steps=min_s_steps)
+    if not resumed:
+        warn_no_effect(cls, params, {k: v for k, v in overrides.items() if k not in by_auto})
     lines = recipe_lines(cls, teacher, params, overrides, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
@@ -91,6 +97,17 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     lines = [student_line(teacher, student, student_name, net), *[f"  {init_line}"] * (student_init != "random"),
              *lines]
     return Built(method, params, student_name, student_kwargs, lines, init_line)
+
+
+def warn_no_effect(cls: type[Method], params: dict[str, Any], given: dict[str, Any]) -> None:
+    """Warn of each setting in `given` (the user's) that does nothing in this run (`Method.no_effect`).
+
+    A warning, not an error: one config file may serve several methods, and `--method auto` picks the method.
+    """
+    unused = cls.no_effect(params)
+    for key in sorted(k for k in given if k in unused):
+        warnings.warn(f"-p {key}={json.dumps(given[key])} has no effect: {cls.name} does not use it here "
+                      f"({unused[key]})", stacklevel=3)
 
 
 #: The largest gradient norm of a student without normalisation layers, when neither its recipe nor the user set one.

@@ -144,7 +144,8 @@ class Run:
                              cfg.student, cfg.student_args, cfg.quantize,
                              local=lambda p: self.source.local_params(p, dist.world),
                              by_auto=set_by_auto(cfg.auto_choice),
-                             student_init=cfg.student_init if self.source.has_teacher else "random")
+                             student_init=cfg.student_init if self.source.has_teacher else "random",
+                             resumed=ckpt is not None)
         self.method: Method = built.method
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines

@@ -12,7 +12,9 @@ from dfkd.checkpoint import load_checkpoint
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.cost import millions
-from dfkd.engine import distill
+from dfkd.engine import distill, resume
+from dfkd.methods import get_method, list_methods
+from dfkd.methods.base import BASE_DEFAULTS
 
 QUICK = {"batch_size": 8, "s_steps": 2}
 
@@ -103,3 +105,43 @@ def test_methods_params_shows_the_clip_of_the_default_student(teacher_file: str)
     out = CliRunner().invoke(main, ["methods", "--params", "dfad", "--teacher", teacher_file]).output
     assert "  clip_s         1.0" in out and "clip_s = 1 (default: None; the student has no normalisation" in out
     assert "  clip_s         None" in CliRunner().invoke(main, ["methods", "--params", "dfad"]).output  # no student
+
+
+def no_effect_warnings(record: pytest.WarningsRecorder) -> list[str]:
+    return sorted(str(w.message) for w in record if "has no effect" in str(w.message))
+
+
+def test_a_setting_the_run_does_not_use_is_said_to_have_no_effect(teacher_file: str, tmp_path: Path) -> None:
+    # -p g_steps with zskd (its iterations are di_iters) or -p momentum with an Adam student did nothing, silently
+    with pytest.warns(UserWarning) as record:
+        run(teacher_file, tmp_path / "dfq", momentum=0.5, gamma=0.5, lr_s=1e-3)  # dfq's CPU recipe: Adam, cosine
+    assert no_effect_warnings(record) == [
+        "-p gamma=0.5 has no effect: dfq does not use it here (the schedule is cosine; -p schedule=multistep "
+        "uses it)",
+        "-p momentum=0.5 has no effect: dfq does not use it here (the student's optimizer is adam; -p "
+        "s_optimizer=sgd uses it)"]
+
+
+def test_a_resumed_run_does_not_warn_of_its_saved_settings_again(teacher_file: str, tmp_path: Path,
+                                                                 recwarn: pytest.WarningsRecorder) -> None:
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "dfad"), fid_every=0,
+                        params={**QUICK, "T": 4.0})
+    run_dir = distill(cfg).run_dir
+    assert no_effect_warnings(recwarn) == [
+        "-p T=4.0 has no effect: dfad does not use it here (its student loss is the L1 distance between logits, "
+        "which has no temperature)"]
+    recwarn.clear()
+    assert resume(run_dir, steps=3).step == 3
+    assert no_effect_warnings(recwarn) == []
+
+
+def test_what_a_method_ignores_follows_its_settings() -> None:
+    assert set(get_method("zskd").no_effect({"s_optimizer": "sgd", "schedule": "multistep", "discriminator": "logits",
+                                             "feature_loss": "at"})) == {"g_steps"}
+    assert "s_steps" in get_method("dafl").no_effect({}) and "T" in get_method("zskt").no_effect({})
+    assert "g_steps" not in get_method("fast").no_effect({}) and "T" not in get_method("fast").no_effect({})
+    for name in list_methods():  # a method ignores only shared settings, never one its own recipe sets
+        cls = get_method(name)
+        assert set(cls.ignores) <= set(BASE_DEFAULTS), name
+        own = {k for klass in cls.__mro__ for k in klass.__dict__.get("defaults", {})}
+        assert not set(cls.ignores) & own, name

@@ -62,6 +62,7 @@ class InversionMethod(Method):
     deviations: ClassVar[tuple[str, ...]] = (
         "the pool keeps images as float16 (pool_dtype), on disk past ram_budget_mib",)
     uses_bn: ClassVar[bool] = True
+    ignores: ClassVar[dict[str, str]] = {"g_steps": "its synthesis steps per batch are -p iterations"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "iterations": 4, "s_steps": 2}
 
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:

@@ -121,6 +121,9 @@ class Method(Recipe):
     fit_steps_to_budget: ClassVar[bool] = True
     #: Overrides that make a round take well under a second on a LeNet-scale teacher (the tests use them).
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
+    #: Shared settings (`BASE_DEFAULTS`) this method never reads, and what it has instead: a user who sets one is
+    #: told it has no effect (`no_effect`).
+    ignores: ClassVar[dict[str, str]] = {}
 
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         self.teacher, self.student, self.device = teacher, student, device
@@ -152,6 +155,27 @@ class Method(Recipe):
     def describe(cls) -> str:
         """One line: what it does, and its paper."""
         return f"{cls.summary} [{cls.paper}]"
+
+    @classmethod
+    def no_effect(cls, params: dict[str, Any]) -> dict[str, str]:
+        """The settings that do nothing in a run with the resolved `params`, each with why and what does instead.
+
+        The method's own `ignores`, and shared settings that another setting turns off: the momentum of an Adam
+        student, a multistep schedule's milestones under another schedule, the discriminator's settings without a
+        discriminator, feature weights without a feature loss.
+        """
+        out = dict(cls.ignores)
+        if params.get("s_optimizer") == "adam":
+            out["momentum"] = "the student's optimizer is adam; -p s_optimizer=sgd uses it"
+        if params.get("schedule") != "multistep":
+            for key in ("gamma", "milestones"):
+                out[key] = f"the schedule is {params.get('schedule')}; -p schedule=multistep uses it"
+        if params.get("discriminator") is None:
+            for key in ("lr_d", "disc_weight"):
+                out[key] = "the run has no discriminator; --discriminator logits (or features) adds one"
+        if not params.get("feature_loss"):
+            out["feature_weight"] = "the run has no feature loss; --feature-loss adds one"
+        return out
 
     # --- optimisation -------------------------------------------------------------------------------------
     def make_student_optimizer(self, params: Iterable[nn.Parameter] | None = None) -> torch.optim.Optimizer:

@@ -52,6 +52,7 @@ class CrossModal(Method):
 
     paper: ClassVar[str] = "Gupta et al. 2016, Cross Modal Distillation for Supervision Transfer, CVPR"
     summary: ClassVar[str] = "student on modality B imitates the teacher on paired modality A (--data paired.npz)"
+    ignores: ClassVar[dict[str, str]] = {"g_steps": "it has no generator: it trains on the --data pairs"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
     reads: ClassVar[str | None] = "--data"
     defaults: ClassVar[dict[str, Any]] = {

@@ -42,6 +42,7 @@ class DAFL(GANMethod):
 
     paper: ClassVar[str] = "Chen et al. 2019, Data-Free Learning of Student Networks, ICCV"
     summary: ClassVar[str] = "generator trained for confident, balanced, high-activation teacher outputs"
+    ignores: ClassVar[dict[str, str]] = {"s_steps": "each round is one joint generator and student step"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
     decay_generator: ClassVar[bool] = False
     cpu: ClassVar[dict[str, Any]] = {"batch_size": 64}

@@ -39,6 +39,8 @@ class DFAD(GANMethod):
 
     paper: ClassVar[str] = "Fang et al. 2019, Data-Free Adversarial Distillation, arXiv:1912.11006"
     summary: ClassVar[str] = "adversarial generator maximises the teacher-student L1 logit gap"
+    ignores: ClassVar[dict[str, str]] = {
+        "T": "its student loss is the L1 distance between logits, which has no temperature"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     cpu: ClassVar[dict[str, Any]] = {"batch_size": 64, "s_optimizer": "adam", "lr_s": 2e-3, "lr_g": 1e-2}
     cpu_reason: ClassVar[str] = ("batch 64, student Adam 2e-3, generator 1e-2: the paper's settings need ~2000 "

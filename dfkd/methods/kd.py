@@ -37,6 +37,7 @@ class KD(Method):
 
     paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network, arXiv:1503.02531"
     summary: ClassVar[str] = "vanilla KD at T=4 on real training images (--data), no synthesis"
+    ignores: ClassVar[dict[str, str]] = {"g_steps": "it has no generator: it trains on the --data images"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
     reads: ClassVar[str | None] = "--data"
     cpu: ClassVar[dict[str, Any]] = {"clip_s": 1.0}

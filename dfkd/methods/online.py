@@ -62,6 +62,8 @@ class Online(DFAD):
 
     paper: ClassVar[str] = "Chung et al. 2020, Feature-map-level Online Adversarial Knowledge Distillation, ICML"
     summary: ClassVar[str] = "two students with mutual KD and a discriminator each, on DFAD's adversarial generator"
+    ignores: ClassVar[dict[str, str]] = {
+        "T": "its student losses are the L1 distance to the teacher's logits and the peer KL at T = 1"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     defaults: ClassVar[dict[str, Any]] = {"mutual": 1.0, "adv": 1.0}
     cpu: ClassVar[dict[str, Any]] = {"adv": 0.01}

@@ -72,6 +72,7 @@ class Transfer(Method):
 
     paper: ClassVar[str] = "Hinton et al. 2015, Distilling the Knowledge in a Neural Network (on dfkd transfer data)"
     summary: ClassVar[str] = "KD from a transfer file of `dfkd synthesize` (stored soft labels, or --teacher)"
+    ignores: ClassVar[dict[str, str]] = {"g_steps": "it has no generator: it trains on the --transfer-data images"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     reads: ClassVar[str | None] = "--transfer-data"
     defaults: ClassVar[dict[str, Any]] = {

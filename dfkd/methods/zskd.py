@@ -49,6 +49,7 @@ class ZSKD(Method):
 
     paper: ClassVar[str] = "Nayak et al. 2019, Zero-Shot Knowledge Distillation in Deep Networks, ICML"
     summary: ClassVar[str] = "data impressions optimised to Dirichlet soft targets over class similarity; KD at T=20"
+    ignores: ClassVar[dict[str, str]] = {"g_steps": "its synthesis steps per batch are -p di_iters"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "di_batch": 8, "di_iters": 3, "s_steps": 2,
                                        "pool_size": 64}
     cpu: ClassVar[dict[str, Any]] = {"di_iters": 100, "lr_di": 0.05}

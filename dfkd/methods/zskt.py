@@ -42,6 +42,7 @@ class ZSKT(GANMethod):
 
     paper: ClassVar[str] = "Micaelli & Storkey 2019, Zero-shot Knowledge Transfer via Adversarial Belief Matching"
     summary: ClassVar[str] = "adversarial belief matching (generator maximises KL) plus attention transfer"
+    ignores: ClassVar[dict[str, str]] = {"T": "its KL to the teacher is at temperature 1 (the paper's)"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     deviations: ClassVar[tuple[str, ...]] = (
         "KL(t||s) is the batch-mean KL; polo5's F.kl_div divides by batch x classes (-p kl_reduction=mean)",)
