@@ -155,6 +155,9 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
         raise DfkdError(f"{source}: params = {file_params!r}: must be a table of method hyper-parameters")
     check_settings(data, source)
     check_file_archs({k: v for k, v in data.items() if flags.get(k) is None}, source)  # a flag given wins
+    if data.get("trust_pickle") and not flags.get("trust_pickle"):
+        raise DfkdError(f"{source}: trust_pickle = true: only the --trust-pickle flag typed on the command line lets "
+                        "dfkd unpickle a file (it runs the file's code); drop it from the file and add the flag")
     if "auto_choice" in data:
         raise DfkdError(f"{source}: auto_choice is recorded by a run of --method auto, not set; drop it")
     cli_params = dict(parse_param(text) for text in params)

@@ -48,10 +48,13 @@ class OtherRankFailed(DfkdError):
 
 
 
-def resume_command(run_dir: object, world: int = 1) -> str:
-    """The command that continues a run made by `world` processes (a resume must keep that count)."""
+def resume_command(run_dir: object, world: int = 1, trust_pickle: bool = False) -> str:
+    """The command that continues a run made by `world` processes (a resume must keep that count).
+
+    A run whose teacher is a pickle needs `--trust-pickle` typed again: a checkpoint does not grant it.
+    """
     launch = "dfkd" if world <= 1 else f"torchrun --nproc-per-node {world} -m dfkd"
-    return f"{launch} distill --resume {run_dir}"
+    return f"{launch} distill --resume {run_dir}" + " --trust-pickle" * trust_pickle
 
 @dataclass(frozen=True)
 class Dist:

@@ -328,7 +328,7 @@ class Run:
                     self.checkpoint()
                     bar.close()
                     raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
-                                      f"{resume_command(self.run_dir, self.dist.world)}")
+                                      f"{resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)}")
         bar.close()
         self._read_losses()
         return RunResult(self.run_dir, self.step, True, metrics)
@@ -381,7 +381,7 @@ class Run:
             raise DfkdError(
                 f"training diverged at step {self.step}: {what}. The last good "
                 f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...){weight} "
-                f"and continue with: {resume_command(self.run_dir, self.dist.world)} -p ...")
+                f"and continue with: {resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)} -p ...")
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
         if not self.dist.main:  # rank 0 writes the student; the others only hand it their last state
@@ -683,6 +683,10 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
                     ckpt.get("extra", {}).get("cwd"))
     check_file_archs({k: v for k, v in cfg.to_dict().items() if (fixed or {}).get(k) is None},
                      f"{run_dir}/checkpoint.pt")  # the same name typed with --resume is the user's choice
+    if cfg.trust_pickle and not (fixed or {}).get("trust_pickle"):
+        raise DfkdError(f"--resume {run_dir}: the run read its teacher with --trust-pickle, which its checkpoint "
+                        "cannot grant by itself (unpickling runs the file's code): if you trust "
+                        f"{', '.join(cfg.teachers)}, add --trust-pickle: {resume_command(run_dir, 1, True)}")
     cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed
     _refuse_changes(run_dir, cfg, fixed or {})
     _refuse_missing(run_dir, cfg, eval_data)

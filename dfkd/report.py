@@ -38,7 +38,7 @@ class RunSummary:
     def _resume(self) -> str:
         """The command that continues the run: under torchrun with the processes it was made with."""
         world = next((int(e.get("processes", 1)) for e in self.events if e.get("event") == "start"), 1)
-        return resume_command(self.run_dir, world)
+        return resume_command(self.run_dir, world, bool(self.config.get("trust_pickle")))
 
     def text(self) -> str:
         """The summary, one fact a line."""

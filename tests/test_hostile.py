@@ -354,6 +354,24 @@ def test_trusted_protocol_4_pickle_loads(files: dict[str, str], tmp_path: Path) 
     assert (tmp_path / "run" / "student.pt").is_file()
 
 
+def test_only_the_typed_flag_lets_a_pickle_be_unpickled(files: dict[str, str], tmp_path: Path) -> None:
+    # a --config file or a handed-over run folder's checkpoint set trust_pickle, and dfkd unpickled the teacher
+    spec = ["--channels", "1", "--input-size", "32", "--mean", "0", "--std", "1", "--student", "lenet5_half"]
+    config = tmp_path / "trust.json"
+    config.write_text('{"trust_pickle": true}')
+    assert_refused(invoke(["distill", "--config", config, "--teacher", files["pickle4"], *spec, "--steps", "2",
+                           "--out", tmp_path / "cfg", *QUICK]), "trust_pickle = true", "--trust-pickle flag")
+    assert not (tmp_path / "cfg").exists()
+    r = invoke(["distill", "--teacher", files["pickle4"], "--trust-pickle", *spec, "--steps", "2",
+                "--out", tmp_path / "run", *QUICK])
+    assert r.exit_code == 0, r.output
+    assert_refused(invoke(["distill", "--resume", tmp_path / "run", "--steps", "3"]),
+                   "cannot grant", f"distill --resume {tmp_path / 'run'} --trust-pickle")
+    r = invoke(["distill", "--resume", tmp_path / "run", "--steps", "3", "--trust-pickle"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 3
+
+
 def test_float_labels_are_read_with_a_warning(files: dict[str, str], tmp_path: Path) -> None:
     path = tmp_path / "float.npz"
     np.savez(path, x=np.zeros((4, 28, 28), np.uint8), y=np.array([0.0, 1.0, 2.0, 3.0]))
