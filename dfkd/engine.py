@@ -48,6 +48,7 @@ from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
 from dfkd.spec import InputSpec
+from dfkd.teacher import Teacher
 from dfkd.utils import pick_device, seed_everything
 from dfkd.validate import check_settings
 
@@ -130,6 +131,8 @@ class Run:
             deterministic_env()  # before the teacher's first forward creates the cuBLAS handle
         seed_everything(cfg.seed)
         self.teacher = self.source.teacher(self.device)
+        if ckpt is not None:
+            _refuse_other_teacher(run_dir, ckpt, self.teacher)
         cfg, auto_line = resolve_auto(cfg, self.teacher, self.device)  # --method auto: the method for this teacher
         self.cfg = self.source.cfg = cfg
         get_method(cfg.method)
@@ -241,7 +244,8 @@ class Run:
         mine = {"rng": rng_state(self.device), "synth": state["synth"], "extra": state["extra"]}
         ranks = self.dist.gather(mine)
         extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world,
-                                 "precision": self.precision.state_dict(), "cwd": os.getcwd()}
+                                 "precision": self.precision.state_dict(), "cwd": os.getcwd(),
+                                 "teacher_sha256": self.teacher.sha256}
         if self.dist.enabled:
             extra["ranks"] = ranks
         self.dist.on_main(lambda: save_checkpoint(
@@ -659,6 +663,18 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         result = _execute(run, run.step)
     result.rank = dist.rank
     return result
+
+
+def _refuse_other_teacher(run_dir: Path, ckpt: dict[str, Any], teacher: Teacher) -> None:
+    """A resumed run distils the teacher it started with: a file changed since (retrained, replaced) is refused.
+
+    Checkpoints written before the hash was kept, and runs without a teacher file (a transfer file), pass.
+    """
+    saved = ckpt.get("extra", {}).get("teacher_sha256")
+    if saved and teacher.sha256 and saved != teacher.sha256:
+        raise DfkdError(f"--resume {run_dir}: the teacher {teacher.source} is not the file the run started with "
+                        f"(sha256 {teacher.sha256[:12]}... now, {saved[:12]}... then): a resumed run distils the same "
+                        "teacher; put that file back, or start a new run (another --out) for this one")
 
 
 def _refuse_world(run_dir: Path, ckpt: dict[str, Any], world: int) -> None:

@@ -147,6 +147,22 @@ def test_a_resume_into_a_folder_it_cannot_write_stops_before_any_step(teacher_fi
                                               "it and its folder writable (chmod u+w; chattr -i for an immutable file)")
 
 
+def test_a_resume_refuses_a_teacher_file_changed_since_the_run_started(teacher_file: str, tmp_path: Path) -> None:
+    # it went on silently with the new weights (a BN-free file there: a ValueError traceback from the BN EMA)
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(Path(teacher_file).read_bytes())
+    run = distill(DistillConfig(teachers=(str(teacher),), method="dfad", steps=2, out=str(tmp_path / "r"),
+                                fid_every=0, params={"batch_size": 8, "s_steps": 1})).run_dir
+    saved = torch.load(teacher, weights_only=True)
+    saved["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
+    torch.save(saved, teacher)
+    code, out = run_cli(["distill", "--resume", run, "--steps", "4"])
+    assert code == 2 and f"the teacher {teacher} is not the file the run started with" in out, out
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    teacher.write_bytes(Path(teacher_file).read_bytes())  # the original file back: the run goes on
+    assert resume(run, steps=4).step == 4
+
+
 def _limited(limit: int):  # noqa: ANN202
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
