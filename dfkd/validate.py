@@ -23,10 +23,12 @@ MAX_SEED = 2**63 - 1
 class Rule:
     """What a value may be: its kind, bounds and choices.
 
-    Kinds: "int", "number", "str", "bool", "list", "any", and "size" (an image side or a [height, width] pair).
+    Kinds: "int", "number", "str", "bool", "list", "table" (a dict of names), "any", and "size" (an image side or a
+    [height, width] pair).
 
-    `lo`/`hi` bound numbers (`lo_open`: strictly above `lo`); `choices` lists allowed strings; `none_ok` lets
-    None through; `items` checks every element of a list.
+    `lo`/`hi` bound numbers (`lo_open`: strictly above `lo`, `hi_open`: strictly below `hi`); `choices` lists the
+    allowed values; `none_ok` lets None through; `items` checks every element of a list, `length` its number of
+    elements (an exact count, or (fewest, most)), `ascending` their order.
     """
 
     kind: str
@@ -36,20 +38,27 @@ class Rule:
     choices: tuple[Any, ...] | None = None
     none_ok: bool = False
     items: Rule | None = None
+    length: int | tuple[int, int] | None = None
+    ascending: bool = False
+    hi_open: bool = False
 
-    def allowed(self, none: bool = True) -> str:
-        """What is allowed, in words (`none`: mention that null is allowed, where it is)."""
+    def allowed(self, none: bool = True, plural: bool = False) -> str:
+        """What is allowed, in words (`none`: mention that null is allowed, where it is; `plural`: a list's items)."""
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        words = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
-                 "list": "a list", "any": "a finite value",
-                 "size": "pixels, an integer or [height, width] (each)"}[self.kind]
+        kinds = _PLURAL if plural else _SINGULAR
+        words = kinds[self.kind]
         if self.lo is not None:
             words += f" {'>' if self.lo_open else '>='} {self.lo:g}"
         if self.hi is not None:
-            words += f"{' and' if self.lo is not None else ''} <= {self.hi:g}"
-        if self.items is not None:
-            words += f" of {self.items.allowed()}"
+            words += f"{' and' if self.lo is not None else ''} {'<' if self.hi_open else '<='} {self.hi:g}"
+        if self.kind == "list":
+            lo, hi = self._lengths()
+            count = "" if self.length is None else f"{lo} " if lo == hi else f"{lo} to {hi} "
+            words = f"a list of {count}{self.items.allowed(plural=True)}" if self.items is not None else \
+                f"a list of {count}values" if count else words
+        if self.ascending:
+            words += ", in ascending order"
         return words + (" (or null)" if self.none_ok and none else "")
 
     def problem(self, v: Any) -> bool:
@@ -65,10 +74,17 @@ class Rule:
             return self.lo is not None and any(a < self.lo for a in ([v] if _is_int(v) else v))
         if self.kind in ("int", "number"):
             return (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)) or \
-                (self.hi is not None and v > self.hi)
-        if self.kind == "list" and self.items is not None:
-            return any(self.items.problem(a) for a in v)
+                (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+        if self.kind == "list":
+            lo, hi = self._lengths()
+            return not lo <= len(v) <= hi or (self.items is not None and any(self.items.problem(a) for a in v)) or \
+                (self.ascending and any(a > b for a, b in zip(v, v[1:])))
         return False
+
+    def _lengths(self) -> tuple[float, float]:
+        if self.length is None:
+            return 0, float("inf")
+        return (self.length, self.length) if isinstance(self.length, int) else self.length
 
 
 def _finite(v: Any) -> bool:
@@ -94,11 +110,17 @@ def _is_size(v: Any) -> bool:
     return _is_int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_int, v)))
 
 
+_SINGULAR = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
+             "list": "a list", "any": "a finite value", "size": "pixels, an integer or [height, width] (each)",
+             "table": "a table of names to values (JSON: {\"depth\": 16}; TOML: a [table])"}
+_PLURAL = {**_SINGULAR, "int": "integers", "number": "finite numbers", "str": "strings", "bool": "booleans",
+           "list": "lists", "any": "finite values", "table": "tables"}
+
 _KIND_CHECKS: dict[str, Callable[[Any], bool]] = {
     "int": _is_int, "number": _is_number,
     "size": _is_size, "str": lambda v: isinstance(v, str) and bool(v.strip()),
     "bool": lambda v: isinstance(v, bool), "list": lambda v: isinstance(v, (list, tuple)) and _finite(v),
-    "any": _finite,
+    "any": _finite, "table": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
 }
 
 _STR = Rule("str", none_ok=True)
@@ -119,7 +141,7 @@ FIELDS: dict[str, Rule] = {
     "seed": Rule("int", lo=0, hi=MAX_SEED), "device": Rule("str"), "out": _STR, "runs_dir": Rule("str"),
     "quantize": Rule("str", choices=(None, "int8")), "params": Rule("any"),
     "precision": Rule("str", choices=("auto", "fp32", "bf16", "fp16")), "compile": Rule("bool"),
-    "deterministic": Rule("bool"),
+    "deterministic": Rule("bool"), "arch_args": Rule("table"), "student_args": Rule("table"),
 }
 
 _RATE = Rule("number", lo=0, lo_open=True)
@@ -138,7 +160,14 @@ RANGES: dict[str, Rule] = {
     **{k: Rule("number", lo=0, lo_open=True, none_ok=True) for k in ("grad_clip", "clip_s")},
     "synth_seconds": Rule("number", lo=0, lo_open=True, none_ok=True),
     "weight_decay": Rule("number", lo=0), "milestones": Rule("list", items=_FRACTION),
-    **{k: Rule("list", items=_FRACTION) for k in ("betas", "betas_g", "betas_inv", "local_scale")},
+    # Adam's (beta1, beta2); ZSKD's Dirichlet concentration scales; CMI's local crop's area range
+    **{k: Rule("list", items=Rule("number", lo=0, hi=1, hi_open=True), length=2) for k in ("betas_g", "betas_inv")},
+    "betas": Rule("list", items=Rule("number", lo=0, lo_open=True), length=(1, 64)),
+    "local_scale": Rule("list", items=Rule("number", lo=0, lo_open=True, hi=1), length=2, ascending=True),
+    **{k: Rule("int", lo=0) for k in ("watch_every", "select_every")},
+    **{k: Rule("int", lo=1) for k in ("heldout_size", "heldout_chunk", "collapse_patience")},
+    **{k: Rule("number", lo=0) for k in ("select_margin", "ram_budget_mib")},
+    "is_maml": Rule("int", choices=(0, 1)),
     **{k: Rule("number", lo=0) for k in ("adv", "bn", "oh", "cr", "ce", "kd", "a", "adi", "balance", "ie", "input",
                                          "mutual", "first_bn", "tv_l1", "tv_l2", "l2", "at_beta", "disc_weight",
                                          "reptile_alpha")},

@@ -78,7 +78,8 @@ def files(tmp_path_factory: pytest.TempPathFactory, teacher_file: str) -> dict[s
                        "unknown.toml": "colour = 3\n", "list.json": "[1, 2]", "broken.toml": "steps = = 3\n",
                        "seed_neg.toml": "seed = -1\n", "fid1.toml": "fid_samples = 1\n",
                        "teachers5.toml": "teachers = 5\n", "bs0.json": '{"params": {"batch_size": 0}}',
-                       "inf.toml": "budget_minutes = inf\n", "dev.toml": 'device = "meta"\n'}.items():
+                       "inf.toml": "budget_minutes = inf\n", "dev.toml": 'device = "meta"\n',
+                       "sargs_list.json": '{"student_args": [1, 2]}', "aargs_str.json": '{"arch_args": "x"}'}.items():
         (d / name).write_text(text)
         f[Path(name).stem] = str(d / name)
     f["dir"] = str(d)
@@ -127,6 +128,8 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("toml_budget_inf", ["--config", "{inf}"], ("budget_minutes = inf",)),
     ("toml_lr_string", ["--config", "{lr_abc}"], ("params.lr_s = 'abc'", "finite number > 0")),
     ("toml_params_not_table", ["--config", "{params5}"], ("params = 5", "table")),
+    ("json_student_args_list", ["--config", "{sargs_list}"], ("student_args = [1, 2]", "table of names")),
+    ("json_arch_args_string", ["--config", "{aargs_str}"], ("arch_args = 'x'", "table of names")),
     ("toml_unknown_key", ["--config", "{unknown}"], ("colour", "known")),
     ("json_top_level_list", ["--config", "{list}"], ("table of settings",)),
     ("toml_broken", ["--config", "{broken}"], ("cannot parse",)),
@@ -148,6 +151,16 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("p_temperature_0", ["-p", "T=0"], ("T=0", "> 0")),
     ("p_no_equals", ["-p", "lr_s"], ("KEY=VALUE",)),
     ("p_teacher_weights", ["-p", "teacher_weights=[-1]"], ("teacher_weights",)),
+    # lists of the wrong length or order, and settings whose bounds were unchecked, gave tracebacks or ran
+    ("p_betas_one", ["--method", "fast", "-p", "betas_g=[0.5]"], ("betas_g=[0.5]", "a list of 2", "< 1")),
+    ("p_betas_one_auto", ["-p", "betas_g=[0.5]"], ("betas_g=[0.5]", "a list of 2")),
+    ("p_beta_1", ["--method", "dafl", "-p", "betas_g=[0.5,1.0]"], ("betas_g=[0.5, 1.0]", "< 1")),
+    ("p_betas_inv_empty", ["--method", "deepinversion", "-p", "betas_inv=[]"], ("betas_inv=[]", "a list of 2")),
+    ("p_local_scale_order", ["--method", "cmi", "-p", "local_scale=[1.0,0.25]"], ("local_scale", "ascending")),
+    ("p_is_maml", ["--method", "fast", "-p", "is_maml=2"], ("is_maml=2", "one of 0, 1")),
+    ("p_heldout_negative", ["--method", "fast", "-p", "heldout_size=-3"], ("heldout_size=-3", ">= 1")),
+    ("p_select_margin", ["--method", "fast", "-p", "select_margin=-5"], ("select_margin=-5", ">= 0")),
+    ("p_watch_every", ["--method", "dfad", "-p", "watch_every=-1"], ("watch_every=-1", ">= 0")),
     ("unknown_method", ["--method", "nosuch"], ("nosuch",)),
     # 6. flags that gave tracebacks
     ("seed_2_63", ["--seed", str(2**63)], ("--seed",)),
