@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -122,8 +123,10 @@ class Run:
     """One distillation run: builds teacher, student and method from a config, then loops."""
 
     def __init__(self, cfg: DistillConfig, run_dir: Path, ckpt: dict[str, Any] | None = None,
-                 dist: Dist = SINGLE) -> None:
+                 dist: Dist = SINGLE, changed: Collection[str] = ()) -> None:
+        """`changed`: the method settings given with --resume (named when the checkpoint does not fit them)."""
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.changed = tuple(changed)
         self.source: Source = source_for(cfg)
         self.source.check()
         self.device = pick_device(rank_device(cfg.device, dist))
@@ -204,7 +207,16 @@ class Run:
             mine = ranks[self.dist.rank]
             state.update(synth=mine["synth"], extra=mine["extra"])
             rng = mine["rng"]
-        self.method.load_state_dict(state)
+        try:
+            self.method.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError, IndexError) as e:
+            if not self.changed:
+                raise
+            given = " ".join(f"-p {k}=..." for k in self.changed)
+            raise DfkdError(f"--resume {self.run_dir}: its checkpoint does not fit the settings given with it "
+                            f"({given}: {str(e).strip().splitlines()[0][:200]}); a setting that shapes the networks "
+                            "or their optimisers (ngf, nz, s_optimizer, ...) stays as the run was made: drop it, or "
+                            "start a new run") from None
         set_rng_state(rng, self.device)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
         self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
@@ -659,10 +671,18 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         numerics = {"precision": precision, "compile": compile, "deterministic": deterministic}
         cfg, ckpt = dist.on_main(lambda: _resume_plan(Path(run_dir), steps, budget_minutes, params, device,
                                                       eval_data, fixed, dist.world, numerics), share=True)
-        run = Run(cfg, Path(str(cfg.out)), ckpt, dist)
+        run = Run(cfg, Path(str(cfg.out)), ckpt, dist, changed=tuple(params or ()))
         result = _execute(run, run.step)
     result.rank = dist.rank
     return result
+
+
+#: Method settings a resume cannot change (those that shape a network are refused when its state does not load).
+FIXED_ON_RESUME = {
+    "recipe": "a recipe picks the settings when a run starts, and a resumed run keeps those it resolved: give the "
+              "settings themselves with -p",
+    "s_optimizer": "the student optimizer's state is in the checkpoint",
+}
 
 
 def _refuse_other_teacher(run_dir: Path, ckpt: dict[str, Any], teacher: Teacher) -> None:
@@ -711,6 +731,10 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
         raise DfkdError(f"--steps {steps}: the run in {run_dir} is already at step {ckpt['step']}; give a larger "
                         "--steps (or none, to finish the budget it was started with)")
     changes["out"] = str(run_dir)
+    for key, why in FIXED_ON_RESUME.items():
+        if key in (params or {}) and params[key] != cfg.params.get(key):
+            raise DfkdError(f"--resume {run_dir}: -p {key}={params[key]}: the run has {cfg.params.get(key)!r}, and a "
+                            f"resume cannot change it ({why}); drop it, or start a new run")
     if params:
         changes["params"] = {**cfg.params, **params}
     cfg = replace(cfg, **changes)

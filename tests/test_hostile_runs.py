@@ -163,6 +163,24 @@ def test_a_resume_refuses_a_teacher_file_changed_since_the_run_started(teacher_f
     assert resume(run, steps=4).step == 4
 
 
+def test_a_resume_refuses_settings_that_would_not_fit_or_not_apply(teacher_file: str, tmp_path: Path) -> None:
+    # -p ngf / nz / s_optimizer with --resume gave tracebacks (size mismatch, KeyError 'step'); -p recipe=paper
+    # was taken silently and the start lines called the CPU recipe's settings "set by you"
+    quick = {"batch_size": 8, "synth_batch_size": 8, "s_steps": 2, "g_steps": 2}
+    run = distill(DistillConfig(teachers=(teacher_file,), method="fast", steps=2, out=str(tmp_path / "r"),
+                                fid_every=0, params=quick)).run_dir
+    optimizer = json.loads((run / "config.json").read_text())["params"]["s_optimizer"]
+    other = {"sgd": "adam", "adam": "sgd"}[optimizer]
+    for given, needles in (("ngf=32", ("-p ngf=...", "Generator", "drop it")),
+                           ("nz=64", ("-p nz=...", "drop it")),
+                           (f"s_optimizer={other}", (f"-p s_optimizer={other}: the run has '{optimizer}'",)),
+                           ("recipe=paper", ("-p recipe=paper: the run has 'cpu'", "give the settings themselves"))):
+        code, out = run_cli(["distill", "--resume", run, "--steps", "4", "-p", given])
+        assert code == 2 and all(n in out for n in needles), (given, out)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert resume(run, steps=4, params={"lr_s": 1e-3}).step == 4  # a learning rate may change
+
+
 def _limited(limit: int):  # noqa: ANN202
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
