@@ -41,7 +41,7 @@ from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
 from dfkd.methods._recipes import heavy_teacher
 from dfkd.methods.base import ADDED_SETTINGS
-from dfkd.modelfile import ModelFile, save_model
+from dfkd.modelfile import ModelFile, save_model, student_problem
 from dfkd.monitor import FIDMonitors, log_hparams
 from dfkd.outpaths import prepare_run_dir, probe_writable
 from dfkd.precision import Precision, auto_bf16_line, deterministic_env, resolve_precision, run_networks
@@ -739,6 +739,9 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
         changes["params"] = {**cfg.params, **params}
     cfg = replace(cfg, **changes)
     if ckpt["finished"] and steps is None and budget_minutes is None:
+        if problem := student_problem(run_dir):
+            raise DfkdError(f"--resume {run_dir}: this run finished, but {problem}; pass a larger --steps (or "
+                            "--budget-minutes) to train further and write it again")
         raise DfkdError(f"--resume {run_dir}: this run already finished (student.pt is there); pass a larger "
                         "--steps or --budget-minutes to train further")
     if ckpt["finished"] and steps is not None and steps <= int(ckpt["step"]):

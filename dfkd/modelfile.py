@@ -28,6 +28,7 @@ import datetime as _dt
 import io
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +145,20 @@ def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> No
         detail = "; ".join(s.strip() for s in first if s.strip())[:400]
         raise DfkdError(f"{what}: the weights do not fit the architecture ({detail}); check the architecture name "
                         "(--teacher-arch) and its number of classes") from None
+
+
+def student_problem(run_dir: str | os.PathLike) -> str | None:
+    """What is wrong with a finished run's student.pt (missing, or not a readable dfkd model file), else None."""
+    path = Path(run_dir) / "student.pt"
+    if not path.is_file():
+        return "its student.pt is missing"
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: truncated, overwritten, not a zip
+        return f"its student.pt is unreadable ({type(e).__name__}: truncated or not a model file)"
+    if not is_model_file(payload):
+        return "its student.pt is not a dfkd model file"
+    return None
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",

@@ -40,6 +40,15 @@ class RunSummary:
         world = next((int(e.get("processes", 1)) for e in self.events if e.get("event") == "start"), 1)
         return resume_command(self.run_dir, world, bool(self.config.get("trust_pickle")))
 
+    def _finished(self) -> str:
+        from dfkd.modelfile import student_problem
+
+        if not self.finished:
+            return f"no (continue with {self._resume()})"
+        problem = student_problem(self.run_dir)
+        return f"yes, but {problem} (train further to write it again: {self._resume()} --steps N, N > {self.step})" \
+            if problem else "yes"
+
     def text(self) -> str:
         """The summary, one fact a line."""
         c = self.config
@@ -48,7 +57,7 @@ class RunSummary:
                  f"method:   {c.get('method')}   teacher: {(c.get('teachers') or ['?'])[0]}   "
                  f"student: {c.get('student')}",
                  f"steps:    {self.step} of {target}   time: {_duration(self.elapsed)}   "
-                 f"finished: {'yes' if self.finished else f'no (continue with {self._resume()})'}"]
+                 f"finished: {self._finished()}"]
         top1, teacher = self.last("student/top1"), self.last("student/teacher_top1")
         written = self.last("student/top1_selected") if self.finished else None
         if top1 is not None:  # student/top1 is the last raw student's; student.pt may be the EMA or a snapshot

@@ -181,6 +181,23 @@ def test_a_resume_refuses_settings_that_would_not_fit_or_not_apply(teacher_file:
     assert resume(run, steps=4, params={"lr_s": 1e-3}).step == 4  # a learning rate may change
 
 
+def test_a_finished_run_without_its_student_does_not_look_finished(teacher_file: str, tmp_path: Path) -> None:
+    # report said "finished: yes", and a resume "already finished (student.pt is there)", with no student.pt
+    run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
+                                fid_every=0, params={"batch_size": 8, "s_steps": 1})).run_dir
+    (run / "student.pt").write_bytes((run / "student.pt").read_bytes()[:1000])  # truncated
+    code, out = run_cli(["report", run])
+    assert code == 0 and "finished: yes, but its student.pt is unreadable" in out, out
+    (run / "student.pt").unlink()
+    code, out = run_cli(["report", run])
+    assert code == 0 and f"finished: yes, but its student.pt is missing (train further to write it again: dfkd " \
+        f"distill --resume {run} --steps N, N > 2)" in out, out
+    code, out = run_cli(["distill", "--resume", run])
+    assert code == 2 and "this run finished, but its student.pt is missing; pass a larger --steps" in out, out
+    assert resume(run, steps=3).step == 3 and (run / "student.pt").is_file()
+    assert "finished: yes\n" in run_cli(["report", run])[1]
+
+
 def _limited(limit: int):  # noqa: ANN202
     return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
