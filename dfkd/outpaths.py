@@ -9,7 +9,8 @@ from pathlib import Path
 from dfkd.errors import DfkdError
 
 #: What a dfkd run folder holds once it has started (a folder with one of these is a run, to resume or leave).
-RUN_MARKERS = ("checkpoint.pt", "student.pt")
+#: The file every `dfkd distill` run folder holds from its first step (a student.pt alone may be the user's model).
+RUN_MARKER = "checkpoint.pt"
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -67,8 +68,9 @@ def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path,
     if d.exists() and not d.is_dir():
         raise DfkdError(f"{what}: is a file, not a folder; give a folder for the run (it is created when missing)")
     if d.is_dir():
-        if any((d / m).exists() for m in RUN_MARKERS):
-            raise DfkdError(f"{what}: already holds a run; continue it with --resume {d} or pick another --out")
+        if (d / RUN_MARKER).exists():
+            raise DfkdError(f"{what}: already holds a dfkd distill run ({RUN_MARKER}); continue it with `dfkd distill "
+                            f"--resume {d}`, or pick another {flag}")
         try:
             entries = sorted(e.name for e in d.iterdir())
         except OSError as e:

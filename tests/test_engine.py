@@ -257,8 +257,18 @@ def test_eval_data_that_does_not_fit_is_refused_before_training(teacher_file: st
 
 def test_out_folder_with_a_run_is_not_overwritten(teacher_file: str, tmp_path: Path) -> None:
     distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
-    with pytest.raises(DfkdError, match="already holds a run"):
+    with pytest.raises(DfkdError, match="already holds a dfkd distill run"):
         distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
+
+
+def test_a_folder_of_the_users_files_is_not_called_a_run(teacher_file: str, tmp_path: Path) -> None:
+    # "already holds a run; continue it with --resume" for a folder holding the user's own student.pt
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "student.pt").write_text("the user's model")
+    with pytest.raises(DfkdError, match=r"the folder is not empty \(holds student.pt\)") as err:
+        distill(cfg_for(teacher_file, mine, steps=2))
+    assert "--resume" not in str(err.value) and (mine / "student.pt").read_text() == "the user's model"
 
 
 class FakeClock:
