@@ -65,14 +65,15 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
           --eval-data mnist_test.npz --old-data mnist_train_0to4.npz
     """
     from dfkd.config import parse_param
-    from dfkd.lifelong import ExtendConfig, extend
+    from dfkd.lifelong import ExtendConfig, extend, wrote_out
     from dfkd.outpaths import check_output_file
     from dfkd.teacher_options import load_with_options
     from dfkd.utils import pick_device
 
     options = pop_teacher_options(kw)
-    check_output_file(kw["out"], force=None)  # extend has no --force
     cfg = ExtendConfig(teacher=teacher, params=dict(map(parse_param, params)), **kw)
+    if not (resume and wrote_out(cfg)):  # a resumed run may have written --out before it was stopped
+        check_output_file(kw["out"], force=None)  # extend has no --force
     try:
         report = extend(cfg, load_with_options(teacher, options, pick_device(cfg.device)), resume)
     except KeyboardInterrupt:  # it said "interrupted" alone

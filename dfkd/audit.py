@@ -39,6 +39,7 @@ from torch import Tensor
 
 from dfkd.data import ImageData, check_channels, load_images, to_model_input
 from dfkd.errors import DfkdError
+from dfkd.io import atomic_save_png, check_image_free, drawn_from
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, from_pixels, load_transfer, to_pixels
@@ -190,7 +191,8 @@ def _feature_space(teacher: Teacher, spec: InputSpec, synth: Tensor, train: Tens
 
 
 # --- the audit ------------------------------------------------------------------------------------------------------
-def write_pairs(synth: Tensor, train: Tensor, space: Space, out: Path, n: int = PAIRS_SHOWN) -> None:
+def write_pairs(synth: Tensor, train: Tensor, space: Space, out: Path, n: int = PAIRS_SHOWN,
+                mark: str = "") -> None:
     """PNG of the `n` closest pairs in `space`: synthetic, then its nearest training image, 4 pairs a row."""
     from PIL import Image
     from torchvision.utils import make_grid
@@ -198,7 +200,7 @@ def write_pairs(synth: Tensor, train: Tensor, space: Space, out: Path, n: int = 
     order = space.dist.argsort()[:n]
     tiles = torch.stack([t for i in order.tolist() for t in (synth[i], train[int(space.idx[i])])])
     grid = make_grid(tiles.float() / 255, nrow=8, padding=2, pad_value=0.5)
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(out)
+    atomic_save_png(Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()), out, mark)
 
 
 def _digests(pixels: Tensor) -> list[bytes]:
@@ -262,7 +264,18 @@ def _png_path(png: str | os.PathLike | None, transfer: str | os.PathLike) -> Pat
         raise DfkdError(f"{where}: its folder {out.parent} {why}; give a file name in an existing folder")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise DfkdError(f"{where}: not writable; give --png in a folder you can write to")
+    check_image_free(out, drawn_from("audit", transfer), where, "give --png ANOTHER.png")
     return out
+
+
+def _check_student(student: Teacher, sets: list[tuple[str, str | os.PathLike, ImageData]]) -> None:
+    """The membership attack scores the student's loss on the owner's labels: they must be classes of the student."""
+    for flag, path, data in sets:
+        lo, hi = int(data.y.min()), int(data.y.max())
+        if lo < 0 or hi >= student.num_classes:
+            raise DfkdError(f"--student {student.source}: has {student.num_classes} classes, but {flag} {path} has "
+                            f"labels {lo}..{hi}; give the student distilled from this file (a model of the owner's "
+                            "classes)")
 
 
 def _check_teacher(teacher: Teacher, data: TransferData, transfer: str | os.PathLike) -> None:
@@ -304,6 +317,8 @@ def audit(transfer: str | os.PathLike, against: str | os.PathLike, teacher: Teac
         _check_teacher(teacher, data, transfer)
     owner = _owner_images(against, "--against", data.spec)
     owner_test = _owner_images(test, "--test", data.spec) if test else None
+    if student is not None and owner_test is not None:
+        _check_student(student, [("--against", against, owner), ("--test", test, owner_test)])
     train, held = _split(real_pixels(owner, data.spec),
                          real_pixels(owner_test, data.spec) if owner_test is not None else None, seed)
     held, n_dup = _without_training_images(train, held, str(against), str(test) if test else None)
@@ -312,7 +327,7 @@ def audit(transfer: str | os.PathLike, against: str | os.PathLike, teacher: Teac
         baseline_from += f" ({n_dup} identical to training images left out)"
     pixel = _pixel_space(data.x, train, held)
     feature = _feature_space(teacher, data.spec, data.x, train, held) if teacher is not None else None
-    write_pairs(data.x, train, pixel, out)
+    write_pairs(data.x, train, pixel, out, mark=drawn_from("audit", transfer))
     auc = None
     if student is not None and owner_test is not None:
         from dfkd.membership import loss_threshold_auc

@@ -88,9 +88,23 @@ def synthesized_pixels(teacher: Teacher, method: str, num: int, seed: int = 0, d
         return data.x.clone()
 
 
+def check_teacher(teacher: Teacher, spec: InputSpec, num_classes: int | None = None) -> None:
+    """Refuse a `--teacher` of another channel count or class count than the model to quantize.
+
+    Its images would be of another kind (CIFAR colour images calibrating an MNIST model) and its answers, compared
+    with the model's, of other classes. Another image size is read as everywhere in dfkd: resized.
+    """
+    if teacher.spec.channels != spec.channels:
+        raise DfkdError(f"--teacher {teacher.source}: takes {teacher.spec.describe()} inputs, the model "
+                        f"{spec.describe()}; give the teacher the model was distilled from")
+    if num_classes is not None and teacher.num_classes != num_classes:
+        raise DfkdError(f"--teacher {teacher.source}: has {teacher.num_classes} classes, the model {num_classes}; "
+                        "give the teacher the model was distilled from")
+
+
 def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher | None = None, seed: int = 0,
                        device: str | torch.device = "cpu", params: dict[str, Any] | None = None,
-                       steps: int | None = None) -> torch.Tensor:
+                       steps: int | None = None, num_classes: int | None = None) -> torch.Tensor:
     """uint8 calibration images (N, C, H, W) from `source`: a method name, a .npz file or "noise".
 
     Args:
@@ -102,15 +116,18 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
         device: where synthesis runs.
         params: method overrides (`-p`) for a method name.
         steps: student steps before collecting (generator methods train their generator this long).
+        num_classes: the model's class count, which the teacher's must equal (None: not checked).
 
     Raises:
-        DfkdError: for an unknown source, a missing teacher, or an unreadable file.
+        DfkdError: for an unknown source, a missing teacher, a teacher or a file of other images than the model's,
+            or an unreadable file.
     """
-    from dfkd.data import check_channels
     from dfkd.methods import get_method, list_methods
 
     if num < 1:
         raise DfkdError(f"--num-calibration {num}: give a positive number of images")
+    if teacher is not None:
+        check_teacher(teacher, spec, num_classes)
     if source == NOISE:
         return noise_pixels(spec, num, seed)
     p = Path(source)
@@ -121,7 +138,9 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
         if len(x) == 0:  # an int8 file calibrated on nothing has scales that mean nothing
             raise DfkdError(f"--calibration {p}: holds no images; give a file of images like the model's inputs, a "
                             "method name or noise")
-        check_channels(tuple(x.shape), spec, "--calibration", str(p))
+        if x.shape[1] != spec.channels:  # the ranges of colour images averaged to grey are not the model's inputs'
+            raise DfkdError(f"--calibration {p}: images have {x.shape[1]} channels, the model takes {spec.channels} "
+                            f"({spec.describe()}); give images like the model's inputs, a method name or noise")
         return x
     if source not in list_methods():
         get_method(source)  # the registry's error lists the methods

@@ -90,7 +90,7 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \
         if req.eval_data else None
     pixels = calibration_pixels(req.calibration, req.num_calibration, model.spec, teacher, req.seed, req.device,
-                                req.params, req.synth_steps)
+                                req.params, req.synth_steps, num_classes=model.num_classes)
     calib = to_model_input(pixels, model.spec)
     with tempfile.TemporaryDirectory(prefix="dfkd-quantize-") as work:
         q = quantize_model(model.module, model.spec, model.num_classes, calib, req.out, work, req.force,

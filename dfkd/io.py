@@ -92,6 +92,48 @@ def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Copy `src` to `dst`, atomically."""
+    with open(src, "rb") as g:
+        _atomic_write(dst, lambda f: shutil.copyfileobj(g, f))
+
+
+#: PNG text key naming what a dfkd picture was drawn from: such a file may be drawn again, any other is the user's.
+DRAWN_FROM = "dfkd-drawn-from"
+
+
+def drawn_from(kind: str, source: str | os.PathLike) -> str:
+    """What a dfkd PNG records it was drawn from: the kind of picture and the absolute path of its input."""
+    return f"{kind} {Path(source).resolve()}"
+
+
+def check_image_free(out: Path, mark: str, where: str, how: str = "give another file name") -> None:
+    """Refuse an existing `out` unless it is a PNG dfkd drew from the same input (`mark`, see `atomic_save_png`)."""
+    from PIL import Image
+
+    if not out.exists():
+        return
+    try:
+        with Image.open(out) as im:
+            ours = getattr(im, "text", {}).get(DRAWN_FROM) == mark
+    except Exception:  # noqa: BLE001 - not an image PIL reads: not one dfkd drew
+        ours = False
+    if not ours:
+        raise DfkdError(f"{where}: already exists and is not a picture dfkd drew from this input; {how} or remove "
+                        "it (dfkd never overwrites a file it did not write)")
+
+
+def atomic_save_png(image: Any, out: str | os.PathLike, mark: str = "") -> None:
+    """Save a PIL image as PNG, atomically, recording `mark` (what it was drawn from) so a rerun may redraw it."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(DRAWN_FROM, mark)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    _atomic_write(out, lambda f: f.write(buf.getbuffer()))
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()

@@ -25,8 +25,10 @@ training on old and new real data (the ceiling, which needs the data `extend` do
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,7 @@ from torch import nn
 
 from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_write_text
+from dfkd.io import atomic_copy, atomic_write_text
 from dfkd.lifelong_train import PHASES, Batches, Phase, evaluate_split, grow_model, train_phase
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.teacher import Teacher
@@ -90,14 +92,36 @@ class ExtendConfig:
 
 
 def append_labels(data: ImageData, k_old: int, path: str) -> ImageData:
-    """New-class labels as indices of the extended model: kept when all are >= k_old, else shifted up by k_old."""
+    """New-class labels as indices of the extended model: kept when all are >= k_old, shifted up when all are below.
+
+    Labels on both sides of k_old fit neither convention and are refused. A new class index without an image
+    (labels {0, 2}, or {12} for a 5-class model) gets a warning: the extended model would have an output no image
+    taught.
+    """
     if len(data) == 0:
         raise DfkdError(f"--data {path}: holds no images")
-    if int(data.y.min()) >= k_old:
-        return data
-    if int(data.y.min()) < 0:
-        raise DfkdError(f"--data {path}: labels must be >= 0, found {int(data.y.min())}")
-    return ImageData(data.x, data.y + k_old, data.class_names)
+    lo, hi = int(data.y.min()), int(data.y.max())
+    if lo < 0:
+        raise DfkdError(f"--data {path}: labels must be >= 0, found {lo}")
+    if lo < k_old <= hi:
+        raise DfkdError(f"--data {path}: labels run {lo}..{hi}, on both sides of the old model's {k_old} classes; give "
+                        f"only the new classes' images, labelled from 0 (read as {k_old} on) or from {k_old}")
+    out = data if lo >= k_old else ImageData(data.x, data.y + k_old, data.class_names)
+    empty = sorted(set(range(k_old, int(out.y.max()) + 1)) - {int(c) for c in out.y.unique()})
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        warnings.warn(f"--data {path}: new class(es) {shown} of the extended model have no image (labels run {lo}..{hi}"
+                      f"); it gets {len(empty)} output(s) nothing teaches. Relabel the new classes without gaps",
+                      stacklevel=2)
+    return out
+
+
+def check_new_channels(data: ImageData, teacher: Teacher, path: str) -> None:
+    """New classes come from the old model's domain: images of another channel count are refused, not converted."""
+    c = int(data.x.shape[1])
+    if c != teacher.spec.channels:
+        raise DfkdError(f"--data {path}: images have {c} channel(s), the old model takes {teacher.spec.channels}; give "
+                        f"new-class images of the model's kind ({teacher.spec.describe()})")
 
 
 def make_replay(teacher: Teacher, cfg: ExtendConfig, work: Path, device: torch.device) -> ImageData:
@@ -113,9 +137,20 @@ def make_replay(teacher: Teacher, cfg: ExtendConfig, work: Path, device: torch.d
     return ImageData(data.x, data.probs.argmax(1))
 
 
+def wrote_out(cfg: ExtendConfig) -> bool:
+    """Whether `cfg.out` is the model this run wrote: a byte-identical copy of `<work>/model.pt`."""
+    out, ours = Path(cfg.out), cfg.work_dir() / "model.pt"
+    return out.is_file() and ours.is_file() and filecmp.cmp(out, ours, shallow=False)
+
+
 def _check_config(cfg: ExtendConfig, work: Path, resume: bool) -> None:
     """A new run needs a new (or empty) work folder; a resumed one the same settings as before."""
+    from dfkd.outpaths import check_output_file
+
     saved = work / "config.json"
+    if work.exists() and not work.is_dir():
+        raise DfkdError(f"--work {work}: is a file, not a folder; give a folder for the run (it is created when "
+                        "missing)")
     if not resume:
         if work.exists() and any(work.iterdir()):
             raise DfkdError(f"--work {work}: holds an earlier extend run; continue it with --resume or remove it")
@@ -131,6 +166,8 @@ def _check_config(cfg: ExtendConfig, work: Path, resume: bool) -> None:
         if key != "device" and before.get(key) != json.loads(json.dumps(value)):
             raise DfkdError(f"--resume: {key} was {before.get(key)!r} in {work}, now {value!r}; give the same "
                             "settings to resume (only --device may change)")
+    if not wrote_out(cfg):  # a file the run did not write
+        check_output_file(cfg.out, force=None)
 
 
 def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[str, Any]:
@@ -151,6 +188,7 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
     work = cfg.work_dir()
     k_old = teacher.num_classes
     new = append_labels(load_images(cfg.data), k_old, cfg.data)
+    check_new_channels(new, teacher, cfg.data)
     k_all = int(new.y.max()) + 1
     test = load_for(cfg.eval_data, "--eval-data", k_all, teacher.spec, _all_names(teacher, new, k_all)) \
         if cfg.eval_data else None
@@ -161,20 +199,22 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
     sources = {"extend": [new, replay], "finetune": [new], "joint": [new, old]}
     report: dict[str, Any] = {"old_classes": k_old, "all_classes": k_all, "replay_classes":
                               int(replay.y.unique().numel()), "new_images": len(new), "replay_images": len(replay)}
+    extended = None
     for name in PHASES:
         if name != "extend" and (test is None or (name == "joint" and old is None)):
             continue
+        torch.manual_seed(cfg.seed)  # every phase starts from the same grown model, whatever ran before (resumes)
         model = grow_model(teacher, k_all).to(device)
         phase = Phase(name, model, teacher, k_old, Batches(sources[name], teacher.spec, cfg.batch_size, cfg.seed),
                       cfg.steps, cfg.lr, cfg.hkd_weight, cfg.checkpoint_every, work / f"{name}.pt")
         train_phase(phase, device)
-        if name == "extend":
-            _write_model(cfg, teacher, model, new, k_all)
+        extended = model if name == "extend" else extended
         if test is not None:
             report[name] = evaluate_split(model, test, teacher.spec, k_old, k_all, device)
     if test is not None:
         report["teacher"] = evaluate_split(teacher, test, teacher.spec, k_old, k_old, device)
     atomic_write_text(work / "report.json", json.dumps(report, indent=1))
+    _write_model(cfg, teacher, extended, new, k_all)  # last: --out appears when the run is done
     return report
 
 
@@ -187,10 +227,13 @@ def _all_names(teacher: Teacher, new: ImageData, k_all: int) -> list[str] | None
 
 
 def _write_model(cfg: ExtendConfig, teacher: Teacher, model: nn.Module, new: ImageData, k_all: int) -> None:
-    if Path(cfg.out).exists():  # a resumed run wrote it before it was stopped
+    """Write the model as `<work>/model.pt`, then copy it to `cfg.out`: a resume knows the copy as its own."""
+    if wrote_out(cfg):  # a resumed run wrote it before it was stopped
         return
     names = _all_names(teacher, new, k_all)
     prov = {"kind": "extended", "from": os.path.basename(teacher.source), "new_data": os.path.basename(cfg.data),
             "method": cfg.method, "old_classes": teacher.num_classes, "steps": cfg.steps}
     kwargs = {**(teacher.arch_kwargs or {}), "num_classes": k_all}
-    save_model(cfg.out, model, ModelFile(teacher.arch, kwargs, teacher.spec, k_all, names, prov))
+    ours = cfg.work_dir() / "model.pt"
+    save_model(ours, model, ModelFile(teacher.arch, kwargs, teacher.spec, k_all, names, prov))
+    atomic_copy(ours, cfg.out)

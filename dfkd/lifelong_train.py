@@ -150,7 +150,7 @@ def train_phase(phase: Phase, device: torch.device) -> None:
 
 def _save(phase: Phase, opt: torch.optim.Optimizer, step: int) -> None:
     atomic_torch_save({"phase": phase.name, "step": step, "model": phase.model.state_dict(),
-                       "opt": opt.state_dict()}, phase.checkpoint)
+                       "opt": opt.state_dict(), "rng": torch.get_rng_state()}, phase.checkpoint)
 
 
 def _load(phase: Phase, opt: torch.optim.Optimizer) -> int:
@@ -159,6 +159,8 @@ def _load(phase: Phase, opt: torch.optim.Optimizer) -> int:
     state = torch.load(phase.checkpoint, map_location="cpu", weights_only=True)
     phase.model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
+    if "rng" in state:  # a model with dropout draws from it: the steps after a resume draw what they would have
+        torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 

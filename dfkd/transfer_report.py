@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dfkd.io import atomic_save_png, check_image_free, drawn_from
 from dfkd.transfer import TransferData, load_transfer
 
 PER_ROW, MAX_ROWS = 10, 20
@@ -73,7 +74,7 @@ def class_counts(data: TransferData) -> list[int]:
     return torch.bincount(data.probs.argmax(1), minlength=data.num_classes).tolist()
 
 
-def write_class_grid(data: TransferData, out: Path) -> bool:
+def write_class_grid(data: TransferData, out: Path, mark: str = "") -> bool:
     """PNG with one row per class (first MAX_ROWS classes), up to PER_ROW samples each; False if no images."""
     from PIL import Image
     from torchvision.utils import make_grid
@@ -86,7 +87,7 @@ def write_class_grid(data: TransferData, out: Path) -> bool:
         pad = torch.zeros((PER_ROW - len(row), *data.x.shape[1:]), dtype=torch.uint8)
         tiles.append(torch.cat([row, pad]))
     grid = make_grid(torch.cat(tiles).float() / 255, nrow=PER_ROW, padding=2, pad_value=0.5)
-    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(out)
+    atomic_save_png(Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()), out, mark)
     return True
 
 
@@ -98,5 +99,8 @@ def report_transfer(path: str | os.PathLike, png: bool = True) -> TransferSummar
     """
     data = load_transfer(path, "FILE")
     out = Path(path).with_name(Path(path).stem + "_samples.png")
-    wrote = png and write_class_grid(data, out)
+    mark = drawn_from("samples", path)
+    if png:
+        check_image_free(out, mark, f"FILE {path}: its samples picture {out}", "rename that file")
+    wrote = png and write_class_grid(data, out, mark)
     return TransferSummary(data, class_counts(data), out if wrote else None)

@@ -197,3 +197,28 @@ def test_broken_student_is_named_student(transfer_file: str, owner: tuple[str, s
     res = CliRunner().invoke(main, ["audit", transfer_file, "--against", owner[0], "--test", owner[1], "--student",
                                     str(tmp_path / "nan.pt"), "--png", str(tmp_path / "a.png")])
     assert res.exit_code == 2 and f"error: --student {tmp_path / 'nan.pt'}: gives non-finite" in res.output, res.output
+
+
+def test_student_of_fewer_classes_is_refused(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+    # a 5-class student against 0-9 labels: "IndexError: Target 9 is out of bounds"
+    five = Path(__file__).resolve().parents[1] / "examples" / "mnist04_lenet5_bn.pt"
+    res = CliRunner().invoke(main, ["audit", transfer_file, "--against", owner[0], "--test", owner[1], "--student",
+                                    str(five), "--png", str(tmp_path / "a.png")])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert f"error: --student {five}: has 5 classes, but --against {owner[0]} has labels 0..9" in res.output
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_a_file_of_the_users_is_never_overwritten(transfer_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
+    photo, own = tmp_path / "my_photo.png", tmp_path / "pairs.png"
+    Image.new("L", (4, 4), 7).save(photo)
+    before = photo.read_bytes()
+    with pytest.raises(DfkdError, match=f"--png {photo}: already exists .* give --png ANOTHER.png or remove it"):
+        audit(transfer_file, owner[0], test=owner[1], png=photo)
+    assert photo.read_bytes() == before
+    audit(transfer_file, owner[0], test=owner[1], png=own)
+    audit(transfer_file, owner[0], test=owner[1], png=own)  # its own picture, of the same file: drawn again
+    other = tmp_path / "other.npz"
+    other.write_bytes(Path(transfer_file).read_bytes())
+    with pytest.raises(DfkdError, match="already exists and is not a picture dfkd drew from this input"):
+        audit(str(other), owner[0], test=owner[1], png=own)

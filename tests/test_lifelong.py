@@ -173,3 +173,83 @@ def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
     assert res.exit_code == 2 and f"--out {out}: already exists; choose another name or remove it" in res.output
     res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "k.pt"), "--method", "kd"])  # "give --data", given
     assert res.exit_code == 2 and "--method kd: learns from your images, it makes no synthetic ones" in res.output
+
+
+def test_labels_across_the_old_classes_or_other_channels_are_refused(toy: dict[str, str], tmp_path: Path) -> None:
+    from dfkd.data import ImageData
+    from dfkd.lifelong import check_new_channels
+
+    x = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(DfkdError, match=r"--data n: labels run 0..9, on both sides of the old model's 5 classes"):
+        append_labels(ImageData(x, torch.tensor([0, 5, 9])), 5, "n")
+    colour = ImageData(torch.zeros(3, 3, 28, 28, dtype=torch.uint8), torch.tensor([0, 1, 1]))
+    with pytest.raises(DfkdError, match="--data c.npz: images have 3 channel.s., the old model takes 1"):
+        check_new_channels(colour, load_teacher(toy["teacher"]), "c.npz")
+
+
+def test_new_classes_without_images_are_warned_about() -> None:
+    from dfkd.data import ImageData
+
+    x = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    with pytest.warns(UserWarning, match=r"new class\(es\) 5, 6, 7, 8, 9, ... of the extended model have no image"):
+        assert append_labels(ImageData(x, torch.tensor([12, 12, 12])), 5, "n").y.tolist() == [12, 12, 12]
+
+
+def test_work_that_is_a_file_is_refused(toy: dict[str, str], tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(DfkdError, match="--work .*afile: is a file, not a folder"):
+        extend(config(toy, tmp_path / "w.pt", work=str(afile)), load_teacher(toy["teacher"]))
+    assert afile.read_text() == "mine"
+
+
+def test_resume_finishes_a_run_that_wrote_its_model(toy: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "m.pt"
+    args = ["extend", "--teacher", toy["teacher"], "--data", toy["new"], "--out", str(out), "--eval-data",
+            toy["test"], "--replay", "32", "--steps", "3", "--batch-size", "16", "--device", "cpu"]
+    args += [a for k, v in FAST_REPLAY.items() for a in ("-p", f"{k}={v}")]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (tmp_path / "m.extend" / "report.json").unlink()  # stopped after the model was written, before the end
+    res = CliRunner().invoke(main, [*args, "--resume"])
+    assert res.exit_code == 0 and "fine-tune on new data only" in res.output, res.output
+    assert (tmp_path / "m.extend" / "report.json").exists()
+
+
+def test_resume_refuses_a_user_file_at_out(toy: dict[str, str], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.lifelong_train as lt
+
+    cfg = config(toy, tmp_path / "u.pt", eval_data=None, steps=3, checkpoint_every=1)
+    monkeypatch.setattr(lt, "abd_loss", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        extend(cfg, load_teacher(cfg.teacher))
+    Path(cfg.out).write_text("the user's")
+    monkeypatch.undo()
+    with pytest.raises(DfkdError, match="u.pt: already exists; choose another name or remove it"):
+        extend(cfg, load_teacher(cfg.teacher), resume=True)
+    assert Path(cfg.out).read_text() == "the user's"
+
+
+def test_interrupted_reference_resumes_exactly(toy: dict[str, str], tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.lifelong_train as lt
+
+    kw = {"old_data": None, "steps": 20, "checkpoint_every": 10}
+    whole = config(toy, tmp_path / "a.pt", **kw)
+    extend(whole, load_teacher(whole.teacher))
+    cut = config(toy, tmp_path / "b.pt", **kw)
+    real_ce, calls = lt.ce_loss, []
+
+    def stop_at_5(*args: object) -> object:  # the fine-tuning reference, before its first checkpoint
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_ce(*args)
+
+    monkeypatch.setattr(lt, "ce_loss", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        extend(cut, load_teacher(cut.teacher))
+    monkeypatch.setattr(lt, "ce_loss", real_ce)
+    extend(cut, load_teacher(cut.teacher), resume=True)
+    a, b = (torch.load(c.work_dir() / "finetune.pt", weights_only=True)["model"] for c in (whole, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)

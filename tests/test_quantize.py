@@ -120,6 +120,38 @@ def test_calibration_refuses_a_file_an_int8_model_cannot_be_calibrated_on(tmp_pa
         calibration_pixels(str(path), 8, MNIST_SPEC)
 
 
+def test_calibration_refuses_colour_images_for_a_grey_model(tmp_path: Path) -> None:
+    # CIFAR images calibrated an MNIST model, averaged to grey, and quantize said nothing
+    path = tmp_path / "cifar.npz"
+    np.savez(path, x=np.zeros((4, 32, 32, 3), np.uint8), y=np.zeros(4, np.int64))
+    with pytest.raises(DfkdError, match=f"--calibration {path}: images have 3 channels, the model takes 1"):
+        calibration_pixels(str(path), 8, MNIST_SPEC)
+
+
+def test_quantize_refuses_a_teacher_of_other_inputs_or_classes(sharp_teacher_file: str, transfer_file: str,
+                                                               tmp_path: Path) -> None:
+    # an MNIST model with a CIFAR teacher calibrated on the teacher's colour images and wrote an int8 file
+    from dfkd.modelfile import ModelFile, save_model
+    from dfkd.spec import InputSpec
+
+    colour = tmp_path / "colour.pt"
+    kwargs = {**KWARGS, "in_channels": 3}
+    spec = InputSpec(3, 32, (0.5,), (0.5,))
+    save_model(colour, create("lenet5_half", **kwargs), ModelFile("lenet5_half", kwargs, spec, 10))
+    with pytest.raises(DfkdError, match=r"--teacher .*colour.pt: takes 3x32x32 inputs, the model 1x32x32"):
+        quantize_file(QuantizeRequest(model=sharp_teacher_file, teacher=str(colour), out=str(tmp_path / "q.onnx"),
+                                      calibration=transfer_file))
+    assert not (tmp_path / "q.onnx").exists()
+    with pytest.raises(DfkdError, match=r"--teacher .*: has 10 classes, the model 5"):
+        calibration_pixels(transfer_file, 8, MNIST_SPEC, load_teacher(sharp_teacher_file), num_classes=5)
+    five = tmp_path / "five.pt"
+    save_model(five, create("lenet5_half", **{**KWARGS, "num_classes": 5}),
+               ModelFile("lenet5_half", {**KWARGS, "num_classes": 5}, MNIST_SPEC, 5))
+    with pytest.raises(DfkdError, match=r"--teacher .*: has 10 classes, the model 5"):  # quantize passes the count
+        quantize_file(QuantizeRequest(model=str(five), teacher=sharp_teacher_file, out=str(tmp_path / "q.onnx"),
+                                      calibration=transfer_file))
+
+
 def test_calibration_skips_the_student_steps_of_batch_methods(sharp_teacher_file: str) -> None:
     from dfkd.calibration import calibration_params
 

@@ -158,6 +158,20 @@ def test_report_reads_a_transfer_file_whatever_its_name(transfer_file: str, tmp_
     assert res.exit_code == 0 and "images:   256 of 1x32x32" in res.output, res.output
 
 
+def test_report_of_a_transfer_file_never_overwrites_a_users_picture(transfer_file: str, tmp_path: Path) -> None:
+    # `dfkd report tr1.npz` replaced a tr1_samples.png of the user's
+    shutil.copy(transfer_file, tmp_path / "tr1.npz")
+    mine = tmp_path / "tr1_samples.png"
+    mine.write_text("the user's file")
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "tr1.npz")])
+    assert res.exit_code == 2 and "is not a picture dfkd drew from this input" in res.output, res.output
+    assert mine.read_text() == "the user's file"
+    mine.unlink()
+    for _ in range(2):  # dfkd's own picture of the same file is drawn again
+        res = CliRunner().invoke(main, ["report", str(tmp_path / "tr1.npz")])
+        assert res.exit_code == 0 and f"wrote:    {mine}" in res.output, res.output
+
+
 def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Path) -> None:
     """A softmax-head teacher is read through the log of its probabilities: the load-time warning also goes to
     metrics.jsonl, so `dfkd report` still says it after the console is gone."""
