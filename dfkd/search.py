@@ -206,8 +206,9 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
     rows = trial_rows(study)
     pareto = pareto_rows(rows)
     if not pareto:
-        raise DfkdError(f"--max-params {cfg.max_params}: no trial finished within the constraints; raise the limits "
-                        "or add trials (--resume --trials N)")
+        raise DfkdError(f"--max-params {cfg.max_params}: no trial finished within the constraints; add trials "
+                        f"(dfkd search --resume --trials N, N > {cfg.trials}, with the same limits), or raise the "
+                        f"limits in a new search (another --out, or remove {cfg.out})")
     best = max(r["top1"] for r in pareto)
     chosen = min((r for r in pareto if r["top1"] >= best - cfg.tolerance), key=lambda r: r["params"])
     final_dir = Path(cfg.out) / "final"

@@ -187,7 +187,7 @@ class RecordStore:
             seg, off = divmod(a, per)
             chunk = os.pread(self._fd(seg, folder), rb, off * rb)
             if len(chunk) != rb:
-                raise RuntimeError(f"{self._path(seg, folder)} is shorter than its records: was it truncated?")
+                raise DfkdError(self._short(self._path(seg, folder)))
             buf[j * rb:(j + 1) * rb] = chunk
         raw, out, col = np.frombuffer(buf, dtype=np.uint8).reshape(-1, rb), [], 0
         for shape, dtype in self.fields:
@@ -200,6 +200,11 @@ class RecordStore:
     # --- files ----------------------------------------------------------------------------------------------
     def _files_folder(self) -> Path | None:
         return self.folder if self.folder is not None else (Path(self._tmp) if self._tmp else None)
+
+    def _short(self, path: Path) -> str:
+        return (f"{path} is shorter than the records the run wrote into it (truncated, or overwritten?): the run "
+                f"folder's {self.name} files are damaged and the run cannot resume from them: put the file back, or "
+                "start a new run")
 
     def _path(self, seg: int, folder: Path | None = None) -> Path:
         return (folder or self._files_folder()) / f"{self.name}-{seg:05d}.bin"
@@ -292,6 +297,10 @@ class RecordStore:
         if len(self) and missing:
             raise DfkdError(f"{missing[0]} is missing: the run folder's {self.name} files are incomplete; the run "
                             "cannot resume without them: put the file back, or start a new run")
+        for seg in range(self._kept_from // self.per_segment, (added - 1) // self.per_segment + 1) if len(self) else ():
+            last = min(added, (seg + 1) * self.per_segment) - seg * self.per_segment
+            if self._path(seg).stat().st_size < last * self.record_bytes:
+                raise DfkdError(self._short(self._path(seg)))
         if len(self) * self.record_bytes > self.budget:
             self.ram = None
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,17 @@ def test_missing_files_are_reported(tmp_path: Path):
         f.unlink()
     # a FileNotFoundError reached the user as a traceback (exit 1); a DfkdError is one line, exit 2
     with pytest.raises(DfkdError, match="pool-00000.bin is missing: .* files are incomplete; the run cannot resume"):
+        ImagePool(8, root=tmp_path).load_state_dict(state)
+
+
+def test_truncated_files_are_reported(tmp_path: Path):
+    # a RuntimeError traceback on resume (in-memory pools) or at the first read (pools read from disk)
+    pool = ImagePool(8, root=tmp_path)
+    pool.add(torch.zeros(3, 1, 4, 4))
+    state = pool.state_dict()
+    (file,) = tmp_path.iterdir()
+    os.truncate(file, file.stat().st_size - 1)
+    with pytest.raises(DfkdError, match="pool-00000.bin is shorter than the records the run wrote into it"):
         ImagePool(8, root=tmp_path).load_state_dict(state)
 
 
