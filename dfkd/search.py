@@ -19,10 +19,13 @@ with `trial.suggest_*` calls (as `--student` and `--student-arg` take them).
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 import time
+import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,12 +129,45 @@ def _half(x: float | int | None, kind: type) -> Any:
     return None if x is None else kind(max(1, x // 2) if kind is int else x / 2)
 
 
+def candidate(space: Callable, trial: Any, name: str, optuna: Any) -> tuple[str, dict[str, Any]]:
+    """The (architecture, arguments) the user's space function draws for `trial`; its errors as one message."""
+    try:
+        out = space(trial)
+    except (DfkdError, optuna.TrialPruned):
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's own code: say where it failed, in one line
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        raise DfkdError(f"--space {name}: the function raised {type(e).__name__}: {e} (at {frame.filename}:"
+                        f"{frame.lineno})") from None
+    if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], str)
+            and isinstance(out[1], dict)):
+        raise DfkdError(f"--space {name}: returned {out!r:.80}; a search space returns (architecture, its "
+                        "arguments), e.g. (\"lenet5_scaled\", {\"widths\": [3, 8, 60, 42]})")
+    return out[0], out[1]
+
+
+@contextmanager
+def errors_told_once() -> Iterator[None]:
+    """Optuna logs a failed trial's traceback before re-raising its error: dfkd's own errors are told once, by dfkd."""
+    def ours(record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], DfkdError))
+
+    handlers = logging.getLogger("optuna").handlers
+    for h in handlers:
+        h.addFilter(ours)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(ours)
+
+
 def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> Callable[[Any], float]:
     """The Optuna objective: measure, prune on constraints, distill half, report, finish, score."""
     from dfkd.engine import distill, resume
 
     def run(trial: Any) -> float:
-        arch, args = space(trial)
+        arch, args = candidate(space, trial, cfg.space, optuna)
         params, latency = measure(teacher, arch, args)
         trial.set_user_attr("student", arch)
         trial.set_user_attr("student_args", args)
@@ -202,7 +238,8 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
     study = open_study(cfg, optuna, resume)
     done = [t for t in study.trials if t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED")]
     if cfg.trials > len(done):
-        study.optimize(objective(cfg, teacher, space, optuna), n_trials=cfg.trials - len(done))
+        with errors_told_once():
+            study.optimize(objective(cfg, teacher, space, optuna), n_trials=cfg.trials - len(done))
     rows = trial_rows(study)
     pareto = pareto_rows(rows)
     if not pareto:

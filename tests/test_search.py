@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 
 from dfkd.errors import DfkdError
 from dfkd.modelfile import load_model
-from dfkd.search import SearchConfig, lenet5_space, measure, resolve_space, search
+from dfkd.search import SearchConfig, candidate, errors_told_once, lenet5_space, measure, resolve_space, search
 from dfkd.search_report import dominates, pareto_rows
 from dfkd.teacher import load_teacher
 from tests.test_lifelong import train_toy_teacher, write
@@ -103,3 +104,34 @@ def test_a_space_must_be_a_function_of_the_users_own_code(space: str) -> None:
     # --space os:system called os.system(trial): an Optuna "Trial 0 failed" TypeError traceback
     with pytest.raises(DfkdError, match=f"--space {space}: a search space is a function of your own code"):
         resolve_space(space)
+
+
+def returns_a_name(trial: object) -> str:  # a search space of the user's that forgot the arguments
+    return "lenet5_half"
+
+
+def raises(trial: object) -> None:
+    raise ValueError("oops")
+
+
+def test_a_space_that_returns_the_wrong_thing_or_raises_is_one_message(toy: dict[str, str], tmp_path: Path) -> None:
+    # "ValueError: too many values to unpack" or the function's own error, each after Optuna's traceback
+    with pytest.raises(DfkdError, match=r"--space s: returned 'lenet5_half'; a search space returns \(architecture"):
+        candidate(returns_a_name, None, "s", optuna)
+    with pytest.raises(DfkdError, match=r"--space r: the function raised ValueError: oops \(at .*test_search.py:\d+\)"):
+        candidate(raises, None, "r", optuna)
+    assert candidate(lenet5_space, optuna.trial.FixedTrial({f"w{i}": 0.5 for i in range(4)}), "lenet5", optuna)[0] \
+        == "lenet5_scaled"
+    with pytest.raises(DfkdError, match="returned 'lenet5_half'"):
+        search(config(toy, tmp_path / "bad", space="tests.test_search:returns_a_name", trials=1),
+               load_teacher(toy["teacher"]))
+    # Optuna's handler would print the error's traceback first: dfkd's own errors are told once, by dfkd
+    handlers = logging.getLogger("optuna").handlers
+    failed = logging.LogRecord("optuna.study", logging.WARNING, __file__, 1, "Trial 0 failed", None,
+                               (DfkdError, DfkdError("x"), None))
+    other = logging.LogRecord("optuna.study", logging.WARNING, __file__, 1, "Trial 0 failed", None,
+                              (ValueError, ValueError("x"), None))
+    assert handlers
+    with errors_told_once():
+        assert not any(h.filter(failed) for h in handlers) and all(h.filter(other) for h in handlers)
+    assert all(h.filter(failed) for h in handlers)
