@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
-from dfkd.teacher import Teacher, a_file, load_teacher
+from dfkd.teacher import Teacher, load_teacher, warn_unused_arch
 
 WEIGHTINGS = ("mean", "confidence")
 
@@ -138,24 +137,7 @@ def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, t
     if weights is not None and len(paths) == 1:  # accepted without a word: one teacher has nothing to weigh
         member_weights(weights, 1)  # a list of another length: the usual error
     members = [load_teacher(p, arch, trust_pickle, spec, device, arch_args) for p in paths]
-    _warn_unused_arch(arch, arch_args, members)
+    warn_unused_arch(arch, arch_args, members)
     if len(members) == 1:
         return members[0]
     return EnsembleTeacher(members, weights, weighting)
-
-
-def _warn_unused_arch(arch: str | None, arch_args: dict | None, members: Sequence[Teacher]) -> None:
-    """Say so when --teacher-arch/--arch-arg were given but no teacher file is a plain state_dict that uses them.
-
-    A dfkd model file, TorchScript, torch.export or ONNX file brings its own network, so the flags are ignored
-    for it; a user who believes they chose the architecture should hear which network runs instead.
-    """
-    if (arch is None and not arch_args) or any(m.fmt == "state_dict" for m in members):
-        return
-    flags = [f"--teacher-arch {arch}"] if arch else []
-    flags += [f"--arch-arg {k}={v}" for k, v in (arch_args or {}).items()]
-    files = "; ".join(f"{m.source} is {a_file(m.fmt)}" + (f" of {m.arch}" if m.fmt == "dfkd" and m.arch else "")
-                      for m in members)
-    them = "they apply" if len(flags) > 1 else "it applies"
-    brings = "which brings its own network" if len(members) == 1 else "each bringing its own network"
-    warnings.warn(f"{' '.join(flags)} not used: {files}, {brings}; {them} to plain state_dicts only", stacklevel=3)

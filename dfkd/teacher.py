@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from operator import attrgetter, itemgetter
 from typing import Any
@@ -465,3 +465,21 @@ def _check_declared_classes(path: str | os.PathLike, loaded: LoadedModel, logits
         if n is not None and n != logits:
             raise DfkdError(f"--teacher {path}: the file's {field} says {n} classes but its network gives {logits} "
                             "logits; the file is inconsistent: re-export it")
+
+
+def warn_unused_arch(arch: str | None, arch_args: dict | None, members: Sequence[Teacher]) -> None:
+    """Say so when --teacher-arch/--arch-arg were given but no teacher file is a plain state_dict that uses them.
+
+    A dfkd model file, TorchScript, torch.export or ONNX file brings its own network, so the flags are ignored
+    for it; a user who believes they chose the architecture should hear which network runs instead.
+    """
+    if (arch is None and not arch_args) or any(m.fmt == "state_dict" for m in members):
+        return
+    flags = [f"--teacher-arch {arch}"] if arch else []
+    flags += [f"--arch-arg {k}={v}" for k, v in (arch_args or {}).items()]
+    files = "; ".join(f"{m.source} is {a_file(m.fmt)}" + (f" of {m.arch}" if m.fmt == "dfkd" and m.arch else "")
+                      for m in members)
+    them = "they apply" if len(flags) > 1 else "it applies"
+    brings = "which brings its own network" if len(members) == 1 else "each bringing its own network"
+    warnings.warn(f"{' '.join(flags)} not used: {files}, {brings}; {them} to plain state_dicts only",
+                  stacklevel=3)

@@ -17,7 +17,7 @@ import torch
 from dfkd.archs import flag_spec
 from dfkd.errors import DfkdError
 from dfkd.spec import InputSpec
-from dfkd.teacher import Teacher, load_teacher
+from dfkd.teacher import Teacher, load_teacher, warn_unused_arch
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,9 @@ def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = 
     """
     o = options or TeacherOptions()
     if flag == "--teacher":
-        return load_teacher(path, o.arch, o.trust_pickle, o.spec(), device, o.arch_args)
+        teacher = load_teacher(path, o.arch, o.trust_pickle, o.spec(), device, o.arch_args)
+        warn_unused_arch(o.arch, o.arch_args, [teacher])
+        return teacher
     try:  # the loader's errors, warnings and notes name the usual flag: they name `flag` instead
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -73,6 +75,7 @@ def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = 
         for w in caught:  # shown as the caller's filters say
             warnings.warn_explicit(_renamed(str(w.message), flag), w.category, w.filename, w.lineno)
     teacher.notes = [_renamed(n, flag) for n in teacher.notes]
+    warn_unused_arch(o.arch, o.arch_args, [teacher])
     return teacher
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -114,3 +115,19 @@ def test_cli_refuses_to_overwrite_and_names_what_is_missing(tmp_path):
     assert res.exit_code == 0, res.output
     assert "lenet5_bn, 1x32x32 inputs, 10 classes" in res.output
     _same_without_flags(tmp_path / "m.pt", model, "dfkd")
+
+
+def test_architecture_flags_a_model_file_does_not_use_are_named(tmp_path):
+    # convert and evaluate of a dfkd model file with --teacher-arch/--arch-arg ignored them without a word
+    torch.save(_zoo().state_dict(), tmp_path / "sd.pt")
+    res = CliRunner().invoke(main, ["convert", "--teacher", str(tmp_path / "sd.pt"), "--teacher-arch", "lenet5_bn",
+                                    "--channels", "1", "--input-size", "32", "--mean", "0.1307", "--std", "0.3081",
+                                    "--out", str(tmp_path / "own.pt")])
+    assert res.exit_code == 0 and "not used" not in res.output, res.output  # a state_dict uses them
+    np.savez(tmp_path / "test.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.arange(4))
+    for args in (["convert", "--teacher", str(tmp_path / "own.pt"), "--out", str(tmp_path / "again.pt")],
+                 ["evaluate", "--model", str(tmp_path / "own.pt"), "--data", str(tmp_path / "test.npz")]):
+        with pytest.warns(UserWarning, match=r"--teacher-arch resnet18 --arch-arg width=2 not used: .*own\.pt is a "
+                                             "dfkd model file of lenet5_bn, which brings its own network"):
+            res = CliRunner().invoke(main, [*args, "--teacher-arch", "resnet18", "--arch-arg", "width=2"])
+        assert res.exit_code == 0, res.output
