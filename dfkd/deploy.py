@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dfkd.calibration import DEFAULT_CALIBRATION, NOISE, calibration_pixels
@@ -84,6 +85,9 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     Returns:
         Sizes, latency and (with `eval_data`) top-1 and teacher agreement of float and int8 models.
     """
+    if Path(req.out).suffix.lower() != ".onnx":
+        raise DfkdError(f"--out {req.out}: dfkd quantize writes an int8 ONNX model; give a name ending in .onnx "
+                        "(onnxruntime runs it; `dfkd export` writes the float model in other formats)")
     check_output_file(req.out, force=req.force)
     model = load_model_any(req.model, req.arch, req.trust_pickle)
     teacher = _self_describing_teacher(req.teacher, req.device) if req.teacher else None

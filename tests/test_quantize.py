@@ -144,6 +144,9 @@ def test_quantize_refuses_a_teacher_of_other_inputs_or_classes(sharp_teacher_fil
     assert not (tmp_path / "q.onnx").exists()
     with pytest.raises(DfkdError, match=r"--teacher .*: has 10 classes, the model 5"):
         calibration_pixels(transfer_file, 8, MNIST_SPEC, load_teacher(sharp_teacher_file), num_classes=5)
+    with pytest.raises(DfkdError, match=r"--out .*q\.pt: dfkd quantize writes an int8 ONNX model; give a name ending"):
+        quantize_file(QuantizeRequest(model=sharp_teacher_file, out=str(tmp_path / "q.pt"), calibration=transfer_file))
+    assert not (tmp_path / "q.pt").exists()  # it wrote ONNX under the .pt name
     five = tmp_path / "five.pt"
     save_model(five, create("lenet5_half", **{**KWARGS, "num_classes": 5}),
                ModelFile("lenet5_half", {**KWARGS, "num_classes": 5}, MNIST_SPEC, 5))
