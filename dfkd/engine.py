@@ -682,6 +682,8 @@ FIXED_ON_RESUME = {
     "recipe": "a recipe picks the settings when a run starts, and a resumed run keeps those it resolved: give the "
               "settings themselves with -p",
     "s_optimizer": "the student optimizer's state is in the checkpoint",
+    **dict.fromkeys(("feature_loss", "discriminator"), "the objectives (--feature-loss, --discriminator) and their "
+                    "state are part of the run"),
 }
 
 

@@ -174,7 +174,8 @@ def test_a_resume_refuses_settings_that_would_not_fit_or_not_apply(teacher_file:
     for given, needles in (("ngf=32", ("-p ngf=...", "Generator", "drop it")),
                            ("nz=64", ("-p nz=...", "drop it")),
                            (f"s_optimizer={other}", (f"-p s_optimizer={other}: the run has '{optimizer}'",)),
-                           ("recipe=paper", ("-p recipe=paper: the run has 'cpu'", "give the settings themselves"))):
+                           ("recipe=paper", ("-p recipe=paper: the run has 'cpu'", "give the settings themselves")),
+                           ("feature_loss=at", ("-p feature_loss=at: the run has None", "objectives"))):
         code, out = run_cli(["distill", "--resume", run, "--steps", "4", "-p", given])
         assert code == 2 and all(n in out for n in needles), (given, out)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2
