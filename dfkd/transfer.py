@@ -189,9 +189,11 @@ def check_teacher_fits(teacher: Teacher, data: TransferData) -> None:
             f"{data.num_classes} classes, but --teacher {teacher.source} takes {teacher.spec.describe()} images and "
             f"has {teacher.num_classes} classes")
     if data.teacher_sha256 and teacher.sha256 and data.teacher_sha256 != teacher.sha256:
-        warnings.warn(f"--transfer-data {data.path} was made from another teacher file (sha256 "
-                      f"{data.teacher_sha256[:12]}..., --teacher is {teacher.sha256[:12]}...); distilling anyway",
-                      stacklevel=2)
+        def short(sha: str) -> str:  # an ensemble's is its members', comma-separated
+            return " + ".join(f"{s[:12]}..." for s in sha.split(","))
+
+        warnings.warn(f"--transfer-data {data.path} was made from another teacher (sha256 {short(data.teacher_sha256)}"
+                      f", --teacher is {short(teacher.sha256)}); distilling anyway", stacklevel=2)
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -215,3 +216,13 @@ def test_cli_round_trip(teacher_file: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "student.pt").exists()
     res = runner.invoke(main, ["distill", "--transfer-data", str(tmp_path / "nope.npz"), "--student", "lenet5_half"])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_another_teacher_is_named_by_every_member_of_an_ensemble() -> None:
+    # an ensemble's hash is its members' joined: the warning showed the first twelve characters only, the same as the
+    # file's when that member made it ("sha256 a4fa290a23f2..., --teacher is a4fa290a23f2...")
+    data = SimpleNamespace(spec=MNIST_SPEC, num_classes=10, teacher_sha256="a" * 64, path="t.npz")
+    ensemble = SimpleNamespace(spec=MNIST_SPEC, num_classes=10, sha256="a" * 64 + "," + "b" * 64, source="a.pt,b.pt")
+    with pytest.warns(UserWarning, match=r"made from another teacher \(sha256 a{12}\.\.\., --teacher is a{12}\.\.\. "
+                                         r"\+ b{12}\.\.\.\)"):
+        check_teacher_fits(ensemble, data)
