@@ -488,7 +488,7 @@ def report_cmd(run_dir: str) -> None:
     """
     from dfkd.report import report
 
-    if run_dir.endswith(".npz") or Path(run_dir).is_file():  # a run is a folder: a file is read as a transfer file
+    if run_dir.endswith((".npz", ".parts")) or Path(run_dir).is_file():  # a file (or its parts) is a transfer file
         from dfkd.transfer_report import report_transfer
 
         click.echo(report_transfer(run_dir).text())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_png, check_image_free, drawn_from
 from dfkd.transfer import TransferData, load_transfer
 
@@ -91,12 +92,26 @@ def write_class_grid(data: TransferData, out: Path, mark: str = "") -> bool:
     return True
 
 
+def unfinished_synthesis(path: str | os.PathLike) -> str | None:
+    """Why `path` (a transfer file, or its `.parts` folder) is not there yet: a stopped `dfkd synthesize`, else None."""
+    p = Path(path)
+    out = p.with_name(p.name.removesuffix(".parts")) if p.name.endswith(".parts") else p
+    folder = out.with_name(out.name + ".parts")
+    if out.is_file() or not (folder / "key.json").is_file():
+        return None
+    done = len(list(folder.glob("part-*.npz")))
+    return (f"FILE {out}: not written yet: a `dfkd synthesize --out {out}` run stopped with {done} part(s) done in "
+            f"{folder}; run the same command again to finish it")
+
+
 def report_transfer(path: str | os.PathLike, png: bool = True) -> TransferSummary:
     """Read a transfer file, summarise it and write `<stem>_samples.png` beside it.
 
     Raises:
         DfkdError: the file is missing, unreadable or not a transfer file.
     """
+    if why := unfinished_synthesis(path):
+        raise DfkdError(why)
     data = load_transfer(path, "FILE")
     out = Path(path).with_name(Path(path).stem + "_samples.png")
     mark = drawn_from("samples", path)

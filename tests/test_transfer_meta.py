@@ -216,6 +216,10 @@ def test_interrupted_synthesis_resumes_to_the_same_file(method: str, params: dic
         synthesize(t, method, 72, out, params=params, steps=steps, views=1)
     monkeypatch.setattr(Parts, "add", original)
     assert not out.exists() and len(list((tmp_path / "cut.npz.parts").glob("part-*.npz"))) == 2
+    for given in (out, tmp_path / "cut.npz.parts"):  # report said "no such file" / "not a dfkd run folder"
+        with pytest.raises(DfkdError, match=f"FILE {out}: not written yet: a `dfkd synthesize --out {out}` run stopped "
+                                            "with 2 part"):
+            report_transfer(given)
     with pytest.raises(DfkdError, match="other settings \\(num\\)"):
         synthesize(t, method, 80, out, params=params, steps=steps, views=1)
     resumed = synthesize(t, method, 72, out, params=params, steps=steps, views=1)
