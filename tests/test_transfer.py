@@ -92,7 +92,7 @@ def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, tmp_
     with pytest.raises(DfkdError, match="takes 3x32x32 images"):
         check_teacher_fits(colour, data)
     other = Teacher(make_teacher_module(seed=5), MNIST_SPEC, source="other.pt", sha256="ab" * 32)
-    with pytest.warns(UserWarning, match="another teacher file"):
+    with pytest.warns(UserWarning, match="made from another teacher "):
         check_teacher_fits(other, data)
     base = {"transfer_data": transfer_file, "steps": 2, "fid_every": 0, "out": str(tmp_path / "r")}
     with pytest.raises(DfkdError, match="needs --student"):
