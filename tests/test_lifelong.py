@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +79,22 @@ def finished(toy: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> t
     return cfg, extend(cfg, load_teacher(cfg.teacher))
 
 
+def interrupted(monkeypatch: pytest.MonkeyPatch, module: object, name: str, at: int, run: Callable[[], object]) -> None:
+    """`run()` stopped by Ctrl-C at the `at`-th call of `module.name`; the function is put back afterwards."""
+    real, calls = getattr(module, name), []
+
+    def stopping(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(module, name, stopping)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(module, name, real)
+
+
 def test_smoke_writes_a_model_with_appended_classes(finished: tuple[ExtendConfig, dict]) -> None:
     cfg, report = finished
     model, meta = load_model(cfg.out)
@@ -122,19 +139,8 @@ def test_interrupted_run_resumes_to_the_same_model(toy: dict[str, str], tmp_path
     whole = config(toy, tmp_path / "a.pt", eval_data=None, steps=50)
     extend(whole, load_teacher(whole.teacher))
     cut = config(toy, tmp_path / "b.pt", eval_data=None, steps=50)
-    real_abd, calls = lt.abd_loss, []
-
-    def stop_at_30(*args: object) -> object:
-        calls.append(1)
-        if len(calls) == 31:
-            raise KeyboardInterrupt
-        return real_abd(*args)
-
-    monkeypatch.setattr(lt, "abd_loss", stop_at_30)
-    with pytest.raises(KeyboardInterrupt):
-        extend(cut, load_teacher(cut.teacher))
+    interrupted(monkeypatch, lt, "abd_loss", 31, lambda: extend(cut, load_teacher(cut.teacher)))
     assert not Path(cut.out).exists()  # nothing that looks finished
-    monkeypatch.setattr(lt, "abd_loss", real_abd)
     extend(cut, load_teacher(cut.teacher), resume=True)
     a, b = load_model(whole.out)[0].state_dict(), load_model(cut.out)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -238,18 +244,8 @@ def test_interrupted_reference_resumes_exactly(toy: dict[str, str], tmp_path: Pa
     whole = config(toy, tmp_path / "a.pt", **kw)
     extend(whole, load_teacher(whole.teacher))
     cut = config(toy, tmp_path / "b.pt", **kw)
-    real_ce, calls = lt.ce_loss, []
-
-    def stop_at_5(*args: object) -> object:  # the fine-tuning reference, before its first checkpoint
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_ce(*args)
-
-    monkeypatch.setattr(lt, "ce_loss", stop_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        extend(cut, load_teacher(cut.teacher))
-    monkeypatch.setattr(lt, "ce_loss", real_ce)
+    # stopped in the fine-tuning reference, before its first checkpoint
+    interrupted(monkeypatch, lt, "ce_loss", 5, lambda: extend(cut, load_teacher(cut.teacher)))
     extend(cut, load_teacher(cut.teacher), resume=True)
     a, b = (torch.load(c.work_dir() / "finetune.pt", weights_only=True)["model"] for c in (whole, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
