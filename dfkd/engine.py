@@ -215,7 +215,7 @@ class Run:
             given = " ".join(f"-p {k}=..." for k in self.changed)
             raise DfkdError(f"--resume {self.run_dir}: its checkpoint does not fit the settings given with it "
                             f"({given}: {str(e).strip().splitlines()[0][:200]}); a setting that shapes the networks "
-                            "or their optimisers (ngf, nz, s_optimizer, ...) stays as the run was made: drop it, or "
+                            "or their optimisers (ngf, nz, ...) stays as the run was made: drop it, or "
                             "start a new run") from None
         set_rng_state(rng, self.device)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
