@@ -399,8 +399,9 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
             params, clip = clip_unnormalised(params, {}, net)
             lines += [clip] * bool(clip) + [student_line(loaded, None, name, net),
                                             "  " + inherit(net, loaded.module, "auto", loaded.arch or "the teacher")]
+        unused = cls.no_effect(params)
         for k, v in params.items():
-            click.echo(f"  {k:14s} {v!r}")
+            click.echo(f"  {k:14s} {v!r:<10} (not used: {unused[k]})" if k in unused else f"  {k:14s} {v!r}")
         click.echo("\n" + "\n".join(lines))
         return
     if teacher:

@@ -101,6 +101,12 @@ def test_methods_params_shows_the_recipe_and_the_kept_deviations(teacher_file: s
     assert "recipe: paper (set by recipe=paper)" in forced.output and "  ngf            64" in forced.output
 
 
+def test_methods_params_marks_the_settings_a_method_does_not_use() -> None:
+    out = CliRunner().invoke(main, ["methods", "--params", "zskd"]).output
+    assert "  g_steps        1          (not used: its synthesis steps per batch are -p di_iters)" in out
+    assert "  di_iters       1500\n" in out
+
+
 def test_methods_params_shows_the_clip_of_the_default_student(teacher_file: str) -> None:
     out = CliRunner().invoke(main, ["methods", "--params", "dfad", "--teacher", teacher_file]).output
     assert "  clip_s         1.0" in out and "clip_s = 1 (default: None; the student has no normalisation" in out
