@@ -14,6 +14,7 @@ from dfkd.cost import millions
 from dfkd.data import ImageData, check_training_labels, load_for, load_images, to_model_input
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
+from dfkd.hooks import is_batchnorm
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.precision import Precision, auto_bf16_line, backward, resolve_precision, step
@@ -89,9 +90,12 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     test = load_for(cfg.eval_data, "--eval-data", num_classes, spec, data.class_names) if cfg.eval_data else None
     kwargs = {"num_classes": num_classes, "in_channels": spec.channels, "input_size": spec.side}
     model = create(cfg.arch, **kwargs).to(device)
+    if cfg.batch_size == 1 and any(is_batchnorm(m) for m in model.modules()):
+        raise DfkdError(f"--batch-size 1: {cfg.arch} has BatchNorm layers, which need at least 2 images a batch in "
+                        "training; give --batch-size 2 or more")
     precision = _precision(cfg.precision, model, spec, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(data) + cfg.batch_size - 1) // cfg.batch_size
+    steps_per_epoch = len(batch_starts(len(data), cfg.batch_size)) - 1
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.epochs * steps_per_epoch)
     result: dict[str, float] = {}
     precision.prepare({"model": model})
@@ -126,13 +130,26 @@ def _precision(name: str, model: torch.nn.Module, spec: InputSpec, device: torch
     return Precision(resolved, device)
 
 
+def batch_starts(n: int, batch_size: int) -> list[int]:
+    """Where an epoch's batches begin, and `n` at the end; a last batch of one image joins the one before it.
+
+    BatchNorm cannot train on a batch of one (129 images at batch 128 stopped the first epoch with a traceback).
+    """
+    bounds = [*range(0, n, batch_size), n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return bounds
+
+
 def _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision) -> float:  # noqa: ANN001
     model.train()
     order = torch.randperm(len(data))
     total, n = 0.0, 0
-    with tqdm(range(0, len(data), cfg.batch_size), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
-        for i in bar:
-            idx = order[i:i + cfg.batch_size]
+    bounds = batch_starts(len(data), cfg.batch_size)
+    with tqdm(range(len(bounds) - 1), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
+        for b in bar:
+            i = bounds[b]
+            idx = order[i:bounds[b + 1]]
             x01 = spec.denormalize(to_model_input(data.x[idx], spec)).to(device)
             x = spec.normalize(augment(x01, flip=spec.channels == 3))
             with precision.autocast():  # weights, optimiser and loss in fp32; under bf16/fp16 the layers compute in it
@@ -143,7 +160,7 @@ def _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision) -> floa
             sched.step()
             value = loss.item()
             if not math.isfinite(value):  # the weights are spoilt from here on: nothing is written
-                raise DfkdError(f"training diverged in epoch {epoch + 1} (batch {i // cfg.batch_size + 1}): the loss "
+                raise DfkdError(f"training diverged in epoch {epoch + 1} (batch {b + 1}): the loss "
                                 f"became {value}; lower --lr (now {cfg.lr}) and run again; {cfg.out} was not written")
             total, n = total + value * len(idx), n + len(idx)
             bar.set_postfix(loss=f"{total / n:.4f}")

@@ -209,6 +209,20 @@ def test_train_teacher_that_diverges_writes_nothing(tmp_path, squares):
     assert last.endswith("t.pt was not written") and not (tmp_path / "t.pt").exists()
 
 
+def test_train_teacher_of_a_batchnorm_net_trains_a_last_batch_of_one_image(tmp_path, squares):
+    # 129 images at batch 128: "Expected more than 1 value per channel when training", a traceback after the epoch
+    x, y = _squares(33, 2)
+    np.savez(tmp_path / "odd.npz", x=x, y=y)
+    result = _run("train-teacher", "--data", str(tmp_path / "odd.npz"), "--arch", "lenet5_bn", "--epochs", "1",
+                  "--batch-size", "16", "--out", str(tmp_path / "t.pt"))
+    assert result.exit_code == 0, result.output
+    assert load_model(tmp_path / "t.pt")[1].arch == "lenet5_bn"
+    result = _run("train-teacher", "--data", str(tmp_path / "odd.npz"), "--arch", "lenet5_bn", "--batch-size", "1",
+                  "--out", str(tmp_path / "t1.pt"))
+    _assert_one_line_error(result, "--batch-size 1", "BatchNorm", "--batch-size 2 or more")
+    assert not (tmp_path / "t1.pt").exists()
+
+
 def test_train_teacher_missing_data(tmp_path):
     result = _run("train-teacher", "--data", str(tmp_path / "none.npz"), "--arch", "lenet5",
                   "--out", str(tmp_path / "t.pt"))
