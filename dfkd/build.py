@@ -40,7 +40,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  student: str | None = None, student_args: dict[str, Any] | None = None,
                  quantize: str | None = None, min_s_steps: int = 1,
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 by_auto: Collection[str] = (), student_init: str = "random", resumed: bool = False) -> Built:
+                 by_auto: Collection[str] = (), student_init: str = "random", resumed: bool = False,
+                 handed_on: Collection[str] = ()) -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
     The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), or, where
@@ -64,6 +65,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
             where it fits in them (`dfkd.inherit`), "random" (the default here: `synthesize`) from the seed alone.
         resumed: `overrides` are a resumed run's saved settings, every one of them (no warning of those without
             effect: the run warned when it started).
+        handed_on: settings that take effect elsewhere even where this method does not use them (`synthesize`
+            hands the student recipe on to the receiver of its file), so no warning says they have none.
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -73,7 +76,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     params = cls.finalize(resolve_params(recipe, overrides, name))
     check_params(overrides, recipe, name, min_s_steps=min_s_steps)
     if not resumed:
-        warn_no_effect(cls, params, {k: v for k, v in overrides.items() if k not in by_auto})
+        warn_no_effect(cls, params, {k: v for k, v in overrides.items() if k not in by_auto and k not in handed_on})
     lines = recipe_lines(cls, teacher, params, overrides, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)

@@ -26,7 +26,7 @@ from dfkd.errors import DfkdError
 from dfkd.labels import LabelSpec, minimise
 from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, load_transfer, meta_arrays, teacher_probs, to_pixels
-from dfkd.transfer_meta import plain_params, provenance, student_recipe
+from dfkd.transfer_meta import RECIPE_KEYS, plain_params, provenance, student_recipe
 from dfkd.transfer_parts import Parts
 
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
@@ -206,7 +206,7 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     top1, top1_on = _teacher_top1(teacher, eval_data, device)
     device = torch.device(device)
     seed_everything(seed)
-    built = build_method(method, teacher, params or {}, device, seed, student, min_s_steps=0)
+    built = build_method(method, teacher, params or {}, device, seed, student, min_s_steps=0, handed_on=RECIPE_KEYS)
     m, p, name = built.method, built.method.p, built.student_name
     generator = isinstance(m.synth, GeneratorSynthesizer)
     trained = GENERATOR_STEPS if steps is None and generator else steps or 0

@@ -15,6 +15,9 @@ from dfkd.cost import millions
 from dfkd.engine import distill, resume
 from dfkd.methods import get_method, list_methods
 from dfkd.methods.base import BASE_DEFAULTS
+from dfkd.synthesis import synthesize
+from dfkd.teacher import load_teacher
+from dfkd.transfer import load_transfer
 
 QUICK = {"batch_size": 8, "s_steps": 2}
 
@@ -145,9 +148,18 @@ def test_what_a_method_ignores_follows_its_settings() -> None:
     assert set(get_method("zskd").no_effect({"s_optimizer": "sgd", "schedule": "multistep", "discriminator": "logits",
                                              "feature_loss": "at"})) == {"g_steps"}
     assert "s_steps" in get_method("dafl").no_effect({}) and "T" in get_method("zskt").no_effect({})
+    assert "lr_d" in get_method("dfad").no_effect({}) and "lr_d" not in get_method("online").no_effect({})
     assert "g_steps" not in get_method("fast").no_effect({}) and "T" not in get_method("fast").no_effect({})
     for name in list_methods():  # a method ignores only shared settings, never one its own recipe sets
         cls = get_method(name)
         assert set(cls.ignores) <= set(BASE_DEFAULTS), name
         own = {k for klass in cls.__mro__ for k in klass.__dict__.get("defaults", {})}
         assert not set(cls.ignores) & own, name
+
+
+def test_synthesize_does_not_call_the_recipe_it_hands_on_without_effect(teacher_file: str, tmp_path: Path,
+                                                                        recwarn: pytest.WarningsRecorder) -> None:
+    # dfad does not use T, but `synthesize` writes it into the file's student recipe, which the receiver trains with
+    synthesize(load_teacher(teacher_file), "dfad", 8, tmp_path / "s.npz", params={**QUICK, "T": 4.0}, steps=1,
+               views=1)
+    assert no_effect_warnings(recwarn) == [] and load_transfer(tmp_path / "s.npz").recipe["T"] == 4.0

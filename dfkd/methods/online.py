@@ -64,6 +64,11 @@ class Online(DFAD):
     summary: ClassVar[str] = "two students with mutual KD and a discriminator each, on DFAD's adversarial generator"
     ignores: ClassVar[dict[str, str]] = {
         "T": "its student losses are the L1 distance to the teacher's logits and the peer KL at T = 1"}
+    @classmethod
+    def no_effect(cls, params: dict[str, Any]) -> dict[str, str]:
+        """As every method's, but `lr_d` is the learning rate of online's own critics."""
+        return {k: v for k, v in super().no_effect(params).items() if k != "lr_d"}
+
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "s_steps": 2}
     defaults: ClassVar[dict[str, Any]] = {"mutual": 1.0, "adv": 1.0}
     cpu: ClassVar[dict[str, Any]] = {"adv": 0.01}
