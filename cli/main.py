@@ -99,12 +99,14 @@ def train_teacher_cmd(**kw: Any) -> None:
       dfkd train-teacher --data ../shared/data/mnist_train.npz --arch lenet5_bn \\
           --eval-data ../shared/data/mnist_test.npz --epochs 10 --out examples/mnist_lenet5_bn.pt
     """
+    from dfkd.export import check_model_name
     from dfkd.models import MODELS
     from dfkd.outpaths import check_output_file
     from dfkd.train_teacher import TeacherConfig, train_teacher
 
     MODELS.get(kw["arch"])
     check_output_file(kw["out"], force=kw.pop("force"))
+    check_model_name(kw["out"])
     result = train_teacher(TeacherConfig(**kw))
     click.echo(f"wrote {kw['out']}" + (f" (test top-1 {100 * result['top1']:.2f}%)" if "top1" in result else ""))
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from dfkd.archs import build_model
 from dfkd.errors import DfkdError, first_line
+from dfkd.export import check_model_name
 from dfkd.loading import held_log, read_weights_only, sniff_format
 from dfkd.modelfile import ARCHIVE_KINDS, ModelFile, save_model
 from dfkd.outpaths import check_output_file
@@ -49,6 +50,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, options: TeacherOpt
         DfkdError: `out` exists, the source cannot be read, or a pickled module can be neither rebuilt nor exported.
     """
     out = check_output_file(out, force=None)  # convert has no --force
+    check_model_name(out)
     teacher = load_with_options(path, options)
     arch, kwargs, model, archive = _representation(Path(path), teacher)
     provenance = {"kind": "converted", "source": str(path), "source_sha256": teacher.sha256,

@@ -171,13 +171,24 @@ KINDS = {"torchscript": "a TorchScript archive", "exported-program": "a torch.ex
 
 
 def check_format_name(out: Path, fmt: str) -> None:
-    """Refuse a `.onnx` name for a file that is not ONNX: dfkd's loader, onnxruntime and Netron read it as ONNX.
+    """Refuse a name that says another format than the file's: dfkd's loader and other tools go by `.onnx`.
 
-    A TorchScript file written as student.onnx was called corrupt by `dfkd evaluate`.
+    A TorchScript file written as student.onnx, and an ONNX file written as student.pt, were called corrupt by
+    `dfkd evaluate`.
     """
+    if fmt == "onnx" and out.suffix.lower() != ".onnx":
+        raise DfkdError(f"--out {out}: --format onnx writes an ONNX model, which dfkd and other tools know by its "
+                        f".onnx name; name it {out.with_suffix('.onnx').name}")
     if fmt in SUFFIXES and out.suffix.lower() == ".onnx":
         raise DfkdError(f"--out {out}: --format {fmt} writes {KINDS[fmt]}, which tools read by a {SUFFIXES[fmt]} "
                         f"name; name it {out.with_suffix(SUFFIXES[fmt]).name}")
+
+
+def check_model_name(out: str | os.PathLike, flag: str = "--out") -> None:
+    """A dfkd model file named `.onnx` is read back as ONNX and called corrupt: refuse the name."""
+    if Path(out).suffix.lower() == ".onnx":
+        raise DfkdError(f"{flag} {out}: this writes a dfkd model file (PyTorch), but a .onnx name is read back as "
+                        f"ONNX; name it {Path(out).with_suffix('.pt').name} (`dfkd export --format onnx` makes ONNX)")
 
 
 WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx, "exported-program": _write_exported_program}

@@ -131,3 +131,15 @@ def test_architecture_flags_a_model_file_does_not_use_are_named(tmp_path):
                                              "dfkd model file of lenet5_bn, which brings its own network"):
             res = CliRunner().invoke(main, [*args, "--teacher-arch", "resnet18", "--arch-arg", "width=2"])
         assert res.exit_code == 0, res.output
+
+
+def test_a_model_file_is_not_written_under_an_onnx_name(tmp_path):
+    # convert (and train-teacher) wrote a dfkd model file as m.onnx, which evaluate then read as corrupt ONNX
+    torch.save(_zoo().state_dict(), tmp_path / "sd.pt")
+    with pytest.raises(DfkdError, match=r"m\.onnx: this writes a dfkd model file \(PyTorch\), .*; name it m\.pt"):
+        convert(tmp_path / "sd.pt", tmp_path / "m.onnx", TeacherOptions("lenet5_bn", channels=1, size=32,
+                                                                        mean=(0.1307,), std=(0.3081,)))
+    assert not (tmp_path / "m.onnx").exists()
+    res = CliRunner().invoke(main, ["train-teacher", "--data", str(tmp_path / "none.npz"), "--arch", "lenet5",
+                                    "--out", str(tmp_path / "t.onnx")])
+    assert res.exit_code == 2 and "t.onnx: this writes a dfkd model file" in res.output, res.output

@@ -93,7 +93,7 @@ def user_state_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_user_module_class_round_trip(user_state_dict: Path, fmt: str) -> None:
     _need(fmt)
     spec = InputSpec(3, 20, (0.4, 0.5, 0.6), (0.2, 0.2, 0.2))
-    out = user_state_dict.parent / "net.export"
+    out = user_state_dict.parent / ("net.onnx" if fmt == "onnx" else "net.export")
     check = export_file(user_state_dict, fmt, out, arch="usernet18:Net", spec=spec)
     assert check.max_abs_diff < 1e-4
     _, meta = load_runner(fmt, out)
@@ -116,7 +116,8 @@ def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
 
 
 
-@pytest.mark.parametrize("fmt, name, fix", [("torchscript", "m.onnx", "m.pt"), ("exported-program", "m.onnx", "m.pt2")])
+@pytest.mark.parametrize("fmt, name, fix", [("torchscript", "m.onnx", "m.pt"), ("exported-program", "m.onnx", "m.pt2"),
+                                           ("onnx", "m.pt", "m.onnx")])
 def test_a_name_the_file_would_be_misread_by_is_refused(tmp_path: Path, fmt: str, name: str, fix: str) -> None:
     # a TorchScript file written as student.onnx: exit 0, then dfkd evaluate called it corrupt
     m, spec = _small("lenet5_half")
