@@ -65,7 +65,22 @@ class FIDStats:
         if kind not in FEATURE_KINDS or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
             raise DfkdError(f"{flag} {p}: features {kind!r}, mu {stats.mu.shape}, sigma {stats.sigma.shape}: not "
                             f"FID statistics dfkd understands (features one of {FEATURE_KINDS}, sigma D x D)")
+        if why := _not_gaussian(stats):
+            raise DfkdError(f"{flag} {p}: {why}, so it is no covariance of features; make the file again with "
+                            "`dfkd fid-stats`")
         return stats
+
+
+def _not_gaussian(stats: FIDStats) -> str | None:
+    """What keeps (mu, sigma) from being a mean and a covariance: non-finite values, asymmetry, a negative variance."""
+    if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+        return "mu or sigma holds NaN or infinite values"
+    scale = max(float(np.abs(stats.sigma).max()), 1e-12)
+    if np.abs(stats.sigma - stats.sigma.T).max() > 1e-6 * scale:
+        return "sigma is not symmetric"
+    if np.linalg.eigvalsh(stats.sigma).min() < -1e-6 * scale:
+        return "sigma has negative eigenvalues"
+    return None
 
 
 def frechet_distance(a: FIDStats, b: FIDStats) -> float:

@@ -213,6 +213,20 @@ def test_stats_file_round_trip_and_pytorch_fid_files(tmp_path: Path) -> None:
         FIDStats.load(tmp_path / "missing.npz")
 
 
+@pytest.mark.parametrize("mu, sigma, why", [
+    (np.full(4, np.nan), np.eye(4), "NaN or infinite"),  # logged fid/teacher NaN, silently
+    (np.zeros(4), np.eye(4) * np.nan, "NaN or infinite"),  # a linalg.eigh traceback at the first evaluation
+    (np.zeros(4), -np.eye(4), "negative eigenvalues"),
+    (np.zeros(4), np.triu(np.ones((4, 4))), "not symmetric")])
+def test_stats_that_are_no_gaussian_are_refused(tmp_path: Path, mu: np.ndarray, sigma: np.ndarray, why: str) -> None:
+    np.savez(tmp_path / "bad.npz", mu=mu, sigma=sigma, features=np.array("teacher"))
+    with pytest.raises(DfkdError, match=f"--fid-ref {tmp_path / 'bad.npz'}: .*{why}.*`dfkd fid-stats`"):
+        FIDStats.load(tmp_path / "bad.npz")
+    rank_one = np.outer(np.arange(4.0), np.arange(4.0))  # a covariance of few samples: singular, still a covariance
+    np.savez(tmp_path / "ok.npz", mu=np.zeros(4), sigma=rank_one, features=np.array("teacher"))
+    assert FIDStats.load(tmp_path / "ok.npz").sigma.shape == (4, 4)
+
+
 def test_fid_stats_writes_mu_sigma_of_the_teacher_features(tmp_path: Path) -> None:
     from dfkd.cli.main import main
 
