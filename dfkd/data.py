@@ -258,9 +258,13 @@ def check_training_labels(data: ImageData, flag: str, path: str) -> int:
     k = int(present[-1]) + 1
     if len(present) < k:
         missing = sorted(set(range(k)) - {int(c) for c in present})
+        if data.class_names and len(data.class_names) == k:  # an image folder: its sub-folders are the classes
+            folders = ", ".join(repr(data.class_names[c]) for c in missing[:5]) + (", ..." if len(missing) > 5 else "")
+            raise DfkdError(f"{flag} {path}: class folder(s) {folders} hold no image; remove them or add images")
         shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        raise DfkdError(f"{flag} {path}: labels run 0..{k - 1} but class(es) {shown} have no image; relabel the "
-                        f"{len(present)} classes 0..{len(present) - 1}")
+        raise DfkdError(f"{flag} {path}: labels run {int(present[0])}..{k - 1}, read as class indices 0..{k - 1}, "
+                        f"but class(es) {shown} have no image; relabel the {len(present)} classes "
+                        f"0..{len(present) - 1}")
     return k
 
 

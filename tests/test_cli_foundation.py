@@ -234,6 +234,7 @@ def test_train_teacher_missing_data(tmp_path):
     (np.full(16, -1), ("class indices 0..K-1", "-1")),
     (np.full(16, 15), ("every image has label 15", "at least 2 classes")),
     (np.arange(16) % 2 * 2, ("class(es) 1 have no image", "relabel the 2 classes 0..1")),
+    (np.arange(16) % 10 + 1, ("labels run 1..10, read as class indices 0..10", "class(es) 0 have no image")),
     (np.zeros(0), ("holds no images",)),
 ])
 def test_train_teacher_refuses_labels_no_classifier_learns_from(tmp_path, labels, words):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dfkd import DfkdError, InputSpec
-from dfkd.data import ImageData, check_fits, iterate_batches, load_images, to_model_input
+from dfkd.data import ImageData, check_fits, check_training_labels, iterate_batches, load_images, to_model_input
 
 GREY = InputSpec(1, 32, (0.5,), (0.25,))
 COLOUR = InputSpec(3, 32, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
@@ -397,3 +397,15 @@ def test_image_folder_refusals(tmp_path):
     (tmp_path / "a" / "colour.png").write_bytes(b"not a png at all")
     with pytest.raises(DfkdError, match=r"colour\.png: not a readable image"):
         load_images(tmp_path)
+
+
+def test_a_class_folder_without_images_is_named(tmp_path):
+    # "labels run 0..2 but class(es) 1 have no image; relabel": the user has folders, not labels
+    from PIL import Image
+
+    for cls in ("ant", "bee", "cat"):
+        (tmp_path / cls).mkdir()
+    for cls in ("ant", "cat"):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / cls / "0.png")
+    with pytest.raises(DfkdError, match=r"class folder\(s\) 'bee' hold no image; remove them or add images"):
+        check_training_labels(load_images(tmp_path), "--data", str(tmp_path))
