@@ -345,6 +345,12 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
     from dfkd.utils import pick_device
 
     overrides = dict(map(parse_param, params))
+    if kw["method"] == "auto":  # distill's choice of method for a student, not a synthesis method
+        from dfkd.synthesis import synthesis_methods
+
+        raise DfkdError(f"--method auto: picks how `dfkd distill` trains a student; synthesize needs the method that "
+                        f"makes the images: one of {', '.join(synthesis_methods())} (zskd needs only the teacher's "
+                        "logits)")
     check_method_params(kw["method"], overrides, min_s_steps=0)
     labels = parse_labels(kw.pop("labels"), kw.pop("label_decimals"))
     check_output_file(kw["out"], force=kw.pop("force"))
@@ -406,8 +412,9 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
             click.echo(f"  {k:14s} {v!r:<10} (not used: {unused[k]})" if k in unused else f"  {k:14s} {v!r}")
         click.echo("\n" + "\n".join(lines))
         return
-    if teacher:
-        raise DfkdError("--teacher goes with --params NAME: dfkd methods --params dfad --teacher T.pt")
+    if teacher or recipe:
+        flag = "--teacher T.pt" if teacher else f"--recipe {recipe}"
+        raise DfkdError(f"{flag.split()[0]} goes with --params NAME: dfkd methods --params dfad {flag}")
     from dfkd.auto import describe
 
     click.echo(f"{'auto':14s} {describe()}")

@@ -154,6 +154,13 @@ class Balance:
         return {"counts": self.counts.clone(), "drawn": self.drawn}
 
 
+def synthesis_methods() -> list[str]:
+    """The methods that make synthetic images (not transfer, kd or crossmodal, which read them)."""
+    from dfkd.methods import get_method, list_methods
+
+    return [m for m in list_methods() if m != "transfer" and not get_method(m).reads]
+
+
 def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.PathLike,
                params: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
                student: str | None = None, steps: int | None = None, progress: bool = False,
@@ -186,7 +193,7 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     from dfkd.build import build_method
     from dfkd.checkpoint import set_rng_state
     from dfkd.generators import GeneratorSynthesizer
-    from dfkd.methods import get_method, list_methods
+    from dfkd.methods import get_method
     from dfkd.utils import seed_everything
 
     num = default_num(teacher.num_classes) if num is None else num
@@ -195,9 +202,8 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     if method == "transfer":
         raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
     if get_method(method).reads:  # kd, crossmodal: "give --data TRAIN" said to a user who gave it (dfkd extend)
-        makers = [m for m in list_methods() if m != "transfer" and not get_method(m).reads]
         raise DfkdError(f"--method {method}: learns from your images, it makes no synthetic ones; use one of "
-                        f"{', '.join(makers)}")
+                        f"{', '.join(synthesis_methods())}")
     labels = labels or LabelSpec()
     if labels.mode == "topk" and (labels.k or 1) >= teacher.num_classes:  # a user minimising what leaves: say so
         warnings.warn(f"--labels {labels.text()}: the teacher has {teacher.num_classes} classes, so every row keeps "
