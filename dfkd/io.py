@@ -163,7 +163,14 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
     except DfkdError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, KeyError, AttributeError) as e:
-        raise DfkdError(f"{flag} {path}: not a readable .npz file ({str(e)[:120]}); is it truncated or "
+        text = str(e)
+        if "Object arrays cannot be loaded" in text:  # numpy's advice (allow_pickle) is never passed on
+            raise DfkdError(f"{flag} {path}: holds an array of Python objects (dtype object), which dfkd does not "
+                            "unpickle; store numbers (images as uint8, labels as integers)") from None
+        if "pickled" in text:  # not a zip of arrays nor a .npy: numpy took it for a pickle
+            raise DfkdError(f"{flag} {path}: not a readable .npz file (no zip of arrays, no .npy header: truncated "
+                            f"or corrupt, or another kind of file); give an .npz with {holds}") from None
+        raise DfkdError(f"{flag} {path}: not a readable .npz file ({text[:120]}); is it truncated or "
                         "corrupt?") from None
 
 

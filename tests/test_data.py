@@ -117,8 +117,10 @@ def test_bad_npz(tmp_path, arrays, match):
 
 @pytest.mark.parametrize(
     "kind, match",
-    [("random", "truncated or corrupt"), ("truncated", "truncated or corrupt"), ("pickled", "not a readable .npz"),
-     ("npy", "np.savez"), ("compressed", "truncated or corrupt")],
+    [("random", "truncated or corrupt"), ("truncated", "truncated or corrupt"),
+     ("pickled", "holds an array of Python objects .*does not unpickle; store numbers"), ("npy", "np.savez"),
+     ("compressed", "truncated or corrupt"),
+     ("text", r"not a readable .npz file \(no zip of arrays, no .npy header: truncated or corrupt, or another")],
 )
 def test_corrupt_npz(tmp_path, kind, match):
     path = tmp_path / "bad.npz"
@@ -130,6 +132,8 @@ def test_corrupt_npz(tmp_path, kind, match):
         data = bytearray(path.read_bytes())
         data[2000:2400] = bytes(b ^ 0xFF for b in data[2000:2400])
         path.write_bytes(bytes(data))
+    elif kind == "text":  # numpy reads a file that is neither a zip nor a .npy as a pickle: "allow_pickle=" advice
+        path.write_text("hello")
     elif kind == "truncated":
         good = _npz(tmp_path / "good.npz", np.zeros((50, 28, 28), np.uint8), np.zeros(50, np.int64)).read_bytes()
         path.write_bytes(good[: len(good) // 2])

@@ -193,7 +193,7 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("eval_nan_labels", ["--eval-data", "{nanlab}"], ("whole class indices", "nan")),
     ("eval_label_too_big", ["--eval-data", "{biglab}"], ("labels run 0..12", "10 classes")),
     ("eval_five_channels", ["--eval-data", "{five}"], ("5 channels",)),
-    ("eval_text", ["--eval-data", "{text}"], ("not a readable .npz",)),
+    ("eval_text", ["--eval-data", "{text}"], ("not a readable .npz file (no zip of arrays",)),
 ]
 
 
