@@ -179,8 +179,11 @@ def inception_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]
 
 
-def load_inception(device: torch.device | str = "cpu", allow_download: bool = True) -> nn.Module:
-    """pytorch-fid's InceptionV3 (2048-d pool features), from the hub cache or, where online, downloaded once.
+def load_inception(device: torch.device | str = "cpu", allow_download: bool = False) -> nn.Module:
+    """pytorch-fid's InceptionV3 (2048-d pool features), from the torch hub cache.
+
+    dfkd downloads nothing at run time (`allow_download` lets pytorch-fid fetch the weights, for a caller that
+    says so): the user puts the file in the cache.
 
     Raises:
         InceptionUnavailable: naming the file and the folder to put it in.
@@ -188,14 +191,15 @@ def load_inception(device: torch.device | str = "cpu", allow_download: bool = Tr
     from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
 
     path = inception_weights_path()
-    why = f"{path.name} is not in {path.parent}"
+    why = f"{path.name} is not in {path.parent} (dfkd downloads nothing)"
     if path.is_file() or allow_download:
         try:
             return InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
-        except Exception as e:  # noqa: BLE001 - offline download failures come in many kinds
-            why = f"{path.name} is not in {path.parent} and could not be downloaded ({str(e)[:100]})"
-    raise InceptionUnavailable(f"Inception FID skipped: {why}; download {FID_WEIGHTS_URL} and put it there "
-                               "(the torch hub checkpoints folder, $TORCH_HOME/hub/checkpoints)")
+        except Exception as e:  # noqa: BLE001 - an unreadable file or a failed download come in many kinds
+            why = f"{path.name} in {path.parent} could not be read ({str(e)[:100]})"
+    raise InceptionUnavailable(f"Inception FID needs pytorch-fid's InceptionV3 weights: {why}; download "
+                               f"{FID_WEIGHTS_URL} and put it there (the torch hub checkpoints folder, "
+                               "$TORCH_HOME/hub/checkpoints)")
 
 
 class InceptionFID(FeatureFID):
@@ -207,13 +211,13 @@ class InceptionFID(FeatureFID):
         extractor: maps (B, 3, H, W) images in [0, 1] to features (B, D) or pytorch-fid's list of (B, D, 1, 1);
             default pytorch-fid's InceptionV3 (`load_inception`; raises `InceptionUnavailable`).
         device: where the default extractor runs.
-        allow_download: let pytorch-fid download missing weights.
+        allow_download: let pytorch-fid download missing weights (dfkd's commands never do).
     """
 
     tag = "inception"
 
     def __init__(self, spec: InputSpec, ref: FIDStats | None = None, extractor: nn.Module | None = None,
-                 device: torch.device | str = "cpu", allow_download: bool = True) -> None:
+                 device: torch.device | str = "cpu", allow_download: bool = False) -> None:
         super().__init__(ref, chunk=64)
         if spec.channels not in (1, 3):
             raise DfkdError(f"Inception FID needs 1- or 3-channel images, these have {spec.channels}; use the "

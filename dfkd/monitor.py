@@ -54,7 +54,7 @@ class FIDMonitors:
                 with torch.random.fork_rng(devices=[]):  # building InceptionV3 draws random init weights
                     monitors.append(InceptionFID(teacher.spec, ref, device=device))
             except InceptionUnavailable as e:
-                warnings.warn(str(e), stacklevel=2)
+                warnings.warn(f"Inception FID skipped: {e}", stacklevel=2)
         return cls(monitors)
 
     def measure(self, images: torch.Tensor, chunk: int | None = None) -> dict[str, float]:

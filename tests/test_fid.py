@@ -181,7 +181,10 @@ def test_missing_inception_weights_warn_once_and_the_run_goes_on(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     import pytorch_fid.inception
 
+    tried = []
+
     def offline(*args: object, **kwargs: object) -> nn.Module:
+        tried.append(1)
         raise OSError("Name or service not known")  # what an offline download attempt raises
 
     monkeypatch.setattr(pytorch_fid.inception, "InceptionV3", offline)
@@ -194,9 +197,11 @@ def test_missing_inception_weights_warn_once_and_the_run_goes_on(tmp_path: Path,
     msgs = [str(w.message) for w in caught if "Inception" in str(w.message)]
     assert len(msgs) == 1
     assert "pt_inception-2015-12-05-6726825d.pth" in msgs[0] and str(tmp_path / "hub" / "checkpoints") in msgs[0]
+    assert msgs[0].startswith("Inception FID skipped: ") and "dfkd downloads nothing" in msgs[0]
     assert [m.tag for m in monitors.monitors] == ["bn"]
-    with pytest.raises(InceptionUnavailable):
-        InceptionFID(MNIST_SPEC, allow_download=False)
+    assert not tried  # nothing may be downloaded at run time: pytorch-fid's constructor would fetch the weights
+    with pytest.raises(InceptionUnavailable, match="needs pytorch-fid's InceptionV3 weights"):
+        InceptionFID(MNIST_SPEC)
 
 
 def test_stats_file_round_trip_and_pytorch_fid_files(tmp_path: Path) -> None:
