@@ -34,11 +34,16 @@ class InceptionUnavailable(DfkdError):
 
 @dataclass
 class FIDStats:
-    """Gaussian statistics of features: `mu` (D,), `sigma` (D, D), and which features they are of."""
+    """Gaussian statistics of features: `mu` (D,), `sigma` (D, D), and which features they are of.
+
+    Teacher-feature statistics also keep the sha256 of the teacher file that made them ("" where unknown: files
+    written before it was kept, or by pytorch-fid).
+    """
 
     mu: np.ndarray
     sigma: np.ndarray
     features: str = "inception"
+    teacher_sha256: str = ""
 
     @classmethod
     def from_features(cls, feats: torch.Tensor, features: str) -> FIDStats:
@@ -47,8 +52,10 @@ class FIDStats:
         return cls(f.mean(0), np.atleast_2d(np.cov(f, rowvar=False)), features)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write pytorch-fid's `.npz` (mu, sigma) plus `features`, atomically."""
-        _atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, features=np.array(self.features)))
+        """Write pytorch-fid's `.npz` (mu, sigma) plus `features` (and the teacher's hash), atomically."""
+        extra = {"teacher_sha256": np.array(self.teacher_sha256)} if self.teacher_sha256 else {}
+        _atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, features=np.array(self.features),
+                                               **extra))
 
     @classmethod
     def load(cls, path: str | os.PathLike, flag: str = "--fid-ref") -> FIDStats:
@@ -61,7 +68,8 @@ class FIDStats:
                 raise DfkdError(f"{flag} {p}: FID statistics need arrays 'mu' and 'sigma'; it has "
                                 f"{sorted(d.files)}")
             kind = str(d["features"]) if "features" in d else "inception"
-            stats = cls(d["mu"].astype(np.float64), np.atleast_2d(d["sigma"]).astype(np.float64), kind)
+            stats = cls(d["mu"].astype(np.float64), np.atleast_2d(d["sigma"]).astype(np.float64), kind,
+                        str(d["teacher_sha256"]) if "teacher_sha256" in d else "")
         if kind not in FEATURE_KINDS or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
             raise DfkdError(f"{flag} {p}: features {kind!r}, mu {stats.mu.shape}, sigma {stats.sigma.shape}: not "
                             f"FID statistics dfkd understands (features one of {FEATURE_KINDS}, sigma D x D)")
@@ -165,6 +173,11 @@ class TeacherFID(FeatureFID):
     def __init__(self, teacher: Teacher, ref: FIDStats | None = None) -> None:
         super().__init__(ref)
         self.teacher = teacher
+        if ref is not None and ref.teacher_sha256 and teacher.sha256 and ref.teacher_sha256 != teacher.sha256:
+            raise DfkdError(f"--fid-ref: its teacher statistics were made with another teacher file (sha256 "
+                            f"{ref.teacher_sha256[:12]}..., --teacher is {teacher.sha256[:12]}...): features of "
+                            "another network are not comparable; make them with this teacher (dfkd fid-stats DATA "
+                            "OUT.npz --features teacher --teacher T)")
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         self.check_dim(self.features(torch.zeros(teacher.spec.shape(2), device=device)).shape[1])
 

@@ -156,5 +156,7 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
     feats = torch.cat([extractor.features(to_model_input(images.x[i:i + bs], spec).to(dev))
                        for i in range(0, len(images), bs)])
     stats = FIDStats.from_features(feats, features)
+    if features == "teacher":
+        stats.teacher_sha256 = t.sha256
     stats.save(out)
     return stats

@@ -20,7 +20,7 @@ from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.monitor import FIDMonitors, compute_fid_stats
 from dfkd.spec import MNIST_SPEC
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, load_teacher
 
 KW = {"num_classes": 10, "in_channels": 1, "input_size": 32}
 
@@ -255,6 +255,23 @@ def test_fid_stats_writes_mu_sigma_of_the_teacher_features(tmp_path: Path) -> No
     res = CliRunner().invoke(main, ["fid-stats", str(tmp_path / "empty.npz"), str(tmp_path / "e.npz"),
                                     "--features", "teacher", "--teacher", str(tmp_path / "t.pt"), "--device", "cpu"])
     assert res.exit_code == 2 and "holds 0 image(s)" in res.output and not (tmp_path / "e.npz").exists()
+
+
+def test_teacher_statistics_of_another_teacher_file_are_refused(tmp_path: Path) -> None:
+    # a reference made with another teacher of the same feature width was used without a word (fid/teacher 543.8)
+    save_model(tmp_path / "t.pt", bn_teacher().module, ModelFile("lenet5_bn", KW, MNIST_SPEC, 10))
+    torch.manual_seed(7)
+    save_model(tmp_path / "other.pt", create("lenet5_bn", **KW), ModelFile("lenet5_bn", KW, MNIST_SPEC, 10))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 20))
+    compute_fid_stats(tmp_path / "d.npz", tmp_path / "ref.npz", "teacher", teacher=tmp_path / "t.pt", device="cpu")
+    ref = FIDStats.load(tmp_path / "ref.npz")
+    assert ref.teacher_sha256 == load_teacher(tmp_path / "t.pt").sha256
+    TeacherFID(load_teacher(tmp_path / "t.pt"), ref)  # its own teacher
+    with pytest.raises(DfkdError, match="made with another teacher file .*make them with this teacher"):
+        TeacherFID(load_teacher(tmp_path / "other.pt"), ref)
+    ref.teacher_sha256 = ""  # a file from before the hash was kept: no way to tell
+    TeacherFID(load_teacher(tmp_path / "other.pt"), ref)
 
 
 def test_monitors_measure_in_chunks_of_the_batch_size_with_the_same_values() -> None:
