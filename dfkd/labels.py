@@ -43,11 +43,15 @@ def parse_labels(text: str, decimals: int | None = None) -> LabelSpec:
     """`soft`, `hard`, `topk=K` or `temperature=T` (and a rounding to `decimals`) -> LabelSpec.
 
     Raises:
-        DfkdError: an unknown mode, a K below 1, a temperature that is not a positive number, decimals below 1.
+        DfkdError: an unknown mode, a K below 1, a temperature that is not a positive number, decimals below 1,
+            decimals for hard labels.
     """
     if decimals is not None and not 1 <= decimals <= 8:
         raise DfkdError(f"--label-decimals {decimals}: give 1 to 8 decimals (or leave it out for full precision)")
     name, _, value = text.strip().partition("=")
+    if name == "hard" and not value and decimals is not None:  # one-hot labels have no decimals to round
+        raise DfkdError(f"--label-decimals {decimals}: --labels hard stores one class a row, with nothing to round; "
+                        "drop --label-decimals, or give soft, topk=K or temperature=T labels")
     if name in ("soft", "hard") and not value:
         return LabelSpec(name, decimals=decimals)
     if name == "topk" and value:

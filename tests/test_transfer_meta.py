@@ -186,6 +186,8 @@ def test_cli_synthesize_label_flags(teacher_file: str, tmp_path: Path) -> None:
             "-p", "di_iters=2", "-p", "s_steps=0", "--device", "cpu"]
     res = runner.invoke(main, [*base, "--labels", "topk=0", "--out", str(tmp_path / "a.npz")])
     assert res.exit_code == 2 and "K must be" in res.output and not (tmp_path / "a.npz").exists()
+    res = runner.invoke(main, [*base, "--labels", "hard", "--label-decimals", "2", "--out", str(tmp_path / "c.npz")])
+    assert res.exit_code == 2 and "nothing to round" in res.output and not (tmp_path / "c.npz").exists()  # was taken
     res = runner.invoke(main, [*base, "--labels", "hard", "--out", str(tmp_path / "b.npz")])
     assert res.exit_code == 0, res.output
     assert load_transfer(tmp_path / "b.npz").provenance["labels"] == "hard"
