@@ -42,8 +42,8 @@ def test_label_modes_keep_what_they_say() -> None:
     rounded = minimise(torch.softmax(torch.randn(50, 10) * 3, 1), parse_labels("soft", decimals=1))
     assert torch.allclose(rounded.sum(1), torch.ones(50))
     assert len(torch.unique((rounded * 10).round() / 10)) <= 11 + 10  # one-decimal values, renormalised
-    for spec in ("soft", "topk=3", "hard", "temperature=2"):
-        p = minimise(PROBS, parse_labels(spec, decimals=2))
+    for spec, decimals in (("soft", 2), ("topk=3", 2), ("hard", None), ("temperature=2", 2)):
+        p = minimise(PROBS, parse_labels(spec, decimals=decimals))
         assert torch.allclose(p.sum(1), torch.ones(2)) and torch.equal(p.argmax(1), PROBS.argmax(1)), spec
 
 
