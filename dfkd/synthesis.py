@@ -279,7 +279,11 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
 
 def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.device) -> tuple[float | None,
                                                                                                str | None]:
-    """The teacher's top-1 for the provenance: measured on `eval_data`, else its model file's record, else None."""
+    """The teacher's top-1 for the provenance: measured on `eval_data`, else its model file's record, else None.
+
+    A top-1 near chance (`data_doubt`: the data is likely not the teacher's) is warned of, and the file records it
+    with that doubt beside the data's name, so that `dfkd report` and the receiver see it too.
+    """
     if eval_data is None:
         top1 = teacher.recorded_top1
         return top1, ("its model file's record" if top1 is not None else None)
@@ -290,6 +294,7 @@ def _teacher_top1(teacher: Teacher, eval_data: str | None, device: str | torch.d
     top1 = float(accuracy(teacher, images, teacher.spec, torch.device(device))["top1"])
     doubt = data_doubt(top1, teacher.num_classes, "--eval-data", eval_data, size_note(images, teacher.spec),
                        teacher.recorded_top1)
-    if doubt:  # the provenance records this top-1 as the teacher's
+    if doubt:
         warnings.warn(doubt, stacklevel=3)
+        return top1, f"{Path(eval_data).name}; near chance: likely not data of this teacher"
     return top1, Path(eval_data).name

@@ -98,6 +98,9 @@ def test_synthesize_warns_before_recording_a_doubtful_teacher_top1(mnist: dict[s
         res = CliRunner().invoke(main, ["synthesize", "--teacher", DEMO, "--method", "dfad", "--num", "8", "--steps",
                                         "0", "--eval-data", mnist["padded"], "--out", str(tmp_path / "t.npz")])
     assert res.exit_code == 0, res.output
+    # the file says so too: it recorded the teacher at chance, with no caveat, for good
+    report = CliRunner().invoke(main, ["report", str(tmp_path / "t.npz")]).output
+    assert "near chance: likely not data of this teacher" in report, report
 
 
 def test_a_resume_with_other_eval_data_checks_the_teacher_on_it(mnist: dict[str, str], tmp_path: Path) -> None:
