@@ -724,7 +724,8 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     if cfg.trust_pickle and not (fixed or {}).get("trust_pickle"):
         raise DfkdError(f"--resume {run_dir}: the run read its teacher with --trust-pickle, which its checkpoint "
                         "cannot grant by itself (unpickling runs the file's code): if you trust "
-                        f"{', '.join(cfg.teachers)}, add --trust-pickle: {resume_command(run_dir, 1, True)}")
+                        f"{', '.join(cfg.teachers)}, add --trust-pickle: "
+                        f"{resume_command(run_dir, int(ckpt.get('extra', {}).get('world', 1)), True)}")
     cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed
     _refuse_changes(run_dir, cfg, fixed or {})
     _refuse_missing(run_dir, cfg, eval_data)

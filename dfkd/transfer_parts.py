@@ -25,6 +25,20 @@ import torch
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_npz, atomic_torch_save
 
+#: The settings file of a parts folder: a folder holding it is an unfinished synthesis.
+KEY_FILE = "key.json"
+
+
+def parts_folder(out: str | os.PathLike) -> Path:
+    """Where the parts of the transfer file `out` are kept until it is assembled: `out` + ".parts"."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def part_files(folder: Path) -> list[Path]:
+    """The finished parts in a parts folder, in order."""
+    return sorted(folder.glob("part-*.npz"))
+
 
 class Parts:
     """The parts folder of an output file: what is done, adding a part, the state to resume from, assembly.
@@ -36,7 +50,7 @@ class Parts:
 
     def __init__(self, out: str | os.PathLike, key: dict[str, Any]) -> None:
         self.out = Path(out)
-        self.folder = self.out.with_name(self.out.name + ".parts")
+        self.folder = parts_folder(self.out)
         self.key = json.loads(json.dumps(key))
         if self.folder.exists():
             saved = self._saved_key()
@@ -46,18 +60,18 @@ class Parts:
                                 f" ({', '.join(diff)}); give the same flags to resume, or delete the folder")
         else:
             self.folder.mkdir(parents=True)
-            (self.folder / "key.json").write_text(json.dumps(self.key, sort_keys=True))
+            (self.folder / KEY_FILE).write_text(json.dumps(self.key, sort_keys=True))
 
     def _saved_key(self) -> dict[str, Any]:
         try:
-            return json.loads((self.folder / "key.json").read_text())
+            return json.loads((self.folder / KEY_FILE).read_text())
         except (OSError, ValueError):
             raise DfkdError(f"--out {self.out}: {self.folder} is not an unfinished dfkd synthesis (no readable "
                             "key.json); move it away") from None
 
     def files(self) -> list[Path]:
         """The finished parts, in order."""
-        return sorted(self.folder.glob("part-*.npz"))
+        return part_files(self.folder)
 
     def done(self) -> int:
         """Images already written."""

@@ -16,6 +16,7 @@ import torch
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_png, check_image_free, drawn_from
 from dfkd.transfer import TransferData, load_transfer
+from dfkd.transfer_parts import KEY_FILE, part_files, parts_folder
 
 PER_ROW, MAX_ROWS = 10, 20
 
@@ -96,10 +97,10 @@ def unfinished_synthesis(path: str | os.PathLike) -> str | None:
     """Why `path` (a transfer file, or its `.parts` folder) is not there yet: a stopped `dfkd synthesize`, else None."""
     p = Path(path)
     out = p.with_name(p.name.removesuffix(".parts")) if p.name.endswith(".parts") else p
-    folder = out.with_name(out.name + ".parts")
-    if out.is_file() or not (folder / "key.json").is_file():
+    folder = parts_folder(out)
+    if out.is_file() or not (folder / KEY_FILE).is_file():
         return None
-    done = len(list(folder.glob("part-*.npz")))
+    done = len(part_files(folder))
     return (f"FILE {out}: not written yet: a `dfkd synthesize --out {out}` run stopped with {done} part(s) done in "
             f"{folder}; run the same command again to finish it")
 
