@@ -107,18 +107,22 @@ def drawn_from(kind: str, source: str | os.PathLike) -> str:
     return f"{kind} {Path(source).resolve()}"
 
 
-def check_image_free(out: Path, mark: str, where: str, how: str = "give another file name") -> None:
-    """Refuse an existing `out` unless it is a PNG dfkd drew from the same input (`mark`, see `atomic_save_png`)."""
+def image_free(out: Path, mark: str) -> bool:
+    """Whether `out` may be written: absent, or a PNG dfkd drew from the same input (`mark`, see `atomic_save_png`)."""
     from PIL import Image
 
     if not out.exists():
-        return
+        return True
     try:
         with Image.open(out) as im:
-            ours = getattr(im, "text", {}).get(DRAWN_FROM) == mark
+            return getattr(im, "text", {}).get(DRAWN_FROM) == mark
     except Exception:  # noqa: BLE001 - not an image PIL reads: not one dfkd drew
-        ours = False
-    if not ours:
+        return False
+
+
+def check_image_free(out: Path, mark: str, where: str, how: str = "give another file name") -> None:
+    """Refuse an existing `out` unless it is a PNG dfkd drew from the same input (`mark`, see `atomic_save_png`)."""
+    if not image_free(out, mark):
         raise DfkdError(f"{where}: already exists and is not a picture dfkd drew from this input; {how} or remove "
                         "it (dfkd never overwrites a file it did not write)")
 
@@ -131,6 +135,13 @@ def atomic_save_png(image: Any, out: str | os.PathLike, mark: str = "") -> None:
     info.add_text(DRAWN_FROM, mark)
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=info)
+    _atomic_write(out, lambda f: f.write(buf.getbuffer()))
+
+
+def atomic_save_figure(fig: Any, out: str | os.PathLike, mark: str = "", dpi: int = 100) -> None:
+    """Save a matplotlib figure as PNG, atomically, recording `mark` as `atomic_save_png` does."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, metadata={DRAWN_FROM: mark})
     _atomic_write(out, lambda f: f.write(buf.getbuffer()))
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from dfkd.distributed import resume_command
 from dfkd.errors import DfkdError
+from dfkd.io import atomic_save_figure, atomic_save_png, image_free
 
 IMAGE_TAG = "synthetic/images"
 
@@ -29,6 +30,8 @@ class RunSummary:
     finished: bool
     series: Series
     pngs: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)  # pictures in the folder dfkd did not draw: left as they are
+    unreadable: int = 0  # lines of metrics.jsonl that are no JSON record (the last line, cut short, not counted)
     deploy: list[str] = field(default_factory=list)  # float vs int8 lines of a --quantize run (deploy.json)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -65,6 +68,10 @@ class RunSummary:
             lines.append(f"accuracy: student top-1 {100 * (top1 if written is None else written):.2f}%" +
                          (f" (teacher {100 * teacher:.2f}%{raw})" if teacher is not None else
                           f" ({raw[2:]})" if raw else ""))
+        if self.unreadable:
+            log = self.run_dir / "metrics.jsonl"
+            lines.append(f"log:      {self.unreadable} line(s) of {log} are not JSON records (not as dfkd wrote it): "
+                         "the numbers here leave them out")
         lines += self._watch_lines()
         fids = [f"{k.removeprefix('fid/')} {v[-1][1]:.4g} (step {v[0][0]}: {v[0][1]:.4g})"
                 for k, v in sorted(self.series.items()) if k.startswith("fid/")]
@@ -76,6 +83,9 @@ class RunSummary:
             lines.append(f"memory:   peak RSS {rss:.0f} MiB")
         if self.pngs:
             lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
+        if self.kept:
+            lines.append("kept:     " + ", ".join(str(p) for p in self.kept) + " (not drawn by dfkd report, so not "
+                         "overwritten; move it away to have it drawn)")
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:
@@ -115,15 +125,21 @@ def _duration(seconds: float | None) -> str:
     return f"{m // 60}h {m % 60:02d}m {s:02d}s" if m >= 60 else f"{m}m {s:02d}s"
 
 
-def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]]]:
-    """metrics.jsonl -> ({key: [(step, value), ...]}, event records)."""
+def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]], int]:
+    """metrics.jsonl -> ({key: [(step, value), ...]}, event records, how many lines were not records).
+
+    A last line cut short (a run killed mid-write) is not counted: it is how a stopped run's log may end.
+    """
     series: Series = {}
     events: list[dict[str, Any]] = []
     if not path.exists():
-        return series, events
-    for line in path.read_text().splitlines():
+        return series, events, 0
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    bad = 0
+    for i, line in enumerate(lines):
         rec = _record(line)
         if rec is None:
+            bad += bool(line.strip()) and i < len(lines) - 1
             continue
         if "event" in rec:
             events.append(rec)
@@ -131,16 +147,19 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]]]:
         for k, v in rec.items():
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 series.setdefault(k, []).append((int(rec["step"]), float(v)))
-    return series, events
+    return series, events, bad
 
 
 def _record(line: str) -> dict[str, Any] | None:
-    """One metrics.jsonl record; None for a blank line or one cut short by a failed write."""
+    """One metrics.jsonl record (an event, or values at an integer step); None for anything else."""
     try:
         rec = json.loads(line) if line.strip() else None
     except json.JSONDecodeError:
         return None
-    return rec if isinstance(rec, dict) else None
+    if not isinstance(rec, dict):
+        return None
+    step = rec.get("step", 0 if "event" in rec else None)
+    return rec if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> tuple[int, float | None, bool]:
@@ -158,8 +177,11 @@ def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> t
     return step, (done[-1].get("elapsed") if done else None), bool(done)
 
 
-def write_last_grid(run_dir: Path, out: Path, tag: str = IMAGE_TAG) -> bool:
+def write_last_grid(run_dir: Path, out: Path, tag: str = IMAGE_TAG, mark: str = "") -> bool:
     """The last image logged under `tag` in the run's TensorBoard events, as a PNG; False when there is none."""
+    import io
+
+    from PIL import Image
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
     tb_log = logging.getLogger("tensorboard")
@@ -172,7 +194,8 @@ def write_last_grid(run_dir: Path, out: Path, tag: str = IMAGE_TAG) -> bool:
         tb_log.setLevel(level)
     if tag not in acc.Tags().get(IMAGES, []):
         return False
-    out.write_bytes(acc.Images(tag)[-1].encoded_image_string)
+    with Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)) as im:
+        atomic_save_png(im, out, mark)
     return True
 
 
@@ -197,7 +220,7 @@ def _panels(series: Series) -> list[tuple[str, list[str]]]:
     return panels
 
 
-def write_curves(series: Series, out: Path, title: str = "") -> bool:
+def write_curves(series: Series, out: Path, title: str = "", mark: str = "") -> bool:
     """Learning curves (matplotlib, Agg) of losses, accuracy and FIDs; False when there is nothing to plot."""
     import matplotlib
 
@@ -225,13 +248,15 @@ def write_curves(series: Series, out: Path, title: str = "") -> bool:
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    atomic_save_figure(fig, out, mark)
     plt.close(fig)
     return True
 
 
 def report(run_dir: str | os.PathLike) -> RunSummary:
     """Summarise a run folder and write `synthetic.png` (last image grid) and `curves.png` into it.
+
+    A file of either name that dfkd report did not draw (a user's) is left as it is and listed in `kept`.
 
     Raises:
         DfkdError: when the folder is not a dfkd run.
@@ -250,15 +275,20 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
     if not isinstance(config, dict) or "method" not in config:
         raise DfkdError(f"{d / 'config.json'}: not a dfkd run config (no 'method'); give the folder `dfkd distill` "
                         "wrote")
-    series, events = read_metrics(d / "metrics.jsonl")
-    summary = RunSummary(d, config, *_run_state(d, series, events), series, events=events)
+    series, events, bad = read_metrics(d / "metrics.jsonl")
+    summary = RunSummary(d, config, *_run_state(d, series, events), series, events=events, unreadable=bad)
     if (d / "deploy.json").is_file():
         from dfkd.deploystats import DeployStats
 
         summary.deploy = DeployStats(**json.loads((d / "deploy.json").read_text())).lines()
-    if write_last_grid(d, d / "synthetic.png"):
-        summary.pngs.append(d / "synthetic.png")
     teacher = Path((config.get("teachers") or ["?"])[0]).name
-    if write_curves(series, d / "curves.png", f"{config.get('method')} on {teacher}"):
-        summary.pngs.append(d / "curves.png")
+    pictures = {"synthetic.png": lambda out, mark: write_last_grid(d, out, mark=mark),
+                "curves.png": lambda out, mark: write_curves(series, out, f"{config.get('method')} on {teacher}",
+                                                             mark)}
+    for name, draw in pictures.items():
+        out, mark = d / name, f"report {name}"  # no path: a moved run folder's pictures are still dfkd's
+        if not image_free(out, mark):
+            summary.kept.append(out)
+        elif draw(out, mark):
+            summary.pngs.append(out)
     return summary

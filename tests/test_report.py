@@ -141,6 +141,43 @@ def test_report_of_an_unfinished_run_without_events(tmp_path: Path) -> None:
     assert (tmp_path / "curves.png").is_file() and not (tmp_path / "synthetic.png").exists()
 
 
+def test_report_names_log_lines_it_cannot_read(tmp_path: Path) -> None:
+    # a metrics.jsonl with binary garbage was skipped without a word (and a record without a step, or with a text
+    # one, was a KeyError / TypeError traceback)
+    (tmp_path / "config.json").write_text(json.dumps({"method": "dafl", "teachers": ["t.pt"], "steps": 100}))
+    good = [{"step": 0, "event": "start"}, {"step": 10, "loss/student/kd": 2.0}]
+    odd = [{"loss/student/kd": 5.0}, {"step": "20", "loss/student/kd": 4.0}, {"step": 30, "event": "stop"}]
+    text = b"".join(json.dumps(x).encode() + b"\n" for x in good + odd) + b"\x00\xff\xfe garbage\n" + \
+        json.dumps({"step": 40, "loss/student/kd": 1.0}).encode() + b"\n" + b'{"step": 50, "loss/stu'
+    (tmp_path / "metrics.jsonl").write_bytes(text)
+    summary = report(tmp_path)
+    assert summary.series["loss/student/kd"] == [(10, 2.0), (40, 1.0)] and summary.step == 40
+    assert summary.unreadable == 3  # the cut-off last line is how a killed run's log ends: not counted
+    assert f"log:      3 line(s) of {tmp_path / 'metrics.jsonl'} are not JSON records" in summary.text()
+    (tmp_path / "metrics.jsonl").write_bytes(b"".join(json.dumps(x).encode() + b"\n" for x in good))
+    assert "log:" not in report(tmp_path).text()
+
+
+def test_report_leaves_a_users_picture_in_the_run_folder(tmp_path: Path) -> None:
+    # `dfkd report RUN` replaced a curves.png the user had put into the run folder
+    (tmp_path / "config.json").write_text(json.dumps({"method": "dafl", "teachers": ["t.pt"], "steps": 100}))
+    lines = [{"step": 0, "event": "start"}, {"step": 10, "loss/student/kd": 2.0}, {"step": 20, "loss/student/kd": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    mine = tmp_path / "curves.png"
+    mine.write_bytes(PNG + b"the user's own plot")
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 0 and f"kept:     {mine} (not drawn by dfkd report" in res.output, res.output
+    assert mine.read_bytes() == PNG + b"the user's own plot" and "wrote:" not in res.output
+    mine.unlink()
+    for _ in range(2):  # dfkd's own picture is drawn again, also after the folder moved
+        res = CliRunner().invoke(main, ["report", str(tmp_path)])
+        assert res.exit_code == 0 and f"wrote:    {mine}" in res.output and "kept:" not in res.output, res.output
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)
+    res = CliRunner().invoke(main, ["report", str(moved)])
+    assert res.exit_code == 0 and f"wrote:    {moved / 'curves.png'}" in res.output, res.output
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="not a dfkd run folder"):
         report(tmp_path)
