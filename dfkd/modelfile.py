@@ -143,8 +143,21 @@ def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> No
     except RuntimeError as e:
         first = str(e).split("\n")[1:3]
         detail = "; ".join(s.strip() for s in first if s.strip())[:400]
-        raise DfkdError(f"{what}: the weights do not fit the architecture ({detail}); check the architecture name "
-                        "(--teacher-arch) and its number of classes") from None
+        raise DfkdError(f"{what}: the weights do not fit the architecture ({detail}); "
+                        f"{_fit_hint(model, state)}") from None
+
+
+def _fit_hint(model: nn.Module, state: dict[str, Any]) -> str:
+    """What to change when the first convolution's input channels are all that differ, else the usual suspects."""
+    convs = [(k, v) for k, v in model.state_dict().items() if v.dim() == 4]
+    if convs:
+        key, mine = convs[0]
+        theirs = state.get(key)
+        if isinstance(theirs, torch.Tensor) and theirs.dim() == 4 and theirs.shape[1] != mine.shape[1] and \
+                theirs.shape[0] == mine.shape[0] and theirs.shape[2:] == mine.shape[2:]:
+            return (f"the weights take {theirs.shape[1]}-channel images and the model was built for "
+                    f"{mine.shape[1]}: give --channels {theirs.shape[1]} (and its --mean/--std)")
+    return "check the architecture name (--teacher-arch) and its number of classes"
 
 
 def student_problem(run_dir: str | os.PathLike) -> str | None:

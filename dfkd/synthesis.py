@@ -27,7 +27,7 @@ from dfkd.labels import LabelSpec, minimise
 from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, load_transfer, meta_arrays, teacher_probs, to_pixels
 from dfkd.transfer_meta import RECIPE_KEYS, plain_params, provenance, student_recipe
-from dfkd.transfer_parts import Parts
+from dfkd.transfer_parts import Parts, check_room
 
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
 GENERATOR_STEPS = 2000
@@ -222,6 +222,8 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         m.close()
         raise DfkdError(f"--views {views}: give 1 (the images alone) or more (each image and its augmented views)")
     try:
+        spec = teacher.spec
+        check_room(out, num, spec.channels * spec.size * spec.width, teacher.num_classes)
         parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
                             "steps": trained, "student": name, "labels": labels.text(), "params": plain_params(p),
                             "views": views})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +54,12 @@ def data_spec(data: ImageData, size: int | tuple[int, int]) -> InputSpec:
     mean = total / count
     std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt()
     height, width = split_size(size)
-    return InputSpec(data.x.shape[1], height, tuple(mean.tolist()), tuple(std.tolist()), width)
+    spec = InputSpec(data.x.shape[1], height, tuple(mean.tolist()), tuple(std.tolist()), width)
+    h, w = data.x.shape[2:]
+    if abs(h / w - spec.size / spec.width) > 0.02 * h / w:  # a square model on 28x48 images squeezed them unsaid
+        warnings.warn(f"--data: its images are {h}x{w} (height x width) and the model's input {spec.size}x{spec.width}"
+                      f": each is stretched to that shape; give --input-size {h}x{w} to keep theirs", stacklevel=2)
+    return spec
 
 
 def augment(x01: torch.Tensor, flip: bool) -> torch.Tensor:

@@ -40,6 +40,33 @@ def part_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.npz"))
 
 
+def check_room(out: str | os.PathLike, num: int, image_bytes: int, classes: int) -> None:
+    """Refuse a synthesis whose parts and assembled file would not fit on the disk of `out`.
+
+    Each image takes `image_bytes` plus its labels (`classes` float32 probabilities and an int64 class), twice: in
+    the parts and in the file streamed from them; parts already written count as done.
+    """
+    out = Path(out).absolute()
+    per = image_bytes + 4 * classes + 8
+    folder = parts_folder(out)
+    had = sum(f.stat().st_size for f in part_files(folder)) if folder.is_dir() else 0
+    need = max(2 * num * per - had, 0)
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise DfkdError(f"--num {num}: the images need about {_size(need)} on disk at {where} (the parts, then the "
+                        f"file made from them) and {_size(free)} are free; give a smaller --num or an --out on a "
+                        "larger disk")
+
+
+def _size(n: int) -> str:
+    """Bytes for a message: GiB from a quarter GiB up (one decimal), else whole MiB, KiB or bytes."""
+    if n >= 2**28:
+        return f"{n / 2**30:.1f} GiB"
+    units = ((20, "MiB"), (10, "KiB"), (0, "bytes"))
+    return next(f"{round(n / 2**e)} {unit}" for e, unit in units if n >= 2**e or not e)
+
+
 class Parts:
     """The parts folder of an output file: what is done, adding a part, the state to resume from, assembly.
 

@@ -906,7 +906,9 @@ def test_state_dict_wrong_channels(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(_zoo("lenet5").state_dict(), path)
     msg = _error(path, arch="lenet5", spec=InputSpec(3, 32, (0.5,), (0.5,)))
-    assert "size mismatch" in msg and "do not fit" in msg
+    assert "size mismatch" in msg and "do not fit" in msg  # it blamed the architecture name and classes
+    assert "the weights take 1-channel images and the model was built for 3: give --channels 1" in msg
+    assert "check the architecture name" not in msg
 
 
 def test_unknown_arch_name(tmp_path):

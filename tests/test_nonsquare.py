@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -165,13 +166,25 @@ def test_train_teacher_makes_a_non_square_teacher_that_distills(tmp_path: Path) 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "train.npz", x=rng.integers(0, 256, (32, 28, 56), dtype=np.uint8),
              y=rng.integers(0, 10, 32))
-    _cli("train-teacher", "--data", tmp_path / "train.npz", "--arch", "lenet5_bn", "--input-size", "28x56",
-         "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "t.pt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*stretched")
+        _cli("train-teacher", "--data", tmp_path / "train.npz", "--arch", "lenet5_bn", "--input-size", "28x56",
+             "--epochs", "1", "--batch-size", "16", "--out", tmp_path / "t.pt")
     spec = torch.load(tmp_path / "t.pt", weights_only=True)["input_spec"]
     assert (spec["size"], spec["width"]) == (28, 56)
     _cli("distill", "--teacher", tmp_path / "t.pt", "--method", "dfq", "--steps", "2", "--fid-every", "0",
          "-p", "batch_size=8", "--out", tmp_path / "run")
     assert torch.load(tmp_path / "run" / "student.pt", weights_only=True)["input_spec"]["width"] == 56
+
+
+def test_train_teacher_says_when_it_stretches_the_images(tmp_path: Path) -> None:
+    # 28x56 images trained a 32x32 teacher squeezed to half their width, without a word
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", x=rng.integers(0, 256, (16, 28, 56), dtype=np.uint8), y=np.arange(16) % 10)
+    with pytest.warns(UserWarning, match=r"--data: its images are 28x56 \(height x width\) and the model's input "
+                      r"32x32: each is stretched to that shape; give --input-size 28x56 to keep theirs"):
+        _cli("train-teacher", "--data", tmp_path / "train.npz", "--arch", "lenet5", "--epochs", "1",
+             "--batch-size", "8", "--out", tmp_path / "t.pt")
 
 
 def test_the_input_kind_of_grey_images_follows_the_shorter_side() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from dfkd import transfer_parts
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
@@ -64,6 +65,20 @@ def test_bad_requests_are_clear_errors(teacher_file: str, tmp_path: Path) -> Non
     with pytest.raises(DfkdError, match="positive"):
         synthesize(t, "zskd", 0, tmp_path / "a.npz")
     assert not (tmp_path / "a.npz").exists()
+
+
+def test_a_file_the_disk_cannot_hold_is_refused_before_work(teacher_file: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # a --num no disk holds was started and failed when the disk filled, hours later; 40 images of 1x32x32 with
+    # 10 labels take 2 x 40 x 1,072 bytes
+    monkeypatch.setattr(transfer_parts.shutil, "disk_usage", lambda p: SimpleNamespace(free=80_000))
+    with pytest.raises(DfkdError, match=rf"--num 40: the images need about 84 KiB on disk at {tmp_path} \(the "
+                                        r"parts, then the file made from them\) and 78 KiB are free"):
+        synthesize(load_teacher(teacher_file), "dfad", 40, tmp_path / "a.npz", params={"batch_size": 8}, steps=1)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(transfer_parts.shutil, "disk_usage", lambda p: SimpleNamespace(free=90_000))
+    assert len(synthesize(load_teacher(teacher_file), "dfad", 40, tmp_path / "a.npz", params={"batch_size": 8},
+                          steps=1)) == 40
 
 
 @pytest.mark.parametrize("damage,match", [
