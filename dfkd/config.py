@@ -10,6 +10,7 @@ from typing import Any
 
 from dfkd.errors import DfkdError
 from dfkd.spec import parse_size
+from dfkd.utils import pick_device
 from dfkd.validate import check_params, check_settings
 
 try:
@@ -155,6 +156,8 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
         raise DfkdError(f"{source}: params = {file_params!r}: must be a table of method hyper-parameters")
     check_settings(data, source)
     check_file_archs({k: v for k, v in data.items() if flags.get(k) is None}, source)  # a flag given wins
+    if isinstance(data.get("device"), str) and flags.get("device") is None:  # named --device before
+        pick_device(data["device"], f"{source}: device =")
     if data.get("trust_pickle") and not flags.get("trust_pickle"):
         raise DfkdError(f"{source}: trust_pickle = true: only the --trust-pickle flag typed on the command line lets "
                         "dfkd unpickle a file (it runs the file's code); drop it from the file and add the flag")

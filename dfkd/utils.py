@@ -10,20 +10,23 @@ import torch
 from dfkd.errors import DfkdError
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    """`auto` picks CUDA when present, else CPU; anything else is passed to torch (with a clear error)."""
+def pick_device(name: str = "auto", flag: str = "--device") -> torch.device:
+    """`auto` picks CUDA when present, else CPU; anything else is passed to torch (with a clear error).
+
+    `flag` names the setting in messages (a config file's key, say).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError, ValueError):
-        raise DfkdError(f"--device {name!r}: not a device name (try cpu, cuda, cuda:0 or auto)") from None
+        raise DfkdError(f"{flag} {name!r}: not a device name (try cpu, cuda, cuda:0 or auto)") from None
     if device.type not in ("cpu", "cuda", "mps"):
-        raise DfkdError(f"--device {name}: dfkd runs on cpu, cuda, cuda:N, mps or auto, not on {device.type}")
+        raise DfkdError(f"{flag} {name}: dfkd runs on cpu, cuda, cuda:N, mps or auto, not on {device.type}")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise DfkdError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+        raise DfkdError(f"{flag} {name}: MPS is not available on this machine; use cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DfkdError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        raise DfkdError(f"{flag} {name}: CUDA is not available on this machine; use cpu")
     return device
 
 

@@ -72,6 +72,15 @@ def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
     assert cfg.params == {"lr_g": 0.5, "batch_size": 16}
 
 
+def test_a_config_files_device_is_named_as_the_files(tmp_path: Path) -> None:
+    # a file's "device": "tpu" was refused as "--device 'tpu'", a flag the user never typed
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"method": "dafl", "device": "tpu"}))
+    with pytest.raises(DfkdError, match=rf"^--config {f}: device = 'tpu': not a device name"):
+        build_config(str(f), [], method=None)
+    assert build_config(str(f), [], device="cpu", method=None).device == "cpu"  # the flag wins: not refused
+
+
 def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="no parameter"):
         distill(cfg_for(teacher_file, tmp_path / "r", params={"lr_gen": 1.0}))
