@@ -58,6 +58,15 @@ def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
     return _load_folder(p, flag) if p.is_dir() else _load_npz(p, flag)
 
 
+def as_nchw(x: np.ndarray) -> np.ndarray:
+    """Images as stored (N x H x W, N x H x W x C or N x C x H x W) -> N x C x H x W, a view (other ranks kept)."""
+    if x.ndim == 3:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return x.transpose(0, 3, 1, 2)
+    return x
+
+
 def _load_npz(p: Path, flag: str) -> ImageData:
     with open_npz(p, flag, "arrays 'x' (images) and 'y' (labels); write it with "
                   "np.savez(path, x=images, y=labels)") as d:
@@ -66,13 +75,10 @@ def _load_npz(p: Path, flag: str) -> ImageData:
                             f"{sorted(d.files)}")
         x = memmap_member(p, "x")  # a stored (np.savez) member is mapped, not read: memory grows with the batch
         x, y = (d["x"] if x is None else x), d["y"]
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.transpose(0, 3, 1, 2)
+    stored, x = x.shape, as_nchw(x)
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
         raise DfkdError(f"{flag} {p}: expected x of shape N x H x W [x C] and y of shape N, "
-                        f"got {x.shape} and {y.shape}")
+                        f"got {stored} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
     x = x if isinstance(x, np.memmap) else np.ascontiguousarray(x)  # a mapped N x H x W x C file stays a view

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfkd.data import ImageData, load_images
+from dfkd.data import ImageData, as_nchw, load_images
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_npz, open_npz
 
@@ -28,12 +28,9 @@ KINDS = ("edges", "gray")
 
 
 def _as_nchw(x: np.ndarray, key: str, p: Path) -> torch.Tensor:
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.transpose(0, 3, 1, 2)
+    stored, x = x.shape, as_nchw(x)
     if x.ndim != 4 or x.dtype != np.uint8:
-        raise DfkdError(f"--data {p}: '{key}' must be uint8 images N x H x W [x C], got {x.dtype} {x.shape}")
+        raise DfkdError(f"--data {p}: '{key}' must be uint8 images N x H x W [x C], got {x.dtype} {stored}")
     return torch.from_numpy(np.ascontiguousarray(x))
 
 

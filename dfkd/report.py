@@ -13,6 +13,7 @@ from typing import Any
 from dfkd.distributed import resume_command
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_save_figure, atomic_save_png, image_free
+from dfkd.runlog import parse_record, read_lines
 
 IMAGE_TAG = "synthetic/images"
 
@@ -64,7 +65,8 @@ class RunSummary:
         top1, teacher = self.last("student/top1"), self.last("student/teacher_top1")
         written = self.last("student/top1_selected") if self.finished else None
         if top1 is not None:  # student/top1 is the last raw student's; student.pt may be the EMA or a snapshot
-            raw = f"; the last raw student {100 * top1:.2f}%" if written is not None and written != top1 else ""
+            fq = " (fake-quantized, as it trained)" if c.get("quantize") else ""  # student.pt: its float weights
+            raw = f"; the last raw student{fq} {100 * top1:.2f}%" if written is not None and written != top1 else ""
             lines.append(f"accuracy: student top-1 {100 * (top1 if written is None else written):.2f}%" +
                          (f" (teacher {100 * teacher:.2f}%{raw})" if teacher is not None else
                           f" ({raw[2:]})" if raw else ""))
@@ -134,10 +136,10 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]], int]:
     events: list[dict[str, Any]] = []
     if not path.exists():
         return series, events, 0
-    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    lines = read_lines(path)
     bad = 0
     for i, line in enumerate(lines):
-        rec = _record(line)
+        rec = parse_record(line)
         if rec is None:
             bad += bool(line.strip()) and i < len(lines) - 1
             continue
@@ -148,18 +150,6 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]], int]:
             if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                 series.setdefault(k, []).append((int(rec["step"]), float(v)))
     return series, events, bad
-
-
-def _record(line: str) -> dict[str, Any] | None:
-    """One metrics.jsonl record (an event, or values at an integer step); None for anything else."""
-    try:
-        rec = json.loads(line) if line.strip() else None
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(rec, dict):
-        return None
-    step = rec.get("step", 0 if "event" in rec else None)
-    return rec if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> tuple[int, float | None, bool]:

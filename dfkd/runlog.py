@@ -9,16 +9,28 @@ from typing import Any
 
 import torch
 
+from dfkd.io import atomic_write_text
 from dfkd.spec import InputSpec
 
 
-def _step(line: str) -> float:
-    """The step of a metrics.jsonl line; infinity (dropped on resume) for a blank line or one a failed write cut."""
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl record (an event, or values at an integer step); None for anything else.
+
+    Anything else: a blank line, one a failed write cut short, or a line damaged on disk.
+    """
     try:
-        rec = json.loads(line)
+        rec = json.loads(line) if line.strip() else None
     except json.JSONDecodeError:
-        return math.inf
-    return rec.get("step", 0) if isinstance(rec, dict) else math.inf
+        return None
+    if not isinstance(rec, dict):
+        return None
+    step = rec.get("step", 0 if "event" in rec else None)
+    return rec if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def read_lines(path: Path) -> list[str]:
+    """metrics.jsonl's lines; bytes that are not UTF-8 (damage on disk) become U+FFFD, so such a line is no record."""
+    return path.read_bytes().decode("utf-8", errors="replace").splitlines()
 
 
 class RunLog:
@@ -34,8 +46,9 @@ class RunLog:
 
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if _step(ln) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            records = (parse_record(ln) for ln in read_lines(self.path))  # what is no record is dropped
+            keep = [json.dumps(r) for r in records if r is not None and r.get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         self.file = self.path.open("a")
         self.tb = SummaryWriter(str(run_dir), purge_step=resume_step)
 

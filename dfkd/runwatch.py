@@ -11,6 +11,7 @@ without the watch, and a resumed run ends exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any
 
@@ -27,6 +28,8 @@ from dfkd.endcheck import (
 )
 from dfkd.evaluate import accuracy
 from dfkd.methods.transfer import NoTeacher
+from dfkd.precision import eager
+from dfkd.qat import fake_quantized, strip_qat
 from dfkd.selection import Selector, flat_scores
 from dfkd.watch import (
     CollapseWatch,
@@ -162,7 +165,8 @@ class RunWatch:
         """The student to write, its final metrics and a one-line account of the choice.
 
         Returns:
-            (the chosen model; `final` with top1/top5 of the chosen one and top1_raw, top1_ema, top1_best (the kept
+            (the chosen model; `final` with top1/top5 of the chosen one (with `--quantize`, of its float weights,
+            which student.pt holds; top1_fakequant of the network trained) and top1_raw, top1_ema, top1_best (the kept
             snapshot) beside them; e.g. "ema at step 2400 (held-out KL from the teacher: raw 0.312, ema 0.287;
             agreement: raw 95.0%, ema 97.1%)", the selection's signal first).
         """
@@ -178,6 +182,9 @@ class RunWatch:
                 metrics["top1_best"] = self._accuracy(self.selector.best)["top1"]
             if model is not self.run.method.student:
                 metrics.update(self._accuracy(model))
+            if fake_quantized(model):  # student.pt holds the float weights: its accuracy is theirs
+                metrics["top1_fakequant"] = metrics["top1"]
+                metrics.update(self._accuracy(strip_qat(eager(copy.deepcopy(model)))))
             metrics["top1_selected"] = metrics["top1"]
             log.scalars(self.run.step, {k: v for k, v in metrics.items() if k in ("top1_ema", "top1_selected")},
                         "student/")

@@ -23,8 +23,8 @@ MAX_SEED = 2**63 - 1
 class Rule:
     """What a value may be: its kind, bounds and choices.
 
-    Kinds: "int", "number", "str", "bool", "list", "table" (a dict of names), "any", and "size" (an image side or a
-    [height, width] pair).
+    Kinds: "int", "number", "str", "bool", "list", "table" (a dict of names), "any", "size" (an image side or a
+    [height, width] pair) and "weights" (a number, or a table of names to numbers; the bounds hold for each).
 
     `lo`/`hi` bound numbers (`lo_open`: strictly above `lo`, `hi_open`: strictly below `hi`); `choices` lists the
     allowed values; `none_ok` lets None through; `items` checks every element of a list, `length` its number of
@@ -57,6 +57,8 @@ class Rule:
             count = "" if self.length is None else f"{lo} " if lo == hi else f"{lo} to {hi} "
             words = f"a list of {count}{self.items.allowed(plural=True)}" if self.items is not None else \
                 f"a list of {count}values" if count else words
+        if self.kind == "weights":
+            words += ", or a table of names to such numbers"
         if self.ascending:
             words += ", in ascending order"
         return words + (" (or null)" if self.none_ok and none else "")
@@ -72,6 +74,9 @@ class Rule:
             return True
         if self.kind == "size":
             return self.lo is not None and any(a < self.lo for a in ([v] if _is_int(v) else v))
+        if self.kind == "weights":
+            return any(Rule("number", self.lo, self.hi, self.lo_open, hi_open=self.hi_open).problem(a)
+                       for a in (v.values() if isinstance(v, dict) else [v]))
         if self.kind in ("int", "number"):
             return (self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo)) or \
                 (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
@@ -112,7 +117,8 @@ def _is_size(v: Any) -> bool:
 
 _SINGULAR = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
              "list": "a list", "any": "a finite value", "size": "pixels, an integer or [height, width] (each)",
-             "table": "a table of names to values (JSON: {\"depth\": 16}; TOML: a [table])"}
+             "table": "a table of names to values (JSON: {\"depth\": 16}; TOML: a [table])",
+             "weights": "a finite number"}
 _PLURAL = {**_SINGULAR, "int": "integers", "number": "finite numbers", "str": "strings", "bool": "booleans",
            "list": "lists", "any": "finite values", "table": "tables"}
 
@@ -121,6 +127,8 @@ _KIND_CHECKS: dict[str, Callable[[Any], bool]] = {
     "size": _is_size, "str": lambda v: isinstance(v, str) and bool(v.strip()),
     "bool": lambda v: isinstance(v, bool), "list": lambda v: isinstance(v, (list, tuple)) and _finite(v),
     "any": _finite, "table": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    "weights": lambda v: _is_number(v) or (isinstance(v, dict) and all(isinstance(k, str) and _is_number(a)
+                                                                       for k, a in v.items())),
 }
 
 _STR = Rule("str", none_ok=True)
@@ -172,6 +180,7 @@ RANGES: dict[str, Rule] = {
                                          "mutual", "first_bn", "tv_l1", "tv_l2", "l2", "at_beta", "disc_weight",
                                          "reptile_alpha")},
     "teacher_weights": Rule("list", items=Rule("number", lo=0), none_ok=True),
+    "feature_weight": Rule("weights", lo=0, none_ok=True),  # a negative one rewards unlike features
     # NAYER
     **{k: Rule("int", lo=1) for k in ("g_loops", "gwp_loops", "g_life", "le_emb_size", "le_size")},
     "warmup_rounds": Rule("int", lo=0), "class_names": Rule("list", items=Rule("str"), none_ok=True),

@@ -118,6 +118,10 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("lr_inf", ["-p", "lr_s=Infinity"], ("lr_s=inf", "finite")),
     ("mean_nan", ["--channels", "1", "--input-size", "32", "--mean", "nan"], ("--mean", "finite")),
     ("feature_weight_nan", ["--feature-loss", "at", "--feature-weight", "nan"], ("feature_weight",)),
+    # a negative weight rewards features unlike the teacher's: it was taken without a word
+    ("feature_weight_negative", ["--feature-loss", "at", "--feature-weight", "-1"], ("feature_weight=-1.0", ">= 0")),
+    ("feature_weight_table_negative", ["--feature-loss", "at", "-p", 'feature_weight={{"at": -2}}'],
+     ("feature_weight=", ">= 0, or a table of names to such numbers")),
     # 4. config files and -p values
     ("toml_negative_steps", ["--config", "{neg_steps}"], ("steps = -5", "integer >= 1")),
     ("toml_steps_string", ["--config", "{two}"], ("steps = 'two'", "integer")),

@@ -147,6 +147,18 @@ def test_a_resume_into_a_folder_it_cannot_write_stops_before_any_step(teacher_fi
                                               "it and its folder writable (chmod u+w; chattr -i for an immutable file)")
 
 
+def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:
+    # a non-UTF-8 byte in metrics.jsonl was a UnicodeDecodeError traceback, {"step": null} a TypeError
+    run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
+                                log_every=1, fid_every=0, params={"batch_size": 8, "s_steps": 1})).run_dir
+    with (run / "metrics.jsonl").open("ab") as f:
+        f.write(b'\xff\xfe garbage\n{"step": null, "loss/x": 1.0}\n{"loss/y": 2.0}\n')
+    resume(run, steps=4)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in records if "loss/student/total" in r}) == [1, 2, 3, 4]
+    assert not any("loss/x" in r or "loss/y" in r for r in records)
+
+
 def test_a_resume_refuses_a_teacher_file_changed_since_the_run_started(teacher_file: str, tmp_path: Path) -> None:
     # it went on silently with the new weights (a BN-free file there: a ValueError traceback from the BN EMA)
     teacher = tmp_path / "teacher.pt"

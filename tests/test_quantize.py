@@ -14,9 +14,11 @@ from PIL import Image
 from dfkd.calibration import calibration_pixels
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
+from dfkd.data import load_images
 from dfkd.deploy import QuantizeRequest, quantize_file
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
+from dfkd.evaluate import accuracy
 from dfkd.modelfile import load_model
 from dfkd.models import create
 from dfkd.qat import FakeQuantConv2d, FakeQuantLinear, prepare_qat, strip_qat
@@ -231,6 +233,10 @@ def test_distill_quantize_learns_and_writes_int8(transfer_file: str, sharp_teach
     top = torch.bincount(t, minlength=10).max().item() / len(t)
     assert int8 > max(fresh, top) + 0.15, (int8, fresh, top)
     assert deploy["int8_bytes"] < deploy["float_bytes"]
+    # the accuracy shown beside student.pt is its float weights' (it was the fake-quantized network's)
+    assert result.metrics["top1"] == pytest.approx(deploy["float_top1"], abs=1e-6)
+    assert result.metrics["top1"] == pytest.approx(accuracy(student, load_images(eval_npz), MNIST_SPEC, "cpu")["top1"])
+    assert "top1_fakequant" in result.metrics
 
 
 def test_cli_distill_quantize(teacher_file: str, tmp_path: Path) -> None:

@@ -104,6 +104,9 @@ def test_refusals(files: dict[str, str], tmp_path: Path) -> None:
         load_paired(tmp_path / "bad.npz")
     with pytest.raises(DfkdError, match="needs arrays 'x_teacher'"):
         load_paired(files["a_test"])
+    np.savez(tmp_path / "float.npz", x_teacher=np.zeros((3, 8, 8), np.uint8), x_student=np.zeros((3, 8, 8)))
+    with pytest.raises(DfkdError, match=r"'x_student' must be uint8 .* got float64 \(3, 8, 8\)$"):  # as stored
+        load_paired(tmp_path / "float.npz")
     res = CliRunner().invoke(main, ["distill", "--teacher", files["teacher"], "--method", "crossmodal", "--steps",
                                     "2", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and res.output.startswith("error: method crossmodal learns from paired images")
