@@ -37,8 +37,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+        except KeyboardInterrupt as e:  # a run's second stop signal says what it lost and how to go on
+            click.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
             sys.exit(130)
 
     return wrapper

@@ -11,12 +11,13 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from collections.abc import Collection
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from dfkd.methods._recipes import heavy_teacher
 from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model, student_problem
 from dfkd.monitor import FIDMonitors, log_hparams
-from dfkd.outpaths import prepare_run_dir, probe_writable
+from dfkd.outpaths import RUN_MARKER, folder_lock, prepare_run_dir, probe_writable
 from dfkd.precision import Precision, auto_bf16_line, deterministic_env, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
@@ -73,29 +74,50 @@ class Interrupted(DfkdError):
     """Ctrl-C: the run saved a checkpoint at a round boundary and stopped."""
 
 
+#: The signals that ask a run to stop: Ctrl-C, `kill`/`docker stop`/a scheduler's limit/torchrun's agent, and a
+#: closed terminal or dropped SSH session (SIGHUP, where the system has it).
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 @contextmanager
-def _graceful_sigint() -> Any:
-    """First Ctrl-C or SIGTERM sets a flag the loop checks between rounds; a second one interrupts at once.
+def _graceful_stop(talk: bool) -> Any:
+    """The first stop signal sets a flag the loop checks between rounds; a second one interrupts at once.
 
     SIGTERM is how `kill`, `docker stop`, Slurm's time limit and torchrun's agent stop a process: a plain run killed
-    so lost every step since its last checkpoint, without a word.
+    so lost every step since its last checkpoint, without a word. Held from before the run is built to after its
+    student is written, so a stop during start-up or the final evaluation also waits for a boundary. The first
+    signal is answered at once (`talk`: this process says it; rank 0), naming what a second one would lose;
+    `stop["run"]`, set once the run is built, tells which checkpoint that is.
     """
-    flag = {"stop": False}
+    stop: dict[str, Any] = {"stop": False, "run": None}
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield stop
         return
 
     def handler(signum: int, frame: Any) -> None:
-        if flag["stop"]:
-            raise KeyboardInterrupt
-        flag["stop"] = True
+        run = stop["run"]
+        if stop["stop"]:
+            raise KeyboardInterrupt(_abandoned(run))
+        stop["stop"] = True
+        if talk:
+            saved = "" if run is None else f", losing the steps since the last checkpoint, at step {run.saved_step}"
+            tqdm.write(f"stopping: the run saves a checkpoint at the end of this round and stops (a second "
+                       f"Ctrl-C stops at once{saved})", file=sys.stderr)
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield flag
+        yield stop
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _abandoned(run: Run | None) -> str:
+    """What a second stop signal left: the steps since the last checkpoint are lost; how to go on from it."""
+    if run is None or not (run.run_dir / RUN_MARKER).exists():
+        return "stopped at once, before the run's first checkpoint: nothing of it is kept"
+    return (f"stopped at once at step {run.step}: the steps after step {run.saved_step} (the last checkpoint) are "
+            f"lost; continue with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}")
 
 
 def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
@@ -161,6 +183,8 @@ class Run:
             self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
+        self.saved_step = 0  # the step of the last checkpoint (what a second Ctrl-C goes back to)
+        self.stop: dict[str, Any] = {"stop": False}  # set by a stop signal (`_graceful_stop`, from `_execute`)
         self.watch = RunWatch(self)
         self.precision = self._precision()
         self.precision.prepare(run_networks(self.method))
@@ -219,6 +243,7 @@ class Run:
                             "start a new run") from None
         set_rng_state(rng, self.device)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
+        self.saved_step = self.step
         self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
         self.precision.load_state_dict(ckpt.get("extra", {}).get("precision", {}))
 
@@ -263,6 +288,7 @@ class Run:
         self.dist.on_main(lambda: save_checkpoint(
             self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step, elapsed=self.elapsed,
             method_state=state, finished=finished, extra=extra, rng=mine["rng"]))
+        self.saved_step = self.step
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None or not self.dist.main:
@@ -283,7 +309,8 @@ class Run:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         first = True  # the first round of this process
-        with _graceful_sigint() as sig, bar:  # the bar ends its line before any error is printed
+        sig = self.stop
+        with bar:  # the bar ends its line before any error is printed
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
@@ -523,17 +550,51 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         log.close()
 
 
+def _busy(run_dir: Path) -> str:
+    """What a second process is told of a run folder another one works in (`dfkd.outpaths.folder_lock`)."""
+    return (f"{run_dir}: {{pid}} is working in this run folder (the run, or a resume of it); wait for it to end, or "
+            f"stop it, then continue with dfkd distill --resume {run_dir}")
+
+
 def _new_run(cfg: DistillConfig, dist: Dist) -> RunResult:
     source = source_for(cfg)
     source.check()
-    run_dir, created = dist.on_main(lambda: new_run_dir(cfg, source.run_name()), share=True)
-    try:
-        run = Run(cfg, run_dir, dist=dist)
-    except BaseException:
-        if dist.main and created and run_dir.exists() and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # nothing written: leave no empty run folder that looks like a run
-        raise
-    return _execute(run, None)
+    with ExitStack() as held:
+        stop = held.enter_context(_graceful_stop(dist.main))
+
+        def claim() -> tuple[Path, bool]:
+            run_dir, created = new_run_dir(cfg, source.run_name())
+            held.enter_context(folder_lock(run_dir, _busy(run_dir)))  # two runs started at once on one --out
+            return run_dir, created
+
+        run_dir, created = dist.on_main(claim, share=True)
+        try:
+            run = Run(cfg, run_dir, dist=dist)
+            run.stop, stop["run"] = stop, run
+            return _execute(run, None)
+        except BaseException:
+            if dist.main:
+                _drop_unstarted(run_dir, created)
+            raise
+
+
+def _drop_unstarted(run_dir: Path, created: bool) -> None:
+    """Remove what a run that failed or was stopped before its first checkpoint wrote into its folder.
+
+    Its config.json and log alone made a folder neither `--resume` (no checkpoint) nor a new run (not empty) would
+    take. The folder was new or empty when the run took it and the run's lock kept others out, so all in it is the
+    run's; a folder the user made stays, empty.
+    """
+    if not run_dir.is_dir() or (run_dir / RUN_MARKER).exists():
+        return
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for p in run_dir.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def distill(cfg: DistillConfig) -> RunResult:
@@ -667,11 +728,13 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         DfkdError: for a folder that is not a run, a finished run without a larger budget, or a change that
             would make it another run.
     """
-    with joined(device or "auto") as dist:
+    with joined(device or "auto") as dist, ExitStack() as held:
+        stop = held.enter_context(_graceful_stop(dist.main))
         numerics = {"precision": precision, "compile": compile, "deterministic": deterministic}
         cfg, ckpt = dist.on_main(lambda: _resume_plan(Path(run_dir), steps, budget_minutes, params, device,
-                                                      eval_data, fixed, dist.world, numerics), share=True)
+                                                      eval_data, fixed, dist.world, numerics, held), share=True)
         run = Run(cfg, Path(str(cfg.out)), ckpt, dist, changed=tuple(params or ()))
+        run.stop, stop["run"] = stop, run
         result = _execute(run, run.step)
     result.rank = dist.rank
     return result
@@ -709,9 +772,16 @@ def _refuse_world(run_dir: Path, ckpt: dict[str, Any], world: int) -> None:
 
 def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None, params: dict[str, Any] | None,
                  device: str | None, eval_data: str | None, fixed: dict[str, Any] | None,
-                 world: int, numerics: dict[str, Any] | None = None) -> tuple[DistillConfig, dict[str, Any]]:
-    """The resumed run's settings and its checkpoint, or the error that refuses the resume."""
+                 world: int, numerics: dict[str, Any] | None = None,
+                 held: ExitStack | None = None) -> tuple[DistillConfig, dict[str, Any]]:
+    """The resumed run's settings and its checkpoint, or the error that refuses the resume.
+
+    `held` takes the lock on the run folder, kept until the resumed run ends (a resume of a run still going cut its
+    log and both wrote the checkpoint).
+    """
     run_dir = _run_folder(run_dir)
+    if held is not None:
+        held.enter_context(folder_lock(run_dir, _busy(run_dir)))
     probe_writable(run_dir, f"--resume {run_dir}")  # before any step is made that could not be saved
     given = {**dict(zip(RESUMABLE, (steps, budget_minutes, device, eval_data))), **(numerics or {})}
     changes = {k: v for k, v in given.items() if v is not None}

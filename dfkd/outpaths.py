@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from dfkd.errors import DfkdError
@@ -90,3 +92,50 @@ def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path,
     except OSError as e:
         raise DfkdError(f"{what}: cannot create the folder ({e.strerror}); pick a writable place") from None
     return d, True
+
+
+@contextmanager
+def folder_lock(folder: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` for the block, so that a second dfkd process cannot work in it too.
+
+    The lock is a `flock` on the folder itself: no lock file to leave behind, and the operating system drops it
+    when the process ends, however it ends (a kill -9 leaves no stale lock). Where there is no `flock` (Windows) or
+    the file system refuses it (some network mounts), the block runs unguarded.
+
+    Raises:
+        DfkdError: `busy`, when another process holds the lock; its `{pid}` becomes "process N" where the system
+            tells which process holds it, else "another process".
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = lock_holder(folder)
+            raise DfkdError(busy.format(pid=f"process {pid}" if pid else "another process")) from None
+        except OSError:
+            pass  # a file system without locks: go on unguarded
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def lock_holder(folder: Path) -> int | None:
+    """The process id holding a `flock` on `folder`, read from Linux's /proc/locks; None where it does not say."""
+    try:
+        st = os.stat(folder)
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 27593 fe:00:2228247 0 EOF" ("->" marks a waiter)
+        fields = line.split()
+        if "FLOCK" in fields and "->" not in fields and ident in fields:
+            pid = fields[fields.index(ident) - 1]
+            return int(pid) if pid.isdigit() and int(pid) > 0 else None
+    return None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from dfkd.errors import DfkdError
 from dfkd.labels import LabelSpec, minimise
+from dfkd.outpaths import folder_lock
 from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, load_transfer, meta_arrays, teacher_probs, to_pixels
 from dfkd.transfer_meta import RECIPE_KEYS, plain_params, provenance, student_recipe
@@ -221,26 +223,30 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     if views < 1:
         m.close()
         raise DfkdError(f"--views {views}: give 1 (the images alone) or more (each image and its augmented views)")
-    try:
-        spec = teacher.spec
-        check_room(out, num, spec.channels * spec.size * spec.width, teacher.num_classes)
-        parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
-                            "steps": trained, "student": name, "labels": labels.text(), "params": plain_params(p),
-                            "views": views})
-        m.attach_storage(parts.folder)
-        state, done = parts.state(), parts.done()
-        if state is None:
-            _train(m, trained, progress)
-        else:
-            m.load_state_dict(state["method"])
-            set_rng_state(state["rng"])
-        balance = _collect(m, generator, parts, num, done, progress, teacher, labels, device, views, recipe)
-    finally:
-        m.close()
-    record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
-                        top1_on=top1_on)
-    record.update(views=views, class_balanced=balance is not None and not balance.gave_up)
-    parts.assemble(meta_arrays(teacher.spec, teacher.num_classes, method, teacher.sha256, record, recipe), num)
+    with ExitStack() as held:
+        try:
+            spec = teacher.spec
+            check_room(out, num, spec.channels * spec.size * spec.width, teacher.num_classes)
+            parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
+                                "steps": trained, "student": name, "labels": labels.text(),
+                                "params": plain_params(p), "views": views})
+            held.enter_context(folder_lock(parts.folder, f"--out {out}: {{pid}} is making this file (its parts are "
+                                           f"in {parts.folder}); wait for it to end, or stop it and run the same "
+                                           "command again to finish the file"))  # both wrote one file
+            m.attach_storage(parts.folder)
+            state, done = parts.state(), parts.done()
+            if state is None:
+                _train(m, trained, progress)
+            else:
+                m.load_state_dict(state["method"])
+                set_rng_state(state["rng"])
+            balance = _collect(m, generator, parts, num, done, progress, teacher, labels, device, views, recipe)
+        finally:
+            m.close()
+        record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
+                            top1_on=top1_on)
+        record.update(views=views, class_balanced=balance is not None and not balance.gave_up)
+        parts.assemble(meta_arrays(teacher.spec, teacher.num_classes, method, teacher.sha256, record, recipe), num)
     return load_transfer(out, "--out")
 
 

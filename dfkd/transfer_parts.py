@@ -120,7 +120,7 @@ class Parts:
 
     def assemble(self, extra: dict[str, Any], num: int) -> None:
         """Stream the first `num` images of the parts, their labels and `extra` arrays into the output, atomically."""
-        tmp = self.out.with_name(self.out.name + ".tmp")
+        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")  # one process's, hidden until replaced
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 first = next(self._chunks("x", 1))

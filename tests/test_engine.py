@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from dfkd import engine
 from dfkd.config import DistillConfig, build_config
 from dfkd.distributed import resume_command
 from dfkd.engine import Interrupted, distill, resume
@@ -188,9 +189,9 @@ def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tm
         {k: v for k, v in before.items() if k not in ("params", "steps")}
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        signum: int) -> None:
+                                        signum: int, capfd: pytest.CaptureFixture[str]) -> None:
     # SIGTERM (kill, docker stop, Slurm) stopped a plain run at once, losing the steps since its last checkpoint
     cls = get_method("dfad")
     original = cls.round
@@ -208,6 +209,41 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     ckpt = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 6 and not ckpt["finished"]
     assert not (tmp_path / "r" / "student.pt").exists()
+    # the first signal is answered at once (it printed nothing until the round ended), naming what a second loses
+    err = capfd.readouterr().err
+    assert "stopping: the run saves a checkpoint at the end of this round and stops (a second Ctrl-C stops at " \
+           "once, losing the steps since the last checkpoint, at step 4)" in err
+
+
+def test_a_stop_during_start_up_waits_for_the_first_checkpoint(teacher_file: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C while the run was being built left config.json and a log: neither --resume (no checkpoint) nor the
+    # same command (not empty) would take the folder
+    original = engine._start
+    monkeypatch.setattr(engine, "_start", lambda run, log: (signal.raise_signal(signal.SIGINT), original(run, log)))
+    run = tmp_path / "r"
+    with pytest.raises(Interrupted, match=f"stopped at step 2; checkpoint saved. Continue with: .*--resume {run}$"):
+        distill(cfg_for(teacher_file, run, steps=40))
+    assert resume(run, steps=4).step == 4
+
+
+@pytest.mark.parametrize("made", [True, False])
+def test_a_second_stop_before_the_first_checkpoint_leaves_no_half_run(teacher_file: str, tmp_path: Path, made: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def twice(run: object, log: object) -> None:
+        log.event(0, event="first words")
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(engine, "_start", twice)
+    run = tmp_path / "r"
+    if made:
+        run.mkdir()  # the user's empty folder stays, empty
+    with pytest.raises(KeyboardInterrupt, match="before the run's first checkpoint: nothing of it is kept"):
+        distill(cfg_for(teacher_file, run, steps=40))
+    assert (list(run.iterdir()) == []) if made else not run.exists()
+    monkeypatch.undo()
+    assert distill(cfg_for(teacher_file, run, steps=2)).step == 2  # the same command starts it again
 
 
 def test_the_resume_command_names_torchrun_for_a_run_of_several_processes(teacher_file: str, tmp_path: Path,

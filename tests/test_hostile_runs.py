@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -145,6 +146,27 @@ def test_a_resume_into_a_folder_it_cannot_write_stops_before_any_step(teacher_fi
     late = dfkd.io.disk_error(PermissionError(errno.EPERM, os.strerror(errno.EPERM)), run / "checkpoint.pt")
     assert late is not None and str(late) == (f"cannot write {run / 'checkpoint.pt'}: Operation not permitted; make "
                                               "it and its folder writable (chmod u+w; chattr -i for an immutable file)")
+
+
+def test_a_second_process_is_refused_a_run_folder_in_use(teacher_file: str, tmp_path: Path) -> None:
+    # a resume of a run still going cut its log and both processes wrote checkpoint.pt and student.pt; two new runs
+    # started at once on one --out both took the empty folder
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        params={"batch_size": 8, "s_steps": 1})
+    run = distill(cfg).run_dir
+    before = (run / "metrics.jsonl").read_bytes()
+    busy = rf"{run}: process {os.getpid()} is working in this run folder .* then continue with dfkd distill --resume"
+    with dfkd.outpaths.folder_lock(run, "the run itself"):  # as the first process holds it (here: this one)
+        with pytest.raises(DfkdError, match=busy):
+            resume(run, steps=4)
+        empty = tmp_path / "new"
+        empty.mkdir()
+        with dfkd.outpaths.folder_lock(empty, "the first new run"):
+            with pytest.raises(DfkdError, match=f"{empty}: process {os.getpid()} is working in this run folder"):
+                distill(dataclasses.replace(cfg, out=str(empty)))
+        assert list(empty.iterdir()) == []
+    assert (run / "metrics.jsonl").read_bytes() == before
+    assert resume(run, steps=4).step == 4  # the lock ends with the process that held it
 
 
 def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dfkd import transfer_parts
+from dfkd import outpaths, transfer_parts
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
@@ -65,6 +67,24 @@ def test_bad_requests_are_clear_errors(teacher_file: str, tmp_path: Path) -> Non
     with pytest.raises(DfkdError, match="positive"):
         synthesize(t, "zskd", 0, tmp_path / "a.npz")
     assert not (tmp_path / "a.npz").exists()
+
+
+def test_a_second_synthesize_of_one_file_is_refused_while_the_first_runs(teacher_file: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # the second took the first's live parts as its own to resume; both assembled into one .tmp name, and the first
+    # said "wrote" of a truncated file
+    t, out = load_teacher(teacher_file), tmp_path / "a.npz"
+    make = functools.partial(synthesize, t, "dfad", 40, out, params={"batch_size": 8}, steps=1)
+    with monkeypatch.context() as m:
+        m.setattr("dfkd.synthesis._collect", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            make()  # stopped: its parts folder stays, as a running synthesis's does
+    folder = transfer_parts.parts_folder(out)
+    with outpaths.folder_lock(folder, "the first process"):
+        with pytest.raises(DfkdError, match=rf"--out {out}: process {os.getpid()} is making this file"):
+            make()
+    assert not out.exists()
+    assert len(make()) == 40 and not folder.exists()
 
 
 def test_a_file_the_disk_cannot_hold_is_refused_before_work(teacher_file: str, tmp_path: Path,
