@@ -36,7 +36,7 @@ from dfkd.data import ImageData, load_for
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed, resume_command
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
-from dfkd.io import WriteFailed, atomic_write_text, disk_error
+from dfkd.io import WriteFailed, atomic_write_text, disk_error, sha256_file
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
@@ -672,11 +672,32 @@ def _refuse_missing(run_dir: Path, saved: DistillConfig, eval_data: str | None) 
     """
     for path in saved.teachers:
         if not Path(path).exists():
-            raise DfkdError(f"--resume {run_dir}: the run's teacher {path} is gone; put it back (a resumed run keeps "
-                            "its teacher)")
+            raise DfkdError(f"--resume {run_dir}: the run's teacher {path} is gone; put it back, or give its new "
+                            "place with --resume ... --teacher FILE (the same file: its sha256 is checked)")
     if saved.eval_data and eval_data is None and not Path(saved.eval_data).exists():
         raise DfkdError(f"--resume {run_dir}: the run's --eval-data {saved.eval_data} is gone; give --eval-data FILE "
                         "with --resume, or put it back")
+
+
+def _moved_teachers(run_dir: Path, saved: DistillConfig, ckpt: dict[str, Any],
+                    fixed: dict[str, Any]) -> tuple[DistillConfig, dict[str, Any]]:
+    """`--teacher` given with --resume at another path: taken when the files are the run's (by sha256).
+
+    A project folder moved, or a teacher moved to another disk, left a run no resume could continue: the old path
+    was gone and a new --teacher "would change the run". Returns the settings with the new paths and `fixed`
+    without them; other files, and checkpoints that kept no hash, are left to the usual refusal.
+    """
+    given, saved_hash = fixed.get("teachers"), ckpt.get("extra", {}).get("teacher_sha256")
+    if not given or not saved_hash or _same("teachers", given, saved.teachers):
+        return saved, fixed
+    missing = [p for p in given if not Path(p).is_file()]
+    if missing:
+        raise DfkdError(f"--teacher {missing[0]}: no such file")
+    if ",".join(sha256_file(p) for p in given) != saved_hash:
+        raise DfkdError(f"--resume {run_dir}: --teacher {' '.join(given)} is not the teacher the run started with "
+                        f"({', '.join(saved.teachers)}; its sha256 differs): a resumed run distils the same teacher; "
+                        "give that file (moved is fine), or start a new run with another --out")
+    return replace(saved, teachers=tuple(given)), {k: v for k, v in fixed.items() if k != "teachers"}
 
 
 def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) -> None:
@@ -797,7 +818,8 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
                         f"{', '.join(cfg.teachers)}, add --trust-pickle: "
                         f"{resume_command(run_dir, int(ckpt.get('extra', {}).get('world', 1)), True)}")
     cfg = replace(cfg, params={**ADDED_SETTINGS, **cfg.params})  # a run saved before a setting existed
-    _refuse_changes(run_dir, cfg, fixed or {})
+    cfg, fixed = _moved_teachers(run_dir, cfg, ckpt, fixed or {})
+    _refuse_changes(run_dir, cfg, fixed)
     _refuse_missing(run_dir, cfg, eval_data)
     _refuse_world(run_dir, ckpt, world)
     if steps is not None and steps <= int(ckpt["step"]) and not ckpt["finished"]:

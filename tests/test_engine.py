@@ -148,10 +148,26 @@ def test_a_resume_whose_files_are_gone_names_them_as_the_runs(teacher_file: str,
         resume(run, steps=6)
     np.savez(tmp_path / "ev2.npz", x=np.zeros((4, 28, 28), np.uint8), y=np.arange(4))
     (tmp_path / "t.pt").rename(tmp_path / "moved.pt")
-    with pytest.raises(DfkdError, match=f"the run's teacher {tmp_path / 't.pt'} is gone; put it back"):
+    with pytest.raises(DfkdError, match=f"the run's teacher {tmp_path / 't.pt'} is gone; put it back, or give its "
+                                        r"new place with --resume ... --teacher FILE \(the same file"):
         resume(run, steps=6, eval_data=str(tmp_path / "ev2.npz"))
     (tmp_path / "moved.pt").rename(tmp_path / "t.pt")
     assert resume(run, steps=6, eval_data=str(tmp_path / "ev2.npz")).step == 6
+
+
+def test_a_moved_teacher_is_given_with_resume(teacher_file: str, tmp_path: Path) -> None:
+    # a moved project folder left a run no resume could continue: the old path was gone, and --teacher NEW with
+    # --resume "would change the run"
+    shutil.copy(teacher_file, tmp_path / "t.pt")
+    run = distill(cfg_for(str(tmp_path / "t.pt"), tmp_path / "r", steps=4)).run_dir
+    (tmp_path / "t.pt").rename(tmp_path / "moved.pt")
+    other = tmp_path / "other.pt"
+    torch.save({**torch.load(teacher_file, weights_only=True), "extra": 1}, other)  # the same network, another file
+    with pytest.raises(DfkdError, match=f"--teacher {other} is not the teacher the run started with .*sha256 differs"):
+        resume(run, steps=6, fixed={"teachers": (str(other),)})
+    assert resume(run, steps=6, fixed={"teachers": (str(tmp_path / "moved.pt"),)}).step == 6
+    assert json.loads((run / "config.json").read_text())["teachers"] == [str(tmp_path / "moved.pt")]
+    assert resume(run, steps=8).step == 8  # from then on the run knows its new place
 
 
 def test_report_of_a_resumed_run_is_quiet_about_tensorboards_replayed_steps(
