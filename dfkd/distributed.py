@@ -28,6 +28,7 @@ joins them into one process group (NCCL for CUDA tensors, gloo for CPU ones). Th
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ def resume_command(run_dir: object, world: int = 1, trust_pickle: bool = False) 
     A run whose teacher is a pickle needs `--trust-pickle` typed again: a checkpoint does not grant it.
     """
     launch = "dfkd" if world <= 1 else f"torchrun --nproc-per-node {world} -m dfkd"
-    return f"{launch} distill --resume {run_dir}" + " --trust-pickle" * trust_pickle
+    return f"{launch} distill --resume {shlex.quote(str(run_dir))}" + " --trust-pickle" * trust_pickle
 
 @dataclass(frozen=True)
 class Dist:

@@ -36,7 +36,7 @@ from dfkd.data import ImageData, load_for
 from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed, resume_command
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
-from dfkd.io import WriteFailed, atomic_write_text, disk_error, sha256_file
+from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, sha256_file
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
@@ -803,6 +803,7 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     run_dir = _run_folder(run_dir)
     if held is not None:
         held.enter_context(folder_lock(run_dir, _busy(run_dir)))
+        remove_stale_temps(run_dir)  # a checkpoint-sized file each killed write left
     probe_writable(run_dir, f"--resume {run_dir}")  # before any step is made that could not be saved
     given = {**dict(zip(RESUMABLE, (steps, budget_minutes, device, eval_data))), **(numerics or {})}
     changes = {k: v for k, v in given.items() if v is not None}

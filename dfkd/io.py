@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 import tempfile
 import zipfile
@@ -67,6 +68,21 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: What `_atomic_write` names its temporary file: "." + the file's name + mkstemp's 8 characters + ".tmp".
+_TEMP = re.compile(r"^\.(.+)\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete the temporary files a killed write left in `folder` (call it only while no one else writes there).
+
+    A process killed (kill -9, out of memory) mid-write leaves its hidden `.NAME.XXXXXXXX.tmp`, as large as the file.
+    """
+    stale = [p for p in folder.glob(".*.tmp") if p.is_file() and _TEMP.match(p.name)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

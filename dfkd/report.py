@@ -32,6 +32,7 @@ class RunSummary:
     series: Series
     pngs: list[Path] = field(default_factory=list)
     kept: list[Path] = field(default_factory=list)  # pictures in the folder dfkd did not draw: left as they are
+    unwritten: list[str] = field(default_factory=list)  # pictures that could not be written, with why
     unreadable: int = 0  # lines of metrics.jsonl that are no JSON record (the last line, cut short, not counted)
     deploy: list[str] = field(default_factory=list)  # float vs int8 lines of a --quantize run (deploy.json)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -85,6 +86,8 @@ class RunSummary:
             lines.append(f"memory:   peak RSS {rss:.0f} MiB")
         if self.pngs:
             lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
+        if self.unwritten:
+            lines.append("not written: " + "; ".join(self.unwritten))
         if self.kept:
             lines.append("kept:     " + ", ".join(str(p) for p in self.kept) + " (not drawn by dfkd report, so not "
                          "overwritten; move it away to have it drawn)")
@@ -279,6 +282,11 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
         out, mark = d / name, f"report {name}"  # no path: a moved run folder's pictures are still dfkd's
         if not image_free(out, mark):
             summary.kept.append(out)
-        elif draw(out, mark):
-            summary.pngs.append(out)
+            continue
+        try:
+            if draw(out, mark):
+                summary.pngs.append(out)
+        except (OSError, DfkdError) as e:  # a read-only run folder: the summary is still worth having
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            summary.unwritten.append(f"{out} ({why})")
     return summary

@@ -266,6 +266,7 @@ def test_the_resume_command_names_torchrun_for_a_run_of_several_processes(teache
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # a 2-process run stopped by Ctrl-C said "continue with dfkd distill --resume", which refuses it
     assert resume_command("r") == "dfkd distill --resume r"
+    assert resume_command("my runs/r 1") == "dfkd distill --resume 'my runs/r 1'"  # pasted, it must work
     assert resume_command("r", 2) == "torchrun --nproc-per-node 2 -m dfkd distill --resume r"
     original = get_method("dfad").round
 

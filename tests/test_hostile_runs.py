@@ -169,6 +169,17 @@ def test_a_second_process_is_refused_a_run_folder_in_use(teacher_file: str, tmp_
     assert resume(run, steps=4).step == 4  # the lock ends with the process that held it
 
 
+def test_a_resume_removes_the_temporary_files_killed_writes_left(teacher_file: str, tmp_path: Path) -> None:
+    # each kill -9 or out-of-memory kill mid-checkpoint left a hidden checkpoint-sized file for good
+    run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
+                                fid_every=0, params={"batch_size": 8, "s_steps": 1})).run_dir
+    stale, mine = run / ".checkpoint.pt.x1_y2z3a.tmp", run / ".my-notes.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    mine.write_text("the user's")
+    resume(run, steps=4)
+    assert not stale.exists() and mine.read_text() == "the user's"
+
+
 def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:
     # a non-UTF-8 byte in metrics.jsonl was a UnicodeDecodeError traceback, {"step": null} a TypeError
     run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dfkd.io
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
@@ -176,6 +179,23 @@ def test_report_leaves_a_users_picture_in_the_run_folder(tmp_path: Path) -> None
     tmp_path.rename(moved)
     res = CliRunner().invoke(main, ["report", str(moved)])
     assert res.exit_code == 0 and f"wrote:    {moved / 'curves.png'}" in res.output, res.output
+
+
+def test_report_of_a_read_only_run_folder_still_prints_its_summary(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # it printed only an error about a hidden temporary file, and no summary
+    (tmp_path / "config.json").write_text(json.dumps({"method": "dafl", "teachers": ["t.pt"], "steps": 100}))
+    lines = [{"step": 0, "event": "start"}, {"step": 10, "loss/student/kd": 2.0}, {"step": 20, "loss/student/kd": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    def denied(*args: object, **kwargs: object) -> None:  # as a read-only folder is to a user who is not root
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(dfkd.io.tempfile, "mkstemp", denied)
+    res = CliRunner().invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 0 and "steps:    20 of 100" in res.output, res.output
+    assert f"not written: {tmp_path / 'curves.png'} (Permission denied)" in res.output and "wrote:" not in res.output
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
