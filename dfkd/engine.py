@@ -464,7 +464,7 @@ class Run:
 def _after_failed_write(run_dir: Path, world: int = 1) -> str:
     if (run_dir / "checkpoint.pt").exists():
         return f"the last good checkpoint is intact: continue with {resume_command(run_dir, world)}"
-    return f"no checkpoint was written: delete {run_dir} and start again"
+    return "no checkpoint was written, so nothing of the run is kept: start it again"
 
 
 def _start(run: Run, log: RunLog) -> None:
@@ -526,6 +526,7 @@ def _say_recipe(run: Run, resumed: bool = False) -> None:
 
 def _execute(run: Run, resume_step: int | None) -> RunResult:
     log = run.dist.on_main(lambda: RunLog(run.run_dir, resume_step)) or NullLog()
+    ended = False
     try:
         if resume_step is None:
             run.dist.on_main(lambda: _start(run, log))
@@ -536,8 +537,9 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             run.dist.on_main(lambda: _say_resumed(run))
             log.event(run.step, event="resume")
             run.dist.on_main(lambda: _score_teacher(run, log))
-        result = run.loop(log)
-        return run.finish(log, result)
+        result = run.finish(log, run.loop(log))
+        ended = True
+        return result
     except WriteFailed as e:
         raise DfkdError(f"{e}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
     except OSError as e:
@@ -547,7 +549,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         raise DfkdError(f"{err}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
     finally:
         run.close()
-        log.close()
+        log.close(quiet=not ended)  # after an error (a full disk, say) its flush must not replace that error
 
 
 def _busy(run_dir: Path) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dfkd.io import atomic_write_text
+from dfkd.io import atomic_write_text, disk_error
 from dfkd.spec import InputSpec
 
 
@@ -55,8 +55,7 @@ class RunLog:
     def scalars(self, step: int, values: dict[str, float], prefix: str = "") -> None:
         """One metrics.jsonl record and one TensorBoard scalar per value (tag = prefix + key)."""
         record = {"step": step, **{prefix + k: v for k, v in values.items()}}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        self._write(record)
         for k, v in values.items():
             if isinstance(v, (int, float)) and math.isfinite(v):
                 self.tb.add_scalar(prefix + k, v, step)
@@ -76,13 +75,28 @@ class RunLog:
 
     def event(self, step: int, **fields: Any) -> None:
         """A non-scalar record (start, resume, finish) in metrics.jsonl."""
-        self.file.write(json.dumps({"step": step, **fields}) + "\n")
-        self.file.flush()
+        self._write({"step": step, **fields})
 
-    def close(self) -> None:
-        self.tb.flush()
-        self.tb.close()
-        self.file.close()
+    def _write(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, flushed; a full disk is named with the file (it said "cannot write a file")."""
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:
+            err = disk_error(e, self.path)
+            if err is None:
+                raise
+            raise err from None
+
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close; `quiet` (after another error): a failure here is dropped, not put in that error's place."""
+        try:
+            self.tb.flush()
+            self.tb.close()
+            self.file.close()
+        except OSError:
+            if not quiet:
+                raise
 
 
 class NullLog:
@@ -99,5 +113,5 @@ class NullLog:
     def event(self, step: int, **fields: Any) -> None:
         del step, fields
 
-    def close(self) -> None:
+    def close(self, quiet: bool = False) -> None:
         pass

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import dfkd.io
 import dfkd.outpaths
+import dfkd.runlog
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill, resume
@@ -180,6 +181,45 @@ def test_a_resume_removes_the_temporary_files_killed_writes_left(teacher_file: s
     assert not stale.exists() and mine.read_text() == "the user's"
 
 
+def test_a_full_disk_under_the_log_names_the_file_and_the_checkpoint(teacher_file: str, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # "cannot write a file: No space left on device", without the file or the resume hint: closing the log flushed
+    # the same line again, and that error replaced the first
+    class Full:
+        def __init__(self, f) -> None:  # noqa: ANN001
+            self.f, self.lines = f, 0
+
+        def write(self, text: str) -> int:
+            self.lines += 1
+            if self.lines > 12:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+        def flush(self) -> None:
+            if self.lines > 12:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.f.flush()
+
+        def close(self) -> None:
+            self.flush()
+
+    init = dfkd.runlog.RunLog.__init__
+
+    def full_later(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        init(self, *args, **kwargs)
+        self.file = Full(self.file)
+
+    monkeypatch.setattr(dfkd.runlog.RunLog, "__init__", full_later)
+    run = tmp_path / "r"
+    with pytest.raises(DfkdError) as e:
+        distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=40, out=str(run), log_every=1,
+                              ckpt_every=2, fid_every=0, params={"batch_size": 8, "s_steps": 1}))
+    assert str(e.value).startswith(f"cannot write {run / 'metrics.jsonl'}: No space left on device")
+    assert f"the last good checkpoint is intact: continue with dfkd distill --resume {run}" in str(e.value)
+    monkeypatch.undo()
+    assert resume(run).step == 40
+
+
 def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:
     # a non-UTF-8 byte in metrics.jsonl was a UnicodeDecodeError traceback, {"step": null} a TypeError
     run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
@@ -263,8 +303,8 @@ def test_file_size_limit_gives_one_line(command: str, teacher_file: str, tmp_pat
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "File too large" in lines[0], p.stderr
     if command == "distill":
-        assert "no checkpoint was written" in lines[0]
-        assert not (out / "student.pt").exists() and not list(out.glob(".*.tmp"))
+        assert "no checkpoint was written, so nothing of the run is kept" in lines[0]
+        assert not out.exists(), "no half run left in the way of the same command"
     else:
         assert not out.exists() and not list(tmp_path.glob(".*.tmp")), "no half-written transfer file"
 
