@@ -110,6 +110,37 @@ class Dist:
             raise OtherRankFailed(f"rank 0 stopped: {box[0][1]}")
         return result if self.main else box[0][1]
 
+    def on_every(self, fn: Callable[[], T], undo: Callable[[T], None] | None = None) -> T:
+        """Run `fn` on every rank; when it raised on any, every rank stops before the next collective.
+
+        A check only one rank can make (its own pool files, say) failed there while rank 0 went on into a collective
+        and died with a gloo "Connection closed by peer" traceback. Rank 0 says which rank stopped and why (the
+        others stay silent, as they do after rank 0's own errors); `undo` releases what `fn` made on the ranks where
+        it succeeded.
+        """
+        if not self.enabled:
+            return fn()
+        import torch.distributed as dist
+
+        result, error = None, None
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - told to every rank, then raised again
+            error = e
+        told: list[Any] = [None] * self.world
+        dist.all_gather_object(told, None if error is None else (str(error) or type(error).__name__),
+                               group=_cpu_group())
+        failed = [(r, m) for r, m in enumerate(told) if m is not None]
+        if not failed:
+            return result
+        if error is None and undo is not None:
+            undo(result)
+        if error is not None and (self.main or not isinstance(error, DfkdError)):
+            raise error
+        if self.main:
+            raise DfkdError(f"rank {failed[0][0]} stopped: {failed[0][1]}")
+        raise OtherRankFailed(f"rank {failed[0][0]} stopped: {failed[0][1]}") from error
+
     def gather(self, obj: Any) -> list[Any] | None:
         """Every rank's `obj` (tensors moved to the CPU), as a list on rank 0; None elsewhere."""
         obj = to_cpu(obj)

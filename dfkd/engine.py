@@ -571,7 +571,7 @@ def _new_run(cfg: DistillConfig, dist: Dist) -> RunResult:
 
         run_dir, created = dist.on_main(claim, share=True)
         try:
-            run = Run(cfg, run_dir, dist=dist)
+            run = dist.on_every(lambda: Run(cfg, run_dir, dist=dist), Run.close)
             run.stop, stop["run"] = stop, run
             return _execute(run, None)
         except BaseException:
@@ -756,7 +756,8 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
         numerics = {"precision": precision, "compile": compile, "deterministic": deterministic}
         cfg, ckpt = dist.on_main(lambda: _resume_plan(Path(run_dir), steps, budget_minutes, params, device,
                                                       eval_data, fixed, dist.world, numerics, held), share=True)
-        run = Run(cfg, Path(str(cfg.out)), ckpt, dist, changed=tuple(params or ()))
+        run = dist.on_every(lambda: Run(cfg, Path(str(cfg.out)), ckpt, dist, changed=tuple(params or ())),
+                            Run.close)  # each rank restores its own share: all must before rank 0 cuts the log
         run.stop, stop["run"] = stop, run
         result = _execute(run, run.step)
     result.rank = dist.rank

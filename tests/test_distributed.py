@@ -73,7 +73,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict[str, Any], out: str, tro
 
     Run.finish = finish  # type: ignore[method-assign]
     try:
-        result = resume(cfg["resume"]) if "resume" in cfg else distill(DistillConfig.from_dict(cfg))
+        result = resume(cfg["resume"], steps=cfg.get("steps")) if "resume" in cfg else \
+            distill(DistillConfig.from_dict(cfg))
         seen["rank"] = result.rank
     except DfkdError as e:
         seen["error"] = f"{type(e).__name__}: {e}"
@@ -152,6 +153,22 @@ def test_an_error_on_rank_0_alone_reaches_every_rank(teacher_file: str, tmp_path
     assert r0["error"].startswith("DfkdError: --out") and "not empty (holds notes.txt)" in r0["error"]
     assert r1["error"] == r0["error"].replace("DfkdError: ", "OtherRankFailed: rank 0 stopped: "), r1
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["notes.txt"], "nothing written beside it"
+
+
+def test_a_resume_one_rank_refuses_stops_every_rank_before_the_log_is_cut(teacher_file: str, tmp_path: Path) -> None:
+    """Rank 1's own pool file gone: rank 1 refused, and rank 0 died in a collective with a gloo traceback (after it
+    had cut metrics.jsonl for the resume)."""
+    cfg = _config("deepinversion", tmp_path, teacher_file, steps=4)
+    assert all("error" not in r for r in run_two(cfg, tmp_path))
+    run = tmp_path / "run"
+    pools = sorted((run / "rank1").glob("pool-*.bin"))
+    assert pools, "rank 1 keeps its own pool files"
+    pools[0].unlink()
+    log = (run / "metrics.jsonl").read_bytes()
+    r0, r1 = run_two({"resume": str(run), "steps": 8}, tmp_path)
+    assert "is missing" in r1["error"] and r1["error"].startswith("OtherRankFailed: "), r1
+    assert r0["error"].startswith("DfkdError: rank 1 stopped: ") and "is missing" in r0["error"], r0
+    assert (run / "metrics.jsonl").read_bytes() == log
 
 
 def test_transfer_file_without_teacher_on_two_ranks(transfer_file: str, tmp_path: Path) -> None:
