@@ -110,13 +110,23 @@ class Parts:
 
     def add(self, x: torch.Tensor, probs: torch.Tensor, state: dict[str, Any]) -> None:
         """Write one part (uint8 images, label rows), then the state that produced everything so far."""
-        atomic_save_npz(self.folder / f"part-{len(self.files()):06d}.npz", {"x": x.numpy(), "probs": probs.numpy()})
-        atomic_torch_save(state, self.folder / "state.pt")
+        n = len(self.files())
+        atomic_save_npz(self.folder / f"part-{n:06d}.npz", {"x": x.numpy(), "probs": probs.numpy()})
+        atomic_torch_save({**state, "parts": n + 1}, self.folder / "state.pt")
 
     def state(self) -> dict[str, Any] | None:
-        """The state saved with the last part (None before the first)."""
+        """The state saved with the last part (None before the first); parts written after it are dropped.
+
+        A stop between a part and its state left a part the state did not know: the resumed run made its images
+        again from the earlier state, and the file held them twice.
+        """
         path = self.folder / "state.pt"
-        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        state = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+        files = self.files()
+        known = 0 if state is None else int(state.get("parts", len(files)))  # older folders: as they are
+        for f in files[known:]:
+            f.unlink()
+        return state
 
     def assemble(self, extra: dict[str, Any], num: int) -> None:
         """Stream the first `num` images of the parts, their labels and `extra` arrays into the output, atomically."""

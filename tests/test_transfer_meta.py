@@ -229,6 +229,33 @@ def test_interrupted_synthesis_resumes_to_the_same_file(method: str, params: dic
     assert not (tmp_path / "cut.npz.parts").exists()
 
 
+def test_a_stop_between_a_part_and_its_state_makes_no_image_twice(sharp_teacher_file: str, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # the resumed run made the unrecorded part's images again from the earlier state: the file held them twice
+    import dfkd.synthesis as synthesis
+    import dfkd.transfer_parts as transfer_parts
+
+    monkeypatch.setattr(synthesis, "PART_IMAGES", 16)
+    t, params = load_teacher(sharp_teacher_file), {"batch_size": 8}
+    full = synthesize(t, "dfad", 72, tmp_path / "full.npz", params=params, steps=2, views=1)
+    original, calls = transfer_parts.atomic_torch_save, {"n": 0}
+
+    def dying_state_save(*a, **kw):  # noqa: ANN002, ANN003, ANN202
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third part is on disk, its state is not
+            raise KeyboardInterrupt
+        return original(*a, **kw)
+
+    out = tmp_path / "cut.npz"
+    monkeypatch.setattr(transfer_parts, "atomic_torch_save", dying_state_save)
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(t, "dfad", 72, out, params=params, steps=2, views=1)
+    monkeypatch.setattr(transfer_parts, "atomic_torch_save", original)
+    assert len(list((tmp_path / "cut.npz.parts").glob("part-*.npz"))) == 3
+    resumed = synthesize(t, "dfad", 72, out, params=params, steps=2, views=1)
+    assert torch.equal(resumed.x, full.x) and torch.equal(resumed.probs, full.probs)
+
+
 def test_assembled_file_is_mapped_not_read(transfer_file: str) -> None:
     from dfkd.io import memmap_member
 
