@@ -35,6 +35,9 @@ def disk_error(e: OSError, path: str | os.PathLike | None = None) -> WriteFailed
     if e.errno in (errno.EACCES, errno.EPERM):
         return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)}; make it and its folder writable (chmod "
                            "u+w; chattr -i for an immutable file)")
+    if e.errno == errno.ENAMETOOLONG:
+        shown = str(where) if len(str(where)) <= 80 else f"{str(where)[:60]}..."
+        return WriteFailed(f"cannot write {shown}: {os.strerror(e.errno)}; give a shorter name")
     if e.errno not in DISK_ERRNOS:
         return None
     return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)}; free some space (or raise the file-size "

@@ -59,6 +59,12 @@ def check_file(path: str | os.PathLike, flag: str = "--teacher") -> Path:
         raise DfkdError(f"{flag} {p}: is a directory, not a model file")
     if p.stat().st_size == 0:
         raise DfkdError(f"{flag} {p}: the file is empty (an interrupted copy or save?); write it again")
+    try:
+        with open(p, "rb"):
+            pass
+    except PermissionError:  # it was "not a readable PyTorch file (...); is it truncated or corrupt?"
+        raise DfkdError(f"{flag} {p}: cannot read it (Permission denied); make it readable to you (chmod u+r) or "
+                        "give a copy you can read") from None
     return p
 
 

@@ -43,6 +43,10 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool 
     what = f"{flag} {p}"
     if not str(path).strip():
         raise DfkdError(f"{flag}: empty path; give a file name")
+    try:
+        p.exists()
+    except OSError as e:  # ENAMETOOLONG: a name (or path) longer than the system takes; a traceback before
+        raise DfkdError(f"{flag} {str(p)[:60]}...: {e.strerror}; give a shorter name") from None
     if p.is_dir():
         raise DfkdError(f"{what}: is a folder; give a file name inside it")
     if p.exists() and not p.is_file():

@@ -40,12 +40,30 @@ def part_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("part-*.npz"))
 
 
+def check_name(out: str | os.PathLike) -> None:
+    """Refuse an output name too long for its parts folder beside it (it was a "File name too long" traceback)."""
+    out = Path(out)
+    longest = _name_max(out)
+    if len(os.fsencode(parts_folder(out).name)) > longest:
+        raise DfkdError(f"--out {out.name[:40]}...: a name of {len(out.name)} characters leaves no room for its "
+                        f"parts folder (NAME.parts; {longest} characters at most in a name here); give a shorter name")
+
+
+def _name_max(out: Path) -> int:
+    """The longest file name the folder of `out` takes (255 where the system does not say)."""
+    try:
+        return os.pathconf(next(p for p in out.absolute().parents if p.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer
+        return 255
+
+
 def check_room(out: str | os.PathLike, num: int, image_bytes: int, classes: int) -> None:
     """Refuse a synthesis whose parts and assembled file would not fit on the disk of `out`.
 
     Each image takes `image_bytes` plus its labels (`classes` float32 probabilities and an int64 class), twice: in
     the parts and in the file streamed from them; parts already written count as done.
     """
+    check_name(out)
     out = Path(out).absolute()
     per = image_bytes + 4 * classes + 8
     folder = parts_folder(out)
@@ -78,6 +96,7 @@ class Parts:
     def __init__(self, out: str | os.PathLike, key: dict[str, Any]) -> None:
         self.out = Path(out)
         self.folder = parts_folder(self.out)
+        check_name(self.out)
         self.key = json.loads(json.dumps(key))
         if self.folder.exists():
             saved = self._saved_key()

@@ -230,6 +230,7 @@ OUT_CASES: list[tuple[str, Callable[[Path], Path], tuple[str, ...]]] = [
     ("out_in_proc", lambda t: Path("/proc/dfkd-x"), ("cannot",)),
     ("out_under_a_file", lambda t: (t / "g.txt", (t / "g.txt").write_text("mine"))[0] / "run", ("is a file",)),
     ("out_user_folder", _user_folder, ("not empty", "config.json")),
+    ("out_name_too_long", lambda t: t / ("r" * 300), ("File name too long; give a shorter name",)),  # a traceback
 ]
 
 
@@ -305,6 +306,11 @@ def test_resume_applies_budget_device_and_eval_data(done_run: Path, files: dict[
 
 # --- other commands ---------------------------------------------------------------------------------------------
 OTHER: list[tuple[str, list[str], tuple[str, ...]]] = [
+    # names too long for the file, or for its parts folder beside it (tracebacks before)
+    ("synth_out_too_long", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out",
+                            "{dir}/" + "t" * 300 + ".npz"], ("File name too long; give a shorter name",)),
+    ("synth_parts_too_long", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out",
+                              "{dir}/" + "t" * 248 + ".npz"], ("leaves no room for its parts folder",)),
     ("synth_out_proc", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "/proc/x/t.npz"],
      ("cannot write",)),
     ("synth_out_folder", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "{dir}"],

@@ -894,6 +894,22 @@ def test_a_pytorch_file_given_as_data_is_named_as_such():
         load_images(root / "examples" / "mnist_lenet5.pt", "--eval-data")
 
 
+def test_a_file_the_user_cannot_read_is_named_so(tmp_path, monkeypatch):
+    # "not a readable PyTorch file ([Errno 13] Permission denied: ...); is it truncated or corrupt?"
+    import dfkd.loading
+
+    path = tmp_path / "t.pt"
+    torch.save(_zoo().state_dict(), path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dfkd.loading, "open", denied, raising=False)  # as a chmod 000 file is to a user, not root
+    msg = _error(path, arch="lenet5_bn", spec=SPEC)
+    assert msg == f"--teacher {path}: cannot read it (Permission denied); make it readable to you (chmod u+r) or " \
+                  "give a copy you can read"
+
+
 def test_state_dict_not_fitting_the_arch(tmp_path):
     path = tmp_path / "sd.pt"
     torch.save(_zoo("lenet5").state_dict(), path)
