@@ -9,6 +9,7 @@ random images at two batch sizes, within `ATOL + RTOL * |logit|`; only then is i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.io import usual_permissions
+from dfkd.io import disk_error, usual_permissions
 from dfkd.outpaths import check_output_file
 from dfkd.spec import InputSpec
 
@@ -83,7 +84,19 @@ def _write_torchscript(model: nn.Module, spec: InputSpec, path: Path, meta: str)
             scripted = torch.jit.script(model)
         except Exception:  # noqa: BLE001 - a module TorchScript cannot compile: trace it (no control flow in it)
             scripted = torch.jit.trace(model, _example(spec, 2), check_trace=False)
-        torch.jit.save(scripted, str(path), _extra_files={SPEC_KEY: meta})
+        buf = io.BytesIO()
+        torch.jit.save(scripted, buf, _extra_files={SPEC_KEY: meta})
+    _write_bytes(path, buf)
+
+
+def _write_bytes(path: Path, buf: io.BytesIO) -> None:
+    """Write an archive made in memory to `path`.
+
+    torch's C++ writers abort the whole process on a full disk (SIGABRT, "unexpected pos"), where Python's write
+    raises an OSError that `write_export` turns into one line.
+    """
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def _write_onnx(model: nn.Module, spec: InputSpec, path: Path, meta: str) -> None:
@@ -101,6 +114,8 @@ def _write_onnx(model: nn.Module, spec: InputSpec, path: Path, meta: str) -> Non
         try:
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=OPSET,
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **names)
+        except OSError:
+            raise  # a full disk is no reason to try the other exporter
         except Exception:  # noqa: BLE001 - removed from torch, or a module it cannot take
             require("onnxscript")
             torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False, external_data=False,
@@ -113,7 +128,9 @@ def _write_onnx(model: nn.Module, spec: InputSpec, path: Path, meta: str) -> Non
 
 def _write_exported_program(model: nn.Module, spec: InputSpec, path: Path, meta: str) -> None:
     ep = torch.export.export(model, (_example(spec, 2),), dynamic_shapes=({0: _batch_dim()},))
-    torch.export.save(ep, str(path), extra_files={SPEC_KEY: meta})
+    buf = io.BytesIO()
+    torch.export.save(ep, buf, extra_files={SPEC_KEY: meta})
+    _write_bytes(path, buf)
 
 
 def jit_load(f: Any, **kwargs: Any) -> torch.jit.ScriptModule:
@@ -195,8 +212,11 @@ WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx, "exported-pro
 
 
 def write_export(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, path: Path,
-                 class_names: list[str] | None = None) -> None:
-    """Write `model` in format `fmt` to `path` (no check, no overwrite protection: see `export_model`)."""
+                 class_names: list[str] | None = None, shown: Path | None = None) -> None:
+    """Write `model` in format `fmt` to `path` (no check, no overwrite protection: see `export_model`).
+
+    `shown`: the file named in a write error (the output a temporary `path` becomes).
+    """
     if fmt not in WRITERS:
         raise DfkdError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
     model = model.cpu().eval()
@@ -204,6 +224,11 @@ def write_export(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
         WRITERS[fmt](model, spec, path, spec_json(spec, num_classes, class_names))
     except DfkdError:
         raise
+    except OSError as e:  # a full disk (it said "try another --format", and the other formats failed the same way)
+        err = disk_error(e, shown or path)
+        if err is None:
+            raise DfkdError(f"export to {fmt}: cannot write {shown or path} ({e.strerror or e})") from None
+        raise err from None
     except Exception as e:  # noqa: BLE001 - the exporters raise many kinds; the user needs the first line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DfkdError(f"export to {fmt} failed ({first}); try another --format") from None
@@ -236,7 +261,7 @@ def export_model(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write_export(model, spec, num_classes, fmt, tmp, class_names)
+        write_export(model, spec, num_classes, fmt, tmp, class_names, shown=out)
         check = check_export(model.cpu().eval(), spec, fmt, tmp)
         usual_permissions(tmp)
         os.replace(tmp, out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 import textwrap
 import warnings
@@ -11,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dfkd.export
 from dfkd.cli.main import main
 from dfkd.deploy import export_file
 from dfkd.errors import DfkdError
@@ -137,6 +140,25 @@ def test_failed_check_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "noisy.ts"
     with pytest.raises(DfkdError, match="differ from the source"):
         export_model(_Noisy(), InputSpec(1, 16, (0.0,), (1.0,)), 3, "torchscript", out)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_full_disk_is_one_line_and_leaves_nothing(fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # TorchScript and torch.export archives aborted the interpreter (a C++ "unexpected pos", SIGABRT) on a full
+    # disk; ONNX said "try another --format"
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if fmt == "onnx":
+        monkeypatch.setattr(torch.onnx, "export", full)
+    else:
+        monkeypatch.setattr(dfkd.export, "open", full, raising=False)  # where the archive made in memory is written
+    m, spec = _small("lenet5_half")
+    out = tmp_path / f"m{dfkd.export.SUFFIXES.get(fmt, '.onnx')}"
+    with pytest.raises(DfkdError, match=f"^cannot write {out}: No space left on device; free some space") as e:
+        export_model(m, spec, 7, fmt, out)
+    assert "another --format" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
 
