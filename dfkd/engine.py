@@ -51,7 +51,7 @@ from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
-from dfkd.utils import pick_device, seed_everything
+from dfkd.utils import on_terminal, pick_device, progress_bar, seed_everything
 from dfkd.validate import check_settings
 
 DEFAULT_BUDGET_MINUTES = 10.0
@@ -306,8 +306,8 @@ class Run:
         metrics: dict[str, float] = {}
         clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
         self.method.clock = clock
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
-                   disable=not self.dist.main)
+        bar = progress_bar(total=cfg.steps, initial=self.step, desc=f"{cfg.method}", unit="step", dynamic_ncols=True,
+                           disable=not self.dist.main)
         first = True  # the first round of this process
         sig = self.stop
         with bar:  # the bar ends its line before any error is printed
@@ -350,7 +350,8 @@ class Run:
                     log.scalars(self.step, perf, "perf/")
                     window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
                     bar.set_postfix({k.split("/", 1)[-1]: f"{v:.3g}" for k, v in list(losses.items())[:3]} |
-                                    ({"acc": f"{100 * metrics['top1']:.1f}%"} if "top1" in metrics else {}))
+                                    ({"acc": f"{100 * metrics['top1']:.1f}%"} if "top1" in metrics else {}),
+                                    refresh=on_terminal())
                 if self.step // cfg.image_every > last["img"] and self.method.last_images is not None \
                         and self.dist.main:
                     last["img"] = self.step // cfg.image_every
@@ -389,7 +390,7 @@ class Run:
         if first and not waiting:
             waiting = "synthesizing before the first student step"
         if waiting:
-            bar.set_postfix_str(waiting)
+            bar.set_postfix_str(waiting, refresh=on_terminal())
         return waiting
 
     def _log_images(self, log: RunLog) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from dfkd.data import ImageData, to_model_input
 from dfkd.errors import DfkdError
@@ -18,6 +17,7 @@ from dfkd.io import atomic_torch_save
 from dfkd.models import ZooModel
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
+from dfkd.utils import on_terminal, progress_bar
 
 #: Phases in the order a run trains them: the extended model, then the two references.
 PHASES = ("extend", "finetune", "joint")
@@ -135,7 +135,8 @@ def train_phase(phase: Phase, device: torch.device) -> None:
     start = _load(phase, opt)
     omega = importance(phase.teacher).to(device) if phase.name == "extend" else None
     phase.model.train()
-    bar = tqdm(range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps, leave=False)
+    bar = progress_bar(iterable=range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
+                       leave=False)
     for step in bar:
         batches = phase.batches(step, device)
         losses = abd_loss(phase, *batches, omega) if omega is not None else ce_loss(phase, *batches)
@@ -144,7 +145,7 @@ def train_phase(phase: Phase, device: torch.device) -> None:
         opt.step()
         if (step + 1) % phase.checkpoint_every == 0 or step + 1 == phase.steps:
             _save(phase, opt, step + 1)
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}")
+            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=on_terminal())
     phase.model.eval()
 
 

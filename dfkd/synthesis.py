@@ -30,6 +30,7 @@ from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, load_transfer, meta_arrays, teacher_probs, to_pixels
 from dfkd.transfer_meta import RECIPE_KEYS, plain_params, provenance, student_recipe
 from dfkd.transfer_parts import Parts, check_room
+from dfkd.utils import progress_bar
 
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
 GENERATOR_STEPS = 2000
@@ -49,10 +50,8 @@ def default_num(num_classes: int) -> int:
 
 
 def _train(method: Any, steps: int, progress: bool) -> None:
-    from tqdm import tqdm
-
     done = 0
-    with tqdm(total=steps, desc=f"train {method.name}", unit="step", disable=not progress or steps == 0) as bar:
+    with progress_bar(total=steps, desc=f"train {method.name}", unit="step", disable=not progress or steps == 0) as bar:
         while done < steps:
             method.set_progress(done / steps)
             method.steps_left = steps - done
@@ -257,8 +256,6 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
     Returns:
         The class quotas of a generator method (None for others), as they stand after the last part.
     """
-    from tqdm import tqdm
-
     from dfkd.checkpoint import rng_state
 
     state = parts.state() or {}
@@ -266,7 +263,7 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
     left = num - done
     xs: list[Tensor] = []
     batches = _batches(m, generator, lambda: (num - left + sum(map(len, xs))) / num)
-    with tqdm(total=num, initial=done, desc=f"synthesize {m.name}", unit="img", disable=not progress) as bar:
+    with progress_bar(total=num, initial=done, desc=f"synthesize {m.name}", unit="img", disable=not progress) as bar:
         while left > 0:
             xs, ps = [], []
             while sum(map(len, xs)) < min(PART_IMAGES, left):

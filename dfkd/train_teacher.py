@@ -20,7 +20,7 @@ from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.precision import Precision, auto_bf16_line, backward, resolve_precision, step
 from dfkd.spec import InputSpec, split_size
-from dfkd.utils import pick_device, seed_everything
+from dfkd.utils import on_terminal, pick_device, progress_bar, seed_everything
 
 
 @dataclass(frozen=True)
@@ -152,7 +152,7 @@ def _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision) -> floa
     order = torch.randperm(len(data))
     total, n = 0.0, 0
     bounds = batch_starts(len(data), cfg.batch_size)
-    with tqdm(range(len(bounds) - 1), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
+    with progress_bar(iterable=range(len(bounds) - 1), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False) as bar:
         for b in bar:
             i = bounds[b]
             idx = order[i:bounds[b + 1]]
@@ -169,5 +169,5 @@ def _epoch(model, data, spec, opt, sched, cfg, device, epoch, precision) -> floa
                 raise DfkdError(f"training diverged in epoch {epoch + 1} (batch {b + 1}): the loss "
                                 f"became {value}; lower --lr (now {cfg.lr}) and run again; {cfg.out} was not written")
             total, n = total + value * len(idx), n + len(idx)
-            bar.set_postfix(loss=f"{total / n:.4f}")
+            bar.set_postfix(loss=f"{total / n:.4f}", refresh=on_terminal())
     return total / max(n, 1)

@@ -1,8 +1,10 @@
-"""Small shared helpers: device choice and seeding."""
+"""Small shared helpers: device choice, seeding and progress bars."""
 
 from __future__ import annotations
 
 import random
+import sys
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,3 +37,29 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+#: Seconds between progress-bar redraws when stderr is no terminal (a log file, a scheduler's output): each redraw
+#: is a line there, and a 10-minute run wrote thousands.
+LOG_REDRAW_SECONDS = 30.0
+
+
+def progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar on stderr; redrawn at most every `LOG_REDRAW_SECONDS` when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    if not on_terminal():
+        kwargs.setdefault("mininterval", LOG_REDRAW_SECONDS)
+    return tqdm(**kwargs)
+
+
+def on_terminal() -> bool:
+    """Whether stderr is a terminal: a bar redraws at once there (`set_postfix(refresh=on_terminal())`)."""
+    return _is_tty(sys.stderr)
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import dfkd.utils
 from dfkd import engine
 from dfkd.config import DistillConfig, build_config
 from dfkd.distributed import resume_command
@@ -80,6 +81,14 @@ def test_a_config_files_device_is_named_as_the_files(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match=rf"^--config {f}: device = 'tpu': not a device name"):
         build_config(str(f), [], method=None)
     assert build_config(str(f), [], device="cpu", method=None).device == "cpu"  # the flag wins: not refused
+
+
+def test_progress_in_a_log_file_is_redrawn_rarely(teacher_file: str, tmp_path: Path,
+                                                   capfd: pytest.CaptureFixture[str]) -> None:
+    # with stderr in a file (a scheduler's log) every redraw is a line there: thousands in a 10-minute run
+    distill(cfg_for(teacher_file, tmp_path / "r", steps=200, log_every=1, params={"batch_size": 4, "s_steps": 1}))
+    redraws = capfd.readouterr().err.count("\r")
+    assert redraws <= 6, redraws
 
 
 def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
@@ -408,9 +417,11 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_ran(teacher_f
 
 
 def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_file: str, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture) -> None:
+                                                                       capsys: pytest.CaptureFixture,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # NAYER's warm-up synthesizes for rounds before the first student step; on a heavy teacher the step count sat
     # at 0 for minutes with nothing said.
+    monkeypatch.setattr(dfkd.utils, "_is_tty", lambda stream: True)  # the bar as a terminal shows it
     params = {**get_method("nayer").quick, "warmup_rounds": 2, "gwp_loops": 1, "s_steps": 2}
     result = distill(cfg_for(teacher_file, tmp_path / "run", method="nayer", steps=4, params=params))
     assert result.finished and result.step == 4
@@ -424,7 +435,9 @@ def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_fi
 
 
 def test_the_bar_drops_its_first_round_tag_once_the_student_steps(teacher_file: str, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture) -> None:
+                                                                  capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dfkd.utils, "_is_tty", lambda stream: True)  # the bar as a terminal shows it
     # The tag stayed on the bar after the first round (dfad "2/4 ... synthesizing before the first student step"),
     # so a heavy teacher's second round, minutes long, read as if no student step had been made.
     cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=4, out=str(tmp_path), fid_every=0,
