@@ -160,7 +160,7 @@ class Run:
             _refuse_other_teacher(run_dir, ckpt, self.teacher)
         cfg, auto_line = resolve_auto(cfg, self.teacher, self.device)  # --method auto: the method for this teacher
         self.cfg = self.source.cfg = cfg
-        get_method(cfg.method)
+        _refuse_gradient_free(self.teacher, cfg.method)
         self.eval_data: ImageData | None = None
         self.teacher_top1: float | None = None  # on --eval-data, when the teacher recognises it (_score_teacher)
         if cfg.eval_data:
@@ -551,6 +551,21 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
     finally:
         run.close()
         log.close(quiet=not ended)  # after an error (a full disk, say) its flush must not replace that error
+
+
+def _refuse_gradient_free(teacher: torch.nn.Module, method: str) -> None:
+    """A teacher run by onnxruntime (an int8 ONNX file) teaches only from the user's images: it has no gradients.
+
+    It went as far as the first step, where the method's backward through it failed.
+    """
+    from dfkd.onnxgraph import OnnxRuntimeModule
+
+    cls = get_method(method)
+    runtime = next((m for m in teacher.modules() if isinstance(m, OnnxRuntimeModule)), None)
+    if runtime is not None and not cls.reads:
+        raise DfkdError(f"--teacher {runtime.path}: an int8 ONNX model passes no gradients, which --method {method} "
+                        "needs to make its images; give the float model it was made from, or teach from your own "
+                        "images with --method kd --data IMAGES")
 
 
 def _busy(run_dir: Path) -> str:

@@ -250,6 +250,8 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                             module=r"onnx2torch\.")
     try:
         graph = onnx.load(str(p))
+        if quantized_ops(graph):  # int8 (dfkd quantize, --quantize int8): onnxruntime runs it, without gradients
+            return _load_quantized_onnx(p, graph, spec)
         module = onnx2torch.convert(for_onnx2torch(graph))
     except Exception as e:  # noqa: BLE001 - protobuf, onnx and the converter each raise their own errors
         why = first_line(e)
@@ -268,6 +270,26 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                      "layout")
         warnings.warn(notes[-1], stacklevel=3)
     return LoadedModel(module, "onnx", spec, notes=notes)
+
+
+#: Operators of a quantized (int8) ONNX graph, which onnx2torch cannot convert and gradients cannot pass.
+QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger",
+                       "MatMulInteger", "DynamicQuantizeLinear", "QLinearAdd", "QLinearMul"})
+
+
+def quantized_ops(graph: Any) -> set[str]:
+    """The quantization operators in an ONNX graph (empty for a float model)."""
+    return {n.op_type for n in graph.graph.node} & QUANT_OPS
+
+
+def _load_quantized_onnx(p: Path, graph: Any, spec: InputSpec | None) -> LoadedModel:
+    from dfkd.onnxgraph import OnnxRuntimeModule
+
+    meta = {m.key: m.value for m in graph.metadata_props}
+    note = (f"--teacher {p}: an int8 ONNX model ({', '.join(sorted(quantized_ops(graph))[:3])}, ...): onnxruntime "
+            "runs it; it gives outputs but no gradients, so it can be evaluated, or teach a student from your "
+            "images (--method kd --data ...), not a data-free method")
+    return LoadedModel(OnnxRuntimeModule(p), "onnx-int8", spec or _spec_entry(meta.get(SPEC_KEY)), notes=[note])
 
 
 class _Records(logging.Handler):

@@ -40,12 +40,15 @@ feeds (N, C, H, W). `takes_channels_last` reads that from the graph's declared i
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from dfkd.errors import DfkdError
 
 #: The newest ONNX opset whose operators onnx2torch (1.5) converts; newer graphs are converted down to it.
 ONNX2TORCH_OPSET = 17
@@ -349,3 +352,37 @@ class ChannelsLastInput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         return self.module(x.permute(0, 2, 3, 1))
+
+
+class OnnxRuntimeModule(nn.Module):
+    """An ONNX model run by onnxruntime on the CPU: logits, but no gradients (an int8 QDQ model, say).
+
+    A graph with a fixed batch size is fed in chunks of that size (the last one padded).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        from dfkd.export import require
+
+        ort = require("onnxruntime")
+        self.path = str(path)
+        self.session = ort.InferenceSession(self.path, providers=["CPUExecutionProvider"])
+        first = self.session.get_inputs()[0]
+        self.input_name = first.name
+        batch = first.shape[0] if first.shape else None
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise DfkdError(f"{self.path}: an int8 ONNX model passes no gradients, which this method needs; give the "
+                            "float model it was made from (student.pt, or the model dfkd quantize read)")
+        a = x.detach().float().cpu().numpy()
+        size = self.fixed_batch or len(a)
+        outs = []
+        for i in range(0, len(a), size):
+            chunk = a[i:i + size]
+            pad = size - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(self.session.run(None, {self.input_name: chunk})[0][:size - pad])
+        return torch.from_numpy(np.concatenate(outs)).to(x.device)

@@ -14,7 +14,7 @@ from PIL import Image
 from dfkd.calibration import calibration_pixels
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
-from dfkd.data import load_images
+from dfkd.data import load_images, to_model_input
 from dfkd.deploy import QuantizeRequest, quantize_file
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
@@ -248,6 +248,26 @@ def test_cli_distill_quantize(teacher_file: str, tmp_path: Path) -> None:
     assert (tmp_path / "run" / "student_int8.onnx").is_file()
     res = CliRunner().invoke(main, ["report", str(tmp_path / "run")])
     assert res.exit_code == 0 and "int8:     size:" in res.output and "int8/float" in res.output
+
+
+def test_an_int8_onnx_file_is_evaluated_and_refused_as_a_data_free_teacher(teacher_file: str, eval_npz: str,
+                                                                          tmp_path: Path) -> None:
+    # dfkd evaluate said dfkd's own int8 file "could not be turned into a PyTorch module ... is it corrupt?"
+    res = CliRunner().invoke(main, ["distill", "--teacher", teacher_file, "--method", "dfad", "--steps", "2",
+                                    "-p", "batch_size=8", "--fid-every", "0", "--quantize", "int8",
+                                    "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    int8 = tmp_path / "run" / "student_int8.onnx"
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(int8), "--data", eval_npz, "--json"])
+    assert res.exit_code == 0, res.output
+    data = load_images(eval_npz)
+    x = to_model_input(data.x, MNIST_SPEC)
+    expected = (_run_onnx(int8, x).argmax(1) == data.y).float().mean().item()
+    assert json.loads(res.stdout)["top1"] == pytest.approx(expected)
+    res = CliRunner().invoke(main, ["distill", "--teacher", str(int8), "--method", "dfad", "--steps", "2",
+                                    "--out", str(tmp_path / "d")])
+    assert res.exit_code == 2 and "an int8 ONNX model passes no gradients, which --method dfad needs" in res.output
+    assert not (tmp_path / "d").exists()
 
 
 # --- what the int8 file holds -----------------------------------------------------------------------------------
