@@ -33,7 +33,7 @@ from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from dfkd.config import DistillConfig, check_file_archs, check_method_params
 from dfkd.cost import millions
 from dfkd.data import ImageData, load_for
-from dfkd.distributed import SINGLE, Dist, joined, rank_device, rank_seed, resume_command
+from dfkd.distributed import SINGLE, Dist, OtherRankFailed, joined, rank_device, rank_seed, resume_command
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
 from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, sha256_file
@@ -527,7 +527,7 @@ def _say_recipe(run: Run, resumed: bool = False) -> None:
 
 def _execute(run: Run, resume_step: int | None) -> RunResult:
     log = run.dist.on_main(lambda: RunLog(run.run_dir, resume_step)) or NullLog()
-    ended = False
+    ended = looping = False
     try:
         if resume_step is None:
             run.dist.on_main(lambda: _start(run, log))
@@ -538,11 +538,18 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             run.dist.on_main(lambda: _say_resumed(run))
             log.event(run.step, event="resume")
             run.dist.on_main(lambda: _score_teacher(run, log))
+        looping = True
         result = run.finish(log, run.loop(log))
         ended = True
         return result
     except WriteFailed as e:
         raise DfkdError(f"{e}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
+    except DfkdError as e:
+        if not looping or isinstance(e, (Interrupted, OtherRankFailed)) or "--resume" in str(e):
+            raise
+        # a problem met mid-run (an image of --data that does not decode, say): the run is not lost
+        raise DfkdError(f"{e}; the run keeps its last checkpoint (step {run.saved_step}): once that is fixed, "
+                        f"continue with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}") from None
     except OSError as e:
         err = disk_error(e)
         if err is None:

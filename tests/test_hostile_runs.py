@@ -14,9 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image
 
 import dfkd.io
 import dfkd.outpaths
@@ -218,6 +220,26 @@ def test_a_full_disk_under_the_log_names_the_file_and_the_checkpoint(teacher_fil
     assert f"the last good checkpoint is intact: continue with dfkd distill --resume {run}" in str(e.value)
     monkeypatch.undo()
     assert resume(run).step == 40
+
+
+def test_an_image_that_fails_mid_run_says_the_run_goes_on_once_it_is_fixed(teacher_file: str, tmp_path: Path) -> None:
+    # an image folder's pixels are decoded when first drawn: a truncated one stopped a run hours in with no word that
+    # the run was kept and could be continued
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        folder = tmp_path / "data" / str(i % 3)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(folder / f"{i}.png")
+    bad = tmp_path / "data" / "1" / "4.png"
+    good = bad.read_bytes()
+    bad.write_bytes(good[:len(good) // 2])
+    cfg = DistillConfig(teachers=(teacher_file,), method="kd", data=str(tmp_path / "data"), steps=12,
+                        out=str(tmp_path / "r"), fid_every=0, ckpt_every=2, params={"batch_size": 4})
+    with pytest.raises(DfkdError, match=r"4\.png: not a readable image .*; the run keeps its last checkpoint "
+                                        r"\(step \d+\): once that is fixed, continue with dfkd distill --resume "):
+        distill(cfg)
+    bad.write_bytes(good)
+    assert resume(tmp_path / "r").step == 12
 
 
 def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:
