@@ -578,7 +578,7 @@ def _refuse_gradient_free(teacher: torch.nn.Module, method: str) -> None:
 def _busy(run_dir: Path) -> str:
     """What a second process is told of a run folder another one works in (`dfkd.outpaths.folder_lock`)."""
     return (f"{run_dir}: {{pid}} is working in this run folder (the run, or a resume of it); wait for it to end, or "
-            f"stop it, then continue with dfkd distill --resume {run_dir}")
+            f"stop it, then continue with {resume_command(run_dir)}")
 
 
 def _new_run(cfg: DistillConfig, dist: Dist) -> RunResult:
