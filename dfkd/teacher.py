@@ -123,8 +123,8 @@ class Teacher(nn.Module):
         if reader is not None:
             self._logits_of, part = reader
             out = self._logits_of(out)
-            self.note(f"--teacher {self.source}: its forward returns more than logits; {part}, shape "
-                      f"{tuple(out.shape)}, is read as the logits")
+            self.note(f"--teacher {self.source}: its forward returns more than (batch, classes) logits; {part}, "
+                      f"shape {tuple(out.shape)}, is read as the logits")
         elif isinstance(out, (tuple, list)):
             raise DfkdError(f"--teacher {self.source}: forward returns a {type(out).__name__} without a (batch, "
                             "classes) tensor in it; dfkd needs the logits (wrap the module to return them alone)")
@@ -330,6 +330,11 @@ class LogOf:
         return p.clamp_min(torch.finfo(p.dtype).tiny).log()
 
 
+def _flatten_1x1(t: torch.Tensor) -> torch.Tensor:
+    """(batch, classes, 1, 1) -> (batch, classes): the logits of a head that ends in a 1x1 convolution."""
+    return t.flatten(1)
+
+
 def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], torch.Tensor], str] | None:
     """How to read (batch, classes) logits from a forward that returns more than them, and its name; else None.
 
@@ -341,6 +346,9 @@ def logits_reader(out: Any, head: int | None = None) -> tuple[Callable[[Any], to
     """
     def logits_like(t: Any) -> bool:
         return torch.is_tensor(t) and t.dim() == 2
+
+    if torch.is_tensor(out) and out.dim() == 4 and tuple(out.shape[2:]) == (1, 1):  # a fully convolutional head
+        return _flatten_1x1, "its (batch, classes, 1, 1) output, flattened"
 
     def candidates(entries: Iterable[tuple[Any, Any]]) -> tuple[list[Any], Any]:
         """The keys of the 2-D entries, and the one key as wide as `head` (None unless exactly one is)."""

@@ -130,12 +130,28 @@ def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
     rich, spec = Rich().eval(), InputSpec(1, 16, (0.5,), (0.5,))
     plain = Toy().eval()
     plain.load_state_dict(rich.state_dict())
-    with pytest.warns(UserWarning, match=r"returns more than logits; .*, shape \(2, 4\), is read as the logits"):
+    with pytest.warns(UserWarning,
+                      match=r"returns more than \(batch, classes\) logits; .*, shape \(2, 4\), is read as the logits"):
         t = Teacher(rich, spec)
     x = torch.randn(3, 1, 16, 16)
     assert t.num_classes == 4 and torch.equal(t(x), plain(x))
     logits, features = t.forward_with_features(x)
     assert torch.equal(logits, plain(x)) and features.shape == (3, 8)
+
+
+def test_a_head_that_ends_in_a_1x1_convolution_is_flattened():
+    # (batch, classes, 1, 1) from a fully convolutional head: "expected (batch, classes) logits"
+    class ConvHead(Toy):
+        def forward(self, x):
+            return super().forward(x)[:, :, None, None]
+
+    torch.manual_seed(0)
+    conv, plain = ConvHead().eval(), Toy().eval()
+    plain.load_state_dict(conv.state_dict())
+    with pytest.warns(UserWarning, match=r"its \(batch, classes, 1, 1\) output, flattened, shape \(2, 4\), is read as"):
+        t = Teacher(conv, InputSpec(1, 16, (0.5,), (0.5,)))
+    x = torch.randn(3, 1, 16, 16)
+    assert t.num_classes == 4 and torch.equal(t(x), plain(x))
 
 
 def test_a_dict_without_logits_to_take_is_refused_with_its_keys():
