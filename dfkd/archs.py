@@ -121,13 +121,39 @@ def build_model(arch: str, kwargs: dict[str, Any], flag: str = "--teacher-arch",
     _refuse_downloads(arch, kwargs, flag)
     name = arch.partition(":")[2]
     if kind == "torchvision":
-        model = _call(arch, _torchvision_factory(name, flag), {"weights": None, **kwargs}, flag, fix)
+        model = _call(arch, _torchvision_factory(name, flag), {"weights": None, **_aux_kwargs(name, kwargs, flag)},
+                      flag, fix)
     elif kind == "timm":
         model = _call(arch, _timm_factory(name, flag), {"pretrained": False, **kwargs}, flag, fix)
     else:
         model = _call(arch, import_callable(arch, flag, trusted), kwargs, flag, fix)
     _declare_stages(model)
     return model
+
+
+#: torchvision models with auxiliary classifiers, whose ImageNet weights also turn `transform_input` on.
+AUX_MODELS = ("googlenet", "inception_v3")
+
+
+def _aux_kwargs(name: str, kwargs: dict[str, Any], flag: str) -> dict[str, Any]:
+    """GoogLeNet and Inception-v3: no auxiliary heads for a student, and what a teacher's file cannot say.
+
+    In training mode those heads make the forward return a named tuple (a student crashed on it); their weight
+    initialisation is fixed (`init_weights=True`, what torchvision does now, without its FutureWarning). Built from
+    ImageNet weights they re-normalise their input inside the model (`transform_input=True`), which a state_dict
+    does not record: a teacher fine-tuned from them is warned to say so.
+    """
+    if name not in AUX_MODELS:
+        return kwargs
+    kwargs = {"init_weights": True, **kwargs}
+    if flag == "--student":
+        return {"aux_logits": False, **kwargs}
+    if "transform_input" not in kwargs:
+        warnings.warn(f"{flag} torchvision:{name}: built with transform_input=False, as torchvision does without "
+                      "weights; one fine-tuned from torchvision's ImageNet weights re-normalises its input inside "
+                      "(transform_input=True), which its state_dict does not record: if yours was, add --arch-arg "
+                      "transform_input=true", stacklevel=3)
+    return kwargs
 
 
 def _refuse_downloads(arch: str, kwargs: dict[str, Any], flag: str) -> None:

@@ -149,6 +149,10 @@ def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> No
 
 def _fit_hint(model: nn.Module, state: dict[str, Any]) -> str:
     """What to change when the first convolution's input channels are all that differ, else the usual suspects."""
+    missing = set(model.state_dict()) - set(state)
+    if missing and all(k.split(".")[0] in ("aux1", "aux2", "AuxLogits") for k in missing):
+        return ("the file has no auxiliary heads (as after fine-tuning GoogLeNet or Inception-v3 without them): give "
+                "--arch-arg aux_logits=false")
     convs = [(k, v) for k, v in model.state_dict().items() if v.dim() == 4]
     if convs:
         key, mine = convs[0]

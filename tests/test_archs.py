@@ -90,6 +90,22 @@ def test_classes_from_a_pointwise_convolution_classifier(tmp_path):
     assert t.num_classes == 10 and t.arch_kwargs == {"num_classes": 10}
 
 
+def test_googlenet_as_teacher_and_student(tmp_path):
+    # a GoogLeNet fine-tuned without its auxiliary heads was refused with 600 characters of missing aux keys; its
+    # ImageNet-born transform_input went unsaid; as a student its training-mode named tuple crashed the run
+    model = torchvision.models.googlenet(weights=None, num_classes=5, aux_logits=False, init_weights=True).eval()
+    path = tmp_path / "gn.pt"
+    torch.save(model.state_dict(), path)
+    spec = InputSpec(3, 64, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(DfkdError, match="the file has no auxiliary heads .*: give --arch-arg aux_logits=false"):
+        load_teacher(path, arch="torchvision:googlenet", spec=spec)
+    with pytest.warns(UserWarning, match="transform_input=True.*add --arch-arg transform_input=true"):
+        t = load_teacher(path, arch="torchvision:googlenet", arch_args={"aux_logits": False}, spec=spec)
+    _same(t, model)
+    student = build_model("torchvision:googlenet", {"num_classes": 5}, flag="--student").train()
+    assert torch.is_tensor(student(torch.zeros(2, 3, 64, 64)))
+
+
 def test_torchvision_state_dict_with_inferred_classes(tmp_path):
     model, path = _tv_state(tmp_path, classes=7)
     t = load_teacher(path, arch="torchvision:resnet18", spec=SPEC32)
