@@ -190,12 +190,18 @@ def refuse_quantized(obj: Any, what: str) -> None:
                         "float model it was made from: give its weights from before quantize_dynamic/convert")
 
 
+#: Where training checkpoints keep the model's state_dict.
+STATE_KEYS = ("state_dict", "model", "model_state_dict", "model_state", "net")
+
+
 def _extract_state_dict(obj: Any) -> dict[str, torch.Tensor] | None:
     if isinstance(obj, dict):
-        for key in ("state_dict", "model", "model_state_dict", "net"):
+        for key in STATE_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
+        if obj and any(str(k).startswith("module.") for k in obj):
+            obj = {k: v for k, v in obj.items() if k != "n_averaged"}  # torch.optim.swa_utils.AveragedModel's count
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             return {unwrapped(k): v for k, v in obj.items()}
     return None
@@ -391,7 +397,9 @@ def load_user_model(
     state = _extract_state_dict(obj)
     refuse_quantized(obj if state is None else state, f"--teacher {p}")
     if state is None:
-        raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}, neither a dfkd model file nor a state_dict")
+        keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
+        raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}{keys}, neither a dfkd model file nor a "
+                        f"state_dict (nor one under {', '.join(STATE_KEYS)}); save the model's state_dict() alone")
     return _from_state_dict(state, arch, spec, p, arch_args)
 
 
@@ -411,6 +419,10 @@ def _load_pickle(p: Path, spec: InputSpec | None, arch: str | None = None,
     try:
         obj = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001
+        if "__main__" in str(e):  # pickled by a script run as a program: no other program can import its classes
+            raise DfkdError(f"--teacher {p}: the pickle names classes of the script that saved it ({_short(e)}), "
+                            "which no other program can import; in that script save model.state_dict() instead "
+                            "and give --teacher-arch module:Class of a file that defines the class") from None
         raise DfkdError(f"--teacher {p}: the pickle could not be loaded ({_short(e)}); the classes it names must be "
                         "importable (run from the folder with their code, or add it to PYTHONPATH)") from None
     refuse_quantized(obj, f"--teacher {p}")

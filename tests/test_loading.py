@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import subprocess
 import sys
 import uuid
 import warnings
@@ -978,3 +979,28 @@ def test_not_a_state_dict(tmp_path):
     torch.save([1, 2, 3], path)
     msg = _error(path, arch="lenet5", spec=SPEC)
     assert "list.pt" in msg and "neither a dfkd model file nor a state_dict" in msg
+    torch.save({"weights": _zoo().state_dict(), "epoch": 3}, path)  # the keys are named, to find the state_dict
+    assert "holds a dict with keys ['epoch', 'weights'], neither" in _error(path, arch="lenet5_bn", spec=SPEC)
+
+
+def test_more_training_checkpoint_layouts_load(tmp_path):
+    # {"model_state": ...} and an AveragedModel's state_dict (its n_averaged count beside module.*) were refused
+    model = _zoo()
+    path = tmp_path / "c.pt"
+    torch.save({"model_state": model.state_dict(), "epoch": 3}, path)
+    _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC), model)
+    torch.save(torch.optim.swa_utils.AveragedModel(model).state_dict(), path)
+    _same_outputs(load_teacher(path, arch="lenet5_bn", spec=SPEC), model)
+
+
+def test_a_model_pickled_by_a_script_gets_advice_that_works(tmp_path):
+    # "the classes it names must be importable (... add it to PYTHONPATH)", which cannot work for __main__ classes
+    script = tmp_path / "train.py"
+    script.write_text("import torch\nclass Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+                      "        self.fc = torch.nn.Linear(4, 3)\n    def forward(self, x):\n"
+                      "        return self.fc(x.flatten(1)[:, :4])\n"
+                      f"torch.save(Net(), {str(tmp_path / 'whole.pt')!r})\n")
+    subprocess.run([sys.executable, str(script)], check=True, cwd=tmp_path)
+    with pytest.raises(DfkdError, match=r"the pickle names classes of the script that saved it .*save "
+                                        r"model\.state_dict\(\) instead"):
+        load_teacher(tmp_path / "whole.pt", trust_pickle=True, spec=SPEC)
