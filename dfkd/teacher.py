@@ -450,17 +450,19 @@ def load_teacher(
 
 
 def _in_fp32(module: nn.Module, path: str | os.PathLike) -> tuple[nn.Module, str]:
-    """`module` with its float16/bfloat16 weights and buffers made float32 (exactly: every such value is one).
+    """`module` with its float16/bfloat16 (exactly) or float64 (rounded) weights and buffers made float32.
 
     So it takes the float32 images every command feeds it; --precision bf16/fp16 still runs it in low precision
     under autocast. A file saved after `model.half()` (a TorchScript, torch.export, ONNX or pickled module; a
     state_dict is loaded into a float32 network anyway) is told so once; the message is returned ("" if none).
     """
-    low = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.dtype in (torch.float16, torch.bfloat16)}
+    other = (torch.float16, torch.bfloat16, torch.float64)
+    low = {t.dtype for t in (*module.parameters(), *module.buffers()) if t.dtype in other}
     if not low:
         return module, ""
+    values = "rounded to float32" if torch.float64 in low else "the same values"  # a model.double() one
     message = (f"{path}: its weights are {'/'.join(sorted(str(d).removeprefix('torch.') for d in low))}; dfkd holds "
-               "them in float32 (the same values) and computes as --precision says")
+               f"them in float32 ({values}) and computes as --precision says")
     warnings.warn(message, stacklevel=3)
     return module.float(), message
 
