@@ -337,7 +337,13 @@ def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
             ep = torch.export.load(str(p), extra_files=extra)
             module = torch.export.unflatten(ep)
         except Exception as e:  # noqa: BLE001
-            raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({_export_cause(e, records)}); "
+            cause = _export_cause(e, records)
+            if "CUDA device" in cause and not torch.cuda.is_available():  # it was called corrupt or truncated
+                raise DfkdError(f"--teacher {p}: the torch.export archive holds CUDA weights (it was exported on a "
+                                "GPU) and torch.export cannot map them to this machine, which has none; export it "
+                                "again from the CPU (model.cpu() before torch.export.export), or give its "
+                                "state_dict with --teacher-arch") from None
+            raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({cause}); "
                             "is it corrupt or truncated? Save it again with torch.export.save") from None
     return LoadedModel(module, "export", spec or _spec_entry(extra[SPEC_KEY]))
 

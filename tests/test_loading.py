@@ -335,6 +335,18 @@ def test_a_half_precision_teacher_is_held_in_float32(tmp_path, fmt, dtype):
     assert torch.allclose(t(x), expected, atol=1e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_an_export_archive_saved_on_a_gpu_is_named_so(tmp_path, monkeypatch):
+    # "could not be read (Attempting to deserialize object on a CUDA device ...); is it corrupt or truncated?"
+    path = tmp_path / "m.pt2"
+    ep = torch.export.export(ScriptableNet().eval(), (torch.randn(2, 1, 16, 16),))
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")  # as saved from a GPU
+        torch.export.save(ep, str(path))
+    with pytest.raises(DfkdError, match="holds CUDA weights .* export it again from the CPU"):
+        load_teacher(path, spec=InputSpec(1, 16, (0.5,), (0.5,)))
+
+
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory):
     """The BN LeNet-5 as ONNX: as `dfkd export` writes it (its spec inside) and as torch.onnx.export alone does."""
