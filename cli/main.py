@@ -134,14 +134,16 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
     """
     from dfkd.data import load_for
     from dfkd.evaluate import accuracy, data_doubt, size_note
+    from dfkd.teacher import warn_unused_arch
     from dfkd.teacher_options import load_with_options
     from dfkd.utils import pick_device
 
     dev = pick_device(device)
     options = pop_teacher_options(kw)
-    model = load_with_options(model_path, options, dev, flag="--model")
+    model = load_with_options(model_path, options, dev, flag="--model", warn_unused=False)
     images = load_for(data, "--data", model.num_classes, model.spec, model.class_names)
-    t = load_with_options(teacher, options, dev) if teacher else None
+    t = load_with_options(teacher, options, dev, warn_unused=False) if teacher else None
+    warn_unused_arch(options.arch, options.arch_args, [model, *([t] if t else [])])  # once: the options serve both
     if t is not None and t.num_classes != model.num_classes:  # agreement of a 10- and a 5-class model means nothing
         raise DfkdError(f"--teacher {teacher}: has {t.num_classes} classes, --model {model_path} has "
                         f"{model.num_classes}; agreement needs the same classes: give the teacher the model was "

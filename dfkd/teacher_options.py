@@ -48,7 +48,7 @@ class TeacherOptions:
 
 
 def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = None,
-                      device: str | torch.device = "cpu", flag: str = "--teacher") -> Teacher:
+                      device: str | torch.device = "cpu", flag: str = "--teacher", warn_unused: bool = True) -> Teacher:
     """Load any model file (DESIGN §4) as a frozen `Teacher`, reading it as `options` say.
 
     Args:
@@ -56,6 +56,8 @@ def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = 
         options: the shared teacher options (None: the file must describe itself).
         device: where the model runs.
         flag: the option that named the file ("--teacher", "--model"), for messages.
+        warn_unused: warn when the architecture options do not apply to this file (a command that reads two files
+            with one set of options warns once, of both: `warn_unused_arch`).
 
     Raises:
         DfkdError: one readable line naming `flag` and the file.
@@ -63,7 +65,8 @@ def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = 
     o = options or TeacherOptions()
     if flag == "--teacher":
         teacher = load_teacher(path, o.arch, o.trust_pickle, o.spec(), device, o.arch_args)
-        warn_unused_arch(o.arch, o.arch_args, [teacher])
+        if warn_unused:
+            warn_unused_arch(o.arch, o.arch_args, [teacher])
         return teacher
     try:  # the loader's errors, warnings and notes name the usual flag: they name `flag` instead
         with warnings.catch_warnings(record=True) as caught:
@@ -75,7 +78,8 @@ def load_with_options(path: str | os.PathLike, options: TeacherOptions | None = 
         for w in caught:  # shown as the caller's filters say
             warnings.warn_explicit(_renamed(str(w.message), flag), w.category, w.filename, w.lineno)
     teacher.notes = [_renamed(n, flag) for n in teacher.notes]
-    warn_unused_arch(o.arch, o.arch_args, [teacher])
+    if warn_unused:
+        warn_unused_arch(o.arch, o.arch_args, [teacher])
     return teacher
 
 

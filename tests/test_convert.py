@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,15 @@ def test_architecture_flags_a_model_file_does_not_use_are_named(tmp_path):
                                              "dfkd model file of lenet5_bn, which brings its own network"):
             res = CliRunner().invoke(main, [*args, "--teacher-arch", "resnet18", "--arch-arg", "width=2"])
         assert res.exit_code == 0, res.output
+    # evaluate reads --model and --teacher with one set of flags: a state_dict teacher uses them, and the model
+    # file beside it was said not to
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not used")
+        res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "own.pt"), "--teacher",
+                                        str(tmp_path / "sd.pt"), "--teacher-arch", "lenet5_bn", "--channels", "1",
+                                        "--input-size", "32", "--mean", "0.1307", "--std", "0.3081",
+                                        "--data", str(tmp_path / "test.npz")])
+    assert res.exit_code == 0 and "agreement with teacher: 100.00%" in res.output, res.output
 
 
 def test_a_model_file_is_not_written_under_an_onnx_name(tmp_path):
