@@ -172,6 +172,17 @@ class Teacher(nn.Module):
         self.notes.append(message)
         warnings.warn(message, stacklevel=3)
 
+    def _fixed_batch(self, x: torch.Tensor) -> int | None:
+        """The one batch size a module that failed at batch 2 runs at, among the usual ones; None if none does."""
+        for n in (4, 8, 16, 32, 64, 128, 256):
+            try:
+                with torch.no_grad(), full_fp32():
+                    self.module(x[:1].expand(n, *x.shape[1:]))
+                return n
+            except Exception:  # noqa: BLE001 - not this size either
+                continue
+        return None
+
     def _probe_forward(self, x: torch.Tensor) -> torch.Tensor:
         try:
             with torch.no_grad(), full_fp32():
@@ -184,6 +195,9 @@ class Teacher(nn.Module):
                 hint = ("it takes one image at a time (its batch dimension was fixed when it was exported): "
                         "re-export it with a dynamic batch dimension (torch.onnx.export(..., dynamic_shapes=({0: "
                         "torch.export.Dim('batch')},)) or dynamic_axes; torch.export.export(..., dynamic_shapes=...))")
+            elif (fixed := self._fixed_batch(x)) is not None:
+                hint = (f"it runs on batches of exactly {fixed} (its forward fixes the batch size, as a view({fixed}, "
+                        "...) does): make it take any batch (x.flatten(1), or x.view(x.size(0), -1))")
             elif _takes_flat_vectors(self.module, x):
                 cls = type(self.module).__name__
                 hint = (f"its first layer is a Linear of {x[0].numel()} inputs: it takes flattened vectors, and dfkd "

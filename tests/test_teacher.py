@@ -139,6 +139,17 @@ def test_a_module_that_returns_more_than_logits_is_read_through_them(wrap):
     assert torch.equal(logits, plain(x)) and features.shape == (3, 8)
 
 
+def test_a_forward_that_fixes_the_batch_size_is_named_so():
+    # "does not accept inputs of shape (2, 1, 16, 16) ...; check --channels/--input-size"
+    class Eight(Toy):
+        def forward(self, x):
+            f = torch.relu(self.bn(self.conv(x))).mean((2, 3)).view(8, 3)
+            return self.head(torch.relu(self.hidden(f)))
+
+    with pytest.raises(DfkdError, match=r"runs on batches of exactly 8 .*x\.view\(x\.size\(0\), -1\)"):
+        Teacher(Eight().eval(), InputSpec(1, 16, (0.5,), (0.5,)))
+
+
 def test_a_head_that_ends_in_a_1x1_convolution_is_flattened():
     # (batch, classes, 1, 1) from a fully convolutional head: "expected (batch, classes) logits"
     class ConvHead(Toy):
