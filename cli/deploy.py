@@ -11,7 +11,9 @@ import click
 from dfkd.cli.main import friendly
 from dfkd.cli.options import SIZE
 
-_MODEL_HELP = "Architecture of a plain state_dict MODEL: zoo NAME or module:Class."
+_MODEL_HELP = ("Architecture of a plain state_dict MODEL: zoo NAME, torchvision:NAME, timm:NAME or module:Class "
+               "(--teacher-arch, as the other commands spell it, is the same).")
+_ARG_HELP = "Constructor argument of --arch (repeat; JSON values), as --arch-arg on the other commands."
 
 
 def _spec(channels: int | None, input_size: int | tuple[int, int] | None, mean: tuple[float, ...],
@@ -27,7 +29,8 @@ def _spec(channels: int | None, input_size: int | tuple[int, int] | None, mean: 
               help="TorchScript (torch.jit.load), ONNX (onnxruntime) or a torch.export archive (torch.export.load).")
 @click.option("--out", required=True, help="The file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--arch", default=None, help=_MODEL_HELP)
+@click.option("--arch", "--teacher-arch", "arch", default=None, help=_MODEL_HELP)
+@click.option("--arch-arg", "arch_args", multiple=True, metavar="KEY=VALUE", help=_ARG_HELP)
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled module (runs code from the file).")
 @click.option("--channels", type=click.IntRange(min=1), default=None, help="Input channels (if the file does not say).")
 @click.option("--input-size", type=SIZE, default=None, metavar="S|HxW",
@@ -35,9 +38,9 @@ def _spec(channels: int | None, input_size: int | tuple[int, int] | None, mean: 
 @click.option("--mean", type=float, multiple=True, help="Normalisation mean per channel (repeat the flag).")
 @click.option("--std", type=float, multiple=True, help="Normalisation std per channel (repeat the flag).")
 @friendly
-def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, trust_pickle: bool,
-               channels: int | None, input_size: int | tuple[int, int] | None, mean: tuple[float, ...],
-               std: tuple[float, ...]) -> None:
+def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, arch_args: tuple[str, ...],
+               trust_pickle: bool, channels: int | None, input_size: int | tuple[int, int] | None,
+               mean: tuple[float, ...], std: tuple[float, ...]) -> None:
     """Export a model for deployment, with a dynamic batch axis and its input spec inside ("dfkd_spec").
 
     After writing, the file is loaded back without dfkd and must reproduce the model's logits.
@@ -47,9 +50,11 @@ def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, tr
       dfkd export runs/RUN/student.pt --format onnx --out student.onnx
       dfkd export examples/mnist_lenet5_bn.pt --format torchscript --out teacher.ts
     """
+    from dfkd.archs import parse_arch_args
     from dfkd.deploy import export_file
 
-    check = export_file(model, fmt, out, force, arch, trust_pickle, _spec(channels, input_size, mean, std))
+    check = export_file(model, fmt, out, force, arch, trust_pickle, _spec(channels, input_size, mean, std),
+                        parse_arch_args(arch_args))
     click.echo(f"wrote {out} ({fmt}, {Path(out).stat().st_size / 1024:.1f} KiB)")
     click.echo(check.line())
 
@@ -71,7 +76,8 @@ def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, tr
 @click.option("--synth-steps", type=click.IntRange(min=0), default=None,
               help="Student steps the METHOD trains before images are collected (as `dfkd synthesize --steps`).")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE", help="METHOD hyper-parameter override.")
-@click.option("--arch", default=None, help=_MODEL_HELP)
+@click.option("--arch", "--teacher-arch", "arch", default=None, help=_MODEL_HELP)
+@click.option("--arch-arg", "arch_args", multiple=True, metavar="KEY=VALUE", help=_ARG_HELP)
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled module (runs code from the file).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -89,11 +95,13 @@ def quantize_cmd(params: tuple[str, ...], **kw: Any) -> None:
           --eval-data examples/mnist_test.npz --out student_int8.onnx
       dfkd quantize student.pt --calibration transfer.npz --out student_int8.onnx
     """
+    from dfkd.archs import parse_arch_args
     from dfkd.config import parse_param
     from dfkd.deploy import QuantizeRequest, quantize_file
     from dfkd.utils import pick_device
 
     kw["device"] = str(pick_device(kw["device"]))
+    kw["arch_args"] = parse_arch_args(kw["arch_args"])
     stats = quantize_file(QuantizeRequest(params=dict(map(parse_param, params)), **kw))
     click.echo(f"wrote {kw['out']} (int8 ONNX, QDQ, per-channel weights)")
     for line in stats.lines():

@@ -21,7 +21,7 @@ from dfkd.teacher import Teacher, load_teacher
 
 
 def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickle: bool = False,
-                   spec: InputSpec | None = None) -> Teacher:
+                   spec: InputSpec | None = None, arch_args: dict[str, Any] | None = None) -> Teacher:
     """Any file dfkd can load (dfkd model file, state_dict + arch, TorchScript, torch.export, trusted pickle).
 
     Returned frozen, on CPU, with its input spec and class count (`.module` is the classifier itself). A
@@ -29,7 +29,7 @@ def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickl
     do (`dfkd.loading`).
     """
     try:
-        return load_teacher(path, arch, trust_pickle, spec, device="cpu")
+        return load_teacher(path, arch, trust_pickle, spec, device="cpu", arch_args=arch_args)
     except DfkdError as e:  # the loader speaks of --teacher/--teacher-arch; here they are MODEL and --arch
         text = str(e).replace("--teacher-arch", "--arch")
         raise DfkdError(text.removeprefix("--teacher ")) from None
@@ -52,10 +52,11 @@ def _self_describing_teacher(path: str | os.PathLike, device: str) -> Teacher:
 
 
 def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike, force: bool = False,
-                arch: str | None = None, trust_pickle: bool = False, spec: InputSpec | None = None) -> ExportCheck:
+                arch: str | None = None, trust_pickle: bool = False, spec: InputSpec | None = None,
+                arch_args: dict[str, Any] | None = None) -> ExportCheck:
     """Export a model file to `fmt` at `out`, checked against the source (see `dfkd.export.export_model`)."""
     check_format_name(check_output_file(out, force=force), fmt)
-    m = load_model_any(model_path, arch, trust_pickle, spec)
+    m = load_model_any(model_path, arch, trust_pickle, spec, arch_args)
     return export_model(m.module, m.spec, m.num_classes, fmt, out, force, m.class_names)
 
 
@@ -73,6 +74,7 @@ class QuantizeRequest:
     params: dict[str, Any] | None = None
     synth_steps: int | None = None
     arch: str | None = None
+    arch_args: dict[str, Any] | None = None
     trust_pickle: bool = False
     force: bool = False
     seed: int = 0
@@ -89,7 +91,7 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
         raise DfkdError(f"--out {req.out}: dfkd quantize writes an int8 ONNX model; give a name ending in .onnx "
                         "(onnxruntime runs it; `dfkd export` writes the float model in other formats)")
     check_output_file(req.out, force=req.force)
-    model = load_model_any(req.model, req.arch, req.trust_pickle)
+    model = load_model_any(req.model, req.arch, req.trust_pickle, arch_args=req.arch_args)
     teacher = _self_describing_teacher(req.teacher, req.device) if req.teacher else None
     eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \
         if req.eval_data else None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from click.testing import CliRunner
 
 import dfkd.export
@@ -177,6 +178,18 @@ def test_cli_export(teacher_file: str, tmp_path: Path) -> None:
     assert "reproduces the source logits" in res.output and "max |diff|" in res.output
     res = CliRunner().invoke(main, ["export", teacher_file, "--format", "torchscript", "--out", str(out)])
     assert res.exit_code == 2 and "--force" in res.output
+
+
+def test_cli_export_takes_the_teacher_options_of_the_other_commands(tmp_path: Path) -> None:
+    # `--teacher-arch` was "No such option" and `--arch-arg` did not exist: a torchvision state_dict whose
+    # constructor needs an argument could not be exported
+    model = torchvision.models.squeezenet1_1(weights=None, num_classes=5, dropout=0.2).eval()
+    torch.save(model.state_dict(), tmp_path / "sq.pt")
+    res = CliRunner().invoke(main, ["export", str(tmp_path / "sq.pt"), "--teacher-arch", "torchvision:squeezenet1_1",
+                                    "--arch-arg", "num_classes=5", "--channels", "3", "--input-size", "64",
+                                    "--mean", "0.5", "--std", "0.25", "--format", "torchscript",
+                                    "--out", str(tmp_path / "sq.ts")])
+    assert res.exit_code == 0 and "reproduces the source logits" in res.output, res.output
 
 
 def test_an_exported_file_brings_its_spec_back(teacher_file: str, tmp_path: Path) -> None:
