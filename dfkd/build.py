@@ -111,6 +111,11 @@ def warn_no_effect(cls: type[Method], params: dict[str, Any], given: dict[str, A
     for key in sorted(k for k in given if k in unused):
         warnings.warn(f"-p {key}={json.dumps(given[key])} has no effect: {cls.name} does not use it here "
                       f"({unused[key]})", stacklevel=3)
+    synth = params.get("synth_batch_size")
+    if "batch_size" in given and "synth_batch_size" not in given and synth not in (None, given["batch_size"]):
+        # a user cutting the batch to fit memory on a heavy teacher found the synthesis as large as before
+        warnings.warn(f"-p batch_size={given['batch_size']} sets the student's batch; {cls.name} synthesizes images "
+                      f"{synth} at a time (-p synth_batch_size=N sets that)", stacklevel=3)
 
 
 #: The largest gradient norm of a student without normalisation layers, when neither its recipe nor the user set one.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from dfkd.build import warn_no_effect
 from dfkd.checkpoint import load_checkpoint
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
@@ -129,6 +131,19 @@ def test_a_setting_the_run_does_not_use_is_said_to_have_no_effect(teacher_file: 
         "uses it)",
         "-p momentum=0.5 has no effect: dfq does not use it here (the student's optimizer is adam; -p "
         "s_optimizer=sgd uses it)"]
+
+
+def test_a_smaller_batch_says_the_synthesis_keeps_its_own() -> None:
+    # -p batch_size=2 to fit memory on a heavy teacher: the synthesis still made its recipe's batches, unsaid
+    with pytest.warns(UserWarning, match=r"-p batch_size=2 sets the student's batch; nayer synthesizes images 64 at "
+                                         r"a time \(-p synth_batch_size=N sets that\)"):
+        warn_no_effect(get_method("nayer"), {**get_method("nayer").default_params(None), "synth_batch_size": 64,
+                                             "batch_size": 2}, {"batch_size": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_no_effect(get_method("nayer"), {"synth_batch_size": 8, "batch_size": 2}, {"batch_size": 2,
+                                                                                      "synth_batch_size": 8})
+        warn_no_effect(get_method("deepinversion"), {"synth_batch_size": None, "batch_size": 2}, {"batch_size": 2})
 
 
 def test_a_resumed_run_does_not_warn_of_its_saved_settings_again(teacher_file: str, tmp_path: Path,
