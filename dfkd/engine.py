@@ -74,6 +74,10 @@ class Interrupted(DfkdError):
     """Ctrl-C: the run saved a checkpoint at a round boundary and stopped."""
 
 
+#: Run time (the budget's clock, agreed by every rank) after which a round boundary checkpoints whatever
+#: --ckpt-every says: on a heavy teacher 250 steps took hours, all lost to a scheduler's kill.
+CHECKPOINT_SECONDS = 600.0
+
 #: The signals that ask a run to stop: Ctrl-C, `kill`/`docker stop`/a scheduler's limit/torchrun's agent, and a
 #: closed terminal or dropped SSH session (SIGHUP, where the system has it).
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
@@ -303,6 +307,7 @@ class Run:
                 "img": self.step // cfg.image_every, "log": self.step // cfg.log_every,
                 "fid": self.step // max(cfg.fid_every, 1)}
         window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
+        saved_at = self.elapsed  # the run's agreed time of the last checkpoint (the same on every rank)
         metrics: dict[str, float] = {}
         clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
         self.method.clock = clock
@@ -365,8 +370,8 @@ class Run:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
                                                                       self.chunk), "fid/")
-                if self.step // cfg.ckpt_every > last["ckpt"]:
-                    last["ckpt"] = self.step // cfg.ckpt_every
+                if self.step // cfg.ckpt_every > last["ckpt"] or self.elapsed - saved_at >= CHECKPOINT_SECONDS:
+                    last["ckpt"], saved_at = self.step // cfg.ckpt_every, self.elapsed
                     self.checkpoint()
                 if sig["stop"]:
                     self.checkpoint()

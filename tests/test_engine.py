@@ -91,6 +91,25 @@ def test_progress_in_a_log_file_is_redrawn_rarely(teacher_file: str, tmp_path: P
     assert redraws <= 6, redraws
 
 
+def test_a_long_stretch_without_a_checkpoint_gets_one_by_time(teacher_file: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # --ckpt-every counts steps only: on a heavy teacher 250 steps were hours a scheduler's kill took with it
+    steps: list[int] = []
+    original = engine.Run.checkpoint
+
+    def counted(self, finished: bool = False) -> None:  # noqa: ANN001
+        steps.append(self.step)
+        original(self, finished)
+
+    monkeypatch.setattr(engine.Run, "checkpoint", counted)
+    distill(cfg_for(teacher_file, tmp_path / "a", steps=8, ckpt_every=1000))
+    assert steps == [0, 8]  # the start and the end
+    steps.clear()
+    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)  # as if each round took longer than the interval
+    distill(cfg_for(teacher_file, tmp_path / "b", steps=8, ckpt_every=1000))
+    assert steps == [0, 2, 4, 6, 8, 8]
+
+
 def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="no parameter"):
         distill(cfg_for(teacher_file, tmp_path / "r", params={"lr_gen": 1.0}))
