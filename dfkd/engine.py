@@ -68,6 +68,7 @@ class RunResult:
     peak_rss_mib: float = 0.0  # the process's peak resident memory at the end of the run
     selected: str = ""  # which student student.pt is, when held-out selection chose it (dfkd.selection)
     rank: int = 0  # this process's rank in a torchrun job (only rank 0 wrote the run folder)
+    stop_requested: bool = False  # a stop signal came while the run was finishing: it finished (a caller may stop)
 
 
 class Interrupted(DfkdError):
@@ -601,7 +602,9 @@ def _new_run(cfg: DistillConfig, dist: Dist) -> RunResult:
         try:
             run = dist.on_every(lambda: Run(cfg, run_dir, dist=dist), Run.close)
             run.stop, stop["run"] = stop, run
-            return _execute(run, None)
+            result = _execute(run, None)
+            result.stop_requested = stop["stop"]
+            return result
         except BaseException:
             if dist.main:
                 _drop_unstarted(run_dir, created)
@@ -788,6 +791,7 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
                             Run.close)  # each rank restores its own share: all must before rank 0 cuts the log
         run.stop, stop["run"] = stop, run
         result = _execute(run, run.step)
+        result.stop_requested = stop["stop"]
     result.rank = dist.rank
     return result
 

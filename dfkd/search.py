@@ -177,15 +177,27 @@ def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> 
             trial.set_user_attr("pruned", "constraint")
             raise optuna.TrialPruned()
         run_dir = Path(cfg.out) / "trials" / f"trial-{trial.number}"
-        half = distill(_distill_cfg(cfg, arch, args, run_dir, _half(cfg.trial_steps, int),
-                                    _half(cfg.trial_minutes, float)))
+        half = _not_stopped(distill(_distill_cfg(cfg, arch, args, run_dir, _half(cfg.trial_steps, int),
+                                                 _half(cfg.trial_minutes, float))))
         trial.report(half.metrics["top1"], 0)
         if trial.should_prune():
             trial.set_user_attr("pruned", "median")
             raise optuna.TrialPruned()
-        return float(resume(run_dir, steps=cfg.trial_steps, budget_minutes=cfg.trial_minutes).metrics["top1"])
+        return float(_not_stopped(resume(run_dir, steps=cfg.trial_steps,
+                                         budget_minutes=cfg.trial_minutes)).metrics["top1"])
 
     return run
+
+
+def _not_stopped(result: Any) -> Any:
+    """A trial's run that finished while a stop signal came: the search stops there as it would mid-run.
+
+    The run's handler holds the signal until the run is written, so a Ctrl-C in a trial's last moments went into
+    that run alone and the search went on to the next trial.
+    """
+    if result.stop_requested:
+        raise KeyboardInterrupt(f"stopped after {result.run_dir} finished; continue the search with --resume")
+    return result
 
 
 def open_study(cfg: SearchConfig, optuna: Any, resume: bool) -> Any:

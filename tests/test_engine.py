@@ -15,6 +15,7 @@ import torch
 
 import dfkd.utils
 from dfkd import engine
+from dfkd import search as search_module
 from dfkd.config import DistillConfig, build_config
 from dfkd.distributed import resume_command
 from dfkd.engine import Interrupted, distill, resume
@@ -257,6 +258,19 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     err = capfd.readouterr().err
     assert "stopping: the run saves a checkpoint at the end of this round and stops (a second Ctrl-C stops at " \
            "once, losing the steps since the last checkpoint, at step 4)" in err
+
+
+def test_a_stop_while_the_run_finishes_lets_it_finish_and_says_so(teacher_file: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Ctrl-C in the final evaluation printed "interrupted" with the checkpoint steps behind; now the run is
+    # written, and its caller learns of the stop (a search stops there instead of starting the next trial)
+    original = engine.Run.finish
+    monkeypatch.setattr(engine.Run, "finish",
+                        lambda self, log, result: (signal.raise_signal(signal.SIGINT), original(self, log, result))[1])
+    result = distill(cfg_for(teacher_file, tmp_path / "r", steps=4))
+    assert result.finished and result.stop_requested and (tmp_path / "r" / "student.pt").is_file()
+    with pytest.raises(KeyboardInterrupt, match="continue the search with --resume"):
+        search_module._not_stopped(result)
 
 
 def test_a_stop_during_start_up_waits_for_the_first_checkpoint(teacher_file: str, tmp_path: Path,
