@@ -126,8 +126,15 @@ def search_cmd(params: tuple[str, ...], resume: bool, tolerance: float, **kw: An
         kw["trial_minutes"] = 2.0
     if kw["final_minutes"] is None and kw["final_steps"] is None:
         kw["final_minutes"] = 10.0
+    from dfkd.engine import Interrupted
+
     cfg = SearchConfig(params=dict(map(parse_param, params)), tolerance=tolerance / 100, **kw)
-    result = search(cfg, load_with_options(cfg.teacher, None, cfg.device), resume)
+    try:
+        result = search(cfg, load_with_options(cfg.teacher, None, cfg.device), resume)
+    except (Interrupted, KeyboardInterrupt):  # a trial's own "continue with dfkd distill --resume TRIAL" misled
+        click.echo(f"interrupted; continue the search with the same command and --resume ({cfg.out} keeps its "
+                   "finished trials)", err=True)
+        sys.exit(130)
     from dfkd.search_report import table
 
     click.echo(table(result["rows"], result["pareto"], result["chosen"]), nl=False)

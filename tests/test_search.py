@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import dfkd.search
+from dfkd.cli.main import main
+from dfkd.engine import Interrupted
 from dfkd.errors import DfkdError
 from dfkd.modelfile import load_model
 from dfkd.search import SearchConfig, candidate, errors_told_once, lenet5_space, measure, resolve_space, search
@@ -92,11 +95,22 @@ def test_refusals(toy: dict[str, str], finished: tuple[SearchConfig, dict], tmp_
     with pytest.raises(DfkdError, match="no trial finished within the constraints"):
         search(config(toy, tmp_path / "tiny", max_params=10, trials=1), load_teacher(cfg.teacher))
     monkeypatch.setitem(sys.modules, "optuna", None)
-    from dfkd.cli.main import main
-
     res = CliRunner().invoke(main, ["search", "--teacher", cfg.teacher, "--method", "kd", "--eval-data", toy["test"],
                                     "--max-params", "1000", "--out", str(tmp_path / "o")])
     assert res.exit_code == 2 and res.output.startswith("error: dfkd search needs Optuna: pip install")
+
+
+def test_a_stopped_search_says_how_to_continue_the_search(toy: dict, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-C in a trial said "Continue with: dfkd distill --resume .../trials/trial-3", which does not continue it
+    def stopped(*args: object, **kwargs: object) -> None:
+        raise Interrupted(f"stopped at step 6; checkpoint saved. Continue with: dfkd distill --resume {tmp_path}/t")
+
+    monkeypatch.setattr(dfkd.search, "search", stopped)
+    res = CliRunner().invoke(main, ["search", "--teacher", toy["teacher"], "--method", "kd", "--eval-data",
+                                    toy["test"], "--max-params", "1000", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 130 and "continue the search with the same command and --resume" in res.output
+    assert "dfkd distill --resume" not in res.output
 
 
 @pytest.mark.parametrize("space", ["os:system", "builtins:print", "torch.nn:Linear"])
