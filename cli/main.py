@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import warnings
 from collections.abc import Callable
@@ -281,7 +282,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     click.echo(f"student: {result.run_dir / 'student.pt'}{shown}")
     if result.selected:
         click.echo(f"selected: {result.selected}")
-    click.echo(f"tensorboard --logdir {result.run_dir}")
+    click.echo(f"tensorboard --logdir {shlex.quote(str(result.run_dir))}")
     print_deploy(result.run_dir)
     click.echo(f"peak memory (RSS): {result.peak_rss_mib:.0f} MiB")
 

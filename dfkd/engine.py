@@ -104,12 +104,15 @@ def _graceful_stop(talk: bool) -> Any:
         if stop["stop"]:
             raise KeyboardInterrupt(_abandoned(run))
         stop["stop"] = True
-        if talk:
+        if talk and run is not None and run.finishing:
+            tqdm.write("stopping: the run is writing its student and ends when that is done", file=sys.stderr)
+        elif talk:
             saved = "" if run is None else f", losing the steps since the last checkpoint, at step {run.saved_step}"
             tqdm.write(f"stopping: the run saves a checkpoint at the end of this round and stops (a second "
                        f"Ctrl-C stops at once{saved})", file=sys.stderr)
 
-    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    # a signal already ignored stays ignored: `nohup` ignores SIGHUP, and a run started so must outlive its terminal
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield stop
     finally:
@@ -121,6 +124,9 @@ def _abandoned(run: Run | None) -> str:
     """What a second stop signal left: the steps since the last checkpoint are lost; how to go on from it."""
     if run is None or not (run.run_dir / RUN_MARKER).exists():
         return "stopped at once, before the run's first checkpoint: nothing of it is kept"
+    if run.finishing:
+        return (f"stopped at once while the run wrote its student: its checkpoint holds every step ({run.step}); "
+                f"write the student with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}")
     return (f"stopped at once at step {run.step}: the steps after step {run.saved_step} (the last checkpoint) are "
             f"lost; continue with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}")
 
@@ -189,6 +195,7 @@ class Run:
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
         self.saved_step = 0  # the step of the last checkpoint (what a second Ctrl-C goes back to)
+        self.finishing = False  # the loop is done: the student is being evaluated and written
         self.stop: dict[str, Any] = {"stop": False}  # set by a stop signal (`_graceful_stop`, from `_execute`)
         self.watch = RunWatch(self)
         self.precision = self._precision()
@@ -317,6 +324,11 @@ class Run:
         first = True  # the first round of this process
         sig = self.stop
         with bar:  # the bar ends its line before any error is printed
+            _, early, _ = self.dist.agree(0.0, sig["stop"], False)
+            if early:  # a stop during start-up: the checkpoint of this step is there, no round need wait
+                bar.close()
+                raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
+                                  f"{resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)}")
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
@@ -381,6 +393,9 @@ class Run:
                                       f"{resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)}")
         bar.close()
         self._read_losses()
+        if self.saved_step != self.step:  # a stop or kill while the student is written loses no step
+            self.checkpoint()
+        self.finishing = True
         return RunResult(self.run_dir, self.step, True, metrics)
 
     def _show_waiting(self, bar: tqdm, log: RunLog, first: bool) -> str | None:

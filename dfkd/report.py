@@ -89,8 +89,9 @@ class RunSummary:
         if self.unwritten:
             lines.append("not written: " + "; ".join(self.unwritten))
         if self.kept:
-            lines.append("kept:     " + ", ".join(str(p) for p in self.kept) + " (not drawn by dfkd report, so not "
-                         "overwritten; move it away to have it drawn)")
+            lines.append("kept:     " + ", ".join(str(p) for p in self.kept) + " (not marked as dfkd report's, so not "
+                         "overwritten: a user's, or drawn by dfkd before 2026-12-07; move or delete it to have it "
+                         "drawn)")
         return "\n".join(lines)
 
     def _watch_lines(self) -> list[str]:

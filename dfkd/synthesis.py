@@ -29,7 +29,7 @@ from dfkd.outpaths import folder_lock
 from dfkd.teacher import Teacher
 from dfkd.transfer import TransferData, load_transfer, meta_arrays, teacher_probs, to_pixels
 from dfkd.transfer_meta import RECIPE_KEYS, plain_params, provenance, student_recipe
-from dfkd.transfer_parts import Parts, check_room
+from dfkd.transfer_parts import Parts, check_room, parts_folder
 from dfkd.utils import progress_bar
 
 #: Student steps a generator method trains before its generator is sampled (`synthesize(steps=None)`).
@@ -226,12 +226,16 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         try:
             spec = teacher.spec
             check_room(out, num, spec.channels * spec.size * spec.width, teacher.num_classes)
+            busy = (f"--out {out}: {{pid}} is making this file (its parts are in {parts_folder(out)}); wait for it "
+                    "to end, or stop it and run the same command again to finish the file")  # both wrote one file
+            existed = parts_folder(out).is_dir()
+            if existed:  # locked before its settings are compared: a live one's user was told to delete it
+                held.enter_context(folder_lock(parts_folder(out), busy))
             parts = Parts(out, {"method": method, "teacher_sha256": teacher.sha256, "num": num, "seed": seed,
                                 "steps": trained, "student": name, "labels": labels.text(),
                                 "params": plain_params(p), "views": views})
-            held.enter_context(folder_lock(parts.folder, f"--out {out}: {{pid}} is making this file (its parts are "
-                                           f"in {parts.folder}); wait for it to end, or stop it and run the same "
-                                           "command again to finish the file"))  # both wrote one file
+            if not existed:  # a new folder: locked once made
+                held.enter_context(folder_lock(parts.folder, busy))
             m.attach_storage(parts.folder)
             state, done = parts.state(), parts.done()
             if state is None:

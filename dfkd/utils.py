@@ -48,8 +48,9 @@ def progress_bar(**kwargs: Any) -> Any:
     """A tqdm bar on stderr; redrawn at most every `LOG_REDRAW_SECONDS` when stderr is not a terminal."""
     from tqdm import tqdm
 
-    if not on_terminal():
+    if not on_terminal():  # tqdm's monitor thread also redraws every maxinterval (10 s by default)
         kwargs.setdefault("mininterval", LOG_REDRAW_SECONDS)
+        kwargs.setdefault("maxinterval", LOG_REDRAW_SECONDS)
     return tqdm(**kwargs)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import shutil
@@ -85,11 +86,15 @@ def test_a_config_files_device_is_named_as_the_files(tmp_path: Path) -> None:
 
 
 def test_progress_in_a_log_file_is_redrawn_rarely(teacher_file: str, tmp_path: Path,
-                                                   capfd: pytest.CaptureFixture[str]) -> None:
+                                                   capfd: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # with stderr in a file (a scheduler's log) every redraw is a line there: thousands in a 10-minute run
     distill(cfg_for(teacher_file, tmp_path / "r", steps=200, log_every=1, params={"batch_size": 4, "s_steps": 1}))
     redraws = capfd.readouterr().err.count("\r")
     assert redraws <= 6, redraws
+    monkeypatch.setattr(dfkd.utils, "_is_tty", lambda stream: False)  # stderr a log file, however pytest runs
+    with dfkd.utils.progress_bar(total=1, file=io.StringIO()) as bar:  # its monitor thread redrew every 10 s
+        assert bar.mininterval == bar.maxinterval == dfkd.utils.LOG_REDRAW_SECONDS
 
 
 def test_a_long_stretch_without_a_checkpoint_gets_one_by_time(teacher_file: str, tmp_path: Path,
@@ -104,7 +109,7 @@ def test_a_long_stretch_without_a_checkpoint_gets_one_by_time(teacher_file: str,
 
     monkeypatch.setattr(engine.Run, "checkpoint", counted)
     distill(cfg_for(teacher_file, tmp_path / "a", steps=8, ckpt_every=1000))
-    assert steps == [0, 8]  # the start and the end
+    assert steps == [0, 8, 8]  # the start, before the student is written, and the end
     steps.clear()
     monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)  # as if each round took longer than the interval
     distill(cfg_for(teacher_file, tmp_path / "b", steps=8, ckpt_every=1000))
@@ -261,7 +266,8 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
 
 
 def test_a_stop_while_the_run_finishes_lets_it_finish_and_says_so(teacher_file: str, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   capfd: pytest.CaptureFixture[str]) -> None:
     # a Ctrl-C in the final evaluation printed "interrupted" with the checkpoint steps behind; now the run is
     # written, and its caller learns of the stop (a search stops there instead of starting the next trial)
     original = engine.Run.finish
@@ -269,6 +275,8 @@ def test_a_stop_while_the_run_finishes_lets_it_finish_and_says_so(teacher_file: 
                         lambda self, log, result: (signal.raise_signal(signal.SIGINT), original(self, log, result))[1])
     result = distill(cfg_for(teacher_file, tmp_path / "r", steps=4))
     assert result.finished and result.stop_requested and (tmp_path / "r" / "student.pt").is_file()
+    # it said "saves a checkpoint at the end of this round and stops", of a run that then finished
+    assert "stopping: the run is writing its student and ends when that is done" in capfd.readouterr().err
     with pytest.raises(KeyboardInterrupt, match="continue the search with --resume"):
         search_module._not_stopped(result)
 
@@ -280,9 +288,22 @@ def test_a_stop_during_start_up_waits_for_the_first_checkpoint(teacher_file: str
     original = engine._start
     monkeypatch.setattr(engine, "_start", lambda run, log: (signal.raise_signal(signal.SIGINT), original(run, log)))
     run = tmp_path / "r"
-    with pytest.raises(Interrupted, match=f"stopped at step 2; checkpoint saved. Continue with: .*--resume {run}$"):
-        distill(cfg_for(teacher_file, run, steps=40))
+    with pytest.raises(Interrupted, match=f"stopped at step 0; checkpoint saved. Continue with: .*--resume {run}$"):
+        distill(cfg_for(teacher_file, run, steps=40))  # at once: no first round waited for (minutes on a heavy one)
     assert resume(run, steps=4).step == 4
+
+
+def test_a_signal_ignored_before_the_run_stays_ignored(teacher_file: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # `nohup dfkd distill ...` ignores SIGHUP; the run's handler took it back, so a closed terminal stopped the run
+    original = engine._start
+    monkeypatch.setattr(engine, "_start", lambda run, log: (signal.raise_signal(signal.SIGHUP), original(run, log)))
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert distill(cfg_for(teacher_file, tmp_path / "r", steps=4)).finished
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 @pytest.mark.parametrize("made", [True, False])

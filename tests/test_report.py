@@ -169,7 +169,8 @@ def test_report_leaves_a_users_picture_in_the_run_folder(tmp_path: Path) -> None
     mine = tmp_path / "curves.png"
     mine.write_bytes(PNG + b"the user's own plot")
     res = CliRunner().invoke(main, ["report", str(tmp_path)])
-    assert res.exit_code == 0 and f"kept:     {mine} (not drawn by dfkd report" in res.output, res.output
+    assert res.exit_code == 0, res.output
+    assert f"kept:     {mine} (not marked as dfkd report's, so not overwritten" in res.output
     assert mine.read_bytes() == PNG + b"the user's own plot" and "wrote:" not in res.output
     mine.unlink()
     for _ in range(2):  # dfkd's own picture is drawn again, also after the folder moved

@@ -83,6 +83,8 @@ def test_a_second_synthesize_of_one_file_is_refused_while_the_first_runs(teacher
     with outpaths.folder_lock(folder, "the first process"):
         with pytest.raises(DfkdError, match=rf"--out {out}: process {os.getpid()} is making this file"):
             make()
+        with pytest.raises(DfkdError, match=rf"--out {out}: process {os.getpid()} is making this file"):
+            synthesize(t, "dfad", 40, out, params={"batch_size": 8}, steps=1, seed=5)  # not "delete the folder"
     assert not out.exists()
     assert len(make()) == 40 and not folder.exists()
 
