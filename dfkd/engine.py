@@ -393,9 +393,6 @@ class Run:
                                       f"{resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)}")
         bar.close()
         self._read_losses()
-        if self.saved_step != self.step:  # a stop or kill while the student is written loses no step
-            self.checkpoint()
-        self.finishing = True
         return RunResult(self.run_dir, self.step, True, metrics)
 
     def _show_waiting(self, bar: tqdm, log: RunLog, first: bool) -> str | None:
@@ -449,6 +446,9 @@ class Run:
                 f"and continue with: {resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)} -p ...")
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
+        if self.saved_step != self.step:  # every rank: a stop or kill while the student is written loses no step
+            self.checkpoint()
+        self.finishing = True
         if not self.dist.main:  # rank 0 writes the student; the others only hand it their last state
             self.checkpoint(finished=True)
             return result
