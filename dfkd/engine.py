@@ -126,9 +126,9 @@ def _abandoned(run: Run | None) -> str:
         return "stopped at once, before the run's first checkpoint: nothing of it is kept"
     if run.finishing:
         return (f"stopped at once while the run wrote its student: its checkpoint holds every step ({run.step}); "
-                f"write the student with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}")
+                f"write the student with {run.resume_command()}")
     return (f"stopped at once at step {run.step}: the steps after step {run.saved_step} (the last checkpoint) are "
-            f"lost; continue with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}")
+            f"lost; continue with {run.resume_command()}")
 
 
 def _spec_from_flags(cfg: DistillConfig) -> InputSpec | None:
@@ -194,7 +194,7 @@ class Run:
             self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
-        self.saved_step = 0  # the step of the last checkpoint (what a second Ctrl-C goes back to)
+        self.saved_step, self.saved_elapsed = 0, 0.0  # the last checkpoint's step and time (a second Ctrl-C's loss)
         self.finishing = False  # the loop is done: the student is being evaluated and written
         self.stop: dict[str, Any] = {"stop": False}  # set by a stop signal (`_graceful_stop`, from `_execute`)
         self.watch = RunWatch(self)
@@ -255,7 +255,7 @@ class Run:
                             "start a new run") from None
         set_rng_state(rng, self.device)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        self.saved_step = self.step
+        self.saved_step, self.saved_elapsed = self.step, self.elapsed
         self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
         self.precision.load_state_dict(ckpt.get("extra", {}).get("precision", {}))
 
@@ -286,6 +286,10 @@ class Run:
         """Images per forward outside training (evaluation, FID, logging): at most the run's batch size."""
         return max(1, int(self.params["batch_size"]))
 
+    def resume_command(self) -> str:
+        """The command that continues this run (its process count; --trust-pickle where its teacher is a pickle)."""
+        return resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)
+
     def checkpoint(self, finished: bool = False) -> None:
         """Rank 0 writes checkpoint.pt; under torchrun it holds every rank's RNG, synthesizer and method state."""
         self._read_losses(reset=False)  # no checkpoint of a diverged run
@@ -300,7 +304,7 @@ class Run:
         self.dist.on_main(lambda: save_checkpoint(
             self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step, elapsed=self.elapsed,
             method_state=state, finished=finished, extra=extra, rng=mine["rng"]))
-        self.saved_step = self.step
+        self.saved_step, self.saved_elapsed = self.step, self.elapsed
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None or not self.dist.main:
@@ -315,7 +319,6 @@ class Run:
                 "img": self.step // cfg.image_every, "log": self.step // cfg.log_every,
                 "fid": self.step // max(cfg.fid_every, 1)}
         window = {"t": 0.0, "steps": 0, "samples": 0, "student_s": self.method.student_seconds}
-        saved_at = self.elapsed  # the run's agreed time of the last checkpoint (the same on every rank)
         metrics: dict[str, float] = {}
         clock = time.process_time if cfg.budget_clock == "cpu" else time.perf_counter
         self.method.clock = clock
@@ -327,8 +330,7 @@ class Run:
             _, early, _ = self.dist.agree(0.0, sig["stop"], False)
             if early:  # a stop during start-up: the checkpoint of this step is there, no round need wait
                 bar.close()
-                raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
-                                  f"{resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)}")
+                raise self._stopped()
             while not self.done():
                 self.method.set_progress(self.progress())
                 self.method.steps_left = None if cfg.steps is None else cfg.steps - self.step
@@ -383,17 +385,21 @@ class Run:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
                                                                       self.chunk), "fid/")
-                if self.step // cfg.ckpt_every > last["ckpt"] or self.elapsed - saved_at >= CHECKPOINT_SECONDS:
-                    last["ckpt"], saved_at = self.step // cfg.ckpt_every, self.elapsed
+                due = self.elapsed - self.saved_elapsed >= CHECKPOINT_SECONDS  # agreed time: every rank alike
+                if self.step // cfg.ckpt_every > last["ckpt"] or due:
+                    last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()
                 if sig["stop"]:
                     self.checkpoint()
                     bar.close()
-                    raise Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: "
-                                      f"{resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)}")
+                    raise self._stopped()
         bar.close()
         self._read_losses()
         return RunResult(self.run_dir, self.step, True, metrics)
+
+    def _stopped(self) -> Interrupted:
+        """The error of a run stopped at a round boundary, its checkpoint written."""
+        return Interrupted(f"stopped at step {self.step}; checkpoint saved. Continue with: {self.resume_command()}")
 
     def _show_waiting(self, bar: tqdm, log: RunLog, first: bool) -> str | None:
         """Put on the bar what the next round does before its first student step; returns it (None: nothing).
@@ -443,7 +449,7 @@ class Run:
             raise DfkdError(
                 f"training diverged at step {self.step}: {what}. The last good "
                 f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...){weight} "
-                f"and continue with: {resume_command(self.run_dir, self.dist.world, self.cfg.trust_pickle)} -p ...")
+                f"and continue with: {self.resume_command()} -p ...")
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
         if self.saved_step != self.step:  # every rank: a stop or kill while the student is written loses no step
@@ -570,7 +576,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
             raise
         # a problem met mid-run (an image of --data that does not decode, say): the run is not lost
         raise DfkdError(f"{e}; the run keeps its last checkpoint (step {run.saved_step}): once that is fixed, "
-                        f"continue with {resume_command(run.run_dir, run.dist.world, run.cfg.trust_pickle)}") from None
+                        f"continue with {run.resume_command()}") from None
     except OSError as e:
         err = disk_error(e)
         if err is None:
