@@ -489,9 +489,9 @@ class Run:
         return result
 
 
-def _after_failed_write(run_dir: Path, world: int = 1) -> str:
-    if (run_dir / "checkpoint.pt").exists():
-        return f"the last good checkpoint is intact: continue with {resume_command(run_dir, world)}"
+def _after_failed_write(run: Run) -> str:
+    if (run.run_dir / "checkpoint.pt").exists():
+        return f"the last good checkpoint is intact: continue with {run.resume_command()}"
     return "no checkpoint was written, so nothing of the run is kept: start it again"
 
 
@@ -570,7 +570,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         ended = True
         return result
     except WriteFailed as e:
-        raise DfkdError(f"{e}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
+        raise DfkdError(f"{e}; {_after_failed_write(run)}") from None
     except DfkdError as e:
         if not looping or isinstance(e, (Interrupted, OtherRankFailed)) or "--resume" in str(e):
             raise
@@ -581,7 +581,7 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         err = disk_error(e)
         if err is None:
             raise
-        raise DfkdError(f"{err}; {_after_failed_write(run.run_dir, run.dist.world)}") from None
+        raise DfkdError(f"{err}; {_after_failed_write(run)}") from None
     finally:
         run.close()
         log.close(quiet=not ended)  # after an error (a full disk, say) its flush must not replace that error

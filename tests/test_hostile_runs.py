@@ -29,6 +29,7 @@ from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import base as method_base
 from dfkd.methods import get_method, list_methods
+from dfkd.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,10 +184,18 @@ def test_a_resume_removes_the_temporary_files_killed_writes_left(teacher_file: s
     assert not stale.exists() and mine.read_text() == "the user's"
 
 
+@pytest.mark.parametrize("pickled", [False, True])
 def test_a_full_disk_under_the_log_names_the_file_and_the_checkpoint(teacher_file: str, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      pickled: bool) -> None:
     # "cannot write a file: No space left on device", without the file or the resume hint: closing the log flushed
-    # the same line again, and that error replaced the first
+    # the same line again, and that error replaced the first; for a pickled teacher the hint lacked --trust-pickle
+    # (the resume it gave was refused)
+    teacher, spec = teacher_file, {}
+    if pickled:
+        teacher = str(tmp_path / "whole.pt")
+        torch.save(load_teacher(teacher_file).module, teacher)
+        spec = {"trust_pickle": True, "channels": 1, "input_size": 32, "mean": (0.5,), "std": (0.5,)}
     class Full:
         def __init__(self, f) -> None:  # noqa: ANN001
             self.f, self.lines = f, 0
@@ -214,12 +223,13 @@ def test_a_full_disk_under_the_log_names_the_file_and_the_checkpoint(teacher_fil
     monkeypatch.setattr(dfkd.runlog.RunLog, "__init__", full_later)
     run = tmp_path / "r"
     with pytest.raises(DfkdError) as e:
-        distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=40, out=str(run), log_every=1,
-                              ckpt_every=2, fid_every=0, params={"batch_size": 8, "s_steps": 1}))
+        distill(DistillConfig(teachers=(teacher,), method="dfad", steps=40, out=str(run), log_every=1,
+                              ckpt_every=2, fid_every=0, params={"batch_size": 8, "s_steps": 1}, **spec))
     assert str(e.value).startswith(f"cannot write {run / 'metrics.jsonl'}: No space left on device")
-    assert f"the last good checkpoint is intact: continue with dfkd distill --resume {run}" in str(e.value)
+    hint = f"the last good checkpoint is intact: continue with dfkd distill --resume {run}"
+    assert str(e.value).endswith(hint + (" --trust-pickle" if pickled else "")), str(e.value)
     monkeypatch.undo()
-    assert resume(run).step == 40
+    assert resume(run, fixed={"trust_pickle": pickled}).step == 40
 
 
 def test_an_image_that_fails_mid_run_says_the_run_goes_on_once_it_is_fixed(teacher_file: str, tmp_path: Path) -> None:
