@@ -76,7 +76,9 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     params = cls.finalize(resolve_params(recipe, overrides, name))
     check_params(overrides, recipe, name, min_s_steps=min_s_steps)
     if not resumed:
-        warn_no_effect(cls, params, {k: v for k, v in overrides.items() if k not in by_auto and k not in handed_on})
+        mine = {k: v for k, v in overrides.items() if k not in by_auto and k not in handed_on}
+        # a value the recipe has anyway changes nothing (a run's own config.json, given as --config, holds them all)
+        warn_no_effect(cls, params, {k: v for k, v in mine.items() if k not in recipe or _json(v) != _json(recipe[k])})
     lines = recipe_lines(cls, teacher, params, overrides, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
@@ -100,6 +102,10 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     lines = [student_line(teacher, student, student_name, net), *[f"  {init_line}"] * (student_init != "random"),
              *lines]
     return Built(method, params, student_name, student_kwargs, lines, init_line)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def warn_no_effect(cls: type[Method], params: dict[str, Any], given: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,10 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     if data.get("trust_pickle") and not flags.get("trust_pickle"):
         raise DfkdError(f"{source}: trust_pickle = true: only the --trust-pickle flag typed on the command line lets "
                         "dfkd unpickle a file (it runs the file's code); drop it from the file and add the flag")
-    if "auto_choice" in data:
-        raise DfkdError(f"{source}: auto_choice is recorded by a run of --method auto, not set; drop it")
+    if data.pop("auto_choice", None) is not None:  # a run's own config.json records it (null where not auto)
+        warnings.warn(f"{source}: auto_choice (what --method auto chose in the run the file comes from) is not a "
+                      f"setting; ignored: this run uses the file's method {data.get('method', 'auto')!r}",
+                      stacklevel=2)
     cli_params = dict(parse_param(text) for text in params)
     given = {k: v for k, v in flags.items()
              if not (v is None or (isinstance(v, (tuple, list)) and not v) or (k == "trust_pickle" and not v))}

@@ -52,6 +52,8 @@ def load_images(path: str | os.PathLike, flag: str = "--data") -> ImageData:
     ~7.5 GB); a compressed .npz (`np.savez_compressed`) is read whole up to 1 GiB of images and past that
     decompressed once to a temporary file and mapped from there (`dfkd.io.memmap_member`).
     """
+    if not str(path).strip():  # Path("") is the working folder, read as an image folder
+        raise DfkdError(f"{flag}: an empty path; give an .npz file or an image folder")
     p = Path(path)
     if not p.exists():
         raise DfkdError(f"{flag} {p}: no such file or directory")

@@ -115,11 +115,11 @@ def _is_size(v: Any) -> bool:
     return _is_int(v) or (isinstance(v, (list, tuple)) and len(v) == 2 and all(map(_is_int, v)))
 
 
-_SINGULAR = {"int": "an integer", "number": "a finite number", "str": "a string", "bool": "true or false",
+_SINGULAR = {"int": "an integer", "number": "a finite number", "str": "a non-empty string", "bool": "true or false",
              "list": "a list", "any": "a finite value", "size": "pixels, an integer or [height, width] (each)",
              "table": "a table of names to values (JSON: {\"depth\": 16}; TOML: a [table])",
              "weights": "a finite number"}
-_PLURAL = {**_SINGULAR, "int": "integers", "number": "finite numbers", "str": "strings", "bool": "booleans",
+_PLURAL = {**_SINGULAR, "int": "integers", "number": "finite numbers", "str": "non-empty strings", "bool": "booleans",
            "list": "lists", "any": "finite values", "table": "tables"}
 
 _KIND_CHECKS: dict[str, Callable[[Any], bool]] = {

@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 from conftest import KWARGS, make_teacher_module
+from PIL import Image
 
 from dfkd.cli.main import main
 from dfkd.modelfile import ModelFile, save_model
@@ -198,6 +199,7 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("eval_label_too_big", ["--eval-data", "{biglab}"], ("labels run 0..12", "10 classes")),
     ("eval_five_channels", ["--eval-data", "{five}"], ("5 channels",)),
     ("eval_text", ["--eval-data", "{text}"], ("not a readable .npz file (no zip of arrays",)),
+    ("eval_empty_path", ["--eval-data", ""], ("--eval-data", "a non-empty string")),  # "must be a string" (it was)
 ]
 
 
@@ -413,3 +415,28 @@ def test_input_size_flag_overriding_the_file_warns(teacher_file: str) -> None:
     spec = type(MNIST_SPEC)(1, 36, (0.5,), (0.5,))
     with pytest.warns(UserWarning, match="declares 1x32x32 inputs; --channels/--input-size make it 1x36x36"):
         load_teacher(teacher_file, spec=spec)
+
+
+@pytest.mark.parametrize("command", [["evaluate", "--model", "{T}", "--data", ""],
+                                     ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "2",
+                                      "--eval-data", "", "--out", "{dir}/t.npz"]])
+def test_an_empty_data_path_is_refused(command: list[str], files: dict[str, str], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Path("") is the working folder: it was read as an image folder (top-1 100.00% of whatever lay there)
+    for c in "ab":
+        (tmp_path / c).mkdir()
+        Image.fromarray(np.zeros((28, 28), np.uint8)).save(tmp_path / c / "x.png")
+    monkeypatch.chdir(tmp_path)
+    assert_refused(invoke(_fill(command, {**files, "dir": str(tmp_path)})), "an empty path")
+    assert not (tmp_path / "t.npz").exists()
+
+
+def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path) -> None:
+    # refused: "auto_choice is recorded by a run of --method auto", of a dfad run whose file holds auto_choice null
+    r = invoke(["distill", "--teacher", files["T"], "--method", "dfad", "--steps", "2", "--out", tmp_path / "a",
+                *QUICK])
+    assert r.exit_code == 0, r.output
+    r = invoke(["distill", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b"])
+    assert r.exit_code == 0 and "auto_choice" not in r.output, r.output
+    assert "has no effect" not in r.output, r.output  # its resolved settings, each the recipe's own value
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == "dfad"
