@@ -108,8 +108,9 @@ def _graceful_stop(talk: bool) -> Any:
             tqdm.write("stopping: the run is writing its student and ends when that is done", file=sys.stderr)
         elif talk:
             saved = "" if run is None else f", losing the steps since the last checkpoint, at step {run.saved_step}"
+            again = "Ctrl-C" if signum == signal.SIGINT else "stop signal"  # SIGTERM: kill, a scheduler
             tqdm.write(f"stopping: the run saves a checkpoint at the end of this round and stops (a second "
-                       f"Ctrl-C stops at once{saved})", file=sys.stderr)
+                       f"{again} stops at once{saved})", file=sys.stderr)
 
     # a signal already ignored stays ignored: `nohup` ignores SIGHUP, and a run started so must outlive its terminal
     old = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}

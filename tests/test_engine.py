@@ -261,7 +261,8 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     assert not (tmp_path / "r" / "student.pt").exists()
     # the first signal is answered at once (it printed nothing until the round ended), naming what a second loses
     err = capfd.readouterr().err
-    assert "stopping: the run saves a checkpoint at the end of this round and stops (a second Ctrl-C stops at " \
+    again = "Ctrl-C" if signum == signal.SIGINT else "stop signal"  # a SIGTERM's "second Ctrl-C" (it was)
+    assert f"stopping: the run saves a checkpoint at the end of this round and stops (a second {again} stops at " \
            "once, losing the steps since the last checkpoint, at step 4)" in err
 
 
