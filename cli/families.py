@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -86,7 +87,8 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
 
 
 @click.command("search")
-@click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes).")
+@click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes, with the same "
+              "--teacher-arch, --arch-arg, --trust-pickle and input options).")
 @click.option("--method", required=True, help="Distillation method that scores each candidate.")
 @click.option("--eval-data", required=True, help="Held-out labelled images that rank the candidates.")
 @click.option("--max-params", required=True, type=click.IntRange(min=1), help="Largest student allowed.")
@@ -109,6 +111,7 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
 @click.option("--resume", is_flag=True, help="Continue the search in --out.")
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--device", default="cpu", show_default=True)
+@teacher_options
 @friendly
 def search_cmd(params: tuple[str, ...], resume: bool, tolerance: float, **kw: Any) -> None:
     """Search the smallest student that keeps the teacher's accuracy (Optuna; pip install -e ".[search]").
@@ -127,10 +130,13 @@ def search_cmd(params: tuple[str, ...], resume: bool, tolerance: float, **kw: An
     if kw["final_minutes"] is None and kw["final_steps"] is None:
         kw["final_minutes"] = 10.0
     from dfkd.engine import Interrupted
+    from dfkd.utils import pick_device
 
-    cfg = SearchConfig(params=dict(map(parse_param, params)), tolerance=tolerance / 100, **kw)
+    options = pop_teacher_options(kw)
+    cfg = SearchConfig(params=dict(map(parse_param, params)), tolerance=tolerance / 100, **kw,
+                       **options.config_fields())
     try:
-        result = search(cfg, load_with_options(cfg.teacher, None, cfg.device), resume)
+        result = search(cfg, load_with_options(cfg.teacher, options, pick_device(cfg.device)), resume)
     except (Interrupted, KeyboardInterrupt):  # a trial's own "continue with dfkd distill --resume TRIAL" misled
         click.echo(f"interrupted; continue the search with the same command and --resume ({cfg.out} keeps its "
                    "finished trials)", err=True)
@@ -140,5 +146,5 @@ def search_cmd(params: tuple[str, ...], resume: bool, tolerance: float, **kw: An
     click.echo(table(result["rows"], result["pareto"], result["chosen"]), nl=False)
     if result["final"]:
         click.echo(f"chosen: trial {result['chosen']['trial']}, fully distilled: top-1 "
-                   f"{100 * result['final']['top1']:.2f}% ({cfg.out}/final/student.pt)")
-    click.echo(f"plot: {cfg.out}/pareto.png")
+                   f"{100 * result['final']['top1']:.2f}% ({Path(cfg.out) / 'final' / 'student.pt'})")
+    click.echo(f"plot: {Path(cfg.out) / 'pareto.png'}")

@@ -9,7 +9,9 @@ under the full one), so a trial equals one uninterrupted run only with `-p sched
 `<out>/study.db` (SQLite), each trial's run in `<out>/trials/trial-N`, so `--resume` continues an interrupted search
 where it stopped. At the end the Pareto set (accuracy up, parameters and latency down) is written as `pareto.md` and
 plotted in `pareto.png`, and the smallest Pareto student within `tolerance` of the best accuracy is distilled fully
-into `<out>/final`.
+into `<out>/final` (continued there after a stop; set aside as `final-trial-N` when a resume picks another).
+What a trial would fail on is refused before the folder is made (`check_search`); a resumed search keeps its
+settings but `RESUMABLE` once a trial has finished, and its teacher by sha256.
 
 Search spaces: `lenet5` (width multipliers 0.25..1 of each LeNet-5 layer; the first trial is LeNet-5-half, the
 reference the table is read against), or a user's `module:function(trial)` returning `(student_arch, student_args)`
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import time
 import traceback
@@ -61,6 +64,22 @@ class SearchConfig:
     transfer_data: str | None = None
     seed: int = 0
     device: str = "cpu"
+    # how to read a teacher file that does not describe itself (the shared teacher options of `dfkd distill`)
+    teacher_arch: str | None = None
+    arch_args: dict[str, Any] = field(default_factory=dict)
+    trust_pickle: bool = False
+    channels: int | None = None
+    input_size: int | tuple[int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+#: The settings a resumed search may change: how many trials, where they run, and how the pick is made and
+#: finished (the trials stay comparable); any, while no trial has finished.
+RESUMABLE = ("trials", "device", "tolerance", "final_minutes", "final_steps")
+#: The settings that are files: compared as the files they name, not as the strings that named them.
+PATHS = ("teacher", "eval_data", "data", "transfer_data")
+TEACHER_KEYS = ("teacher_arch", "arch_args", "trust_pickle", "channels", "input_size", "mean", "std")
 
 
 def lenet5_space(trial: Any) -> tuple[str, dict[str, Any]]:
@@ -122,7 +141,7 @@ def _distill_cfg(cfg: SearchConfig, arch: str, args: dict[str, Any], out: Path, 
     return DistillConfig(teachers=(cfg.teacher,), method=cfg.method, student=arch, student_args=args, steps=steps,
                          budget_minutes=minutes, eval_data=cfg.eval_data, out=str(out), seed=cfg.seed,
                          device=cfg.device, params=dict(cfg.params), data=cfg.data, transfer_data=cfg.transfer_data,
-                         fid_every=0)
+                         fid_every=0, **{k: getattr(cfg, k) for k in TEACHER_KEYS})
 
 
 def _half(x: float | int | None, kind: type) -> Any:
@@ -163,7 +182,11 @@ def errors_told_once() -> Iterator[None]:
 
 
 def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> Callable[[Any], float]:
-    """The Optuna objective: measure, prune on constraints, distill half, report, finish, score."""
+    """The Optuna objective: measure, prune on constraints, distill half, report, finish, score.
+
+    A student an earlier trial already scored (TPE draws the same widths again) is not distilled again: the same
+    settings and seed make the same run, so the trial takes that trial's score (or its pruning) and says so.
+    """
     from dfkd.engine import distill, resume
 
     def run(trial: Any) -> float:
@@ -176,6 +199,13 @@ def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> 
         if params > cfg.max_params or (cfg.max_latency_ms is not None and latency > cfg.max_latency_ms):
             trial.set_user_attr("pruned", "constraint")
             raise optuna.TrialPruned()
+        earlier = _same_student(trial.study, arch, args)
+        if earlier is not None:
+            trial.set_user_attr("same_as", earlier.number)
+            if earlier.state != optuna_states().COMPLETE:
+                trial.set_user_attr("pruned", "median")
+                raise optuna.TrialPruned()
+            return float(earlier.value)
         run_dir = Path(cfg.out) / "trials" / f"trial-{trial.number}"
         half = _not_stopped(distill(_distill_cfg(cfg, arch, args, run_dir, _half(cfg.trial_steps, int),
                                                  _half(cfg.trial_minutes, float))))
@@ -189,6 +219,22 @@ def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> 
     return run
 
 
+def _same_student(study: Any, arch: str, args: dict[str, Any]) -> Any:
+    """The first trial that scored (or median-pruned) this very student, else None."""
+    states = optuna_states()
+    for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)):
+        a = t.user_attrs
+        if a.get("same_as") is None and a.get("student") == arch and a.get("student_args") == json.loads(
+                json.dumps(args)) and (t.state == states.COMPLETE or a.get("pruned") == "median"):
+            return t
+    return None
+
+
+def optuna_states() -> Any:
+    """Optuna's trial states (`optuna.trial.TrialState`)."""
+    return import_optuna().trial.TrialState
+
+
 def _not_stopped(result: Any) -> Any:
     """A trial's run that finished while a stop signal came: the search stops there as it would mid-run.
 
@@ -200,7 +246,59 @@ def _not_stopped(result: Any) -> Any:
     return result
 
 
-def open_study(cfg: SearchConfig, optuna: Any, resume: bool) -> Any:
+def check_search(cfg: SearchConfig, teacher: Any, optuna: Any) -> None:
+    """Refuse what would fail in the first trial (or after the last) before the search folder is made.
+
+    A method that does not exist, an unknown -p key, a data file that is missing or does not fit the teacher, a
+    budget that is not a finite number: each was met in trial 0 (or, for the final budget, after every trial), and
+    left a folder that only `rm -r` could clear.
+    """
+    import math
+
+    from dfkd.auto import for_source
+    from dfkd.data import load_for
+    from dfkd.engine import check_config
+    from dfkd.sources import source_for
+    from dfkd.utils import pick_device
+
+    for flag, value in (("--trial-minutes", cfg.trial_minutes), ("--final-minutes", cfg.final_minutes),
+                        ("--max-latency-ms", cfg.max_latency_ms), ("--tolerance", cfg.tolerance)):
+        if value is not None and not math.isfinite(value) and not (flag == "--max-latency-ms" and value > 0):
+            raise DfkdError(f"{flag} {value}: must be a finite number")
+    pick_device(cfg.device)
+    first = for_source(_distill_cfg(cfg, None, {}, Path(cfg.out) / "trials" / "trial-0",
+                                    _half(cfg.trial_steps, int), _half(cfg.trial_minutes, float)))
+    check_config(first)
+    source_for(first).check()
+    load_for(cfg.eval_data, "--eval-data", teacher.num_classes, teacher.spec, teacher.class_names)
+    if cfg.data:
+        load_for(cfg.data, "--data", teacher.num_classes, teacher.spec, teacher.class_names)
+    if cfg.transfer_data:
+        from dfkd.transfer import check_teacher_fits, load_transfer
+
+        check_teacher_fits(teacher, load_transfer(cfg.transfer_data))
+    if cfg.space == "lenet5":
+        smallest, _ = measure(teacher, *lenet5_space(optuna.trial.FixedTrial({f"w{i}": MULTIPLIERS[0]
+                                                                                for i in range(4)})))
+        if cfg.max_params < smallest:
+            raise DfkdError(f"--max-params {cfg.max_params}: the smallest student of the lenet5 space (each layer "
+                            f"{MULTIPLIERS[0]:g} of LeNet-5's width) has {smallest:,} parameters; allow at least "
+                            f"{smallest}, or give a --space of smaller students")
+
+
+def _absolute(cfg: SearchConfig) -> SearchConfig:
+    """`cfg` with its files named from `/`: a search resumed from another folder names them otherwise."""
+    from dataclasses import replace
+
+    return replace(cfg, **{k: os.path.abspath(getattr(cfg, k)) for k in PATHS
+                           if isinstance(getattr(cfg, k), str) and getattr(cfg, k).strip()})
+
+
+def _settings(cfg: SearchConfig, teacher_sha256: str) -> str:
+    return json.dumps({**asdict(cfg), "teacher_sha256": teacher_sha256}, indent=1)
+
+
+def open_study(cfg: SearchConfig, optuna: Any, resume: bool, teacher_sha256: str = "") -> Any:
     """The study in `<out>/study.db`: new (the out folder must be new or empty) or, with `resume`, the stored one."""
     from dfkd.outpaths import prepare_run_dir
 
@@ -209,31 +307,60 @@ def open_study(cfg: SearchConfig, optuna: Any, resume: bool) -> Any:
         raise DfkdError(f"--resume: {out} holds no search (no study.db); start it without --resume")
     if not resume:
         if db.exists():
-            raise DfkdError(f"--out {out}: already holds a search; continue it with --resume or pick another --out")
+            raise DfkdError(f"--out {out}: already holds a search; continue it with --resume (while none of its "
+                            "trials has finished, a resume may change its settings) or pick another --out")
         prepare_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "search.json", json.dumps(asdict(cfg), indent=1))
-    else:
-        _same_settings(cfg, out)
+        atomic_write_text(out / "search.json", _settings(cfg, teacher_sha256))
     with warnings.catch_warnings():  # heartbeats (which fail trials a killed search left running) are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.absolute()}", heartbeat_interval=60, grace_period=120)
     study = optuna.create_study(storage=storage, study_name="search", direction="maximize", load_if_exists=resume,
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
-    if not resume and cfg.space == "lenet5":
-        study.enqueue_trial({f"w{i}": 0.5 for i in range(4)})  # LeNet-5-half: the reference row
+    if resume:
+        _same_settings(cfg, out, teacher_sha256, bool(_finished(study)))
+        atomic_write_text(out / "search.json", _settings(cfg, teacher_sha256))
     return study
 
 
-def _same_settings(cfg: SearchConfig, out: Path) -> None:
-    """A resumed search keeps its settings: only --trials and --device may change (trials must stay comparable)."""
+def _finished(study: Any) -> list[Any]:
+    states = optuna_states()
+    return study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+
+
+def _enqueue_reference(study: Any, cfg: SearchConfig) -> None:
+    """LeNet-5-half first, the row the table is read against; again on a resume where it never finished."""
+    ref = {f"w{i}": 0.5 for i in range(4)}
+    if cfg.space != "lenet5" or any(t.params == ref for t in _finished(study)) or study.get_trials(
+            deepcopy=False, states=(optuna_states().WAITING,)):
+        return
+    study.enqueue_trial(ref)
+
+
+def _same_settings(cfg: SearchConfig, out: Path, teacher_sha256: str, finished: bool) -> None:
+    """A resumed search keeps its settings once a trial has finished (RESUMABLE aside): trials must stay comparable.
+
+    The teacher is the same file when its sha256 is (wherever it now lies); the other files are compared by where
+    they are, however named.
+    """
     saved = out / "search.json"
     before = json.loads(saved.read_text()) if saved.exists() else {}
+    if not finished:  # nothing to compare with: the settings that failed may be mended
+        return
+    if before.get("teacher_sha256") and teacher_sha256 and before["teacher_sha256"] != teacher_sha256:
+        raise DfkdError(f"--teacher {cfg.teacher}: not the teacher {out} was searched with ({before['teacher']}; "
+                        "the files' sha256 differ): its trials would rank students of two teachers; give that "
+                        "teacher, or start a new search (another --out)")
     for key, value in asdict(cfg).items():
-        if key not in ("trials", "device") and key in before and before[key] != json.loads(json.dumps(value)):
+        if key in (*RESUMABLE, "out") or key not in before or (key == "teacher" and before.get("teacher_sha256")):
+            continue
+        now, then = json.loads(json.dumps(value)), before[key]
+        if key in PATHS and isinstance(now, str) and isinstance(then, str):
+            now, then = os.path.abspath(now), os.path.abspath(then)
+        if now != then:
             raise DfkdError(f"--resume: {key} was {before[key]!r} in {out}, now {value!r}; a resumed search keeps "
-                            "its settings (only --trials and --device may change)")
+                            f"its settings (only {', '.join(RESUMABLE)} may change)")
 
 
 def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, Any]:
@@ -242,14 +369,16 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
     Returns:
         {"rows": every trial as a dict, "pareto": the Pareto rows, "chosen": the picked row, "final": its metrics}.
     """
-    from dfkd.engine import distill
     from dfkd.search_report import pareto_rows, trial_rows, write_report
 
     optuna = import_optuna()
     space = resolve_space(cfg.space)
-    study = open_study(cfg, optuna, resume)
-    done = [t for t in study.trials if t.state.is_finished() and t.state.name in ("COMPLETE", "PRUNED")]
+    check_search(cfg, teacher, optuna)
+    cfg = _absolute(cfg)
+    study = open_study(cfg, optuna, resume, getattr(teacher, "sha256", ""))
+    done = _finished(study)
     if cfg.trials > len(done):
+        _enqueue_reference(study, cfg)
         with errors_told_once():
             study.optimize(objective(cfg, teacher, space, optuna), n_trials=cfg.trials - len(done))
     rows = trial_rows(study)
@@ -260,8 +389,70 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
                         f"limits in a new search (another --out, or remove {cfg.out})")
     best = max(r["top1"] for r in pareto)
     chosen = min((r for r in pareto if r["top1"] >= best - cfg.tolerance), key=lambda r: r["params"])
-    final_dir = Path(cfg.out) / "final"
-    final = {} if final_dir.exists() else distill(_distill_cfg(
-        cfg, chosen["student"], chosen["student_args"], final_dir, cfg.final_steps, cfg.final_minutes)).metrics
+    final = final_student(cfg, chosen, rows)
     write_report(Path(cfg.out), rows, pareto, chosen, final)
     return {"rows": rows, "pareto": pareto, "chosen": chosen, "final": final}
+
+
+def final_student(cfg: SearchConfig, chosen: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Distill the chosen student fully into `<out>/final` (continued there when a stop cut it short); its metrics.
+
+    A `final/` of another student (a resume with more trials picked another) or another budget is set aside as
+    `final-trial-N` (N: the trial it came from), with a warning: it was kept as if it were the pick's.
+    """
+    from dfkd.engine import distill, resume
+    from dfkd.outpaths import RUN_MARKER
+
+    final_dir = Path(cfg.out) / "final"
+    budget = {"steps": cfg.final_steps, "budget_minutes": cfg.final_minutes}
+    if final_dir.is_dir():
+        saved = _run_config(final_dir)
+        same = {k: saved.get(k) for k in ("student", "student_args", *budget)} == {
+            "student": chosen["student"], "student_args": chosen["student_args"], **budget}
+        if same and (final_dir / RUN_MARKER).is_file():
+            metrics = _finished_metrics(final_dir)
+            return metrics if metrics is not None else _not_stopped(resume(final_dir)).metrics
+        _set_aside(final_dir, saved, rows, chosen)
+    return _not_stopped(distill(_distill_cfg(cfg, chosen["student"], chosen["student_args"], final_dir,
+                                             cfg.final_steps, cfg.final_minutes))).metrics
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def _finished_metrics(run_dir: Path) -> dict[str, float] | None:
+    """The student metrics of a finished run's last "finished" record; None while the run is not finished."""
+    from dfkd.runlog import parse_record, read_lines
+
+    try:
+        if not torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True).get("finished"):
+            return None
+        lines = read_lines(run_dir / "metrics.jsonl")
+    except Exception:  # noqa: BLE001 - a damaged run: the resume that follows says what is wrong with it
+        return None
+    ends = [r for r in map(parse_record, lines) if r and r.get("event") == "finished"]
+    if not ends or not (run_dir / "student.pt").is_file():
+        return None
+    prefix = "student/"
+    return {k[len(prefix):]: v for k, v in ends[-1].items() if k.startswith(prefix)}
+
+
+def _set_aside(final_dir: Path, saved: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, Any]) -> None:
+    of = [r["trial"] for r in rows if r["student"] == saved.get("student") and r["student_args"] == saved.get(
+        "student_args") and r.get("same_as") is None]
+    name = f"final-trial-{of[0]}" if of else "final-previous"
+    aside, n = final_dir.with_name(name), 1
+    while aside.exists():
+        n += 1
+        aside = final_dir.with_name(f"{name}-{n}")
+    final_dir.rename(aside)
+    if saved.get("student_args") == chosen["student_args"] and saved.get("student") == chosen["student"]:
+        why = f"the pick's student (trial {chosen['trial']}) distilled with another final budget"
+    else:
+        why = f"{f'trial {of[0]}' if of else 'another trial'}'s student; the pick is now trial {chosen['trial']}"
+    warnings.warn(f"{final_dir} held {why}: that folder is now {aside}, and final/ is distilled again", stacklevel=3)

@@ -10,7 +10,11 @@ from dfkd.io import atomic_write_text
 
 
 def trial_rows(study: Any) -> list[dict[str, Any]]:
-    """Every finished trial: number, state, student, its arguments, parameters, latency and top-1 (None if pruned)."""
+    """Every trial that drew a student: number, state, student, arguments, parameters, latency and top-1.
+
+    top-1 is None unless the trial completed; `same_as` is the earlier trial whose score it took (the same student,
+    not distilled again).
+    """
     rows = []
     for t in study.trials:
         if "params" not in t.user_attrs:
@@ -18,6 +22,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": t.state.name.lower(), "student": t.user_attrs["student"],
                      "student_args": t.user_attrs["student_args"], "params": int(t.user_attrs["params"]),
                      "latency_ms": float(t.user_attrs["latency_ms"]), "pruned": t.user_attrs.get("pruned"),
+                     "same_as": t.user_attrs.get("same_as"),
                      "top1": float(t.value) if t.state.name == "COMPLETE" else None})
     return rows
 
@@ -29,8 +34,8 @@ def dominates(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def pareto_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The completed trials no other completed trial dominates, smallest first."""
-    done = [r for r in rows if r["top1"] is not None]
+    """The completed trials no other completed trial dominates, smallest first (a repeated student once)."""
+    done = [r for r in rows if r["top1"] is not None and r.get("same_as") is None]
     return sorted((r for r in done if not any(dominates(o, r) for o in done)), key=lambda r: r["params"])
 
 
@@ -39,8 +44,11 @@ def table(rows: list[dict[str, Any]], pareto: list[dict[str, Any]], chosen: dict
     front = {r["trial"] for r in pareto}
     lines = ["| trial | student | arguments | parameters | latency ms | top-1 % | |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["params"]):
-        acc = f"{100 * r['top1']:.2f}" if r["top1"] is not None else f"pruned ({r['pruned']})"
+        acc = f"{100 * r['top1']:.2f}" if r["top1"] is not None else (
+            f"pruned ({r['pruned']})" if r["state"] == "pruned" else "failed or stopped")
         mark = "chosen" if r["trial"] == chosen["trial"] else ("Pareto" if r["trial"] in front else "")
+        if r.get("same_as") is not None:
+            mark = f"same student as trial {r['same_as']}"
         lines.append(f"| {r['trial']} | {r['student']} | {json.dumps(r['student_args'])} | {r['params']} | "
                      f"{r['latency_ms']:.3f} | {acc} | {mark} |")
     return "\n".join(lines) + "\n"

@@ -42,6 +42,12 @@ class TeacherOptions:
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
+    def config_fields(self) -> dict[str, Any]:
+        """The options as `DistillConfig` (and `SearchConfig`) fields."""
+        return {"teacher_arch": self.arch, "arch_args": dict(self.arch_args), "trust_pickle": self.trust_pickle,
+                "channels": self.channels, "input_size": self.size, "mean": tuple(self.mean) or None,
+                "std": tuple(self.std) or None}
+
     def spec(self) -> InputSpec | None:
         """The input spec the flags give (completed from timm's config), None without spec flags."""
         return flag_spec(self.channels, self.size, self.mean, self.std, self.arch, self.arch_args)

@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import re
+import shutil
+import signal
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import dfkd.search
 from dfkd.cli.main import main
 from dfkd.engine import Interrupted
 from dfkd.errors import DfkdError
-from dfkd.modelfile import load_model
-from dfkd.search import SearchConfig, candidate, errors_told_once, lenet5_space, measure, resolve_space, search
+from dfkd.modelfile import load_model, save_model
+from dfkd.search import (
+    SearchConfig,
+    candidate,
+    errors_told_once,
+    final_student,
+    lenet5_space,
+    measure,
+    resolve_space,
+    search,
+)
 from dfkd.search_report import dominates, pareto_rows
 from dfkd.teacher import load_teacher
 from tests.test_lifelong import train_toy_teacher, write
@@ -34,7 +48,8 @@ def config(toy: dict[str, str], out: Path, **kw: object) -> SearchConfig:
     base = {"max_params": 60_000, "trials": 3, "trial_minutes": None, "trial_steps": 30, "final_minutes": None,
             "final_steps": 30, "data": toy["train"], "params": {"batch_size": 32, "s_optimizer": "adam",
                                                                "lr_s": 3e-3, "schedule": "constant", "select_every": 0}}
-    return SearchConfig(teacher=toy["teacher"], method="kd", out=str(out), eval_data=toy["test"], **{**base, **kw})
+    return SearchConfig(**{"teacher": toy["teacher"], "method": "kd", "out": str(out), "eval_data": toy["test"],
+                           **base, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +81,14 @@ def test_resume_adds_trials_to_the_stored_study(finished: tuple[SearchConfig, di
     cfg, first = finished
     res = search(dataclasses.replace(cfg, trials=4), load_teacher(cfg.teacher), resume=True)
     assert [r["trial"] for r in res["rows"]][:3] == [r["trial"] for r in first["rows"]]
-    assert len(res["rows"]) == 4 and (Path(cfg.out) / "trials" / "trial-3").exists()
+    fourth = res["rows"][3]
+    assert len(res["rows"]) == 4 and fourth["trial"] == 3
+    if fourth["same_as"] is None:
+        assert (Path(cfg.out) / "trials" / "trial-3").exists()
+    else:  # TPE drew a student again: it takes that trial's score, without a run
+        earlier = res["rows"][fourth["same_as"]]
+        assert earlier["student_args"] == fourth["student_args"] and earlier["top1"] == fourth["top1"]
+        assert not (Path(cfg.out) / "trials" / "trial-3").exists()
 
 
 def test_space_measure_and_pareto() -> None:
@@ -93,7 +115,11 @@ def test_refusals(toy: dict[str, str], finished: tuple[SearchConfig, dict], tmp_
     with pytest.raises(DfkdError, match="holds no search"):
         search(config(toy, tmp_path / "none"), load_teacher(cfg.teacher), resume=True)
     with pytest.raises(DfkdError, match="no trial finished within the constraints"):
-        search(config(toy, tmp_path / "tiny", max_params=10, trials=1), load_teacher(cfg.teacher))
+        search(config(toy, tmp_path / "tiny", max_latency_ms=1e-9, trials=1), load_teacher(cfg.teacher))
+    # "add trials" could not help a --max-params under the space's smallest student
+    with pytest.raises(DfkdError, match="--max-params 10: the smallest student of the lenet5 space .* 4,025 "):
+        search(config(toy, tmp_path / "small", max_params=10, trials=1), load_teacher(cfg.teacher))
+    assert not (tmp_path / "small").exists()
     monkeypatch.setitem(sys.modules, "optuna", None)
     res = CliRunner().invoke(main, ["search", "--teacher", cfg.teacher, "--method", "kd", "--eval-data", toy["test"],
                                     "--max-params", "1000", "--out", str(tmp_path / "o")])
@@ -149,3 +175,116 @@ def test_a_space_that_returns_the_wrong_thing_or_raises_is_one_message(toy: dict
     with errors_told_once():
         assert not any(h.filter(failed) for h in handlers) and all(h.filter(other) for h in handlers)
     assert all(h.filter(failed) for h in handlers)
+
+
+QUICK = {"trials": 1, "trial_steps": 4, "final_steps": 2}
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"final_minutes": float("inf"), "final_steps": None}, "--final-minutes inf: must be a finite number"),
+    ({"trial_minutes": float("inf"), "trial_steps": None}, "--trial-minutes inf: must be a finite number"),
+    ({"tolerance": float("nan")}, "--tolerance nan: must be a finite number"),
+    ({"method": "nosuch"}, "nosuch"),
+    ({"params": {"foo": 1}}, "no parameter(s) ['foo']"),
+    ({"eval_data": "missing.npz"}, "--eval-data missing.npz: no such file"),
+    ({"eval_data": ""}, "--eval-data"),
+    ({"device": "banana"}, "--device 'banana': not a device name"),
+])
+def test_what_would_fail_in_a_trial_is_refused_before_the_folder_is_made(toy: dict[str, str], tmp_path: Path,
+                                                                          bad: dict, message: str) -> None:
+    # each was met in trial 0 (a final budget after every trial), and left a folder that neither the same
+    # command nor --resume with the fix would take
+    with pytest.raises(DfkdError, match=re.escape(message)):
+        search(config(toy, tmp_path / "s", **{**QUICK, **bad}), load_teacher(toy["teacher"]))
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_search_whose_trials_all_failed_resumes_with_mended_settings(toy: dict[str, str], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import dfkd.engine
+
+    def broken(cfg: object) -> None:
+        raise DfkdError("a problem only a trial meets")
+
+    cfg = config(toy, tmp_path / "s", **QUICK)
+    with monkeypatch.context() as m:
+        m.setattr(dfkd.engine, "distill", broken)
+        with pytest.raises(DfkdError, match="a problem only a trial meets"):
+            search(cfg, load_teacher(cfg.teacher))
+    res = search(dataclasses.replace(cfg, trial_steps=6), load_teacher(cfg.teacher), resume=True)
+    # the reference's trial failed, so the resume draws it again first (it was lost for good, and its failed row
+    # was called "pruned (None)")
+    assert [(r["trial"], r["state"]) for r in res["rows"]] == [(0, "fail"), (1, "complete")]
+    assert res["rows"][1]["student_args"]["widths"] == [3, 8, 60, 42]
+    assert "| failed or stopped |" in (tmp_path / "s" / "pareto.md").read_text()
+    assert json.loads((tmp_path / "s" / "search.json").read_text())["trial_steps"] == 6
+
+
+def test_a_resume_takes_the_teacher_moved_and_refuses_another(toy: dict[str, str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    teacher = tmp_path / "t.pt"
+    shutil.copy(toy["teacher"], teacher)
+    monkeypatch.chdir(tmp_path)
+    cfg = dataclasses.replace(config(toy, Path("s"), **QUICK), teacher="t.pt")
+    search(cfg, load_teacher(cfg.teacher))
+    # from another folder, the same files named otherwise (a trailing slash, relative paths): refused by string
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    moved = tmp_path / "moved.pt"
+    teacher.rename(moved)
+    again = dataclasses.replace(cfg, teacher="../moved.pt", out="../s/", trials=2)
+    assert len(search(again, load_teacher(again.teacher), resume=True)["rows"]) == 2
+    # another network at the teacher's path: its students would be ranked against the first teacher's
+    net = load_teacher(str(moved)).module
+    with torch.no_grad():
+        next(net.parameters()).add_(0.01)
+    save_model(moved, net, load_model(moved)[1])
+    with pytest.raises(DfkdError, match="not the teacher ../s was searched with .* sha256 differ"):
+        search(dataclasses.replace(again, trials=3), load_teacher(again.teacher), resume=True)
+
+
+def test_the_final_student_is_the_picks_and_a_stopped_one_is_continued(toy: dict[str, str], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from dfkd.methods import get_method
+
+    cfg = config(toy, tmp_path / "s", final_steps=6)
+    rows = [{"trial": 0, "student": "lenet5_scaled", "student_args": {"widths": [3, 8, 60, 42]}, "same_as": None},
+            {"trial": 1, "student": "lenet5_scaled", "student_args": {"widths": [2, 4, 30, 21]}, "same_as": None}]
+    cls, original, calls = get_method("kd"), get_method("kd").round, {"n": 0}
+
+    def stopped_once(self: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    with monkeypatch.context() as m:
+        m.setattr(cls, "round", stopped_once)
+        with pytest.raises(Interrupted):
+            final_student(cfg, rows[0], rows)
+    # the resumed search said it was done, exit 0, with a final/ of no student.pt
+    metrics = final_student(cfg, rows[0], rows)
+    assert metrics["top1"] > 0.25 and (tmp_path / "s" / "final" / "student.pt").is_file()
+    assert not (tmp_path / "s" / "final-trial-0").exists()
+    assert final_student(cfg, rows[0], rows) == metrics  # finished: read, not run again
+    # a resume with more trials picked another student: final/ kept trial 0's, unsaid
+    with pytest.warns(UserWarning, match="held trial 0.s student; the pick is now trial 1"):
+        final_student(cfg, rows[1], rows)
+    assert load_model(tmp_path / "s" / "final" / "student.pt")[1].arch_kwargs["widths"] == [2, 4, 30, 21]
+    assert load_model(tmp_path / "s" / "final-trial-0" / "student.pt")[1].arch_kwargs["widths"] == [3, 8, 60, 42]
+
+
+def test_search_takes_the_teacher_options_and_names_a_missing_gpu(toy: dict[str, str], tmp_path: Path) -> None:
+    # a plain state_dict was told "add --teacher-arch", which search did not take; --device cuda was a traceback
+    teacher = load_teacher(toy["teacher"])
+    torch.save(teacher.module.state_dict(), tmp_path / "sd.pt")
+    args = ["search", "--teacher", str(tmp_path / "sd.pt"), "--method", "kd", "--data", toy["train"], "--eval-data",
+            toy["test"], "--max-params", "60000", "--trials", "1", "--trial-steps", "4", "--final-steps", "2"]
+    spec = ["--teacher-arch", "lenet5_half_bn", "--arch-arg", "num_classes=4", "--channels", "1", "--input-size",
+            "32", "--mean", "0.5", "--std", "0.5"]
+    if not torch.cuda.is_available():
+        r = CliRunner().invoke(main, [*args, *spec, "--out", str(tmp_path / "gpu"), "--device", "cuda"])
+        assert r.exit_code == 2 and "--device cuda: CUDA is not available" in r.output, r.output
+    r = CliRunner().invoke(main, [*args, *spec, "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "s" / "final" / "config.json").read_text())["teacher_arch"] == "lenet5_half_bn"
