@@ -5,7 +5,8 @@ per pixel in [0, 1], after the training images are brought to the teacher's chan
 8 bits exactly as a transfer file stores images) and, with `--teacher`, the teacher's penultimate features (L2
 distance of unit-normalised features, so 0 = same direction, 2 = opposite). Distances are compared with a
 real-vs-real baseline: the nearest-training-image distances of the owner's own held-out images (`--test`, else
-`BASELINE_HOLDOUT` images held out of the training set), which are different real images that merely look alike.
+`BASELINE_HOLDOUT` training images measured against the other ones), which are different real images that merely
+look alike. The synthetic images are searched against every training image, and a copy names its index in the file.
 
 The baseline only means something if the held-out images are not themselves training images: a `--test` that is
 (or overlaps) `--against` has distance 0, the threshold collapses to 0, and a file of verbatim copies PASSes. So
@@ -176,17 +177,19 @@ def features(teacher: Teacher, pixels: Tensor, spec: InputSpec, batch: int = 512
     return torch.nn.functional.normalize(torch.cat(out).float(), dim=1)
 
 
-def _pixel_space(synth: Tensor, train: Tensor, held: Tensor) -> Space:
+def _pixel_space(synth: Tensor, train: Tensor, held: Tensor, rest: Tensor | None) -> Space:
+    """Synthetic images against every training image; the baseline's held-out ones against the `rest` of them."""
     per_pixel = math.sqrt(synth[0].numel())  # RMS per pixel: comparable across image sizes
     d, i = nearest(synth.flatten(1), train.flatten(1))
-    b, _ = nearest(held.flatten(1), train.flatten(1))
+    b, _ = nearest(held.flatten(1), (train if rest is None else train[rest]).flatten(1))
     return Space("pixel", d / per_pixel, i, b / per_pixel)
 
 
-def _feature_space(teacher: Teacher, spec: InputSpec, synth: Tensor, train: Tensor, held: Tensor) -> Space:
+def _feature_space(teacher: Teacher, spec: InputSpec, synth: Tensor, train: Tensor, held: Tensor,
+                   rest: Tensor | None) -> Space:
     f_train = features(teacher, train, spec)
     d, i = nearest(features(teacher, synth, spec), f_train)
-    b, _ = nearest(features(teacher, held, spec), f_train)
+    b, _ = nearest(features(teacher, held, spec), f_train if rest is None else f_train[rest])
     return Space("feature", d, i, b)
 
 
@@ -207,15 +210,20 @@ def _digests(pixels: Tensor) -> list[bytes]:
     return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in pixels.flatten(1).numpy()]
 
 
-def _split(train: Tensor, test: Tensor | None, seed: int) -> tuple[Tensor, Tensor]:
-    """(reference training images, held-out real images for the baseline)."""
+def _split(train: Tensor, test: Tensor | None, seed: int) -> tuple[Tensor | None, Tensor]:
+    """(indices of the training images the baseline is measured against (None: all), the baseline's real images).
+
+    Without `test`, `BASELINE_HOLDOUT` training images are the baseline's and are measured against the rest; the
+    synthetic images are still searched against all of them (a copy of a held-out image went unseen: a file of
+    such copies PASSed).
+    """
     if test is not None:
-        return train, test
+        return None, test
     if len(train) < 2 * BASELINE_HOLDOUT:
         raise DfkdError(f"--against holds {len(train)} images: give --test OWNER_TEST for the real-vs-real baseline "
                         f"(holding out {BASELINE_HOLDOUT} needs at least {2 * BASELINE_HOLDOUT})")
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    return train[perm[BASELINE_HOLDOUT:]], train[perm[:BASELINE_HOLDOUT]]
+    return perm[BASELINE_HOLDOUT:].sort().values, train[perm[:BASELINE_HOLDOUT]]
 
 
 def _without_training_images(train: Tensor, held: Tensor, against: str, test: str | None) -> tuple[Tensor, int]:
@@ -319,14 +327,16 @@ def audit(transfer: str | os.PathLike, against: str | os.PathLike, teacher: Teac
     owner_test = _owner_images(test, "--test", data.spec) if test else None
     if student is not None and owner_test is not None:
         _check_student(student, [("--against", against, owner), ("--test", test, owner_test)])
-    train, held = _split(real_pixels(owner, data.spec),
-                         real_pixels(owner_test, data.spec) if owner_test is not None else None, seed)
-    held, n_dup = _without_training_images(train, held, str(against), str(test) if test else None)
-    baseline_from = str(test) if test else f"{BASELINE_HOLDOUT} images held out of --against"
+    train = real_pixels(owner, data.spec)
+    rest, held = _split(train, real_pixels(owner_test, data.spec) if owner_test is not None else None, seed)
+    held, n_dup = _without_training_images(train if rest is None else train[rest], held, str(against),
+                                           str(test) if test else None)
+    baseline_from = str(test) if test else (f"{BASELINE_HOLDOUT} images of --against against the rest (the synthetic "
+                                            "images against all)")
     if n_dup:
         baseline_from += f" ({n_dup} identical to training images left out)"
-    pixel = _pixel_space(data.x, train, held)
-    feature = _feature_space(teacher, data.spec, data.x, train, held) if teacher is not None else None
+    pixel = _pixel_space(data.x, train, held, rest)
+    feature = _feature_space(teacher, data.spec, data.x, train, held, rest) if teacher is not None else None
     write_pairs(data.x, train, pixel, out, mark=drawn_from("audit", transfer))
     auc = None
     if student is not None and owner_test is not None:

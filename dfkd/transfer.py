@@ -106,6 +106,8 @@ def meta_arrays(spec: InputSpec, num_classes: int, method: str, teacher_sha256: 
 
 
 def _read(p: Path, flag: str) -> dict[str, np.ndarray]:
+    if p.is_dir():
+        raise DfkdError(f"{flag} {p}: is a folder; give a transfer .npz file written by `dfkd synthesize`")
     if not p.is_file():
         raise DfkdError(f"{flag} {p}: no such file")
     with open_npz(p, flag) as d:

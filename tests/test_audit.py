@@ -90,9 +90,13 @@ def test_synthetic_file_passes(transfer_file: str, sharp_teacher_file: str, owne
 
 def test_baseline_held_out_of_train_without_test(leaky_file: str, owner: tuple[str, str], tmp_path: Path) -> None:
     r = audit(leaky_file, owner[0], png=tmp_path / "p.png")
-    assert r.n_train == 2000 and r.feature is None and "held out of --against" in r.text()
-    assert r.verdict == "FAIL"  # the seeded split keeps at least two of the copied images in the reference set
-    assert set(r.pixel.flagged.tolist()) <= {100, 101, 102, 103} and len(r.pixel.flagged) >= 2
+    assert r.n_train == 3000 and r.feature is None and "1000 images of --against against the rest" in r.text()
+    # the held-out images were left out of the search too: copies of them went unseen (a file of them PASSed), and
+    # a copy named its index in the shuffled rest, not in --against
+    assert r.verdict == "FAIL" and sorted(r.pixel.flagged.tolist()) == [100, 101, 102, 103]
+    assert [int(r.pixel.idx[i]) for i in [100, 101, 102, 103]] == COPIED
+    held = torch.randperm(3000, generator=torch.Generator().manual_seed(0))[:1000]
+    assert set(COPIED) & set(held.tolist())  # the case that went unseen: a copy of a held-out image
 
 
 def test_membership_auc() -> None:
@@ -115,6 +119,8 @@ def test_cli_exit_codes_and_errors(leaky_file: str, transfer_file: str, owner: t
     res = runner.invoke(main, ["audit", transfer_file, "--against", owner[0], "--test", owner[1],
                                "--png", str(tmp_path / "b.png")])
     assert res.exit_code == 0 and "verdict:  PASS" in res.output
+    res = runner.invoke(main, ["audit", str(tmp_path), "--against", owner[0]])  # a folder was "no such file"
+    assert res.exit_code == 2 and "is a folder; give a transfer .npz file" in res.output
     res = runner.invoke(main, ["audit", transfer_file, "--against", str(tmp_path / "none.npz")])
     assert res.exit_code == 2 and "--against" in res.output and "no such file" in res.output
     res = runner.invoke(main, ["audit", transfer_file, "--against", owner[1]])
