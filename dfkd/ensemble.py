@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfkd.errors import DfkdError
+from dfkd.hooks import FeatureTaps
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher, load_teacher, warn_unused_arch
 
@@ -95,6 +96,19 @@ class EnsembleTeacher(Teacher):
 
     def bn_paths(self) -> list[str]:
         return [f"t{i}.{p}" for i, m in enumerate(self.members) for p in m.bn_paths()]
+
+    def tap(self, paths: Iterable[str], inputs: bool = True, outputs: bool = False) -> FeatureTaps:
+        """Taps on members' layers ("t1.layer1.0.bn1"): refused only for a member without module hooks.
+
+        A TorchScript or ONNX first member made the whole ensemble unhookable, so the BN-FID monitor over a later
+        member's BatchNorm layers failed at the end of a run that had trained its whole budget.
+        """
+        paths = list(paths)
+        for p in paths:
+            member = self.members[int(p.split(".", 1)[0][1:])]
+            if not member.hookable:
+                member.tap([p])  # its own message: which file, and how to make it hookable
+        return FeatureTaps(self.module, paths, inputs=inputs, outputs=outputs)
 
     def stage_paths(self) -> list[str]:
         return [f"t0.{p}" for p in self.members[0].stage_paths()]

@@ -193,3 +193,22 @@ def test_cli_two_teachers_with_objective_flags(teacher_files: tuple[str, str], t
     assert meta.provenance["teacher"] == " + ".join(teacher_files)
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/student/rkd_angle" in r and "loss/student/disc_d" in r for r in records)
+
+
+def test_a_first_teacher_without_hooks_leaves_the_others_bn_layers_to_the_fid(teacher_files: tuple[str, str],
+                                                                               tmp_path: Path):
+    # a TorchScript first teacher made the ensemble unhookable: the BN-FID over the second one's BatchNorm layers
+    # failed after the whole budget ("has no module hooks ... to use feature-based losses"), and so did --resume
+    script = tmp_path / "a_ts.pt"
+    r = CliRunner().invoke(main, ["export", teacher_files[0], "--format", "torchscript", "--out", str(script)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(script), "--teacher", teacher_files[1], "--method",
+                                  "dfad", "--steps", "3", "-p", "batch_size=8", "-p", "s_steps=1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (out / "student.pt").is_file() and any("fid/bn" in rec for rec in records)
+    e = load_teachers([str(script), teacher_files[1]])
+    assert e.bn_paths() and all(p.startswith("t1.") for p in e.bn_paths())
+    with pytest.raises(DfkdError, match="a_ts.pt has no module hooks"):
+        e.tap(["t0.anything"])
