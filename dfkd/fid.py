@@ -36,14 +36,16 @@ class InceptionUnavailable(DfkdError):
 class FIDStats:
     """Gaussian statistics of features: `mu` (D,), `sigma` (D, D), and which features they are of.
 
-    Teacher-feature statistics also keep the sha256 of the teacher file that made them ("" where unknown: files
-    written before it was kept, or by pytorch-fid).
+    Teacher-feature statistics also keep the sha256 of the teacher file that made them and the inputs it was given
+    (`input_key`: shape and normalisation; the same images at 28 and at 32 px were 17 times farther apart than two
+    different real sets), "" where unknown: files written before they were kept, or by pytorch-fid.
     """
 
     mu: np.ndarray
     sigma: np.ndarray
     features: str = "inception"
     teacher_sha256: str = ""
+    teacher_input: str = ""
 
     @classmethod
     def from_features(cls, feats: torch.Tensor, features: str) -> FIDStats:
@@ -53,7 +55,8 @@ class FIDStats:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write pytorch-fid's `.npz` (mu, sigma) plus `features` (and the teacher's hash), atomically."""
-        extra = {"teacher_sha256": np.array(self.teacher_sha256)} if self.teacher_sha256 else {}
+        extra = {k: np.array(v) for k, v in (("teacher_sha256", self.teacher_sha256),
+                                             ("teacher_input", self.teacher_input)) if v}
         _atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, features=np.array(self.features),
                                                **extra))
 
@@ -69,14 +72,20 @@ class FIDStats:
                                 f"{sorted(d.files)}")
             kind = str(d["features"]) if "features" in d else "inception"
             stats = cls(d["mu"].astype(np.float64), np.atleast_2d(d["sigma"]).astype(np.float64), kind,
-                        str(d["teacher_sha256"]) if "teacher_sha256" in d else "")
-        if kind not in FEATURE_KINDS or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
+                        *(str(d[k]) if k in d else "" for k in ("teacher_sha256", "teacher_input")))
+        if kind not in FEATURE_KINDS or stats.mu.ndim != 1 or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
             raise DfkdError(f"{flag} {p}: features {kind!r}, mu {stats.mu.shape}, sigma {stats.sigma.shape}: not "
                             f"FID statistics dfkd understands (features one of {FEATURE_KINDS}, sigma D x D)")
         if why := _not_gaussian(stats):
             raise DfkdError(f"{flag} {p}: {why}, so it is no covariance of features; make the file again with "
                             "`dfkd fid-stats`")
         return stats
+
+
+def input_key(spec: InputSpec) -> str:
+    """A teacher's inputs as teacher-feature statistics record them: shape and normalisation."""
+    return (f"{spec.describe()}, mean {[float(f'{m:.6g}') for m in spec.mean]}, "
+            f"std {[float(f'{v:.6g}') for v in spec.std]}")
 
 
 def _not_gaussian(stats: FIDStats) -> str | None:
@@ -173,11 +182,18 @@ class TeacherFID(FeatureFID):
     def __init__(self, teacher: Teacher, ref: FIDStats | None = None) -> None:
         super().__init__(ref)
         self.teacher = teacher
-        if ref is not None and ref.teacher_sha256 and teacher.sha256 and ref.teacher_sha256 != teacher.sha256:
+        first = getattr(teacher, "members", [teacher])[0]  # an ensemble's features are its first teacher's
+        which = "--teacher" if first is teacher else f"the first --teacher ({first.source}), whose features it uses,"
+        if ref is not None and ref.teacher_sha256 and first.sha256 and ref.teacher_sha256 != first.sha256:
             raise DfkdError(f"--fid-ref: its teacher statistics were made with another teacher file (sha256 "
-                            f"{ref.teacher_sha256[:12]}..., --teacher is {teacher.sha256[:12]}...): features of "
+                            f"{ref.teacher_sha256[:12]}..., {which} is {first.sha256[:12]}...): features of "
                             "another network are not comparable; make them with this teacher (dfkd fid-stats DATA "
-                            "OUT.npz --features teacher --teacher T)")
+                            f"OUT.npz --features teacher --teacher {first.source})")
+        if ref is not None and ref.teacher_input and ref.teacher_input != input_key(teacher.spec):
+            raise DfkdError(f"--fid-ref: its teacher statistics were made from inputs {ref.teacher_input}, and the "
+                            f"run's teacher takes {input_key(teacher.spec)}: features of other inputs are not "
+                            "comparable; make them with the run's teacher options (dfkd fid-stats DATA OUT.npz "
+                            "--features teacher --teacher T [--input-size ... --mean ... --std ...])")
         device = next((p.device for p in teacher.parameters()), torch.device("cpu"))
         self.check_dim(self.features(torch.zeros(teacher.spec.shape(2), device=device)).shape[1])
 

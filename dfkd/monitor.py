@@ -14,7 +14,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.fid import BNFID, FEATURE_KINDS, FIDStats, FrechetMonitor, InceptionFID, InceptionUnavailable, TeacherFID
+from dfkd.fid import (
+    BNFID,
+    FEATURE_KINDS,
+    FIDStats,
+    FrechetMonitor,
+    InceptionFID,
+    InceptionUnavailable,
+    TeacherFID,
+    input_key,
+)
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher
 
@@ -157,6 +166,6 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
                        for i in range(0, len(images), bs)])
     stats = FIDStats.from_features(feats, features)
     if features == "teacher":
-        stats.teacher_sha256 = t.sha256
+        stats.teacher_sha256, stats.teacher_input = t.sha256, input_key(t.spec)
     stats.save(out)
     return stats

@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from dfkd.ensemble import load_teachers
 from dfkd.errors import DfkdError
 from dfkd.fid import BNFID, FIDStats, InceptionFID, InceptionUnavailable, TeacherFID, bn_fid, frechet_distance
 from dfkd.hooks import FeatureTaps
@@ -21,6 +22,7 @@ from dfkd.models import create
 from dfkd.monitor import FIDMonitors, compute_fid_stats
 from dfkd.spec import MNIST_SPEC
 from dfkd.teacher import Teacher, load_teacher
+from dfkd.teacher_options import TeacherOptions, load_with_options
 
 KW = {"num_classes": 10, "in_channels": 1, "input_size": 32}
 
@@ -272,6 +274,33 @@ def test_teacher_statistics_of_another_teacher_file_are_refused(tmp_path: Path) 
         TeacherFID(load_teacher(tmp_path / "other.pt"), ref)
     ref.teacher_sha256 = ""  # a file from before the hash was kept: no way to tell
     TeacherFID(load_teacher(tmp_path / "other.pt"), ref)
+    # an ensemble's features are its first teacher's: that teacher's statistics were refused (its sha256 is the
+    # members' joined), with a fix fid-stats could not follow (it takes one teacher)
+    ref = FIDStats.load(tmp_path / "ref.npz")
+    TeacherFID(load_teachers([tmp_path / "t.pt", tmp_path / "other.pt"]), ref)
+    with pytest.raises(DfkdError, match=r"the first --teacher \(.*other.pt\), whose features it uses, is"):
+        TeacherFID(load_teachers([tmp_path / "other.pt", tmp_path / "t.pt"]), ref)
+
+
+def test_teacher_statistics_of_other_inputs_are_refused(tmp_path: Path) -> None:
+    # the same images at 28 px were taken by a 32-px run without a word: 17 times the distance of two real sets
+    save_model(tmp_path / "t.pt", bn_teacher().module, ModelFile("lenet5_bn", KW, MNIST_SPEC, 10))
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 256, (20, 28, 28), dtype=np.uint8), y=rng.integers(0, 10, 20))
+    other = TeacherOptions(channels=1, size=28, mean=(0.1307,), std=(0.3081,))
+    compute_fid_stats(tmp_path / "d.npz", tmp_path / "r28.npz", "teacher", teacher=tmp_path / "t.pt",
+                      options=other, device="cpu")
+    ref = FIDStats.load(tmp_path / "r28.npz")
+    assert ref.teacher_input == "1x28x28, mean [0.1307], std [0.3081]"
+    with pytest.raises(DfkdError, match=r"made from inputs 1x28x28, .* the run's teacher takes 1x32x32"):
+        TeacherFID(load_teacher(tmp_path / "t.pt"), ref)
+    TeacherFID(load_with_options(tmp_path / "t.pt", other), ref)  # the run given the same inputs
+
+
+def test_stats_with_a_scalar_mean_are_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "s.npz", mu=np.float64(1.0), sigma=np.eye(1))  # len() of unsized object: a traceback
+    with pytest.raises(DfkdError, match=r"mu \(\), sigma \(1, 1\): not FID statistics dfkd understands"):
+        FIDStats.load(tmp_path / "s.npz")
 
 
 def test_monitors_measure_in_chunks_of_the_batch_size_with_the_same_values() -> None:
