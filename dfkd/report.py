@@ -186,7 +186,9 @@ def write_last_grid(run_dir: Path, out: Path, tag: str = IMAGE_TAG, mark: str = 
         acc.Reload()
     finally:
         tb_log.setLevel(level)
-    if tag not in acc.Tags().get(IMAGES, []):
+    # a run resumed and stopped before it logged an image: TensorBoard purged the replayed steps' images and kept the
+    # tag with none (an IndexError traceback)
+    if tag not in acc.Tags().get(IMAGES, []) or not acc.Images(tag):
         return False
     with Image.open(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)) as im:
         atomic_save_png(im, out, mark)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -248,3 +249,30 @@ def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Pa
     assert [e["step"] for e in events if e.get("event") == "teacher_note"] == [0]
     out = CliRunner().invoke(main, ["report", str(tmp_path / "run")]).output
     assert "note:     --teacher" in out and "it outputs probabilities" in out
+
+
+def test_report_of_a_run_resumed_and_stopped_before_its_next_picture(files: dict[str, str], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # TensorBoard purges the images at and after the step a resumed run's events restart from: the tag stayed with
+    # no image, and `dfkd report` was an IndexError traceback
+    import signal
+
+    from dfkd.engine import Interrupted, resume
+    from dfkd.methods import get_method
+
+    run = distill(dataclasses.replace(cfg(files, "unused"), out=str(tmp_path / "r"), method="dfad", steps=3,
+                                      fid_every=0, fid_ref=None, image_every=250,
+                                      params={"batch_size": 8, "s_steps": 1})).run_dir
+    cls, original, calls = get_method("dfad"), get_method("dfad").round, {"n": 0}
+
+    def stopped(self: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            signal.raise_signal(signal.SIGINT)
+        return original(self)
+
+    monkeypatch.setattr(cls, "round", stopped)
+    with pytest.raises(Interrupted):
+        resume(run, steps=100)
+    summary = report(run)
+    assert summary.step == 5 and "finished: no" in summary.text()
