@@ -77,9 +77,9 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
         check_output_file(kw["out"], force=None)  # extend has no --force
     try:
         report = extend(cfg, load_with_options(teacher, options, pick_device(cfg.device)), resume)
-    except KeyboardInterrupt:  # it said "interrupted" alone
-        click.echo(f"interrupted; {cfg.work_dir()} keeps the last checkpoint: continue with the same command and "
-                   "--resume", err=True)
+    except KeyboardInterrupt as e:  # it said "interrupted" alone
+        click.echo(f"interrupted{f' ({e})' if str(e) else ''}; {cfg.work_dir()} keeps the last checkpoint: continue "
+                   "with the same command and --resume", err=True)
         sys.exit(130)
     click.echo(f"wrote {cfg.out}")
     print_extend_report(report)

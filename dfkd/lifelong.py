@@ -39,7 +39,15 @@ from torch import nn
 from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_copy, atomic_write_text
-from dfkd.lifelong_train import PHASES, Batches, Phase, evaluate_split, grow_model, train_phase
+from dfkd.lifelong_train import (
+    PHASES,
+    Batches,
+    Phase,
+    evaluate_split,
+    grow_model,
+    interrupted_by_stop_signals,
+    train_phase,
+)
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.teacher import Teacher
 
@@ -92,20 +100,21 @@ class ExtendConfig:
 
 
 def append_labels(data: ImageData, k_old: int, path: str) -> ImageData:
-    """New-class labels as indices of the extended model: kept when all are >= k_old, shifted up when all are below.
+    """New-class labels as indices of the extended model: kept when all are >= k_old, shifted up when they start at 0.
 
-    Labels on both sides of k_old fit neither convention and are refused. A new class index without an image
-    (labels {0, 2}, or {12} for a 5-class model) gets a warning: the extended model would have an output no image
-    taught.
+    Labels from 0 are read as k_old on however many new classes there are (6 new classes 0..5 on a 5-class model
+    were refused as "on both sides" of 5); labels starting between 0 and k_old fit neither convention and are
+    refused. A new class index without an image (labels {0, 2}, or {12} for a 5-class model) gets a warning: the
+    extended model would have an output no image taught.
     """
     if len(data) == 0:
         raise DfkdError(f"--data {path}: holds no images")
     lo, hi = int(data.y.min()), int(data.y.max())
     if lo < 0:
         raise DfkdError(f"--data {path}: labels must be >= 0, found {lo}")
-    if lo < k_old <= hi:
-        raise DfkdError(f"--data {path}: labels run {lo}..{hi}, on both sides of the old model's {k_old} classes; give "
-                        f"only the new classes' images, labelled from 0 (read as {k_old} on) or from {k_old}")
+    if 0 < lo < k_old:
+        raise DfkdError(f"--data {path}: labels run {lo}..{hi}, from inside the old model's {k_old} classes; give only "
+                        f"the new classes' images, labelled from 0 (read as {k_old} on) or from {k_old}")
     out = data if lo >= k_old else ImageData(data.x, data.y + k_old, data.class_names)
     empty = sorted(set(range(k_old, int(out.y.max()) + 1)) - {int(c) for c in out.y.unique()})
     if empty:
@@ -182,9 +191,17 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
         The report: class counts and, with `eval_data`, old/new/all top-1 of the teacher, the extended model and
         the references (fractions in [0, 1]). Also written to `<work>/report.json`.
     """
+    with interrupted_by_stop_signals():  # SIGTERM, SIGHUP: as Ctrl-C (each phase stops after a step)
+        return _extend(cfg, teacher, resume)
+
+
+def _extend(cfg: ExtendConfig, teacher: Teacher, resume: bool) -> dict[str, Any]:
     from dfkd.utils import pick_device, seed_everything
 
     device = pick_device(cfg.device)
+    if cfg.old_data and not cfg.eval_data:  # it was read, checked, and left unused without a word
+        raise DfkdError(f"--old-data {cfg.old_data}: trains the joint-training reference, which is measured on "
+                        "--eval-data; add --eval-data TEST, or drop --old-data")
     work = cfg.work_dir()
     k_old = teacher.num_classes
     new = append_labels(load_images(cfg.data), k_old, cfg.data)

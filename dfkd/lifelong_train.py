@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from dfkd.data import ImageData, to_model_input
 from dfkd.errors import DfkdError
@@ -130,23 +137,76 @@ def ce_loss(phase: Phase, *batches: tuple[torch.Tensor, torch.Tensor]) -> dict[s
 
 
 def train_phase(phase: Phase, device: torch.device) -> None:
-    """Train `phase.model` for `phase.steps` steps, checkpointing; continue from `phase.checkpoint` when it exists."""
+    """Train `phase.model` for `phase.steps` steps, checkpointing; continue from `phase.checkpoint` when it exists.
+
+    A stop signal (Ctrl-C, SIGTERM, SIGHUP) checkpoints after the current step and raises KeyboardInterrupt: a
+    SIGTERM killed the phase silently, losing the steps since its last checkpoint.
+    """
     opt = torch.optim.Adam(phase.model.parameters(), lr=phase.lr)
     start = _load(phase, opt)
     omega = importance(phase.teacher).to(device) if phase.name == "extend" else None
     phase.model.train()
     bar = progress_bar(iterable=range(start, phase.steps), desc=phase.name, initial=start, total=phase.steps,
                        leave=False)
-    for step in bar:
-        batches = phase.batches(step, device)
-        losses = abd_loss(phase, *batches, omega) if omega is not None else ce_loss(phase, *batches)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        if (step + 1) % phase.checkpoint_every == 0 or step + 1 == phase.steps:
-            _save(phase, opt, step + 1)
-            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=on_terminal())
+    with stop_between_steps() as stop:
+        for step in bar:
+            batches = phase.batches(step, device)
+            losses = abd_loss(phase, *batches, omega) if omega is not None else ce_loss(phase, *batches)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            if (step + 1) % phase.checkpoint_every == 0 or step + 1 == phase.steps or stop["stop"]:
+                _save(phase, opt, step + 1)
+                bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=on_terminal())
+            if stop["stop"] and step + 1 < phase.steps:
+                raise KeyboardInterrupt(f"stopped at step {step + 1} of the {phase.name} phase; checkpoint saved")
     phase.model.eval()
+
+
+@contextmanager
+def interrupted_by_stop_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP interrupt as Ctrl-C does (KeyboardInterrupt), so the caller says how to continue."""
+    from dfkd.engine import STOP_SIGNALS
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS
+           if s != signal.SIGINT and signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def stop_between_steps() -> Iterator[dict[str, bool]]:
+    """The first stop signal sets `stop["stop"]` (the loop checkpoints and stops); a second one stops at once."""
+    from dfkd.engine import STOP_SIGNALS
+
+    stop = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop["stop"]:
+            raise KeyboardInterrupt
+        stop["stop"] = True
+        tqdm.write("stopping: the step ends, a checkpoint is saved and the run stops (a second stop signal stops "
+                   "at once, losing the steps since the last checkpoint)", file=sys.stderr)
+
+    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _save(phase: Phase, opt: torch.optim.Optimizer, step: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -136,14 +137,40 @@ def test_interrupted_run_resumes_to_the_same_model(toy: dict[str, str], tmp_path
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import dfkd.lifelong_train as lt
 
-    whole = config(toy, tmp_path / "a.pt", eval_data=None, steps=50)
+    whole = config(toy, tmp_path / "a.pt", eval_data=None, old_data=None, steps=50)
     extend(whole, load_teacher(whole.teacher))
-    cut = config(toy, tmp_path / "b.pt", eval_data=None, steps=50)
+    cut = config(toy, tmp_path / "b.pt", eval_data=None, old_data=None, steps=50)
     interrupted(monkeypatch, lt, "abd_loss", 31, lambda: extend(cut, load_teacher(cut.teacher)))
     assert not Path(cut.out).exists()  # nothing that looks finished
     extend(cut, load_teacher(cut.teacher), resume=True)
     a, b = load_model(whole.out)[0].state_dict(), load_model(cut.out)[0].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # SIGTERM (kill, a scheduler) ended the process silently, losing the steps since the last checkpoint (20)
+    term = config(toy, tmp_path / "c.pt", eval_data=None, old_data=None, steps=50)
+    real, calls = lt.abd_loss, []
+
+    def terminated(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 31:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(lt, "abd_loss", terminated)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 31 of the extend phase; checkpoint saved"):
+        extend(term, load_teacher(term.teacher))
+    monkeypatch.setattr(lt, "abd_loss", real)
+    assert torch.load(term.work_dir() / "extend.pt", weights_only=True)["step"] == 31
+    extend(term, load_teacher(term.teacher), resume=True)
+    c = load_model(term.out)[0].state_dict()
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_old_data_without_eval_data_is_refused(toy: dict[str, str], tmp_path: Path) -> None:
+    # it trains only the joint reference, measured on --eval-data: read, checked and left unused, unsaid
+    cfg = config(toy, tmp_path / "a.pt", eval_data=None)
+    with pytest.raises(DfkdError, match="--old-data .* add --eval-data TEST, or drop --old-data"):
+        extend(cfg, load_teacher(cfg.teacher))
+    assert not cfg.work_dir().exists()
 
 
 def test_labels_are_appended_or_kept() -> None:
@@ -186,8 +213,12 @@ def test_labels_across_the_old_classes_or_other_channels_are_refused(toy: dict[s
     from dfkd.lifelong import check_new_channels
 
     x = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
-    with pytest.raises(DfkdError, match=r"--data n: labels run 0..9, on both sides of the old model's 5 classes"):
-        append_labels(ImageData(x, torch.tensor([0, 5, 9])), 5, "n")
+    with pytest.raises(DfkdError, match=r"--data n: labels run 3..9, from inside the old model's 5 classes"):
+        append_labels(ImageData(x, torch.tensor([3, 5, 9])), 5, "n")
+    # more new classes than old ones, labelled from 0 as the help says: refused as "on both sides" of 5, with the
+    # advice to label them from 0
+    six = ImageData(torch.zeros(6, 1, 8, 8, dtype=torch.uint8), torch.arange(6))
+    assert append_labels(six, 5, "n").y.tolist() == [5, 6, 7, 8, 9, 10]
     colour = ImageData(torch.zeros(3, 3, 28, 28, dtype=torch.uint8), torch.tensor([0, 1, 1]))
     with pytest.raises(DfkdError, match="--data c.npz: images have 3 channel.s., the old model takes 1"):
         check_new_channels(colour, load_teacher(toy["teacher"]), "c.npz")
@@ -225,7 +256,7 @@ def test_resume_refuses_a_user_file_at_out(toy: dict[str, str], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     import dfkd.lifelong_train as lt
 
-    cfg = config(toy, tmp_path / "u.pt", eval_data=None, steps=3, checkpoint_every=1)
+    cfg = config(toy, tmp_path / "u.pt", eval_data=None, old_data=None, steps=3, checkpoint_every=1)
     monkeypatch.setattr(lt, "abd_loss", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         extend(cfg, load_teacher(cfg.teacher))
