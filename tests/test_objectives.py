@@ -12,9 +12,9 @@ import torch
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
 from dfkd.objectives import build_objectives, get_objective, list_objectives, objective_names
-from dfkd.spec import MNIST_SPEC
+from dfkd.spec import CIFAR10_SPEC, MNIST_SPEC
 from dfkd.students import build_student
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, load_teacher
 from tests.conftest import KWARGS, assert_same_next_round, make_teacher_module
 
 # (objective name, params that select it)
@@ -163,6 +163,20 @@ def test_attention_transfer_needs_matching_stages():
         build_objectives(teacher, student, {"feature_loss": "at"}, torch.device("cpu"))
     sp = build_objectives(teacher, student, {"feature_loss": "sp"}, torch.device("cpu"))  # SP needs no match
     assert sp.objectives[0].s_feat == ("stage2", "output")
+
+
+def test_attention_transfer_refuses_stages_of_other_sizes(tmp_path) -> None:  # noqa: ANN001
+    # a torchvision ResNet at 32 px (ImageNet stem: 8, 4, 2, 1 px) and a CIFAR-form ResNet student (32, 16, 8, 4):
+    # every pair was skipped and `loss/at` was 0 for the whole run, unsaid
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), tmp_path / "r18.pt")
+    spec = CIFAR10_SPEC
+    teacher = load_teacher(tmp_path / "r18.pt", "torchvision:resnet18", spec=spec)
+    student = build_student("resnet18", {"num_classes": 10, "in_channels": 3, "input_size": 32})
+    with pytest.raises(DfkdError, match=r"--feature-loss at: no stage of the student has the spatial size .*"
+                                        r"student / teacher: 32x32 / 8x8, 16x16 / 4x4"):
+        build_objectives(teacher, student, {"feature_loss": "at"}, torch.device("cpu"))
 
 
 def build_method(method: str, case: str, seed: int = 0):
