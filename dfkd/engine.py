@@ -109,8 +109,11 @@ def _graceful_stop(talk: bool) -> Any:
         elif talk:
             saved = "" if run is None else f", losing the steps since the last checkpoint, at step {run.saved_step}"
             again = "Ctrl-C" if signum == signal.SIGINT else "stop signal"  # SIGTERM: kill, a scheduler
+            # a heavy teacher's round takes minutes on a CPU: the wait is said, not left to look like a hang
+            wait = "" if run is None or run.round_seconds < 10 else \
+                f"; a round has taken about {run.round_seconds:.0f} s here"
             tqdm.write(f"stopping: the run saves a checkpoint at the end of this round and stops (a second "
-                       f"{again} stops at once{saved})", file=sys.stderr)
+                       f"{again} stops at once{saved}){wait}", file=sys.stderr)
 
     # a signal already ignored stays ignored: `nohup` ignores SIGHUP, and a run started so must outlive its terminal
     old = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
@@ -196,6 +199,7 @@ class Run:
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
         self.saved_step, self.saved_elapsed = 0, 0.0  # the last checkpoint's step and time (a second Ctrl-C's loss)
+        self.round_seconds = 0.0  # wall time of the last round (how long a stop waits for the round's end)
         self.finishing = False  # the loop is done: the student is being evaluated and written
         self.stop: dict[str, Any] = {"stop": False}  # set by a stop signal (`_graceful_stop`, from `_execute`)
         self.watch = RunWatch(self)
@@ -347,6 +351,7 @@ class Run:
                 self.dist.sync_buffers(self.method)
                 used, sig["stop"], _ = self.dist.agree(clock() - c0, sig["stop"], False)
                 dt = time.perf_counter() - t0
+                self.round_seconds = dt
                 self.elapsed += used
                 self.step += n
                 window["t"] += dt

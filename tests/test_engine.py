@@ -9,6 +9,7 @@ import logging
 import shutil
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -264,6 +265,16 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
     again = "Ctrl-C" if signum == signal.SIGINT else "stop signal"  # a SIGTERM's "second Ctrl-C" (it was)
     assert f"stopping: the run saves a checkpoint at the end of this round and stops (a second {again} stops at " \
            "once, losing the steps since the last checkpoint, at step 4)" in err
+
+
+def test_a_stop_says_how_long_a_long_round_has_taken(capfd: pytest.CaptureFixture[str]) -> None:
+    # a ViT-B/16 teacher's round took 7 minutes on a CPU, and the stop's wait looked like a hang
+    with engine._graceful_stop(True) as stop:
+        stop["run"] = SimpleNamespace(finishing=False, saved_step=4, round_seconds=95.4)
+        signal.raise_signal(signal.SIGTERM)
+        assert stop["stop"]
+    assert "(a second stop signal stops at once, losing the steps since the last checkpoint, at step 4); a round " \
+           "has taken about 95 s here" in capfd.readouterr().err
 
 
 def test_a_stop_while_the_run_finishes_lets_it_finish_and_says_so(teacher_file: str, tmp_path: Path,
