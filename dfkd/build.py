@@ -41,7 +41,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  quantize: str | None = None, min_s_steps: int = 1,
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  by_auto: Collection[str] = (), student_init: str = "random", resumed: bool = False,
-                 handed_on: Collection[str] = ()) -> Built:
+                 handed_on: Collection[str] = (), from_file: Collection[str] = ()) -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
     The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), or, where
@@ -67,18 +67,22 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
             effect: the run warned when it started).
         handed_on: settings that take effect elsewhere even where this method does not use them (`synthesize`
             hands the student recipe on to the receiver of its file), so no warning says they have none.
+        from_file: keys of `overrides` a --config file gave (`DistillConfig.from_file`): where the recipe holds the
+            same value they are dropped, as not set by the user.
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
     """
     cls = get_method(name)
     recipe = cls.default_params(teacher, overrides.get("recipe"))
+    # a config file's value the recipe holds anyway is not the user's (a run's own config.json holds them all): no
+    # "set by you", no "has no effect"
+    overrides = {k: v for k, v in overrides.items()
+                 if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
     params = cls.finalize(resolve_params(recipe, overrides, name))
     check_params(overrides, recipe, name, min_s_steps=min_s_steps)
     if not resumed:
-        mine = {k: v for k, v in overrides.items() if k not in by_auto and k not in handed_on}
-        # a value the recipe has anyway changes nothing (a run's own config.json, given as --config, holds them all)
-        warn_no_effect(cls, params, {k: v for k, v in mine.items() if k not in recipe or _json(v) != _json(recipe[k])})
+        warn_no_effect(cls, params, {k: v for k, v in overrides.items() if k not in by_auto and k not in handed_on})
     lines = recipe_lines(cls, teacher, params, overrides, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,9 +63,14 @@ class DistillConfig:
     runs_dir: str = "runs"
     params: dict[str, Any] = field(default_factory=dict)
     auto_choice: dict[str, Any] | None = None  # set by the run: what --method auto measured and chose (dfkd.auto)
+    #: The `params` keys a --config file gave and no -p overrode (not a setting: never written to config.json).
+    #: One the method's recipe holds anyway changes nothing and is not the user's (a run's own config.json holds
+    #: every resolved setting).
+    from_file: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("from_file")
         for k in ("teachers", "mean", "std", "input_size"):
             if isinstance(d[k], (list, tuple)):
                 d[k] = list(d[k])
@@ -73,7 +78,7 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> DistillConfig:
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"from_file"}
         unknown = sorted(set(d) - known)
         if unknown:
             params = sorted(set(unknown) & method_settings())
@@ -172,7 +177,8 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     check_settings(given, "flags")
     data.update(given)
     data["params"] = {**file_params, **cli_params}
-    cfg = DistillConfig.from_dict(data, source if config_file else "flags")
+    cfg = replace(DistillConfig.from_dict(data, source if config_file else "flags"),
+                  from_file=tuple(sorted(set(file_params) - set(cli_params))))
     check_method_params(cfg.method, file_params, source)
     check_method_params(cfg.method, cli_params, "-p")
     return cfg

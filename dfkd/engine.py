@@ -188,7 +188,7 @@ class Run:
                              local=lambda p: self.source.local_params(p, dist.world),
                              by_auto=set_by_auto(cfg.auto_choice),
                              student_init=cfg.student_init if self.source.has_teacher else "random",
-                             resumed=ckpt is not None)
+                             resumed=ckpt is not None, from_file=cfg.from_file)
         self.method: Method = built.method
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines

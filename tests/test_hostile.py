@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -436,7 +437,16 @@ def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path
     r = invoke(["distill", "--teacher", files["T"], "--method", "dfad", "--steps", "2", "--out", tmp_path / "a",
                 *QUICK])
     assert r.exit_code == 0, r.output
-    r = invoke(["distill", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = invoke(["distill", "--config", tmp_path / "a" / "config.json", "--out", tmp_path / "b"])
     assert r.exit_code == 0 and "auto_choice" not in r.output, r.output
-    assert "has no effect" not in r.output, r.output  # its resolved settings, each the recipe's own value
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "has no effect" in m or "auto_choice" in m], said  # the recipe's own values
+    assert "lr_s = 0.002 (paper: 0.01; cpu recipe)" in r.output, r.output  # it said "set by you"
+    # a value typed with -p is the user's, whatever the recipe holds: it still has no effect with an Adam student
+    with pytest.warns(UserWarning, match=r"-p momentum=0.9 has no effect"):
+        r = invoke(["distill", "--config", tmp_path / "a" / "config.json", "-p", "momentum=0.9", "--out",
+                    tmp_path / "c"])
+    assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == "dfad"
