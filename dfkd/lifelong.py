@@ -38,6 +38,7 @@ from torch import nn
 
 from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
+from dfkd.evaluate import predict
 from dfkd.io import atomic_copy, atomic_write_text
 from dfkd.lifelong_train import (
     PHASES,
@@ -125,6 +126,31 @@ def append_labels(data: ImageData, k_old: int, path: str) -> ImageData:
     return out
 
 
+#: The share of the images labelled with an old class's index that the old model answers with that very index,
+#: above which labels from 0 are read as the old classes themselves (new classes would agree about 1/K by chance).
+OLD_CLASS_AGREEMENT = 0.5
+
+
+def check_not_old_classes(data: ImageData, teacher: Teacher, path: str, device: torch.device,
+                          n: int = 512) -> None:
+    """Labels from 0 that reach past the old model's K classes: new classes, or the old classes with the new?
+
+    Labels 0..M-1 are read as new classes K..K+M-1, however many; but a whole dataset (old classes and new) is
+    labelled from 0 too, and was extended as if every class were new. Where the old model answers most of the images
+    labelled 0..K-1 with that very label, they are its own classes, and the data is refused.
+    """
+    k_old = teacher.num_classes
+    if int(data.y.min()) != 0 or int(data.y.max()) < k_old:
+        return
+    idx = (data.y < k_old).nonzero().flatten()[:n]
+    agree = float((predict(teacher, data.subset(idx), teacher.spec, device).argmax(1) == data.y[idx]).float().mean())
+    if agree > OLD_CLASS_AGREEMENT:
+        raise DfkdError(f"--data {path}: labels run 0..{int(data.y.max())}, and the old model answers "
+                        f"{100 * agree:.0f} % of the images labelled 0..{k_old - 1} with that very label: they are its "
+                        f"own {k_old} classes; give only the new classes' images, labelled from 0 (read as {k_old} on) "
+                        f"or from {k_old}")
+
+
 def check_new_channels(data: ImageData, teacher: Teacher, path: str) -> None:
     """New classes come from the old model's domain: images of another channel count are refused, not converted."""
     c = int(data.x.shape[1])
@@ -199,13 +225,15 @@ def _extend(cfg: ExtendConfig, teacher: Teacher, resume: bool) -> dict[str, Any]
     from dfkd.utils import pick_device, seed_everything
 
     device = pick_device(cfg.device)
-    if cfg.old_data and not cfg.eval_data:  # it was read, checked, and left unused without a word
+    if cfg.old_data and not cfg.eval_data and not resume:  # it was read, checked, and left unused without a word
         raise DfkdError(f"--old-data {cfg.old_data}: trains the joint-training reference, which is measured on "
                         "--eval-data; add --eval-data TEST, or drop --old-data")
     work = cfg.work_dir()
     k_old = teacher.num_classes
-    new = append_labels(load_images(cfg.data), k_old, cfg.data)
+    given = load_images(cfg.data)
+    new = append_labels(given, k_old, cfg.data)
     check_new_channels(new, teacher, cfg.data)
+    check_not_old_classes(given, teacher, cfg.data, device)
     k_all = int(new.y.max()) + 1
     test = load_for(cfg.eval_data, "--eval-data", k_all, teacher.spec, _all_names(teacher, new, k_all)) \
         if cfg.eval_data else None

@@ -158,7 +158,7 @@ def train_phase(phase: Phase, device: torch.device) -> None:
             if (step + 1) % phase.checkpoint_every == 0 or step + 1 == phase.steps or stop["stop"]:
                 _save(phase, opt, step + 1)
                 bar.set_postfix(loss=f"{losses['loss'].item():.3f}", refresh=on_terminal())
-            if stop["stop"] and step + 1 < phase.steps:
+            if stop["stop"]:  # at the phase's last step too: the next phase would not start
                 raise KeyboardInterrupt(f"stopped at step {step + 1} of the {phase.name} phase; checkpoint saved")
     phase.model.eval()
 

@@ -147,22 +147,57 @@ def test_interrupted_run_resumes_to_the_same_model(toy: dict[str, str], tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
     # SIGTERM (kill, a scheduler) ended the process silently, losing the steps since the last checkpoint (20)
     term = config(toy, tmp_path / "c.pt", eval_data=None, old_data=None, steps=50)
-    real, calls = lt.abd_loss, []
+    real, calls, at = lt.abd_loss, [], {"call": 31}
 
     def terminated(*args: object) -> object:
         calls.append(1)
-        if len(calls) == 31:
+        if len(calls) == at["call"]:
             signal.raise_signal(signal.SIGTERM)
         return real(*args)
 
     monkeypatch.setattr(lt, "abd_loss", terminated)
     with pytest.raises(KeyboardInterrupt, match="stopped at step 31 of the extend phase; checkpoint saved"):
         extend(term, load_teacher(term.teacher))
-    monkeypatch.setattr(lt, "abd_loss", real)
     assert torch.load(term.work_dir() / "extend.pt", weights_only=True)["step"] == 31
-    extend(term, load_teacher(term.teacher), resume=True)
-    c = load_model(term.out)[0].state_dict()
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    # a stop in a phase's last step was forgotten: the run went on through every other phase and exited 0
+    calls.clear()
+    at["call"] = 50
+    last = config(toy, tmp_path / "d.pt", eval_data=None, old_data=None, steps=50)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 50 of the extend phase"):
+        extend(last, load_teacher(last.teacher))
+    monkeypatch.setattr(lt, "abd_loss", real)
+    assert not Path(last.out).exists()
+    for cut_run in (term, last):
+        extend(cut_run, load_teacher(cut_run.teacher), resume=True)
+        c = load_model(cut_run.out)[0].state_dict()
+        assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+class ByBrightness(torch.nn.Module):
+    """A 3-class 'model' that answers an image's mean pixel / 20 (clamped to its classes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        level = (x.mean((1, 2, 3)) * 255 / 20).round().long().clamp(0, 2)
+        return F.one_hot(level, 3).float() * 10
+
+
+def test_data_of_the_old_classes_labelled_from_0_is_refused() -> None:
+    # the whole dataset (old classes and new, labelled 0..9) was taken as 10 new classes: a 15-class model whose
+    # classes 5..9 were the old 0..4 again
+    from dfkd.data import ImageData
+    from dfkd.lifelong import check_not_old_classes
+    from dfkd.spec import InputSpec
+    from dfkd.teacher import Teacher
+
+    teacher = Teacher(ByBrightness(), InputSpec(1, 8, (0.0,), (1.0,)), source="old.pt")
+    labels = torch.arange(6).repeat(4)
+    whole = ImageData((labels * 20).to(torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).contiguous(), labels)
+    with pytest.raises(DfkdError, match=r"--data n: labels run 0..5, and the old model answers 100 % of the images "
+                                        r"labelled 0..2 with that very label: they are its own 3 classes"):
+        check_not_old_classes(whole, teacher, "n", torch.device("cpu"))
+    new = ImageData(((labels + 3) * 20).to(torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).contiguous(),
+                    labels)  # six new classes from 0: the old model answers its last class to them all
+    check_not_old_classes(new, teacher, "n", torch.device("cpu"))
 
 
 def test_old_data_without_eval_data_is_refused(toy: dict[str, str], tmp_path: Path) -> None:
