@@ -398,23 +398,42 @@ def final_student(cfg: SearchConfig, chosen: dict[str, Any], rows: list[dict[str
     """Distill the chosen student fully into `<out>/final` (continued there when a stop cut it short); its metrics.
 
     A `final/` of another student (a resume with more trials picked another) or another budget is set aside as
-    `final-trial-N` (N: the trial it came from), with a warning: it was kept as if it were the pick's.
+    `final-trial-N` (N: the trial it came from), with a warning: it was kept as if it were the pick's. A pick that
+    goes back to a set-aside student (a resume with the --tolerance before) takes that run back as `final/`.
     """
-    from dfkd.engine import distill, resume
-    from dfkd.outpaths import RUN_MARKER
+    from dfkd.engine import distill
 
-    final_dir = Path(cfg.out) / "final"
-    budget = {"steps": cfg.final_steps, "budget_minutes": cfg.final_minutes}
+    out, budget = Path(cfg.out), {"steps": cfg.final_steps, "budget_minutes": cfg.final_minutes}
+    final_dir = out / "final"
     if final_dir.is_dir():
-        saved = _run_config(final_dir)
-        same = {k: saved.get(k) for k in ("student", "student_args", *budget)} == {
-            "student": chosen["student"], "student_args": chosen["student_args"], **budget}
-        if same and (final_dir / RUN_MARKER).is_file():
-            metrics = _finished_metrics(final_dir)
-            return metrics if metrics is not None else _not_stopped(resume(final_dir)).metrics
-        _set_aside(final_dir, saved, rows, chosen)
+        if _final_of(final_dir, chosen, budget):
+            return _finish(final_dir)
+        _set_aside(final_dir, _run_config(final_dir), rows, chosen)
+    for kept in sorted(out.glob("final-*")):
+        if kept.is_dir() and _final_of(kept, chosen, budget):
+            kept.rename(final_dir)
+            warnings.warn(f"{kept} held the pick's student (trial {chosen['trial']}) with this final budget: it is "
+                          f"{final_dir} again", stacklevel=2)
+            return _finish(final_dir)
     return _not_stopped(distill(_distill_cfg(cfg, chosen["student"], chosen["student_args"], final_dir,
                                              cfg.final_steps, cfg.final_minutes))).metrics
+
+
+def _finish(run_dir: Path) -> dict[str, float]:
+    """A finished run's student metrics; an unfinished one is continued to its budget first."""
+    from dfkd.engine import resume
+
+    metrics = _finished_metrics(run_dir)
+    return metrics if metrics is not None else _not_stopped(resume(run_dir)).metrics
+
+
+def _final_of(run_dir: Path, chosen: dict[str, Any], budget: dict[str, Any]) -> bool:
+    """`run_dir` is a run (it has a checkpoint) of the chosen student with this final budget."""
+    from dfkd.outpaths import RUN_MARKER
+
+    saved = _run_config(run_dir)
+    return (run_dir / RUN_MARKER).is_file() and {k: saved.get(k) for k in ("student", "student_args", *budget)} == {
+        "student": chosen["student"], "student_args": chosen["student_args"], **budget}
 
 
 def _run_config(run_dir: Path) -> dict[str, Any]:

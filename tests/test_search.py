@@ -272,6 +272,10 @@ def test_the_final_student_is_the_picks_and_a_stopped_one_is_continued(toy: dict
         final_student(cfg, rows[1], rows)
     assert load_model(tmp_path / "s" / "final" / "student.pt")[1].arch_kwargs["widths"] == [2, 4, 30, 21]
     assert load_model(tmp_path / "s" / "final-trial-0" / "student.pt")[1].arch_kwargs["widths"] == [3, 8, 60, 42]
+    # the pick back at trial 0 (a resume with the --tolerance before): its finished run was distilled again
+    with pytest.warns(UserWarning, match="final-trial-0 held the pick's student .* it is .*final again"):
+        assert final_student(cfg, rows[0], rows) == metrics
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["final", "final-trial-1"]
 
 
 def test_search_takes_the_teacher_options_and_names_a_missing_gpu(toy: dict[str, str], tmp_path: Path) -> None:
