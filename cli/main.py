@@ -51,7 +51,10 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
     ours = [Path(m.__file__).parent for name in ("dfkd", "dfkd.generators", "dfkd.cli")
             if (m := sys.modules.get(name)) is not None and m.__file__]
     if any(Path(filename).is_relative_to(root) for root in ours):
-        return f"warning: {message}\n"
+        from dfkd.distributed import env_rank
+
+        # under torchrun every process would print the same line: process 0 alone speaks, as it alone writes the log
+        return "" if env_rank() > 0 else f"warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
 
 

@@ -204,6 +204,14 @@ def env_world() -> int:
         raise DfkdError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: not a number; start dfkd with torchrun") from None
 
 
+def env_rank() -> int:
+    """RANK as torchrun sets it (0 when dfkd runs on its own, or the value is not a number)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def from_env(device: str = "auto", timeout_minutes: float = 30.0) -> Dist:
     """Join the job torchrun started (a no-op `Dist` of one rank without torchrun's environment)."""
     world = env_world()

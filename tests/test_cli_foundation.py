@@ -277,6 +277,17 @@ def test_dfkd_warnings_print_as_one_line_and_others_as_usual() -> None:
     assert torch.__file__ in theirs and "deprecated" in theirs
 
 
+def test_under_torchrun_only_process_0_prints_dfkds_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every start-up warning was printed once per process
+    import dfkd.methods._inversion as inv
+    from dfkd.cli.main import format_warning
+
+    monkeypatch.setenv("RANK", "1")
+    assert format_warning(UserWarning("no BatchNorm"), UserWarning, inv.__file__, 70, "") == ""
+    monkeypatch.setenv("RANK", "0")
+    assert format_warning(UserWarning("no BatchNorm"), UserWarning, inv.__file__, 70, "") == "warning: no BatchNorm\n"
+
+
 def test_bn_free_teacher_warning_reaches_the_user_as_one_line(bnfree_teacher_file: str, tmp_path) -> None:
     cmd = [sys.executable, "-m", "dfkd", "distill", "--teacher", bnfree_teacher_file, "--method", "deepinversion",
            "--steps", "2", "-p", "batch_size=4", "-p", "iterations=2", "-p", "s_steps=2", "--fid-every", "0",
