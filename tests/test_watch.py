@@ -516,3 +516,19 @@ def test_the_not_learned_remedy_names_the_objectives_weight_first_when_one_is_on
     assert died.startswith("try -p clip_s=1 (the student died during the run") and "clip_s" not in tips
     clipped = SimpleNamespace(name="fast", p={"recipe": "cpu", "clip_s": 1.0}, objectives=objectives)
     assert "clip_s" not in remedy(clipped, SimpleNamespace(auto_choice=None), torch.device("cpu"), died=True)
+
+
+def test_the_not_learned_message_of_a_method_on_real_images_blames_no_synthetic_image() -> None:
+    # --method kd on --data: "the synthetic images do not carry what the teacher knows of real ones", of real images
+    from types import SimpleNamespace
+
+    from dfkd.endcheck import not_learned_on_data_message
+
+    cfg = SimpleNamespace(eval_data="test.npz", auto_choice=None)
+    kd = SimpleNamespace(name="kd", p={"recipe": "cpu"}, objectives=[], reads="train.npz")
+    line = not_learned_on_data_message(kd, cfg, torch.device("cpu"), 0.12, 0.81, 10, 0.25, 40)
+    assert "agrees with the teacher on 25.0% of the images of train.npz it was checked on;" in line
+    assert "synthetic" not in line
+    dfad = SimpleNamespace(name="dfad", p={"recipe": "cpu"}, objectives=[])
+    assert "(the synthetic images do not carry" in not_learned_on_data_message(
+        dfad, cfg, torch.device("cpu"), 0.12, 0.81, 10, 0.25, 40)
