@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -61,6 +62,24 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool 
     return p
 
 
+def _resume_command_of(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: its process count (torchrun) and --trust-pickle, as made.
+
+    Plain `dfkd distill --resume` was advised for a run of 2 processes, which it refuses.
+    """
+    from dfkd.distributed import resume_command
+    from dfkd.runlog import parse_record, read_lines
+
+    world, trust = 1, False
+    try:
+        trust = json.loads((run_dir / "config.json").read_text()).get("trust_pickle") is True
+        starts = [r for r in map(parse_record, read_lines(run_dir / "metrics.jsonl")) if r and "processes" in r]
+        world = int(starts[0]["processes"]) if starts else 1
+    except (OSError, ValueError, TypeError, AttributeError):  # a damaged folder: the resume itself says what is wrong
+        pass
+    return resume_command(run_dir, world, trust)
+
+
 def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path, bool]:
     """Create the run folder `path`, which must be new or empty; returns (folder, whether it was created).
 
@@ -75,8 +94,8 @@ def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path,
         raise DfkdError(f"{what}: is a file, not a folder; give a folder for the run (it is created when missing)")
     if d.is_dir():
         if (d / RUN_MARKER).exists():
-            raise DfkdError(f"{what}: already holds a dfkd distill run ({RUN_MARKER}); continue it with `dfkd distill "
-                            f"--resume {d}`, or pick another {flag}")
+            raise DfkdError(f"{what}: already holds a dfkd distill run ({RUN_MARKER}); continue it with "
+                            f"`{_resume_command_of(d)}`, or pick another {flag}")
         try:
             entries = sorted(e.name for e in d.iterdir())
         except OSError as e:

@@ -393,7 +393,15 @@ def test_eval_data_that_does_not_fit_is_refused_before_training(teacher_file: st
 
 def test_out_folder_with_a_run_is_not_overwritten(teacher_file: str, tmp_path: Path) -> None:
     distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
-    with pytest.raises(DfkdError, match="already holds a dfkd distill run"):
+    with pytest.raises(DfkdError, match=f"already holds a dfkd distill run .*`dfkd distill --resume {tmp_path / 'r'}`"):
+        distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
+    # a run of torchrun's two processes was told the plain `dfkd distill --resume`, which refuses it
+    log = tmp_path / "r" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    start = json.loads(lines[0])
+    assert start["event"] == "start"
+    log.write_text("\n".join([json.dumps({**start, "processes": 2}), *lines[1:]]) + "\n")
+    with pytest.raises(DfkdError, match=f"`torchrun --nproc-per-node 2 -m dfkd distill --resume {tmp_path / 'r'}`"):
         distill(cfg_for(teacher_file, tmp_path / "r", steps=2))
 
 
