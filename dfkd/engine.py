@@ -78,6 +78,20 @@ class Interrupted(DfkdError):
 #: Run time (the budget's clock, agreed by every rank) after which a round boundary checkpoints whatever
 #: --ckpt-every says: on a heavy teacher 250 steps took hours, all lost to a scheduler's kill.
 CHECKPOINT_SECONDS = 600.0
+#: Under torchrun's agent the interval is its shutdown grace: the agent passes a stop signal on to its processes and
+#: kills them 30 s later, so a round longer than that (a heavy teacher, a paper recipe) was lost whole with every
+#: step since the last checkpoint, though the run had said it was saving one.
+TORCHRUN_KILL_SECONDS = 30.0
+
+
+def checkpoint_seconds() -> float:
+    """Run time between time-based checkpoints: `TORCHRUN_KILL_SECONDS` under torchrun's agent, else 10 minutes."""
+    return TORCHRUN_KILL_SECONDS if under_torchrun() else CHECKPOINT_SECONDS
+
+
+def under_torchrun() -> bool:
+    """Started by torchrun's agent (it sets TORCHELASTIC_RUN_ID for its processes)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
 
 #: The signals that ask a run to stop: Ctrl-C, `kill`/`docker stop`/a scheduler's limit/torchrun's agent, and a
 #: closed terminal or dropped SSH session (SIGHUP, where the system has it).
@@ -112,6 +126,9 @@ def _graceful_stop(talk: bool) -> Any:
             # a heavy teacher's round takes minutes on a CPU: the wait is said, not left to look like a hang
             wait = "" if run is None or run.round_seconds < 10 else \
                 f"; a round has taken about {run.round_seconds:.0f} s here"
+            if wait and under_torchrun() and run.round_seconds >= TORCHRUN_KILL_SECONDS / 2:
+                wait += (f", and torchrun kills its processes {TORCHRUN_KILL_SECONDS:.0f} s after it passes a stop on: "
+                         f"this round may be lost, and the run then resumes from step {run.saved_step}")
             tqdm.write(f"stopping: the run saves a checkpoint at the end of this round and stops (a second "
                        f"{again} stops at once{saved}){wait}", file=sys.stderr)
 
@@ -391,7 +408,7 @@ class Run:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
                                                                       self.chunk), "fid/")
-                due = self.elapsed - self.saved_elapsed >= CHECKPOINT_SECONDS  # agreed time: every rank alike
+                due = self.elapsed - self.saved_elapsed >= checkpoint_seconds()  # agreed time: every rank alike
                 if self.step // cfg.ckpt_every > last["ckpt"] or due:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()

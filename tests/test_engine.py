@@ -115,6 +115,13 @@ def test_a_long_stretch_without_a_checkpoint_gets_one_by_time(teacher_file: str,
     monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.0)  # as if each round took longer than the interval
     distill(cfg_for(teacher_file, tmp_path / "b", steps=8, ckpt_every=1000))
     assert steps == [0, 2, 4, 6, 8, 8]
+    # under torchrun's agent, which kills its processes 30 s after passing a stop on, the interval is those 30 s
+    steps.clear()
+    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 600.0)
+    monkeypatch.setattr(engine, "TORCHRUN_KILL_SECONDS", 0.0)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    distill(cfg_for(teacher_file, tmp_path / "c", steps=8, ckpt_every=1000))
+    assert steps == [0, 2, 4, 6, 8, 8]
 
 
 def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
@@ -267,14 +274,22 @@ def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monke
            "once, losing the steps since the last checkpoint, at step 4)" in err
 
 
-def test_a_stop_says_how_long_a_long_round_has_taken(capfd: pytest.CaptureFixture[str]) -> None:
+def test_a_stop_says_how_long_a_long_round_has_taken(capfd: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # a ViT-B/16 teacher's round took 7 minutes on a CPU, and the stop's wait looked like a hang
     with engine._graceful_stop(True) as stop:
         stop["run"] = SimpleNamespace(finishing=False, saved_step=4, round_seconds=95.4)
         signal.raise_signal(signal.SIGTERM)
         assert stop["stop"]
     assert "(a second stop signal stops at once, losing the steps since the last checkpoint, at step 4); a round " \
-           "has taken about 95 s here" in capfd.readouterr().err
+           "has taken about 95 s here\n" in capfd.readouterr().err
+    # torchrun's agent kills its processes 30 s after it passes the stop on: the run said it was saving
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    with engine._graceful_stop(True) as stop:
+        stop["run"] = SimpleNamespace(finishing=False, saved_step=4, round_seconds=95.4)
+        signal.raise_signal(signal.SIGTERM)
+    assert "a round has taken about 95 s here, and torchrun kills its processes 30 s after it passes a stop on: " \
+           "this round may be lost, and the run then resumes from step 4" in capfd.readouterr().err
 
 
 def test_a_stop_while_the_run_finishes_lets_it_finish_and_says_so(teacher_file: str, tmp_path: Path,
