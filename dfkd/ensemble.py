@@ -118,6 +118,19 @@ class EnsembleTeacher(Teacher):
         return None if path is None else f"t0.{path}"
 
 
+def _member(path: str | os.PathLike, arch: str | None, trust_pickle: bool, spec: InputSpec | None,
+            device: str | torch.device, arch_args: dict | None, several: bool) -> Teacher:
+    """One teacher of `load_teachers`; in an ensemble, an architecture error says the flag serves every teacher."""
+    try:
+        return load_teacher(path, arch, trust_pickle, spec, device, arch_args, own_normalisation=several)
+    except DfkdError as e:
+        if not (several and arch is not None and "--teacher-arch" in str(e)):
+            raise
+        raise DfkdError(f"{e}; in an ensemble one --teacher-arch (and --arch-arg) serves every state_dict --teacher: "
+                        "convert state_dicts of other architectures to dfkd model files first, one each (dfkd convert "
+                        "--teacher FILE --teacher-arch NAME ... --out FILE.pt), and give those") from None
+
+
 def member_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     """Fixed member weights normalised to sum 1 (equal when None)."""
     if weights is None:
@@ -138,6 +151,11 @@ def check_members(members: Sequence[Teacher]) -> None:
         if b.num_classes != a.num_classes:
             raise DfkdError(f"--teacher {a.source} has {a.num_classes} classes but --teacher {b.source} has "
                             f"{b.num_classes}; teachers of one run must classify the same classes")
+        if a.class_names and b.class_names and list(a.class_names) != list(b.class_names):
+            order = " in another order" if sorted(a.class_names) == sorted(b.class_names) else ""
+            raise DfkdError(f"--teacher {a.source} names its classes {list(a.class_names)[:10]} but --teacher "
+                            f"{b.source} names them {list(b.class_names)[:10]}{order}; the ensemble averages logit k "
+                            "of every teacher, so they must name the same classes in the same order")
         if b.spec.shape() != a.spec.shape():
             raise DfkdError(f"--teacher {a.source} takes {a.spec.describe()} inputs but --teacher {b.source} takes "
                             f"{b.spec.describe()}; teachers of one run must share the input shape")
@@ -150,7 +168,8 @@ def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, t
     """Load one teacher, or several wrapped in an `EnsembleTeacher` (arguments as `load_teacher`'s)."""
     if weights is not None and len(paths) == 1:  # accepted without a word: one teacher has nothing to weigh
         member_weights(weights, 1)  # a list of another length: the usual error
-    members = [load_teacher(p, arch, trust_pickle, spec, device, arch_args) for p in paths]
+    several = len(paths) > 1  # the spec flags are for members that declare none: the others keep their normalisation
+    members = [_member(p, arch, trust_pickle, spec, device, arch_args, several) for p in paths]
     warn_unused_arch(arch, arch_args, members)
     if len(members) == 1:
         return members[0]
