@@ -14,7 +14,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Collection
 from contextlib import ExitStack, contextmanager
@@ -50,6 +49,7 @@ from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
 from dfkd.sources import Source, source_for
 from dfkd.spec import InputSpec
+from dfkd.stopping import on_stop_signals
 from dfkd.teacher import Teacher
 from dfkd.utils import on_terminal, pick_device, progress_bar, seed_everything
 from dfkd.validate import check_settings
@@ -93,9 +93,6 @@ def under_torchrun() -> bool:
     """Started by torchrun's agent (it sets TORCHELASTIC_RUN_ID for its processes)."""
     return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
 
-#: The signals that ask a run to stop: Ctrl-C, `kill`/`docker stop`/a scheduler's limit/torchrun's agent, and a
-#: closed terminal or dropped SSH session (SIGHUP, where the system has it).
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
 
 @contextmanager
@@ -109,9 +106,6 @@ def _graceful_stop(talk: bool) -> Any:
     `stop["run"]`, set once the run is built, tells which checkpoint that is.
     """
     stop: dict[str, Any] = {"stop": False, "run": None}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def handler(signum: int, frame: Any) -> None:
         run = stop["run"]
@@ -132,13 +126,8 @@ def _graceful_stop(talk: bool) -> Any:
             tqdm.write(f"stopping: the run saves a checkpoint at the end of this round and stops (a second "
                        f"{again} stops at once{saved}){wait}", file=sys.stderr)
 
-    # a signal already ignored stays ignored: `nohup` ignores SIGHUP, and a run started so must outlive its terminal
-    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
+    with on_stop_signals(handler):
         yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _abandoned(run: Run | None) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from dfkd.hooks import FeatureTaps
 from dfkd.io import atomic_torch_save
 from dfkd.models import ZooModel
 from dfkd.spec import InputSpec
+from dfkd.stopping import STOP_SIGNALS, on_stop_signals
 from dfkd.teacher import Teacher
 from dfkd.utils import on_terminal, progress_bar
 
@@ -166,33 +166,17 @@ def train_phase(phase: Phase, device: torch.device) -> None:
 @contextmanager
 def interrupted_by_stop_signals() -> Iterator[None]:
     """SIGTERM and SIGHUP interrupt as Ctrl-C does (KeyboardInterrupt), so the caller says how to continue."""
-    from dfkd.engine import STOP_SIGNALS
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS
-           if s != signal.SIGINT and signal.getsignal(s) is not signal.SIG_IGN}
-    try:
+    with on_stop_signals(handler, [s for s in STOP_SIGNALS if s != signal.SIGINT]):
         yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @contextmanager
 def stop_between_steps() -> Iterator[dict[str, bool]]:
     """The first stop signal sets `stop["stop"]` (the loop checkpoints and stops); a second one stops at once."""
-    from dfkd.engine import STOP_SIGNALS
-
     stop = {"stop": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
 
     def handler(signum: int, frame: Any) -> None:
         if stop["stop"]:
@@ -201,12 +185,8 @@ def stop_between_steps() -> Iterator[dict[str, bool]]:
         tqdm.write("stopping: the step ends, a checkpoint is saved and the run stops (a second stop signal stops "
                    "at once, losing the steps since the last checkpoint)", file=sys.stderr)
 
-    old = {s: signal.signal(s, handler) for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
-    try:
+    with on_stop_signals(handler):
         yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def _save(phase: Phase, opt: torch.optim.Optimizer, step: int) -> None:
