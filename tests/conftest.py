@@ -138,3 +138,21 @@ def assert_learns_on_pool_images(m) -> None:  # noqa: ANN001 - a pool-served Met
         t = m.teacher(x)
         assert kl_div(m.student(x), t).item() < 0.5 * kl_div(s0(x), t).item()
     m.close()
+
+
+def stop_in_round(monkeypatch: pytest.MonkeyPatch, method: str, call: int, signum: int = 2) -> None:
+    """Raise stop signal `signum` (SIGINT) at the start of `method`'s `call`-th round, as a user's Ctrl-C would."""
+    import signal
+
+    from dfkd.methods import get_method
+
+    cls = get_method(method)
+    original, calls = cls.round, {"n": 0}
+
+    def round_with_a_stop(self: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == call:
+            signal.raise_signal(signum)
+        return original(self)
+
+    monkeypatch.setattr(cls, "round", round_with_a_stop)

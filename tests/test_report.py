@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import stop_in_round
 
 import dfkd.io
 from dfkd.cli.main import main
@@ -255,23 +256,12 @@ def test_report_of_a_run_resumed_and_stopped_before_its_next_picture(files: dict
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # TensorBoard purges the images at and after the step a resumed run's events restart from: the tag stayed with
     # no image, and `dfkd report` was an IndexError traceback
-    import signal
-
     from dfkd.engine import Interrupted, resume
-    from dfkd.methods import get_method
 
     run = distill(dataclasses.replace(cfg(files, "unused"), out=str(tmp_path / "r"), method="dfad", steps=3,
                                       fid_every=0, fid_ref=None, image_every=250,
                                       params={"batch_size": 8, "s_steps": 1})).run_dir
-    cls, original, calls = get_method("dfad"), get_method("dfad").round, {"n": 0}
-
-    def stopped(self: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(signal.SIGINT)
-        return original(self)
-
-    monkeypatch.setattr(cls, "round", stopped)
+    stop_in_round(monkeypatch, "dfad", 2)
     with pytest.raises(Interrupted):
         resume(run, steps=100)
     summary = report(run)

@@ -7,13 +7,13 @@ import json
 import logging
 import re
 import shutil
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import stop_in_round
 
 import dfkd.search
 from dfkd.cli.main import main
@@ -245,21 +245,11 @@ def test_a_resume_takes_the_teacher_moved_and_refuses_another(toy: dict[str, str
 
 def test_the_final_student_is_the_picks_and_a_stopped_one_is_continued(toy: dict[str, str], tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from dfkd.methods import get_method
-
     cfg = config(toy, tmp_path / "s", final_steps=6)
     rows = [{"trial": 0, "student": "lenet5_scaled", "student_args": {"widths": [3, 8, 60, 42]}, "same_as": None},
             {"trial": 1, "student": "lenet5_scaled", "student_args": {"widths": [2, 4, 30, 21]}, "same_as": None}]
-    cls, original, calls = get_method("kd"), get_method("kd").round, {"n": 0}
-
-    def stopped_once(self: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:
-            signal.raise_signal(signal.SIGINT)
-        return original(self)
-
     with monkeypatch.context() as m:
-        m.setattr(cls, "round", stopped_once)
+        stop_in_round(m, "kd", 2)
         with pytest.raises(Interrupted):
             final_student(cfg, rows[0], rows)
     # the resumed search said it was done, exit 0, with a final/ of no student.pt
