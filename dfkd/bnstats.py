@@ -48,6 +48,11 @@ class BNInputs:
         self.input_tap: FeatureTaps | None = None
         if self.taps is not None:
             self.taps.__enter__()
+            for member in getattr(teacher, "members", ()):  # an ensemble: said of a member alone, unsaid beside others
+                if not member.bn_paths():
+                    why = "it has no BatchNorm layers" if member.hookable else f"{member.no_hooks} (no module hooks)"
+                    warnings.warn(f"{method}: the teacher {member.source} offers no BatchNorm statistics ({why}); the "
+                                  "BN matching term matches the other teachers' layers only", stacklevel=2)
             return
         why = f"{teacher.no_hooks} (no module hooks)" if not teacher.hookable else "it has no BatchNorm layers"
         if teacher.fmt == "onnx" and teacher.hookable:

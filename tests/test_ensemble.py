@@ -102,6 +102,11 @@ def test_bn_paths_of_every_teacher_and_bn_matching_over_all():
     assert layers[3][0].shape[1] == b.module_at(b.bn_paths()[0]).num_features  # t1's first BN, its own width
     bn.close()
     assert e.stage_paths() == ["t0.stage1", "t0.stage2", "t0.stage3"] and e.penultimate_path() == "t0.classifier"
+    # a member without BatchNorm was warned of alone and said nothing beside another (an ONNX export folds it)
+    plain = Teacher(make_teacher_module("lenet5", seed=2), MNIST_SPEC, source="plain.pt", arch="lenet5")
+    with pytest.warns(UserWarning, match="dfq: the teacher plain.pt offers no BatchNorm statistics .* the other "
+                                         "teachers' layers only"):
+        BNInputs(EnsembleTeacher([a, plain]), "dfq").close()
 
 
 def test_other_normalisation_is_converted():
