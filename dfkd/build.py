@@ -68,22 +68,21 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
         handed_on: settings that take effect elsewhere even where this method does not use them (`synthesize`
             hands the student recipe on to the receiver of its file), so no warning says they have none.
         from_file: keys of `overrides` a --config file gave (`DistillConfig.from_file`): where the recipe holds the
-            same value they are dropped, as not set by the user.
+            same value they are not said to be the user's (no "set by you", no "has no effect").
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
     """
     cls = get_method(name)
     recipe = cls.default_params(teacher, overrides.get("recipe"))
-    # a config file's value the recipe holds anyway is not the user's (a run's own config.json holds them all): no
-    # "set by you", no "has no effect"
-    overrides = {k: v for k, v in overrides.items()
-                 if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
     params = cls.finalize(resolve_params(recipe, overrides, name))
     check_params(overrides, recipe, name, min_s_steps=min_s_steps)
+    # a config file's value the recipe holds anyway is not the user's (a run's own config.json holds them all): no
+    # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
+    said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
     if not resumed:
-        warn_no_effect(cls, params, {k: v for k, v in overrides.items() if k not in by_auto and k not in handed_on})
-    lines = recipe_lines(cls, teacher, params, overrides, by_auto)
+        warn_no_effect(cls, params, {k: v for k, v in said.items() if k not in by_auto and k not in handed_on})
+    lines = recipe_lines(cls, teacher, params, said, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
     try:

@@ -445,6 +445,11 @@ def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path
     assert not [m for m in said if "has no effect" in m or "auto_choice" in m], said  # the recipe's own values
     assert "lr_s = 0.002 (paper: 0.01; cpu recipe)" in r.output, r.output  # it said "set by you"
     # a value typed with -p is the user's, whatever the recipe holds: it still has no effect with an Adam student
+    # a file's "clip_s": null (the recipe's own value) was dropped, and the automatic clip came back
+    (tmp_path / "noclip.json").write_text('{"params": {"clip_s": null}}')
+    r = invoke(["distill", "--config", tmp_path / "noclip.json", "--teacher", files["T"], "--method", "dafl",
+                "--steps", "2", *QUICK, "--out", tmp_path / "d"])
+    assert r.exit_code == 0 and json.loads((tmp_path / "d" / "config.json").read_text())["params"]["clip_s"] is None
     with pytest.warns(UserWarning, match=r"-p momentum=0.9 has no effect"):
         r = invoke(["distill", "--config", tmp_path / "a" / "config.json", "-p", "momentum=0.9", "--out",
                     tmp_path / "c"])
