@@ -51,10 +51,11 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
     ours = [Path(m.__file__).parent for name in ("dfkd", "dfkd.generators", "dfkd.cli")
             if (m := sys.modules.get(name)) is not None and m.__file__]
     if any(Path(filename).is_relative_to(root) for root in ours):
-        from dfkd.distributed import env_rank
+        from dfkd.distributed import env_rank, env_world
 
         # under torchrun every process would print the same line: process 0 alone speaks, as it alone writes the log
-        return "" if env_rank() > 0 else f"warning: {message}\n"
+        # (RANK alone is no job of several: a batch system may set it for a single process)
+        return "" if env_rank() > 0 and env_world() > 1 else f"warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
 
 

@@ -283,6 +283,9 @@ def test_under_torchrun_only_process_0_prints_dfkds_warnings(monkeypatch: pytest
     from dfkd.cli.main import format_warning
 
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # RANK alone (a batch system's): a single process still speaks
+    assert format_warning(UserWarning("no BatchNorm"), UserWarning, inv.__file__, 70, "") == "warning: no BatchNorm\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
     assert format_warning(UserWarning("no BatchNorm"), UserWarning, inv.__file__, 70, "") == ""
     monkeypatch.setenv("RANK", "0")
     assert format_warning(UserWarning("no BatchNorm"), UserWarning, inv.__file__, 70, "") == "warning: no BatchNorm\n"
