@@ -100,11 +100,12 @@ def not_learned_message(method: Any, cfg: Any, device: torch.device, agreement: 
 def not_learned_on_data_message(method: Any, cfg: Any, device: torch.device, top1: float, teacher_top1: float,
                                 num_classes: int, agreement: float | None, steps: int, died: bool = False) -> str:
     """One line: the student near chance on --eval-data though its own images hid it, and the remedy."""
-    reads = getattr(method, "reads", None)  # a method on the user's images (kd): no synthetic image to blame
+    reads = getattr(method, "reads", None)
+    real = reads == "--data"  # kd on the user's real images: no synthetic one to blame (--transfer-data's are)
     seen = f"the images of {reads}" if reads else "the synthetic images"
     hid = "" if agreement is None else \
         f", though it agrees with the teacher on {100 * agreement:.1f}% of {seen} it was checked on"
-    why = "" if reads else " (the synthetic images do not carry what the teacher knows of real ones)"
+    why = "" if real else " (the synthetic images do not carry what the teacher knows of real ones)"
     return (f"{method.name}: the student answers {100 * top1:.2f}% of --eval-data {cfg.eval_data} right, about "
             f"chance ({100 / num_classes:.1f}%; the teacher {100 * teacher_top1:.2f}%): it has not learned in "
             f"{steps} steps{hid}{why}; {remedy(method, cfg, device, died)}")

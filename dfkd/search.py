@@ -379,7 +379,8 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
     done = _finished(study)
     if cfg.trials > len(done):
         _enqueue_reference(study, cfg)
-        with errors_told_once():
+        with errors_told_once(), warnings.catch_warnings():
+            warnings.simplefilter("once", UserWarning)  # each trial loads the teacher: its warnings once, not per run
             study.optimize(objective(cfg, teacher, space, optuna), n_trials=cfg.trials - len(done))
     rows = trial_rows(study)
     pareto = pareto_rows(rows)
@@ -474,4 +475,4 @@ def _set_aside(final_dir: Path, saved: dict[str, Any], rows: list[dict[str, Any]
         why = f"the pick's student (trial {chosen['trial']}) distilled with another final budget"
     else:
         why = f"{f'trial {of[0]}' if of else 'another trial'}'s student; the pick is now trial {chosen['trial']}"
-    warnings.warn(f"{final_dir} held {why}: that folder is now {aside}, and final/ is distilled again", stacklevel=3)
+    warnings.warn(f"{final_dir} held {why}: that folder is now {aside}", stacklevel=3)

@@ -234,8 +234,11 @@ def test_the_spec_flags_of_an_ensemble_leave_a_files_own_normalisation(teacher_f
         assert torch.allclose(e(x), load_teachers([teacher_files[0]])(x), atol=1e-5)
     # one file given other numbers still takes them (the flags' meaning), and is told so
     with pytest.warns(UserWarning, match=r"declares the normalisation mean \[0.1307\] std \[0.3081\]; --mean/--std "
-                                         r"make it mean \[0.0\] std \[1.0\]"):
+                                         r"make it mean \[0\] std \[1\]"):
         assert load_teachers([teacher_files[0]], spec=flags).spec == flags
+    with warnings.catch_warnings():  # its own values as people type them (4 decimals) are its own
+        warnings.simplefilter("error")
+        load_teachers([teacher_files[0]], spec=InputSpec(1, 32, (0.13072,), (0.30809,)))
 
 
 def test_teachers_that_name_their_classes_otherwise_are_refused(teacher_files: tuple[str, str], tmp_path: Path):

@@ -525,10 +525,13 @@ def test_the_not_learned_message_of_a_method_on_real_images_blames_no_synthetic_
     from dfkd.endcheck import not_learned_on_data_message
 
     cfg = SimpleNamespace(eval_data="test.npz", auto_choice=None)
-    kd = SimpleNamespace(name="kd", p={"recipe": "cpu"}, objectives=[], reads="train.npz")
+    kd = SimpleNamespace(name="kd", p={"recipe": "cpu"}, objectives=[], reads="--data")
     line = not_learned_on_data_message(kd, cfg, torch.device("cpu"), 0.12, 0.81, 10, 0.25, 40)
-    assert "agrees with the teacher on 25.0% of the images of train.npz it was checked on;" in line
+    assert "agrees with the teacher on 25.0% of the images of --data it was checked on;" in line
     assert "synthetic" not in line
+    kd.reads = "--transfer-data"  # a transfer file's images are synthetic: the explanation stands
+    assert "(the synthetic images do not carry" in not_learned_on_data_message(
+        kd, cfg, torch.device("cpu"), 0.12, 0.81, 10, 0.25, 40)
     dfad = SimpleNamespace(name="dfad", p={"recipe": "cpu"}, objectives=[])
     assert "(the synthetic images do not carry" in not_learned_on_data_message(
         dfad, cfg, torch.device("cpu"), 0.12, 0.81, 10, 0.25, 40)
