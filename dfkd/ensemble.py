@@ -50,7 +50,7 @@ class EnsembleTeacher(Teacher):
         self.members = list(members)  # a plain list: their modules are registered once, under `module`
         super().__init__(modules, first.spec, fmt="ensemble", source=" + ".join(m.source for m in members),
                          sha256=",".join(m.sha256 for m in members), arch=first.arch, arch_kwargs=first.arch_kwargs,
-                         class_names=first.class_names)
+                         class_names=next((m.class_names for m in members if m.class_names), None))
         self.member_weights = member_weights(weights, len(members))
         if weighting not in WEIGHTINGS:
             raise DfkdError(f"-p teacher_weighting={weighting!r}: use {' or '.join(WEIGHTINGS)}")
@@ -147,15 +147,16 @@ def check_members(members: Sequence[Teacher]) -> None:
     if not members:
         raise DfkdError("an ensemble needs at least one --teacher")
     a = members[0]
+    named = next((m for m in members if m.class_names), None)  # names are checked against the first that has them
     for b in members[1:]:
+        if named is not None and b is not named and b.class_names and list(b.class_names) != list(named.class_names):
+            order = " in another order" if sorted(named.class_names) == sorted(b.class_names) else ""
+            raise DfkdError(f"--teacher {named.source} names its classes {list(named.class_names)[:10]} but --teacher "
+                            f"{b.source} names them {list(b.class_names)[:10]}{order}; the ensemble averages logit k "
+                            "of every teacher, so they must name the same classes in the same order")
         if b.num_classes != a.num_classes:
             raise DfkdError(f"--teacher {a.source} has {a.num_classes} classes but --teacher {b.source} has "
                             f"{b.num_classes}; teachers of one run must classify the same classes")
-        if a.class_names and b.class_names and list(a.class_names) != list(b.class_names):
-            order = " in another order" if sorted(a.class_names) == sorted(b.class_names) else ""
-            raise DfkdError(f"--teacher {a.source} names its classes {list(a.class_names)[:10]} but --teacher "
-                            f"{b.source} names them {list(b.class_names)[:10]}{order}; the ensemble averages logit k "
-                            "of every teacher, so they must name the same classes in the same order")
         if b.spec.shape() != a.spec.shape():
             raise DfkdError(f"--teacher {a.source} takes {a.spec.describe()} inputs but --teacher {b.source} takes "
                             f"{b.spec.describe()}; teachers of one run must share the input shape")

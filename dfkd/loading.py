@@ -45,7 +45,7 @@ class LoadedModel:
     arch_kwargs: dict[str, Any] | None = None
     class_names: list[str] | None = None
     num_classes: int | None = None  # what a dfkd model file declares
-    declared: InputSpec | None = None  # the input spec a dfkd model file declares (whatever the flags say)
+    declared: InputSpec | None = None  # the input spec the file declares (a dfkd file, `dfkd export`'s archives)
     top1: float | None = None  # the test top-1 a dfkd model file records (`dfkd train-teacher --eval-data`)
     notes: list[str] = field(default_factory=list)  # changes in how the file is read (each also warned of)
 
@@ -231,7 +231,8 @@ def _load_torchscript(p: Path, spec: InputSpec | None) -> LoadedModel:
         module = jit_load(str(p), _extra_files=extra)
     except Exception as e:  # noqa: BLE001
         raise DfkdError(f"--teacher {p}: TorchScript archive could not be read ({_short(e)}); is it corrupt?") from None
-    return LoadedModel(module, "torchscript", spec or _spec_entry(extra[SPEC_KEY]))
+    declared = _spec_entry(extra[SPEC_KEY])
+    return LoadedModel(module, "torchscript", spec or declared, declared=declared)
 
 
 def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
@@ -267,7 +268,8 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                         "state_dict with --teacher-arch, a torch.export archive (torch.export.save) or TorchScript "
                         "instead") from None
     meta = {m.key: m.value for m in graph.metadata_props}
-    spec = spec or _spec_entry(meta.get(SPEC_KEY))
+    declared = _spec_entry(meta.get(SPEC_KEY))
+    spec = spec or declared
     notes = []
     if spec is not None and takes_channels_last(graph, spec.channels, spec.hw):
         module = ChannelsLastInput(module)
@@ -275,7 +277,7 @@ def _load_onnx(p: Path, spec: InputSpec | None) -> LoadedModel:
                      f"{spec.channels}), as a Keras model converted to ONNX does; dfkd hands it its images in that "
                      "layout")
         warnings.warn(notes[-1], stacklevel=3)
-    return LoadedModel(module, "onnx", spec, notes=notes)
+    return LoadedModel(module, "onnx", spec, notes=notes, declared=declared)
 
 
 #: Operators of a quantized (int8) ONNX graph, which onnx2torch cannot convert and gradients cannot pass.
@@ -295,7 +297,8 @@ def _load_quantized_onnx(p: Path, graph: Any, spec: InputSpec | None) -> LoadedM
     note = (f"--teacher {p}: an int8 ONNX model ({', '.join(sorted(quantized_ops(graph))[:3])}, ...): onnxruntime "
             "runs it; it gives outputs but no gradients, so it can be evaluated, or teach a student from your "
             "images (--method kd --data ...), not a data-free method")
-    return LoadedModel(OnnxRuntimeModule(p), "onnx-int8", spec or _spec_entry(meta.get(SPEC_KEY)), notes=[note])
+    declared = _spec_entry(meta.get(SPEC_KEY))
+    return LoadedModel(OnnxRuntimeModule(p), "onnx-int8", spec or declared, notes=[note], declared=declared)
 
 
 class _Records(logging.Handler):
@@ -345,7 +348,8 @@ def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
                                 "state_dict with --teacher-arch") from None
             raise DfkdError(f"--teacher {p}: torch.export archive could not be read ({cause}); "
                             "is it corrupt or truncated? Save it again with torch.export.save") from None
-    return LoadedModel(module, "export", spec or _spec_entry(extra[SPEC_KEY]))
+    declared = _spec_entry(extra[SPEC_KEY])
+    return LoadedModel(module, "export", spec or declared, declared=declared)
 
 
 def _export_cause(e: Exception, records: list[logging.LogRecord]) -> str:

@@ -483,6 +483,11 @@ def load_teacher(
                         "--input-size S (or HxW) --mean M --std S (the normalisation the teacher was trained with)")
     kept = _own_normalisation(loaded, spec) if own_normalisation else None
     _warn_spec_override(path, kept or spec, loaded)
+    if kept is not None and spec is not None and not (_same_numbers(kept.mean, spec.mean)
+                                                      and _same_numbers(kept.std, spec.std)):
+        warnings.warn(f"--teacher {path}: keeps the normalisation the file declares (mean {list(kept.mean)}, std "
+                      f"{list(kept.std)}); --mean/--std are for the teachers of the ensemble that declare none",
+                      stacklevel=2)
     module, widened = _in_fp32(loaded.module, path)
     teacher = Teacher(module.to(device), kept or loaded.spec, fmt=loaded.fmt, source=str(path),
                       sha256=sha256_file(path), arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
