@@ -420,7 +420,7 @@ def check_outputs(source: str, out2: torch.Tensor, out3: torch.Tensor, out1: tor
 
 
 def _warn_spec_override(path: str | os.PathLike, spec: InputSpec | None, loaded: LoadedModel) -> None:
-    """Say so when the flags replace the input shape or normalisation a dfkd model file itself declares.
+    """Say so when the flags replace the input shape or normalisation a file itself declares (dfkd's files).
 
     A replaced normalisation went unsaid: the shipped CIFAR-10 WRN-16-1 given --mean 0 --std 1 answered 30.75 % of
     its test set (81.03 % with its own).
@@ -432,12 +432,17 @@ def _warn_spec_override(path: str | os.PathLike, spec: InputSpec | None, loaded:
         warnings.warn(f"--teacher {path}: the file declares {declared.describe()} inputs; --channels/--input-size "
                       f"make it {spec.describe()}", stacklevel=3)
     if not _same_numbers(declared.mean, spec.mean) or not _same_numbers(declared.std, spec.std):
-        def text(values: Sequence[float]) -> str:
-            return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+        warnings.warn(f"--teacher {path}: the file declares the normalisation {_normalisation(declared)}; "
+                      f"--mean/--std make it {_normalisation(spec)}, which the network was not trained with unless "
+                      "the file is wrong", stacklevel=3)
 
-        warnings.warn(f"--teacher {path}: the file declares the normalisation mean {text(declared.mean)} std "
-                      f"{text(declared.std)}; --mean/--std make it mean {text(spec.mean)} std {text(spec.std)}, "
-                      "which the network was not trained with unless the file is wrong", stacklevel=3)
+
+def _normalisation(spec: InputSpec) -> str:
+    """"mean [0.1307] std [0.3081]": a spec's normalisation as messages print it (4 digits)."""
+    def text(values: Sequence[float]) -> str:
+        return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+    return f"mean {text(spec.mean)} std {text(spec.std)}"
 
 
 def _same_numbers(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -485,9 +490,8 @@ def load_teacher(
     _warn_spec_override(path, kept or spec, loaded)
     if kept is not None and spec is not None and not (_same_numbers(kept.mean, spec.mean)
                                                       and _same_numbers(kept.std, spec.std)):
-        warnings.warn(f"--teacher {path}: keeps the normalisation the file declares (mean {list(kept.mean)}, std "
-                      f"{list(kept.std)}); --mean/--std are for the teachers of the ensemble that declare none",
-                      stacklevel=2)
+        warnings.warn(f"--teacher {path}: keeps the normalisation the file declares ({_normalisation(kept)}); "
+                      "--mean/--std are for the teachers of the ensemble that declare none", stacklevel=2)
     module, widened = _in_fp32(loaded.module, path)
     teacher = Teacher(module.to(device), kept or loaded.spec, fmt=loaded.fmt, source=str(path),
                       sha256=sha256_file(path), arch=loaded.arch, arch_kwargs=loaded.arch_kwargs,
