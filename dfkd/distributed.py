@@ -204,6 +204,11 @@ def env_world() -> int:
         raise DfkdError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: not a number; start dfkd with torchrun") from None
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun's agent (it sets TORCHELASTIC_RUN_ID for its processes)."""
+    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
+
+
 def env_rank() -> int:
     """RANK as torchrun sets it (0 when dfkd runs on its own, or the value is not a number)."""
     try:

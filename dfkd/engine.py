@@ -32,7 +32,16 @@ from dfkd.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from dfkd.config import DistillConfig, check_file_archs, check_method_params
 from dfkd.cost import millions
 from dfkd.data import ImageData, load_for
-from dfkd.distributed import SINGLE, Dist, OtherRankFailed, joined, rank_device, rank_seed, resume_command
+from dfkd.distributed import (
+    SINGLE,
+    Dist,
+    OtherRankFailed,
+    joined,
+    rank_device,
+    rank_seed,
+    resume_command,
+    under_torchrun,
+)
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
 from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, sha256_file
@@ -87,11 +96,6 @@ TORCHRUN_KILL_SECONDS = 30.0
 def checkpoint_seconds() -> float:
     """Run time between time-based checkpoints: `TORCHRUN_KILL_SECONDS` under torchrun's agent, else 10 minutes."""
     return TORCHRUN_KILL_SECONDS if under_torchrun() else CHECKPOINT_SECONDS
-
-
-def under_torchrun() -> bool:
-    """Started by torchrun's agent (it sets TORCHELASTIC_RUN_ID for its processes)."""
-    return bool(os.environ.get("TORCHELASTIC_RUN_ID"))
 
 
 

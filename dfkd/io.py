@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import io
 import os
@@ -165,7 +166,18 @@ def atomic_save_figure(fig: Any, out: str | os.PathLike, mark: str = "", dpi: in
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
+    """Hex sha256 of a file's bytes, read once while the file is unchanged (same inode, size and mtime).
+
+    A resume with a moved teacher hashed it twice, and every trial of a search hashed the teacher again: seconds
+    each for a teacher of hundreds of MB.
+    """
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
+    del inode, size, mtime_ns  # the cache key: a changed file is read again
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

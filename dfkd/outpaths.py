@@ -73,8 +73,8 @@ def _resume_command_of(run_dir: Path) -> str:
     world, trust = 1, False
     try:
         trust = json.loads((run_dir / "config.json").read_text()).get("trust_pickle") is True
-        starts = [r for r in map(parse_record, read_lines(run_dir / "metrics.jsonl")) if r and "processes" in r]
-        world = int(starts[0]["processes"]) if starts else 1
+        records = map(parse_record, read_lines(run_dir / "metrics.jsonl"))
+        world = next((int(r["processes"]) for r in records if r and "processes" in r), 1)
     except (OSError, ValueError, TypeError, AttributeError):  # a damaged folder: the resume itself says what is wrong
         pass
     return resume_command(run_dir, world, trust)

@@ -221,11 +221,10 @@ def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> 
 
 def _same_student(study: Any, arch: str, args: dict[str, Any]) -> Any:
     """The first trial that scored (or median-pruned) this very student, else None."""
-    states = optuna_states()
-    for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED)):
+    for t in _finished(study):
         a = t.user_attrs
         if a.get("same_as") is None and a.get("student") == arch and a.get("student_args") == json.loads(
-                json.dumps(args)) and (t.state == states.COMPLETE or a.get("pruned") == "median"):
+                json.dumps(args)) and (t.state == optuna_states().COMPLETE or a.get("pruned") == "median"):
             return t
     return None
 
@@ -447,13 +446,14 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def _finished_metrics(run_dir: Path) -> dict[str, float] | None:
     """The student metrics of a finished run's last "finished" record; None while the run is not finished."""
+    from dfkd.checkpoint import load_checkpoint
     from dfkd.runlog import parse_record, read_lines
 
     try:
-        if not torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True).get("finished"):
+        if not load_checkpoint(run_dir / "checkpoint.pt")["finished"]:
             return None
         lines = read_lines(run_dir / "metrics.jsonl")
-    except Exception:  # noqa: BLE001 - a damaged run: the resume that follows says what is wrong with it
+    except (DfkdError, OSError):  # a damaged run: the resume that follows says what is wrong with it
         return None
     ends = [r for r in map(parse_record, lines) if r and r.get("event") == "finished"]
     if not ends or not (run_dir / "student.pt").is_file():
