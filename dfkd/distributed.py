@@ -74,13 +74,16 @@ class Dist:
         return self.rank == 0
 
     # --- agreement --------------------------------------------------------------------------------------------
-    def agree(self, seconds: float, stop: bool, bad: bool) -> tuple[float, bool, bool]:
-        """The longest round time, and whether any rank was asked to stop or saw a non-finite loss."""
+    def agree(self, seconds: float, stop: bool, flag: bool) -> tuple[float, bool, bool]:
+        """The longest round time, whether any rank was asked to stop, and whether any raised `flag`.
+
+        `flag`: a non-finite loss, or a checkpoint due by this process's wall clock.
+        """
         if not self.enabled:
-            return seconds, stop, bad
+            return seconds, stop, flag
         import torch.distributed as dist
 
-        t = torch.tensor([seconds, float(stop), float(bad)], dtype=torch.float64)
+        t = torch.tensor([seconds, float(stop), float(flag)], dtype=torch.float64)
         dist.all_reduce(t, dist.ReduceOp.MAX, group=_cpu_group())
         return float(t[0]), bool(t[1]), bool(t[2])
 

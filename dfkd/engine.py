@@ -84,8 +84,9 @@ class Interrupted(DfkdError):
     """Ctrl-C: the run saved a checkpoint at a round boundary and stopped."""
 
 
-#: Run time (the budget's clock, agreed by every rank) after which a round boundary checkpoints whatever
-#: --ckpt-every says: on a heavy teacher 250 steps took hours, all lost to a scheduler's kill.
+#: Wall time after which a round boundary checkpoints whatever --ckpt-every says (any rank's, agreed): on a heavy
+#: teacher 250 steps took hours, all lost to a scheduler's kill. Wall time, not the budget's clock: a kill takes
+#: evaluation, logging and FID time with it too, and a CPU clock runs slower than the wall on a busy machine.
 CHECKPOINT_SECONDS = 600.0
 #: Under torchrun's agent the interval is its shutdown grace: the agent passes a stop signal on to its processes and
 #: kills them 30 s later, so a round longer than that (a heavy teacher, a paper recipe) was lost whole with every
@@ -94,7 +95,7 @@ TORCHRUN_KILL_SECONDS = 30.0
 
 
 def checkpoint_seconds() -> float:
-    """Run time between time-based checkpoints: `TORCHRUN_KILL_SECONDS` under torchrun's agent, else 10 minutes."""
+    """Wall seconds between time-based checkpoints: `TORCHRUN_KILL_SECONDS` under torchrun's agent, else 10 minutes."""
     return TORCHRUN_KILL_SECONDS if under_torchrun() else CHECKPOINT_SECONDS
 
 
@@ -208,7 +209,8 @@ class Run:
             self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
             self.recipe_lines = [*self.recipe_lines, auto[1]]
         self.step, self.elapsed = 0, 0.0
-        self.saved_step, self.saved_elapsed = 0, 0.0  # the last checkpoint's step and time (a second Ctrl-C's loss)
+        self.saved_step = 0  # the last checkpoint's step (a second Ctrl-C's loss)
+        self.saved_wall = time.perf_counter()  # when this process last wrote (or found) a checkpoint
         self.round_seconds = 0.0  # wall time of the last round (how long a stop waits for the round's end)
         self.finishing = False  # the loop is done: the student is being evaluated and written
         self.stop: dict[str, Any] = {"stop": False}  # set by a stop signal (`_graceful_stop`, from `_execute`)
@@ -270,7 +272,7 @@ class Run:
                             "start a new run") from None
         set_rng_state(rng, self.device)
         self.step, self.elapsed = int(ckpt["step"]), float(ckpt["elapsed"])
-        self.saved_step, self.saved_elapsed = self.step, self.elapsed
+        self.saved_step = self.step
         self.watch.load_state_dict(ckpt.get("extra", {}).get("watch", {}))
         self.precision.load_state_dict(ckpt.get("extra", {}).get("precision", {}))
 
@@ -319,7 +321,8 @@ class Run:
         self.dist.on_main(lambda: save_checkpoint(
             self.run_dir / "checkpoint.pt", config=self.resolved_config(), step=self.step, elapsed=self.elapsed,
             method_state=state, finished=finished, extra=extra, rng=mine["rng"]))
-        self.saved_step, self.saved_elapsed = self.step, self.elapsed
+        self.saved_step = self.step
+        self.saved_wall = time.perf_counter()
 
     def evaluate(self) -> dict[str, float]:
         if self.eval_data is None or not self.dist.main:
@@ -401,7 +404,7 @@ class Run:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
                                                                       self.chunk), "fid/")
-                due = self.elapsed - self.saved_elapsed >= checkpoint_seconds()  # agreed time: every rank alike
+                _, _, due = self.dist.agree(0.0, False, time.perf_counter() - self.saved_wall >= checkpoint_seconds())
                 if self.step // cfg.ckpt_every > last["ckpt"] or due:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()

@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import signal
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,6 +123,30 @@ def test_a_long_stretch_without_a_checkpoint_gets_one_by_time(teacher_file: str,
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     distill(cfg_for(teacher_file, tmp_path / "c", steps=8, ckpt_every=1000))
     assert steps == [0, 2, 4, 6, 8, 8]
+
+
+def test_the_checkpoint_interval_counts_wall_time_not_the_budget_clock(teacher_file: str, eval_npz: str,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # a kill takes evaluation time with it too: on the CPU budget clock a slow evaluation (here a sleep, which uses
+    # no CPU) never made a checkpoint due, and under torchrun's agent a stop could lose far more than 30 s
+    steps: list[int] = []
+    original, evaluate = engine.Run.checkpoint, engine.Run.evaluate
+
+    def counted(self, finished: bool = False) -> None:  # noqa: ANN001
+        steps.append(self.step)
+        original(self, finished)
+
+    def slow(self) -> dict[str, float]:  # noqa: ANN001
+        time.sleep(0.3)
+        return evaluate(self)
+
+    monkeypatch.setattr(engine.Run, "checkpoint", counted)
+    monkeypatch.setattr(engine.Run, "evaluate", slow)
+    monkeypatch.setattr(engine, "CHECKPOINT_SECONDS", 0.25)
+    distill(cfg_for(teacher_file, tmp_path / "a", steps=8, ckpt_every=1000, eval_every=4, eval_data=eval_npz,
+                    budget_clock="cpu"))
+    assert steps == [0, 4, 8, 8]  # after each slow evaluation, and the end
 
 
 def test_unknown_param_is_refused(teacher_file: str, tmp_path: Path) -> None:
