@@ -81,7 +81,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
     said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
     if not resumed:
-        warn_no_effect(cls, params, {k: v for k, v in said.items() if k not in by_auto and k not in handed_on})
+        warn_no_effect(cls, params, {k: v for k, v in said.items() if k not in by_auto and k not in handed_on},
+                       named=overrides.keys(), from_file=from_file)
     lines = recipe_lines(cls, teacher, params, said, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
@@ -111,20 +112,28 @@ def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def warn_no_effect(cls: type[Method], params: dict[str, Any], given: dict[str, Any]) -> None:
+def warn_no_effect(cls: type[Method], params: dict[str, Any], given: dict[str, Any], named: Collection[str] = (),
+                   from_file: Collection[str] = ()) -> None:
     """Warn of each setting in `given` (the user's) that does nothing in this run (`Method.no_effect`).
 
     A warning, not an error: one config file may serve several methods, and `--method auto` picks the method.
+    `named`: every key the user gave (also those `given` leaves out, a config file's recipe-equal values), so the
+    tip on the synthesis batch is not given to a user who set it; `from_file`: keys a --config file gave, named as
+    the file's, not as a `-p` the user never typed.
     """
+    def said(key: str) -> str:
+        setting = f"{key}={json.dumps(given[key])}"
+        return f"--config's {setting}" if key in from_file else f"-p {setting}"
+
     unused = cls.no_effect(params)
     for key in sorted(k for k in given if k in unused):
-        warnings.warn(f"-p {key}={json.dumps(given[key])} has no effect: {cls.name} does not use it here "
-                      f"({unused[key]})", stacklevel=3)
+        warnings.warn(f"{said(key)} has no effect: {cls.name} does not use it here ({unused[key]})", stacklevel=3)
     synth = params.get("synth_batch_size")
-    if "batch_size" in given and "synth_batch_size" not in given and synth not in (None, given["batch_size"]):
+    set_synth = "synth_batch_size" in {*given, *named}
+    if "batch_size" in given and not set_synth and synth not in (None, given["batch_size"]):
         # a user cutting the batch to fit memory on a heavy teacher found the synthesis as large as before
-        warnings.warn(f"-p batch_size={given['batch_size']} sets the student's batch; {cls.name} synthesizes images "
-                      f"{synth} at a time (-p synth_batch_size=N sets that)", stacklevel=3)
+        warnings.warn(f"{said('batch_size')} sets the student's batch; {cls.name} synthesizes images {synth} at a "
+                      f"time (-p synth_batch_size=N sets that)", stacklevel=3)
 
 
 #: The largest gradient norm of a student without normalisation layers, when neither its recipe nor the user set one.

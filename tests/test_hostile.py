@@ -455,3 +455,9 @@ def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path
                     tmp_path / "c"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == "dfad"
+    # a value of a config file is named as the file's, not as a -p the user never typed
+    (tmp_path / "momentum.json").write_text('{"params": {"momentum": 0.5}}')
+    with pytest.warns(UserWarning, match=r"^--config's momentum=0.5 has no effect"):
+        r = invoke(["distill", "--config", tmp_path / "momentum.json", "--teacher", files["T"], "--method", "dfq",
+                    "--steps", "2", *QUICK, "--out", tmp_path / "e"])
+    assert r.exit_code == 0, r.output

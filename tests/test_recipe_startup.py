@@ -144,6 +144,13 @@ def test_a_smaller_batch_says_the_synthesis_keeps_its_own() -> None:
         warn_no_effect(get_method("nayer"), {"synth_batch_size": 8, "batch_size": 2}, {"batch_size": 2,
                                                                                       "synth_batch_size": 8})
         warn_no_effect(get_method("deepinversion"), {"synth_batch_size": None, "batch_size": 2}, {"batch_size": 2})
+        # a config file's synth_batch_size equal to the recipe's is left out of what the user "set", but named
+        warn_no_effect(get_method("nayer"), {"synth_batch_size": 64, "batch_size": 2}, {"batch_size": 2},
+                       named={"batch_size", "synth_batch_size"}, from_file={"synth_batch_size"})
+    # a config file's value is named as the file's (it said "-p batch_size=2", a flag the user never typed)
+    with pytest.warns(UserWarning, match=r"^--config's batch_size=2 sets the student's batch"):
+        warn_no_effect(get_method("nayer"), {"synth_batch_size": 64, "batch_size": 2}, {"batch_size": 2},
+                       named={"batch_size"}, from_file={"batch_size"})
 
 
 def test_a_resumed_run_does_not_warn_of_its_saved_settings_again(teacher_file: str, tmp_path: Path,
