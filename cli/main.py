@@ -146,13 +146,19 @@ def evaluate_cmd(model_path: str, data: str, teacher: str | None, as_json: bool,
     dev = pick_device(device)
     options = pop_teacher_options(kw)
     model = load_with_options(model_path, options, dev, flag="--model", warn_unused=False)
-    images = load_for(data, "--data", model.num_classes, model.spec, model.class_names)
     t = load_with_options(teacher, options, dev, warn_unused=False) if teacher else None
     warn_unused_arch(options.arch, options.arch_args, [model, *([t] if t else [])])  # once: the options serve both
     if t is not None and t.num_classes != model.num_classes:  # agreement of a 10- and a 5-class model means nothing
         raise DfkdError(f"--teacher {teacher}: has {t.num_classes} classes, --model {model_path} has "
                         f"{model.num_classes}; agreement needs the same classes: give the teacher the model was "
                         "distilled from")
+    if t is not None and model.class_names and t.class_names and model.class_names != t.class_names:
+        raise DfkdError(f"--teacher {teacher}: names its classes {t.class_names[:5]}..., --model {model_path} "
+                        f"{model.class_names[:5]}...; class i of one is not class i of the other: give the teacher "
+                        "the model was distilled from")
+    # a model without names (a student of a file that did not carry them) is scored as its teacher names the classes
+    names = model.class_names or (t.class_names if t is not None else None)
+    images = load_for(data, "--data", model.num_classes, model.spec, names)
     res = accuracy(model, images, model.spec, dev, t, t.spec if t else None)
     ref, ref_top1 = (t, res["teacher_top1"]) if t is not None else (model, res["top1"])  # who should know the data
     doubt = data_doubt(ref_top1, ref.num_classes, "--data", data, size_note(images, ref.spec),

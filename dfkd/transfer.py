@@ -72,6 +72,12 @@ class TransferData:
     def num_classes(self) -> int:
         return int(self.probs.shape[1])
 
+    @property
+    def class_names(self) -> list[str] | None:
+        """The teacher's class names, where its file named them (checked by `load_transfer`)."""
+        teacher = self.provenance.get("teacher")
+        return teacher.get("class_names") if isinstance(teacher, dict) else None
+
     def subset(self, idx: Tensor) -> TransferData:
         """The images and labels at `idx` (the same spec, provenance and path)."""
         return TransferData(self.x[idx], self.probs[idx], self.spec, self.method, self.teacher_sha256, self.path,
@@ -144,9 +150,15 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
         raise DfkdError(f"{flag} {p}: 'probs' must hold one probability row of {k} classes per image "
                         f"({len(x)} x {k}), got shape {tuple(probs.shape)} or rows that are not distributions")
     x = x if isinstance(x, np.memmap) else np.ascontiguousarray(x)
-    return TransferData(torch.from_numpy(x), torch.from_numpy(probs.astype(np.float32)), spec,
+    data = TransferData(torch.from_numpy(x), torch.from_numpy(probs.astype(np.float32)), spec,
                         str(d["method"]), str(d["teacher_sha256"]), str(p), _json(d, "provenance", flag, p),
                         _checked_recipe(_json(d, "recipe", flag, p), flag, p))
+    names = data.class_names
+    if names is not None and (not isinstance(names, list) or len(names) != k or
+                              not all(isinstance(n, str) for n in names)):
+        raise DfkdError(f"{flag} {p}: its recorded class names are damaged (not {k} names); write the file again "
+                        "with `dfkd synthesize`")
+    return data
 
 
 def _checked_recipe(recipe: dict[str, Any], flag: str, p: Path) -> dict[str, Any]:

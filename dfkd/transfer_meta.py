@@ -1,11 +1,12 @@
 """What a transfer file records about itself: its provenance, and the student recipe the receiver adopts.
 
 Provenance answers "which teacher and settings made this file, and when": the teacher file's name and sha256, its
-top-1 accuracy when known (from a dfkd model file's own record, or measured on `--eval-data` at synthesis), the
-method and every resolved hyper-parameter, the seed, the training steps, the label minimisation, the dfkd version
-and the UTC date. The recipe is the method's student-side settings, so a receiver trains from the file the way the
-method trains its student in place (same optimizer, learning rate, minibatch, temperature, schedule and the
-augmentation the method shows its student).
+class names where its file names them (a student distilled from the file alone records them, and reads an image
+folder by them), its top-1 accuracy when known (from a dfkd model file's own record, or measured on `--eval-data`
+at synthesis), the method and every resolved hyper-parameter, the seed, the training steps, the label minimisation,
+the dfkd version and the UTC date. The recipe is the method's student-side settings, so a receiver trains from the
+file the way the method trains its student in place (same optimizer, learning rate, minibatch, temperature,
+schedule and the augmentation the method shows its student).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def provenance(teacher: Teacher, method: str, params: dict[str, Any], *, seed: i
 
     return {
         "teacher": {"file": Path(teacher.source).name, "sha256": teacher.sha256, "format": teacher.fmt,
-                    "arch": teacher.arch, "top1": top1, "top1_on": top1_on},
+                    "arch": teacher.arch, "top1": top1, "top1_on": top1_on, "class_names": teacher.class_names},
         "method": method, "settings": plain_params(params), "seed": seed, "steps": steps, "num": num, "labels": labels,
         "dfkd_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

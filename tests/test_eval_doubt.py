@@ -162,3 +162,35 @@ def test_image_folders_are_labelled_by_the_models_class_names(digit_folders: Pat
     report = json.loads((tmp_path / "x.extend" / "report.json").read_text())
     assert report["teacher"]["old"] > 0.9  # by position "three" was read as old class 0 ("one"): 67 %
     assert torch.load(tmp_path / "x.pt", weights_only=True)["class_names"] == ["one", "two", "zero", "three"]
+
+
+def test_a_student_of_a_transfer_file_keeps_the_teachers_class_names(digit_folders: Path, tmp_path: Path) -> None:
+    """The transfer file did not carry the names: its student read the test folder by position ("two" as class 0)
+    and scored 11 % while agreeing with the teacher on 97 %; `evaluate --teacher` scored the teacher so too."""
+    res = CliRunner().invoke(main, ["train-teacher", "--data", str(digit_folders / "train"), "--arch", "lenet5_bn",
+                                    "--epochs", "5", "--batch-size", "16", "--precision", "fp32", "--out",
+                                    str(tmp_path / "t.pt")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["synthesize", "--teacher", str(tmp_path / "t.pt"), "--method", "zskd", "--num",
+                                    "16", "-p", "s_steps=0", "-p", "di_iters=2", "-p", "di_batch=8", "--out",
+                                    str(tmp_path / "s.npz")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["distill", "--transfer-data", str(tmp_path / "s.npz"), "--student",
+                                    "lenet5_half", "--steps", "2", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    student = tmp_path / "run" / "student.pt"
+    assert torch.load(student, weights_only=True)["class_names"] == ["one", "two", "zero"]
+    # a student without names (an older file's) is scored with the folder read as its teacher names the classes
+    payload = torch.load(student, weights_only=True)
+    payload["class_names"] = None
+    torch.save(payload, tmp_path / "nameless.pt")
+    with pytest.warns(UserWarning, match="class folders are read by name"):
+        out = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "nameless.pt"), "--teacher",
+                                        str(tmp_path / "t.pt"), "--data", str(digit_folders / "test"), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["teacher_top1"] > 0.9  # by position 0 %
+    payload["class_names"] = ["two", "one", "zero"]
+    torch.save(payload, tmp_path / "other.pt")
+    res = CliRunner().invoke(main, ["evaluate", "--model", str(tmp_path / "other.pt"), "--teacher",
+                                    str(tmp_path / "t.pt"), "--data", str(digit_folders / "test")])
+    assert res.exit_code == 2 and "class i of one is not class i of the other" in res.output

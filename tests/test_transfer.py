@@ -105,7 +105,7 @@ def test_a_file_the_disk_cannot_hold_is_refused_before_work(teacher_file: str, t
 
 @pytest.mark.parametrize("damage,match", [
     ("missing", "no such file"), ("truncate", "truncated or corrupt"), ("plain", "not a dfkd transfer file"),
-    ("probs", "probability row"), ("shape", "uint8 of shape"),
+    ("probs", "probability row"), ("shape", "uint8 of shape"), ("names", "recorded class names are damaged"),
 ])
 def test_corrupt_or_wrong_files_are_clear_errors(transfer_file: str, tmp_path: Path, damage: str, match: str) -> None:
     path = tmp_path / "bad.npz"
@@ -118,6 +118,8 @@ def test_corrupt_or_wrong_files_are_clear_errors(transfer_file: str, tmp_path: P
         save_transfer(path, data.x, data.probs * 2, data.spec, "zskd", "")
     elif damage == "shape":
         save_transfer(path, data.x, data.probs, InputSpec(3, 32, (0.5,), (0.5,)), "zskd", "")
+    elif damage == "names":  # two names for ten classes: a student would record them and read folders by them
+        save_transfer(path, data.x, data.probs, data.spec, "zskd", "", {"teacher": {"class_names": ["a", "b"]}})
     with pytest.raises(DfkdError, match=match):
         load_transfer(path)
 

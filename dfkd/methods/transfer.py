@@ -44,7 +44,7 @@ class NoTeacher(Teacher):
         self.spec, self.fmt, self.source, self.sha256 = data.spec, "transfer", data.path, data.teacher_sha256
         self.arch: str | None = None
         self.arch_kwargs: dict | None = None
-        self.class_names: list[str] | None = None
+        self.class_names: list[str] | None = data.class_names
         self.num_classes = data.num_classes
         self.recipe = dict(data.recipe)
 
