@@ -8,13 +8,13 @@ from typing import Any
 import click
 
 from dfkd.cli.main import friendly
-from dfkd.cli.options import pop_teacher_options, teacher_options
+from dfkd.cli.options import pop_teacher_options, single_teacher, teacher_options
 
 
 @click.command("audit")
 @click.argument("transfer")
 @click.option("--against", required=True, help="The owner's training images (.npz or ImageFolder).")
-@click.option("--teacher", default=None, help="The teacher: also compare in its feature space.")
+@single_teacher(help="The teacher: also compare in its feature space.")
 @teacher_options
 @click.option("--test", default=None, help="The owner's held-out images, for the real-vs-real baseline (default: "
               "1000 images held out of --against) and the membership attack.")

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from dfkd.cli.main import friendly
-from dfkd.cli.options import SIZE
+from dfkd.cli.options import SIZE, single_teacher
 
 _MODEL_HELP = ("Architecture of a plain state_dict MODEL: zoo NAME, torchvision:NAME, timm:NAME or module:Class "
                "(--teacher-arch, as the other commands spell it, is the same).")
@@ -67,7 +67,7 @@ def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, ar
               "the teacher's logits; on BatchNorm and BatchNorm-free teachers it calibrated nearly as well as real "
               "images.")
 @click.option("--out", required=True, help="The int8 ONNX file to write.")
-@click.option("--teacher", default=None, help="Teacher file: synthesizes the calibration images of a METHOD; "
+@single_teacher(help="Teacher file: synthesizes the calibration images of a METHOD; "
               "with --eval-data, agreement with it is reported.")
 @click.option("--eval-data", default=None, help="Real test data: top-1 of float and int8 (reporting only).")
 @click.option("--num-calibration", type=click.IntRange(min=1), default=512, show_default=True)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from dfkd.cli.main import SEED, friendly
-from dfkd.cli.options import pop_teacher_options, teacher_options
+from dfkd.cli.options import pop_teacher_options, single_teacher, teacher_options
 
 
 def _pct(res: dict[str, float], key: str) -> str:
@@ -32,7 +32,7 @@ def print_extend_report(report: dict[str, Any]) -> None:
 
 
 @click.command("extend")
-@click.option("--teacher", required=True, help="The old model (classes 0..K-1): a dfkd model file, or a state_dict "
+@single_teacher(required=True, help="The old model (classes 0..K-1): a dfkd model file, or a state_dict "
               "with --teacher-arch.")
 @teacher_options
 @click.option("--data", required=True, help="Labelled images of the new classes (.npz or ImageFolder); labels "
@@ -87,7 +87,7 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
 
 
 @click.command("search")
-@click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes, with the same "
+@single_teacher(required=True, help="Teacher file (any format `dfkd distill` takes, with the same "
               "--teacher-arch, --arch-arg, --trust-pickle and input options).")
 @click.option("--method", required=True, help="Distillation method that scores each candidate.")
 @click.option("--eval-data", required=True, help="Held-out labelled images that rank the candidates.")

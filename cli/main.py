@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from dfkd.cli.options import SizeType, pop_teacher_options, teacher_options
+from dfkd.cli.options import SizeType, pop_teacher_options, single_teacher, teacher_options
 from dfkd.errors import DfkdError
 
 
@@ -120,7 +120,7 @@ def train_teacher_cmd(**kw: Any) -> None:
 @click.option("--model", "model_path", required=True, help="The model to evaluate: any file --teacher takes (a dfkd "
               "model file needs nothing else).")
 @click.option("--data", required=True, help="Test data: .npz or ImageFolder directory.")
-@click.option("--teacher", default=None, help="A teacher file; also report top-1 agreement with it.")
+@single_teacher(help="A teacher file; also report top-1 agreement with it.")
 @teacher_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (top-1 under 'top1', a fraction).")
 @click.option("--device", default="auto", show_default=True)
@@ -314,7 +314,7 @@ def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:
 
 
 @main.command("synthesize")
-@click.option("--teacher", required=True, help="Teacher file (any format `dfkd distill` takes).")
+@single_teacher(required=True, help="Teacher file (any format `dfkd distill` takes).")
 @teacher_options
 @click.option("--method", required=True, help="Synthesis method (see `dfkd methods`), e.g. zskd, deepinversion.")
 @click.option("--num", default=None, type=click.IntRange(min=1), help="Number of images to write.  [default: 1000 "
@@ -375,8 +375,7 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
 
 @main.command("methods")
 @click.option("--params", "show", default=None, metavar="NAME", help="Show one method's parameters and defaults.")
-@click.option("--teacher", default=None,
-              help="With --params: the defaults this teacher file gets (recipes scale with the teacher).")
+@single_teacher(help="With --params: the defaults this teacher file gets (recipes scale with the teacher).")
 @click.option("--recipe", type=click.Choice(["paper", "cpu"]), default=None,
               help="With --params: this recipe instead of the one the teacher gets.")
 @teacher_options
@@ -450,7 +449,7 @@ def models_cmd() -> None:
 @click.argument("out")
 @click.option("--features", type=click.Choice(["inception", "teacher"]), required=True,
               help="Inception-V3 pool features (pytorch-fid) or the teacher's penultimate features.")
-@click.option("--teacher", default=None, help="Teacher file (needed for --features teacher).")
+@single_teacher(help="Teacher file (needed for --features teacher).")
 @teacher_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite the output file if it exists.")
@@ -474,7 +473,7 @@ def fid_stats_cmd(data: str, out: str, force: bool, **kw: Any) -> None:
 
 
 @main.command("convert")
-@click.option("--teacher", required=True, help="The file to convert: a state_dict (with --teacher-arch), TorchScript "
+@single_teacher(required=True, help="The file to convert: a state_dict (with --teacher-arch), TorchScript "
               "or torch.export archive, pickled module (with --trust-pickle) or dfkd model file.")
 @teacher_options
 @click.option("--out", required=True, help="The dfkd model file to write (must not exist).")

@@ -29,6 +29,21 @@ class SizeType(click.ParamType):
         return size
 
 
+def single_teacher(**kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--teacher` of a command that takes one teacher: given twice it is refused, not read as its last value.
+
+    `dfkd distill` reads a repeated --teacher as an ensemble; elsewhere click kept the last one, so `dfkd synthesize
+    --teacher A --teacher B` wrote B's images alone, unsaid.
+    """
+    def once(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> str | None:
+        if len(value) > 1:
+            raise click.BadParameter(f"given {len(value)} times ({', '.join(value)}): `dfkd {ctx.info_name}` takes "
+                                     "one teacher (`dfkd distill` takes several, as an ensemble)", ctx, param)
+        return value[0] if value else None
+
+    return click.option("--teacher", multiple=True, callback=once, **kwargs)
+
+
 #: `--input-size` of the teacher options.
 SIZE = SizeType(8)
 

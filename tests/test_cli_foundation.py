@@ -168,6 +168,20 @@ def test_evaluate_refuses_agreement_with_a_teacher_of_other_classes(trained, squ
     _assert_one_line_error(result, f"--teacher {other}: has 10 classes", "has 8; agreement needs the same classes")
 
 
+@pytest.mark.parametrize("command", [
+    ["synthesize", "--method", "zskd", "--out", "{tmp}/s.npz"], ["evaluate", "--model", "{T}", "--data", "x.npz"],
+    ["quantize", "{T}", "--out", "{tmp}/q.onnx"], ["convert", "--out", "{tmp}/c.pt"], ["audit", "x.npz"],
+    ["methods", "--params", "dfad"], ["fid-stats", "x.npz", "{tmp}/f", "--features", "teacher"],
+    ["extend", "--data", "x.npz", "--out", "{tmp}/e.pt"], ["search", "--eval-data", "x.npz", "--out", "{tmp}/r"]])
+def test_a_second_teacher_of_a_one_teacher_command_is_refused(command, trained, tmp_path):
+    # click kept the last --teacher: `synthesize --teacher A --teacher B` wrote B's images alone, unsaid
+    teacher = str(trained[1])
+    args = [a.format(T=teacher, tmp=tmp_path) for a in command] + ["--teacher", teacher, "--teacher", teacher]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 2 and "given 2 times" in res.output and "takes one teacher" in res.output, res.output
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_human_readable(trained, squares):
     result = _run("evaluate", "--model", str(trained[1]), "--data", str(squares / "test.npz"), "--device", "cpu")
     assert result.exit_code == 0 and "top-1" in result.stdout and "80 images" in result.stdout
