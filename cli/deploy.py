@@ -79,6 +79,11 @@ def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, ar
 @click.option("--arch", "--teacher-arch", "arch", default=None, help=_MODEL_HELP)
 @click.option("--arch-arg", "arch_args", multiple=True, metavar="KEY=VALUE", help=_ARG_HELP)
 @click.option("--trust-pickle", is_flag=True, help="Allow a pickled module (runs code from the file).")
+@click.option("--channels", type=click.IntRange(min=1), default=None, help="Input channels (if the file does not say).")
+@click.option("--input-size", type=SIZE, default=None, metavar="S|HxW",
+              help="Input side in pixels, or height x width (28x56).")
+@click.option("--mean", type=float, multiple=True, help="Normalisation mean per channel (repeat the flag).")
+@click.option("--std", type=float, multiple=True, help="Normalisation std per channel (repeat the flag).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="Where calibration images are synthesized.")
@@ -102,6 +107,7 @@ def quantize_cmd(params: tuple[str, ...], **kw: Any) -> None:
 
     kw["device"] = str(pick_device(kw["device"]))
     kw["arch_args"] = parse_arch_args(kw["arch_args"])
+    kw["spec"] = _spec(kw.pop("channels"), kw.pop("input_size"), kw.pop("mean"), kw.pop("std"))
     stats = quantize_file(QuantizeRequest(params=dict(map(parse_param, params)), **kw))
     click.echo(f"wrote {kw['out']} (int8 ONNX, QDQ, per-channel weights)")
     for line in stats.lines():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     """Export a model file to `fmt` at `out`, checked against the source (see `dfkd.export.export_model`)."""
     check_format_name(check_output_file(out, force=force), fmt)
     m = load_model_any(model_path, arch, trust_pickle, spec, arch_args)
+    refuse_int8(m, model_path, "exported")
     return export_model(m.module, m.spec, m.num_classes, fmt, out, force, m.class_names)
 
 
@@ -76,6 +78,7 @@ class QuantizeRequest:
     arch: str | None = None
     arch_args: dict[str, Any] | None = None
     trust_pickle: bool = False
+    spec: InputSpec | None = None
     force: bool = False
     seed: int = 0
     device: str = "cpu"
@@ -91,7 +94,9 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
         raise DfkdError(f"--out {req.out}: dfkd quantize writes an int8 ONNX model; give a name ending in .onnx "
                         "(onnxruntime runs it; `dfkd export` writes the float model in other formats)")
     check_output_file(req.out, force=req.force)
-    model = load_model_any(req.model, req.arch, req.trust_pickle, arch_args=req.arch_args)
+    _warn_unused(req)
+    model = load_model_any(req.model, req.arch, req.trust_pickle, req.spec, req.arch_args)
+    refuse_int8(model, req.model, "quantized again")
     teacher = _self_describing_teacher(req.teacher, req.device) if req.teacher else None
     eval_data = load_for(req.eval_data, "--eval-data", model.num_classes, model.spec, model.class_names) \
         if req.eval_data else None
@@ -104,6 +109,27 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
         t_logits = predict(teacher, eval_data, teacher.spec, req.device) if teacher and eval_data else None
         note = _calibration_note(req.calibration, len(pixels), req.calib_method)
         return measure(q.float_onnx, q.int8, model.spec, eval_data, t_logits, note)
+
+
+def refuse_int8(model: Teacher, path: str | os.PathLike, what: str) -> None:
+    """An int8 ONNX model (a `dfkd quantize` output) cannot be exported or quantized: name it and the way out."""
+    if model.fmt == "onnx-int8":
+        raise DfkdError(f"{path}: an int8 ONNX model (onnxruntime's quantized operators) cannot be {what}; give the "
+                        "float model it was made from")
+
+
+def _warn_unused(req: QuantizeRequest) -> None:
+    """Warn of the options that do nothing with a calibration FILE or noise (they were accepted and ignored, unsaid).
+
+    -p and --synth-steps shape a METHOD's synthesis; --teacher without one and without --eval-data is read for nothing.
+    """
+    if req.calibration == NOISE or req.calibration.endswith(".npz") or Path(req.calibration).exists():
+        given = [*(["-p"] if req.params else []), *(["--synth-steps"] if req.synth_steps is not None else []),
+                 *(["--teacher"] if req.teacher and not req.eval_data else [])]
+        if given:
+            warnings.warn(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect: --calibration "
+                          f"{req.calibration} synthesizes no images (a METHOD such as zskd does, from --teacher; "
+                          "--teacher with --eval-data also reports agreement)", stacklevel=3)
 
 
 def _calibration_note(source: str, n: int, method: str) -> str:

@@ -268,6 +268,40 @@ def test_an_int8_onnx_file_is_evaluated_and_refused_as_a_data_free_teacher(teach
                                     "--out", str(tmp_path / "d")])
     assert res.exit_code == 2 and "an int8 ONNX model passes no gradients, which --method dfad needs" in res.output
     assert not (tmp_path / "d").exists()
+    # export (an IndexError) and quantize (onnxruntime's "Invalid input name") of the int8 file: one line each
+    for command, what in ((["export", str(int8), "--format", "onnx"], "exported"),
+                          (["quantize", str(int8), "--calibration", "noise"], "quantized again")):
+        res = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "again.onnx")])
+        assert res.exit_code == 2 and f"an int8 ONNX model (onnxruntime's quantized operators) cannot be {what}" \
+            in res.output, res.output
+        assert not (tmp_path / "again.onnx").exists()
+
+
+def test_cli_quantize_takes_the_input_spec_of_a_state_dict(sharp_teacher_file: str, tmp_path: Path) -> None:
+    # the loader told a state_dict's user to add --channels and --input-size, which quantize did not take
+    state = tmp_path / "sd.pt"
+    torch.save(load_teacher(sharp_teacher_file).module.state_dict(), state)
+    args = ["quantize", str(state), "--arch", "lenet5_bn", "--calibration", "noise", "--num-calibration", "8"]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "a.onnx")])
+    assert res.exit_code == 2 and "add --channels C --input-size S" in res.output
+    spec = ["--channels", "1", "--input-size", "32", "--mean", "0.1307", "--std", "0.3081"]
+    res = CliRunner().invoke(main, [*args, *spec, "--out", str(tmp_path / "a.onnx")])
+    assert res.exit_code == 0, res.output
+    assert _run_onnx(tmp_path / "a.onnx", torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_cli_quantize_names_options_a_calibration_file_leaves_unused(sharp_teacher_file: str, transfer_file: str,
+                                                                      tmp_path: Path) -> None:
+    # -p, --synth-steps and a --teacher without --eval-data did nothing with a file or noise, unsaid
+    with pytest.warns(UserWarning, match=r"^-p, --synth-steps, --teacher have no effect: --calibration noise"):
+        res = CliRunner().invoke(main, ["quantize", sharp_teacher_file, "--teacher", sharp_teacher_file,
+                                        "--calibration", "noise", "--num-calibration", "8", "-p", "di_iters=3",
+                                        "--synth-steps", "4", "--out", str(tmp_path / "n.onnx")])
+    assert res.exit_code == 0, res.output
+    with pytest.warns(UserWarning, match=r"^-p has no effect: --calibration .*\.npz"):
+        res = CliRunner().invoke(main, ["quantize", sharp_teacher_file, "--calibration", transfer_file,
+                                        "--num-calibration", "8", "-p", "lr_di=5", "--out", str(tmp_path / "f.onnx")])
+    assert res.exit_code == 0, res.output
 
 
 # --- what the int8 file holds -----------------------------------------------------------------------------------
