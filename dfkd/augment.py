@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-AUGMENT_KINDS = ("none", "jitter_flip", "crop_flip", "resized_crop")
+from dfkd.validate import AUGMENT_KINDS  # the choices of -p augment, checked before a run
 
 
 class JitterFlip(nn.Module):

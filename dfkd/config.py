@@ -181,6 +181,9 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
                   from_file=tuple(sorted(set(file_params) - set(cli_params))))
     check_method_params(cfg.method, file_params, source)
     check_method_params(cfg.method, cli_params, "-p")
+    from dfkd.objectives import objective_names
+
+    objective_names(cfg.params)  # names, and weights of objectives the run has: the file's and -p's together
     return cfg
 
 

@@ -24,7 +24,8 @@ class Rule:
     """What a value may be: its kind, bounds and choices.
 
     Kinds: "int", "number", "str", "bool", "list", "table" (a dict of names), "any", "size" (an image side or a
-    [height, width] pair) and "weights" (a number, or a table of names to numbers; the bounds hold for each).
+    [height, width] pair), "weights" (a number, or a table of names to numbers; the bounds hold for each) and
+    "base" (a logarithm's: a number > 0 other than 1, or "e").
 
     `lo`/`hi` bound numbers (`lo_open`: strictly above `lo`, `hi_open`: strictly below `hi`); `choices` lists the
     allowed values; `none_ok` lets None through; `items` checks every element of a list, `length` its number of
@@ -118,7 +119,7 @@ def _is_size(v: Any) -> bool:
 _SINGULAR = {"int": "an integer", "number": "a finite number", "str": "a non-empty string", "bool": "true or false",
              "list": "a list", "any": "a finite value", "size": "pixels, an integer or [height, width] (each)",
              "table": "a table of names to values (JSON: {\"depth\": 16}; TOML: a [table])",
-             "weights": "a finite number"}
+             "weights": "a finite number", "base": "a logarithm base: a number > 0 other than 1, or \"e\""}
 _PLURAL = {**_SINGULAR, "int": "integers", "number": "finite numbers", "str": "non-empty strings", "bool": "booleans",
            "list": "lists", "any": "finite values", "table": "tables"}
 
@@ -127,6 +128,7 @@ _KIND_CHECKS: dict[str, Callable[[Any], bool]] = {
     "size": _is_size, "str": lambda v: isinstance(v, str) and bool(v.strip()),
     "bool": lambda v: isinstance(v, bool), "list": lambda v: isinstance(v, (list, tuple)) and _finite(v),
     "any": _finite, "table": lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
+    "base": lambda v: v == "e" or (_is_number(v) and v > 0 and v != 1),
     "weights": lambda v: _is_number(v) or (isinstance(v, dict) and all(isinstance(k, str) and _is_number(a)
                                                                        for k, a in v.items())),
 }
@@ -163,7 +165,9 @@ RANGES: dict[str, Rule] = {
     "jitter": Rule("int", lo=0),
     **{k: _RATE for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "T", "adi_T", "di_T", "cr_T",
                           "gamma", "bn_eps", "plateau_min_lr")},
-    "ie_log_base": Rule("any", none_ok=True),  # a number, or "e"
+    "ie_log_base": Rule("base", none_ok=True),  # a number > 0 other than 1, or "e"
+    "lr_meta": Rule("number", lo=0, lo_open=True, none_ok=True),  # None: lr_g * g_steps (fast)
+    "pool_dir": Rule("str", none_ok=True),
     **{k: _FRACTION for k in ("momentum", "bn_mmt", "flip_p", "warmup", "reset_at", "lowres")},
     **{k: Rule("number", lo=0, lo_open=True, none_ok=True) for k in ("grad_clip", "clip_s")},
     "synth_seconds": Rule("number", lo=0, lo_open=True, none_ok=True),
@@ -192,7 +196,11 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "inv_schedule": ("cosine", "constant", "plateau"), "recipe": ("paper", "cpu"),
     "kd_augment": ("none", "crop_flip"), "kl_reduction": ("batchmean", "mean"),
     "pool_dtype": ("float16", "bfloat16", "float32"), "bn_form": ("di", "gaussian_kl"),
+    "head": ("tanh_bn", "bn", "sigmoid"), "init": ("randn", "zeroq"),
 }
+#: The augmentations of the student's views (`dfkd.augment.make_augment`): the choices of a string `augment`
+#: (kd's `augment` is true or false).
+AUGMENT_KINDS = ("none", "jitter_flip", "crop_flip", "resized_crop")
 
 
 def flag_name(key: str) -> str:
@@ -227,6 +235,8 @@ def param_rule(key: str, default: Any) -> Rule:
     """The rule for method parameter `key`, whose recipe default is `default`."""
     if key in CHOICES:
         return Rule("str", choices=CHOICES[key])
+    if key == "augment" and isinstance(default, str):
+        return Rule("str", choices=AUGMENT_KINDS)
     if key in RANGES:
         return RANGES[key]
     if isinstance(default, bool):

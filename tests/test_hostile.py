@@ -167,6 +167,17 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("p_heldout_negative", ["--method", "fast", "-p", "heldout_size=-3"], ("heldout_size=-3", ">= 1")),
     ("p_select_margin", ["--method", "fast", "-p", "select_margin=-5"], ("select_margin=-5", ">= 0")),
     ("p_watch_every", ["--method", "dfad", "-p", "watch_every=-1"], ("watch_every=-1", ">= 0")),
+    # values no check looked at: tracebacks, or (ie_log_base=1) "training diverged ... lower the learning rates"
+    ("p_head", ["--method", "dafl", "-p", "head=foo"], ("head=foo", "'tanh_bn', 'bn', 'sigmoid'")),
+    ("p_init", ["--method", "deepinversion", "-p", "init=foo"], ("init=foo", "'randn', 'zeroq'")),
+    ("p_augment", ["--method", "zskd", "-p", "augment=foo"], ("augment=foo", "'crop_flip'")),
+    ("p_lr_meta", ["--method", "fast", "-p", "lr_meta=-1"], ("lr_meta=-1", "> 0")),
+    ("p_ie_log_base_1", ["--method", "dafl", "-p", "ie_log_base=1"], ("ie_log_base=1", "other than 1")),
+    ("p_ie_log_base_0", ["--method", "dafl", "-p", "ie_log_base=0"], ("ie_log_base=0", "a number > 0")),
+    ("p_pool_dir", ["--method", "zeroq", "-p", "pool_dir=[1]"], ("pool_dir=[1]", "a non-empty string")),
+    ("p_feature_loss_nested", ["--method", "dfad", "-p", "feature_loss=[[1]]"], ("feature_loss", "at, fitnet")),
+    ("p_feature_weight_stray", ["--method", "dfad", "--feature-loss", "at", "-p", 'feature_weight={{"AT": 100}}'],
+     ('feature_weight={"AT": 100}', "names AT, not an objective of this run (at;")),
     ("unknown_method", ["--method", "nosuch"], ("nosuch",)),
     # 6. flags that gave tracebacks
     ("seed_2_63", ["--seed", str(2**63)], ("--seed",)),

@@ -8,6 +8,7 @@ objective is one new file. A method's params choose them: `feature_loss` (a name
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -96,14 +97,25 @@ class ObjectiveSet:
 def objective_names(params: dict[str, Any]) -> list[str]:
     """The objectives `params` ask for: `feature_loss` names, then "discriminator" when `discriminator` is set."""
     fl = params.get("feature_loss")
-    names = [] if fl in (None, "", []) else [fl] if isinstance(fl, str) else list(fl)
+    names = [] if fl in (None, "", []) else [fl] if isinstance(fl, str) else fl
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DfkdError(f"-p feature_loss={fl!r}: give an objective's name or a list of names, from "
+                        f"{', '.join(sorted(set(list_objectives()) - {'discriminator'}))}")
+    names = list(names)
+    for n in names:
+        get_objective(n)  # an unknown name: the registry's error lists the known ones
     mode = params.get("discriminator")
     if mode not in (None, "logits", "features"):
         raise DfkdError(f"-p discriminator={mode!r}: use logits or features (or leave it unset)")
-    if mode is not None and "discriminator" not in names:
-        names.append("discriminator")
     if len(set(names)) != len(names):
         raise DfkdError(f"--feature-loss {names}: each objective may be named once")
+    weights = params.get("feature_weight")
+    stray = sorted(set(weights) - set(names)) if isinstance(weights, dict) else []
+    if stray:  # a typo ({"AT": 100}) or another run's objective left the named one at its paper weight, unsaid
+        raise DfkdError(f"-p feature_weight={json.dumps(weights)}: names {', '.join(stray)}, not an objective of this "
+                        f"run ({', '.join(names) or 'none'}; --feature-loss names them)")
+    if mode is not None and "discriminator" not in names:
+        names.append("discriminator")
     return names
 
 
