@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from dfkd.calibration import DEFAULT_CALIBRATION, NOISE, calibration_pixels
 from dfkd.data import load_for, to_model_input
 from dfkd.deploystats import DeployStats, measure
@@ -36,6 +39,50 @@ def load_model_any(path: str | os.PathLike, arch: str | None = None, trust_pickl
         raise DfkdError(text.removeprefix("--teacher ")) from None
 
 
+class _Program(nn.Module):
+    """A torch.export archive's program (`ExportedProgram.module()`) as a module the exporters take.
+
+    The loader unflattens an archive into its module tree (for the BatchNorm taps), which no exporter could trace
+    ("JIT Tracing of SymInts isn't supported"); the flat program traces, but refuses `train()`/`eval()`, which the
+    exporters call: it is frozen in eval mode anyway, so the mode is left alone.
+    """
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> _Program:
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+
+class _Logits(nn.Module):
+    """The logits alone of a network whose forward returns more (a tuple, a dict): exporters write one output."""
+
+    def __init__(self, model: Teacher, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+        self._read = model.logits_from
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._read(self.network(x))
+
+
+def exportable(model: Teacher, path: str | os.PathLike) -> nn.Module:
+    """The classifier of a loaded `model` (from `path`) as the exporters take it: one forward to the logits.
+
+    `dfkd export` and `quantize` used `.module` as loaded: a torch.export archive failed in every format, and a
+    network returning (logits, features) or {"logits": ...} failed in `check_export`, which every other command
+    reads through the logits reader.
+    """
+    network: nn.Module = model.module
+    if model.fmt == "export":
+        network = _Program(torch.export.load(str(path)).module())
+    return network if model.outputs_logits else _Logits(model, network)
+
+
 #: The teacher options `dfkd quantize` does not take (its --arch and --trust-pickle are the MODEL's).
 _TEACHER_FLAGS = ("--teacher-arch", "--arch-arg", "--trust-pickle", "--channels", "--input-size")
 
@@ -59,7 +106,7 @@ def export_file(model_path: str | os.PathLike, fmt: str, out: str | os.PathLike,
     check_format_name(check_output_file(out, force=force), fmt)
     m = load_model_any(model_path, arch, trust_pickle, spec, arch_args)
     refuse_int8(m, model_path, "exported")
-    return export_model(m.module, m.spec, m.num_classes, fmt, out, force, m.class_names)
+    return export_model(exportable(m, model_path), m.spec, m.num_classes, fmt, out, force, m.class_names)
 
 
 @dataclass
@@ -104,7 +151,7 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
                                 req.params, req.synth_steps, num_classes=model.num_classes)
     calib = to_model_input(pixels, model.spec)
     with tempfile.TemporaryDirectory(prefix="dfkd-quantize-") as work:
-        q = quantize_model(model.module, model.spec, model.num_classes, calib, req.out, work, req.force,
+        q = quantize_model(exportable(model, req.model), model.spec, model.num_classes, calib, req.out, work, req.force,
                            req.calib_method, model.class_names)
         t_logits = predict(teacher, eval_data, teacher.spec, req.device) if teacher and eval_data else None
         note = _calibration_note(req.calibration, len(pixels), req.calib_method)

@@ -106,6 +106,11 @@ class Teacher(nn.Module):
         """The logits in an output of the wrapped module (all of it, or the part `logits_reader` found)."""
         return out if self._logits_of is None else self._logits_of(out)
 
+    @property
+    def outputs_logits(self) -> bool:
+        """Whether the wrapped module's output is the logits themselves (not a tuple or dict holding them)."""
+        return self._logits_of is None
+
     def _probe_classes(self) -> int:
         """Number of classes, from a forward at batch 2; the teacher must also pass `check_outputs`.
 

@@ -104,6 +104,52 @@ def test_user_module_class_round_trip(user_state_dict: Path, fmt: str) -> None:
     assert meta["mean"] == [0.4, 0.5, 0.6] and meta["num_classes"] == 5 and meta["channels"] == 3
 
 
+TUPLE_NET = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+    class Net(nn.Module):  # a forward that returns (logits, features), as many research networks do
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(4, 6)
+
+        def forward(self, x):
+            f = self.features(x)
+            return self.fc(f), f
+""")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_network_returning_more_than_logits_exports_its_logits(tmp_path: Path, fmt: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # every other command reads the logits out of (logits, features); export failed in check_export, in every format
+    _need(fmt)
+    net = user_module(tmp_path, monkeypatch, "tuplenet", TUPLE_NET).Net
+    torch.manual_seed(0)
+    torch.save(net().state_dict(), tmp_path / "net.pt")
+    out = tmp_path / ("net.onnx" if fmt == "onnx" else "net.export")
+    with pytest.warns(UserWarning, match="read as the logits"):
+        check = export_file(tmp_path / "net.pt", fmt, out, arch="tuplenet:Net", spec=InputSpec(1, 12, (0.5,), (0.25,)))
+    assert check.max_abs_diff < 1e-4
+    run, meta = load_runner(fmt, out)
+    assert run(torch.zeros(3, 1, 12, 12)).shape == (3, 6) and meta["num_classes"] == 6
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_torch_export_archive_exports_to_every_format(teacher_file: str, tmp_path: Path, fmt: str) -> None:
+    # an archive (the user's, or one dfkd export wrote) failed in every format ("JIT Tracing of SymInts isn't
+    # supported", ...) with the advice to try another --format
+    _need(fmt)
+    archive = tmp_path / "teacher.pt2"
+    export_file(teacher_file, "exported-program", archive)
+    out = tmp_path / ("again.onnx" if fmt == "onnx" else "again.export")
+    check = export_file(archive, fmt, out)
+    assert check.max_abs_diff < 1e-4
+    run, meta = load_runner(fmt, out)
+    assert run(torch.zeros(3, 1, 32, 32)).shape == (3, 10) and meta["channels"] == 1
+
+
 def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     m, spec = _small("lenet5_half")
     out = tmp_path / "m.pt2"
