@@ -81,8 +81,10 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
     said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
     if not resumed:
+        one_teacher = {} if isinstance(teacher, EnsembleTeacher) else \
+            {"teacher_weighting": "the run has one teacher; repeat --teacher for an ensemble"}
         warn_no_effect(cls, params, {k: v for k, v in said.items() if k not in by_auto and k not in handed_on},
-                       named=overrides.keys(), from_file=from_file)
+                       named=overrides.keys(), from_file=from_file, extra=one_teacher)
     lines = recipe_lines(cls, teacher, params, said, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
@@ -113,19 +115,19 @@ def _json(value: Any) -> str:
 
 
 def warn_no_effect(cls: type[Method], params: dict[str, Any], given: dict[str, Any], named: Collection[str] = (),
-                   from_file: Collection[str] = ()) -> None:
+                   from_file: Collection[str] = (), extra: dict[str, str] | None = None) -> None:
     """Warn of each setting in `given` (the user's) that does nothing in this run (`Method.no_effect`).
 
     A warning, not an error: one config file may serve several methods, and `--method auto` picks the method.
     `named`: every key the user gave (also those `given` leaves out, a config file's recipe-equal values), so the
     tip on the synthesis batch is not given to a user who set it; `from_file`: keys a --config file gave, named as
-    the file's, not as a `-p` the user never typed.
+    the file's, not as a `-p` the user never typed; `extra`: further settings this run leaves unused, with why.
     """
     def said(key: str) -> str:
         setting = f"{key}={json.dumps(given[key])}"
         return f"--config's {setting}" if key in from_file else f"-p {setting}"
 
-    unused = cls.no_effect(params)
+    unused = {**cls.no_effect(params), **(extra or {})}
     for key in sorted(k for k in given if k in unused):
         warnings.warn(f"{said(key)} has no effect: {cls.name} does not use it here ({unused[key]})", stacklevel=3)
     synth = params.get("synth_batch_size")

@@ -53,6 +53,11 @@ def data_spec(data: ImageData, size: int | tuple[int, int]) -> InputSpec:
     count = n * data.x.shape[2] * data.x.shape[3]
     mean = total / count
     std = ((squares - count * mean.square()) / max(count - 1, 1)).clamp_min(0).sqrt()
+    flat = [c for c in range(len(std)) if std[c] * 255 < 1e-3]
+    if flat:  # it said "input spec: std values must be positive", a spec the user never gave
+        raise DfkdError(f"--data: every pixel of channel {flat[0]} of its first {n} images is "
+                        f"{round(float(mean[flat[0]]) * 255)}: images of one colour teach a classifier nothing; "
+                        "give the real training images")
     height, width = split_size(size)
     spec = InputSpec(data.x.shape[1], height, tuple(mean.tolist()), tuple(std.tolist()), width)
     h, w = data.x.shape[2:]

@@ -244,6 +244,21 @@ def test_train_teacher_missing_data(tmp_path):
     assert not (tmp_path / "t.pt").exists()
 
 
+@pytest.mark.parametrize("x, words", [
+    # N x H x W x 2 was read as 28-channel images of 28 x 2 pixels, and a teacher of those trained
+    (np.zeros((16, 28, 28, 2), np.uint8), ("(16, 28, 28, 2) is read as N x C x H x W, images of 28 channels of 28 "
+                                           "x 2 pixels; only 1 or 3 channels may come last",)),
+    # it said "input spec: std values must be positive", a spec the user never gave
+    (np.full((16, 28, 28), 7, np.uint8), ("every pixel of channel 0 of its first 16 images is 7",)),
+])
+def test_train_teacher_refuses_images_no_classifier_learns_from(tmp_path, x, words):
+    np.savez(tmp_path / "bad.npz", x=x, y=np.arange(16) % 2)
+    result = _run("train-teacher", "--data", str(tmp_path / "bad.npz"), "--arch", "lenet5",
+                  "--out", str(tmp_path / "t.pt"))
+    _assert_one_line_error(result, "--data", *words)
+    assert not (tmp_path / "t.pt").exists()
+
+
 @pytest.mark.parametrize("labels, words", [
     (np.full(16, -1), ("class indices 0..K-1", "-1")),
     (np.full(16, 15), ("every image has label 15", "at least 2 classes")),

@@ -133,6 +133,16 @@ def test_a_setting_the_run_does_not_use_is_said_to_have_no_effect(teacher_file: 
         "s_optimizer=sgd uses it)"]
 
 
+def test_an_ensemble_setting_in_a_run_of_one_teacher_is_said_to_have_no_effect(teacher_file: str,
+                                                                                tmp_path: Path) -> None:
+    # -p teacher_weighting=confidence with one teacher was taken ("set by you") and did nothing, unsaid
+    with pytest.warns(UserWarning) as record:
+        run(teacher_file, tmp_path / "one", teacher_weighting="confidence")
+    assert no_effect_warnings(record) == [
+        '-p teacher_weighting="confidence" has no effect: dfq does not use it here (the run has one teacher; repeat '
+        "--teacher for an ensemble)"]
+
+
 def test_a_smaller_batch_says_the_synthesis_keeps_its_own() -> None:
     # -p batch_size=2 to fit memory on a heavy teacher: the synthesis still made its recipe's batches, unsaid
     with pytest.warns(UserWarning, match=r"-p batch_size=2 sets the student's batch; nayer synthesizes images 64 at "
