@@ -194,7 +194,8 @@ def compact_onnx(proto: object) -> object:
     """Drop what inference does not need from an ONNX graph: shapes, names, docs, unused opset imports.
 
     Inferred shapes, node names and docs go, and so do opset imports of domains no node uses. Intermediate
-    tensors and initializers get short names (t0, w0, ...); graph inputs and outputs keep theirs.
+    tensors and initializers get short names (t0, w0, ...); graph inputs and outputs keep theirs, and a graph with
+    branches (If, Loop) keeps every name.
     For a LeNet-5-half the names and shapes are a third of the int8 file; for larger models they hardly count.
     """
     g = proto.graph  # type: ignore[attr-defined]
@@ -203,6 +204,10 @@ def compact_onnx(proto: object) -> object:
     for op in [op for op in proto.opset_import if op.domain not in domains]:  # type: ignore[attr-defined]
         proto.opset_import.remove(op)  # type: ignore[attr-defined]
     drop_default_attributes(proto)
+    if any(a.HasField("g") or len(a.graphs) for n in g.node for a in n.attribute):
+        # a branch (If, Loop: a scripted network's control flow) reads outer tensors by name: renamed here, not
+        # there, the graph was invalid (onnxruntime: "nodes must be topologically sorted")
+        return proto
     keep = {v.name for v in g.input} | {v.name for v in g.output}
     rename = {t.name: f"w{i}" for i, t in enumerate(g.initializer) if t.name not in keep}
     for n in g.node:

@@ -290,6 +290,20 @@ def test_cli_quantize_takes_the_input_spec_of_a_state_dict(sharp_teacher_file: s
     assert _run_onnx(tmp_path / "a.onnx", torch.zeros(2, 1, 32, 32)).shape == (2, 10)
 
 
+def test_a_torchscript_model_is_quantized(sharp_teacher_file: str, tmp_path: Path) -> None:
+    # its scripted control flow became ONNX If branches, whose outer names compact_onnx renamed: "invalid model"
+    from dfkd.deploy import export_file
+
+    export_file(sharp_teacher_file, "torchscript", tmp_path / "t.pt")
+    quantize_file(QuantizeRequest(model=str(tmp_path / "t.pt"), calibration="noise", num_calibration=8,
+                                  out=str(tmp_path / "q.onnx")))
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = load_teacher(sharp_teacher_file)(x).argmax(1)
+    assert _run_onnx(tmp_path / "q.onnx", x).shape == (3, 10)
+    assert (_run_onnx(tmp_path / "q.onnx", x).argmax(1) == expected).float().mean() >= 2 / 3
+
+
 def test_cli_quantize_names_options_a_calibration_file_leaves_unused(sharp_teacher_file: str, transfer_file: str,
                                                                       tmp_path: Path) -> None:
     # -p, --synth-steps and a --teacher without --eval-data did nothing with a file or noise, unsaid
