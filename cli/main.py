@@ -110,7 +110,7 @@ def train_teacher_cmd(**kw: Any) -> None:
     from dfkd.train_teacher import TeacherConfig, train_teacher
 
     MODELS.get(kw["arch"])
-    check_output_file(kw["out"], force=kw.pop("force"))
+    check_output_file(kw["out"], force=kw["force"])
     check_model_name(kw["out"])
     result = train_teacher(TeacherConfig(**kw))
     click.echo(f"wrote {kw['out']}" + (f" (test top-1 {100 * result['top1']:.2f}%)" if "top1" in result else ""))
@@ -366,7 +366,7 @@ def synthesize_cmd(teacher: str, params: tuple[str, ...], device: str, **kw: Any
                         "logits)")
     check_method_params(kw["method"], overrides, min_s_steps=0)
     labels = parse_labels(kw.pop("labels"), kw.pop("label_decimals"))
-    check_output_file(kw["out"], force=kw.pop("force"))
+    check_output_file(kw["out"], force=kw["force"])
     dev = pick_device(device)
     t = load_with_options(teacher, pop_teacher_options(kw), dev)
     data = synthesize(t, params=overrides, device=dev, progress=True, labels=labels, **kw)

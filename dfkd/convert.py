@@ -56,7 +56,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, options: TeacherOpt
     provenance = {"kind": "converted", "source": str(path), "source_sha256": teacher.sha256,
                   "source_format": teacher.fmt}
     meta = ModelFile(arch, kwargs, teacher.spec, teacher.num_classes, teacher.class_names, provenance)
-    save_model(out, model, meta, archive)
+    save_model(out, model, meta, archive, replace=False)
     return meta
 
 

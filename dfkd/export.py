@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from dfkd.errors import DfkdError
-from dfkd.io import disk_error, usual_permissions
+from dfkd.io import disk_error, place_file, usual_permissions
 from dfkd.outpaths import check_output_file
 from dfkd.spec import InputSpec
 
@@ -264,7 +264,7 @@ def export_model(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
         write_export(model, spec, num_classes, fmt, tmp, class_names, shown=out)
         check = check_export(model.cpu().eval(), spec, fmt, tmp)
         usual_permissions(tmp)
-        os.replace(tmp, out)
+        place_file(tmp, out, force)
     finally:
         tmp.unlink(missing_ok=True)
     check.path = out

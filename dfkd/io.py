@@ -52,7 +52,30 @@ def usual_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+def place_file(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True) -> None:
+    """Move a finished temporary file `tmp` to `path` (same folder), atomically.
+
+    `replace` False (an output the user names, without --force): a file that appeared at `path` while the work ran
+    (a second run on the same --out, or the user's own) is never replaced: the start's check was all that stood
+    between them, and the last process to finish won unsaid. A hard link takes the name only if it is free; a file
+    system without hard links gets a check just before the move.
+    """
+    if replace:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except OSError as e:
+        if not isinstance(e, FileExistsError) and not os.path.lexists(path):  # no hard links (FAT, some shares)
+            os.replace(tmp, path)
+            return
+        raise DfkdError(f"{path}: a file appeared there while this ran (another run with the same output, or "
+                        "yours); it is left as it is and this result was not written: run again with another "
+                        "name") from None
+    os.unlink(tmp)
+
+
+def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], replace: bool = True) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -62,7 +85,7 @@ def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -
             f.flush()
             os.fsync(f.fileno())
         usual_permissions(tmp)
-        os.replace(tmp, path)
+        place_file(tmp, path, replace)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
         err = disk_error(e, path)
@@ -89,7 +112,7 @@ def remove_stale_temps(folder: Path) -> list[Path]:
     return stale
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, replace: bool = True) -> None:
     """`torch.save(obj, path)`, atomically.
 
     The bytes are made in memory first: torch's writer turns a failed write into an opaque RuntimeError, while
@@ -97,7 +120,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write(path, lambda f: f.write(buf.getbuffer()))
+    _atomic_write(path, lambda f: f.write(buf.getbuffer()), replace)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -59,7 +59,8 @@ class ModelFile:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-def save_model(path: str | os.PathLike, model: nn.Module | None, meta: ModelFile, archive: bytes | None = None) -> None:
+def save_model(path: str | os.PathLike, model: nn.Module | None, meta: ModelFile, archive: bytes | None = None,
+               replace: bool = True) -> None:
     """Write `model` and `meta` as a dfkd model file, atomically.
 
     Args:
@@ -67,6 +68,8 @@ def save_model(path: str | os.PathLike, model: nn.Module | None, meta: ModelFile
         model: a model built from `meta.arch` and `meta.arch_kwargs` (None with `archive`).
         meta: architecture, input spec, classes and provenance.
         archive: the bytes of a TorchScript / torch.export archive, when `meta.arch` is one of ARCHIVE_KINDS.
+        replace: replace a file at `path`; False (a user's output without --force): a file that appeared there
+            while the work ran is kept and this one is not written (`dfkd.io.place_file`).
     """
     provenance = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **meta.provenance}
     state = {} if model is None else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -83,7 +86,7 @@ def save_model(path: str | os.PathLike, model: nn.Module | None, meta: ModelFile
     }
     if archive is not None:
         payload["archive"] = torch.frombuffer(bytearray(archive), dtype=torch.uint8)
-    atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path, replace)
 
 
 def is_model_file(obj: Any) -> bool:

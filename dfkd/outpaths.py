@@ -32,6 +32,19 @@ def probe_writable(folder: Path, what: str) -> None:
         raise DfkdError(f"{what}: cannot write into {folder} ({e.strerror}); pick a writable place") from None
 
 
+#: What a temporary name adds to an output's name while it is written ("." + name + "." + 8 random characters +
+#: ".tmp" + a suffix such as ".onnx").
+TEMP_NAME_EXTRA = 20
+
+
+def name_max(out: Path) -> int:
+    """The longest file name the folder of `out` takes (255 where the system does not say)."""
+    try:
+        return os.pathconf(next(p for p in out.absolute().parents if p.exists()), "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError, StopIteration):  # no pathconf (Windows), or no answer
+        return 255
+
+
 def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool | None = False) -> Path:
     """Refuse an output file that cannot be written, or that exists and `force` is not given.
 
@@ -44,10 +57,20 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool 
     what = f"{flag} {p}"
     if not str(path).strip():
         raise DfkdError(f"{flag}: empty path; give a file name")
+    if str(path).endswith(("/", os.sep)):  # Path() drops the slash: `--out newdir/` wrote a file named newdir
+        raise DfkdError(f"{flag} {path}: names a folder (it ends in a slash); give a file name inside it")
     try:
         p.exists()
     except OSError as e:  # ENAMETOOLONG: a name (or path) longer than the system takes; a traceback before
         raise DfkdError(f"{flag} {str(p)[:60]}...: {e.strerror}; give a shorter name") from None
+    longest = name_max(p)
+    if len(os.fsencode(p.name)) + TEMP_NAME_EXTRA > longest:  # its temporary name failed after all the work
+        raise DfkdError(f"{flag} {str(p)[:60]}...: the file name is {len(os.fsencode(p.name))} bytes, and its "
+                        f"temporary name while it is written {TEMP_NAME_EXTRA} more than the {longest} a name may "
+                        "have here; give a shorter name")
+    if p.is_symlink() and not p.exists():  # a dangling link was replaced by a file, unsaid
+        raise DfkdError(f"{what}: is a link to {os.readlink(p)}, which does not exist; remove the link or give "
+                        "another name")
     if p.is_dir():
         raise DfkdError(f"{what}: is a folder; give a file name inside it")
     if p.exists() and not p.is_file():

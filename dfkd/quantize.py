@@ -32,7 +32,7 @@ from torch import nn
 
 from dfkd.errors import DfkdError
 from dfkd.export import require, write_export
-from dfkd.io import usual_permissions
+from dfkd.io import place_file, usual_permissions
 from dfkd.outpaths import check_output_file
 from dfkd.spec import InputSpec
 
@@ -274,7 +274,7 @@ def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: t
         quantize_onnx(float_onnx, tmp, calib, method, spec)
         check_int8(tmp, spec, num_classes)
         usual_permissions(tmp)
-        os.replace(tmp, out)
+        place_file(tmp, out, force)
     finally:
         tmp.unlink(missing_ok=True)
     return Quantized(out, float_onnx)

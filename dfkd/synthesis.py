@@ -166,7 +166,7 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
                params: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
                student: str | None = None, steps: int | None = None, progress: bool = False,
                labels: LabelSpec | None = None, eval_data: str | None = None,
-               views: int | None = None) -> TransferData:
+               views: int | None = None, force: bool = False) -> TransferData:
     """Make `num` synthetic transfer images with a registered method and write them, with the teacher's labels.
 
     See the module docstring for how each kind of method makes images and how a run resumes. The file records its
@@ -187,6 +187,7 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         eval_data: real test data to measure the teacher's top-1 on, for the provenance (else the model file's).
         views: images stored per image the method makes: it and `views - 1` augmented views, each labelled by the
             teacher (None: `default_views`, 4 for a method whose student sees augmented views in place, else 1).
+        force: replace `out` (--force); else a file that appeared there while this ran is kept, this not written.
 
     Returns:
         The written data, as `load_transfer` reads it back.
@@ -249,7 +250,8 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
         record = provenance(teacher, method, p, seed=seed, steps=trained, num=num, labels=labels.text(), top1=top1,
                             top1_on=top1_on)
         record.update(views=views, class_balanced=balance is not None and not balance.gave_up)
-        parts.assemble(meta_arrays(teacher.spec, teacher.num_classes, method, teacher.sha256, record, recipe), num)
+        parts.assemble(meta_arrays(teacher.spec, teacher.num_classes, method, teacher.sha256, record, recipe), num,
+                       replace=force)
     return load_transfer(out, "--out")
 
 

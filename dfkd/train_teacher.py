@@ -39,6 +39,7 @@ class TeacherConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    force: bool = False  # --force: replace `out`, also a file that appears there while the teacher trains
 
 
 def data_spec(data: ImageData, size: int | tuple[int, int]) -> InputSpec:
@@ -122,7 +123,7 @@ def train_teacher(cfg: TeacherConfig) -> dict[str, float]:
     model.to(memory_format=torch.contiguous_format)  # the file holds plain tensors whatever the run's layout
     meta = ModelFile(cfg.arch, kwargs, spec, num_classes, data.class_names,
                      {"kind": "teacher", "trained_on": os.path.basename(cfg.data), "epochs": cfg.epochs, **result})
-    save_model(cfg.out, model, meta)
+    save_model(cfg.out, model, meta, replace=cfg.force)
     return result
 
 

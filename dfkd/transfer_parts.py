@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_save_npz, atomic_torch_save
+from dfkd.io import atomic_save_npz, atomic_torch_save, place_file
+from dfkd.outpaths import name_max
 
 #: The settings file of a parts folder: a folder holding it is an unfinished synthesis.
 KEY_FILE = "key.json"
@@ -43,18 +44,10 @@ def part_files(folder: Path) -> list[Path]:
 def check_name(out: str | os.PathLike) -> None:
     """Refuse an output name too long for its parts folder beside it (it was a "File name too long" traceback)."""
     out = Path(out)
-    longest = _name_max(out)
+    longest = name_max(out)
     if len(os.fsencode(parts_folder(out).name)) > longest:
         raise DfkdError(f"--out {out.name[:40]}...: a name of {len(out.name)} characters leaves no room for its "
                         f"parts folder (NAME.parts; {longest} characters at most in a name here); give a shorter name")
-
-
-def _name_max(out: Path) -> int:
-    """The longest file name the folder of `out` takes (255 where the system does not say)."""
-    try:
-        return os.pathconf(next(p for p in out.absolute().parents if p.exists()), "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows), or no answer
-        return 255
 
 
 def check_room(out: str | os.PathLike, num: int, image_bytes: int, classes: int) -> None:
@@ -147,8 +140,11 @@ class Parts:
             f.unlink()
         return state
 
-    def assemble(self, extra: dict[str, Any], num: int) -> None:
-        """Stream the first `num` images of the parts, their labels and `extra` arrays into the output, atomically."""
+    def assemble(self, extra: dict[str, Any], num: int, replace: bool = True) -> None:
+        """Stream the first `num` images of the parts, their labels and `extra` arrays into the output, atomically.
+
+        `replace` False: a file that appeared at the output meanwhile is kept, and this one is not written.
+        """
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")  # one process's, hidden until replaced
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -161,7 +157,11 @@ class Parts:
                 for k, v in extra.items():
                     with zf.open(f"{k}.npy", "w") as f:
                         np.lib.format.write_array(f, np.asanyarray(v), allow_pickle=False)
-            os.replace(tmp, self.out)
+            try:
+                place_file(tmp, self.out, replace)
+            except DfkdError as e:  # the parts stay: the same command writes the file from them, without work
+                raise DfkdError(f"{e} (or move that file away and run the same command again: the images are kept "
+                                f"in {self.folder} and are not made again)") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

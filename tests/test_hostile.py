@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 from conftest import KWARGS, make_teacher_module
 from PIL import Image
 
+from dfkd import transfer_parts
 from dfkd.cli.main import main
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
@@ -64,6 +65,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, teacher_file: str) -> dict[s
         np.savez(d / f"{name}.npz", x=x, y=y)
         f[name] = str(d / f"{name}.npz")
     np.savez(d / "five.npz", x=np.zeros((4, 5, 28, 28), np.uint8), y=np.arange(4))
+    (d / "dangling.pt").symlink_to(d / "gone.pt")  # replaced by a regular file without --force
     f["five"] = str(d / "five.npz")
     for name, mutate in {"nan_teacher": "nan", "zero_class": 0, "one_class": 1, "std0": "std0"}.items():
         f[name] = str(d / f"{name}.pt")
@@ -324,7 +326,7 @@ OTHER: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("synth_out_too_long", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out",
                             "{dir}/" + "t" * 300 + ".npz"], ("File name too long; give a shorter name",)),
     ("synth_parts_too_long", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out",
-                              "{dir}/" + "t" * 248 + ".npz"], ("leaves no room for its parts folder",)),
+                              "{dir}/" + "t" * 248 + ".npz"], ("the file name is 252 bytes", "shorter name")),
     ("synth_out_proc", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "/proc/x/t.npz"],
      ("cannot write",)),
     ("synth_out_folder", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out", "{dir}"],
@@ -355,6 +357,13 @@ OTHER: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("evaluate_device_meta", ["evaluate", "--model", "{T}", "--data", "{biglab}", "--device", "meta"],
      ("--device meta",)),
     ("report_missing", ["report", "{dir}/nope"], ("nope: no such run folder",)),
+    # `--out newdir/` wrote a file named newdir; a 250-byte name failed after the work, at its temporary name
+    ("synth_out_trailing_slash", ["synthesize", "--teacher", "{T}", "--method", "zskd", "--num", "4", "--out",
+                                  "{dir}/new/"], ("names a folder (it ends in a slash)",)),
+    ("train_teacher_out_long_name", ["train-teacher", "--data", "{biglab}", "--arch", "lenet5", "--out",
+                                     "{dir}/" + "n" * 247 + ".pt"], ("the file name is 250 bytes", "shorter name")),
+    ("export_out_dangling_link", ["export", "{T}", "--format", "torchscript", "--out", "{dir}/dangling.pt"],
+     ("is a link to", "which does not exist")),
 ]
 
 
@@ -375,6 +384,29 @@ def test_force_replaces_an_existing_output(teacher_file: str, eval_npz: str, tmp
     r = invoke(["fid-stats", eval_npz, out, "--features", "teacher", "--teacher", teacher_file, "--force"])
     assert r.exit_code == 0, r.output
     assert set(np.load(out)) >= {"mu", "sigma"}
+
+
+def test_a_file_that_appears_at_out_while_the_work_runs_is_kept(teacher_file: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # the start's check was all: two synthesize runs on one --out both said "wrote", and the last one won
+    out = tmp_path / "t.npz"
+    assemble = transfer_parts.Parts.assemble
+
+    def meanwhile(self, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        out.write_text("the other run's file")
+        assemble(self, *args, **kwargs)
+
+    monkeypatch.setattr(transfer_parts.Parts, "assemble", meanwhile)
+    args = ["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "4", "-p", "s_steps=0", "-p",
+            "di_iters=1", "-p", "di_batch=4", "--out", out]
+    assert_refused(invoke(args), "a file appeared there while this ran", "this result was not written")
+    assert out.read_text() == "the other run's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz", "t.npz.parts"]  # no hidden temporary left
+    out.unlink()
+    monkeypatch.setattr(transfer_parts.Parts, "assemble", assemble)
+    r = invoke(args)  # the images of the parts, not made again
+    assert r.exit_code == 0 and len(np.load(out)["x"]) == 4, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
 
 
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
