@@ -146,8 +146,18 @@ DRAWN_FROM = "dfkd-drawn-from"
 
 
 def drawn_from(kind: str, source: str | os.PathLike) -> str:
-    """What a dfkd PNG records it was drawn from: the kind of picture and the absolute path of its input."""
-    return f"{kind} {Path(source).resolve()}"
+    """What a dfkd PNG records it was drawn from: the kind of picture and its input's file name.
+
+    The name, not the path: a folder moved with its pictures keeps them dfkd's (an absolute path made them "not a
+    picture dfkd drew", and refused). Marks of before, with the absolute path, compare by the name too.
+    """
+    return f"{kind} {Path(source).name}"
+
+
+def _same_mark(stored: str, mark: str) -> bool:
+    kind, _, name = stored.partition(" ")
+    want_kind, _, want_name = mark.partition(" ")
+    return kind == want_kind and Path(name).name == want_name
 
 
 def image_free(out: Path, mark: str) -> bool:
@@ -158,7 +168,7 @@ def image_free(out: Path, mark: str) -> bool:
         return True
     try:
         with Image.open(out) as im:
-            return getattr(im, "text", {}).get(DRAWN_FROM) == mark
+            return _same_mark(str(getattr(im, "text", {}).get(DRAWN_FROM, "")), mark)
     except Exception:  # noqa: BLE001 - not an image PIL reads: not one dfkd drew
         return False
 

@@ -28,6 +28,7 @@ class TransferSummary:
     data: TransferData
     counts: list[int]
     png: Path | None
+    unwritten: str | None = None  # why the samples picture was not written (the report is printed anyway)
 
     def text(self) -> str:
         """The summary, one fact a line."""
@@ -50,6 +51,8 @@ class TransferSummary:
         lines.append(f"balance:  smallest class {lo}, largest {hi}, {sum(n == 0 for n in self.counts)} classes empty")
         if self.png is not None:
             lines.append(f"wrote:    {self.png}")
+        if self.unwritten:
+            lines.append(f"not written: {self.unwritten}")
         return "\n".join(lines)
 
 
@@ -116,7 +119,11 @@ def report_transfer(path: str | os.PathLike, png: bool = True) -> TransferSummar
     data = load_transfer(path, "FILE")
     out = Path(path).with_name(Path(path).stem + "_samples.png")
     mark = drawn_from("samples", path)
-    if png:
-        check_image_free(out, mark, f"FILE {path}: its samples picture {out}", "rename that file")
-    wrote = png and write_class_grid(data, out, mark)
-    return TransferSummary(data, class_counts(data), out if wrote else None)
+    wrote, why = False, None
+    if png:  # a receiver on a read-only share still gets the report: the picture is extra
+        try:
+            check_image_free(out, mark, f"the samples picture {out}", "rename that file")
+            wrote = write_class_grid(data, out, mark)
+        except DfkdError as e:
+            why = str(e)
+    return TransferSummary(data, class_counts(data), out if wrote else None, why)

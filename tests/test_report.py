@@ -224,12 +224,19 @@ def test_report_of_a_transfer_file_never_overwrites_a_users_picture(transfer_fil
     mine = tmp_path / "tr1_samples.png"
     mine.write_text("the user's file")
     res = CliRunner().invoke(main, ["report", str(tmp_path / "tr1.npz")])
-    assert res.exit_code == 2 and "is not a picture dfkd drew from this input" in res.output, res.output
+    # the report is printed all the same (a receiver on a read-only share got none): the picture is extra
+    assert res.exit_code == 0 and "images:   256 of 1x32x32" in res.output, res.output
+    assert f"not written: the samples picture {mine}: already exists and is not a picture dfkd drew" in res.output
     assert mine.read_text() == "the user's file"
     mine.unlink()
     for _ in range(2):  # dfkd's own picture of the same file is drawn again
         res = CliRunner().invoke(main, ["report", str(tmp_path / "tr1.npz")])
         assert res.exit_code == 0 and f"wrote:    {mine}" in res.output, res.output
+    # ... also after the folder moved (the picture's mark held the file's absolute path: "not dfkd's")
+    shutil.move(tmp_path, tmp_path.with_name(tmp_path.name + "-moved"))
+    moved = tmp_path.with_name(tmp_path.name + "-moved")
+    res = CliRunner().invoke(main, ["report", str(moved / "tr1.npz")])
+    assert res.exit_code == 0 and f"wrote:    {moved / 'tr1_samples.png'}" in res.output, res.output
 
 
 def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Path) -> None:
