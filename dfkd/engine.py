@@ -52,7 +52,7 @@ from dfkd.methods._recipes import heavy_teacher
 from dfkd.methods.base import ADDED_SETTINGS
 from dfkd.modelfile import ModelFile, save_model, student_problem
 from dfkd.monitor import FIDMonitors, log_hparams
-from dfkd.outpaths import RUN_MARKER, folder_lock, prepare_run_dir, probe_writable
+from dfkd.outpaths import RUN_MARKER, folder_lock, name_max, prepare_run_dir, probe_writable
 from dfkd.precision import Precision, auto_bf16_line, deterministic_env, resolve_precision, run_networks
 from dfkd.runlog import NullLog, RunLog
 from dfkd.runwatch import RunWatch
@@ -160,7 +160,11 @@ def new_run_dir(cfg: DistillConfig, teacher_path: str) -> tuple[Path, bool]:
     if cfg.out:
         return prepare_run_dir(cfg.out)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(cfg.runs_dir) / f"{stamp}-{cfg.method}-{Path(teacher_path).stem}"
+    # the teacher's name cut to fit a folder name (and "-N" after it): a long file name made a name the system
+    # refused, with the advice to give a shorter one the user never gave
+    name = f"{stamp}-{cfg.method}-{Path(teacher_path).stem}"
+    longest = name_max(Path(cfg.runs_dir) / "x") - 8
+    base = Path(cfg.runs_dir) / name.encode()[:longest].decode(errors="ignore")
     d, i = base, 1
     while d.exists():
         d, i = Path(f"{base}-{i}"), i + 1
@@ -174,6 +178,7 @@ class Run:
                  dist: Dist = SINGLE, changed: Collection[str] = ()) -> None:
         """`changed`: the method settings given with --resume (named when the checkpoint does not fit them)."""
         self.cfg, self.run_dir, self.dist = cfg, run_dir, dist
+        self.cwd = os.getcwd()  # where relative paths were given (read at a checkpoint, a deleted folder raised)
         self.changed = tuple(changed)
         self.source: Source = source_for(cfg)
         self.source.check()
@@ -314,7 +319,7 @@ class Run:
         mine = {"rng": rng_state(self.device), "synth": state["synth"], "extra": state["extra"]}
         ranks = self.dist.gather(mine)
         extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world,
-                                 "precision": self.precision.state_dict(), "cwd": os.getcwd(),
+                                 "precision": self.precision.state_dict(), "cwd": self.cwd,
                                  "teacher_sha256": self.teacher.sha256}
         if self.dist.enabled:
             extra["ranks"] = ranks

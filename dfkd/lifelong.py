@@ -188,7 +188,13 @@ def _check_config(cfg: ExtendConfig, work: Path, resume: bool) -> None:
                         "missing)")
     if not resume:
         if work.exists() and any(work.iterdir()):
-            raise DfkdError(f"--work {work}: holds an earlier extend run; continue it with --resume or remove it")
+            where = f"--work {work}" if cfg.work else f"--out {cfg.out}: its work folder {work} (named after --out)"
+            if saved.is_file():
+                raise DfkdError(f"{where}: holds an earlier extend run; continue it with --resume or remove it")
+            # a folder of the user's was called an earlier run, and --resume then called it none: advice in a loop
+            found = ", ".join(sorted(p.name for p in work.iterdir())[:3])
+            raise DfkdError(f"{where}: holds files that are not an extend run's ({found}); give --work DIR, or "
+                            "another --out")
         if Path(cfg.out).exists():
             raise DfkdError(f"--out {cfg.out}: exists; dfkd never overwrites a model file, pick another --out")
         work.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,29 @@ def test_default_output_folder_is_dated_and_named(teacher_file: str, tmp_path: P
     cfg = DistillConfig(**{**cfg.to_dict(), "out": None, "teachers": tuple(cfg.teachers)})
     run = distill(cfg).run_dir
     assert run.parent == tmp_path / "runs" and run.name.endswith("-dfad-lenet5_bn")
+    # a teacher of a long file name: the folder's name made from it was too long ("give a shorter name")
+    long = tmp_path / ("t" * 240 + ".pt")
+    shutil.copy(teacher_file, long)
+    run = distill(DistillConfig(**{**cfg.to_dict(), "teachers": (str(long),)})).run_dir
+    assert run.parent == tmp_path / "runs" and len(run.name.encode()) <= 247 and "-dfad-ttt" in run.name
+
+
+def test_a_run_whose_working_folder_is_deleted_checkpoints(teacher_file: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # a checkpoint read os.getcwd(): a FileNotFoundError traceback, and every step since the last checkpoint lost
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    original = engine.Run.checkpoint
+
+    def after_the_first(self, finished: bool = False) -> None:  # noqa: ANN001
+        if self.step > 0 and work.exists():
+            work.rmdir()
+        original(self, finished)
+
+    monkeypatch.setattr(engine.Run, "checkpoint", after_the_first)
+    result = distill(cfg_for(teacher_file, tmp_path / "run", steps=8, ckpt_every=4))
+    assert result.finished and (tmp_path / "run" / "student.pt").is_file()
 
 
 def test_config_precedence_file_then_flags(tmp_path: Path) -> None:

@@ -225,6 +225,14 @@ def test_refusals(toy: dict[str, str], finished: tuple[ExtendConfig, dict], tmp_
         extend(dataclasses.replace(cfg, steps=61), load_teacher(cfg.teacher), resume=True)
     with pytest.raises(DfkdError, match="holds no extend run"):
         extend(config(toy, tmp_path / "y.pt"), load_teacher(cfg.teacher), resume=True)
+    # a folder of the user's at the work folder named after --out was "an earlier extend run", and --resume then
+    # said it held none: the advice looped, and it said to remove the user's folder
+    (tmp_path / "z.extend").mkdir()
+    (tmp_path / "z.extend" / "notes.txt").write_text("mine")
+    with pytest.raises(DfkdError, match=r"--out .*z.pt: its work folder .*z.extend \(named after --out\): holds "
+                                        r"files that are not an extend run's \(notes.txt\); give --work DIR"):
+        extend(config(toy, tmp_path / "z.pt"), load_teacher(cfg.teacher))
+    assert (tmp_path / "z.extend" / "notes.txt").read_text() == "mine"
 
 
 def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
