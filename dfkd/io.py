@@ -6,6 +6,7 @@ import errno
 import functools
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -143,6 +144,18 @@ def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 #: PNG text key naming what a dfkd picture was drawn from: such a file may be drawn again, any other is the user's.
 DRAWN_FROM = "dfkd-drawn-from"
+
+
+def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
+    """A JSON object a run wrote (its settings), or one line naming the damaged file and `fix` (a traceback before)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        value = e
+    if not isinstance(value, dict):
+        why = f"not JSON ({value})" if isinstance(value, Exception) else f"a JSON {type(value).__name__}, not an object"
+        raise DfkdError(f"{path}: damaged ({why}); {fix}")
+    return value
 
 
 def drawn_from(kind: str, source: str | os.PathLike) -> str:

@@ -39,7 +39,7 @@ from torch import nn
 from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
-from dfkd.io import atomic_copy, atomic_write_text
+from dfkd.io import atomic_copy, atomic_write_text, read_json_object
 from dfkd.lifelong_train import (
     PHASES,
     Batches,
@@ -202,7 +202,8 @@ def _check_config(cfg: ExtendConfig, work: Path, resume: bool) -> None:
         return
     if not saved.exists():
         raise DfkdError(f"--resume: {work} holds no extend run (no config.json); start it without --resume")
-    before = json.loads(saved.read_text())
+    before = read_json_object(saved, "put back the file the run wrote, or start a new run with another --out "
+                                     "(or --work)")
     for key, value in asdict(cfg).items():
         if key != "device" and before.get(key) != json.loads(json.dumps(value)):
             raise DfkdError(f"--resume: {key} was {before.get(key)!r} in {work}, now {value!r}; give the same "

@@ -20,6 +20,7 @@ from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
 from dfkd.hooks import FeatureTaps
 from dfkd.io import atomic_torch_save
+from dfkd.loading import read_weights_only
 from dfkd.models import ZooModel
 from dfkd.spec import InputSpec
 from dfkd.stopping import STOP_SIGNALS, on_stop_signals
@@ -197,7 +198,10 @@ def _save(phase: Phase, opt: torch.optim.Optimizer, step: int) -> None:
 def _load(phase: Phase, opt: torch.optim.Optimizer) -> int:
     if not phase.checkpoint.exists():
         return 0
-    state = torch.load(phase.checkpoint, map_location="cpu", weights_only=True)
+    state = read_weights_only(phase.checkpoint, "--resume")  # a truncated file: one line, not torch's traceback
+    if not isinstance(state, dict) or not {"model", "opt", "step"} <= set(state):
+        raise DfkdError(f"--resume {phase.checkpoint}: not a checkpoint of this phase; remove it to train the "
+                        "phase again from its start")
     phase.model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     if "rng" in state:  # a model with dropout draws from it: the steps after a resume draw what they would have

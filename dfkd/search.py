@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from dfkd.errors import DfkdError
-from dfkd.io import atomic_write_text
+from dfkd.io import atomic_write_text, read_json_object
 
 LENET5_WIDTHS = (6, 16, 120, 84)
 MULTIPLIERS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
@@ -344,7 +344,8 @@ def _same_settings(cfg: SearchConfig, out: Path, teacher_sha256: str, finished: 
     they are, however named.
     """
     saved = out / "search.json"
-    before = json.loads(saved.read_text()) if saved.exists() else {}
+    before = read_json_object(saved, "put back the file the search wrote, or start a new search with another "
+                                     "--out") if saved.exists() else {}
     if not finished:  # nothing to compare with: the settings that failed may be mended
         return
     if before.get("teacher_sha256") and teacher_sha256 and before["teacher_sha256"] != teacher_sha256:

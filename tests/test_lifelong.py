@@ -208,6 +208,24 @@ def test_old_data_without_eval_data_is_refused(toy: dict[str, str], tmp_path: Pa
     assert not cfg.work_dir().exists()
 
 
+@pytest.mark.parametrize("text, why", [("{\n", "not JSON"), ("[1, 2]", "a JSON list, not an object")])
+def test_a_damaged_work_folder_is_one_line_on_resume(toy: dict[str, str], tmp_path: Path, text: str,
+                                                     why: str) -> None:
+    # a JSONDecodeError or AttributeError traceback; a truncated phase checkpoint, torch's RuntimeError
+    from types import SimpleNamespace
+
+    from dfkd import lifelong, lifelong_train
+
+    cfg = config(toy, tmp_path / "m.pt")
+    cfg.work_dir().mkdir()
+    (cfg.work_dir() / "config.json").write_text(text)
+    with pytest.raises(DfkdError, match=rf"config.json: damaged \({why}.*put back the file the run wrote"):
+        lifelong._check_config(cfg, cfg.work_dir(), resume=True)
+    (tmp_path / "phase.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(DfkdError, match="phase.pt"):
+        lifelong_train._load(SimpleNamespace(checkpoint=tmp_path / "phase.pt"), None)
+
+
 def test_labels_are_appended_or_kept() -> None:
     from dfkd.data import ImageData
 

@@ -91,6 +91,13 @@ def test_resume_adds_trials_to_the_stored_study(finished: tuple[SearchConfig, di
         assert not (Path(cfg.out) / "trials" / "trial-3").exists()
 
 
+def test_a_damaged_search_json_is_one_line_on_resume(finished: tuple[SearchConfig, dict], tmp_path: Path) -> None:
+    cfg, _ = finished
+    (tmp_path / "search.json").write_text("{\n")  # a JSONDecodeError traceback
+    with pytest.raises(DfkdError, match=r"search.json: damaged \(not JSON.*start a new search with another --out"):
+        dfkd.search._same_settings(cfg, tmp_path, "", True)
+
+
 def test_space_measure_and_pareto() -> None:
     trial = optuna.trial.FixedTrial({f"w{i}": 0.5 for i in range(4)})
     arch, args = lenet5_space(trial)
