@@ -113,6 +113,9 @@ def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path,
     what = f"{flag} {d}"
     if not str(path).strip():
         raise DfkdError(f"{flag}: empty path; give a folder for the run")
+    if d.is_symlink() and not d.exists():  # it said "cannot create the folder (File exists)"
+        raise DfkdError(f"{what}: is a link to {os.readlink(d)}, which does not exist (an unmounted disk?); mount or "
+                        "make its target, or give another --out")
     if d.exists() and not d.is_dir():
         raise DfkdError(f"{what}: is a file, not a folder; give a folder for the run (it is created when missing)")
     if d.is_dir():

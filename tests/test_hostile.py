@@ -247,6 +247,8 @@ OUT_CASES: list[tuple[str, Callable[[Path], Path], tuple[str, ...]]] = [
     ("out_under_a_file", lambda t: (t / "g.txt", (t / "g.txt").write_text("mine"))[0] / "run", ("is a file",)),
     ("out_user_folder", _user_folder, ("not empty", "config.json")),
     ("out_name_too_long", lambda t: t / ("r" * 300), ("File name too long; give a shorter name",)),  # a traceback
+    ("out_dangling_link", lambda t: (t / "run", (t / "run").symlink_to(t / "unmounted" / "run"))[0],
+     ("is a link to", "which does not exist")),  # "cannot create the folder (File exists)"
 ]
 
 
