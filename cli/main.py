@@ -22,8 +22,16 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dfkd.stopping import Terminated, terminate_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with terminate_as_interrupt():  # a `kill` of synthesize left its partial hidden file behind, unsaid
+                return fn(*args, **kwargs)
+        except Terminated as e:
+            import signal
+
+            click.echo(f"interrupted by {signal.Signals(e.signum).name} (as by Ctrl-C)", err=True)
+            sys.exit(128 + e.signum)
         except DfkdError as e:
             from dfkd.distributed import OtherRankFailed
 

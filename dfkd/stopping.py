@@ -29,3 +29,29 @@ def on_stop_signals(handler: Callable[[int, Any], None], signals: Iterable[int] 
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM or SIGHUP turned into the interrupt Ctrl-C raises.
+
+    The work's cleanup runs (a partial temporary file, a lock), where the signal's default action ended the process
+    on the spot.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `Terminated` inside the block; SIGINT keeps Python's KeyboardInterrupt.
+
+    Commands with a stop of their own (distill, extend) install their handlers within it.
+    """
+    with on_stop_signals(_terminate, [s for s in STOP_SIGNALS if s != signal.SIGINT]):
+        yield

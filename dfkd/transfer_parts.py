@@ -11,6 +11,7 @@ of loading it.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -146,6 +147,9 @@ class Parts:
         `replace` False: a file that appeared at the output meanwhile is kept, and this one is not written.
         """
         tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")  # one process's, hidden until replaced
+        for stale in self.out.parent.glob(f".{glob.escape(self.out.name)}.*.tmp"):  # of a killed run (kill -9)
+            if stale.name[len(self.out.name) + 2:-4].isdigit():
+                stale.unlink(missing_ok=True)
         try:
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 first = next(self._chunks("x", 1))

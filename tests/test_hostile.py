@@ -411,6 +411,31 @@ def test_a_file_that_appears_at_out_while_the_work_runs_is_kept(teacher_file: st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
 
 
+def test_a_sigterm_while_synthesize_writes_leaves_no_partial_file(teacher_file: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # `kill` ended the process on the spot: its hidden .t.npz.PID.tmp, as large as the data, stayed for good
+    import os
+    import signal
+
+    out = tmp_path / "t.npz"
+    stream = transfer_parts._stream
+
+    def killed(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        stream(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(transfer_parts, "_stream", killed)
+    (tmp_path / ".t.npz.999999.tmp").write_bytes(b"a killed run's")  # kill -9: no handler runs
+    args = ["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "4", "-p", "s_steps=0", "-p",
+            "di_iters=1", "-p", "di_batch=4", "--out", out]
+    r = invoke(args)
+    assert r.exit_code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz.parts"]  # the images, to write the file from
+    monkeypatch.setattr(transfer_parts, "_stream", stream)
+    assert invoke(args).exit_code == 0 and len(np.load(out)["x"]) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
+
+
 def test_report_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"method": "dfad"}')
     assert_refused(invoke(["report", tmp_path]), "not a dfkd run folder")
