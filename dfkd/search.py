@@ -28,7 +28,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 
 from dfkd.errors import DfkdError
 from dfkd.io import atomic_write_text, read_json_object
+from dfkd.outpaths import folder_lock
 
 LENET5_WIDTHS = (6, 16, 120, 84)
 MULTIPLIERS = (0.25, 0.375, 0.5, 0.625, 0.75, 1.0)
@@ -369,13 +370,26 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
     Returns:
         {"rows": every trial as a dict, "pareto": the Pareto rows, "chosen": the picked row, "final": its metrics}.
     """
-    from dfkd.search_report import pareto_rows, trial_rows, write_report
-
     optuna = import_optuna()
     space = resolve_space(cfg.space)
     check_search(cfg, teacher, optuna)
     cfg = _absolute(cfg)
-    study = open_study(cfg, optuna, resume, getattr(teacher, "sha256", ""))
+    out = Path(cfg.out)
+    busy = f"--out {out}: a search is running in it ({{pid}}); wait for it to end, or give another --out"
+    with ExitStack() as held:  # a --resume of a running search added trials to its study, beside the first
+        existed = out.is_dir()
+        if existed:
+            held.enter_context(folder_lock(out, busy))
+        study = open_study(cfg, optuna, resume, getattr(teacher, "sha256", ""))
+        if not existed:  # made by open_study
+            held.enter_context(folder_lock(out, busy))
+        return _search(cfg, teacher, optuna, space, study)
+
+
+def _search(cfg: SearchConfig, teacher: Any, optuna: Any, space: Any, study: Any) -> dict[str, Any]:
+    """The trials still to run, the Pareto table, the pick and its final distillation (see `search`)."""
+    from dfkd.search_report import pareto_rows, trial_rows, write_report
+
     done = _finished(study)
     if cfg.trials > len(done):
         _enqueue_reference(study, cfg)

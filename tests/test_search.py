@@ -91,6 +91,16 @@ def test_resume_adds_trials_to_the_stored_study(finished: tuple[SearchConfig, di
         assert not (Path(cfg.out) / "trials" / "trial-3").exists()
 
 
+def test_a_resume_of_a_running_search_is_refused(finished: tuple[SearchConfig, dict]) -> None:
+    # both processes added trials to one study: its table listed 5 trials of the 3 asked for
+    from dfkd.outpaths import folder_lock
+
+    cfg, _ = finished
+    with folder_lock(Path(cfg.out), "held by this test"), \
+            pytest.raises(DfkdError, match=r"a search is running in it \(process \d+\); wait for it to end"):
+        search(dataclasses.replace(cfg, trials=4), load_teacher(cfg.teacher), resume=True)
+
+
 def test_a_damaged_search_json_is_one_line_on_resume(finished: tuple[SearchConfig, dict], tmp_path: Path) -> None:
     cfg, _ = finished
     (tmp_path / "search.json").write_text("{\n")  # a JSONDecodeError traceback
