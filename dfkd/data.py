@@ -83,10 +83,11 @@ def _load_npz(p: Path, flag: str) -> ImageData:
                         f"got {stored} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
-    if x.shape[1] not in (1, 3) and x.shape[1] > min(x.shape[2:]):  # N x H x W x 2: 28 channels of 28 x 2 px
-        raise DfkdError(f"{flag} {p}: x of shape {stored} is read as N x C x H x W, images of {x.shape[1]} "
-                        f"channels of {x.shape[2]} x {x.shape[3]} pixels; only 1 or 3 channels may come last: "
-                        "store other channel counts as N x C x H x W")
+    n, a, b, c = x.shape
+    if a not in (1, 3) and a == b and c < a:  # N x 28 x 28 x 2 read as 28 channels of 28 x 2 pixels, unsaid
+        raise DfkdError(f"{flag} {p}: x of shape {stored} looks like N x H x W x C with {c} channels last, and only "
+                        f"1 or 3 channels may come last (read as N x C x H x W it would be images of {a} channels "
+                        f"of {b} x {c} pixels): store it as N x C x H x W")
     x = x if isinstance(x, np.memmap) else np.ascontiguousarray(x)  # a mapped N x H x W x C file stays a view
     return ImageData(torch.from_numpy(x), torch.from_numpy(_int_labels(y, f"{flag} {p}")))
 

@@ -246,8 +246,8 @@ def test_train_teacher_missing_data(tmp_path):
 
 @pytest.mark.parametrize("x, words", [
     # N x H x W x 2 was read as 28-channel images of 28 x 2 pixels, and a teacher of those trained
-    (np.zeros((16, 28, 28, 2), np.uint8), ("(16, 28, 28, 2) is read as N x C x H x W, images of 28 channels of 28 "
-                                           "x 2 pixels; only 1 or 3 channels may come last",)),
+    (np.zeros((16, 28, 28, 2), np.uint8), ("(16, 28, 28, 2) looks like N x H x W x C with 2 channels last",
+                                           "images of 28 channels of 28 x 2 pixels")),
     # it said "input spec: std values must be positive", a spec the user never gave
     (np.full((16, 28, 28), 7, np.uint8), ("every pixel of channel 0 of its first 16 images is 7",)),
 ])

@@ -329,11 +329,11 @@ def test_truncated_stored_npz_is_one_error(tmp_path):
 
 def test_channels_last_beyond_three_is_refused_by_its_shape(tmp_path):
     # read as 28-channel images of 28 x 7 pixels: a model of those was trained from it (train-teacher), unsaid
-    with pytest.raises(DfkdError, match=r"x of shape \(5, 28, 28, 7\) is read as N x C x H x W, images of 28 "
-                                        r"channels of 28 x 7 pixels; only 1 or 3 channels may come last"):
+    with pytest.raises(DfkdError, match=r"x of shape \(5, 28, 28, 7\) looks like N x H x W x C with 7 channels "
+                                        r"last, and only 1 or 3 channels may come last"):
         load_images(_npz(tmp_path / "w.npz", np.zeros((5, 28, 28, 7), np.uint8), np.arange(5)))
-    five = load_images(_npz(tmp_path / "f.npz", np.zeros((5, 5, 28, 28), np.uint8), np.arange(5)))
-    assert five.x.shape[1] == 5  # five channels first: a multispectral model's data
+    for shape in ((5, 5, 28, 28), (5, 13, 8, 8), (5, 12, 1, 64), (5, 4, 2, 2)):  # channels first, multispectral
+        assert load_images(_npz(tmp_path / "f.npz", np.zeros(shape, np.uint8), np.arange(5))).x.shape == shape
     grey3 = load_images(_npz(tmp_path / "g.npz", np.zeros((5, 3, 28, 28), np.uint8), np.arange(5)))
     check_fits(grey3, 10, GREY, "--data", "g.npz")  # colour for a grey model: averaged, no error
 
