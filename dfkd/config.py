@@ -181,9 +181,13 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
                   from_file=tuple(sorted(set(file_params) - set(cli_params))))
     check_method_params(cfg.method, file_params, source)
     check_method_params(cfg.method, cli_params, "-p")
-    from dfkd.objectives import objective_names
+    from dfkd.objectives import objective_names, stray_weights
 
-    objective_names(cfg.params)  # names, and weights of objectives the run has: the file's and -p's together
+    objective_names(cfg.params)  # the names, from the file and -p together
+    if why := stray_weights(cfg.params):  # typed with -p: refused; a file's (another run's config.json): warned
+        if "feature_weight" in cli_params:
+            raise DfkdError(f"-p {why}")
+        warnings.warn(f"{source}: params.{why}; those weights are not used", stacklevel=2)
     return cfg
 
 

@@ -109,14 +109,24 @@ def objective_names(params: dict[str, Any]) -> list[str]:
         raise DfkdError(f"-p discriminator={mode!r}: use logits or features (or leave it unset)")
     if len(set(names)) != len(names):
         raise DfkdError(f"--feature-loss {names}: each objective may be named once")
-    weights = params.get("feature_weight")
-    stray = sorted(set(weights) - set(names)) if isinstance(weights, dict) else []
-    if stray:  # a typo ({"AT": 100}) or another run's objective left the named one at its paper weight, unsaid
-        raise DfkdError(f"-p feature_weight={json.dumps(weights)}: names {', '.join(stray)}, not an objective of this "
-                        f"run ({', '.join(names) or 'none'}; --feature-loss names them)")
     if mode is not None and "discriminator" not in names:
         names.append("discriminator")
     return names
+
+
+def stray_weights(params: dict[str, Any]) -> str | None:
+    """What is wrong with a `feature_weight` table naming objectives the run does not have (None: nothing).
+
+    A typo ({"AT": 100}) or another run's objective left the named one at its paper weight, unsaid.
+    """
+    weights = params.get("feature_weight")
+    names = [n for n in objective_names(params) if n != "discriminator"]  # weighed by disc_weight
+    stray = sorted(set(weights) - set(names)) if isinstance(weights, dict) else []
+    if not stray:
+        return None
+    disc = " (the discriminator's weight is --disc-weight)" if "discriminator" in stray else ""
+    return (f"feature_weight={json.dumps(weights)} names {', '.join(stray)}, not an objective of this run "
+            f"({', '.join(names) or 'none'}; --feature-loss names them){disc}")
 
 
 def build_objectives(teacher: Teacher, student: nn.Module, params: dict[str, Any],
@@ -130,4 +140,4 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["OBJECTIVES", "Objective", "ObjectiveSet", "build_objectives", "get_objective", "list_objectives",
-           "objective_names", "register_objective"]
+           "objective_names", "register_objective", "stray_weights"]
