@@ -476,7 +476,7 @@ def fid_stats_cmd(data: str, out: str, force: bool, **kw: Any) -> None:
 
     check_output_file(out, "OUT", force)
     options = pop_teacher_options(kw)
-    stats = compute_fid_stats(data, out, options=options, **kw)
+    stats = compute_fid_stats(data, out, options=options, force=force, **kw)
     click.echo(f"wrote {out} ({kw['features']} features, {len(stats.mu)}-d)")
 
 

@@ -53,12 +53,15 @@ class FIDStats:
         f = feats.detach().double().cpu().numpy()
         return cls(f.mean(0), np.atleast_2d(np.cov(f, rowvar=False)), features)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write pytorch-fid's `.npz` (mu, sigma) plus `features` (and the teacher's hash), atomically."""
+    def save(self, path: str | os.PathLike, replace: bool = True) -> None:
+        """Write pytorch-fid's `.npz` (mu, sigma) plus `features` (and the teacher's hash), atomically.
+
+        `replace` False: a file at `path` is never replaced (`dfkd.io.place_file`).
+        """
         extra = {k: np.array(v) for k, v in (("teacher_sha256", self.teacher_sha256),
                                              ("teacher_input", self.teacher_input)) if v}
         _atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma, features=np.array(self.features),
-                                               **extra))
+                                               **extra), replace)
 
     @classmethod
     def load(cls, path: str | os.PathLike, flag: str = "--fid-ref") -> FIDStats:

@@ -136,10 +136,10 @@ def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, Any]) -> None:
     _atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
-def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy `src` to `dst`, atomically."""
+def atomic_copy(src: str | os.PathLike, dst: str | os.PathLike, replace: bool = True) -> None:
+    """Copy `src` to `dst`, atomically (`replace` False: never over a file at `dst`, see `place_file`)."""
     with open(src, "rb") as g:
-        _atomic_write(dst, lambda f: shutil.copyfileobj(g, f))
+        _atomic_write(dst, lambda f: shutil.copyfileobj(g, f), replace)
 
 
 #: PNG text key naming what a dfkd picture was drawn from: such a file may be drawn again, any other is the user's.

@@ -288,4 +288,4 @@ def _write_model(cfg: ExtendConfig, teacher: Teacher, model: nn.Module, new: Ima
     kwargs = {**(teacher.arch_kwargs or {}), "num_classes": k_all}
     ours = cfg.work_dir() / "model.pt"
     save_model(ours, model, ModelFile(teacher.arch, kwargs, teacher.spec, k_all, names, prov))
-    atomic_copy(ours, cfg.out)
+    atomic_copy(ours, cfg.out, replace=False)  # a file that appeared at --out while the run trained is kept

@@ -125,7 +125,7 @@ def log_hparams(tb: Any, config: dict[str, Any], final: dict[str, float], step: 
 
 def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features: str,
                       teacher: str | os.PathLike | None = None, options: TeacherOptions | None = None,
-                      device: str = "auto", batch_size: int | None = None) -> FIDStats:
+                      device: str = "auto", batch_size: int | None = None, force: bool = False) -> FIDStats:
     """Reference statistics (mu, sigma) of real images in pytorch-fid's .npz format, plus their feature kind.
 
     Args:
@@ -136,6 +136,7 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
         options: how to read the teacher file (`--teacher-arch`, `--arch-arg`, spec flags, `--trust-pickle`).
         device: where to compute features.
         batch_size: images per forward (None: `dfkd.evaluate.default_batch` of the input size).
+        force: replace `out`; else a file that appeared there while the features were computed is kept.
 
     Returns:
         The statistics written.
@@ -167,5 +168,5 @@ def compute_fid_stats(data: str | os.PathLike, out: str | os.PathLike, features:
     stats = FIDStats.from_features(feats, features)
     if features == "teacher":
         stats.teacher_sha256, stats.teacher_input = t.sha256, input_key(t.spec)
-    stats.save(out)
+    stats.save(out, replace=force)  # a file that appeared at `out` meanwhile is kept (--force replaces it)
     return stats

@@ -32,9 +32,9 @@ def probe_writable(folder: Path, what: str) -> None:
         raise DfkdError(f"{what}: cannot write into {folder} ({e.strerror}); pick a writable place") from None
 
 
-#: What a temporary name adds to an output's name while it is written ("." + name + "." + 8 random characters +
-#: ".tmp" + a suffix such as ".onnx").
-TEMP_NAME_EXTRA = 20
+#: What a temporary name adds to an output's name while it is written: "." + name + "." + 8 random characters +
+#: ".tmp", and for an export the name's own suffix again (".tmp.onnx").
+TEMP_NAME_EXTRA = 14
 
 
 def name_max(out: Path) -> int:
@@ -63,11 +63,11 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out", force: bool 
         p.exists()
     except OSError as e:  # ENAMETOOLONG: a name (or path) longer than the system takes; a traceback before
         raise DfkdError(f"{flag} {str(p)[:60]}...: {e.strerror}; give a shorter name") from None
-    longest = name_max(p)
-    if len(os.fsencode(p.name)) + TEMP_NAME_EXTRA > longest:  # its temporary name failed after all the work
+    longest, extra = name_max(p), TEMP_NAME_EXTRA + len(os.fsencode(p.suffix))
+    if len(os.fsencode(p.name)) + extra > longest:  # its temporary name failed after all the work
         raise DfkdError(f"{flag} {str(p)[:60]}...: the file name is {len(os.fsencode(p.name))} bytes, and its "
-                        f"temporary name while it is written {TEMP_NAME_EXTRA} more than the {longest} a name may "
-                        "have here; give a shorter name")
+                        f"temporary name while it is written {extra} more than the {longest} a name may have here; "
+                        "give a shorter name")
     if p.is_symlink() and not p.exists():  # a dangling link was replaced by a file, unsaid
         raise DfkdError(f"{what}: is a link to {os.readlink(p)}, which does not exist; remove the link or give "
                         "another name")
