@@ -409,11 +409,15 @@ class Run:
                     last["fid"] = self.step // cfg.fid_every
                     log.scalars(self.step, self.fid.measure_method(self.method, cfg.fid_samples, self.step,
                                                                       self.chunk), "fid/")
-                _, _, due = self.dist.agree(0.0, False, time.perf_counter() - self.saved_wall >= checkpoint_seconds())
+                # agreed last, after evaluation and logging: a stop signal a rank took after the round's agreement
+                # made it checkpoint alone while the others went on (a gloo collective mismatch)
+                wall_due = time.perf_counter() - self.saved_wall >= checkpoint_seconds()
+                _, stop, due = self.dist.agree(0.0, sig["stop"], wall_due)
+                sig["stop"] = sig["stop"] or stop
                 if self.step // cfg.ckpt_every > last["ckpt"] or due:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()
-                if sig["stop"]:
+                if stop:
                     self.checkpoint()
                     bar.close()
                     raise self._stopped()
