@@ -18,6 +18,7 @@ from PIL import Image
 
 from dfkd import transfer_parts
 from dfkd.cli.main import main
+from dfkd.errors import DfkdError
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
 from dfkd.spec import MNIST_SPEC
@@ -180,6 +181,9 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("p_feature_loss_nested", ["--method", "dfad", "-p", "feature_loss=[[1]]"], ("feature_loss", "at, fitnet")),
     ("p_feature_weight_stray", ["--method", "dfad", "--feature-loss", "at", "-p", 'feature_weight={{"AT": 100}}'],
      ('feature_weight={"AT": 100}', "names AT, not an objective of this run (at;")),
+    ("p_feature_weight_disc", ["--method", "dfad", "--discriminator", "logits", "-p",
+                               'feature_weight={{"discriminator": 2}}'],
+     ("names discriminator", "(none;", "the discriminator's weight is --disc-weight")),
     ("unknown_method", ["--method", "nosuch"], ("nosuch",)),
     # 6. flags that gave tracebacks
     ("seed_2_63", ["--seed", str(2**63)], ("--seed",)),
@@ -411,6 +415,23 @@ def test_a_file_that_appears_at_out_while_the_work_runs_is_kept(teacher_file: st
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.npz"]
 
 
+def test_fid_stats_and_extend_keep_a_file_that_appears_at_their_output(tmp_path: Path) -> None:
+    # both replaced it at their final move, exit 0 and "wrote"
+    from dfkd.fid import FIDStats
+    from dfkd.io import atomic_copy
+
+    out = tmp_path / "stats.npz"
+    out.write_text("the user's file")
+    stats = FIDStats(np.zeros(2), np.eye(2), "teacher")
+    with pytest.raises(DfkdError, match="a file appeared there while this ran"):
+        stats.save(out, replace=False)
+    with pytest.raises(DfkdError, match="a file appeared there while this ran"):
+        atomic_copy(tmp_path / "stats.npz", out, replace=False)  # extend's copy of its model to --out
+    assert out.read_text() == "the user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["stats.npz"]
+    stats.save(out)  # --force
+    assert set(np.load(out)) >= {"mu", "sigma"}
+
+
 def test_a_sigterm_while_synthesize_writes_leaves_no_partial_file(teacher_file: str, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     # `kill` ended the process on the spot: its hidden .t.npz.PID.tmp, as large as the data, stayed for good
@@ -525,6 +546,17 @@ def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path
                     tmp_path / "c"])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "b" / "config.json").read_text())["method"] == "dfad"
+    # a run's config.json (its weights written out for its feature loss) with another --feature-loss: the file's
+    # weights of the other objective are warned of (refused, as if typed with -p), and such an older run resumes
+    r = invoke(["distill", "--teacher", files["T"], "--method", "dfad", "--feature-loss", "at", "--steps", "2",
+                "--out", tmp_path / "at", *QUICK])
+    assert r.exit_code == 0, r.output
+    with pytest.warns(UserWarning, match=r"config.json: params.feature_weight=\{\"at\": 500.0\} names at, not an "
+                                         r"objective of this run \(rkd;"):
+        r = invoke(["distill", "--config", tmp_path / "at" / "config.json", "--feature-loss", "rkd", "--steps", "4",
+                    "--out", tmp_path / "rkd"])
+    assert r.exit_code == 0, r.output
+    assert invoke(["distill", "--resume", tmp_path / "rkd", "--steps", "6"]).exit_code == 0
     # a value of a config file is named as the file's, not as a -p the user never typed
     (tmp_path / "momentum.json").write_text('{"params": {"momentum": 0.5}}')
     with pytest.warns(UserWarning, match=r"^--config's momentum=0.5 has no effect"):
