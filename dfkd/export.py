@@ -212,10 +212,12 @@ WRITERS = {"torchscript": _write_torchscript, "onnx": _write_onnx, "exported-pro
 
 
 def write_export(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, path: Path,
-                 class_names: list[str] | None = None, shown: Path | None = None) -> None:
+                 class_names: list[str] | None = None, shown: Path | None = None,
+                 hint: str = "try another --format") -> None:
     """Write `model` in format `fmt` to `path` (no check, no overwrite protection: see `export_model`).
 
-    `shown`: the file named in a write error (the output a temporary `path` becomes).
+    `shown`: the file named in a write error (the output a temporary `path` becomes); `hint`: what a failed export's
+    message advises (quantize, which has no --format, says its own).
     """
     if fmt not in WRITERS:
         raise DfkdError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
@@ -231,7 +233,7 @@ def write_export(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
         raise err from None
     except Exception as e:  # noqa: BLE001 - the exporters raise many kinds; the user needs the first line
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DfkdError(f"export to {fmt} failed ({first}); try another --format") from None
+        raise DfkdError(f"export to {fmt} failed ({first}); {hint}") from None
 
 
 def export_model(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, out: str | os.PathLike,

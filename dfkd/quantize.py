@@ -263,7 +263,8 @@ def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: t
     """
     out = check_output_file(out, force=force)
     float_onnx = Path(workdir) / "float.onnx"
-    write_export(model, spec, num_classes, "onnx", float_onnx, class_names)
+    write_export(model, spec, num_classes, "onnx", float_onnx, class_names,
+                 hint="int8 quantization starts from an ONNX export of the model, which this one does not take")
     onnx = require("onnx")
     onnx.save(compact_onnx(onnx.load(str(float_onnx))), str(float_onnx))  # compared with the int8 file: alike
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -304,6 +304,22 @@ def test_a_torchscript_model_is_quantized(sharp_teacher_file: str, tmp_path: Pat
     assert (_run_onnx(tmp_path / "q.onnx", x).argmax(1) == expected).float().mean() >= 2 / 3
 
 
+def test_a_model_onnx_cannot_take_is_told_without_a_format_quantize_lacks(sharp_teacher_file: str, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # it said "try another --format": quantize has no --format
+    import dfkd.export
+
+    def fails(*args: object) -> None:
+        raise RuntimeError("an operator ONNX lacks")
+
+    monkeypatch.setitem(dfkd.export.WRITERS, "onnx", fails)
+    with pytest.raises(DfkdError, match=r"export to onnx failed \(an operator ONNX lacks\); int8 quantization "
+                                        r"starts from an ONNX export of the model"):
+        quantize_file(QuantizeRequest(model=sharp_teacher_file, calibration="noise", num_calibration=8,
+                                      out=str(tmp_path / "q.onnx")))
+    assert not (tmp_path / "q.onnx").exists()
+
+
 def test_cli_quantize_names_options_a_calibration_file_leaves_unused(sharp_teacher_file: str, transfer_file: str,
                                                                       tmp_path: Path) -> None:
     # -p, --synth-steps and a --teacher without --eval-data did nothing with a file or noise, unsaid
