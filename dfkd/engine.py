@@ -889,6 +889,10 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
         held.enter_context(folder_lock(run_dir, _busy(run_dir)))
         remove_stale_temps(run_dir)  # a checkpoint-sized file each killed write left
     probe_writable(run_dir, f"--resume {run_dir}")  # before any step is made that could not be saved
+    for name in ("checkpoint.pt", "metrics.jsonl"):  # an immutable (chattr +i) or read-only one the run replaces
+        if (run_dir / name).exists() and not os.access(run_dir / name, os.W_OK):
+            raise DfkdError(f"--resume {run_dir}: its {name} cannot be written (read-only or immutable), so no step "
+                            f"of the resumed run could be saved; make it writable (chmod u+w; chattr -i)")
     given = {**dict(zip(RESUMABLE, (steps, budget_minutes, device, eval_data))), **(numerics or {})}
     changes = {k: v for k, v in given.items() if v is not None}
     check_settings(changes, "flags")

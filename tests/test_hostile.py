@@ -300,6 +300,22 @@ def test_resume_refuses_changes(case, files: dict[str, str], done_run: Path) -> 
     assert not Path(files["dir"], "elsewhere").exists()
 
 
+def test_resume_of_a_run_whose_checkpoint_cannot_be_replaced_is_refused(files: dict[str, str], tmp_path: Path) -> None:
+    # the folder's probe passed, the resumed run trained until its first checkpoint, then failed with its steps lost
+    import subprocess
+
+    run = tmp_path / "run"
+    assert invoke(["distill", "--teacher", files["T"], "--method", "dfad", "--steps", "2", "--out", run,
+                   *QUICK]).exit_code == 0
+    if subprocess.run(["chattr", "+i", str(run / "checkpoint.pt")], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        assert_refused(invoke(["distill", "--resume", run, "--steps", "4"]), "its checkpoint.pt cannot be written",
+                       "chattr -i")
+    finally:
+        subprocess.run(["chattr", "-i", str(run / "checkpoint.pt")], check=True)
+
+
 def test_resume_not_a_run(files: dict[str, str], done_run: Path, tmp_path: Path) -> None:
     assert_refused(invoke(["distill", "--resume", done_run / "student.pt"]), "is a file, not a run folder")
     assert_refused(invoke(["distill", "--resume", done_run / "checkpoint.pt"]), f"its run folder is {done_run}")
