@@ -37,6 +37,9 @@ def disk_error(e: OSError, path: str | os.PathLike | None = None) -> WriteFailed
     if e.errno in (errno.EACCES, errno.EPERM):
         return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)}; make it and its folder writable (chmod "
                            "u+w; chattr -i for an immutable file)")
+    if e.errno == errno.EROFS:  # it said "free some space"
+        return WriteFailed(f"cannot write {where}: {os.strerror(e.errno)} (a read-only mount); write somewhere "
+                           "writable")
     if e.errno == errno.ENAMETOOLONG:
         shown = str(where) if len(str(where)) <= 80 else f"{str(where)[:60]}..."
         return WriteFailed(f"cannot write {shown}: {os.strerror(e.errno)}; give a shorter name")
@@ -78,8 +81,14 @@ def place_file(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], replace: bool = True) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:  # a read-only or full disk at the folder or the temporary file: the same one line as at the write
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        err = disk_error(e, path)
+        if err is None:
+            raise
+        raise err from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -159,18 +168,22 @@ def read_json_object(path: str | os.PathLike, fix: str) -> dict[str, Any]:
 
 
 def drawn_from(kind: str, source: str | os.PathLike) -> str:
-    """What a dfkd PNG records it was drawn from: the kind of picture and its input's file name.
+    """What a dfkd PNG records it was drawn from: the kind of picture and the absolute path of its input."""
+    return f"{kind} {Path(source).resolve()}"
 
-    The name, not the path: a folder moved with its pictures keeps them dfkd's (an absolute path made them "not a
-    picture dfkd drew", and refused). Marks of before, with the absolute path, compare by the name too.
+
+def _same_mark(stored: str, mark: str, out: Path) -> bool:
+    """Whether a picture at `out` marked `stored` was drawn from the input `mark` names.
+
+    The same input by path; or, for a picture beside its input, an input of the same name: a folder moved with its
+    pictures keeps them dfkd's (they were "not a picture dfkd drew", and refused), while a picture elsewhere of
+    another file of that name stays another input's.
     """
-    return f"{kind} {Path(source).name}"
-
-
-def _same_mark(stored: str, mark: str) -> bool:
-    kind, _, name = stored.partition(" ")
-    want_kind, _, want_name = mark.partition(" ")
-    return kind == want_kind and Path(name).name == want_name
+    if stored == mark:
+        return True
+    kind, _, was = stored.partition(" ")
+    want_kind, _, now = mark.partition(" ")
+    return kind == want_kind and Path(was).name == Path(now).name and out.resolve().parent == Path(now).parent
 
 
 def image_free(out: Path, mark: str) -> bool:
@@ -181,7 +194,7 @@ def image_free(out: Path, mark: str) -> bool:
         return True
     try:
         with Image.open(out) as im:
-            return _same_mark(str(getattr(im, "text", {}).get(DRAWN_FROM, "")), mark)
+            return _same_mark(str(getattr(im, "text", {}).get(DRAWN_FROM, "")), mark, out)
     except Exception:  # noqa: BLE001 - not an image PIL reads: not one dfkd drew
         return False
 

@@ -290,6 +290,6 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
             if draw(out, mark):
                 summary.pngs.append(out)
         except (OSError, DfkdError) as e:  # a read-only run folder: the summary is still worth having
-            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).removeprefix(f"cannot write {out}: ")
             summary.unwritten.append(f"{out} ({why})")
     return summary

@@ -124,6 +124,6 @@ def report_transfer(path: str | os.PathLike, png: bool = True) -> TransferSummar
         try:
             check_image_free(out, mark, f"the samples picture {out}", "rename that file")
             wrote = write_class_grid(data, out, mark)
-        except DfkdError as e:
+        except (DfkdError, OSError) as e:
             why = str(e)
     return TransferSummary(data, class_counts(data), out if wrote else None, why)

@@ -228,3 +228,10 @@ def test_a_file_of_the_users_is_never_overwritten(transfer_file: str, owner: tup
     other.write_bytes(Path(transfer_file).read_bytes())
     with pytest.raises(DfkdError, match="already exists and is not a picture dfkd drew from this input"):
         audit(str(other), owner[0], test=owner[1], png=own)
+    # ... nor by another file of the same name in another folder (a picture beside its input is known by the name,
+    # so that a moved folder keeps its pictures; one elsewhere only by the input's path)
+    (tmp_path / "d2").mkdir()
+    same_name = tmp_path / "d2" / Path(transfer_file).name
+    same_name.write_bytes(Path(transfer_file).read_bytes())
+    with pytest.raises(DfkdError, match="already exists and is not a picture dfkd drew from this input"):
+        audit(str(same_name), owner[0], test=owner[1], png=own)

@@ -197,7 +197,8 @@ def test_report_of_a_read_only_run_folder_still_prints_its_summary(tmp_path: Pat
     monkeypatch.setattr(dfkd.io.tempfile, "mkstemp", denied)
     res = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert res.exit_code == 0 and "steps:    20 of 100" in res.output, res.output
-    assert f"not written: {tmp_path / 'curves.png'} (Permission denied)" in res.output and "wrote:" not in res.output
+    assert f"not written: {tmp_path / 'curves.png'} (Permission denied; make it and its folder writable" \
+        in res.output and "wrote:" not in res.output
     assert not (tmp_path / "curves.png").exists()
 
 
@@ -237,6 +238,23 @@ def test_report_of_a_transfer_file_never_overwrites_a_users_picture(transfer_fil
     moved = tmp_path.with_name(tmp_path.name + "-moved")
     res = CliRunner().invoke(main, ["report", str(moved / "tr1.npz")])
     assert res.exit_code == 0 and f"wrote:    {moved / 'tr1_samples.png'}" in res.output, res.output
+
+
+def test_report_of_a_transfer_file_on_a_read_only_share_prints_its_report(transfer_file: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # the temporary picture could not be made: exit 2, "free some space", and no report
+    import errno
+
+    import dfkd.io
+
+    def read_only(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    shutil.copy(transfer_file, tmp_path / "tr.npz")
+    monkeypatch.setattr(dfkd.io.tempfile, "mkstemp", read_only)
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "tr.npz")])
+    assert res.exit_code == 0 and "images:   256 of 1x32x32" in res.output, res.output
+    assert "not written: cannot write" in res.output and "(a read-only mount); write somewhere writable" in res.output
 
 
 def test_how_the_teacher_file_was_read_is_in_the_run_log_and_report(tmp_path: Path) -> None:
