@@ -193,8 +193,8 @@ def _check_config(cfg: ExtendConfig, work: Path, resume: bool) -> None:
                 raise DfkdError(f"{where}: holds an earlier extend run; continue it with --resume or remove it")
             # a folder of the user's was called an earlier run, and --resume then called it none: advice in a loop
             found = ", ".join(sorted(p.name for p in work.iterdir())[:3])
-            raise DfkdError(f"{where}: holds files that are not an extend run's ({found}); give --work DIR, or "
-                            "another --out")
+            fix = "give another --work (a new or empty folder)" if cfg.work else "give --work DIR, or another --out"
+            raise DfkdError(f"{where}: holds files that are not an extend run's ({found}); {fix}")
         if Path(cfg.out).exists():
             raise DfkdError(f"--out {cfg.out}: exists; dfkd never overwrites a model file, pick another --out")
         work.mkdir(parents=True, exist_ok=True)

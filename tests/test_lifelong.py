@@ -251,6 +251,9 @@ def test_refusals(toy: dict[str, str], finished: tuple[ExtendConfig, dict], tmp_
                                         r"files that are not an extend run's \(notes.txt\); give --work DIR"):
         extend(config(toy, tmp_path / "z.pt"), load_teacher(cfg.teacher))
     assert (tmp_path / "z.extend" / "notes.txt").read_text() == "mine"
+    with pytest.raises(DfkdError, match=r"--work .*z.extend: holds files that are not an extend run's \(notes.txt\); "
+                                        r"give another --work"):  # not "give --work DIR", which was given
+        extend(config(toy, tmp_path / "w.pt", work=str(tmp_path / "z.extend")), load_teacher(cfg.teacher))
 
 
 def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
