@@ -83,7 +83,7 @@ def _load_npz(p: Path, flag: str) -> ImageData:
                         f"got {stored} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
-    n, a, b, c = x.shape
+    _, a, b, c = x.shape
     if a not in (1, 3) and a == b and c < a:  # N x 28 x 28 x 2 read as 28 channels of 28 x 2 pixels, unsaid
         raise DfkdError(f"{flag} {p}: x of shape {stored} looks like N x H x W x C with {c} channels last, and only "
                         f"1 or 3 channels may come last (read as N x C x H x W it would be images of {a} channels "

@@ -83,7 +83,8 @@ def exportable(model: Teacher, path: str | os.PathLike) -> nn.Module:
     return network if model.outputs_logits else _Logits(model, network)
 
 
-#: The teacher options `dfkd quantize` does not take (its --arch and --trust-pickle are the MODEL's).
+#: The teacher options `dfkd quantize` does not take for --teacher (its --arch, --trust-pickle and input flags are
+#: the MODEL's).
 _TEACHER_FLAGS = ("--teacher-arch", "--arch-arg", "--trust-pickle", "--channels", "--input-size")
 
 

@@ -418,7 +418,8 @@ class Run:
                     last["ckpt"] = self.step // cfg.ckpt_every
                     self.checkpoint()
                 if stop:
-                    self.checkpoint()
+                    if self.saved_step != self.step:  # not written twice at one step (every rank agrees on both)
+                        self.checkpoint()
                     bar.close()
                     raise self._stopped()
         bar.close()
@@ -892,7 +893,7 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     for name in ("checkpoint.pt", "metrics.jsonl"):  # an immutable (chattr +i) or read-only one the run replaces
         if (run_dir / name).exists() and not os.access(run_dir / name, os.W_OK):
             raise DfkdError(f"--resume {run_dir}: its {name} cannot be written (read-only or immutable), so no step "
-                            f"of the resumed run could be saved; make it writable (chmod u+w; chattr -i)")
+                            "of the resumed run could be saved; make it writable (chmod u+w; chattr -i)")
     given = {**dict(zip(RESUMABLE, (steps, budget_minutes, device, eval_data))), **(numerics or {})}
     changes = {k: v for k, v in given.items() if v is not None}
     check_settings(changes, "flags")
