@@ -518,7 +518,8 @@ def report_cmd(run_dir: str) -> None:
     """
     from dfkd.report import report
 
-    if run_dir.endswith((".npz", ".parts")) or Path(run_dir).is_file():  # a file (or its parts) is a transfer file
+    path = Path(run_dir)  # a file (or its parts) is a transfer file; a run folder may be named x.npz
+    if path.is_file() or run_dir.endswith(".parts") or (run_dir.endswith(".npz") and not path.is_dir()):
         from dfkd.transfer_report import report_transfer
 
         click.echo(report_transfer(run_dir).text())

@@ -219,6 +219,13 @@ def test_report_reads_a_transfer_file_whatever_its_name(transfer_file: str, tmp_
     assert res.exit_code == 0 and "images:   256 of 1x32x32" in res.output, res.output
 
 
+def test_report_reads_a_run_folder_named_like_a_transfer_file(run_dir: Path, tmp_path: Path) -> None:
+    # `distill --out mrun.npz` made a run folder that report took for a file: "is a folder; give a transfer .npz"
+    shutil.copytree(run_dir, tmp_path / "mrun.npz")
+    res = CliRunner().invoke(main, ["report", str(tmp_path / "mrun.npz")])
+    assert res.exit_code == 0 and "method:   dfq" in res.output, res.output
+
+
 def test_report_of_a_transfer_file_never_overwrites_a_users_picture(transfer_file: str, tmp_path: Path) -> None:
     # `dfkd report tr1.npz` replaced a tr1_samples.png of the user's
     shutil.copy(transfer_file, tmp_path / "tr1.npz")
