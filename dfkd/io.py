@@ -81,30 +81,23 @@ def place_file(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = 
 
 def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None], replace: bool = True) -> None:
     path = Path(path)
-    try:  # a read-only or full disk at the folder or the temporary file: the same one line as at the write
+    tmp: str | None = None
+    try:  # a read-only or full disk at the folder, the temporary file or the write: one line (`disk_error`)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        err = disk_error(e, path)
-        if err is None:
-            raise
-        raise err from None
-    try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         usual_permissions(tmp)
         place_file(tmp, path, replace)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        err = disk_error(e, path)
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        err = disk_error(e, path) if isinstance(e, OSError) else None
         if err is None:
             raise
         raise err from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 #: What `_atomic_write` names its temporary file: "." + the file's name + mkstemp's 8 characters + ".tmp".

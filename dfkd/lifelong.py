@@ -46,10 +46,10 @@ from dfkd.lifelong_train import (
     Phase,
     evaluate_split,
     grow_model,
-    interrupted_by_stop_signals,
     train_phase,
 )
 from dfkd.modelfile import ModelFile, save_model
+from dfkd.stopping import terminate_as_interrupt
 from dfkd.teacher import Teacher
 
 
@@ -224,7 +224,7 @@ def extend(cfg: ExtendConfig, teacher: Teacher, resume: bool = False) -> dict[st
         The report: class counts and, with `eval_data`, old/new/all top-1 of the teacher, the extended model and
         the references (fractions in [0, 1]). Also written to `<work>/report.json`.
     """
-    with interrupted_by_stop_signals():  # SIGTERM, SIGHUP: as Ctrl-C (each phase stops after a step)
+    with terminate_as_interrupt():  # SIGTERM, SIGHUP: as Ctrl-C (each phase stops after a step)
         return _extend(cfg, teacher, resume)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from dfkd.io import atomic_torch_save
 from dfkd.loading import read_weights_only
 from dfkd.models import ZooModel
 from dfkd.spec import InputSpec
-from dfkd.stopping import STOP_SIGNALS, on_stop_signals
+from dfkd.stopping import on_stop_signals
 from dfkd.teacher import Teacher
 from dfkd.utils import on_terminal, progress_bar
 
@@ -162,16 +161,6 @@ def train_phase(phase: Phase, device: torch.device) -> None:
             if stop["stop"]:  # at the phase's last step too: the next phase would not start
                 raise KeyboardInterrupt(f"stopped at step {step + 1} of the {phase.name} phase; checkpoint saved")
     phase.model.eval()
-
-
-@contextmanager
-def interrupted_by_stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP interrupt as Ctrl-C does (KeyboardInterrupt), so the caller says how to continue."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    with on_stop_signals(handler, [s for s in STOP_SIGNALS if s != signal.SIGINT]):
-        yield
 
 
 @contextmanager
