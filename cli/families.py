@@ -10,6 +10,7 @@ import click
 
 from dfkd.cli.main import SEED, friendly
 from dfkd.cli.options import pop_teacher_options, single_teacher, teacher_options
+from dfkd.stopping import stop_exit_code
 
 
 def _pct(res: dict[str, float], key: str) -> str:
@@ -80,7 +81,7 @@ def extend_cmd(teacher: str, params: tuple[str, ...], resume: bool, **kw: Any) -
     except KeyboardInterrupt as e:  # it said "interrupted" alone
         click.echo(f"interrupted{f' ({e})' if str(e) else ''}; {cfg.work_dir()} keeps the last checkpoint: continue "
                    "with the same command and --resume", err=True)
-        sys.exit(130)
+        sys.exit(stop_exit_code())
     click.echo(f"wrote {cfg.out}")
     print_extend_report(report)
     click.echo(f"report: {cfg.work_dir() / 'report.json'}")
@@ -140,7 +141,7 @@ def search_cmd(params: tuple[str, ...], resume: bool, tolerance: float, **kw: An
     except (Interrupted, KeyboardInterrupt):  # a trial's own "continue with dfkd distill --resume TRIAL" misled
         click.echo(f"interrupted; continue the search with the same command and --resume ({cfg.out} keeps its "
                    "finished trials)", err=True)
-        sys.exit(130)
+        sys.exit(stop_exit_code())
     from dfkd.search_report import table
 
     click.echo(table(result["rows"], result["pareto"], result["chosen"]), nl=False)

@@ -15,10 +15,11 @@ import click
 
 from dfkd.cli.options import SizeType, pop_teacher_options, single_teacher, teacher_options
 from dfkd.errors import DfkdError
+from dfkd.stopping import stop_exit_code
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn user errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+    """Turn user errors into one line on stderr and exit code 2; a stop signal into 128 + its number (Ctrl-C: 130)."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -48,7 +49,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
         except KeyboardInterrupt as e:  # a run's second stop signal says what it lost and how to go on
             click.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
-            sys.exit(130)
+            sys.exit(stop_exit_code())
 
     return wrapper
 
@@ -292,7 +293,7 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     except Interrupted as e:
         if not _other_rank():
             click.echo(str(e), err=True)
-        sys.exit(130)
+        sys.exit(stop_exit_code())
     if result.rank:
         return  # under torchrun, rank 0 reports the run
     top1 = result.metrics.get("top1")

@@ -12,6 +12,9 @@ from typing import Any
 #: (SIGHUP, where the system has it).
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
+#: The last stop signal a handler of `on_stop_signals` took in this process (None: none yet).
+_last_signal: list[int | None] = [None]
+
 
 @contextmanager
 def on_stop_signals(handler: Callable[[int, Any], None], signals: Iterable[int] = STOP_SIGNALS) -> Iterator[None]:
@@ -23,12 +26,25 @@ def on_stop_signals(handler: Callable[[int, Any], None], signals: Iterable[int] 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
+    def taken(signum: int, frame: Any) -> None:
+        _last_signal[0] = signum
+        handler(signum, frame)
+
+    old = {s: signal.signal(s, taken) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def stop_exit_code() -> int:
+    """The exit status of a process a stop signal ended: 128 + that signal, as the shell reports a killed process.
+
+    A run that stops gracefully on SIGTERM exits 143 like every other command so stopped; a stop this process took
+    no signal for (another torchrun rank's, agreed) or a Ctrl-C exits 130.
+    """
+    return 128 + (_last_signal[0] or signal.SIGINT)
 
 
 class Terminated(KeyboardInterrupt):
@@ -53,5 +69,6 @@ def terminate_as_interrupt() -> Iterator[None]:
 
     Commands with a stop of their own (distill, extend) install their handlers within it.
     """
+    _last_signal[0] = None  # a command's exit status tells its own stop (tests run many commands in one process)
     with on_stop_signals(_terminate, [s for s in STOP_SIGNALS if s != signal.SIGINT]):
         yield

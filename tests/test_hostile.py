@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from conftest import KWARGS, make_teacher_module
+from conftest import KWARGS, make_teacher_module, stop_in_round
 from PIL import Image
 
 from dfkd import transfer_parts
@@ -579,3 +579,21 @@ def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path
         r = invoke(["distill", "--config", tmp_path / "momentum.json", "--teacher", files["T"], "--method", "dfq",
                     "--steps", "2", *QUICK, "--out", tmp_path / "e"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(signum: str, teacher_file: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # distill, search and extend stopped at a boundary exited 130 on SIGTERM, where every other command exits 143
+    import signal
+
+    number = getattr(signal, signum)
+    stop_in_round(monkeypatch, "dfad", 2, number)
+    r = invoke(["distill", "--teacher", teacher_file, "--method", "dfad", "--steps", "40", *QUICK, "--out",
+                tmp_path / "r"])
+    assert r.exit_code == 128 + number and "stopped at step 4; checkpoint saved" in r.output, r.output
+    # the search's own message, with the status of the signal that stopped it
+    monkeypatch.setattr("dfkd.search.search", lambda *a, **k: signal.raise_signal(number))
+    r = invoke(["search", "--teacher", teacher_file, "--method", "kd", "--eval-data", tmp_path / "unread.npz",
+                "--max-params", "1000", "--out", tmp_path / "s"])
+    assert r.exit_code == 128 + number and "continue the search with the same command and --resume" in r.output

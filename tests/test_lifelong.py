@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+import dfkd.lifelong_train as lt
 from dfkd.cli.main import main
 from dfkd.errors import DfkdError
 from dfkd.lifelong import ExtendConfig, append_labels, extend
@@ -135,8 +136,6 @@ def test_repeatable_for_a_second_task(finished: tuple[ExtendConfig, dict], toy: 
 
 def test_interrupted_run_resumes_to_the_same_model(toy: dict[str, str], tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import dfkd.lifelong_train as lt
-
     whole = config(toy, tmp_path / "a.pt", eval_data=None, old_data=None, steps=50)
     extend(whole, load_teacher(whole.teacher))
     cut = config(toy, tmp_path / "b.pt", eval_data=None, old_data=None, steps=50)
@@ -270,6 +269,19 @@ def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
     assert res.exit_code == 2 and f"--out {out}: already exists; choose another name or remove it" in res.output
     res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "k.pt"), "--method", "kd"])  # "give --data", given
     assert res.exit_code == 2 and "--method kd: learns from your images, it makes no synthetic ones" in res.output
+    # a SIGTERM's stop (checkpoint saved) exited 130, as Ctrl-C's, where every other command exits 128 + 15
+    real, calls = lt.abd_loss, []
+
+    def terminated(*a: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*a)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(lt, "abd_loss", terminated)
+        res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "t.pt"), *args[7:]])
+    assert res.exit_code == 128 + signal.SIGTERM and "checkpoint saved" in res.output, res.output
 
 
 def test_labels_across_the_old_classes_or_other_channels_are_refused(toy: dict[str, str], tmp_path: Path) -> None:
@@ -318,8 +330,6 @@ def test_resume_finishes_a_run_that_wrote_its_model(toy: dict[str, str], tmp_pat
 
 def test_resume_refuses_a_user_file_at_out(toy: dict[str, str], tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import dfkd.lifelong_train as lt
-
     cfg = config(toy, tmp_path / "u.pt", eval_data=None, old_data=None, steps=3, checkpoint_every=1)
     monkeypatch.setattr(lt, "abd_loss", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
@@ -333,8 +343,6 @@ def test_resume_refuses_a_user_file_at_out(toy: dict[str, str], tmp_path: Path,
 
 def test_interrupted_reference_resumes_exactly(toy: dict[str, str], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    import dfkd.lifelong_train as lt
-
     kw = {"old_data": None, "steps": 20, "checkpoint_every": 10}
     whole = config(toy, tmp_path / "a.pt", **kw)
     extend(whole, load_teacher(whole.teacher))
