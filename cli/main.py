@@ -60,11 +60,10 @@ def format_warning(message: Warning | str, category: type[Warning], filename: st
     ours = [Path(m.__file__).parent for name in ("dfkd", "dfkd.generators", "dfkd.cli")
             if (m := sys.modules.get(name)) is not None and m.__file__]
     if any(Path(filename).is_relative_to(root) for root in ours):
-        from dfkd.distributed import env_rank, env_world
+        from dfkd.distributed import quiet_rank
 
         # under torchrun every process would print the same line: process 0 alone speaks, as it alone writes the log
-        # (RANK alone is no job of several: a batch system may set it for a single process)
-        return "" if env_rank() > 0 and env_world() > 1 else f"warning: {message}\n"
+        return "" if quiet_rank() else f"warning: {message}\n"
     return _python_format(message, category, filename, lineno, line)
 
 
@@ -291,7 +290,9 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
         else:
             result = distill(build_config(config_file, params, **flags))
     except Interrupted as e:
-        if not _other_rank():
+        from dfkd.distributed import quiet_rank
+
+        if not quiet_rank():
             click.echo(str(e), err=True)
         sys.exit(stop_exit_code())
     if result.rank:
@@ -304,13 +305,6 @@ def distill_cmd(resume_dir: str | None, config_file: str | None, params: tuple[s
     click.echo(f"tensorboard --logdir {shlex.quote(str(result.run_dir))}")
     print_deploy(result.run_dir)
     click.echo(f"peak memory (RSS): {result.peak_rss_mib:.0f} MiB")
-
-
-def _other_rank() -> bool:
-    """Whether this process is a torchrun rank other than 0 (which leaves the talking to rank 0)."""
-    import os
-
-    return os.environ.get("RANK", "0") not in ("", "0")
 
 
 def objective_flags(flags: dict[str, Any]) -> tuple[str, ...]:

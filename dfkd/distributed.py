@@ -220,6 +220,14 @@ def env_rank() -> int:
         return 0
 
 
+def quiet_rank() -> bool:
+    """Whether this process is a torchrun rank other than 0, which leaves the talking to rank 0.
+
+    RANK alone is no job of several: a batch system may set it for a single process, which must still speak.
+    """
+    return env_rank() > 0 and env_world() > 1
+
+
 def from_env(device: str = "auto", timeout_minutes: float = 30.0) -> Dist:
     """Join the job torchrun started (a no-op `Dist` of one rank without torchrun's environment)."""
     world = env_world()
