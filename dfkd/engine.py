@@ -84,6 +84,14 @@ class Interrupted(DfkdError):
     """Ctrl-C: the run saved a checkpoint at a round boundary and stopped."""
 
 
+class Diverged(DfkdError):
+    """A loss became non-finite: the run stopped at `step`, its last good checkpoint kept."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 #: Wall time after which a round boundary checkpoints whatever --ckpt-every says (any rank's, agreed): on a heavy
 #: teacher 250 steps took hours, all lost to a scheduler's kill. Wall time, not the budget's clock: a kill takes
 #: evaluation, logging and FID time with it too, and a CPU clock runs slower than the wall on a busy machine.
@@ -475,10 +483,10 @@ class Run:
         if agreed:
             what = f"{', '.join(bad)} became {losses[bad[0]]}" if bad else "a loss became non-finite on another rank"
             weight = " or the objectives' weight (-p feature_weight=...)" if len(self.method.objectives) else ""
-            raise DfkdError(
+            raise Diverged(
                 f"training diverged at step {self.step}: {what}. The last good "
                 f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...){weight} "
-                f"and continue with: {self.resume_command()} -p ...")
+                f"and continue with: {self.resume_command()} -p ...", self.step)
 
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
         if self.saved_step != self.step:  # every rank: a stop or kill while the student is written loses no step

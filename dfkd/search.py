@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import statistics
 import time
 import traceback
@@ -169,8 +170,9 @@ def candidate(space: Callable, trial: Any, name: str, optuna: Any) -> tuple[str,
 @contextmanager
 def errors_told_once() -> Iterator[None]:
     """Optuna logs a failed trial's traceback before re-raising its error: dfkd's own errors are told once, by dfkd."""
-    def ours(record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], DfkdError))
+    def ours(record: logging.LogRecord) -> bool:  # "Trial 1 failed with value None.": a diverged trial's, told
+        return not (record.exc_info and isinstance(record.exc_info[1], DfkdError)) and not re.fullmatch(
+            r"Trial \d+ failed with value None\.", record.getMessage())
 
     handlers = logging.getLogger("optuna").handlers
     for h in handlers:
@@ -188,9 +190,19 @@ def objective(cfg: SearchConfig, teacher: Any, space: Callable, optuna: Any) -> 
     A student an earlier trial already scored (TPE draws the same widths again) is not distilled again: the same
     settings and seed make the same run, so the trial takes that trial's score (or its pruning) and says so.
     """
-    from dfkd.engine import distill, resume
+    from dfkd.engine import Diverged, distill, resume
 
     def run(trial: Any) -> float:
+        try:
+            return scored(trial)
+        except Diverged as e:  # the study records the trial failed and goes on (`_search`'s catch)
+            trial.set_user_attr("diverged", e.step)
+            warnings.warn(f"trial {trial.number} ({trial.user_attrs['student']}) diverged at step {e.step}: it has "
+                          "no score; the search goes on (a --resume runs the trials that did not finish again)",
+                          stacklevel=1)
+            raise
+
+    def scored(trial: Any) -> float:
         arch, args = candidate(space, trial, cfg.space, optuna)
         params, latency = measure(teacher, arch, args)
         trial.set_user_attr("student", arch)
@@ -308,7 +320,7 @@ def open_study(cfg: SearchConfig, optuna: Any, resume: bool, teacher_sha256: str
     if not resume:
         if db.exists():
             raise DfkdError(f"--out {out}: already holds a search; continue it with --resume (while none of its "
-                            "trials has finished, a resume may change its settings) or pick another --out")
+                            "trials has scored, a resume may change its settings) or pick another --out")
         prepare_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "search.json", _settings(cfg, teacher_sha256))
@@ -319,9 +331,14 @@ def open_study(cfg: SearchConfig, optuna: Any, resume: bool, teacher_sha256: str
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed),
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
     if resume:
-        _same_settings(cfg, out, teacher_sha256, bool(_finished(study)))
+        _same_settings(cfg, out, teacher_sha256, _scored(study))
         atomic_write_text(out / "search.json", _settings(cfg, teacher_sha256))
     return study
+
+
+def _scored(study: Any) -> bool:
+    """Whether a trial has a score, or was pruned by the scores: one pruned by the size limits alone has not."""
+    return any(t.user_attrs.get("pruned") != "constraint" for t in _finished(study))
 
 
 def _finished(study: Any) -> list[Any]:
@@ -338,8 +355,8 @@ def _enqueue_reference(study: Any, cfg: SearchConfig) -> None:
     study.enqueue_trial(ref)
 
 
-def _same_settings(cfg: SearchConfig, out: Path, teacher_sha256: str, finished: bool) -> None:
-    """A resumed search keeps its settings once a trial has finished (RESUMABLE aside): trials must stay comparable.
+def _same_settings(cfg: SearchConfig, out: Path, teacher_sha256: str, scored: bool) -> None:
+    """A resumed search keeps its settings once a trial has scored (RESUMABLE aside): trials must stay comparable.
 
     The teacher is the same file when its sha256 is (wherever it now lies); the other files are compared by where
     they are, however named.
@@ -347,7 +364,7 @@ def _same_settings(cfg: SearchConfig, out: Path, teacher_sha256: str, finished: 
     saved = out / "search.json"
     before = read_json_object(saved, "put back the file the search wrote, or start a new search with another "
                                      "--out") if saved.exists() else {}
-    if not finished:  # nothing to compare with: the settings that failed may be mended
+    if not scored:  # nothing to compare with: the settings that failed (or diverged) may be mended
         return
     if before.get("teacher_sha256") and teacher_sha256 and before["teacher_sha256"] != teacher_sha256:
         raise DfkdError(f"--teacher {cfg.teacher}: not the teacher {out} was searched with ({before['teacher']}; "
@@ -388,6 +405,7 @@ def search(cfg: SearchConfig, teacher: Any, resume: bool = False) -> dict[str, A
 
 def _search(cfg: SearchConfig, teacher: Any, optuna: Any, space: Any, study: Any) -> dict[str, Any]:
     """The trials still to run, the Pareto table, the pick and its final distillation (see `search`)."""
+    from dfkd.engine import Diverged
     from dfkd.search_report import pareto_rows, trial_rows, write_report
 
     done = _finished(study)
@@ -395,9 +413,15 @@ def _search(cfg: SearchConfig, teacher: Any, optuna: Any, space: Any, study: Any
         _enqueue_reference(study, cfg)
         with errors_told_once(), warnings.catch_warnings():
             warnings.simplefilter("once", UserWarning)  # each trial loads the teacher: its warnings once, not per run
-            study.optimize(objective(cfg, teacher, space, optuna), n_trials=cfg.trials - len(done))
+            study.optimize(objective(cfg, teacher, space, optuna), n_trials=cfg.trials - len(done),
+                           catch=(Diverged,))
     rows = trial_rows(study)
     pareto = pareto_rows(rows)
+    diverged = [r for r in rows if r["diverged"] is not None]
+    if not pareto and diverged and len(diverged) == len([r for r in rows if r["state"] != "pruned"]):
+        raise DfkdError(f"-p: every trial that was distilled diverged ({len(diverged)} of {len(rows)}; a loss "
+                        "became non-finite): lower the learning rates (e.g. -p lr_s=... -p lr_g=...) and continue "
+                        "with the same command and --resume (its settings may change while no trial has scored)")
     if not pareto:
         raise DfkdError(f"--max-params {cfg.max_params}: no trial finished within the constraints; add trials "
                         f"(dfkd search --resume --trials N, N > {cfg.trials}, with the same limits), or raise the "

@@ -22,7 +22,7 @@ def trial_rows(study: Any) -> list[dict[str, Any]]:
         rows.append({"trial": t.number, "state": t.state.name.lower(), "student": t.user_attrs["student"],
                      "student_args": t.user_attrs["student_args"], "params": int(t.user_attrs["params"]),
                      "latency_ms": float(t.user_attrs["latency_ms"]), "pruned": t.user_attrs.get("pruned"),
-                     "same_as": t.user_attrs.get("same_as"),
+                     "same_as": t.user_attrs.get("same_as"), "diverged": t.user_attrs.get("diverged"),
                      "top1": float(t.value) if t.state.name == "COMPLETE" else None})
     return rows
 
@@ -45,7 +45,8 @@ def table(rows: list[dict[str, Any]], pareto: list[dict[str, Any]], chosen: dict
     lines = ["| trial | student | arguments | parameters | latency ms | top-1 % | |", "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: r["params"]):
         acc = f"{100 * r['top1']:.2f}" if r["top1"] is not None else (
-            f"pruned ({r['pruned']})" if r["state"] == "pruned" else "failed or stopped")
+            f"pruned ({r['pruned']})" if r["state"] == "pruned" else
+            f"diverged at step {r['diverged']}" if r.get("diverged") is not None else "failed or stopped")
         mark = "chosen" if r["trial"] == chosen["trial"] else ("Pareto" if r["trial"] in front else "")
         if r.get("same_as") is not None:
             mark = f"same student as trial {r['same_as']}"

@@ -299,3 +299,20 @@ def test_search_takes_the_teacher_options_and_names_a_missing_gpu(toy: dict[str,
     r = CliRunner().invoke(main, [*args, *spec, "--out", str(tmp_path / "s")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "s" / "final" / "config.json").read_text())["teacher_arch"] == "lenet5_half_bn"
+
+
+def test_a_diverged_trial_is_told_and_the_search_goes_on(toy: dict[str, str], tmp_path: Path) -> None:
+    # the first trial that diverged ended the whole search, advising `dfkd distill --resume` of the trial's folder
+    # (outside the study: the search never counted that run)
+    cfg = config(toy, tmp_path / "s", trials=2, params={**config(toy, tmp_path).params, "lr_s": 1e6})
+    with pytest.warns(UserWarning, match=r"trial \d \(lenet5_scaled\) diverged at step \d+: it has no score; the "
+                                         r"search goes on") as told:
+        with pytest.raises(DfkdError, match=r"every trial that was distilled diverged \(2 of 2; .*lower the "
+                                            "learning rates .* and --resume"):
+            search(cfg, load_teacher(cfg.teacher))
+    assert len([w for w in told if "diverged at step" in str(w.message)]) == 2  # both trials ran
+    # the resume with a learning rate that holds is taken (no trial scored) and runs the trials again
+    res = search(dataclasses.replace(cfg, params=config(toy, tmp_path).params), load_teacher(cfg.teacher),
+                 resume=True)
+    assert sum(r["top1"] is not None for r in res["rows"]) == 2 and res["final"]["top1"] > 0.5
+    assert "diverged at step" in (tmp_path / "s" / "pareto.md").read_text()
