@@ -23,6 +23,7 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from dfkd.distributed import quiet_rank
         from dfkd.stopping import Terminated, terminate_as_interrupt
 
         try:
@@ -31,7 +32,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Terminated as e:
             import signal
 
-            click.echo(f"interrupted by {signal.Signals(e.signum).name} (as by Ctrl-C)", err=True)
+            if not quiet_rank():  # under torchrun process 0 speaks for all
+                click.echo(f"interrupted by {signal.Signals(e.signum).name} (as by Ctrl-C)", err=True)
             sys.exit(128 + e.signum)
         except DfkdError as e:
             from dfkd.distributed import OtherRankFailed
@@ -48,7 +50,8 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
         except KeyboardInterrupt as e:  # a run's second stop signal says what it lost and how to go on
-            click.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
+            if not quiet_rank():
+                click.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)
             sys.exit(stop_exit_code())
 
     return wrapper
@@ -75,7 +78,8 @@ SEED = click.IntRange(0, 2**63 - 1)
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dfkd")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """dfkd: distill a trained classifier (the teacher) into a smaller student without its training data.
 
     \b
@@ -84,6 +88,24 @@ def main() -> None:
           --eval-data examples/mnist_test.npz
     """
     warnings.formatwarning = format_warning
+    one_process_only(ctx.invoked_subcommand)
+
+
+def one_process_only(command: str | None) -> None:
+    """Under torchrun, refuse every command but distill, on every process, said once (exit 2).
+
+    The others join no process group: each process ran the whole command towards the same output, one of them took
+    its lock, the other failed for a false reason ("process N is making this file": its twin), and torchrun then
+    stopped the first, leaving its half-made output.
+    """
+    from dfkd.distributed import env_world, quiet_rank
+
+    if command in (None, "distill") or env_world() <= 1:
+        return
+    if not quiet_rank():
+        click.echo(f"error: dfkd {command} runs as one process; under torchrun (WORLD_SIZE={env_world()}) only "
+                   f"dfkd distill runs across processes: run dfkd {command} without torchrun", err=True)
+    sys.exit(2)
 
 
 @main.command("train-teacher")

@@ -17,7 +17,7 @@ from conftest import KWARGS, make_teacher_module, stop_in_round
 from PIL import Image
 
 from dfkd import transfer_parts
-from dfkd.cli.main import main
+from dfkd.cli.main import friendly, main
 from dfkd.errors import DfkdError
 from dfkd.modelfile import ModelFile, save_model
 from dfkd.models import create
@@ -598,3 +598,35 @@ def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(signum: str, t
     r = invoke(["search", "--teacher", teacher_file, "--method", "kd", "--eval-data", tmp_path / "unread.npz",
                 "--max-params", "1000", "--out", tmp_path / "s"])
     assert r.exit_code == 128 + number and "continue the search with the same command and --resume" in r.output
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_commands_but_distill_are_refused_under_torchrun(rank: str, teacher_file: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # each process ran the whole command towards one output: its twin held the lock ("process N is making this
+    # file"), and torchrun stopped the first, leaving its half-made output
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "t.npz"
+    r = invoke(["synthesize", "--teacher", teacher_file, "--method", "dfad", "--num", "4", "--out", out])
+    if rank == "0":
+        assert_refused(r, "dfkd synthesize runs as one process; under torchrun (WORLD_SIZE=2) only dfkd distill")
+    else:  # said once, by process 0
+        assert r.exit_code == 2 and r.output == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_second_stop_under_torchrun_is_said_by_process_0_alone(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # "interrupted: stopped at once at step 300 ..." was printed once per process
+    @friendly
+    def stopped_at_once() -> None:
+        raise KeyboardInterrupt("stopped at once at step 300; the last checkpoint is at step 250")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", ""), ("0", "interrupted: stopped at once at step 300; the last checkpoint is at step "
+                                        "250\n")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            stopped_at_once()
+        assert e.value.code == 130 and capsys.readouterr().err == said
