@@ -34,7 +34,10 @@ finally:
 def make_file(teacher: str, num: int, out: Path) -> None:
     code = ("from dfkd.teacher import load_teacher; from dfkd.transfer import synthesize; "
             f"synthesize(load_teacher({teacher!r}), 'dfad', {num}, {str(out)!r}, steps=0)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"making {num} synthetic images from {teacher} failed: "
+                         f"{(res.stderr.strip().splitlines() or ['exit ' + str(res.returncode)])[-1]}")
 
 
 def main() -> None:
@@ -44,13 +47,16 @@ def main() -> None:
     ap.add_argument("--test", default=str(ROOT.parent / "shared" / "data" / "mnist_test.npz"))
     ap.add_argument("--teacher", default=str(ROOT / "examples" / "mnist_lenet5_bn.pt"))
     ap.add_argument("--transfer", default=None)
+    ap.add_argument("--png", default=str(ROOT / "bench" / "results" / "audit_pairs.png"),
+                    help="where the audit's picture of the nearest pairs is written (default: %(default)s)")
     a = ap.parse_args()
+    Path(a.png).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         transfer = Path(a.transfer) if a.transfer else Path(tmp) / "synthetic.npz"
         if not a.transfer:
             make_file(a.teacher, a.num, transfer)
         cmd = ["dfkd", "audit", str(transfer), "--against", a.against, "--test", a.test,
-               "--teacher", a.teacher, "--png", str(Path(tmp) / "pairs.png")]
+               "--teacher", a.teacher, "--png", a.png]
         t0 = time.perf_counter()
         res = subprocess.run([sys.executable, "-c", MEASURED, *cmd], cwd=ROOT, capture_output=True, text=True)
         wall = time.perf_counter() - t0

@@ -15,9 +15,9 @@ repeats, so the profiler's pass stays short.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -174,5 +174,9 @@ def measure(teacher_file: str, method: str, repeats: int = 3) -> dict[str, float
 
 
 if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("teacher", help="a teacher file dfkd loads without options (a dfkd model file)")
+    ap.add_argument("method", help="a method name (dfkd methods)")
+    a = ap.parse_args()
     warnings.simplefilter("ignore")
-    print(json.dumps(measure(sys.argv[1], sys.argv[2])))
+    print(json.dumps(measure(a.teacher, a.method)))

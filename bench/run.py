@@ -109,9 +109,12 @@ def pairs(teachers: dict[str, Path], methods: list[str], all_pairs: bool) -> lis
 
 def evaluate(model: Path, test: str, extra: Sequence[str] = ()) -> float:
     """Top-1 of `model` on `test` (`extra`: teacher options for a file without its own, e.g. a state_dict)."""
-    out = subprocess.run([*DFKD, "evaluate", "--model", str(model), "--data", test, "--json", *extra], check=True,
-                         capture_output=True, text=True, env=child_env(1)).stdout
-    return json.loads(out)["top1"]
+    res = subprocess.run([*DFKD, "evaluate", "--model", str(model), "--data", test, "--json", *extra],
+                         capture_output=True, text=True, env=child_env(1))
+    if res.returncode != 0:  # dfkd's own line (a missing file, a data file that does not fit), not a traceback
+        raise SystemExit(f"dfkd evaluate --model {model} --data {test}: "
+                         f"{(res.stderr.strip().splitlines() or ['exit ' + str(res.returncode)])[-1]}")
+    return json.loads(res.stdout)["top1"]
 
 
 def run_one(teacher: Path, method: str, minutes: float, args: argparse.Namespace, out: Path,

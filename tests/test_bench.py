@@ -254,3 +254,10 @@ def test_selection_signal_scores_every_copy_both_ways(eval_npz: str, tmp_path: P
     assert set(summary) == set(selection_signal.SIGNALS) and all(-1 <= s["spearman"] <= 1 for s in summary.values())
     assert all(0 <= r["real"] <= 1 and r["neg_kl"] <= 1e-6 for r in rows)
     assert result["best"] == max(r["real"] for r in rows)
+
+
+def test_a_missing_model_or_data_is_dfkds_one_line_not_a_traceback(tmp_path: Path) -> None:
+    # `evaluate` ran its child with check=True and its output captured: a CalledProcessError traceback, dfkd's
+    # "no such file" line unseen
+    with pytest.raises(SystemExit, match=r"--model .*nope.pt: no such file; check the path"):
+        run.evaluate(tmp_path / "nope.pt", str(ROOT / "examples" / "mnist_test.npz"))
