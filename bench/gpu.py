@@ -31,7 +31,7 @@ GPU = "perf/peak_gpu_mib"
 METHODS = ("fast", "cmi", "dfq", "deepinversion")
 #: --tiny: each method's `quick` settings (small batches, short inner loops) and no held-out selection: the runs
 #: check the script end to end, not the recipes.
-TINY = {"select_every": 0, "watch_every": 0}
+TINY = {"select_every": 0, "watch_every": 0}  # select_every for the methods that keep a held-out set
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,7 +102,8 @@ def command(teacher: Path, student: str, method: str, precision: str, compiled: 
         cmd += ["--steps", "2", "--eval-every", "1"]
         from dfkd.methods import get_method
 
-        tiny = {**get_method(method).quick, **TINY}
+        cls = get_method(method)
+        tiny = {**cls.quick, **{k: v for k, v in TINY.items() if cls.heldout or k != "select_every"}}
         cmd += [x for k, v in tiny.items() for x in ("-p", f"{k}={json.dumps(v)}")]
     else:
         cmd += ["--budget-minutes", f"{args.minutes:g}", "--eval-every", "100"]

@@ -188,6 +188,9 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
         if "feature_weight" in cli_params:
             raise DfkdError(f"-p {why}")
         warnings.warn(f"{source}: params.{why}; those weights are not used", stacklevel=2)
+    if cfg.fid_ref and not cfg.fid_every:  # the file was not even opened, and no FID was logged, unsaid
+        warnings.warn(f"--fid-ref {cfg.fid_ref} has no effect: --fid-every 0 turns FID monitoring off (the end of "
+                      "the run's FID too)", stacklevel=2)
     return cfg
 
 

@@ -221,6 +221,10 @@ class Run:
         if cfg.steps is None and cfg.budget_minutes is None and (auto := self.source.default_steps(self.method)):
             self.cfg = cfg = replace(cfg, steps=auto[0])  # a transfer file's length sets the run's (config.json)
             self.recipe_lines = [*self.recipe_lines, auto[1]]
+        if cfg.fid_every and dist.main and not self.fid.monitors and self.source.has_teacher:  # it was silent
+            self.recipe_lines.append("  FID: none (the teacher has no BatchNorm layer for the data-free BN-FID; "
+                                     "--fid-ref STATS.npz from `dfkd fid-stats --features teacher` adds a "
+                                     "teacher-feature FID)")
         self.step, self.elapsed = 0, 0.0
         self.saved_step = 0  # the last checkpoint's step (a second Ctrl-C's loss)
         self.saved_wall = time.perf_counter()  # when this process last wrote (or found) a checkpoint

@@ -630,3 +630,18 @@ def test_a_second_stop_under_torchrun_is_said_by_process_0_alone(monkeypatch: py
         with pytest.raises(SystemExit) as e:
             stopped_at_once()
         assert e.value.code == 130 and capsys.readouterr().err == said
+
+
+def test_fid_settings_that_give_no_fid_are_said(teacher_file: str, tmp_path: Path) -> None:
+    # --fid-ref with --fid-every 0: the file was not even opened and no FID was logged; a teacher without BatchNorm
+    # logged no FID either, unsaid
+    args = ["distill", "--method", "dfad", "--steps", "2", *QUICK, "--eval-every", "1000"]
+    with pytest.warns(UserWarning, match="--fid-ref .*none.npz has no effect: --fid-every 0 turns FID monitoring "
+                                         "off"):
+        r = invoke([*args, "--teacher", teacher_file, "--fid-ref", tmp_path / "none.npz", "--fid-every", "0",
+                    "--out", tmp_path / "a"])
+    assert r.exit_code == 0 and "FID: none" not in r.output, r.output
+    plain = Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet5.pt"
+    r = invoke([*args, "--teacher", plain, "--out", tmp_path / "b"])
+    assert r.exit_code == 0 and "FID: none (the teacher has no BatchNorm layer for the data-free BN-FID; --fid-ref " \
+                                "STATS.npz" in r.output, r.output

@@ -133,6 +133,29 @@ def test_a_setting_the_run_does_not_use_is_said_to_have_no_effect(teacher_file: 
         "s_optimizer=sgd uses it)"]
 
 
+SELECTION = {"heldout_size", "heldout_chunk", "select_margin", "select_signal"}
+SWITCHED = {"ta_threshold", "ta_max_draws", "select_every", *SELECTION, "reptile_alpha", "reset_at", "warmup",
+            "bn_mmt", "flip_p"}
+
+
+@pytest.mark.parametrize(("method", "params", "unused"), [
+    ("dfad", {}, {"ta_threshold", "ta_max_draws"}),
+    ("dfad", {"ta_verify": True}, set()),
+    ("zskt", {"ta_verify": True, "select_every": 0}, SELECTION),
+    ("fast", {}, {"select_every", *SELECTION, "reptile_alpha"}),
+    ("fast", {"is_maml": 0, "reset_l0": 0, "adv": 0, "bn": 0},
+     {"select_every", *SELECTION, "reset_at", "warmup", "bn_mmt"}),
+    ("nayer", {"bn": 0}, {"select_every", *SELECTION, "bn_mmt"}),
+    ("zskd", {"augment": "none"}, {"select_every", *SELECTION, "flip_p"}),
+    ("zskd", {}, {"select_every", *SELECTION}),
+])
+def test_a_setting_another_setting_turns_off_has_no_effect(method: str, params: dict, unused: set[str]) -> None:
+    # -p ta_threshold without ta_verify, reptile_alpha under MAML, warmup with adv=0, the selection's settings of a
+    # pool method or with select_every=0: each printed "(set by you)" and did nothing, unsaid
+    cls = get_method(method)
+    assert set(cls.no_effect({**cls.default_params(None), **params})) & SWITCHED == unused
+
+
 def test_an_ensemble_setting_in_a_run_of_one_teacher_is_said_to_have_no_effect(teacher_file: str,
                                                                                 tmp_path: Path) -> None:
     # -p teacher_weighting=confidence with one teacher was taken ("set by you") and did nothing, unsaid
@@ -178,7 +201,7 @@ def test_a_resumed_run_does_not_warn_of_its_saved_settings_again(teacher_file: s
 
 def test_what_a_method_ignores_follows_its_settings() -> None:
     assert set(get_method("zskd").no_effect({"s_optimizer": "sgd", "schedule": "multistep", "discriminator": "logits",
-                                             "feature_loss": "at"})) == {"g_steps"}
+                                             "feature_loss": "at"})) == {"g_steps", "select_every", *SELECTION}
     assert "s_steps" in get_method("dafl").no_effect({}) and "T" in get_method("zskt").no_effect({})
     assert "lr_d" in get_method("dfad").no_effect({}) and "lr_d" not in get_method("online").no_effect({})
     assert "g_steps" not in get_method("fast").no_effect({}) and "T" not in get_method("fast").no_effect({})

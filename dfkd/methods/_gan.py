@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -58,6 +59,10 @@ class GANMethod(Method):
 
     defaults: ClassVar[dict[str, Any]] = GAN_DEFAULTS
     cpu: ClassVar[dict[str, Any]] = GAN_CPU
+    heldout: ClassVar[bool] = True
+    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {
+        key: (lambda p: bool(p["ta_verify"]), "teacher verification is off; -p ta_verify=true turns it on")
+        for key in ("ta_threshold", "ta_max_draws")}
     cpu_reason: ClassVar[str] = CPU_WIDTH_REASON
     cpu_any_cost: ClassVar[bool] = True  # generator width, batches, steps: a step's cost
     fit_steps_to_budget: ClassVar[bool] = False  # the recipe's student steps per generator step stay

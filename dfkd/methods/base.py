@@ -124,6 +124,12 @@ class Method(Recipe):
     #: Shared settings (`BASE_DEFAULTS`) this method never reads, and what it has instead: a user who sets one is
     #: told it has no effect (`no_effect`).
     ignores: ClassVar[dict[str, str]] = {}
+    #: Settings another setting turns off: key -> (whether the run uses it, given the resolved settings; why it does
+    #: not, and what would make it count). Gathered over the class's bases by `no_effect`.
+    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {}
+    #: Whether the run keeps a held-out set of the method's own generated images for data-free selection (the GAN
+    #: methods: their generator makes fresh images on demand; the others serve the student from a pool or data).
+    heldout: ClassVar[bool] = False
 
     def __init__(self, teacher: Teacher, student: nn.Module, params: dict[str, Any], device: torch.device) -> None:
         self.teacher, self.student, self.device = teacher, student, device
@@ -160,11 +166,26 @@ class Method(Recipe):
     def no_effect(cls, params: dict[str, Any]) -> dict[str, str]:
         """The settings that do nothing in a run with the resolved `params`, each with why and what does instead.
 
-        The method's own `ignores`, and shared settings that another setting turns off: the momentum of an Adam
-        student, a multistep schedule's milestones under another schedule, the discriminator's settings without a
-        discriminator, feature weights without a feature loss.
+        The method's own `ignores` and `needs`, and shared settings that another setting turns off: the momentum of
+        an Adam student, a multistep schedule's milestones under another schedule, the discriminator's settings
+        without a discriminator, feature weights without a feature loss, the selection's settings without a held-out
+        set, the flip probability without augmentation.
         """
         out = dict(cls.ignores)
+        for klass in reversed(cls.__mro__):
+            for key, (used, why) in vars(klass).get("needs", {}).items():
+                if key in params and not used(params):
+                    out[key] = why
+        chosen = ("heldout_size", "heldout_chunk", "select_margin", "select_signal")
+        if not cls.heldout:
+            for key in ("select_every", *chosen):
+                out[key] = ("it keeps no held-out set of synthetic images to select a student on: only the GAN "
+                            "methods, whose generator makes them on demand, do")
+        elif not params.get("select_every"):
+            for key in chosen:
+                out[key] = "-p select_every=0 turns the data-free selection off"
+        if params.get("augment") == "none":
+            out["flip_p"] = "-p augment=none: no flip; another augment kind flips with this probability"
         if params.get("s_optimizer") == "adam":
             out["momentum"] = "the student's optimizer is adam; -p s_optimizer=sgd uses it"
         if params.get("schedule") != "multistep":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -55,6 +56,13 @@ class Fast(LatentMethod):
     paper: ClassVar[str] = "Fang et al. 2022, Up to 100x Faster Data-free Knowledge Distillation, AAAI"
     summary: ClassVar[str] = "meta-learned generator: each synthetic batch in a few inner steps (first-order MAML)"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 2, "s_steps": 2}
+    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {
+        "reptile_alpha": (lambda p: not p["is_maml"], "the meta step is first-order MAML, is_maml=1; -p is_maml=0 "
+                                                      "(Reptile) uses it"),
+        "reset_at": (lambda p: bool(p["reset_l0"]), "-p reset_l0=0: no reset; -p reset_l0=1 resets there"),
+        "warmup": (lambda p: bool(p["adv"]), "-p adv=0: no adversarial term to hold back"),
+        "bn_mmt": (lambda p: bool(p["bn"]), "-p bn=0: no BN-statistics term"),
+    }
     cpu: ClassVar[dict[str, Any]] = {"synth_batch_size": 64, "s_steps": 50, "batch_size": 128, "lr_s": 0.05,
                                      "clip_s": 1.0}
     cpu_reason: ClassVar[str] = ("batches 64/128 and 50 KD steps a round for a CPU; student lr 0.05: at T=20, 0.2 "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -92,6 +93,8 @@ class NAYER(Method):
     uses_bn: ClassVar[bool] = True
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 12, "g_steps": 2, "s_steps": 2,
                                        "warmup_rounds": 0, "g_loops": 1, "le_emb_size": 16, "le_size": 16}
+    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {
+        "bn_mmt": (lambda p: bool(p["bn"]), "-p bn=0: no BN-statistics term")}
     cpu: ClassVar[dict[str, Any]] = {"synth_batch_size": 64, "batch_size": 128, "s_steps": 50, "lr_s": 0.05,
                                      "g_steps": 10, "warmup_rounds": 2, "gwp_loops": 5, "ngf": 16, "pool_size": 60_000,
                                      "clip_s": 1.0}
