@@ -417,22 +417,23 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
     from dfkd.methods import get_method, list_methods
     from dfkd.methods._recipes import recipe_lines
 
-    if show == "auto":
-        from dfkd.auto import rule_lines
-
-        click.echo("\n".join(rule_lines()))
-        return
     if show:
-        cls = get_method(show)
+        cls = get_method(show) if show != "auto" else None
         loaded = None
         if teacher:  # loaded first: a file that cannot be read is the one thing said
             from dfkd.teacher_options import load_with_options
 
             loaded = load_with_options(teacher, pop_teacher_options(kw))
+        row: dict[str, Any] = {}
+        if cls is None:  # auto: its table, and for a teacher the row it takes, then that method's defaults
+            show, recipe, row = auto_for(loaded, teacher, recipe)
+            if show is None:
+                return
+            cls = get_method(show)
         click.echo((cls.__doc__ or "").strip() + "\n")
         if loaded is not None:
             click.echo(f"  defaults for --teacher {teacher}:")
-        params = cls.finalize(cls.default_params(loaded, recipe))
+        params = cls.finalize({**cls.default_params(loaded, recipe), **row})
         lines = recipe_lines(cls, loaded, params, {"recipe": recipe} if recipe else {})
         if loaded is not None:  # the default student: its clip, its first weights, and the lines a run prints
             from dfkd.build import clip_unnormalised
@@ -457,6 +458,30 @@ def methods_cmd(show: str | None, teacher: str | None, recipe: str | None, **kw:
     click.echo(f"{'auto':14s} {describe()}")
     for name in list_methods():
         click.echo(f"{name:14s} {get_method(name).describe()}")
+
+
+def auto_for(loaded: Any, teacher: str | None, recipe: str | None) -> tuple[str | None, str | None, dict[str, Any]]:
+    """`dfkd methods --params auto`: print the rule table and, for a teacher, the row it takes.
+
+    Returns:
+        The method the teacher gets (None without a teacher), its recipe, and the row's other settings (none where
+        `recipe` is the user's and not the row's, as in a run).
+    """
+    from dfkd.auto import choose, profile, rule_lines
+
+    click.echo("\n".join(rule_lines()))
+    if loaded is None:
+        if recipe:
+            raise DfkdError(f"--recipe {recipe} with --params auto: the recipe is the teacher's row's; give --teacher "
+                            f"T.pt to see it, or --params NAME --recipe {recipe} for a method's")
+        return None, None, {}
+    prof = profile(loaded)
+    rule = choose(prof)
+    mine = recipe not in (None, rule.recipe)
+    taken = recipe or rule.recipe
+    click.echo(f"\nfor --teacher {teacher}: {rule.method}{f' (recipe {taken})' if taken else ''}: {rule.when} "
+               f"[{prof.words()}]\n")
+    return rule.method, taken, {} if mine else dict(rule.params)
 
 
 @main.command("models")

@@ -17,7 +17,7 @@ from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
 from dfkd.modelfile import load_model
-from dfkd.teacher import Teacher
+from dfkd.teacher import Teacher, load_teacher
 from tests.conftest import KWARGS, MNIST_SPEC, make_teacher_module
 from tests.test_engine import SimulatedKill, states_equal
 
@@ -267,7 +267,6 @@ def test_attention_is_seen_in_an_onnx_vit_and_not_in_an_onnx_cnn(tmp_path: Path)
     from dfkd.auto import has_attention
     from dfkd.export import export_model
     from dfkd.spec import InputSpec
-    from dfkd.teacher import load_teacher
 
     vit = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=1,
                             num_heads=2, num_classes=10).eval()
@@ -321,3 +320,17 @@ def test_a_run_recorded_before_rows_set_settings_still_credits_its_recipe() -> N
     assert set_by_auto({"method": "fast", "recipe": "cpu", "recipe_by_auto": True}) == ("recipe",)
     assert set_by_auto({"method": "fast", "recipe": "paper", "recipe_by_auto": False}) == ()
     assert set_by_auto(None) == ()
+
+
+def test_methods_params_auto_with_a_teacher_shows_its_row_and_defaults(bnfree_teacher_file: str,
+                                                                       tmp_path: Path) -> None:
+    # the teacher (and every teacher option) was ignored: the rule table alone, even for a file that does not exist
+    rule = choose(profile(load_teacher(bnfree_teacher_file)))
+    res = CliRunner().invoke(main, ["methods", "--params", "auto", "--teacher", bnfree_teacher_file])
+    assert res.exit_code == 0, res.output
+    assert f"for --teacher {bnfree_teacher_file}: {rule.method}" in res.output and rule.when in res.output
+    assert f"defaults for --teacher {bnfree_teacher_file}:" in res.output and "student network:" in res.output
+    missing = CliRunner().invoke(main, ["methods", "--params", "auto", "--teacher", str(tmp_path / "no.pt")])
+    assert missing.exit_code == 2 and "no such file" in missing.output
+    alone = CliRunner().invoke(main, ["methods", "--params", "auto", "--recipe", "cpu"])
+    assert alone.exit_code == 2 and "the recipe is the teacher's row's; give --teacher" in alone.output
