@@ -302,8 +302,13 @@ def flag_spec(channels: int | None, size: int | tuple[int, int] | list[int] | No
     if channels is None and size is None and not mean and not std:
         return None
     lib = library_spec(arch, arch_args) if arch_kind(arch or "") == "timm" else None
+    took = [f for f, v in (("--channels", channels), ("--input-size", size)) if v is None] if lib else []
     channels = channels if channels is not None else lib and lib.channels
     size = size if size is not None else lib and lib.hw
+    if took:  # --mean/--std alone took the shape from timm's config unsaid: a model fine-tuned at 96 px ran at 224
+        warnings.warn(f"--teacher-arch {arch}: {'/'.join(took)} not given; using timm's pretrained config "
+                      f"({lib.describe()}); pass {' and '.join(took)} if your weights were trained otherwise",
+                      stacklevel=1)
     if channels is None or size is None:
         given = [f for f, v in (("--channels", channels), ("--input-size", size), ("--mean", mean), ("--std", std))
                  if v]

@@ -149,6 +149,10 @@ def test_timm_spec_from_its_pretrained_config(tmp_path):
     assert (t.spec.channels, t.spec.size, t.spec.mean) == (3, 160, (0.5, 0.5, 0.5)) and t.num_classes == 4
     with pytest.warns(UserWarning, match="--mean/--std not given"):  # size from the flags, normalisation from timm
         assert flag_spec(3, 32, (), (), "timm:test_resnet") == InputSpec(3, 32, (0.5,), (0.5,))
+    # --mean/--std alone: the shape from timm's config, unsaid (a model fine-tuned at 96 px ran at 160 here)
+    with pytest.warns(UserWarning, match=r"--channels/--input-size not given; using timm's pretrained config "
+                                         r"\(3x160x160\); pass --channels and --input-size"):
+        assert flag_spec(None, None, (0.4,), (0.2,), "timm:test_resnet") == InputSpec(3, 160, (0.4,), (0.2,))
 
 
 def test_spec_flags_never_default_to_zero_and_one():
