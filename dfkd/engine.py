@@ -229,6 +229,7 @@ class Run:
         self.saved_step = 0  # the last checkpoint's step (a second Ctrl-C's loss)
         self.saved_wall = time.perf_counter()  # when this process last wrote (or found) a checkpoint
         self.round_seconds = 0.0  # wall time of the last round (how long a stop waits for the round's end)
+        self.longest_round = 0.0  # the budget clock's seconds of this process's longest round (an overrun's why)
         self.finishing = False  # the loop is done: the student is being evaluated and written
         self.stop: dict[str, Any] = {"stop": False}  # set by a stop signal (`_graceful_stop`, from `_execute`)
         self.watch = RunWatch(self)
@@ -383,6 +384,7 @@ class Run:
                 dt = time.perf_counter() - t0
                 self.round_seconds = dt
                 self.elapsed += used
+                self.longest_round = max(self.longest_round, used)
                 self.step += n
                 window["t"] += dt
                 window["steps"] += n
@@ -492,6 +494,20 @@ class Run:
                 f"checkpoint is in {self.run_dir}; lower the learning rates (e.g. -p lr_g=... -p lr_s=...){weight} "
                 f"and continue with: {self.resume_command()} -p ...", self.step)
 
+    def _say_overrun(self, log: RunLog) -> None:
+        """Say when the rounds ran well past the time budget.
+
+        A round is not cut short: a heavy teacher's first round, which measures the speed, took minutes of a
+        12-second budget, unsaid.
+        """
+        budget = self.budget_seconds()
+        if budget is None or self.elapsed < max(1.25 * budget, budget + 10):
+            return
+        message = (f"the rounds took {self.elapsed:.0f} s of a {budget:.0f}-s budget: a round is not cut short, and "
+                   f"one took up to {self.longest_round:.0f} s here (give a larger --budget-minutes, or --steps)")
+        tqdm.write(f"note: step {self.step}: {message}", file=sys.stderr)
+        log.event(self.step, event="note", message=message)
+
     def finish(self, log: RunLog, result: RunResult) -> RunResult:
         if self.saved_step != self.step:  # every rank: a stop or kill while the student is written loses no step
             self.checkpoint()
@@ -499,6 +515,7 @@ class Run:
         if not self.dist.main:  # rank 0 writes the student; the others only hand it their last state
             self.checkpoint(finished=True)
             return result
+        self._say_overrun(log)
         final = self.evaluate()
         if final:
             log.scalars(self.step, final, "student/")

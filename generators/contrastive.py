@@ -209,7 +209,7 @@ class ContrastiveSynthesizer(LatentSynthesizer):
                                betas=self.betas)
         self.critic.optimizer.zero_grad(set_to_none=True)
         best = optimise_latent(self.generator, z, y, opt, self._with_contrast, self.steps,
-                               after_backward=lambda _: self.critic.step())
+                               after_backward=lambda _: self.critic.step(), stop=self.stopper())
         self.pool.add(best.x)
         if best.memo is not None:
             self.critic.bank.add(best.memo)

@@ -7,6 +7,7 @@ Each round draws z ~ N(0, I) as a learnable tensor and sorted target labels, run
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,8 @@ class Best:
 
 def optimise_latent(generator: nn.Module, z: Tensor, y: Tensor, optimizer: torch.optim.Optimizer,
                     objective: LatentObjective, steps: int,
-                    after_backward: Callable[[int], None] | None = None) -> Best:
+                    after_backward: Callable[[int], None] | None = None,
+                    stop: Callable[[int], bool] | None = None) -> Best:
     """Run `steps` iterations of x = G(z), loss = objective(x, y), backward, step; return the best batch.
 
     The best batch is judged on the loss of the iteration that made it (as the reference does: before the update).
@@ -72,6 +74,7 @@ def optimise_latent(generator: nn.Module, z: Tensor, y: Tensor, optimizer: torch
         steps: iterations (`g_steps`).
         after_backward: called with the iteration index after each backward, before the optimizer step
             (Fast-DFKD's first-order MAML reads the fresh gradients there).
+        stop: called with the iterations made after each one; True ends the batch there (a time limit).
 
     Returns:
         The lowest-loss batch.
@@ -90,6 +93,8 @@ def optimise_latent(generator: nn.Module, z: Tensor, y: Tensor, optimizer: torch
         if after_backward is not None:
             after_backward(it)
         step(optimizer)
+        if stop is not None and stop(it + 1):
+            break
     if best is None:
         raise ValueError("optimise_latent needs steps >= 1")
     return best
@@ -129,6 +134,19 @@ class LatentSynthesizer(Synthesizer):
         self.device = torch.device(device)
         self.sample_augment = sample_augment
         self.nz: int = generator.nz
+        self.time_limit: float | None = None  # seconds a batch's iterations may take (one at least); None: no limit
+        self.clock: Callable[[], float] = time.perf_counter  # what time_limit counts (a method sets its budget's)
+        self.done_steps = 0  # iterations the last batch made (`steps`, or fewer where time_limit ended it)
+
+    def stopper(self) -> Callable[[int], bool]:
+        """`optimise_latent`'s stop for a batch starting now: records the iterations made, ends past time_limit."""
+        start = self.clock()
+
+        def stop(done: int) -> bool:
+            self.done_steps = done
+            return self.time_limit is not None and self.clock() - start > self.time_limit
+
+        return stop
 
     def latents(self) -> tuple[Tensor, Tensor]:
         """Learnable z ~ N(0, I) and uniform targets, sorted (as the reference, for tidy image grids)."""

@@ -77,7 +77,8 @@ class MetaSynthesizer(LatentSynthesizer):
             unscale(inner)
             add_grads_(self.generator, fast, finite_only=loss_scaled())
 
-        best = optimise_latent(fast, z, y, inner, self.objective, self.steps, after if self.maml else None)
+        best = optimise_latent(fast, z, y, inner, self.objective, self.steps, after if self.maml else None,
+                               self.stopper())
         if not self.maml:
             reptile_grads_(self.generator, fast, self.alpha)
         self.meta_optimizer.step()

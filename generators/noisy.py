@@ -207,6 +207,6 @@ class NoisyLayerSynthesizer(LatentSynthesizer):
         y = nayer_targets(self.batch_size, self.num_classes).to(self.device)
         opt = torch.optim.Adam(self.generator.parameters(), lr=self.lr, betas=self.betas)
         # The labels are the generator's input and its targets: optimise_latent calls generator(y).
-        best = optimise_latent(self.generator, y, y, opt, self.objective, self.steps)
+        best = optimise_latent(self.generator, y, y, opt, self.objective, self.steps, stop=self.stopper())
         self.pool.add(best.x)
         return best.x, best.losses

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from dfkd.config import DistillConfig
-from dfkd.engine import distill
+from dfkd.engine import Run, distill
 from dfkd.generators.inversion import InversionSynthesizer
+from dfkd.generators.latent import LatentSynthesizer, optimise_latent
 from dfkd.methods import get_method
 from dfkd.methods._budget import PROBE_STEPS, ROUND_SHARE, STUDENT_SHARE, IterationPlanner, StepPlanner
 from dfkd.methods.nayer import NAYER
@@ -194,3 +196,53 @@ def test_measured_speed_is_checkpointed(tiny_teacher, method: str) -> None:  # n
     assert b.planner.plan(600.0)[0] == min(b.planner.iterations, int(ROUND_SHARE * 600.0 / 0.25))
     if "steps_planner" in b.planners():
         assert b.steps_planner.cap(400, 600.0, 600.0) == int(STUDENT_SHARE * 600.0 / 0.5), "no probing round"
+
+
+def test_rounds_that_end_far_past_the_budget_are_said(capsys: pytest.CaptureFixture[str]) -> None:
+    # a ViT at 224 px: the first round's probe took 132 s of a 12-s budget, and nothing said so
+    events: list[dict] = []
+    log = SimpleNamespace(event=lambda step, **kw: events.append({"step": step, **kw}))
+    run = SimpleNamespace(budget_seconds=lambda: 12.0, elapsed=132.6, longest_round=131.2, step=2)
+    Run._say_overrun(run, log)
+    said = "the rounds took 133 s of a 12-s budget: a round is not cut short, and one took up to 131 s here"
+    assert f"note: step 2: {said}" in capsys.readouterr().err and events[0]["message"].startswith(said)
+    for elapsed in (21.9, 600.0):  # within 10 s of a short budget; no time budget at all
+        run.elapsed, run.budget_seconds = elapsed, (lambda: 12.0) if elapsed < 100 else (lambda: None)
+        Run._say_overrun(run, log)
+    assert capsys.readouterr().err == "" and len(events) == 1
+
+
+def test_latent_batch_stops_on_the_budgets_clock() -> None:
+    # fast, cmi and nayer made a first batch of min(g_steps, 10) iterations whatever they cost: ten of a ViT's at
+    # 224 px took two minutes of a 12-second budget; the batch now ends at the planner's cap, on the budget's clock
+    class Gen(torch.nn.Module):
+        nz = 4
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 16)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return self.fc(z).view(-1, 1, 4, 4)
+
+    calls = []
+
+    def objective(x: torch.Tensor, y: torch.Tensor) -> tuple[dict, None]:
+        calls.append(1)
+        return {"loss": x.square().mean()}, None
+
+    class Synth(LatentSynthesizer):
+        def synthesize(self) -> None:  # the batch's loop is optimise_latent's, below
+            raise NotImplementedError
+
+    synth = Synth(Gen(), objective, None, 4, 1000, 10)
+    ticks = iter(range(0, 10_000, 10))
+    synth.clock, synth.time_limit = lambda: float(next(ticks)), 25.0  # 10 "seconds" an iteration
+    z, y = synth.latents()
+    optimise_latent(synth.generator, z, y, torch.optim.Adam([z], lr=0.1), objective, synth.steps,
+                    stop=synth.stopper())
+    assert len(calls) == 3 == synth.done_steps, "stopped once the given clock passed the cap, not after 1000"
+    calls.clear()
+    synth.time_limit = None
+    optimise_latent(synth.generator, z, y, torch.optim.Adam([z], lr=0.1), objective, 7, stop=synth.stopper())
+    assert len(calls) == 7 == synth.done_steps, "no limit: every iteration"

@@ -28,8 +28,10 @@ ROUND_SHARE = 0.05
 STUDENT_SHARE = 0.1
 #: The largest share of a time budget a method's warm-up (rounds without student steps) may take.
 WARMUP_SHARE = 0.2
-#: Student steps (or synthesis iterations) of the first round under a time budget, before their speed is known.
-PROBE_STEPS = 10
+#: Student steps of the first round under a time budget, before their speed is known: few, as a heavy teacher's
+#: step takes seconds on a CPU (ten of a ViT's at 224 px took two minutes of a 12-second budget); every round is
+#: timed again, so the next plan does not rest on these alone.
+PROBE_STEPS = 2
 
 
 class IterationPlanner:
@@ -64,16 +66,6 @@ class IterationPlanner:
                         f"{time_budget / 60:g}-minute budget; using {n} per batch (a larger --budget-minutes, "
                         "--steps or a faster device keeps the recipe's)")
         return n, cap
-
-    def steps(self, time_budget: float | None) -> int:
-        """Iterations of the next batch, for a synthesizer that cannot stop on a clock.
-
-        Under a step budget the recipe's; under a time budget a probe of `PROBE_STEPS` while the speed is unknown.
-        """
-        n, _ = self.plan(time_budget)
-        if n is not None:
-            return n
-        return self.iterations if time_budget is None else min(self.iterations, PROBE_STEPS)
 
     @contextmanager
     def timing(self, clock: Callable[[], float] | None = None) -> Iterator[None]:

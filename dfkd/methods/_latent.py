@@ -92,12 +92,14 @@ class LatentMethod(Method):
     def synthesize(self) -> dict[str, float]:
         """One synthesis round; its best batch is in the pool and in `last_images`.
 
-        Under a time budget its g_steps are fitted to it (`IterationPlanner`); under a step budget the recipe's.
+        Under a time budget its g_steps are fitted to it (`IterationPlanner`; the first batch, its speed unknown,
+        ends at the planner's cap on the budget's clock); under a step budget the recipe's.
         """
-        self.synth.steps = self.planner.steps(self.time_budget)
+        steps, self.synth.time_limit = self.planner.plan(self.time_budget)
+        self.synth.steps, self.synth.clock = steps or int(self.p["g_steps"]), self.clock
         with self.synthesis(), self.planner.timing(self.clock):
             x, losses = self.synth.synthesize()
-            self.planner.calls = self.synth.steps
+            self.planner.calls = self.synth.done_steps
             self.after_synthesis()
         self.last_images = x
         return step_logs("gen", losses)

@@ -194,8 +194,12 @@ class NAYER(Method):
         return momentum_objective(self, x, y, bool(self.p["adv"]) and not self.warming_up), None
 
     def _generator_batch(self) -> tuple[torch.Tensor, LossDict]:
-        """One generator loop, its g_steps planned to fit a time budget (the recipe's under a step budget)."""
-        self.synth.steps = self.planner.steps(self.time_budget)
+        """One generator loop, its g_steps planned to fit a time budget (the recipe's under a step budget).
+
+        The first loop under a time budget, its speed unknown, ends at the planner's cap on the budget's clock.
+        """
+        steps, self.synth.time_limit = self.planner.plan(self.time_budget)
+        self.synth.steps, self.synth.clock = steps or int(self.p["g_steps"]), self.clock
         start = self.clock()
         with self.planner.timing(self.clock):
             out = self.synth.synthesize()
