@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--png", default=str(ROOT / "bench" / "results" / "audit_pairs.png"),
                     help="where the audit's picture of the nearest pairs is written (default: %(default)s)")
     a = ap.parse_args()
+    a.png = str(Path(a.png).resolve())  # the audit runs in the project's root: a relative path is the caller's
     Path(a.png).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         transfer = Path(a.transfer) if a.transfer else Path(tmp) / "synthetic.npz"

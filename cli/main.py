@@ -469,11 +469,11 @@ def auto_for(loaded: Any, teacher: str | None, recipe: str | None) -> tuple[str 
     """
     from dfkd.auto import choose, profile, rule_lines
 
+    if loaded is None and recipe:
+        raise DfkdError(f"--recipe {recipe} with --params auto: the recipe is the teacher's row's; give --teacher "
+                        f"T.pt to see it, or --params NAME --recipe {recipe} for a method's")
     click.echo("\n".join(rule_lines()))
     if loaded is None:
-        if recipe:
-            raise DfkdError(f"--recipe {recipe} with --params auto: the recipe is the teacher's row's; give --teacher "
-                            f"T.pt to see it, or --params NAME --recipe {recipe} for a method's")
         return None, None, {}
     prof = profile(loaded)
     rule = choose(prof)

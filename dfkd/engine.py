@@ -503,8 +503,11 @@ class Run:
         budget = self.budget_seconds()
         if budget is None or self.elapsed < max(1.25 * budget, budget + 10):
             return
-        message = (f"the rounds took {self.elapsed:.0f} s of a {budget:.0f}-s budget: a round is not cut short, and "
-                   f"one took up to {self.longest_round:.0f} s here (give a larger --budget-minutes, or --steps)")
+        if self.longest_round < self.elapsed - budget:  # not this process's rounds: a resume with a smaller budget
+            return
+        message = (f"the rounds took {self.elapsed:.0f} s of a {budget:.0f}-s budget: the budget is checked between "
+                   f"rounds, and one took up to {self.longest_round:.0f} s here (give a larger --budget-minutes, or "
+                   "--steps)")
         tqdm.write(f"note: step {self.step}: {message}", file=sys.stderr)
         log.event(self.step, event="note", message=message)
 

@@ -418,14 +418,16 @@ def _search(cfg: SearchConfig, teacher: Any, optuna: Any, space: Any, study: Any
     rows = trial_rows(study)
     pareto = pareto_rows(rows)
     diverged = [r for r in rows if r["diverged"] is not None]
-    if not pareto and diverged and len(diverged) == len([r for r in rows if r["state"] != "pruned"]):
-        raise DfkdError(f"-p: every trial that was distilled diverged ({len(diverged)} of {len(rows)}; a loss "
+    if not pareto and diverged:  # a trial stopped by a signal has no score either, but did not diverge
+        raise DfkdError(f"-p: no trial has a score and {len(diverged)} of the {len(rows)} trials diverged (a loss "
                         "became non-finite): lower the learning rates (e.g. -p lr_s=... -p lr_g=...) and continue "
                         "with the same command and --resume (its settings may change while no trial has scored)")
     if not pareto:
-        raise DfkdError(f"--max-params {cfg.max_params}: no trial finished within the constraints; add trials "
-                        f"(dfkd search --resume --trials N, N > {cfg.trials}, with the same limits), or raise the "
-                        f"limits in a new search (another --out, or remove {cfg.out})")
+        limits = f"--max-params {cfg.max_params}" + (
+            f" / --max-latency-ms {cfg.max_latency_ms}" if cfg.max_latency_ms is not None else "")
+        raise DfkdError(f"{limits}: no trial finished within the limits; add trials (dfkd search --resume --trials "
+                        f"N, N > {cfg.trials}; the trials pruned so far stay pruned, whatever limits a resume gives), "
+                        f"or raise the limits in a new search (another --out, or remove {cfg.out})")
     best = max(r["top1"] for r in pareto)
     chosen = min((r for r in pareto if r["top1"] >= best - cfg.tolerance), key=lambda r: r["params"])
     final = final_student(cfg, chosen, rows)

@@ -204,12 +204,20 @@ def test_rounds_that_end_far_past_the_budget_are_said(capsys: pytest.CaptureFixt
     log = SimpleNamespace(event=lambda step, **kw: events.append({"step": step, **kw}))
     run = SimpleNamespace(budget_seconds=lambda: 12.0, elapsed=132.6, longest_round=131.2, step=2)
     Run._say_overrun(run, log)
-    said = "the rounds took 133 s of a 12-s budget: a round is not cut short, and one took up to 131 s here"
+    said = "the rounds took 133 s of a 12-s budget: the budget is checked between rounds, and one took up to 131 s"
     assert f"note: step 2: {said}" in capsys.readouterr().err and events[0]["message"].startswith(said)
     for elapsed in (21.9, 600.0):  # within 10 s of a short budget; no time budget at all
         run.elapsed, run.budget_seconds = elapsed, (lambda: 12.0) if elapsed < 100 else (lambda: None)
         Run._say_overrun(run, log)
+    # a resume with a smaller budget than the time already spent: no round of this process ran over it
+    run.elapsed, run.longest_round, run.budget_seconds = 26.0, 0.0, lambda: 6.0
+    Run._say_overrun(run, log)
     assert capsys.readouterr().err == "" and len(events) == 1
+    notes: list[str] = []
+    planner = IterationPlanner("fast", 5, None, notes.append)
+    planner.iter_seconds = 0.1  # 5 iterations take 0.5 s, over 5 % of a 6-second budget
+    planner.plan(6.0)
+    assert "5 synthesis iterations per batch would take 0.5 s here" in notes[0]  # it said "0 s"
 
 
 def test_latent_batch_stops_on_the_budgets_clock() -> None:

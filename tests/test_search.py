@@ -131,7 +131,9 @@ def test_refusals(toy: dict[str, str], finished: tuple[SearchConfig, dict], tmp_
         search(dataclasses.replace(cfg, trial_steps=31), load_teacher(cfg.teacher), resume=True)
     with pytest.raises(DfkdError, match="holds no search"):
         search(config(toy, tmp_path / "none"), load_teacher(cfg.teacher), resume=True)
-    with pytest.raises(DfkdError, match="no trial finished within the constraints"):
+    # the latency limit pruned them, the message named --max-params alone and offered a resume "with the same limits"
+    with pytest.raises(DfkdError, match=r"--max-params 60000 / --max-latency-ms 1e-09: no trial finished within the "
+                                        r"limits; .* the trials pruned so far stay pruned, whatever limits a resume"):
         search(config(toy, tmp_path / "tiny", max_latency_ms=1e-9, trials=1), load_teacher(cfg.teacher))
     # "add trials" could not help a --max-params under the space's smallest student
     with pytest.raises(DfkdError, match="--max-params 10: the smallest student of the lenet5 space .* 4,025 "):
@@ -307,7 +309,7 @@ def test_a_diverged_trial_is_told_and_the_search_goes_on(toy: dict[str, str], tm
     cfg = config(toy, tmp_path / "s", trials=2, params={**config(toy, tmp_path).params, "lr_s": 1e6})
     with pytest.warns(UserWarning, match=r"trial \d \(lenet5_scaled\) diverged at step \d+: it has no score; the "
                                          r"search goes on") as told:
-        with pytest.raises(DfkdError, match=r"every trial that was distilled diverged \(2 of 2; .*lower the "
+        with pytest.raises(DfkdError, match=r"no trial has a score and 2 of the 2 trials diverged .*lower the "
                                             "learning rates .* and --resume"):
             search(cfg, load_teacher(cfg.teacher))
     assert len([w for w in told if "diverged at step" in str(w.message)]) == 2  # both trials ran
@@ -316,3 +318,18 @@ def test_a_diverged_trial_is_told_and_the_search_goes_on(toy: dict[str, str], tm
                  resume=True)
     assert sum(r["top1"] is not None for r in res["rows"]) == 2 and res["final"]["top1"] > 0.5
     assert "diverged at step" in (tmp_path / "s" / "pareto.md").read_text()
+
+def test_no_score_with_a_stopped_and_a_diverged_trial_is_told_as_divergence(toy: dict[str, str], tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # a trial stopped by a signal (failed, not diverged) beside diverged ones: "no trial finished within the
+    # constraints ... raise the limits", though every trial was within them
+    cfg = config(toy, tmp_path / "s", trials=1)
+    with monkeypatch.context() as m:
+        stop_in_round(m, "kd", 2)
+        with pytest.raises(Interrupted):
+            search(cfg, load_teacher(cfg.teacher))
+    wild = dataclasses.replace(cfg, trials=2, params={**cfg.params, "lr_s": 1e6})
+    with pytest.warns(UserWarning, match="diverged at step"):
+        with pytest.raises(DfkdError, match=r"no trial has a score and 2 of the 3 trials diverged .* lower the "
+                                            "learning rates"):
+            search(wild, load_teacher(cfg.teacher), resume=True)

@@ -62,7 +62,7 @@ class IterationPlanner:
         if n < self.iterations and not self._noted:
             self._noted = True
             self.notice(f"{self.method}: {self.iterations} synthesis iterations per batch would take "
-                        f"{self.iterations * self.iter_seconds:.0f} s here, more than {ROUND_SHARE:.0%} of the "
+                        f"{_seconds(self.iterations * self.iter_seconds)} s here, more than {ROUND_SHARE:.0%} of the "
                         f"{time_budget / 60:g}-minute budget; using {n} per batch (a larger --budget-minutes, "
                         "--steps or a faster device keeps the recipe's)")
         return n, cap
@@ -116,10 +116,10 @@ class StepPlanner:
         n = max(1, min(steps, share, int((time_left - reserve) / self.step_seconds)))
         if share < steps and not self._noted:
             self._noted = True
-            self.notice(f"{self.method}: {steps} student steps a round would take {steps * self.step_seconds:.0f} s "
-                        f"here, more than {STUDENT_SHARE:.0%} of the {time_budget / 60:g}-minute budget; using up "
-                        f"to {max(1, share)} a round (a larger --budget-minutes, --steps or a faster device keeps "
-                        "the recipe's)")
+            self.notice(f"{self.method}: {steps} student steps a round would take "
+                        f"{_seconds(steps * self.step_seconds)} s here, more than {STUDENT_SHARE:.0%} of the "
+                        f"{time_budget / 60:g}-minute budget; using up to {max(1, share)} a round (a larger "
+                        "--budget-minutes, --steps or a faster device keeps the recipe's)")
         return n
 
     @contextmanager
@@ -141,3 +141,8 @@ class StepPlanner:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def _seconds(x: float) -> str:
+    """Seconds as a note prints them: whole ones from 10 up, two significant digits under (not "0 s")."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
