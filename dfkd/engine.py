@@ -497,8 +497,8 @@ class Run:
     def _say_overrun(self, log: RunLog) -> None:
         """Say when the rounds ran well past the time budget.
 
-        A round is not cut short: a heavy teacher's first round, which measures the speed, took minutes of a
-        12-second budget, unsaid.
+        The budget is checked between rounds: a heavy teacher's first round, which measures the speed, took
+        minutes of a 12-second budget, unsaid.
         """
         budget = self.budget_seconds()
         if budget is None or self.elapsed < max(1.25 * budget, budget + 10):
