@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Collection
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
@@ -44,7 +45,7 @@ from dfkd.distributed import (
 )
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
-from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, sha256_file
+from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, same_data, sha256_file
 from dfkd.logbuf import LossBuffer
 from dfkd.memory import peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
@@ -205,6 +206,11 @@ class Run:
         if cfg.eval_data:
             t = self.teacher
             self.eval_data = load_for(cfg.eval_data, "--eval-data", t.num_classes, t.spec, t.class_names)
+            trains = self.source.path
+            if trains and dist.main and same_data(cfg.eval_data, trains):  # its top-1 was read as a test's
+                flag = "--" + str(self.source.flag).replace("_", "-")
+                warnings.warn(f"--eval-data {cfg.eval_data} is the {flag} the student trains on: its top-1 there is "
+                              "training accuracy, not a test; give held-out images", stacklevel=2)
         self.fid = FIDMonitors.for_run(self.teacher, cfg.fid_ref, self.device) \
             if cfg.fid_every and dist.main else FIDMonitors([])
         built = build_method(cfg.method, self.teacher, self.source.overrides(), self.device, cfg.seed,

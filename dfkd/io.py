@@ -227,6 +227,17 @@ def sha256_file(path: str | os.PathLike) -> str:
     return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def same_data(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two data paths are one file or folder, or byte-equal files (hashed only when their sizes agree)."""
+    try:
+        if os.path.samefile(a, b):
+            return True
+        return os.path.isfile(a) and os.path.isfile(b) and os.path.getsize(a) == os.path.getsize(b) and \
+            sha256_file(a) == sha256_file(b)
+    except OSError:
+        return False
+
+
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: str, inode: int, size: int, mtime_ns: int) -> str:
     del inode, size, mtime_ns  # the cache key: a changed file is read again

@@ -39,7 +39,7 @@ from torch import nn
 from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
-from dfkd.io import atomic_copy, atomic_write_text, read_json_object
+from dfkd.io import atomic_copy, atomic_write_text, read_json_object, same_data
 from dfkd.lifelong_train import (
     PHASES,
     Batches,
@@ -133,17 +133,22 @@ OLD_CLASS_AGREEMENT = 0.5
 
 def check_not_old_classes(data: ImageData, teacher: Teacher, path: str, device: torch.device,
                           n: int = 512) -> None:
-    """Labels from 0 that reach past the old model's K classes: new classes, or the old classes with the new?
+    """Labels from 0: new classes, or the old model's own classes (alone, or with the new)?
 
     Labels 0..M-1 are read as new classes K..K+M-1, however many; but a whole dataset (old classes and new) is
-    labelled from 0 too, and was extended as if every class were new. Where the old model answers most of the images
-    labelled 0..K-1 with that very label, they are its own classes, and the data is refused.
+    labelled from 0 too, and was extended as if every class were new, and so were images of old classes alone. Where
+    the old model answers most of the images labelled 0..K-1 with that very label, they are its own classes, and the
+    data is refused.
     """
-    k_old = teacher.num_classes
-    if int(data.y.min()) != 0 or int(data.y.max()) < k_old:
+    k_old, top = teacher.num_classes, int(data.y.max())
+    if int(data.y.min()) != 0:
         return
     idx = (data.y < k_old).nonzero().flatten()[:n]
     agree = float((predict(teacher, data.subset(idx), teacher.spec, device).argmax(1) == data.y[idx]).float().mean())
+    if agree > OLD_CLASS_AGREEMENT and top < k_old:  # images of old classes 0..2 were taught as new classes K..K+2
+        raise DfkdError(f"--data {path}: labels 0..{top} are read as new classes {k_old}..{k_old + top}, but the old "
+                        f"model answers {100 * agree:.0f} % of the images with that very label: they are its own "
+                        f"classes; give images of classes it does not know")
     if agree > OLD_CLASS_AGREEMENT:
         raise DfkdError(f"--data {path}: labels run 0..{int(data.y.max())}, and the old model answers "
                         f"{100 * agree:.0f} % of the images labelled 0..{k_old - 1} with that very label: they are its "
@@ -170,6 +175,15 @@ def make_replay(teacher: Teacher, cfg: ExtendConfig, work: Path, device: torch.d
         data = synthesize(teacher, cfg.method, cfg.replay, path, cfg.params, cfg.seed, device,
                           steps=cfg.replay_steps, progress=True)
     return ImageData(data.x, data.probs.argmax(1))
+
+
+def _check_replay_settings(cfg: ExtendConfig) -> None:
+    """Refuse a replay method that makes no images, or `-p` keys and values it does not take, before any file."""
+    from dfkd.config import check_method_params
+    from dfkd.transfer import check_synthesis_method
+
+    check_synthesis_method(cfg.method)
+    check_method_params(cfg.method, cfg.params, min_s_steps=0)
 
 
 def wrote_out(cfg: ExtendConfig) -> bool:
@@ -242,9 +256,19 @@ def _extend(cfg: ExtendConfig, teacher: Teacher, resume: bool) -> dict[str, Any]
     check_new_channels(new, teacher, cfg.data)
     check_not_old_classes(given, teacher, cfg.data, device)
     k_all = int(new.y.max()) + 1
+    if k_all - k_old == 1 and not resume:
+        warnings.warn(f"--data {cfg.data}: one new class: the new-data loss of Always Be Dreaming is a cross-entropy "
+                      "over the new classes' logits alone, which is zero for one class, so the network's features do "
+                      "not learn it and only the classifier head does; give two or more new classes, or more --steps",
+                      stacklevel=2)
     test = load_for(cfg.eval_data, "--eval-data", k_all, teacher.spec, _all_names(teacher, new, k_all)) \
         if cfg.eval_data else None
+    if cfg.eval_data and not resume and same_data(cfg.eval_data, cfg.data):
+        warnings.warn(f"--eval-data {cfg.eval_data} is the --data the model trains on: its new-class top-1 there is "
+                      "training accuracy, and it holds no old class; give held-out images of every class",
+                      stacklevel=2)
     old = load_for(cfg.old_data, "--old-data", k_old, teacher.spec, teacher.class_names) if cfg.old_data else None
+    _check_replay_settings(cfg)  # after the config is written, a typo blocked --out: neither a rerun nor a resume
     _check_config(cfg, work, resume)
     seed_everything(cfg.seed)
     replay = make_replay(teacher, cfg, work, device)

@@ -162,6 +162,17 @@ def synthesis_methods() -> list[str]:
     return [m for m in list_methods() if m != "transfer" and not get_method(m).reads]
 
 
+def check_synthesis_method(method: str) -> None:
+    """Refuse a method that makes no synthetic images (an unknown one by `get_method`'s message)."""
+    from dfkd.methods import get_method
+
+    if method == "transfer":
+        raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
+    if get_method(method).reads:  # kd, crossmodal: "give --data TRAIN" said to a user who gave it (dfkd extend)
+        raise DfkdError(f"--method {method}: learns from your images, it makes no synthetic ones; use one of "
+                        f"{', '.join(synthesis_methods())}")
+
+
 def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.PathLike,
                params: dict[str, Any] | None = None, seed: int = 0, device: str | torch.device = "cpu",
                student: str | None = None, steps: int | None = None, progress: bool = False,
@@ -195,17 +206,12 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     from dfkd.build import build_method
     from dfkd.checkpoint import set_rng_state
     from dfkd.generators import GeneratorSynthesizer
-    from dfkd.methods import get_method
     from dfkd.utils import seed_everything
 
     num = default_num(teacher.num_classes) if num is None else num
     if num < 1:
         raise DfkdError(f"--num {num}: give a positive number of images")
-    if method == "transfer":
-        raise DfkdError("--method transfer distills from a transfer file; it cannot make one")
-    if get_method(method).reads:  # kd, crossmodal: "give --data TRAIN" said to a user who gave it (dfkd extend)
-        raise DfkdError(f"--method {method}: learns from your images, it makes no synthetic ones; use one of "
-                        f"{', '.join(synthesis_methods())}")
+    check_synthesis_method(method)
     labels = labels or LabelSpec()
     if labels.mode == "topk" and (labels.k or 1) >= teacher.num_classes:  # a user minimising what leaves: say so
         warnings.warn(f"--labels {labels.text()}: the teacher has {teacher.num_classes} classes, so every row keeps "

@@ -219,4 +219,4 @@ def teacher_probs(teacher: Teacher, x: Tensor, device: torch.device, batch: int 
 
 
 # The owner's side lives in dfkd.synthesis; `dfkd.transfer.synthesize` stays its public name.
-from dfkd.synthesis import default_num, synthesize  # noqa: E402, F401
+from dfkd.synthesis import check_synthesis_method, default_num, synthesize  # noqa: E402, F401

@@ -64,9 +64,11 @@ def train_toy_teacher(path: Path, classes: int) -> str:
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("lifelong")
+    x, y = toy_images(range(5, 7), 128, 5)  # the next task: two classes a 5-class model does not know, labelled from 0
+    np.savez(d / "next.npz", x=x, y=y - 5)
     return {"teacher": train_toy_teacher(d / "old.pt", 3), "new": write(d / "new.npz", range(3, 5), 256, 2),
             "old": write(d / "old.npz", range(3), 256, 3), "test": write(d / "test.npz", range(5), 200, 4),
-            "next": write(d / "next.npz", range(2), 128, 5), "test7": write(d / "test7.npz", range(7), 140, 6)}
+            "next": str(d / "next.npz"), "test7": write(d / "test7.npz", range(7), 140, 6)}
 
 
 def config(toy: dict[str, str], out: Path, **kw: object) -> ExtendConfig:
@@ -197,6 +199,14 @@ def test_data_of_the_old_classes_labelled_from_0_is_refused() -> None:
     new = ImageData(((labels + 3) * 20).to(torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).contiguous(),
                     labels)  # six new classes from 0: the old model answers its last class to them all
     check_not_old_classes(new, teacher, "n", torch.device("cpu"))
+    # images of old classes 0..1 alone, labelled 0..1: taught as new classes 3..4 without a word (old top-1 fell
+    # from 99.5 to 43 % on MNIST)
+    two = torch.arange(2).repeat(4)
+    old_only = ImageData((two * 20).to(torch.uint8)[:, None, None, None].expand(-1, 1, 8, 8).contiguous(), two)
+    with pytest.raises(DfkdError, match=r"--data n: labels 0..1 are read as new classes 3..4, but the old model "
+                                        r"answers 100 % of the images with that very label: they are its own"):
+        check_not_old_classes(old_only, teacher, "n", torch.device("cpu"))
+    check_not_old_classes(ImageData(new.x[:8], two), teacher, "n", torch.device("cpu"))  # truly new, from 0
 
 
 def test_old_data_without_eval_data_is_refused(toy: dict[str, str], tmp_path: Path) -> None:
@@ -269,6 +279,12 @@ def test_cli_extend_and_errors(toy: dict[str, str], tmp_path: Path) -> None:
     assert res.exit_code == 2 and f"--out {out}: already exists; choose another name or remove it" in res.output
     res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "k.pt"), "--method", "kd"])  # "give --data", given
     assert res.exit_code == 2 and "--method kd: learns from your images, it makes no synthetic ones" in res.output
+    # a typo in --method or -p was refused after OUT.extend/config.json was written: the corrected command was then
+    # refused ("holds an earlier extend run"), and so was --resume ("method was 'nosuch'")
+    for typo, said in ((["--method", "nosuch"], "unknown method 'nosuch'"), (["-p", "bogus=1"], "bogus")):
+        res = CliRunner().invoke(main, [*args[:6], str(tmp_path / "k.pt"), *typo])
+        assert res.exit_code == 2 and said in res.output, res.output
+        assert not (tmp_path / "k.extend").exists()
     # a SIGTERM's stop (checkpoint saved) exited 130, as Ctrl-C's, where every other command exits 128 + 15
     real, calls = lt.abd_loss, []
 
@@ -352,3 +368,13 @@ def test_interrupted_reference_resumes_exactly(toy: dict[str, str], tmp_path: Pa
     extend(cut, load_teacher(cut.teacher), resume=True)
     a, b = (torch.load(c.work_dir() / "finetune.pt", weights_only=True)["model"] for c in (whole, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_new_class_is_said_to_teach_the_head_alone(toy: dict[str, str], tmp_path: Path) -> None:
+    # the new-data loss (cross-entropy over the new classes' logits) is zero for one class: new-class top-1 stayed
+    # at 0 % after 10 steps, unsaid
+    one = write(tmp_path / "one.npz", range(3, 4), 64, 7)
+    cfg = dataclasses.replace(config(toy, tmp_path / "m.pt", eval_data=None, old_data=None, steps=2), data=one)
+    with pytest.warns(UserWarning, match="one new class: the new-data loss of Always Be Dreaming .* zero for one "
+                                         "class"):
+        extend(cfg, load_teacher(cfg.teacher))
