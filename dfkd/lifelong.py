@@ -38,7 +38,7 @@ from torch import nn
 
 from dfkd.data import ImageData, load_for, load_images
 from dfkd.errors import DfkdError
-from dfkd.evaluate import predict
+from dfkd.evaluate import predict, size_note
 from dfkd.io import atomic_copy, atomic_write_text, read_json_object, same_data
 from dfkd.lifelong_train import (
     PHASES,
@@ -254,6 +254,8 @@ def _extend(cfg: ExtendConfig, teacher: Teacher, resume: bool) -> dict[str, Any]
     given = load_images(cfg.data)
     new = append_labels(given, k_old, cfg.data)
     check_new_channels(new, teacher, cfg.data)
+    if (how := size_note(new, teacher.spec)) and not resume:  # 28x56 images: new-class top-1 2 % against 36, unsaid
+        warnings.warn(f"--data {cfg.data}: its images are {how} for the old model", stacklevel=2)
     check_not_old_classes(given, teacher, cfg.data, device)
     k_all = int(new.y.max()) + 1
     if k_all - k_old == 1 and not resume:

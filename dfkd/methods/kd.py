@@ -10,6 +10,7 @@ from torch import nn
 
 from dfkd.data import load_for
 from dfkd.errors import DfkdError
+from dfkd.evaluate import size_note
 from dfkd.generators import LossDict, RealData
 from dfkd.losses import kl_div
 from dfkd.methods._registry import register_method
@@ -55,6 +56,8 @@ class KD(Method):
             raise DfkdError("method kd distills on real images: give --data TRAIN (an .npz with x, y or an "
                             "ImageFolder directory); without data, use a data-free method (see `dfkd methods`)")
         data = load_for(path, "--data", teacher.num_classes, teacher.spec, teacher.class_names)
+        if how := size_note(data, teacher.spec):  # 28x56 images stretched to 32x32 trained at half the top-1, unsaid
+            self.notice(f"--data {path}: its images are {how} for the teacher (--eval-data is read the same way)")
         self.synth: RealData = RealData(data, teacher.spec, params["batch_size"], device, bool(params["augment"]))
         self._labels: torch.Tensor | None = None
 
