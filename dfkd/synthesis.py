@@ -211,6 +211,10 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     num = default_num(teacher.num_classes) if num is None else num
     if num < 1:
         raise DfkdError(f"--num {num}: give a positive number of images")
+    if num < teacher.num_classes:  # a 1-image transfer file then trained a student at chance, unsaid
+        warnings.warn(f"--num {num}: fewer images than the teacher's {teacher.num_classes} classes, so some classes "
+                      f"cannot appear in the file; give --num {default_num(teacher.num_classes)} (the default) or more "
+                      "for a student", stacklevel=2)
     check_synthesis_method(method)
     labels = labels or LabelSpec()
     if labels.mode == "topk" and (labels.k or 1) >= teacher.num_classes:  # a user minimising what leaves: say so
