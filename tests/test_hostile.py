@@ -669,7 +669,7 @@ def test_eval_data_that_is_the_training_data_is_said(tmp_path: Path) -> None:
 def test_a_transfer_file_of_fewer_images_than_classes_is_said(teacher_file: str, tmp_path: Path) -> None:
     # synthesize --num 1 on a 10-class teacher: a file a student then learnt nothing from (10.85 %), unsaid
     with pytest.warns(UserWarning, match=r"--num 4: fewer images than the teacher's 10 classes, so some classes "
-                                         r"cannot appear in the file; give --num 1000 \(the default\)"):
+                                         r"cannot appear in the file; give --num 10000 \(the default\)"):
         r = invoke(["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "4", "-p", "di_iters=1",
                     "-p", "di_batch=4", "--out", tmp_path / "t.npz"])
     assert r.exit_code == 0, r.output
