@@ -270,7 +270,7 @@ def _extend(cfg: ExtendConfig, teacher: Teacher, resume: bool) -> dict[str, Any]
                       "training accuracy, and it holds no old class; give held-out images of every class",
                       stacklevel=2)
     old = load_for(cfg.old_data, "--old-data", k_old, teacher.spec, teacher.class_names) if cfg.old_data else None
-    _check_replay_settings(cfg)  # after the config is written, a typo blocked --out: neither a rerun nor a resume
+    _check_replay_settings(cfg)  # before the work folder: a typo refused after it blocked a rerun and a resume
     _check_config(cfg, work, resume)
     seed_everything(cfg.seed)
     replay = make_replay(teacher, cfg, work, device)
