@@ -673,3 +673,14 @@ def test_a_transfer_file_of_fewer_images_than_classes_is_said(teacher_file: str,
         r = invoke(["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "4", "-p", "di_iters=1",
                     "-p", "di_batch=4", "--out", tmp_path / "t.npz"])
     assert r.exit_code == 0, r.output
+
+
+def test_training_images_of_another_size_are_said(tmp_path: Path) -> None:
+    # kd --data of 28x56 images was stretched to the teacher's 32x32 (half the top-1), said for --eval-data alone
+    x, y = np.random.default_rng(0).integers(0, 255, (16, 28, 56), dtype=np.uint8), np.arange(16) % 10
+    np.savez(tmp_path / "wide.npz", x=x, y=y)
+    plain = Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet5.pt"
+    r = invoke(["distill", "--teacher", plain, "--method", "kd", "--data", tmp_path / "wide.npz", "--steps", "1",
+                "-p", "batch_size=8", "--out", tmp_path / "r"])
+    assert r.exit_code == 0 and f"--data {tmp_path / 'wide.npz'}: its images are 28x56 stretched to 32x32 for the " \
+                                "teacher" in r.output, r.output

@@ -378,3 +378,13 @@ def test_one_new_class_is_said_to_teach_the_head_alone(toy: dict[str, str], tmp_
     with pytest.warns(UserWarning, match="one new class: the new-data loss of Always Be Dreaming .* zero for one "
                                          "class"):
         extend(cfg, load_teacher(cfg.teacher))
+
+
+def test_new_images_of_another_shape_are_said_to_be_stretched(toy: dict[str, str], tmp_path: Path) -> None:
+    # 28x56 new-class images were stretched to the model's square input (new-class top-1 2 % against 36), unsaid
+    x, y = toy_images(range(3, 5), 64, 8)
+    np.savez(tmp_path / "wide.npz", x=np.concatenate([x, x], axis=2), y=y)
+    cfg = dataclasses.replace(config(toy, tmp_path / "m.pt", eval_data=None, old_data=None, steps=2),
+                              data=str(tmp_path / "wide.npz"))
+    with pytest.warns(UserWarning, match=r"wide.npz: its images are 28x56 stretched to 32x32 for the old model"):
+        extend(cfg, load_teacher(cfg.teacher))
