@@ -67,6 +67,15 @@ class IterationPlanner:
                         "--steps or a faster device keeps the recipe's)")
         return n, cap
 
+    def fit(self, synth: Any, time_budget: float | None, clock: Callable[[], float]) -> None:
+        """Set the next batch of `synth`, a synthesizer that stops on a clock.
+
+        Its `steps` (the plan's, else the recipe's), its `time_limit` (the plan's cap: the first batch, its speed
+        unknown, ends there) and the `clock` that limit counts.
+        """
+        steps, synth.time_limit = self.plan(time_budget)
+        synth.steps, synth.clock = steps or self.iterations, clock
+
     @contextmanager
     def timing(self, clock: Callable[[], float] | None = None) -> Iterator[None]:
         """Measure the batch made inside: seconds per counted iteration, on the budget's `clock` (default wall)."""

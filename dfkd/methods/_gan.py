@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -13,7 +12,7 @@ from dfkd.bnstats import BNInputs
 from dfkd.generators import Generator, GeneratorSynthesizer, LossDict, default_width
 from dfkd.losses import information_entropy
 from dfkd.methods._verify import clean_mask, verified_batch
-from dfkd.methods.base import Method, frozen, step_logs
+from dfkd.methods.base import Method, Needs, frozen, step_logs
 from dfkd.teacher import Teacher, teacher_size
 
 GAN_DEFAULTS: dict[str, Any] = {
@@ -60,7 +59,7 @@ class GANMethod(Method):
     defaults: ClassVar[dict[str, Any]] = GAN_DEFAULTS
     cpu: ClassVar[dict[str, Any]] = GAN_CPU
     heldout: ClassVar[bool] = True
-    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {
+    needs: ClassVar[Needs] = {
         key: (lambda p: bool(p["ta_verify"]), "teacher verification is off; -p ta_verify=true turns it on")
         for key in ("ta_threshold", "ta_max_draws")}
     cpu_reason: ClassVar[str] = CPU_WIDTH_REASON

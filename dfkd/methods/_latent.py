@@ -95,8 +95,7 @@ class LatentMethod(Method):
         Under a time budget its g_steps are fitted to it (`IterationPlanner`; the first batch, its speed unknown,
         ends at the planner's cap on the budget's clock); under a step budget the recipe's.
         """
-        steps, self.synth.time_limit = self.planner.plan(self.time_budget)
-        self.synth.steps, self.synth.clock = steps or int(self.p["g_steps"]), self.clock
+        self.planner.fit(self.synth, self.time_budget, self.clock)
         with self.synthesis(), self.planner.timing(self.clock):
             x, losses = self.synth.synthesize()
             self.planner.calls = self.synth.done_steps

@@ -89,6 +89,10 @@ def frozen(module: nn.Module) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+#: `Method.needs`: setting -> (whether the run uses it, given the resolved settings; why not, and what would).
+Needs = dict[str, tuple[Callable[[dict[str, Any]], bool], str]]
+
+
 class Method(Recipe):
     """A registered distillation recipe. Subclasses set `paper`, `summary`, `defaults` and implement `round()`.
 
@@ -126,7 +130,7 @@ class Method(Recipe):
     ignores: ClassVar[dict[str, str]] = {}
     #: Settings another setting turns off: key -> (whether the run uses it, given the resolved settings; why it does
     #: not, and what would make it count). Gathered over the class's bases by `no_effect`.
-    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {}
+    needs: ClassVar[Needs] = {}
     #: Whether the run keeps a held-out set of the method's own generated images for data-free selection (the GAN
     #: methods: their generator makes fresh images on demand; the others serve the student from a pool or data).
     heldout: ClassVar[bool] = False

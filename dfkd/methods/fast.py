@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -13,6 +12,7 @@ from dfkd.losses import adv_masked_kl, bn_momentum, one_hot, update_bn_ema
 from dfkd.methods._latent import LatentMethod
 from dfkd.methods._recipes import teacher_kind
 from dfkd.methods._registry import register_method
+from dfkd.methods.base import Needs
 from dfkd.teacher import Teacher
 
 #: Fast-DFKD's ImageNet setting (zju-vipa/Fast-Datafree `datafree_kd_imagenet.py` logs: ResNet-50 teacher).
@@ -56,7 +56,7 @@ class Fast(LatentMethod):
     paper: ClassVar[str] = "Fang et al. 2022, Up to 100x Faster Data-free Knowledge Distillation, AAAI"
     summary: ClassVar[str] = "meta-learned generator: each synthetic batch in a few inner steps (first-order MAML)"
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 8, "g_steps": 2, "s_steps": 2}
-    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {
+    needs: ClassVar[Needs] = {
         "reptile_alpha": (lambda p: not p["is_maml"], "the meta step is first-order MAML, is_maml=1; -p is_maml=0 "
                                                       "(Reptile) uses it"),
         "reset_at": (lambda p: bool(p["reset_l0"]), "-p reset_l0=0: no reset; -p reset_l0=1 resets there"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -24,7 +23,7 @@ from dfkd.losses import update_bn_ema
 from dfkd.methods._budget import WARMUP_SHARE, IterationPlanner
 from dfkd.methods._recipes import cap_batches, teacher_kind
 from dfkd.methods._registry import register_method
-from dfkd.methods.base import Method, frozen, step_logs
+from dfkd.methods.base import Method, Needs, frozen, step_logs
 from dfkd.methods.fast import momentum_objective
 from dfkd.teacher import Teacher
 
@@ -93,7 +92,7 @@ class NAYER(Method):
     uses_bn: ClassVar[bool] = True
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8, "synth_batch_size": 12, "g_steps": 2, "s_steps": 2,
                                        "warmup_rounds": 0, "g_loops": 1, "le_emb_size": 16, "le_size": 16}
-    needs: ClassVar[dict[str, tuple[Callable[[dict[str, Any]], bool], str]]] = {
+    needs: ClassVar[Needs] = {
         "bn_mmt": (lambda p: bool(p["bn"]), "-p bn=0: no BN-statistics term")}
     cpu: ClassVar[dict[str, Any]] = {"synth_batch_size": 64, "batch_size": 128, "s_steps": 50, "lr_s": 0.05,
                                      "g_steps": 10, "warmup_rounds": 2, "gwp_loops": 5, "ngf": 16, "pool_size": 60_000,
@@ -198,8 +197,7 @@ class NAYER(Method):
 
         The first loop under a time budget, its speed unknown, ends at the planner's cap on the budget's clock.
         """
-        steps, self.synth.time_limit = self.planner.plan(self.time_budget)
-        self.synth.steps, self.synth.clock = steps or int(self.p["g_steps"]), self.clock
+        self.planner.fit(self.synth, self.time_budget, self.clock)
         start = self.clock()
         with self.planner.timing(self.clock):
             out = self.synth.synthesize()
