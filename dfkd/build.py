@@ -34,6 +34,7 @@ class Built:
     student_kwargs: dict[str, Any]
     recipe_lines: list[str]  # what a run prints at start: its recipe, why, and its departures from the paper
     init_line: str = ""  # where the student's first weights came from (dfkd.inherit), "student init: ..."
+    yours: tuple[str, ...] = ()  # the settings the user gave (a checkpoint keeps them for a resume's lines)
 
 
 def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device: torch.device, seed: int,
@@ -41,7 +42,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  quantize: str | None = None, min_s_steps: int = 1,
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  by_auto: Collection[str] = (), student_init: str = "random", resumed: bool = False,
-                 handed_on: Collection[str] = (), from_file: Collection[str] = ()) -> Built:
+                 handed_on: Collection[str] = (), from_file: Collection[str] = (),
+                 yours: Collection[str] | None = None) -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
     The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), or, where
@@ -69,6 +71,9 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
             hands the student recipe on to the receiver of its file), so no warning says they have none.
         from_file: keys of `overrides` a --config file gave (`DistillConfig.from_file`): where the recipe holds the
             same value they are not said to be the user's (no "set by you", no "has no effect").
+        yours: a resumed run's: the keys of `overrides` its user gave (when it started, or with --resume); the
+            others are the recipe's, said as a new run says them (None: a checkpoint that did not keep them, whose
+            settings the recipe holds count as the recipe's, as `from_file`'s do).
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -80,12 +85,17 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     # a config file's value the recipe holds anyway is not the user's (a run's own config.json holds them all): no
     # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
     said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
+    lined = params
+    if yours is not None:  # a resume: its overrides are every saved setting; the lines name the user's alone
+        said = {k: v for k, v in overrides.items() if k in yours}
+        if "clip_s" not in said and params.get("clip_s") == UNNORMALISED_CLIP:  # dfkd's clip, said as it was
+            lined = {**params, "clip_s": recipe.get("clip_s")}
     if not resumed:
         one_teacher = {} if isinstance(teacher, EnsembleTeacher) else \
             {"teacher_weighting": "the run has one teacher; repeat --teacher for an ensemble"}
         warn_no_effect(cls, params, {k: v for k, v in said.items() if k not in by_auto and k not in handed_on},
                        named=overrides.keys(), from_file=from_file, extra=one_teacher)
-    lines = recipe_lines(cls, teacher, params, said, by_auto)
+    lines = recipe_lines(cls, teacher, lined, said, by_auto)
     student_name, student_kwargs = student_arch(teacher, student, student_args)
     seed_everything(seed)
     try:
@@ -98,7 +108,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                         f"takes {teacher.spec.describe()} inputs (dfkd models)") from None
     single = None if isinstance(teacher, EnsembleTeacher) else teacher.module
     init_line = inherit(net, single, student_init, teacher.arch or "the teacher")
-    params, clip_line = clip_unnormalised(params, overrides, net)
+    _, clip_line = clip_unnormalised(lined, said if yours is not None else overrides, net)
+    params = {**params, "clip_s": UNNORMALISED_CLIP} if clip_line else params
     lines = [*lines, *[clip_line] * bool(clip_line)]
     if quantize:
         from dfkd.qat import prepare_qat
@@ -107,7 +118,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     method = cls(teacher, net, local(params) if local else params, device)
     lines = [student_line(teacher, student, student_name, net), *[f"  {init_line}"] * (student_init != "random"),
              *lines]
-    return Built(method, params, student_name, student_kwargs, lines, init_line)
+    return Built(method, params, student_name, student_kwargs, lines, init_line, tuple(sorted(said)))
 
 
 def _json(value: Any) -> str:

@@ -218,8 +218,9 @@ class Run:
                              local=lambda p: self.source.local_params(p, dist.world),
                              by_auto=set_by_auto(cfg.auto_choice),
                              student_init=cfg.student_init if self.source.has_teacher else "random",
-                             resumed=ckpt is not None, from_file=cfg.from_file)
+                             resumed=ckpt is not None, from_file=cfg.from_file, yours=_yours(ckpt, changed))
         self.method: Method = built.method
+        self.yours = built.yours
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
         self.recipe_lines = [auto_line] * bool(auto_line) + built.recipe_lines
         self.init_line = built.init_line.removeprefix("student init: ")
@@ -339,7 +340,7 @@ class Run:
         ranks = self.dist.gather(mine)
         extra: dict[str, Any] = {"watch": self.watch.state_dict(), "world": self.dist.world,
                                  "precision": self.precision.state_dict(), "cwd": self.cwd,
-                                 "teacher_sha256": self.teacher.sha256}
+                                 "teacher_sha256": self.teacher.sha256, "yours": list(self.yours)}
         if self.dist.enabled:
             extra["ranks"] = ranks
         self.dist.on_main(lambda: save_checkpoint(
@@ -892,6 +893,16 @@ FIXED_ON_RESUME = {
     **dict.fromkeys(("feature_loss", "discriminator"), "the objectives (--feature-loss, --discriminator) and their "
                     "state are part of the run"),
 }
+
+
+def _yours(ckpt: dict[str, Any] | None, changed: Collection[str]) -> set[str] | None:
+    """A resumed run's settings its user gave: at its start (the checkpoint keeps them) and with --resume.
+
+    None for a new run, and for a checkpoint written before they were kept (`build_method` then reads a saved
+    setting the recipe holds as the recipe's).
+    """
+    saved = None if ckpt is None else ckpt.get("extra", {}).get("yours")
+    return None if saved is None else {*saved, *changed}
 
 
 def _refuse_other_teacher(run_dir: Path, ckpt: dict[str, Any], teacher: Teacher) -> None:

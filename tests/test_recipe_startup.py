@@ -199,6 +199,24 @@ def test_a_resumed_run_does_not_warn_of_its_saved_settings_again(teacher_file: s
     assert no_effect_warnings(recwarn) == []
 
 
+def test_a_resumed_run_names_the_settings_as_its_start_did(teacher_file: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    # a resume said every saved setting was "set by you" and its recipe "set by recipe=cpu" (its config holds them all)
+    def moved(err: str) -> list[str]:
+        return sorted(ln.strip() for ln in err.splitlines() if "departs from the paper" in ln or "clip_s" in ln)
+
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        params={**QUICK, "lr_g": 0.02})
+    run_dir = distill(cfg).run_dir
+    start = capsys.readouterr().err
+    assert "departs from the paper: ngf = 16 (paper: 64; cpu recipe)" in moved(start)
+    resume(run_dir, steps=3, params={"lr_s": 0.001})
+    again = capsys.readouterr().err
+    assert "set by recipe=" not in again and "recipe: cpu (teacher 1x32x32 inputs" in again
+    assert moved(again) == sorted([*(ln for ln in moved(start) if "lr_s" not in ln),
+                                   "departs from the paper: lr_s = 0.001 (paper: 0.01; set by you)"])
+
+
 def test_what_a_method_ignores_follows_its_settings() -> None:
     assert set(get_method("zskd").no_effect({"s_optimizer": "sgd", "schedule": "multistep", "discriminator": "logits",
                                              "feature_loss": "at"})) == {"g_steps", "select_every", *SELECTION}
