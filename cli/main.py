@@ -49,6 +49,14 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one; a CPU allocation that failed another
+            from dfkd.memory import out_of_memory
+
+            if (oom := out_of_memory(e)) is None:
+                raise
+            click.echo(f"error: {oom}: give a smaller batch (-p batch_size=N) or smaller images, or "
+                       "free the memory other processes hold", err=True)
+            sys.exit(2)
         except KeyboardInterrupt as e:  # a run's second stop signal says what it lost and how to go on
             if not quiet_rank():
                 click.echo(f"interrupted: {e}" if str(e) else "interrupted", err=True)

@@ -47,7 +47,7 @@ from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
 from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, same_data, sha256_file
 from dfkd.logbuf import LossBuffer
-from dfkd.memory import peak_device_mib, peak_rss_mib
+from dfkd.memory import out_of_memory, peak_device_mib, peak_rss_mib
 from dfkd.methods import Method, get_method
 from dfkd.methods._recipes import heavy_teacher
 from dfkd.methods.base import ADDED_SETTINGS
@@ -650,9 +650,25 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
         if err is None:
             raise
         raise DfkdError(f"{err}; {_after_failed_write(run)}") from None
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if (oom := out_of_memory(e)) is None:
+            raise
+        raise DfkdError(f"{oom} at step {run.step}: {_smaller_batch(run)}") from None
     finally:
         run.close()
         log.close(quiet=not ended)  # after an error (a full disk, say) its flush must not replace that error
+
+
+def _smaller_batch(run: Run) -> str:
+    """The out-of-memory advice: the batches the run's settings hold, to be lowered."""
+    batches = [f"-p {k}={run.params[k]}" for k in ("batch_size", "synth_batch_size", "di_batch")
+               if run.params.get(k) is not None]
+    fix = "a smaller batch, --precision bf16 (fp16 on a GPU) or a smaller --student"
+    if (run.run_dir / "checkpoint.pt").exists():
+        fix = f"continue with a smaller batch, {run.resume_command()} -p batch_size=N, or start again with {fix}"
+    else:
+        fix = f"start again with {fix}"
+    return f"the batch does not fit ({', '.join(batches)}); {fix}"
 
 
 def _refuse_gradient_free(teacher: torch.nn.Module, method: str) -> None:

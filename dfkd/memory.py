@@ -31,3 +31,22 @@ def peak_device_mib(device: object) -> float | None:
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def out_of_memory(e: BaseException) -> str | None:
+    """What to say of `e` when it is an allocation that failed (CUDA, CPU or MPS), else None.
+
+    torch raises `torch.OutOfMemoryError` on a GPU and a plain RuntimeError from its CPU allocator ("can't allocate
+    memory: you tried to allocate N bytes"); both reached the user as a traceback.
+    """
+    import torch
+
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and (
+            "can't allocate memory" in text or "out of memory" in text.lower()))):
+        return None
+    asked = text.split("you tried to allocate ", 1)[-1].split(" bytes", 1)[0] if "you tried to allocate" in text \
+        else ""
+    size = f" ({int(asked) / 2**30:,.1f} GiB asked for at once)" if asked.isdigit() else ""
+    where = "GPU" if isinstance(e, torch.OutOfMemoryError) or "CUDA" in text else "memory"
+    return f"out of {where}{size}"

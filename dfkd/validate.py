@@ -108,8 +108,21 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+#: The largest magnitude a number setting may have: learning rates and weights become float32 tensors (1e300 passed
+#: as "finite" and failed at the first step with a traceback).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+
+
+def _too_large(v: Any) -> str:
+    """What a message adds for a value holding a finite number past float32 (else "")."""
+    items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+    big = any(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and abs(a) > FLOAT32_MAX
+              for a in items)
+    return f" (a number's size may be at most {FLOAT32_MAX:.3g}: the networks compute in float32)" if big else ""
 
 
 def _is_size(v: Any) -> bool:
@@ -155,6 +168,9 @@ FIELDS: dict[str, Rule] = {
 }
 
 _RATE = Rule("number", lo=0, lo_open=True)
+#: A learning rate: > 0, and at most a million (far past any that trains: 1e38 passed and overflowed inside Adam, whose
+#: first step multiplies it by 1 / (1 - beta1), with a traceback at the first step).
+_LR = Rule("number", lo=0, lo_open=True, hi=1e6)
 _FRACTION = Rule("number", lo=0, hi=1)
 #: Bounds of method hyper-parameters beyond their type (keys absent from a method's recipe are ignored).
 RANGES: dict[str, Rule] = {
@@ -163,10 +179,10 @@ RANGES: dict[str, Rule] = {
     # None: follows batch_size / runs saved before recipes resolved the generator width
     "synth_batch_size": Rule("int", lo=1, none_ok=True), "ngf": Rule("int", lo=1, none_ok=True),
     "jitter": Rule("int", lo=0),
-    **{k: _RATE for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "T", "adi_T", "di_T", "cr_T",
-                          "gamma", "bn_eps", "plateau_min_lr")},
+    **{k: _LR for k in ("lr_s", "lr_g", "lr_z", "lr_d", "lr_di", "lr_inv", "plateau_min_lr")},
+    **{k: _RATE for k in ("T", "adi_T", "di_T", "cr_T", "gamma", "bn_eps")},
     "ie_log_base": Rule("base", none_ok=True),  # a number > 0 other than 1, or "e"
-    "lr_meta": Rule("number", lo=0, lo_open=True, none_ok=True),  # None: lr_g * g_steps (fast)
+    "lr_meta": Rule("number", lo=0, lo_open=True, hi=1e6, none_ok=True),  # None: lr_g * g_steps (fast)
     "pool_dir": Rule("str", none_ok=True),
     **{k: _FRACTION for k in ("momentum", "bn_mmt", "flip_p", "warmup", "reset_at", "lowres")},
     **{k: Rule("number", lo=0, lo_open=True, none_ok=True) for k in ("grad_clip", "clip_s")},
@@ -228,7 +244,7 @@ def check_settings(data: dict[str, Any], source: str) -> None:
             v = [v]
         if rule.problem(v):
             where = f"{flag_name(key)} {_show(value)}" if source == "flags" else f"{source}: {key} = {value!r}"
-            raise DfkdError(f"{where}: must be {rule.allowed(none=source != 'flags')}")
+            raise DfkdError(f"{where}: must be {rule.allowed(none=source != 'flags')}{_too_large(v)}")
 
 
 def param_rule(key: str, default: Any) -> Rule:
@@ -275,4 +291,4 @@ def check_params(params: dict[str, Any], recipe: dict[str, Any], method: str, so
         bad = rule.problem(value)
         if bad:
             where = f"-p {key}={value}" if source == "-p" else f"{source}: params.{key} = {value!r}"
-            raise DfkdError(f"{where}: method {method} needs {rule.allowed()}")
+            raise DfkdError(f"{where}: method {method} needs {rule.allowed()}{_too_large(value)}")

@@ -121,6 +121,9 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("budget_inf", ["--budget-minutes", "inf"], ("--budget-minutes inf", "finite")),
     ("lr_nan", ["-p", "lr_s=NaN"], ("lr_s=nan", "finite number > 0")),
     ("lr_inf", ["-p", "lr_s=Infinity"], ("lr_s=inf", "finite")),
+    # finite, and a traceback at the first step: float32 overflow (1e300), inside Adam's bias-corrected step (1e38)
+    ("lr_past_float32", ["-p", "lr_s=1e300"], ("lr_s=1e+300", "at most 3.4e+38: the networks compute in float32")),
+    ("lr_past_a_million", ["-p", "lr_g=1e38"], ("lr_g=1e+38", "> 0 and <= 1e+06")),
     ("mean_nan", ["--channels", "1", "--input-size", "32", "--mean", "nan"], ("--mean", "finite")),
     ("feature_weight_nan", ["--feature-loss", "at", "--feature-weight", "nan"], ("feature_weight",)),
     # a negative weight rewards features unlike the teacher's: it was taken without a word
@@ -630,6 +633,28 @@ def test_a_second_stop_under_torchrun_is_said_by_process_0_alone(monkeypatch: py
         with pytest.raises(SystemExit) as e:
             stopped_at_once()
         assert e.value.code == 130 and capsys.readouterr().err == said
+
+
+def test_a_command_out_of_memory_says_so_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    # an allocation that failed (the CPU allocator's RuntimeError, a GPU's OutOfMemoryError) ended in a traceback;
+    # another RuntimeError is not dressed up as one
+    for error, said in ((RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 "
+                                      "bytes. Error code 12"), "error: out of memory (3.0 GiB asked for at once): "),
+                        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "error: out of GPU: ")):
+        @friendly
+        def runs_out() -> None:
+            raise error  # noqa: B023
+
+        with pytest.raises(SystemExit) as e:
+            runs_out()
+        assert e.value.code == 2 and capsys.readouterr().err.startswith(said)
+
+    @friendly
+    def fails() -> None:
+        raise RuntimeError("shape mismatch")
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        fails()
 
 
 def test_fid_settings_that_give_no_fid_are_said(teacher_file: str, tmp_path: Path) -> None:

@@ -252,6 +252,31 @@ def test_an_image_that_fails_mid_run_says_the_run_goes_on_once_it_is_fixed(teach
     assert resume(tmp_path / "r").step == 12
 
 
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 40000000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")])
+def test_a_batch_that_does_not_fit_in_memory_says_which_and_resumes(error: RuntimeError, teacher_file: str,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # -p batch_size=100000000000 (or a GPU's too-large batch) ended in torch's traceback
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=4, out=str(tmp_path / "r"), fid_every=0,
+                        params={"batch_size": 8})
+    real = get_method("dfad").round
+
+    def step(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if self.p["batch_size"] == 8:
+            raise error
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(get_method("dfad"), "round", step)
+    with pytest.raises(DfkdError, match=r"^out of (memory|GPU)[^:]* at step 0: the batch does not fit "
+                                        r"\(-p batch_size=8\); continue with a smaller batch, dfkd distill --resume "
+                                        r".*r -p batch_size=N"):
+        distill(cfg)
+    assert resume(tmp_path / "r", params={"batch_size": 4}).step == 4
+
+
 def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:
     # a non-UTF-8 byte in metrics.jsonl was a UnicodeDecodeError traceback, {"step": null} a TypeError
     run = distill(DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"),
