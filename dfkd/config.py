@@ -175,6 +175,9 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     given = {k: v for k, v in flags.items()
              if not (v is None or (isinstance(v, (tuple, list)) and not v) or (k == "trust_pickle" and not v))}
     check_settings(given, "flags")
+    for table, arch in (("student_args", "student"), ("arch_args", "teacher_arch")):  # merged key by key, as -p is
+        if isinstance(data.get(table), dict) and table in given and given.get(arch) in (None, data.get(arch)):
+            given[table] = {**data[table], **given[table]}
     data.update(given)
     data["params"] = {**file_params, **cli_params}
     cfg = replace(DistillConfig.from_dict(data, source if config_file else "flags"),

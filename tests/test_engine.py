@@ -101,6 +101,19 @@ def test_config_precedence_file_then_flags(tmp_path: Path) -> None:
     assert cfg.params == {"lr_g": 0.5, "batch_size": 16}
 
 
+def test_argument_flags_merge_with_a_config_files_tables(tmp_path: Path) -> None:
+    # --student-arg threw away the file's whole student_args table (bn=true went, unsaid), unlike -p with params
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"method": "dafl", "student": "lenet5", "student_args": {"width": 2, "bn": True},
+                             "teacher_arch": "torchvision:resnet18", "arch_args": {"num_classes": 10, "k": 5}}))
+    cfg = build_config(str(f), [], method=None, student_args={"width": 3}, arch_args={"k": 7})
+    assert cfg.student_args == {"width": 3, "bn": True} and cfg.arch_args == {"num_classes": 10, "k": 7}
+    # another network: the file's arguments belong to its own one
+    cfg = build_config(str(f), [], method=None, student="wrn_16_1", student_args={"depth": 16},
+                       teacher_arch="torchvision:resnet34", arch_args={"k": 7})
+    assert cfg.student_args == {"depth": 16} and cfg.arch_args == {"k": 7}
+
+
 def test_a_config_files_device_is_named_as_the_files(tmp_path: Path) -> None:
     # a file's "device": "tpu" was refused as "--device 'tpu'", a flag the user never typed
     f = tmp_path / "c.json"
