@@ -177,7 +177,7 @@ def new_run_dir(cfg: DistillConfig, teacher_path: str) -> tuple[Path, bool]:
     d, i = base, 1
     while d.exists():
         d, i = Path(f"{base}-{i}"), i + 1
-    return prepare_run_dir(d, "--runs-dir")
+    return prepare_run_dir(d, "runs_dir (a --config key)")
 
 
 class Run:
