@@ -262,8 +262,9 @@ def _method_names() -> list[str]:
               "[default: 1]")
 @click.option("-p", "--param", "params", multiple=True, metavar="KEY=VALUE",
               help="Method hyper-parameter override, e.g. -p lr_g=1e-3 (see `dfkd methods --params NAME`).")
-@click.option("--config", "config_file", default=None, help="JSON or TOML file of settings, keyed as a run's config.json (flags win); keys "
-              "without a flag: runs_dir (where runs go, default runs), ckpt_every, log_every, image_every (steps).")
+@click.option("--config", "config_file", default=None,
+              help="JSON or TOML file of settings, keyed as a run's config.json (flags win); keys without a flag: "
+                   "runs_dir (where runs go, default runs), ckpt_every, log_every, image_every (steps).")
 @click.option("--seed", type=SEED, default=None, help="Random seed.  [default: 0]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto.  [default: auto]")
 @click.option("--out", default=None, help="Run folder (default runs/<date>-<method>-<teacher>).")

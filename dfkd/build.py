@@ -108,8 +108,10 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                         f"takes {teacher.spec.describe()} inputs (dfkd models)") from None
     single = None if isinstance(teacher, EnsembleTeacher) else teacher.module
     init_line = inherit(net, single, student_init, teacher.arch or "the teacher")
-    _, clip_line = clip_unnormalised(lined, said if yours is not None else overrides, net)
-    params = {**params, "clip_s": UNNORMALISED_CLIP} if clip_line else params
+    if yours is None:
+        params, clip_line = clip_unnormalised(params, overrides, net)
+    else:  # a resume runs with its saved settings: the line says dfkd's clip where they hold it
+        clip_line = clip_unnormalised(lined, said, net)[1] if lined is not params else None
     lines = [*lines, *[clip_line] * bool(clip_line)]
     if quantize:
         from dfkd.qat import prepare_qat

@@ -178,6 +178,9 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     for table, arch in (("student_args", "student"), ("arch_args", "teacher_arch")):  # merged key by key, as -p is
         if isinstance(data.get(table), dict) and table in given and given.get(arch) in (None, data.get(arch)):
             given[table] = {**data[table], **given[table]}
+    _check_file_paths({k: v for k, v in data.items() if k not in given}, source)
+    if (typed := given.get("method")) and data.get("method", typed) != typed:  # the file's params are another's
+        source = f"{source} (its method {data['method']!r}, replaced by --method {typed})"
     data.update(given)
     data["params"] = {**file_params, **cli_params}
     cfg = replace(DistillConfig.from_dict(data, source if config_file else "flags"),
@@ -197,6 +200,22 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
     return cfg
 
 
+#: The settings that name a file or folder to read.
+PATH_KEYS = ("teachers", "eval_data", "transfer_data", "data", "fid_ref")
+
+
+def _check_file_paths(data: dict[str, Any], source: str) -> None:
+    """A config file's path that does not exist, named as the file's key (it was named as a flag never typed)."""
+    for key in PATH_KEYS:
+        value = data.get(key)
+        for path in (value if isinstance(value, (list, tuple)) else [value] if value else []):
+            if isinstance(path, str) and not os.path.exists(path):
+                where = "" if os.path.isabs(path) else f" (a relative path in the file is read from the folder " \
+                    f"you run in, {os.getcwd()})"
+                raise DfkdError(f"{source}: {key} = {path!r}: no such file or folder{where}; fix the path in the "
+                                "file, or give the flag")
+
+
 def check_method_params(method: str, params: dict[str, Any], source: str = "-p", min_s_steps: int = 1) -> None:
     """Refuse unknown keys and values of the wrong type or range for `method` (its recipe for no teacher)."""
     from dfkd.methods import get_method
@@ -208,13 +227,18 @@ def check_method_params(method: str, params: dict[str, Any], source: str = "-p",
 
         return check_auto_params(params, source)
     recipe = get_method(method).default_params(None)
-    resolve_params(recipe, params, method)
+    resolve_params(recipe, params, method, source)
     check_params(params, recipe, method, source, min_s_steps)
 
 
-def resolve_params(recipe: dict[str, Any], overrides: dict[str, Any], method: str) -> dict[str, Any]:
-    """The method's recipe with overrides applied; an unknown key is an error that lists the known ones."""
+def resolve_params(recipe: dict[str, Any], overrides: dict[str, Any], method: str,
+                   source: str = "-p") -> dict[str, Any]:
+    """The method's recipe with overrides applied; an unknown key is an error that lists the known ones.
+
+    `source`: where the overrides come from, named in the error unless it is "-p".
+    """
     unknown = sorted(set(overrides) - set(recipe))
     if unknown:
-        raise DfkdError(f"method {method} has no parameter(s) {unknown}; its parameters: {sorted(recipe)}")
+        where = "" if source == "-p" else f"{source}: "
+        raise DfkdError(f"{where}method {method} has no parameter(s) {unknown}; its parameters: {sorted(recipe)}")
     return {**recipe, **overrides}

@@ -114,6 +114,22 @@ def test_argument_flags_merge_with_a_config_files_tables(tmp_path: Path) -> None
     assert cfg.student_args == {"depth": 16} and cfg.arch_args == {"k": 7}
 
 
+def test_a_config_files_paths_and_params_are_named_as_the_files(tmp_path: Path) -> None:
+    # a file's missing teacher was "--teacher t.pt: no such file", a flag never typed; a file's params of its own
+    # method, run with another --method, named neither the file nor the swap
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"teachers": ["t.pt"], "eval_data": "test.npz"}))
+    with pytest.raises(DfkdError, match=rf"^--config {f}: teachers = 't.pt': no such file or folder \(a relative "
+                                        r"path in the file is read from the folder you run in, "):
+        build_config(str(f), [], method=None)
+    with pytest.raises(DfkdError, match=rf"^--config {f}: eval_data = 'test.npz': no such file"):
+        build_config(str(f), [], method=None, teachers=(str(f),))  # the flag wins for the teacher
+    f.write_text(json.dumps({"method": "dfq", "params": {"oh": 1.5}}))
+    with pytest.raises(DfkdError, match=rf"^--config {f} \(its method 'dfq', replaced by --method dfad\): method "
+                                        r"dfad has no parameter\(s\) \['oh'\]"):
+        build_config(str(f), [], method="dfad")
+
+
 def test_a_config_files_device_is_named_as_the_files(tmp_path: Path) -> None:
     # a file's "device": "tpu" was refused as "--device 'tpu'", a flag the user never typed
     f = tmp_path / "c.json"
