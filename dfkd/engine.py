@@ -822,7 +822,8 @@ def _moved_teachers(run_dir: Path, saved: DistillConfig, ckpt: dict[str, Any],
     """`--teacher` given with --resume at another path: taken when the files are the run's (by sha256).
 
     A project folder moved, or a teacher moved to another disk, left a run no resume could continue: the old path
-    was gone and a new --teacher "would change the run". Returns the settings with the new paths and `fixed`
+    was gone and a new --teacher "would change the run". An ensemble's moved files may be given alone, in any
+    order (matched by sha256). Returns the settings with the new paths and `fixed`
     without them; other files, and checkpoints that kept no hash, are left to the usual refusal.
     """
     given, saved_hash = fixed.get("teachers"), ckpt.get("extra", {}).get("teacher_sha256")
@@ -831,11 +832,19 @@ def _moved_teachers(run_dir: Path, saved: DistillConfig, ckpt: dict[str, Any],
     missing = [p for p in given if not Path(p).is_file()]
     if missing:
         raise DfkdError(f"--teacher {missing[0]}: no such file")
-    if ",".join(sha256_file(p) for p in given) != saved_hash:
-        raise DfkdError(f"--resume {run_dir}: --teacher {' '.join(given)} is not the teacher the run started with "
-                        f"({', '.join(saved.teachers)}; its sha256 differs): a resumed run distils the same teacher; "
-                        "give that file (moved is fine), or start a new run with another --out")
-    return replace(saved, teachers=tuple(given)), {k: v for k, v in fixed.items() if k != "teachers"}
+    hashes = saved_hash.split(",")  # one a teacher, in the run's order (an ensemble's several)
+    by_hash = {sha256_file(p): p for p in given}
+    teachers = [by_hash.get(h) or (old if Path(old).is_file() and sha256_file(old) == h else None)
+                for h, old in zip(hashes, saved.teachers)]
+    strays = [p for h, p in by_hash.items() if h not in hashes]
+    if strays or None in teachers or len(hashes) != len(saved.teachers):
+        which = f"--teacher {strays[0]} is not a teacher the run started with" if strays else \
+            f"the run's teacher {saved.teachers[teachers.index(None)]} is not where it was nor a --teacher given" \
+            if None in teachers else "the files differ from the run's"
+        raise DfkdError(f"--resume {run_dir}: {which} ({', '.join(saved.teachers)}; compared by sha256): a resumed "
+                        "run distils the teachers it started with; give the moved file (an ensemble's: any order, "
+                        "those still in place may be left out), or start a new run with another --out")
+    return replace(saved, teachers=tuple(teachers)), {k: v for k, v in fixed.items() if k != "teachers"}
 
 
 def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) -> None:

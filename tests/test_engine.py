@@ -282,7 +282,7 @@ def test_a_moved_teacher_is_given_with_resume(teacher_file: str, tmp_path: Path)
     (tmp_path / "t.pt").rename(tmp_path / "moved.pt")
     other = tmp_path / "other.pt"
     torch.save({**torch.load(teacher_file, weights_only=True), "extra": 1}, other)  # the same network, another file
-    with pytest.raises(DfkdError, match=f"--teacher {other} is not the teacher the run started with .*sha256 differs"):
+    with pytest.raises(DfkdError, match=f"--teacher {other} is not a teacher the run started with .*by sha256"):
         resume(run, steps=6, fixed={"teachers": (str(other),)})
     assert resume(run, steps=6, fixed={"teachers": (str(tmp_path / "moved.pt"),)}).step == 6
     assert json.loads((run / "config.json").read_text())["teachers"] == [str(tmp_path / "moved.pt")]

@@ -201,6 +201,29 @@ def test_cli_two_teachers_with_objective_flags(teacher_files: tuple[str, str], t
     assert any("loss/student/rkd_angle" in r and "loss/student/disc_d" in r for r in records)
 
 
+def test_an_ensemble_whose_teacher_moved_resumes_with_that_file_alone(teacher_files: tuple[str, str],
+                                                                      tmp_path: Path):
+    # the stop message says "give its new place with --teacher FILE": for an ensemble that was refused ("its sha256
+    # differs", of the very file), as were the teachers in another order
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(Path(teacher_files[0]).read_bytes())
+    b.write_bytes(Path(teacher_files[1]).read_bytes())
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["distill", "--teacher", str(a), "--teacher", str(b), "--method", "dfad", "--steps",
+                                  "2", "-p", "batch_size=8", "-p", "s_steps=1", "--fid-every", "0", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    moved = b.rename(tmp_path / "b2.pt")
+    r = CliRunner().invoke(main, ["distill", "--resume", str(out), "--steps", "3", "--teacher", str(a)])
+    assert r.exit_code == 2 and f"the run's teacher {b} is not where it was nor a --teacher given" in r.output
+    r = CliRunner().invoke(main, ["distill", "--resume", str(out), "--steps", "3", "--teacher", str(moved)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["teachers"] == [str(a), str(moved)]
+    r = CliRunner().invoke(main, ["distill", "--resume", str(out), "--steps", "4", "--teacher", str(moved),
+                                  "--teacher", str(a)])
+    assert r.exit_code == 0, r.output  # any order: the run keeps its own
+    assert json.loads((out / "config.json").read_text())["teachers"] == [str(a), str(moved)]
+
+
 def test_a_first_teacher_without_hooks_leaves_the_others_bn_layers_to_the_fid(teacher_files: tuple[str, str],
                                                                                tmp_path: Path):
     # a TorchScript first teacher made the ensemble unhookable: the BN-FID over the second one's BatchNorm layers
