@@ -152,6 +152,10 @@ class TransferFile(Source):
         if not cfg.teachers and features:  # the file holds the teacher's probabilities, not its features
             raise DfkdError(f"{features[0]}: a --transfer-data run without --teacher has no teacher features to "
                             "match; add --teacher FILE (the teacher the file was made from) or drop it")
+        if not cfg.teachers and cfg.student_init == "teacher":  # it started at random, unsaid
+            raise DfkdError("--student-init teacher: a --transfer-data run without --teacher has no teacher weights "
+                            "to start the student from; add --teacher FILE (the teacher the file was made from) or "
+                            "drop --student-init")
 
     def teacher(self, device: torch.device) -> Teacher:
         """The teacher file when given, else a stand-in with the transfer file's spec and classes (no forward)."""

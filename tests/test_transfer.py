@@ -147,6 +147,9 @@ def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, tmp_
         with pytest.raises(DfkdError, match=f"^{flag}: a --transfer-data run without --teacher has no teacher "
                                             "features to match; add --teacher FILE"):
             distill(DistillConfig(method="transfer", student="lenet5_half", params=params, **base))
+    with pytest.raises(DfkdError, match="^--student-init teacher: a --transfer-data run without --teacher has no "
+                                        "teacher weights"):  # the student started at random, unsaid
+        distill(DistillConfig(method="transfer", student="lenet5_half", student_init="teacher", **base))
     assert not (tmp_path / "r").exists()
 
 
