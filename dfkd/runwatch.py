@@ -131,7 +131,8 @@ class RunWatch:
         if self.collapse.recent[-1]:
             self.collapse_stats = stats
         if started:
-            steps = self.collapse.streak * self.watch_every
+            # checks at the ends of short runs and their resumes come closer than the interval: at most the run's steps
+            steps = min(self.collapse.streak * self.watch_every, self.run.step)
             message = collapse_message(self.run.method, stats, self.run.teacher.num_classes, steps)
             tqdm.write(f"warning: step {self.run.step}: {message}", file=sys.stderr)
             log.event(self.run.step, event="collapse", message=message, **stats)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd.distributed import env_world
 from dfkd.errors import DfkdError
 
 #: Run-level settings every method takes (`-p key=value`); see the module docstring.
@@ -224,14 +225,16 @@ def remedy(method: Any, p: dict[str, Any]) -> str:
         # inversion's and ZSKD's iterations per batch, else the latent generators' steps
         key = next((k for k in ("iterations", "di_iters", "g_steps") if p.get(k)), None)
         more = f" (-p {key}={2 * int(p[key])})" if key else ""
-        return (f"its synthesis does not reach the classes it targets; give it more iterations per batch{more}, or "
-                "try a GAN method with -p collapse_action=reset")
+        gan = "" if env_world() > 1 else ", or try a GAN method with -p collapse_action=reset"
+        return f"its synthesis does not reach the classes it targets; give it more iterations per batch{more}{gan}"
     if "ie" in p:
         balance = f"raise DAFL's class-balance weight (-p ie={2 * float(p['ie']):g})"
     else:
         balance = f"raise the class-balance weight (-p balance={max(2 * float(p.get('balance') or 0), 5):g})"
     if p["collapse_action"] == "reset":
         return f"the generator was reset (collapse_action=reset); if it collapses again, {balance}"
+    if env_world() > 1:  # torchrun refuses the reset (each rank would draw its own generator)
+        return balance
     return f"{balance}, or re-draw the generator when it happens (-p collapse_action=reset)"
 
 

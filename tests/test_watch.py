@@ -149,6 +149,19 @@ def test_a_run_whose_generator_collapses_says_so_once(teacher_file: str, tmp_pat
     assert "mode collapse" in report(run).text()
 
 
+def test_a_collapse_over_short_resumes_claims_no_more_steps_than_the_run_has(
+        teacher_file: str, tmp_path: Path, one_class_generator: None) -> None:
+    # each resume's end adds a check closer than the interval: "for 250 steps" was said at step 80
+    cfg = replace(collapse_cfg(teacher_file, tmp_path / "r", watch_every=10, collapse_patience=2), steps=2)
+    run = distill(cfg).run_dir
+    for steps in (4, 6, 8):
+        resume(run, steps=steps)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    said = [(r["step"], int(r["message"].split(" steps ")[0].rsplit(" ", 1)[1])) for r in records
+            if r.get("event") == "collapse"]
+    assert said and all(claimed <= step for step, claimed in said), said
+
+
 def test_real_images_of_one_class_are_named_as_the_data_not_as_a_synthesis(tmp_path: Path,
                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     # kd on real images of one digit: the teacher sees one class, and the remedy is the data, not a generator
@@ -448,6 +461,21 @@ def test_a_pool_methods_collapse_remedy_names_its_iterations_setting() -> None:
     assert "(-p iterations=4000)" in remedy(pool_served, {"g_steps": 1, "iterations": 2000})  # DeepInversion's
     assert "(-p di_iters=3000)" in remedy(pool_served, {"g_steps": 1, "di_iters": 1500})  # ZSKD's, not g_steps
     assert "more iterations per batch, or try" in remedy(pool_served, {})
+
+
+def test_the_collapse_remedy_under_torchrun_leaves_out_the_reset_it_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    # under torchrun the warning advised -p collapse_action=reset, which a resume there refused
+    from types import SimpleNamespace
+
+    import dfkd.watch
+
+    gan = SimpleNamespace(synth="a generator")
+    monkeypatch.setattr(dfkd.watch, "generator_of", lambda method: method.synth)
+    assert "collapse_action=reset" in remedy(gan, {"balance": 0.0, "collapse_action": "warn"})
+    assert "collapse_action=reset" in remedy(SimpleNamespace(synth=None), {"g_steps": 5})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert remedy(gan, {"balance": 0.0, "collapse_action": "warn"}) == "raise the class-balance weight (-p balance=5)"
+    assert "collapse_action" not in remedy(SimpleNamespace(synth=None), {"g_steps": 5})
 
 
 def test_episode_watch_state_round_trips() -> None:
