@@ -59,7 +59,7 @@ class RunSummary:
         c = self.config
         target = c.get("steps") or (f"{c['budget_minutes']:g} min" if c.get("budget_minutes") else "?")
         lines = [f"run:      {self.run_dir}",
-                 f"method:   {c.get('method')}   teacher: {(c.get('teachers') or ['?'])[0]}   "
+                 f"method:   {c.get('method')}   teacher: {' + '.join(c.get('teachers') or ['?'])}   "
                  f"student: {c.get('student')}",
                  f"steps:    {self.step} of {target}   time: {_duration(self.elapsed)}   "
                  f"finished: {self._finished()}"]
@@ -119,7 +119,8 @@ class RunSummary:
         for e in self.events:
             if e.get("event") in ("eval_doubt", "collapse", "student_stuck", "not_learned"):  # engine, watch, endcheck
                 after = recovered.get(e["step"]) if e.get("event") == "collapse" else None
-                lines.append(f"warning:  step {e['step']}: {e['message']}" +
+                end = " (end of run)" if e.get("at_end") else ""
+                lines.append(f"warning:  step {e['step']}{end}: {e['message']}" +
                              ("" if after is None else f" [recovered by step {after}]"))
         return lines
 

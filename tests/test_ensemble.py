@@ -222,6 +222,8 @@ def test_an_ensemble_whose_teacher_moved_resumes_with_that_file_alone(teacher_fi
                                   "--teacher", str(a)])
     assert r.exit_code == 0, r.output  # any order: the run keeps its own
     assert json.loads((out / "config.json").read_text())["teachers"] == [str(a), str(moved)]
+    r = CliRunner().invoke(main, ["report", str(out)])
+    assert f"teacher: {a} + {moved}" in r.output  # it named the first alone
 
 
 def test_a_first_teacher_without_hooks_leaves_the_others_bn_layers_to_the_fid(teacher_files: tuple[str, str],

@@ -160,6 +160,9 @@ def test_a_collapse_over_short_resumes_claims_no_more_steps_than_the_run_has(
     said = [(r["step"], int(r["message"].split(" steps ")[0].rsplit(" ", 1)[1])) for r in records
             if r.get("event") == "collapse"]
     assert said and all(claimed <= step for step, claimed in said), said
+    ends = [r["step"] for r in records if r.get("event") == "collapse" and r.get("at_end")]
+    text = report(run).text()  # the report said "step 8:", as if mid-run
+    assert ends and all(f"step {step} (end of run): dfad: mode collapse" in text for step in ends)
 
 
 def test_real_images_of_one_class_are_named_as_the_data_not_as_a_synthesis(tmp_path: Path,
