@@ -61,9 +61,10 @@ def export_cmd(model: str, fmt: str, out: str, force: bool, arch: str | None, ar
 
 @click.command("quantize")
 @click.argument("model")
-@click.option("--calibration", default="zskd", show_default=True, metavar="METHOD|FILE.npz|noise",
+@click.option("--calibration", default="zskd", show_default=True, metavar="METHOD|FILE.npz|FOLDER|noise",
               help="Calibration images: a data-free method (zskd, deepinversion, zeroq, dfq, dfad, ...) run on "
-              "--teacher, a `dfkd synthesize` file or an image .npz, or `noise` (random pixels). zskd needs only "
+              "--teacher, a `dfkd synthesize` file, an image .npz or a folder of images, or `noise` (random "
+              "pixels). zskd needs only "
               "the teacher's logits; on BatchNorm and BatchNorm-free teachers it calibrated nearly as well as real "
               "images.")
 @click.option("--out", required=True, help="The int8 ONNX file to write.")

@@ -181,6 +181,7 @@ def _warn_unused(req: QuantizeRequest) -> None:
 
 
 def _calibration_note(source: str, n: int, method: str) -> str:
-    kind = "random noise" if source == NOISE else (source if source.endswith(".npz") else f"synthesized by {source}")
+    read = source.endswith(".npz") or Path(source).exists()  # a file, or a folder of images
+    kind = "random noise" if source == NOISE else (f"read from {source}" if read else f"synthesized by {source}")
     return f"{n} images, {kind}, {method} ranges"
 

@@ -15,7 +15,7 @@ from dfkd.calibration import calibration_pixels
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.data import load_images, to_model_input
-from dfkd.deploy import QuantizeRequest, quantize_file
+from dfkd.deploy import QuantizeRequest, _calibration_note, quantize_file
 from dfkd.engine import distill
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy
@@ -109,6 +109,9 @@ def test_calibration_reads_an_image_folder(tmp_path: Path) -> None:
     assert x.shape == (6, 1, 28, 28) and x.dtype == torch.uint8 and sorted(x[:, 0, 0, 0].tolist()) == \
         [0, 40, 80, 120, 160, 200]
     assert calibration_pixels(str(tmp_path), 4, MNIST_SPEC).shape == (4, 1, 28, 28)
+    # it was said to be "synthesized by" the folder
+    assert _calibration_note(str(tmp_path), 6, "minmax") == f"6 images, read from {tmp_path}, minmax ranges"
+    assert _calibration_note("zskd", 6, "minmax") == "6 images, synthesized by zskd, minmax ranges"
 
 
 @pytest.mark.parametrize("shape, match", [((0, 28, 28), "holds no images"), ((4, 5, 28, 28), "have 5 channels")])
