@@ -496,7 +496,13 @@ def auto_for(loaded: Any, teacher: str | None, recipe: str | None) -> tuple[str 
 
 @main.command("models")
 def models_cmd() -> None:
-    """List the zoo architectures."""
+    """List the zoo architectures (the names --student, --teacher-arch and train-teacher --arch take).
+
+    \b
+    Example:
+      dfkd models
+      dfkd distill --teacher examples/mnist_lenet5_bn.pt --student lenet5_3q
+    """
     from dfkd.models import MODELS
 
     for name in MODELS.names():

@@ -87,6 +87,12 @@ def test_command_help_shows_an_example(command):
     assert result.exit_code == 0 and "Example" in result.stdout and "--data" in result.stdout
 
 
+def test_every_command_help_shows_an_example():  # `dfkd models --help` had none, as the README says each has
+    for command in main.commands:
+        result = _run(command, "--help")
+        assert result.exit_code == 0 and "Example:" in result.stdout, command
+
+
 def test_models_lists_the_zoo():
     result = _run("models")
     assert result.exit_code == 0
