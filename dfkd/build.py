@@ -92,7 +92,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
             lined = {**params, "clip_s": recipe.get("clip_s")}
     if not resumed:
         one_teacher = {} if isinstance(teacher, EnsembleTeacher) else \
-            {"teacher_weighting": "the run has one teacher; repeat --teacher for an ensemble"}
+            dict.fromkeys(("teacher_weighting", "teacher_weights"), "the run has one teacher; repeat --teacher for an "
+                          "ensemble")
         warn_no_effect(cls, params, {k: v for k, v in said.items() if k not in by_auto and k not in handed_on},
                        named=overrides.keys(), from_file=from_file, extra=one_teacher)
     lines = recipe_lines(cls, teacher, lined, said, by_auto)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -162,6 +163,19 @@ def check_members(members: Sequence[Teacher]) -> None:
                             f"{b.spec.describe()}; teachers of one run must share the input shape")
 
 
+def _warn_repeated(paths: Sequence[str | os.PathLike], members: Sequence[Teacher]) -> None:
+    """The same file twice in an ensemble is one teacher at twice the cost (and no teacher-slice student init)."""
+    first: dict[str, str] = {}
+    for path, member in zip(paths, members):
+        if member.sha256 and member.sha256 in first:
+            same = "is given twice" if str(path) == first[member.sha256] else \
+                f"is the same file as --teacher {first[member.sha256]}"
+            warnings.warn(f"--teacher {path} {same}: the ensemble averages it with itself, one teacher at twice the "
+                          "cost; drop the repeat (-p teacher_weights weighs the teachers)", stacklevel=3)
+            return
+        first[member.sha256] = str(path)
+
+
 def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, trust_pickle: bool = False,
                   spec: InputSpec | None = None, device: str | torch.device = "cpu",
                   weights: Sequence[float] | None = None, weighting: str = "mean",
@@ -172,6 +186,7 @@ def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, t
     several = len(paths) > 1  # the spec flags are for members that declare none: the others keep their normalisation
     members = [_member(p, arch, trust_pickle, spec, device, arch_args, several) for p in paths]
     warn_unused_arch(arch, arch_args, members)
+    _warn_repeated(paths, members)
     if len(members) == 1:
         return members[0]
     return EnsembleTeacher(members, weights, weighting)

@@ -162,6 +162,20 @@ def teacher_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(d / "a.pt"), str(d / "b.pt")
 
 
+def test_a_teacher_given_twice_is_said(teacher_files: tuple[str, str], tmp_path: Path):
+    # accepted without a word: each step cost twice as much for the same answers
+    a = teacher_files[0]
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(Path(a).read_bytes())
+    with pytest.warns(UserWarning, match=f"^--teacher {a} is given twice: the ensemble averages it with itself"):
+        load_teachers([a, a])
+    with pytest.warns(UserWarning, match=f"^--teacher {copy} is the same file as --teacher {a}: "):
+        load_teachers([a, teacher_files[1], str(copy)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_teachers(teacher_files)
+
+
 def test_load_teachers_one_or_several(teacher_files: tuple[str, str]):
     assert not isinstance(load_teachers(teacher_files[:1]), EnsembleTeacher)
     with pytest.raises(DfkdError, match="one per --teacher"):  # two weights for one teacher were taken silently

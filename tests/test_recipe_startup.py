@@ -160,10 +160,12 @@ def test_an_ensemble_setting_in_a_run_of_one_teacher_is_said_to_have_no_effect(t
                                                                                 tmp_path: Path) -> None:
     # -p teacher_weighting=confidence with one teacher was taken ("set by you") and did nothing, unsaid
     with pytest.warns(UserWarning) as record:
-        run(teacher_file, tmp_path / "one", teacher_weighting="confidence")
+        run(teacher_file, tmp_path / "one", teacher_weighting="confidence", teacher_weights=[5])  # weights: unsaid too
     assert no_effect_warnings(record) == [
         '-p teacher_weighting="confidence" has no effect: dfq does not use it here (the run has one teacher; repeat '
-        "--teacher for an ensemble)"]
+        "--teacher for an ensemble)",
+        "-p teacher_weights=[5] has no effect: dfq does not use it here (the run has one teacher; repeat --teacher "
+        "for an ensemble)"]
 
 
 def test_a_smaller_batch_says_the_synthesis_keeps_its_own() -> None:
