@@ -133,6 +133,9 @@ def inherit(student: nn.Module, teacher: nn.Module | None, mode: str, teacher_na
         return ("student init: random (the student is the teacher's own architecture, so its weights would make it "
                 "the teacher itself, and the run would measure nothing; --student-init teacher starts from them)")
     if not got.tensors:
+        if mode == "teacher" and teacher is None:  # no --student can fix that
+            raise DfkdError(f"--student-init teacher: {got.reason} to take weights from (an ensemble of several "
+                            "--teacher); use --student-init random, or distil one teacher")
         if mode == "teacher":
             raise DfkdError(f"--student-init teacher: {got.reason}; give a --student that is the teacher's "
                             "architecture made narrower or shallower, or --student-init random")

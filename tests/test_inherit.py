@@ -88,6 +88,10 @@ def test_a_student_that_does_not_fit_starts_at_random_or_is_refused():
     with pytest.raises(DfkdError, match="--student-init teacher: the student's conv1.weight .*--student-init random"):
         inherit(student, teacher, "teacher", "lenet5")
     assert inherit(student, None, "auto").startswith("student init: random (the run has no single teacher")
+    # an ensemble: the advice was a narrower --student, which gave the same error
+    with pytest.raises(DfkdError, match="no single teacher network to take weights from .*; use --student-init "
+                                        "random, or distil one teacher$"):
+        inherit(student, None, "teacher")
     wider = create("lenet5", **KWARGS)
     assert not plan(wider, create("lenet5_half", **KWARGS)).tensors  # a student wider than its teacher: no slice
 
