@@ -859,8 +859,9 @@ def _refuse_changes(run_dir: Path, saved: DistillConfig, fixed: dict[str, Any]) 
             continue  # the run's method is the one auto chose
         if not _same(key, value, old):
             shown = " ".join(value) if isinstance(value, (list, tuple)) else value
-            raise DfkdError(f"--resume {run_dir}: {flag_name(key)} {shown} would change the run (it was made with "
-                            f"{old!r}); a resumed run keeps it: drop {flag_name(key)}, or start a new run "
+            made = "without it" if old is None else f"with {old!r}"
+            raise DfkdError(f"--resume {run_dir}: {flag_name(key)} {shown} would change the run (it was made {made}); "
+                            f"a resumed run keeps it: drop {flag_name(key)}, or start a new run "
                             "with another --out")
 
 

@@ -57,7 +57,9 @@ class RunSummary:
     def text(self) -> str:
         """The summary, one fact a line."""
         c = self.config
-        target = c.get("steps") or (f"{c['budget_minutes']:g} min" if c.get("budget_minutes") else "?")
+        minutes = c.get("budget_minutes")
+        target = c.get("steps") or ("?" if not minutes else f"{minutes:g} min" if minutes >= 0.1 else
+                                    f"{60 * minutes:.3g} s")  # "1e-09 min"
         lines = [f"run:      {self.run_dir}",
                  f"method:   {c.get('method')}   teacher: {' + '.join(c.get('teachers') or ['?'])}   "
                  f"student: {c.get('student')}",

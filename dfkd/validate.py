@@ -46,7 +46,7 @@ class Rule:
     def allowed(self, none: bool = True, plural: bool = False) -> str:
         """What is allowed, in words (`none`: mention that null is allowed, where it is; `plural`: a list's items)."""
         if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
+            return "one of " + ", ".join("null (none)" if c is None else repr(c) for c in self.choices)
         kinds = _PLURAL if plural else _SINGULAR
         words = kinds[self.kind]
         if self.lo is not None:

@@ -124,6 +124,9 @@ def test_a_config_files_paths_and_params_are_named_as_the_files(tmp_path: Path) 
         build_config(str(f), [], method=None)
     with pytest.raises(DfkdError, match=rf"^--config {f}: eval_data = 'test.npz': no such file"):
         build_config(str(f), [], method=None, teachers=(str(f),))  # the flag wins for the teacher
+    f.write_text(json.dumps({"quantize": "int4"}))  # "one of None, 'int8'": Python's word, not the file's
+    with pytest.raises(DfkdError, match=rf"^--config {f}: quantize = 'int4': must be one of null \(none\), 'int8'$"):
+        build_config(str(f), [], method=None)
     f.write_text(json.dumps({"method": "dfq", "params": {"oh": 1.5}}))
     with pytest.raises(DfkdError, match=rf"^--config {f} \(its method 'dfq', replaced by --method dfad\): method "
                                         r"dfad has no parameter\(s\) \['oh'\]"):
