@@ -19,7 +19,7 @@ from dfkd.errors import DfkdError
 from dfkd.evaluate import predict
 from dfkd.export import ExportCheck, check_format_name, export_model
 from dfkd.outpaths import check_output_file
-from dfkd.quantize import quantize_model
+from dfkd.quantize import Quantized, quantize_model
 from dfkd.spec import InputSpec
 from dfkd.teacher import Teacher, load_teacher
 
@@ -151,12 +151,17 @@ def quantize_file(req: QuantizeRequest) -> DeployStats:
     pixels = calibration_pixels(req.calibration, req.num_calibration, model.spec, teacher, req.seed, req.device,
                                 req.params, req.synth_steps, num_classes=model.num_classes)
     calib = to_model_input(pixels, model.spec)
-    with tempfile.TemporaryDirectory(prefix="dfkd-quantize-") as work:
-        q = quantize_model(exportable(model, req.model), model.spec, model.num_classes, calib, req.out, work, req.force,
-                           req.calib_method, model.class_names)
+    note = _calibration_note(req.calibration, len(pixels), req.calib_method)
+    measured: list[DeployStats] = []
+
+    def measure_first(q: Quantized) -> None:  # --out appears once the report is made: a stop meanwhile leaves none
         t_logits = predict(teacher, eval_data, teacher.spec, req.device) if teacher and eval_data else None
-        note = _calibration_note(req.calibration, len(pixels), req.calib_method)
-        return measure(q.float_onnx, q.int8, model.spec, eval_data, t_logits, note)
+        measured.append(measure(q.float_onnx, q.int8, model.spec, eval_data, t_logits, note))
+
+    with tempfile.TemporaryDirectory(prefix="dfkd-quantize-") as work:
+        quantize_model(exportable(model, req.model), model.spec, model.num_classes, calib, req.out, work, req.force,
+                       req.calib_method, model.class_names, before=measure_first)
+    return measured[0]
 
 
 def refuse_int8(model: Teacher, path: str | os.PathLike, what: str) -> None:

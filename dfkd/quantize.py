@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -244,7 +245,8 @@ class Quantized:
 
 def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: torch.Tensor,
                    out: str | os.PathLike, workdir: str | os.PathLike, force: bool = False,
-                   method: str = "minmax", class_names: list[str] | None = None) -> Quantized:
+                   method: str = "minmax", class_names: list[str] | None = None,
+                   before: Callable[[Quantized], None] | None = None) -> Quantized:
     """Export `model` to ONNX in `workdir`, quantize it to int8 on `calib`, check it and move it to `out`.
 
     Args:
@@ -257,6 +259,8 @@ def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: t
         force: overwrite an existing `out`.
         method: calibration method (see `quantize_onnx`).
         class_names: optional class names.
+        before: what must finish before `out` appears (the command's measurements): called with the int8 file
+            under its hidden temporary name; a stop signal meanwhile leaves no `out` behind that looks finished.
 
     Returns:
         The written int8 path and the float ONNX path in `workdir`.
@@ -275,6 +279,8 @@ def quantize_model(model: nn.Module, spec: InputSpec, num_classes: int, calib: t
         quantize_onnx(float_onnx, tmp, calib, method, spec)
         check_int8(tmp, spec, num_classes)
         usual_permissions(tmp)
+        if before is not None:
+            before(Quantized(tmp, float_onnx))
         place_file(tmp, out, force)
     finally:
         tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+import dfkd.deploy
 from dfkd.calibration import calibration_pixels
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
@@ -44,6 +45,25 @@ def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def _short_latency(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("dfkd.deploystats.LATENCY_SECONDS", 0.05)
+
+
+def test_a_quantize_stopped_while_it_measures_leaves_no_output(sharp_teacher_file: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # the int8 file was in place before the report: a SIGTERM then left a finished-looking --out, which the same
+    # command run again refused as "already exists"
+    def stopped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dfkd.deploy, "measure", stopped)
+    out = tmp_path / "q.onnx"
+    with pytest.raises(KeyboardInterrupt):
+        quantize_file(QuantizeRequest(model=sharp_teacher_file, out=str(out), calibration="noise",
+                                      num_calibration=8))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    stats = quantize_file(QuantizeRequest(model=sharp_teacher_file, out=str(out), calibration="noise",
+                                          num_calibration=8))
+    assert out.is_file() and stats.int8_bytes == out.stat().st_size
 
 
 def test_ptq_from_synthetic_calibration(sharp_teacher_file: str, transfer_file: str, eval_npz: str,
