@@ -17,6 +17,7 @@ ZeroQ is no better than noise even with it (README, "int8 students").
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -131,9 +132,9 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
     if source == NOISE:
         return noise_pixels(spec, num, seed)
     p = Path(source)
-    if p.suffix == ".npz" or p.exists():
+    if p.suffix == ".npz" or p.exists() or os.sep in source or source.startswith("."):  # a path: no method's name
         if not p.exists():
-            raise DfkdError(f"--calibration {p}: no such file")
+            raise DfkdError(f"--calibration {source}: no such file or folder")
         x = file_pixels(p, num, seed)
         if len(x) == 0:  # an int8 file calibrated on nothing has scales that mean nothing
             raise DfkdError(f"--calibration {p}: holds no images; give a file of images like the model's inputs, a "

@@ -118,6 +118,8 @@ def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
         calibration_pixels("missing.npz", 8, MNIST_SPEC)
     with pytest.raises(DfkdError, match="unknown"):
         calibration_pixels("nosuchmethod", 8, MNIST_SPEC)
+    with pytest.raises(DfkdError, match=r"^--calibration \./nodir: no such file or folder$"):  # "unknown method"
+        calibration_pixels("./nodir", 8, MNIST_SPEC)
 
 
 def test_calibration_reads_an_image_folder(tmp_path: Path) -> None:
