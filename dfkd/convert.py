@@ -70,6 +70,9 @@ def _representation(p: Path, t: Teacher) -> tuple[str, dict[str, Any], nn.Module
         return _from_pickle(t)
     if t.fmt == "onnx":  # its onnx2torch module, kept as a torch.export archive: no onnx2torch needed to load it
         return "export", {}, None, _export_bytes(t)
+    if t.fmt == "onnx-int8":  # no state_dict to save: its float source is what converts
+        raise DfkdError(f"--teacher {p}: an int8 ONNX model (onnxruntime's quantized operators) cannot be converted; "
+                        "give the float model it was made from")
     raise DfkdError(f"--teacher {p}: a {t.fmt} model cannot be converted; save a state_dict and pass --teacher-arch")
 
 

@@ -295,7 +295,8 @@ def test_an_int8_onnx_file_is_evaluated_and_refused_as_a_data_free_teacher(teach
     assert not (tmp_path / "d").exists()
     # export (an IndexError) and quantize (onnxruntime's "Invalid input name") of the int8 file: one line each
     for command, what in ((["export", str(int8), "--format", "onnx"], "exported"),
-                          (["quantize", str(int8), "--calibration", "noise"], "quantized again")):
+                          (["quantize", str(int8), "--calibration", "noise"], "quantized again"),
+                          (["convert", "--teacher", str(int8)], "converted")):  # convert: "save a state_dict"
         res = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "again.onnx")])
         assert res.exit_code == 2 and f"an int8 ONNX model (onnxruntime's quantized operators) cannot be {what}" \
             in res.output, res.output
