@@ -294,13 +294,13 @@ def test_an_int8_onnx_file_is_evaluated_and_refused_as_a_data_free_teacher(teach
     assert res.exit_code == 2 and "an int8 ONNX model passes no gradients, which --method dfad needs" in res.output
     assert not (tmp_path / "d").exists()
     # export (an IndexError) and quantize (onnxruntime's "Invalid input name") of the int8 file: one line each
-    for command, what in ((["export", str(int8), "--format", "onnx"], "exported"),
-                          (["quantize", str(int8), "--calibration", "noise"], "quantized again"),
-                          (["convert", "--teacher", str(int8)], "converted")):  # convert: "save a state_dict"
-        res = CliRunner().invoke(main, [*command, "--out", str(tmp_path / "again.onnx")])
+    for command, what, out in ((["export", str(int8), "--format", "onnx"], "exported", "again.onnx"),
+                               (["quantize", str(int8), "--calibration", "noise"], "quantized again", "again.onnx"),
+                               (["convert", "--teacher", str(int8)], "converted", "again.pt")):  # "save a state_dict"
+        res = CliRunner().invoke(main, [*command, "--out", str(tmp_path / out)])
         assert res.exit_code == 2 and f"an int8 ONNX model (onnxruntime's quantized operators) cannot be {what}" \
             in res.output, res.output
-        assert not (tmp_path / "again.onnx").exists()
+        assert not (tmp_path / out).exists()
 
 
 def test_cli_quantize_takes_the_input_spec_of_a_state_dict(sharp_teacher_file: str, tmp_path: Path) -> None:
