@@ -56,7 +56,8 @@ def check_file(path: str | os.PathLike, flag: str = "--teacher") -> Path:
     if not p.exists():
         raise DfkdError(f"{flag} {p}: no such file; check the path")
     if not p.is_file():
-        raise DfkdError(f"{flag} {p}: is a directory, not a model file")
+        run = f"; a run folder's student is {p / 'student.pt'}" if (p / "checkpoint.pt").is_file() else ""
+        raise DfkdError(f"{flag} {p}: is a directory, not a model file{run}")
     if p.stat().st_size == 0:
         raise DfkdError(f"{flag} {p}: the file is empty (an interrupted copy or save?); write it again")
     try:
@@ -406,6 +407,9 @@ def load_user_model(
         return _from_model_file(obj, p, spec)
     state = _extract_state_dict(obj)
     refuse_quantized(obj if state is None else state, f"--teacher {p}")
+    if state is None and isinstance(obj, dict) and {"config", "method", "step"} <= set(obj):  # dfkd's checkpoint.pt
+        raise DfkdError(f"--teacher {p}: is a run's checkpoint (its training state), not a model; give the student "
+                        f"the run wrote, {p.parent / 'student.pt'}")
     if state is None:
         keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
         raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}{keys}, neither a dfkd model file nor a "

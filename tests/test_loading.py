@@ -899,6 +899,16 @@ def test_directory(tmp_path):
     assert "adir" in msg and "is a directory" in msg
 
 
+def test_a_run_folder_or_its_checkpoint_points_at_the_runs_student(tmp_path):
+    # "is a directory" / "save the model's state_dict() alone": neither named the student.pt beside them
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"config": {}, "method": {}, "step": 3, "rng": {}, "version": 1}, run / "checkpoint.pt")
+    assert _error(run).endswith(f"is a directory, not a model file; a run folder's student is {run / 'student.pt'}")
+    assert _error(run / "checkpoint.pt").endswith(f"is a run's checkpoint (its training state), not a model; give "
+                                                  f"the student the run wrote, {run / 'student.pt'}")
+
+
 def test_a_pytorch_file_given_as_data_is_named_as_such():
     from dfkd.data import load_images
 
