@@ -22,9 +22,11 @@ Three choices make the ranges independent of how well the calibration images imi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,27 @@ def input_range(spec: InputSpec) -> tuple[float, float]:
     return float(both.min()), float(both.max())
 
 
+class _AxisNotes(logging.Filter):
+    """Drops onnxruntime's "Axis 1 is out-of-range for weight 'w1' with rank 1", which read as errors.
+
+    A 1-D weight has no axis 1 for per-channel quantization, so it takes one scale: nothing is wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Axis ") or "is out-of-range for weight" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_axis_notes() -> Iterator[None]:
+    notes = _AxisNotes()
+    root = logging.getLogger()
+    root.addFilter(notes)
+    try:
+        yield
+    finally:
+        root.removeFilter(notes)
+
+
 def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method: str = "minmax",
                   spec: InputSpec | None = None) -> None:
     """Static int8 QDQ quantization of an ONNX classifier with onnxruntime, per-channel int8 weights.
@@ -96,10 +119,11 @@ def quantize_onnx(float_path: Path, int8_path: Path, calib: torch.Tensor, method
         if spec is not None:
             lo, hi = input_range(spec)
             options["TensorQuantOverrides"]["input"] = [{"rmin": np.float32(lo), "rmax": np.float32(hi)}]
-        ort_q.quantize_static(str(prepared), str(int8_path), _reader(ort_q, "input", calib.float().cpu()),
-                              quant_format=ort_q.QuantFormat.QDQ, per_channel=True,
-                              weight_type=ort_q.QuantType.QInt8, activation_type=ort_q.QuantType.QInt8,
-                              calibrate_method=calibrate, extra_options=options)
+        with _quiet_axis_notes():
+            ort_q.quantize_static(str(prepared), str(int8_path), _reader(ort_q, "input", calib.float().cpu()),
+                                  quant_format=ort_q.QuantFormat.QDQ, per_channel=True,
+                                  weight_type=ort_q.QuantType.QInt8, activation_type=ort_q.QuantType.QInt8,
+                                  calibrate_method=calibrate, extra_options=options)
     finally:
         prepared.unlink(missing_ok=True)
     meta = {p.key: p.value for p in onnx.load(str(float_path)).metadata_props}

@@ -107,6 +107,18 @@ def test_mean_kl_is_zero_for_the_same_logits_and_grows_with_the_error() -> None:
     assert 0 < small < large
 
 
+def test_onnxruntimes_one_scale_notes_are_not_passed_on(caplog: pytest.LogCaptureFixture) -> None:
+    # a WRN student's quantize printed seven "WARNING:root:Axis 1 is out-of-range for weight 'w1' with rank 1"
+    import logging
+
+    from dfkd.quantize import _quiet_axis_notes
+
+    with caplog.at_level(logging.WARNING), _quiet_axis_notes():
+        logging.warning("Axis 1 is out-of-range for weight 'w1' with rank 1")
+        logging.warning("calibration failed")
+    assert [r.getMessage() for r in caplog.records] == ["calibration failed"]
+
+
 def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
     noise = calibration_pixels("noise", 10, MNIST_SPEC)
     assert noise.shape == (10, 1, 32, 32) and noise.dtype == torch.uint8
