@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from dfkd.evaluate import accuracy
 from dfkd.modelfile import load_model
 from dfkd.models import create
 from dfkd.qat import FakeQuantConv2d, FakeQuantLinear, prepare_qat, strip_qat
+from dfkd.quantize import _quiet_axis_notes
 from dfkd.spec import MNIST_SPEC
 from dfkd.students import build_student
 from dfkd.teacher import load_teacher
@@ -109,10 +111,6 @@ def test_mean_kl_is_zero_for_the_same_logits_and_grows_with_the_error() -> None:
 
 def test_onnxruntimes_one_scale_notes_are_not_passed_on(caplog: pytest.LogCaptureFixture) -> None:
     # a WRN student's quantize printed seven "WARNING:root:Axis 1 is out-of-range for weight 'w1' with rank 1"
-    import logging
-
-    from dfkd.quantize import _quiet_axis_notes
-
     with caplog.at_level(logging.WARNING), _quiet_axis_notes():
         logging.warning("Axis 1 is out-of-range for weight 'w1' with rank 1")
         logging.warning("calibration failed")
