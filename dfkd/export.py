@@ -222,6 +222,9 @@ def write_export(model: nn.Module, spec: InputSpec, num_classes: int, fmt: str, 
     if fmt not in WRITERS:
         raise DfkdError(f"--format {fmt}: unknown; choose one of {', '.join(FORMATS)}")
     model = model.cpu().eval()
+    if fmt == "exported-program" and any(isinstance(m, torch.jit.ScriptModule) for m in model.modules()):
+        raise DfkdError("export to exported-program: a TorchScript model cannot be (torch.export traces Python "
+                        "modules); export the model file it was made from, or give --format onnx or torchscript")
     try:
         WRITERS[fmt](model, spec, path, spec_json(spec, num_classes, class_names))
     except DfkdError:

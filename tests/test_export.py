@@ -245,3 +245,8 @@ def test_an_exported_file_brings_its_spec_back(teacher_file: str, tmp_path: Path
     assert check.max_abs_diff < 1e-4
     _, meta = load_runner("torchscript", tmp_path / "again.ts")
     assert meta["size"] == 32 and meta["mean"] == [0.1307] and meta["num_classes"] == 10
+    # torch.export's own "Exporting a ScriptModule is not supported ... TS2EPConverter" and "try another --format"
+    with pytest.raises(DfkdError, match="^export to exported-program: a TorchScript model cannot be .*; export the "
+                                        "model file it was made from"):
+        export_file(ts, "exported-program", tmp_path / "t.pt2")
+    assert not (tmp_path / "t.pt2").exists()
