@@ -279,7 +279,7 @@ def done_run(files: dict[str, str], tmp_path_factory: pytest.TempPathFactory) ->
 
 RESUME: list[tuple[str, list[str], tuple[str, ...]]] = [
     ("resume_method", ["--method", "dafl"], ("--method dafl", "would change the run")),
-    ("resume_teacher", ["--teacher", "{nan_teacher}"], ("--teacher", "is not the teacher the run started with")),
+    ("resume_teacher", ["--teacher", "{nan_teacher}"], ("--teacher", "is not a teacher the run started with")),
     ("resume_student", ["--student", "lenet5"], ("--student lenet5",)),
     ("resume_seed", ["--seed", "3"], ("--seed 3",)),
     ("resume_out", ["--out", "{dir}/elsewhere"], ("--out",)),
