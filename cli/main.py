@@ -54,8 +54,9 @@ def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
             if (oom := out_of_memory(e)) is None:
                 raise
-            click.echo(f"error: {oom}: give a smaller batch (-p batch_size=N) or smaller images, or "
-                       "free the memory other processes hold", err=True)
+            click.echo(f"error: {oom}: ask for fewer or smaller images at once (a smaller -p batch_size, --num, "
+                       "--num-calibration or image size, as the command takes), or free the memory other processes "
+                       "hold", err=True)
             sys.exit(2)
         except KeyboardInterrupt as e:  # a run's second stop signal says what it lost and how to go on
             if not quiet_rank():

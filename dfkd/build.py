@@ -72,8 +72,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
         from_file: keys of `overrides` a --config file gave (`DistillConfig.from_file`): where the recipe holds the
             same value they are not said to be the user's (no "set by you", no "has no effect").
         yours: a resumed run's: the keys of `overrides` its user gave (when it started, or with --resume); the
-            others are the recipe's, said as a new run says them (None: a checkpoint that did not keep them, whose
-            settings the recipe holds count as the recipe's, as `from_file`'s do).
+            others are the recipe's, said as a new run says them (None: a checkpoint that did not keep them; the
+            caller passes its saved settings as `from_file`, so those the recipe holds count as the recipe's).
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -86,10 +86,13 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
     said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}
     lined = params
-    if yours is not None:  # a resume: its overrides are every saved setting; the lines name the user's alone
-        said = {k: v for k, v in overrides.items() if k in yours}
-        if "clip_s" not in said and params.get("clip_s") == UNNORMALISED_CLIP:  # dfkd's clip, said as it was
-            lined = {**params, "clip_s": recipe.get("clip_s")}
+    if resumed:  # its overrides are every saved setting; the lines name the user's alone
+        if yours is not None:
+            said = {k: v for k, v in overrides.items() if k in yours}
+        if params.get("clip_s") == UNNORMALISED_CLIP and recipe.get("clip_s") is None and \
+                "clip_s" not in (yours or ()):  # dfkd's clip, said as the run's start said it
+            said.pop("clip_s", None)
+            lined = {**params, "clip_s": None}
     if not resumed:
         one_teacher = {} if isinstance(teacher, EnsembleTeacher) else \
             dict.fromkeys(("teacher_weighting", "teacher_weights"), "the run has one teacher; repeat --teacher for an "
@@ -109,7 +112,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                         f"takes {teacher.spec.describe()} inputs (dfkd models)") from None
     single = None if isinstance(teacher, EnsembleTeacher) else teacher.module
     init_line = inherit(net, single, student_init, teacher.arch or "the teacher")
-    if yours is None:
+    if not resumed:
         params, clip_line = clip_unnormalised(params, overrides, net)
     else:  # a resume runs with its saved settings: the line says dfkd's clip where they hold it
         clip_line = clip_unnormalised(lined, said, net)[1] if lined is not params else None

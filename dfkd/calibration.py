@@ -123,7 +123,7 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
         DfkdError: for an unknown source, a missing teacher, a teacher or a file of other images than the model's,
             or an unreadable file.
     """
-    from dfkd.methods import get_method, list_methods
+    from dfkd.methods import list_methods
 
     if num < 1:
         raise DfkdError(f"--num-calibration {num}: give a positive number of images")
@@ -143,8 +143,9 @@ def calibration_pixels(source: str, num: int, spec: InputSpec, teacher: Teacher 
             raise DfkdError(f"--calibration {p}: images have {x.shape[1]} channels, the model takes {spec.channels} "
                             f"({spec.describe()}); give images like the model's inputs, a method name or noise")
         return x
-    if source not in list_methods():
-        get_method(source)  # the registry's error lists the methods
+    if source not in list_methods():  # a missing file without "/" (calib.npy) reads as a name too
+        raise DfkdError(f"--calibration {source}: neither a method ({', '.join(list_methods())}) nor an existing "
+                        "file or folder; give one of those, a .npz file, an image folder or noise")
     if teacher is None:
         raise DfkdError(f"--calibration {source}: synthesizing calibration images needs the teacher; add --teacher T "
                         "(or give --calibration FILE.npz or noise)")

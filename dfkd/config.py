@@ -180,7 +180,7 @@ def build_config(config_file: str | None = None, params: list[str] | tuple[str, 
             given[table] = {**data[table], **given[table]}
     _check_file_paths({k: v for k, v in data.items() if k not in given}, source)
     if (typed := given.get("method")) and data.get("method", typed) != typed:  # the file's params are another's
-        source = f"{source} (its method {data['method']!r}, replaced by --method {typed})"
+        source = f"{source} (its params are for its method {data['method']!r}; this run's is {typed})"
     data.update(given)
     data["params"] = {**file_params, **cli_params}
     cfg = replace(DistillConfig.from_dict(data, source if config_file else "flags"),

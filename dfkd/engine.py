@@ -43,6 +43,7 @@ from dfkd.distributed import (
     resume_command,
     under_torchrun,
 )
+from dfkd.ensemble import EnsembleTeacher, repeated_teacher
 from dfkd.errors import DfkdError
 from dfkd.evaluate import accuracy, data_doubt, size_note
 from dfkd.io import WriteFailed, atomic_write_text, disk_error, remove_stale_temps, same_data, sha256_file
@@ -177,7 +178,8 @@ def new_run_dir(cfg: DistillConfig, teacher_path: str) -> tuple[Path, bool]:
     d, i = base, 1
     while d.exists():
         d, i = Path(f"{base}-{i}"), i + 1
-    return prepare_run_dir(d, "runs_dir (a --config key)")
+    default = cfg.runs_dir == DistillConfig.runs_dir  # the user set no folder: --out is the way to another
+    return prepare_run_dir(d, "the run folder (no --out given)" if default else "runs_dir (a --config key)")
 
 
 class Run:
@@ -190,7 +192,7 @@ class Run:
         self.cwd = os.getcwd()  # where relative paths were given (read at a checkpoint, a deleted folder raised)
         self.changed = tuple(changed)
         self.source: Source = source_for(cfg)
-        self.source.check()
+        self.source.check(new=ckpt is None)
         self.device = pick_device(rank_device(cfg.device, dist))
         if cfg.deterministic:
             deterministic_env()  # before the teacher's first forward creates the cuBLAS handle
@@ -218,7 +220,9 @@ class Run:
                              local=lambda p: self.source.local_params(p, dist.world),
                              by_auto=set_by_auto(cfg.auto_choice),
                              student_init=cfg.student_init if self.source.has_teacher else "random",
-                             resumed=ckpt is not None, from_file=cfg.from_file, yours=_yours(ckpt, changed))
+                             resumed=ckpt is not None, yours=(yours := _yours(ckpt, changed)),
+                             from_file=cfg.from_file if ckpt is None or yours is not None else
+                             tuple(k for k in cfg.params if k not in changed))
         self.method: Method = built.method
         self.yours = built.yours
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
@@ -567,6 +571,9 @@ def _start(run: Run, log: RunLog) -> None:
     """A new run's config.json, teacher accuracy and first record (rank 0)."""
     _write_config(run)
     _say_recipe(run)
+    members = run.teacher.members if isinstance(run.teacher, EnsembleTeacher) else []
+    if twice := repeated_teacher(run.cfg.teachers, members):
+        warnings.warn(twice, stacklevel=2)
     for teacher in getattr(run.teacher, "members", [run.teacher]):  # an ensemble's own teachers
         for note in getattr(teacher, "notes", ()):
             log.event(0, event="teacher_note", message=note)
@@ -661,14 +668,15 @@ def _execute(run: Run, resume_step: int | None) -> RunResult:
 
 def _smaller_batch(run: Run) -> str:
     """The out-of-memory advice: the batches the run's settings hold, to be lowered."""
-    batches = [f"-p {k}={run.params[k]}" for k in ("batch_size", "synth_batch_size", "di_batch")
-               if run.params.get(k) is not None]
+    keys = [k for k in ("batch_size", "synth_batch_size", "di_batch") if run.params.get(k) is not None]
+    batches = ", ".join(f"-p {k}={run.params[k]}" for k in keys)
     fix = "a smaller batch, --precision bf16 (fp16 on a GPU) or a smaller --student"
     if (run.run_dir / "checkpoint.pt").exists():
-        fix = f"continue with a smaller batch, {run.resume_command()} -p batch_size=N, or start again with {fix}"
+        which = " or ".join(f"-p {k}=N" for k in keys)  # the synthesis's own batch may be the one too large
+        fix = f"continue with a smaller one, {run.resume_command()} {which}, or start again with {fix}"
     else:
         fix = f"start again with {fix}"
-    return f"the batch does not fit ({', '.join(batches)}); {fix}"
+    return f"a batch does not fit ({batches}); {fix}"
 
 
 def _refuse_gradient_free(teacher: torch.nn.Module, method: str) -> None:
@@ -832,6 +840,9 @@ def _moved_teachers(run_dir: Path, saved: DistillConfig, ckpt: dict[str, Any],
     missing = [p for p in given if not Path(p).is_file()]
     if missing:
         raise DfkdError(f"--teacher {missing[0]}: no such file")
+    if not saved.teachers:
+        raise DfkdError(f"--resume {run_dir}: the run has no --teacher (it trains on its --transfer-data alone), and a "
+                        "resume cannot add one; drop --teacher, or start a new run with it")
     hashes = saved_hash.split(",")  # one a teacher, in the run's order (an ensemble's several)
     by_hash = {sha256_file(p): p for p in given}
     teachers = [by_hash.get(h) or (old if Path(old).is_file() and sha256_file(old) == h else None)
@@ -911,6 +922,8 @@ def resume(run_dir: str | Path, steps: int | None = None, budget_minutes: float 
     return result
 
 
+#: The method settings that have flags of their own (--feature-loss, --discriminator), named so in messages.
+OBJECTIVE_KEYS = ("feature_loss", "discriminator")
 #: Method settings a resume cannot change (those that shape a network are refused when its state does not load).
 FIXED_ON_RESUME = {
     "recipe": "a recipe picks the settings when a run starts, and a resumed run keeps those it resolved: give the "
@@ -924,8 +937,8 @@ FIXED_ON_RESUME = {
 def _yours(ckpt: dict[str, Any] | None, changed: Collection[str]) -> set[str] | None:
     """A resumed run's settings its user gave: at its start (the checkpoint keeps them) and with --resume.
 
-    None for a new run, and for a checkpoint written before they were kept (`build_method` then reads a saved
-    setting the recipe holds as the recipe's).
+    None for a new run, and for a checkpoint written before they were kept (whose saved settings the recipe holds
+    are then read as the recipe's, as a config file's are).
     """
     saved = None if ckpt is None else ckpt.get("extra", {}).get("yours")
     return None if saved is None else {*saved, *changed}
@@ -993,8 +1006,12 @@ def _resume_plan(run_dir: Path, steps: int | None, budget_minutes: float | None,
     changes["out"] = str(run_dir)
     for key, why in FIXED_ON_RESUME.items():
         if key in (params or {}) and params[key] != cfg.params.get(key):
-            raise DfkdError(f"--resume {run_dir}: -p {key}={params[key]}: the run has {cfg.params.get(key)!r}, and a "
-                            f"resume cannot change it ({why}); drop it, or start a new run")
+            value = params[key]
+            flag = " ".join(f"--{key.replace('_', '-')} {v}" for v in (value if isinstance(value, list) else [value]))
+            given = flag if key in OBJECTIVE_KEYS else f"-p {key}={value}"
+            has = "none" if cfg.params.get(key) is None else repr(cfg.params.get(key))
+            raise DfkdError(f"--resume {run_dir}: {given}: the run has {has}, and a resume cannot change it ({why}); "
+                            "drop it, or start a new run")
     if params:
         changes["params"] = {**cfg.params, **params}
     cfg = replace(cfg, **changes)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -163,17 +162,21 @@ def check_members(members: Sequence[Teacher]) -> None:
                             f"{b.spec.describe()}; teachers of one run must share the input shape")
 
 
-def _warn_repeated(paths: Sequence[str | os.PathLike], members: Sequence[Teacher]) -> None:
-    """The same file twice in an ensemble is one teacher at twice the cost (and no teacher-slice student init)."""
+def repeated_teacher(paths: Sequence[str | os.PathLike], members: Sequence[Teacher]) -> str | None:
+    """What a new run says of a file given twice in an ensemble, or of a copy of another (None: no repeat).
+
+    Its answers weigh double at the cost of one more forward a batch, and a student cannot start from a slice of
+    several teachers; it is said when a run starts (its resume cannot drop the repeat).
+    """
     first: dict[str, str] = {}
     for path, member in zip(paths, members):
         if member.sha256 and member.sha256 in first:
             same = "is given twice" if str(path) == first[member.sha256] else \
-                f"is the same file as --teacher {first[member.sha256]}"
-            warnings.warn(f"--teacher {path} {same}: the ensemble averages it with itself, one teacher at twice the "
-                          "cost; drop the repeat (-p teacher_weights weighs the teachers)", stacklevel=3)
-            return
+                f"is a copy of --teacher {first[member.sha256]} (the same sha256)"
+            return (f"--teacher {path} {same}: the ensemble counts that teacher twice, its answers weighing double "
+                    "at the cost of one more forward a batch; drop the repeat (-p teacher_weights weighs teachers)")
         first[member.sha256] = str(path)
+    return None
 
 
 def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, trust_pickle: bool = False,
@@ -186,7 +189,6 @@ def load_teachers(paths: Sequence[str | os.PathLike], arch: str | None = None, t
     several = len(paths) > 1  # the spec flags are for members that declare none: the others keep their normalisation
     members = [_member(p, arch, trust_pickle, spec, device, arch_args, several) for p in paths]
     warn_unused_arch(arch, arch_args, members)
-    _warn_repeated(paths, members)
     if len(members) == 1:
         return members[0]
     return EnsembleTeacher(members, weights, weighting)

@@ -50,13 +50,20 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)  # changes in how the file is read (each also warned of)
 
 
+def _run_student(run: Path) -> str:
+    """Where a run folder's model is: its student.pt, or the resume that writes it."""
+    if (run / "student.pt").is_file():
+        return f"give the student the run wrote, {run / 'student.pt'}"
+    return f"the run has not written its student.pt yet: finish it (dfkd distill --resume {run}), then give that"
+
+
 def check_file(path: str | os.PathLike, flag: str = "--teacher") -> Path:
     """Fail clearly on a missing, empty or non-regular file."""
     p = Path(path)
     if not p.exists():
         raise DfkdError(f"{flag} {p}: no such file; check the path")
     if not p.is_file():
-        run = f"; a run folder's student is {p / 'student.pt'}" if (p / "checkpoint.pt").is_file() else ""
+        run = f"; {_run_student(p)}" if (p / "checkpoint.pt").is_file() else ""
         raise DfkdError(f"{flag} {p}: is a directory, not a model file{run}")
     if p.stat().st_size == 0:
         raise DfkdError(f"{flag} {p}: the file is empty (an interrupted copy or save?); write it again")
@@ -408,8 +415,8 @@ def load_user_model(
     state = _extract_state_dict(obj)
     refuse_quantized(obj if state is None else state, f"--teacher {p}")
     if state is None and isinstance(obj, dict) and {"config", "method", "step"} <= set(obj):  # dfkd's checkpoint.pt
-        raise DfkdError(f"--teacher {p}: is a run's checkpoint (its training state), not a model; give the student "
-                        f"the run wrote, {p.parent / 'student.pt'}")
+        raise DfkdError(f"--teacher {p}: is a run's checkpoint (its training state), not a model; "
+                        f"{_run_student(p.parent)}")
     if state is None:
         keys = f" with keys {sorted(map(str, obj))[:8]}" if isinstance(obj, dict) else ""
         raise DfkdError(f"--teacher {p}: holds a {type(obj).__name__}{keys}, neither a dfkd model file nor a "

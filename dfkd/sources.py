@@ -71,8 +71,8 @@ class Source:
         """Whether the run has a teacher network to ask (False: only stored labels)."""
         return bool(self.cfg.teachers)
 
-    def check(self) -> None:
-        """Refuse settings this source cannot run with (before anything is written)."""
+    def check(self, new: bool = True) -> None:
+        """Refuse settings this source cannot run with (before anything is written; `new`: not a resume)."""
         if not self.cfg.teachers:
             raise DfkdError("dfkd distill needs --teacher FILE (or --transfer-data FILE.npz from `dfkd synthesize`)")
 
@@ -139,7 +139,7 @@ class TransferFile(Source):
 
     name, flag, method = "transfer", "transfer_data", "transfer"
 
-    def check(self) -> None:
+    def check(self, new: bool = True) -> None:
         cfg = self.cfg
         if cfg.method != self.method:
             raise DfkdError(f"--transfer-data trains with the transfer method (the default with --transfer-data), "
@@ -152,7 +152,8 @@ class TransferFile(Source):
         if not cfg.teachers and features:  # the file holds the teacher's probabilities, not its features
             raise DfkdError(f"{features[0]}: a --transfer-data run without --teacher has no teacher features to "
                             "match; add --teacher FILE (the teacher the file was made from) or drop it")
-        if not cfg.teachers and cfg.student_init == "teacher":  # it started at random, unsaid
+        if new and not cfg.teachers and cfg.student_init == "teacher":  # it started at random, unsaid (a run
+            # started so before this check goes on as it began)
             raise DfkdError("--student-init teacher: a --transfer-data run without --teacher has no teacher weights "
                             "to start the student from; add --teacher FILE (the teacher the file was made from) or "
                             "drop --student-init")
@@ -188,8 +189,8 @@ class RealImages(Source):
 
     name, flag, method = "real", "data", "kd"
 
-    def check(self) -> None:
-        super().check()
+    def check(self, new: bool = True) -> None:
+        super().check(new)
         from dfkd.methods import get_method
 
         if "data" not in get_method(self.cfg.method).default_params(None):
@@ -212,8 +213,8 @@ class Synthesized(Source):
 
     name = "synthesized"
 
-    def check(self) -> None:
-        super().check()
+    def check(self, new: bool = True) -> None:
+        super().check(new)
 
 
 def source_for(cfg: Any) -> Source:

@@ -108,13 +108,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-#: The largest magnitude a number setting may have: learning rates and weights become float32 tensors (1e300 passed
-#: as "finite" and failed at the first step with a traceback).
+#: The largest magnitude a method setting may have: learning rates and weights become float32 tensors (1e300 passed
+#: as "finite" and failed at the first step with a traceback). Run settings (a budget in minutes) are not bound.
 FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v) and abs(v) <= FLOAT32_MAX
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 def _too_large(v: Any) -> str:
@@ -244,7 +244,7 @@ def check_settings(data: dict[str, Any], source: str) -> None:
             v = [v]
         if rule.problem(v):
             where = f"{flag_name(key)} {_show(value)}" if source == "flags" else f"{source}: {key} = {value!r}"
-            raise DfkdError(f"{where}: must be {rule.allowed(none=source != 'flags')}{_too_large(v)}")
+            raise DfkdError(f"{where}: must be {rule.allowed(none=source != 'flags')}")
 
 
 def param_rule(key: str, default: Any) -> Rule:
@@ -288,7 +288,7 @@ def check_params(params: dict[str, Any], recipe: dict[str, Any], method: str, so
         rule = param_rule(key, recipe[key])
         if key == "s_steps":
             rule = Rule("int", lo=min_s_steps)
-        bad = rule.problem(value)
+        bad = rule.problem(value) or bool(_too_large(value))
         if bad:
             where = f"-p {key}={value}" if source == "-p" else f"{source}: params.{key} = {value!r}"
             raise DfkdError(f"{where}: method {method} needs {rule.allowed()}{_too_large(value)}")

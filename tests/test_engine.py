@@ -128,8 +128,8 @@ def test_a_config_files_paths_and_params_are_named_as_the_files(tmp_path: Path) 
     with pytest.raises(DfkdError, match=rf"^--config {f}: quantize = 'int4': must be one of null \(none\), 'int8'$"):
         build_config(str(f), [], method=None)
     f.write_text(json.dumps({"method": "dfq", "params": {"oh": 1.5}}))
-    with pytest.raises(DfkdError, match=rf"^--config {f} \(its method 'dfq', replaced by --method dfad\): method "
-                                        r"dfad has no parameter\(s\) \['oh'\]"):
+    with pytest.raises(DfkdError, match=rf"^--config {f} \(its params are for its method 'dfq'; this run's is "
+                                        r"dfad\): method dfad has no parameter\(s\) \['oh'\]"):
         build_config(str(f), [], method="dfad")
 
 

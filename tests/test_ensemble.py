@@ -15,7 +15,7 @@ from torch import nn
 
 from dfkd.bnstats import BNInputs
 from dfkd.cli.main import main
-from dfkd.ensemble import EnsembleTeacher, load_teachers
+from dfkd.ensemble import EnsembleTeacher, load_teachers, repeated_teacher
 from dfkd.errors import DfkdError
 from dfkd.methods import get_method
 from dfkd.modelfile import ModelFile, load_model, save_model
@@ -162,18 +162,26 @@ def teacher_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     return str(d / "a.pt"), str(d / "b.pt")
 
 
-def test_a_teacher_given_twice_is_said(teacher_files: tuple[str, str], tmp_path: Path):
-    # accepted without a word: each step cost twice as much for the same answers
+def test_a_teacher_given_twice_is_said_when_the_run_starts(teacher_files: tuple[str, str], tmp_path: Path):
+    # accepted without a word: each step cost twice as much for the same answers; its resume, which cannot drop the
+    # repeat, is not told again
     a = teacher_files[0]
     copy = tmp_path / "copy.pt"
     copy.write_bytes(Path(a).read_bytes())
-    with pytest.warns(UserWarning, match=f"^--teacher {a} is given twice: the ensemble averages it with itself"):
-        load_teachers([a, a])
-    with pytest.warns(UserWarning, match=f"^--teacher {copy} is the same file as --teacher {a}: "):
-        load_teachers([a, teacher_files[1], str(copy)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        load_teachers(teacher_files)
+    members = [load_teachers([p]) for p in (a, teacher_files[1], str(copy))]
+    assert repeated_teacher([a, a], members[:1] * 2).startswith(f"--teacher {a} is given twice: the ensemble counts")
+    assert repeated_teacher([a, teacher_files[1], str(copy)], members).startswith(
+        f"--teacher {copy} is a copy of --teacher {a} (the same sha256): ")
+    assert repeated_teacher(teacher_files, members[:2]) is None
+    args = ["--method", "dfad", "-p", "batch_size=8", "-p", "s_steps=1", "--fid-every", "0"]
+    with pytest.warns(UserWarning, match=f"^--teacher {a} is given twice"):
+        r = CliRunner().invoke(main, ["distill", "--teacher", a, "--teacher", a, "--steps", "2", *args, "--out",
+                                      str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = CliRunner().invoke(main, ["distill", "--resume", str(tmp_path / "r"), "--steps", "3"])
+    assert r.exit_code == 0 and not [w for w in caught if "twice" in str(w.message)], r.output
 
 
 def test_load_teachers_one_or_several(teacher_files: tuple[str, str]):

@@ -270,9 +270,9 @@ def test_a_batch_that_does_not_fit_in_memory_says_which_and_resumes(error: Runti
         return real(self, *a, **k)
 
     monkeypatch.setattr(get_method("dfad"), "round", step)
-    with pytest.raises(DfkdError, match=r"^out of (memory|GPU)[^:]* at step 0: the batch does not fit "
-                                        r"\(-p batch_size=8\); continue with a smaller batch, dfkd distill --resume "
-                                        r".*r -p batch_size=N"):
+    with pytest.raises(DfkdError, match=r"^out of (memory|GPU)[^:]* at step 0: a batch does not fit "
+                                        r"\(-p batch_size=8\); continue with a smaller one, dfkd distill --resume "
+                                        r".*r -p batch_size=N, or start again"):
         distill(cfg)
     assert resume(tmp_path / "r", params={"batch_size": 4}).step == 4
 
@@ -317,7 +317,7 @@ def test_a_resume_refuses_settings_that_would_not_fit_or_not_apply(teacher_file:
                            ("nz=64", ("-p nz=...", "drop it")),
                            (f"s_optimizer={other}", (f"-p s_optimizer={other}: the run has '{optimizer}'",)),
                            ("recipe=paper", ("-p recipe=paper: the run has 'cpu'", "give the settings themselves")),
-                           ("feature_loss=at", ("-p feature_loss=at: the run has None", "objectives"))):
+                           ("feature_loss=at", ("--feature-loss at: the run has none", "objectives"))):
         code, out = run_cli(["distill", "--resume", run, "--steps", "4", "-p", given])
         assert code == 2 and all(n in out for n in needles), (given, out)
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2

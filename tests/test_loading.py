@@ -904,7 +904,12 @@ def test_a_run_folder_or_its_checkpoint_points_at_the_runs_student(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     torch.save({"config": {}, "method": {}, "step": 3, "rng": {}, "version": 1}, run / "checkpoint.pt")
-    assert _error(run).endswith(f"is a directory, not a model file; a run folder's student is {run / 'student.pt'}")
+    assert _error(run / "checkpoint.pt").endswith("is a run's checkpoint (its training state), not a model; the run "
+                                                  f"has not written its student.pt yet: finish it (dfkd distill "
+                                                  f"--resume {run}), then give that")
+    (run / "student.pt").write_bytes(b"a student")
+    assert _error(run).endswith(f"is a directory, not a model file; give the student the run wrote, "
+                                f"{run / 'student.pt'}")
     assert _error(run / "checkpoint.pt").endswith(f"is a run's checkpoint (its training state), not a model; give "
                                                   f"the student the run wrote, {run / 'student.pt'}")
 

@@ -126,8 +126,9 @@ def test_calibration_sources(transfer_file: str, eval_npz: str) -> None:
         calibration_pixels("zskd", 8, MNIST_SPEC)
     with pytest.raises(DfkdError, match="no such file"):
         calibration_pixels("missing.npz", 8, MNIST_SPEC)
-    with pytest.raises(DfkdError, match="unknown"):
-        calibration_pixels("nosuchmethod", 8, MNIST_SPEC)
+    for name in ("nosuchmethod", "calib.npy"):  # "unknown method" of a file that is missing
+        with pytest.raises(DfkdError, match=f"^--calibration {name}: neither a method .* nor an existing file"):
+            calibration_pixels(name, 8, MNIST_SPEC)
     with pytest.raises(DfkdError, match=r"^--calibration \./nodir: no such file or folder$"):  # "unknown method"
         calibration_pixels("./nodir", 8, MNIST_SPEC)
 

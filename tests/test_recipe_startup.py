@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from dfkd.build import warn_no_effect
@@ -217,6 +218,14 @@ def test_a_resumed_run_names_the_settings_as_its_start_did(teacher_file: str, tm
     assert "set by recipe=" not in again and "recipe: cpu (teacher 1x32x32 inputs" in again
     assert moved(again) == sorted([*(ln for ln in moved(start) if "lr_s" not in ln),
                                    "departs from the paper: lr_s = 0.001 (paper: 0.01; set by you)"])
+    # a checkpoint written before it kept the user's keys: the settings the recipe holds are the recipe's
+    ckpt = load_checkpoint(run_dir / "checkpoint.pt")
+    del ckpt["extra"]["yours"]
+    torch.save(ckpt, run_dir / "checkpoint.pt")
+    resume(run_dir, steps=4)
+    old = capsys.readouterr().err
+    assert "set by recipe=" not in old and "recipe: cpu (teacher 1x32x32 inputs" in old
+    assert moved(old) == moved(again)
 
 
 def test_what_a_method_ignores_follows_its_settings() -> None:

@@ -124,7 +124,7 @@ def test_corrupt_or_wrong_files_are_clear_errors(transfer_file: str, tmp_path: P
         load_transfer(path)
 
 
-def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, tmp_path: Path) -> None:
+def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, teacher_file: str, tmp_path: Path) -> None:
     data = load_transfer(transfer_file)
     colour = Teacher(create("lenet5_bn", num_classes=10, in_channels=3, input_size=32).eval(),
                      InputSpec(3, 32, (0.5,), (0.5,)), source="rgb.pt")
@@ -151,6 +151,14 @@ def test_mismatched_teacher_and_config_are_clear_errors(transfer_file: str, tmp_
                                         "teacher weights"):  # the student started at random, unsaid
         distill(DistillConfig(method="transfer", student="lenet5_half", student_init="teacher", **base))
     assert not (tmp_path / "r").exists()
+    # a run started so before that check goes on: its resume was refused, and so were both fixes the error named
+    run = distill(DistillConfig(method="transfer", student="lenet5_half", **base)).run_dir
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["student_init"] = "teacher"
+    torch.save(ckpt, run / "checkpoint.pt")
+    assert resume(run, steps=3).step == 3
+    with pytest.raises(DfkdError, match="the run has no --teacher .*a resume cannot add one"):  # "(; compared by"
+        resume(run, steps=4, fixed={"teachers": (teacher_file,)})
 
 
 # --- distilling from the file -----------------------------------------------------------------------------------
