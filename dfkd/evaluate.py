@@ -50,16 +50,21 @@ def accuracy(model: nn.Module, data: ImageData, spec: InputSpec, device: torch.d
 
 
 def size_note(data: ImageData, spec: InputSpec) -> str:
-    """How `data`'s images reach the model's input size: '' when they are its size, else e.g. '28x28 resized to 32x32'.
+    """How `data`'s images reach the model's input: '' when they are its kind, else e.g. '28x28 resized to 32x32'.
 
     `to_model_input` resizes bilinearly (28-px MNIST to a 32-px LeNet, as DAFL and DFAD do); images of another
-    aspect ratio are 'stretched to' it. Sizes are height x width, as `--input-size` takes them.
+    aspect ratio are 'stretched to' it. Sizes are height x width, as `--input-size` takes them. Colour images read
+    by a grey model are averaged to grey, grey ones read by a colour model repeated to 3 channels: said too
+    (CIFAR-10 images averaged for an MNIST teacher trained on them unsaid).
     """
-    h, w = (int(s) for s in data.x.shape[-2:])
-    if (h, w) == spec.hw:
-        return ""
-    stretched = abs(w / h - spec.hw[1] / spec.hw[0]) > 0.01
-    return f"{h}x{w} {'stretched' if stretched else 'resized'} to {spec.hw[0]}x{spec.hw[1]}"
+    c, h, w = (int(s) for s in data.x.shape[-3:])
+    notes = []
+    if c != spec.channels:
+        notes.append("colour averaged to grey" if spec.channels == 1 else f"grey repeated to {spec.channels} channels")
+    if (h, w) != spec.hw:
+        stretched = abs(w / h - spec.hw[1] / spec.hw[0]) > 0.01
+        notes.append(f"{h}x{w} {'stretched' if stretched else 'resized'} to {spec.hw[0]}x{spec.hw[1]}")
+    return ", ".join(notes)
 
 
 def doubtful_top1(num_classes: int) -> float:

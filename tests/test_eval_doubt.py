@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,11 @@ def test_size_note_says_resized_or_stretched(mnist: dict[str, str]) -> None:
     tall = InputSpec(1, 56, (0.5,), (0.5,), width=28)  # --input-size 56x28: height x width, as the note reads
     assert size_note(load_images(mnist["wide"]), tall) == "28x56 stretched to 56x28"
     assert size_note(load_images(mnist["plain"]), InputSpec(1, 28, (0.5,), (0.5,))) == ""
+    # a channel conversion was done unsaid (colour images averaged for a grey teacher)
+    grey = load_images(mnist["plain"])
+    colour = replace(grey, x=grey.x.expand(-1, 3, -1, -1))
+    assert size_note(colour, spec) == "colour averaged to grey, 28x28 resized to 32x32"
+    assert size_note(grey, InputSpec(3, 28, (0.5,) * 3, (0.5,) * 3)) == "grey repeated to 3 channels"
 
 
 @pytest.mark.parametrize(("top1", "k", "recorded", "warns"), [
