@@ -709,3 +709,8 @@ def test_training_images_of_another_size_are_said(tmp_path: Path) -> None:
                 "-p", "batch_size=8", "--out", tmp_path / "r"])
     assert r.exit_code == 0 and f"--data {tmp_path / 'wide.npz'}: its images are 28x56 stretched to 32x32 for the " \
                                 "teacher" in r.output, r.output
+    assert "fewer than a batch" not in r.output  # 16 images, batch 8
+    r = invoke(["distill", "--teacher", plain, "--method", "kd", "--data", tmp_path / "wide.npz", "--steps", "1",
+                "-p", "batch_size=32", "--out", tmp_path / "r2"])  # the same 16 images every step, unsaid
+    assert r.exit_code == 0 and f"--data {tmp_path / 'wide.npz'}: 16 images, fewer than a batch (-p batch_size=32): " \
+                                "every step trains on all of them" in r.output, r.output

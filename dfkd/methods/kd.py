@@ -58,6 +58,10 @@ class KD(Method):
         data = load_for(path, "--data", teacher.num_classes, teacher.spec, teacher.class_names)
         if how := size_note(data, teacher.spec):  # 28x56 images stretched to 32x32 trained at half the top-1, unsaid
             self.notice(f"--data {path}: its images are {how} for the teacher (--eval-data is read the same way)")
+        if len(data) < int(params["batch_size"]):  # every step saw the same few images, unsaid
+            batch = params["batch_size"]
+            self.notice(f"--data {path}: {len(data)} images, fewer than a batch (-p batch_size={batch}): every step "
+                        "trains on all of them, and the student can learn them by heart")
         self.synth: RealData = RealData(data, teacher.spec, params["batch_size"], device, bool(params["augment"]))
         self._labels: torch.Tensor | None = None
 
