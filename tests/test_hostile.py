@@ -698,6 +698,10 @@ def test_a_transfer_file_of_fewer_images_than_classes_is_said(teacher_file: str,
         r = invoke(["synthesize", "--teacher", teacher_file, "--method", "zskd", "--num", "4", "-p", "di_iters=1",
                     "-p", "di_batch=4", "--out", tmp_path / "t.npz"])
     assert r.exit_code == 0, r.output
+    r = invoke(["distill", "--transfer-data", tmp_path / "t.npz", "--teacher", teacher_file, "--steps", "1", "-p",
+                "batch_size=8", "--out", tmp_path / "r"])  # each batch of 8 drew the 4 images twice, unsaid
+    assert r.exit_code == 0 and f"--transfer-data {tmp_path / 't.npz'}: 4 images, fewer than a batch (-p " \
+                                "batch_size=8): each batch repeats them" in r.output, r.output
 
 
 def test_training_images_of_another_size_are_said(tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ class Transfer(Method):
         self.has_teacher = not isinstance(teacher, NoTeacher)
         if self.has_teacher:
             check_teacher_fits(teacher, self.data)
+        if len(self.data) < int(self.p["batch_size"]):  # a batch drew the same images again, unsaid
+            self.notice(f"--transfer-data {path}: {len(self.data)} images, fewer than a batch (-p batch_size="
+                        f"{self.p['batch_size']}): each batch repeats them; make the file with a larger --num")
         self.augment = make_augment(self.p["augment"], teacher.spec.hw, flip_p=self.p["flip_p"],
                                     fill=teacher.spec.black).to(device)
         self.order = torch.randperm(len(self.data))
