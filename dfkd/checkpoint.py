@@ -57,6 +57,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     from dfkd.loading import read_weights_only
 
     if not path.exists():
+        from dfkd.outpaths import unstarted_run
+
+        if unstarted_run(path.parent):
+            raise DfkdError(f"--resume {path.parent}: the run was stopped before its first checkpoint, so nothing of "
+                            "it is kept; start it again (the same command with --out "
+                            f"{path.parent} takes the folder again)")
         raise DfkdError(f"--resume {path.parent}: no checkpoint.pt there; was the run started with dfkd distill?")
     ckpt = read_weights_only(path, "--resume")
     keys = ("version", "config", "step", "elapsed", "method", "rng", "finished")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +15,37 @@ from dfkd.errors import DfkdError
 #: What a dfkd run folder holds once it has started (a folder with one of these is a run, to resume or leave).
 #: The file every `dfkd distill` run folder holds from its first step (a student.pt alone may be the user's model).
 RUN_MARKER = "checkpoint.pt"
+
+
+def unstarted_run(d: Path) -> bool:
+    """Whether folder `d` holds only what a `dfkd distill` run writes before its first checkpoint.
+
+    A run killed there (kill -9, a lost machine) left its config.json, an empty log and a TensorBoard file: a
+    folder `--resume` refused (no checkpoint) and the same command refused (not empty). Nothing else may be in it
+    (a file of the user's keeps the folder refused), and its config.json must be a run's.
+    """
+    try:
+        entries = list(d.iterdir())
+    except OSError:
+        return False
+    runs = all(e.is_file() and (e.name in ("config.json", "metrics.jsonl") or e.name.startswith("events.out.tfevents.")
+                                or (e.name.startswith(".") and ".tmp" in e.name)) for e in entries)
+    if not entries or not runs or (d / RUN_MARKER).exists() or not (d / "config.json").is_file():
+        return False
+    try:
+        config = json.loads((d / "config.json").read_text())
+        log = (d / "metrics.jsonl").read_text().splitlines() if (d / "metrics.jsonl").exists() else []
+        steps = {json.loads(line).get("step") for line in log if line.strip()}
+    except (OSError, ValueError, AttributeError):
+        return False
+    # a log past step 0 is a run's record (a finished run whose checkpoint the user deleted): not cleared
+    return isinstance(config, dict) and {"method", "teachers", "params"} <= set(config) and steps <= {0}
+
+
+def clear_unstarted(d: Path) -> None:
+    """Remove what a run stopped before its first checkpoint wrote (`unstarted_run`), so a run can start there."""
+    for e in d.iterdir():
+        e.unlink(missing_ok=True)
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -122,6 +154,12 @@ def prepare_run_dir(path: str | os.PathLike, flag: str = "--out") -> tuple[Path,
         if (d / RUN_MARKER).exists():
             raise DfkdError(f"{what}: already holds a dfkd distill run ({RUN_MARKER}); continue it with "
                             f"`{_resume_command_of(d)}`, or pick another {flag}")
+        if unstarted_run(d):  # killed before its first checkpoint: nothing of it is kept, the folder is reused
+            with folder_lock(d, f"{what}: {{pid}} is starting a run in this folder; wait for it, or pick another "
+                                f"{flag}"):  # not one still in its first seconds
+                clear_unstarted(d)
+            warnings.warn(f"{what}: held a run stopped before its first checkpoint (nothing of it was kept); "
+                          "starting anew there", stacklevel=3)
         try:
             entries = sorted(e.name for e in d.iterdir())
         except OSError as e:

@@ -49,6 +49,9 @@ class RunSummary:
         from dfkd.modelfile import student_problem
 
         if not self.finished:
+            if not (self.run_dir / "checkpoint.pt").exists():  # killed before its first checkpoint
+                return ("no, and never started: stopped before its first checkpoint, nothing is kept (start it again; "
+                        f"--out {self.run_dir} takes the folder again)")
             return f"no (continue with {self._resume()})"
         problem = student_problem(self.run_dir)
         return f"yes, but {problem} (train further to write it again: {self._resume()} --steps N, N > {self.step})" \

@@ -29,6 +29,7 @@ from dfkd.engine import distill, resume
 from dfkd.errors import DfkdError
 from dfkd.methods import base as method_base
 from dfkd.methods import get_method, list_methods
+from dfkd.report import report
 from dfkd.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,6 +276,39 @@ def test_a_batch_that_does_not_fit_in_memory_says_which_and_resumes(error: Runti
                                         r".*r -p batch_size=N, or start again"):
         distill(cfg)
     assert resume(tmp_path / "r", params={"batch_size": 4}).step == 4
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_a_folder_the_same_command_takes(
+        teacher_file: str, tmp_path: Path) -> None:
+    # a kill -9 in a run's first seconds left config.json, an empty log and a TensorBoard file: --resume said "was the
+    # run started with dfkd distill?", the same command "the folder is not empty", and report "continue with --resume"
+    cfg = DistillConfig(teachers=(teacher_file,), method="dfad", steps=2, out=str(tmp_path / "r"), fid_every=0,
+                        params={"batch_size": 8, "s_steps": 1})
+    config = (distill(cfg).run_dir / "config.json").read_text()
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "config.json").write_text(config)
+    (killed / "metrics.jsonl").write_text("")
+    (killed / "events.out.tfevents.1796686151.vm.10040.0").write_bytes(b"\x00" * 88)
+    (killed / ".checkpoint.pt.a1b2c3d4.tmp").write_bytes(b"half")
+    with pytest.raises(DfkdError, match="the run was stopped before its first checkpoint, so nothing of it is kept"):
+        resume(killed)
+    assert "never started: stopped before its first checkpoint" in report(killed).text()
+    with dfkd.outpaths.folder_lock(killed, "busy"):  # a run still in its first seconds is not cleared
+        with pytest.raises(DfkdError, match="is starting a run in this folder"):
+            dfkd.outpaths.prepare_run_dir(killed)
+    assert (killed / "config.json").exists()
+    with pytest.warns(UserWarning, match="held a run stopped before its first checkpoint"):
+        assert distill(dataclasses.replace(cfg, out=str(killed))).step == 2
+    (killed / "checkpoint.pt").unlink()  # a finished run's record, its checkpoint deleted: refused, nothing removed
+    (killed / "student.pt").unlink()
+    with pytest.raises(DfkdError, match="the folder is not empty"):
+        dfkd.outpaths.prepare_run_dir(killed)
+    (killed / "metrics.jsonl").write_text("")
+    (killed / "notes.txt").write_text("mine")  # a user's file beside a run's leftovers: refused, nothing removed
+    with pytest.raises(DfkdError, match="the folder is not empty"):
+        dfkd.outpaths.prepare_run_dir(killed)
+    assert (killed / "notes.txt").read_text() == "mine" and (killed / "config.json").exists()
 
 
 def test_a_resume_drops_log_lines_damaged_on_disk(teacher_file: str, tmp_path: Path) -> None:
