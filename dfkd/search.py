@@ -327,9 +327,12 @@ def open_study(cfg: SearchConfig, optuna: Any, resume: bool, teacher_sha256: str
     with warnings.catch_warnings():  # heartbeats (which fail trials a killed search left running) are "experimental"
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.absolute()}", heartbeat_interval=60, grace_period=120)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=3)
     study = optuna.create_study(storage=storage, study_name="search", direction="maximize", load_if_exists=resume,
-                                sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3))
+                                sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
+    if resume and study.trials:  # a sampler seeded as at the start drew the first trials' students again
+        sampler = optuna.samplers.TPESampler(seed=(cfg.seed + len(study.trials)) % 2**32)
+        study = optuna.load_study(study_name="search", storage=storage, sampler=sampler, pruner=pruner)
     if resume:
         _same_settings(cfg, out, teacher_sha256, _scored(study))
         atomic_write_text(out / "search.json", _settings(cfg, teacher_sha256))

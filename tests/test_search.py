@@ -91,6 +91,15 @@ def test_resume_adds_trials_to_the_stored_study(finished: tuple[SearchConfig, di
         assert not (Path(cfg.out) / "trials" / "trial-3").exists()
 
 
+def test_a_resumed_search_does_not_replay_the_first_draws(toy: dict[str, str], tmp_path: Path) -> None:
+    # the sampler was seeded as at the start: a resume's new trials drew the first trials' students again
+    cfg = config(toy, tmp_path / "r", trials=3, final_steps=2)
+    first = search(cfg, load_teacher(cfg.teacher))["rows"]
+    again = search(dataclasses.replace(cfg, trials=5), load_teacher(cfg.teacher), resume=True)["rows"]
+    drawn = [r["student_args"]["widths"] for r in first[1:]]  # trial 0 is the fixed reference
+    assert [r["student_args"]["widths"] for r in again[3:]] != drawn
+
+
 def test_a_resume_of_a_running_search_is_refused(finished: tuple[SearchConfig, dict]) -> None:
     # both processes added trials to one study: its table listed 5 trials of the 3 asked for
     from dfkd.outpaths import folder_lock
