@@ -265,6 +265,24 @@ def synthesize(teacher: Teacher, method: str, num: int | None, out: str | os.Pat
     return load_transfer(out, "--out")
 
 
+def spread(probs: Tensor, n: int) -> Tensor:
+    """Indices of at most `n` of the images, in order, spread over the teacher's classes (its argmax).
+
+    A batch aimed at every class holds them in blocks (DeepInversion's 256 targets, class by class): the first 200
+    of them left the last classes out of a `--num 200` file, unsaid. Each class's k-th image comes before any
+    class's (k+1)-th, so a cut keeps the classes as even as the images allow.
+    """
+    if len(probs) <= n:
+        return torch.arange(len(probs))
+    cls = probs.argmax(1)
+    rank = torch.empty_like(cls)
+    for c in cls.unique():
+        where = (cls == c).nonzero().flatten()
+        rank[where] = torch.arange(len(where))
+    order = sorted(range(len(cls)), key=lambda i: (int(rank[i]), i))
+    return torch.tensor(sorted(order[:n]))
+
+
 def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progress: bool, teacher: Teacher,
              labels: LabelSpec, device: torch.device, views: int, recipe: dict[str, Any]) -> Balance | None:
     """Make the images still missing, part by part, each with its labels and the state after it.
@@ -290,7 +308,8 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
                     x, probs = x[keep], probs[keep]
                 xs.append(x)
                 ps.append(probs)
-            x, probs = torch.cat(xs)[:left], minimise(torch.cat(ps)[:left], labels)
+            keep = spread(torch.cat(ps), left)
+            x, probs = torch.cat(xs)[keep], minimise(torch.cat(ps)[keep], labels)
             extra = {"balance": balance.state_dict()} if balance is not None else {}
             parts.add(x, probs, {"method": m.state_dict(), "rng": rng_state(), **extra})
             left -= len(x)

@@ -27,6 +27,7 @@ from dfkd.modelfile import load_model
 from dfkd.models import create
 from dfkd.spec import MNIST_SPEC, InputSpec
 from dfkd.students import build_student
+from dfkd.synthesis import spread
 from dfkd.teacher import Teacher, load_teacher
 from dfkd.transfer import check_teacher_fits, from_pixels, load_transfer, save_transfer, synthesize
 from tests.conftest import KWARGS, make_teacher_module
@@ -276,3 +277,14 @@ def test_another_teacher_is_named_by_every_member_of_an_ensemble() -> None:
     with pytest.warns(UserWarning, match=r"made from another teacher \(sha256 a{12}\.\.\., --teacher is a{12}\.\.\. "
                                          r"\+ b{12}\.\.\.\)"):
         check_teacher_fits(ensemble, data)
+
+
+def test_a_cut_batch_keeps_every_class_it_can() -> None:
+    # DeepInversion's batch of 256 targets holds the classes in blocks: --num 200 kept its first 200, classes 0-7
+    blocks = torch.nn.functional.one_hot(torch.arange(256) * 10 // 256, 10).float()
+    keep = spread(blocks, 200)
+    assert len(keep) == 200 and keep.tolist() == sorted(keep.tolist())
+    assert torch.bincount(blocks[keep].argmax(1), minlength=10).tolist() == [20] * 10
+    assert spread(blocks, 300).tolist() == list(range(256))
+    few = torch.nn.functional.one_hot(torch.tensor([0, 0, 0, 0, 1]), 3).float()  # a class with fewer images: all kept
+    assert spread(few, 3).tolist() == [0, 1, 4]
