@@ -1,7 +1,8 @@
 """Are two GPU runs of one seed the same student, with and without `--deterministic`, and is a resume?
 
     python bench/gpu_determinism.py                       # on a CUDA machine, about 3 minutes
-    python bench/gpu_determinism.py --device cpu --steps 4 --cases lenet   # the script itself, on a CPU
+    python bench/gpu_determinism.py --device cpu --steps 60 --cases lenet  # the script itself, on a CPU (a run
+        # too short ends before the interrupt the resume check sends)
 
 Per case (DFAD on the MNIST demo teacher; fast on the CIFAR WRN-16-1), each a `dfkd distill` process of its own:
 two plain runs; two `--deterministic` runs; a `--deterministic` run interrupted (SIGINT, as Ctrl-C: it saves a
@@ -46,7 +47,8 @@ def interrupted(out: Path, args: list[str]) -> int:
             break
         time.sleep(0.01)
     if proc.wait() != 130:
-        raise RuntimeError(f"the run to interrupt ended with exit status {proc.returncode}, not 130 (interrupted)")
+        why = "; it finished before the interrupt: give more --steps" if proc.returncode == 0 else ""
+        raise SystemExit(f"the run to interrupt ended with exit status {proc.returncode}, not 130 (interrupted){why}")
     return int(torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["step"])
 
 

@@ -10,14 +10,25 @@ import argparse
 import numpy as np
 
 
+def class_range(text: str) -> tuple[int, int]:
+    """"LO-HI" (inclusive) or a single class "N", as argparse's type."""
+    parts = text.split("-")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give LO-HI (e.g. 0-4) or one class (e.g. 5)")
+    lo, hi = int(parts[0]), int(parts[-1])
+    if lo > hi:
+        raise argparse.ArgumentTypeError(f"{text!r}: LO must not exceed HI")
+    return lo, hi
+
+
 def main() -> None:
     """Write the images of classes LO..HI (labels unchanged) of IN to OUT."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("src")
-    ap.add_argument("classes", help="LO-HI, inclusive")
+    ap.add_argument("classes", type=class_range, help="LO-HI, inclusive, or one class N")
     ap.add_argument("out")
     a = ap.parse_args()
-    lo, hi = (int(v) for v in a.classes.split("-"))
+    lo, hi = a.classes
     with np.load(a.src, allow_pickle=False) as d:
         keep = (d["y"] >= lo) & (d["y"] <= hi)
         np.savez(a.out, x=d["x"][keep], y=d["y"][keep])

@@ -26,6 +26,7 @@ import overhead  # noqa: E402
 import pool  # noqa: E402
 import run  # noqa: E402
 import selection_signal  # noqa: E402
+import split_classes  # noqa: E402
 
 PLAIN, BN = ROOT / "examples" / "mnist_lenet5.pt", ROOT / "examples" / "mnist_lenet5_bn.pt"
 
@@ -261,3 +262,11 @@ def test_a_missing_model_or_data_is_dfkds_one_line_not_a_traceback(tmp_path: Pat
     # "no such file" line unseen
     with pytest.raises(SystemExit, match=r"--model .*nope.pt: no such file; check the path"):
         run.evaluate(tmp_path / "nope.pt", str(ROOT / "examples" / "mnist_test.npz"))
+
+
+def test_split_classes_takes_one_class_or_a_range() -> None:
+    # "5" ended in a ValueError traceback (it unpacked one value into two)
+    assert split_classes.class_range("5") == (5, 5) and split_classes.class_range("0-4") == (0, 4)
+    for bad in ("x-2", "4-0", "1-2-3", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            split_classes.class_range(bad)
