@@ -606,6 +606,8 @@ def _score_teacher(run: Run, log: RunLog) -> None:
     resized = size_note(run.eval_data, run.teacher.spec)
     tqdm.write(f"teacher on --eval-data: top-1 {100 * top1:.2f}% ({len(run.eval_data)} images"
                + (f", {resized})" if resized else ")"), file=sys.stderr)
+    if run.method.eval_other_modality:  # the student's sensor: the teacher's top-1 there is what the run improves on
+        return
     doubt = data_doubt(top1, run.teacher.num_classes, "--eval-data", run.cfg.eval_data, resized,
                        run.teacher.recorded_top1)
     run.teacher_top1 = None if doubt else top1

@@ -120,6 +120,9 @@ class Method(Recipe):
     #: The flag of the images this method trains on (`--data`, `--transfer-data`); None: it synthesizes its own.
     #: The collapse watch names it, and its remedy, when those images show the teacher few classes.
     reads: ClassVar[str | None] = None
+    #: Whether --eval-data is of another modality than the teacher's (crossmodal: the student's sensor), so the
+    #: teacher's top-1 there is no doubt about the data and no mark for the student.
+    eval_other_modality: ClassVar[bool] = False
     #: Whether a time budget may cut a round's student steps (`student_steps_per_round`). A pool-served method
     #: then makes more rounds of fewer steps; the GAN methods keep their recipe's student steps per generator step.
     fit_steps_to_budget: ClassVar[bool] = True

@@ -55,6 +55,7 @@ class CrossModal(Method):
     ignores: ClassVar[dict[str, str]] = {"g_steps": "it has no generator: it trains on the --data pairs"}
     quick: ClassVar[dict[str, Any]] = {"batch_size": 8}
     reads: ClassVar[str | None] = "--data"
+    eval_other_modality: ClassVar[bool] = True  # --eval-data is modality B, which the teacher is not made for
     defaults: ClassVar[dict[str, Any]] = {
         "data": None, "T": 4.0, "kd": 1.0, "batch_size": 64, "lr_s": 0.05, "weight_decay": 5e-4,
         "schedule": "multistep", "milestones": [0.625, 0.75, 0.875],

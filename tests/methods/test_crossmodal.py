@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import dfkd.engine
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.data import load_images
@@ -123,3 +125,15 @@ def test_clip_s_clips_the_students_gradient(files: dict[str, str]) -> None:
     grads = torch.stack([p.grad.norm() for p in m.student.parameters() if p.grad is not None])
     assert float(torch.linalg.vector_norm(grads)) <= 1e-4 * 1.001 < logs["student/grad_norm"]
     m.close()
+
+
+def test_the_teachers_top1_on_the_students_sensor_is_no_doubt_about_the_data(
+        files: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # --eval-data is modality B by design: "the teacher answers only 78% ... check that they are images of its task
+    # ... the student's accuracy on them says little" was said of every cross-modal run
+    monkeypatch.setattr(dfkd.engine, "data_doubt", lambda *a, **k: "the teacher answers only 30% of it")
+    result = distill(run(files, tmp_path / "r", 2))
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "teacher on --eval-data: top-1" in capsys.readouterr().err
+    assert any("student/teacher_top1" in r for r in records) and not any(r.get("event") == "eval_doubt"
+                                                                          for r in records)
