@@ -833,8 +833,8 @@ def _moved_teachers(run_dir: Path, saved: DistillConfig, ckpt: dict[str, Any],
 
     A project folder moved, or a teacher moved to another disk, left a run no resume could continue: the old path
     was gone and a new --teacher "would change the run". An ensemble's moved files may be given alone, in any
-    order (matched by sha256). Returns the settings with the new paths and `fixed`
-    without them; other files, and checkpoints that kept no hash, are left to the usual refusal.
+    order (matched by sha256). Returns the settings with the new paths and `fixed` without them; other files, and
+    checkpoints that kept no hash, are left to the usual refusal.
     """
     given, saved_hash = fixed.get("teachers"), ckpt.get("extra", {}).get("teacher_sha256")
     if not given or not saved_hash or _same("teachers", given, saved.teachers):

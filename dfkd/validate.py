@@ -120,8 +120,8 @@ def _is_number(v: Any) -> bool:
 def _too_large(v: Any) -> str:
     """What a message adds for a value holding a finite number past float32 (else "")."""
     items = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
-    big = any(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) and abs(a) > FLOAT32_MAX
-              for a in items)
+    big = any(isinstance(a, (int, float)) and not isinstance(a, bool) and abs(a) > FLOAT32_MAX
+              and (isinstance(a, int) or math.isfinite(a)) for a in items)  # an int is never inf (nor a float)
     return f" (a number's size may be at most {FLOAT32_MAX:.3g}: the networks compute in float32)" if big else ""
 
 

@@ -124,6 +124,7 @@ DISTILL: list[tuple[str, list[str], tuple[str, ...]]] = [
     # finite, and a traceback at the first step: float32 overflow (1e300), inside Adam's bias-corrected step (1e38)
     ("lr_past_float32", ["-p", "lr_s=1e300"], ("lr_s=1e+300", "at most 3.4e+38: the networks compute in float32")),
     ("lr_past_a_million", ["-p", "lr_g=1e38"], ("lr_g=1e+38", "> 0 and <= 1e+06")),
+    ("int_past_float32", ["-p", f"batch_size={10**400}"], ("batch_size=1000", "at most 3.4e+38")),  # not inf
     ("mean_nan", ["--channels", "1", "--input-size", "32", "--mean", "nan"], ("--mean", "finite")),
     ("feature_weight_nan", ["--feature-loss", "at", "--feature-weight", "nan"], ("feature_weight",)),
     # a negative weight rewards features unlike the teacher's: it was taken without a word
