@@ -43,7 +43,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
                  local: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  by_auto: Collection[str] = (), student_init: str = "random", resumed: bool = False,
                  handed_on: Collection[str] = (), from_file: Collection[str] = (),
-                 yours: Collection[str] | None = None) -> Built:
+                 yours: Collection[str] | None = None, changed: Collection[str] = ()) -> Built:
     """The method `name` on `teacher`: its recipe for that teacher with `overrides`, and a fresh student.
 
     The student's initial weights depend on `seed` alone (the RNG is reseeded just before it is made), or, where
@@ -74,6 +74,7 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
         yours: a resumed run's: the keys of `overrides` its user gave (when it started, or with --resume); the
             others are the recipe's, said as a new run says them (None: a checkpoint that did not keep them; the
             caller passes its saved settings as `from_file`, so those the recipe holds count as the recipe's).
+        changed: a resumed run's settings given with --resume: the ones checked (the others were, at its start).
 
     Returns:
         The method, the resolved (global) settings, and the student's architecture and arguments.
@@ -81,7 +82,10 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     cls = get_method(name)
     recipe = cls.default_params(teacher, overrides.get("recipe"))
     params = cls.finalize(resolve_params(recipe, overrides, name))
-    check_params(overrides, recipe, name, min_s_steps=min_s_steps)
+    # a resume checks what --resume gives: its saved settings passed when the run started (a bound added since, a
+    # learning rate at most 1e6, refused an old run's as "-p lr_s=...", a flag never typed)
+    check_params({k: v for k, v in overrides.items() if not resumed or k in changed}, recipe, name,
+                 min_s_steps=min_s_steps)
     # a config file's value the recipe holds anyway is not the user's (a run's own config.json holds them all): no
     # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
     said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}

@@ -220,7 +220,7 @@ class Run:
                              local=lambda p: self.source.local_params(p, dist.world),
                              by_auto=set_by_auto(cfg.auto_choice),
                              student_init=cfg.student_init if self.source.has_teacher else "random",
-                             resumed=ckpt is not None, yours=(yours := _yours(ckpt, changed)),
+                             resumed=ckpt is not None, changed=changed, yours=(yours := _yours(ckpt, changed)),
                              from_file=cfg.from_file if ckpt is None or yours is not None else
                              tuple(k for k in cfg.params if k not in changed))
         self.method: Method = built.method

@@ -584,6 +584,19 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_what_it_ran(teacher_f
     assert resumed["step"] == 8 and resumed["config"]["params"]["clip_s"] is None
 
 
+def test_a_resume_checks_the_settings_it_is_given_not_those_the_run_started_with(teacher_file: str,
+                                                                                   tmp_path: Path) -> None:
+    # a bound added since (a learning rate at most 1e6) refused an older run's saved setting as "-p lr_d=...", a flag
+    # the user never typed; what --resume gives is still checked
+    run = distill(cfg_for(teacher_file, tmp_path / "r", steps=2)).run_dir
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["params"]["lr_d"] = 2e6  # dfad has no discriminator here: no effect on the run
+    torch.save(ckpt, run / "checkpoint.pt")
+    with pytest.raises(DfkdError, match=r"^-p lr_s=2000000.0: method dfad needs a finite number > 0 and <= 1e\+06"):
+        resume(run, steps=3, params={"lr_s": 2e6})
+    assert resume(run, steps=3).step == 3
+
+
 def test_a_warm_up_without_student_steps_is_said_and_shown_on_the_bar(teacher_file: str, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
