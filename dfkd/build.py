@@ -72,8 +72,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
         from_file: keys of `overrides` a --config file gave (`DistillConfig.from_file`): where the recipe holds the
             same value they are not said to be the user's (no "set by you", no "has no effect").
         yours: a resumed run's: the keys of `overrides` its user gave (when it started, or with --resume); the
-            others are the recipe's, said as a new run says them (None: a checkpoint that did not keep them; the
-            caller passes its saved settings as `from_file`, so those the recipe holds count as the recipe's).
+            others are the recipe's, said as a new run says them (None: a checkpoint that did not keep them; its
+            saved settings are then read as `from_file`'s, so those the recipe holds count as the recipe's).
         changed: a resumed run's settings given with --resume: the ones checked (the others were, at its start).
 
     Returns:
@@ -86,6 +86,8 @@ def build_method(name: str, teacher: Teacher, overrides: dict[str, Any], device:
     # learning rate at most 1e6, refused an old run's as "-p lr_s=...", a flag never typed)
     check_params({k: v for k, v in overrides.items() if not resumed or k in changed}, recipe, name,
                  min_s_steps=min_s_steps)
+    if resumed and yours is None:  # a checkpoint that kept no user keys: its saved settings are read as a file's
+        from_file = [k for k in overrides if k not in changed]
     # a config file's value the recipe holds anyway is not the user's (a run's own config.json holds them all): no
     # "set by you", no "has no effect"; it still counts where giving a value at all does (clip_s = null)
     said = {k: v for k, v in overrides.items() if not (k in from_file and k in recipe and _json(v) == _json(recipe[k]))}

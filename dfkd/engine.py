@@ -220,9 +220,8 @@ class Run:
                              local=lambda p: self.source.local_params(p, dist.world),
                              by_auto=set_by_auto(cfg.auto_choice),
                              student_init=cfg.student_init if self.source.has_teacher else "random",
-                             resumed=ckpt is not None, changed=changed, yours=(yours := _yours(ckpt, changed)),
-                             from_file=cfg.from_file if ckpt is None or yours is not None else
-                             tuple(k for k in cfg.params if k not in changed))
+                             resumed=ckpt is not None, changed=changed, yours=_yours(ckpt, changed),
+                             from_file=cfg.from_file)
         self.method: Method = built.method
         self.yours = built.yours
         self.params, self.student_name, self.student_kwargs = built.params, built.student_name, built.student_kwargs
@@ -939,8 +938,8 @@ FIXED_ON_RESUME = {
 def _yours(ckpt: dict[str, Any] | None, changed: Collection[str]) -> set[str] | None:
     """A resumed run's settings its user gave: at its start (the checkpoint keeps them) and with --resume.
 
-    None for a new run, and for a checkpoint written before they were kept (whose saved settings the recipe holds
-    are then read as the recipe's, as a config file's are).
+    None for a new run, and for a checkpoint written before they were kept (`build_method` then reads the saved
+    settings the recipe holds as the recipe's, as a config file's are).
     """
     saved = None if ckpt is None else ckpt.get("extra", {}).get("yours")
     return None if saved is None else {*saved, *changed}

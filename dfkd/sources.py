@@ -213,9 +213,6 @@ class Synthesized(Source):
 
     name = "synthesized"
 
-    def check(self, new: bool = True) -> None:
-        super().check(new)
-
 
 def source_for(cfg: Any) -> Source:
     """The data source `cfg` selects: the first whose flag is set, else the default (synthesized)."""

@@ -275,12 +275,10 @@ def spread(probs: Tensor, n: int) -> Tensor:
     if len(probs) <= n:
         return torch.arange(len(probs))
     cls = probs.argmax(1)
-    rank = torch.empty_like(cls)
-    for c in cls.unique():
-        where = (cls == c).nonzero().flatten()
-        rank[where] = torch.arange(len(where))
-    order = sorted(range(len(cls)), key=lambda i: (int(rank[i]), i))
-    return torch.tensor(sorted(order[:n]))
+    one_hot = torch.nn.functional.one_hot(cls, probs.shape[1])
+    rank = (one_hot.cumsum(0) * one_hot).sum(1) - 1  # the k of each image among its class's
+    first = torch.sort(rank * len(cls) + torch.arange(len(cls))).indices[:n]  # by k, then by position
+    return first.sort().values
 
 
 def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progress: bool, teacher: Teacher,
@@ -308,8 +306,9 @@ def _collect(m: Any, generator: bool, parts: Parts, num: int, done: int, progres
                     x, probs = x[keep], probs[keep]
                 xs.append(x)
                 ps.append(probs)
-            keep = spread(torch.cat(ps), left)
-            x, probs = torch.cat(xs)[keep], minimise(torch.cat(ps)[keep], labels)
+            probs = torch.cat(ps)
+            keep = spread(probs, left)
+            x, probs = torch.cat(xs)[keep], minimise(probs[keep], labels)
             extra = {"balance": balance.state_dict()} if balance is not None else {}
             parts.add(x, probs, {"method": m.state_dict(), "rng": rng_state(), **extra})
             left -= len(x)

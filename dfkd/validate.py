@@ -288,7 +288,7 @@ def check_params(params: dict[str, Any], recipe: dict[str, Any], method: str, so
         rule = param_rule(key, recipe[key])
         if key == "s_steps":
             rule = Rule("int", lo=min_s_steps)
-        bad = rule.problem(value) or bool(_too_large(value))
-        if bad:
+        too_large = _too_large(value)
+        if rule.problem(value) or too_large:
             where = f"-p {key}={value}" if source == "-p" else f"{source}: params.{key} = {value!r}"
-            raise DfkdError(f"{where}: method {method} needs {rule.allowed()}{_too_large(value)}")
+            raise DfkdError(f"{where}: method {method} needs {rule.allowed()}{too_large}")
