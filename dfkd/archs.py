@@ -20,6 +20,7 @@ import importlib
 import inspect
 import json
 import os
+import site
 import sys
 import sysconfig
 import warnings
@@ -242,11 +243,27 @@ def import_callable(target: str, flag: str = "--teacher-arch", trusted: bool = T
     is_class = isinstance(obj, type) and issubclass(obj, nn.Module)
     if not is_class and not (callable(obj) and not isinstance(obj, type)):
         raise DfkdError(f"{flag} {target}: module {mod_name!r} has no nn.Module class or factory function {attr!r}")
-    if not trusted and not is_class and not user_code(mod):
+    if not trusted and not is_class and not own_function(obj):
+        where = getattr(obj, "__module__", None) or mod_name
         raise DfkdError(f"{flag} {target}: a file may name an nn.Module class or a factory function of your own "
-                        f"code, not a function of {mod_name!r} (the standard library or an installed package); if "
+                        f"code, not a function of {where!r} (dfkd, the standard library or an installed package); if "
                         "you trust it, give it on the command line (--teacher-arch, --student)")
     return obj
+
+
+def own_function(obj: Any) -> bool:
+    """True for a plain Python function defined in the user's own code (what a file may name as a factory).
+
+    The function's own module is what counts, not the one the name starts from: `dfkd.io:os.system` reaches the
+    standard library through an attribute of a module. dfkd's functions are not the user's, wherever it is installed
+    (an editable install is outside site-packages).
+    """
+    if not inspect.isfunction(obj):  # a builtin, a partial, a callable object: not a factory of the user's
+        return False
+    name = getattr(obj, "__module__", None) or ""
+    if name == "dfkd" or name.startswith("dfkd."):
+        return False
+    return user_code(sys.modules.get(name))
 
 
 def user_code(mod: Any) -> bool:
@@ -255,6 +272,7 @@ def user_code(mod: Any) -> bool:
     if not path:
         return False
     roots = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    roots |= {*site.getsitepackages(), site.getusersitepackages()}  # the user's site and a distribution's packages
     p = Path(path).resolve()
     return not any(p.is_relative_to(Path(r).resolve()) for r in roots)
 

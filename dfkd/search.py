@@ -107,12 +107,10 @@ def resolve_space(name: str) -> Callable[[Any], tuple[str, dict[str, Any]]]:
     if ":" not in name:
         raise DfkdError(f"--space {name}: use lenet5 or module:function (a function of an Optuna trial returning "
                         "(student_arch, student_args))")
-    import importlib
-
-    from dfkd.archs import import_callable, user_code
+    from dfkd.archs import import_callable, own_function
 
     space = import_callable(name, "--space")
-    if isinstance(space, type) or not user_code(importlib.import_module(name.partition(":")[0])):
+    if not own_function(space):
         raise DfkdError(f"--space {name}: a search space is a function of your own code (module:function(trial) "
                         "returning (student_arch, student_args)), not a class or a function of the standard library "
                         "or an installed package")

@@ -22,6 +22,8 @@ SPEC32 = InputSpec(3, 32, (0.5,), (0.25,))
 DEMO = str(Path(__file__).resolve().parents[1] / "examples" / "mnist_lenet5.pt")
 
 USER_CODE = '''
+import os  # what a file's name must not reach through the module (os.system)
+
 from torch import nn
 
 
@@ -211,6 +213,24 @@ def test_a_model_file_cannot_make_dfkd_call_any_function(tmp_path, target):
     with pytest.raises(DfkdError, match="not a function of"):
         load_model(path)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("target, kwargs", [("dfkd.io:os.system", {"command": "touch pwned"}),
+                                            ("USER:os.system", {"command": "touch pwned"}),
+                                            ("dfkd.io:atomic_write_text", {"path": "pwned", "text": "x"})])
+def test_a_model_file_cannot_reach_a_function_through_a_module_or_call_dfkds(tmp_path, user_code, target, kwargs):
+    """The function's own module counts, not the one the name starts from; dfkd's own are not the user's code
+    (an editable install lies outside site-packages). Both ran the command before."""
+    target = target.replace("USER", user_code)
+    payload = {"format": "dfkd-model", "version": 2, "arch": target, "arch_kwargs": kwargs,
+               "input_spec": SPEC32.to_dict(), "num_classes": 10, "state_dict": {}}
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(DfkdError, match="a file may name an nn.Module class or a factory function of your own code"):
+        load_model(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+    model = build_model(f"{user_code}:build", {"width": 4, "num_classes": 6})  # the user's own factory still is
+    save_model(tmp_path / "own.pt", model, ModelFile(f"{user_code}:build", {"width": 4, "num_classes": 6}, SPEC32, 6))
+    _same(load_model(tmp_path / "own.pt")[0], model)
 
 
 @pytest.mark.parametrize("key", ["teacher_arch", "student"])
