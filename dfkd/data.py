@@ -83,6 +83,9 @@ def _load_npz(p: Path, flag: str) -> ImageData:
                         f"got {stored} and {y.shape}")
     if x.dtype != np.uint8:
         raise DfkdError(f"{flag} {p}: x must be uint8 pixels (0..255), got {x.dtype}")
+    if 0 in x.shape[1:]:
+        raise DfkdError(f"{flag} {p}: x of shape {stored} holds images without pixels (a side or channel count of "
+                        "0); store N x H x W [x C] images")
     _, a, b, c = x.shape
     if a not in (1, 3) and a == b and c < a:  # N x 28 x 28 x 2 read as 28 channels of 28 x 2 pixels, unsaid
         raise DfkdError(f"{flag} {p}: x of shape {stored} looks like N x H x W x C with {c} channels last, and only "

@@ -256,6 +256,8 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
     block (a missing array, say) passes through unchanged. `holds` says what the file should hold, for the
     message about a bare .npy array.
     """
+    if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():  # np.load would wait on a pipe
+        raise DfkdError(f"{flag} {path}: not a regular file (a pipe, socket or device); give an .npz file")
     try:
         loaded = np.load(path, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -264,10 +266,15 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
             loaded.close()
             raise DfkdError(f"{flag} {path}: is a PyTorch file (a model or checkpoint?), not an .npz with {holds}")
         with loaded as d:
-            yield d
+            yield _Arrays(d, f"{flag} {path}")
     except DfkdError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, KeyError, AttributeError) as e:
+    except MemoryError:  # a header declaring more than the machine holds (numpy allocates before it reads)
+        raise DfkdError(f"{flag} {path}: an array's header declares more data than fits in memory; the file is "
+                        "corrupt, or too large to read whole (store it with np.savez, which is read in place)") \
+            from None
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, KeyError, AttributeError,
+            OverflowError) as e:
         text = str(e)
         if "Object arrays cannot be loaded" in text:  # numpy's advice (allow_pickle) is never passed on
             raise DfkdError(f"{flag} {path}: holds an array of Python objects (dtype object), which dfkd does not "
@@ -277,6 +284,26 @@ def open_npz(path: Path, flag: str, holds: str = "named arrays") -> Iterator[Any
                             f"or corrupt, or another kind of file); give an .npz with {holds}") from None
         raise DfkdError(f"{flag} {path}: not a readable .npz file ({text[:120]}); is it truncated or "
                         "corrupt?") from None
+
+
+class _Arrays:
+    """An open .npz whose members must be arrays: numpy hands a member that is not an .npy back as raw bytes."""
+
+    def __init__(self, npz: Any, where: str) -> None:
+        self._npz, self._where = npz, where
+
+    @property
+    def files(self) -> list[str]:
+        return self._npz.files
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._npz
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        value = self._npz[key]
+        if not isinstance(value, np.ndarray):
+            raise DfkdError(f"{self._where}: its member {key!r} is not an .npy array (truncated or corrupt?)")
+        return value
 
 
 #: A compressed .npz member larger than this (uncompressed) is decompressed to a temporary file and mapped from

@@ -348,7 +348,7 @@ def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
             ep = torch.export.load(str(p), extra_files=extra)
             module = torch.export.unflatten(ep)
         except Exception as e:  # noqa: BLE001
-            cause = _export_cause(e, records)
+            cause = export_cause(e, records)
             if "CUDA device" in cause and not torch.cuda.is_available():  # it was called corrupt or truncated
                 raise DfkdError(f"--teacher {p}: the torch.export archive holds CUDA weights (it was exported on a "
                                 "GPU) and torch.export cannot map them to this machine, which has none; export it "
@@ -360,7 +360,7 @@ def _load_export(p: Path, spec: InputSpec | None) -> LoadedModel:
     return LoadedModel(module, "export", spec or declared, declared=declared)
 
 
-def _export_cause(e: Exception, records: list[logging.LogRecord]) -> str:
+def export_cause(e: Exception, records: list[logging.LogRecord]) -> str:
     """The first sentence of what went wrong: the error torch.export logged, else the one it raised."""
     cause = next((r.exc_info[1] for r in reversed(records) if r.exc_info and r.exc_info[1]), e)
     text = _short(cause)

@@ -114,7 +114,8 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
             provenance=dict(payload.get("provenance") or {}),
         )
         state = payload["state_dict"]
-    except (KeyError, TypeError, ValueError) as e:
+        _field_types(meta.arch, state)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DfkdError(f"{source}: dfkd model file is missing or has a malformed field ({e}); re-export it") from None
     except DfkdError as e:  # the file's input_spec, not a flag, is wrong
         raise DfkdError(f"{source}: the file's {e}; re-export it (or give --channels/--input-size/--mean/--std)") \
@@ -126,17 +127,28 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
     return model, meta
 
 
+def _field_types(arch: Any, state: Any) -> None:
+    """A TypeError for an architecture that is not a name or weights that are not a state_dict (a damaged file)."""
+    if not isinstance(arch, str):
+        raise TypeError(f"'arch' is a {type(arch).__name__}, not an architecture name")
+    if not isinstance(state, dict) and arch not in ARCHIVE_KINDS:
+        raise TypeError(f"'state_dict' is a {type(state).__name__}, not a dict of tensors")
+
+
 def _from_archive(data: Any, kind: str, source: str) -> nn.Module:
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8:
         raise DfkdError(f"{source}: a {kind} model file without its archive bytes; convert the archive again")
+    from dfkd.loading import export_cause, held_log  # (loading reads model files: imported here, not at the top)
+
     buf = io.BytesIO(data.numpy().tobytes())
-    try:
-        if kind == "torchscript":
-            return jit_load(buf)
-        return torch.export.unflatten(torch.export.load(buf))
-    except Exception as e:  # noqa: BLE001 - a damaged archive
-        raise DfkdError(f"{source}: the {kind} archive inside could not be read ({str(e).strip()[:200]}); "
-                        "convert it again") from None
+    with held_log("torch.export") as records:  # it logs a damaged archive's traceback before it raises
+        try:
+            if kind == "torchscript":
+                return jit_load(buf)
+            return torch.export.unflatten(torch.export.load(buf))
+        except Exception as e:  # noqa: BLE001 - a damaged archive
+            raise DfkdError(f"{source}: the {kind} archive inside could not be read "
+                            f"({export_cause(e, records)[:200]}); convert it again") from None
 
 
 def load_state_checked(model: nn.Module, state: dict[str, Any], what: str) -> None:

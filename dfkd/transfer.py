@@ -133,8 +133,9 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
     """Read and check a transfer file; every problem is a DfkdError naming the file and what is wrong."""
     p = Path(path)
     d = _read(p, flag)
-    if int(d["version"]) > VERSION:
-        raise DfkdError(f"{flag} {p}: transfer format version {int(d['version'])} is newer than this dfkd; upgrade")
+    version = _whole(d, "version", flag, p)
+    if version > VERSION:
+        raise DfkdError(f"{flag} {p}: transfer format version {version} is newer than this dfkd; upgrade")
     try:
         spec = InputSpec(int(d["channels"]), int(d["size"]), tuple(d["mean"].tolist()), tuple(d["std"].tolist()),
                          int(d["width"]) if "width" in d else None)  # no width: a square file of before
@@ -144,7 +145,10 @@ def load_transfer(path: str | os.PathLike, flag: str = "--transfer-data") -> Tra
     if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != spec.shape()[1:] or len(x) == 0:
         raise DfkdError(f"{flag} {p}: images must be uint8 of shape (N>0, {spec.channels}, {spec.size}, "
                         f"{spec.width}) as its spec says, got {x.dtype} {tuple(x.shape)}")
-    k = int(d["num_classes"])
+    k = _whole(d, "num_classes", flag, p)
+    if probs.dtype.kind != "f":
+        raise DfkdError(f"{flag} {p}: 'probs' must be floating-point probabilities, got {probs.dtype}; write the file "
+                        "again with `dfkd synthesize`")
     if probs.ndim != 2 or probs.shape != (len(x), k) or not np.isfinite(probs).all() or (probs < 0).any() \
             or not np.allclose(probs.sum(1), 1.0, atol=1e-3):
         raise DfkdError(f"{flag} {p}: 'probs' must hold one probability row of {k} classes per image "
@@ -177,6 +181,15 @@ def _checked_recipe(recipe: dict[str, Any], flag: str, p: Path) -> dict[str, Any
         raise DfkdError(f"{flag} {p}: its recorded student recipe is damaged ({str(e).removeprefix('recipe: params.')}"
                         "); write the file again with `dfkd synthesize`") from None
     return recipe
+
+
+def _whole(d: dict[str, np.ndarray], key: str, flag: str, p: Path) -> int:
+    """A whole-number scalar entry of the file (a damaged one named, not a traceback)."""
+    value = d[key]
+    if value.ndim != 0 or value.dtype.kind not in "iu":
+        raise DfkdError(f"{flag} {p}: its '{key}' entry must be one whole number, got {value.dtype} of shape "
+                        f"{value.shape}; write the file again with `dfkd synthesize`")
+    return int(value)
 
 
 def _json(d: dict[str, np.ndarray], key: str, flag: str, p: Path) -> dict[str, Any]:

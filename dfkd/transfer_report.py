@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,14 +58,18 @@ class TransferSummary:
 
 
 def _provenance_lines(prov: dict, sha: str) -> list[str]:
-    t = prov.get("teacher") or {}
+    t = prov.get("teacher") if isinstance(prov.get("teacher"), dict) else {}  # a damaged entry reads as unknown
     top1 = t.get("top1")
     acc = f", top-1 {100 * top1:.2f}% ({t.get('top1_on')})" if isinstance(top1, (int, float)) else ", top-1 unknown"
     return [f"teacher:  {t.get('file', '?')} sha256 {sha[:16]}...{acc}",
             f"made by:  method {prov.get('method')}, {prov.get('steps')} training steps, seed {prov.get('seed')}, "
             f"labels {prov.get('labels')}" + _sampling(prov),
             f"dfkd:     version {prov.get('dfkd_version')}, {prov.get('date')}",
-            "settings: " + ", ".join(f"{k}={v}" for k, v in sorted((prov.get("settings") or {}).items()))]
+            "settings: " + ", ".join(f"{k}={v}" for k, v in sorted(_mapping(prov.get("settings")).items()))]
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _sampling(prov: dict) -> str:
