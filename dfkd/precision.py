@@ -15,7 +15,11 @@ algorithms (`torch.use_deterministic_algorithms`, warn-only: an op with no deter
 as it is), no cudnn.benchmark, and cuBLAS's fixed workspace (`CUBLAS_WORKSPACE_CONFIG`, set before the run's first
 GPU matrix product). Without it, cuDNN and cuBLAS may pick kernels that sum in another order from run to run, so two
 GPU runs of one seed, or a run and its resume, drift apart by rounding (their checkpoints hold the same state
-either way); a CPU run is reproducible with or without it. The flags are the run's: they are put back when it ends.
+either way). A CPU run is reproducible with or without it, but for a rare process: on a 2-core Intel Xeon about
+one process in 60 took another rounding path in torch's CPU kernels from its first round on (a tanh of the same
+input came out different; the cause was not found, and neither MKL's dynamic threading, its CNR mode, the thread
+count, the CPU a process starts on nor the hash seed explains it), and then ended about 1e-2 apart in its weights.
+The flags are the run's: they are put back when it ends.
 
 Synthesizers and methods step their optimisers through `backward(loss)` and `step(*optimizers)`, which apply the
 run's loss scale when there is one and are plain `loss.backward()` / `opt.step()` otherwise.
