@@ -75,4 +75,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise DfkdError(f"--resume {path}: not a dfkd checkpoint (version {ckpt['version']!r})")
     if ckpt["version"] > CHECKPOINT_VERSION:
         raise DfkdError(f"--resume {path}: checkpoint version {ckpt['version']} is newer than this dfkd; upgrade")
+    kinds = {"step": int, "elapsed": (int, float), "finished": bool, "method": dict}
+    wrong = [k for k, kind in kinds.items() if not isinstance(ckpt[k], kind) or (k == "step" and ckpt[k] < 0)]
+    if wrong:
+        raise DfkdError(f"--resume {path}: a damaged checkpoint ({', '.join(wrong)} of the wrong kind); it cannot "
+                        "be continued: start the run again")
     return ckpt

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class RunSummary:
         target = c.get("steps") or ("?" if not minutes else f"{minutes:g} min" if minutes >= 0.1 else
                                     f"{60 * minutes:.3g} s")  # "1e-09 min"
         lines = [f"run:      {self.run_dir}",
-                 f"method:   {c.get('method')}   teacher: {' + '.join(c.get('teachers') or ['?'])}   "
+                 f"method:   {c.get('method')}   teacher: {' + '.join(map(str, _listed(c.get('teachers'))))}   "
                  f"student: {c.get('student')}",
                  f"steps:    {self.step} of {target}   time: {_duration(self.elapsed)}   "
                  f"finished: {self._finished()}"]
@@ -89,6 +90,7 @@ class RunSummary:
         rss = self.last("perf/peak_rss_mib")
         if rss is not None:
             lines.append(f"memory:   peak RSS {rss:.0f} MiB")
+        lines += _disk_lines(self.run_dir)
         if self.pngs:
             lines.append("wrote:    " + ", ".join(str(p) for p in self.pngs))
         if self.unwritten:
@@ -162,6 +164,40 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]], int]:
     return series, events, bad
 
 
+def _disk_lines(run_dir: Path) -> list[str]:
+    """What the run keeps on disk beside its student: the pool or bank files, and the TensorBoard event files."""
+    store = [f for f in run_dir.rglob("*-[0-9][0-9][0-9][0-9][0-9].bin") if f.is_file()]
+    events = [f for f in run_dir.glob("events.out.tfevents.*") if f.is_file()]
+    size = {name: sum(f.stat().st_size for f in files) for name, files in (("store", store), ("events", events))}
+    out = []
+    if size["store"]:
+        out.append(f"disk:     {_mib(size['store'])} of synthetic images (pool/bank *.bin), kept so --resume can "
+                   "continue the run with more steps; delete them if you will not continue it")
+    if size["events"] >= 64 << 20:
+        out.append(f"disk:     {_mib(size['events'])} of TensorBoard events (mostly image grids, one every "
+                   "image_every steps: a larger image_every in a --config file writes fewer)")
+    return out
+
+
+def _listed(teachers: Any) -> list[Any]:
+    """config.json's teachers as a list ('?' for none; a damaged entry is shown as it is)."""
+    return (teachers or ["?"]) if isinstance(teachers, list) else [teachers]
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def _deploy_lines(path: Path) -> list[str]:
+    """The lines of a run's deploy.json (`dfkd export`'s measurements); a damaged one says so in one line."""
+    from dfkd.deploystats import DeployStats
+
+    try:
+        return DeployStats(**json.loads(path.read_text())).lines()
+    except (ValueError, TypeError, ZeroDivisionError) as e:  # (UnicodeDecodeError is a ValueError)
+        return [f"{path}: unreadable ({str(e)[:120]}); `dfkd export` writes it again"]
+
+
 def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> tuple[int, float | None, bool]:
     """(step, elapsed seconds, finished) from the checkpoint, else from metrics.jsonl."""
     from dfkd.checkpoint import load_checkpoint
@@ -170,8 +206,9 @@ def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> t
         try:
             ckpt = load_checkpoint(run_dir / "checkpoint.pt")
             return int(ckpt["step"]), float(ckpt["elapsed"]), bool(ckpt["finished"])
-        except DfkdError:
-            pass  # a corrupt checkpoint still leaves metrics.jsonl to report from
+        except (DfkdError, KeyError, TypeError, ValueError) as e:  # metrics.jsonl is still there to report from
+            warnings.warn(f"{run_dir / 'checkpoint.pt'}: unreadable ({str(e)[:160]}); the step and state below are "
+                          "read from metrics.jsonl, and --resume cannot continue from it", stacklevel=2)
     step = max([s for v in series.values() for s, _ in v] + [e.get("step", 0) for e in events] + [0])
     done = [e for e in events if e.get("event") == "finished"]
     return step, (done[-1].get("elapsed") if done else None), bool(done)
@@ -280,10 +317,8 @@ def report(run_dir: str | os.PathLike) -> RunSummary:
     series, events, bad = read_metrics(d / "metrics.jsonl")
     summary = RunSummary(d, config, *_run_state(d, series, events), series, events=events, unreadable=bad)
     if (d / "deploy.json").is_file():
-        from dfkd.deploystats import DeployStats
-
-        summary.deploy = DeployStats(**json.loads((d / "deploy.json").read_text())).lines()
-    teacher = Path((config.get("teachers") or ["?"])[0]).name
+        summary.deploy = _deploy_lines(d / "deploy.json")
+    teacher = Path(str(_listed(config.get("teachers"))[0])).name
     pictures = {"synthetic.png": lambda out, mark: write_last_grid(d, out, mark=mark),
                 "curves.png": lambda out, mark: write_curves(series, out, f"{config.get('method')} on {teacher}",
                                                              mark)}

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dfkd.errors import DfkdError
 from dfkd.io import atomic_write_text, disk_error
 from dfkd.spec import InputSpec
 
@@ -30,7 +31,10 @@ def parse_record(line: str) -> dict[str, Any] | None:
 
 def read_lines(path: Path) -> list[str]:
     """metrics.jsonl's lines; bytes that are not UTF-8 (damage on disk) become U+FFFD, so such a line is no record."""
-    return path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except IsADirectoryError:
+        raise DfkdError(f"{path}: is a folder, not the run's metrics log; move it out of the run folder") from None
 
 
 class RunLog:

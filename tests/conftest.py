@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -156,3 +158,16 @@ def stop_in_round(monkeypatch: pytest.MonkeyPatch, method: str, call: int, signu
         return original(self)
 
     monkeypatch.setattr(cls, "round", round_with_a_stop)
+
+
+@pytest.fixture
+def stop_signals_heard() -> Iterator[None]:
+    """The stop signals at their defaults for a test that sends one: under `nohup` (a CI job started so) SIGHUP is
+    ignored, and dfkd keeps an ignored signal ignored, as a run started with nohup must outlive its terminal."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s, handler in saved.items():
+        if handler is signal.SIG_IGN:
+            signal.signal(s, signal.SIG_DFL)
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

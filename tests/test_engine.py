@@ -329,7 +329,8 @@ def test_config_json_holds_what_a_resumed_run_goes_on_with(teacher_file: str, tm
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_ctrl_c_saves_and_stops_cleanly(teacher_file: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                        signum: int, capfd: pytest.CaptureFixture[str]) -> None:
+                                        signum: int, capfd: pytest.CaptureFixture[str],
+                                        stop_signals_heard: None) -> None:
     # SIGTERM (kill, docker stop, Slurm) stopped a plain run at once, losing the steps since its last checkpoint
     cls = get_method("dfad")
     original = cls.round

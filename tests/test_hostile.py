@@ -587,7 +587,8 @@ def test_a_runs_own_config_json_runs_again(files: dict[str, str], tmp_path: Path
 
 @pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
 def test_a_run_stopped_by_a_signal_exits_with_128_plus_its_number(signum: str, teacher_file: str, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  stop_signals_heard: None) -> None:
     # distill, search and extend stopped at a boundary exited 130 on SIGTERM, where every other command exits 143
     import signal
 

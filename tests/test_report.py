@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from conftest import stop_in_round
 
 import dfkd.io
+from dfkd.checkpoint import load_checkpoint
 from dfkd.cli.main import main
 from dfkd.config import DistillConfig
 from dfkd.engine import distill
@@ -298,3 +299,32 @@ def test_report_of_a_run_resumed_and_stopped_before_its_next_picture(files: dict
         resume(run, steps=100)
     summary = report(run)
     assert summary.step == 5 and "finished: no" in summary.text()
+
+
+def test_a_damaged_run_folder_is_reported_in_words(run_dir: Path, tmp_path: Path) -> None:
+    """A fuzzing hunt's run folders: each of these was a traceback, and a bad checkpoint read as finished."""
+    run = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    (run / "deploy.json").write_text("{garbage")
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "teachers": [5]}))
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    torch.save({**ckpt, "step": "many"}, run / "checkpoint.pt")
+    with pytest.warns(UserWarning, match="checkpoint.pt: unreadable .*read from metrics.jsonl"):
+        text = report(run).text()
+    assert "deploy.json: unreadable" in text
+    with pytest.raises(DfkdError, match=r"checkpoint.pt: a damaged checkpoint \(step of the wrong kind\)"):
+        load_checkpoint(run / "checkpoint.pt")
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    with pytest.raises(DfkdError, match="metrics.jsonl: is a folder, not the run's metrics log"):
+        report(run)
+
+
+def test_report_says_what_the_run_keeps_on_disk(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"method": "fast", "teachers": ["t.pt"], "steps": 100}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss/student/kd": 2.0}) + "\n")
+    assert "disk:" not in report(tmp_path).text()
+    (tmp_path / "pool-00000.bin").write_bytes(b"\0" * (3 << 20))
+    (tmp_path / "rank1").mkdir()
+    (tmp_path / "rank1" / "bank-00000.bin").write_bytes(b"\0" * (1 << 20))
+    assert "disk:     4.0 MiB of synthetic images (pool/bank *.bin), kept so --resume" in report(tmp_path).text()
