@@ -101,7 +101,10 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
         DfkdError: on a newer version, an unknown architecture or weights that do not fit it.
     """
     version = payload.get("version")
-    if not isinstance(version, int) or version > NAMED_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DfkdError(f"{source}: dfkd model file version {version!r} is not one dfkd writes (the file is "
+                        "damaged); re-export it")
+    if version > NAMED_VERSION:
         raise DfkdError(f"{source}: dfkd model file version {version!r} is newer than this dfkd reads "
                         f"({NAMED_VERSION}); upgrade dfkd")
     try:
@@ -115,6 +118,7 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
         )
         state = payload["state_dict"]
         _field_types(meta.arch, state)
+        _check_names(meta.class_names, meta.num_classes)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DfkdError(f"{source}: dfkd model file is missing or has a malformed field ({e}); re-export it") from None
     except DfkdError as e:  # the file's input_spec, not a flag, is wrong
@@ -133,6 +137,15 @@ def _field_types(arch: Any, state: Any) -> None:
         raise TypeError(f"'arch' is a {type(arch).__name__}, not an architecture name")
     if not isinstance(state, dict) and arch not in ARCHIVE_KINDS:
         raise TypeError(f"'state_dict' is a {type(state).__name__}, not a dict of tensors")
+
+
+def _check_names(names: Any, num_classes: int) -> None:
+    """Class names are none, or a list of strings.
+
+    Their count is checked against the logits when the model runs; names may repeat (ImageNet's "crane" does).
+    """
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+        raise ValueError(f"'class_names' must be a list of {num_classes} names, one a class, got {str(names)[:80]}")
 
 
 def _from_archive(data: Any, kind: str, source: str) -> nn.Module:

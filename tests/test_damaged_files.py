@@ -123,3 +123,17 @@ def test_a_damaged_export_archive_inside_a_model_file_logs_no_traceback(capfd: p
     with pytest.raises(DfkdError, match="the export archive inside could not be read"):
         model_from_payload(payload, "m.pt")
     assert "Traceback" not in capfd.readouterr().err
+
+
+NAMES = "'class_names' must be a list of 10 names"
+
+
+@pytest.mark.parametrize("field, value, says", [("version", True, "version True is not one dfkd writes"),
+                                                ("version", -1, "version -1 is not one dfkd writes"),
+                                                ("class_names", "abcdefghij", NAMES),
+                                                ("class_names", list(range(10)), NAMES)])
+def test_a_model_files_version_and_class_names_are_checked(field: str, value: object, says: str) -> None:
+    payload = {"format": "dfkd-model", "version": 2, "arch": "lenet5", "arch_kwargs": {}, "num_classes": 10,
+               "input_spec": InputSpec(1, 32, (0.5,), (0.5,)).to_dict(), "state_dict": {}, field: value}
+    with pytest.raises(DfkdError, match=says):
+        model_from_payload(payload, "m.pt")
