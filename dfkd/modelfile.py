@@ -117,8 +117,7 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
             provenance=dict(payload.get("provenance") or {}),
         )
         state = payload["state_dict"]
-        _field_types(meta.arch, state)
-        _check_names(meta.class_names, meta.num_classes)
+        _field_types(meta, state)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise DfkdError(f"{source}: dfkd model file is missing or has a malformed field ({e}); re-export it") from None
     except DfkdError as e:  # the file's input_spec, not a flag, is wrong
@@ -131,21 +130,20 @@ def model_from_payload(payload: dict[str, Any], source: str) -> tuple[nn.Module,
     return model, meta
 
 
-def _field_types(arch: Any, state: Any) -> None:
-    """A TypeError for an architecture that is not a name or weights that are not a state_dict (a damaged file)."""
+def _field_types(meta: ModelFile, state: Any) -> None:
+    """A TypeError for a damaged file's field of another type.
+
+    The architecture must be a name, the weights a state_dict, the class names a list of strings (their count is
+    checked against the logits when the model runs; names may repeat: ImageNet's "crane" does).
+    """
+    arch, names = meta.arch, meta.class_names
     if not isinstance(arch, str):
         raise TypeError(f"'arch' is a {type(arch).__name__}, not an architecture name")
     if not isinstance(state, dict) and arch not in ARCHIVE_KINDS:
         raise TypeError(f"'state_dict' is a {type(state).__name__}, not a dict of tensors")
-
-
-def _check_names(names: Any, num_classes: int) -> None:
-    """Class names are none, or a list of strings.
-
-    Their count is checked against the logits when the model runs; names may repeat (ImageNet's "crane" does).
-    """
     if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
-        raise ValueError(f"'class_names' must be a list of {num_classes} names, one a class, got {str(names)[:80]}")
+        raise TypeError(f"'class_names' must be a list of {meta.num_classes} names, one a class, got "
+                        f"{str(names)[:80]}")
 
 
 def _from_archive(data: Any, kind: str, source: str) -> nn.Module:

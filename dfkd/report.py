@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -166,17 +167,20 @@ def read_metrics(path: Path) -> tuple[Series, list[dict[str, Any]], int]:
 
 def _disk_lines(run_dir: Path) -> list[str]:
     """What the run keeps on disk beside its student: the pool or bank files, and the TensorBoard event files."""
-    store = [f for f in run_dir.rglob("*-[0-9][0-9][0-9][0-9][0-9].bin") if f.is_file()]
-    events = [f for f in run_dir.glob("events.out.tfevents.*") if f.is_file()]
-    size = {name: sum(f.stat().st_size for f in files) for name, files in (("store", store), ("events", events))}
+    store = _bytes(run_dir.rglob("*-[0-9][0-9][0-9][0-9][0-9].bin"))
+    events = _bytes(run_dir.glob("events.out.tfevents.*"))
     out = []
-    if size["store"]:
-        out.append(f"disk:     {_mib(size['store'])} of synthetic images (pool/bank *.bin), kept so --resume can "
+    if store:
+        out.append(f"disk:     {_mib(store)} of synthetic images (pool/bank *.bin), kept so --resume can "
                    "continue the run with more steps; delete them if you will not continue it")
-    if size["events"] >= 64 << 20:
-        out.append(f"disk:     {_mib(size['events'])} of TensorBoard events (mostly image grids, one every "
+    if events >= 64 << 20:
+        out.append(f"disk:     {_mib(events)} of TensorBoard events (mostly image grids, one every "
                    "image_every steps: a larger image_every in a --config file writes fewer)")
     return out
+
+
+def _bytes(paths: Iterator[Path]) -> int:
+    return sum(f.stat().st_size for f in paths if f.is_file())
 
 
 def _listed(teachers: Any) -> list[Any]:
@@ -206,7 +210,7 @@ def _run_state(run_dir: Path, series: Series, events: list[dict[str, Any]]) -> t
         try:
             ckpt = load_checkpoint(run_dir / "checkpoint.pt")
             return int(ckpt["step"]), float(ckpt["elapsed"]), bool(ckpt["finished"])
-        except (DfkdError, KeyError, TypeError, ValueError) as e:  # metrics.jsonl is still there to report from
+        except DfkdError as e:  # (it checks the kinds of these entries) metrics.jsonl is still there to report from
             warnings.warn(f"{run_dir / 'checkpoint.pt'}: unreadable ({str(e)[:160]}); the step and state below are "
                           "read from metrics.jsonl, and --resume cannot continue from it", stacklevel=2)
     step = max([s for v in series.values() for s, _ in v] + [e.get("step", 0) for e in events] + [0])

@@ -58,7 +58,7 @@ class TransferSummary:
 
 
 def _provenance_lines(prov: dict, sha: str) -> list[str]:
-    t = prov.get("teacher") if isinstance(prov.get("teacher"), dict) else {}  # a damaged entry reads as unknown
+    t = _mapping(prov.get("teacher"))
     top1 = t.get("top1")
     acc = f", top-1 {100 * top1:.2f}% ({t.get('top1_on')})" if isinstance(top1, (int, float)) else ", top-1 unknown"
     return [f"teacher:  {t.get('file', '?')} sha256 {sha[:16]}...{acc}",
@@ -69,6 +69,7 @@ def _provenance_lines(prov: dict, sha: str) -> list[str]:
 
 
 def _mapping(value: Any) -> dict:
+    """A provenance entry that should be a JSON object; a damaged one reads as empty (its facts unknown)."""
     return value if isinstance(value, dict) else {}
 
 
